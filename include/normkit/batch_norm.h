@@ -1,0 +1,64 @@
+#pragma once
+// Batch Normalization (Ioffe & Szegedy 2015), with PyTorch's functional semantics.
+//
+// Training: per channel c, over all n and spatial positions (M = N * spatial values):
+//   mean = E[x], var = E[(x - mean)^2] (biased), invstd = 1 / sqrt(var + eps)
+//   y = (x - mean) * invstd * weight[c] + bias[c]
+//   running_mean <- (1 - momentum) * running_mean + momentum * mean
+//   running_var  <- (1 - momentum) * running_var  + momentum * var * M / (M - 1)
+// Inference: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
+// The mode is the function's name; it is never guessed from the batch size.
+#include <span>
+
+#include "normkit/context.h"
+#include "normkit/tensor.h"
+
+namespace normkit {
+
+struct BatchNormParams {
+  double eps = 1e-5;
+  double momentum = 0.1;  // weight of the new batch in the running averages, in [0, 1]
+};
+
+// Reads x, weight and bias (length C, optional), running_mean and running_var (length C,
+// optional: either both or neither).
+// Overwrites y (shape/format/dtype of x), save_mean and save_invstd (length C each).
+// Updates running_mean and running_var in place as above, when given.
+// Throws normkit::Error, before writing anything, on: rank outside 2..5, length != C of any
+// vector, only one running statistic given, eps negative or not finite, momentum outside [0, 1],
+// M == 1 ("Expected more than 1 value per channel when training"), int64 overflow,
+// y shape/format/dtype != x's. N == 0 writes nothing and leaves running stats unchanged.
+void batch_norm_forward_training(const BatchNormParams& params, const TensorView& x,
+                                 std::span<const float> weight, std::span<const float> bias,
+                                 const TensorView& y, std::span<float> save_mean,
+                                 std::span<float> save_invstd, std::span<float> running_mean,
+                                 std::span<float> running_var, const Context& ctx = {});
+
+// Reads x, running_mean and running_var (length C, required), weight and bias (optional).
+// Overwrites y. Throws normkit::Error as the training forward (momentum is not used).
+void batch_norm_forward_inference(const BatchNormParams& params, const TensorView& x,
+                                  std::span<const float> weight, std::span<const float> bias,
+                                  std::span<const float> running_mean,
+                                  std::span<const float> running_var, const TensorView& y,
+                                  const Context& ctx = {});
+
+// Backward of the training forward: the gradient flows through the batch statistics.
+// Reads dy, x, save_mean and save_invstd from the training forward, weight (optional).
+// Overwrites dx and (does not add to) dweight, dbias (optional, length C).
+void batch_norm_backward_training(const TensorView& dy, const TensorView& x,
+                                  std::span<const float> save_mean,
+                                  std::span<const float> save_invstd,
+                                  std::span<const float> weight, const TensorView& dx,
+                                  std::span<float> dweight, std::span<float> dbias,
+                                  const Context& ctx = {});
+
+// Backward of the inference forward: the running statistics are constants.
+// Reads dy, x, running_mean, running_var, weight (optional). Overwrites dx, dweight, dbias.
+void batch_norm_backward_inference(const BatchNormParams& params, const TensorView& dy,
+                                   const TensorView& x, std::span<const float> running_mean,
+                                   std::span<const float> running_var,
+                                   std::span<const float> weight, const TensorView& dx,
+                                   std::span<float> dweight, std::span<float> dbias,
+                                   const Context& ctx = {});
+
+}  // namespace normkit

@@ -1,0 +1,20 @@
+#pragma once
+// Context: where and how an op runs. Passed explicitly; the default is the process-wide one.
+namespace normkit {
+
+enum class Backend {
+  reference,  // src/ref: plain loops, double accumulation; the truth the tests compare to
+  cpu,        // src/cpu: the optimized kernels
+};
+
+struct Context {
+  Backend backend = Backend::cpu;
+  int num_threads = 0;  // 0: the process-wide setting (see set_num_threads)
+};
+
+// Process-wide thread count used when Context::num_threads == 0. Initially all cores
+// (OpenMP's default). Results are bitwise identical for every thread count.
+void set_num_threads(int n);
+int get_num_threads();
+
+}  // namespace normkit

@@ -1,0 +1,40 @@
+#pragma once
+// PyTorch-style instance_norm: each (n, c) normalized over its spatial positions; per-channel
+// affine. With use_input_stats it is group_norm with num_groups = C, and optionally updates
+// running statistics with the batch average of the per-instance mean and unbiased variance
+// (as torch: momentum-weighted). Without use_input_stats it normalizes with the running stats.
+#include <span>
+
+#include "normkit/context.h"
+#include "normkit/tensor.h"
+
+namespace normkit {
+
+struct InstanceNormParams {
+  bool use_input_stats = true;
+  double momentum = 0.1;
+  double eps = 1e-5;
+};
+
+// Reads x, weight, bias (length C, optional), running_mean/running_var (length C; optional
+// with use_input_stats, required without). Overwrites y, mean and rstd (N*C each; with
+// use_input_stats = false they receive the running stats broadcast per sample, so backward can
+// treat them as constants). Updates running stats in place when given and use_input_stats.
+// Throws normkit::Error before writing anything; spatial size 1 with use_input_stats throws
+// "Expected more than 1 spatial element when training".
+void instance_norm_forward(const InstanceNormParams& params, const TensorView& x,
+                           std::span<const float> weight, std::span<const float> bias,
+                           std::span<float> running_mean, std::span<float> running_var,
+                           const TensorView& y, std::span<float> mean, std::span<float> rstd,
+                           const Context& ctx = {});
+
+// Backward of instance_norm_forward: with use_input_stats the gradient flows through the
+// per-instance statistics (group_norm_backward with G = C); without, they are constants.
+// Reads dy, x, mean, rstd (as written by the forward), weight. Overwrites dx, dweight, dbias.
+void instance_norm_backward(const InstanceNormParams& params, const TensorView& dy,
+                            const TensorView& x, std::span<const float> mean,
+                            std::span<const float> rstd, std::span<const float> weight,
+                            const TensorView& dx, std::span<float> dweight,
+                            std::span<float> dbias, const Context& ctx = {});
+
+}  // namespace normkit

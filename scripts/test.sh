@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every test normkit has: installs the dependencies, builds, runs the C++ and Python tests
+# (ctest), the same C++ tests under ASan + UBSan, and builds a consumer project against the
+# installed CMake package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+jobs=$(nproc)
+
+bash scripts/install-deps.sh
+
+echo "== build (Release)"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build -j "$jobs"
+
+echo "== tests"
+ctest --test-dir build --output-on-failure -j "$jobs"
+
+echo "== sanitizer build (ASan + UBSan): C++ tests"
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DNORMKIT_SANITIZE=ON -DNORMKIT_BUILD_PYTHON=OFF \
+  -DNORMKIT_BUILD_BENCH=OFF >/dev/null
+cmake --build build-asan -j "$jobs"
+ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build-asan --output-on-failure -j "$jobs" -LE slow
+
+echo "== installed package: find_package(normkit) from a consumer project"
+rm -rf build-install build-consumer
+cmake --install build --prefix "$PWD/build-install" >/dev/null
+cmake -S tests/consumer -B build-consumer -DCMAKE_PREFIX_PATH="$PWD/build-install" >/dev/null
+cmake --build build-consumer -j "$jobs"
+./build-consumer/consumer
+echo "all tests passed"

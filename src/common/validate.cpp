@@ -1,0 +1,77 @@
+#include "common/validate.h"
+
+#include <cmath>
+#include <limits>
+
+namespace normkit::detail {
+
+void fail(const char* function, const std::string& message) {
+  throw Error(std::string(function) + ": " + message);
+}
+
+void check_tensor(const char* function, const char* name, const TensorView& t, int min_rank) {
+  if (t.rank < min_rank || t.rank > kMaxRank)
+    fail(function, std::string(name) + " must have rank " + std::to_string(min_rank) + " to " +
+                       std::to_string(kMaxRank) + ", got rank " + std::to_string(t.rank));
+  int64_t count = 1;
+  bool overflow = false;
+  for (int i = 0; i < t.rank; ++i) {
+    if (t.shape[i] < 0)
+      fail(function, std::string(name) + " has a negative dimension: shape " + shape_string(t));
+    if (t.shape[i] != 0 && count > std::numeric_limits<int64_t>::max() / t.shape[i]) overflow = true;
+    else count *= t.shape[i];
+  }
+  // A zero dim makes the count 0 whatever the others; otherwise the product must fit.
+  bool has_zero = false;
+  for (int i = 0; i < t.rank; ++i) has_zero |= t.shape[i] == 0;
+  if (overflow && !has_zero)
+    fail(function, std::string(name) + " has more elements than int64 can count: shape " +
+                       shape_string(t));
+  if (!has_zero && t.data == nullptr)
+    fail(function, std::string(name) + " has a null data pointer for shape " + shape_string(t));
+  if (t.dtype != DType::float32)
+    fail(function, std::string(name) + " has dtype " + to_string(t.dtype) +
+                       ", which this build does not support (expected float32)");
+}
+
+void check_like(const char* function, const char* name, const TensorView& t, const char* x_name,
+                const TensorView& x) {
+  if (!t.same_shape(x))
+    fail(function, std::string(name) + " shape " + shape_string(t) + " != " + x_name + " shape " +
+                       shape_string(x));
+  if (t.format != x.format && x.rank > 2)
+    fail(function, std::string(name) + " memory format " + to_string(t.format) + " != " + x_name +
+                       " memory format " + to_string(x.format));
+  if (t.dtype != x.dtype)
+    fail(function, std::string(name) + " dtype " + to_string(t.dtype) + " != " + x_name +
+                       " dtype " + to_string(x.dtype));
+  if (t.numel() > 0 && t.data == nullptr)
+    fail(function, std::string(name) + " has a null data pointer for shape " + shape_string(t));
+}
+
+void check_length(const char* function, const char* name, std::span<const float> v,
+                  int64_t expected, const char* what, bool required) {
+  if (v.data() == nullptr) {
+    if (required && expected > 0) fail(function, std::string(name) + " is required");
+    return;
+  }
+  if (static_cast<int64_t>(v.size()) != expected)
+    fail(function, std::string(name) + " has length " + std::to_string(v.size()) +
+                       ", expected " + what + " = " + std::to_string(expected));
+}
+
+void check_eps(const char* function, double eps) {
+  if (!(std::isfinite(eps) && eps >= 0))
+    fail(function, "eps must be finite and >= 0, got " + std::to_string(eps));
+}
+
+void check_momentum(const char* function, double momentum) {
+  if (!(momentum >= 0 && momentum <= 1))
+    fail(function, "momentum must be in [0, 1], got " + std::to_string(momentum));
+}
+
+int thread_count(const Context& ctx) {
+  return ctx.num_threads > 0 ? ctx.num_threads : get_num_threads();
+}
+
+}  // namespace normkit::detail

@@ -1,0 +1,35 @@
+#pragma once
+// Argument checks shared by every public op. Each public function runs all of its checks before
+// it writes any output, so a thrown normkit::Error leaves caller memory untouched.
+// Messages start with the function's name and name the argument and the values.
+#include <span>
+#include <string>
+
+#include "normkit/context.h"
+#include "normkit/error.h"
+#include "normkit/tensor.h"
+
+namespace normkit::detail {
+
+[[noreturn]] void fail(const char* function, const std::string& message);
+
+// rank in [min_rank, 5], no negative dim, element count fits in int64, non-null data when not
+// empty, dtype one the kernels implement.
+void check_tensor(const char* function, const char* name, const TensorView& t, int min_rank = 2);
+
+// `t` has x's shape, memory format and dtype.
+void check_like(const char* function, const char* name, const TensorView& t, const char* x_name,
+                const TensorView& x);
+
+// An optional vector is absent (data() == nullptr) or has exactly `expected` elements;
+// a required one must be present. `what` describes expected, e.g. "C" or "N * num_groups".
+void check_length(const char* function, const char* name, std::span<const float> v,
+                  int64_t expected, const char* what, bool required);
+
+void check_eps(const char* function, double eps);
+void check_momentum(const char* function, double momentum);
+
+// Threads to use for this call.
+int thread_count(const Context& ctx);
+
+}  // namespace normkit::detail
