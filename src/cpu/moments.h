@@ -1,0 +1,79 @@
+#pragma once
+// The one home of normkit's statistics: a mergeable (count, mean, M2) triple and the per-chunk
+// kernels that produce it. Every CPU op (BatchNorm, GroupNorm, LayerNorm, InstanceNorm) computes
+// its mean and variance here.
+//
+// Why this shape:
+// - Never E[x^2] - E[x]^2: that cancels catastrophically when |mean| >> std. Each chunk is
+//   summed twice while it is in cache: first the shifted sum of (x - pivot) for the mean, then
+//   the centred sums of d = x - mean and d^2, from which M2 = sum(d^2) - sum(d)^2 / n (the
+//   corrected two-pass algorithm, which also removes the error of the float mean).
+// - Within a chunk the sums are float with several independent accumulators (so the loops
+//   vectorize and no accumulator sees more than ~128 terms); chunks are merged in double with
+//   Chan's formula.
+// - Chunk boundaries depend only on the shape, and merges happen in a fixed order, so a result
+//   is bitwise identical whatever the number of threads that computed the chunks.
+#include <cstdint>
+#include <limits>
+
+namespace normkit::cpu {
+
+// count, mean and M2 = sum((x - mean)^2) of a set of values.
+struct Moments {
+  double count = 0;
+  double mean = 0;
+  double m2 = 0;
+
+  // Biased (population) variance; NaN for an empty set.
+  double variance() const {
+    return count > 0 ? m2 / count : std::numeric_limits<double>::quiet_NaN();
+  }
+  // Unbiased (sample) variance; NaN for fewer than two values.
+  double unbiased_variance() const {
+    return count > 1 ? m2 / (count - 1) : std::numeric_limits<double>::quiet_NaN();
+  }
+};
+
+// Moments of the union of the two sets (Chan, Golub & LeVeque). Rounding depends on the order:
+// callers merge in an order fixed by the shape.
+inline Moments merge(const Moments& a, const Moments& b) {
+  if (b.count == 0) return a;
+  if (a.count == 0) return b;
+  const double n = a.count + b.count;
+  const double delta = b.mean - a.mean;
+  const double wb = b.count / n;
+  return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.count * wb};
+}
+
+// A contiguous run is cut into pieces of kRunChunk floats starting at its first element; each
+// piece is one in-cache chunk.
+inline constexpr int64_t kRunChunk = 2048;
+
+// Moments of x[0 .. n). Equal, bitwise, to merging left to right the run_moments of the pieces
+// x[k * kRunChunk .. min(n, (k + 1) * kRunChunk)), so callers may compute the pieces on
+// different threads and merge them in order. n == 0 gives count 0.
+Moments run_moments(const float* x, int64_t n);
+
+// Number of kRunChunk pieces of a run of n floats (0 for n == 0).
+inline int64_t run_piece_count(int64_t n) { return (n + kRunChunk - 1) / kRunChunk; }
+
+// Per-column moments of a block of `rows` rows by `channels` columns, element (r, c) at
+// x[r * row_stride + c] (channels-last data: one row per spatial position). out[c] receives the
+// moments of column c over the rows. Accumulates in float over the rows, so keep
+// rows <= block_rows(channels) for accuracy and cache use; vectorized across columns.
+void block_moments(const float* x, int64_t rows, int64_t channels, int64_t row_stride,
+                   Moments* out);
+
+// Rows per block_moments call for `channels` columns: about kRunChunk elements, between 16 and
+// 128 rows. A function of the shape only.
+inline int64_t block_rows(int64_t channels) {
+  int64_t r = channels > 0 ? kRunChunk / channels : 128;
+  return r < 16 ? 16 : (r > 128 ? 128 : r);
+}
+
+// Moments of `runs` contiguous runs of `length` floats (run i starts at x + i * length), using up
+// to num_threads threads over (run, piece) units; out[i] == run_moments(x + i * length, length)
+// bitwise, for any thread count.
+void runs_moments(const float* x, int64_t runs, int64_t length, Moments* out, int num_threads);
+
+}  // namespace normkit::cpu
