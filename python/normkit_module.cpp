@@ -1,0 +1,684 @@
+// normkit's Python module: torch.nn.functional's names, defaults and semantics over NumPy arrays.
+//
+// Activations (x, dy) may come in either memory format: an array whose strides are those of a
+// channels-last tensor (NLC, NHWC, NDHWC memory seen as (N, C, *spatial)) is computed
+// channels-last and its outputs get the same strides; a C-contiguous array is computed
+// channels-first; any other strides are copied to C-contiguous first. Every result is a new
+// array; only the running statistics passed in are written to.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "normkit/batch_norm.h"
+#include "normkit/context.h"
+#include "normkit/error.h"
+#include "normkit/group_norm.h"
+#include "normkit/instance_norm.h"
+#include "normkit/layer_norm.h"
+#include "normkit/tensor.h"
+
+namespace py = pybind11;
+using normkit::DType;
+using normkit::MemoryFormat;
+using normkit::TensorView;
+
+namespace {
+
+using Shape = std::vector<py::ssize_t>;
+using OptionalArray = std::optional<py::array>;
+
+// Tests turn this on so that an output element a kernel forgets to write shows up as NaN.
+bool g_poison_outputs = false;
+
+[[noreturn]] void type_error(const char* function, const std::string& message) {
+  throw py::type_error(std::string(function) + ": " + message);
+}
+[[noreturn]] void value_error(const char* function, const std::string& message) {
+  throw py::value_error(std::string(function) + ": " + message);
+}
+
+std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+std::string shape_string(const Shape& shape) {
+  std::string s = "(";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+Shape shape_of(const py::array& a) { return Shape(a.shape(), a.shape() + a.ndim()); }
+
+bool native_byte_order(const py::dtype& dt) {
+  constexpr char native = std::endian::native == std::endian::little ? '<' : '>';
+  return dt.byteorder() == '=' || dt.byteorder() == '|' || dt.byteorder() == native;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element types.
+
+// Activation dtypes (x, dy, and y/dx, which take x's) handed to the kernels, keyed by NumPy's
+// type character. Supporting another dtype is one more row, once the kernels implement it.
+struct ActivationType {
+  char numpy_char;
+  DType dtype;
+};
+constexpr ActivationType kActivationTypes[] = {
+    {'f', DType::float32},
+};
+
+DType activation_dtype(const char* function, const char* name, const py::array& a) {
+  const py::dtype dt = a.dtype();
+  if (native_byte_order(dt))
+    for (const ActivationType& t : kActivationTypes)
+      if (dt.char_() == t.numpy_char) return t.dtype;
+  std::string supported;
+  for (const ActivationType& t : kActivationTypes)
+    supported += std::string(supported.empty() ? "" : ", ") + normkit::to_string(t.dtype);
+  type_error(function, std::string(name) + " has dtype " + dtype_name(a) + "; supported: " +
+                           supported);
+}
+
+// Parameters and statistics are float32 whatever the activation dtype.
+void require_float32(const char* function, const char* name, const py::array& a) {
+  const py::dtype dt = a.dtype();
+  if (dt.char_() != 'f' || !native_byte_order(dt))
+    type_error(function, std::string(name) + " has dtype " + dtype_name(a) + ", expected float32");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory formats.
+
+bool is_aligned(const py::array& a) {
+  return (a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) != 0;
+}
+
+// Dims from outermost to innermost in memory.
+std::vector<int> dim_order(int rank, MemoryFormat format) {
+  std::vector<int> order(rank);
+  std::iota(order.begin(), order.end(), 0);
+  if (format == MemoryFormat::channels_last && rank >= 3) {
+    std::rotate(order.begin() + 1, order.begin() + 2, order.end());  // N, *spatial, C
+  }
+  return order;
+}
+
+// Byte strides of a dense array of `shape` in `format` (as torch computes them: a zero-size dim
+// counts as 1, so an empty channels-last tensor still has channels-last strides).
+Shape dense_strides(const Shape& shape, MemoryFormat format, py::ssize_t itemsize) {
+  const int rank = static_cast<int>(shape.size());
+  const std::vector<int> order = dim_order(rank, format);
+  Shape strides(rank);
+  py::ssize_t step = itemsize;
+  for (int i = rank - 1; i >= 0; --i) {
+    strides[order[i]] = step;
+    step *= std::max<py::ssize_t>(shape[order[i]], 1);
+  }
+  return strides;
+}
+
+// Whether `a` is laid out densely in `format`. `ignore_unit_dims`: a dim of extent 1 never moves,
+// so its stride may be anything (NumPy and torch both produce such arrays).
+bool dense_in(const py::array& a, MemoryFormat format, bool ignore_unit_dims) {
+  const Shape shape = shape_of(a);
+  const Shape expected = dense_strides(shape, format, a.itemsize());
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+    if (ignore_unit_dims && shape[d] <= 1) continue;
+    if (a.strides(d) != expected[d]) return false;
+  }
+  return true;
+}
+
+// The format `a` can be computed in without a copy, if any. Exact strides decide first, so an
+// array that is dense in both (C == 1, or all spatial dims 1) keeps the strides it came with.
+std::optional<MemoryFormat> dense_format(const py::array& a) {
+  if (!is_aligned(a)) return std::nullopt;
+  const bool may_be_last = a.ndim() >= 3;
+  for (bool ignore_unit_dims : {false, true}) {
+    if (dense_in(a, MemoryFormat::channels_first, ignore_unit_dims))
+      return MemoryFormat::channels_first;
+    if (may_be_last && dense_in(a, MemoryFormat::channels_last, ignore_unit_dims))
+      return MemoryFormat::channels_last;
+  }
+  if (a.size() == 0) return MemoryFormat::channels_first;
+  return std::nullopt;
+}
+
+// A new array of `shape` whose strides are the dense ones of `format`; its contents are undefined.
+py::array allocate(const py::dtype& dtype, const Shape& shape, MemoryFormat format) {
+  const int rank = static_cast<int>(shape.size());
+  py::array out;
+  if (format == MemoryFormat::channels_first || rank < 3) {
+    out = py::array(dtype, shape);
+  } else {
+    // Allocate in memory order, then view it in logical order.
+    const std::vector<int> order = dim_order(rank, format);
+    Shape memory_shape(rank);
+    for (int i = 0; i < rank; ++i) memory_shape[i] = shape[order[i]];
+    py::array storage(dtype, memory_shape);
+    Shape strides(rank);
+    for (int i = 0; i < rank; ++i) strides[order[i]] = storage.strides(i);
+    out = py::array(dtype, shape, strides, storage.data(), storage);
+  }
+  return out;
+}
+
+// An array a kernel is about to write.
+py::array new_output(const py::dtype& dtype, const Shape& shape, MemoryFormat format) {
+  py::array out = allocate(dtype, shape, format);
+  if (g_poison_outputs) out.attr("fill")(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
+py::array copy_to_format(const py::array& a, MemoryFormat format) {
+  py::array out = allocate(a.dtype(), shape_of(a), format);
+  py::module_::import("numpy").attr("copyto")(out, a);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arguments.
+
+// An activation array and the view the kernels see; `array` keeps the data alive.
+struct Activation {
+  py::array array;
+  TensorView view;
+};
+
+TensorView view_of(const py::array& a, void* data, DType dtype, MemoryFormat format) {
+  std::vector<int64_t> shape(a.shape(), a.shape() + a.ndim());
+  return TensorView(data, dtype, static_cast<int>(a.ndim()), shape.data(), format);
+}
+
+// x-like input. With `format`, the array is brought to that format (dy follows x's); without,
+// it keeps its own if it has one, else it is copied to channels-first.
+Activation activation_input(const char* function, const char* name, py::array a,
+                            std::optional<MemoryFormat> format = std::nullopt) {
+  const DType dtype = activation_dtype(function, name, a);
+  MemoryFormat chosen = MemoryFormat::channels_first;
+  if (format) {
+    chosen = a.ndim() >= 3 ? *format : MemoryFormat::channels_first;
+    const bool usable = is_aligned(a) && (a.size() == 0 || dense_in(a, chosen, true));
+    if (!usable) a = copy_to_format(a, chosen);
+  } else if (std::optional<MemoryFormat> own = dense_format(a)) {
+    chosen = *own;
+  } else {
+    a = copy_to_format(a, MemoryFormat::channels_first);
+  }
+  return {a, view_of(a, const_cast<void*>(a.data()), dtype, chosen)};
+}
+
+// A new output like `like` (shape, dtype, memory format).
+Activation activation_output(const Activation& like) {
+  py::array out = new_output(like.array.dtype(), shape_of(like.array), like.view.format);
+  return {out, view_of(out, out.mutable_data(), like.view.dtype, like.view.format)};
+}
+
+// Contiguous, aligned, native: what a std::span can point into. Copies only when needed.
+py::array contiguous(const py::array& a) {
+  return py::array::ensure(a, static_cast<int>(py::array::c_style) |
+                                   static_cast<int>(py::detail::npy_api::NPY_ARRAY_ALIGNED_));
+}
+
+// An optional read-only float32 vector (weight, bias, saved statistics): a 1-D array, or None.
+struct VectorIn {
+  py::array array;
+  std::span<const float> span;
+};
+
+VectorIn vector_input(const char* function, const char* name, const OptionalArray& a) {
+  if (!a) return {};
+  require_float32(function, name, *a);
+  if (a->ndim() != 1)
+    value_error(function, std::string(name) + " must be 1-D, got shape " +
+                              shape_string(shape_of(*a)));
+  py::array c = contiguous(*a);
+  return {c, {static_cast<const float*>(c.data()), static_cast<std::size_t>(c.size())}};
+}
+
+// An optional running statistic the kernel updates in place: it must be the caller's own
+// memory, so nothing is copied; anything else is an error.
+std::span<float> running_stat(const char* function, const char* name, const OptionalArray& a,
+                              bool written) {
+  if (!a) return {};
+  require_float32(function, name, *a);
+  if (a->ndim() != 1)
+    value_error(function, std::string(name) + " must be 1-D, got shape " +
+                              shape_string(shape_of(*a)));
+  if (!is_aligned(*a) || (a->size() > 1 && a->strides(0) != a->itemsize()))
+    value_error(function, std::string(name) +
+                              " must be contiguous (it is updated in place), got strides " +
+                              shape_string(Shape(a->strides(), a->strides() + 1)));
+  if (written && !a->writeable())
+    value_error(function, std::string(name) + " must be writable (it is updated in place)");
+  return {static_cast<float*>(const_cast<void*>(a->data())), static_cast<std::size_t>(a->size())};
+}
+
+// A new float32 statistic or parameter gradient.
+struct VectorOut {
+  py::array array;
+  std::span<float> span;
+};
+
+VectorOut vector_output(const Shape& shape) {
+  py::array out = new_output(py::dtype::of<float>(), shape, MemoryFormat::channels_first);
+  return {out, {static_cast<float*>(out.mutable_data()), static_cast<std::size_t>(out.size())}};
+}
+
+py::object or_none(const VectorOut& v) {
+  return v.array ? py::object(v.array) : py::object(py::none());
+}
+
+int64_t channels_of(const TensorView& x) { return x.rank >= 2 ? x.shape[1] : 0; }
+int64_t batch_of(const TensorView& x) { return x.rank >= 1 ? x.shape[0] : 0; }
+
+// Run a kernel without the GIL: the arrays it touches are held by the caller's locals.
+template <typename F> void without_gil(F&& kernel) {
+  py::gil_scoped_release release;
+  kernel();
+}
+
+// ---------------------------------------------------------------------------------------------
+// group_norm
+
+// num_groups the kernel will accept; otherwise the statistics get no room and the kernel's own
+// check reports num_groups (without allocating N * num_groups floats for a nonsense value).
+bool plausible_groups(int64_t num_groups, const TensorView& x) {
+  const int64_t channels = channels_of(x);
+  return num_groups > 0 && num_groups <= std::max<int64_t>(channels, 1) &&
+         (channels == 0 || channels % num_groups == 0);
+}
+
+py::tuple group_norm_forward_impl(const char* function, const py::array& x_in,
+                                  int64_t num_groups, const OptionalArray& weight_in,
+                                  const OptionalArray& bias_in, double eps) {
+  const Activation x = activation_input(function, "x", x_in);
+  const VectorIn weight = vector_input(function, "weight", weight_in);
+  const VectorIn bias = vector_input(function, "bias", bias_in);
+  const Activation y = activation_output(x);
+  const Shape stats_shape{batch_of(x.view), plausible_groups(num_groups, x.view) ? num_groups : 0};
+  const VectorOut mean = vector_output(stats_shape);
+  const VectorOut rstd = vector_output(stats_shape);
+  const normkit::GroupNormParams params{num_groups, eps};
+  without_gil([&] {
+    normkit::group_norm_forward(params, x.view, weight.span, bias.span, y.view, mean.span,
+                                rstd.span);
+  });
+  return py::make_tuple(y.array, mean.array, rstd.array);
+}
+
+py::tuple group_norm_backward_impl(const py::array& dy_in, const py::array& x_in,
+                                   const py::array& mean_in, const py::array& rstd_in,
+                                   int64_t num_groups, const OptionalArray& weight_in) {
+  const char* function = "group_norm_backward";
+  const Activation x = activation_input(function, "x", x_in);
+  const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
+  const VectorIn weight = vector_input(function, "weight", weight_in);
+  const Shape stats_shape{batch_of(x.view), num_groups};
+  VectorIn stats[2];
+  const char* names[2] = {"mean", "rstd"};
+  const py::array* arrays[2] = {&mean_in, &rstd_in};
+  for (int i = 0; i < 2; ++i) {
+    const py::array& a = *arrays[i];
+    require_float32(function, names[i], a);
+    // Shapes are only compared for a num_groups the kernel accepts, so a bad one is reported
+    // as such rather than as a mismatch.
+    if (plausible_groups(num_groups, x.view) && shape_of(a) != stats_shape)
+      value_error(function, std::string(names[i]) + " has shape " + shape_string(shape_of(a)) +
+                                ", expected (N, num_groups) = " + shape_string(stats_shape));
+    py::array c = contiguous(a);
+    stats[i] = {c, {static_cast<const float*>(c.data()), static_cast<std::size_t>(c.size())}};
+  }
+  const Activation dx = activation_output(x);
+  VectorOut dweight, dbias;
+  if (weight.array) {
+    dweight = vector_output({channels_of(x.view)});
+    dbias = vector_output({channels_of(x.view)});
+  }
+  const normkit::GroupNormParams params{num_groups, 0.0};
+  without_gil([&] {
+    normkit::group_norm_backward(params, dy.view, x.view, stats[0].span, stats[1].span,
+                                 weight.span, dx.view, dweight.span, dbias.span);
+  });
+  return py::make_tuple(dx.array, or_none(dweight), or_none(dbias));
+}
+
+// ---------------------------------------------------------------------------------------------
+// batch_norm
+
+py::tuple batch_norm_forward_impl(const char* function, const py::array& x_in,
+                                  const OptionalArray& running_mean_in,
+                                  const OptionalArray& running_var_in,
+                                  const OptionalArray& weight_in, const OptionalArray& bias_in,
+                                  bool training, double momentum, double eps) {
+  const Activation x = activation_input(function, "x", x_in);
+  const std::span<float> running_mean =
+      running_stat(function, "running_mean", running_mean_in, training);
+  const std::span<float> running_var =
+      running_stat(function, "running_var", running_var_in, training);
+  const VectorIn weight = vector_input(function, "weight", weight_in);
+  const VectorIn bias = vector_input(function, "bias", bias_in);
+  const Activation y = activation_output(x);
+  const normkit::BatchNormParams params{eps, momentum};
+  if (training) {
+    const VectorOut save_mean = vector_output({channels_of(x.view)});
+    const VectorOut save_invstd = vector_output({channels_of(x.view)});
+    without_gil([&] {
+      normkit::batch_norm_forward_training(params, x.view, weight.span, bias.span, y.view,
+                                           save_mean.span, save_invstd.span, running_mean,
+                                           running_var);
+    });
+    return py::make_tuple(y.array, save_mean.array, save_invstd.array);
+  }
+  // As torch: inference saves no statistics; its backward reads the running ones.
+  const VectorOut save_mean = vector_output({0});
+  const VectorOut save_invstd = vector_output({0});
+  without_gil([&] {
+    normkit::batch_norm_forward_inference(params, x.view, weight.span, bias.span, running_mean,
+                                          running_var, y.view);
+  });
+  return py::make_tuple(y.array, save_mean.array, save_invstd.array);
+}
+
+py::tuple batch_norm_backward_impl(const py::array& dy_in, const py::array& x_in,
+                                   const OptionalArray& weight_in,
+                                   const OptionalArray& save_mean_in,
+                                   const OptionalArray& save_invstd_in, bool training,
+                                   const OptionalArray& running_mean_in,
+                                   const OptionalArray& running_var_in, double eps) {
+  const char* function = "batch_norm_backward";
+  const Activation x = activation_input(function, "x", x_in);
+  const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
+  const VectorIn weight = vector_input(function, "weight", weight_in);
+  const Activation dx = activation_output(x);
+  VectorOut dweight, dbias;
+  if (weight.array) {
+    dweight = vector_output({channels_of(x.view)});
+    dbias = vector_output({channels_of(x.view)});
+  }
+  if (training) {
+    if (!save_mean_in || !save_invstd_in)
+      value_error(function, "save_mean and save_invstd (from batch_norm_forward with "
+                            "training=True) are required when training=True");
+    const VectorIn save_mean = vector_input(function, "save_mean", save_mean_in);
+    const VectorIn save_invstd = vector_input(function, "save_invstd", save_invstd_in);
+    without_gil([&] {
+      normkit::batch_norm_backward_training(dy.view, x.view, save_mean.span, save_invstd.span,
+                                            weight.span, dx.view, dweight.span, dbias.span);
+    });
+  } else {
+    if (!running_mean_in || !running_var_in)
+      value_error(function, "running_mean and running_var are required when training=False");
+    const VectorIn running_mean = vector_input(function, "running_mean", running_mean_in);
+    const VectorIn running_var = vector_input(function, "running_var", running_var_in);
+    const normkit::BatchNormParams params{eps, 0.0};
+    without_gil([&] {
+      normkit::batch_norm_backward_inference(params, dy.view, x.view, running_mean.span,
+                                             running_var.span, weight.span, dx.view,
+                                             dweight.span, dbias.span);
+    });
+  }
+  return py::make_tuple(dx.array, or_none(dweight), or_none(dbias));
+}
+
+// ---------------------------------------------------------------------------------------------
+// instance_norm, layer_norm
+
+py::array instance_norm_impl(const py::array& x_in, const OptionalArray& running_mean_in,
+                             const OptionalArray& running_var_in, const OptionalArray& weight_in,
+                             const OptionalArray& bias_in, bool use_input_stats, double momentum,
+                             double eps) {
+  const char* function = "instance_norm";
+  const Activation x = activation_input(function, "x", x_in);
+  const std::span<float> running_mean =
+      running_stat(function, "running_mean", running_mean_in, use_input_stats);
+  const std::span<float> running_var =
+      running_stat(function, "running_var", running_var_in, use_input_stats);
+  const VectorIn weight = vector_input(function, "weight", weight_in);
+  const VectorIn bias = vector_input(function, "bias", bias_in);
+  const Activation y = activation_output(x);
+  const VectorOut mean = vector_output({batch_of(x.view), channels_of(x.view)});
+  const VectorOut rstd = vector_output({batch_of(x.view), channels_of(x.view)});
+  const normkit::InstanceNormParams params{use_input_stats, momentum, eps};
+  without_gil([&] {
+    normkit::instance_norm_forward(params, x.view, weight.span, bias.span, running_mean,
+                                   running_var, y.view, mean.span, rstd.span);
+  });
+  return y.array;
+}
+
+Shape normalized_shape_of(const py::object& normalized_shape) {
+  const char* function = "layer_norm";
+  Shape shape;
+  if (py::isinstance<py::int_>(normalized_shape)) {
+    shape.push_back(normalized_shape.cast<py::ssize_t>());
+  } else if (py::isinstance<py::sequence>(normalized_shape) &&
+             !py::isinstance<py::str>(normalized_shape)) {
+    for (py::handle d : normalized_shape) {
+      if (!py::isinstance<py::int_>(d))
+        type_error(function, "normalized_shape must be an int or a sequence of ints, got " +
+                                 py::repr(normalized_shape).cast<std::string>());
+      shape.push_back(d.cast<py::ssize_t>());
+    }
+  } else {
+    type_error(function, "normalized_shape must be an int or a sequence of ints, got " +
+                             py::repr(normalized_shape).cast<std::string>());
+  }
+  if (shape.empty())
+    value_error(function, "normalized_shape must have at least one dim, got ()");
+  return shape;
+}
+
+// weight and bias of layer_norm have normalized_shape; the kernel takes them flattened.
+VectorIn layer_norm_param(const char* name, const OptionalArray& a, const Shape& normalized) {
+  const char* function = "layer_norm";
+  if (!a) return {};
+  require_float32(function, name, *a);
+  if (shape_of(*a) != normalized)
+    value_error(function, std::string(name) + " has shape " + shape_string(shape_of(*a)) +
+                              ", expected normalized_shape " + shape_string(normalized));
+  py::array flat = contiguous(*a).attr("reshape")(-1);
+  return {flat, {static_cast<const float*>(flat.data()), static_cast<std::size_t>(flat.size())}};
+}
+
+py::array layer_norm_impl(const py::array& x_in, const py::object& normalized_shape_in,
+                          const OptionalArray& weight_in, const OptionalArray& bias_in,
+                          double eps) {
+  const char* function = "layer_norm";
+  const Shape normalized = normalized_shape_of(normalized_shape_in);
+  activation_dtype(function, "x", x_in);
+  const Shape shape = shape_of(x_in);
+  const int rank = static_cast<int>(shape.size());
+  const int normalized_ndim = static_cast<int>(normalized.size());
+  if (normalized_ndim > rank ||
+      !std::equal(normalized.begin(), normalized.end(), shape.end() - normalized_ndim))
+    value_error(function, "x shape " + shape_string(shape) +
+                              " does not end with normalized_shape " + shape_string(normalized));
+  const VectorIn weight = layer_norm_param("weight", weight_in, normalized);
+  const VectorIn bias = layer_norm_param("bias", bias_in, normalized);
+
+  // The kernel computes channels-last only when each sample is one row; other normalized dims
+  // need channels-first. Ranks above the kernel's are folded to (rows, cols), which is the same
+  // computation.
+  Activation x = activation_input(function, "x", x_in);
+  if (x.view.format == MemoryFormat::channels_last && normalized_ndim != rank - 1)
+    x = activation_input(function, "x", x_in, MemoryFormat::channels_first);
+  int kernel_normalized_ndim = normalized_ndim;
+  if (rank > normkit::kMaxRank) {
+    int64_t rows = 1, cols = 1;
+    for (int d = 0; d < rank; ++d) (d < rank - normalized_ndim ? rows : cols) *= shape[d];
+    const int64_t folded[2] = {rows, cols};
+    x.view = TensorView(x.view.data, x.view.dtype, 2, folded, MemoryFormat::channels_first);
+    kernel_normalized_ndim = 1;
+  }
+  // y has x's full shape and format; the kernel sees it through x's (possibly folded) view.
+  py::array y = new_output(x.array.dtype(), shape, x.view.format);
+  TensorView y_view = x.view;
+  y_view.data = y.mutable_data();
+  int64_t rows = 1;
+  for (int d = 0; d < rank - normalized_ndim; ++d) rows *= shape[d];
+  const VectorOut mean = vector_output({rows});
+  const VectorOut rstd = vector_output({rows});
+  const normkit::LayerNormParams params{kernel_normalized_ndim, eps};
+  without_gil([&] {
+    normkit::layer_norm_forward(params, x.view, weight.span, bias.span, y_view, mean.span,
+                                rstd.span);
+  });
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(normkit, m) {
+  m.doc() =
+      "Batch Normalization and the Group Normalization family (GroupNorm, LayerNorm,\n"
+      "InstanceNorm) over float32 NumPy arrays, with torch.nn.functional's names, defaults and\n"
+      "semantics.\n\n"
+      "Activations have shape (N, C, *spatial) with 0 to 3 spatial dims. An array with the strides\n"
+      "of a channels-last tensor (NLC, NHWC or NDHWC memory viewed as (N, C, ...), e.g.\n"
+      "torch_tensor.to(memory_format=torch.channels_last).numpy()) is computed channels-last and\n"
+      "its outputs have the same strides; a C-contiguous array is computed channels-first; other\n"
+      "strides are copied to C-contiguous first. Results are new arrays; running statistics\n"
+      "passed in are updated in place. Invalid arguments raise ValueError, unsupported dtypes\n"
+      "TypeError; nothing is written then.";
+#ifdef NORMKIT_VERSION
+  m.attr("__version__") = NORMKIT_VERSION;
+#endif
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const normkit::Error& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  m.def(
+      "group_norm",
+      [](const py::array& x, int64_t num_groups, const OptionalArray& weight,
+         const OptionalArray& bias, double eps) {
+        return group_norm_forward_impl("group_norm", x, num_groups, weight, bias, eps)[0];
+      },
+      py::arg("x"), py::arg("num_groups"), py::arg("weight") = py::none(),
+      py::arg("bias") = py::none(), py::arg("eps") = 1e-5,
+      R"doc(Group normalization (torch.nn.functional.group_norm).
+
+x: (N, C, *spatial) float32, 0-3 spatial dims; C must be divisible by num_groups.
+For each sample and group of C/num_groups channels: y = (x - mean) / sqrt(var + eps)
+(biased variance over the group's channels and positions), then y * weight[c] + bias[c]
+when weight / bias (float32, length C) are given. Returns y, a new array in x's memory format.)doc");
+
+  m.def("group_norm_forward", [](const py::array& x, int64_t num_groups,
+                                 const OptionalArray& weight, const OptionalArray& bias,
+                                 double eps) {
+        return group_norm_forward_impl("group_norm_forward", x, num_groups, weight, bias, eps);
+      },
+      py::arg("x"), py::arg("num_groups"), py::arg("weight") = py::none(),
+      py::arg("bias") = py::none(), py::arg("eps") = 1e-5,
+      R"doc(group_norm that also returns the statistics its backward needs.
+
+Returns (y, mean, rstd): y as group_norm's; mean and rstd = 1 / sqrt(var + eps), float32
+arrays of shape (N, num_groups), as torch.native_group_norm returns them.)doc");
+
+  m.def("group_norm_backward", &group_norm_backward_impl, py::arg("dy"), py::arg("x"),
+        py::arg("mean"), py::arg("rstd"), py::arg("num_groups"), py::arg("weight") = py::none(),
+        R"doc(Gradients of group_norm.
+
+dy: the gradient of the loss with respect to y (x's shape; any strides). x, mean, rstd,
+num_groups and weight as passed to / returned by group_norm_forward.
+Returns (dx, dweight, dbias): dx has x's shape and memory format; dweight and dbias (float32,
+length C) are None when weight is None.)doc");
+
+  m.def("batch_norm", [](const py::array& x, const OptionalArray& running_mean,
+                         const OptionalArray& running_var, const OptionalArray& weight,
+                         const OptionalArray& bias, bool training, double momentum,
+                         double eps) {
+        return batch_norm_forward_impl("batch_norm", x, running_mean, running_var, weight, bias,
+                                       training, momentum, eps)[0];
+      },
+      py::arg("x"), py::arg("running_mean"), py::arg("running_var"),
+      py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("training") = false,
+      py::arg("momentum") = 0.1, py::arg("eps") = 1e-5,
+      R"doc(Batch normalization (torch.nn.functional.batch_norm).
+
+x: (N, C, *spatial) float32. running_mean, running_var: float32 arrays of length C, or None.
+training=True: normalizes each channel with its batch mean and biased variance over N and the
+spatial positions (needs more than one value per channel), and, when running statistics are
+given, updates them in place (they must then be writable and contiguous):
+    running_mean = (1 - momentum) * running_mean + momentum * mean
+    running_var  = (1 - momentum) * running_var  + momentum * unbiased variance
+training=False: normalizes with running_mean and running_var, which are then required.
+weight and bias (length C) are optional. Returns y, a new array in x's memory format.)doc");
+
+  m.def("batch_norm_forward", [](const py::array& x, const OptionalArray& running_mean,
+                                 const OptionalArray& running_var, const OptionalArray& weight,
+                                 const OptionalArray& bias, bool training, double momentum,
+                                 double eps) {
+        return batch_norm_forward_impl("batch_norm_forward", x, running_mean, running_var,
+                                       weight, bias, training, momentum, eps);
+      },
+      py::arg("x"), py::arg("running_mean"), py::arg("running_var"),
+      py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("training") = false,
+      py::arg("momentum") = 0.1, py::arg("eps") = 1e-5,
+      R"doc(batch_norm that also returns the statistics its backward needs.
+
+Returns (y, save_mean, save_invstd). Training: the batch mean and 1 / sqrt(biased var + eps),
+float32 of length C. Inference: two empty arrays, as torch.native_batch_norm (the backward
+then reads the running statistics).)doc");
+
+  m.def("batch_norm_backward", &batch_norm_backward_impl, py::arg("dy"), py::arg("x"),
+        py::arg("weight"), py::arg("save_mean"), py::arg("save_invstd"),
+        py::arg("training") = true, py::arg("running_mean") = py::none(),
+        py::arg("running_var") = py::none(), py::arg("eps") = 1e-5,
+        R"doc(Gradients of batch_norm.
+
+dy: the gradient with respect to y (x's shape; any strides). training=True: the gradient flows
+through the batch statistics; save_mean and save_invstd are those batch_norm_forward returned.
+training=False: the statistics are constants; running_mean, running_var (length C) and eps are
+those of the forward, and save_mean / save_invstd are not read.
+Returns (dx, dweight, dbias): dx has x's shape and memory format; dweight and dbias (float32,
+length C) are None when weight is None.)doc");
+
+  m.def("instance_norm", &instance_norm_impl, py::arg("x"), py::arg("running_mean") = py::none(),
+        py::arg("running_var") = py::none(), py::arg("weight") = py::none(),
+        py::arg("bias") = py::none(), py::arg("use_input_stats") = true,
+        py::arg("momentum") = 0.1, py::arg("eps") = 1e-5,
+        R"doc(Instance normalization (torch.nn.functional.instance_norm).
+
+x: (N, C, *spatial) float32. use_input_stats=True: each (sample, channel) is normalized over its
+spatial positions (more than one needed); given running statistics (length C, writable,
+contiguous) are updated in place with the batch averages of the per-instance mean and unbiased
+variance, weighted by momentum. use_input_stats=False: normalizes with running_mean and
+running_var, which are then required. weight and bias (length C) are optional.
+Returns y, a new array in x's memory format.)doc");
+
+  m.def("layer_norm", &layer_norm_impl, py::arg("x"), py::arg("normalized_shape"),
+        py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("eps") = 1e-5,
+        R"doc(Layer normalization (torch.nn.functional.layer_norm).
+
+x: float32 of any rank whose trailing dims equal normalized_shape (an int or a sequence of ints).
+Each slice over those dims is normalized with its mean and biased variance, then multiplied by
+weight and shifted by bias (optional, both of shape normalized_shape).
+Returns y, a new array; a channels-last x keeps its format when normalized_shape covers every
+dim but N.)doc");
+
+  m.def("set_num_threads", &normkit::set_num_threads, py::arg("n"),
+        R"doc(Sets the number of threads every later call uses (n >= 1). Results do not depend
+on it: they are bitwise the same for any thread count.)doc");
+  m.def("get_num_threads", &normkit::get_num_threads,
+        R"doc(The number of threads calls use: set_num_threads's value, else all cores.)doc");
+
+  m.def(
+      "_set_output_poison", [](bool enabled) { g_poison_outputs = enabled; },
+      py::arg("enabled"),
+      R"doc(Testing aid: when enabled, every output array is filled with NaN before the kernel
+runs, so an element the kernel fails to write cannot pass for a correct one.)doc");
+}
