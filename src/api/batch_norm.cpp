@@ -1,0 +1,161 @@
+// Public BatchNorm entry points: validate every argument, then hand raw pointers to the backend.
+#include "normkit/batch_norm.h"
+
+#include "common/validate.h"
+#include "cpu/batch_norm.h"
+#include "ref/batch_norm.h"
+
+namespace normkit {
+namespace {
+
+using detail::check_length;
+using detail::check_like;
+using detail::check_tensor;
+
+ref::BatchNormShape shape_of(const TensorView& x) {
+  return {x.batch(), x.channels(), x.spatial_size(), x.format};
+}
+
+// The absent-vector convention: an empty span with a null pointer becomes a null pointer.
+const float* ptr(std::span<const float> v) { return v.data(); }
+float* ptr(std::span<float> v) { return v.data(); }
+
+// Checks shared by all four functions on x and the per-channel affine weight (and bias).
+void check_input(const char* fn, const TensorView& x, std::span<const float> weight,
+                 std::span<const float> bias) {
+  check_tensor(fn, "x", x);
+  check_length(fn, "weight", weight, x.channels(), "C", false);
+  check_length(fn, "bias", bias, x.channels(), "C", false);
+}
+
+void check_running_stats(const char* fn, const TensorView& x, std::span<const float> running_mean,
+                         std::span<const float> running_var, bool required) {
+  check_length(fn, "running_mean", running_mean, x.channels(), "C", required);
+  check_length(fn, "running_var", running_var, x.channels(), "C", required);
+  if ((running_mean.data() == nullptr) != (running_var.data() == nullptr))
+    detail::fail(fn, std::string("running_mean and running_var must be given together, got only ") +
+                         (running_mean.data() ? "running_mean" : "running_var"));
+}
+
+}  // namespace
+
+void batch_norm_forward_training(const BatchNormParams& params, const TensorView& x,
+                                 std::span<const float> weight, std::span<const float> bias,
+                                 const TensorView& y, std::span<float> save_mean,
+                                 std::span<float> save_invstd, std::span<float> running_mean,
+                                 std::span<float> running_var, const Context& ctx) {
+  const char* fn = "batch_norm_forward_training";
+  check_input(fn, x, weight, bias);
+  check_like(fn, "y", y, "x", x);
+  check_length(fn, "save_mean", save_mean, x.channels(), "C", true);
+  check_length(fn, "save_invstd", save_invstd, x.channels(), "C", true);
+  check_running_stats(fn, x, running_mean, running_var, false);
+  detail::check_eps(fn, params.eps);
+  detail::check_momentum(fn, params.momentum);
+  // torch's wording, so that users recognize it.
+  if (x.batch() * x.spatial_size() == 1)
+    detail::fail(fn, "Expected more than 1 value per channel when training, got input size " +
+                         shape_string(x));
+  // As torch: an empty batch gives an empty output and leaves the running statistics alone.
+  if (x.numel() == 0) return;
+
+  const auto sh = shape_of(x);
+  if (ctx.backend == Backend::reference)
+    ref::batch_norm_forward_training(y.as<float>(), ptr(save_mean), ptr(save_invstd),
+                                     ptr(running_mean), ptr(running_var), x.as<const float>(),
+                                     ptr(weight), ptr(bias), sh, params.eps, params.momentum);
+  else
+    cpu::batch_norm_forward_training(y.as<float>(), ptr(save_mean), ptr(save_invstd),
+                                     ptr(running_mean), ptr(running_var), x.as<const float>(),
+                                     ptr(weight), ptr(bias), sh, params.eps, params.momentum,
+                                     detail::thread_count(ctx));
+}
+
+void batch_norm_forward_inference(const BatchNormParams& params, const TensorView& x,
+                                  std::span<const float> weight, std::span<const float> bias,
+                                  std::span<const float> running_mean,
+                                  std::span<const float> running_var, const TensorView& y,
+                                  const Context& ctx) {
+  const char* fn = "batch_norm_forward_inference";
+  check_input(fn, x, weight, bias);
+  check_running_stats(fn, x, running_mean, running_var, true);
+  check_like(fn, "y", y, "x", x);
+  detail::check_eps(fn, params.eps);
+  if (x.numel() == 0) return;
+
+  const auto sh = shape_of(x);
+  if (ctx.backend == Backend::reference)
+    ref::batch_norm_forward_inference(y.as<float>(), x.as<const float>(), ptr(weight), ptr(bias),
+                                      ptr(running_mean), ptr(running_var), sh, params.eps);
+  else
+    cpu::batch_norm_forward_inference(y.as<float>(), x.as<const float>(), ptr(weight), ptr(bias),
+                                      ptr(running_mean), ptr(running_var), sh, params.eps,
+                                      detail::thread_count(ctx));
+}
+
+void batch_norm_backward_training(const TensorView& dy, const TensorView& x,
+                                  std::span<const float> save_mean,
+                                  std::span<const float> save_invstd,
+                                  std::span<const float> weight, const TensorView& dx,
+                                  std::span<float> dweight, std::span<float> dbias,
+                                  const Context& ctx) {
+  const char* fn = "batch_norm_backward_training";
+  check_input(fn, x, weight, {});
+  check_like(fn, "dy", dy, "x", x);
+  check_like(fn, "dx", dx, "x", x);
+  check_length(fn, "save_mean", save_mean, x.channels(), "C", true);
+  check_length(fn, "save_invstd", save_invstd, x.channels(), "C", true);
+  check_length(fn, "dweight", dweight, x.channels(), "C", false);
+  check_length(fn, "dbias", dbias, x.channels(), "C", false);
+
+  const auto sh = shape_of(x);
+  // With no values per channel the parameter gradients are empty sums; dx has no elements.
+  if (x.numel() == 0) {
+    for (float& v : dweight) v = 0;
+    for (float& v : dbias) v = 0;
+    return;
+  }
+  if (ctx.backend == Backend::reference)
+    ref::batch_norm_backward_training(dx.as<float>(), ptr(dweight), ptr(dbias),
+                                      dy.as<const float>(), x.as<const float>(), ptr(save_mean),
+                                      ptr(save_invstd), ptr(weight), sh);
+  else
+    cpu::batch_norm_backward_training(dx.as<float>(), ptr(dweight), ptr(dbias),
+                                      dy.as<const float>(), x.as<const float>(), ptr(save_mean),
+                                      ptr(save_invstd), ptr(weight), sh, detail::thread_count(ctx));
+}
+
+void batch_norm_backward_inference(const BatchNormParams& params, const TensorView& dy,
+                                   const TensorView& x, std::span<const float> running_mean,
+                                   std::span<const float> running_var,
+                                   std::span<const float> weight, const TensorView& dx,
+                                   std::span<float> dweight, std::span<float> dbias,
+                                   const Context& ctx) {
+  const char* fn = "batch_norm_backward_inference";
+  check_input(fn, x, weight, {});
+  check_running_stats(fn, x, running_mean, running_var, true);
+  check_like(fn, "dy", dy, "x", x);
+  check_like(fn, "dx", dx, "x", x);
+  check_length(fn, "dweight", dweight, x.channels(), "C", false);
+  check_length(fn, "dbias", dbias, x.channels(), "C", false);
+  detail::check_eps(fn, params.eps);
+
+  const auto sh = shape_of(x);
+  if (x.numel() == 0) {
+    for (float& v : dweight) v = 0;
+    for (float& v : dbias) v = 0;
+    return;
+  }
+  if (ctx.backend == Backend::reference)
+    ref::batch_norm_backward_inference(dx.as<float>(), ptr(dweight), ptr(dbias),
+                                       dy.as<const float>(), x.as<const float>(),
+                                       ptr(running_mean), ptr(running_var), ptr(weight), sh,
+                                       params.eps);
+  else
+    cpu::batch_norm_backward_inference(dx.as<float>(), ptr(dweight), ptr(dbias),
+                                       dy.as<const float>(), x.as<const float>(),
+                                       ptr(running_mean), ptr(running_var), ptr(weight), sh,
+                                       params.eps, detail::thread_count(ctx));
+}
+
+}  // namespace normkit
