@@ -231,7 +231,8 @@ py::array contiguous(const py::array& a) {
 // An optional read-only float32 vector (weight, bias, saved statistics): a 1-D array, or None.
 struct VectorIn {
   py::array array;
-  std::span<const float> span;
+  std::span<const float> span;  // data() == nullptr: absent
+  bool present() const { return span.data() != nullptr; }
 };
 
 VectorIn vector_input(const char* function, const char* name, const OptionalArray& a) {
@@ -265,7 +266,7 @@ std::span<float> running_stat(const char* function, const char* name, const Opti
 // A new float32 statistic or parameter gradient.
 struct VectorOut {
   py::array array;
-  std::span<float> span;
+  std::span<float> span;  // data() == nullptr: not asked for
 };
 
 VectorOut vector_output(const Shape& shape) {
@@ -274,7 +275,7 @@ VectorOut vector_output(const Shape& shape) {
 }
 
 py::object or_none(const VectorOut& v) {
-  return v.array ? py::object(v.array) : py::object(py::none());
+  return v.span.data() ? py::object(v.array) : py::object(py::none());
 }
 
 int64_t channels_of(const TensorView& x) { return x.rank >= 2 ? x.shape[1] : 0; }
@@ -339,7 +340,7 @@ py::tuple group_norm_backward_impl(const py::array& dy_in, const py::array& x_in
   }
   const Activation dx = activation_output(x);
   VectorOut dweight, dbias;
-  if (weight.array) {
+  if (weight.present()) {
     dweight = vector_output({channels_of(x.view)});
     dbias = vector_output({channels_of(x.view)});
   }
@@ -400,7 +401,7 @@ py::tuple batch_norm_backward_impl(const py::array& dy_in, const py::array& x_in
   const VectorIn weight = vector_input(function, "weight", weight_in);
   const Activation dx = activation_output(x);
   VectorOut dweight, dbias;
-  if (weight.array) {
+  if (weight.present()) {
     dweight = vector_output({channels_of(x.view)});
     dbias = vector_output({channels_of(x.view)});
   }
@@ -565,7 +566,8 @@ PYBIND11_MODULE(normkit, m) {
       "group_norm",
       [](const py::array& x, int64_t num_groups, const OptionalArray& weight,
          const OptionalArray& bias, double eps) {
-        return group_norm_forward_impl("group_norm", x, num_groups, weight, bias, eps)[0];
+        return group_norm_forward_impl("group_norm", x, num_groups, weight, bias, eps)[0]
+            .cast<py::array>();
       },
       py::arg("x"), py::arg("num_groups"), py::arg("weight") = py::none(),
       py::arg("bias") = py::none(), py::arg("eps") = 1e-5,
@@ -602,7 +604,8 @@ length C) are None when weight is None.)doc");
                          const OptionalArray& bias, bool training, double momentum,
                          double eps) {
         return batch_norm_forward_impl("batch_norm", x, running_mean, running_var, weight, bias,
-                                       training, momentum, eps)[0];
+                                       training, momentum, eps)[0]
+            .cast<py::array>();
       },
       py::arg("x"), py::arg("running_mean"), py::arg("running_var"),
       py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("training") = false,

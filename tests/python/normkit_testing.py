@@ -1,0 +1,156 @@
+"""Shared helpers of the Python tests: inputs in each memory format, the float64 torch oracle's
+conversions, and the error measure the tolerances are stated in."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+# How an activation array is laid out in memory.
+#   channels_first: C-contiguous (N, C, *spatial)
+#   channels_last:  the strides of a torch channels-last tensor (NLC, NHWC, NDHWC memory)
+#   strided:        neither (every other float of a buffer): the module must copy it
+FORMATS = ("channels_first", "channels_last", "strided")
+
+
+def dense_strides(shape, order, itemsize=4):
+    """Byte strides of a dense array whose dims are laid out in `order`, outermost first."""
+    strides = [0] * len(shape)
+    step = itemsize
+    for d in reversed(order):
+        strides[d] = step
+        step *= max(shape[d], 1)
+    return tuple(strides)
+
+
+def channels_last_strides(shape, itemsize=4):
+    rank = len(shape)
+    return dense_strides(shape, [0, *range(2, rank), 1], itemsize)
+
+
+def is_channels_last(a):
+    return a.ndim >= 3 and a.strides == channels_last_strides(a.shape, a.itemsize)
+
+
+def is_channels_first(a):
+    return a.strides == dense_strides(a.shape, list(range(a.ndim)), a.itemsize)
+
+
+def in_format(a, fmt):
+    """A float32 array with a's values laid out as `fmt`."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if fmt == "channels_first" or (fmt == "channels_last" and a.ndim < 3):
+        return a
+    if fmt == "channels_last":
+        # Channels-last memory (N, *spatial, C), viewed in logical order. Built in NumPy so that
+        # unit dims get the canonical strides too (torch keeps a C == 1 tensor's strides).
+        memory = np.moveaxis(a, 1, -1).copy(order="C")
+        out = np.moveaxis(memory, -1, 1)
+        assert is_channels_last(out), (out.shape, out.strides)
+        return out
+    if fmt == "strided":
+        # Every other float of a buffer: dense in no format unless every dim is 1.
+        out = np.zeros(a.shape + (2,), np.float32)[..., 0]
+        out[...] = a
+        assert a.size <= 1 or not (is_channels_first(out) or is_channels_last(out))
+        return out
+    raise ValueError(fmt)
+
+
+def t64(a):
+    """The float64 torch tensor holding exactly a's float32 values (contiguous: torch's float64
+    channels-first kernels are the accurate ones)."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+
+
+def n64(t):
+    return t.detach().numpy()
+
+
+def tolerance(offset, scale):
+    """Forward tolerance relative to max|y| for inputs offset + scale * randn."""
+    return 1e-5 * (1.0 + abs(offset) / scale)
+
+
+def assert_close(actual, expected, tol, what, magnitude=0.0):
+    """max |actual - expected| <= tol * max(max |expected|, magnitude), plus shape, dtype and
+    finiteness. `magnitude`: the size of terms that cancel in the result, where that is larger
+    (dx of a two-value group is ~0: only float32 rounding of its terms remains)."""
+    expected = np.asarray(expected, dtype=np.float64)
+    assert isinstance(actual, np.ndarray), f"{what}: got {type(actual)}"
+    assert actual.dtype == np.float32, f"{what}: dtype {actual.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    if expected.size == 0:
+        return
+    assert np.all(np.isfinite(actual)), f"{what}: non-finite values (unwritten outputs are NaN)"
+    magnitude = max(float(np.max(np.abs(expected))), magnitude)
+    error = float(np.max(np.abs(actual.astype(np.float64) - expected)))
+    assert error <= tol * max(magnitude, 1e-30), \
+        f"{what}: max error {error:.3g} > {tol:.3g} * max|expected| {magnitude:.3g}"
+
+
+def assert_same_layout(out, x_format, like):
+    """The output kept the input's format: channels-last in, the same strides out; anything
+    else in, C-contiguous out."""
+    if x_format == "channels_last" and like.ndim >= 3:
+        assert out.strides == like.strides, f"strides {out.strides} != input's {like.strides}"
+        assert is_channels_last(out)
+    else:
+        assert is_channels_first(out), f"strides {out.strides} of shape {out.shape}"
+
+
+def per_channel(v, ndim):
+    """A length-C vector shaped to broadcast against (N, C, *spatial)."""
+    return np.asarray(v, np.float64).reshape(1, -1, *([1] * (ndim - 2)))
+
+
+def gradient_term_magnitude(dy, weight, rstd):
+    """max |dy * weight * rstd|: the size of each term of dx in the normalization backward.
+    rstd broadcasts against dy (per channel, or per (n, c))."""
+    w = 1.0 if weight is None else per_channel(weight, dy.ndim)
+    return float(np.max(np.abs(dy.astype(np.float64) * w * rstd), initial=0.0))
+
+
+def raises(exception, *fragments):
+    """pytest.raises that also wants each fragment (case-insensitive) in the message."""
+    pattern = "".join(f"(?=.*{re.escape(str(f))})" for f in fragments)
+    return pytest.raises(exception, match=re.compile(pattern, re.IGNORECASE | re.DOTALL))
+
+
+class Config:
+    """A random activation: shape, value distribution and layout."""
+
+    def __init__(self, rng, channels, spatial_dims, fmt, batch=None, spatial=None):
+        self.rng = rng
+        self.batch = batch if batch is not None else int(rng.choice([1, 1, 2, 3, 5]))
+        if spatial is None:
+            spatial = [int(rng.choice([1, 2, 3, 5, 7])) for _ in range(spatial_dims)]
+        self.shape = (self.batch, channels, *spatial)
+        self.format = fmt
+        self.scale = float(rng.choice([1e-3, 1.0, 30.0]))
+        self.offset = float(rng.choice([0.0, 1.0, -100.0, 3e4])) * self.scale
+        self.eps = float(rng.choice([1e-5, 1e-3]))
+
+    @property
+    def spatial_size(self):
+        return int(np.prod(self.shape[2:], dtype=np.int64))
+
+    def activation(self):
+        values = self.offset + self.scale * self.rng.standard_normal(self.shape)
+        return in_format(values, self.format)
+
+    def gradient(self):
+        """A random upstream gradient, in a layout of its own (the module matches it to x's)."""
+        fmt = FORMATS[self.rng.integers(len(FORMATS))]
+        return in_format(self.rng.standard_normal(self.shape), fmt)
+
+    def vector(self, n, mean=0.0, spread=1.0):
+        return (mean + spread * self.rng.standard_normal(n)).astype(np.float32)
+
+    def tol(self):
+        return tolerance(self.offset, self.scale)
+
+    def __repr__(self):
+        return (f"shape={self.shape} format={self.format} offset={self.offset:g} "
+                f"scale={self.scale:g} eps={self.eps:g}")
