@@ -52,8 +52,12 @@ std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std:
 
 std::string shape_string(const Shape& shape) {
   std::string s = "(";
-  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + (shape.size() == 1 ? ",)" : ")");
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  s += shape.size() == 1 ? ",)" : ")";
+  return s;
 }
 Shape shape_of(const py::array& a) { return Shape(a.shape(), a.shape() + a.ndim()); }
 
@@ -377,6 +381,11 @@ py::tuple batch_norm_forward_impl(const char* function, const py::array& x_in,
                                            save_mean.span, save_invstd.span, running_mean,
                                            running_var);
     });
+    // An empty batch has no statistics and the kernel writes none; give them a defined value.
+    if (x.array.size() == 0) {
+      std::fill(save_mean.span.begin(), save_mean.span.end(), 0.0f);
+      std::fill(save_invstd.span.begin(), save_invstd.span.end(), 0.0f);
+    }
     return py::make_tuple(y.array, save_mean.array, save_invstd.array);
   }
   // As torch: inference saves no statistics; its backward reads the running ones.
@@ -634,8 +643,8 @@ weight and bias (length C) are optional. Returns y, a new array in x's memory fo
       R"doc(batch_norm that also returns the statistics its backward needs.
 
 Returns (y, save_mean, save_invstd). Training: the batch mean and 1 / sqrt(biased var + eps),
-float32 of length C. Inference: two empty arrays, as torch.native_batch_norm (the backward
-then reads the running statistics).)doc");
+float32 of length C (zeros for an empty batch, which has no statistics). Inference: two empty
+arrays, as torch.native_batch_norm (the backward then reads the running statistics).)doc");
 
   m.def("batch_norm_backward", &batch_norm_backward_impl, py::arg("dy"), py::arg("x"),
         py::arg("weight"), py::arg("save_mean"), py::arg("save_invstd"),

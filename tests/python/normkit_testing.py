@@ -151,6 +151,11 @@ class Config:
     def tol(self):
         return tolerance(self.offset, self.scale)
 
+    @property
+    def value_size(self):
+        """The size of x's values: the yardstick for a mean, which may itself be near 0."""
+        return abs(self.offset) + self.scale
+
     def __repr__(self):
         return (f"shape={self.shape} format={self.format} offset={self.offset:g} "
                 f"scale={self.scale:g} eps={self.eps:g}")
