@@ -1,0 +1,893 @@
+// BatchNorm: the reference against a direct long-double computation and finite differences; the
+// CPU backend against the reference over random configurations; accuracy at large offsets against
+// the float64 result; identical results for any thread count and either memory format; every
+// rejected argument.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "normkit/batch_norm.h"
+#include "normkit/error.h"
+#include "ref/batch_norm.h"
+#include "test_util.h"
+
+namespace normkit {
+namespace {
+
+using test::kPoison;
+using test::poisoned;
+using test::random_normal;
+
+// ---- configurations ----
+
+struct Config {
+  std::vector<int64_t> shape;  // N, C, spatial...
+  MemoryFormat format = MemoryFormat::channels_first;
+  bool has_weight = true, has_bias = true, has_running = true;
+  double offset = 0, scale = 1, eps = 1e-5, momentum = 0.1;
+
+  int64_t n() const { return shape[0]; }
+  int64_t c() const { return shape[1]; }
+  int64_t s() const {
+    int64_t r = 1;
+    for (std::size_t i = 2; i < shape.size(); ++i) r *= shape[i];
+    return r;
+  }
+  int64_t numel() const { return n() * c() * s(); }
+  ref::BatchNormShape ref_shape() const { return {n(), c(), s(), format}; }
+  TensorView view(const float* p) const {
+    return TensorView(p, DType::float32, int(shape.size()), shape.data(), format);
+  }
+  std::string str() const {
+    std::ostringstream o;
+    o << "shape (";
+    for (std::size_t i = 0; i < shape.size(); ++i) o << (i ? "," : "") << shape[i];
+    o << ") " << to_string(format) << " weight " << has_weight << " bias " << has_bias
+      << " running " << has_running << " offset " << offset << " scale " << scale << " eps "
+      << eps << " momentum " << momentum;
+    return o.str();
+  }
+};
+
+// Physical offset of each logical element, logical order (n, c, s) row-major; written from the
+// strides of the full shape, independently of the library's indexing.
+std::vector<int64_t> physical_offsets(const Config& cfg) {
+  const int64_t N = cfg.n(), C = cfg.c(), S = cfg.s();
+  std::vector<int64_t> out(std::size_t(N * C * S));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t s = 0; s < S; ++s)
+        out[std::size_t((n * C + c) * S + s)] =
+            cfg.format == MemoryFormat::channels_first ? (n * C + c) * S + s
+                                                       : n * S * C + s * C + c;
+  return out;
+}
+
+struct Data {
+  std::vector<float> x, weight, bias, running_mean, running_var, dy;
+};
+
+Data make_data(const Config& cfg, std::mt19937_64& rng) {
+  Data d;
+  const auto C = std::size_t(cfg.c());
+  d.x = random_normal(std::size_t(cfg.numel()), rng, cfg.offset, cfg.scale);
+  d.dy = random_normal(std::size_t(cfg.numel()), rng);
+  std::uniform_real_distribution<double> u(0.5, 2.0);
+  std::bernoulli_distribution sign(0.3);
+  if (cfg.has_weight)
+    for (std::size_t c = 0; c < C; ++c) d.weight.push_back(float(u(rng) * (sign(rng) ? -1 : 1)));
+  if (cfg.has_bias) d.bias = random_normal(C, rng);
+  // Running statistics near the data's, so that inference outputs are O(1).
+  d.running_mean = random_normal(C, rng, cfg.offset, 0.3 * cfg.scale);
+  for (std::size_t c = 0; c < C; ++c)
+    d.running_var.push_back(float(cfg.scale * cfg.scale * u(rng)));
+  return d;
+}
+
+std::span<const float> opt(const std::vector<float>& v, bool present = true) {
+  return present && !v.empty() ? std::span<const float>(v) : std::span<const float>{};
+}
+std::span<float> opt_mut(std::vector<float>& v, bool present = true) {
+  return present && !v.empty() ? std::span<float>(v) : std::span<float>{};
+}
+
+Config random_config(std::mt19937_64& rng) {
+  auto pick = [&](std::initializer_list<int64_t> values) {
+    std::uniform_int_distribution<std::size_t> i(0, values.size() - 1);
+    return values.begin()[i(rng)];
+  };
+  std::uniform_real_distribution<double> u(0, 1);
+  Config cfg;
+  for (;;) {
+    cfg.shape = {pick({1, 1, 2, 3, 4, 5, 7, 16}), pick({1, 1, 2, 3, 5, 7, 8, 13, 32})};
+    const int spatial_rank = int(pick({0, 1, 2, 3}));
+    for (int i = 0; i < spatial_rank; ++i)
+      cfg.shape.push_back(u(rng) < 0.1 ? pick({63, 64, 100, 257, 2100})
+                                       : pick({1, 2, 3, 4, 5, 7, 9, 11, 16}));
+    if (cfg.numel() <= 60000) break;
+  }
+  if (cfg.n() * cfg.s() == 1) cfg.shape[0] = 2;  // training needs two values per channel
+  cfg.format = u(rng) < 0.5 ? MemoryFormat::channels_first : MemoryFormat::channels_last;
+  cfg.has_weight = u(rng) < 0.7;
+  cfg.has_bias = u(rng) < 0.7;
+  cfg.has_running = u(rng) < 0.8;
+  cfg.scale = std::pow(10.0, -3 + u(rng) * 7.5);  // 1e-3 .. 3e4
+  const double ratio = pick({0, 1, 10, 1000, 30000});
+  cfg.offset = (u(rng) < 0.5 ? -1 : 1) * ratio * cfg.scale * (0.5 + u(rng));
+  cfg.eps = pick({0, 1, 2}) == 0 ? 1e-3 : 1e-5;
+  cfg.momentum = pick({0, 1, 2, 3}) == 0 ? 1.0 : (u(rng) < 0.5 ? 0.1 : u(rng));
+  return cfg;
+}
+
+// Outputs of every op for one backend.
+struct Results {
+  std::vector<float> y, save_mean, save_invstd, running_mean, running_var;
+  std::vector<float> y_inf;
+  std::vector<float> dx, dweight, dbias;          // training backward
+  std::vector<float> dx_inf, dweight_inf, dbias_inf;  // inference backward
+};
+
+Results run_all(const Config& cfg, const Data& d, const Context& ctx) {
+  Results r;
+  const auto total = std::size_t(cfg.numel()), C = std::size_t(cfg.c());
+  const BatchNormParams params{.eps = cfg.eps, .momentum = cfg.momentum};
+  r.y = poisoned(total);
+  r.save_mean = poisoned(C);
+  r.save_invstd = poisoned(C);
+  r.running_mean = d.running_mean;
+  r.running_var = d.running_var;
+  batch_norm_forward_training(params, cfg.view(d.x.data()), opt(d.weight), opt(d.bias),
+                              cfg.view(r.y.data()), r.save_mean, r.save_invstd,
+                              opt_mut(r.running_mean, cfg.has_running),
+                              opt_mut(r.running_var, cfg.has_running), ctx);
+  r.y_inf = poisoned(total);
+  batch_norm_forward_inference(params, cfg.view(d.x.data()), opt(d.weight), opt(d.bias),
+                               d.running_mean, d.running_var, cfg.view(r.y_inf.data()), ctx);
+  r.dx = poisoned(total);
+  r.dweight = poisoned(C);
+  r.dbias = poisoned(C);
+  batch_norm_backward_training(cfg.view(d.dy.data()), cfg.view(d.x.data()), r.save_mean,
+                               r.save_invstd, opt(d.weight), cfg.view(r.dx.data()), r.dweight,
+                               r.dbias, ctx);
+  r.dx_inf = poisoned(total);
+  r.dweight_inf = poisoned(C);
+  r.dbias_inf = poisoned(C);
+  batch_norm_backward_inference(params, cfg.view(d.dy.data()), cfg.view(d.x.data()),
+                                d.running_mean, d.running_var, opt(d.weight),
+                                cfg.view(r.dx_inf.data()), r.dweight_inf, r.dbias_inf, ctx);
+  return r;
+}
+
+// max |a - b| / max |b|, the error measure of the accuracy requirement (NaN or a surviving
+// poison value gives +inf).
+double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
+  const double denom = std::max(test::max_abs(b), std::numeric_limits<double>::min());
+  return test::max_abs_diff(a, b) / denom;
+}
+double relative_error(const std::vector<float>& a, const std::vector<double>& b) {
+  if (a.size() != b.size()) return std::numeric_limits<double>::infinity();
+  double m = 0, d = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double e = std::fabs(double(a[i]) - b[i]);
+    if (std::isnan(e)) return std::numeric_limits<double>::infinity();
+    d = std::max(d, e);
+    m = std::max(m, std::fabs(b[i]));
+  }
+  return d / std::max(m, std::numeric_limits<double>::min());
+}
+
+// Elementwise |a - b| <= rel * |b| + abs.
+::testing::AssertionResult close_each(const char* what, const std::vector<float>& a,
+                                      const std::vector<float>& b, double rel, double abs) {
+  if (a.size() != b.size()) return ::testing::AssertionFailure() << what << ": sizes differ";
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double e = std::fabs(double(a[i]) - double(b[i]));
+    if (!(e <= rel * std::fabs(double(b[i])) + abs))
+      return ::testing::AssertionFailure() << what << "[" << i << "] = " << a[i] << " vs " << b[i]
+                                           << " (rel " << rel << ", abs " << abs << ")";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// ---- the reference against a direct long-double computation ----
+
+TEST(BatchNormReference, MatchesDirectComputation) {
+  std::mt19937_64 rng(11);
+  const std::vector<Config> configs = {
+      {{3, 4, 5}, MemoryFormat::channels_first},
+      {{2, 3, 4, 5}, MemoryFormat::channels_last},
+      {{5, 2}, MemoryFormat::channels_first, true, false},
+      {{2, 3, 2, 3, 2}, MemoryFormat::channels_last, false, true},
+      {{1, 3, 7}, MemoryFormat::channels_last, true, true, true, 1e3, 0.5},
+  };
+  for (const Config& cfg : configs) {
+    SCOPED_TRACE(cfg.str());
+    const Data d = make_data(cfg, rng);
+    const Context ctx{.backend = Backend::reference};
+    const Results r = run_all(cfg, d, ctx);
+    const auto at = physical_offsets(cfg);
+    const int64_t N = cfg.n(), C = cfg.c(), S = cfg.s(), M = N * S;
+    for (int64_t c = 0; c < C; ++c) {
+      long double sum = 0, sq = 0;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t s = 0; s < S; ++s) sum += d.x[at[(n * C + c) * S + s]];
+      const long double mean = sum / M;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t s = 0; s < S; ++s) {
+          const long double v = d.x[at[(n * C + c) * S + s]] - mean;
+          sq += v * v;
+        }
+      const long double var = sq / M, invstd = 1 / std::sqrt(var + cfg.eps);
+      const long double w = cfg.has_weight ? d.weight[c] : 1, b = cfg.has_bias ? d.bias[c] : 0;
+      const long double rinv = 1 / std::sqrt((long double)d.running_var[c] + cfg.eps);
+      EXPECT_NEAR(r.save_mean[c], double(mean), 1e-6 * (std::fabs(double(mean)) + 1));
+      EXPECT_NEAR(r.save_invstd[c], double(invstd), 1e-6 * double(invstd));
+      const long double m = cfg.momentum;
+      EXPECT_NEAR(r.running_mean[c], double((1 - m) * d.running_mean[c] + m * mean),
+                  1e-6 * (std::fabs(double(mean)) + std::fabs(d.running_mean[c]) + 1));
+      const long double rv = (1 - m) * d.running_var[c] + m * sq / (M - 1);
+      EXPECT_NEAR(r.running_var[c], double(rv), 1e-6 * double(rv));
+      // Backward written from the per-element chain rule rather than the folded formula, with
+      // the statistics the forward saved (float), as the backward's contract says.
+      const long double bmean = r.save_mean[c], binvstd = r.save_invstd[c];
+      long double g_sum = 0, g_xhat = 0, g_inf_xhat = 0;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t i = at[(n * C + c) * S + s];
+          g_sum += d.dy[i];
+          g_xhat += d.dy[i] * (d.x[i] - bmean) * binvstd;
+          g_inf_xhat += d.dy[i] * (d.x[i] - d.running_mean[c]) * rinv;
+        }
+      EXPECT_NEAR(r.dbias[c], double(g_sum), 1e-5 * (std::fabs(double(g_sum)) + 1));
+      EXPECT_NEAR(r.dweight[c], double(g_xhat), 1e-5 * (std::fabs(double(g_xhat)) + 1));
+      EXPECT_NEAR(r.dbias_inf[c], double(g_sum), 1e-5 * (std::fabs(double(g_sum)) + 1));
+      EXPECT_NEAR(r.dweight_inf[c], double(g_inf_xhat), 1e-5 * (std::fabs(double(g_inf_xhat)) + 1));
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t i = at[(n * C + c) * S + s];
+          const long double xhat = (d.x[i] - mean) * invstd;
+          const long double y = xhat * w + b;
+          EXPECT_NEAR(r.y[i], double(y), 1e-5 * (std::fabs(double(y)) + 1));
+          const long double y_inf = (d.x[i] - d.running_mean[c]) * rinv * w + b;
+          EXPECT_NEAR(r.y_inf[i], double(y_inf), 1e-5 * (std::fabs(double(y_inf)) + 1));
+          // d xhat_j / d x_i = invstd * (delta_ij - 1/M - xhat_i xhat_j / M)
+          const long double bxhat = (d.x[i] - bmean) * binvstd;
+          const long double dx = w * binvstd * (d.dy[i] - g_sum / M - bxhat * g_xhat / M);
+          EXPECT_NEAR(r.dx[i], double(dx), 1e-5 * (std::fabs(double(dx)) + invstd));
+          const long double dx_inf = d.dy[i] * w * rinv;
+          EXPECT_NEAR(r.dx_inf[i], double(dx_inf), 1e-6 * (std::fabs(double(dx_inf)) + 1e-30));
+        }
+    }
+  }
+}
+
+// ---- finite differences on the reference run in double ----
+
+struct DoubleProblem {
+  Config cfg;
+  std::vector<double> x, weight, bias, running_mean, running_var, g;
+};
+
+// L = sum(g * y) for the training (batch statistics) or inference forward.
+double loss(const DoubleProblem& p, bool training) {
+  const auto sh = p.cfg.ref_shape();
+  const auto C = std::size_t(p.cfg.c());
+  std::vector<double> y(p.x.size()), mean(C), invstd(C);
+  const double* w = p.cfg.has_weight ? p.weight.data() : nullptr;
+  const double* b = p.cfg.has_bias ? p.bias.data() : nullptr;
+  if (training)
+    ref::batch_norm_forward_training<double>(y.data(), mean.data(), invstd.data(), nullptr,
+                                             nullptr, p.x.data(), w, b, sh, p.cfg.eps, 0.0);
+  else
+    ref::batch_norm_forward_inference<double>(y.data(), p.x.data(), w, b, p.running_mean.data(),
+                                              p.running_var.data(), sh, p.cfg.eps);
+  double l = 0;
+  for (std::size_t i = 0; i < y.size(); ++i) l += p.g[i] * y[i];
+  return l;
+}
+
+// Central difference of the loss along one coordinate.
+double numeric_grad(DoubleProblem& p, std::vector<double>& v, std::size_t i, bool training) {
+  const double h = 1e-5 * std::max(1.0, std::fabs(v[i]));
+  const double keep = v[i];
+  v[i] = keep + h;
+  const double up = loss(p, training);
+  v[i] = keep - h;
+  const double down = loss(p, training);
+  v[i] = keep;
+  return (up - down) / (2 * h);
+}
+
+TEST(BatchNormReference, BackwardMatchesFiniteDifferences) {
+  std::mt19937_64 rng(12);
+  const std::vector<Config> configs = {
+      {{2, 3, 4}, MemoryFormat::channels_first},
+      {{3, 2, 2, 3}, MemoryFormat::channels_last},
+      {{4, 3}, MemoryFormat::channels_first, false, true},
+      {{1, 2, 5}, MemoryFormat::channels_last, true, false},
+      {{2, 2, 2, 2, 2}, MemoryFormat::channels_first},
+  };
+  for (const Config& cfg : configs) {
+    SCOPED_TRACE(cfg.str());
+    DoubleProblem p{cfg};
+    std::normal_distribution<double> nd;
+    const auto total = std::size_t(cfg.numel()), C = std::size_t(cfg.c());
+    for (std::size_t i = 0; i < total; ++i) p.x.push_back(nd(rng)), p.g.push_back(nd(rng));
+    for (std::size_t c = 0; c < C; ++c) {
+      p.weight.push_back(1 + 0.5 * nd(rng));
+      p.bias.push_back(nd(rng));
+      p.running_mean.push_back(0.3 * nd(rng));
+      p.running_var.push_back(0.5 + std::fabs(nd(rng)));
+    }
+    const auto sh = cfg.ref_shape();
+    const double* w = cfg.has_weight ? p.weight.data() : nullptr;
+    for (bool training : {true, false}) {
+      SCOPED_TRACE(training ? "training" : "inference");
+      std::vector<double> y(total), mean(C), invstd(C), dx(total), dw(C), db(C);
+      if (training) {
+        ref::batch_norm_forward_training<double>(y.data(), mean.data(), invstd.data(), nullptr,
+                                                 nullptr, p.x.data(), w, nullptr, sh, cfg.eps,
+                                                 0.0);
+        ref::batch_norm_backward_training<double>(dx.data(), dw.data(), db.data(), p.g.data(),
+                                                  p.x.data(), mean.data(), invstd.data(), w, sh);
+      } else {
+        ref::batch_norm_backward_inference<double>(dx.data(), dw.data(), db.data(), p.g.data(),
+                                                   p.x.data(), p.running_mean.data(),
+                                                   p.running_var.data(), w, sh, cfg.eps);
+      }
+      for (std::size_t i = 0; i < total; ++i)
+        EXPECT_NEAR(dx[i], numeric_grad(p, p.x, i, training), 1e-7 * (1 + std::fabs(dx[i])))
+            << "dx[" << i << "]";
+      for (std::size_t c = 0; c < C; ++c) {
+        if (cfg.has_weight)
+          EXPECT_NEAR(dw[c], numeric_grad(p, p.weight, c, training), 1e-7 * (1 + std::fabs(dw[c])))
+              << "dweight[" << c << "]";
+        if (cfg.has_bias)
+          EXPECT_NEAR(db[c], numeric_grad(p, p.bias, c, training), 1e-7 * (1 + std::fabs(db[c])))
+              << "dbias[" << c << "]";
+      }
+    }
+  }
+}
+
+// ---- the CPU backend against the reference ----
+
+// Sizes the errors of one configuration are measured against. A float32 result cannot be more
+// accurate than its conditioning allows; these capture it:
+// - the offset-to-spread ratio, nominal or of the sample (two values per channel may lie much
+//   closer than `scale`), since x * a + b rounds at the size of x;
+// - the size of the terms of each sum (sum(dy) of a single channel may nearly cancel);
+// - the size of the terms of dx = weight * invstd * (dy - projection of dy), which nearly
+//   cancel when there are few values per channel (always for M = 2).
+struct Conditioning {
+  double ratio = 0;
+  double dx_terms = 0;          // max |dy * weight * invstd|
+  double sum_dy = 0;            // max over channels of sum |dy|
+  double sum_dy_xhat = 0;       // ... sum |dy * xhat| (batch statistics)
+  double sum_dy_xhat_inf = 0;   // ... sum |dy * xhat| (running statistics)
+};
+
+Conditioning conditioning(const Config& cfg, const Data& d, const Results& want) {
+  Conditioning k;
+  k.ratio = std::fabs(cfg.offset) / cfg.scale;
+  const auto at = physical_offsets(cfg);
+  const int64_t N = cfg.n(), C = cfg.c(), S = cfg.s();
+  for (int64_t c = 0; c < C; ++c) {
+    double sum = 0, sq = 0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t s = 0; s < S; ++s) sum += d.x[at[(n * C + c) * S + s]];
+    const double mean = sum / double(N * S);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t s = 0; s < S; ++s) sq += std::pow(d.x[at[(n * C + c) * S + s]] - mean, 2);
+    const double spread = std::sqrt(sq / double(N * S));
+    if (spread > 0) k.ratio = std::max(k.ratio, std::fabs(mean) / spread);
+    const double w = cfg.has_weight ? d.weight[c] : 1.0;
+    const double rinv = 1 / std::sqrt(double(d.running_var[c]) + cfg.eps);
+    double a = 0, b = 0, e = 0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t i = at[(n * C + c) * S + s];
+        k.dx_terms = std::max(k.dx_terms, std::fabs(d.dy[i] * w * want.save_invstd[c]));
+        a += std::fabs(d.dy[i]);
+        b += std::fabs(d.dy[i] * (d.x[i] - want.save_mean[c]) * want.save_invstd[c]);
+        e += std::fabs(d.dy[i] * (d.x[i] - d.running_mean[c]) * rinv);
+      }
+    k.sum_dy = std::max(k.sum_dy, a);
+    k.sum_dy_xhat = std::max(k.sum_dy_xhat, b);
+    k.sum_dy_xhat_inf = std::max(k.sum_dy_xhat_inf, e);
+  }
+  return k;
+}
+
+// max |a - b| / max(max |b|, floor).
+double error_against(const std::vector<float>& a, const std::vector<float>& b, double floor) {
+  return test::max_abs_diff(a, b) / std::max({test::max_abs(b), floor, 1e-300});
+}
+
+TEST(BatchNormCpu, MatchesReferenceOnRandomConfigurations) {
+  std::mt19937_64 rng(2024);
+  const int kConfigs = 1200;
+  for (int k = 0; k < kConfigs; ++k) {
+    const Config cfg = random_config(rng);
+    SCOPED_TRACE("config " + std::to_string(k) + ": " + cfg.str());
+    const Data d = make_data(cfg, rng);
+    const Results want = run_all(cfg, d, {.backend = Backend::reference});
+    const Results got = run_all(cfg, d, {.backend = Backend::cpu, .num_threads = 1 + k % 3});
+    const Conditioning cond = conditioning(cfg, d, want);
+    const double tol = 1e-5 * (1 + cond.ratio);
+    ASSERT_LE(relative_error(got.y, want.y), tol);
+    ASSERT_LE(relative_error(got.y_inf, want.y_inf), tol);
+    ASSERT_TRUE(close_each("save_mean", got.save_mean, want.save_mean, 1e-6, 1e-6 * cfg.scale));
+    ASSERT_TRUE(close_each("save_invstd", got.save_invstd, want.save_invstd, 1e-5, 0));
+    if (cfg.has_running) {
+      ASSERT_TRUE(
+          close_each("running_mean", got.running_mean, want.running_mean, 1e-6, 1e-6 * cfg.scale));
+      ASSERT_TRUE(close_each("running_var", got.running_var, want.running_var, 1e-5, 0));
+    } else {
+      // Not given: the vectors of the test must be untouched.
+      ASSERT_EQ(got.running_mean, d.running_mean);
+      ASSERT_EQ(got.running_var, d.running_var);
+    }
+    ASSERT_LE(error_against(got.dx, want.dx, cond.dx_terms), 20 * tol);
+    ASSERT_LE(error_against(got.dweight, want.dweight, cond.sum_dy_xhat), 20 * tol);
+    ASSERT_LE(error_against(got.dbias, want.dbias, cond.sum_dy), 20 * tol);
+    ASSERT_LE(relative_error(got.dx_inf, want.dx_inf), tol);
+    ASSERT_LE(error_against(got.dweight_inf, want.dweight_inf, cond.sum_dy_xhat_inf), 20 * tol);
+    ASSERT_LE(error_against(got.dbias_inf, want.dbias_inf, cond.sum_dy), 20 * tol);
+  }
+}
+
+TEST(BatchNormCpu, OptionalOutputsAndAbsentAffine) {
+  // dweight and dbias each optional; absent ones are not written, present ones are.
+  std::mt19937_64 rng(3);
+  Config cfg{{3, 5, 7, 3}, MemoryFormat::channels_last};
+  const Data d = make_data(cfg, rng);
+  const Results full = run_all(cfg, d, {});
+  for (int which = 0; which < 3; ++which) {
+    std::vector<float> dx = poisoned(d.x.size()), dw = poisoned(5), db = poisoned(5);
+    batch_norm_backward_training(cfg.view(d.dy.data()), cfg.view(d.x.data()), full.save_mean,
+                                 full.save_invstd, d.weight, cfg.view(dx.data()),
+                                 which == 1 ? std::span<float>{} : std::span<float>(dw),
+                                 which == 2 ? std::span<float>{} : std::span<float>(db));
+    EXPECT_EQ(dx, full.dx);
+    if (which == 1) EXPECT_EQ(dw, poisoned(5)); else EXPECT_EQ(dw, full.dweight);
+    if (which == 2) EXPECT_EQ(db, poisoned(5)); else EXPECT_EQ(db, full.dbias);
+  }
+}
+
+// ---- accuracy at large offsets against the float64 result of the same float32 inputs ----
+
+std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+
+TEST(BatchNormAccuracy, LargeOffsetsOnEveryLayout) {
+  std::mt19937_64 rng(7);
+  const std::vector<std::vector<int64_t>> shapes = {
+      {64, 5},              // rank 2
+      {4, 6, 77},           // short runs... and long rows
+      {3, 4, 9, 11},        // column form in channels-first (S = 99 runs)
+      {2, 3, 4, 5, 6},      // rank 5
+      {2, 3, 70, 70},       // runs of several chunks
+      {1, 2, 40000},        // runs longer than one unit
+      {5, 7, 5, 3},         // short channels-first runs (S = 15): read as columns
+      {16, 2, 100, 100},    // many partial results per channel, merged in order
+      {4000, 3, 5, 5},      // the same for short runs read as columns
+  };
+  const std::vector<std::pair<double, double>> offset_scale = {
+      {0, 1}, {1e3, 1}, {-3e4, 1}, {3e4 * 1e-3, 1e-3}, {-2e3 * 5, 5}, {3e4 * 3e4, 3e4}};
+  double worst = 0;
+  for (const auto& shape : shapes)
+    for (MemoryFormat format : {MemoryFormat::channels_first, MemoryFormat::channels_last})
+      for (const auto& [offset, scale] : offset_scale) {
+        Config cfg{shape, format, true, true, true, offset, scale};
+        SCOPED_TRACE(cfg.str());
+        const Data d = make_data(cfg, rng);
+        const auto sh = cfg.ref_shape();
+        const auto total = std::size_t(cfg.numel()), C = std::size_t(cfg.c());
+        // float64 result from the same float32 inputs.
+        const auto x64 = to_double(d.x), w64 = to_double(d.weight), b64 = to_double(d.bias);
+        const auto dy64 = to_double(d.dy), rm64 = to_double(d.running_mean),
+                   rv64 = to_double(d.running_var);
+        std::vector<double> y64(total), mean64(C), invstd64(C), yinf64(total), dx64(total),
+            dw64(C), db64(C), dxinf64(total), dwinf64(C), dbinf64(C);
+        ref::batch_norm_forward_training<double>(y64.data(), mean64.data(), invstd64.data(),
+                                                 nullptr, nullptr, x64.data(), w64.data(),
+                                                 b64.data(), sh, cfg.eps, 0.1);
+        ref::batch_norm_forward_inference<double>(yinf64.data(), x64.data(), w64.data(),
+                                                  b64.data(), rm64.data(), rv64.data(), sh,
+                                                  cfg.eps);
+        ref::batch_norm_backward_training<double>(dx64.data(), dw64.data(), db64.data(),
+                                                  dy64.data(), x64.data(), mean64.data(),
+                                                  invstd64.data(), w64.data(), sh);
+        ref::batch_norm_backward_inference<double>(dxinf64.data(), dwinf64.data(), dbinf64.data(),
+                                                   dy64.data(), x64.data(), rm64.data(),
+                                                   rv64.data(), w64.data(), sh, cfg.eps);
+        const double tol = 1e-5 * (1 + std::fabs(offset) / scale);
+        for (Backend backend : {Backend::cpu, Backend::reference}) {
+          SCOPED_TRACE(backend == Backend::cpu ? "cpu" : "reference");
+          const Results r = run_all(cfg, d, {.backend = backend});
+          const double e = relative_error(r.y, y64);
+          worst = std::max(worst, e / tol);
+          EXPECT_LE(e, tol);
+          EXPECT_LE(relative_error(r.y_inf, yinf64), tol);
+          EXPECT_LE(relative_error(r.dx, dx64), 20 * tol);
+          EXPECT_LE(relative_error(r.dweight, dw64), 20 * tol);
+          EXPECT_LE(relative_error(r.dbias, db64), 20 * tol);
+          EXPECT_LE(relative_error(r.dx_inf, dxinf64), 20 * tol);
+          EXPECT_LE(relative_error(r.dweight_inf, dwinf64), 20 * tol);
+          EXPECT_LE(relative_error(r.dbias_inf, dbinf64), 20 * tol);
+        }
+      }
+  RecordProperty("worst_forward_error_over_tolerance", std::to_string(worst));
+}
+
+// ---- determinism and formats ----
+
+TEST(BatchNormCpu, BitwiseIdenticalForAnyThreadCount) {
+  std::mt19937_64 rng(5);
+  const std::vector<Config> configs = {
+      {{3, 5, 130, 131}, MemoryFormat::channels_first},
+      {{3, 5, 130, 131}, MemoryFormat::channels_last, true, true, true, 100, 2},
+      {{1, 3, 50000}, MemoryFormat::channels_first, false, false},
+      {{600, 300}, MemoryFormat::channels_first},
+      {{300, 40, 7}, MemoryFormat::channels_first},
+      {{2, 700, 9, 11}, MemoryFormat::channels_last},
+      {{1, 1, 300, 301}, MemoryFormat::channels_last},
+  };
+  for (const Config& cfg : configs) {
+    SCOPED_TRACE(cfg.str());
+    const Data d = make_data(cfg, rng);
+    const Results one = run_all(cfg, d, {.backend = Backend::cpu, .num_threads = 1});
+    for (int threads : {2, 3, 4}) {
+      SCOPED_TRACE(threads);
+      const Results r = run_all(cfg, d, {.backend = Backend::cpu, .num_threads = threads});
+      auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+        return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
+      };
+      EXPECT_TRUE(same(r.y, one.y));
+      EXPECT_TRUE(same(r.save_mean, one.save_mean));
+      EXPECT_TRUE(same(r.save_invstd, one.save_invstd));
+      EXPECT_TRUE(same(r.running_mean, one.running_mean));
+      EXPECT_TRUE(same(r.running_var, one.running_var));
+      EXPECT_TRUE(same(r.y_inf, one.y_inf));
+      EXPECT_TRUE(same(r.dx, one.dx));
+      EXPECT_TRUE(same(r.dweight, one.dweight));
+      EXPECT_TRUE(same(r.dbias, one.dbias));
+      EXPECT_TRUE(same(r.dx_inf, one.dx_inf));
+      EXPECT_TRUE(same(r.dweight_inf, one.dweight_inf));
+      EXPECT_TRUE(same(r.dbias_inf, one.dbias_inf));
+    }
+  }
+}
+
+// The same logical tensor stored channels-last gives the same outputs as stored channels-first.
+TEST(BatchNormCpu, ChannelsLastEqualsChannelsFirst) {
+  std::mt19937_64 rng(9);
+  const std::vector<std::vector<int64_t>> shapes = {
+      {2, 3, 5}, {4, 7, 3, 5}, {2, 3, 2, 3, 4}, {3, 16, 33, 17}, {1, 3, 90}, {8, 2, 70, 3}};
+  for (const auto& shape : shapes) {
+    Config first{shape, MemoryFormat::channels_first, true, true, true, 50, 3};
+    Config last = first;
+    last.format = MemoryFormat::channels_last;
+    SCOPED_TRACE(first.str());
+    const Data d_first = make_data(first, rng);
+    // Permute x and dy into channels-last storage.
+    const auto at_first = physical_offsets(first), at_last = physical_offsets(last);
+    auto permute = [&](const std::vector<float>& v) {
+      std::vector<float> out(v.size());
+      for (std::size_t i = 0; i < v.size(); ++i) out[at_last[i]] = v[at_first[i]];
+      return out;
+    };
+    Data d_last = d_first;
+    d_last.x = permute(d_first.x);
+    d_last.dy = permute(d_first.dy);
+    const Results a = run_all(first, d_first, {});
+    const Results b = run_all(last, d_last, {});
+    const double tol = 1e-5 * (1 + 50 / 3.0);
+    EXPECT_LE(relative_error(permute(a.y), b.y), tol);
+    EXPECT_LE(relative_error(permute(a.y_inf), b.y_inf), 1e-6);
+    EXPECT_LE(relative_error(permute(a.dx), b.dx), 20 * tol);
+    EXPECT_LE(relative_error(permute(a.dx_inf), b.dx_inf), 1e-6);
+    EXPECT_TRUE(close_each("save_mean", b.save_mean, a.save_mean, 1e-6, 1e-5));
+    EXPECT_TRUE(close_each("save_invstd", b.save_invstd, a.save_invstd, 1e-5, 0));
+    EXPECT_TRUE(close_each("running_var", b.running_var, a.running_var, 1e-5, 0));
+    EXPECT_LE(relative_error(b.dweight, a.dweight), 20 * tol);
+    EXPECT_LE(relative_error(b.dbias, a.dbias), 20 * tol);
+  }
+}
+
+// ---- empty batches, NaN containment ----
+
+TEST(BatchNorm, EmptyBatchWritesNothingAndZeroesParameterGradients) {
+  for (Backend backend : {Backend::cpu, Backend::reference}) {
+    for (std::vector<int64_t> shape : {std::vector<int64_t>{0, 3, 4}, {0, 3}, {2, 3, 0, 5}}) {
+      const Context ctx{.backend = backend};
+      Config cfg{shape};
+      std::vector<float> x(1), y = poisoned(1), mean = poisoned(3), invstd = poisoned(3);
+      std::vector<float> rm = {1, 2, 3}, rv = {4, 5, 6};
+      batch_norm_forward_training({}, cfg.view(x.data()), {}, {}, cfg.view(y.data()), mean,
+                                  invstd, rm, rv, ctx);
+      EXPECT_EQ(y, poisoned(1));
+      EXPECT_EQ(mean, poisoned(3));
+      EXPECT_EQ(invstd, poisoned(3));
+      EXPECT_EQ(rm, (std::vector<float>{1, 2, 3}));
+      EXPECT_EQ(rv, (std::vector<float>{4, 5, 6}));
+      batch_norm_forward_inference({}, cfg.view(x.data()), {}, {}, rm, rv, cfg.view(y.data()),
+                                   ctx);
+      EXPECT_EQ(y, poisoned(1));
+      // As torch: the gradient of the parameters is an empty sum.
+      std::vector<float> dx = poisoned(1), dw = poisoned(3), db = poisoned(3);
+      batch_norm_backward_training(cfg.view(x.data()), cfg.view(x.data()), mean, invstd, {},
+                                   cfg.view(dx.data()), dw, db, ctx);
+      EXPECT_EQ(dx, poisoned(1));
+      EXPECT_EQ(dw, std::vector<float>(3, 0.0f));
+      EXPECT_EQ(db, std::vector<float>(3, 0.0f));
+      dw = poisoned(3), db = poisoned(3);
+      batch_norm_backward_inference({}, cfg.view(x.data()), cfg.view(x.data()), rm, rv, {},
+                                    cfg.view(dx.data()), dw, db, ctx);
+      EXPECT_EQ(dw, std::vector<float>(3, 0.0f));
+      EXPECT_EQ(db, std::vector<float>(3, 0.0f));
+    }
+  }
+}
+
+TEST(BatchNorm, NonFiniteInputStaysInItsChannel) {
+  for (MemoryFormat format : {MemoryFormat::channels_first, MemoryFormat::channels_last}) {
+    std::mt19937_64 rng(4);
+    Config cfg{{4, 3, 100}, format};
+    Data d = make_data(cfg, rng);
+    const auto at = physical_offsets(cfg);
+    d.x[at[(2 * 3 + 1) * 100 + 17]] = std::numeric_limits<float>::quiet_NaN();  // channel 1
+    const Results r = run_all(cfg, d, {});
+    for (int64_t n = 0; n < 4; ++n)
+      for (int64_t c = 0; c < 3; ++c)
+        for (int64_t s = 0; s < 100; ++s) {
+          const float v = r.y[at[(n * 3 + c) * 100 + s]];
+          EXPECT_EQ(std::isnan(v), c == 1) << n << "," << c << "," << s;
+        }
+    EXPECT_TRUE(std::isnan(r.running_mean[1]));
+    EXPECT_FALSE(std::isnan(r.running_mean[0]) || std::isnan(r.running_mean[2]));
+  }
+}
+
+// ---- rejected arguments: normkit::Error naming the argument, nothing written ----
+
+// Every output poison-filled and running statistics with known values, so that a rejected call
+// can be shown to have left all of them as they were.
+struct Buffers {
+  static constexpr int64_t N = 2, C = 3, H = 4;
+  std::vector<float> x, y, mean, invstd, rm, rv, w, b, dy, dx, dw, db;
+  Buffers()
+      : x(std::size_t(N * C * H), 1.5f), y(poisoned(N * C * H)), mean(poisoned(C)),
+        invstd(poisoned(C)), rm(std::size_t(C), 0.25f), rv(std::size_t(C), 2.0f),
+        w(std::size_t(C), 1.0f), b(std::size_t(C), 0.0f), dy(std::size_t(N * C * H), 1.0f),
+        dx(poisoned(N * C * H)), dw(poisoned(C)), db(poisoned(C)) {}
+  bool operator==(const Buffers&) const = default;
+  TensorView vx(std::initializer_list<int64_t> dims = {N, C, H}) const {
+    return TensorView(x.data(), dims);
+  }
+  TensorView vy(std::initializer_list<int64_t> dims = {N, C, H}) const {
+    return TensorView(y.data(), dims);
+  }
+};
+
+using Call = std::function<void(Buffers&)>;
+struct Rejected {
+  Call call;
+  std::vector<std::string> parts;  // each must appear in the message
+};
+
+void expect_rejected(const std::vector<Rejected>& cases) {
+  for (std::size_t i = 0; i < cases.size(); ++i) {
+    SCOPED_TRACE("case " + std::to_string(i));
+    // Validation precedes dispatch, so the default backend stands for both.
+    Buffers m;
+    try {
+      cases[i].call(m);
+      ADD_FAILURE() << "no normkit::Error thrown";
+    } catch (const Error& e) {
+      const std::string what = e.what();
+      for (const auto& part : cases[i].parts)
+        EXPECT_NE(what.find(part), std::string::npos) << "'" << part << "' not in: " << what;
+    }
+    EXPECT_TRUE(m == Buffers()) << "a rejected call wrote to caller memory";
+  }
+}
+
+constexpr int64_t N = Buffers::N, C = Buffers::C, H = Buffers::H;
+
+void train(Buffers& m, TensorView x, TensorView y, BatchNormParams params = {}) {
+  batch_norm_forward_training(params, x, m.w, m.b, y, m.mean, m.invstd, m.rm, m.rv);
+}
+
+TEST(BatchNormErrors, ForwardTraining) {
+  const auto cl = MemoryFormat::channels_last;
+  const int64_t big = int64_t(1) << 40;
+  const float* null = nullptr;
+  expect_rejected({
+      {[](Buffers& m) { train(m, m.vx({24}), m.vy({24})); },
+       {"batch_norm_forward_training", "x must have rank 2 to 5, got rank 1"}},
+      {[](Buffers& m) { train(m, m.vx({1, 3, 1, 1, 1, 2}), m.vy({1, 3, 1, 1, 1, 2})); },
+       {"x must have rank 2 to 5, got rank 6"}},
+      {[](Buffers& m) { train(m, m.vx({2, -3, 4}), m.vy({2, -3, 4})); },
+       {"x has a negative dimension", "(2, -3, 4)"}},
+      {[](Buffers& m) {
+         batch_norm_forward_training({}, m.vx(), std::span<const float>(m.w).first(2), m.b,
+                                     m.vy(), m.mean, m.invstd, m.rm, m.rv);
+       },
+       {"weight has length 2, expected C = 3"}},
+      {[](Buffers& m) {
+         batch_norm_forward_training({}, m.vx(), m.w, std::span<const float>(m.b).first(1),
+                                     m.vy(), m.mean, m.invstd, m.rm, m.rv);
+       },
+       {"bias has length 1, expected C = 3"}},
+      {[](Buffers& m) {
+         batch_norm_forward_training({}, m.vx(), m.w, m.b, m.vy(), m.mean, m.invstd,
+                                     std::span<float>(m.rm).first(2), m.rv);
+       },
+       {"running_mean has length 2, expected C = 3"}},
+      {[](Buffers& m) {
+         batch_norm_forward_training({}, m.vx(), m.w, m.b, m.vy(), m.mean, m.invstd, m.rm,
+                                     std::span<float>(m.rv).subspan(1));
+       },
+       {"running_var has length 2, expected C = 3"}},
+      {[](Buffers& m) {
+         batch_norm_forward_training({}, m.vx(), m.w, m.b, m.vy(), m.mean, m.invstd, m.rm, {});
+       },
+       {"running_mean and running_var must be given together, got only running_mean"}},
+      {[](Buffers& m) {
+         batch_norm_forward_training({}, m.vx(), m.w, m.b, m.vy(), m.mean, m.invstd, {}, m.rv);
+       },
+       {"got only running_var"}},
+      {[](Buffers& m) {
+         batch_norm_forward_training({}, m.vx(), m.w, m.b, m.vy(),
+                                     std::span<float>(m.mean).first(2), m.invstd, m.rm, m.rv);
+       },
+       {"save_mean has length 2, expected C = 3"}},
+      {[](Buffers& m) {
+         batch_norm_forward_training({}, m.vx(), m.w, m.b, m.vy(), m.mean, {}, m.rm, m.rv);
+       },
+       {"save_invstd is required"}},
+      {[](Buffers& m) { train(m, m.vx(), m.vy(), {.eps = -1e-5}); },
+       {"eps must be finite and >= 0, got -0.000010"}},
+      {[](Buffers& m) { train(m, m.vx(), m.vy(), {.eps = std::nan("")}); }, {"eps", "nan"}},
+      {[](Buffers& m) { train(m, m.vx(), m.vy(), {.eps = INFINITY}); }, {"eps", "inf"}},
+      {[](Buffers& m) { train(m, m.vx(), m.vy(), {.momentum = 1.5}); },
+       {"momentum must be in [0, 1], got 1.5"}},
+      {[](Buffers& m) { train(m, m.vx(), m.vy(), {.momentum = -0.1}); },
+       {"momentum", "got -0.1"}},
+      {[](Buffers& m) { train(m, m.vx(), m.vy(), {.momentum = std::nan("")}); },
+       {"momentum", "nan"}},
+      {[](Buffers& m) { train(m, m.vx({1, C}), m.vy({1, C})); },
+       {"Expected more than 1 value per channel when training, got input size (1, 3)"}},
+      {[](Buffers& m) { train(m, m.vx({1, C, 1, 1}), m.vy({1, C, 1, 1})); },
+       {"Expected more than 1 value per channel when training, got input size (1, 3, 1, 1)"}},
+      {[](Buffers& m) { train(m, m.vx(), m.vy({N, C, 3})); },
+       {"y shape (2, 3, 3) != x shape (2, 3, 4)"}},
+      {[cl](Buffers& m) {
+         train(m, TensorView(m.x.data(), {N, C, 2, 2}, cl), m.vy({N, C, 2, 2}));
+       },
+       {"y memory format channels_first != x memory format channels_last"}},
+      {[](Buffers& m) {
+         train(m, TensorView(m.x.data(), DType::bfloat16, {N, C, H}),
+               TensorView(m.y.data(), DType::bfloat16, {N, C, H}));
+       },
+       {"x has dtype bfloat16"}},
+      {[](Buffers& m) { train(m, m.vx(), TensorView(m.y.data(), DType::float16, {N, C, H})); },
+       {"y dtype float16 != x dtype float32"}},
+      {[big](Buffers& m) { train(m, m.vx({big, C, big}), m.vy({big, C, big})); },
+       {"x has more elements than int64 can count"}},
+      {[null](Buffers& m) { train(m, TensorView(null, {N, C, H}), m.vy()); },
+       {"x has a null data pointer"}},
+      {[null](Buffers& m) { train(m, m.vx(), TensorView(null, {N, C, H})); },
+       {"y has a null data pointer"}},
+  });
+}
+
+TEST(BatchNormErrors, ForwardInference) {
+  auto infer = [](Buffers& m, TensorView x, TensorView y, BatchNormParams params = {}) {
+    batch_norm_forward_inference(params, x, m.w, m.b, m.rm, m.rv, y);
+  };
+  expect_rejected({
+      {[=](Buffers& m) { infer(m, m.vx({24}), m.vy({24})); },
+       {"batch_norm_forward_inference", "rank 1"}},
+      {[](Buffers& m) {
+         batch_norm_forward_inference({}, m.vx(), m.w, m.b, {}, {}, m.vy());
+       },
+       {"running_mean is required"}},
+      {[](Buffers& m) {
+         batch_norm_forward_inference({}, m.vx(), m.w, m.b, m.rm,
+                                      std::span<const float>(m.rv).first(2), m.vy());
+       },
+       {"running_var has length 2, expected C = 3"}},
+      {[](Buffers& m) {
+         batch_norm_forward_inference({}, m.vx(), std::span<const float>(m.w).first(1), m.b,
+                                      m.rm, m.rv, m.vy());
+       },
+       {"weight has length 1"}},
+      {[=](Buffers& m) { infer(m, m.vx(), m.vy({N, C + 1, H - 1})); },
+       {"y shape (2, 4, 3) != x shape (2, 3, 4)"}},
+      {[=](Buffers& m) { infer(m, m.vx(), m.vy(), {.eps = -1}); }, {"eps", "-1"}},
+  });
+  // One value per channel is fine at inference.
+  Buffers m;
+  batch_norm_forward_inference({}, m.vx({1, C}), m.w, m.b, m.rm, m.rv, m.vy({1, C}));
+  EXPECT_NEAR(m.y[0], (1.5 - 0.25) / std::sqrt(2.0 + 1e-5), 1e-6);
+}
+
+TEST(BatchNormErrors, Backward) {
+  const auto cl = MemoryFormat::channels_last;
+  expect_rejected({
+      {[](Buffers& m) {
+         batch_norm_backward_training(m.vx({N, C, 3}), m.vx(), m.mean, m.invstd, m.w,
+                                      TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
+       },
+       {"batch_norm_backward_training", "dy shape (2, 3, 3) != x shape (2, 3, 4)"}},
+      {[cl](Buffers& m) {
+         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, 2, 2}, cl),
+                                      m.vx({N, C, 2, 2}), m.mean, m.invstd, m.w,
+                                      TensorView(m.dx.data(), {N, C, 2, 2}), m.dw, m.db);
+       },
+       {"dy memory format channels_last != x memory format channels_first"}},
+      {[](Buffers& m) {
+         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
+                                      m.invstd, m.w, TensorView(m.dx.data(), {N, C}), m.dw, m.db);
+       },
+       {"dx shape (2, 3) != x shape (2, 3, 4)"}},
+      {[](Buffers& m) {
+         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(),
+                                      std::span<const float>(m.mean).first(2), m.invstd, m.w,
+                                      TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
+       },
+       {"save_mean has length 2, expected C = 3"}},
+      {[](Buffers& m) {
+         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean, {},
+                                      m.w, TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
+       },
+       {"save_invstd is required"}},
+      {[](Buffers& m) {
+         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
+                                      m.invstd, m.w, TensorView(m.dx.data(), {N, C, H}),
+                                      std::span<float>(m.dw).first(2), m.db);
+       },
+       {"dweight has length 2, expected C = 3"}},
+      {[](Buffers& m) {
+         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
+                                      m.invstd, std::span<const float>(m.w).first(2),
+                                      TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
+       },
+       {"weight has length 2"}},
+      {[](Buffers& m) {
+         batch_norm_backward_inference({}, TensorView(m.dy.data(), {N, C, H}), m.vx(), m.rm,
+                                       m.rv, m.w, TensorView(m.dx.data(), {N, C, H}), m.dw,
+                                       std::span<float>(m.db).first(1));
+       },
+       {"batch_norm_backward_inference", "dbias has length 1, expected C = 3"}},
+      {[](Buffers& m) {
+         batch_norm_backward_inference({}, TensorView(m.dy.data(), {N, C, H}), m.vx(), {}, {},
+                                       m.w, TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
+       },
+       {"running_mean is required"}},
+      {[](Buffers& m) {
+         batch_norm_backward_inference({.eps = std::nan("")}, TensorView(m.dy.data(), {N, C, H}),
+                                       m.vx(), m.rm, m.rv, m.w,
+                                       TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
+       },
+       {"eps", "nan"}},
+      {[](Buffers& m) {
+         batch_norm_backward_inference({}, TensorView(m.dy.data(), {N, C, H}), m.vx({N, C}), m.rm,
+                                       m.rv, m.w, TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
+       },
+       {"dy shape (2, 3, 4) != x shape (2, 3)"}},
+  });
+}
+
+}  // namespace
+}  // namespace normkit
