@@ -1,0 +1,195 @@
+// The copy yardstick and normkit's own candidates.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "candidate.h"
+#include "normkit/batch_norm.h"
+#include "normkit/group_norm.h"
+#include "normkit/instance_norm.h"
+#include "normkit/layer_norm.h"
+
+namespace normkit::bench {
+namespace {
+
+constexpr double kEps = 1e-5;
+constexpr double kMomentum = 0.1;
+
+class CopyCandidate final : public Candidate {
+ public:
+  std::string name() const override { return "copy"; }
+  std::string prepare(const Case& c, const CaseData& data) override {
+    src_ = data.x.data();
+    bytes_ = c.bytes();
+    dst_ = Buffer(bytes_);
+    std::memset(dst_.data(), 0, bytes_);  // first touch outside the timed region
+    return "";
+  }
+  void set_threads(int threads) override { threads_ = threads; }
+  void run() override {
+    const auto* src = static_cast<const char*>(src_);
+    auto* dst = static_cast<char*>(dst_.data());
+    const std::size_t bytes = bytes_;
+#pragma omp parallel num_threads(threads_)
+    {
+      // Contiguous chunks on 64-byte boundaries, one per thread.
+      const std::size_t t = omp_get_thread_num(), n = omp_get_num_threads();
+      const std::size_t lines = (bytes + 63) / 64;
+      const std::size_t begin = std::min(bytes, lines * t / n * 64);
+      const std::size_t end = std::min(bytes, lines * (t + 1) / n * 64);
+      if (end > begin) std::memcpy(dst + begin, src + begin, end - begin);
+    }
+  }
+  void collect(Outputs&) override {}
+  void release() override { dst_ = Buffer(); }
+
+ private:
+  const void* src_ = nullptr;
+  std::size_t bytes_ = 0;
+  Buffer dst_;
+  int threads_ = 1;
+};
+
+class NormkitCandidate final : public Candidate {
+ public:
+  explicit NormkitCandidate(Backend backend) { ctx_.backend = backend; }
+  std::string name() const override {
+    return ctx_.backend == Backend::reference ? "normkit-ref" : "normkit";
+  }
+
+  std::string prepare(const Case& c, const CaseData& data) override {
+    c_ = &c;
+    data_ = &data;
+    x_ = view_of(c, data.x.data());
+    dy_ = view_of(c, data.dy.data());
+    if (c.op != Op::backward) y_ = Buffer(c.bytes());
+    if (c.op == Op::backward || c.op == Op::forward_backward) dx_ = Buffer(c.bytes());
+    int64_t stats = 0;
+    switch (c.family) {
+      case Family::batch_norm: stats = c.channels(); break;
+      case Family::group_norm: stats = c.batch() * c.groups; break;
+      case Family::layer_norm: stats = c.batch(); break;  // rows
+      case Family::instance_norm: stats = c.batch() * c.channels(); break;
+    }
+    mean_.assign(stats, 0.f);
+    rstd_.assign(stats, 0.f);
+    dweight_.assign(data.weight.size(), 0.f);
+    dbias_.assign(data.bias.size(), 0.f);
+    running_mean_ = data.running_mean;
+    running_var_ = data.running_var;
+    if (c.op == Op::backward) {
+      // The saved statistics come from this backend's own forward, as in training.
+      y_ = Buffer(c.bytes());
+      forward();
+      y_ = Buffer();
+      running_mean_ = data.running_mean;
+      running_var_ = data.running_var;
+    }
+    return "";
+  }
+
+  void set_threads(int threads) override { ctx_.num_threads = threads; }
+
+  void run() override {
+    switch (c_->op) {
+      case Op::forward: forward(); break;
+      case Op::forward_inference: forward_inference(); break;
+      case Op::backward: backward(); break;
+      case Op::forward_backward:
+        forward();
+        backward();
+        break;
+    }
+  }
+
+  void collect(Outputs& out) override {
+    const bool fwd = c_->op != Op::backward;
+    const bool bwd = c_->op == Op::backward || c_->op == Op::forward_backward;
+    if (fwd) {
+      out.add("y", y_.data(), c_->dtype, c_->numel());
+      if (c_->op != Op::forward_inference) {
+        out.add("mean", mean_);
+        out.add("rstd", rstd_);
+        if (c_->family == Family::batch_norm) {
+          out.add("running_mean", running_mean_);
+          out.add("running_var", running_var_);
+        }
+      }
+    }
+    if (bwd) {
+      out.add("dx", dx_.data(), c_->dtype, c_->numel());
+      out.add("dweight", dweight_);
+      out.add("dbias", dbias_);
+    }
+  }
+
+  void release() override {
+    y_ = Buffer();
+    dx_ = Buffer();
+  }
+
+ private:
+  void forward() {
+    const TensorView y = view_of(*c_, y_.data());
+    const std::span<const float> w(data_->weight), b(data_->bias);
+    switch (c_->family) {
+      case Family::batch_norm:
+        batch_norm_forward_training({kEps, kMomentum}, x_, w, b, y, mean_, rstd_, running_mean_,
+                                    running_var_, ctx_);
+        break;
+      case Family::group_norm:
+        group_norm_forward({c_->groups, kEps}, x_, w, b, y, mean_, rstd_, ctx_);
+        break;
+      case Family::layer_norm:
+        layer_norm_forward({1, kEps}, x_, w, b, y, mean_, rstd_, ctx_);
+        break;
+      case Family::instance_norm:
+        instance_norm_forward({true, kMomentum, kEps}, x_, w, b, {}, {}, y, mean_, rstd_, ctx_);
+        break;
+    }
+  }
+
+  void forward_inference() {
+    batch_norm_forward_inference({kEps, kMomentum}, x_, data_->weight, data_->bias,
+                                 running_mean_, running_var_, view_of(*c_, y_.data()), ctx_);
+  }
+
+  void backward() {
+    const TensorView dx = view_of(*c_, dx_.data());
+    const std::span<const float> w(data_->weight);
+    switch (c_->family) {
+      case Family::batch_norm:
+        batch_norm_backward_training(dy_, x_, mean_, rstd_, w, dx, dweight_, dbias_, ctx_);
+        break;
+      case Family::group_norm:
+        group_norm_backward({c_->groups, kEps}, dy_, x_, mean_, rstd_, w, dx, dweight_, dbias_,
+                            ctx_);
+        break;
+      case Family::layer_norm:
+        layer_norm_backward({1, kEps}, dy_, x_, mean_, rstd_, w, dx, dweight_, dbias_, ctx_);
+        break;
+      case Family::instance_norm:
+        instance_norm_backward({true, kMomentum, kEps}, dy_, x_, mean_, rstd_, w, dx, dweight_,
+                               dbias_, ctx_);
+        break;
+    }
+  }
+
+  Context ctx_;
+  const Case* c_ = nullptr;
+  const CaseData* data_ = nullptr;
+  TensorView x_, dy_;
+  Buffer y_, dx_;
+  std::vector<float> mean_, rstd_, running_mean_, running_var_, dweight_, dbias_;
+};
+
+}  // namespace
+
+std::unique_ptr<Candidate> make_copy_candidate() { return std::make_unique<CopyCandidate>(); }
+
+std::unique_ptr<Candidate> make_normkit_candidate(Backend backend) {
+  return std::make_unique<NormkitCandidate>(backend);
+}
+
+}  // namespace normkit::bench

@@ -1,0 +1,60 @@
+#include "timing.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <thread>
+
+namespace normkit::bench {
+namespace {
+
+double now_seconds() {
+  using clock = std::chrono::steady_clock;
+  return std::chrono::duration<double>(clock::now().time_since_epoch()).count();
+}
+
+double time_calls(Candidate& c, int calls) {
+  const double t0 = now_seconds();
+  for (int i = 0; i < calls; ++i) c.run();
+  return (now_seconds() - t0) / calls;
+}
+
+}  // namespace
+
+std::vector<Timing> measure_interleaved(const std::vector<Candidate*>& candidates,
+                                        const TimingOptions& options) {
+  const std::size_t n = candidates.size();
+  std::vector<Timing> out(n);
+  if (n == 0) return out;
+  // Calibration: one timed call each decides how many calls make a sample.
+  double rep_seconds = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double t = time_calls(*candidates[i], 1);
+    const int calls = static_cast<int>(
+        std::clamp(std::ceil(options.min_sample_seconds / std::max(t, 1e-9)), 1.0, 10000.0));
+    out[i].calls_per_sample = calls;
+    rep_seconds += calls * t + options.gap_seconds;
+  }
+  const int reps = std::clamp(static_cast<int>(options.budget_seconds / rep_seconds),
+                              options.min_reps, std::max(options.min_reps, options.max_reps));
+  std::vector<std::vector<double>> samples(n);
+  for (int r = 0; r < reps; ++r) {
+    for (std::size_t k = 0; k < n; ++k) {
+      const std::size_t i = (k + r) % n;  // rotate who goes first
+      if (options.gap_seconds > 0)
+        std::this_thread::sleep_for(std::chrono::duration<double>(options.gap_seconds));
+      samples[i].push_back(time_calls(*candidates[i], out[i].calls_per_sample));
+    }
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    auto& s = samples[i];
+    std::sort(s.begin(), s.end());
+    const std::size_t m = s.size();
+    out[i].median_seconds = m % 2 ? s[m / 2] : 0.5 * (s[m / 2 - 1] + s[m / 2]);
+    out[i].min_seconds = s.front();
+    out[i].reps = static_cast<int>(m);
+  }
+  return out;
+}
+
+}  // namespace normkit::bench

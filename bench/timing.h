@@ -1,0 +1,30 @@
+#pragma once
+// Interleaved timing: every repetition times each candidate once, in a rotating order, so slow
+// drifts of the machine (frequency, other tenants) hit all candidates alike.
+#include <vector>
+
+#include "candidate.h"
+
+namespace normkit::bench {
+
+struct TimingOptions {
+  int max_reps = 21;             // repetitions per candidate, lowered for slow cases...
+  int min_reps = 5;              // ...but never below this
+  double budget_seconds = 0.6;   // target time for all repetitions of one case
+  double min_sample_seconds = 2e-3;  // a sample repeats a short call until it lasts this long
+  double gap_seconds = 1e-3;     // idle time before each sample: lets the previous candidate's
+                                 // spinning worker threads go to sleep
+};
+
+struct Timing {
+  double median_seconds = 0;  // per call
+  double min_seconds = 0;
+  int reps = 0;
+  int calls_per_sample = 0;
+};
+
+// Times run() of each candidate (all already prepared, threads set, and run once).
+std::vector<Timing> measure_interleaved(const std::vector<Candidate*>& candidates,
+                                        const TimingOptions& options);
+
+}  // namespace normkit::bench
