@@ -1,0 +1,43 @@
+#pragma once
+// Reference GroupNorm: the plainest correct loops, accumulating in double. The tests hold the
+// optimized kernels against these. Templated on the element type so the same code also runs
+// entirely in double (the float64 oracle of the accuracy and finite-difference tests).
+//
+// All kernels assume validated arguments (see src/api/group_norm.cpp). Layout: x is (N, C, S)
+// with S the product of the spatial dims, stored channels_first (index (n*C + c)*S + s) or
+// channels_last (index (n*S + s)*C + c). Group g of sample n holds channels
+// g*C/G .. (g+1)*C/G - 1; its statistics live at index n*G + g. weight, bias, dweight, dbias may
+// be null.
+#include <cstdint>
+
+#include "normkit/tensor.h"
+
+namespace normkit::ref {
+
+struct GroupNormShape {
+  int64_t batch = 0;     // N
+  int64_t channels = 0;  // C
+  int64_t spatial = 1;   // S
+  int64_t groups = 1;    // G, divides C
+  MemoryFormat format = MemoryFormat::channels_first;
+};
+
+// Writes y, mean and rstd (N*G each). An empty group gets mean 0 and rstd NaN (as torch).
+// variance (N*G, may be null) receives the biased variance of each group.
+template <typename T>
+void group_norm_forward(T* y, T* mean, T* rstd, const T* x, const T* weight, const T* bias,
+                        const GroupNormShape& shape, double eps, T* variance = nullptr);
+
+// Writes y = (x - mean) * rstd * weight + bias with the given per-(n, g) mean and rstd.
+template <typename T>
+void group_norm_apply(T* y, const T* x, const T* mean, const T* rstd, const T* weight,
+                      const T* bias, const GroupNormShape& shape);
+
+// Writes dx and (when not null) dweight, dbias. With stats_are_constants the gradient does not
+// flow through mean and rstd (they came from outside, e.g. running statistics).
+template <typename T>
+void group_norm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, const T* mean,
+                         const T* rstd, const T* weight, const GroupNormShape& shape,
+                         bool stats_are_constants = false);
+
+}  // namespace normkit::ref
