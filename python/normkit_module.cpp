@@ -517,9 +517,10 @@ py::array layer_norm_impl(const py::array& x_in, const py::object& normalized_sh
 
   // The kernel computes channels-last only when each sample is one row; other normalized dims
   // need channels-first. Ranks above the kernel's are folded to (rows, cols), which is the same
-  // computation.
+  // computation on channels-first memory.
   Activation x = activation_input(function, "x", x_in);
-  if (x.view.format == MemoryFormat::channels_last && normalized_ndim != rank - 1)
+  const bool last_ok = normalized_ndim == rank - 1 && rank <= normkit::kMaxRank;
+  if (x.view.format == MemoryFormat::channels_last && !last_ok)
     x = activation_input(function, "x", x_in, MemoryFormat::channels_first);
   int kernel_normalized_ndim = normalized_ndim;
   if (rank > normkit::kMaxRank) {

@@ -1,0 +1,72 @@
+"""layer_norm against torch.nn.functional.layer_norm in float64."""
+
+import numpy as np
+import pytest
+import torch.nn.functional as F
+
+import normkit
+from normkit_testing import (Config, assert_close, in_format, is_channels_first,
+                             is_channels_last, n64, raises, t64)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("fmt", ["channels_first", "channels_last", "strided"])
+@pytest.mark.parametrize("rank", [1, 2, 3, 4, 5, 6])
+def test_matches_torch(rng, rank, fmt, affine, seed):
+    if fmt == "channels_last" and rank < 3:
+        pytest.skip("no channels-last below rank 3")
+    normalized_ndim = int(rng.integers(1, rank + 1))
+    if fmt == "channels_last" and rng.random() < 0.5:
+        normalized_ndim = rank - 1  # the case computed channels-last (up to rank 5)
+    while True:  # a single normalized value gives y = bias: no statistics to test
+        shape = tuple(int(rng.choice([1, 2, 3, 5, 7])) for _ in range(rank))
+        normalized = shape[rank - normalized_ndim:]
+        if np.prod(normalized) > 1:
+            break
+    cfg = Config(rng, 1, 0, fmt)  # only its value distribution is used
+    x = in_format(cfg.offset + cfg.scale * rng.standard_normal(shape), fmt)
+    weight = cfg.vector(normalized, 1.0, 0.5) if affine else None
+    bias = cfg.vector(normalized, 0.0, 2.0) if affine else None
+    # An int, a tuple or a list, as torch accepts.
+    arg = normalized[0] if normalized_ndim == 1 and seed == 0 else (
+        list(normalized) if seed == 1 else normalized)
+
+    y = normkit.layer_norm(x, arg, weight, bias, cfg.eps)
+    y_ref = F.layer_norm(t64(x), normalized, t64(weight) if affine else None,
+                         t64(bias) if affine else None, cfg.eps)
+    assert_close(y, n64(y_ref), cfg.tol(), f"y shape={shape} normalized={normalized} {cfg}")
+    if fmt == "channels_last" and normalized_ndim == rank - 1 and rank <= 5:
+        assert y.strides == x.strides and is_channels_last(y)
+    else:
+        assert is_channels_first(y), (y.shape, y.strides)
+
+
+def test_empty_rows():
+    x = np.zeros((0, 3, 5), np.float32)
+    assert normkit.layer_norm(x, (3, 5)).shape == x.shape
+    assert normkit.layer_norm(x, 5, np.ones(5, np.float32)).shape == x.shape
+
+
+def test_bad_arguments(rng):
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    with raises(ValueError, "normalized_shape", "(3,)", "(2, 3, 4)"):
+        normkit.layer_norm(x, 3)
+    with raises(ValueError, "normalized_shape", "(5, 2, 3, 4)"):
+        normkit.layer_norm(x, (5, 2, 3, 4))
+    with raises(ValueError, "normalized_shape"):
+        normkit.layer_norm(x, ())
+    with raises(TypeError, "normalized_shape", "'4'"):
+        normkit.layer_norm(x, "4")
+    with raises(TypeError, "normalized_shape", "4.0"):
+        normkit.layer_norm(x, [4.0])
+    with raises(ValueError, "weight", "(12,)", "(3, 4)"):
+        normkit.layer_norm(x, (3, 4), np.ones(12, np.float32))
+    with raises(ValueError, "bias", "(4,)", "(3, 4)"):
+        normkit.layer_norm(x, (3, 4), None, np.ones(4, np.float32))
+    with raises(ValueError, "eps", "-0.5"):
+        normkit.layer_norm(x, 4, eps=-0.5)
+    with raises(TypeError, "x", "float64"):
+        normkit.layer_norm(x.astype(np.float64), 4)
+    with raises(TypeError, "weight", "float64"):
+        normkit.layer_norm(x, 4, np.ones(4))
