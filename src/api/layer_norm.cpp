@@ -1,0 +1,104 @@
+// Public LayerNorm entry points: validate every argument, then hand raw pointers to the backend.
+#include "normkit/layer_norm.h"
+
+#include <string>
+
+#include "common/validate.h"
+#include "cpu/layer_norm.h"
+#include "ref/layer_norm.h"
+
+namespace normkit {
+namespace {
+
+using detail::check_length;
+using detail::check_tensor;
+using detail::fail;
+
+const float* ptr(std::span<const float> v) { return v.data(); }
+float* ptr(std::span<float> v) { return v.data(); }
+
+// Product of shape[begin, end), or a normkit::Error when it overflows int64.
+int64_t product(const char* fn, const TensorView& x, int begin, int end) {
+  int64_t p = 1;
+  for (int i = begin; i < end; ++i)
+    if (__builtin_mul_overflow(p, x.shape[i], &p))
+      fail(fn, "x has more elements than int64 can count: shape " + shape_string(x));
+  return p;
+}
+
+// `t` (an output or dy) has x's shape, dtype and, above rank 2, memory format; x may have rank 1
+// here, where TensorView::numel does not count.
+void check_like_any_rank(const char* fn, const char* name, const TensorView& t,
+                         const TensorView& x, int64_t count) {
+  detail::check_like(fn, name, t, "x", x);
+  if (count > 0 && t.data == nullptr)
+    fail(fn, std::string(name) + " has a null data pointer for shape " + shape_string(t));
+}
+
+// Checks of x, normalized_ndim, weight and eps; returns the row layout.
+ref::LayerNormShape check_layer_input(const char* fn, const LayerNormParams& params,
+                                      const TensorView& x, std::span<const float> weight) {
+  check_tensor(fn, "x", x, 1);
+  const int k = params.normalized_ndim;
+  if (k < 1 || k > x.rank)
+    fail(fn, "normalized_ndim must be in [1, rank of x] = [1, " + std::to_string(x.rank) +
+                 "], got " + std::to_string(k) + " (x shape " + shape_string(x) + ")");
+  const bool channels_last = x.format == MemoryFormat::channels_last && x.rank > 2;
+  if (channels_last && k != x.rank - 1)
+    fail(fn, "channels_last x needs normalized_ndim = rank - 1 = " + std::to_string(x.rank - 1) +
+                 " (one row per sample), got " + std::to_string(k) + " (x shape " +
+                 shape_string(x) + ")");
+  ref::LayerNormShape sh;
+  sh.rows = product(fn, x, 0, x.rank - k);
+  sh.cols = product(fn, x, x.rank - k, x.rank);
+  sh.channels = channels_last ? x.shape[1] : 0;
+  check_length(fn, "weight", weight, sh.cols, "product of the normalized dims", false);
+  detail::check_eps(fn, params.eps);
+  return sh;
+}
+
+}  // namespace
+
+void layer_norm_forward(const LayerNormParams& params, const TensorView& x,
+                        std::span<const float> weight, std::span<const float> bias,
+                        const TensorView& y, std::span<float> mean, std::span<float> rstd,
+                        const Context& ctx) {
+  const char* fn = "layer_norm_forward";
+  const auto sh = check_layer_input(fn, params, x, weight);
+  check_length(fn, "bias", bias, sh.cols, "product of the normalized dims", false);
+  check_like_any_rank(fn, "y", y, x, sh.rows * sh.cols);
+  check_length(fn, "mean", mean, sh.rows, "product of the leading dims", true);
+  check_length(fn, "rstd", rstd, sh.rows, "product of the leading dims", true);
+  if (sh.rows == 0) return;
+
+  if (ctx.backend == Backend::reference)
+    ref::layer_norm_forward(y.as<float>(), ptr(mean), ptr(rstd), x.as<const float>(), ptr(weight),
+                            ptr(bias), sh, params.eps);
+  else
+    cpu::layer_norm_forward(y.as<float>(), ptr(mean), ptr(rstd), x.as<const float>(), ptr(weight),
+                            ptr(bias), sh, params.eps, detail::thread_count(ctx));
+}
+
+void layer_norm_backward(const LayerNormParams& params, const TensorView& dy, const TensorView& x,
+                         std::span<const float> mean, std::span<const float> rstd,
+                         std::span<const float> weight, const TensorView& dx,
+                         std::span<float> dweight, std::span<float> dbias, const Context& ctx) {
+  const char* fn = "layer_norm_backward";
+  const auto sh = check_layer_input(fn, params, x, weight);
+  check_like_any_rank(fn, "dy", dy, x, sh.rows * sh.cols);
+  check_like_any_rank(fn, "dx", dx, x, sh.rows * sh.cols);
+  check_length(fn, "mean", mean, sh.rows, "product of the leading dims", true);
+  check_length(fn, "rstd", rstd, sh.rows, "product of the leading dims", true);
+  check_length(fn, "dweight", dweight, sh.cols, "product of the normalized dims", false);
+  check_length(fn, "dbias", dbias, sh.cols, "product of the normalized dims", false);
+
+  if (ctx.backend == Backend::reference)
+    ref::layer_norm_backward(dx.as<float>(), ptr(dweight), ptr(dbias), dy.as<const float>(),
+                             x.as<const float>(), ptr(mean), ptr(rstd), ptr(weight), sh);
+  else
+    cpu::layer_norm_backward(dx.as<float>(), ptr(dweight), ptr(dbias), dy.as<const float>(),
+                             x.as<const float>(), ptr(mean), ptr(rstd), ptr(weight), sh,
+                             detail::thread_count(ctx));
+}
+
+}  // namespace normkit

@@ -1,0 +1,36 @@
+#pragma once
+// Reference LayerNorm: the plainest correct loops, accumulating in double; templated on the
+// element type so the same code also runs entirely in double (the float64 oracle of the tests).
+//
+// x is `rows` rows of `cols` elements, row i at x + i * cols. Each row is normalized over its
+// elements; weight and bias (length cols, may be null) are indexed in logical order. A row is
+// stored in logical order when channels == 0; with channels > 0 it is stored channels-last: the
+// logical (c, s) element, c < channels, s < cols / channels, sits at s * channels + c.
+#include <cstdint>
+
+namespace normkit::ref {
+
+struct LayerNormShape {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t channels = 0;  // 0: rows in logical order; > 0: rows stored channels-last
+};
+
+// Writes y, mean and rstd (length rows). An empty row gets mean 0 and rstd NaN (as torch).
+template <typename T>
+void layer_norm_forward(T* y, T* mean, T* rstd, const T* x, const T* weight, const T* bias,
+                        const LayerNormShape& shape, double eps);
+
+// Writes dx and (when not null) dweight, dbias; the gradient flows through mean and rstd.
+template <typename T>
+void layer_norm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, const T* mean,
+                         const T* rstd, const T* weight, const LayerNormShape& shape);
+
+// Logical (weight) index of the element stored at position j of a row.
+inline int64_t layer_norm_logical_index(const LayerNormShape& t, int64_t j) {
+  if (t.channels <= 0) return j;
+  const int64_t spatial = t.cols / t.channels;
+  return (j % t.channels) * spatial + j / t.channels;
+}
+
+}  // namespace normkit::ref

@@ -1,0 +1,575 @@
+// LayerNorm: the optimized backend against the float64 reference over random configurations,
+// the reference against a direct computation and finite differences, accuracy at large
+// offsets, thread-count and memory-format invariance, and every argument error.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "normkit/error.h"
+#include "normkit/layer_norm.h"
+#include "ref/layer_norm.h"
+#include "test_util.h"
+
+namespace normkit::test {
+namespace {
+
+constexpr double kFloatEps = 5.96e-8;  // 2^-24
+
+Context reference_ctx() { return {Backend::reference, 1}; }
+Context cpu_ctx(int threads = 0) { return {Backend::cpu, threads}; }
+
+struct Case {
+  std::vector<int64_t> dims;
+  int k = 1;  // normalized_ndim
+  MemoryFormat format = MemoryFormat::channels_first;
+  bool weight = true, bias = true;
+  double offset = 0, scale = 1, eps = 1e-5;
+
+  int rank() const { return int(dims.size()); }
+  int64_t rows() const {
+    int64_t p = 1;
+    for (int i = 0; i < rank() - k; ++i) p *= dims[std::size_t(i)];
+    return p;
+  }
+  int64_t cols() const {
+    int64_t p = 1;
+    for (int i = rank() - k; i < rank(); ++i) p *= dims[std::size_t(i)];
+    return p;
+  }
+  int64_t numel() const { return rows() * cols(); }
+  bool channels_last() const { return format == MemoryFormat::channels_last && rank() > 2; }
+  LayerNormParams params() const { return {k, eps}; }
+  ref::LayerNormShape shape() const { return {rows(), cols(), channels_last() ? dims[1] : 0}; }
+  // Logical (weight) index of the element stored at memory index i.
+  int64_t logical_of(int64_t i) const { return ref::layer_norm_logical_index(shape(), i % cols()); }
+  std::string str() const {
+    std::string s = "dims=(";
+    for (int64_t d : dims) s += std::to_string(d) + ",";
+    return s + ") k=" + std::to_string(k) + " " + to_string(format) + (weight ? " w" : "") +
+           (bias ? " b" : "") + " offset=" + std::to_string(offset) +
+           " scale=" + std::to_string(scale) + " eps=" + std::to_string(eps);
+  }
+};
+
+struct Inputs {
+  std::vector<float> x, dy, w, b;
+};
+
+Inputs make_inputs(const Case& k, std::mt19937_64& rng) {
+  Inputs in;
+  in.x = random_normal(std::size_t(k.numel()), rng, k.offset, k.scale);
+  in.dy = random_normal(std::size_t(k.numel()), rng);
+  if (k.weight) in.w = random_normal(std::size_t(k.cols()), rng, 0.5, 1.0);
+  if (k.bias) in.b = random_normal(std::size_t(k.cols()), rng);
+  return in;
+}
+
+struct Forward {
+  std::vector<float> y, mean, rstd;
+};
+struct Backward {
+  std::vector<float> dx, dw, db;
+};
+
+std::span<const float> opt(const std::vector<float>& v) {
+  return v.empty() ? std::span<const float>() : std::span<const float>(v);
+}
+std::span<float> opt(std::vector<float>& v) {
+  return v.empty() ? std::span<float>() : std::span<float>(v);
+}
+
+Forward forward(const Case& k, const Inputs& in, const Context& ctx) {
+  Forward f{poisoned(in.x.size()), poisoned(std::size_t(k.rows())), poisoned(std::size_t(k.rows()))};
+  layer_norm_forward(k.params(), view_of(in.x, k.dims, k.format), opt(in.w), opt(in.b),
+                     view_of(f.y, k.dims, k.format), f.mean, f.rstd, ctx);
+  return f;
+}
+
+Backward backward(const Case& k, const Inputs& in, const std::vector<float>& mean,
+                  const std::vector<float>& rstd, const Context& ctx, bool want_dw = true,
+                  bool want_db = true) {
+  Backward b{poisoned(in.x.size()), want_dw ? poisoned(std::size_t(k.cols())) : std::vector<float>(),
+             want_db ? poisoned(std::size_t(k.cols())) : std::vector<float>()};
+  layer_norm_backward(k.params(), view_of(in.dy, k.dims, k.format), view_of(in.x, k.dims, k.format),
+                      mean, rstd, opt(in.w), view_of(b.dx, k.dims, k.format), opt(b.dw), opt(b.db),
+                      ctx);
+  return b;
+}
+
+struct Exact {
+  std::vector<double> y, mean, rstd, dx, dw, db;
+};
+Exact exact(const Case& k, const Inputs& in) {
+  Exact e;
+  const auto x = to_double(in.x), dy = to_double(in.dy), w = to_double(in.w), b = to_double(in.b);
+  e.y.resize(x.size());
+  e.dx.resize(x.size());
+  e.mean.resize(std::size_t(k.rows()));
+  e.rstd.resize(e.mean.size());
+  e.dw.resize(std::size_t(k.cols()));
+  e.db.resize(std::size_t(k.cols()));
+  const double* wp = w.empty() ? nullptr : w.data();
+  ref::layer_norm_forward(e.y.data(), e.mean.data(), e.rstd.data(), x.data(), wp,
+                          b.empty() ? nullptr : b.data(), k.shape(), k.eps);
+  ref::layer_norm_backward(e.dx.data(), e.dw.data(), e.db.data(), dy.data(), x.data(),
+                           e.mean.data(), e.rstd.data(), wp, k.shape());
+  return e;
+}
+
+Case random_case(std::mt19937_64& rng) {
+  auto pick = [&](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+  };
+  Case k;
+  k.dims.resize(std::size_t(pick(1, 5)));
+  int64_t budget = 1500;  // keep the tensors small
+  for (auto& d : k.dims) {
+    d = std::min<int64_t>(pick(1, 9), std::max<int64_t>(1, budget));
+    budget /= d;
+  }
+  if (pick(0, 3) == 0) k.dims[0] = 1;
+  k.k = int(pick(1, k.rank()));
+  if (k.rank() >= 3 && pick(0, 1)) {
+    k.format = MemoryFormat::channels_last;
+    k.k = k.rank() - 1;
+  }
+  k.weight = pick(0, 1);
+  k.bias = pick(0, 1);
+  k.scale = log_uniform(rng, 1e-3, 3e4);
+  k.offset = pick(0, 2) == 0 ? 0.0 : (pick(0, 1) ? 1 : -1) * log_uniform(rng, 1e-3, 3e4);
+  const double eps_choices[] = {1e-5, 1e-5, 1e-3, 0.1};
+  k.eps = eps_choices[pick(0, 3)];
+  return k;
+}
+
+struct Errors {
+  double y = 0, mean = 0, rstd = 0, dx = 0, dw = 0, db = 0;
+};
+
+Errors compare(const Case& k, const Inputs& in, const Forward& fc, const Forward& fr,
+               const Backward& bc, const Backward& br) {
+  Errors e;
+  const double y_max = max_abs(fr.y), y_err = max_abs_diff(fc.y, fr.y);
+  e.y = y_max > 0 ? y_err / y_max : (y_err == 0 ? 0 : 1e300);
+  for (std::size_t i = 0; i < fr.mean.size(); ++i) {
+    e.mean = std::max(e.mean, std::fabs(double(fc.mean[i]) - fr.mean[i]) /
+                                  (std::fabs(double(fr.mean[i])) + k.scale));
+    e.rstd = std::max(e.rstd, std::fabs(double(fc.rstd[i]) - fr.rstd[i]) / fr.rstd[i]);
+    if (std::isnan(fc.mean[i]) || std::isnan(fc.rstd[i])) e.mean = e.rstd = 1e300;
+  }
+  // dx is a sum of terms of size rstd * |w * dy|, the scale of its rounding.
+  double dx_scale = max_abs(br.dx);
+  std::vector<double> dw_scale(std::size_t(k.cols()), 0.0), db_scale(std::size_t(k.cols()), 0.0);
+  for (int64_t i = 0; i < k.numel(); ++i) {
+    const auto j = std::size_t(k.logical_of(i)), row = std::size_t(i / k.cols()), u = std::size_t(i);
+    const double w = in.w.empty() ? 1.0 : in.w[j], r = fr.rstd[row];
+    dx_scale = std::max(dx_scale, std::fabs(r * w * in.dy[u]));
+    dw_scale[j] += std::fabs(in.dy[u] * (in.x[u] - double(fr.mean[row])) * r);
+    db_scale[j] += std::fabs(in.dy[u]);
+  }
+  const double dx_err = max_abs_diff(bc.dx, br.dx);
+  e.dx = dx_scale > 0 ? dx_err / dx_scale : (dx_err == 0 ? 0 : 1e300);
+  for (std::size_t j = 0; j < dw_scale.size(); ++j) {
+    if (!br.dw.empty())
+      e.dw = std::max(e.dw, std::fabs(double(bc.dw[j]) - br.dw[j]) / std::max(dw_scale[j], 1e-300));
+    if (!br.db.empty())
+      e.db = std::max(e.db, std::fabs(double(bc.db[j]) - br.db[j]) / std::max(db_scale[j], 1e-300));
+  }
+  if (contains_poison(bc.dw) || contains_poison(bc.db)) e.dw = e.db = 1e300;
+  return e;
+}
+
+TEST(LayerNorm, CpuMatchesReferenceOnRandomConfigs) {
+  std::mt19937_64 rng(424242);
+  Errors worst;
+  int checked = 0;
+  for (int trial = 0; trial < 1200; ++trial) {
+    const Case k = random_case(rng);
+    const Inputs in = make_inputs(k, rng);
+    const Forward fr = forward(k, in, reference_ctx());
+    const Forward fc = forward(k, in, cpu_ctx(1 + trial % 3));
+    ASSERT_FALSE(contains_poison(fr.y) || contains_poison(fr.mean) || contains_poison(fr.rstd))
+        << k.str();
+    const bool want_dw = trial % 5 != 1, want_db = trial % 5 != 2;
+    const Backward br = backward(k, in, fr.mean, fr.rstd, reference_ctx(), want_dw, want_db);
+    const Backward bc = backward(k, in, fr.mean, fr.rstd, cpu_ctx(1 + trial % 3), want_dw, want_db);
+    ASSERT_FALSE(contains_poison(br.dx) || contains_poison(br.dw) || contains_poison(br.db));
+    const Errors e = compare(k, in, fc, fr, bc, br);
+    // A few ulps whatever the offset (far tighter than the acceptance bound).
+    EXPECT_LE(e.y, 16 * kFloatEps) << k.str();
+    EXPECT_LE(e.mean, 8 * kFloatEps) << k.str();
+    EXPECT_LE(e.rstd, 64 * kFloatEps) << k.str();
+    EXPECT_LE(e.dx, 32 * kFloatEps) << k.str();
+    EXPECT_LE(e.dw, 64 * kFloatEps) << k.str();
+    EXPECT_LE(e.db, 64 * kFloatEps) << k.str();
+    worst.y = std::max(worst.y, e.y);
+    worst.mean = std::max(worst.mean, e.mean);
+    worst.rstd = std::max(worst.rstd, e.rstd);
+    worst.dx = std::max(worst.dx, e.dx);
+    worst.dw = std::max(worst.dw, e.dw);
+    worst.db = std::max(worst.db, e.db);
+    ++checked;
+    if (HasFailure()) break;
+  }
+  EXPECT_EQ(checked, 1200);
+  std::printf("worst / float eps: y %.2f mean %.2f rstd %.2f dx %.2f dweight %.2f dbias %.2f\n",
+              worst.y / kFloatEps, worst.mean / kFloatEps, worst.rstd / kFloatEps,
+              worst.dx / kFloatEps, worst.dw / kFloatEps, worst.db / kFloatEps);
+}
+
+// The acceptance criterion: max|y - y64| / max|y64| <= 1e-5 * (1 + |offset| / scale) for
+// x = offset + scale * randn, |offset| up to 3e4 * scale, every layout; backward 20x.
+TEST(LayerNorm, AccuracyAtLargeOffsets) {
+  std::mt19937_64 rng(17);
+  const Case layouts[] = {
+      {{6, 768}, 1},
+      {{2, 3, 4097}, 1},                                        // rows longer than a chunk
+      {{3, 5, 7, 9}, 3, MemoryFormat::channels_first},
+      {{3, 5, 7, 9}, 3, MemoryFormat::channels_last},
+      {{2, 6, 4, 5, 3}, 2},
+      {{2, 6, 4, 5, 3}, 4, MemoryFormat::channels_last},
+      {{1000}, 1},
+  };
+  for (Case k : layouts)
+    for (double scale : {1e-3, 1.0, 3e4})
+      for (double ratio : {0.0, 1.0, -1e2, 1e3, -1e4, 3e4}) {
+        k.scale = scale;
+        k.offset = ratio * scale;
+        const Inputs in = make_inputs(k, rng);
+        const Exact e = exact(k, in);
+        const Forward f = forward(k, in, cpu_ctx());
+        const Backward b = backward(k, in, f.mean, f.rstd, cpu_ctx());
+        const double tol = 1e-5 * (1 + std::fabs(ratio));
+        EXPECT_LE(max_abs_diff(f.y, e.y) / max_abs(e.y), tol) << k.str();
+        EXPECT_LE(max_abs_diff(b.dx, e.dx) / max_abs(e.dx), 20 * tol) << k.str();
+        EXPECT_LE(max_abs_diff(b.dw, e.dw) / max_abs(e.dw), 20 * tol) << k.str();
+        EXPECT_LE(max_abs_diff(b.db, e.db) / max_abs(e.db), 20 * tol) << k.str();
+        const Forward r = forward(k, in, reference_ctx());
+        for (std::size_t i = 0; i < r.y.size(); ++i) ASSERT_EQ(r.y[i], float(e.y[i]));
+      }
+}
+
+// Direct double computation: statistics by definition, dx through the full Jacobian, weight
+// looked up by logical position (channels-last rows are permuted in memory).
+TEST(LayerNorm, ReferenceMatchesDirectComputation) {
+  std::mt19937_64 rng(23);
+  const Case cases[] = {
+      {{3, 5}, 1, MemoryFormat::channels_first, true, true, 2.0, 1.5},
+      {{2, 3, 2, 2}, 3, MemoryFormat::channels_last, true, true, -1.0, 0.5},
+      {{2, 3, 4}, 2, MemoryFormat::channels_first, true, false, 0.0, 1.0},
+      {{7}, 1, MemoryFormat::channels_first, false, true, 5.0, 2.0},
+  };
+  for (const Case& k : cases) {
+    const Inputs in = make_inputs(k, rng);
+    const int64_t R = k.rows(), M = k.cols();
+    // Logical order of each row: channels-last data (N, S, C) back to (N, C, S).
+    const int64_t C = k.channels_last() ? k.dims[1] : 1, S = M / C;
+    const MemoryFormat f = k.channels_last() ? MemoryFormat::channels_last : MemoryFormat::channels_first;
+    const auto x = from_format(to_double(in.x), R, C, S, f);
+    const auto dy = from_format(to_double(in.dy), R, C, S, f);
+    auto w = [&](int64_t j) { return in.w.empty() ? 1.0 : double(in.w[std::size_t(j)]); };
+    auto b = [&](int64_t j) { return in.b.empty() ? 0.0 : double(in.b[std::size_t(j)]); };
+    std::vector<double> y(x.size()), dx(x.size()), dw(std::size_t(M), 0), db(std::size_t(M), 0);
+    std::vector<double> mean(static_cast<std::size_t>(R)), rstd(static_cast<std::size_t>(R));
+    for (int64_t r = 0; r < R; ++r) {
+      const auto at = [&](int64_t j) { return std::size_t(r * M + j); };
+      double mu = 0, var = 0;
+      for (int64_t j = 0; j < M; ++j) mu += x[at(j)] / double(M);
+      for (int64_t j = 0; j < M; ++j) var += std::pow(x[at(j)] - mu, 2) / double(M);
+      const double rs = 1 / std::sqrt(var + k.eps);
+      mean[std::size_t(r)] = mu;
+      rstd[std::size_t(r)] = rs;
+      auto xhat = [&](int64_t j) { return (x[at(j)] - mu) * rs; };
+      for (int64_t i = 0; i < M; ++i) {
+        y[at(i)] = xhat(i) * w(i) + b(i);
+        double sum = 0;
+        for (int64_t j = 0; j < M; ++j)
+          sum += dy[at(j)] * w(j) * rs * ((i == j) - 1.0 / double(M) - xhat(i) * xhat(j) / double(M));
+        dx[at(i)] = sum;
+        dw[std::size_t(i)] += dy[at(i)] * xhat(i);
+        db[std::size_t(i)] += dy[at(i)];
+      }
+    }
+    const Forward fw = forward(k, in, reference_ctx());
+    const Backward bk = backward(k, in, fw.mean, fw.rstd, reference_ctx());
+    EXPECT_LE(max_abs_diff(from_format(fw.y, R, C, S, f), y), 1e-6 * max_abs(y)) << k.str();
+    EXPECT_LE(max_abs_diff(fw.mean, mean), 1e-6 * (max_abs(mean) + k.scale)) << k.str();
+    EXPECT_LE(max_abs_diff(fw.rstd, rstd), 1e-6 * max_abs(rstd)) << k.str();
+    EXPECT_LE(max_abs_diff(from_format(bk.dx, R, C, S, f), dx), 1e-5 * max_abs(dx)) << k.str();
+    EXPECT_LE(max_abs_diff(bk.dw, dw), 1e-5 * max_abs(dw)) << k.str();
+    EXPECT_LE(max_abs_diff(bk.db, db), 1e-6 * max_abs(db)) << k.str();
+  }
+}
+
+TEST(LayerNorm, ReferenceBackwardMatchesFiniteDifferences) {
+  std::mt19937_64 rng(29);
+  for (int64_t channels : {0, 3}) {
+    const ref::LayerNormShape sh{3, 6, channels};
+    const std::size_t n = 18;
+    auto x = to_double(random_normal(n, rng, -0.5, 2.0));
+    auto dy = to_double(random_normal(n, rng));
+    auto w = to_double(random_normal(6, rng, 1.0, 0.5));
+    auto b = to_double(random_normal(6, rng));
+    const double eps = 1e-3;
+    std::vector<double> y(n), mean(3), rstd(3);
+    auto loss = [&]() {
+      ref::layer_norm_forward(y.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), sh, eps);
+      double l = 0;
+      for (std::size_t i = 0; i < n; ++i) l += y[i] * dy[i];
+      return l;
+    };
+    loss();
+    std::vector<double> dx(n), dw(6), db(6);
+    ref::layer_norm_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), mean.data(),
+                             rstd.data(), w.data(), sh);
+    auto numeric = [&](double& v) {
+      const double h = 1e-6 * std::max(1.0, std::fabs(v)), keep = v;
+      v = keep + h;
+      const double up = loss();
+      v = keep - h;
+      const double down = loss();
+      v = keep;
+      return (up - down) / (2 * h);
+    };
+    for (std::size_t i = 0; i < n; ++i) EXPECT_NEAR(dx[i], numeric(x[i]), 1e-6) << i;
+    for (std::size_t j = 0; j < 6; ++j) {
+      EXPECT_NEAR(dw[j], numeric(w[j]), 1e-6) << j;
+      EXPECT_NEAR(db[j], numeric(b[j]), 1e-6) << j;
+    }
+  }
+}
+
+TEST(LayerNorm, ThreadCountDoesNotChangeResults) {
+  std::mt19937_64 rng(31);
+  const Case cases[] = {
+      {{4096, 24}, 1},
+      {{3, 5000}, 1, MemoryFormat::channels_first, true, false, 1e3, 1.0},
+      {{1, 3, 100, 100}, 3, MemoryFormat::channels_last},
+      {{8, 16, 9, 9}, 2, MemoryFormat::channels_first, false, true},
+      {{1, 70000}, 1},
+  };
+  for (const Case& k : cases) {
+    const Inputs in = make_inputs(k, rng);
+    const Forward f1 = forward(k, in, cpu_ctx(1));
+    const Backward b1 = backward(k, in, f1.mean, f1.rstd, cpu_ctx(1));
+    for (int threads = 2; threads <= 4; ++threads) {
+      const Forward f = forward(k, in, cpu_ctx(threads));
+      const Backward b = backward(k, in, f1.mean, f1.rstd, cpu_ctx(threads));
+      EXPECT_TRUE(bitwise_equal(f.y, f1.y)) << k.str() << " threads " << threads;
+      EXPECT_TRUE(bitwise_equal(f.mean, f1.mean)) << k.str() << " threads " << threads;
+      EXPECT_TRUE(bitwise_equal(f.rstd, f1.rstd)) << k.str() << " threads " << threads;
+      EXPECT_TRUE(bitwise_equal(b.dx, b1.dx)) << k.str() << " threads " << threads;
+      EXPECT_TRUE(bitwise_equal(b.dw, b1.dw)) << k.str() << " threads " << threads;
+      EXPECT_TRUE(bitwise_equal(b.db, b1.db)) << k.str() << " threads " << threads;
+    }
+  }
+}
+
+// A channels-last (N, C, *spatial) tensor normalized over all but N equals the channels-first
+// one on the same logical data, weight indexed in logical (C, *spatial) order.
+TEST(LayerNorm, ChannelsLastMatchesChannelsFirst) {
+  std::mt19937_64 rng(37);
+  for (const auto& dims : std::vector<std::vector<int64_t>>{{2, 5, 7}, {3, 4, 3, 5}, {2, 3, 2, 3, 4}, {1, 16, 40, 40}}) {
+    Case cf{dims, int(dims.size()) - 1, MemoryFormat::channels_first, true, true, 50.0, 3.0};
+    Case cl = cf;
+    cl.format = MemoryFormat::channels_last;
+    const int64_t N = dims[0], C = dims[1], S = cf.cols() / C;
+    const Inputs a = make_inputs(cf, rng);
+    Inputs b = a;
+    b.x = to_format(a.x, N, C, S, cl.format);
+    b.dy = to_format(a.dy, N, C, S, cl.format);
+    for (const Context& ctx : {reference_ctx(), cpu_ctx()}) {
+      const Forward fa = forward(cf, a, ctx), fb = forward(cl, b, ctx);
+      const Backward ba = backward(cf, a, fa.mean, fa.rstd, ctx);
+      const Backward bb = backward(cl, b, fa.mean, fa.rstd, ctx);
+      const auto yb = from_format(fb.y, N, C, S, cl.format);
+      const auto dxb = from_format(bb.dx, N, C, S, cl.format);
+      const double tol = 16 * kFloatEps;
+      EXPECT_LE(max_abs_diff(fa.y, yb), tol * max_abs(fa.y));
+      EXPECT_LE(max_abs_diff(fa.mean, fb.mean), 4 * kFloatEps * max_abs(fa.mean));
+      EXPECT_LE(max_abs_diff(fa.rstd, fb.rstd), tol * max_abs(fa.rstd));
+      EXPECT_LE(max_abs_diff(ba.dx, dxb), 2 * tol * max_abs(ba.dx));
+      EXPECT_LE(max_abs_diff(ba.dw, bb.dw), 1e-5 * max_abs(ba.dw));
+      EXPECT_LE(max_abs_diff(ba.db, bb.db), 1e-5 * max_abs(ba.db));
+    }
+  }
+}
+
+TEST(LayerNorm, EmptyRowsAndColumns) {
+  for (const Context& ctx : {reference_ctx(), cpu_ctx()}) {
+    {  // No rows: nothing to write; the parameter gradients are empty sums.
+      std::vector<float> x, y, w(4, 1.0f), dw = poisoned(4), db = poisoned(4);
+      const std::vector<int64_t> dims{0, 3, 4};
+      EXPECT_NO_THROW(layer_norm_forward({1, 1e-5}, view_of(x, dims), w, {}, view_of(y, dims), {}, {}, ctx));
+      EXPECT_NO_THROW(layer_norm_backward({1, 1e-5}, view_of(x, dims), view_of(x, dims), {}, {}, w,
+                                          view_of(y, dims), dw, db, ctx));
+      EXPECT_EQ(dw, std::vector<float>(4, 0.0f));
+      EXPECT_EQ(db, std::vector<float>(4, 0.0f));
+    }
+    {  // Empty rows: mean 0 and rstd NaN, as torch.
+      std::vector<float> x, y, mean = poisoned(3), rstd = poisoned(3);
+      const std::vector<int64_t> dims{3, 0};
+      layer_norm_forward({1, 1e-5}, view_of(x, dims), {}, {}, view_of(y, dims), mean, rstd, ctx);
+      for (int i = 0; i < 3; ++i) {
+        EXPECT_EQ(mean[i], 0.0f);
+        EXPECT_TRUE(std::isnan(rstd[i]));
+      }
+    }
+  }
+}
+
+TEST(LayerNorm, NonFiniteInputStaysInItsRow) {
+  std::mt19937_64 rng(41);
+  for (const Context& ctx : {reference_ctx(), cpu_ctx(2)})
+    for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+      const Case k{{5, 3000}, 1};
+      const Inputs clean = make_inputs(k, rng);
+      Inputs dirty = clean;
+      dirty.x[2 * 3000 + 2500] = bad;
+      const Forward fc = forward(k, clean, ctx), fd = forward(k, dirty, ctx);
+      const Backward bc = backward(k, clean, fc.mean, fc.rstd, ctx, false, false);
+      const Backward bd = backward(k, dirty, fd.mean, fd.rstd, ctx, false, false);
+      for (std::size_t i = 0; i < clean.x.size(); ++i) {
+        if (i / 3000 == 2) {
+          EXPECT_TRUE(std::isnan(fd.y[i])) << i;
+        } else {
+          EXPECT_EQ(fd.y[i], fc.y[i]) << i;
+          EXPECT_EQ(bd.dx[i], bc.dx[i]) << i;
+        }
+      }
+    }
+}
+
+// ---- argument errors ----------------------------------------------------------------------
+
+void expect_error(const std::function<void()>& call, const std::vector<std::string>& needles) {
+  try {
+    call();
+    ADD_FAILURE() << "expected normkit::Error containing \"" << needles.front() << "\"";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    for (const auto& needle : needles)
+      EXPECT_NE(what.find(needle), std::string::npos) << "message: " << what << "\nexpected: " << needle;
+  }
+}
+
+struct ForwardArgs {
+  LayerNormParams params{2, 1e-5};
+  std::vector<int64_t> x_dims{2, 3, 4, 5}, y_dims{2, 3, 4, 5};
+  MemoryFormat x_format = MemoryFormat::channels_first, y_format = MemoryFormat::channels_first;
+  DType x_dtype = DType::float32;
+  std::vector<float> x = std::vector<float>(120, 2.0f), w = std::vector<float>(20, 1.0f),
+                     b = std::vector<float>(20, 0.0f);
+  std::vector<float> y = poisoned(120), mean = poisoned(6), rstd = poisoned(6);
+  bool rstd_absent = false, y_null = false;
+
+  void run() {
+    const TensorView xv(x.data(), x_dtype, int(x_dims.size()), x_dims.data(), x_format);
+    const TensorView yv(y_null ? nullptr : y.data(), DType::float32, int(y_dims.size()), y_dims.data(),
+                        y_format);
+    layer_norm_forward(params, xv, w, b, yv, mean, rstd_absent ? std::span<float>() : std::span<float>(rstd),
+                       cpu_ctx());
+  }
+  bool untouched() const {
+    return y == poisoned(120) && mean == poisoned(mean.size()) && rstd == poisoned(rstd.size());
+  }
+};
+
+void expect_forward_error(const std::function<void(ForwardArgs&)>& edit,
+                          const std::vector<std::string>& needles) {
+  ForwardArgs a;
+  edit(a);
+  expect_error([&] { a.run(); }, needles);
+  EXPECT_TRUE(a.untouched()) << "outputs written before the throw: " << needles.front();
+}
+
+TEST(LayerNormErrors, ForwardArguments) {
+  {
+    ForwardArgs a;
+    a.run();
+    EXPECT_FALSE(contains_poison(a.y) || contains_poison(a.mean) || contains_poison(a.rstd));
+  }
+  expect_forward_error([](auto& a) { a.params.normalized_ndim = 0; },
+                       {"layer_norm_forward", "normalized_ndim must be in [1, rank of x] = [1, 4], got 0"});
+  expect_forward_error([](auto& a) { a.params.normalized_ndim = 5; }, {"got 5", "(2, 3, 4, 5)"});
+  expect_forward_error([](auto& a) { a.x_format = a.y_format = MemoryFormat::channels_last; },
+                       {"channels_last x needs normalized_ndim = rank - 1 = 3", "got 2"});
+  expect_forward_error([](auto& a) { a.w.resize(19); },
+                       {"weight has length 19", "product of the normalized dims = 20"});
+  expect_forward_error([](auto& a) { a.b.resize(60); }, {"bias has length 60", "= 20"});
+  expect_forward_error([](auto& a) { a.y_dims = {2, 3, 5, 4}; }, {"y shape (2, 3, 5, 4) != x shape (2, 3, 4, 5)"});
+  expect_forward_error([](auto& a) { a.y_format = MemoryFormat::channels_last; }, {"y memory format"});
+  expect_forward_error([](auto& a) { a.mean.resize(5, kPoison); },
+                       {"mean has length 5", "product of the leading dims = 6"});
+  expect_forward_error([](auto& a) { a.rstd_absent = true; }, {"rstd is required"});
+  expect_forward_error([](auto& a) { a.x_dims = a.y_dims = {1, 2, 3, 4, 5, 1}; }, {"x must have rank 1 to 5, got rank 6"});
+  expect_forward_error([](auto& a) { a.params.eps = -1; }, {"eps must be finite and >= 0"});
+  expect_forward_error([](auto& a) { a.params.eps = std::nan(""); }, {"eps must be finite and >= 0"});
+  expect_forward_error([](auto& a) { a.x_dims = a.y_dims = {int64_t(1) << 40, int64_t(1) << 30, 1 << 10, 1}; },
+                       {"more elements than int64"});
+  // A zero dim hides the overflow from the element count, not from the row length.
+  expect_forward_error([](auto& a) { a.x_dims = a.y_dims = {0, 3, int64_t(1) << 62, int64_t(1) << 62}; },
+                       {"more elements than int64"});
+  expect_forward_error([](auto& a) { a.x_dtype = DType::float16; }, {"x has dtype float16"});
+  expect_forward_error([](auto& a) { a.y_null = true; }, {"y has a null data pointer"});
+  {  // Rank 1: the null-output check still applies.
+    ForwardArgs a;
+    a.x_dims = a.y_dims = {120};
+    a.params.normalized_ndim = 1;
+    a.mean.resize(1, kPoison);
+    a.rstd.resize(1, kPoison);
+    a.w.resize(120, 1.0f);
+    a.b.resize(120, 0.0f);
+    a.y_null = true;
+    expect_error([&] { a.run(); }, {"y has a null data pointer"});
+    EXPECT_TRUE(a.untouched());
+  }
+}
+
+struct BackwardArgs {
+  LayerNormParams params{1, 1e-5};
+  std::vector<int64_t> x_dims{4, 6}, dy_dims{4, 6}, dx_dims{4, 6};
+  std::vector<float> x = std::vector<float>(24, 0.5f), dy = std::vector<float>(24, 1.0f),
+                     mean = std::vector<float>(4, 0.0f), rstd = std::vector<float>(4, 1.0f),
+                     w = std::vector<float>(6, 1.0f);
+  std::vector<float> dx = poisoned(24), dw = poisoned(6), db = poisoned(6);
+
+  void run() {
+    layer_norm_backward(params, view_of(dy, dy_dims), view_of(x, x_dims), mean, rstd, w,
+                        view_of(dx, dx_dims), dw, db, cpu_ctx());
+  }
+  bool untouched() const {
+    return dx == poisoned(dx.size()) && dw == poisoned(dw.size()) && db == poisoned(db.size());
+  }
+};
+
+void expect_backward_error(const std::function<void(BackwardArgs&)>& edit,
+                           const std::vector<std::string>& needles) {
+  BackwardArgs a;
+  edit(a);
+  expect_error([&] { a.run(); }, needles);
+  EXPECT_TRUE(a.untouched()) << "outputs written before the throw: " << needles.front();
+}
+
+TEST(LayerNormErrors, BackwardArguments) {
+  {
+    BackwardArgs a;
+    a.run();
+    EXPECT_FALSE(contains_poison(a.dx) || contains_poison(a.dw) || contains_poison(a.db));
+  }
+  expect_backward_error([](auto& a) { a.dy_dims = {6, 4}; }, {"layer_norm_backward", "dy shape (6, 4) != x shape (4, 6)"});
+  expect_backward_error([](auto& a) { a.dx_dims = {24}; }, {"dx shape (24,)"});
+  expect_backward_error([](auto& a) { a.mean.resize(3); }, {"mean has length 3", "= 4"});
+  expect_backward_error([](auto& a) { a.rstd.resize(6); }, {"rstd has length 6"});
+  expect_backward_error([](auto& a) { a.w.resize(4); }, {"weight has length 4", "= 6"});
+  expect_backward_error([](auto& a) { a.dw.resize(5, kPoison); }, {"dweight has length 5"});
+  expect_backward_error([](auto& a) { a.db.resize(7, kPoison); }, {"dbias has length 7"});
+  expect_backward_error([](auto& a) { a.params.normalized_ndim = 3; }, {"normalized_ndim", "got 3"});
+}
+
+}  // namespace
+}  // namespace normkit::test
