@@ -53,13 +53,9 @@ class TorchCandidate final : public Candidate {
       weight_grad_ = weight_.detach().requires_grad_(true);
       bias_grad_ = bias_.detach().requires_grad_(true);
     }
-    if (c.op == Op::backward) {
-      graph_y_ = forward(x_grad_, weight_grad_, bias_grad_);  // the graph backward replays
-      if (c.family == Family::batch_norm) {
-        running_mean_.copy_(at::from_blob(const_cast<float*>(data.running_mean.data()), {params}, f32));
-        running_var_.copy_(at::from_blob(const_cast<float*>(data.running_var.data()), {params}, f32));
-      }
-    }
+    // The graph backward replays. (Running statistics the graph saved must stay untouched:
+    // autograd checks their version.)
+    if (c.op == Op::backward) graph_y_ = forward(x_grad_, weight_grad_, bias_grad_);
     return "";
   }
 

@@ -59,7 +59,9 @@ template <typename F> std::string guarded(F&& f) {
   } catch (const normkit::Error& e) {
     return std::string("normkit::Error: ") + e.what();
   } catch (const std::exception& e) {
-    return e.what();
+    // First line only: PyTorch's errors carry a stack trace.
+    const std::string what = e.what();
+    return what.substr(0, what.find('\n'));
   }
 }
 
