@@ -20,6 +20,24 @@ ref::BatchNormShape shape_of(const TensorView& x) {
 const float* ptr(std::span<const float> v) { return v.data(); }
 float* ptr(std::span<float> v) { return v.data(); }
 
+// Any zero dimension: nothing to normalize. Decided from the dims alone, since the products of
+// the others may not fit in int64 when one dim is 0.
+bool is_empty(const TensorView& x) {
+  for (int i = 0; i < x.rank; ++i)
+    if (x.shape[i] == 0) return true;
+  return false;
+}
+
+// torch's check, on N * spatial computed without overflow (an overflowing product is not 1).
+void check_more_than_one_value(const char* fn, const TensorView& x) {
+  int64_t count = x.batch();
+  for (int i = 2; i < x.rank; ++i)
+    if (__builtin_mul_overflow(count, x.shape[i], &count)) return;
+  if (count == 1)
+    detail::fail(fn, "Expected more than 1 value per channel when training, got input size " +
+                         shape_string(x));
+}
+
 // Checks shared by all four functions on x and the per-channel affine weight (and bias).
 void check_input(const char* fn, const TensorView& x, std::span<const float> weight,
                  std::span<const float> bias) {
@@ -53,11 +71,9 @@ void batch_norm_forward_training(const BatchNormParams& params, const TensorView
   detail::check_eps(fn, params.eps);
   detail::check_momentum(fn, params.momentum);
   // torch's wording, so that users recognize it.
-  if (x.batch() * x.spatial_size() == 1)
-    detail::fail(fn, "Expected more than 1 value per channel when training, got input size " +
-                         shape_string(x));
+  check_more_than_one_value(fn, x);
   // As torch: an empty batch gives an empty output and leaves the running statistics alone.
-  if (x.numel() == 0) return;
+  if (is_empty(x)) return;
 
   const auto sh = shape_of(x);
   if (ctx.backend == Backend::reference)
@@ -81,7 +97,7 @@ void batch_norm_forward_inference(const BatchNormParams& params, const TensorVie
   check_running_stats(fn, x, running_mean, running_var, true);
   check_like(fn, "y", y, "x", x);
   detail::check_eps(fn, params.eps);
-  if (x.numel() == 0) return;
+  if (is_empty(x)) return;
 
   const auto sh = shape_of(x);
   if (ctx.backend == Backend::reference)
@@ -108,13 +124,13 @@ void batch_norm_backward_training(const TensorView& dy, const TensorView& x,
   check_length(fn, "dweight", dweight, x.channels(), "C", false);
   check_length(fn, "dbias", dbias, x.channels(), "C", false);
 
-  const auto sh = shape_of(x);
   // With no values per channel the parameter gradients are empty sums; dx has no elements.
-  if (x.numel() == 0) {
+  if (is_empty(x)) {
     for (float& v : dweight) v = 0;
     for (float& v : dbias) v = 0;
     return;
   }
+  const auto sh = shape_of(x);
   if (ctx.backend == Backend::reference)
     ref::batch_norm_backward_training(dx.as<float>(), ptr(dweight), ptr(dbias),
                                       dy.as<const float>(), x.as<const float>(), ptr(save_mean),
@@ -140,12 +156,12 @@ void batch_norm_backward_inference(const BatchNormParams& params, const TensorVi
   check_length(fn, "dbias", dbias, x.channels(), "C", false);
   detail::check_eps(fn, params.eps);
 
-  const auto sh = shape_of(x);
-  if (x.numel() == 0) {
+  if (is_empty(x)) {
     for (float& v : dweight) v = 0;
     for (float& v : dbias) v = 0;
     return;
   }
+  const auto sh = shape_of(x);
   if (ctx.backend == Backend::reference)
     ref::batch_norm_backward_inference(dx.as<float>(), ptr(dweight), ptr(dbias),
                                        dy.as<const float>(), x.as<const float>(),
