@@ -153,8 +153,14 @@ struct Errors {
 Errors compare(const Case& k, const Inputs& in, const Forward& fc, const Forward& fr,
                const Backward& bc, const Backward& br) {
   Errors e;
-  e.y = max_abs_diff(fc.y, fr.y) / std::max(max_abs(fr.y), 1e-300);
-  if (max_abs(fr.y) == 0) e.y = max_abs_diff(fc.y, fr.y) == 0 ? 0 : 1e300;
+  // y = xhat * w + b can cancel; its rounding scale is |xhat * w| + |b|.
+  double y_scale = 0;
+  for (int64_t i = 0; i < k.numel(); ++i) {
+    const double b = in.b.empty() ? 0.0 : in.b[std::size_t(k.channel_of(i))];
+    y_scale = std::max(y_scale, std::fabs(fr.y[std::size_t(i)] - b) + std::fabs(b));
+  }
+  const double y_err = max_abs_diff(fc.y, fr.y);
+  e.y = y_scale > 0 ? y_err / y_scale : (y_err == 0 ? 0 : 1e300);
   for (std::size_t i = 0; i < fr.mean.size(); ++i) {
     e.mean = std::max(e.mean, std::fabs(double(fc.mean[i]) - fr.mean[i]) /
                                   (std::fabs(double(fr.mean[i])) + k.scale));

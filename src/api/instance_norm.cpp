@@ -1,0 +1,137 @@
+// Public InstanceNorm entry points: group_norm with one channel per group, plus torch's running
+// statistics (batch average of the per-instance mean and unbiased variance, momentum-weighted).
+#include "normkit/instance_norm.h"
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common/validate.h"
+#include "cpu/group_norm.h"
+#include "ref/group_norm.h"
+
+namespace normkit {
+namespace {
+
+using detail::check_length;
+using detail::check_like;
+using detail::check_tensor;
+using detail::fail;
+
+const float* ptr(std::span<const float> v) { return v.data(); }
+float* ptr(std::span<float> v) { return v.data(); }
+
+// Checks shared by forward and backward; returns N * C.
+int64_t check_instance_input(const char* fn, const InstanceNormParams& params,
+                             const TensorView& x, std::span<const float> weight) {
+  check_tensor(fn, "x", x);
+  check_length(fn, "weight", weight, x.channels(), "C", false);
+  detail::check_eps(fn, params.eps);
+  detail::check_momentum(fn, params.momentum);
+  // torch's wording, so that users recognize it (torch checks before the batch size, too).
+  if (params.use_input_stats && x.spatial_size() == 1)
+    fail(fn, "Expected more than 1 spatial element when training, got input size " +
+                 shape_string(x));
+  int64_t instances = 0;
+  if (__builtin_mul_overflow(x.batch(), x.channels(), &instances))
+    fail(fn, "N * C overflows int64: shape " + shape_string(x));
+  return instances;
+}
+
+ref::GroupNormShape shape_of(const TensorView& x) {
+  return {x.batch(), x.channels(), x.spatial_size(), x.channels(), x.format};
+}
+
+}  // namespace
+
+void instance_norm_forward(const InstanceNormParams& params, const TensorView& x,
+                           std::span<const float> weight, std::span<const float> bias,
+                           std::span<float> running_mean, std::span<float> running_var,
+                           const TensorView& y, std::span<float> mean, std::span<float> rstd,
+                           const Context& ctx) {
+  const char* fn = "instance_norm_forward";
+  const int64_t instances = check_instance_input(fn, params, x, weight);
+  const int64_t C = x.channels();
+  check_length(fn, "bias", bias, C, "C", false);
+  const bool need_running = !params.use_input_stats;
+  check_length(fn, "running_mean", running_mean, C, "C", need_running);
+  check_length(fn, "running_var", running_var, C, "C", need_running);
+  if ((running_mean.data() == nullptr) != (running_var.data() == nullptr))
+    fail(fn, std::string("running_mean and running_var must be given together, got only ") +
+                 (running_mean.data() ? "running_mean" : "running_var"));
+  check_like(fn, "y", y, "x", x);
+  check_length(fn, "mean", mean, instances, "N * C", true);
+  check_length(fn, "rstd", rstd, instances, "N * C", true);
+  // An empty batch gives an empty output and leaves the running statistics alone.
+  if (x.batch() == 0) return;
+
+  const auto sh = shape_of(x);
+  const bool reference = ctx.backend == Backend::reference;
+  const int threads = detail::thread_count(ctx);
+  if (!params.use_input_stats) {
+    for (int64_t n = 0; n < x.batch(); ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        mean[n * C + c] = running_mean[c];
+        rstd[n * C + c] = float(1.0 / std::sqrt(double(running_var[c]) + params.eps));
+      }
+    if (reference)
+      ref::group_norm_apply(y.as<float>(), x.as<const float>(), ptr(mean), ptr(rstd), ptr(weight),
+                            ptr(bias), sh);
+    else
+      cpu::group_norm_apply(y.as<float>(), x.as<const float>(), ptr(mean), ptr(rstd), ptr(weight),
+                            ptr(bias), sh, threads);
+    return;
+  }
+
+  const bool update = running_mean.data() != nullptr && x.spatial_size() > 0;
+  thread_local std::vector<float> variance;  // reused: no allocation once warm
+  if (update && variance.size() < std::size_t(instances)) variance.resize(std::size_t(instances));
+  float* var = update ? variance.data() : nullptr;
+  if (reference)
+    ref::group_norm_forward(y.as<float>(), ptr(mean), ptr(rstd), x.as<const float>(), ptr(weight),
+                            ptr(bias), sh, params.eps, var);
+  else
+    cpu::group_norm_forward(y.as<float>(), ptr(mean), ptr(rstd), x.as<const float>(), ptr(weight),
+                            ptr(bias), sh, params.eps, threads, var);
+  if (!update) return;
+  // torch: running <- (1 - m) * running + m * (average over n of the per-instance statistic),
+  // the variance unbiased over the S spatial elements.
+  const double N = double(x.batch()), S = double(x.spatial_size()), m = params.momentum;
+  for (int64_t c = 0; c < C; ++c) {
+    double sum_mean = 0, sum_var = 0;
+    for (int64_t n = 0; n < x.batch(); ++n) {
+      sum_mean += mean[n * C + c];
+      sum_var += double(var[n * C + c]) * S / (S - 1);
+    }
+    running_mean[c] = float((1 - m) * running_mean[c] + m * sum_mean / N);
+    running_var[c] = float((1 - m) * running_var[c] + m * sum_var / N);
+  }
+}
+
+void instance_norm_backward(const InstanceNormParams& params, const TensorView& dy,
+                            const TensorView& x, std::span<const float> mean,
+                            std::span<const float> rstd, std::span<const float> weight,
+                            const TensorView& dx, std::span<float> dweight,
+                            std::span<float> dbias, const Context& ctx) {
+  const char* fn = "instance_norm_backward";
+  const int64_t instances = check_instance_input(fn, params, x, weight);
+  check_like(fn, "dy", dy, "x", x);
+  check_like(fn, "dx", dx, "x", x);
+  check_length(fn, "mean", mean, instances, "N * C", true);
+  check_length(fn, "rstd", rstd, instances, "N * C", true);
+  check_length(fn, "dweight", dweight, x.channels(), "C", false);
+  check_length(fn, "dbias", dbias, x.channels(), "C", false);
+
+  const auto sh = shape_of(x);
+  const bool constants = !params.use_input_stats;
+  if (ctx.backend == Backend::reference)
+    ref::group_norm_backward(dx.as<float>(), ptr(dweight), ptr(dbias), dy.as<const float>(),
+                             x.as<const float>(), ptr(mean), ptr(rstd), ptr(weight), sh,
+                             constants);
+  else
+    cpu::group_norm_backward(dx.as<float>(), ptr(dweight), ptr(dbias), dy.as<const float>(),
+                             x.as<const float>(), ptr(mean), ptr(rstd), ptr(weight), sh, constants,
+                             detail::thread_count(ctx));
+}
+
+}  // namespace normkit

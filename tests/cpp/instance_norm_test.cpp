@@ -1,0 +1,421 @@
+// InstanceNorm: the optimized backend against the float64 reference over random configurations,
+// running statistics against a direct computation of torch's rule, the running-statistics mode,
+// equality with group_norm at G = C, thread-count invariance, and every argument error.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "normkit/error.h"
+#include "normkit/group_norm.h"
+#include "normkit/instance_norm.h"
+#include "test_util.h"
+
+namespace normkit::test {
+namespace {
+
+constexpr double kFloatEps = 5.96e-8;  // 2^-24
+
+Context reference_ctx() { return {Backend::reference, 1}; }
+Context cpu_ctx(int threads = 0) { return {Backend::cpu, threads}; }
+
+struct Case {
+  int64_t N = 1, C = 1;
+  std::vector<int64_t> spatial;
+  MemoryFormat format = MemoryFormat::channels_first;
+  bool weight = true, bias = true, running = true, use_input_stats = true;
+  double offset = 0, scale = 1, eps = 1e-5, momentum = 0.1;
+
+  int64_t S() const {
+    int64_t s = 1;
+    for (int64_t d : spatial) s *= d;
+    return s;
+  }
+  int64_t numel() const { return N * C * S(); }
+  std::vector<int64_t> dims() const {
+    std::vector<int64_t> d = {N, C};
+    d.insert(d.end(), spatial.begin(), spatial.end());
+    return d;
+  }
+  InstanceNormParams params() const { return {use_input_stats, momentum, eps}; }
+  int64_t channel_of(int64_t i) const {
+    return format == MemoryFormat::channels_first ? (i / S()) % C : i % C;
+  }
+  int64_t sample_of(int64_t i) const { return i / (C * S()); }
+  std::string str() const {
+    std::string s = "N=" + std::to_string(N) + " C=" + std::to_string(C) + " spatial=(";
+    for (int64_t d : spatial) s += std::to_string(d) + ",";
+    return s + ") " + to_string(format) + (weight ? " w" : "") + (bias ? " b" : "") +
+           (running ? " running" : "") + (use_input_stats ? " input-stats" : " running-stats") +
+           " offset=" + std::to_string(offset) + " scale=" + std::to_string(scale) +
+           " momentum=" + std::to_string(momentum);
+  }
+};
+
+struct Inputs {
+  std::vector<float> x, dy, w, b, running_mean, running_var;
+};
+
+Inputs make_inputs(const Case& k, std::mt19937_64& rng) {
+  Inputs in;
+  in.x = random_normal(std::size_t(k.numel()), rng, k.offset, k.scale);
+  in.dy = random_normal(std::size_t(k.numel()), rng);
+  if (k.weight) in.w = random_normal(std::size_t(k.C), rng, 0.5, 1.0);
+  if (k.bias) in.b = random_normal(std::size_t(k.C), rng);
+  if (k.running) {
+    in.running_mean = random_normal(std::size_t(k.C), rng, k.offset, k.scale);
+    std::uniform_real_distribution<double> u(0.2, 2.0);
+    for (int64_t c = 0; c < k.C; ++c) in.running_var.push_back(float(u(rng) * k.scale * k.scale));
+  }
+  return in;
+}
+
+std::span<const float> opt(const std::vector<float>& v) {
+  return v.empty() ? std::span<const float>() : std::span<const float>(v);
+}
+std::span<float> opt(std::vector<float>& v) {
+  return v.empty() ? std::span<float>() : std::span<float>(v);
+}
+
+struct Result {
+  std::vector<float> y, mean, rstd, running_mean, running_var, dx, dw, db;
+};
+
+// Forward (running stats updated on a copy), then backward from the forward's saved statistics.
+Result run(const Case& k, const Inputs& in, const Context& ctx) {
+  Result r{poisoned(in.x.size()), poisoned(std::size_t(k.N * k.C)), poisoned(std::size_t(k.N * k.C)),
+           in.running_mean, in.running_var, poisoned(in.x.size()), poisoned(std::size_t(k.C)),
+           poisoned(std::size_t(k.C))};
+  instance_norm_forward(k.params(), view_of(in.x, k.dims(), k.format), opt(in.w), opt(in.b),
+                        opt(r.running_mean), opt(r.running_var), view_of(r.y, k.dims(), k.format),
+                        r.mean, r.rstd, ctx);
+  instance_norm_backward(k.params(), view_of(in.dy, k.dims(), k.format),
+                         view_of(in.x, k.dims(), k.format), r.mean, r.rstd, opt(in.w),
+                         view_of(r.dx, k.dims(), k.format), r.dw, r.db, ctx);
+  return r;
+}
+
+Case random_case(std::mt19937_64& rng) {
+  auto pick = [&](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+  };
+  Case k;
+  k.N = pick(0, 2) == 0 ? 1 : pick(1, 4);
+  k.C = pick(1, 8);
+  k.use_input_stats = pick(0, 3) != 0;
+  k.running = !k.use_input_stats || pick(0, 1);
+  do k.spatial = random_spatial(rng, 3, 7);
+  while (k.use_input_stats && k.S() == 1);
+  k.format = pick(0, 1) ? MemoryFormat::channels_last : MemoryFormat::channels_first;
+  k.weight = pick(0, 1);
+  k.bias = pick(0, 1);
+  k.scale = log_uniform(rng, 1e-3, 3e4);
+  k.offset = pick(0, 2) == 0 ? 0.0 : (pick(0, 1) ? 1 : -1) * log_uniform(rng, 1e-3, 3e4);
+  k.momentum = std::uniform_real_distribution<double>(0, 1)(rng);
+  const double eps_choices[] = {1e-5, 1e-3, 0.1};
+  k.eps = eps_choices[pick(0, 2)];
+  return k;
+}
+
+double relative(const std::vector<float>& a, const std::vector<float>& b, double floor = 0) {
+  const double scale = std::max(max_abs(b), floor), err = max_abs_diff(a, b);
+  return scale > 0 ? err / scale : (err == 0 ? 0 : 1e300);
+}
+
+TEST(InstanceNorm, CpuMatchesReferenceOnRandomConfigs) {
+  std::mt19937_64 rng(99);
+  int checked = 0;
+  double worst = 0;
+  for (int trial = 0; trial < 1000; ++trial) {
+    const Case k = random_case(rng);
+    const Inputs in = make_inputs(k, rng);
+    const Result r = run(k, in, reference_ctx());
+    const Result c = run(k, in, cpu_ctx(1 + trial % 3));
+    ASSERT_FALSE(contains_poison(r.y) || contains_poison(r.dx) || contains_poison(r.mean)) << k.str();
+    const double tol = 16 * kFloatEps;
+    // dx is a sum of terms of size rstd * |w * dy|: the scale of its rounding.
+    // y = xhat * w + b can cancel; its rounding scale is |xhat * w| + |b|.
+    double dx_scale = 0, y_scale = 0;
+    std::vector<double> dw_scale(std::size_t(k.C), 0.0), db_scale(std::size_t(k.C), 0.0);
+    for (int64_t i = 0; i < k.numel(); ++i) {
+      const auto u = std::size_t(i), ch = std::size_t(k.channel_of(i));
+      const auto nc = std::size_t(k.sample_of(i) * k.C + k.channel_of(i));
+      const double w = in.w.empty() ? 1.0 : in.w[ch], b = in.b.empty() ? 0.0 : in.b[ch];
+      y_scale = std::max(y_scale, std::fabs(r.y[u] - b) + std::fabs(b));
+      dx_scale = std::max(dx_scale, std::fabs(r.rstd[nc] * w * in.dy[u]));
+      dw_scale[ch] += std::fabs(in.dy[u] * (in.x[u] - double(r.mean[nc])) * r.rstd[nc]);
+      db_scale[ch] += std::fabs(in.dy[u]);
+    }
+    const double e_y = relative(c.y, r.y, y_scale), e_dx = relative(c.dx, r.dx, dx_scale);
+    EXPECT_LE(e_y, tol) << k.str();
+    EXPECT_LE(e_dx, 2 * tol) << k.str();
+    for (int64_t i = 0; i < k.N * k.C; ++i) {
+      const auto u = std::size_t(i);
+      EXPECT_LE(std::fabs(c.mean[u] - double(r.mean[u])), 8 * kFloatEps * (std::fabs(r.mean[u]) + k.scale));
+      EXPECT_LE(std::fabs(c.rstd[u] - double(r.rstd[u])), 4 * tol * r.rstd[u]) << k.str();
+    }
+    for (int64_t ch = 0; ch < k.C; ++ch) {
+      const auto u = std::size_t(ch);
+      EXPECT_LE(std::fabs(c.dw[u] - double(r.dw[u])), 4 * tol * std::max(dw_scale[u], 1e-300)) << k.str();
+      EXPECT_LE(std::fabs(c.db[u] - double(r.db[u])), 4 * tol * std::max(db_scale[u], 1e-300)) << k.str();
+      if (k.running) {
+        EXPECT_LE(std::fabs(c.running_mean[u] - double(r.running_mean[u])),
+                  8 * kFloatEps * (std::fabs(r.running_mean[u]) + k.scale)) << k.str();
+        EXPECT_LE(std::fabs(c.running_var[u] - double(r.running_var[u])),
+                  4 * tol * r.running_var[u]) << k.str();
+      }
+    }
+    worst = std::max({worst, e_y, e_dx});
+    ++checked;
+    if (HasFailure()) break;
+  }
+  EXPECT_EQ(checked, 1000);
+  std::printf("worst y/dx error / float eps: %.2f\n", worst / kFloatEps);
+}
+
+// torch: running <- (1 - momentum) * running + momentum * mean over n of the per-instance
+// mean and of the per-instance unbiased variance; over several steps, both backends.
+TEST(InstanceNorm, RunningStatisticsFollowTorchsRule) {
+  std::mt19937_64 rng(101);
+  for (const Context& ctx : {reference_ctx(), cpu_ctx()})
+    for (MemoryFormat format : {MemoryFormat::channels_first, MemoryFormat::channels_last}) {
+      Case k{3, 4, {5, 6}, format};
+      k.momentum = 0.3;
+      k.offset = 2.0;
+      k.scale = 1.5;
+      Inputs in = make_inputs(k, rng);
+      std::vector<double> rm(in.running_mean.begin(), in.running_mean.end());
+      std::vector<double> rv(in.running_var.begin(), in.running_var.end());
+      std::vector<float> running_mean = in.running_mean, running_var = in.running_var;
+      for (int step = 0; step < 4; ++step) {
+        in.x = random_normal(in.x.size(), rng, k.offset + step, k.scale);
+        const auto x = from_format(to_double(in.x), k.N, k.C, k.S(), format);
+        std::vector<float> y = poisoned(in.x.size()), mean = poisoned(12), rstd = poisoned(12);
+        instance_norm_forward(k.params(), view_of(in.x, k.dims(), format), in.w, in.b, running_mean,
+                              running_var, view_of(y, k.dims(), format), mean, rstd, ctx);
+        const int64_t S = k.S();
+        for (int64_t c = 0; c < k.C; ++c) {
+          double avg_mean = 0, avg_var = 0;
+          for (int64_t n = 0; n < k.N; ++n) {
+            const double* v = &x[std::size_t((n * k.C + c) * S)];
+            double mu = 0, ss = 0;
+            for (int64_t s = 0; s < S; ++s) mu += v[s] / double(S);
+            for (int64_t s = 0; s < S; ++s) ss += (v[s] - mu) * (v[s] - mu);
+            avg_mean += mu / double(k.N);
+            avg_var += ss / double(S - 1) / double(k.N);
+          }
+          rm[std::size_t(c)] = (1 - k.momentum) * rm[std::size_t(c)] + k.momentum * avg_mean;
+          rv[std::size_t(c)] = (1 - k.momentum) * rv[std::size_t(c)] + k.momentum * avg_var;
+        }
+        EXPECT_LE(max_abs_diff(running_mean, rm), 1e-6 * max_abs(rm)) << "step " << step;
+        EXPECT_LE(max_abs_diff(running_var, rv), 1e-6 * max_abs(rv)) << "step " << step;
+      }
+    }
+}
+
+// use_input_stats = false: y = (x - running_mean) / sqrt(running_var + eps) * w + b, the
+// running statistics are left alone and the backward treats them as constants.
+TEST(InstanceNorm, RunningStatisticsMode) {
+  std::mt19937_64 rng(103);
+  for (const Context& ctx : {reference_ctx(), cpu_ctx()})
+    for (MemoryFormat format : {MemoryFormat::channels_first, MemoryFormat::channels_last})
+      for (const auto& spatial : std::vector<std::vector<int64_t>>{{}, {1}, {7}, {3, 5}}) {
+        Case k{2, 5, spatial, format};
+        k.use_input_stats = false;
+        k.offset = 10.0;
+        k.scale = 2.0;
+        const Inputs in = make_inputs(k, rng);
+        const Result r = run(k, in, ctx);
+        EXPECT_TRUE(bitwise_equal(r.running_mean, in.running_mean));
+        EXPECT_TRUE(bitwise_equal(r.running_var, in.running_var));
+        std::vector<double> dw(std::size_t(k.C), 0), db(std::size_t(k.C), 0);
+        for (int64_t i = 0; i < k.numel(); ++i) {
+          const auto u = std::size_t(i), c = std::size_t(k.channel_of(i));
+          const double rs = 1 / std::sqrt(double(in.running_var[c]) + k.eps);
+          const double xhat = (in.x[u] - double(in.running_mean[c])) * rs;
+          EXPECT_NEAR(r.y[u], xhat * in.w[c] + in.b[c], 1e-5 * (1 + std::fabs(xhat * in.w[c])));
+          EXPECT_NEAR(r.dx[u], in.dy[u] * in.w[c] * rs, 1e-5 * std::fabs(in.w[c] * rs));
+          dw[c] += in.dy[u] * xhat;
+          db[c] += in.dy[u];
+        }
+        for (int64_t i = 0; i < k.N * k.C; ++i) {
+          const auto c = std::size_t(i % k.C);
+          EXPECT_EQ(r.mean[std::size_t(i)], in.running_mean[c]);
+          EXPECT_NEAR(r.rstd[std::size_t(i)], 1 / std::sqrt(double(in.running_var[c]) + k.eps),
+                      1e-6 * r.rstd[std::size_t(i)]);
+        }
+        EXPECT_LE(max_abs_diff(r.dw, dw), 1e-5 * (max_abs(dw) + 1));
+        EXPECT_LE(max_abs_diff(r.db, db), 1e-5 * (max_abs(db) + 1));
+      }
+}
+
+// With input statistics, instance_norm is group_norm with one channel per group, bit for bit.
+TEST(InstanceNorm, EqualsGroupNormWithOneChannelPerGroup) {
+  std::mt19937_64 rng(107);
+  for (const Context& ctx : {reference_ctx(), cpu_ctx()})
+    for (MemoryFormat format : {MemoryFormat::channels_first, MemoryFormat::channels_last}) {
+      Case k{3, 7, {9, 11}, format};
+      k.running = false;
+      const Inputs in = make_inputs(k, rng);
+      const Result r = run(k, in, ctx);
+      std::vector<float> y = poisoned(in.x.size()), mean = poisoned(21), rstd = poisoned(21);
+      std::vector<float> dx = poisoned(in.x.size()), dw = poisoned(7), db = poisoned(7);
+      const GroupNormParams gp{k.C, k.eps};
+      group_norm_forward(gp, view_of(in.x, k.dims(), format), in.w, in.b,
+                         view_of(y, k.dims(), format), mean, rstd, ctx);
+      group_norm_backward(gp, view_of(in.dy, k.dims(), format), view_of(in.x, k.dims(), format),
+                          mean, rstd, in.w, view_of(dx, k.dims(), format), dw, db, ctx);
+      EXPECT_TRUE(bitwise_equal(r.y, y));
+      EXPECT_TRUE(bitwise_equal(r.mean, mean));
+      EXPECT_TRUE(bitwise_equal(r.rstd, rstd));
+      EXPECT_TRUE(bitwise_equal(r.dx, dx));
+      EXPECT_TRUE(bitwise_equal(r.dw, dw));
+      EXPECT_TRUE(bitwise_equal(r.db, db));
+    }
+}
+
+// The acceptance criterion of the statistics at large offsets, against float64 group norm
+// (G = C) from the same inputs (the reference backend, which computes in double).
+TEST(InstanceNorm, AccuracyAtLargeOffsets) {
+  std::mt19937_64 rng(109);
+  for (MemoryFormat format : {MemoryFormat::channels_first, MemoryFormat::channels_last})
+    for (double ratio : {0.0, -1e3, 3e4}) {
+      Case k{2, 6, {40, 30}, format};
+      k.scale = 0.01;
+      k.offset = ratio * k.scale;
+      const Inputs in = make_inputs(k, rng);
+      const Result r = run(k, in, reference_ctx()), c = run(k, in, cpu_ctx());
+      const double tol = 1e-5 * (1 + std::fabs(ratio));
+      EXPECT_LE(relative(c.y, r.y), tol);
+      EXPECT_LE(relative(c.dx, r.dx), 20 * tol);
+      EXPECT_LE(relative(c.running_var, r.running_var), tol);
+    }
+}
+
+TEST(InstanceNorm, ThreadCountDoesNotChangeResults) {
+  std::mt19937_64 rng(113);
+  for (MemoryFormat format : {MemoryFormat::channels_first, MemoryFormat::channels_last})
+    for (bool input_stats : {true, false}) {
+      Case k{1, 3, {90, 100}, format};
+      k.use_input_stats = input_stats;
+      const Inputs in = make_inputs(k, rng);
+      const Result one = run(k, in, cpu_ctx(1));
+      for (int threads = 2; threads <= 4; ++threads) {
+        const Result r = run(k, in, cpu_ctx(threads));
+        EXPECT_TRUE(bitwise_equal(r.y, one.y) && bitwise_equal(r.dx, one.dx) &&
+                    bitwise_equal(r.dw, one.dw) && bitwise_equal(r.db, one.db) &&
+                    bitwise_equal(r.mean, one.mean) && bitwise_equal(r.rstd, one.rstd) &&
+                    bitwise_equal(r.running_mean, one.running_mean) &&
+                    bitwise_equal(r.running_var, one.running_var))
+            << k.str() << " threads " << threads;
+      }
+    }
+}
+
+TEST(InstanceNorm, EmptyBatchLeavesRunningStatisticsAlone) {
+  for (const Context& ctx : {reference_ctx(), cpu_ctx()}) {
+    std::vector<float> x, y, rm = {1, 2, 3}, rv = {4, 5, 6};
+    const std::vector<int64_t> dims{0, 3, 4};
+    EXPECT_NO_THROW(instance_norm_forward({}, view_of(x, dims), {}, {}, rm, rv, view_of(y, dims), {},
+                                          {}, ctx));
+    EXPECT_EQ(rm, (std::vector<float>{1, 2, 3}));
+    EXPECT_EQ(rv, (std::vector<float>{4, 5, 6}));
+  }
+}
+
+// ---- argument errors ----------------------------------------------------------------------
+
+void expect_error(const std::function<void()>& call, const std::vector<std::string>& needles) {
+  try {
+    call();
+    ADD_FAILURE() << "expected normkit::Error containing \"" << needles.front() << "\"";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    for (const auto& needle : needles)
+      EXPECT_NE(what.find(needle), std::string::npos) << "message: " << what << "\nexpected: " << needle;
+  }
+}
+
+struct ForwardArgs {
+  InstanceNormParams params;
+  std::vector<int64_t> x_dims{2, 3, 4}, y_dims{2, 3, 4};
+  std::vector<float> x = std::vector<float>(24, 1.0f), w = std::vector<float>(3, 1.0f),
+                     b = std::vector<float>(3, 0.0f);
+  std::vector<float> rm = std::vector<float>(3, 0.0f), rv = std::vector<float>(3, 1.0f);
+  std::vector<float> y = poisoned(24), mean = poisoned(6), rstd = poisoned(6);
+  bool rm_absent = false, rv_absent = false;
+
+  void run() {
+    instance_norm_forward(params, view_of(x, x_dims), w, b, rm_absent ? std::span<float>() : std::span<float>(rm),
+                          rv_absent ? std::span<float>() : std::span<float>(rv), view_of(y, y_dims), mean,
+                          rstd, cpu_ctx());
+  }
+  bool untouched() const {
+    return y == poisoned(y.size()) && mean == poisoned(mean.size()) && rstd == poisoned(rstd.size()) &&
+           rm == std::vector<float>(rm.size(), 0.0f) && rv == std::vector<float>(rv.size(), 1.0f);
+  }
+};
+
+void expect_forward_error(const std::function<void(ForwardArgs&)>& edit,
+                          const std::vector<std::string>& needles) {
+  ForwardArgs a;
+  edit(a);
+  expect_error([&] { a.run(); }, needles);
+  EXPECT_TRUE(a.untouched()) << "memory written before the throw: " << needles.front();
+}
+
+TEST(InstanceNormErrors, ForwardArguments) {
+  {
+    ForwardArgs a;
+    a.run();
+    EXPECT_FALSE(contains_poison(a.y) || contains_poison(a.mean) || contains_poison(a.rstd));
+    EXPECT_NE(a.rv, std::vector<float>(3, 1.0f));  // updated
+  }
+  const std::string spatial = "Expected more than 1 spatial element when training, got input size ";
+  expect_forward_error([](auto& a) { a.x_dims = a.y_dims = {2, 3, 1}; a.x.resize(6); a.y = poisoned(6); },
+                       {"instance_norm_forward", spatial + "(2, 3, 1)"});
+  expect_forward_error([](auto& a) { a.x_dims = a.y_dims = {2, 3}; a.x.resize(6); a.y = poisoned(6); },
+                       {spatial + "(2, 3)"});
+  expect_forward_error([](auto& a) { a.x_dims = a.y_dims = {0, 3, 1, 1}; }, {spatial + "(0, 3, 1, 1)"});
+  expect_forward_error([](auto& a) { a.params.use_input_stats = false; a.rm_absent = a.rv_absent = true; },
+                       {"running_mean is required"});
+  expect_forward_error([](auto& a) { a.rv_absent = true; },
+                       {"running_mean and running_var must be given together, got only running_mean"});
+  expect_forward_error([](auto& a) { a.rv.resize(4, 1.0f); }, {"running_var has length 4", "C = 3"});
+  expect_forward_error([](auto& a) { a.rm.resize(2); }, {"running_mean has length 2", "C = 3"});
+  expect_forward_error([](auto& a) { a.w.resize(2); }, {"weight has length 2", "C = 3"});
+  expect_forward_error([](auto& a) { a.b.resize(6); }, {"bias has length 6", "C = 3"});
+  expect_forward_error([](auto& a) { a.y_dims = {2, 4, 3}; }, {"y shape (2, 4, 3) != x shape (2, 3, 4)"});
+  expect_forward_error([](auto& a) { a.mean.resize(3, kPoison); }, {"mean has length 3", "N * C = 6"});
+  expect_forward_error([](auto& a) { a.rstd.resize(7, kPoison); }, {"rstd has length 7", "N * C = 6"});
+  expect_forward_error([](auto& a) { a.params.momentum = -0.1; }, {"momentum must be in [0, 1]"});
+  expect_forward_error([](auto& a) { a.params.momentum = 1.5; }, {"momentum must be in [0, 1], got 1.5"});
+  expect_forward_error([](auto& a) { a.params.momentum = std::nan(""); }, {"momentum must be in [0, 1]"});
+  expect_forward_error([](auto& a) { a.params.eps = -1; }, {"eps must be finite and >= 0"});
+  expect_forward_error([](auto& a) { a.params.eps = INFINITY; }, {"eps must be finite and >= 0"});
+  expect_forward_error([](auto& a) { a.x_dims = a.y_dims = {1, 3, 2, 2, 2, 1}; }, {"rank 2 to 5, got rank 6"});
+  expect_forward_error([](auto& a) { a.x_dims = a.y_dims = {int64_t(1) << 40, 3, int64_t(1) << 40}; },
+                       {"more elements than int64"});
+}
+
+TEST(InstanceNormErrors, BackwardArguments) {
+  std::vector<float> x(24, 1.0f), dy(24, 1.0f), mean(6, 0.0f), rstd(6, 1.0f), w(3, 1.0f);
+  std::vector<float> dx = poisoned(24), dw = poisoned(3), db = poisoned(3);
+  auto call = [&](const InstanceNormParams& p, std::vector<int64_t> dy_dims, std::span<const float> m) {
+    return [&, p, dy_dims, m] {
+      instance_norm_backward(p, view_of(dy, dy_dims), view_of(x, {2, 3, 4}), m, rstd, w,
+                             view_of(dx, {2, 3, 4}), dw, db, cpu_ctx());
+    };
+  };
+  expect_error(call({}, {2, 3, 3}, mean), {"instance_norm_backward", "dy shape (2, 3, 3) != x shape (2, 3, 4)"});
+  expect_error(call({}, {2, 3, 4}, std::span<const float>(mean).first(5)), {"mean has length 5", "N * C = 6"});
+  expect_error(call({true, 2.0, 1e-5}, {2, 3, 4}, mean), {"momentum must be in [0, 1]"});
+  EXPECT_TRUE(dx == poisoned(24) && dw == poisoned(3) && db == poisoned(3));
+  call({}, {2, 3, 4}, mean)();
+  EXPECT_FALSE(contains_poison(dx) || contains_poison(dw) || contains_poison(db));
+}
+
+}  // namespace
+}  // namespace normkit::test
