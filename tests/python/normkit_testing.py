@@ -73,21 +73,46 @@ def tolerance(offset, scale):
     return 1e-5 * (1.0 + abs(offset) / scale)
 
 
+def _check_array(actual, expected, what):
+    assert isinstance(actual, np.ndarray), f"{what}: got {type(actual)}"
+    assert actual.dtype == np.float32, f"{what}: dtype {actual.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert np.all(np.isfinite(actual)), f"{what}: non-finite values (unwritten outputs are NaN)"
+
+
 def assert_close(actual, expected, tol, what, magnitude=0.0):
     """max |actual - expected| <= tol * max(max |expected|, magnitude), plus shape, dtype and
     finiteness. `magnitude`: the size of terms that cancel in the result, where that is larger
     (dx of a two-value group is ~0: only float32 rounding of its terms remains)."""
     expected = np.asarray(expected, dtype=np.float64)
-    assert isinstance(actual, np.ndarray), f"{what}: got {type(actual)}"
-    assert actual.dtype == np.float32, f"{what}: dtype {actual.dtype}"
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    _check_array(actual, expected, what)
     if expected.size == 0:
         return
-    assert np.all(np.isfinite(actual)), f"{what}: non-finite values (unwritten outputs are NaN)"
     magnitude = max(float(np.max(np.abs(expected))), magnitude)
     error = float(np.max(np.abs(actual.astype(np.float64) - expected)))
     assert error <= tol * max(magnitude, 1e-30), \
         f"{what}: max error {error:.3g} > {tol:.3g} * max|expected| {magnitude:.3g}"
+
+
+def assert_normalized_close(actual, expected, x, mean, rstd, weight, what):
+    """A forward output y = (x - mean) * rstd * weight + bias against its float64 value.
+
+    Each element may be off by 1e-5 * max|y| plus 1e-5 * (|x| + |mean|) * rstd * |weight|: x - mean
+    cannot be formed in float32 more exactly than the size of x and mean allows. Per group, this
+    is what the criterion 1e-5 * (1 + |offset| / scale) * max|y| says per tensor; per group it
+    also holds where a few values happen to lie close together (a large offset relative to
+    their own spread). mean, rstd and weight broadcast against x (weight may be None)."""
+    expected = np.asarray(expected, dtype=np.float64)
+    _check_array(actual, expected, what)
+    if expected.size == 0:
+        return
+    x = np.asarray(x, np.float64)
+    w = 1.0 if weight is None else np.abs(weight)
+    allowance = 1e-5 * (np.max(np.abs(expected)) + (np.abs(x) + np.abs(mean)) * rstd * w)
+    error = np.abs(actual.astype(np.float64) - expected)
+    worst = np.unravel_index(np.argmax(error - allowance), error.shape)
+    assert np.all(error <= allowance), \
+        f"{what}: error {error[worst]:.3g} > allowed {allowance[worst]:.3g} at {worst}"
 
 
 def assert_same_layout(out, x_format, like):
@@ -103,6 +128,19 @@ def assert_same_layout(out, x_format, like):
 def per_channel(v, ndim):
     """A length-C vector shaped to broadcast against (N, C, *spatial)."""
     return np.asarray(v, np.float64).reshape(1, -1, *([1] * (ndim - 2)))
+
+
+def per_sample_channel(v, ndim):
+    """(N, C) values shaped to broadcast against (N, C, *spatial)."""
+    v = np.asarray(v, np.float64)
+    return v.reshape(*v.shape[:2], *([1] * (ndim - 2)))
+
+
+def moments(x, axes, eps):
+    """float64 mean and 1 / sqrt(biased var + eps) over `axes`, kept for broadcasting."""
+    x = np.asarray(x, np.float64)
+    mean = x.mean(axis=axes, keepdims=True)
+    return mean, 1.0 / np.sqrt(((x - mean) ** 2).mean(axis=axes, keepdims=True) + eps)
 
 
 def gradient_term_magnitude(dy, weight, rstd):

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import normkit
-from normkit_testing import (FORMATS, Config, assert_close, assert_same_layout,
-                             gradient_term_magnitude, n64, per_channel, raises, t64)
+from normkit_testing import (FORMATS, Config, assert_close, assert_normalized_close,
+                             assert_same_layout, gradient_term_magnitude, n64, per_channel,
+                             raises, t64)
 
 SPATIAL_DIMS = (0, 1, 2, 3)
 
@@ -58,6 +59,10 @@ def test_training_steps_match_torch(rng, fmt, spatial_dims, affine, with_running
     for step in range(3):
         x = cfg.activation()
         what = f"step {step} {cfg} momentum={momentum}"
+        # native_batch_norm in float64 gives the batch statistics (without touching running
+        # ones: those are checked through F.batch_norm below).
+        _, mean_ref, invstd_ref = torch.native_batch_norm(t64(x), w64, b64, None, None, True,
+                                                          momentum, cfg.eps)
         if step == 1:
             y = normkit.batch_norm(x, running_mean, running_var, weight, bias, True, momentum,
                                    cfg.eps)
@@ -65,14 +70,12 @@ def test_training_steps_match_torch(rng, fmt, spatial_dims, affine, with_running
             y, save_mean, save_invstd = normkit.batch_norm_forward(
                 x, running_mean, running_var, weight, bias, training=True, momentum=momentum,
                 eps=cfg.eps)
-            # native_batch_norm in float64 gives the saved statistics (without touching
-            # running ones: those are checked through F.batch_norm below).
-            _, mean_ref, invstd_ref = torch.native_batch_norm(t64(x), w64, b64, None, None,
-                                                              True, momentum, cfg.eps)
             assert_close(save_mean, n64(mean_ref), tol, "save_mean " + what, cfg.value_size)
             assert_close(save_invstd, n64(invstd_ref), tol, "save_invstd " + what)
         y_ref = F.batch_norm(t64(x), mean64, var64, w64, b64, True, momentum, cfg.eps)
-        assert_close(y, n64(y_ref), tol, "y " + what)
+        assert_normalized_close(y, n64(y_ref), x, per_channel(n64(mean_ref), x.ndim),
+                                per_channel(n64(invstd_ref), x.ndim),
+                                per_channel(weight, x.ndim) if affine else None, "y " + what)
         assert_same_layout(y, fmt, x)
         if with_running:
             assert_close(running_mean, n64(mean64), tol, "running_mean " + what, cfg.value_size)
@@ -102,7 +105,10 @@ def test_inference_matches_torch(rng, fmt, spatial_dims, affine, seed):
     y_ref = F.batch_norm(t64(x), t64(running_mean), t64(running_var),
                          t64(weight) if affine else None, t64(bias) if affine else None,
                          False, 0.1, cfg.eps)
-    assert_close(y, n64(y_ref), cfg.tol(), f"y {cfg}")
+    invstd = 1 / np.sqrt(running_var.astype(np.float64) + cfg.eps)
+    assert_normalized_close(y, n64(y_ref), x, per_channel(running_mean, x.ndim),
+                            per_channel(invstd, x.ndim),
+                            per_channel(weight, x.ndim) if affine else None, f"y {cfg}")
     assert np.array_equal(y, y_only)
     assert_same_layout(y, fmt, x)
     assert save_mean.shape == (0,) and save_invstd.shape == (0,)
@@ -166,7 +172,9 @@ def test_running_statistics_as_torch_module(rng):
         assert_close(running_var, n64(module.running_var), cfg.tol(), "running_var")
         x = cfg.activation()
         y = normkit.batch_norm(x, running_mean, running_var, eps=cfg.eps)
-        assert_close(y, n64(module.eval()(t64(x))), cfg.tol(), "y (inference)")
+        invstd = 1 / np.sqrt(running_var.astype(np.float64) + cfg.eps)
+        assert_normalized_close(y, n64(module.eval()(t64(x))), x, per_channel(running_mean, 4),
+                                per_channel(invstd, 4), None, "y (inference)")
 
 
 @pytest.mark.parametrize("fmt", ["channels_first", "channels_last"])

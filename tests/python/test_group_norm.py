@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import normkit
-from normkit_testing import (FORMATS, Config, assert_close, assert_same_layout,
-                             gradient_term_magnitude, n64, raises, t64)
+from normkit_testing import (FORMATS, Config, assert_close, assert_normalized_close,
+                             assert_same_layout, gradient_term_magnitude, n64, per_channel,
+                             per_sample_channel, raises, t64)
 
 SPATIAL_DIMS = (0, 1, 2, 3)
 
@@ -44,7 +45,11 @@ def test_forward_matches_torch(rng, fmt, spatial_dims, affine, seed):
     y_ref, mean_ref, rstd_ref = torch.native_group_norm(
         t64(x), w64, b64, cfg.batch, channels, cfg.spatial_size, groups, cfg.eps)
     tol = cfg.tol()
-    assert_close(y, n64(y_ref), tol, f"y {cfg} G={groups}")
+    ndim = x.ndim
+    mean_c = per_sample_channel(np.repeat(n64(mean_ref), channels // groups, axis=1), ndim)
+    rstd_c = per_sample_channel(np.repeat(n64(rstd_ref), channels // groups, axis=1), ndim)
+    w_c = per_channel(weight, ndim) if affine else None
+    assert_normalized_close(y, n64(y_ref), x, mean_c, rstd_c, w_c, f"y {cfg} G={groups}")
     assert_close(mean, n64(mean_ref), tol, f"mean {cfg}", cfg.value_size)
     assert_close(rstd, n64(rstd_ref), tol, f"rstd {cfg}")
     assert np.array_equal(y_only, y), "group_norm and group_norm_forward differ"
@@ -54,7 +59,8 @@ def test_forward_matches_torch(rng, fmt, spatial_dims, affine, seed):
     # N * C / G * spatial == 1, a check normkit does not copy (each group is still well defined).
     if cfg.batch * (channels // groups) * cfg.spatial_size > 1:
         y_functional = F.group_norm(t64(x), groups, w64, b64, cfg.eps)
-        assert_close(y_only, n64(y_functional), tol, "F.group_norm")
+        assert_normalized_close(y_only, n64(y_functional), x, mean_c, rstd_c, w_c,
+                                "F.group_norm")
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -5,8 +5,8 @@ import pytest
 import torch.nn.functional as F
 
 import normkit
-from normkit_testing import (Config, assert_close, in_format, is_channels_first,
-                             is_channels_last, n64, raises, t64)
+from normkit_testing import (Config, assert_normalized_close, in_format, is_channels_first,
+                             is_channels_last, moments, n64, raises, t64)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -35,7 +35,9 @@ def test_matches_torch(rng, rank, fmt, affine, seed):
     y = normkit.layer_norm(x, arg, weight, bias, cfg.eps)
     y_ref = F.layer_norm(t64(x), normalized, t64(weight) if affine else None,
                          t64(bias) if affine else None, cfg.eps)
-    assert_close(y, n64(y_ref), cfg.tol(), f"y shape={shape} normalized={normalized} {cfg}")
+    mean, rstd = moments(x, tuple(range(rank - normalized_ndim, rank)), cfg.eps)
+    assert_normalized_close(y, n64(y_ref), x, mean, rstd, weight,
+                            f"y shape={shape} normalized={normalized} {cfg}")
     if fmt == "channels_last" and normalized_ndim == rank - 1 and rank <= 5:
         assert y.strides == x.strides and is_channels_last(y)
     else:
