@@ -1,0 +1,179 @@
+#pragma once
+// Layer objects in the manner of torch.nn modules: each owns its parameters (weight = 1,
+// bias = 0, length C, present when affine), their gradients, and for BatchNorm and InstanceNorm
+// (with track_running_stats) the running statistics (running_mean = 0, running_var = 1,
+// num_batches_tracked = 0). They are thin: every computation is one of the free functions.
+//
+// Contract shared by all layers:
+// - Mode: a layer starts in training mode (as torch's). train() / eval() switch it explicitly;
+//   the mode is never guessed from the input. GroupNorm and LayerNorm compute the same in both.
+// - forward(x, y) reads x and overwrites y (x's shape and format). It keeps a view of x and the
+//   statistics it used, for backward: x must stay alive and unchanged, and y must not alias x,
+//   until the matching backward (which also reads weight and, after an eval forward, the
+//   running statistics: update them after backward). Running statistics are updated in place in
+//   training mode.
+// - backward(dy, dx) is the gradient of the most recent forward (in the mode that forward ran
+//   in, whatever the mode is now). It reads dy (x's shape and format), overwrites dx and
+//   OVERWRITES weight_grad and bias_grad (it does not add to them; nothing needs zeroing).
+// - Public members are plain data: an optimizer updates weight and bias from weight_grad and
+//   bias_grad directly; their lengths must not be changed. In `options`, eps and momentum may be
+//   changed between calls; affine and track_running_stats are read by the constructor only.
+// - Throws normkit::Error on bad arguments (x's channel count != the layer's, a bad shape, a
+//   backward with no forward before it, ...) before changing anything the caller can see.
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "normkit/context.h"
+#include "normkit/tensor.h"
+
+namespace normkit {
+
+// Layer options (outside the classes so that `= {}` default arguments work); defaults are torch's.
+struct BatchNormOptions {
+  double eps = 1e-5;
+  std::optional<double> momentum = 0.1;  // in [0, 1]; nullopt: cumulative moving average
+  bool affine = true;
+  bool track_running_stats = true;
+};
+
+struct GroupNormOptions {  // also LayerNorm's
+  double eps = 1e-5;
+  bool affine = true;
+};
+
+struct InstanceNormOptions {
+  double eps = 1e-5;
+  std::optional<double> momentum = 0.1;  // in [0, 1]; nullopt: cumulative moving average
+  bool affine = false;
+  bool track_running_stats = false;
+};
+
+// What every normalization layer offers; a model can hold any of them through this interface.
+class NormLayer {
+ public:
+  virtual ~NormLayer() = default;
+
+  virtual void forward(const TensorView& x, const TensorView& y) = 0;
+  virtual void backward(const TensorView& dy, const TensorView& dx) = 0;
+
+  void train(bool on = true) { training_ = on; }
+  void eval() { training_ = false; }
+  bool is_training() const { return training_; }
+
+  int64_t num_channels() const { return num_channels_; }
+  bool affine() const { return affine_; }
+
+  // Length C when affine, empty otherwise.
+  std::vector<float> weight, bias;
+  std::vector<float> weight_grad, bias_grad;
+
+  // Threads and backend used by forward and backward.
+  Context context;
+
+ protected:
+  NormLayer(const char* name, int64_t num_channels, bool affine);
+  // x has rank 2..5 and C == num_channels(); throws naming the layer otherwise.
+  void check_input(const char* method, const TensorView& x) const;
+  // A forward ran before, and dy and dx have the shape of its x.
+  void check_backward(const TensorView& dy, const TensorView& dx) const;
+
+  const char* name_;
+  int64_t num_channels_;
+  bool affine_;
+  bool training_ = true;
+  TensorView saved_x_;  // the input of the last forward; rank 0 before the first
+};
+
+// torch.nn.BatchNorm{1,2,3}d. Training mode: normalizes with the batch statistics and, with
+// track_running_stats, first increments num_batches_tracked and then updates the running
+// statistics with factor momentum (or 1 / num_batches_tracked when momentum is nullopt: the
+// cumulative average). An empty batch (N = 0) still increments num_batches_tracked and leaves
+// the running statistics unchanged, as torch 1.13. Eval mode: normalizes with the running
+// statistics when track_running_stats, else with the batch statistics (updating nothing).
+class BatchNorm : public NormLayer {
+ public:
+  using Options = BatchNormOptions;
+  // Throws normkit::Error on num_features < 0, bad eps or momentum.
+  explicit BatchNorm(int64_t num_features, Options options = {});
+
+  // Throws, among the rest, torch's "Expected more than 1 value per channel when training" when
+  // batch statistics are used with N * spatial == 1.
+  void forward(const TensorView& x, const TensorView& y) override;
+  void backward(const TensorView& dy, const TensorView& dx) override;
+
+  Options options;
+  // Length C when track_running_stats, empty otherwise.
+  std::vector<float> running_mean, running_var;
+  int64_t num_batches_tracked = 0;
+
+ private:
+  bool track_running_stats_;
+  bool used_batch_stats_ = true;
+  double used_eps_ = 1e-5;
+  std::vector<float> save_mean_, save_invstd_;
+};
+
+// torch.nn.GroupNorm(num_groups, num_channels): statistics per (sample, group), affine per
+// channel. No running statistics; train and eval compute the same.
+class GroupNorm : public NormLayer {
+ public:
+  using Options = GroupNormOptions;
+  // Throws normkit::Error on num_groups <= 0, num_channels % num_groups != 0, bad eps.
+  GroupNorm(int64_t num_groups, int64_t num_channels, Options options = {});
+
+  void forward(const TensorView& x, const TensorView& y) override;
+  void backward(const TensorView& dy, const TensorView& dx) override;
+
+  int64_t num_groups() const { return num_groups_; }
+  Options options;
+
+ protected:
+  GroupNorm(const char* name, int64_t num_groups, int64_t num_channels, Options options);
+
+ private:
+  int64_t num_groups_;
+  double used_eps_ = 1e-5;
+  std::vector<float> mean_, rstd_;
+};
+
+// The LayerNorm of the GroupNorm paper: each sample normalized over all its channels and
+// positions (GroupNorm with one group), affine per channel (not per element, unlike
+// torch.nn.LayerNorm; for that see layer_norm_forward).
+class LayerNorm : public GroupNorm {
+ public:
+  explicit LayerNorm(int64_t num_channels, Options options = {})
+      : GroupNorm("LayerNorm", 1, num_channels, options) {}
+};
+
+// torch.nn.InstanceNorm{1,2,3}d: each (sample, channel) normalized over its positions. Defaults
+// are torch's (affine = false, track_running_stats = false). Training mode, or eval without
+// track_running_stats: instance statistics; running statistics (when tracked, in training mode)
+// updated with the batch average of the instance means and unbiased variances. Eval with
+// track_running_stats: normalizes with the running statistics.
+// Differences from torch 1.13: momentum = nullopt (cumulative average, factor
+// 1 / num_batches_tracked) is accepted (torch rejects None for InstanceNorm), and
+// num_batches_tracked counts training forwards with tracking (torch leaves it at 0).
+class InstanceNorm : public NormLayer {
+ public:
+  using Options = InstanceNormOptions;
+  // Throws normkit::Error on num_features < 0, bad eps or momentum.
+  explicit InstanceNorm(int64_t num_features, Options options = {});
+
+  // Throws "Expected more than 1 spatial element when training" when instance statistics are
+  // used with a spatial size of 1.
+  void forward(const TensorView& x, const TensorView& y) override;
+  void backward(const TensorView& dy, const TensorView& dx) override;
+
+  Options options;
+  std::vector<float> running_mean, running_var;  // length C when tracked, else empty
+  int64_t num_batches_tracked = 0;
+
+ private:
+  bool track_running_stats_;
+  bool used_input_stats_ = true;
+  double used_eps_ = 1e-5;
+  std::vector<float> mean_, rstd_;
+};
+
+}  // namespace normkit

@@ -1,0 +1,203 @@
+// Layer objects: parameter and running-statistic bookkeeping around the free functions.
+#include "normkit/layers.h"
+
+#include <string>
+
+#include "common/validate.h"
+#include "normkit/batch_norm.h"
+#include "normkit/group_norm.h"
+#include "normkit/instance_norm.h"
+
+namespace normkit {
+namespace {
+
+// A vector that is absent when it is empty (an empty std::vector may still have a data pointer).
+std::span<float> optional_view(std::vector<float>& v) {
+  return v.empty() ? std::span<float>{} : std::span<float>(v);
+}
+
+// Length of the per-(sample, group) statistics, checked for overflow.
+int64_t statistics_length(const char* layer, const TensorView& x, int64_t per_sample) {
+  int64_t n = 0;
+  if (__builtin_mul_overflow(x.batch(), per_sample, &n))
+    detail::fail(layer, "N * groups overflows int64: shape " + shape_string(x));
+  return n;
+}
+
+std::string qualified(const char* layer, const char* method) {
+  return std::string(layer) + "." + method;
+}
+
+void check_options(const char* layer, double eps, std::optional<double> momentum) {
+  detail::check_eps(layer, eps);
+  if (momentum) detail::check_momentum(layer, *momentum);
+}
+
+// torch's factor: momentum, or the cumulative average 1 / n over the n batches seen so far
+// (this one included).
+double average_factor(std::optional<double> momentum, int64_t batches_including_this) {
+  return momentum ? *momentum : 1.0 / static_cast<double>(batches_including_this);
+}
+
+}  // namespace
+
+NormLayer::NormLayer(const char* name, int64_t num_channels, bool affine)
+    : name_(name), num_channels_(num_channels), affine_(affine) {
+  if (num_channels < 0)
+    detail::fail(name, "num_channels must be >= 0, got " + std::to_string(num_channels));
+  if (affine) {
+    weight.assign(num_channels, 1.0f);
+    bias.assign(num_channels, 0.0f);
+    weight_grad.assign(num_channels, 0.0f);
+    bias_grad.assign(num_channels, 0.0f);
+  }
+}
+
+void NormLayer::check_input(const char* method, const TensorView& x) const {
+  const std::string fn = qualified(name_, method);
+  detail::check_tensor(fn.c_str(), "x", x);
+  if (x.channels() != num_channels_)
+    detail::fail(fn.c_str(), "x has " + std::to_string(x.channels()) + " channels (shape " +
+                                 shape_string(x) + "), expected num_channels = " +
+                                 std::to_string(num_channels_));
+}
+
+void NormLayer::check_backward(const TensorView& dy, const TensorView& dx) const {
+  const std::string fn = qualified(name_, "backward");
+  if (saved_x_.rank == 0) detail::fail(fn.c_str(), "called before any forward");
+  detail::check_like(fn.c_str(), "dy", dy, "the last forward's x", saved_x_);
+  detail::check_like(fn.c_str(), "dx", dx, "the last forward's x", saved_x_);
+}
+
+// ---- BatchNorm ----
+
+BatchNorm::BatchNorm(int64_t num_features, Options opts)
+    : NormLayer("BatchNorm", num_features, opts.affine),
+      options(opts),
+      track_running_stats_(opts.track_running_stats) {
+  check_options(name_, options.eps, options.momentum);
+  if (track_running_stats_) {
+    running_mean.assign(num_features, 0.0f);
+    running_var.assign(num_features, 1.0f);
+  }
+}
+
+void BatchNorm::forward(const TensorView& x, const TensorView& y) {
+  check_input("forward", x);
+  check_options(name_, options.eps, options.momentum);
+  const bool batch_stats = training_ || !track_running_stats_;
+  if (batch_stats) {
+    const bool update = training_ && track_running_stats_;
+    save_mean_.resize(num_channels_);
+    save_invstd_.resize(num_channels_);
+    BatchNormParams params{.eps = options.eps,
+                           .momentum = update ? average_factor(options.momentum,
+                                                               num_batches_tracked + 1)
+                                              : 0.0};
+    batch_norm_forward_training(params, x, optional_view(weight), optional_view(bias), y,
+                                save_mean_, save_invstd_,
+                                update ? optional_view(running_mean) : std::span<float>{},
+                                update ? optional_view(running_var) : std::span<float>{},
+                                context);
+    if (update) ++num_batches_tracked;
+  } else {
+    batch_norm_forward_inference({.eps = options.eps}, x, optional_view(weight),
+                                 optional_view(bias), running_mean, running_var, y, context);
+  }
+  saved_x_ = x;
+  used_batch_stats_ = batch_stats;
+  used_eps_ = options.eps;
+}
+
+void BatchNorm::backward(const TensorView& dy, const TensorView& dx) {
+  check_backward(dy, dx);
+  if (used_batch_stats_)
+    batch_norm_backward_training(dy, saved_x_, save_mean_, save_invstd_, optional_view(weight),
+                                 dx, optional_view(weight_grad), optional_view(bias_grad),
+                                 context);
+  else
+    batch_norm_backward_inference({.eps = used_eps_}, dy, saved_x_, running_mean, running_var,
+                                  optional_view(weight), dx, optional_view(weight_grad),
+                                  optional_view(bias_grad), context);
+}
+
+// ---- GroupNorm / LayerNorm ----
+
+GroupNorm::GroupNorm(int64_t num_groups, int64_t num_channels, Options opts)
+    : GroupNorm("GroupNorm", num_groups, num_channels, opts) {}
+
+GroupNorm::GroupNorm(const char* name, int64_t num_groups, int64_t num_channels, Options opts)
+    : NormLayer(name, num_channels, opts.affine), options(opts), num_groups_(num_groups) {
+  if (num_groups <= 0)
+    detail::fail(name, "num_groups must be > 0, got " + std::to_string(num_groups));
+  if (num_channels % num_groups != 0)
+    detail::fail(name, "num_channels = " + std::to_string(num_channels) +
+                           " is not divisible by num_groups = " + std::to_string(num_groups));
+  check_options(name, options.eps, std::nullopt);
+}
+
+void GroupNorm::forward(const TensorView& x, const TensorView& y) {
+  check_input("forward", x);
+  const GroupNormParams params{.num_groups = num_groups_, .eps = options.eps};
+  const int64_t length = statistics_length(name_, x, num_groups_);
+  mean_.resize(length);
+  rstd_.resize(length);
+  group_norm_forward(params, x, optional_view(weight), optional_view(bias), y, mean_, rstd_,
+                     context);
+  saved_x_ = x;
+  used_eps_ = options.eps;
+}
+
+void GroupNorm::backward(const TensorView& dy, const TensorView& dx) {
+  check_backward(dy, dx);
+  const GroupNormParams params{.num_groups = num_groups_, .eps = used_eps_};
+  group_norm_backward(params, dy, saved_x_, mean_, rstd_, optional_view(weight), dx,
+                      optional_view(weight_grad), optional_view(bias_grad), context);
+}
+
+// ---- InstanceNorm ----
+
+InstanceNorm::InstanceNorm(int64_t num_features, Options opts)
+    : NormLayer("InstanceNorm", num_features, opts.affine),
+      options(opts),
+      track_running_stats_(opts.track_running_stats) {
+  check_options(name_, options.eps, options.momentum);
+  if (track_running_stats_) {
+    running_mean.assign(num_features, 0.0f);
+    running_var.assign(num_features, 1.0f);
+  }
+}
+
+void InstanceNorm::forward(const TensorView& x, const TensorView& y) {
+  check_input("forward", x);
+  check_options(name_, options.eps, options.momentum);
+  const bool input_stats = training_ || !track_running_stats_;
+  const bool update = training_ && track_running_stats_;
+  const InstanceNormParams params{
+      .use_input_stats = input_stats,
+      .momentum = update ? average_factor(options.momentum, num_batches_tracked + 1) : 0.0,
+      .eps = options.eps};
+  const int64_t length = statistics_length(name_, x, num_channels_);
+  mean_.resize(length);
+  rstd_.resize(length);
+  // Running statistics go in when they are updated (training) or used (eval).
+  const bool pass_running = track_running_stats_ && (update || !input_stats);
+  instance_norm_forward(params, x, optional_view(weight), optional_view(bias),
+                        pass_running ? optional_view(running_mean) : std::span<float>{},
+                        pass_running ? optional_view(running_var) : std::span<float>{}, y, mean_,
+                        rstd_, context);
+  if (update) ++num_batches_tracked;
+  saved_x_ = x;
+  used_input_stats_ = input_stats;
+  used_eps_ = options.eps;
+}
+
+void InstanceNorm::backward(const TensorView& dy, const TensorView& dx) {
+  check_backward(dy, dx);
+  const InstanceNormParams params{
+      .use_input_stats = used_input_stats_, .momentum = 0.0, .eps = used_eps_};
+  instance_norm_backward(params, dy, saved_x_, mean_, rstd_, optional_view(weight), dx,
+                         optional_view(weight_grad), optional_view(bias_grad), context);
+}
+
+}  // namespace normkit

@@ -1,0 +1,424 @@
+// Layer objects: running statistics over several steps against hand-computed expectations
+// (momentum and the cumulative average), train/eval behaviour, forward/backward equal to the
+// free functions they wrap, the gradient contract, and rejected arguments.
+#include "normkit/layers.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "normkit/normkit.h"
+#include "test_util.h"
+
+namespace normkit {
+namespace {
+
+using test::poisoned;
+using test::random_normal;
+
+// Per-channel batch mean and biased variance of an (N, C, S) channels-first tensor, in double.
+struct ChannelStats {
+  std::vector<double> mean, var;
+};
+ChannelStats channel_stats(const std::vector<float>& x, int64_t N, int64_t C, int64_t S) {
+  ChannelStats st{std::vector<double>(C), std::vector<double>(C)};
+  for (int64_t c = 0; c < C; ++c) {
+    double sum = 0, sq = 0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t s = 0; s < S; ++s) sum += x[(n * C + c) * S + s];
+    const double mean = sum / double(N * S);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t s = 0; s < S; ++s) sq += std::pow(x[(n * C + c) * S + s] - mean, 2);
+    st.mean[c] = mean;
+    st.var[c] = sq / double(N * S);
+  }
+  return st;
+}
+
+void expect_close(const std::vector<float>& got, const std::vector<double>& want, double rel,
+                  const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  for (std::size_t i = 0; i < got.size(); ++i)
+    EXPECT_NEAR(got[i], want[i], rel * (std::fabs(want[i]) + 1e-3)) << what << "[" << i << "]";
+}
+
+template <class F>
+void expect_error(F f, const std::string& part) {
+  try {
+    f();
+    ADD_FAILURE() << "no normkit::Error thrown; expected one with '" << part << "'";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+  }
+}
+
+// ---- BatchNorm ----
+
+TEST(BatchNormLayer, StartsAsTorchDoes) {
+  BatchNorm bn(3);
+  EXPECT_TRUE(bn.is_training());
+  EXPECT_EQ(bn.weight, std::vector<float>(3, 1.0f));
+  EXPECT_EQ(bn.bias, std::vector<float>(3, 0.0f));
+  EXPECT_EQ(bn.running_mean, std::vector<float>(3, 0.0f));
+  EXPECT_EQ(bn.running_var, std::vector<float>(3, 1.0f));
+  EXPECT_EQ(bn.num_batches_tracked, 0);
+  EXPECT_EQ(bn.options.momentum, 0.1);
+  EXPECT_EQ(bn.options.eps, 1e-5);
+  BatchNorm plain(3, {.affine = false, .track_running_stats = false});
+  EXPECT_TRUE(plain.weight.empty() && plain.bias.empty() && plain.weight_grad.empty());
+  EXPECT_TRUE(plain.running_mean.empty() && plain.running_var.empty());
+}
+
+// Running statistics after several steps, with momentum and with the cumulative average.
+TEST(BatchNormLayer, RunningStatisticsOverSeveralSteps) {
+  const int64_t N = 4, C = 3, S = 6;
+  for (std::optional<double> momentum : {std::optional<double>(0.1), std::optional<double>(0.7),
+                                         std::optional<double>()}) {
+    SCOPED_TRACE(momentum ? "momentum " + std::to_string(*momentum) : "cumulative average");
+    BatchNorm bn(C, {.momentum = momentum});
+    bn.context.num_threads = 2;
+    std::vector<double> rm(C, 0.0), rv(C, 1.0);
+    std::vector<double> sum_means(C, 0.0), sum_vars(C, 0.0);
+    std::mt19937_64 rng(1);
+    for (int step = 1; step <= 5; ++step) {
+      const auto x = random_normal(N * C * S, rng, 3.0 * step, 1.0 + step);
+      std::vector<float> y = poisoned(x.size());
+      bn.forward(TensorView(x.data(), {N, C, 2, 3}), TensorView(y.data(), {N, C, 2, 3}));
+      const ChannelStats st = channel_stats(x, N, C, S);
+      for (int64_t c = 0; c < C; ++c) {
+        const double unbiased = st.var[c] * double(N * S) / double(N * S - 1);
+        sum_means[c] += st.mean[c];
+        sum_vars[c] += unbiased;
+        if (momentum) {
+          rm[c] = (1 - *momentum) * rm[c] + *momentum * st.mean[c];
+          rv[c] = (1 - *momentum) * rv[c] + *momentum * unbiased;
+        } else {
+          // The running statistics are the plain averages of every batch's statistics.
+          rm[c] = sum_means[c] / step;
+          rv[c] = sum_vars[c] / step;
+        }
+        // Training normalizes with the batch statistics (biased variance).
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t s = 0; s < S; ++s) {
+            const std::size_t i = std::size_t((n * C + c) * S + s);
+            EXPECT_NEAR(y[i], (x[i] - st.mean[c]) / std::sqrt(st.var[c] + 1e-5), 2e-5);
+          }
+      }
+      EXPECT_EQ(bn.num_batches_tracked, step);
+      expect_close(bn.running_mean, rm, 1e-5, "running_mean after step " + std::to_string(step));
+      expect_close(bn.running_var, rv, 1e-5, "running_var after step " + std::to_string(step));
+    }
+  }
+}
+
+TEST(BatchNormLayer, EvalUsesRunningStatisticsAndUpdatesNothing) {
+  const int64_t N = 3, C = 4, H = 5;
+  std::mt19937_64 rng(2);
+  BatchNorm bn(C);
+  bn.weight = random_normal(C, rng, 1.0, 0.3);
+  bn.bias = random_normal(C, rng);
+  const auto x0 = random_normal(N * C * H, rng, 2, 3);
+  std::vector<float> y(x0.size());
+  bn.forward(TensorView(x0.data(), {N, C, H}), TensorView(y.data(), {N, C, H}));
+  const auto rm = bn.running_mean, rv = bn.running_var;
+
+  bn.eval();
+  EXPECT_FALSE(bn.is_training());
+  const auto x = random_normal(N * C * H, rng, -1, 2);
+  y = poisoned(x.size());
+  bn.forward(TensorView(x.data(), {N, C, H}), TensorView(y.data(), {N, C, H}));
+  EXPECT_EQ(bn.running_mean, rm);
+  EXPECT_EQ(bn.running_var, rv);
+  EXPECT_EQ(bn.num_batches_tracked, 1);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t h = 0; h < H; ++h) {
+        const std::size_t i = std::size_t((n * C + c) * H + h);
+        const double want =
+            (x[i] - rm[c]) / std::sqrt(double(rv[c]) + 1e-5) * bn.weight[c] + bn.bias[c];
+        EXPECT_NEAR(y[i], want, 1e-5 * (1 + std::fabs(want)));
+      }
+  // One sample is fine in eval mode (no batch statistics are needed)...
+  std::vector<float> y1(C);
+  bn.forward(TensorView(x.data(), {1, C}), TensorView(y1.data(), {1, C}));
+  // ...and rejected in training mode, with torch's message, changing nothing.
+  bn.train();
+  expect_error([&] { bn.forward(TensorView(x.data(), {1, C}), TensorView(y1.data(), {1, C})); },
+               "Expected more than 1 value per channel when training, got input size (1, 4)");
+  EXPECT_EQ(bn.num_batches_tracked, 1);
+  EXPECT_EQ(bn.running_mean, rm);
+}
+
+TEST(BatchNormLayer, WithoutRunningStatisticsEvalUsesTheBatch) {
+  const int64_t N = 5, C = 2, S = 4;
+  std::mt19937_64 rng(3);
+  BatchNorm bn(C, {.track_running_stats = false});
+  bn.eval();
+  const auto x = random_normal(N * C * S, rng, 4, 2);
+  std::vector<float> y = poisoned(x.size());
+  bn.forward(TensorView(x.data(), {N, C, S}), TensorView(y.data(), {N, C, S}));
+  const ChannelStats st = channel_stats(x, N, C, S);
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const auto c = (i / S) % C;
+    EXPECT_NEAR(y[i], (x[i] - st.mean[c]) / std::sqrt(st.var[c] + 1e-5), 1e-5);
+  }
+  EXPECT_EQ(bn.num_batches_tracked, 0);
+}
+
+// forward/backward equal the free functions, in both modes; gradients are overwritten.
+TEST(BatchNormLayer, BackwardIsTheFunctionalBackwardAndOverwritesGradients) {
+  const int64_t N = 3, C = 5, H = 4, W = 3;
+  std::mt19937_64 rng(4);
+  const auto cl = MemoryFormat::channels_last;
+  for (bool training : {true, false}) {
+    SCOPED_TRACE(training ? "train" : "eval");
+    BatchNorm bn(C);
+    bn.weight = random_normal(C, rng, 1, 0.5);
+    bn.bias = random_normal(C, rng);
+    bn.running_mean = random_normal(C, rng);
+    bn.running_var = random_normal(C, rng, 2, 0.2);
+    const auto rm0 = bn.running_mean, rv0 = bn.running_var;
+    bn.train(training);
+    const auto x = random_normal(N * C * H * W, rng, 1, 2);
+    const auto dy = random_normal(x.size(), rng);
+    const TensorView xv(x.data(), {N, C, H, W}, cl), dyv(dy.data(), {N, C, H, W}, cl);
+    std::vector<float> y = poisoned(x.size()), dx = poisoned(x.size());
+    bn.forward(xv, TensorView(y.data(), {N, C, H, W}, cl));
+    bn.backward(dyv, TensorView(dx.data(), {N, C, H, W}, cl));
+
+    // The same through the free functions.
+    std::vector<float> fy = poisoned(x.size()), fdx = poisoned(x.size()), mean(C), invstd(C);
+    std::vector<float> dw = poisoned(C), db = poisoned(C), rm = rm0, rv = rv0;
+    if (training) {
+      batch_norm_forward_training({}, xv, bn.weight, bn.bias, TensorView(fy.data(), {N, C, H, W}, cl),
+                                  mean, invstd, rm, rv);
+      batch_norm_backward_training(dyv, xv, mean, invstd, bn.weight,
+                                   TensorView(fdx.data(), {N, C, H, W}, cl), dw, db);
+    } else {
+      batch_norm_forward_inference({}, xv, bn.weight, bn.bias, rm, rv,
+                                   TensorView(fy.data(), {N, C, H, W}, cl));
+      batch_norm_backward_inference({}, dyv, xv, rm, rv, bn.weight,
+                                    TensorView(fdx.data(), {N, C, H, W}, cl), dw, db);
+    }
+    EXPECT_EQ(y, fy);
+    EXPECT_EQ(dx, fdx);
+    EXPECT_EQ(bn.weight_grad, dw);
+    EXPECT_EQ(bn.bias_grad, db);
+    EXPECT_EQ(bn.running_mean, rm);
+    EXPECT_EQ(bn.running_var, rv);
+    // A second backward gives the same gradients: they are overwritten, not added to.
+    bn.backward(dyv, TensorView(dx.data(), {N, C, H, W}, cl));
+    EXPECT_EQ(bn.weight_grad, dw);
+    EXPECT_EQ(bn.bias_grad, db);
+  }
+}
+
+// backward follows the mode of the forward it belongs to, not the current one.
+TEST(BatchNormLayer, BackwardUsesTheModeOfItsForward) {
+  const int64_t N = 4, C = 2, S = 3;
+  std::mt19937_64 rng(5);
+  const auto x = random_normal(N * C * S, rng), dy = random_normal(N * C * S, rng);
+  BatchNorm a(C), b(C);
+  std::vector<float> y(x.size()), dxa(x.size()), dxb(x.size());
+  a.forward(TensorView(x.data(), {N, C, S}), TensorView(y.data(), {N, C, S}));
+  b.forward(TensorView(x.data(), {N, C, S}), TensorView(y.data(), {N, C, S}));
+  a.eval();
+  a.backward(TensorView(dy.data(), {N, C, S}), TensorView(dxa.data(), {N, C, S}));
+  b.backward(TensorView(dy.data(), {N, C, S}), TensorView(dxb.data(), {N, C, S}));
+  EXPECT_EQ(dxa, dxb);
+}
+
+TEST(BatchNormLayer, EmptyBatchCountsButLeavesStatisticsAsTorch) {
+  BatchNorm bn(3);
+  std::vector<float> x(1), y(1);
+  bn.forward(TensorView(x.data(), {0, 3, 4}), TensorView(y.data(), {0, 3, 4}));
+  EXPECT_EQ(bn.num_batches_tracked, 1);  // torch 1.13 counts it too
+  EXPECT_EQ(bn.running_mean, std::vector<float>(3, 0.0f));
+  EXPECT_EQ(bn.running_var, std::vector<float>(3, 1.0f));
+  bn.backward(TensorView(x.data(), {0, 3, 4}), TensorView(y.data(), {0, 3, 4}));
+  EXPECT_EQ(bn.weight_grad, std::vector<float>(3, 0.0f));
+}
+
+TEST(BatchNormLayer, RejectsBadArguments) {
+  expect_error([] { BatchNorm(3, {.momentum = 1.5}); }, "momentum must be in [0, 1]");
+  expect_error([] { BatchNorm(3, {.eps = -1}); }, "eps");
+  expect_error([] { BatchNorm(-2); }, "BatchNorm: num_channels must be >= 0, got -2");
+  BatchNorm bn(3);
+  std::vector<float> x(40), y(40);
+  expect_error([&] { bn.backward(TensorView(x.data(), {2, 3, 4}), TensorView(y.data(), {2, 3, 4})); },
+               "BatchNorm.backward: called before any forward");
+  expect_error([&] { bn.forward(TensorView(x.data(), {2, 4, 5}), TensorView(y.data(), {2, 4, 5})); },
+               "BatchNorm.forward: x has 4 channels (shape (2, 4, 5)), expected num_channels = 3");
+  expect_error([&] { bn.forward(TensorView(x.data(), {40}), TensorView(y.data(), {40})); },
+               "rank 1");
+  EXPECT_EQ(bn.num_batches_tracked, 0);
+  bn.forward(TensorView(x.data(), {2, 3, 4}), TensorView(y.data(), {2, 3, 4}));
+  expect_error([&] { bn.backward(TensorView(x.data(), {2, 3, 5}), TensorView(y.data(), {2, 3, 4})); },
+               "dy shape (2, 3, 5) != the last forward's x shape (2, 3, 4)");
+  // A bad option set after construction is caught at forward, before anything changes.
+  bn.options.momentum = -1;
+  expect_error([&] { bn.forward(TensorView(x.data(), {2, 3, 4}), TensorView(y.data(), {2, 3, 4})); },
+               "momentum");
+  EXPECT_EQ(bn.num_batches_tracked, 1);
+}
+
+// ---- GroupNorm and LayerNorm ----
+
+TEST(GroupNormLayer, IsTheFunctionalGroupNormInEveryMode) {
+  const int64_t N = 2, C = 6, G = 3, H = 5, W = 3;
+  std::mt19937_64 rng(6);
+  GroupNorm gn(G, C);
+  EXPECT_EQ(gn.num_groups(), G);
+  gn.weight = random_normal(C, rng, 1, 0.5);
+  gn.bias = random_normal(C, rng);
+  const auto x = random_normal(N * C * H * W, rng, 3, 2), dy = random_normal(x.size(), rng);
+  const auto cl = MemoryFormat::channels_last;
+  const TensorView xv(x.data(), {N, C, H, W}, cl), dyv(dy.data(), {N, C, H, W}, cl);
+  std::vector<float> fy = poisoned(x.size()), fdx = poisoned(x.size()), mean(N * G), rstd(N * G);
+  std::vector<float> dw = poisoned(C), db = poisoned(C);
+  group_norm_forward({.num_groups = G}, xv, gn.weight, gn.bias,
+                     TensorView(fy.data(), {N, C, H, W}, cl), mean, rstd);
+  group_norm_backward({.num_groups = G}, dyv, xv, mean, rstd, gn.weight,
+                      TensorView(fdx.data(), {N, C, H, W}, cl), dw, db);
+  for (bool training : {true, false}) {
+    gn.train(training);
+    std::vector<float> y = poisoned(x.size()), dx = poisoned(x.size());
+    gn.forward(xv, TensorView(y.data(), {N, C, H, W}, cl));
+    gn.backward(dyv, TensorView(dx.data(), {N, C, H, W}, cl));
+    EXPECT_EQ(y, fy);
+    EXPECT_EQ(dx, fdx);
+    EXPECT_EQ(gn.weight_grad, dw);
+    EXPECT_EQ(gn.bias_grad, db);
+  }
+  expect_error([] { GroupNorm(4, 6); }, "num_channels = 6 is not divisible by num_groups = 4");
+  expect_error([] { GroupNorm(0, 6); }, "num_groups must be > 0, got 0");
+}
+
+// The paper's LayerNorm: every sample normalized over all of (C, H, W), affine per channel.
+TEST(LayerNormLayer, NormalizesEachSampleOverEverything) {
+  const int64_t N = 3, C = 4, S = 7;
+  std::mt19937_64 rng(7);
+  LayerNorm ln(C);
+  EXPECT_EQ(ln.num_groups(), 1);
+  const auto x = random_normal(N * C * S, rng, -5, 3);
+  std::vector<float> y = poisoned(x.size());
+  NormLayer& layer = ln;  // usable through the common interface
+  layer.forward(TensorView(x.data(), {N, C, S}), TensorView(y.data(), {N, C, S}));
+  for (int64_t n = 0; n < N; ++n) {
+    double sum = 0, sq = 0;
+    for (int64_t i = 0; i < C * S; ++i) sum += x[n * C * S + i];
+    const double mean = sum / double(C * S);
+    for (int64_t i = 0; i < C * S; ++i) sq += std::pow(x[n * C * S + i] - mean, 2);
+    const double rstd = 1 / std::sqrt(sq / double(C * S) + 1e-5);
+    for (int64_t i = 0; i < C * S; ++i)
+      EXPECT_NEAR(y[n * C * S + i], (x[n * C * S + i] - mean) * rstd, 1e-5);
+  }
+  std::vector<float> x5(40), y5(40);
+  expect_error([&] { ln.forward(TensorView(x5.data(), {2, 5, 4}), TensorView(y5.data(), {2, 5, 4})); },
+               "LayerNorm.forward: x has 5 channels");
+}
+
+// ---- InstanceNorm ----
+
+TEST(InstanceNormLayer, DefaultsAreTorchsAndModesAgreeWithoutTracking) {
+  const int64_t N = 2, C = 3, S = 8;
+  InstanceNorm in(C);
+  EXPECT_FALSE(in.affine());
+  EXPECT_TRUE(in.weight.empty() && in.running_mean.empty());
+  std::mt19937_64 rng(8);
+  const auto x = random_normal(N * C * S, rng, 2, 3);
+  std::vector<float> y_train = poisoned(x.size()), y_eval = poisoned(x.size());
+  in.forward(TensorView(x.data(), {N, C, S}), TensorView(y_train.data(), {N, C, S}));
+  in.eval();
+  in.forward(TensorView(x.data(), {N, C, S}), TensorView(y_eval.data(), {N, C, S}));
+  EXPECT_EQ(y_train, y_eval);
+  for (int64_t i = 0; i < N * C; ++i) {  // each (n, c) has mean 0 and variance ~1
+    double sum = 0, sq = 0;
+    for (int64_t s = 0; s < S; ++s) sum += y_train[i * S + s], sq += y_train[i * S + s] * y_train[i * S + s];
+    EXPECT_NEAR(sum / S, 0, 1e-5);
+    EXPECT_NEAR(sq / S, 1, 1e-3);
+  }
+}
+
+TEST(InstanceNormLayer, TrackedRunningStatisticsAndEval) {
+  const int64_t N = 3, C = 2, S = 5;
+  for (std::optional<double> momentum : {std::optional<double>(0.3), std::optional<double>()}) {
+    SCOPED_TRACE(momentum ? "momentum" : "cumulative average");
+    InstanceNorm in(C, {.momentum = momentum, .affine = true, .track_running_stats = true});
+    std::vector<double> rm(C, 0.0), rv(C, 1.0), sum_m(C, 0.0), sum_v(C, 0.0);
+    std::mt19937_64 rng(9);
+    for (int step = 1; step <= 3; ++step) {
+      const auto x = random_normal(N * C * S, rng, step, 2);
+      std::vector<float> y(x.size());
+      in.forward(TensorView(x.data(), {N, C, S}), TensorView(y.data(), {N, C, S}));
+      for (int64_t c = 0; c < C; ++c) {
+        // The batch average of the per-instance mean and unbiased variance.
+        double batch_mean = 0, batch_var = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          double sum = 0, sq = 0;
+          for (int64_t s = 0; s < S; ++s) sum += x[(n * C + c) * S + s];
+          const double mean = sum / S;
+          for (int64_t s = 0; s < S; ++s) sq += std::pow(x[(n * C + c) * S + s] - mean, 2);
+          batch_mean += mean / N;
+          batch_var += sq / (S - 1) / N;
+        }
+        sum_m[c] += batch_mean;
+        sum_v[c] += batch_var;
+        const double f = momentum ? *momentum : 1.0 / step;
+        rm[c] = momentum ? (1 - f) * rm[c] + f * batch_mean : sum_m[c] / step;
+        rv[c] = momentum ? (1 - f) * rv[c] + f * batch_var : sum_v[c] / step;
+      }
+      EXPECT_EQ(in.num_batches_tracked, step);
+      expect_close(in.running_mean, rm, 1e-5, "running_mean");
+      expect_close(in.running_var, rv, 1e-5, "running_var");
+    }
+    // Eval normalizes with the running statistics and leaves them alone; backward treats them
+    // as constants: dx = dy * weight * rstd.
+    in.eval();
+    in.weight = {2.0f, -1.0f};
+    const auto keep_mean = in.running_mean;
+    std::mt19937_64 rng2(10);
+    const auto x = random_normal(N * C * S, rng2), dy = random_normal(N * C * S, rng2);
+    std::vector<float> y = poisoned(x.size()), dx = poisoned(x.size());
+    in.forward(TensorView(x.data(), {N, C, S}), TensorView(y.data(), {N, C, S}));
+    in.backward(TensorView(dy.data(), {N, C, S}), TensorView(dx.data(), {N, C, S}));
+    EXPECT_EQ(in.running_mean, keep_mean);
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      const auto c = (i / S) % C;
+      const double rstd = 1 / std::sqrt(double(in.running_var[c]) + 1e-5);
+      EXPECT_NEAR(y[i], (x[i] - in.running_mean[c]) * rstd * in.weight[c], 1e-5);
+      EXPECT_NEAR(dx[i], dy[i] * in.weight[c] * rstd, 1e-5);
+    }
+  }
+}
+
+TEST(InstanceNormLayer, BackwardIsTheFunctionalBackward) {
+  const int64_t N = 2, C = 3, H = 4, W = 5;
+  std::mt19937_64 rng(11);
+  InstanceNorm in(C, {.affine = true});
+  in.weight = random_normal(C, rng, 1, 0.4);
+  const auto x = random_normal(N * C * H * W, rng), dy = random_normal(x.size(), rng);
+  const TensorView xv(x.data(), {N, C, H, W}), dyv(dy.data(), {N, C, H, W});
+  std::vector<float> y(x.size()), dx = poisoned(x.size()), fy(x.size()), fdx = poisoned(x.size());
+  std::vector<float> mean(N * C), rstd(N * C), dw = poisoned(C), db = poisoned(C);
+  in.forward(xv, TensorView(y.data(), {N, C, H, W}));
+  in.backward(dyv, TensorView(dx.data(), {N, C, H, W}));
+  instance_norm_forward({}, xv, in.weight, in.bias, {}, {}, TensorView(fy.data(), {N, C, H, W}),
+                        mean, rstd);
+  instance_norm_backward({}, dyv, xv, mean, rstd, in.weight, TensorView(fdx.data(), {N, C, H, W}),
+                         dw, db);
+  EXPECT_EQ(y, fy);
+  EXPECT_EQ(dx, fdx);
+  EXPECT_EQ(in.weight_grad, dw);
+  EXPECT_EQ(in.bias_grad, db);
+  std::vector<float> x1(6), y1(6);
+  expect_error([&] { in.forward(TensorView(x1.data(), {2, 3, 1}), TensorView(y1.data(), {2, 3, 1})); },
+               "Expected more than 1 spatial element when training");
+  expect_error([] { InstanceNorm(3, {.momentum = 2.0}); }, "InstanceNorm: momentum");
+}
+
+}  // namespace
+}  // namespace normkit
