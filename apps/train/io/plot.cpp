@@ -1,13 +1,10 @@
 #include "io/plot.h"
 
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
-#include <fstream>
 
-#include "io/io_error.h"
+#include "io/text_file.h"
 #include "normkit/error.h"
 
 namespace normkit::train {
@@ -197,9 +194,12 @@ void validate(const PlotSpec& spec) {
   }
 }
 
-// A marker of shape `index` % 4 (circle, square, triangle, diamond) centred on (x, y).
-std::string marker(int index, double x, double y, const char* color) {
-  const std::string fill = std::string(" fill=\"") + color + "\"";
+// A marker of shape `index` % 4 (circle, square, triangle, diamond) centred on (x, y); hollow
+// ones mark dashed series that share a colour with a solid one.
+std::string marker(int index, bool hollow, double x, double y, const char* color) {
+  const std::string fill = hollow ? std::string(" fill=\"white\" stroke=\"") + color +
+                                        "\" stroke-width=\"1.5\""
+                                  : std::string(" fill=\"") + color + "\"";
   switch (index % 4) {
     case 0:
       return "<circle cx=\"" + px(x) + "\" cy=\"" + px(y) + "\" r=\"3.5\"" + fill + "/>";
@@ -213,6 +213,10 @@ std::string marker(int index, double x, double y, const char* color) {
       return "<polygon points=\"" + px(x) + "," + px(y - 4.5) + " " + px(x + 4.5) + "," + px(y) +
              " " + px(x) + "," + px(y + 4.5) + " " + px(x - 4.5) + "," + px(y) + "\"" + fill + "/>";
   }
+}
+
+int style_of(const PlotSeries& s, size_t position) {
+  return s.style >= 0 ? s.style : static_cast<int>(position);
 }
 
 std::string legend_name(const std::string& name) {
@@ -307,7 +311,8 @@ std::string render_line_plot_svg(const PlotSpec& spec) {
   // Series: one polyline per unbroken run of drawable points.
   for (size_t si = 0; si < spec.series.size(); ++si) {
     const PlotSeries& s = spec.series[si];
-    const char* color = kPalette[si % std::size(kPalette)];
+    const int style = style_of(spec.series[si], si);
+    const char* color = kPalette[style % std::size(kPalette)];
     const std::string dash = s.dashed ? " stroke-dasharray=\"7 4\"" : "";
     svg += "<g class=\"series\" data-name=\"" + escape(s.name) + "\" clip-path=\"url(#plot-clip)\">\n";
     std::string run, marks;
@@ -332,7 +337,7 @@ std::string render_line_plot_svg(const PlotSpec& spec) {
       run += ',';
       run += px(y);
       ++run_points;
-      if (mark) marks += marker(static_cast<int>(si), x, y, color) + "\n";
+      if (mark) marks += marker(style, s.dashed, x, y, color) + "\n";
     }
     flush();
     svg += marks + "</g>\n";
@@ -343,12 +348,15 @@ std::string render_line_plot_svg(const PlotSpec& spec) {
     const double lx = left + plot_w + 16;
     svg += "<g class=\"legend\">\n";
     for (size_t si = 0; si < spec.series.size(); ++si) {
-      const char* color = kPalette[si % std::size(kPalette)];
+      const int style = style_of(spec.series[si], si);
+      const char* color = kPalette[style % std::size(kPalette)];
       const double ly = top + 12 + 20.0 * static_cast<double>(si);
       svg += "<line x1=\"" + px(lx) + "\" y1=\"" + px(ly) + "\" x2=\"" + px(lx + 28) + "\" y2=\"" +
              px(ly) + "\" stroke=\"" + color + "\" stroke-width=\"2\"" +
              (spec.series[si].dashed ? " stroke-dasharray=\"7 4\"" : "") + "/>\n";
-      if (spec.markers && spec.series[si].x.size() <= static_cast<size_t>(kMaxMarkedPoints)) svg += marker(static_cast<int>(si), lx + 14, ly, color) + "\n";
+      if (spec.markers && spec.series[si].x.size() <= static_cast<size_t>(kMaxMarkedPoints)) {
+        svg += marker(style, spec.series[si].dashed, lx + 14, ly, color) + "\n";
+      }
       svg += "<text x=\"" + px(lx + 36) + "\" y=\"" + px(ly + 4) + "\">" +
              escape(legend_name(spec.series[si].name)) + "</text>\n";
     }
@@ -359,15 +367,7 @@ std::string render_line_plot_svg(const PlotSpec& spec) {
 }
 
 void write_line_plot_svg(const std::string& path, const PlotSpec& spec) {
-  const std::string svg = render_line_plot_svg(spec);
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) {
-    throw IoError(path + ": cannot create the plot (" + std::strerror(errno) +
-                  "); check that the directory exists and is writable");
-  }
-  out.write(svg.data(), static_cast<std::streamsize>(svg.size()));
-  out.close();
-  if (!out) throw IoError(path + ": writing the plot failed (is the disk full?)");
+  write_text_file(path, render_line_plot_svg(spec));
 }
 
 }  // namespace normkit::train

@@ -16,6 +16,8 @@ struct PlotSeries {
   std::vector<double> x;  // same length as y
   std::vector<double> y;
   bool dashed = false;    // e.g. BN evaluated with batch statistics beside the solid BN line
+  int style = -1;         // colour and marker index; -1: the series' position (so a dashed
+                          // variant can share its solid line's colour)
 };
 
 struct PlotSpec {
@@ -43,8 +45,8 @@ struct PlotSpec {
 // x_ticks holds a non-finite value (or one <= 0 on a log axis), or y_min >= y_max.
 std::string render_line_plot_svg(const PlotSpec& spec);
 
-// Writes render_line_plot_svg(spec) to `path` (overwriting it). Throws what render throws, and
-// IoError naming the path when the file cannot be written.
+// Writes render_line_plot_svg(spec) to `path`, replacing it whole (see write_text_file). Throws
+// what render throws, and IoError naming the path when the file cannot be written.
 void write_line_plot_svg(const std::string& path, const PlotSpec& spec);
 
 }  // namespace normkit::train

@@ -297,9 +297,17 @@ TEST(Plot, Figure1StyleIsWellFormedAndPlacesEveryPoint) {
   for (const auto& s : {spec.title, spec.x_label, spec.y_label}) {
     EXPECT_NE(all_text.find(s), std::string::npos) << s;
   }
-  // The batch-statistics line is dashed, the others solid.
-  EXPECT_EQ(series_groups(*root)[2]->all("polyline")[0]->attrs.count("stroke-dasharray"), 1u);
-  EXPECT_EQ(series_groups(*root)[0]->all("polyline")[0]->attrs.count("stroke-dasharray"), 0u);
+  // The batch-statistics line is dashed, the others solid; colours differ by default.
+  const auto line = [&](const Node& r, size_t i) { return series_groups(r)[i]->all("polyline")[0]; };
+  EXPECT_EQ(line(*root, 2)->attrs.count("stroke-dasharray"), 1u);
+  EXPECT_EQ(line(*root, 0)->attrs.count("stroke-dasharray"), 0u);
+  EXPECT_NE(line(*root, 2)->attrs.at("stroke"), line(*root, 0)->attrs.at("stroke"));
+  EXPECT_NE(line(*root, 1)->attrs.at("stroke"), line(*root, 0)->attrs.at("stroke"));
+  // A style index lets the dashed variant share the solid line's colour.
+  PlotSpec shared = spec;
+  shared.series[2].style = 0;
+  auto shared_root = XmlParser(render_line_plot_svg(shared)).parse_document();
+  EXPECT_EQ(line(*shared_root, 2)->attrs.at("stroke"), line(*shared_root, 0)->attrs.at("stroke"));
 }
 
 TEST(Plot, LossCurveWithLogYBreaksAtUndrawablePoints) {

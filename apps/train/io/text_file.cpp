@@ -1,0 +1,34 @@
+#include "io/text_file.h"
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+
+#include "io/io_error.h"
+
+namespace normkit::train {
+
+void write_text_file(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
+  std::FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (f == nullptr) {
+    throw IoError(path + ": cannot create it (" + std::strerror(errno) +
+                  "); check that the directory exists and is writable");
+  }
+  const bool written = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+  const int write_errno = errno;
+  if (std::fclose(f) != 0 || !written) {
+    const int e = written ? errno : write_errno;
+    std::remove(tmp.c_str());
+    throw IoError(path + ": writing failed (" + std::strerror(e) + "); is the disk full?");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int e = errno;
+    std::remove(tmp.c_str());
+    throw IoError(path + ": cannot replace it (" + std::strerror(e) + ")");
+  }
+}
+
+}  // namespace normkit::train

@@ -1,0 +1,12 @@
+#pragma once
+// Whole-file text output shared by the report writers.
+#include <string>
+
+namespace normkit::train {
+
+// Replaces the file at `path` with `text`: written to a temporary beside it, then renamed, so a
+// reader never sees half a file. Throws IoError naming the path (and the fix) when the
+// directory is missing or not writable or the write fails; the temporary is removed.
+void write_text_file(const std::string& path, const std::string& text);
+
+}  // namespace normkit::train
