@@ -1,0 +1,524 @@
+#include "io/results.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "io/io_error.h"
+#include "io/text_file.h"
+#include "normkit/error.h"
+
+namespace normkit::train {
+namespace {
+
+using json = nlohmann::json;
+
+constexpr const char* kCsvHeader =
+    "norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,test_error_batch_stats,"
+    "images_per_s,seconds";
+constexpr size_t kCsvColumns = 12;
+
+std::string fmt(const char* format, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, format, v);
+  return buf;
+}
+
+// CSV cell: 6 significant digits, empty for NaN.
+std::string cell(double v) { return std::isnan(v) ? "" : fmt("%.6g", v); }
+
+std::string csv_quote(const std::string& s) {
+  if (s.find_first_of(",\"\n") == std::string::npos) return s;
+  std::string out = "\"";
+  for (char c : s) out += c == '"' ? std::string("\"\"") : std::string(1, c);
+  return out + "\"";
+}
+
+std::vector<std::string> csv_split(const std::string& line) {
+  std::vector<std::string> cells(1);
+  bool quoted = false;
+  for (size_t i = 0; i < line.size(); ++i) {
+    const char c = line[i];
+    if (quoted) {
+      if (c == '"' && i + 1 < line.size() && line[i + 1] == '"') {
+        cells.back() += '"';
+        ++i;
+      } else if (c == '"') {
+        quoted = false;
+      } else {
+        cells.back() += c;
+      }
+    } else if (c == '"') {
+      quoted = true;
+    } else if (c == ',') {
+      cells.emplace_back();
+    } else {
+      cells.back() += c;
+    }
+  }
+  return cells;
+}
+
+// A row of the tables: one normalization configuration.
+struct RowKey {
+  std::string norm;
+  int groups;
+  bool operator==(const RowKey&) const = default;
+};
+
+std::vector<RowKey> row_keys(const std::vector<RunResult>& runs) {
+  std::vector<RowKey> keys;
+  for (const auto& r : runs) {
+    const RowKey k{r.norm, r.groups};
+    if (std::find(keys.begin(), keys.end(), k) == keys.end()) keys.push_back(k);
+  }
+  return keys;
+}
+
+std::vector<int> batch_columns(const std::vector<RunResult>& runs) {
+  std::vector<int> batches;
+  for (const auto& r : runs) batches.push_back(r.batch);
+  std::sort(batches.begin(), batches.end(), std::greater<>());
+  batches.erase(std::unique(batches.begin(), batches.end()), batches.end());
+  return batches;
+}
+
+// Finite values of `field` over the runs of row `key` at `batch`.
+std::vector<double> cell_values(const std::vector<RunResult>& runs, const RowKey& key, int batch,
+                                const std::function<double(const RunResult&)>& field) {
+  std::vector<double> v;
+  for (const auto& r : runs) {
+    if (RowKey{r.norm, r.groups} == key && r.batch == batch) {
+      const double x = field(r);
+      if (std::isfinite(x)) v.push_back(x);
+    }
+  }
+  return v;
+}
+
+double mean_of(const std::vector<double>& v) {
+  double s = 0;
+  for (double x : v) s += x;
+  return s / static_cast<double>(v.size());
+}
+
+std::string table_cell(const std::vector<double>& v, const char* format) {
+  if (v.empty()) return "—";
+  const double mean = mean_of(v);
+  if (v.size() == 1) return fmt(format, mean);
+  double ss = 0;
+  for (double x : v) ss += (x - mean) * (x - mean);
+  const double sd = std::sqrt(ss / static_cast<double>(v.size() - 1));
+  return fmt(format, mean) + " ± " + fmt(format, sd) + " (n=" + std::to_string(v.size()) + ")";
+}
+
+double batch_stats_of(const RunResult& r) { return r.test_error_batch_stats.value_or(kNoValue); }
+
+// A Markdown table: one row per (label, field) pair, one column per batch size.
+struct TableRow {
+  std::string label;
+  RowKey key;
+  std::function<double(const RunResult&)> field;
+};
+
+std::string table(const std::vector<RunResult>& runs, const std::string& corner,
+                  const std::vector<TableRow>& rows, const char* format) {
+  const std::vector<int> batches = batch_columns(runs);
+  std::string out = "| " + corner + " |";
+  std::string rule = "|---|";
+  for (int b : batches) {
+    out += " batch " + std::to_string(b) + " |";
+    rule += "---:|";
+  }
+  out += "\n" + rule + "\n";
+  for (const auto& row : rows) {
+    out += "| " + row.label + " |";
+    for (int b : batches) {
+      out += ' ';
+      out += table_cell(cell_values(runs, row.key, b, row.field), format);
+      out += " |";
+    }
+    out += "\n";
+  }
+  return out;
+}
+
+json number_or_null(double v) { return std::isfinite(v) ? json(v) : json(nullptr); }
+
+double read_number(const json& j, const std::string& path, const std::string& key) {
+  const auto it = j.find(key);
+  if (it == j.end()) throw IoError(path + ": metrics JSON lacks \"" + key + "\"");
+  if (it->is_null()) return kNoValue;
+  if (!it->is_number()) throw IoError(path + ": metrics JSON field \"" + key + "\" is not a number");
+  return it->get<double>();
+}
+
+std::vector<double> read_array(const json& obj, const std::string& path, const std::string& key) {
+  std::vector<double> out;
+  const auto it = obj.find(key);
+  if (it == obj.end()) return out;
+  if (!it->is_array()) throw IoError(path + ": metrics JSON field \"" + key + "\" is not an array");
+  for (const auto& v : *it) {
+    if (v.is_null()) {
+      out.push_back(kNoValue);
+    } else if (v.is_number()) {
+      out.push_back(v.get<double>());
+    } else {
+      throw IoError(path + ": metrics JSON array \"" + key + "\" holds a non-number");
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string norm_label(const std::string& norm, int groups) {
+  if (norm == "none") return "none";
+  std::string upper = norm;
+  for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  if (norm == "gn" && groups > 0) upper += " (G=" + std::to_string(groups) + ")";
+  return upper;
+}
+
+// ---- CSV --------------------------------------------------------------------------------------
+
+std::string results_csv(const std::vector<RunResult>& runs) {
+  std::string out = std::string(kCsvHeader) + "\n";
+  for (const auto& r : runs) {
+    const std::vector<std::string> cells = {
+        csv_quote(r.norm),
+        r.groups > 0 ? std::to_string(r.groups) : "",
+        std::to_string(r.batch),
+        std::to_string(r.epochs),
+        cell(r.lr),
+        std::to_string(r.seed),
+        cell(r.train_loss),
+        cell(r.test_loss),
+        cell(r.test_error),
+        cell(batch_stats_of(r)),
+        cell(r.images_per_s),
+        cell(r.seconds)};
+    for (size_t i = 0; i < cells.size(); ++i) {
+      if (i > 0) out += ',';
+      out += cells[i];
+    }
+    out += "\n";
+  }
+  return out;
+}
+
+void write_results_csv(const std::string& path, const std::vector<RunResult>& runs) {
+  write_text_file(path, results_csv(runs));
+}
+
+std::vector<RunResult> read_results_csv(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw IoError(path + ": cannot open (" + std::strerror(errno) + ")");
+  std::string line;
+  if (!std::getline(in, line) || line != kCsvHeader) {
+    throw IoError(path + ": line 1 is not the results.csv header \"" + std::string(kCsvHeader) +
+                  "\"; was the file written by normkit-train?");
+  }
+  std::vector<RunResult> runs;
+  for (int line_no = 2; std::getline(in, line); ++line_no) {
+    if (line.empty()) continue;
+    const auto cells = csv_split(line);
+    const std::string where = path + ":" + std::to_string(line_no) + ": ";
+    if (cells.size() != kCsvColumns) {
+      throw IoError(where + std::to_string(cells.size()) + " cells, expected " +
+                    std::to_string(kCsvColumns));
+    }
+    auto number = [&](size_t i) {
+      if (cells[i].empty()) return kNoValue;
+      char* end = nullptr;
+      const double v = std::strtod(cells[i].c_str(), &end);
+      if (end != cells[i].c_str() + cells[i].size()) {
+        throw IoError(where + "cell " + std::to_string(i + 1) + " \"" + cells[i] +
+                      "\" is not a number");
+      }
+      return v;
+    };
+    auto integer = [&](size_t i) -> uint64_t {
+      const std::string& c = cells[i];
+      if (c.empty()) return 0;
+      if (!std::all_of(c.begin(), c.end(), [](char ch) { return std::isdigit(static_cast<unsigned char>(ch)); })) {
+        throw IoError(where + "cell " + std::to_string(i + 1) + " \"" + c + "\" is not a whole number");
+      }
+      return std::stoull(c);
+    };
+    RunResult r;
+    r.norm = cells[0];
+    r.groups = static_cast<int>(integer(1));
+    r.batch = static_cast<int>(integer(2));
+    r.epochs = static_cast<int>(integer(3));
+    r.lr = number(4);
+    r.seed = integer(5);
+    r.train_loss = number(6);
+    r.test_loss = number(7);
+    r.test_error = number(8);
+    if (!cells[9].empty()) r.test_error_batch_stats = number(9);
+    r.images_per_s = number(10);
+    r.seconds = number(11);
+    runs.push_back(std::move(r));
+  }
+  return runs;
+}
+
+// ---- Markdown ---------------------------------------------------------------------------------
+
+std::string results_markdown(const std::vector<RunResult>& runs, const std::string& notes) {
+  std::string out = "# Results\n\n";
+  if (!notes.empty()) out += notes + "\n\n";
+  const std::vector<RowKey> keys = row_keys(runs);
+  bool repeated = false;
+  for (const auto& k : keys) {
+    for (int b : batch_columns(runs)) {
+      repeated |= cell_values(runs, k, b, [](const RunResult& r) { return r.test_error; }).size() > 1;
+    }
+  }
+
+  std::vector<TableRow> error_rows;
+  for (const auto& k : keys) {
+    error_rows.push_back({norm_label(k.norm, k.groups), k, [](const RunResult& r) { return r.test_error; }});
+  }
+  out += "## Test error (%) by batch size\n\n";
+  out += table(runs, "norm", error_rows, "%.2f");
+  if (repeated) out += "\nCells with several runs show mean ± sample standard deviation (n runs).\n";
+
+  std::vector<TableRow> stats_rows;
+  for (const auto& k : keys) {
+    const bool has = std::any_of(runs.begin(), runs.end(), [&](const RunResult& r) {
+      return RowKey{r.norm, r.groups} == k && r.test_error_batch_stats.has_value();
+    });
+    if (!has) continue;
+    const std::string label = norm_label(k.norm, k.groups);
+    stats_rows.push_back({label + ", running statistics", k, [](const RunResult& r) { return r.test_error; }});
+    stats_rows.push_back({label + ", batch statistics", k, batch_stats_of});
+  }
+  if (!stats_rows.empty()) {
+    out += "\n## Test error (%) with running vs batch statistics at test time\n\n";
+    out += "Running statistics are the averages gathered in training (the usual inference mode); "
+           "batch statistics normalize each test batch (of the training batch size) by its own "
+           "mean and variance, as in training.\n\n";
+    out += table(runs, "evaluated with", stats_rows, "%.2f");
+  }
+
+  std::vector<TableRow> speed_rows;
+  for (const auto& k : keys) {
+    speed_rows.push_back({norm_label(k.norm, k.groups), k, [](const RunResult& r) { return r.images_per_s; }});
+  }
+  out += "\n## Training speed (images/s)\n\n";
+  out += table(runs, "norm", speed_rows, "%.0f");
+  return out;
+}
+
+void write_results_markdown(const std::string& path, const std::vector<RunResult>& runs,
+                            const std::string& notes) {
+  write_text_file(path, results_markdown(runs, notes));
+}
+
+// ---- metrics JSON -----------------------------------------------------------------------------
+
+std::string metrics_json(const RunResult& r) {
+  if (r.loss_curve_step.size() != r.loss_curve_loss.size()) {
+    throw Error("metrics_json: loss_curve_step has " + std::to_string(r.loss_curve_step.size()) +
+                " entries but loss_curve_loss has " + std::to_string(r.loss_curve_loss.size()));
+  }
+  json history = json::object();
+  auto column = [&](const char* name, const std::function<double(const EpochRecord&)>& f) {
+    json a = json::array();
+    for (const auto& e : r.history) a.push_back(number_or_null(f(e)));
+    history[name] = std::move(a);
+  };
+  json epochs = json::array();
+  for (const auto& e : r.history) epochs.push_back(e.epoch);
+  history["epoch"] = std::move(epochs);
+  column("lr", [](const EpochRecord& e) { return e.lr; });
+  column("train_loss", [](const EpochRecord& e) { return e.train_loss; });
+  column("train_error", [](const EpochRecord& e) { return e.train_error; });
+  column("test_loss", [](const EpochRecord& e) { return e.test_loss; });
+  column("test_error", [](const EpochRecord& e) { return e.test_error; });
+  column("test_error_batch_stats", [](const EpochRecord& e) { return e.test_error_batch_stats; });
+  column("seconds", [](const EpochRecord& e) { return e.seconds; });
+  column("images_per_s", [](const EpochRecord& e) { return e.images_per_s; });
+
+  json curve_loss = json::array();
+  for (double v : r.loss_curve_loss) curve_loss.push_back(number_or_null(v));
+
+  nlohmann::ordered_json j;
+  j["norm"] = r.norm;
+  j["groups"] = r.groups;
+  j["batch"] = r.batch;
+  j["epochs"] = r.epochs;
+  j["lr"] = number_or_null(r.lr);
+  j["seed"] = r.seed;
+  j["train_loss"] = number_or_null(r.train_loss);
+  j["test_loss"] = number_or_null(r.test_loss);
+  j["test_error"] = number_or_null(r.test_error);
+  j["test_error_batch_stats"] = number_or_null(batch_stats_of(r));
+  j["images_per_s"] = number_or_null(r.images_per_s);
+  j["seconds"] = number_or_null(r.seconds);
+  j["history"] = history;
+  j["loss_curve"] = {{"step", r.loss_curve_step}, {"loss", curve_loss}};
+  return j.dump(2) + "\n";
+}
+
+void write_metrics_json(const std::string& path, const RunResult& run) {
+  write_text_file(path, metrics_json(run));
+}
+
+RunResult read_metrics_json(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw IoError(path + ": cannot open (" + std::strerror(errno) + ")");
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::exception& e) {
+    throw IoError(path + ": not valid JSON (" + e.what() + ")");
+  }
+  if (!j.is_object()) throw IoError(path + ": metrics JSON is not an object");
+  RunResult r;
+  const auto norm = j.find("norm");
+  if (norm == j.end() || !norm->is_string()) throw IoError(path + ": metrics JSON lacks string \"norm\"");
+  r.norm = norm->get<std::string>();
+  auto whole = [&](const char* key) {
+    const double v = read_number(j, path, key);
+    if (!(v >= 0) || v != std::floor(v)) {
+      throw IoError(path + ": metrics JSON field \"" + key + "\" is not a whole number");
+    }
+    return v;
+  };
+  r.groups = static_cast<int>(whole("groups"));
+  r.batch = static_cast<int>(whole("batch"));
+  r.epochs = static_cast<int>(whole("epochs"));
+  const auto seed = j.find("seed");
+  if (seed == j.end() || !seed->is_number_unsigned()) {
+    throw IoError(path + ": metrics JSON lacks a non-negative integer \"seed\"");
+  }
+  r.seed = seed->get<uint64_t>();
+  r.lr = read_number(j, path, "lr");
+  r.train_loss = read_number(j, path, "train_loss");
+  r.test_loss = read_number(j, path, "test_loss");
+  r.test_error = read_number(j, path, "test_error");
+  const double batch_stats = read_number(j, path, "test_error_batch_stats");
+  if (std::isfinite(batch_stats)) r.test_error_batch_stats = batch_stats;
+  r.images_per_s = read_number(j, path, "images_per_s");
+  r.seconds = read_number(j, path, "seconds");
+
+  if (const auto h = j.find("history"); h != j.end()) {
+    if (!h->is_object()) throw IoError(path + ": metrics JSON \"history\" is not an object");
+    const auto epoch = read_array(*h, path, "epoch");
+    const std::pair<const char*, double EpochRecord::*> fields[] = {
+        {"lr", &EpochRecord::lr},
+        {"train_loss", &EpochRecord::train_loss},
+        {"train_error", &EpochRecord::train_error},
+        {"test_loss", &EpochRecord::test_loss},
+        {"test_error", &EpochRecord::test_error},
+        {"test_error_batch_stats", &EpochRecord::test_error_batch_stats},
+        {"seconds", &EpochRecord::seconds},
+        {"images_per_s", &EpochRecord::images_per_s}};
+    r.history.resize(epoch.size());
+    for (size_t i = 0; i < epoch.size(); ++i) r.history[i].epoch = static_cast<int>(epoch[i]);
+    for (const auto& [name, member] : fields) {
+      const auto values = read_array(*h, path, name);
+      if (values.empty()) continue;
+      if (values.size() != epoch.size()) {
+        throw IoError(path + ": metrics JSON history \"" + std::string(name) + "\" has " +
+                      std::to_string(values.size()) + " entries for " +
+                      std::to_string(epoch.size()) + " epochs");
+      }
+      for (size_t i = 0; i < values.size(); ++i) r.history[i].*member = values[i];
+    }
+  }
+  if (const auto c = j.find("loss_curve"); c != j.end()) {
+    if (!c->is_object()) throw IoError(path + ": metrics JSON \"loss_curve\" is not an object");
+    const auto steps = read_array(*c, path, "step");
+    r.loss_curve_loss = read_array(*c, path, "loss");
+    if (steps.size() != r.loss_curve_loss.size()) {
+      throw IoError(path + ": metrics JSON loss_curve has " + std::to_string(steps.size()) +
+                    " steps but " + std::to_string(r.loss_curve_loss.size()) + " losses");
+    }
+    for (double s : steps) r.loss_curve_step.push_back(static_cast<int64_t>(s));
+  }
+  return r;
+}
+
+// ---- plots ------------------------------------------------------------------------------------
+
+PlotSpec batch_size_plot(const std::vector<RunResult>& runs, const std::string& title) {
+  PlotSpec spec;
+  spec.title = title;
+  spec.x_label = "batch size (images per step)";
+  spec.y_label = "test error (%)";
+  spec.x_scale = AxisScale::log2;
+  spec.x_reversed = true;
+  const std::vector<int> batches = batch_columns(runs);
+  for (int b : batches) {
+    if (b > 0) spec.x_ticks.push_back(b);
+  }
+  const std::vector<RowKey> keys = row_keys(runs);
+  auto add = [&](const RowKey& k, const std::string& name, bool dashed, int style,
+                 const std::function<double(const RunResult&)>& field) {
+    PlotSeries s{name, {}, {}, dashed, style};
+    for (int b : batches) {
+      const auto v = cell_values(runs, k, b, field);
+      if (v.empty() || b <= 0) continue;
+      s.x.push_back(b);
+      s.y.push_back(mean_of(v));
+    }
+    spec.series.push_back(std::move(s));
+  };
+  for (size_t i = 0; i < keys.size(); ++i) {
+    add(keys[i], norm_label(keys[i].norm, keys[i].groups), false, static_cast<int>(i),
+        [](const RunResult& r) { return r.test_error; });
+  }
+  // Batch-statistics lines are dashed in the colour of their norm's solid line.
+  for (size_t i = 0; i < keys.size(); ++i) {
+    const bool has = std::any_of(runs.begin(), runs.end(), [&](const RunResult& r) {
+      return RowKey{r.norm, r.groups} == keys[i] && r.test_error_batch_stats.has_value();
+    });
+    if (has) {
+      add(keys[i], norm_label(keys[i].norm, keys[i].groups) + ", batch statistics", true,
+          static_cast<int>(i), batch_stats_of);
+    }
+  }
+  return spec;
+}
+
+PlotSpec loss_curve_plot(const std::vector<RunResult>& runs, const std::string& title) {
+  PlotSpec spec;
+  spec.title = title;
+  spec.y_label = "training loss";
+  spec.y_scale = AxisScale::log10;
+  const bool by_step = !runs.empty() && std::all_of(runs.begin(), runs.end(), [](const RunResult& r) {
+    return !r.loss_curve_step.empty() && r.loss_curve_step.size() == r.loss_curve_loss.size();
+  });
+  spec.x_label = by_step ? "step" : "epoch";
+  for (const auto& r : runs) {
+    PlotSeries s{norm_label(r.norm, r.groups) + ", batch " + std::to_string(r.batch) + ", lr " +
+                     fmt("%g", r.lr),
+                 {}, {}};
+    if (by_step) {
+      for (size_t i = 0; i < r.loss_curve_step.size(); ++i) {
+        s.x.push_back(static_cast<double>(r.loss_curve_step[i]));
+        s.y.push_back(r.loss_curve_loss[i]);
+      }
+    } else {
+      for (const auto& e : r.history) {
+        s.x.push_back(e.epoch);
+        s.y.push_back(e.train_loss);
+      }
+    }
+    spec.series.push_back(std::move(s));
+  }
+  return spec;
+}
+
+}  // namespace normkit::train

@@ -1,0 +1,104 @@
+#pragma once
+// What a run and a sweep leave behind: results.csv (one row per run), results.md (tables like
+// the GroupNorm paper's: test error by normalization and batch size), per-run metrics JSON
+// (--metrics-out), and the plot specs for the batch-size figure and loss curves.
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "io/plot.h"
+
+namespace normkit::train {
+
+inline constexpr double kNoValue = std::numeric_limits<double>::quiet_NaN();
+
+// One epoch of a run. Values not measured are NaN (written as empty CSV cells / JSON null).
+struct EpochRecord {
+  int epoch = 0;                               // 1-based
+  double lr = kNoValue;                        // learning rate during the epoch
+  double train_loss = kNoValue;                // mean over the epoch's training images
+  double train_error = kNoValue;               // percent, over the epoch's training images
+  double test_loss = kNoValue;                 // after the epoch
+  double test_error = kNoValue;                // percent, BN with running statistics
+  double test_error_batch_stats = kNoValue;    // percent, BN with batch statistics
+  double seconds = kNoValue;                   // training time of the epoch
+  double images_per_s = kNoValue;              // training throughput of the epoch
+};
+
+struct RunResult {
+  std::string norm;         // "bn", "gn", "ln", "in" or "none"
+  int groups = 0;           // GN's number of groups; 0 for the other norms
+  int batch = 0;            // images per step
+  int epochs = 0;
+  double lr = kNoValue;     // initial learning rate actually used (after lr_base * batch / 32)
+  uint64_t seed = 0;
+  double train_loss = kNoValue;   // last epoch
+  double test_loss = kNoValue;    // final model
+  double test_error = kNoValue;   // percent, final model (BN with running statistics)
+  // Percent, final model with BN normalizing by the test batch's own statistics (test batches of
+  // the training batch size); absent for norms without running statistics.
+  std::optional<double> test_error_batch_stats;
+  double images_per_s = kNoValue; // training throughput over the run
+  double seconds = kNoValue;      // wall time of the run
+  std::vector<EpochRecord> history;
+  // Optional finer training-loss curve (e.g. running mean every k steps) for loss plots.
+  std::vector<int64_t> loss_curve_step;
+  std::vector<double> loss_curve_loss;
+};
+
+// "BN", "GN (G=8)", "LN", "IN", "none"; another norm name is shown upper-case.
+std::string norm_label(const std::string& norm, int groups);
+
+// ---- results.csv ----------------------------------------------------------------------------
+// Header: norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,
+//         test_error_batch_stats,images_per_s,seconds
+// then one row per run, in order. Numbers have 6 significant digits (seed exactly); NaN and an
+// absent test_error_batch_stats are empty cells; groups is empty when 0. Pure.
+std::string results_csv(const std::vector<RunResult>& runs);
+// Writes results_csv(runs) to `path` (replacing it whole). Throws IoError naming the path.
+void write_results_csv(const std::string& path, const std::vector<RunResult>& runs);
+// Reads a file written by write_results_csv (history and loss curves are not in it). Throws
+// IoError naming the path and line for a missing file, a different header, a wrong cell count or
+// a cell that is not a number.
+std::vector<RunResult> read_results_csv(const std::string& path);
+
+// ---- results.md -----------------------------------------------------------------------------
+// Markdown with, for `runs`: (1) test error (%) with rows = norm (norm_label, in order of first
+// appearance) and columns = batch sizes (largest first), (2) when any run has batch-statistics
+// results, a table comparing BN's test error with running vs batch statistics, (3) training
+// images/s in the same layout. A cell with several runs (seeds) shows "mean ± sd (n=k)"; a
+// missing cell shows "—". `notes`, if not empty, is a paragraph under the title. Pure.
+std::string results_markdown(const std::vector<RunResult>& runs, const std::string& notes = {});
+// Writes results_markdown(runs, notes) to `path`. Throws IoError naming the path.
+void write_results_markdown(const std::string& path, const std::vector<RunResult>& runs,
+                            const std::string& notes = {});
+
+// ---- metrics JSON (--metrics-out) -----------------------------------------------------------
+// One object: norm, groups, batch, epochs, lr, seed, train_loss, test_loss, test_error,
+// test_error_batch_stats, images_per_s, seconds (numbers; NaN and absent as null), then
+// "history": {"epoch": [...], "lr": [...], "train_loss": [...], "train_error": [...],
+// "test_loss": [...], "test_error": [...], "test_error_batch_stats": [...], "seconds": [...],
+// "images_per_s": [...]} (one entry per epoch), and "loss_curve": {"step": [...], "loss": [...]}.
+// Pure; throws normkit::Error when loss_curve_step and loss_curve_loss differ in length.
+std::string metrics_json(const RunResult& run);
+// Writes metrics_json(run) to `path`. Throws IoError naming the path.
+void write_metrics_json(const std::string& path, const RunResult& run);
+// Reads a file written by write_metrics_json. Throws IoError naming the path when it is missing,
+// not JSON, or lacks a field or has one of the wrong type.
+RunResult read_metrics_json(const std::string& path);
+
+// ---- plots ----------------------------------------------------------------------------------
+// The paper's Figure 1 for `runs`: test error (%) against batch size on a reversed log2 axis
+// (largest batch on the left), one line per row of the results table (means over seeds), and a
+// dashed "<norm>, batch statistics" line where those results exist.
+PlotSpec batch_size_plot(const std::vector<RunResult>& runs,
+                         const std::string& title = "Test error vs batch size");
+// Training loss on a log y axis, one series per run named "<norm_label>, batch <b>, lr <lr>":
+// against step (loss_curve_*) when every run has a curve, otherwise against epoch (history).
+// Non-finite losses (divergence) break the line.
+PlotSpec loss_curve_plot(const std::vector<RunResult>& runs,
+                         const std::string& title = "Training loss");
+
+}  // namespace normkit::train

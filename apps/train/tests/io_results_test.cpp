@@ -1,0 +1,365 @@
+// Sweep outputs: results.csv, results.md, metrics JSON and the plot specs built from runs. The
+// expected cells are computed here from the runs (means, sample standard deviations) and the
+// files are parsed back independently of the writers.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "io/io_error.h"
+#include "io/results.h"
+#include "normkit/error.h"
+
+namespace fs = std::filesystem;
+using namespace normkit::train;
+using json = nlohmann::json;
+
+namespace {
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out(1);
+  for (char c : s) {
+    if (c == sep) out.emplace_back();
+    else out.back() += c;
+  }
+  return out;
+}
+
+std::vector<std::string> lines_of(const std::string& s) {
+  std::vector<std::string> out;
+  std::istringstream in(s);
+  for (std::string line; std::getline(in, line);) out.push_back(line);
+  return out;
+}
+
+std::string trim(const std::string& s) {
+  const size_t b = s.find_first_not_of(' '), e = s.find_last_not_of(' ');
+  return b == std::string::npos ? "" : s.substr(b, e - b + 1);
+}
+
+std::string fmt2(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.2f", v);
+  return buf;
+}
+
+RunResult make_run(const std::string& norm, int groups, int batch, uint64_t seed, std::mt19937& rng) {
+  std::uniform_real_distribution<double> u(0, 1);
+  RunResult r;
+  r.norm = norm;
+  r.groups = groups;
+  r.batch = batch;
+  r.epochs = 3;
+  r.lr = 0.1 * batch / 32;
+  r.seed = seed;
+  r.train_loss = 0.2 + u(rng);
+  r.test_loss = 0.3 + u(rng);
+  r.test_error = 8 + 4 * u(rng);
+  if (norm == "bn") r.test_error_batch_stats = 9 + 8 * u(rng);
+  r.images_per_s = 500 + 2000 * u(rng);
+  r.seconds = 10 + 100 * u(rng);
+  for (int e = 1; e <= r.epochs; ++e) {
+    EpochRecord rec;
+    rec.epoch = e;
+    rec.lr = r.lr / (e == 3 ? 10 : 1);
+    rec.train_loss = 1.0 / e + u(rng) * 0.01;
+    rec.train_error = 30.0 / e;
+    rec.test_loss = 1.1 / e;
+    rec.test_error = 20.0 / e;
+    if (norm == "bn") rec.test_error_batch_stats = 25.0 / e;
+    rec.seconds = 5 + u(rng);
+    rec.images_per_s = 1000 + u(rng);
+    r.history.push_back(rec);
+  }
+  return r;
+}
+
+// A sweep: BN and GN at batch 32, 8, 2, two seeds for BN at batch 2, GN missing at batch 8.
+std::vector<RunResult> sweep() {
+  std::mt19937 rng(3);
+  std::vector<RunResult> runs;
+  for (int b : {32, 8, 2}) {
+    runs.push_back(make_run("bn", 0, b, 1, rng));
+    if (b != 8) runs.push_back(make_run("gn", 8, b, 1, rng));
+  }
+  runs.push_back(make_run("bn", 0, 2, 2, rng));
+  return runs;
+}
+
+// The Markdown table that follows heading `heading`: rows of trimmed cells (header first).
+std::vector<std::vector<std::string>> markdown_table(const std::string& md, const std::string& heading) {
+  const auto lines = lines_of(md);
+  std::vector<std::vector<std::string>> rows;
+  size_t i = 0;
+  while (i < lines.size() && lines[i] != heading) ++i;
+  EXPECT_LT(i, lines.size()) << "no heading: " << heading;
+  while (i < lines.size() && (lines[i].empty() || lines[i][0] != '|')) ++i;
+  for (; i < lines.size() && !lines[i].empty() && lines[i][0] == '|'; ++i) {
+    auto cells = split(lines[i].substr(1, lines[i].size() - 2), '|');
+    for (auto& c : cells) c = trim(c);
+    if (cells[0].find("---") == std::string::npos) rows.push_back(cells);
+  }
+  return rows;
+}
+
+class ResultsFileTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("normkit_io_results_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  fs::path dir_;
+};
+
+TEST(Results, NormLabels) {
+  EXPECT_EQ(norm_label("bn", 0), "BN");
+  EXPECT_EQ(norm_label("gn", 8), "GN (G=8)");
+  EXPECT_EQ(norm_label("ln", 0), "LN");
+  EXPECT_EQ(norm_label("in", 0), "IN");
+  EXPECT_EQ(norm_label("none", 0), "none");
+}
+
+TEST(Results, CsvHasOneRowPerRunWithEveryField) {
+  auto runs = sweep();
+  runs[0].seconds = kNoValue;
+  const std::string csv = results_csv(runs);
+  const auto lines = lines_of(csv);
+  ASSERT_EQ(lines.size(), runs.size() + 1);
+  EXPECT_EQ(lines[0],
+            "norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,"
+            "test_error_batch_stats,images_per_s,seconds");
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const RunResult& r = runs[i];
+    const auto c = split(lines[i + 1], ',');
+    ASSERT_EQ(c.size(), 12u) << lines[i + 1];
+    EXPECT_EQ(c[0], r.norm);
+    EXPECT_EQ(c[1], r.groups ? std::to_string(r.groups) : "");
+    EXPECT_EQ(c[2], std::to_string(r.batch));
+    EXPECT_EQ(c[3], "3");
+    EXPECT_EQ(c[5], std::to_string(r.seed));
+    const double values[] = {r.lr, 0, r.train_loss, r.test_loss, r.test_error,
+                             r.test_error_batch_stats.value_or(kNoValue), r.images_per_s, r.seconds};
+    for (size_t k = 4; k < 12; ++k) {
+      if (k == 5) continue;
+      const double want = values[k - 4];
+      if (std::isnan(want)) {
+        EXPECT_EQ(c[k], "") << "row " << i << " column " << k;
+      } else {
+        EXPECT_NEAR(std::stod(c[k]), want, 5e-6 * std::abs(want)) << "row " << i << " column " << k;
+      }
+    }
+  }
+}
+
+TEST_F(ResultsFileTest, CsvReadsBackWhatItWrote) {
+  auto runs = sweep();
+  runs[1].norm = "gn, \"odd\"";  // survives quoting
+  runs[2].seed = 18446744073709551615ull;
+  const fs::path p = dir_ / "results.csv";
+  write_results_csv(p.string(), runs);
+  const auto back = read_results_csv(p.string());
+  ASSERT_EQ(back.size(), runs.size());
+  for (size_t i = 0; i < runs.size(); ++i) {
+    EXPECT_EQ(back[i].norm, runs[i].norm);
+    EXPECT_EQ(back[i].groups, runs[i].groups);
+    EXPECT_EQ(back[i].batch, runs[i].batch);
+    EXPECT_EQ(back[i].seed, runs[i].seed);
+    EXPECT_NEAR(back[i].test_error, runs[i].test_error, 1e-4);
+    EXPECT_NEAR(back[i].lr, runs[i].lr, 1e-8);
+    EXPECT_EQ(back[i].test_error_batch_stats.has_value(), runs[i].test_error_batch_stats.has_value());
+    EXPECT_TRUE(back[i].history.empty());
+  }
+  std::ofstream(dir_ / "bad1.csv") << "a,b\n";
+  EXPECT_THROW(read_results_csv((dir_ / "bad1.csv").string()), IoError);
+  std::string good = results_csv({runs[0]});
+  std::ofstream(dir_ / "bad2.csv") << good.substr(0, good.rfind(',')) << "\n";
+  EXPECT_THROW(read_results_csv((dir_ / "bad2.csv").string()), IoError);
+  std::string nonnum = good;
+  nonnum.replace(nonnum.rfind(','), 1, ",x");
+  std::ofstream(dir_ / "bad3.csv") << nonnum;
+  try {
+    read_results_csv((dir_ / "bad3.csv").string());
+    ADD_FAILURE();
+  } catch (const IoError& e) {
+    EXPECT_NE(std::string(e.what()).find("bad3.csv:2"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(read_results_csv((dir_ / "absent.csv").string()), IoError);
+}
+
+TEST(Results, MarkdownTablesLikeThePaper) {
+  const auto runs = sweep();
+  const std::string md = results_markdown(runs, "Fashion-MNIST, 3 epochs.");
+  EXPECT_NE(md.find("Fashion-MNIST, 3 epochs."), std::string::npos);
+
+  const auto t = markdown_table(md, "## Test error (%) by batch size");
+  ASSERT_EQ(t.size(), 3u);  // header, BN, GN
+  EXPECT_EQ(t[0], (std::vector<std::string>{"norm", "batch 32", "batch 8", "batch 2"}));
+  EXPECT_EQ(t[1][0], "BN");
+  EXPECT_EQ(t[2][0], "GN (G=8)");
+  // Expected cells from the runs.
+  auto runs_at = [&](const std::string& norm, int b) {
+    std::vector<const RunResult*> v;
+    for (const auto& r : runs) {
+      if (r.norm == norm && r.batch == b) v.push_back(&r);
+    }
+    return v;
+  };
+  EXPECT_EQ(t[1][1], fmt2(runs_at("bn", 32)[0]->test_error));
+  EXPECT_EQ(t[1][2], fmt2(runs_at("bn", 8)[0]->test_error));
+  const auto two = runs_at("bn", 2);
+  ASSERT_EQ(two.size(), 2u);
+  const double mean = (two[0]->test_error + two[1]->test_error) / 2;
+  const double sd = std::abs(two[0]->test_error - two[1]->test_error) / std::sqrt(2.0);
+  EXPECT_EQ(t[1][3], fmt2(mean) + " ± " + fmt2(sd) + " (n=2)");
+  EXPECT_EQ(t[2][1], fmt2(runs_at("gn", 32)[0]->test_error));
+  EXPECT_EQ(t[2][2], "—");
+  EXPECT_NE(md.find("mean ± sample standard deviation"), std::string::npos);
+
+  const auto s = markdown_table(md, "## Test error (%) with running vs batch statistics at test time");
+  ASSERT_EQ(s.size(), 3u);
+  EXPECT_EQ(s[1][0], "BN, running statistics");
+  EXPECT_EQ(s[2][0], "BN, batch statistics");
+  EXPECT_EQ(s[1][1], t[1][1]);
+  EXPECT_EQ(s[2][2], fmt2(*runs_at("bn", 8)[0]->test_error_batch_stats));
+
+  const auto speed = markdown_table(md, "## Training speed (images/s)");
+  ASSERT_EQ(speed.size(), 3u);
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.0f", runs_at("gn", 2)[0]->images_per_s);
+  EXPECT_EQ(speed[2][3], buf);
+}
+
+TEST(Results, MarkdownLeavesOutTheBatchStatisticsTableWhenThereIsNone) {
+  auto runs = sweep();
+  for (auto& r : runs) r.test_error_batch_stats.reset();
+  const std::string md = results_markdown(runs);
+  EXPECT_EQ(md.find("batch statistics"), std::string::npos);
+  EXPECT_EQ(markdown_table(md, "## Test error (%) by batch size").size(), 3u);
+}
+
+TEST_F(ResultsFileTest, MetricsJsonHasTheSummaryAndHistory) {
+  std::mt19937 rng(9);
+  RunResult r = make_run("gn", 8, 2, 7, rng);
+  r.history[1].test_loss = kNoValue;  // not measured that epoch
+  r.loss_curve_step = {50, 100, 150};
+  r.loss_curve_loss = {2.1, 1.5, std::nan("")};
+  const fs::path p = dir_ / "metrics.json";
+  write_metrics_json(p.string(), r);
+
+  std::ifstream in(p);
+  const json j = json::parse(in);
+  EXPECT_EQ(j["norm"], "gn");
+  EXPECT_EQ(j["groups"], 8);
+  EXPECT_EQ(j["batch"], 2);
+  EXPECT_EQ(j["seed"], 7);
+  EXPECT_DOUBLE_EQ(j["train_loss"].get<double>(), r.train_loss);
+  EXPECT_DOUBLE_EQ(j["test_loss"].get<double>(), r.test_loss);
+  EXPECT_DOUBLE_EQ(j["test_error"].get<double>(), r.test_error);
+  EXPECT_DOUBLE_EQ(j["images_per_s"].get<double>(), r.images_per_s);
+  EXPECT_TRUE(j["test_error_batch_stats"].is_null());
+  const json& h = j["history"];
+  EXPECT_EQ(h["epoch"], (json{1, 2, 3}));
+  for (size_t e = 0; e < 3; ++e) {
+    EXPECT_DOUBLE_EQ(h["train_loss"][e].get<double>(), r.history[e].train_loss);
+    EXPECT_DOUBLE_EQ(h["test_error"][e].get<double>(), r.history[e].test_error);
+    EXPECT_DOUBLE_EQ(h["lr"][e].get<double>(), r.history[e].lr);
+  }
+  EXPECT_TRUE(h["test_loss"][1].is_null());
+  EXPECT_EQ(h["test_error_batch_stats"], (json{nullptr, nullptr, nullptr}));
+  EXPECT_EQ(j["loss_curve"]["step"], (json{50, 100, 150}));
+  EXPECT_TRUE(j["loss_curve"]["loss"][2].is_null());
+
+  const RunResult back = read_metrics_json(p.string());
+  EXPECT_EQ(back.norm, r.norm);
+  EXPECT_EQ(back.seed, r.seed);
+  EXPECT_EQ(back.test_error, r.test_error);  // full precision in JSON
+  EXPECT_FALSE(back.test_error_batch_stats.has_value());
+  ASSERT_EQ(back.history.size(), 3u);
+  EXPECT_EQ(back.history[2].train_loss, r.history[2].train_loss);
+  EXPECT_TRUE(std::isnan(back.history[1].test_loss));
+  EXPECT_EQ(back.loss_curve_step, r.loss_curve_step);
+  EXPECT_TRUE(std::isnan(back.loss_curve_loss[2]));
+
+  r.loss_curve_loss.pop_back();
+  EXPECT_THROW(metrics_json(r), normkit::Error);
+  std::ofstream(dir_ / "broken.json") << "{\"norm\": \"bn\",";
+  EXPECT_THROW(read_metrics_json((dir_ / "broken.json").string()), IoError);
+  std::ofstream(dir_ / "partial.json") << "{\"norm\": \"bn\", \"groups\": 0}";
+  try {
+    read_metrics_json((dir_ / "partial.json").string());
+    ADD_FAILURE();
+  } catch (const IoError& e) {
+    EXPECT_NE(std::string(e.what()).find("\"batch\""), std::string::npos) << e.what();
+  }
+}
+
+TEST(Results, BatchSizePlotFollowsTheTable) {
+  const auto runs = sweep();
+  const PlotSpec spec = batch_size_plot(runs);
+  EXPECT_EQ(spec.x_scale, AxisScale::log2);
+  EXPECT_TRUE(spec.x_reversed);
+  EXPECT_EQ(spec.x_ticks, (std::vector<double>{32, 8, 2}));
+  ASSERT_EQ(spec.series.size(), 3u);
+  EXPECT_EQ(spec.series[0].name, "BN");
+  EXPECT_EQ(spec.series[1].name, "GN (G=8)");
+  EXPECT_EQ(spec.series[2].name, "BN, batch statistics");
+  EXPECT_TRUE(spec.series[2].dashed);
+  EXPECT_EQ(spec.series[2].style, spec.series[0].style) << "dashed BN shares BN's colour";
+  EXPECT_NE(spec.series[1].style, spec.series[0].style);
+  EXPECT_FALSE(spec.series[0].dashed);
+  EXPECT_EQ(spec.series[1].x, (std::vector<double>{32, 2}));  // no GN run at batch 8
+  // The BN point at batch 2 is the mean of its two seeds.
+  double sum = 0;
+  for (const auto& r : runs) {
+    if (r.norm == "bn" && r.batch == 2) sum += r.test_error;
+  }
+  EXPECT_DOUBLE_EQ(spec.series[0].y[2], sum / 2);
+  EXPECT_NO_THROW(render_line_plot_svg(spec));
+}
+
+TEST(Results, LossCurvePlotUsesStepsOnlyWhenEveryRunHasThem) {
+  std::mt19937 rng(1);
+  auto a = make_run("bn", 0, 32, 1, rng);
+  auto b = make_run("none", 0, 32, 1, rng);
+  a.loss_curve_step = {10, 20};
+  a.loss_curve_loss = {2.0, 1.0};
+  PlotSpec spec = loss_curve_plot({a, b});
+  EXPECT_EQ(spec.x_label, "epoch");
+  EXPECT_EQ(spec.series[1].x, (std::vector<double>{1, 2, 3}));
+  EXPECT_EQ(spec.series[1].y[2], b.history[2].train_loss);
+  EXPECT_EQ(spec.series[1].name, "none, batch 32, lr 0.1");
+  b.loss_curve_step = {10};
+  b.loss_curve_loss = {std::nan("")};
+  spec = loss_curve_plot({a, b});
+  EXPECT_EQ(spec.x_label, "step");
+  EXPECT_EQ(spec.y_scale, AxisScale::log10);
+  EXPECT_EQ(spec.series[0].y, (std::vector<double>{2.0, 1.0}));
+  EXPECT_NO_THROW(render_line_plot_svg(spec));
+}
+
+TEST_F(ResultsFileTest, WritersNameAnUnwritablePath) {
+  const std::string p = (dir_ / "no" / "results.md").string();
+  try {
+    write_results_markdown(p, sweep());
+    ADD_FAILURE();
+  } catch (const IoError& e) {
+    EXPECT_NE(std::string(e.what()).find(p), std::string::npos);
+  }
+  EXPECT_THROW(write_results_csv((dir_ / "no" / "r.csv").string(), sweep()), IoError);
+  EXPECT_THROW(write_metrics_json((dir_ / "no" / "m.json").string(), sweep()[0]), IoError);
+}
+
+}  // namespace
