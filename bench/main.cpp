@@ -8,6 +8,7 @@
 #include <omp.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -98,6 +99,9 @@ int main(int argc, char** argv) {
   app.add_option("--dtype", dtype_arg, "Comma-separated activation dtypes: f32, bf16, f16");
   app.add_flag("--check-only", check_only, "Check every candidate, time nothing");
   app.add_flag("--no-anchors", no_anchors, "Leave PyTorch and oneDNN out even if built in");
+  std::string only;
+  app.add_option("--candidates", only,
+                 "Comma-separated candidates to run besides the copy (normkit, torch, onednn)");
   app.add_flag("--system-malloc", system_malloc,
                "Keep glibc's default of returning large blocks to the OS on free (PyTorch then "
                "pays page faults for each output it allocates above 32 MB)");
@@ -156,6 +160,15 @@ int main(int argc, char** argv) {
         candidates.push_back(std::move(c));
       }
     }
+  }
+  if (!only.empty()) {
+    const auto keep = split(only);
+    std::erase_if(candidates, [&](const auto& c) {
+      return c->name() != "copy" && std::find(keep.begin(), keep.end(), c->name()) == keep.end();
+    });
+    std::erase_if(anchors, [&](const std::string& a) {
+      return std::find(keep.begin(), keep.end(), a) == keep.end();
+    });
   }
   auto reference = nb::make_normkit_candidate(normkit::Backend::reference);
 
