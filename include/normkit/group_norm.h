@@ -8,6 +8,7 @@
 #include <span>
 
 #include "normkit/context.h"
+#include "normkit/error.h"
 #include "normkit/tensor.h"
 
 namespace normkit {

@@ -1,9 +1,16 @@
 #include "common/validate.h"
 
 #include <cmath>
+#include <cstdio>
 #include <limits>
 
 namespace normkit::detail {
+
+std::string format_number(double v) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof buffer, "%.9g", v);
+  return buffer;
+}
 
 void fail(const char* function, const std::string& message) {
   throw Error(std::string(function) + ": " + message);
@@ -45,7 +52,9 @@ void check_like(const char* function, const char* name, const TensorView& t, con
   if (t.dtype != x.dtype)
     fail(function, std::string(name) + " dtype " + to_string(t.dtype) + " != " + x_name +
                        " dtype " + to_string(x.dtype));
-  if (t.numel() > 0 && t.data == nullptr)
+  bool empty = false;  // by dims, not numel(): the product of the others may overflow
+  for (int i = 0; i < t.rank && i < kMaxRank; ++i) empty |= t.shape[i] == 0;
+  if (!empty && t.data == nullptr)
     fail(function, std::string(name) + " has a null data pointer for shape " + shape_string(t));
 }
 
@@ -62,12 +71,12 @@ void check_length(const char* function, const char* name, std::span<const float>
 
 void check_eps(const char* function, double eps) {
   if (!(std::isfinite(eps) && eps >= 0))
-    fail(function, "eps must be finite and >= 0, got " + std::to_string(eps));
+    fail(function, "eps must be finite and >= 0, got " + format_number(eps));
 }
 
 void check_momentum(const char* function, double momentum) {
   if (!(momentum >= 0 && momentum <= 1))
-    fail(function, "momentum must be in [0, 1], got " + std::to_string(momentum));
+    fail(function, "momentum must be in [0, 1], got " + format_number(momentum));
 }
 
 int thread_count(const Context& ctx) {

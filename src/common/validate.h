@@ -11,6 +11,9 @@
 
 namespace normkit::detail {
 
+// "1e-09", "-0.5", "nan": short and exact enough for messages.
+std::string format_number(double v);
+
 [[noreturn]] void fail(const char* function, const std::string& message);
 
 // rank in [min_rank, 5], no negative dim, element count fits in int64, non-null data when not

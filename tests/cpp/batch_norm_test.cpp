@@ -758,7 +758,7 @@ TEST(BatchNormErrors, ForwardTraining) {
        },
        {"save_invstd is required"}},
       {[](Buffers& m) { train(m, m.vx(), m.vy(), {.eps = -1e-5}); },
-       {"eps must be finite and >= 0, got -0.000010"}},
+       {"eps must be finite and >= 0, got -1e-05"}},
       {[](Buffers& m) { train(m, m.vx(), m.vy(), {.eps = std::nan("")}); }, {"eps", "nan"}},
       {[](Buffers& m) { train(m, m.vx(), m.vy(), {.eps = INFINITY}); }, {"eps", "inf"}},
       {[](Buffers& m) { train(m, m.vx(), m.vy(), {.momentum = 1.5}); },
