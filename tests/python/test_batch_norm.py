@@ -200,7 +200,7 @@ def test_empty_batch(fmt):
 
 
 def test_bad_arguments_leave_running_statistics_alone(rng):
-    x = Config(rng, 3, 1, "channels_first", batch=2).activation()
+    x = Config(rng, 3, 1, "channels_first", batch=2, spatial=[5]).activation()
     mean0, var0 = np.linspace(-1, 1, 3, dtype=np.float32), np.linspace(1, 2, 3, dtype=np.float32)
     rm, rv = mean0.copy(), var0.copy()
     w = np.ones(3, np.float32)
@@ -255,7 +255,7 @@ def test_bad_arguments_leave_running_statistics_alone(rng):
 
 
 def test_backward_bad_arguments(rng):
-    x = Config(rng, 3, 2, "channels_first", batch=2).activation()
+    x = Config(rng, 3, 2, "channels_first", batch=2, spatial=[3, 4]).activation()
     w = np.ones(3, np.float32)
     _, save_mean, save_invstd = normkit.batch_norm_forward(x, None, None, w, training=True)
     dy = np.ones_like(x)

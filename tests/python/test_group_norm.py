@@ -130,7 +130,7 @@ def test_empty_batch(fmt):
 
 
 def test_bad_arguments(rng):
-    x = Config(rng, 6, 2, "channels_first", batch=2).activation()
+    x = Config(rng, 6, 2, "channels_first", batch=2, spatial=[3, 4]).activation()
     w = np.ones(6, np.float32)
     with raises(ValueError, "num_groups", "6", "4"):
         normkit.group_norm(x, 4)

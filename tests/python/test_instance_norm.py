@@ -92,7 +92,7 @@ def test_empty_batch():
 
 
 def test_bad_arguments_leave_running_statistics_alone(rng):
-    x = Config(rng, 3, 2, "channels_last", batch=2).activation()
+    x = Config(rng, 3, 2, "channels_last", batch=2, spatial=[3, 4]).activation()
     mean0, var0 = np.linspace(-1, 1, 3, dtype=np.float32), np.linspace(1, 2, 3, dtype=np.float32)
     rm, rv = mean0.copy(), var0.copy()
 
