@@ -16,6 +16,36 @@ namespace {
 constexpr double kEps = 1e-5;
 constexpr double kMomentum = 0.1;
 
+// Parameters by assignment, so fields the headers add later keep their defaults.
+BatchNormParams batch_norm_params() {
+  BatchNormParams p;
+  p.eps = kEps;
+  p.momentum = kMomentum;
+  return p;
+}
+
+GroupNormParams group_norm_params(int64_t groups) {
+  GroupNormParams p;
+  p.num_groups = groups;
+  p.eps = kEps;
+  return p;
+}
+
+LayerNormParams layer_norm_params() {
+  LayerNormParams p;
+  p.normalized_ndim = 1;
+  p.eps = kEps;
+  return p;
+}
+
+InstanceNormParams instance_norm_params() {
+  InstanceNormParams p;
+  p.use_input_stats = true;
+  p.momentum = kMomentum;
+  p.eps = kEps;
+  return p;
+}
+
 class CopyCandidate final : public Candidate {
  public:
   std::string name() const override { return "copy"; }
@@ -135,23 +165,23 @@ class NormkitCandidate final : public Candidate {
     const std::span<const float> w(data_->weight), b(data_->bias);
     switch (c_->family) {
       case Family::batch_norm:
-        batch_norm_forward_training({kEps, kMomentum}, x_, w, b, y, mean_, rstd_, running_mean_,
+        batch_norm_forward_training(batch_norm_params(), x_, w, b, y, mean_, rstd_, running_mean_,
                                     running_var_, ctx_);
         break;
       case Family::group_norm:
-        group_norm_forward({c_->groups, kEps}, x_, w, b, y, mean_, rstd_, ctx_);
+        group_norm_forward(group_norm_params(c_->groups), x_, w, b, y, mean_, rstd_, ctx_);
         break;
       case Family::layer_norm:
-        layer_norm_forward({1, kEps}, x_, w, b, y, mean_, rstd_, ctx_);
+        layer_norm_forward(layer_norm_params(), x_, w, b, y, mean_, rstd_, ctx_);
         break;
       case Family::instance_norm:
-        instance_norm_forward({true, kMomentum, kEps}, x_, w, b, {}, {}, y, mean_, rstd_, ctx_);
+        instance_norm_forward(instance_norm_params(), x_, w, b, {}, {}, y, mean_, rstd_, ctx_);
         break;
     }
   }
 
   void forward_inference() {
-    batch_norm_forward_inference({kEps, kMomentum}, x_, data_->weight, data_->bias,
+    batch_norm_forward_inference(batch_norm_params(), x_, data_->weight, data_->bias,
                                  running_mean_, running_var_, view_of(*c_, y_.data()), ctx_);
   }
 
@@ -163,14 +193,15 @@ class NormkitCandidate final : public Candidate {
         batch_norm_backward_training(dy_, x_, mean_, rstd_, w, dx, dweight_, dbias_, ctx_);
         break;
       case Family::group_norm:
-        group_norm_backward({c_->groups, kEps}, dy_, x_, mean_, rstd_, w, dx, dweight_, dbias_,
-                            ctx_);
+        group_norm_backward(group_norm_params(c_->groups), dy_, x_, mean_, rstd_, w, dx,
+                            dweight_, dbias_, ctx_);
         break;
       case Family::layer_norm:
-        layer_norm_backward({1, kEps}, dy_, x_, mean_, rstd_, w, dx, dweight_, dbias_, ctx_);
+        layer_norm_backward(layer_norm_params(), dy_, x_, mean_, rstd_, w, dx, dweight_, dbias_,
+                            ctx_);
         break;
       case Family::instance_norm:
-        instance_norm_backward({true, kMomentum, kEps}, dy_, x_, mean_, rstd_, w, dx, dweight_,
+        instance_norm_backward(instance_norm_params(), dy_, x_, mean_, rstd_, w, dx, dweight_,
                                dbias_, ctx_);
         break;
     }

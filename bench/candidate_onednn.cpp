@@ -74,7 +74,8 @@ class OnednnCandidate final : public Candidate {
     const int64_t params = static_cast<int64_t>(data.weight.size());
     const memory::desc param_md({params}, memory::data_type::f32, memory::format_tag::a);
     const bool inference = c.op == Op::forward_inference;
-    const prop_kind fwd_kind = inference ? prop_kind::forward_inference : prop_kind::forward_training;
+    const prop_kind fwd_kind =
+        inference ? prop_kind::forward_inference : prop_kind::forward_training;
     auto flags = normalization_flags::use_scale | normalization_flags::use_shift;
     if (inference) flags = flags | normalization_flags::use_global_stats;
     const bool bwd = c.op == Op::backward || c.op == Op::forward_backward;

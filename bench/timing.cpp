@@ -28,19 +28,24 @@ std::vector<Timing> measure_interleaved(const std::vector<Candidate*>& candidate
   if (n == 0) return out;
   // Calibration: one timed call each decides how many calls make a sample.
   double rep_seconds = 0;
+  std::vector<bool> slow(n);
   for (std::size_t i = 0; i < n; ++i) {
     const double t = time_calls(*candidates[i], 1);
     const int calls = static_cast<int>(
         std::clamp(std::ceil(options.min_sample_seconds / std::max(t, 1e-9)), 1.0, 10000.0));
     out[i].calls_per_sample = calls;
-    rep_seconds += calls * t + options.gap_seconds;
+    slow[i] = t > options.slow_call_seconds;
+    if (!slow[i]) rep_seconds += calls * t + options.gap_seconds;
   }
-  const int reps = std::clamp(static_cast<int>(options.budget_seconds / rep_seconds),
-                              options.min_reps, std::max(options.min_reps, options.max_reps));
+  // Cases whose repetition takes over a second settle for 3 repetitions.
+  const int floor_reps = rep_seconds > 1.0 ? std::min(3, options.min_reps) : options.min_reps;
+  const int budget_reps = static_cast<int>(options.budget_seconds / std::max(rep_seconds, 1e-9));
+  const int reps = std::clamp(budget_reps, floor_reps, std::max(floor_reps, options.max_reps));
   std::vector<std::vector<double>> samples(n);
   for (int r = 0; r < reps; ++r) {
     for (std::size_t k = 0; k < n; ++k) {
       const std::size_t i = (k + r) % n;  // rotate who goes first
+      if (slow[i] && r >= options.slow_reps) continue;
       if (options.gap_seconds > 0)
         std::this_thread::sleep_for(std::chrono::duration<double>(options.gap_seconds));
       samples[i].push_back(time_calls(*candidates[i], out[i].calls_per_sample));

@@ -14,12 +14,17 @@ struct TimingOptions {
   double min_sample_seconds = 2e-3;  // a sample repeats a short call until it lasts this long
   double gap_seconds = 1e-3;     // idle time before each sample: lets the previous candidate's
                                  // spinning worker threads go to sleep
+  // A candidate whose single call takes longer (oneDNN's reference-only group-norm backward, for
+  // one) is timed in the first `slow_reps` repetitions only: far off the floor, it needs no
+  // precision, and would otherwise take most of the run.
+  double slow_call_seconds = 0.25;
+  int slow_reps = 2;
 };
 
 struct Timing {
   double median_seconds = 0;  // per call
   double min_seconds = 0;
-  int reps = 0;
+  int reps = 0;  // samples taken
   int calls_per_sample = 0;
 };
 
