@@ -1,0 +1,230 @@
+// normkit-train: trains a small residual CNN on Fashion-MNIST (or any MNIST-format folder) with
+// normkit's normalization layers, one run or a sweep over norms and batch sizes.
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <exception>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <algorithm>
+#include <filesystem>
+#include <thread>
+
+#include "io/io_error.h"
+#include "io/plot.h"
+#include "io/progress.h"
+#include "io/results.h"
+#include "nn/parallel.h"
+#include "normkit/error.h"
+#include "trainer.h"
+
+namespace nt = normkit::train;
+
+namespace {
+
+// Options shared by run and sweep.
+struct Common {
+  int groups = 8;
+  int epochs = 3;
+  double lr_base = 0.1;
+  uint64_t seed = 1;
+  int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  int64_t limit_train = -1, limit_test = -1;
+  std::string data = nt::kDefaultMnistDir;
+  std::vector<int> widths{16, 32, 64};
+  int blocks_per_stage = 1;
+  std::vector<double> lr_decay_at{0.5, 0.75};
+  int eval_batch = 100;
+  bool quiet = false;
+};
+
+void add_common(CLI::App* app, Common& c) {
+  app->add_option("--groups", c.groups, "GroupNorm groups (must divide every width)")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app->add_option("--epochs", c.epochs, "epochs (the same for every batch size)")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app->add_option("--lr-base", c.lr_base, "learning rate at batch 32; lr = base * batch / 32")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app->add_option("--seed", c.seed, "seed of the initialization and the data order")->capture_default_str();
+  app->add_option("--threads", c.threads, "threads for the engine, OpenBLAS and normkit")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app->add_option("--limit-train", c.limit_train, "use the first K training images (default: all)")
+      ->check(CLI::PositiveNumber);
+  app->add_option("--limit-test", c.limit_test, "use the first K test images (default: all)")
+      ->check(CLI::PositiveNumber);
+  app->add_option("--data", c.data, "folder with the four MNIST-format IDX files (.gz or plain)")
+      ->capture_default_str();
+  app->add_option("--widths", c.widths, "channels of each stage, e.g. 16,32,64")
+      ->delimiter(',')->capture_default_str()->check(CLI::PositiveNumber);
+  app->add_option("--blocks-per-stage", c.blocks_per_stage, "residual blocks per stage")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app->add_option("--lr-decay-at", c.lr_decay_at,
+                  "fractions of all steps where the learning rate is divided by 10")
+      ->delimiter(',')->capture_default_str();
+  app->add_option("--eval-batch", c.eval_batch, "batch for evaluation with running statistics")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app->add_flag("--quiet", c.quiet, "no progress bar");
+}
+
+nt::TrainConfig make_config(const Common& c, const std::string& norm, int batch) {
+  nt::TrainConfig t;
+  t.model.norm = nt::parse_norm_kind(norm);
+  t.model.groups = c.groups;
+  t.model.widths = c.widths;
+  t.model.blocks_per_stage = c.blocks_per_stage;
+  t.batch = batch;
+  t.epochs = c.epochs;
+  t.lr_base = c.lr_base;
+  t.lr_decay_at = c.lr_decay_at;
+  t.seed = c.seed;
+  t.threads = c.threads;
+  t.limit_train = c.limit_train;
+  t.limit_test = c.limit_test;
+  t.eval_batch = c.eval_batch;
+  t.data_dir = c.data;
+  return t;
+}
+
+// The paragraph under the title of results.md: what was trained, how long, on what.
+std::string sweep_notes(const Common& c, const nt::Data& data) {
+  std::string widths;
+  for (int w : c.widths) {
+    if (!widths.empty()) widths += '-';
+    widths += std::to_string(w);
+  }
+  char text[1024];
+  std::snprintf(text, sizeof text,
+                "Residual CNN (stem %d, widths %s, %d block(s) per stage), %d epoch(s) over %lld "
+                "Fashion-MNIST training images, tested on %lld; SGD momentum 0.9, weight decay "
+                "1e-4, lr %g x batch / 32, divided by 10 at the listed fractions of the steps; "
+                "seed %llu; %d thread(s); %s.",
+                c.widths[0], widths.c_str(), c.blocks_per_stage, c.epochs,
+                static_cast<long long>(data.train.count), static_cast<long long>(data.test.count),
+                c.lr_base, static_cast<unsigned long long>(c.seed), c.threads,
+                nt::blas_description().c_str());
+  return text;
+}
+
+nt::ProgressBar make_progress(bool quiet) {
+  nt::ProgressOptions o;
+  o.mode = quiet ? nt::ProgressMode::silent : nt::ProgressMode::automatic;
+  return nt::ProgressBar(o);
+}
+
+std::string label_of(const nt::TrainConfig& c) {
+  return std::string(nt::to_string(c.model.norm)) + " b=" + std::to_string(c.batch);
+}
+
+std::string summary(const nt::TrainOutcome& o) {
+  const nt::RunResult& r = o.run;
+  char line[512];
+  int n = std::snprintf(line, sizeof line, "%s batch %d: train loss %.4f, test error %.2f%%",
+                        nt::norm_label(r.norm, r.groups).c_str(), r.batch, r.train_loss,
+                        r.test_error);
+  if (r.test_error_batch_stats)
+    n += std::snprintf(line + n, sizeof line - n, " (batch statistics: %.2f%%)",
+                       *r.test_error_batch_stats);
+  std::snprintf(line + n, sizeof line - n, "; %.0f images/s, %.1f s", r.images_per_s, r.seconds);
+  return line;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  nt::ensure_fast_blas_kernels(argv);
+  CLI::App app{"normkit-train: the GroupNorm paper's batch-size experiment on Fashion-MNIST"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("normkit-train ") + NORMKIT_VERSION + "; " +
+                                        nt::blas_description());
+
+  Common run_opts;
+  std::string norm = "bn";
+  int batch = 32;
+  std::string metrics_out, checkpoint, resume;
+  int64_t checkpoint_every = 0, stop_after = -1, warmup_steps = 0;
+  CLI::App* run = app.add_subcommand("run", "train and evaluate one model");
+  run->add_option("--norm", norm, "bn, gn, ln, in or none")
+      ->capture_default_str()->check(CLI::IsMember({"bn", "gn", "ln", "in", "none"}));
+  run->add_option("--batch", batch, "images per batch")->capture_default_str()->check(CLI::PositiveNumber);
+  add_common(run, run_opts);
+  run->add_option("--metrics-out", metrics_out, "write the run's metrics as JSON to FILE");
+  run->add_option("--checkpoint", checkpoint, "save a checkpoint (safetensors) at every epoch end");
+  run->add_option("--checkpoint-every", checkpoint_every, "also save every N steps")->check(CLI::NonNegativeNumber);
+  run->add_option("--stop-after-steps", stop_after, "stop after N steps in all (with a checkpoint)")
+      ->check(CLI::PositiveNumber);
+  run->add_option("--resume", resume, "continue exactly from a checkpoint")->check(CLI::ExistingFile);
+  run->add_option("--warmup-steps", warmup_steps, "leave the first N steps out of images/s")
+      ->check(CLI::NonNegativeNumber);
+
+  Common sweep_opts;
+  std::vector<std::string> norms{"bn", "gn"};
+  std::vector<int> batches{32, 16, 8, 4, 2};
+  std::string out_dir;
+  CLI::App* sweep = app.add_subcommand("sweep", "train every (norm, batch) pair; write a table and a plot");
+  sweep->add_option("--norms", norms, "norms to compare")
+      ->delimiter(',')->capture_default_str()->check(CLI::IsMember({"bn", "gn", "ln", "in", "none"}));
+  sweep->add_option("--batches", batches, "batch sizes")
+      ->delimiter(',')->capture_default_str()->check(CLI::PositiveNumber);
+  add_common(sweep, sweep_opts);
+  sweep->add_option("--out", out_dir, "output folder (results.csv, results.md, the plot)")->required();
+
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    if (*run) {
+      nt::TrainConfig cfg = make_config(run_opts, norm, batch);
+      cfg.checkpoint_path = checkpoint;
+      cfg.checkpoint_every = checkpoint_every;
+      cfg.stop_after_steps = stop_after;
+      cfg.resume_path = resume;
+      cfg.warmup_steps = warmup_steps;
+      nt::validate(cfg);
+      const nt::Data data = nt::load_data(cfg.data_dir, cfg.limit_train, cfg.limit_test);
+      nt::ProgressBar bar = make_progress(run_opts.quiet);
+      const nt::TrainOutcome o = nt::train_run(cfg, data, &bar, label_of(cfg));
+      if (!o.finished) {
+        std::printf("stopped after %lld steps; checkpoint in %s\n",
+                    static_cast<long long>(stop_after), checkpoint.c_str());
+      } else {
+        std::printf("%s\n", summary(o).c_str());
+      }
+      if (!metrics_out.empty()) nt::write_metrics_json(metrics_out, o.run);
+    } else if (*sweep) {
+      std::vector<nt::TrainConfig> configs;
+      for (const std::string& n : norms)
+        for (int b : batches) {
+          configs.push_back(make_config(sweep_opts, n, b));
+          nt::validate(configs.back());
+        }
+      std::filesystem::create_directories(out_dir + "/runs");
+      const nt::Data data = nt::load_data(sweep_opts.data, sweep_opts.limit_train, sweep_opts.limit_test);
+      nt::ProgressBar bar = make_progress(sweep_opts.quiet);
+      std::vector<nt::RunResult> results;
+      const std::string notes = sweep_notes(sweep_opts, data);
+      for (const nt::TrainConfig& cfg : configs) {
+        const nt::TrainOutcome o = nt::train_run(cfg, data, &bar, label_of(cfg));
+        bar.message(summary(o));
+        results.push_back(o.run);
+        // Written after every run, so an interrupted sweep keeps what it finished.
+        nt::write_metrics_json(out_dir + "/runs/" + o.run.norm + "_b" + std::to_string(cfg.batch) + ".json", o.run);
+        nt::write_results_csv(out_dir + "/results.csv", results);
+        nt::write_results_markdown(out_dir + "/results.md", results, notes);
+        nt::write_line_plot_svg(out_dir + "/test_error_vs_batch.svg",
+                                nt::batch_size_plot(results, "Fashion-MNIST test error vs batch size"));
+        nt::write_line_plot_svg(out_dir + "/loss_curves.svg", nt::loss_curve_plot(results));
+      }
+      std::printf("wrote %s/results.csv, %s/results.md, %s/test_error_vs_batch.svg, %s/loss_curves.svg\n",
+                  out_dir.c_str(), out_dir.c_str(), out_dir.c_str(), out_dir.c_str());
+    }
+  } catch (const normkit::Error& e) {
+    std::fprintf(stderr, "normkit-train: %s\n", e.what());
+    return 2;
+  } catch (const nt::IoError& e) {
+    std::fprintf(stderr, "normkit-train: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,55 @@
+#pragma once
+// The residual CNN: stem conv 3x3 + norm + ReLU, stages of basic blocks (the first block of every
+// stage after the first has stride 2), global average pooling, a linear classifier.
+// Default (widths 16, 32, 64, one block per stage): about 0.08 M parameters.
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "nn/block.h"
+#include "nn/layers.h"
+
+namespace normkit::train {
+
+struct ModelConfig {
+  NormKind norm = NormKind::batch;
+  int groups = 8;                    // GroupNorm's group count (gn only)
+  std::vector<int> widths{16, 32, 64};
+  int blocks_per_stage = 1;
+  int in_channels = 1;
+  int classes = 10;
+  bool relu = true;  // false: identity activations, a smooth network for gradient checks
+};
+
+class Model {
+ public:
+  // Throws normkit::Error on an empty width list, a width < 1, blocks_per_stage < 1, or a group
+  // count that does not divide a width (gn).
+  explicit Model(const ModelConfig& config);
+
+  // He init for convolutions, PyTorch's default for the linear layer; norms start at gamma 1,
+  // beta 0, except the last norm of each residual branch (gamma 0). Deterministic in seed.
+  void init(uint64_t seed);
+
+  // Reads images (N, H, W, in_channels), which must stay unchanged until backward. Returns the
+  // logits (N, 1, 1, classes), owned here.
+  const Tensor& forward(const Tensor& images, Mode mode);
+  // Reads the gradient of the loss with respect to the logits. Overwrites every parameter's grad.
+  void backward(const Tensor& dlogits);
+
+  std::vector<Param*> params();
+  std::vector<Buffer> buffers();
+  int64_t parameter_count();
+  std::vector<const Tensor*> relu_outputs() const;  // of the last forward, for inspection
+  const ModelConfig& config() const { return config_; }
+
+ private:
+  ModelConfig config_;
+  Conv2d stem_conv_;
+  Norm stem_norm_;
+  std::vector<std::unique_ptr<ResidualBlock>> blocks_;
+  GlobalAvgPool pool_;
+  Linear fc_;
+};
+
+}  // namespace normkit::train

@@ -1,0 +1,173 @@
+#include "nn/norm.h"
+
+#include <algorithm>
+
+#include "normkit/batch_norm.h"
+#include "normkit/error.h"
+#include "normkit/group_norm.h"
+
+namespace normkit::train {
+
+NormKind parse_norm_kind(const std::string& s) {
+  if (s == "bn") return NormKind::batch;
+  if (s == "gn") return NormKind::group;
+  if (s == "ln") return NormKind::layer;
+  if (s == "in") return NormKind::instance;
+  if (s == "none") return NormKind::none;
+  throw Error("unknown norm '" + s + "': expected one of bn, gn, ln, in, none");
+}
+
+const char* to_string(NormKind kind) {
+  switch (kind) {
+    case NormKind::batch: return "bn";
+    case NormKind::group: return "gn";
+    case NormKind::layer: return "ln";
+    case NormKind::instance: return "in";
+    case NormKind::none: return "none";
+  }
+  return "?";
+}
+
+Norm::Norm(const std::string& name, NormKind kind, int channels, int groups, bool zero_gamma,
+           bool relu)
+    : weight(name + ".weight", kind == NormKind::none ? 0 : channels),
+      bias(name + ".bias", channels), kind_(kind), channels_(channels), relu_(relu) {
+  switch (kind) {
+    case NormKind::group:
+      if (groups < 1 || channels % groups != 0)
+        throw Error("--groups " + std::to_string(groups) + " does not divide the " +
+                    std::to_string(channels) + " channels of " + name +
+                    ": choose a group count that divides every layer width");
+      groups_ = groups;
+      break;
+    case NormKind::layer: groups_ = 1; break;
+    case NormKind::instance: groups_ = channels; break;
+    default: groups_ = 0;
+  }
+  std::fill(weight.value.begin(), weight.value.end(), zero_gamma ? 0.0f : 1.0f);
+  if (kind == NormKind::batch) {
+    running_mean.assign(channels, 0.0f);
+    running_var.assign(channels, 1.0f);
+  }
+}
+
+std::vector<Param*> Norm::params() {
+  if (kind_ == NormKind::none) return {&bias};
+  return {&weight, &bias};
+}
+
+std::vector<Buffer> Norm::buffers() {
+  if (kind_ != NormKind::batch) return {};
+  const std::string base = bias.name.substr(0, bias.name.size() - 5);  // strip "bias"
+  return {{base + "running_mean", &running_mean}, {base + "running_var", &running_var}};
+}
+
+const Tensor& Norm::forward(const Tensor& x, Mode mode) {
+  if (x.c != channels_)
+    throw Error("Norm " + bias.name + ": input has " + std::to_string(x.c) +
+                " channels, expected " + std::to_string(channels_));
+  x_ = &x;
+  trained_forward_ = mode == Mode::train;
+  y_.resize_like(x);
+  const TensorView xv = x.view(), yv = y_.view();
+  switch (kind_) {
+    case NormKind::batch: {
+      const BatchNormParams p{};  // eps 1e-5, momentum 0.1 (PyTorch's defaults)
+      mean_.resize(channels_);
+      rstd_.resize(channels_);
+      if (mode == Mode::eval)
+        batch_norm_forward_inference(p, xv, weight.value, bias.value, running_mean, running_var,
+                                     yv);
+      else if (mode == Mode::train)
+        batch_norm_forward_training(p, xv, weight.value, bias.value, yv, mean_, rstd_,
+                                    running_mean, running_var);
+      else
+        batch_norm_forward_training(p, xv, weight.value, bias.value, yv, mean_, rstd_, {}, {});
+      break;
+    }
+    case NormKind::group:
+    case NormKind::layer:
+    case NormKind::instance: {
+      const GroupNormParams p{groups_, 1e-5};
+      mean_.resize(static_cast<size_t>(x.n * groups_));
+      rstd_.resize(static_cast<size_t>(x.n * groups_));
+      group_norm_forward(p, xv, weight.value, bias.value, yv, mean_, rstd_);
+      break;
+    }
+    case NormKind::none: {
+      const int64_t rows = x.pixels(), c = channels_;
+      const float* xp = x.ptr();
+      const float* b = bias.value.data();
+      float* yp = y_.ptr();
+#pragma omp parallel for schedule(static)
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < c; ++j) yp[r * c + j] = xp[r * c + j] + b[j];
+      break;
+    }
+  }
+  if (relu_) {
+    float* yp = y_.ptr();
+    const int64_t total = y_.numel();
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < total; ++i) yp[i] = std::max(yp[i], 0.0f);
+  }
+  return y_;
+}
+
+const Tensor& Norm::backward(const Tensor& dy_in) {
+  if (!trained_forward_)
+    throw Error("Norm " + bias.name + ": backward needs a preceding forward in training mode");
+  if (!dy_in.same_shape(y_))
+    throw Error("Norm " + bias.name + ": backward dy shape does not match the forward output");
+  const Tensor* dy = &dy_in;
+  if (relu_) {
+    dmasked_.resize_like(dy_in);
+    const float* g = dy_in.ptr();
+    const float* yp = y_.ptr();
+    float* d = dmasked_.ptr();
+    const int64_t total = y_.numel();
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < total; ++i) d[i] = yp[i] > 0.0f ? g[i] : 0.0f;
+    dy = &dmasked_;
+  }
+  const Tensor& x = *x_;
+  dx_.resize_like(x);
+  switch (kind_) {
+    case NormKind::batch:
+      batch_norm_backward_training(dy->view(), x.view(), mean_, rstd_, weight.value, dx_.view(),
+                                   weight.grad, bias.grad);
+      break;
+    case NormKind::group:
+    case NormKind::layer:
+    case NormKind::instance:
+      group_norm_backward(GroupNormParams{groups_, 1e-5}, dy->view(), x.view(), mean_, rstd_,
+                          weight.value, dx_.view(), weight.grad, bias.grad);
+      break;
+    case NormKind::none:
+      std::copy(dy->data.begin(), dy->data.begin() + dy->numel(), dx_.data.begin());
+      column_sums(dy->ptr(), dy->pixels(), channels_, bias.grad.data());
+      break;
+  }
+  return dx_;
+}
+
+void column_sums(const float* x, int64_t rows, int64_t cols, float* out) {
+  // Fixed chunks of rows summed in parallel, then the chunks in order: the same bits for any
+  // thread count.
+  constexpr int64_t kChunk = 256;
+  const int64_t chunks = (rows + kChunk - 1) / kChunk;
+  std::vector<double> partial(static_cast<size_t>(std::max<int64_t>(chunks, 1) * cols), 0.0);
+#pragma omp parallel for schedule(static)
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    double* p = partial.data() + ch * cols;
+    for (int64_t r = ch * kChunk; r < std::min(rows, (ch + 1) * kChunk); ++r)
+      for (int64_t j = 0; j < cols; ++j) p[j] += x[r * cols + j];
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    double s = 0;
+    for (int64_t ch = 0; ch < chunks; ++ch) s += partial[ch * cols + j];
+    out[j] = static_cast<float>(s);
+  }
+}
+
+}  // namespace normkit::train

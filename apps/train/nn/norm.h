@@ -1,0 +1,66 @@
+#pragma once
+// The normalization after each convolution, by kind, on NHWC activations, through normkit's
+// functional API:
+//   bn: BatchNorm (batch statistics in training; running statistics, or optionally the batch's,
+//       at evaluation), momentum 0.1, eps 1e-5
+//   gn: GroupNorm with `groups` groups; ln: GroupNorm with 1 group (the paper's LayerNorm over
+//       C, H, W); in: GroupNorm with C groups (InstanceNorm)
+//   none: no normalization, a learned per-channel bias only
+// Each kind has a per-channel affine (weight = gamma, bias = beta); `none` has the bias only.
+// Optionally followed by ReLU, fused so the layer owns one output buffer.
+#include <string>
+#include <vector>
+
+#include "nn/param.h"
+#include "nn/tensor.h"
+
+namespace normkit::train {
+
+enum class NormKind { batch, group, layer, instance, none };
+
+// "bn", "gn", "ln", "in", "none" <-> NormKind. parse throws normkit::Error on anything else.
+NormKind parse_norm_kind(const std::string& s);
+const char* to_string(NormKind kind);
+
+enum class Mode {
+  train,             // batch statistics; BN updates its running statistics
+  eval,              // BN uses its running statistics; the others are as in training
+  eval_batch_stats,  // BN normalizes with each evaluation batch's own statistics
+};
+
+class Norm {
+ public:
+  // Throws normkit::Error naming the layer when kind is gn and groups does not divide channels.
+  // zero_gamma: weight starts at 0 (the last norm of a residual branch), else 1.
+  Norm(const std::string& name, NormKind kind, int channels, int groups, bool zero_gamma,
+       bool relu);
+
+  // Reads x (N, H, W, C), which must stay unchanged until backward. Returns y, owned here.
+  const Tensor& forward(const Tensor& x, Mode mode);
+  // Reads dy; the last forward must have been Mode::train. Overwrites weight.grad and bias.grad.
+  // Returns dx, owned here.
+  const Tensor& backward(const Tensor& dy);
+
+  NormKind kind() const { return kind_; }
+  int groups() const { return groups_; }
+  std::vector<Param*> params();
+  std::vector<Buffer> buffers();  // BN's running_mean and running_var; nothing for the others
+  const Tensor& output() const { return y_; }  // the last forward's output (for inspection)
+
+  Param weight, bias;
+  std::vector<float> running_mean, running_var;
+
+ private:
+  NormKind kind_;
+  int channels_, groups_;  // groups_: the GroupNorm group count this kind uses
+  bool relu_;
+  bool trained_forward_ = false;
+  const Tensor* x_ = nullptr;
+  Tensor y_, dx_, dmasked_;
+  std::vector<float> mean_, rstd_;
+};
+
+// out[j] = sum_i x[i * cols + j] over rows, in double, in an order fixed by (rows, cols) alone.
+void column_sums(const float* x, int64_t rows, int64_t cols, float* out);
+
+}  // namespace normkit::train

@@ -1,0 +1,37 @@
+#pragma once
+// How the engine uses the machine's threads, and the one matrix product it is built on.
+//
+// Two policies for GEMM threads, chosen once per process (measured in bench/train_speed.md):
+//   split:    OpenBLAS runs single-threaded; the engine splits each product's rows (or columns)
+//             over its own OpenMP threads. One thread pool for everything: no oversubscription
+//             between OpenBLAS's pthreads and normkit's OpenMP threads.
+//   openblas: OpenBLAS threads each product itself; the engine calls it from one thread.
+// A product's output element is always summed over the full K in OpenBLAS's own order, so results
+// do not depend on how the output is split; they are reproducible for a given thread count.
+#include <cstdint>
+#include <string>
+
+namespace normkit::train {
+
+enum class GemmThreads { split, openblas };
+
+// Sets the threads used by the engine, OpenBLAS and normkit's kernels. threads >= 1.
+void set_threads(int threads, GemmThreads policy = GemmThreads::split);
+int threads();
+GemmThreads gemm_threads();
+std::string blas_description();  // OpenBLAS's build configuration and kernels, for reports
+
+// OpenBLAS picks its kernels once, when it is loaded. A release that does not know the CPU
+// (Debian's 0.3.21 on Sapphire/Emerald Rapids, for one) falls back to its SSE3 "Prescott"
+// kernels, several times slower than the AVX-512 or AVX2 ones the CPU runs. When that happened
+// and OPENBLAS_CORETYPE is unset, this sets it to the best family the CPU supports (SkylakeX or
+// Haswell) and re-executes the program with the same argv; otherwise it returns. Call it first
+// thing in main. Linux only (/proc/self/exe).
+void ensure_fast_blas_kernels(char** argv);
+
+// Row-major C[M, N] = op(A)[M, K] * op(B)[K, N] + beta * C, with op = transpose when trans_*.
+// lda/ldb/ldc are the row strides of A, B and C as stored. beta = 0 overwrites C.
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
+}  // namespace normkit::train

@@ -1,0 +1,417 @@
+#include "trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <numeric>
+#include <sstream>
+
+#include "io/io_error.h"
+#include "io/safetensors.h"
+#include "nn/parallel.h"
+#include "nn/rng.h"
+#include "nn/sgd.h"
+#include "normkit/error.h"
+
+namespace normkit::train {
+namespace {
+
+constexpr const char* kCheckpointFormat = "normkit-train checkpoint 1";
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// The order of epoch `epoch`: a function of (seed, epoch) alone.
+std::vector<int64_t> epoch_permutation(uint64_t seed, int epoch, int64_t count) {
+  std::vector<int64_t> perm(static_cast<size_t>(count));
+  std::iota(perm.begin(), perm.end(), int64_t{0});
+  Rng rng(splitmix64(seed ^ splitmix64(static_cast<uint64_t>(epoch) + 1)));
+  rng.shuffle(perm);
+  return perm;
+}
+
+std::string fmt(double v) {
+  std::ostringstream s;
+  s.precision(17);
+  s << v;
+  return s.str();
+}
+
+template <typename T> std::string join(const std::vector<T>& v) {
+  std::string s;
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ',';
+    s += fmt(static_cast<double>(v[i]));
+  }
+  return s;
+}
+
+// Everything a checkpoint must agree with to be resumed: what shapes the model, the data order
+// or the schedule. Key -> (value, the option that sets it).
+std::vector<std::pair<std::string, std::pair<std::string, std::string>>> run_identity(
+    const TrainConfig& c, int64_t train_images) {
+  return {{"norm", {to_string(c.model.norm), "--norm"}},
+          {"groups", {c.model.norm == NormKind::group ? std::to_string(c.model.groups) : "-", "--groups"}},
+          {"widths", {join(c.model.widths), "--widths"}},
+          {"blocks_per_stage", {std::to_string(c.model.blocks_per_stage), "--blocks-per-stage"}},
+          {"batch", {std::to_string(c.batch), "--batch"}},
+          {"epochs", {std::to_string(c.epochs), "--epochs"}},
+          {"lr_base", {fmt(c.lr_base), "--lr-base"}},
+          {"lr_decay_at", {join(c.lr_decay_at), "--lr-decay-at"}},
+          {"seed", {std::to_string(c.seed), "--seed"}},
+          {"train_images", {std::to_string(train_images), "--limit-train"}}};
+}
+
+// The loop's position and running statistics: everything besides the model and the optimizer
+// that a resumed run needs to continue bit for bit.
+struct LoopState {
+  int epoch = 0;              // 0-based, the epoch in progress
+  int64_t step = 0;           // next step within the epoch
+  int64_t global_step = 0;    // steps done
+  std::vector<int64_t> permutation;  // of the epoch in progress
+  double epoch_loss_sum = 0;  // over the images of the epoch so far
+  int64_t epoch_correct = 0, epoch_seen = 0;
+  double segment_loss_sum = 0;  // since the last curve point
+  int64_t segment_steps = 0;
+  std::vector<int64_t> curve_step;
+  std::vector<double> curve_loss;
+  std::vector<EpochRecord> history;  // finished epochs
+};
+
+template <typename F> std::vector<double> column(const std::vector<EpochRecord>& h, F f) {
+  std::vector<double> v;
+  for (const EpochRecord& e : h) v.push_back(f(e));
+  return v;
+}
+
+void save_checkpoint(const std::string& path, const TrainConfig& config, int64_t train_images,
+                     Model& model, const LoopState& s) {
+  TensorMap t;
+  for (Param* p : model.params()) {
+    t["param/" + p->name] = make_f32(p->value);
+    t["momentum/" + p->name] = make_f32(p->momentum);
+  }
+  for (const Buffer& b : model.buffers()) t["buffer/" + b.name] = make_f32(*b.values);
+  t["position/epoch"] = make_i64_scalar(s.epoch);
+  t["position/step"] = make_i64_scalar(s.step);
+  t["position/global_step"] = make_i64_scalar(s.global_step);
+  t["position/permutation"] = make_i64(s.permutation);
+  t["stats/epoch_loss_sum"] = make_f64_scalar(s.epoch_loss_sum);
+  t["stats/epoch_correct"] = make_i64_scalar(s.epoch_correct);
+  t["stats/epoch_seen"] = make_i64_scalar(s.epoch_seen);
+  t["stats/segment_loss_sum"] = make_f64_scalar(s.segment_loss_sum);
+  t["stats/segment_steps"] = make_i64_scalar(s.segment_steps);
+  t["curve/step"] = make_i64(s.curve_step);
+  t["curve/loss"] = make_f64(s.curve_loss);
+  const auto& h = s.history;
+  t["history/lr"] = make_f64(column(h, [](const EpochRecord& e) { return e.lr; }));
+  t["history/train_loss"] = make_f64(column(h, [](const EpochRecord& e) { return e.train_loss; }));
+  t["history/train_error"] = make_f64(column(h, [](const EpochRecord& e) { return e.train_error; }));
+  t["history/seconds"] = make_f64(column(h, [](const EpochRecord& e) { return e.seconds; }));
+  t["history/images_per_s"] = make_f64(column(h, [](const EpochRecord& e) { return e.images_per_s; }));
+  Metadata meta{{"format", kCheckpointFormat},
+                {"lr_next", fmt(learning_rate(config, s.global_step,
+                                              train_images / config.batch * config.epochs))}};
+  for (const auto& [key, value] : run_identity(config, train_images)) meta[key] = value.first;
+  save_safetensors(path, t, meta);
+}
+
+void load_checkpoint(const std::string& path, const TrainConfig& config, int64_t train_images,
+                     Model& model, LoopState& s) {
+  const SafetensorsFile f = load_safetensors(path);
+  auto meta = [&](const std::string& key) {
+    const auto it = f.metadata.find(key);
+    return it == f.metadata.end() ? std::string("(absent)") : it->second;
+  };
+  if (meta("format") != kCheckpointFormat)
+    throw IoError("cannot resume from " + path + ": it is not a normkit-train checkpoint (format '" +
+                  meta("format") + "', expected '" + kCheckpointFormat + "')");
+  for (const auto& [key, value] : run_identity(config, train_images))
+    if (meta(key) != value.first)
+      throw IoError("cannot resume from " + path + ": it was written with " + key + " = " +
+                    meta(key) + ", this run has " + key + " = " + value.first + " (" +
+                    value.second + "); resume with the options the checkpoint was written with");
+  // Read everything first, then assign, so a bad file leaves the model untouched.
+  const std::vector<Param*> params = model.params();
+  const std::vector<Buffer> bufs = model.buffers();
+  std::vector<std::vector<float>> values, momenta, buffers;
+  for (Param* p : params) {
+    values.emplace_back(p->size());
+    momenta.emplace_back(p->size());
+    get_f32_into(f, "param/" + p->name, values.back());
+    get_f32_into(f, "momentum/" + p->name, momenta.back());
+  }
+  for (const Buffer& b : bufs) {
+    buffers.emplace_back(b.values->size());
+    get_f32_into(f, "buffer/" + b.name, buffers.back());
+  }
+  LoopState r;
+  r.epoch = static_cast<int>(get_i64_scalar(f, "position/epoch"));
+  r.step = get_i64_scalar(f, "position/step");
+  r.global_step = get_i64_scalar(f, "position/global_step");
+  r.permutation = get_i64(f, "position/permutation");
+  r.epoch_loss_sum = get_f64_scalar(f, "stats/epoch_loss_sum");
+  r.epoch_correct = get_i64_scalar(f, "stats/epoch_correct");
+  r.epoch_seen = get_i64_scalar(f, "stats/epoch_seen");
+  r.segment_loss_sum = get_f64_scalar(f, "stats/segment_loss_sum");
+  r.segment_steps = get_i64_scalar(f, "stats/segment_steps");
+  r.curve_step = get_i64(f, "curve/step");
+  r.curve_loss = get_f64(f, "curve/loss");
+  const std::vector<double> lr = get_f64(f, "history/lr"), tl = get_f64(f, "history/train_loss"),
+                            te = get_f64(f, "history/train_error"),
+                            sec = get_f64(f, "history/seconds"),
+                            ips = get_f64(f, "history/images_per_s");
+  const int64_t steps_per_epoch = train_images / config.batch;
+  const bool lengths_ok = r.curve_loss.size() == r.curve_step.size() && tl.size() == lr.size() &&
+                          te.size() == lr.size() && sec.size() == lr.size() &&
+                          ips.size() == lr.size() && static_cast<int64_t>(lr.size()) == r.epoch;
+  const bool perm_ok = static_cast<int64_t>(r.permutation.size()) == train_images &&
+                       std::all_of(r.permutation.begin(), r.permutation.end(),
+                                   [&](int64_t i) { return i >= 0 && i < train_images; });
+  if (!lengths_ok || !perm_ok || r.epoch < 0 || r.epoch > config.epochs || r.step < 0 ||
+      r.step >= steps_per_epoch || r.global_step != r.epoch * steps_per_epoch + r.step)
+    throw IoError("cannot resume from " + path + ": its position (epoch " +
+                  std::to_string(r.epoch) + ", step " + std::to_string(r.step) +
+                  "), permutation or history is not consistent with this run");
+  for (size_t i = 0; i < lr.size(); ++i) {
+    EpochRecord e;
+    e.epoch = static_cast<int>(i) + 1;
+    e.lr = lr[i];
+    e.train_loss = tl[i];
+    e.train_error = te[i];
+    e.seconds = sec[i];
+    e.images_per_s = ips[i];
+    r.history.push_back(e);
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    params[i]->value = std::move(values[i]);
+    params[i]->momentum = std::move(momenta[i]);
+  }
+  for (size_t i = 0; i < bufs.size(); ++i) *bufs[i].values = std::move(buffers[i]);
+  s = std::move(r);
+}
+
+void standardize(std::vector<float>& v, float mean, float stddev) {
+  const float inv = 1.0f / stddev;
+  for (float& e : v) e = (e - mean) * inv;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+void validate(const TrainConfig& c) {
+  auto bad = [](const std::string& option, const std::string& value, const std::string& why) {
+    throw Error(option + " " + value + ": " + why);
+  };
+  if (c.batch < 1) bad("--batch", std::to_string(c.batch), "must be >= 1");
+  if (c.epochs < 1) bad("--epochs", std::to_string(c.epochs), "must be >= 1");
+  if (!(c.lr_base > 0) || !std::isfinite(c.lr_base))
+    bad("--lr-base", fmt(c.lr_base), "must be a positive number");
+  if (c.threads < 1) bad("--threads", std::to_string(c.threads), "must be >= 1");
+  if (c.limit_train == 0) bad("--limit-train", "0", "must be positive (or negative for all)");
+  if (c.limit_test == 0) bad("--limit-test", "0", "must be positive (or negative for all)");
+  if (c.eval_batch < 1) bad("--eval-batch", std::to_string(c.eval_batch), "must be >= 1");
+  if (c.checkpoint_every < 0)
+    bad("--checkpoint-every", std::to_string(c.checkpoint_every), "must be >= 0");
+  if (c.checkpoint_every > 0 && c.checkpoint_path.empty())
+    bad("--checkpoint-every", std::to_string(c.checkpoint_every), "needs --checkpoint FILE");
+  if (c.stop_after_steps >= 0 && c.checkpoint_path.empty())
+    bad("--stop-after-steps", std::to_string(c.stop_after_steps), "needs --checkpoint FILE");
+  if (c.warmup_steps < 0) bad("--warmup-steps", std::to_string(c.warmup_steps), "must be >= 0");
+  for (double f : c.lr_decay_at)
+    if (!(f > 0 && f < 1)) bad("--lr-decay-at", fmt(f), "each fraction must be in (0, 1)");
+  Model probe(c.model);  // throws for a group count that does not divide a width
+}
+
+Data load_data(const std::string& dir, int64_t limit_train, int64_t limit_test) {
+  Data d;
+  d.train = load_mnist(dir, "train", limit_train);
+  d.test = load_mnist(dir, "t10k", limit_test);
+  if (d.train.rows != d.test.rows || d.train.cols != d.test.cols)
+    throw IoError("the training and test images in " + dir + " differ in size");
+  double s = 0, ss = 0;
+  for (float v : d.train.images) s += v;
+  const double mean = s / static_cast<double>(d.train.images.size());
+  for (float v : d.train.images) ss += (v - mean) * (v - mean);
+  d.mean = static_cast<float>(mean);
+  d.stddev = static_cast<float>(std::sqrt(ss / static_cast<double>(d.train.images.size())));
+  if (!(d.stddev > 0)) d.stddev = 1.0f;
+  standardize(d.train.images, d.mean, d.stddev);
+  standardize(d.test.images, d.mean, d.stddev);
+  return d;
+}
+
+double learning_rate(const TrainConfig& c, int64_t step, int64_t total_steps) {
+  double lr = c.lr_base * c.batch / 32.0;
+  for (double f : c.lr_decay_at)
+    if (static_cast<double>(step) >= f * static_cast<double>(total_steps)) lr *= 0.1;
+  return lr;
+}
+
+Evaluation evaluate(Model& model, const Dataset& data, int64_t count, int batch, Mode mode) {
+  Tensor x;
+  SoftmaxCrossEntropy ce;
+  double loss_sum = 0;
+  int64_t correct = 0;
+  const int64_t image = data.image_size();
+  for (int64_t start = 0; start < count; start += batch) {
+    const int64_t n = std::min<int64_t>(batch, count - start);
+    x.resize(n, data.rows, data.cols, data.channels);
+    std::copy_n(data.images.data() + start * image, n * image, x.data.data());
+    loss_sum += ce.forward(model.forward(x, mode), data.labels.data() + start) * n;
+    correct += ce.correct();
+  }
+  return {loss_sum / count, 100.0 * (1.0 - static_cast<double>(correct) / count)};
+}
+
+TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar* progress,
+                       const std::string& label) {
+  validate(config);
+  set_threads(config.threads);
+  const Dataset& train = data.train;
+  const int64_t train_count =
+      config.limit_train < 0 ? train.count : std::min(config.limit_train, train.count);
+  const int64_t test_count =
+      config.limit_test < 0 ? data.test.count : std::min(config.limit_test, data.test.count);
+  const int64_t steps_per_epoch = train_count / config.batch;
+  if (steps_per_epoch == 0)
+    throw Error("--batch " + std::to_string(config.batch) + " is larger than the " +
+                std::to_string(train_count) + " training images");
+  const int64_t total_steps = steps_per_epoch * config.epochs;
+
+  TrainConfig cfg = config;
+  cfg.model.in_channels = static_cast<int>(train.channels);
+  cfg.model.classes = std::max(train.num_classes, data.test.num_classes);
+  Model model(cfg.model);
+  model.init(config.seed);
+  const std::vector<Param*> params = model.params();
+
+  LoopState s;
+  if (!config.resume_path.empty())
+    load_checkpoint(config.resume_path, cfg, train_count, model, s);
+  else
+    s.permutation = epoch_permutation(config.seed, 0, train_count);
+
+  TrainOutcome out;
+  RunResult& res = out.run;
+  res.norm = to_string(cfg.model.norm);
+  res.groups = cfg.model.norm == NormKind::group ? cfg.model.groups : 0;
+  res.batch = config.batch;
+  res.epochs = config.epochs;
+  res.lr = learning_rate(config, 0, total_steps);
+  res.seed = config.seed;
+  out.train_images = train_count;
+  out.test_images = test_count;
+  out.steps = total_steps;
+  out.parameters = model.parameter_count();
+
+  const int64_t curve_every = std::max<int64_t>(1, total_steps / std::max(1, config.curve_points));
+  const int64_t image = train.image_size();
+  Tensor x;
+  x.resize(config.batch, train.rows, train.cols, train.channels);
+  std::vector<uint8_t> labels(static_cast<size_t>(config.batch));
+  SoftmaxCrossEntropy ce;
+  const SgdConfig sgd{};
+  using clock = std::chrono::steady_clock;
+  const auto t_start = clock::now();
+  auto t_epoch = t_start, t_measure = t_start;
+  int64_t steps_here = 0, epoch_steps_here = 0;
+  bool stopped = false;
+
+  while (s.epoch < config.epochs) {
+    if (s.step == 0) {
+      s.epoch_loss_sum = 0;
+      s.epoch_correct = s.epoch_seen = 0;
+    }
+    if (epoch_steps_here == 0) {
+      t_epoch = clock::now();
+      if (progress) progress->begin_epoch(s.epoch + 1, config.epochs, steps_per_epoch, label);
+    }
+    const int64_t* idx = s.permutation.data() + s.step * config.batch;
+    for (int i = 0; i < config.batch; ++i) {
+      std::copy_n(train.images.data() + idx[i] * image, image, x.data.data() + i * image);
+      labels[i] = train.labels[idx[i]];
+    }
+    const double lr = learning_rate(config, s.global_step, total_steps);
+    const double loss = ce.forward(model.forward(x, Mode::train), labels.data());
+    model.backward(ce.gradient());
+    sgd_step(params, lr, sgd);
+    ++s.global_step;
+    ++s.step;
+    if (++steps_here == config.warmup_steps) t_measure = clock::now();
+    ++epoch_steps_here;
+    s.epoch_loss_sum += loss * config.batch;
+    s.epoch_correct += ce.correct();
+    s.epoch_seen += config.batch;
+    s.segment_loss_sum += loss;
+    ++s.segment_steps;
+    if (s.global_step % curve_every == 0 || s.global_step == total_steps) {
+      s.curve_step.push_back(s.global_step);
+      s.curve_loss.push_back(s.segment_loss_sum / s.segment_steps);
+      s.segment_loss_sum = 0;
+      s.segment_steps = 0;
+    }
+    if (progress) progress->add_step(config.batch, loss, ce.correct());
+    if (s.step == steps_per_epoch) {
+      EpochRecord e;
+      e.epoch = s.epoch + 1;
+      e.lr = learning_rate(config, s.epoch * steps_per_epoch, total_steps);
+      e.train_loss = s.epoch_loss_sum / s.epoch_seen;
+      e.train_error = 100.0 * (1.0 - static_cast<double>(s.epoch_correct) / s.epoch_seen);
+      e.seconds = seconds_since(t_epoch);
+      e.images_per_s = epoch_steps_here * config.batch / std::max(e.seconds, 1e-9);
+      s.history.push_back(e);
+      if (progress) progress->end_epoch();
+      epoch_steps_here = 0;
+      s.step = 0;
+      if (++s.epoch < config.epochs)
+        s.permutation = epoch_permutation(config.seed, s.epoch, train_count);
+    }
+    const bool stop_now = config.stop_after_steps >= 0 &&
+                          s.global_step >= config.stop_after_steps && s.epoch < config.epochs;
+    const bool periodic =
+        config.checkpoint_every > 0 && s.global_step % config.checkpoint_every == 0;
+    if ((epoch_steps_here == 0 || periodic || stop_now) && !config.checkpoint_path.empty())
+      save_checkpoint(config.checkpoint_path, cfg, train_count, model, s);
+    if (stop_now) {
+      stopped = true;
+      break;
+    }
+  }
+  if (progress && epoch_steps_here > 0) progress->end_epoch();
+  const double train_seconds = seconds_since(t_start);
+  const int64_t measured = steps_here > config.warmup_steps ? steps_here - config.warmup_steps : steps_here;
+  res.images_per_s = measured * config.batch /
+                     std::max(steps_here > config.warmup_steps ? seconds_since(t_measure) : train_seconds, 1e-9);
+  res.train_loss = s.history.empty() ? kNoValue : s.history.back().train_loss;
+  res.history = s.history;
+  res.loss_curve_step = s.curve_step;
+  res.loss_curve_loss = s.curve_loss;
+  out.finished = !stopped;
+  if (!stopped) {
+    const auto t_eval = clock::now();
+    const Evaluation e = evaluate(model, data.test, test_count, config.eval_batch, Mode::eval);
+    res.test_loss = e.loss;
+    res.test_error = e.error;
+    if (cfg.model.norm == NormKind::batch && config.eval_batch_stats)
+      res.test_error_batch_stats =
+          evaluate(model, data.test, test_count, config.batch, Mode::eval_batch_stats).error;
+    out.eval_seconds = seconds_since(t_eval);
+    if (!res.history.empty()) {
+      res.history.back().test_loss = res.test_loss;
+      res.history.back().test_error = res.test_error;
+      if (res.test_error_batch_stats) res.history.back().test_error_batch_stats = *res.test_error_batch_stats;
+    }
+  }
+  res.seconds = seconds_since(t_start);
+  return out;
+}
+
+}  // namespace normkit::train

@@ -1,0 +1,81 @@
+#pragma once
+// One training run of normkit-train: data, the SGD loop with the GroupNorm paper's recipe,
+// evaluation, checkpoints and metrics.
+//
+// Recipe: SGD momentum 0.9, weight decay 1e-4 on every parameter, lr = lr_base * batch / 32,
+// divided by 10 at each of lr_decay_at (fractions of all steps), the same epochs for every batch
+// size; the last partial batch of an epoch is dropped (a BN statistic over one image is not the
+// experiment). Images are standardized with the training split's mean and standard deviation.
+// Each epoch visits the training images in a Fisher-Yates permutation drawn from
+// mt19937_64(seed, epoch): the order is a function of (seed, epoch) alone.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "io/idx.h"
+#include "io/progress.h"
+#include "io/results.h"
+#include "nn/model.h"
+
+namespace normkit::train {
+
+struct TrainConfig {
+  ModelConfig model;
+  int batch = 32;
+  int epochs = 3;
+  double lr_base = 0.1;                 // lr at batch 32
+  std::vector<double> lr_decay_at{0.5, 0.75};
+  uint64_t seed = 1;
+  int threads = 2;
+  int64_t limit_train = -1;             // first K training images (< 0: all)
+  int64_t limit_test = -1;              // first K test images (< 0: all)
+  int eval_batch = 100;                 // batch for evaluation with running statistics
+  bool eval_batch_stats = true;         // BN: also evaluate with batches of `batch` images
+  std::string data_dir = kDefaultMnistDir;
+  std::string checkpoint_path;          // written at each epoch end (and every checkpoint_every)
+  int64_t checkpoint_every = 0;         // steps between checkpoints; 0: epoch ends only
+  std::string resume_path;              // continue from this checkpoint
+  int64_t stop_after_steps = -1;        // stop (after checkpointing) at this global step
+  int curve_points = 200;               // train-loss curve resolution over the whole run
+  int64_t warmup_steps = 0;             // steps left out of the images/s measurement
+};
+
+// Throws normkit::Error naming the option on an invalid value.
+void validate(const TrainConfig& config);
+
+// What a run leaves: io's RunResult (the results.csv row and the metrics JSON: per-epoch
+// history, the training-loss curve, BN's test error with running and with batch statistics)
+// plus what the trainer knows about itself.
+struct TrainOutcome {
+  RunResult run;
+  int64_t train_images = 0, test_images = 0, steps = 0, parameters = 0;
+  double eval_seconds = 0;
+  bool finished = true;  // false when stop_after_steps ended the run before its last step
+};
+
+// Training and test data, standardized. Loaded once and shared by the runs of a sweep.
+struct Data {
+  Dataset train, test;
+  float mean = 0, stddev = 1;  // of the training split, before standardization
+};
+
+// Loads train and t10k from config.data_dir (IoError naming the file and the fix when missing).
+Data load_data(const std::string& dir, int64_t limit_train, int64_t limit_test);
+
+// Runs one training as configured (resuming when resume_path is set) and evaluates it.
+// `data` must hold at least the configured limits. Reports each step to `progress` when given.
+// Throws normkit::Error on bad options and IoError on unreadable or mismatched checkpoints.
+TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar* progress = nullptr,
+                       const std::string& label = {});
+
+// The learning rate at global step `step` of `total_steps`.
+double learning_rate(const TrainConfig& config, int64_t step, int64_t total_steps);
+
+// Evaluates on `images` in batches of `batch` images in the given mode. Returns mean loss and
+// error percent.
+struct Evaluation {
+  double loss = 0, error = 0;
+};
+Evaluation evaluate(Model& model, const Dataset& data, int64_t count, int batch, Mode mode);
+
+}  // namespace normkit::train
