@@ -1,0 +1,209 @@
+// The trainer: a run stopped at a checkpoint and resumed ends bit for bit where an uninterrupted
+// run ends (weights, momentum, running statistics, metrics); same seed, same run; mismatched
+// options are refused by name; the learning-rate schedule.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <random>
+
+#include "io/io_error.h"
+#include "io/safetensors.h"
+#include "normkit/error.h"
+#include "trainer.h"
+
+namespace normkit::train {
+namespace {
+
+// Three classes of 8x8 images: a class-specific pattern plus noise, already standardized.
+Dataset synthetic(int64_t count, uint64_t seed) {
+  std::mt19937_64 rng(seed), proto_rng(77);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> protos(3 * 64);
+  for (float& v : protos) v = d(proto_rng);
+  Dataset s;
+  s.count = count;
+  s.rows = s.cols = 8;
+  s.num_classes = 3;
+  for (int64_t i = 0; i < count; ++i) {
+    const uint8_t label = static_cast<uint8_t>(rng() % 3);
+    s.labels.push_back(label);
+    for (int j = 0; j < 64; ++j) s.images.push_back(protos[label * 64 + j] + 0.8f * d(rng));
+  }
+  return s;
+}
+
+Data tiny_data() {
+  Data d;
+  d.train = synthetic(50, 1);  // 12 steps of 4 per epoch, 2 images left over
+  d.test = synthetic(30, 2);
+  return d;
+}
+
+TrainConfig tiny_config(NormKind kind, const std::string& checkpoint) {
+  TrainConfig c;
+  c.model.norm = kind;
+  c.model.groups = 2;
+  c.model.widths = {4, 8};
+  c.batch = 4;
+  c.epochs = 3;
+  c.threads = 2;
+  c.seed = 11;
+  c.checkpoint_path = checkpoint;
+  c.curve_points = 10;
+  return c;
+}
+
+std::string temp_path(const std::string& name) {
+  return (std::filesystem::path(::testing::TempDir()) / name).string();
+}
+
+// The tensors of a checkpoint that hold the model and optimizer state.
+TensorMap state_of(const std::string& path) {
+  TensorMap out;
+  for (auto& [name, t] : load_safetensors(path).tensors)
+    if (name.rfind("param/", 0) == 0 || name.rfind("momentum/", 0) == 0 ||
+        name.rfind("buffer/", 0) == 0)
+      out[name] = t;
+  return out;
+}
+
+void expect_same_state(const std::string& a, const std::string& b) {
+  const TensorMap ta = state_of(a), tb = state_of(b);
+  ASSERT_EQ(ta.size(), tb.size());
+  ASSERT_GT(ta.size(), 20u);
+  for (const auto& [name, t] : ta) {
+    ASSERT_TRUE(tb.count(name)) << name;
+    EXPECT_TRUE(t.bytes == tb.at(name).bytes) << name << " differs";
+  }
+}
+
+void expect_same_metrics(const RunResult& a, const RunResult& b) {
+  EXPECT_EQ(a.train_loss, b.train_loss);
+  EXPECT_EQ(a.test_loss, b.test_loss);
+  EXPECT_EQ(a.test_error, b.test_error);
+  EXPECT_EQ(a.test_error_batch_stats.has_value(), b.test_error_batch_stats.has_value());
+  if (a.test_error_batch_stats && b.test_error_batch_stats)
+    EXPECT_EQ(*a.test_error_batch_stats, *b.test_error_batch_stats);
+  EXPECT_EQ(a.loss_curve_step, b.loss_curve_step);
+  EXPECT_EQ(a.loss_curve_loss, b.loss_curve_loss);
+  ASSERT_EQ(a.history.size(), b.history.size());
+  for (size_t i = 0; i < a.history.size(); ++i) {
+    EXPECT_EQ(a.history[i].train_loss, b.history[i].train_loss);
+    EXPECT_EQ(a.history[i].train_error, b.history[i].train_error);
+    EXPECT_EQ(a.history[i].lr, b.history[i].lr);
+  }
+}
+
+class ResumeTest : public ::testing::TestWithParam<std::tuple<NormKind, int64_t>> {};
+
+TEST_P(ResumeTest, ResumedRunEndsBitForBitLikeAnUninterruptedOne) {
+  const auto [kind, stop] = GetParam();
+  const std::string tag = std::string(to_string(kind)) + "_" + std::to_string(stop);
+  const Data data = tiny_data();
+  const std::string whole = temp_path("whole_" + tag + ".safetensors");
+  const std::string part = temp_path("part_" + tag + ".safetensors");
+  const std::string resumed = temp_path("resumed_" + tag + ".safetensors");
+
+  const TrainOutcome a = train_run(tiny_config(kind, whole), data);
+  ASSERT_TRUE(a.finished);
+  EXPECT_EQ(a.steps, 36);
+
+  TrainConfig first = tiny_config(kind, part);
+  first.stop_after_steps = stop;
+  const TrainOutcome b = train_run(first, data);
+  EXPECT_FALSE(b.finished);
+
+  TrainConfig second = tiny_config(kind, resumed);
+  second.resume_path = part;
+  const TrainOutcome c = train_run(second, data);
+  ASSERT_TRUE(c.finished);
+
+  expect_same_state(whole, resumed);
+  expect_same_metrics(a.run, c.run);
+  // And the stopped run really was somewhere else.
+  const TensorMap stopped = state_of(part), done = state_of(whole);
+  EXPECT_FALSE(stopped.at("param/fc.weight").bytes == done.at("param/fc.weight").bytes);
+}
+
+// Mid-epoch, at an epoch boundary, one step before the end.
+INSTANTIATE_TEST_SUITE_P(Stops, ResumeTest,
+                         ::testing::Combine(::testing::Values(NormKind::batch, NormKind::group),
+                                            ::testing::Values(int64_t{7}, int64_t{12}, int64_t{35})));
+
+TEST(Trainer, SameSeedSameRunOtherSeedOtherRun) {
+  const Data data = tiny_data();
+  const std::string p1 = temp_path("seed_a.safetensors"), p2 = temp_path("seed_b.safetensors"),
+                    p3 = temp_path("seed_c.safetensors");
+  const TrainOutcome a = train_run(tiny_config(NormKind::batch, p1), data);
+  const TrainOutcome b = train_run(tiny_config(NormKind::batch, p2), data);
+  expect_same_state(p1, p2);
+  expect_same_metrics(a.run, b.run);
+  TrainConfig other = tiny_config(NormKind::batch, p3);
+  other.seed = 12;
+  train_run(other, data);
+  EXPECT_FALSE(state_of(p1).at("param/fc.weight").bytes == state_of(p3).at("param/fc.weight").bytes);
+}
+
+TEST(Trainer, ReportsWhatItMeasured) {
+  const Data data = tiny_data();
+  const TrainOutcome o = train_run(tiny_config(NormKind::batch, ""), data);
+  EXPECT_EQ(o.train_images, 50);
+  EXPECT_EQ(o.test_images, 30);
+  EXPECT_EQ(o.run.history.size(), 3u);
+  EXPECT_TRUE(o.run.test_error_batch_stats.has_value());
+  EXPECT_GE(o.run.test_error, 0.0);
+  EXPECT_LE(o.run.test_error, 100.0);
+  EXPECT_GT(o.run.images_per_s, 0.0);
+  EXPECT_EQ(o.run.loss_curve_step.back(), 36);
+  EXPECT_DOUBLE_EQ(o.run.lr, 0.1 * 4 / 32);
+  // The loss fell: the last epoch's mean is below the first's.
+  EXPECT_LT(o.run.history.back().train_loss, o.run.history.front().train_loss);
+  const TrainOutcome g = train_run(tiny_config(NormKind::group, ""), data);
+  EXPECT_FALSE(g.run.test_error_batch_stats.has_value());
+}
+
+TEST(Trainer, RefusesACheckpointOfAnotherRun) {
+  const Data data = tiny_data();
+  const std::string path = temp_path("other.safetensors");
+  TrainConfig first = tiny_config(NormKind::batch, path);
+  first.stop_after_steps = 5;
+  train_run(first, data);
+  TrainConfig second = tiny_config(NormKind::batch, "");
+  second.resume_path = path;
+  second.batch = 5;
+  try {
+    train_run(second, data);
+    FAIL() << "no error";
+  } catch (const IoError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("--batch"), std::string::npos) << msg;
+    EXPECT_NE(msg.find(path), std::string::npos) << msg;
+  }
+  second = tiny_config(NormKind::group, "");
+  second.resume_path = path;
+  EXPECT_THROW(train_run(second, data), IoError);
+}
+
+TEST(Trainer, LearningRateScheduleAndOptionChecks) {
+  TrainConfig c;
+  c.batch = 8;
+  c.lr_base = 0.1;
+  c.lr_decay_at = {0.5, 0.75};
+  EXPECT_DOUBLE_EQ(learning_rate(c, 0, 100), 0.025);
+  EXPECT_DOUBLE_EQ(learning_rate(c, 49, 100), 0.025);
+  EXPECT_DOUBLE_EQ(learning_rate(c, 50, 100), 0.0025);
+  EXPECT_NEAR(learning_rate(c, 75, 100), 0.00025, 1e-15);
+  TrainConfig bad;
+  bad.model.norm = NormKind::group;
+  bad.model.groups = 3;
+  EXPECT_THROW(validate(bad), normkit::Error);
+  bad = TrainConfig{};
+  bad.stop_after_steps = 3;  // without --checkpoint
+  EXPECT_THROW(validate(bad), normkit::Error);
+  bad = TrainConfig{};
+  bad.lr_decay_at = {1.5};
+  EXPECT_THROW(validate(bad), normkit::Error);
+}
+
+}  // namespace
+}  // namespace normkit::train
