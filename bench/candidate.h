@@ -32,6 +32,9 @@ class Candidate {
   virtual void release() = 0;
   // What the candidate picked for the prepared case (oneDNN's implementation name), or "".
   virtual std::string note() const { return {}; }
+  // The thread pool it runs on. Going from one pool to another, the timer waits until the
+  // previous pool's workers have stopped spinning, so they do not compete for the cores.
+  virtual std::string thread_pool() const { return "openmp"; }
 };
 
 // The yardstick: the input bytes copied to another buffer by the same number of threads.

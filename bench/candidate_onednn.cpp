@@ -212,6 +212,9 @@ class OnednnCandidate final : public Candidate {
 
   // The kernels oneDNN picked (jit, ncsp, ref, ...): forward/backward.
   std::string note() const override { return impl_; }
+  std::string thread_pool() const override {
+    return DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_TBB ? "tbb" : "openmp";
+  }
 
  private:
   void forward() {

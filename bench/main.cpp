@@ -34,6 +34,14 @@ std::string cpu_model() {
   return "unknown CPU";
 }
 
+// The 1-minute load average, or -1 when unknown.
+double load_average() {
+  std::ifstream f("/proc/loadavg");
+  double load = -1;
+  f >> load;
+  return load;
+}
+
 std::vector<std::string> split(const std::string& s) {
   std::vector<std::string> out;
   std::stringstream ss(s);
@@ -88,6 +96,10 @@ int main(int argc, char** argv) {
   app.add_option("--budget", timing.budget_seconds,
                  "Seconds of timing per case and thread count that decide the repetitions");
   app.add_option("--gap-ms", gap_ms, "Idle milliseconds before each timed sample");
+  double switch_gap_ms = timing.pool_switch_gap_seconds * 1e3;
+  app.add_option("--switch-gap-ms", switch_gap_ms,
+                 "Idle milliseconds before a sample on another thread pool (OpenMP, TBB) than the "
+                 "previous one");
   app.add_option("--csv", csv, "Write one row per case, thread count and candidate");
   app.add_option("--sets", sets_arg,
                  "Comma-separated shape sets (default: all but smoke). Sets: " +
@@ -147,6 +159,7 @@ int main(int argc, char** argv) {
   if (timing.max_reps <= 0) timing.max_reps = quick ? 9 : 21;
   if (quick && !app.count("--budget")) timing.budget_seconds = 0.25;
   timing.gap_seconds = gap_ms * 1e-3;
+  timing.pool_switch_gap_seconds = switch_gap_ms * 1e-3;
 
   // Candidates: the yardstick first, then normkit, then the anchors that are built in.
   std::vector<std::unique_ptr<nb::Candidate>> candidates;
@@ -181,6 +194,13 @@ int main(int argc, char** argv) {
     std::cout << "PyTorch " << nb::torch_version() << "; ";
   if (!no_anchors && !nb::onednn_version().empty())
     std::cout << "oneDNN " << nb::onednn_version();
+  const double load = load_average();
+  if (load >= 0) {
+    std::cout << "\n  load average: " << load;
+    // Other runnable processes take cores from the timed threads: multi-threaded timings (OpenMP
+    // barriers waiting on a descheduled thread) suffer most.
+    if (load > 0.5) std::cout << " (other processes are running: timings will be noisy)";
+  }
   std::cout << "\n  cases: " << cases.size() << (quick ? " (quick)" : "") << ", "
             << (check_only ? "check only" : "max reps " + std::to_string(timing.max_reps))
             << "\n";

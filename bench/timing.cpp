@@ -42,12 +42,15 @@ std::vector<Timing> measure_interleaved(const std::vector<Candidate*>& candidate
   const int budget_reps = static_cast<int>(options.budget_seconds / std::max(rep_seconds, 1e-9));
   const int reps = std::clamp(budget_reps, floor_reps, std::max(floor_reps, options.max_reps));
   std::vector<std::vector<double>> samples(n);
+  std::string pool = candidates[n - 1]->thread_pool();
   for (int r = 0; r < reps; ++r) {
     for (std::size_t k = 0; k < n; ++k) {
       const std::size_t i = (k + r) % n;  // rotate who goes first
       if (slow[i] && r >= options.slow_reps) continue;
-      if (options.gap_seconds > 0)
-        std::this_thread::sleep_for(std::chrono::duration<double>(options.gap_seconds));
+      const std::string next_pool = candidates[i]->thread_pool();
+      const double gap = next_pool == pool ? options.gap_seconds : options.pool_switch_gap_seconds;
+      pool = next_pool;
+      if (gap > 0) std::this_thread::sleep_for(std::chrono::duration<double>(gap));
       samples[i].push_back(time_calls(*candidates[i], out[i].calls_per_sample));
     }
   }
