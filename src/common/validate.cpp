@@ -16,7 +16,8 @@ void fail(const char* function, const std::string& message) {
   throw Error(std::string(function) + ": " + message);
 }
 
-void check_tensor(const char* function, const char* name, const TensorView& t, int min_rank) {
+void check_tensor(const char* function, const char* name, const TensorView& t, int min_rank,
+                  DTypeSet supported) {
   if (t.rank < min_rank || t.rank > kMaxRank)
     fail(function, std::string(name) + " must have rank " + std::to_string(min_rank) + " to " +
                        std::to_string(kMaxRank) + ", got rank " + std::to_string(t.rank));
@@ -36,9 +37,13 @@ void check_tensor(const char* function, const char* name, const TensorView& t, i
                        shape_string(t));
   if (!has_zero && t.data == nullptr)
     fail(function, std::string(name) + " has a null data pointer for shape " + shape_string(t));
-  if (t.dtype != DType::float32)
+  if (!supported.has(t.dtype)) {
+    std::string list;
+    for (DType d : {DType::float32, DType::bfloat16, DType::float16})
+      if (supported.has(d)) list += std::string(list.empty() ? "" : ", ") + to_string(d);
     fail(function, std::string(name) + " has dtype " + to_string(t.dtype) +
-                       ", which this build does not support (expected float32)");
+                       ", which this function does not support (expected " + list + ")");
+  }
 }
 
 void check_like(const char* function, const char* name, const TensorView& t, const char* x_name,

@@ -16,9 +16,20 @@ std::string format_number(double v);
 
 [[noreturn]] void fail(const char* function, const std::string& message);
 
+// A set of activation dtypes: what an op implements.
+struct DTypeSet {
+  unsigned bits = 0;
+  constexpr bool has(DType d) const { return unsigned(d) < 32 && ((bits >> unsigned(d)) & 1u); }
+};
+inline constexpr DTypeSet kFloat32Only{1u << unsigned(DType::float32)};
+inline constexpr DTypeSet kActivationDTypes{(1u << unsigned(DType::float32)) |
+                                            (1u << unsigned(DType::bfloat16)) |
+                                            (1u << unsigned(DType::float16))};
+
 // rank in [min_rank, 5], no negative dim, element count fits in int64, non-null data when not
-// empty, dtype one the kernels implement.
-void check_tensor(const char* function, const char* name, const TensorView& t, int min_rank = 2);
+// empty, dtype in `supported` (what the calling op implements).
+void check_tensor(const char* function, const char* name, const TensorView& t, int min_rank = 2,
+                  DTypeSet supported = kFloat32Only);
 
 // `t` has x's shape, memory format and dtype.
 void check_like(const char* function, const char* name, const TensorView& t, const char* x_name,

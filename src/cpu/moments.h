@@ -8,15 +8,23 @@
 //   summed twice while it is in cache: first the shifted sum of (x - pivot) for the mean, then
 //   the centred sums of d = x - mean and d^2, from which M2 = sum(d^2) - sum(d)^2 / n (the
 //   corrected two-pass algorithm, which also removes the error of the float mean).
-// - Within a chunk the sums are float with several independent accumulators (so the loops
-//   vectorize and no accumulator sees more than ~128 terms); chunks are merged in double with
-//   Chan's formula.
+// - Within a chunk the sums are float32 in several independent SIMD accumulators (Highway,
+//   dispatched at run time to the best target: no accumulator sees more than ~128 terms);
+//   chunks are merged in double with Chan's formula.
+// - x may be float32, bfloat16 or float16 (common/dtype.h); every sum is float32 or wider, so
+//   float16 squares cannot overflow.
 // - Chunk boundaries depend only on the shape, and merges happen in a fixed order, so a result
 //   is bitwise identical whatever the number of threads that computed the chunks.
 #include <cstdint>
 #include <limits>
 
+#include "common/dtype.h"
+
 namespace normkit::cpu {
+
+// The Highway target (HWY_AVX3, HWY_AVX2, ...) the kernels dispatch to now: the best the CPU
+// supports, or the one a test forced with hwy::SetSupportedTargetsForTest.
+int64_t simd_target();
 
 // count, mean and M2 = sum((x - mean)^2) of a set of values.
 struct Moments {
@@ -52,7 +60,9 @@ inline constexpr int64_t kRunChunk = 2048;
 // Moments of x[0 .. n). Equal, bitwise, to merging left to right the run_moments of the pieces
 // x[k * kRunChunk .. min(n, (k + 1) * kRunChunk)), so callers may compute the pieces on
 // different threads and merge them in order. n == 0 gives count 0.
-Moments run_moments(const float* x, int64_t n);
+// T is float, bf16 or f16 (all three instantiated), as for the functions below.
+template <typename T>
+Moments run_moments(const T* x, int64_t n);
 
 // Number of kRunChunk pieces of a run of n floats (0 for n == 0).
 inline int64_t run_piece_count(int64_t n) { return (n + kRunChunk - 1) / kRunChunk; }
@@ -61,7 +71,8 @@ inline int64_t run_piece_count(int64_t n) { return (n + kRunChunk - 1) / kRunChu
 // x[r * row_stride + c] (channels-last data: one row per spatial position). out[c] receives the
 // moments of column c over the rows. Accumulates in float over the rows, so keep
 // rows <= block_rows(channels) for accuracy and cache use; vectorized across columns.
-void block_moments(const float* x, int64_t rows, int64_t channels, int64_t row_stride,
+template <typename T>
+void block_moments(const T* x, int64_t rows, int64_t channels, int64_t row_stride,
                    Moments* out);
 
 // Rows per block_moments call for `channels` columns: about kRunChunk elements, between 16 and
@@ -73,7 +84,14 @@ inline int64_t block_rows(int64_t channels) {
 
 // Moments of `runs` contiguous runs of `length` floats (run i starts at x + i * length), using up
 // to num_threads threads over (run, piece) units; out[i] == run_moments(x + i * length, length)
-// bitwise, for any thread count.
-void runs_moments(const float* x, int64_t runs, int64_t length, Moments* out, int num_threads);
+// bitwise, for any thread count. scratch: runs_moments_scratch_size(runs, length) Moments, or
+// null to use a buffer of the calling thread (allocated on first use, then reused).
+template <typename T>
+void runs_moments(const T* x, int64_t runs, int64_t length, Moments* out, int num_threads,
+                  Moments* scratch = nullptr);
+inline int64_t runs_moments_scratch_size(int64_t runs, int64_t length) {
+  const int64_t pieces = run_piece_count(length);
+  return pieces > 1 ? runs * pieces : 0;
+}
 
 }  // namespace normkit::cpu

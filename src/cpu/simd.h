@@ -1,0 +1,120 @@
+// Shared Highway helpers for the CPU kernels: activations of any dtype (float32, bfloat16,
+// float16) loaded as float32 lanes and stored back, plus fixed-order lane sums.
+//
+// Use (one .cpp per op, compiled once per SIMD target by Highway's foreach_target):
+//   #undef HWY_TARGET_INCLUDE
+//   #define HWY_TARGET_INCLUDE "cpu/my_op.cpp"
+//   #include <hwy/foreach_target.h>  // re-includes this file once per target
+//   #include <hwy/highway.h>
+//   #include "cpu/simd.h"             // per-target section, include after highway.h
+//   HWY_BEFORE_NAMESPACE();
+//   namespace normkit::cpu::HWY_NAMESPACE { ... kernels using LoadF / StoreF ... }
+//   HWY_AFTER_NAMESPACE();
+//   #if HWY_ONCE
+//   namespace normkit::cpu { HWY_EXPORT(Kernel); ... HWY_DYNAMIC_DISPATCH(Kernel)(args) ... }
+//   #endif
+//
+// Rounding: StoreF rounds to nearest even for every dtype and target (Highway 1.0.3's own
+// bfloat16 demotion truncates, and its float16 emulation below AVX2 mishandles Inf/NaN, so
+// those cases go through the scalar conversions of common/dtype.h). Results may differ between
+// targets (lane counts change summation order), never between thread counts.
+//
+// This header has per-target include guards (it is re-included by foreach_target).
+#if defined(NORMKIT_CPU_SIMD_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef NORMKIT_CPU_SIMD_H_
+#undef NORMKIT_CPU_SIMD_H_
+#else
+#define NORMKIT_CPU_SIMD_H_
+#endif
+
+#include <hwy/highway.h>
+
+#include "common/dtype.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace normkit::cpu::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// Full float32 vector and a one-lane one for loop tails: the tail runs the same operations
+// (incl. fused multiply-adds) lane by lane, so a value does not depend on where a tail starts.
+using DF = hn::ScalableTag<float>;
+using D1 = hn::CappedTag<float, 1>;
+
+// True where the target converts float16 in hardware with correct rounding and specials.
+#undef NORMKIT_SIMD_NATIVE_F16
+#if HWY_TARGET <= HWY_AVX2 || HWY_ARCH_ARM
+#define NORMKIT_SIMD_NATIVE_F16 1
+#else
+#define NORMKIT_SIMD_NATIVE_F16 0
+#endif
+
+// Loads Lanes(d) activations from p (unaligned) as float32 lanes.
+template <class D>
+HWY_INLINE hn::Vec<D> LoadF(D d, const float* HWY_RESTRICT p) {
+  return hn::LoadU(d, p);
+}
+template <class D>
+HWY_INLINE hn::Vec<D> LoadF(D d, const bf16* HWY_RESTRICT p) {
+  const hn::Rebind<uint16_t, D> du16;
+  const hn::Rebind<uint32_t, D> du32;
+  const auto bits = hn::PromoteTo(du32, hn::LoadU(du16, reinterpret_cast<const uint16_t*>(p)));
+  return hn::BitCast(d, hn::ShiftLeft<16>(bits));
+}
+template <class D>
+HWY_INLINE hn::Vec<D> LoadF(D d, const f16* HWY_RESTRICT p) {
+#if NORMKIT_SIMD_NATIVE_F16
+  const hn::Rebind<hwy::float16_t, D> dh;
+  return hn::PromoteTo(d, hn::LoadU(dh, p));
+#else
+  HWY_ALIGN float buf[hn::MaxLanes(d)];
+  for (size_t i = 0; i < hn::Lanes(d); ++i) buf[i] = to_float(p[i]);
+  return hn::Load(d, buf);
+#endif
+}
+
+// Stores the Lanes(d) lanes of v to p (unaligned), rounded to nearest even for 16-bit types.
+template <class D>
+HWY_INLINE void StoreF(hn::Vec<D> v, D d, float* HWY_RESTRICT p) {
+  hn::StoreU(v, d, p);
+}
+template <class D>
+HWY_INLINE void StoreF(hn::Vec<D> v, D /* d */, bf16* HWY_RESTRICT p) {
+  const hn::RebindToUnsigned<D> du32;
+  const hn::RebindToSigned<D> di32;
+  const hn::Rebind<uint16_t, D> du16;
+  auto bits = hn::BitCast(du32, v);
+  const auto rounded = hn::Add(bits, hn::Add(hn::Set(du32, 0x7FFFu),
+                                             hn::And(hn::ShiftRight<16>(bits), hn::Set(du32, 1u))));
+  const auto quiet_nan = hn::Or(bits, hn::Set(du32, 0x00400000u));
+  bits = hn::IfThenElse(hn::RebindMask(du32, hn::IsNaN(v)), quiet_nan, rounded);
+  // Values after the shift fit in 16 bits, so the saturating demotion is exact.
+  const auto top = hn::BitCast(di32, hn::ShiftRight<16>(bits));
+  hn::StoreU(hn::DemoteTo(du16, top), du16, reinterpret_cast<uint16_t*>(p));
+}
+template <class D>
+HWY_INLINE void StoreF(hn::Vec<D> v, D d, f16* HWY_RESTRICT p) {
+#if NORMKIT_SIMD_NATIVE_F16
+  (void)d;
+  const hn::Rebind<hwy::float16_t, D> dh;
+  hn::StoreU(hn::DemoteTo(dh, v), dh, p);
+#else
+  HWY_ALIGN float buf[hn::MaxLanes(d)];
+  hn::Store(v, d, buf);
+  for (size_t i = 0; i < hn::Lanes(d); ++i) p[i] = from_float<f16>(buf[i]);
+#endif
+}
+
+// Sum of the lanes of v in double, in lane order: fixed for a target.
+template <class D>
+HWY_INLINE double SumLanes(D d, hn::Vec<D> v) {
+  HWY_ALIGN float buf[hn::MaxLanes(d)];
+  hn::Store(v, d, buf);
+  double s = 0;
+  for (size_t i = 0; i < hn::Lanes(d); ++i) s += double(buf[i]);
+  return s;
+}
+
+}  // namespace normkit::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#endif  // per-target include guard

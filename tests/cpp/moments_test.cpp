@@ -1,0 +1,178 @@
+// The shared statistics kernels (src/cpu/moments.h) on every SIMD target this machine runs,
+// for each activation dtype: against float64 two-pass sums of the same (rounded) values, at
+// every loop-tail remainder, piecewise merging, and thread-count invariance.
+#include <gtest/gtest.h>
+
+#include <hwy/targets.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "cpu/moments.h"
+#include "test_util.h"
+
+namespace normkit::test {
+namespace {
+
+using cpu::Moments;
+
+// Runs body once per SIMD target compiled in and supported here, forcing dispatch to it.
+template <typename F>
+void for_each_target(F&& body) {
+  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    hwy::SetSupportedTargetsForTest(target);
+    ASSERT_EQ(cpu::simd_target(), target) << hwy::TargetName(target);
+    SCOPED_TRACE(hwy::TargetName(target));
+    body(target);
+  }
+  hwy::SetSupportedTargetsForTest(0);
+}
+
+template <typename T>
+std::vector<T> converted(const std::vector<float>& v) {
+  std::vector<T> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = from_float<T>(v[i]);
+  return out;
+}
+
+// Exact-ish moments of n values at x[i * stride] (double, two passes).
+template <typename T>
+Moments exact(const T* x, int64_t n, int64_t stride = 1) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += to_float(x[i * stride]);
+  const double mean = s / double(n);
+  double m2 = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = to_float(x[i * stride]) - mean;
+    m2 += d * d;
+  }
+  return {double(n), mean, m2};
+}
+
+bool same_bits(const Moments& a, const Moments& b) {
+  return std::memcmp(&a, &b, sizeof(Moments)) == 0;
+}
+
+void expect_close(const Moments& got, const Moments& want, double spread, const std::string& what) {
+  EXPECT_EQ(got.count, want.count) << what;
+  // float32 accumulation of centred terms: relative error a few float eps of the spread.
+  EXPECT_NEAR(got.mean, want.mean, 1e-6 * spread + 1e-12) << what;
+  EXPECT_NEAR(got.m2, want.m2, 1e-5 * want.m2 + 1e-12) << what;
+}
+
+template <typename T>
+void check_runs(int64_t target) {
+  std::mt19937_64 rng(7 + target);
+  // Every remainder up to two full 4-vector strides of the widest target (16 lanes), then
+  // sizes across piece boundaries.
+  std::vector<int64_t> sizes;
+  for (int64_t n = 1; n <= 2 * 64 + 1; ++n) sizes.push_back(n);
+  for (int64_t n : {cpu::kRunChunk - 1, cpu::kRunChunk, cpu::kRunChunk + 1, 3 * cpu::kRunChunk + 17})
+    sizes.push_back(n);
+  for (int64_t n : sizes) {
+    const double offset = (n % 3 == 0) ? 1000.0 : 0.0;  // large offsets must not cancel
+    const auto x = converted<T>(random_normal(std::size_t(n), rng, offset, 1.0));
+    const Moments got = cpu::run_moments(x.data(), n);
+    expect_close(got, exact(x.data(), n), 1.0, "n=" + std::to_string(n));
+    // Equal, bitwise, to merging the pieces left to right.
+    Moments merged;
+    for (int64_t s = 0; s < n; s += cpu::kRunChunk)
+      merged = cpu::merge(merged, cpu::run_moments(x.data() + s, std::min(cpu::kRunChunk, n - s)));
+    EXPECT_TRUE(same_bits(got, merged)) << "n=" << n;
+  }
+}
+
+template <typename T>
+void check_blocks(int64_t target) {
+  std::mt19937_64 rng(11 + target);
+  for (int64_t channels = 1; channels <= 2 * 16 + 1; ++channels)
+    for (int64_t rows : {1, 5, 16}) {
+      const int64_t stride = channels + 3;  // a block of a wider row
+      const auto x = converted<T>(random_normal(std::size_t(rows * stride), rng, 50.0, 2.0));
+      std::vector<Moments> out(static_cast<std::size_t>(channels));
+      cpu::block_moments(x.data(), rows, channels, stride, out.data());
+      for (int64_t c = 0; c < channels; ++c)
+        expect_close(out[c], exact(x.data() + c, rows, stride), 2.0,
+                     "channels=" + std::to_string(channels) + " rows=" + std::to_string(rows) +
+                         " c=" + std::to_string(c));
+    }
+}
+
+template <typename T>
+void check_threads(int64_t target) {
+  std::mt19937_64 rng(13 + target);
+  for (int64_t length : {int64_t(37), cpu::kRunChunk * 2 + 5}) {
+    const int64_t runs = 7;
+    const auto x = converted<T>(random_normal(std::size_t(runs * length), rng, 3.0, 1.0));
+    std::vector<Moments> one(static_cast<std::size_t>(runs));
+    cpu::runs_moments(x.data(), runs, length, one.data(), 1);
+    for (int threads = 2; threads <= 4; ++threads) {
+      std::vector<Moments> many(static_cast<std::size_t>(runs));
+      std::vector<Moments> scratch(std::size_t(cpu::runs_moments_scratch_size(runs, length)));
+      cpu::runs_moments(x.data(), runs, length, many.data(), threads,
+                        scratch.empty() ? nullptr : scratch.data());
+      for (int64_t r = 0; r < runs; ++r) {
+        EXPECT_TRUE(same_bits(one[r], many[r])) << "threads=" << threads << " run " << r;
+        EXPECT_TRUE(same_bits(one[r], cpu::run_moments(x.data() + r * length, length)));
+      }
+    }
+  }
+}
+
+TEST(Moments, RunsOnEveryTargetAndDtype) {
+  std::string names;
+  for (int64_t t : hwy::SupportedAndGeneratedTargets()) names += std::string(hwy::TargetName(t)) + " ";
+  RecordProperty("targets", names);
+  std::printf("SIMD targets tested: %s\n", names.c_str());
+  for_each_target([](int64_t t) {
+    check_runs<float>(t);
+    check_runs<bf16>(t);
+    check_runs<f16>(t);
+  });
+}
+
+TEST(Moments, BlocksOnEveryTargetAndDtype) {
+  for_each_target([](int64_t t) {
+    check_blocks<float>(t);
+    check_blocks<bf16>(t);
+    check_blocks<f16>(t);
+  });
+}
+
+TEST(Moments, BitwiseIdenticalForEveryThreadCount) {
+  for_each_target([](int64_t t) {
+    check_threads<float>(t);
+    check_threads<bf16>(t);
+    check_threads<f16>(t);
+  });
+}
+
+TEST(Moments, Float16SquaresDoNotOverflow) {
+  // 60000^2 overflows float16 but not the float32 accumulators.
+  std::vector<f16> x(100);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = from_float<f16>(i % 2 ? 60000.f : -60000.f);
+  for_each_target([&](int64_t) {
+    const Moments m = cpu::run_moments(x.data(), int64_t(x.size()));
+    EXPECT_NEAR(m.mean, 0.0, 1e-3);
+    EXPECT_NEAR(m.variance(), 3.6e9, 3.6e9 * 1e-6);
+  });
+}
+
+TEST(Moments, ConversionsRoundToNearestEvenOnEveryTarget) {
+  // Scalar conversions: ties to even, specials kept.
+  EXPECT_EQ(from_float<bf16>(std::bit_cast<float>(0x3F808000u)).bits, 0x3F80);  // tie -> even
+  EXPECT_EQ(from_float<bf16>(std::bit_cast<float>(0x3F818000u)).bits, 0x3F82);  // tie -> even
+  EXPECT_EQ(from_float<bf16>(std::bit_cast<float>(0x3F808001u)).bits, 0x3F81);
+  EXPECT_TRUE(std::isnan(to_float(from_float<bf16>(NAN))));
+  EXPECT_TRUE(std::isinf(to_float(from_float<f16>(1e6f))));
+  EXPECT_EQ(to_float(from_float<f16>(1.0f + 1.0f / 4096)), 1.0f);  // tie -> even
+  EXPECT_EQ(to_float(from_float<f16>(6e-8f)), std::ldexp(1.0f, -24));  // subnormal
+}
+
+}  // namespace
+}  // namespace normkit::test
