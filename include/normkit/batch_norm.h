@@ -8,9 +8,16 @@
 //   running_var  <- (1 - momentum) * running_var  + momentum * var * M / (M - 1)
 // Inference: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
 // The mode is the function's name; it is never guessed from the batch size.
+//
+// Activations (x, y, dy, dx and the epilogue tensors) may be float32, bfloat16 or float16, all
+// of one dtype; weight, bias and every statistic are float32, and every sum is accumulated in
+// float32 or wider (so float16 squares cannot overflow). Results are bitwise identical for any
+// thread count.
+#include <cstddef>
 #include <span>
 
 #include "normkit/context.h"
+#include "normkit/epilogue.h"
 #include "normkit/error.h"
 #include "normkit/tensor.h"
 
@@ -19,16 +26,25 @@ namespace normkit {
 struct BatchNormParams {
   double eps = 1e-5;
   double momentum = 0.1;  // weight of the new batch in the running averages, in [0, 1]
+  // Both forwards: y = relu?(normalized(x) + residual?), in the same pass (epilogue.h).
+  ForwardEpilogue epilogue = {};
 };
 
+// Bytes of scratch memory the CPU kernels use for an input shaped like x (any of the four
+// functions; 0 for an empty x). Pass at least that much as Context::workspace to have no
+// allocation in the call; with an empty workspace each calling thread keeps a buffer of its own,
+// allocated on first use and reused.
+std::size_t batch_norm_workspace_size(const TensorView& x);
+
 // Reads x, weight and bias (length C, optional), running_mean and running_var (length C,
-// optional: either both or neither).
+// optional: either both or neither), params.epilogue.residual (optional).
 // Overwrites y (shape/format/dtype of x), save_mean and save_invstd (length C each).
 // Updates running_mean and running_var in place as above, when given.
 // Throws normkit::Error, before writing anything, on: rank outside 2..5, length != C of any
 // vector, only one running statistic given, eps negative or not finite, momentum outside [0, 1],
 // M == 1 ("Expected more than 1 value per channel when training"), int64 overflow,
-// y shape/format/dtype != x's. N == 0 writes nothing and leaves running stats unchanged.
+// y or epilogue.residual shape/format/dtype != x's, a workspace smaller than
+// batch_norm_workspace_size(x). N == 0 writes nothing and leaves running stats unchanged.
 void batch_norm_forward_training(const BatchNormParams& params, const TensorView& x,
                                  std::span<const float> weight, std::span<const float> bias,
                                  const TensorView& y, std::span<float> save_mean,
@@ -46,6 +62,8 @@ void batch_norm_forward_inference(const BatchNormParams& params, const TensorVie
 // Backward of the training forward: the gradient flows through the batch statistics.
 // Reads dy, x, save_mean and save_invstd from the training forward, weight (optional).
 // Overwrites dx and (does not add to) dweight, dbias (optional, length C).
+// Throws normkit::Error, before writing anything, on a dy or dx unlike x, a vector of length
+// != C, a missing save_mean / save_invstd, a too-small workspace.
 void batch_norm_backward_training(const TensorView& dy, const TensorView& x,
                                   std::span<const float> save_mean,
                                   std::span<const float> save_invstd,
@@ -53,9 +71,30 @@ void batch_norm_backward_training(const TensorView& dy, const TensorView& x,
                                   std::span<float> dweight, std::span<float> dbias,
                                   const Context& ctx = {});
 
+// The same through the forward's epilogue: with g = relu ? dy * (epilogue.y > 0) : dy, the
+// gradient of the normalization is computed from g, and epilogue.dresidual (optional) is
+// overwritten with g. Reads epilogue.y (the forward's output, required with relu). Throws as
+// above, and when epilogue.y is missing with relu or an epilogue tensor is unlike x.
+void batch_norm_backward_training(const BackwardEpilogue& epilogue, const TensorView& dy,
+                                  const TensorView& x, std::span<const float> save_mean,
+                                  std::span<const float> save_invstd,
+                                  std::span<const float> weight, const TensorView& dx,
+                                  std::span<float> dweight, std::span<float> dbias,
+                                  const Context& ctx = {});
+
 // Backward of the inference forward: the running statistics are constants.
 // Reads dy, x, running_mean, running_var, weight (optional). Overwrites dx, dweight, dbias.
+// x is read only when dweight is wanted. Throws as the training backward, and on a bad eps.
 void batch_norm_backward_inference(const BatchNormParams& params, const TensorView& dy,
+                                   const TensorView& x, std::span<const float> running_mean,
+                                   std::span<const float> running_var,
+                                   std::span<const float> weight, const TensorView& dx,
+                                   std::span<float> dweight, std::span<float> dbias,
+                                   const Context& ctx = {});
+
+// The same through the forward's epilogue (as for the training backward).
+void batch_norm_backward_inference(const BatchNormParams& params,
+                                   const BackwardEpilogue& epilogue, const TensorView& dy,
                                    const TensorView& x, std::span<const float> running_mean,
                                    std::span<const float> running_var,
                                    std::span<const float> weight, const TensorView& dx,

@@ -1,5 +1,8 @@
 #pragma once
 // Context: where and how an op runs. Passed explicitly; the default is the process-wide one.
+#include <cstddef>
+#include <span>
+
 namespace normkit {
 
 enum class Backend {
@@ -10,6 +13,10 @@ enum class Backend {
 struct Context {
   Backend backend = Backend::cpu;
   int num_threads = 0;  // 0: the process-wide setting (see set_num_threads)
+  // Optional scratch memory for the CPU kernels, at least the op's *_workspace_size(...) bytes
+  // (see each op's header); empty: each calling thread keeps a buffer of its own, allocated on
+  // first use and reused. Only one call may use a given workspace at a time.
+  std::span<std::byte> workspace;
 };
 
 // Process-wide thread count used when Context::num_threads == 0. Initially all cores

@@ -1,6 +1,7 @@
 // Public BatchNorm entry points: validate every argument, then hand raw pointers to the backend.
 #include "normkit/batch_norm.h"
 
+#include "common/dtype.h"
 #include "common/validate.h"
 #include "cpu/batch_norm.h"
 #include "ref/batch_norm.h"
@@ -41,7 +42,7 @@ void check_more_than_one_value(const char* fn, const TensorView& x) {
 // Checks shared by all four functions on x and the per-channel affine weight (and bias).
 void check_input(const char* fn, const TensorView& x, std::span<const float> weight,
                  std::span<const float> bias) {
-  check_tensor(fn, "x", x);
+  check_tensor(fn, "x", x, 2, detail::kActivationDTypes);
   check_length(fn, "weight", weight, x.channels(), "C", false);
   check_length(fn, "bias", bias, x.channels(), "C", false);
 }
@@ -55,7 +56,62 @@ void check_running_stats(const char* fn, const TensorView& x, std::span<const fl
                          (running_mean.data() ? "running_mean" : "running_var"));
 }
 
+// The optional residual of a forward epilogue: absent, or shaped like x.
+void check_forward_epilogue(const char* fn, const ForwardEpilogue& e, const TensorView& x) {
+  if (e.residual.data != nullptr) check_like(fn, "epilogue.residual", e.residual, "x", x);
+}
+
+// y (required with relu) and dresidual (optional) of a backward epilogue, shaped like x.
+void check_backward_epilogue(const char* fn, const BackwardEpilogue& e, const TensorView& x) {
+  if (e.relu && e.y.data == nullptr && !is_empty(x))
+    detail::fail(fn, "epilogue.y (the forward's output) is required with epilogue.relu");
+  if (e.y.data != nullptr) check_like(fn, "epilogue.y", e.y, "x", x);
+  if (e.dresidual.data != nullptr) check_like(fn, "epilogue.dresidual", e.dresidual, "x", x);
+}
+
+std::span<std::byte> checked_workspace(const char* fn, const TensorView& x, const Context& ctx) {
+  const std::span<std::byte> ws = ctx.workspace;
+  if (ws.data() == nullptr || ctx.backend == Backend::reference) return {};
+  const std::size_t need = is_empty(x) ? 0 : cpu::workspace_size(shape_of(x));
+  if (ws.size() < need)
+    detail::fail(fn, "workspace has " + std::to_string(ws.size()) +
+                         " bytes, expected at least batch_norm_workspace_size(x) = " +
+                         std::to_string(need));
+  return ws;
+}
+
+cpu::ForwardJob forward_job(const BatchNormParams& params, const TensorView& x,
+                            std::span<const float> weight, std::span<const float> bias,
+                            const TensorView& y) {
+  cpu::ForwardJob job;
+  job.dtype = x.dtype;
+  job.shape = shape_of(x);
+  job.x = x.data;
+  job.y = y.data;
+  job.residual = params.epilogue.residual.data;
+  job.relu = params.epilogue.relu;
+  job.weight = ptr(weight);
+  job.bias = ptr(bias);
+  job.eps = params.eps;
+  return job;
+}
+
+template <typename A>
+ref::ForwardEpilogue<A> ref_epilogue(const ForwardEpilogue& e) {
+  return {e.relu, static_cast<const A*>(e.residual.data)};
+}
+template <typename A>
+ref::BackwardEpilogue<A> ref_epilogue(const BackwardEpilogue& e) {
+  return {e.relu, e.relu ? static_cast<const A*>(e.y.data) : nullptr,
+          static_cast<A*>(e.dresidual.data)};
+}
+
 }  // namespace
+
+std::size_t batch_norm_workspace_size(const TensorView& x) {
+  check_input("batch_norm_workspace_size", x, {}, {});
+  return is_empty(x) ? 0 : cpu::workspace_size(shape_of(x));
+}
 
 void batch_norm_forward_training(const BatchNormParams& params, const TensorView& x,
                                  std::span<const float> weight, std::span<const float> bias,
@@ -65,6 +121,7 @@ void batch_norm_forward_training(const BatchNormParams& params, const TensorView
   const char* fn = "batch_norm_forward_training";
   check_input(fn, x, weight, bias);
   check_like(fn, "y", y, "x", x);
+  check_forward_epilogue(fn, params.epilogue, x);
   check_length(fn, "save_mean", save_mean, x.channels(), "C", true);
   check_length(fn, "save_invstd", save_invstd, x.channels(), "C", true);
   check_running_stats(fn, x, running_mean, running_var, false);
@@ -72,19 +129,25 @@ void batch_norm_forward_training(const BatchNormParams& params, const TensorView
   detail::check_momentum(fn, params.momentum);
   // torch's wording, so that users recognize it.
   check_more_than_one_value(fn, x);
+  const auto workspace = checked_workspace(fn, x, ctx);
   // As torch: an empty batch gives an empty output and leaves the running statistics alone.
   if (is_empty(x)) return;
 
   const auto sh = shape_of(x);
-  if (ctx.backend == Backend::reference)
-    ref::batch_norm_forward_training(y.as<float>(), ptr(save_mean), ptr(save_invstd),
-                                     ptr(running_mean), ptr(running_var), x.as<const float>(),
-                                     ptr(weight), ptr(bias), sh, params.eps, params.momentum);
-  else
-    cpu::batch_norm_forward_training(y.as<float>(), ptr(save_mean), ptr(save_invstd),
-                                     ptr(running_mean), ptr(running_var), x.as<const float>(),
-                                     ptr(weight), ptr(bias), sh, params.eps, params.momentum,
-                                     detail::thread_count(ctx));
+  if (ctx.backend == Backend::reference) {
+    visit_dtype(x.dtype, [&](auto tag) {
+      using A = decltype(tag);
+      ref::batch_norm_forward_training<A, float>(
+          y.as<A>(), ptr(save_mean), ptr(save_invstd), ptr(running_mean), ptr(running_var),
+          x.as<const A>(), ptr(weight), ptr(bias), sh, params.eps, params.momentum,
+          ref_epilogue<A>(params.epilogue));
+    });
+    return;
+  }
+  const cpu::ForwardJob job = forward_job(params, x, weight, bias, y);
+  cpu::batch_norm_forward_training(job, ptr(save_mean), ptr(save_invstd), ptr(running_mean),
+                                   ptr(running_var), params.momentum, detail::thread_count(ctx),
+                                   workspace);
 }
 
 void batch_norm_forward_inference(const BatchNormParams& params, const TensorView& x,
@@ -96,17 +159,25 @@ void batch_norm_forward_inference(const BatchNormParams& params, const TensorVie
   check_input(fn, x, weight, bias);
   check_running_stats(fn, x, running_mean, running_var, true);
   check_like(fn, "y", y, "x", x);
+  check_forward_epilogue(fn, params.epilogue, x);
   detail::check_eps(fn, params.eps);
+  const auto workspace = checked_workspace(fn, x, ctx);
   if (is_empty(x)) return;
 
   const auto sh = shape_of(x);
-  if (ctx.backend == Backend::reference)
-    ref::batch_norm_forward_inference(y.as<float>(), x.as<const float>(), ptr(weight), ptr(bias),
-                                      ptr(running_mean), ptr(running_var), sh, params.eps);
-  else
-    cpu::batch_norm_forward_inference(y.as<float>(), x.as<const float>(), ptr(weight), ptr(bias),
-                                      ptr(running_mean), ptr(running_var), sh, params.eps,
-                                      detail::thread_count(ctx));
+  if (ctx.backend == Backend::reference) {
+    visit_dtype(x.dtype, [&](auto tag) {
+      using A = decltype(tag);
+      ref::batch_norm_forward_inference<A, float>(y.as<A>(), x.as<const A>(), ptr(weight),
+                                                  ptr(bias), ptr(running_mean),
+                                                  ptr(running_var), sh, params.eps,
+                                                  ref_epilogue<A>(params.epilogue));
+    });
+    return;
+  }
+  const cpu::ForwardJob job = forward_job(params, x, weight, bias, y);
+  cpu::batch_norm_forward_inference(job, ptr(running_mean), ptr(running_var),
+                                    detail::thread_count(ctx), workspace);
 }
 
 void batch_norm_backward_training(const TensorView& dy, const TensorView& x,
@@ -115,14 +186,26 @@ void batch_norm_backward_training(const TensorView& dy, const TensorView& x,
                                   std::span<const float> weight, const TensorView& dx,
                                   std::span<float> dweight, std::span<float> dbias,
                                   const Context& ctx) {
+  batch_norm_backward_training(BackwardEpilogue{}, dy, x, save_mean, save_invstd, weight, dx,
+                               dweight, dbias, ctx);
+}
+
+void batch_norm_backward_training(const BackwardEpilogue& epilogue, const TensorView& dy,
+                                  const TensorView& x, std::span<const float> save_mean,
+                                  std::span<const float> save_invstd,
+                                  std::span<const float> weight, const TensorView& dx,
+                                  std::span<float> dweight, std::span<float> dbias,
+                                  const Context& ctx) {
   const char* fn = "batch_norm_backward_training";
   check_input(fn, x, weight, {});
   check_like(fn, "dy", dy, "x", x);
   check_like(fn, "dx", dx, "x", x);
+  check_backward_epilogue(fn, epilogue, x);
   check_length(fn, "save_mean", save_mean, x.channels(), "C", true);
   check_length(fn, "save_invstd", save_invstd, x.channels(), "C", true);
   check_length(fn, "dweight", dweight, x.channels(), "C", false);
   check_length(fn, "dbias", dbias, x.channels(), "C", false);
+  const auto workspace = checked_workspace(fn, x, ctx);
 
   // With no values per channel the parameter gradients are empty sums; dx has no elements.
   if (is_empty(x)) {
@@ -131,17 +214,43 @@ void batch_norm_backward_training(const TensorView& dy, const TensorView& x,
     return;
   }
   const auto sh = shape_of(x);
-  if (ctx.backend == Backend::reference)
-    ref::batch_norm_backward_training(dx.as<float>(), ptr(dweight), ptr(dbias),
-                                      dy.as<const float>(), x.as<const float>(), ptr(save_mean),
-                                      ptr(save_invstd), ptr(weight), sh);
-  else
-    cpu::batch_norm_backward_training(dx.as<float>(), ptr(dweight), ptr(dbias),
-                                      dy.as<const float>(), x.as<const float>(), ptr(save_mean),
-                                      ptr(save_invstd), ptr(weight), sh, detail::thread_count(ctx));
+  if (ctx.backend == Backend::reference) {
+    visit_dtype(x.dtype, [&](auto tag) {
+      using A = decltype(tag);
+      ref::batch_norm_backward_training<A, float>(
+          dx.as<A>(), ptr(dweight), ptr(dbias), dy.as<const A>(), x.as<const A>(),
+          ptr(save_mean), ptr(save_invstd), ptr(weight), sh, ref_epilogue<A>(epilogue));
+    });
+    return;
+  }
+  cpu::BackwardJob job;
+  job.dtype = x.dtype;
+  job.shape = sh;
+  job.dy = dy.data;
+  job.x = x.data;
+  job.dx = dx.data;
+  job.relu = epilogue.relu;
+  job.y = epilogue.relu ? epilogue.y.data : nullptr;
+  job.dresidual = epilogue.dresidual.data;
+  job.weight = ptr(weight);
+  job.dweight = ptr(dweight);
+  job.dbias = ptr(dbias);
+  cpu::batch_norm_backward_training(job, ptr(save_mean), ptr(save_invstd),
+                                    detail::thread_count(ctx), workspace);
 }
 
 void batch_norm_backward_inference(const BatchNormParams& params, const TensorView& dy,
+                                   const TensorView& x, std::span<const float> running_mean,
+                                   std::span<const float> running_var,
+                                   std::span<const float> weight, const TensorView& dx,
+                                   std::span<float> dweight, std::span<float> dbias,
+                                   const Context& ctx) {
+  batch_norm_backward_inference(params, BackwardEpilogue{}, dy, x, running_mean, running_var,
+                                weight, dx, dweight, dbias, ctx);
+}
+
+void batch_norm_backward_inference(const BatchNormParams& params,
+                                   const BackwardEpilogue& epilogue, const TensorView& dy,
                                    const TensorView& x, std::span<const float> running_mean,
                                    std::span<const float> running_var,
                                    std::span<const float> weight, const TensorView& dx,
@@ -152,9 +261,11 @@ void batch_norm_backward_inference(const BatchNormParams& params, const TensorVi
   check_running_stats(fn, x, running_mean, running_var, true);
   check_like(fn, "dy", dy, "x", x);
   check_like(fn, "dx", dx, "x", x);
+  check_backward_epilogue(fn, epilogue, x);
   check_length(fn, "dweight", dweight, x.channels(), "C", false);
   check_length(fn, "dbias", dbias, x.channels(), "C", false);
   detail::check_eps(fn, params.eps);
+  const auto workspace = checked_workspace(fn, x, ctx);
 
   if (is_empty(x)) {
     for (float& v : dweight) v = 0;
@@ -162,16 +273,30 @@ void batch_norm_backward_inference(const BatchNormParams& params, const TensorVi
     return;
   }
   const auto sh = shape_of(x);
-  if (ctx.backend == Backend::reference)
-    ref::batch_norm_backward_inference(dx.as<float>(), ptr(dweight), ptr(dbias),
-                                       dy.as<const float>(), x.as<const float>(),
-                                       ptr(running_mean), ptr(running_var), ptr(weight), sh,
-                                       params.eps);
-  else
-    cpu::batch_norm_backward_inference(dx.as<float>(), ptr(dweight), ptr(dbias),
-                                       dy.as<const float>(), x.as<const float>(),
-                                       ptr(running_mean), ptr(running_var), ptr(weight), sh,
-                                       params.eps, detail::thread_count(ctx));
+  if (ctx.backend == Backend::reference) {
+    visit_dtype(x.dtype, [&](auto tag) {
+      using A = decltype(tag);
+      ref::batch_norm_backward_inference<A, float>(
+          dx.as<A>(), ptr(dweight), ptr(dbias), dy.as<const A>(), x.as<const A>(),
+          ptr(running_mean), ptr(running_var), ptr(weight), sh, params.eps,
+          ref_epilogue<A>(epilogue));
+    });
+    return;
+  }
+  cpu::BackwardJob job;
+  job.dtype = x.dtype;
+  job.shape = sh;
+  job.dy = dy.data;
+  job.x = x.data;
+  job.dx = dx.data;
+  job.relu = epilogue.relu;
+  job.y = epilogue.relu ? epilogue.y.data : nullptr;
+  job.dresidual = epilogue.dresidual.data;
+  job.weight = ptr(weight);
+  job.dweight = ptr(dweight);
+  job.dbias = ptr(dbias);
+  cpu::batch_norm_backward_inference(job, ptr(running_mean), ptr(running_var), params.eps,
+                                     detail::thread_count(ctx), workspace);
 }
 
 }  // namespace normkit

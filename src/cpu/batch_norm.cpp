@@ -1,16 +1,22 @@
-// Float32 BatchNorm on the CPU: per-channel reductions over (N, spatial) cut into units fixed by
-// the shape, run on OpenMP threads, merged per channel in a fixed order; elementwise passes with
-// per-channel coefficients folded in double.
+// BatchNorm on the CPU (see batch_norm.h): per-channel reductions over (N, spatial) cut into
+// units fixed by the shape, merged per channel in a fixed order; elementwise passes with
+// per-channel coefficients folded in double. Written once with Highway and compiled for every
+// SIMD target; the best one the CPU supports is chosen at run time.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "cpu/batch_norm.cpp"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+
 #include "cpu/batch_norm.h"
+#include "cpu/simd.h"
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#include "cpu/moments.h"
-
-namespace normkit::cpu {
-namespace {
+#ifndef NORMKIT_CPU_BATCH_NORM_ONCE_
+#define NORMKIT_CPU_BATCH_NORM_ONCE_
+namespace normkit::cpu::bn {
 
 // Elements a unit of reduction work covers, about: large enough to amortize the merge, small
 // enough that a few hundred thousand elements still spread over every core.
@@ -18,15 +24,21 @@ constexpr int64_t kUnitElements = int64_t(1) << 15;
 // Partial results per channel are capped near this (more units than threads buy nothing).
 constexpr int64_t kMaxSlots = 64;
 // Channels-first runs shorter than this are read as columns of a (N, C*S) matrix instead.
-constexpr int64_t kMinRunLength = 64;
+constexpr int64_t kMinRunLength = 16;
 // Columns one column-form unit covers, at most: whole channels of cols_per_channel columns
 // (< kMinRunLength <= kBlockColumns, so at least one channel fits).
 constexpr int64_t kBlockColumns = 512;
-// Independent float accumulators per run chunk (kRunChunk / kLanes terms each).
-constexpr int kLanes = 16;
+// Values each float accumulator of a contiguous run's sums adds up before its lanes are added to
+// a double: short enough that float rounding stays near 1e-6 relative on every target.
+constexpr int64_t kChunk = 512;
+// Rows of a column-form block whose sums accumulate in float before going to double.
+constexpr int64_t kColumnRows = 64;
+// Bytes of the re-read inputs of one channel (x; or dy, x and y) up to which a thread runs a
+// channel's reduction and elementwise pass back to back: about half of a 2 MB L2.
+constexpr int64_t kChannelCacheBytes = int64_t(1) << 20;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // How a per-channel reduction is cut into units. A function of the shape only: this is what
 // makes every result independent of the thread count.
@@ -34,9 +46,9 @@ int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // Column form (channels-last, S == 1, or channels-first with short runs): the data is a matrix
 // of `rows` rows, row r at x + r * row_stride, each channel owning `cols_per_channel`
 // consecutive columns. A unit is (row group, channel block); row groups are the slots.
-// Run form (channels-first, runs of S >= kMinRunLength): channel c is N runs of S floats. A unit
-// is (channel, slot), the slot covering `samples_per_unit` whole runs, or, for runs longer than
-// kUnitElements, one `segment_length` piece of one run.
+// Run form (channels-first, runs of S >= kMinRunLength): channel c is N runs of S values. A
+// unit is (channel, slot), the slot covering `samples_per_unit` whole runs, or, for runs longer
+// than kUnitElements, one `segment_length` piece of one run.
 struct Plan {
   bool column_form = true;
   int64_t channels = 0;
@@ -49,11 +61,11 @@ struct Plan {
   int64_t batch = 0, spatial = 0, samples_per_unit = 0, segment_length = 0, segments = 0;
 };
 
-bool reads_as_rows(const BatchNormShape& sh) {
+inline bool reads_as_rows(const BatchNormShape& sh) {
   return sh.format == MemoryFormat::channels_last || sh.spatial == 1;
 }
 
-Plan make_plan(const BatchNormShape& sh) {
+inline Plan make_plan(const BatchNormShape& sh) {
   Plan p;
   p.channels = sh.channels;
   if (reads_as_rows(sh) || sh.spatial < kMinRunLength) {
@@ -66,7 +78,7 @@ Plan make_plan(const BatchNormShape& sh) {
         std::min(sh.channels, std::max<int64_t>(1, kBlockColumns / p.cols_per_channel));
     p.channel_blocks = ceil_div(sh.channels, p.channels_per_block);
     const int64_t width = p.channels_per_block * p.cols_per_channel;
-    p.block_rows = block_rows(width);
+    p.block_rows = kColumnRows;
     p.rows_per_group = std::max(round_up(ceil_div(kUnitElements, width), p.block_rows),
                                 round_up(ceil_div(p.rows, kMaxSlots), p.block_rows));
     p.slots = ceil_div(p.rows, p.rows_per_group);
@@ -78,11 +90,10 @@ Plan make_plan(const BatchNormShape& sh) {
     if (sh.spatial <= kUnitElements) {
       p.segment_length = sh.spatial;
       p.segments = 1;
-      p.samples_per_unit =
-          std::max(kUnitElements / sh.spatial, ceil_div(sh.batch, kMaxSlots));
+      p.samples_per_unit = std::max(kUnitElements / sh.spatial, ceil_div(sh.batch, kMaxSlots));
       p.slots = ceil_div(sh.batch, p.samples_per_unit);
     } else {
-      p.segment_length = kUnitElements;  // a multiple of kRunChunk
+      p.segment_length = kUnitElements;  // a multiple of kChunk
       p.segments = ceil_div(sh.spatial, kUnitElements);
       p.samples_per_unit = 1;
       p.slots = sh.batch * p.segments;
@@ -109,7 +120,7 @@ void for_each_run_piece(const Plan& p, int64_t k, F f) {
 struct Block {
   int64_t slot, r0, r1, c0, c1;
 };
-Block column_block(const Plan& p, int64_t u) {
+inline Block column_block(const Plan& p, int64_t u) {
   Block b;
   b.slot = u / p.channel_blocks;
   const int64_t cb = u % p.channel_blocks;
@@ -120,86 +131,341 @@ Block column_block(const Plan& p, int64_t u) {
   return b;
 }
 
-bool worth_threads(int num_threads, int64_t elements) {
+inline bool worth_threads(int num_threads, int64_t elements) {
   return num_threads > 1 && elements >= 2 * kUnitElements;
 }
 
-// ---- statistics ----
-
-// partial[k * C + c]: the moments of channel c over slot k.
-void stats_partials(const Plan& p, const float* x, int64_t C, Moments* partial, int num_threads,
-                    bool parallel) {
-  if (p.column_form) {
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-    for (int64_t u = 0; u < p.units; ++u) {
-      const Block b = column_block(p, u);
-      const int64_t cps = p.cols_per_channel, width = (b.c1 - b.c0) * cps;
-      Moments columns[kBlockColumns];
-      Moments* acc = partial + b.slot * C;
-      for (int64_t c = b.c0; c < b.c1; ++c) acc[c] = {};
-      for (int64_t r = b.r0; r < b.r1; r += p.block_rows) {
-        const int64_t n_rows = std::min(p.block_rows, b.r1 - r);
-        block_moments(x + r * p.row_stride + b.c0 * cps, n_rows, width, p.row_stride, columns);
-        for (int64_t c = b.c0; c < b.c1; ++c)
-          for (int64_t j = 0; j < cps; ++j)
-            acc[c] = merge(acc[c], columns[(c - b.c0) * cps + j]);
-      }
-    }
-  } else {
-    const int64_t S = p.spatial;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-    for (int64_t u = 0; u < p.units; ++u) {
-      const int64_t c = u / p.slots, k = u % p.slots;
-      Moments m;
-      for_each_run_piece(p, k, [&](int64_t n, int64_t begin, int64_t length) {
-        m = merge(m, run_moments(x + (n * C + c) * S + begin, length));
-      });
-      partial[k * C + c] = m;
-    }
-  }
+// Whether the channel-at-a-time schedule runs: channels-first runs, enough channels to share
+// among the threads, and a channel's re-read inputs fit in cache. Either schedule gives the
+// same bits, so this may depend on the thread count.
+inline bool channel_local(const Plan& p, const BatchNormShape& sh, int64_t bytes_per_value,
+                          int num_threads) {
+  return !p.column_form && sh.channels >= 2 * int64_t(num_threads) &&
+         sh.batch * sh.spatial * bytes_per_value <= kChannelCacheBytes;
 }
 
-// ---- gradient sums ----
+// Two sums over a set of values of one channel, each in double:
+//   statistics: first = sum(x - pivot), second = sum((x - pivot)^2)
+//   gradients:  first = sum(g),         second = sum(g * (x - mean))
+// Partial sums of pieces fixed by the shape are added in a fixed order: no division per piece.
+// Channels-last: channels per block of the block-at-a-time schedule (each thread takes blocks of
+// whole channels across all rows, reduction then elementwise pass while the block is in cache),
+// or 0 when it does not apply: rows too many for even one cache line of channels per row, or too
+// few blocks to share among the threads. A multiple of 64 bytes of channels.
+inline int64_t local_block_channels(const Plan& p, const BatchNormShape& sh,
+                                    int64_t bytes_per_value, int64_t values_per_line,
+                                    int num_threads) {
+  if (!p.column_form || p.cols_per_channel != 1 || sh.channels <= values_per_line) return 0;
+  int64_t w = values_per_line;
+  while (2 * w <= kBlockColumns && p.rows * 2 * w * bytes_per_value <= kChannelCacheBytes &&
+         ceil_div(sh.channels, 2 * w) >= 2 * int64_t(num_threads))
+    w *= 2;
+  if (p.rows * w * bytes_per_value > kChannelCacheBytes) return 0;
+  if (ceil_div(sh.channels, w) < 2 * int64_t(num_threads)) return 0;
+  return w;
+}
 
-struct GradSums {
-  double dy = 0;        // sum(dy)
-  double dy_xc = 0;     // sum(dy * (x - center))
+struct PairSums {
+  double first = 0;
+  double second = 0;
 };
 
-double lane_sum(const float* acc) {
-  // A fixed pairwise order, whatever the compiler did with the lanes.
-  double s[kLanes / 2];
-  for (int j = 0; j < kLanes / 2; ++j) s[j] = double(acc[j]) + double(acc[j + kLanes / 2]);
-  for (int w = kLanes / 4; w >= 1; w /= 2)
-    for (int j = 0; j < w; ++j) s[j] += s[j + w];
-  return s[0];
+// Scratch layout: partial sums (slots * C), per-channel sums (C) and four arrays of C floats.
+inline std::size_t workspace_bytes(const BatchNormShape& sh) {
+  if (sh.batch * sh.channels * sh.spatial == 0) return 0;
+  const Plan p = make_plan(sh);
+  const auto C = std::size_t(sh.channels);
+  return (std::size_t(p.slots) + 1) * C * sizeof(PairSums) + 4 * C * sizeof(float);
 }
 
-// Sums over a contiguous run, in float chunks of kRunChunk with kLanes accumulators each.
-void run_grad_sums(const float* dy, const float* x, float center, int64_t n, GradSums& out) {
-  for (int64_t start = 0; start < n; start += kRunChunk) {
-    const int64_t len = std::min(kRunChunk, n - start);
-    const float* g = dy + start;
-    const float* v = x + start;
-    float s_dy[kLanes] = {}, s_dyx[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        s_dy[j] += g[i + j];
-        s_dyx[j] += g[i + j] * (v[i + j] - center);
-      }
-    for (int j = 0; i < len; ++i, ++j) {
-      s_dy[j] += g[i];
-      s_dyx[j] += g[i] * (v[i] - center);
-    }
-    out.dy += lane_sum(s_dy);
-    out.dy_xc += lane_sum(s_dyx);
+struct Scratch {
+  PairSums* partial;    // slots * C
+  PairSums* sums;       // C
+  float* coefficients;  // 4 * C
+};
+
+inline Scratch carve(const BatchNormShape& sh, std::span<std::byte> workspace) {
+  const std::size_t need = workspace_bytes(sh);
+  std::byte* base = workspace.data();
+  if (workspace.size() < need) {
+    thread_local std::vector<double> fallback;  // double: aligned for every part
+    fallback.resize((need + sizeof(double) - 1) / sizeof(double));
+    base = reinterpret_cast<std::byte*>(fallback.data());
   }
+  const Plan p = make_plan(sh);
+  const auto C = std::size_t(sh.channels);
+  Scratch s;
+  s.partial = reinterpret_cast<PairSums*>(base);
+  s.sums = s.partial + std::size_t(p.slots) * C;
+  s.coefficients = reinterpret_cast<float*>(s.sums + C);
+  return s;
+}
+
+}  // namespace normkit::cpu::bn
+#endif  // NORMKIT_CPU_BATCH_NORM_ONCE_
+
+HWY_BEFORE_NAMESPACE();
+namespace normkit::cpu::HWY_NAMESPACE {
+namespace {
+
+using namespace normkit::cpu::bn;
+
+template <class D>
+using V = hn::Vec<D>;
+
+// ---- elementwise steps, the same for a full vector and a one-lane tail ----
+
+// y = relu?(x * a + b + residual?)
+template <bool kResidual, bool kRelu, class D, typename T>
+HWY_INLINE void ForwardStep(D d, const T* HWY_RESTRICT x, const T* HWY_RESTRICT r,
+                            T* HWY_RESTRICT y, V<D> a, V<D> b) {
+  auto v = hn::MulAdd(LoadF(d, x), a, b);
+  if constexpr (kResidual) v = hn::Add(v, LoadF(d, r));
+  // Not Max(v, 0): a NaN stays a NaN, as in torch's relu.
+  if constexpr (kRelu) v = hn::IfThenZeroElse(hn::Lt(v, hn::Zero(d)), v);
+  StoreF(v, d, y);
+}
+
+// The gradient the normalization sees: dy, zeroed where the ReLU's output was not positive.
+template <bool kRelu, class D, typename T>
+HWY_INLINE V<D> Upstream(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT y) {
+  const auto g = LoadF(d, dy);
+  if constexpr (kRelu) return hn::IfThenElseZero(hn::Gt(LoadF(d, y), hn::Zero(d)), g);
+  return g;
+}
+
+// dx = g * p + (x - m) * q + r (kX), or g * p (no x: the inference backward); dresidual = g.
+template <bool kRelu, bool kDresidual, bool kX, class D, typename T>
+HWY_INLINE void BackwardStep(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT x,
+                             const T* HWY_RESTRICT y, T* HWY_RESTRICT dx, T* HWY_RESTRICT dres,
+                             V<D> p, V<D> q, V<D> r, V<D> m) {
+  const auto g = Upstream<kRelu>(d, dy, y);
+  if constexpr (kDresidual) StoreF(g, d, dres);
+  if constexpr (kX)
+    StoreF(hn::MulAdd(g, p, hn::MulAdd(hn::Sub(LoadF(d, x), m), q, r)), d, dx);
+  else
+    StoreF(hn::Mul(g, p), d, dx);
+}
+
+template <typename T>
+const T* at(const T* p, int64_t i) {
+  return p ? p + i : nullptr;
+}
+template <typename T>
+T* at(T* p, int64_t i) {
+  return p ? p + i : nullptr;
+}
+
+// ---- elementwise passes over one run (one channel) or a block of rows (all channels) ----
+
+template <bool kResidual, bool kRelu, typename T>
+void ForwardRun(const T* x, const T* r, T* y, int64_t n, float a, float b) {
+  const DF d;
+  const D1 d1;
+  const int64_t N = int64_t(hn::Lanes(d));
+  const auto va = hn::Set(d, a), vb = hn::Set(d, b);
+  int64_t i = 0;
+  for (; i + N <= n; i += N) ForwardStep<kResidual, kRelu>(d, x + i, at(r, i), y + i, va, vb);
+  const auto a1 = hn::Set(d1, a), b1 = hn::Set(d1, b);
+  for (; i < n; ++i) ForwardStep<kResidual, kRelu>(d1, x + i, at(r, i), y + i, a1, b1);
+}
+
+template <bool kResidual, bool kRelu, typename T>
+void ForwardRows(const T* x, const T* r, T* y, int64_t rows, int64_t C, const float* a,
+                 const float* b, int64_t row_stride) {
+  const DF d;
+  const D1 d1;
+  const int64_t N = int64_t(hn::Lanes(d));
+  for (int64_t k = 0; k < rows; ++k) {
+    const int64_t o = k * row_stride;
+    int64_t j = 0;
+    for (; j + N <= C; j += N)
+      ForwardStep<kResidual, kRelu>(d, x + o + j, at(r, o + j), y + o + j, hn::LoadU(d, a + j),
+                                    hn::LoadU(d, b + j));
+    for (; j < C; ++j)
+      ForwardStep<kResidual, kRelu>(d1, x + o + j, at(r, o + j), y + o + j,
+                                    hn::LoadU(d1, a + j), hn::LoadU(d1, b + j));
+  }
+}
+
+template <bool kRelu, bool kDresidual, bool kX, typename T>
+void BackwardRun(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t n, float p,
+                 float q, float r, float m) {
+  const DF d;
+  const D1 d1;
+  const int64_t N = int64_t(hn::Lanes(d));
+  const auto vp = hn::Set(d, p), vq = hn::Set(d, q), vr = hn::Set(d, r), vm = hn::Set(d, m);
+  int64_t i = 0;
+  for (; i + N <= n; i += N)
+    BackwardStep<kRelu, kDresidual, kX>(d, dy + i, at(x, i), at(y, i), dx + i, at(dres, i), vp,
+                                        vq, vr, vm);
+  const auto p1 = hn::Set(d1, p), q1 = hn::Set(d1, q), r1 = hn::Set(d1, r), m1 = hn::Set(d1, m);
+  for (; i < n; ++i)
+    BackwardStep<kRelu, kDresidual, kX>(d1, dy + i, at(x, i), at(y, i), dx + i, at(dres, i), p1,
+                                        q1, r1, m1);
+}
+
+template <bool kRelu, bool kDresidual, bool kX, typename T>
+void BackwardRows(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t rows, int64_t C,
+                  const float* p, const float* q, const float* r, const float* m,
+                  int64_t row_stride) {
+  const DF d;
+  const D1 d1;
+  const int64_t N = int64_t(hn::Lanes(d));
+  for (int64_t k = 0; k < rows; ++k) {
+    const int64_t o = k * row_stride;
+    int64_t j = 0;
+    for (; j + N <= C; j += N)
+      BackwardStep<kRelu, kDresidual, kX>(d, dy + o + j, at(x, o + j), at(y, o + j), dx + o + j,
+                                          at(dres, o + j), hn::LoadU(d, p + j),
+                                          hn::LoadU(d, q + j), hn::LoadU(d, r + j),
+                                          hn::LoadU(d, m + j));
+    for (; j < C; ++j)
+      BackwardStep<kRelu, kDresidual, kX>(d1, dy + o + j, at(x, o + j), at(y, o + j),
+                                          dx + o + j, at(dres, o + j), hn::LoadU(d1, p + j),
+                                          hn::LoadU(d1, q + j), hn::LoadU(d1, r + j),
+                                          hn::LoadU(d1, m + j));
+  }
+}
+
+// ---- sums of a run or of a block of columns ----
+
+// The per-element terms of the two sums (see PairSums): shifted statistics, or gradients.
+struct StatTerms {
+  template <class D, typename T>
+  HWY_INLINE static void Step(D d, const T* HWY_RESTRICT x, const T*, const T*, hn::Vec<D> pivot,
+                              hn::Vec<D>& s1, hn::Vec<D>& s2) {
+    const auto v = hn::Sub(LoadF(d, x), pivot);
+    s1 = hn::Add(s1, v);
+    s2 = hn::MulAdd(v, v, s2);
+  }
+};
+template <bool kRelu>
+struct GradTerms {
+  template <class D, typename T>
+  HWY_INLINE static void Step(D d, const T* HWY_RESTRICT x, const T* HWY_RESTRICT dy,
+                              const T* HWY_RESTRICT y, hn::Vec<D> center, hn::Vec<D>& s1,
+                              hn::Vec<D>& s2) {
+    const auto g = Upstream<kRelu>(d, dy, y);
+    s1 = hn::Add(s1, g);
+    s2 = hn::MulAdd(g, hn::Sub(LoadF(d, x), center), s2);
+  }
+};
+
+// Sums over contiguous runs (x, and dy/y for gradients) added one after another: float vector
+// accumulators (two per sum, and one-lane ones for each run's tail) carried from run to run and
+// added to `out` in double once kChunk values are pending, and at the end. Where the flushes
+// fall depends only on the run lengths, so both schedules get the same bits.
+template <class Terms, typename T>
+class RunSums {
+ public:
+  RunSums(float center, PairSums& out)
+      : vc_(hn::Set(d_, center)), vc1_(hn::Set(d1_, center)), out_(out) {}
+  ~RunSums() { Flush(); }
+
+  void Add(const T* x, const T* dy, const T* y, int64_t n) {
+    const int64_t N = int64_t(hn::Lanes(d_));
+    for (int64_t start = 0; start < n; start += kChunk) {
+      const int64_t len = std::min(kChunk, n - start);
+      const T* v = x + start;
+      const T* g = at(dy, start);
+      const T* w = at(y, start);
+      int64_t i = 0;
+      for (; i + 2 * N <= len; i += 2 * N) {
+        Terms::Step(d_, v + i, at(g, i), at(w, i), vc_, a0_, b0_);
+        Terms::Step(d_, v + i + N, at(g, i + N), at(w, i + N), vc_, a1_, b1_);
+      }
+      for (; i + N <= len; i += N) Terms::Step(d_, v + i, at(g, i), at(w, i), vc_, a0_, b0_);
+      for (; i < len; ++i) Terms::Step(d1_, v + i, at(g, i), at(w, i), vc1_, at_, bt_);
+      pending_ += len;
+      if (pending_ >= kChunk) Flush();
+    }
+  }
+
+ private:
+  void Flush() {
+    if (pending_ == 0) return;
+    out_.first += SumLanes(d_, hn::Add(a0_, a1_)) + double(hn::GetLane(at_));
+    out_.second += SumLanes(d_, hn::Add(b0_, b1_)) + double(hn::GetLane(bt_));
+    a0_ = a1_ = b0_ = b1_ = hn::Zero(d_);
+    at_ = bt_ = hn::Zero(d1_);
+    pending_ = 0;
+  }
+
+  DF d_;
+  D1 d1_;
+  hn::Vec<DF> vc_;
+  hn::Vec<D1> vc1_;
+  hn::Vec<DF> a0_ = hn::Zero(d_), a1_ = hn::Zero(d_), b0_ = hn::Zero(d_), b1_ = hn::Zero(d_);
+  hn::Vec<D1> at_ = hn::Zero(d1_), bt_ = hn::Zero(d1_);
+  int64_t pending_ = 0;
+  PairSums& out_;
+};
+
+// Column sums over `rows` rows (row k at offset k * row_stride) of `width` columns, in float:
+// s1[j], s2[j] with centers[j] the column's pivot (statistics) or mean (gradients). Vectorized
+// across columns; every column's arithmetic is the same whatever its lane.
+template <class Terms, typename T>
+void BlockSums(const T* x, const T* dy, const T* y, int64_t rows, int64_t width,
+               int64_t row_stride, const float* centers, float* s1, float* s2) {
+  const DF d;
+  const D1 d1;
+  const int64_t N = int64_t(hn::Lanes(d));
+  auto columns = [&](auto dd, int64_t j0) {
+    const auto vc = hn::LoadU(dd, centers + j0);
+    auto a = hn::Zero(dd), b = hn::Zero(dd);
+    for (int64_t k = 0; k < rows; ++k) {
+      const int64_t o = k * row_stride + j0;
+      Terms::Step(dd, x + o, at(dy, o), at(y, o), vc, a, b);
+    }
+    hn::StoreU(a, dd, s1 + j0);
+    hn::StoreU(b, dd, s2 + j0);
+  };
+  int64_t j = 0;
+  // Four vectors of columns at a time: each row's piece is 4 * N contiguous values, which the
+  // hardware prefetchers follow better than one vector per row.
+  for (; j + 4 * N <= width; j += 4 * N) {
+    const auto c0 = hn::LoadU(d, centers + j), c1 = hn::LoadU(d, centers + j + N);
+    const auto c2 = hn::LoadU(d, centers + j + 2 * N), c3 = hn::LoadU(d, centers + j + 3 * N);
+    auto a0 = hn::Zero(d), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int64_t k = 0; k < rows; ++k) {
+      const int64_t o = k * row_stride + j;
+      Terms::Step(d, x + o, at(dy, o), at(y, o), c0, a0, b0);
+      Terms::Step(d, x + o + N, at(dy, o + N), at(y, o + N), c1, a1, b1);
+      Terms::Step(d, x + o + 2 * N, at(dy, o + 2 * N), at(y, o + 2 * N), c2, a2, b2);
+      Terms::Step(d, x + o + 3 * N, at(dy, o + 3 * N), at(y, o + 3 * N), c3, a3, b3);
+    }
+    hn::StoreU(a0, d, s1 + j), hn::StoreU(a1, d, s1 + j + N);
+    hn::StoreU(a2, d, s1 + j + 2 * N), hn::StoreU(a3, d, s1 + j + 3 * N);
+    hn::StoreU(b0, d, s2 + j), hn::StoreU(b1, d, s2 + j + N);
+    hn::StoreU(b2, d, s2 + j + 2 * N), hn::StoreU(b3, d, s2 + j + 3 * N);
+  }
+  for (; j + N <= width; j += N) columns(d, j);
+  for (; j < width; ++j) columns(d1, j);
+}
+
+// ---- per-channel sums of one unit, shared by both schedules ----
+
+// The sums of channel c over run-form slot k.
+template <class Terms, typename T>
+PairSums RunSlotSums(const Plan& p, const T* x, const T* dy, const T* y, float center,
+                     int64_t C, int64_t c, int64_t k) {
+  PairSums s;
+  {
+    RunSums<Terms, T> sums(center, s);
+    const int64_t S = p.spatial;
+    for_each_run_piece(p, k, [&](int64_t n, int64_t begin, int64_t length) {
+      const int64_t o = (n * C + c) * S + begin;
+      sums.Add(x + o, at(dy, o), at(y, o), length);
+    });
+  }
+  return s;
 }
 
 // partial[k * C + c]: the sums of channel c over slot k; center[c] is subtracted from x.
-void grad_partials(const Plan& p, const float* dy, const float* x, const float* center, int64_t C,
-                   GradSums* partial, int num_threads, bool parallel) {
+template <class Terms, typename T>
+void Partials(const Plan& p, const T* x, const T* dy, const T* y, const float* center, int64_t C,
+              PairSums* partial, int num_threads, bool parallel) {
   if (p.column_form) {
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
     for (int64_t u = 0; u < p.units; ++u) {
@@ -208,67 +474,101 @@ void grad_partials(const Plan& p, const float* dy, const float* x, const float* 
       float centers[kBlockColumns];
       for (int64_t c = b.c0; c < b.c1; ++c)
         for (int64_t j = 0; j < cps; ++j) centers[(c - b.c0) * cps + j] = center[c];
-      GradSums* acc = partial + b.slot * C;
+      PairSums* acc = partial + b.slot * C;
       for (int64_t c = b.c0; c < b.c1; ++c) acc[c] = {};
+      float s1[kBlockColumns], s2[kBlockColumns];
       for (int64_t r = b.r0; r < b.r1; r += p.block_rows) {
         const int64_t n_rows = std::min(p.block_rows, b.r1 - r);
-        // Float over at most block_rows rows per column, vectorized across columns.
-        float s_dy[kBlockColumns] = {}, s_dyx[kBlockColumns] = {};
-        for (int64_t i = 0; i < n_rows; ++i) {
-          const int64_t base = (r + i) * p.row_stride + b.c0 * cps;
-          const float* g = dy + base;
-          const float* v = x + base;
-          for (int64_t j = 0; j < width; ++j) {
-            s_dy[j] += g[j];
-            s_dyx[j] += g[j] * (v[j] - centers[j]);
-          }
-        }
+        const int64_t o = r * p.row_stride + b.c0 * cps;
+        BlockSums<Terms>(x + o, at(dy, o), at(y, o), n_rows, width, p.row_stride, centers, s1, s2);
         for (int64_t c = b.c0; c < b.c1; ++c)
           for (int64_t j = 0; j < cps; ++j) {
-            acc[c].dy += s_dy[(c - b.c0) * cps + j];
-            acc[c].dy_xc += s_dyx[(c - b.c0) * cps + j];
+            acc[c].first += s1[(c - b.c0) * cps + j];
+            acc[c].second += s2[(c - b.c0) * cps + j];
           }
       }
     }
   } else {
-    const int64_t S = p.spatial;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
     for (int64_t u = 0; u < p.units; ++u) {
       const int64_t c = u / p.slots, k = u % p.slots;
-      GradSums s;
-      for_each_run_piece(p, k, [&](int64_t n, int64_t begin, int64_t length) {
-        const int64_t at = (n * C + c) * S + begin;
-        run_grad_sums(dy + at, x + at, center[c], length, s);
-      });
-      partial[k * C + c] = s;
+      partial[k * C + c] = RunSlotSums<Terms>(p, x, dy, y, center[c], C, c, k);
     }
   }
 }
 
-// Per-channel sums over every slot, merged in slot order.
-void reduce_grad_sums(const Plan& p, const float* dy, const float* x, const float* center,
-                      int64_t C, GradSums* out, int num_threads, bool parallel) {
-  thread_local std::vector<GradSums> scratch;
-  scratch.resize(std::size_t(p.slots * C));
-  GradSums* partial = scratch.data();
-  grad_partials(p, dy, x, center, C, partial, num_threads, parallel);
+// Per-channel sums over every slot, added in slot order.
+template <class Terms, typename T>
+void Reduce(const Plan& p, const T* x, const T* dy, const T* y, const float* center, int64_t C,
+            PairSums* partial, PairSums* out, int num_threads, bool parallel) {
+  Partials<Terms>(p, x, dy, y, center, C, partial, num_threads, parallel);
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel && C > 1)
   for (int64_t c = 0; c < C; ++c) {
-    GradSums s;
+    PairSums s;
     for (int64_t k = 0; k < p.slots; ++k) {
-      s.dy += partial[k * C + c].dy;
-      s.dy_xc += partial[k * C + c].dy_xc;
+      s.first += partial[k * C + c].first;
+      s.second += partial[k * C + c].second;
     }
     out[c] = s;
   }
 }
 
-// ---- elementwise passes ----
+// The sums of columns [c0, c1) of column-form data over every slot, exactly as Reduce computes
+// them (per-slot partials from zero, then added in slot order): out[c - c0].
+template <class Terms, typename T>
+void ColumnBlockSums(const Plan& p, const T* x, const T* dy, const T* y, const float* center,
+                     int64_t c0, int64_t c1, PairSums* out) {
+  const int64_t width = c1 - c0;
+  float s1[kBlockColumns], s2[kBlockColumns];
+  PairSums slot[kBlockColumns];
+  for (int64_t j = 0; j < width; ++j) out[j] = {};
+  for (int64_t k = 0; k < p.slots; ++k) {
+    const int64_t r0 = k * p.rows_per_group, r1 = std::min(p.rows, r0 + p.rows_per_group);
+    for (int64_t j = 0; j < width; ++j) slot[j] = {};
+    for (int64_t r = r0; r < r1; r += p.block_rows) {
+      const int64_t n_rows = std::min(p.block_rows, r1 - r);
+      const int64_t o = r * p.row_stride + c0;
+      BlockSums<Terms>(x + o, at(dy, o), at(y, o), n_rows, width, p.row_stride, center + c0, s1,
+                       s2);
+      for (int64_t j = 0; j < width; ++j) slot[j].first += s1[j], slot[j].second += s2[j];
+    }
+    for (int64_t j = 0; j < width; ++j)
+      out[j].first += slot[j].first, out[j].second += slot[j].second;
+  }
+}
+
+// The statistics' shift for channel c: the float mean of its first (up to) 16 values in (n, s)
+// order. Near the channel's mean, so that x - pivot is small and exact where x has a large
+// offset, and a function of the data and shape only.
+template <typename T>
+float ChannelPivot(const T* x, const BatchNormShape& sh, int64_t c) {
+  const int64_t count = std::min<int64_t>(16, sh.batch * sh.spatial);
+  double sum = 0;
+  int64_t i = 0;
+  for (int64_t n = 0; i < count; ++n)
+    for (int64_t s = 0; s < sh.spatial && i < count; ++s, ++i)
+      sum += to_float(x[sh.format == MemoryFormat::channels_first
+                            ? (n * sh.channels + c) * sh.spatial + s
+                            : (n * sh.spatial + s) * sh.channels + c]);
+  return float(sum / double(count));
+}
+
+// Mean and biased / unbiased variance from the shifted sums of M values.
+struct Stats {
+  double mean, variance, unbiased;
+};
+inline Stats stats_of(const PairSums& s, float pivot, double count) {
+  double m2 = s.second - s.first * (s.first / count);
+  if (m2 < 0) m2 = 0;  // rounding only; NaN passes through
+  return {double(pivot) + s.first / count, m2 / count, m2 / (count - 1)};
+}
+
+// ---- elementwise passes over the whole tensor ----
 
 // Calls run(c, offset, length) over channels-first runs (pieces of one (n, c) plane), or
 // rows(offset, row_count) over blocks of channels-last rows; in parallel, pieces fixed by shape.
 template <class RunFn, class RowsFn>
-void for_each_piece(const BatchNormShape& sh, int num_threads, RunFn run, RowsFn rows) {
+void ForEachPiece(const BatchNormShape& sh, int num_threads, RunFn run, RowsFn rows) {
   const int64_t total = sh.batch * sh.channels * sh.spatial;
   const bool parallel = worth_threads(num_threads, total);
   if (reads_as_rows(sh)) {
@@ -281,189 +581,378 @@ void for_each_piece(const BatchNormShape& sh, int num_threads, RunFn run, RowsFn
       rows(r0 * sh.channels, std::min(per_piece, n_rows - r0));
     }
   } else {
-    const int64_t per_plane = ceil_div(sh.spatial, kUnitElements);
-    const int64_t pieces = sh.batch * sh.channels * per_plane;
+    const int64_t planes = sh.batch * sh.channels;
+    if (sh.spatial < kUnitElements) {
+      // Several whole planes per piece, so that short planes do not each cost a piece.
+      const int64_t per_piece = kUnitElements / sh.spatial;
+      const int64_t pieces = ceil_div(planes, per_piece);
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-    for (int64_t k = 0; k < pieces; ++k) {
-      const int64_t plane = k / per_plane, begin = (k % per_plane) * kUnitElements;
-      run(plane % sh.channels, plane * sh.spatial + begin,
-          std::min(kUnitElements, sh.spatial - begin));
+      for (int64_t k = 0; k < pieces; ++k)
+        for (int64_t plane = k * per_piece; plane < std::min(planes, (k + 1) * per_piece); ++plane)
+          run(plane % sh.channels, plane * sh.spatial, sh.spatial);
+    } else {
+      const int64_t per_plane = ceil_div(sh.spatial, kUnitElements);
+      const int64_t pieces = planes * per_plane;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
+      for (int64_t k = 0; k < pieces; ++k) {
+        const int64_t plane = k / per_plane, begin = (k % per_plane) * kUnitElements;
+        run(plane % sh.channels, plane * sh.spatial + begin,
+            std::min(kUnitElements, sh.spatial - begin));
+      }
     }
   }
 }
 
-// y = x * a[c] + b[c].
-void scale_shift(float* y, const float* x, const float* a, const float* b,
-                 const BatchNormShape& sh, int num_threads) {
-  const int64_t C = sh.channels;
-  for_each_piece(
+template <bool kResidual, bool kRelu, typename T>
+void ApplyForward(const ForwardJob& job, const float* a, const float* b, int num_threads) {
+  const auto& sh = job.shape;
+  const T* x = static_cast<const T*>(job.x);
+  const T* r = static_cast<const T*>(job.residual);
+  T* y = static_cast<T*>(job.y);
+  ForEachPiece(
       sh, num_threads,
-      [&](int64_t c, int64_t at, int64_t length) {
-        const float ac = a[c], bc = b[c];
-        const float* in = x + at;
-        float* out = y + at;
-        for (int64_t i = 0; i < length; ++i) out[i] = in[i] * ac + bc;
+      [&](int64_t c, int64_t o, int64_t length) {
+        ForwardRun<kResidual, kRelu>(x + o, at(r, o), y + o, length, a[c], b[c]);
       },
-      [&](int64_t at, int64_t row_count) {
-        for (int64_t r = 0; r < row_count; ++r) {
-          const float* in = x + at + r * C;
-          float* out = y + at + r * C;
-          for (int64_t c = 0; c < C; ++c) out[c] = in[c] * a[c] + b[c];
-        }
+      [&](int64_t o, int64_t row_count) {
+        ForwardRows<kResidual, kRelu>(x + o, at(r, o), y + o, row_count, sh.channels, a, b,
+                                      sh.channels);
       });
 }
 
-// Per-call scratch of `count` floats, reused across calls on the same thread.
-float* float_scratch(std::vector<float>& v, int64_t count) {
-  v.resize(std::size_t(count));
-  return v.data();
+// Folds the statistics into y = x * a + b: b uses the rounded a, so that x == mean maps to
+// bias up to the rounding of the two float operations.
+inline void fold(double mean, double invstd, const ForwardJob& job, int64_t c, float& a,
+                 float& b) {
+  a = float(invstd * (job.weight ? job.weight[c] : 1.0f));
+  b = float((job.bias ? job.bias[c] : 0.0f) - mean * double(a));
+}
+
+template <bool kResidual, bool kRelu, typename T>
+void ForwardTrainingT(const ForwardJob& job, float* save_mean, float* save_invstd,
+                      float* running_mean, float* running_var, double momentum, int num_threads,
+                      const Scratch& scratch) {
+  const auto& sh = job.shape;
+  const int64_t C = sh.channels;
+  const Plan plan = make_plan(sh);
+  const T* x = static_cast<const T*>(job.x);
+  const T* r = static_cast<const T*>(job.residual);
+  T* y = static_cast<T*>(job.y);
+  const double count = double(sh.batch * sh.spatial);
+  auto finish = [&](int64_t c, const PairSums& sums, float pivot, float& a, float& b) {
+    const Stats st = stats_of(sums, pivot, count);
+    const double invstd = 1.0 / std::sqrt(st.variance + job.eps);
+    save_mean[c] = float(st.mean);
+    save_invstd[c] = float(invstd);
+    if (running_mean) {
+      running_mean[c] = float((1 - momentum) * running_mean[c] + momentum * st.mean);
+      running_var[c] = float((1 - momentum) * running_var[c] + momentum * st.unbiased);
+    }
+    fold(st.mean, invstd, job, c, a, b);
+  };
+  const T* none = nullptr;
+
+  if (channel_local(plan, sh, int64_t(sizeof(T)), num_threads)) {
+    // Each channel: its statistics, then its elementwise pass while its runs are in cache.
+    const int64_t S = sh.spatial;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t c = 0; c < C; ++c) {
+      const float pivot = ChannelPivot(x, sh, c);
+      PairSums sums;
+      for (int64_t k = 0; k < plan.slots; ++k) {
+        const PairSums part = RunSlotSums<StatTerms>(plan, x, none, none, pivot, C, c, k);
+        sums.first += part.first;
+        sums.second += part.second;
+      }
+      float a, b;
+      finish(c, sums, pivot, a, b);
+      for (int64_t n = 0; n < sh.batch; ++n) {
+        const int64_t o = (n * C + c) * S;
+        ForwardRun<kResidual, kRelu>(x + o, at(r, o), y + o, S, a, b);
+      }
+    }
+    return;
+  }
+
+  const bool parallel = worth_threads(num_threads, sh.batch * C * sh.spatial);
+  float* a = scratch.coefficients;
+  float* b = a + C;
+  float* pivot = b + C;
+  for (int64_t c = 0; c < C; ++c) pivot[c] = ChannelPivot(x, sh, c);
+
+  const int64_t w = local_block_channels(plan, sh, int64_t(sizeof(T)), 64 / int64_t(sizeof(T)),
+                                         num_threads);
+  if (w > 0) {
+    // Channels-last, a block of channels at a time across all rows, from cache the second time.
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t blk = 0; blk < ceil_div(C, w); ++blk) {
+      const int64_t c0 = blk * w, c1 = std::min(C, c0 + w);
+      PairSums sums[kBlockColumns];
+      ColumnBlockSums<StatTerms>(plan, x, none, none, pivot, c0, c1, sums);
+      for (int64_t c = c0; c < c1; ++c) finish(c, sums[c - c0], pivot[c], a[c], b[c]);
+      ForwardRows<kResidual, kRelu>(x + c0, at(r, c0), y + c0, plan.rows, c1 - c0, a + c0, b + c0,
+                                    C);
+    }
+    return;
+  }
+
+  Reduce<StatTerms>(plan, x, none, none, pivot, C, scratch.partial, scratch.sums, num_threads,
+                    parallel);
+  for (int64_t c = 0; c < C; ++c) finish(c, scratch.sums[c], pivot[c], a[c], b[c]);
+  ApplyForward<kResidual, kRelu, T>(job, a, b, num_threads);
+}
+
+// Calls f.template operator()<T, kResidual, kRelu>() for the job's dtype and epilogue.
+template <class F>
+void VisitForward(const ForwardJob& job, F&& f) {
+  visit_dtype(job.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const bool res = job.residual != nullptr;
+    if (res && job.relu) f.template operator()<T, true, true>();
+    else if (res) f.template operator()<T, true, false>();
+    else if (job.relu) f.template operator()<T, false, true>();
+    else f.template operator()<T, false, false>();
+  });
+}
+
+// ---- backward ----
+
+// With g the masked dy, xhat = (x - mean) * invstd, M values per channel, p = weight * invstd:
+//   dbias = sum(g), dweight = sum(g * xhat) = invstd * sum(g * (x - mean))
+//   dx = p * (g - sum(g) / M - xhat * sum(g * xhat) / M)
+//      = g * p + (x - mean) * q + r,   q = -p * invstd^2 * sum(g * (x - mean)) / M
+//                                      r = -p * sum(g) / M
+// the q term being the gradient through the variance and r the one through the mean.
+struct BackwardCoefficients {
+  float p, q, r;
+};
+inline BackwardCoefficients backward_coefficients(const BackwardJob& job, int64_t c,
+                                                  const PairSums& s, double invstd,
+                                                  double count) {
+  const double pc = (job.weight ? job.weight[c] : 1.0f) * invstd;
+  if (job.dbias) job.dbias[c] = float(s.first);
+  if (job.dweight) job.dweight[c] = float(s.second * invstd);
+  return {float(pc), float(-pc * invstd * invstd * s.second / count),
+          float(-pc * s.first / count)};
+}
+
+template <bool kRelu, bool kDresidual, typename T>
+void BackwardTrainingT(const BackwardJob& job, const float* save_mean, const float* save_invstd,
+                       int num_threads, const Scratch& scratch) {
+  const auto& sh = job.shape;
+  const int64_t C = sh.channels, count = sh.batch * sh.spatial;
+  const Plan plan = make_plan(sh);
+  const T* dy = static_cast<const T*>(job.dy);
+  const T* x = static_cast<const T*>(job.x);
+  const T* y = kRelu ? static_cast<const T*>(job.y) : nullptr;
+  T* dx = static_cast<T*>(job.dx);
+  T* dres = static_cast<T*>(job.dresidual);
+
+  const int64_t reread = int64_t(sizeof(T)) * (kRelu ? 3 : 2);
+  if (channel_local(plan, sh, reread, num_threads)) {
+    const int64_t S = sh.spatial;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t c = 0; c < C; ++c) {
+      PairSums s;
+      for (int64_t k = 0; k < plan.slots; ++k) {
+        const PairSums part =
+            RunSlotSums<GradTerms<kRelu>>(plan, x, dy, y, save_mean[c], C, c, k);
+        s.first += part.first;
+        s.second += part.second;
+      }
+      const auto k = backward_coefficients(job, c, s, save_invstd[c], double(count));
+      for (int64_t n = 0; n < sh.batch; ++n) {
+        const int64_t o = (n * C + c) * S;
+        BackwardRun<kRelu, kDresidual, true>(dy + o, x + o, at(y, o), dx + o, at(dres, o), S,
+                                             k.p, k.q, k.r, save_mean[c]);
+      }
+    }
+    return;
+  }
+
+  float* p = scratch.coefficients;
+  float* q = p + C;
+  float* r = q + C;
+  const int64_t w =
+      local_block_channels(plan, sh, reread, 64 / int64_t(sizeof(T)), num_threads);
+  if (w > 0) {
+    // Channels-last, a block of channels at a time across all rows, from cache the second time.
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t blk = 0; blk < ceil_div(C, w); ++blk) {
+      const int64_t c0 = blk * w, c1 = std::min(C, c0 + w);
+      PairSums block[kBlockColumns];
+      ColumnBlockSums<GradTerms<kRelu>>(plan, x, dy, y, save_mean, c0, c1, block);
+      for (int64_t c = c0; c < c1; ++c) {
+        const auto k = backward_coefficients(job, c, block[c - c0], save_invstd[c], double(count));
+        p[c] = k.p, q[c] = k.q, r[c] = k.r;
+      }
+      BackwardRows<kRelu, kDresidual, true>(dy + c0, x + c0, at(y, c0), dx + c0, at(dres, c0),
+                                            plan.rows, c1 - c0, p + c0, q + c0, r + c0,
+                                            save_mean + c0, C);
+    }
+    return;
+  }
+
+  const bool parallel = worth_threads(num_threads, count * C);
+  PairSums* sums = scratch.sums;
+  Reduce<GradTerms<kRelu>>(plan, x, dy, y, save_mean, C, scratch.partial, sums, num_threads,
+                           parallel);
+  for (int64_t c = 0; c < C; ++c) {
+    const auto k = backward_coefficients(job, c, sums[c], save_invstd[c], double(count));
+    p[c] = k.p, q[c] = k.q, r[c] = k.r;
+  }
+  ForEachPiece(
+      sh, num_threads,
+      [&](int64_t c, int64_t o, int64_t length) {
+        BackwardRun<kRelu, kDresidual, true>(dy + o, x + o, at(y, o), dx + o, at(dres, o),
+                                             length, p[c], q[c], r[c], save_mean[c]);
+      },
+      [&](int64_t o, int64_t row_count) {
+        BackwardRows<kRelu, kDresidual, true>(dy + o, x + o, at(y, o), dx + o, at(dres, o),
+                                              row_count, C, p, q, r, save_mean, C);
+      });
+}
+
+template <bool kRelu, bool kDresidual, typename T>
+void BackwardInferenceT(const BackwardJob& job, const float* running_mean,
+                        const float* running_var, double eps, int num_threads,
+                        const Scratch& scratch) {
+  const auto& sh = job.shape;
+  const int64_t C = sh.channels, total = sh.batch * C * sh.spatial;
+  const T* dy = static_cast<const T*>(job.dy);
+  const T* x = static_cast<const T*>(job.x);
+  const T* y = kRelu ? static_cast<const T*>(job.y) : nullptr;
+  T* dx = static_cast<T*>(job.dx);
+  T* dres = static_cast<T*>(job.dresidual);
+  float* p = scratch.coefficients;
+  for (int64_t c = 0; c < C; ++c)
+    p[c] = float((job.weight ? job.weight[c] : 1.0f) / std::sqrt(double(running_var[c]) + eps));
+  if (job.dweight || job.dbias) {
+    const Plan plan = make_plan(sh);
+    PairSums* sums = scratch.sums;
+    Reduce<GradTerms<kRelu>>(plan, x, dy, y, running_mean, C, scratch.partial, sums, num_threads,
+                             worth_threads(num_threads, total));
+    for (int64_t c = 0; c < C; ++c) {
+      if (job.dbias) job.dbias[c] = float(sums[c].first);
+      if (job.dweight)
+        job.dweight[c] = float(sums[c].second / std::sqrt(double(running_var[c]) + eps));
+    }
+  }
+  ForEachPiece(
+      sh, num_threads,
+      [&](int64_t c, int64_t o, int64_t length) {
+        BackwardRun<kRelu, kDresidual, false>(dy + o, static_cast<const T*>(nullptr), at(y, o), dx + o, at(dres, o),
+                                              length, p[c], 0.f, 0.f, 0.f);
+      },
+      [&](int64_t o, int64_t row_count) {
+        BackwardRows<kRelu, kDresidual, false>(dy + o, static_cast<const T*>(nullptr), at(y, o), dx + o, at(dres, o),
+                                               row_count, C, p, p, p, p, C);
+      });
+}
+
+template <class F>
+void VisitBackward(const BackwardJob& job, F&& f) {
+  visit_dtype(job.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const bool dres = job.dresidual != nullptr;
+    if (job.relu && dres) f.template operator()<T, true, true>();
+    else if (job.relu) f.template operator()<T, true, false>();
+    else if (dres) f.template operator()<T, false, true>();
+    else f.template operator()<T, false, false>();
+  });
 }
 
 }  // namespace
 
-void batch_norm_forward_training(float* y, float* save_mean, float* save_invstd,
-                                 float* running_mean, float* running_var, const float* x,
-                                 const float* weight, const float* bias, const BatchNormShape& sh,
-                                 double eps, double momentum, int num_threads) {
-  const int64_t C = sh.channels, total = sh.batch * C * sh.spatial;
-  if (total == 0) return;
-  const Plan plan = make_plan(sh);
-  const bool parallel = worth_threads(num_threads, total);
+// ---- per-target entry points ----
 
-  thread_local std::vector<Moments> moments_scratch;
-  moments_scratch.resize(std::size_t(plan.slots * C));
-  Moments* partial = moments_scratch.data();
-  stats_partials(plan, x, C, partial, num_threads, parallel);
+void ForwardTraining(const ForwardJob& job, float* save_mean, float* save_invstd,
+                     float* running_mean, float* running_var, double momentum, int num_threads,
+                     std::span<std::byte> workspace) {
+  const Scratch scratch = carve(job.shape, workspace);
+  VisitForward(job, [&]<typename T, bool kResidual, bool kRelu>() {
+    ForwardTrainingT<kResidual, kRelu, T>(job, save_mean, save_invstd, running_mean, running_var,
+                                          momentum, num_threads, scratch);
+  });
+}
 
-  thread_local std::vector<float> coefficient_scratch;
-  float* a = float_scratch(coefficient_scratch, 2 * C);
+void ForwardInference(const ForwardJob& job, const float* running_mean, const float* running_var,
+                      int num_threads, std::span<std::byte> workspace) {
+  const Scratch scratch = carve(job.shape, workspace);
+  const int64_t C = job.shape.channels;
+  float* a = scratch.coefficients;
   float* b = a + C;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel && C > 1)
-  for (int64_t c = 0; c < C; ++c) {
-    Moments m;
-    for (int64_t k = 0; k < plan.slots; ++k) m = merge(m, partial[k * C + c]);
-    const double invstd = 1.0 / std::sqrt(m.variance() + eps);
-    save_mean[c] = float(m.mean);
-    save_invstd[c] = float(invstd);
-    if (running_mean) {
-      running_mean[c] = float((1 - momentum) * running_mean[c] + momentum * m.mean);
-      running_var[c] = float((1 - momentum) * running_var[c] + momentum * m.unbiased_variance());
-    }
-    // y = (x - mean) * invstd * w + bias = x * a + b; b uses the rounded a so that x == mean
-    // maps to bias up to the rounding of the two float operations.
-    a[c] = float(invstd * (weight ? weight[c] : 1.0f));
-    b[c] = float((bias ? bias[c] : 0.0f) - m.mean * double(a[c]));
-  }
-  scale_shift(y, x, a, b, sh, num_threads);
-}
-
-void batch_norm_forward_inference(float* y, const float* x, const float* weight, const float* bias,
-                                  const float* running_mean, const float* running_var,
-                                  const BatchNormShape& sh, double eps, int num_threads) {
-  const int64_t C = sh.channels;
-  if (sh.batch * C * sh.spatial == 0) return;
-  thread_local std::vector<float> coefficient_scratch;
-  float* a = float_scratch(coefficient_scratch, 2 * C);
-  float* b = a + C;
-  for (int64_t c = 0; c < C; ++c) {
-    const double invstd = 1.0 / std::sqrt(double(running_var[c]) + eps);
-    a[c] = float(invstd * (weight ? weight[c] : 1.0f));
-    b[c] = float((bias ? bias[c] : 0.0f) - double(running_mean[c]) * double(a[c]));
-  }
-  scale_shift(y, x, a, b, sh, num_threads);
-}
-
-// With xhat = (x - mean) * invstd, M values per channel, p = weight * invstd:
-//   dbias = sum(dy), dweight = sum(dy * xhat) = invstd * sum(dy * (x - mean))
-//   dx = p * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M)
-//      = dy * p + (x - mean) * q + r,   q = -p * invstd^2 * sum(dy * (x - mean)) / M
-//                                       r = -p * sum(dy) / M
-// the q term being the gradient through the variance and r the one through the mean.
-void batch_norm_backward_training(float* dx, float* dweight, float* dbias, const float* dy,
-                                  const float* x, const float* save_mean, const float* save_invstd,
-                                  const float* weight, const BatchNormShape& sh,
-                                  int num_threads) {
-  const int64_t C = sh.channels, count = sh.batch * sh.spatial;
-  if (count * C == 0) return;
-  const Plan plan = make_plan(sh);
-  const bool parallel = worth_threads(num_threads, count * C);
-
-  thread_local std::vector<GradSums> sums_scratch;
-  sums_scratch.resize(std::size_t(C));
-  GradSums* sums = sums_scratch.data();
-  reduce_grad_sums(plan, dy, x, save_mean, C, sums, num_threads, parallel);
-
-  thread_local std::vector<float> coefficient_scratch;
-  float* p = float_scratch(coefficient_scratch, 3 * C);
-  float* q = p + C;
-  float* r = q + C;
-  for (int64_t c = 0; c < C; ++c) {
-    const double invstd = save_invstd[c];
-    const double pc = (weight ? weight[c] : 1.0f) * invstd;
-    if (dbias) dbias[c] = float(sums[c].dy);
-    if (dweight) dweight[c] = float(sums[c].dy_xc * invstd);
-    p[c] = float(pc);
-    q[c] = float(-pc * invstd * invstd * sums[c].dy_xc / double(count));
-    r[c] = float(-pc * sums[c].dy / double(count));
-  }
-  for_each_piece(
-      sh, num_threads,
-      [&](int64_t c, int64_t at, int64_t length) {
-        const float pc = p[c], qc = q[c], rc = r[c], mc = save_mean[c];
-        const float* g = dy + at;
-        const float* v = x + at;
-        float* out = dx + at;
-        for (int64_t i = 0; i < length; ++i) out[i] = g[i] * pc + (v[i] - mc) * qc + rc;
-      },
-      [&](int64_t at, int64_t row_count) {
-        for (int64_t k = 0; k < row_count; ++k) {
-          const float* g = dy + at + k * C;
-          const float* v = x + at + k * C;
-          float* out = dx + at + k * C;
-          for (int64_t c = 0; c < C; ++c)
-            out[c] = g[c] * p[c] + (v[c] - save_mean[c]) * q[c] + r[c];
-        }
-      });
-}
-
-void batch_norm_backward_inference(float* dx, float* dweight, float* dbias, const float* dy,
-                                   const float* x, const float* running_mean,
-                                   const float* running_var, const float* weight,
-                                   const BatchNormShape& sh, double eps, int num_threads) {
-  const int64_t C = sh.channels, total = sh.batch * C * sh.spatial;
-  if (total == 0) return;
-  thread_local std::vector<float> coefficient_scratch;
-  float* p = float_scratch(coefficient_scratch, C);
   for (int64_t c = 0; c < C; ++c)
-    p[c] = float((weight ? weight[c] : 1.0f) / std::sqrt(double(running_var[c]) + eps));
-  if (dweight || dbias) {
-    const Plan plan = make_plan(sh);
-    thread_local std::vector<GradSums> sums_scratch;
-    sums_scratch.resize(std::size_t(C));
-    GradSums* sums = sums_scratch.data();
-    reduce_grad_sums(plan, dy, x, running_mean, C, sums, num_threads,
-                     worth_threads(num_threads, total));
-    for (int64_t c = 0; c < C; ++c) {
-      if (dbias) dbias[c] = float(sums[c].dy);
-      if (dweight)
-        dweight[c] = float(sums[c].dy_xc / std::sqrt(double(running_var[c]) + eps));
-    }
-  }
-  for_each_piece(
-      sh, num_threads,
-      [&](int64_t c, int64_t at, int64_t length) {
-        const float pc = p[c];
-        const float* g = dy + at;
-        float* out = dx + at;
-        for (int64_t i = 0; i < length; ++i) out[i] = g[i] * pc;
-      },
-      [&](int64_t at, int64_t row_count) {
-        for (int64_t k = 0; k < row_count; ++k) {
-          const float* g = dy + at + k * C;
-          float* out = dx + at + k * C;
-          for (int64_t c = 0; c < C; ++c) out[c] = g[c] * p[c];
-        }
-      });
+    fold(running_mean[c], 1.0 / std::sqrt(double(running_var[c]) + job.eps), job, c, a[c], b[c]);
+  VisitForward(job, [&]<typename T, bool kResidual, bool kRelu>() {
+    ApplyForward<kResidual, kRelu, T>(job, a, b, num_threads);
+  });
+}
+
+void BackwardTraining(const BackwardJob& job, const float* save_mean, const float* save_invstd,
+                      int num_threads, std::span<std::byte> workspace) {
+  const Scratch scratch = carve(job.shape, workspace);
+  VisitBackward(job, [&]<typename T, bool kRelu, bool kDresidual>() {
+    BackwardTrainingT<kRelu, kDresidual, T>(job, save_mean, save_invstd, num_threads, scratch);
+  });
+}
+
+void BackwardInference(const BackwardJob& job, const float* running_mean,
+                       const float* running_var, double eps, int num_threads,
+                       std::span<std::byte> workspace) {
+  const Scratch scratch = carve(job.shape, workspace);
+  VisitBackward(job, [&]<typename T, bool kRelu, bool kDresidual>() {
+    BackwardInferenceT<kRelu, kDresidual, T>(job, running_mean, running_var, eps, num_threads,
+                                             scratch);
+  });
+}
+
+}  // namespace normkit::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace normkit::cpu {
+
+HWY_EXPORT(ForwardTraining);
+HWY_EXPORT(ForwardInference);
+HWY_EXPORT(BackwardTraining);
+HWY_EXPORT(BackwardInference);
+
+std::size_t workspace_size(const BatchNormShape& shape) { return bn::workspace_bytes(shape); }
+
+namespace {
+bool empty(const BatchNormShape& sh) { return sh.batch * sh.channels * sh.spatial == 0; }
+}  // namespace
+
+void batch_norm_forward_training(const ForwardJob& job, float* save_mean, float* save_invstd,
+                                 float* running_mean, float* running_var, double momentum,
+                                 int num_threads, std::span<std::byte> workspace) {
+  if (empty(job.shape)) return;
+  HWY_DYNAMIC_DISPATCH(ForwardTraining)(job, save_mean, save_invstd, running_mean, running_var,
+                                        momentum, num_threads, workspace);
+}
+
+void batch_norm_forward_inference(const ForwardJob& job, const float* running_mean,
+                                  const float* running_var, int num_threads,
+                                  std::span<std::byte> workspace) {
+  if (empty(job.shape)) return;
+  HWY_DYNAMIC_DISPATCH(ForwardInference)(job, running_mean, running_var, num_threads, workspace);
+}
+
+void batch_norm_backward_training(const BackwardJob& job, const float* save_mean,
+                                  const float* save_invstd, int num_threads,
+                                  std::span<std::byte> workspace) {
+  if (empty(job.shape)) return;
+  HWY_DYNAMIC_DISPATCH(BackwardTraining)(job, save_mean, save_invstd, num_threads, workspace);
+}
+
+void batch_norm_backward_inference(const BackwardJob& job, const float* running_mean,
+                                   const float* running_var, double eps, int num_threads,
+                                   std::span<std::byte> workspace) {
+  if (empty(job.shape)) return;
+  HWY_DYNAMIC_DISPATCH(BackwardInference)(job, running_mean, running_var, eps, num_threads,
+                                          workspace);
 }
 
 }  // namespace normkit::cpu
+#endif  // HWY_ONCE

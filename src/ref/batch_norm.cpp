@@ -17,24 +17,52 @@ double at(const T* v, int64_t i, double absent) {
   return v ? static_cast<double>(v[i]) : absent;
 }
 
+// Activations in and out: exact widening to double; one rounding on the way back (16-bit types
+// via float, whose extra rounding is far below theirs).
+double load(const float* p, int64_t i) { return p[i]; }
+double load(const double* p, int64_t i) { return p[i]; }
+double load(const bf16* p, int64_t i) { return to_float(p[i]); }
+double load(const f16* p, int64_t i) { return to_float(p[i]); }
+void store(float* p, int64_t i, double v) { p[i] = static_cast<float>(v); }
+void store(double* p, int64_t i, double v) { p[i] = v; }
+void store(bf16* p, int64_t i, double v) { p[i] = from_float<bf16>(static_cast<float>(v)); }
+void store(f16* p, int64_t i, double v) { p[i] = from_float<f16>(static_cast<float>(v)); }
+
+// The forward epilogue on the normalized value v of element i.
+template <typename A>
+double finish(const ForwardEpilogue<A>& e, int64_t i, double v) {
+  if (e.residual) v += load(e.residual, i);
+  if (e.relu) v = v > 0 ? v : 0;
+  return v;
+}
+
+// The gradient the normalization sees at element i; also writes dresidual.
+template <typename A>
+double upstream(const BackwardEpilogue<A>& e, const A* dy, int64_t i) {
+  double g = load(dy, i);
+  if (e.relu && !(load(e.y, i) > 0)) g = 0;
+  return g;
+}
+
 }  // namespace
 
-template <typename T>
-void batch_norm_forward_training(T* y, T* save_mean, T* save_invstd, T* running_mean,
-                                 T* running_var, const T* x, const T* weight, const T* bias,
-                                 const BatchNormShape& sh, double eps, double momentum) {
+template <typename A, typename P>
+void batch_norm_forward_training(A* y, P* save_mean, P* save_invstd, P* running_mean,
+                                 P* running_var, const A* x, const P* weight, const P* bias,
+                                 const BatchNormShape& sh, double eps, double momentum,
+                                 const ForwardEpilogue<A>& epilogue) {
   const int64_t count = sh.batch * sh.spatial;
   if (count == 0) return;
   for (int64_t c = 0; c < sh.channels; ++c) {
     // Two passes: the mean, then the centred sum of squares (never E[x^2] - E[x]^2).
     double sum = 0;
     for (int64_t n = 0; n < sh.batch; ++n)
-      for (int64_t s = 0; s < sh.spatial; ++s) sum += x[offset(sh, n, c, s)];
+      for (int64_t s = 0; s < sh.spatial; ++s) sum += load(x, offset(sh, n, c, s));
     const double mean = sum / count;
     double squares = 0;
     for (int64_t n = 0; n < sh.batch; ++n)
       for (int64_t s = 0; s < sh.spatial; ++s) {
-        const double d = x[offset(sh, n, c, s)] - mean;
+        const double d = load(x, offset(sh, n, c, s)) - mean;
         squares += d * d;
       }
     const double var = squares / count;
@@ -43,23 +71,24 @@ void batch_norm_forward_training(T* y, T* save_mean, T* save_invstd, T* running_
     for (int64_t n = 0; n < sh.batch; ++n)
       for (int64_t s = 0; s < sh.spatial; ++s) {
         const int64_t i = offset(sh, n, c, s);
-        y[i] = static_cast<T>((x[i] - mean) * invstd * w + b);
+        store(y, i, finish(epilogue, i, (load(x, i) - mean) * invstd * w + b));
       }
-    save_mean[c] = static_cast<T>(mean);
-    save_invstd[c] = static_cast<T>(invstd);
+    save_mean[c] = static_cast<P>(mean);
+    save_invstd[c] = static_cast<P>(invstd);
     if (running_mean) {
       // The running variance takes the unbiased estimate, as torch does.
       const double unbiased = squares / (count - 1);
-      running_mean[c] = static_cast<T>((1 - momentum) * running_mean[c] + momentum * mean);
-      running_var[c] = static_cast<T>((1 - momentum) * running_var[c] + momentum * unbiased);
+      running_mean[c] = static_cast<P>((1 - momentum) * running_mean[c] + momentum * mean);
+      running_var[c] = static_cast<P>((1 - momentum) * running_var[c] + momentum * unbiased);
     }
   }
 }
 
-template <typename T>
-void batch_norm_forward_inference(T* y, const T* x, const T* weight, const T* bias,
-                                  const T* running_mean, const T* running_var,
-                                  const BatchNormShape& sh, double eps) {
+template <typename A, typename P>
+void batch_norm_forward_inference(A* y, const A* x, const P* weight, const P* bias,
+                                  const P* running_mean, const P* running_var,
+                                  const BatchNormShape& sh, double eps,
+                                  const ForwardEpilogue<A>& epilogue) {
   for (int64_t c = 0; c < sh.channels; ++c) {
     const double mean = running_mean[c];
     const double invstd = 1.0 / std::sqrt(static_cast<double>(running_var[c]) + eps);
@@ -67,20 +96,21 @@ void batch_norm_forward_inference(T* y, const T* x, const T* weight, const T* bi
     for (int64_t n = 0; n < sh.batch; ++n)
       for (int64_t s = 0; s < sh.spatial; ++s) {
         const int64_t i = offset(sh, n, c, s);
-        y[i] = static_cast<T>((x[i] - mean) * invstd * w + b);
+        store(y, i, finish(epilogue, i, (load(x, i) - mean) * invstd * w + b));
       }
   }
 }
 
-// With xhat = (x - mean) * invstd and M = N * S values per channel:
-//   dbias   = sum(dy)
-//   dweight = sum(dy * xhat)
-//   dx = weight * invstd * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M)
+// With g the upstream gradient (dy, masked by the ReLU epilogue), xhat = (x - mean) * invstd
+// and M = N * S values per channel:
+//   dbias   = sum(g)
+//   dweight = sum(g * xhat)
+//   dx = weight * invstd * (g - sum(g) / M - xhat * sum(g * xhat) / M)
 // where the two subtracted terms are the gradient through the mean and through the variance.
-template <typename T>
-void batch_norm_backward_training(T* dx, T* dweight, T* dbias, const T* dy, const T* x,
-                                  const T* save_mean, const T* save_invstd, const T* weight,
-                                  const BatchNormShape& sh) {
+template <typename A, typename P>
+void batch_norm_backward_training(A* dx, P* dweight, P* dbias, const A* dy, const A* x,
+                                  const P* save_mean, const P* save_invstd, const P* weight,
+                                  const BatchNormShape& sh, const BackwardEpilogue<A>& epilogue) {
   const int64_t count = sh.batch * sh.spatial;
   for (int64_t c = 0; c < sh.channels; ++c) {
     double sum_dy = 0, sum_dy_xhat = 0;
@@ -89,27 +119,31 @@ void batch_norm_backward_training(T* dx, T* dweight, T* dbias, const T* dy, cons
     for (int64_t n = 0; n < sh.batch; ++n)
       for (int64_t s = 0; s < sh.spatial; ++s) {
         const int64_t i = offset(sh, n, c, s);
-        sum_dy += dy[i];
-        sum_dy_xhat += dy[i] * ((x[i] - mean) * invstd);
+        const double g = upstream(epilogue, dy, i);
+        sum_dy += g;
+        sum_dy_xhat += g * ((load(x, i) - mean) * invstd);
       }
-    if (dbias) dbias[c] = static_cast<T>(sum_dy);
-    if (dweight) dweight[c] = static_cast<T>(sum_dy_xhat);
+    if (dbias) dbias[c] = static_cast<P>(sum_dy);
+    if (dweight) dweight[c] = static_cast<P>(sum_dy_xhat);
     if (count == 0) continue;
     const double scale = at(weight, c, 1.0) * invstd;
     const double mean_dy = sum_dy / count, mean_dy_xhat = sum_dy_xhat / count;
     for (int64_t n = 0; n < sh.batch; ++n)
       for (int64_t s = 0; s < sh.spatial; ++s) {
         const int64_t i = offset(sh, n, c, s);
-        const double xhat = (x[i] - mean) * invstd;
-        dx[i] = static_cast<T>(scale * (dy[i] - mean_dy - xhat * mean_dy_xhat));
+        const double g = upstream(epilogue, dy, i);
+        const double xhat = (load(x, i) - mean) * invstd;
+        store(dx, i, scale * (g - mean_dy - xhat * mean_dy_xhat));
+        if (epilogue.dresidual) store(epilogue.dresidual, i, g);
       }
   }
 }
 
-template <typename T>
-void batch_norm_backward_inference(T* dx, T* dweight, T* dbias, const T* dy, const T* x,
-                                   const T* running_mean, const T* running_var, const T* weight,
-                                   const BatchNormShape& sh, double eps) {
+template <typename A, typename P>
+void batch_norm_backward_inference(A* dx, P* dweight, P* dbias, const A* dy, const A* x,
+                                   const P* running_mean, const P* running_var, const P* weight,
+                                   const BatchNormShape& sh, double eps,
+                                   const BackwardEpilogue<A>& epilogue) {
   for (int64_t c = 0; c < sh.channels; ++c) {
     const double mean = running_mean[c];
     const double invstd = 1.0 / std::sqrt(static_cast<double>(running_var[c]) + eps);
@@ -118,27 +152,34 @@ void batch_norm_backward_inference(T* dx, T* dweight, T* dbias, const T* dy, con
     for (int64_t n = 0; n < sh.batch; ++n)
       for (int64_t s = 0; s < sh.spatial; ++s) {
         const int64_t i = offset(sh, n, c, s);
-        sum_dy += dy[i];
-        sum_dy_xhat += dy[i] * ((x[i] - mean) * invstd);
-        dx[i] = static_cast<T>(dy[i] * scale);
+        const double g = upstream(epilogue, dy, i);
+        sum_dy += g;
+        sum_dy_xhat += g * ((load(x, i) - mean) * invstd);
+        store(dx, i, g * scale);
+        if (epilogue.dresidual) store(epilogue.dresidual, i, g);
       }
-    if (dbias) dbias[c] = static_cast<T>(sum_dy);
-    if (dweight) dweight[c] = static_cast<T>(sum_dy_xhat);
+    if (dbias) dbias[c] = static_cast<P>(sum_dy);
+    if (dweight) dweight[c] = static_cast<P>(sum_dy_xhat);
   }
 }
 
-#define NORMKIT_INSTANTIATE(T)                                                                  \
-  template void batch_norm_forward_training<T>(T*, T*, T*, T*, T*, const T*, const T*,         \
-                                               const T*, const BatchNormShape&, double, double); \
-  template void batch_norm_forward_inference<T>(T*, const T*, const T*, const T*, const T*,    \
-                                                const T*, const BatchNormShape&, double);       \
-  template void batch_norm_backward_training<T>(T*, T*, T*, const T*, const T*, const T*,      \
-                                                const T*, const T*, const BatchNormShape&);     \
-  template void batch_norm_backward_inference<T>(T*, T*, T*, const T*, const T*, const T*,     \
-                                                 const T*, const T*, const BatchNormShape&,     \
-                                                 double);
-NORMKIT_INSTANTIATE(float)
-NORMKIT_INSTANTIATE(double)
+#define NORMKIT_INSTANTIATE(A, P)                                                               \
+  template void batch_norm_forward_training<A, P>(A*, P*, P*, P*, P*, const A*, const P*,      \
+                                                  const P*, const BatchNormShape&, double,     \
+                                                  double, const ForwardEpilogue<A>&);          \
+  template void batch_norm_forward_inference<A, P>(A*, const A*, const P*, const P*, const P*, \
+                                                   const P*, const BatchNormShape&, double,    \
+                                                   const ForwardEpilogue<A>&);                 \
+  template void batch_norm_backward_training<A, P>(A*, P*, P*, const A*, const A*, const P*,   \
+                                                   const P*, const P*, const BatchNormShape&,  \
+                                                   const BackwardEpilogue<A>&);                \
+  template void batch_norm_backward_inference<A, P>(A*, P*, P*, const A*, const A*, const P*,  \
+                                                    const P*, const P*, const BatchNormShape&, \
+                                                    double, const BackwardEpilogue<A>&);
+NORMKIT_INSTANTIATE(float, float)
+NORMKIT_INSTANTIATE(double, double)
+NORMKIT_INSTANTIATE(bf16, float)
+NORMKIT_INSTANTIATE(f16, float)
 #undef NORMKIT_INSTANTIATE
 
 }  // namespace normkit::ref

@@ -1,13 +1,16 @@
 #pragma once
 // Reference BatchNorm: the plainest correct loops, accumulating in double. The tests hold the
-// optimized kernels against these. Templated on the element type so that the same code also runs
-// entirely in double (the float64 oracle of the accuracy and finite-difference tests).
+// optimized kernels against these. Templated on the activation type A (x, y, dy, dx, residual:
+// float, double, bf16 or f16, read as double, written rounded once) and the parameter type P
+// (weight, bias, statistics: float, or double for the float64 oracle of the accuracy and
+// finite-difference tests).
 //
 // All kernels assume validated arguments (see src/api/batch_norm.cpp). Layout: x is (N, C, S)
 // with S the product of the spatial dims, stored channels_first (index (n*C + c)*S + s) or
 // channels_last (index (n*S + s)*C + c). weight, bias, dweight, dbias may be null.
 #include <cstdint>
 
+#include "common/dtype.h"
 #include "normkit/tensor.h"
 
 namespace normkit::ref {
@@ -19,29 +22,49 @@ struct BatchNormShape {
   MemoryFormat format = MemoryFormat::channels_first;
 };
 
+// y = relu?(normalized + residual?); residual null when absent.
+template <typename A>
+struct ForwardEpilogue {
+  bool relu = false;
+  const A* residual = nullptr;
+};
+
+// g = relu ? dy * (y > 0) : dy is the gradient the normalization sees; dresidual (optional)
+// receives g. y is read only with relu.
+template <typename A>
+struct BackwardEpilogue {
+  bool relu = false;
+  const A* y = nullptr;
+  A* dresidual = nullptr;
+};
+
 // Writes y, save_mean, save_invstd (length C); updates running_mean/running_var (may be null)
 // with momentum and the unbiased variance. Nothing is written when N * S == 0.
-template <typename T>
-void batch_norm_forward_training(T* y, T* save_mean, T* save_invstd, T* running_mean,
-                                 T* running_var, const T* x, const T* weight, const T* bias,
-                                 const BatchNormShape& shape, double eps, double momentum);
+template <typename A, typename P>
+void batch_norm_forward_training(A* y, P* save_mean, P* save_invstd, P* running_mean,
+                                 P* running_var, const A* x, const P* weight, const P* bias,
+                                 const BatchNormShape& shape, double eps, double momentum,
+                                 const ForwardEpilogue<A>& epilogue = {});
 
-// Writes y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
-template <typename T>
-void batch_norm_forward_inference(T* y, const T* x, const T* weight, const T* bias,
-                                  const T* running_mean, const T* running_var,
-                                  const BatchNormShape& shape, double eps);
+// Writes y = (x - running_mean) / sqrt(running_var + eps) * weight + bias (then the epilogue).
+template <typename A, typename P>
+void batch_norm_forward_inference(A* y, const A* x, const P* weight, const P* bias,
+                                  const P* running_mean, const P* running_var,
+                                  const BatchNormShape& shape, double eps,
+                                  const ForwardEpilogue<A>& epilogue = {});
 
 // Gradient through the batch statistics. Writes dx, dweight, dbias (the last two may be null).
-template <typename T>
-void batch_norm_backward_training(T* dx, T* dweight, T* dbias, const T* dy, const T* x,
-                                  const T* save_mean, const T* save_invstd, const T* weight,
-                                  const BatchNormShape& shape);
+template <typename A, typename P>
+void batch_norm_backward_training(A* dx, P* dweight, P* dbias, const A* dy, const A* x,
+                                  const P* save_mean, const P* save_invstd, const P* weight,
+                                  const BatchNormShape& shape,
+                                  const BackwardEpilogue<A>& epilogue = {});
 
 // Running statistics are constants. Writes dx, dweight, dbias (the last two may be null).
-template <typename T>
-void batch_norm_backward_inference(T* dx, T* dweight, T* dbias, const T* dy, const T* x,
-                                   const T* running_mean, const T* running_var, const T* weight,
-                                   const BatchNormShape& shape, double eps);
+template <typename A, typename P>
+void batch_norm_backward_inference(A* dx, P* dweight, P* dbias, const A* dy, const A* x,
+                                   const P* running_mean, const P* running_var, const P* weight,
+                                   const BatchNormShape& shape, double eps,
+                                   const BackwardEpilogue<A>& epilogue = {});
 
 }  // namespace normkit::ref

@@ -14,6 +14,9 @@
 #include <string>
 #include <vector>
 
+#include <hwy/targets.h>
+
+#include "common/dtype.h"
 #include "normkit/batch_norm.h"
 #include "normkit/error.h"
 #include "ref/batch_norm.h"
@@ -284,10 +287,10 @@ double loss(const DoubleProblem& p, bool training) {
   const double* w = p.cfg.has_weight ? p.weight.data() : nullptr;
   const double* b = p.cfg.has_bias ? p.bias.data() : nullptr;
   if (training)
-    ref::batch_norm_forward_training<double>(y.data(), mean.data(), invstd.data(), nullptr,
+    ref::batch_norm_forward_training<double, double>(y.data(), mean.data(), invstd.data(), nullptr,
                                              nullptr, p.x.data(), w, b, sh, p.cfg.eps, 0.0);
   else
-    ref::batch_norm_forward_inference<double>(y.data(), p.x.data(), w, b, p.running_mean.data(),
+    ref::batch_norm_forward_inference<double, double>(y.data(), p.x.data(), w, b, p.running_mean.data(),
                                               p.running_var.data(), sh, p.cfg.eps);
   double l = 0;
   for (std::size_t i = 0; i < y.size(); ++i) l += p.g[i] * y[i];
@@ -333,13 +336,13 @@ TEST(BatchNormReference, BackwardMatchesFiniteDifferences) {
       SCOPED_TRACE(training ? "training" : "inference");
       std::vector<double> y(total), mean(C), invstd(C), dx(total), dw(C), db(C);
       if (training) {
-        ref::batch_norm_forward_training<double>(y.data(), mean.data(), invstd.data(), nullptr,
+        ref::batch_norm_forward_training<double, double>(y.data(), mean.data(), invstd.data(), nullptr,
                                                  nullptr, p.x.data(), w, nullptr, sh, cfg.eps,
                                                  0.0);
-        ref::batch_norm_backward_training<double>(dx.data(), dw.data(), db.data(), p.g.data(),
+        ref::batch_norm_backward_training<double, double>(dx.data(), dw.data(), db.data(), p.g.data(),
                                                   p.x.data(), mean.data(), invstd.data(), w, sh);
       } else {
-        ref::batch_norm_backward_inference<double>(dx.data(), dw.data(), db.data(), p.g.data(),
+        ref::batch_norm_backward_inference<double, double>(dx.data(), dw.data(), db.data(), p.g.data(),
                                                    p.x.data(), p.running_mean.data(),
                                                    p.running_var.data(), w, sh, cfg.eps);
       }
@@ -497,16 +500,16 @@ TEST(BatchNormAccuracy, LargeOffsetsOnEveryLayout) {
                    rv64 = to_double(d.running_var);
         std::vector<double> y64(total), mean64(C), invstd64(C), yinf64(total), dx64(total),
             dw64(C), db64(C), dxinf64(total), dwinf64(C), dbinf64(C);
-        ref::batch_norm_forward_training<double>(y64.data(), mean64.data(), invstd64.data(),
+        ref::batch_norm_forward_training<double, double>(y64.data(), mean64.data(), invstd64.data(),
                                                  nullptr, nullptr, x64.data(), w64.data(),
                                                  b64.data(), sh, cfg.eps, 0.1);
-        ref::batch_norm_forward_inference<double>(yinf64.data(), x64.data(), w64.data(),
+        ref::batch_norm_forward_inference<double, double>(yinf64.data(), x64.data(), w64.data(),
                                                   b64.data(), rm64.data(), rv64.data(), sh,
                                                   cfg.eps);
-        ref::batch_norm_backward_training<double>(dx64.data(), dw64.data(), db64.data(),
+        ref::batch_norm_backward_training<double, double>(dx64.data(), dw64.data(), db64.data(),
                                                   dy64.data(), x64.data(), mean64.data(),
                                                   invstd64.data(), w64.data(), sh);
-        ref::batch_norm_backward_inference<double>(dxinf64.data(), dwinf64.data(), dbinf64.data(),
+        ref::batch_norm_backward_inference<double, double>(dxinf64.data(), dwinf64.data(), dbinf64.data(),
                                                    dy64.data(), x64.data(), rm64.data(),
                                                    rv64.data(), w64.data(), sh, cfg.eps);
         const double tol = 1e-5 * (1 + std::fabs(offset) / scale);
@@ -777,11 +780,6 @@ TEST(BatchNormErrors, ForwardTraining) {
          train(m, TensorView(m.x.data(), {N, C, 2, 2}, cl), m.vy({N, C, 2, 2}));
        },
        {"y memory format channels_first != x memory format channels_last"}},
-      {[](Buffers& m) {
-         train(m, TensorView(m.x.data(), DType::bfloat16, {N, C, H}),
-               TensorView(m.y.data(), DType::bfloat16, {N, C, H}));
-       },
-       {"x has dtype bfloat16"}},
       {[](Buffers& m) { train(m, m.vx(), TensorView(m.y.data(), DType::float16, {N, C, H})); },
        {"y dtype float16 != x dtype float32"}},
       {[big](Buffers& m) { train(m, m.vx({big, C, big}), m.vy({big, C, big})); },
@@ -888,6 +886,443 @@ TEST(BatchNormErrors, Backward) {
                                        m.rv, m.w, TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
        },
        {"dy shape (2, 3, 4) != x shape (2, 3)"}},
+  });
+}
+
+
+// ---- bfloat16 / float16 activations, fused epilogues, every SIMD target ----
+
+// Activations stored in a dtype; decoded to float for comparisons.
+struct Stored {
+  DType dtype = DType::float32;
+  std::vector<std::byte> bytes;
+  void* data() { return bytes.data(); }
+};
+
+Stored encode(const std::vector<float>& v, DType dtype) {
+  Stored s{dtype, std::vector<std::byte>(v.size() * element_size(dtype))};
+  visit_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    T* p = reinterpret_cast<T*>(s.bytes.data());
+    for (std::size_t i = 0; i < v.size(); ++i) p[i] = from_float<T>(v[i]);
+  });
+  return s;
+}
+
+std::vector<float> decode(const Stored& s) {
+  std::vector<float> v(s.bytes.size() / element_size(s.dtype));
+  visit_dtype(s.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* p = reinterpret_cast<const T*>(s.bytes.data());
+    for (std::size_t i = 0; i < v.size(); ++i) v[i] = to_float(p[i]);
+  });
+  return v;
+}
+
+// The values a tensor of `dtype` holds for v.
+std::vector<float> rounded(const std::vector<float>& v, DType dtype) {
+  return decode(encode(v, dtype));
+}
+
+struct Epilogues {
+  bool relu = false, residual = false, dresidual = false;
+  std::string str() const {
+    return std::string("relu ") + (relu ? "1" : "0") + " residual " + (residual ? "1" : "0") +
+           " dresidual " + (dresidual ? "1" : "0");
+  }
+};
+
+// Inputs of the epilogue tests, already rounded to the dtype under test. mask_y is the output
+// the backward reads for the ReLU mask (the same for every backend compared, so that a value
+// rounding to either side of 0 cannot flip the mask of one of them).
+struct EpilogueData {
+  Data d;
+  std::vector<float> residual, mask_y, mask_y_inf;
+};
+
+struct EpilogueResults {
+  std::vector<float> y, save_mean, save_invstd, running_mean, running_var, y_inf;
+  std::vector<float> dx, dweight, dbias, dres, dx_inf, dweight_inf, dbias_inf, dres_inf;
+};
+
+EpilogueResults run_epilogue(const Config& cfg, const EpilogueData& e, DType dtype, Epilogues ep,
+                             const Context& ctx) {
+  EpilogueResults r;
+  const auto total = std::size_t(cfg.numel()), C = std::size_t(cfg.c());
+  const auto view = [&](Stored& s) {
+    return TensorView(s.data(), dtype, int(cfg.shape.size()), cfg.shape.data(), cfg.format);
+  };
+  const Data& d = e.d;
+  Stored x = encode(d.x, dtype), dy = encode(d.dy, dtype), res = encode(e.residual, dtype);
+  Stored my = encode(e.mask_y, dtype), my_inf = encode(e.mask_y_inf, dtype);
+  Stored y = encode(poisoned(total), dtype), y_inf = y, dx = y, dx_inf = y, dres = y, dres_inf = y;
+  BatchNormParams params{.eps = cfg.eps, .momentum = cfg.momentum};
+  params.epilogue = {ep.relu, ep.residual ? view(res) : TensorView{}};
+  r.save_mean = poisoned(C);
+  r.save_invstd = poisoned(C);
+  r.running_mean = d.running_mean;
+  r.running_var = d.running_var;
+  batch_norm_forward_training(params, view(x), opt(d.weight), opt(d.bias), view(y), r.save_mean,
+                              r.save_invstd, opt_mut(r.running_mean, cfg.has_running),
+                              opt_mut(r.running_var, cfg.has_running), ctx);
+  batch_norm_forward_inference(params, view(x), opt(d.weight), opt(d.bias), d.running_mean,
+                               d.running_var, view(y_inf), ctx);
+  r.dweight = poisoned(C), r.dbias = poisoned(C), r.dweight_inf = poisoned(C),
+  r.dbias_inf = poisoned(C);
+  const BackwardEpilogue be{ep.relu, ep.relu ? view(my) : TensorView{},
+                            ep.dresidual ? view(dres) : TensorView{}};
+  batch_norm_backward_training(be, view(dy), view(x), r.save_mean, r.save_invstd, opt(d.weight),
+                               view(dx), r.dweight, r.dbias, ctx);
+  const BackwardEpilogue be_inf{ep.relu, ep.relu ? view(my_inf) : TensorView{},
+                                ep.dresidual ? view(dres_inf) : TensorView{}};
+  batch_norm_backward_inference(params, be_inf, view(dy), view(x), d.running_mean,
+                                d.running_var, opt(d.weight), view(dx_inf), r.dweight_inf,
+                                r.dbias_inf, ctx);
+  r.y = decode(y), r.y_inf = decode(y_inf), r.dx = decode(dx), r.dx_inf = decode(dx_inf);
+  if (ep.dresidual) r.dres = decode(dres), r.dres_inf = decode(dres_inf);
+  return r;
+}
+
+// Inputs rounded to dtype, with the reference's own outputs as the ReLU masks.
+EpilogueData make_epilogue_data(const Config& cfg, std::mt19937_64& rng, DType dtype) {
+  EpilogueData e;
+  e.d = make_data(cfg, rng);
+  e.d.x = rounded(e.d.x, dtype);
+  e.d.dy = rounded(e.d.dy, dtype);
+  e.residual = rounded(random_normal(std::size_t(cfg.numel()), rng, 0, 0.5), dtype);
+  e.mask_y = e.mask_y_inf = std::vector<float>(std::size_t(cfg.numel()), 0.0f);
+  const EpilogueResults plain =
+      run_epilogue(cfg, e, dtype, {.residual = true}, {.backend = Backend::reference});
+  e.mask_y = plain.y, e.mask_y_inf = plain.y_inf;
+  return e;
+}
+
+// Relative size of one unit in the last place of a dtype's outputs (float32: the test data's
+// float rounding, well above its ulp).
+double output_unit(DType dtype) {
+  switch (dtype) {
+    case DType::bfloat16: return std::ldexp(1.0, -7);
+    case DType::float16: return std::ldexp(1.0, -10);
+    default: return 1e-5;
+  }
+}
+
+// got and want: the same inputs through two computations whose float arithmetic may differ; both
+// outputs rounded to dtype. Elementwise: one output unit relative, plus the float error of the
+// computation relative to the size of its terms.
+void expect_epilogue_close(const Config& cfg, const EpilogueData& e, const EpilogueResults& got,
+                           const EpilogueResults& want, DType dtype, Epilogues ep) {
+  const double u = output_unit(dtype), f = 2e-5;
+  // dx = w * invstd * (g - projections): its terms are of size |g| * |w * invstd|.
+  double dx_terms = 0, dx_inf_terms = 0;
+  const auto at = physical_offsets(cfg);
+  for (int64_t c = 0; c < cfg.c(); ++c) {
+    const double w = cfg.has_weight ? std::fabs(e.d.weight[c]) : 1.0;
+    const double rinv = 1 / std::sqrt(double(e.d.running_var[c]) + cfg.eps);
+    for (int64_t n = 0; n < cfg.n(); ++n)
+      for (int64_t s = 0; s < cfg.s(); ++s) {
+        const double g = std::fabs(e.d.dy[at[(n * cfg.c() + c) * cfg.s() + s]]);
+        dx_terms = std::max(dx_terms, g * w * want.save_invstd[c]);
+        dx_inf_terms = std::max(dx_inf_terms, g * w * rinv);
+      }
+  }
+  const double y_max = test::max_abs(want.y), y_inf_max = test::max_abs(want.y_inf);
+  EXPECT_TRUE(close_each("y", got.y, want.y, u, f * (1 + y_max)));
+  EXPECT_TRUE(close_each("y_inf", got.y_inf, want.y_inf, u, f * (1 + y_inf_max)));
+  EXPECT_TRUE(close_each("save_mean", got.save_mean, want.save_mean, 1e-5, 1e-5));
+  EXPECT_TRUE(close_each("save_invstd", got.save_invstd, want.save_invstd, 1e-5, 0));
+  EXPECT_TRUE(close_each("running_var", got.running_var, want.running_var, 1e-5, 0));
+  EXPECT_TRUE(close_each("dx", got.dx, want.dx, u, 20 * f * dx_terms + 1e-30));
+  EXPECT_TRUE(close_each("dx_inf", got.dx_inf, want.dx_inf, u, f * dx_inf_terms + 1e-30));
+  const double m = double(cfg.n() * cfg.s());
+  EXPECT_TRUE(close_each("dbias", got.dbias, want.dbias, 1e-4, 1e-4 * m * test::max_abs(e.d.dy)));
+  EXPECT_TRUE(close_each("dweight", got.dweight, want.dweight, 1e-4,
+                         1e-4 * m * test::max_abs(e.d.dy)));
+  EXPECT_TRUE(close_each("dbias_inf", got.dbias_inf, want.dbias_inf, 1e-4,
+                         1e-4 * m * test::max_abs(e.d.dy)));
+  EXPECT_TRUE(close_each("dweight_inf", got.dweight_inf, want.dweight_inf, 1e-4,
+                         1e-3 * m * test::max_abs(e.d.dy)));
+  if (ep.dresidual) {
+    // The masked dy: exact.
+    EXPECT_EQ(got.dres, want.dres);
+    EXPECT_EQ(got.dres_inf, want.dres_inf);
+  }
+  if (ep.relu) {
+    for (float v : got.y) ASSERT_GE(v, 0.0f);
+    for (float v : got.y_inf) ASSERT_GE(v, 0.0f);
+  }
+}
+
+const DType kDtypes[] = {DType::float32, DType::bfloat16, DType::float16};
+
+// Tails of every vector loop: channels 1..33 (rows of channels-last data), runs of 64..97 and
+// 1..33 values (channels-first), and runs over one statistics chunk, for every dtype, epilogue
+// and thread count, on every SIMD target compiled in and supported by this CPU.
+TEST(BatchNormCpu, EveryTargetTailDtypeAndEpilogue) {
+  std::vector<Config> configs;
+  for (int64_t c = 1; c <= 33; ++c) configs.push_back({{2, c, 3}, MemoryFormat::channels_last});
+  for (int64_t s = 64; s <= 97; ++s) configs.push_back({{2, 3, s}, MemoryFormat::channels_first});
+  for (int64_t s = 1; s <= 33; ++s) configs.push_back({{3, 2, s}, MemoryFormat::channels_first});
+  configs.push_back({{2, 5, 2100}, MemoryFormat::channels_first});
+  configs.push_back({{2, 3, 7, 11}, MemoryFormat::channels_last, false, false, false});
+  const auto targets = hwy::SupportedAndGeneratedTargets();
+  ASSERT_FALSE(targets.empty());
+  for (int64_t target : targets) {
+    hwy::SetSupportedTargetsForTest(target);
+    SCOPED_TRACE(hwy::TargetName(target));
+    std::mt19937_64 rng(77);
+    for (std::size_t k = 0; k < configs.size(); ++k) {
+      const Config& cfg = configs[k];
+      const Epilogues ep{k % 2 == 1, k % 4 >= 2, k % 3 != 0};
+      for (DType dtype : kDtypes) {
+        SCOPED_TRACE(cfg.str() + " " + to_string(dtype) + " " + ep.str());
+        const EpilogueData e = make_epilogue_data(cfg, rng, dtype);
+        const auto want = run_epilogue(cfg, e, dtype, ep, {.backend = Backend::reference});
+        const auto got = run_epilogue(cfg, e, dtype, ep, {.num_threads = int(1 + k % 4)});
+        expect_epilogue_close(cfg, e, got, want, dtype, ep);
+        if (HasFailure()) break;
+      }
+      if (HasFailure()) break;
+    }
+  }
+  hwy::SetSupportedTargetsForTest(0);  // back to what the CPU supports
+}
+
+// Every epilogue on random configurations, both modes and formats, against the reference.
+TEST(BatchNormCpu, EpiloguesMatchReference) {
+  std::mt19937_64 rng(31);
+  for (int k = 0; k < 160; ++k) {
+    Config cfg = random_config(rng);
+    cfg.offset = 0, cfg.scale = 1;  // conditioning is the business of the tests above
+    const Epilogues ep{k % 2 == 1, (k / 2) % 2 == 1, (k / 4) % 2 == 1};
+    const DType dtype = kDtypes[(k / 8) % 3];
+    SCOPED_TRACE(cfg.str() + " " + to_string(dtype) + " " + ep.str());
+    const EpilogueData e = make_epilogue_data(cfg, rng, dtype);
+    const auto want = run_epilogue(cfg, e, dtype, ep, {.backend = Backend::reference});
+    const auto got = run_epilogue(cfg, e, dtype, ep, {.num_threads = 1 + k % 3});
+    expect_epilogue_close(cfg, e, got, want, dtype, ep);
+    if (HasFailure()) break;
+  }
+}
+
+// bfloat16 and float16 against the float32 path on the same (rounded) inputs: equal up to the
+// output's rounding. Inputs up to 3e2 in float16 have squares far beyond its range (6.5e4): the
+// statistics must not overflow.
+TEST(BatchNormCpu, LowPrecisionMatchesFloat32OnRoundedInputs) {
+  std::mt19937_64 rng(41);
+  for (int k = 0; k < 120; ++k) {
+    Config cfg = random_config(rng);
+    cfg.scale = k % 5 == 0 ? 100 : 1;
+    cfg.offset = k % 5 == 0 ? 200 : (k % 3) * cfg.scale;
+    const DType dtype = k % 2 ? DType::bfloat16 : DType::float16;
+    const Epilogues ep{k % 3 == 1, k % 4 == 1, k % 5 == 1};
+    SCOPED_TRACE(cfg.str() + " " + to_string(dtype) + " " + ep.str());
+    const EpilogueData e = make_epilogue_data(cfg, rng, dtype);
+    const auto low = run_epilogue(cfg, e, dtype, ep, {.num_threads = 2});
+    auto f32 = run_epilogue(cfg, e, DType::float32, ep, {.num_threads = 2});
+    // What the float32 results become when stored in dtype.
+    for (auto* v : {&f32.y, &f32.y_inf, &f32.dx, &f32.dx_inf, &f32.dres, &f32.dres_inf})
+      *v = rounded(*v, dtype);
+    // The same inputs and float32 statistics: the outputs differ only by their rounding, and by
+    // float32 arithmetic in different orders.
+    expect_epilogue_close(cfg, e, low, f32, dtype, ep);
+    for (float v : low.save_invstd) ASSERT_TRUE(std::isfinite(v));
+    if (HasFailure()) break;
+  }
+}
+
+// Bitwise identical results for 1..4 threads with 16-bit activations and every epilogue, on
+// shapes where the channel-at-a-time schedule runs for some thread counts and not others.
+TEST(BatchNormCpu, LowPrecisionAndEpiloguesBitwiseIdenticalForAnyThreadCount) {
+  std::mt19937_64 rng(43);
+  const std::vector<Config> configs = {
+      {{3, 5, 130, 131}, MemoryFormat::channels_first},
+      {{4, 6, 1000}, MemoryFormat::channels_first},
+      {{2, 70, 9, 11}, MemoryFormat::channels_last},
+      {{1, 2, 300, 301}, MemoryFormat::channels_first},
+  };
+  for (const Config& cfg : configs)
+    for (DType dtype : kDtypes) {
+      const Epilogues ep{true, dtype != DType::float32, true};
+      SCOPED_TRACE(cfg.str() + " " + to_string(dtype));
+      const EpilogueData e = make_epilogue_data(cfg, rng, dtype);
+      const auto one = run_epilogue(cfg, e, dtype, ep, {.num_threads = 1});
+      for (int threads : {2, 3, 4}) {
+        const auto r = run_epilogue(cfg, e, dtype, ep, {.num_threads = threads});
+        EXPECT_TRUE(test::bitwise_equal(r.y, one.y)) << threads;
+        EXPECT_TRUE(test::bitwise_equal(r.save_mean, one.save_mean)) << threads;
+        EXPECT_TRUE(test::bitwise_equal(r.save_invstd, one.save_invstd)) << threads;
+        EXPECT_TRUE(test::bitwise_equal(r.y_inf, one.y_inf)) << threads;
+        EXPECT_TRUE(test::bitwise_equal(r.dx, one.dx)) << threads;
+        EXPECT_TRUE(test::bitwise_equal(r.dweight, one.dweight)) << threads;
+        EXPECT_TRUE(test::bitwise_equal(r.dbias, one.dbias)) << threads;
+        EXPECT_TRUE(test::bitwise_equal(r.dres, one.dres)) << threads;
+        EXPECT_TRUE(test::bitwise_equal(r.dx_inf, one.dx_inf)) << threads;
+        EXPECT_TRUE(test::bitwise_equal(r.dweight_inf, one.dweight_inf)) << threads;
+      }
+    }
+}
+
+// A caller's workspace of exactly batch_norm_workspace_size(x) bytes gives the same bits as the
+// internal one; one byte less is rejected before anything is written.
+TEST(BatchNormCpu, CallerWorkspace) {
+  std::mt19937_64 rng(47);
+  for (const Config& cfg : {Config{{3, 5, 130, 131}, MemoryFormat::channels_first},
+                            Config{{4, 7, 9, 11}, MemoryFormat::channels_last},
+                            Config{{2, 3, 5}, MemoryFormat::channels_first}}) {
+    SCOPED_TRACE(cfg.str());
+    const Data d = make_data(cfg, rng);
+    const std::size_t bytes = batch_norm_workspace_size(cfg.view(d.x.data()));
+    std::vector<std::byte> ws(bytes + 1);
+    const Results plain = run_all(cfg, d, {.num_threads = 2});
+    const Results with = run_all(cfg, d, {.num_threads = 2, .workspace = {ws.data(), bytes}});
+    EXPECT_TRUE(test::bitwise_equal(with.y, plain.y));
+    EXPECT_TRUE(test::bitwise_equal(with.dx, plain.dx));
+    EXPECT_TRUE(test::bitwise_equal(with.dweight, plain.dweight));
+    EXPECT_TRUE(test::bitwise_equal(with.dx_inf, plain.dx_inf));
+    if (bytes == 0) continue;
+    std::vector<float> y = poisoned(d.x.size()), mean = poisoned(5), invstd = poisoned(5);
+    try {
+      batch_norm_forward_inference({}, cfg.view(d.x.data()), {}, {}, d.running_mean,
+                                   d.running_var, cfg.view(y.data()),
+                                   {.workspace = {ws.data(), bytes - 1}});
+      ADD_FAILURE() << "no error for a small workspace";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("workspace has " + std::to_string(bytes - 1) +
+                                           " bytes, expected at least"),
+                std::string::npos)
+          << e.what();
+    }
+    EXPECT_EQ(y, poisoned(d.x.size()));
+  }
+}
+
+// Finite differences of the float64 reference through the epilogue y = relu(bn(x) + r): dx,
+// dresidual, dweight and dbias, for both modes and formats, at points whose pre-activations are
+// all away from the ReLU's kink.
+TEST(BatchNormReference, EpilogueGradientsMatchFiniteDifferences) {
+  std::mt19937_64 rng(53);
+  const std::vector<Config> configs = {{{3, 2, 5}, MemoryFormat::channels_first},
+                                       {{2, 3, 2, 2}, MemoryFormat::channels_last}};
+  for (const Config& cfg : configs)
+    for (bool training : {true, false}) {
+      SCOPED_TRACE(cfg.str() + (training ? " training" : " inference"));
+      const auto sh = cfg.ref_shape();
+      const auto total = std::size_t(cfg.numel()), C = std::size_t(cfg.c());
+      std::normal_distribution<double> nd;
+      std::vector<double> x(total), r(total), g(total), w(C), b(C), rm(C), rv(C);
+      // y of the forward with the epilogue, and the pre-activation bn(x) + r.
+      auto forward = [&](std::vector<double>& y, bool relu) {
+        std::vector<double> mean(C), invstd(C);
+        const ref::ForwardEpilogue<double> e{relu, r.data()};
+        if (training)
+          ref::batch_norm_forward_training<double, double>(y.data(), mean.data(), invstd.data(),
+                                                           nullptr, nullptr, x.data(), w.data(),
+                                                           b.data(), sh, cfg.eps, 0.0, e);
+        else
+          ref::batch_norm_forward_inference<double, double>(y.data(), x.data(), w.data(),
+                                                            b.data(), rm.data(), rv.data(), sh,
+                                                            cfg.eps, e);
+        return std::pair(mean, invstd);
+      };
+      std::vector<double> pre(total), y(total);
+      for (int attempt = 0;; ++attempt) {
+        ASSERT_LT(attempt, 1000) << "no point away from the kink";
+        for (auto* v : {&x, &r, &g}) for (double& e : *v) e = nd(rng);
+        for (std::size_t c = 0; c < C; ++c)
+          w[c] = 1 + 0.5 * nd(rng), b[c] = 0.3 * nd(rng), rm[c] = 0.3 * nd(rng),
+          rv[c] = 0.5 + std::fabs(nd(rng));
+        forward(pre, false);
+        double closest = INFINITY, positive = 0;
+        for (double v : pre) closest = std::min(closest, std::fabs(v)), positive += v > 0;
+        if (closest > 0.05 && positive > 0 && positive < double(total)) break;
+      }
+      const auto [mean, invstd] = forward(y, true);
+      std::vector<double> dx(total), dres(total), dw(C), db(C);
+      const ref::BackwardEpilogue<double> be{true, y.data(), dres.data()};
+      if (training)
+        ref::batch_norm_backward_training<double, double>(dx.data(), dw.data(), db.data(),
+                                                          g.data(), x.data(), mean.data(),
+                                                          invstd.data(), w.data(), sh, be);
+      else
+        ref::batch_norm_backward_inference<double, double>(dx.data(), dw.data(), db.data(),
+                                                           g.data(), x.data(), rm.data(),
+                                                           rv.data(), w.data(), sh, cfg.eps, be);
+      auto loss = [&] {
+        std::vector<double> out(total);
+        forward(out, true);
+        double l = 0;
+        for (std::size_t i = 0; i < total; ++i) l += g[i] * out[i];
+        return l;
+      };
+      auto numeric = [&](std::vector<double>& v, std::size_t i) {
+        const double h = 1e-6, keep = v[i];
+        v[i] = keep + h;
+        const double up = loss();
+        v[i] = keep - h;
+        const double down = loss();
+        v[i] = keep;
+        return (up - down) / (2 * h);
+      };
+      for (std::size_t i = 0; i < total; ++i) {
+        EXPECT_NEAR(dx[i], numeric(x, i), 1e-6 * (1 + std::fabs(dx[i]))) << "dx[" << i << "]";
+        EXPECT_NEAR(dres[i], numeric(r, i), 1e-6 * (1 + std::fabs(dres[i]))) << "dres[" << i << "]";
+      }
+      for (std::size_t c = 0; c < C; ++c) {
+        EXPECT_NEAR(dw[c], numeric(w, c), 1e-6 * (1 + std::fabs(dw[c]))) << "dweight[" << c << "]";
+        EXPECT_NEAR(db[c], numeric(b, c), 1e-6 * (1 + std::fabs(db[c]))) << "dbias[" << c << "]";
+      }
+    }
+}
+
+TEST(BatchNormErrors, Epilogues) {
+  const auto cl = MemoryFormat::channels_last;
+  expect_rejected({
+      {[](Buffers& m) {
+         BatchNormParams p;
+         p.epilogue.residual = TensorView(m.dy.data(), {N, C, 3});
+         train(m, m.vx(), m.vy(), p);
+       },
+       {"batch_norm_forward_training", "epilogue.residual shape (2, 3, 3) != x shape (2, 3, 4)"}},
+      {[cl](Buffers& m) {
+         BatchNormParams p;
+         p.epilogue.residual = TensorView(m.dy.data(), {N, C, 2, 2}, cl);
+         train(m, m.vx({N, C, 2, 2}), m.vy({N, C, 2, 2}), p);
+       },
+       {"epilogue.residual memory format channels_last != x memory format channels_first"}},
+      {[](Buffers& m) {
+         BatchNormParams p;
+         p.epilogue.residual = TensorView(m.dy.data(), DType::bfloat16, {N, C, H});
+         batch_norm_forward_inference(p, m.vx(), m.w, m.b, m.rm, m.rv, m.vy());
+       },
+       {"batch_norm_forward_inference", "epilogue.residual dtype bfloat16 != x dtype float32"}},
+      {[](Buffers& m) {
+         batch_norm_backward_training({.relu = true}, TensorView(m.dy.data(), {N, C, H}), m.vx(),
+                                      m.mean, m.invstd, m.w, TensorView(m.dx.data(), {N, C, H}),
+                                      m.dw, m.db);
+       },
+       {"batch_norm_backward_training", "epilogue.y (the forward's output) is required"}},
+      {[](Buffers& m) {
+         batch_norm_backward_training({.relu = true, .y = m.vy({N, C})},
+                                      TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
+                                      m.invstd, m.w, TensorView(m.dx.data(), {N, C, H}), m.dw,
+                                      m.db);
+       },
+       {"epilogue.y shape (2, 3) != x shape (2, 3, 4)"}},
+      {[](Buffers& m) {
+         batch_norm_backward_inference(
+             {}, {.dresidual = TensorView(m.y.data(), DType::float16, {N, C, H})},
+             TensorView(m.dy.data(), {N, C, H}), m.vx(), m.rm, m.rv, m.w,
+             TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
+       },
+       {"batch_norm_backward_inference", "epilogue.dresidual dtype float16 != x dtype float32"}},
+      {[](Buffers& m) {
+         std::vector<std::byte> ws(1);
+         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
+                                      m.invstd, m.w, TensorView(m.dx.data(), {N, C, H}), m.dw,
+                                      m.db, {.workspace = ws});
+       },
+       {"batch_norm_backward_training", "workspace has 1 bytes, expected at least"}},
   });
 }
 
