@@ -5,9 +5,18 @@
 // For each sample n and group g (channels g*C/G ... (g+1)*C/G - 1, all spatial positions):
 //   mean = E[x], var = E[(x - mean)^2] (biased), rstd = 1 / sqrt(var + eps)
 //   y = (x - mean) * rstd * weight[c] + bias[c]
+//
+// Activations (x, y, dy, dx and the epilogue tensors) may be float32, bfloat16 or float16, all of
+// one dtype; weights, statistics and accumulation are float32 (or wider) whatever the dtype.
+//
+// Memory: the CPU kernels keep per-thread scratch buffers (per-chunk statistics and per-channel
+// coefficients, O(N * C) floats), allocated on a thread's first call with a given size and
+// reused afterwards; no per-element temporary is ever allocated. The reference backend
+// allocates freely.
 #include <span>
 
 #include "normkit/context.h"
+#include "normkit/epilogue.h"
 #include "normkit/error.h"
 #include "normkit/tensor.h"
 
@@ -16,13 +25,17 @@ namespace normkit {
 struct GroupNormParams {
   int64_t num_groups = 1;
   double eps = 1e-5;
+  // Fused into the forward's single output pass: y = relu?(normalized + residual?).
+  ForwardEpilogue epilogue = {};
 };
 
-// Reads x, weight (length C, optional), bias (length C, optional).
-// Overwrites y (shape, format and dtype of x), mean and rstd (N*G floats each, (n, g) row-major).
+// Reads x, weight (length C, optional), bias (length C, optional), params.epilogue.residual
+// (optional, shape/format/dtype of x).
+// Overwrites y (shape, format and dtype of x) with relu?(normalized(x) + residual?), mean and
+// rstd (N*G floats each, (n, g) row-major; the statistics of x alone).
 // Throws normkit::Error, before writing anything, on: rank outside 2..5, C % G != 0, G <= 0,
-// weight/bias length != C, y shape/format/dtype != x's, mean/rstd length != N*G, eps negative or
-// not finite, element counts that overflow int64, x and y of unsupported dtype.
+// weight/bias length != C, y or epilogue.residual shape/format/dtype != x's, mean/rstd length !=
+// N*G, eps negative or not finite, element counts that overflow int64, an unsupported dtype.
 // N == 0 is valid and writes nothing. NaN/Inf in x only affects its own (n, g).
 void group_norm_forward(const GroupNormParams& params, const TensorView& x,
                         std::span<const float> weight, std::span<const float> bias,
@@ -33,11 +46,25 @@ void group_norm_forward(const GroupNormParams& params, const TensorView& x,
 // Overwrites dx (shape/format/dtype of x); overwrites (does not add to) dweight and dbias
 // (length C each; both optional, and either may be given without the other).
 // Throws normkit::Error, before writing anything, on the checks of the forward plus dy or dx
-// shape/format/dtype != x's and dweight/dbias length != C.
+// shape/format/dtype != x's and dweight/dbias length != C. params.epilogue is not used here.
+// Same as the overload below with an empty BackwardEpilogue.
 void group_norm_backward(const GroupNormParams& params, const TensorView& dy, const TensorView& x,
                          std::span<const float> mean, std::span<const float> rstd,
                          std::span<const float> weight, const TensorView& dx,
                          std::span<float> dweight, std::span<float> dbias,
+                         const Context& ctx = {});
+
+// Backward of a forward that fused an epilogue. Reads dy and, with epilogue.relu, epilogue.y
+// (the forward's output, required then; its sign masks dy: g = dy * (y > 0)). The gradient of
+// the normalization is taken with respect to g.
+// Overwrites dx, dweight, dbias as above and, when given, epilogue.dresidual with g (the
+// residual's gradient), in the same pass as the reductions.
+// Throws normkit::Error, before writing anything, on the checks above plus epilogue.relu without
+// epilogue.y, and epilogue.y or epilogue.dresidual shape/format/dtype != x's.
+void group_norm_backward(const GroupNormParams& params, const BackwardEpilogue& epilogue,
+                         const TensorView& dy, const TensorView& x, std::span<const float> mean,
+                         std::span<const float> rstd, std::span<const float> weight,
+                         const TensorView& dx, std::span<float> dweight, std::span<float> dbias,
                          const Context& ctx = {});
 
 }  // namespace normkit

@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include "common/dtype.h"
 #include "common/validate.h"
 #include "cpu/group_norm.h"
 #include "ref/group_norm.h"
@@ -21,7 +22,7 @@ float* ptr(std::span<float> v) { return v.data(); }
 // Checks of x, num_groups, weight and eps shared by forward and backward; returns N * G.
 int64_t check_group_input(const char* fn, const GroupNormParams& params, const TensorView& x,
                           std::span<const float> weight) {
-  check_tensor(fn, "x", x);
+  check_tensor(fn, "x", x, 2, detail::kActivationDTypes);
   const int64_t groups = params.num_groups, channels = x.channels();
   if (groups <= 0) fail(fn, "num_groups must be > 0, got " + std::to_string(groups));
   if (channels % groups != 0)
@@ -34,6 +35,20 @@ int64_t check_group_input(const char* fn, const GroupNormParams& params, const T
     fail(fn, "N * num_groups overflows int64: N = " + std::to_string(x.batch()) +
                  ", num_groups = " + std::to_string(groups));
   return batch_groups;
+}
+
+// An epilogue tensor is absent when its data pointer is null; else it must look like x.
+bool present(const TensorView& t) { return t.data != nullptr; }
+
+void check_forward_epilogue(const char* fn, const ForwardEpilogue& e, const TensorView& x) {
+  if (present(e.residual)) check_like(fn, "epilogue.residual", e.residual, "x", x);
+}
+
+void check_backward_epilogue(const char* fn, const BackwardEpilogue& e, const TensorView& x) {
+  if (e.relu && !present(e.y) && x.numel() > 0)
+    fail(fn, "epilogue.y (the forward's output) is required with epilogue.relu");
+  if (present(e.y)) check_like(fn, "epilogue.y", e.y, "x", x);
+  if (present(e.dresidual)) check_like(fn, "epilogue.dresidual", e.dresidual, "x", x);
 }
 
 ref::GroupNormShape shape_of(const TensorView& x, int64_t groups) {
@@ -52,21 +67,37 @@ void group_norm_forward(const GroupNormParams& params, const TensorView& x,
   check_like(fn, "y", y, "x", x);
   check_length(fn, "mean", mean, batch_groups, "N * num_groups", true);
   check_length(fn, "rstd", rstd, batch_groups, "N * num_groups", true);
+  check_forward_epilogue(fn, params.epilogue, x);
   if (x.batch() == 0) return;
 
   const auto sh = shape_of(x, params.num_groups);
-  if (ctx.backend == Backend::reference)
-    ref::group_norm_forward(y.as<float>(), ptr(mean), ptr(rstd), x.as<const float>(), ptr(weight),
-                            ptr(bias), sh, params.eps);
-  else
-    cpu::group_norm_forward(y.as<float>(), ptr(mean), ptr(rstd), x.as<const float>(), ptr(weight),
-                            ptr(bias), sh, params.eps, detail::thread_count(ctx));
+  if (ctx.backend == Backend::reference) {
+    ref::group_norm_forward(y, ptr(mean), ptr(rstd), x, ptr(weight), ptr(bias), sh, params.eps,
+                            params.epilogue);
+    return;
+  }
+  visit_dtype(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::group_norm_forward(y.as<T>(), ptr(mean), ptr(rstd), x.as<const T>(), ptr(weight),
+                            ptr(bias), sh, params.eps, detail::thread_count(ctx), nullptr,
+                            cpu::GroupNormForwardEpilogue<T>{params.epilogue.residual.as<const T>(),
+                                                             params.epilogue.relu});
+  });
 }
 
 void group_norm_backward(const GroupNormParams& params, const TensorView& dy, const TensorView& x,
                          std::span<const float> mean, std::span<const float> rstd,
                          std::span<const float> weight, const TensorView& dx,
                          std::span<float> dweight, std::span<float> dbias, const Context& ctx) {
+  group_norm_backward(params, BackwardEpilogue{}, dy, x, mean, rstd, weight, dx, dweight, dbias,
+                      ctx);
+}
+
+void group_norm_backward(const GroupNormParams& params, const BackwardEpilogue& epilogue,
+                         const TensorView& dy, const TensorView& x, std::span<const float> mean,
+                         std::span<const float> rstd, std::span<const float> weight,
+                         const TensorView& dx, std::span<float> dweight, std::span<float> dbias,
+                         const Context& ctx) {
   const char* fn = "group_norm_backward";
   const int64_t batch_groups = check_group_input(fn, params, x, weight);
   check_like(fn, "dy", dy, "x", x);
@@ -75,15 +106,22 @@ void group_norm_backward(const GroupNormParams& params, const TensorView& dy, co
   check_length(fn, "rstd", rstd, batch_groups, "N * num_groups", true);
   check_length(fn, "dweight", dweight, x.channels(), "C", false);
   check_length(fn, "dbias", dbias, x.channels(), "C", false);
+  check_backward_epilogue(fn, epilogue, x);
 
   const auto sh = shape_of(x, params.num_groups);
-  if (ctx.backend == Backend::reference)
-    ref::group_norm_backward(dx.as<float>(), ptr(dweight), ptr(dbias), dy.as<const float>(),
-                             x.as<const float>(), ptr(mean), ptr(rstd), ptr(weight), sh);
-  else
-    cpu::group_norm_backward(dx.as<float>(), ptr(dweight), ptr(dbias), dy.as<const float>(),
-                             x.as<const float>(), ptr(mean), ptr(rstd), ptr(weight), sh, false,
-                             detail::thread_count(ctx));
+  if (ctx.backend == Backend::reference) {
+    ref::group_norm_backward(dx, ptr(dweight), ptr(dbias), dy, x, ptr(mean), ptr(rstd), ptr(weight),
+                             sh, false, epilogue);
+    return;
+  }
+  visit_dtype(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::group_norm_backward(dx.as<T>(), ptr(dweight), ptr(dbias), dy.as<const T>(),
+                             x.as<const T>(), ptr(mean), ptr(rstd), ptr(weight), sh, false,
+                             detail::thread_count(ctx),
+                             cpu::GroupNormBackwardEpilogue<T>{epilogue.relu, epilogue.y.as<const T>(),
+                                                               epilogue.dresidual.as<T>()});
+  });
 }
 
 }  // namespace normkit

@@ -9,7 +9,9 @@
 // g*C/G .. (g+1)*C/G - 1; its statistics live at index n*G + g. weight, bias, dweight, dbias may
 // be null.
 #include <cstdint>
+#include <vector>
 
+#include "normkit/epilogue.h"
 #include "normkit/tensor.h"
 
 namespace normkit::ref {
@@ -39,5 +41,26 @@ template <typename T>
 void group_norm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, const T* mean,
                          const T* rstd, const T* weight, const GroupNormShape& shape,
                          bool stats_are_constants = false);
+
+// Views of any activation dtype (float32, bfloat16, float16) with the fused epilogues of
+// normkit/epilogue.h: activations are widened to double, the double kernels above run, the
+// epilogue is applied in double, and results are rounded once to the output dtype. Statistics
+// and per-channel vectors are float32, as in the public API. Allocates (reference backend).
+//   forward: y = relu?(norm(x) + residual?)
+//   backward: g = relu ? dy * (y > 0) : dy; dresidual = g; dx, dweight, dbias from g.
+void group_norm_forward(const TensorView& y, float* mean, float* rstd, const TensorView& x,
+                        const float* weight, const float* bias, const GroupNormShape& shape,
+                        double eps, const ForwardEpilogue& epilogue, float* variance = nullptr);
+void group_norm_apply(const TensorView& y, const TensorView& x, const float* mean,
+                      const float* rstd, const float* weight, const float* bias,
+                      const GroupNormShape& shape, const ForwardEpilogue& epilogue);
+void group_norm_backward(const TensorView& dx, float* dweight, float* dbias, const TensorView& dy,
+                         const TensorView& x, const float* mean, const float* rstd,
+                         const float* weight, const GroupNormShape& shape,
+                         bool stats_are_constants, const BackwardEpilogue& epilogue);
+
+// Activations of a view as double, and back (rounded to nearest even for 16-bit dtypes).
+std::vector<double> widen(const TensorView& t, int64_t count);
+void narrow(const std::vector<double>& v, const TensorView& t);
 
 }  // namespace normkit::ref

@@ -575,7 +575,9 @@ TEST(GroupNormErrors, ForwardArguments) {
   expect_forward_error([](auto& a) { a.x_dims = a.y_dims = {int64_t(1) << 31, 6, int64_t(1) << 31, 4}; },
                        {"more elements than int64"});
   expect_forward_error([](auto& a) { a.x_dims = a.y_dims = {2, -6, 3, 4}; }, {"negative dimension"});
-  expect_forward_error([](auto& a) { a.x_dtype = DType::bfloat16; }, {"x has dtype bfloat16"});
+  expect_forward_error([](auto& a) { a.x_dtype = DType::bfloat16; },
+                       {"y dtype float32 != x dtype bfloat16"});
+  expect_forward_error([](auto& a) { a.x_dtype = DType(9); }, {"x has dtype"});
   expect_forward_error([](auto& a) { a.x_null = true; }, {"x has a null data pointer"});
 }
 

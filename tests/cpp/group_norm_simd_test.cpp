@@ -1,0 +1,454 @@
+// GroupNorm's SIMD, low-precision and fused-epilogue paths: each SIMD target available here
+// against the float64 reference at every loop-tail remainder, each dtype against the float32 path
+// on the same rounded inputs, each epilogue forward and backward, bitwise thread-count
+// invariance, and finite differences of the reference with epilogues.
+#include <gtest/gtest.h>
+
+#include <hwy/targets.h>
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "cpu/moments.h"
+#include "normkit/error.h"
+#include "normkit/group_norm.h"
+#include "test_util.h"
+
+namespace normkit::test {
+namespace {
+
+template <typename F>
+void for_each_target(F&& body) {
+  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    hwy::SetSupportedTargetsForTest(target);
+    ASSERT_EQ(cpu::simd_target(), target);
+    SCOPED_TRACE(hwy::TargetName(target));
+    body();
+  }
+  hwy::SetSupportedTargetsForTest(0);
+}
+
+// Relative spacing of the dtype's values (one ulp at 1).
+template <typename T> constexpr double ulp1() {
+  if constexpr (std::is_same_v<T, bf16>) return 1.0 / 128;
+  else if constexpr (std::is_same_v<T, f16>) return 1.0 / 1024;
+  else return 1.0 / 8388608;
+}
+
+template <typename T>
+std::vector<T> rounded(const std::vector<float>& v) {
+  std::vector<T> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = from_float<T>(v[i]);
+  return out;
+}
+template <typename T>
+std::vector<float> wide_f(const std::vector<T>& v) {
+  std::vector<float> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = to_float(v[i]);
+  return out;
+}
+
+enum Epi { kNone, kRelu, kResidual, kResidualRelu };
+const Epi kEpilogues[] = {kNone, kRelu, kResidual, kResidualRelu};
+bool has_relu(Epi e) { return e == kRelu || e == kResidualRelu; }
+bool has_residual(Epi e) { return e == kResidual || e == kResidualRelu; }
+
+struct Shape {
+  int64_t N, C, G;
+  std::vector<int64_t> spatial;
+  MemoryFormat format;
+  int64_t S() const {
+    int64_t s = 1;
+    for (int64_t d : spatial) s *= d;
+    return s;
+  }
+  int64_t numel() const { return N * C * S(); }
+  std::vector<int64_t> dims() const {
+    std::vector<int64_t> d = {N, C};
+    d.insert(d.end(), spatial.begin(), spatial.end());
+    return d;
+  }
+  std::string str() const {
+    std::string s = "N=" + std::to_string(N) + " C=" + std::to_string(C) + " G=" + std::to_string(G) + " S=(";
+    for (int64_t d : spatial) s += std::to_string(d) + ",";
+    return s + ") " + to_string(format);
+  }
+};
+
+// One problem with activations of type T (x, residual, dy) and float32 vectors.
+template <typename T>
+struct Problem {
+  Shape sh;
+  Epi epi = kNone;
+  std::vector<T> x, r, dy;
+  std::vector<float> w, b;
+
+  TensorView view(const std::vector<T>& v) const {
+    const auto d = sh.dims();
+    return TensorView(v.data(), dtype_of<T>(), int(d.size()), d.data(), sh.format);
+  }
+};
+
+template <typename T>
+Problem<T> make_problem(const Shape& sh, Epi epi, std::mt19937_64& rng, double offset = 0) {
+  Problem<T> p{sh, epi};
+  const auto n = std::size_t(sh.numel());
+  p.x = rounded<T>(random_normal(n, rng, offset, 1.0));
+  if (has_residual(epi)) p.r = rounded<T>(random_normal(n, rng, 0.0, 0.5));
+  p.dy = rounded<T>(random_normal(n, rng));
+  p.w = random_normal(std::size_t(sh.C), rng, 0.5, 1.0);
+  p.b = random_normal(std::size_t(sh.C), rng);
+  return p;
+}
+
+template <typename T>
+struct Result {
+  std::vector<T> y, dx, dres;
+  std::vector<float> mean, rstd, dw, db;
+};
+
+template <typename T>
+std::vector<T> poisoned_as(std::size_t n) {
+  return std::vector<T>(n, from_float<T>(kPoison));
+}
+
+// Forward with the problem's epilogue; then the backward of y_in/mean_in/rstd_in (the forward
+// given, or this call's own when null) with the matching epilogue, dresidual requested when
+// the forward had a residual.
+template <typename T>
+Result<T> run(const Problem<T>& p, const Context& ctx, const Result<T>* forward_in = nullptr) {
+  const auto n = std::size_t(p.sh.numel());
+  const auto ng = std::size_t(p.sh.N * p.sh.G);
+  Result<T> o;
+  o.y = poisoned_as<T>(n);
+  o.dx = poisoned_as<T>(n);
+  o.mean = poisoned(ng);
+  o.rstd = poisoned(ng);
+  o.dw = poisoned(std::size_t(p.sh.C));
+  o.db = poisoned(std::size_t(p.sh.C));
+  GroupNormParams params{p.sh.G, 1e-5};
+  params.epilogue.relu = has_relu(p.epi);
+  if (has_residual(p.epi)) params.epilogue.residual = p.view(p.r);
+  group_norm_forward(params, p.view(p.x), p.w, p.b, p.view(o.y), o.mean, o.rstd, ctx);
+
+  const Result<T>& f = forward_in ? *forward_in : o;
+  BackwardEpilogue be;
+  be.relu = has_relu(p.epi);
+  if (be.relu) be.y = p.view(f.y);
+  if (has_residual(p.epi)) {
+    o.dres = poisoned_as<T>(n);
+    be.dresidual = p.view(o.dres);
+  }
+  group_norm_backward(params, be, p.view(p.dy), p.view(p.x), f.mean, f.rstd, p.w, p.view(o.dx),
+                      o.dw, o.db, ctx);
+  return o;
+}
+
+// |got - want| <= ulps of T at |want| + abs_tol, elementwise (NaN/poison fail).
+template <typename T>
+void expect_near_t(const std::vector<T>& got, const std::vector<T>& want, double ulps,
+                   double abs_tol, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  int reported = 0;
+  for (std::size_t i = 0; i < got.size() && reported < 5; ++i) {
+    const double g = to_float(got[i]), w = to_float(want[i]);
+    const double tol = ulps * ulp1<T>() * std::fabs(w) + abs_tol;
+    if (!(std::fabs(g - w) <= tol)) {
+      ADD_FAILURE() << what << " [" << i << "]: " << g << " vs " << w << " (tol " << tol << ")";
+      ++reported;
+    }
+  }
+}
+
+void expect_near_f(const std::vector<float>& got, const std::vector<float>& want, double rel,
+                   const std::string& what) {
+  const double tol = rel * (1.0 + max_abs(want));
+  EXPECT_LE(max_abs_diff(got, want), tol) << what;
+}
+
+template <typename T>
+double max_abs_t(const std::vector<T>& v) {
+  double m = 0;
+  for (const T& e : v) m = std::max(m, std::fabs(double(to_float(e))));
+  return m;
+}
+
+// CPU against the reference: both backwards from the reference forward's outputs, so a ReLU
+// mask never differs by rounding.
+template <typename T>
+void compare_cpu_to_reference(const Problem<T>& p, int threads, const std::string& what) {
+  const Context ref{Backend::reference, 1}, cpu{Backend::cpu, threads};
+  const Result<T> want = run(p, ref);
+  const Result<T> got = run(p, cpu, &want);
+  // y: rounded once to T by both; one ulp of T apart at most, plus float32 error.
+  expect_near_t(got.y, want.y, 1.0, 2e-5 * (1 + max_abs_t(want.y)), what + " y");
+  expect_near_f(got.mean, want.mean, 1e-5, what + " mean");
+  expect_near_f(got.rstd, want.rstd, 1e-5, what + " rstd");
+  expect_near_t(got.dx, want.dx, 1.0, 1e-4 * (1 + max_abs_t(want.dx)), what + " dx");
+  expect_near_f(got.dw, want.dw, 1e-4, what + " dweight");
+  expect_near_f(got.db, want.db, 1e-4, what + " dbias");
+  if (has_residual(p.epi)) {
+    // dresidual = dy masked: exact.
+    expect_near_t(got.dres, want.dres, 0.0, 0.0, what + " dresidual");
+  }
+}
+
+const char* epi_name(Epi e) {
+  switch (e) {
+    case kRelu: return "relu";
+    case kResidual: return "residual";
+    case kResidualRelu: return "residual+relu";
+    default: return "none";
+  }
+}
+
+template <typename T>
+void tails_on_this_target(std::mt19937_64& rng) {
+  // Sizes 1 .. 2 * lanes + 1 of the widest target (16 float lanes) along the contiguous loop:
+  // the spatial run for channels-first, the channel row for channels-last.
+  for (Epi e : kEpilogues)
+    for (int64_t k = 1; k <= 33; ++k) {
+      const Shape cf{2, 4, 2, {k}, MemoryFormat::channels_first};
+      compare_cpu_to_reference(make_problem<T>(cf, e, rng), 2,
+                               cf.str() + " " + epi_name(e));
+      const Shape cl{2, k, k % 2 == 0 ? 2 : 1, {3}, MemoryFormat::channels_last};
+      compare_cpu_to_reference(make_problem<T>(cl, e, rng), 2,
+                               cl.str() + " " + epi_name(e));
+    }
+}
+
+TEST(GroupNormSimd, EveryTargetTailDtypeAndEpilogue) {
+  std::mt19937_64 rng(21);
+  for_each_target([&] {
+    tails_on_this_target<float>(rng);
+    tails_on_this_target<bf16>(rng);
+    tails_on_this_target<f16>(rng);
+  });
+}
+
+// Larger shapes: several kRunChunk pieces per group, cached and two-phase forwards, channels-last
+// units, InstanceNorm-like G = C, both formats, every dtype and epilogue, 1 to 4 threads.
+const Shape kLarge[] = {
+    {1, 4, 2, {3001}, MemoryFormat::channels_first},   // group of 6002: pieces, N*G = 2
+    {3, 6, 3, {17, 19}, MemoryFormat::channels_first},
+    {2, 10, 10, {31, 9}, MemoryFormat::channels_first},
+    {2, 48, 4, {9, 23}, MemoryFormat::channels_last},
+    {1, 19, 1, {400}, MemoryFormat::channels_last},
+    {2, 40, 8, {3, 3, 5}, MemoryFormat::channels_last},
+};
+
+template <typename T>
+void large_against_reference(std::mt19937_64& rng) {
+  for (const Shape& sh : kLarge)
+    for (Epi e : kEpilogues)
+      for (int threads : {1, 3})
+        compare_cpu_to_reference(make_problem<T>(sh, e, rng, sh.C % 3 ? 0.0 : 100.0), threads,
+                                 sh.str() + " " + epi_name(e) + " threads " + std::to_string(threads));
+}
+
+TEST(GroupNormSimd, LargeShapesMatchReferenceForEveryDtypeAndEpilogue) {
+  std::mt19937_64 rng(22);
+  large_against_reference<float>(rng);
+  large_against_reference<bf16>(rng);
+  large_against_reference<f16>(rng);
+}
+
+template <typename T>
+bool bitwise(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+// full: every epilogue and 2, 3, 4 threads; else (the other targets, to keep the run short on
+// a small machine) the plain and the residual+relu epilogues against 3 threads.
+template <typename T>
+void threads_invariant(std::mt19937_64& rng, bool full) {
+  const Shape shapes[] = {
+      {1, 4, 2, {3001}, MemoryFormat::channels_first},  // cached with <= 2 threads, else two-phase
+      {2, 12, 4, {1000}, MemoryFormat::channels_first},
+      {1, 6, 3, {70, 70}, MemoryFormat::channels_last},
+      {3, 32, 8, {10, 11}, MemoryFormat::channels_last},
+  };
+  for (const Shape& sh : shapes)
+    for (Epi e : kEpilogues) {
+      if (!full && e != kNone && e != kResidualRelu) continue;
+      const Problem<T> p = make_problem<T>(sh, e, rng);
+      const Result<T> one = run(p, Context{Backend::cpu, 1});
+      for (int threads = full ? 2 : 3; threads <= (full ? 4 : 3); ++threads) {
+        const Result<T> many = run(p, Context{Backend::cpu, threads}, &one);
+        const std::string what = sh.str() + " " + epi_name(e) + " threads " + std::to_string(threads);
+        EXPECT_TRUE(bitwise(many.y, one.y)) << what;
+        EXPECT_TRUE(bitwise(many.mean, one.mean)) << what;
+        EXPECT_TRUE(bitwise(many.rstd, one.rstd)) << what;
+        EXPECT_TRUE(bitwise(many.dx, one.dx)) << what;
+        EXPECT_TRUE(bitwise(many.dw, one.dw)) << what;
+        EXPECT_TRUE(bitwise(many.db, one.db)) << what;
+        EXPECT_TRUE(bitwise(many.dres, one.dres)) << what;
+      }
+    }
+}
+
+TEST(GroupNormSimd, BitwiseIdenticalForAnyThreadCountOnEveryTarget) {
+  std::mt19937_64 rng(23);
+  const int64_t best = cpu::simd_target();
+  for_each_target([&] {
+    const bool full = cpu::simd_target() == best;
+    threads_invariant<float>(rng, full);
+    threads_invariant<bf16>(rng, full);
+    threads_invariant<f16>(rng, full);
+  });
+}
+
+// bf16/f16 against the float32 path on the same (rounded) inputs: outputs within one ulp of the
+// output dtype of the rounded float32 result; statistics and weight gradients as float32.
+template <typename T>
+void low_precision_vs_float32(std::mt19937_64& rng) {
+  const Shape shapes[] = {
+      {2, 32, 8, {17, 19}, MemoryFormat::channels_first},
+      {2, 32, 8, {17, 19}, MemoryFormat::channels_last},
+      {1, 6, 6, {50, 41}, MemoryFormat::channels_first},
+  };
+  for (const Shape& sh : shapes)
+    for (Epi e : kEpilogues) {
+      const Problem<T> p = make_problem<T>(sh, e, rng, 3.0);
+      Problem<float> pf{sh, e, wide_f(p.x), wide_f(p.r), wide_f(p.dy), p.w, p.b};
+      const Context cpu{Backend::cpu, 2};
+      const Result<float> rf = run(pf, cpu);
+      // The T backward consumes the float32 forward's statistics and (rounded) y.
+      Result<T> fin;
+      fin.y = rounded<T>(rf.y);
+      fin.mean = rf.mean;
+      fin.rstd = rf.rstd;
+      const Result<T> rt = run(p, cpu, &fin);
+      const std::string what = sh.str() + " " + epi_name(e);
+      // Half an ulp: the rounding of the 16-bit store is to nearest (a truncation would fail).
+      expect_near_t(rt.y, rounded<T>(rf.y), 0.5, 1e-6, what + " y");
+      EXPECT_LE(max_abs_diff(rt.mean, rf.mean), 1e-6 * (1 + max_abs(rf.mean))) << what;
+      EXPECT_LE(max_abs_diff(rt.rstd, rf.rstd), 1e-6 * (1 + max_abs(rf.rstd))) << what;
+      expect_near_t(rt.dx, rounded<T>(rf.dx), 0.5, 1e-6, what + " dx");
+      EXPECT_LE(max_abs_diff(rt.dw, rf.dw), 1e-5 * (1 + max_abs(rf.dw))) << what;
+      EXPECT_LE(max_abs_diff(rt.db, rf.db), 1e-5 * (1 + max_abs(rf.db))) << what;
+      if (has_residual(e)) expect_near_t(rt.dres, rounded<T>(rf.dres), 0.0, 0.0, what + " dres");
+    }
+}
+
+TEST(GroupNormSimd, LowPrecisionMatchesFloat32OnRoundedInputs) {
+  std::mt19937_64 rng(24);
+  low_precision_vs_float32<bf16>(rng);
+  low_precision_vs_float32<f16>(rng);
+}
+
+TEST(GroupNormSimd, Float16InputsWhoseSquaresOverflowFloat16) {
+  // |x| ~ 3e4: x^2 ~ 1e9 overflows float16 (max 65504); statistics in float32 do not.
+  std::mt19937_64 rng(25);
+  const Shape sh{2, 4, 2, {300}, MemoryFormat::channels_first};
+  Problem<f16> p = make_problem<f16>(sh, kNone, rng);
+  for (auto& v : p.x) v = from_float<f16>(to_float(v) * 15000.0f);
+  const Result<f16> want = run(p, Context{Backend::reference, 1});
+  const Result<f16> got = run(p, Context{Backend::cpu, 2}, &want);
+  expect_near_t(got.y, want.y, 1.0, 1e-4, "y");
+  for (float r : got.rstd) EXPECT_TRUE(std::isfinite(r) && r > 0);
+}
+
+// Finite differences of the reference with each epilogue, at points away from the ReLU kink:
+// the residual is chosen so every pre-activation is at least 0.3 away from zero.
+TEST(GroupNormSimd, ReferenceEpilogueGradientsMatchFiniteDifferences) {
+  std::mt19937_64 rng(26);
+  const Context ref{Backend::reference, 1};
+  for (MemoryFormat fmt : {MemoryFormat::channels_first, MemoryFormat::channels_last})
+    for (Epi e : {kRelu, kResidual, kResidualRelu}) {
+      const Shape sh{2, 4, 2, {5}, fmt};
+      Problem<float> p = make_problem<float>(sh, e, rng);
+      if (has_residual(e)) {
+        Problem<float> plain = p;
+        plain.epi = kNone;
+        const Result<float> base = run(plain, ref);
+        std::uniform_real_distribution<double> u(0.0, 1.0);
+        for (std::size_t i = 0; i < p.r.size(); ++i) {
+          const double target = (u(rng) < 0.5 ? -1 : 1) * (0.3 + u(rng));
+          p.r[i] = float(target - base.y[i]);
+        }
+      }
+      const Result<float> an = run(p, ref);
+      // L = sum(dy * y): dL/dx = dx, dL/dr = dresidual.
+      auto loss = [&](const Problem<float>& q) {
+        const Result<float> o = run(q, ref);
+        double L = 0;
+        for (std::size_t i = 0; i < o.y.size(); ++i) L += double(q.dy[i]) * o.y[i];
+        return L;
+      };
+      const double h = 1e-2;
+      for (std::size_t i = 0; i < p.x.size(); i += 3) {
+        Problem<float> hi = p, lo = p;
+        hi.x[i] += float(h);
+        lo.x[i] -= float(h);
+        const double fd = (loss(hi) - loss(lo)) / (2 * h);
+        EXPECT_NEAR(an.dx[i], fd, 2e-3 * (1 + std::fabs(fd))) << epi_name(e) << " dx[" << i << "]";
+        if (has_residual(e)) {
+          hi = p, lo = p;
+          hi.r[i] += float(h);
+          lo.r[i] -= float(h);
+          const double fr = (loss(hi) - loss(lo)) / (2 * h);
+          EXPECT_NEAR(an.dres[i], fr, 2e-3 * (1 + std::fabs(fr))) << epi_name(e) << " dres[" << i << "]";
+        }
+      }
+    }
+}
+
+// ---- epilogue and dtype argument errors ---------------------------------------------------
+
+void expect_error(const std::function<void()>& call, const std::string& needle) {
+  try {
+    call();
+    ADD_FAILURE() << "expected normkit::Error containing \"" << needle << "\"";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
+TEST(GroupNormSimd, EpilogueAndDtypeErrorsWriteNothing) {
+  const std::vector<int64_t> dims{2, 4, 3};
+  std::vector<float> x(24, 1.0f), r(24, 0.5f), y = poisoned(24), mean = poisoned(4),
+                     rstd = poisoned(4), dx = poisoned(24), dres = poisoned(24);
+  std::vector<bf16> rb(24), xb(24);
+  const TensorView xv = view_of(x, dims), yv = view_of(y, dims), dxv = view_of(dx, dims);
+  GroupNormParams params{2, 1e-5};
+  params.epilogue.residual = view_of(r, {2, 4, 4});
+  expect_error([&] { group_norm_forward(params, xv, {}, {}, yv, mean, rstd); },
+               "epilogue.residual shape (2, 4, 4) != x shape (2, 4, 3)");
+  params.epilogue.residual = TensorView(rb.data(), DType::bfloat16, {2, 4, 3});
+  expect_error([&] { group_norm_forward(params, xv, {}, {}, yv, mean, rstd); },
+               "epilogue.residual dtype bfloat16 != x dtype float32");
+  params.epilogue.residual = view_of(r, dims, MemoryFormat::channels_last);
+  expect_error([&] { group_norm_forward(params, xv, {}, {}, yv, mean, rstd); },
+               "epilogue.residual memory format channels_last");
+  params.epilogue = {};
+  expect_error([&] {
+    group_norm_forward(params, TensorView(xb.data(), DType::bfloat16, {2, 4, 3}), {}, {}, yv, mean, rstd);
+  }, "y dtype float32 != x dtype bfloat16");
+  expect_error([&] {
+    group_norm_forward(params, TensorView(x.data(), DType(9), {2, 4, 3}), {}, {}, yv, mean, rstd);
+  }, "x has dtype");
+  EXPECT_TRUE(y == poisoned(24) && mean == poisoned(4) && rstd == poisoned(4));
+
+  std::vector<float> m(4, 0.0f), s(4, 1.0f);
+  BackwardEpilogue be;
+  be.relu = true;
+  expect_error([&] { group_norm_backward(params, be, xv, xv, m, s, {}, dxv, {}, {}); },
+               "epilogue.y (the forward's output) is required with epilogue.relu");
+  be.y = view_of(y, {2, 4, 2});
+  expect_error([&] { group_norm_backward(params, be, xv, xv, m, s, {}, dxv, {}, {}); },
+               "epilogue.y shape (2, 4, 2) != x shape (2, 4, 3)");
+  be.y = view_of(r, dims);
+  be.dresidual = TensorView(rb.data(), DType::bfloat16, {2, 4, 3});
+  expect_error([&] { group_norm_backward(params, be, xv, xv, m, s, {}, dxv, {}, {}); },
+               "epilogue.dresidual dtype bfloat16 != x dtype float32");
+  EXPECT_TRUE(dx == poisoned(24));
+}
+
+}  // namespace
+}  // namespace normkit::test
