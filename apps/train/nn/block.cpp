@@ -1,8 +1,5 @@
 #include "nn/block.h"
 
-#include <algorithm>
-#include <limits>
-
 #include "normkit/error.h"
 
 namespace normkit::train {
@@ -12,8 +9,8 @@ ResidualBlock::ResidualBlock(const std::string& name, int in_channels, int out_c
     : conv1_(name + ".conv1", in_channels, out_channels, 3, stride),
       conv2_(name + ".conv2", out_channels, out_channels, 3, 1),
       norm1_(name + ".norm1", kind, out_channels, groups, false, relu),
-      norm2_(name + ".norm2", kind, out_channels, groups, true, false),
-      relu_(relu) {
+      // The block's sum and final ReLU are norm2's epilogue.
+      norm2_(name + ".norm2", kind, out_channels, groups, true, relu) {
   if (stride != 1 || in_channels != out_channels) {
     shortcut_conv_ =
         std::make_unique<Conv2d>(name + ".shortcut.conv", in_channels, out_channels, 1, stride);
@@ -30,45 +27,23 @@ void ResidualBlock::init(Rng& rng) {
 
 const Tensor& ResidualBlock::forward(const Tensor& x, Mode mode) {
   x_ = &x;
-  const Tensor& branch = norm2_.forward(conv2_.forward(norm1_.forward(conv1_.forward(x), mode)), mode);
   const Tensor& skip =
       shortcut_conv_ ? shortcut_norm_->forward(shortcut_conv_->forward(x), mode) : x;
-  if (!skip.same_shape(branch))
-    throw Error("ResidualBlock: shortcut and branch shapes differ");
-  out_.resize_like(branch);
-  const float* a = branch.ptr();
-  const float* b = skip.ptr();
-  float* o = out_.ptr();
-  const int64_t total = out_.numel();
-  const float floor = relu_ ? 0.0f : -std::numeric_limits<float>::infinity();
-#pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < total; ++i) o[i] = std::max(a[i] + b[i], floor);
-  return out_;
+  const Tensor& h = norm1_.forward(conv1_.forward(x), mode);
+  return norm2_.forward(conv2_.forward(h), mode, &skip);
 }
 
 const Tensor& ResidualBlock::backward(const Tensor& dy) {
-  dsum_.resize_like(out_);
-  {
-    const float* g = dy.ptr();
-    const float* o = out_.ptr();
-    float* d = dsum_.ptr();
-    const int64_t total = out_.numel();
-    const bool relu = relu_;
-#pragma omp parallel for simd schedule(static)
-    for (int64_t i = 0; i < total; ++i) d[i] = !relu || o[i] > 0.0f ? g[i] : 0.0f;
-  }
-  const Tensor& dbranch =
-      conv1_.backward(norm1_.backward(conv2_.backward(norm2_.backward(dsum_))));
-  const Tensor& dskip =
-      shortcut_conv_ ? shortcut_conv_->backward(shortcut_norm_->backward(dsum_)) : dsum_;
-  dx_.resize_like(*x_);
-  const float* a = dbranch.ptr();
-  const float* b = dskip.ptr();
-  float* d = dx_.ptr();
-  const int64_t total = dx_.numel();
-#pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < total; ++i) d[i] = a[i] + b[i];
-  return dx_;
+  const Tensor& d2 = norm2_.backward(dy);
+  const Tensor& g = norm2_.residual_grad();  // the sum's gradient, masked by the final ReLU
+  // dx = dbranch + dskip: the shortcut's gradient goes first, conv1's col2im adds onto it.
+  const Tensor& dskip = shortcut_conv_ ? shortcut_conv_->backward(shortcut_norm_->backward(g)) : g;
+  return conv1_.backward(norm1_.backward(conv2_.backward(d2)), true, &dskip);
+}
+
+void ResidualBlock::relu_outputs(std::vector<const Tensor*>& out) const {
+  out.push_back(&norm1_.output());
+  out.push_back(&norm2_.output());
 }
 
 std::vector<Param*> ResidualBlock::params() {
@@ -83,10 +58,6 @@ std::vector<Param*> ResidualBlock::params() {
   return p;
 }
 
-void ResidualBlock::relu_outputs(std::vector<const Tensor*>& out) const {
-  out.push_back(&norm1_.output());
-  out.push_back(&out_);
-}
 
 std::vector<Buffer> ResidualBlock::buffers() {
   std::vector<Buffer> b = norm1_.buffers();

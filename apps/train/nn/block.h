@@ -35,9 +35,7 @@ class ResidualBlock {
   Norm norm1_, norm2_;
   std::unique_ptr<Conv2d> shortcut_conv_;
   std::unique_ptr<Norm> shortcut_norm_;
-  bool relu_;
   const Tensor* x_ = nullptr;
-  Tensor out_, dsum_, dx_;
 };
 
 }  // namespace normkit::train

@@ -1,16 +1,21 @@
 #include "nn/conv.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
+#include "nn/kernels.h"
 #include "nn/parallel.h"
 #include "normkit/error.h"
 
 namespace normkit::train {
 
 Conv2d::Conv2d(const std::string& name, int in_channels, int out_channels, int kernel, int stride)
-    : weight(name + ".weight", static_cast<size_t>(out_channels) * kernel * kernel * in_channels),
+    : weight(name + ".weight", static_cast<size_t>(std::max(0, out_channels)) *
+                                   std::max(0, kernel) * std::max(0, kernel) *
+                                   std::max(0, in_channels)),
       in_(in_channels), out_(out_channels), kernel_(kernel), stride_(stride), pad_(kernel / 2),
       k_(static_cast<int64_t>(kernel) * kernel * in_channels) {
   if (in_channels < 1 || out_channels < 1 || kernel < 1 || kernel % 2 == 0 || stride < 1)
@@ -24,86 +29,88 @@ void Conv2d::init(Rng& rng) {
   for (float& w : weight.value) w = static_cast<float>(std_dev * rng.normal());
 }
 
+Conv2d::Scratch& Conv2d::scratch(int thread) { return scratch_[static_cast<size_t>(thread)]; }
+
+kernels::ConvGeometry Conv2d::geometry(const Tensor& x) const {
+  return {x.h, x.w, in_, out_size(x.h), out_size(x.w), kernel_, stride_, pad_};
+}
+
+const float* Conv2d::image_col(const Tensor& x, int64_t n, float* col) const {
+  const float* image = x.ptr() + n * x.h * x.w * in_;
+  if (kernel_ == 1 && stride_ == 1) return image;
+  kernels::im2col(geometry(x), image, col);
+  return col;
+}
+
 const Tensor& Conv2d::forward(const Tensor& x) {
   if (x.c != in_)
     throw Error("Conv2d " + weight.name + ": input has " + std::to_string(x.c) +
                 " channels, expected " + std::to_string(in_));
   x_ = &x;
-  const int64_t oh = out_size(x.h), ow = out_size(x.w);
+  const int64_t oh = out_size(x.h), ow = out_size(x.w), rows = oh * ow;
   y_.resize(x.n, oh, ow, out_);
-  const int64_t m = y_.pixels();
-  if (kernel_ == 1 && stride_ == 1) {
-    col_ptr_ = x.ptr();
-  } else {
-    col_.resize(static_cast<size_t>(m * k_));
-    const int64_t rows = x.n * oh;
-    const int kernel = kernel_, stride = stride_, pad = pad_;
-    const int64_t cin = in_, k = k_;
-    const float* xp = x.ptr();
-    float* colp = col_.data();
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t n = r / oh, i = r % oh;
-      for (int64_t j = 0; j < ow; ++j) {
-        float* dst = colp + ((n * oh + i) * ow + j) * k;
-        for (int kh = 0; kh < kernel; ++kh) {
-          const int64_t ih = i * stride - pad + kh;
-          for (int kw = 0; kw < kernel; ++kw, dst += cin) {
-            const int64_t iw = j * stride - pad + kw;
-            if (ih < 0 || ih >= x.h || iw < 0 || iw >= x.w)
-              std::memset(dst, 0, sizeof(float) * cin);
-            else
-              std::memcpy(dst, xp + ((n * x.h + ih) * x.w + iw) * cin, sizeof(float) * cin);
-          }
-        }
-      }
-    }
-    col_ptr_ = col_.data();
+  const int t = static_cast<int>(std::min<int64_t>(threads(), std::max<int64_t>(x.n, 1)));
+  if (scratch_.size() < static_cast<size_t>(threads())) scratch_.resize(threads());
+  for (int i = 0; i < t; ++i) scratch(i).col.resize(static_cast<size_t>(rows * k_));
+#pragma omp parallel num_threads(t)
+  {
+    const int id = omp_get_thread_num();
+    float* col = scratch(id).col.data();
+    for (int64_t n = x.n * id / t; n < x.n * (id + 1) / t; ++n)
+      gemm_serial(false, true, rows, out_, k_, image_col(x, n, col), k_, weight.value.data(), k_,
+                  0.0f, y_.ptr() + n * rows * out_, out_);
   }
-  gemm(false, true, m, out_, k_, col_ptr_, k_, weight.value.data(), k_, 0.0f, y_.ptr(), out_);
   return y_;
 }
 
-const Tensor& Conv2d::backward(const Tensor& dy, bool need_dx) {
+const Tensor& Conv2d::backward(const Tensor& dy, bool need_dx, const Tensor* add_to) {
   const Tensor& x = *x_;
   if (!dy.same_shape(y_))
     throw Error("Conv2d " + weight.name + ": backward dy shape does not match the forward output");
-  const int64_t m = y_.pixels();
-  gemm(true, false, out_, k_, m, dy.ptr(), out_, col_ptr_, k_, 0.0f, weight.grad.data(), k_);
-  if (!need_dx) {
-    dx_.resize(0, 0, 0, 0);
-    return dx_;
+  if (add_to && !add_to->same_shape(x))
+    throw Error("Conv2d " + weight.name + ": backward add_to shape does not match the input");
+  const int64_t rows = y_.h * y_.w;
+  const int64_t slots = std::max<int64_t>(1, std::min(x.n, kMaxSlots));
+  const int t = static_cast<int>(std::min<int64_t>(threads(), slots));
+  for (int i = 0; i < t; ++i) {
+    scratch(i).col.resize(static_cast<size_t>(rows * k_));
+    scratch(i).dcol.resize(static_cast<size_t>(rows * k_));
   }
-  dx_.resize_like(x);
-  if (kernel_ == 1 && stride_ == 1) {
-    gemm(false, false, m, k_, out_, dy.ptr(), out_, weight.value.data(), k_, 0.0f, dx_.ptr(), k_);
-    return dx_;
-  }
-  dcol_.resize(static_cast<size_t>(m * k_));
-  gemm(false, false, m, k_, out_, dy.ptr(), out_, weight.value.data(), k_, 0.0f, dcol_.data(), k_);
-  // col2im as a gather: dx[n, ih, iw, :] = sum over the (kh, kw) taps that read it.
-  const int64_t oh = y_.h, ow = y_.w, rows = x.n * x.h, cin = in_, k = k_;
-  const int kernel = kernel_, stride = stride_, pad = pad_;
-  const float* dcol = dcol_.data();
-  float* dxp = dx_.ptr();
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t n = r / x.h, ih = r % x.h;
-    for (int64_t iw = 0; iw < x.w; ++iw) {
-      float* dst = dxp + ((n * x.h + ih) * x.w + iw) * cin;
-      std::fill(dst, dst + cin, 0.0f);
-      for (int kh = 0; kh < kernel; ++kh) {
-        const int64_t ti = ih + pad - kh;
-        if (ti < 0 || ti % stride != 0 || ti / stride >= oh) continue;
-        for (int kw = 0; kw < kernel; ++kw) {
-          const int64_t tj = iw + pad - kw;
-          if (tj < 0 || tj % stride != 0 || tj / stride >= ow) continue;
-          const float* src = dcol + ((n * oh + ti / stride) * ow + tj / stride) * k +
-                             (kh * kernel + kw) * cin;
-          for (int64_t c = 0; c < cin; ++c) dst[c] += src[c];
-        }
+  if (slot_dweight_.size() < static_cast<size_t>(slots - 1)) slot_dweight_.resize(slots - 1);
+  for (int64_t i = 0; i + 1 < slots; ++i) slot_dweight_[i].resize(weight.size());
+  if (need_dx) dx_.resize_like(x);
+  else dx_.resize(0, 0, 0, 0);
+  const bool direct = kernel_ == 1 && stride_ == 1;
+#pragma omp parallel for num_threads(t) schedule(static, 1)
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    Scratch& s = scratch(omp_get_thread_num());
+    float* dw = slot == 0 ? weight.grad.data() : slot_dweight_[slot - 1].data();
+    const int64_t begin = x.n * slot / slots, end = x.n * (slot + 1) / slots;
+    if (begin == end) std::fill(dw, dw + weight.size(), 0.0f);
+    for (int64_t n = begin; n < end; ++n) {
+      const float* g = dy.ptr() + n * rows * out_;
+      gemm_serial(true, false, out_, k_, rows, g, out_, image_col(x, n, s.col.data()), k_,
+                  n == begin ? 0.0f : 1.0f, dw, k_);
+      if (!need_dx) continue;
+      if (direct) {
+        float* d = dx_.ptr() + n * rows * k_;
+        if (add_to) std::copy_n(add_to->ptr() + n * rows * k_, rows * k_, d);
+        gemm_serial(false, false, rows, k_, out_, g, out_, weight.value.data(), k_,
+                    add_to ? 1.0f : 0.0f, d, k_);
+      } else {
+        gemm_serial(false, false, rows, k_, out_, g, out_, weight.value.data(), k_, 0.0f,
+                    s.dcol.data(), k_);
+        const int64_t image = x.h * x.w * in_;
+        kernels::col2im(geometry(x), s.dcol.data(), add_to ? add_to->ptr() + n * image : nullptr,
+                        dx_.ptr() + n * image);
       }
     }
+  }
+  // The slots' partial weight gradients, added in slot order.
+  float* dw = weight.grad.data();
+  for (int64_t i = 0; i + 1 < slots; ++i) {
+    const float* p = slot_dweight_[i].data();
+    for (size_t j = 0; j < weight.size(); ++j) dw[j] += p[j];
   }
   return dx_;
 }

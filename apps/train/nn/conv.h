@@ -1,12 +1,18 @@
 #pragma once
 // 2-D convolution over NHWC activations, no bias (every convolution feeds a norm layer), padding
-// kernel/2, as im2col + one GEMM over the whole batch:
-//   col[(n, oh, ow), (kh, kw, ci)] = x[n, oh*stride - pad + kh, ow*stride - pad + kw, ci] (0 outside)
-//   y[(n, oh, ow), co] = sum_k col[., k] * weight[co, k]        weight: (C_out, kh, kw, C_in)
-// Backward: dweight = dy^T col, dcol = dy weight, dx = col2im(dcol) (a gather, so each dx element
-// is summed in a fixed order by one thread).
+// kernel/2, as im2col + GEMM (OpenBLAS's sgemm), one image at a time:
+//   col[(oh, ow), (kh, kw, ci)] = x[n, oh*stride - pad + kh, ow*stride - pad + kw, ci] (0 outside)
+//   y[n, (oh, ow), co] = sum_k col[., k] * weight[co, k]        weight: (C_out, kh, kw, C_in)
+// Backward, per image: dweight += dy_n^T col, dcol = dy_n weight, dx_n = col2im(dcol) (added
+// tap by tap in a fixed order).
+// Per image, an image's col matrix (at most a few hundred KB here) stays in cache between
+// im2col and the GEMM; a whole batch's would be 9x the activations in main memory. The batch is
+// cut into min(N, 8) fixed slots of consecutive images; each slot accumulates its own dweight
+// and the slots are added in order, so the result does not depend on the thread count.
 #include <string>
+#include <vector>
 
+#include "nn/kernels.h"
 #include "nn/param.h"
 #include "nn/rng.h"
 #include "nn/tensor.h"
@@ -22,9 +28,10 @@ class Conv2d {
 
   // Reads x (N, H, W, C_in), which must stay unchanged until backward. Returns y, owned here.
   const Tensor& forward(const Tensor& x);
-  // Reads dy (shape of y). Overwrites weight.grad. Returns dx, owned here, when need_dx (else
-  // an empty tensor: the first layer needs no input gradient).
-  const Tensor& backward(const Tensor& dy, bool need_dx = true);
+  // Reads dy (shape of y) and add_to (optional, shape of x). Overwrites weight.grad. Returns
+  // dx + add_to, owned here, when need_dx (else an empty tensor: the first layer needs no input
+  // gradient).
+  const Tensor& backward(const Tensor& dy, bool need_dx = true, const Tensor* add_to = nullptr);
 
   int in_channels() const { return in_; }
   int out_channels() const { return out_; }
@@ -33,11 +40,21 @@ class Conv2d {
   Param weight;
 
  private:
+  // col of image n of x into dst (out_h*out_w rows of k_), or x's own rows for a 1x1 stride-1 conv.
+  const float* image_col(const Tensor& x, int64_t n, float* dst) const;
+  kernels::ConvGeometry geometry(const Tensor& x) const;
+  // Per-thread scratch, grown once.
+  struct Scratch {
+    std::vector<float> col, dcol;
+  };
+  static constexpr int64_t kMaxSlots = 8;
+  Scratch& scratch(int thread);
+
   int in_, out_, kernel_, stride_, pad_;
   int64_t k_;  // kernel * kernel * in_channels: the GEMM's inner dimension
   const Tensor* x_ = nullptr;
-  const float* col_ptr_ = nullptr;  // col_ or x itself for a 1x1 stride-1 conv
-  std::vector<float> col_, dcol_;
+  std::vector<Scratch> scratch_;
+  std::vector<std::vector<float>> slot_dweight_;  // slots 1..; slot 0 is weight.grad
   Tensor y_, dx_;
 };
 

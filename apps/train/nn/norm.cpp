@@ -1,7 +1,10 @@
 #include "nn/norm.h"
 
 #include <algorithm>
+#include <limits>
 
+#include "nn/kernels.h"
+#include "nn/parallel.h"
 #include "normkit/batch_norm.h"
 #include "normkit/error.h"
 #include "normkit/group_norm.h"
@@ -58,14 +61,17 @@ std::vector<Param*> Norm::params() {
 
 std::vector<Buffer> Norm::buffers() {
   if (kind_ != NormKind::batch) return {};
-  const std::string base = bias.name.substr(0, bias.name.size() - 5);  // strip "bias"
+  const std::string base = bias.name.substr(0, bias.name.size() - 4);  // keep "<layer>."
   return {{base + "running_mean", &running_mean}, {base + "running_var", &running_var}};
 }
 
-const Tensor& Norm::forward(const Tensor& x, Mode mode) {
+const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) {
   if (x.c != channels_)
     throw Error("Norm " + bias.name + ": input has " + std::to_string(x.c) +
                 " channels, expected " + std::to_string(channels_));
+  if (residual && !residual->same_shape(x))
+    throw Error("Norm " + bias.name + ": the residual's shape differs from the input's");
+  had_residual_ = residual != nullptr;
   x_ = &x;
   trained_forward_ = mode == Mode::train;
   y_.resize_like(x);
@@ -105,11 +111,13 @@ const Tensor& Norm::forward(const Tensor& x, Mode mode) {
       break;
     }
   }
-  if (relu_) {
+  if (residual || relu_) {
     float* yp = y_.ptr();
-    const int64_t total = y_.numel();
-#pragma omp parallel for simd schedule(static)
-    for (int64_t i = 0; i < total; ++i) yp[i] = std::max(yp[i], 0.0f);
+    const float* r = residual ? residual->ptr() : nullptr;
+    const bool relu = relu_;
+    parallel_chunks(y_.numel(), [&](int64_t begin, int64_t end) {
+      kernels::add_relu(yp + begin, r ? r + begin : nullptr, end - begin, relu);
+    });
   }
   return y_;
 }
@@ -125,11 +133,12 @@ const Tensor& Norm::backward(const Tensor& dy_in) {
     const float* g = dy_in.ptr();
     const float* yp = y_.ptr();
     float* d = dmasked_.ptr();
-    const int64_t total = y_.numel();
-#pragma omp parallel for simd schedule(static)
-    for (int64_t i = 0; i < total; ++i) d[i] = yp[i] > 0.0f ? g[i] : 0.0f;
+    parallel_chunks(y_.numel(), [&](int64_t begin, int64_t end) {
+      kernels::relu_mask(d + begin, g + begin, yp + begin, end - begin);
+    });
     dy = &dmasked_;
   }
+  g_ = dy;
   const Tensor& x = *x_;
   dx_.resize_like(x);
   switch (kind_) {

@@ -7,7 +7,8 @@
 //       C, H, W); in: GroupNorm with C groups (InstanceNorm)
 //   none: no normalization, a learned per-channel bias only
 // Each kind has a per-channel affine (weight = gamma, bias = beta); `none` has the bias only.
-// Optionally followed by ReLU, fused so the layer owns one output buffer.
+// The ResNet epilogue is part of the layer: y = relu?(norm(x) + residual?), and backward gives
+// both dx and the residual's gradient g = relu ? dy * (y > 0) : dy.
 #include <string>
 #include <vector>
 
@@ -35,11 +36,13 @@ class Norm {
   Norm(const std::string& name, NormKind kind, int channels, int groups, bool zero_gamma,
        bool relu);
 
-  // Reads x (N, H, W, C), which must stay unchanged until backward. Returns y, owned here.
-  const Tensor& forward(const Tensor& x, Mode mode);
+  // Reads x (N, H, W, C) and residual (optional, shape of x), which must stay unchanged until
+  // backward. Returns y = relu?(norm(x) + residual?), owned here.
+  const Tensor& forward(const Tensor& x, Mode mode, const Tensor* residual = nullptr);
   // Reads dy; the last forward must have been Mode::train. Overwrites weight.grad and bias.grad.
-  // Returns dx, owned here.
+  // Returns dx, owned here; residual_grad() is then the residual's gradient.
   const Tensor& backward(const Tensor& dy);
+  const Tensor& residual_grad() const { return *g_; }
 
   NormKind kind() const { return kind_; }
   int groups() const { return groups_; }
@@ -56,7 +59,9 @@ class Norm {
   bool relu_;
   bool trained_forward_ = false;
   const Tensor* x_ = nullptr;
+  bool had_residual_ = false;
   Tensor y_, dx_, dmasked_;
+  const Tensor* g_ = &dmasked_;
   std::vector<float> mean_, rstd_;
 };
 

@@ -58,6 +58,11 @@ std::string blas_description() {
   return std::string(openblas_get_config()) + " (kernels: " + openblas_get_corename() + ")";
 }
 
+void gemm_serial(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a,
+                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m > 0 && n > 0) blas(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
+}
+
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;

@@ -8,6 +8,7 @@
 //   openblas: OpenBLAS threads each product itself; the engine calls it from one thread.
 // A product's output element is always summed over the full K in OpenBLAS's own order, so results
 // do not depend on how the output is split; they are reproducible for a given thread count.
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -31,7 +32,24 @@ void ensure_fast_blas_kernels(char** argv);
 
 // Row-major C[M, N] = op(A)[M, K] * op(B)[K, N] + beta * C, with op = transpose when trans_*.
 // lda/ldb/ldc are the row strides of A, B and C as stored. beta = 0 overwrites C.
+// gemm_serial runs on the calling thread (for use inside the engine's parallel regions).
+void gemm_serial(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a,
+                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+// gemm splits the product over the engine's threads (split policy) or leaves it to OpenBLAS.
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
+// Calls f(begin, end) on contiguous pieces of [0, n) in parallel (pieces of at least 16K
+// elements, so small tensors stay on one thread).
+template <typename F> void parallel_chunks(int64_t n, F&& f) {
+  constexpr int64_t kMin = 16 * 1024;
+  const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(threads(), n / kMin));
+  if (pieces == 1) {
+    f(int64_t{0}, n);
+    return;
+  }
+#pragma omp parallel for num_threads(static_cast<int>(pieces)) schedule(static, 1)
+  for (int64_t p = 0; p < pieces; ++p) f(n * p / pieces, n * (p + 1) / pieces);
+}
 
 }  // namespace normkit::train

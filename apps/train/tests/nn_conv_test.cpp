@@ -111,6 +111,27 @@ TEST_P(ConvTest, SameBitsForEveryThreadCountAndPolicy) {
     EXPECT_TRUE(results[i] == results[0]) << "configuration " << i << " differs";
 }
 
+TEST_P(ConvTest, BackwardAddsOntoAGivenGradient) {
+  const Geometry g = GetParam();
+  std::mt19937_64 rng(14);
+  Conv2d conv("c", g.cin, g.cout, g.kernel, g.stride);
+  conv.weight.value = random_vector(conv.weight.size(), rng);
+  const Tensor x = random_tensor(g.n, g.h, g.w, g.cin, rng);
+  const Tensor& y = conv.forward(x);
+  Tensor dy = random_tensor(y.n, y.h, y.w, y.c, rng);
+  const Tensor base = random_tensor(x.n, x.h, x.w, x.c, rng);
+  const Tensor plain = conv.backward(dy);  // a copy
+  const std::vector<float> dw = conv.weight.grad;
+  const Tensor& sum = conv.backward(dy, true, &base);
+  ASSERT_TRUE(sum.same_shape(x));
+  for (int64_t i = 0; i < x.numel(); ++i)
+    ASSERT_NEAR(sum.data[i], plain.data[i] + base.data[i], 1e-5 * (1 + std::fabs(plain.data[i])));
+  EXPECT_EQ(conv.weight.grad, dw);
+  Tensor wrong;
+  wrong.resize(x.n, x.h + 1, x.w, x.c);
+  EXPECT_THROW(conv.backward(dy, true, &wrong), normkit::Error);
+}
+
 // Odd sizes; the kernels and strides the model uses; a batch whose GEMM is split over threads.
 INSTANTIATE_TEST_SUITE_P(Geometries, ConvTest,
                          ::testing::Values(Geometry{2, 7, 5, 3, 5, 3, 1},

@@ -1,0 +1,34 @@
+#pragma once
+// The engine's own memory-bound loops: im2col / col2im for one image, the ResNet epilogue when
+// normkit does not fuse it, and the SGD update. Each is compiled for AVX-512, AVX2 and the
+// baseline, and the loader picks the best the CPU runs (the rest of the engine is built for the
+// baseline ISA, and the runs these loops copy are too short for a call to memcpy to pay off).
+#include <cstdint>
+
+namespace normkit::train::kernels {
+
+// Geometry of a 2-D convolution over one NHWC image.
+struct ConvGeometry {
+  int64_t in_h, in_w, channels;  // input image (channels = C_in)
+  int64_t out_h, out_w;
+  int kernel, stride, pad;
+};
+
+// Overwrites col (out_h * out_w rows of kernel * kernel * channels floats) with the patches of
+// image (in_h * in_w * channels floats), zeros outside the image.
+void im2col(const ConvGeometry& g, const float* image, float* col);
+
+// Overwrites dx (in_h * in_w * channels) with base (or 0 when base is null) plus every patch
+// row of dcol added back where im2col read it, rows and taps in order.
+void col2im(const ConvGeometry& g, const float* dcol, const float* base, float* dx);
+
+// y[i] = relu ? max(y[i] + r[i], 0) : y[i] + r[i] (r may be null: no addition).
+void add_relu(float* y, const float* r, int64_t n, bool relu);
+
+// g[i] = y[i] > 0 ? dy[i] : 0.
+void relu_mask(float* g, const float* dy, const float* y, int64_t n);
+
+// SGD with momentum and weight decay on n values: v = mu * v + (grad + wd * w); w -= lr * v.
+void sgd_update(float* w, float* v, const float* grad, int64_t n, float lr, float mu, float wd);
+
+}  // namespace normkit::train::kernels
