@@ -76,9 +76,12 @@ const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) 
   trained_forward_ = mode == Mode::train;
   y_.resize_like(x);
   const TensorView xv = x.view(), yv = y_.view();
+  // normkit fuses the epilogue into its output pass.
+  const ForwardEpilogue epilogue{relu_, residual ? residual->view() : TensorView{}};
   switch (kind_) {
     case NormKind::batch: {
-      const BatchNormParams p{};  // eps 1e-5, momentum 0.1 (PyTorch's defaults)
+      BatchNormParams p;  // eps 1e-5, momentum 0.1 (PyTorch's defaults)
+      p.epilogue = epilogue;
       mean_.resize(channels_);
       rstd_.resize(channels_);
       if (mode == Mode::eval)
@@ -94,7 +97,8 @@ const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) 
     case NormKind::group:
     case NormKind::layer:
     case NormKind::instance: {
-      const GroupNormParams p{groups_, 1e-5};
+      GroupNormParams p{groups_, 1e-5};
+      p.epilogue = epilogue;
       mean_.resize(static_cast<size_t>(x.n * groups_));
       rstd_.resize(static_cast<size_t>(x.n * groups_));
       group_norm_forward(p, xv, weight.value, bias.value, yv, mean_, rstd_);
@@ -108,64 +112,69 @@ const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) 
 #pragma omp parallel for schedule(static)
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t j = 0; j < c; ++j) yp[r * c + j] = xp[r * c + j] + b[j];
+      if (residual || relu_) {
+        const float* res = residual ? residual->ptr() : nullptr;
+        const bool relu = relu_;
+        parallel_chunks(y_.numel(), [&](int64_t begin, int64_t end) {
+          kernels::add_relu(yp + begin, res ? res + begin : nullptr, end - begin, relu);
+        });
+      }
       break;
     }
-  }
-  if (residual || relu_) {
-    float* yp = y_.ptr();
-    const float* r = residual ? residual->ptr() : nullptr;
-    const bool relu = relu_;
-    parallel_chunks(y_.numel(), [&](int64_t begin, int64_t end) {
-      kernels::add_relu(yp + begin, r ? r + begin : nullptr, end - begin, relu);
-    });
   }
   return y_;
 }
 
-const Tensor& Norm::backward(const Tensor& dy_in) {
+const Tensor& Norm::backward(const Tensor& dy) {
   if (!trained_forward_)
     throw Error("Norm " + bias.name + ": backward needs a preceding forward in training mode");
-  if (!dy_in.same_shape(y_))
+  if (!dy.same_shape(y_))
     throw Error("Norm " + bias.name + ": backward dy shape does not match the forward output");
-  const Tensor* dy = &dy_in;
-  if (relu_) {
-    dmasked_.resize_like(dy_in);
-    const float* g = dy_in.ptr();
-    const float* yp = y_.ptr();
-    float* d = dmasked_.ptr();
-    parallel_chunks(y_.numel(), [&](int64_t begin, int64_t end) {
-      kernels::relu_mask(d + begin, g + begin, yp + begin, end - begin);
-    });
-    dy = &dmasked_;
-  }
-  g_ = dy;
   const Tensor& x = *x_;
   dx_.resize_like(x);
+  // g = relu ? dy * (y > 0) : dy is the residual's gradient; normkit writes it in the same
+  // pass as its reductions when there is a residual to give it to.
+  if (had_residual_) g_.resize_like(dy);
+  const BackwardEpilogue epilogue{relu_, relu_ ? y_.view() : TensorView{},
+                                  had_residual_ ? g_.view() : TensorView{}};
   switch (kind_) {
     case NormKind::batch:
-      batch_norm_backward_training(dy->view(), x.view(), mean_, rstd_, weight.value, dx_.view(),
-                                   weight.grad, bias.grad);
+      batch_norm_backward_training(epilogue, dy.view(), x.view(), mean_, rstd_, weight.value,
+                                   dx_.view(), weight.grad, bias.grad);
       break;
     case NormKind::group:
     case NormKind::layer:
     case NormKind::instance:
-      group_norm_backward(GroupNormParams{groups_, 1e-5}, dy->view(), x.view(), mean_, rstd_,
-                          weight.value, dx_.view(), weight.grad, bias.grad);
+      group_norm_backward(GroupNormParams{groups_, 1e-5}, epilogue, dy.view(), x.view(), mean_,
+                          rstd_, weight.value, dx_.view(), weight.grad, bias.grad);
       break;
-    case NormKind::none:
-      std::copy(dy->data.begin(), dy->data.begin() + dy->numel(), dx_.data.begin());
-      column_sums(dy->ptr(), dy->pixels(), channels_, bias.grad.data());
+    case NormKind::none: {
+      // Without normalization dx is g itself.
+      const float* d = dy.ptr();
+      float* out = dx_.ptr();
+      if (relu_) {
+        const float* yp = y_.ptr();
+        parallel_chunks(y_.numel(), [&](int64_t begin, int64_t end) {
+          kernels::relu_mask(out + begin, d + begin, yp + begin, end - begin);
+        });
+      } else {
+        std::copy_n(d, dy.numel(), out);
+      }
+      column_sums(out, dy.pixels(), channels_, bias.grad.data(), sums_);
+      if (had_residual_) std::copy_n(out, dy.numel(), g_.ptr());
       break;
+    }
   }
   return dx_;
 }
 
-void column_sums(const float* x, int64_t rows, int64_t cols, float* out) {
+void column_sums(const float* x, int64_t rows, int64_t cols, float* out,
+                 std::vector<double>& partial) {
   // Fixed chunks of rows summed in parallel, then the chunks in order: the same bits for any
   // thread count.
   constexpr int64_t kChunk = 256;
   const int64_t chunks = (rows + kChunk - 1) / kChunk;
-  std::vector<double> partial(static_cast<size_t>(std::max<int64_t>(chunks, 1) * cols), 0.0);
+  partial.assign(static_cast<size_t>(std::max<int64_t>(chunks, 1) * cols), 0.0);
 #pragma omp parallel for schedule(static)
   for (int64_t ch = 0; ch < chunks; ++ch) {
     double* p = partial.data() + ch * cols;

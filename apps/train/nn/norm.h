@@ -40,9 +40,10 @@ class Norm {
   // backward. Returns y = relu?(norm(x) + residual?), owned here.
   const Tensor& forward(const Tensor& x, Mode mode, const Tensor* residual = nullptr);
   // Reads dy; the last forward must have been Mode::train. Overwrites weight.grad and bias.grad.
-  // Returns dx, owned here; residual_grad() is then the residual's gradient.
+  // Returns dx, owned here; when the forward had a residual, residual_grad() is then the
+  // residual's gradient.
   const Tensor& backward(const Tensor& dy);
-  const Tensor& residual_grad() const { return *g_; }
+  const Tensor& residual_grad() const { return g_; }
 
   NormKind kind() const { return kind_; }
   int groups() const { return groups_; }
@@ -60,12 +61,14 @@ class Norm {
   bool trained_forward_ = false;
   const Tensor* x_ = nullptr;
   bool had_residual_ = false;
-  Tensor y_, dx_, dmasked_;
-  const Tensor* g_ = &dmasked_;
+  Tensor y_, dx_, g_;
   std::vector<float> mean_, rstd_;
+  std::vector<double> sums_;  // column_sums' scratch
 };
 
 // out[j] = sum_i x[i * cols + j] over rows, in double, in an order fixed by (rows, cols) alone.
-void column_sums(const float* x, int64_t rows, int64_t cols, float* out);
+// partial is scratch (resized here).
+void column_sums(const float* x, int64_t rows, int64_t cols, float* out,
+                 std::vector<double>& partial);
 
 }  // namespace normkit::train
