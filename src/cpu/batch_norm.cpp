@@ -148,23 +148,6 @@ inline bool channel_local(const Plan& p, const BatchNormShape& sh, int64_t bytes
 //   statistics: first = sum(x - pivot), second = sum((x - pivot)^2)
 //   gradients:  first = sum(g),         second = sum(g * (x - mean))
 // Partial sums of pieces fixed by the shape are added in a fixed order: no division per piece.
-// Channels-last: channels per block of the block-at-a-time schedule (each thread takes blocks of
-// whole channels across all rows, reduction then elementwise pass while the block is in cache),
-// or 0 when it does not apply: rows too many for even one cache line of channels per row, or too
-// few blocks to share among the threads. A multiple of 64 bytes of channels.
-inline int64_t local_block_channels(const Plan& p, const BatchNormShape& sh,
-                                    int64_t bytes_per_value, int64_t values_per_line,
-                                    int num_threads) {
-  if (!p.column_form || p.cols_per_channel != 1 || sh.channels <= values_per_line) return 0;
-  int64_t w = values_per_line;
-  while (2 * w <= kBlockColumns && p.rows * 2 * w * bytes_per_value <= kChannelCacheBytes &&
-         ceil_div(sh.channels, 2 * w) >= 2 * int64_t(num_threads))
-    w *= 2;
-  if (p.rows * w * bytes_per_value > kChannelCacheBytes) return 0;
-  if (ceil_div(sh.channels, w) < 2 * int64_t(num_threads)) return 0;
-  return w;
-}
-
 struct PairSums {
   double first = 0;
   double second = 0;
@@ -513,30 +496,6 @@ void Reduce(const Plan& p, const T* x, const T* dy, const T* y, const float* cen
   }
 }
 
-// The sums of columns [c0, c1) of column-form data over every slot, exactly as Reduce computes
-// them (per-slot partials from zero, then added in slot order): out[c - c0].
-template <class Terms, typename T>
-void ColumnBlockSums(const Plan& p, const T* x, const T* dy, const T* y, const float* center,
-                     int64_t c0, int64_t c1, PairSums* out) {
-  const int64_t width = c1 - c0;
-  float s1[kBlockColumns], s2[kBlockColumns];
-  PairSums slot[kBlockColumns];
-  for (int64_t j = 0; j < width; ++j) out[j] = {};
-  for (int64_t k = 0; k < p.slots; ++k) {
-    const int64_t r0 = k * p.rows_per_group, r1 = std::min(p.rows, r0 + p.rows_per_group);
-    for (int64_t j = 0; j < width; ++j) slot[j] = {};
-    for (int64_t r = r0; r < r1; r += p.block_rows) {
-      const int64_t n_rows = std::min(p.block_rows, r1 - r);
-      const int64_t o = r * p.row_stride + c0;
-      BlockSums<Terms>(x + o, at(dy, o), at(y, o), n_rows, width, p.row_stride, center + c0, s1,
-                       s2);
-      for (int64_t j = 0; j < width; ++j) slot[j].first += s1[j], slot[j].second += s2[j];
-    }
-    for (int64_t j = 0; j < width; ++j)
-      out[j].first += slot[j].first, out[j].second += slot[j].second;
-  }
-}
-
 // The statistics' shift for channel c: the float mean of its first (up to) 16 values in (n, s)
 // order. Near the channel's mean, so that x - pivot is small and exact where x has a large
 // offset, and a function of the data and shape only.
@@ -679,23 +638,6 @@ void ForwardTrainingT(const ForwardJob& job, float* save_mean, float* save_invst
   float* b = a + C;
   float* pivot = b + C;
   for (int64_t c = 0; c < C; ++c) pivot[c] = ChannelPivot(x, sh, c);
-
-  const int64_t w = local_block_channels(plan, sh, int64_t(sizeof(T)), 64 / int64_t(sizeof(T)),
-                                         num_threads);
-  if (w > 0) {
-    // Channels-last, a block of channels at a time across all rows, from cache the second time.
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t blk = 0; blk < ceil_div(C, w); ++blk) {
-      const int64_t c0 = blk * w, c1 = std::min(C, c0 + w);
-      PairSums sums[kBlockColumns];
-      ColumnBlockSums<StatTerms>(plan, x, none, none, pivot, c0, c1, sums);
-      for (int64_t c = c0; c < c1; ++c) finish(c, sums[c - c0], pivot[c], a[c], b[c]);
-      ForwardRows<kResidual, kRelu>(x + c0, at(r, c0), y + c0, plan.rows, c1 - c0, a + c0, b + c0,
-                                    C);
-    }
-    return;
-  }
-
   Reduce<StatTerms>(plan, x, none, none, pivot, C, scratch.partial, scratch.sums, num_threads,
                     parallel);
   for (int64_t c = 0; c < C; ++c) finish(c, scratch.sums[c], pivot[c], a[c], b[c]);
@@ -773,26 +715,6 @@ void BackwardTrainingT(const BackwardJob& job, const float* save_mean, const flo
   float* p = scratch.coefficients;
   float* q = p + C;
   float* r = q + C;
-  const int64_t w =
-      local_block_channels(plan, sh, reread, 64 / int64_t(sizeof(T)), num_threads);
-  if (w > 0) {
-    // Channels-last, a block of channels at a time across all rows, from cache the second time.
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t blk = 0; blk < ceil_div(C, w); ++blk) {
-      const int64_t c0 = blk * w, c1 = std::min(C, c0 + w);
-      PairSums block[kBlockColumns];
-      ColumnBlockSums<GradTerms<kRelu>>(plan, x, dy, y, save_mean, c0, c1, block);
-      for (int64_t c = c0; c < c1; ++c) {
-        const auto k = backward_coefficients(job, c, block[c - c0], save_invstd[c], double(count));
-        p[c] = k.p, q[c] = k.q, r[c] = k.r;
-      }
-      BackwardRows<kRelu, kDresidual, true>(dy + c0, x + c0, at(y, c0), dx + c0, at(dres, c0),
-                                            plan.rows, c1 - c0, p + c0, q + c0, r + c0,
-                                            save_mean + c0, C);
-    }
-    return;
-  }
-
   const bool parallel = worth_threads(num_threads, count * C);
   PairSums* sums = scratch.sums;
   Reduce<GradTerms<kRelu>>(plan, x, dy, y, save_mean, C, scratch.partial, sums, num_threads,
