@@ -18,11 +18,13 @@ int64_t Case::spatial_size() const {
 
 double Case::traffic_bytes() const {
   const double b = static_cast<double>(bytes());
+  const bool add = epilogue == Epilogue::add_relu;
+  const double forward = add ? 3 : 2, backward = add ? 5 : 3;
   switch (op) {
     case Op::forward:
-    case Op::forward_inference: return 2 * b;
-    case Op::backward: return 3 * b;
-    case Op::forward_backward: return 5 * b;
+    case Op::forward_inference: return forward * b;
+    case Op::backward: return backward * b;
+    case Op::forward_backward: return (forward + backward) * b;
   }
   return b;
 }
@@ -48,6 +50,7 @@ const char* dtype_name(DType d) {
 
 std::string Case::op_name() const {
   std::string s = family_name(family);
+  if (epilogue == Epilogue::add_relu) s += "+add+relu";
   switch (op) {
     case Op::forward: s += family == Family::batch_norm ? ".fwd_train" : ".fwd"; break;
     case Op::forward_inference: s += ".fwd_infer"; break;
@@ -89,6 +92,7 @@ struct ShapeSet {
   int64_t groups;                            // group norm: G
   std::vector<std::vector<int64_t>> shapes;  // (N, C, *spatial) or (rows, cols)
   std::vector<std::size_t> quick;            // indices kept by --quick
+  Epilogue epilogue = Epilogue::none;
 };
 
 std::vector<std::vector<int64_t>> resnet50(int64_t n) {
@@ -113,6 +117,13 @@ const std::vector<ShapeSet>& shape_sets() {
        {{2, 32, 16, 112, 112}, {2, 256, 4, 14, 14}}, {1}},
       {"transformer-ln", Family::layer_norm, 1, {{4096, 768}, {8192, 1024}, {2048, 4096}}, {0}},
       {"detection-gn", Family::group_norm, 32, {{2, 256, 200, 304}, {2, 256, 100, 152}}, {1}},
+      // The end of a ResNet-50 bottleneck block, relu(norm(x) + identity), with BatchNorm at
+      // N = 32 and 2 and with GroupNorm (G = 32, the paper's ResNet-50 GN) at N = 2.
+      {"resnet50-bn-add-relu", Family::batch_norm, 1,
+       {{32, 256, 56, 56}, {32, 1024, 14, 14}, {2, 256, 56, 56}, {2, 1024, 14, 14}}, {1, 2},
+       Epilogue::add_relu},
+      {"resnet50-gn-add-relu", Family::group_norm, 32, {{2, 256, 56, 56}, {2, 1024, 14, 14}}, {0},
+       Epilogue::add_relu},
       // Tiny odd shapes: every code path once, in seconds; for the correctness smoke test.
       {"smoke", Family::group_norm, 0, {}, {}},
   };
@@ -120,7 +131,8 @@ const std::vector<ShapeSet>& shape_sets() {
 }
 
 void add_family_cases(std::vector<Case>& out, const std::string& set, Family family,
-                      int64_t groups, const std::vector<int64_t>& shape, DType dtype) {
+                      int64_t groups, const std::vector<int64_t>& shape, DType dtype,
+                      Epilogue epilogue = Epilogue::none) {
   std::vector<Op> ops = {Op::forward, Op::backward, Op::forward_backward};
   if (family == Family::batch_norm) ops.insert(ops.begin() + 1, Op::forward_inference);
   std::vector<MemoryFormat> formats = {MemoryFormat::channels_first};
@@ -137,6 +149,7 @@ void add_family_cases(std::vector<Case>& out, const std::string& set, Family fam
       c.groups = groups;
       c.format = format;
       c.dtype = dtype;
+      c.epilogue = epilogue;
       out.push_back(c);
     }
 }
@@ -149,6 +162,8 @@ void add_smoke_cases(std::vector<Case>& out, DType dtype) {
   add_family_cases(out, "smoke", Family::group_norm, 2, {1, 6, 29}, dtype);
   add_family_cases(out, "smoke", Family::instance_norm, 1, {2, 7, 3, 9, 5}, dtype);
   add_family_cases(out, "smoke", Family::layer_norm, 1, {37, 123}, dtype);
+  add_family_cases(out, "smoke", Family::batch_norm, 1, {3, 10, 5, 7}, dtype, Epilogue::add_relu);
+  add_family_cases(out, "smoke", Family::group_norm, 5, {2, 15, 3, 11}, dtype, Epilogue::add_relu);
 }
 
 }  // namespace
@@ -182,7 +197,9 @@ std::vector<Case> make_cases(const std::vector<std::string>& sets, const std::ve
       for (std::size_t i = 0; i < set->shapes.size(); ++i) {
         bool keep = !quick;
         for (std::size_t q : set->quick) keep = keep || q == i;
-        if (keep) add_family_cases(out, set->name, set->family, set->groups, set->shapes[i], dtype);
+        if (keep)
+          add_family_cases(out, set->name, set->family, set->groups, set->shapes[i], dtype,
+                           set->epilogue);
       }
     }
   }

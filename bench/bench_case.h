@@ -19,10 +19,15 @@ enum class Op {
   forward_backward,   // training forward, then its backward
 };
 
+// What follows the normalization in the same pass: a ResNet block's end is
+// y = relu(norm(x) + residual), whose backward also writes the residual's gradient.
+enum class Epilogue { none, add_relu };
+
 struct Case {
   std::string set;  // the shape set it belongs to, e.g. "resnet50-bn-n32"
   Family family = Family::group_norm;
   Op op = Op::forward;
+  Epilogue epilogue = Epilogue::none;
   // (N, C, *spatial); for layer norm (rows, cols) with the last dim normalized.
   std::vector<int64_t> shape;
   int64_t groups = 1;  // group norm only
@@ -35,9 +40,11 @@ struct Case {
   int64_t spatial_size() const;
   std::size_t bytes() const { return static_cast<std::size_t>(numel()) * element_size(dtype); }
   // Bytes an ideal kernel moves: forward reads x and writes y (2x), backward reads dy and x and
-  // writes dx (3x), forward+backward 5x. GB/s are computed from this.
+  // writes dx (3x), forward+backward 5x; with add+relu the forward also reads the residual (3x)
+  // and the backward also reads y and writes the residual's gradient (5x; both: 8x).
+  // GB/s are computed from this.
   double traffic_bytes() const;
-  std::string op_name() const;      // "bn.fwd_train", "gn.bwd", ...
+  std::string op_name() const;      // "bn.fwd_train", "gn.bwd", "bn+add+relu.fwd_train", ...
   std::string shape_name() const;   // "32x64x112x112"
   std::string format_name() const;  // "nchw", "nhwc", "ncdhw", "rows", ...
   std::string label() const;        // everything above, for --filter and messages

@@ -2,10 +2,12 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 
 #include "candidate.h"
 #include "normkit/batch_norm.h"
+#include "normkit/epilogue.h"
 #include "normkit/group_norm.h"
 #include "normkit/instance_norm.h"
 #include "normkit/layer_norm.h"
@@ -93,8 +95,12 @@ class NormkitCandidate final : public Candidate {
     data_ = &data;
     x_ = view_of(c, data.x.data());
     dy_ = view_of(c, data.dy.data());
-    if (c.op != Op::backward) y_ = Buffer(c.bytes());
-    if (c.op == Op::backward || c.op == Op::forward_backward) dx_ = Buffer(c.bytes());
+    // y also for a backward: its sign is the ReLU mask of a fused epilogue.
+    y_ = Buffer(c.bytes());
+    if (c.op == Op::backward || c.op == Op::forward_backward) {
+      dx_ = Buffer(c.bytes());
+      if (c.epilogue == Epilogue::add_relu) dresidual_ = Buffer(c.bytes());
+    }
     int64_t stats = 0;
     switch (c.family) {
       case Family::batch_norm: stats = c.channels(); break;
@@ -108,11 +114,15 @@ class NormkitCandidate final : public Candidate {
     dbias_.assign(data.bias.size(), 0.f);
     running_mean_ = data.running_mean;
     running_var_ = data.running_var;
+    // Scratch memory given by the caller, so no call allocates.
+    ctx_.workspace = {};
+    if (c.family == Family::batch_norm) {
+      workspace_ = Buffer(batch_norm_workspace_size(x_));
+      ctx_.workspace = {static_cast<std::byte*>(workspace_.data()), workspace_.bytes()};
+    }
     if (c.op == Op::backward) {
       // The saved statistics come from this backend's own forward, as in training.
-      y_ = Buffer(c.bytes());
       forward();
-      y_ = Buffer();
       running_mean_ = data.running_mean;
       running_var_ = data.running_var;
     }
@@ -151,26 +161,58 @@ class NormkitCandidate final : public Candidate {
       out.add("dx", dx_.data(), c_->dtype, c_->numel());
       out.add("dweight", dweight_);
       out.add("dbias", dbias_);
+      if (c_->epilogue == Epilogue::add_relu)
+        out.add("dresidual", dresidual_.data(), c_->dtype, c_->numel());
     }
   }
 
   void release() override {
     y_ = Buffer();
     dx_ = Buffer();
+    dresidual_ = Buffer();
+    workspace_ = Buffer();
+    ctx_.workspace = {};
   }
 
  private:
+  // y = relu(normalized + residual) for the add+relu cases.
+  ForwardEpilogue forward_epilogue() const {
+    ForwardEpilogue e;
+    if (c_->epilogue == Epilogue::add_relu) {
+      e.relu = true;
+      e.residual = view_of(*c_, data_->residual.data());
+    }
+    return e;
+  }
+
+  // The ReLU mask from y; the residual's gradient written to dresidual.
+  BackwardEpilogue backward_epilogue() const {
+    BackwardEpilogue e;
+    if (c_->epilogue == Epilogue::add_relu) {
+      e.relu = true;
+      e.y = view_of(*c_, y_.data());
+      e.dresidual = view_of(*c_, dresidual_.data());
+    }
+    return e;
+  }
+
   void forward() {
     const TensorView y = view_of(*c_, y_.data());
     const std::span<const float> w(data_->weight), b(data_->bias);
     switch (c_->family) {
-      case Family::batch_norm:
-        batch_norm_forward_training(batch_norm_params(), x_, w, b, y, mean_, rstd_, running_mean_,
-                                    running_var_, ctx_);
+      case Family::batch_norm: {
+        BatchNormParams p = batch_norm_params();
+        p.epilogue = forward_epilogue();
+        batch_norm_forward_training(p, x_, w, b, y, mean_, rstd_, running_mean_, running_var_,
+                                    ctx_);
         break;
-      case Family::group_norm:
-        group_norm_forward(group_norm_params(c_->groups), x_, w, b, y, mean_, rstd_, ctx_);
+      }
+      case Family::group_norm: {
+        GroupNormParams p = group_norm_params(c_->groups);
+        p.epilogue = forward_epilogue();
+        group_norm_forward(p, x_, w, b, y, mean_, rstd_, ctx_);
         break;
+      }
       case Family::layer_norm:
         layer_norm_forward(layer_norm_params(), x_, w, b, y, mean_, rstd_, ctx_);
         break;
@@ -181,8 +223,10 @@ class NormkitCandidate final : public Candidate {
   }
 
   void forward_inference() {
-    batch_norm_forward_inference(batch_norm_params(), x_, data_->weight, data_->bias,
-                                 running_mean_, running_var_, view_of(*c_, y_.data()), ctx_);
+    BatchNormParams p = batch_norm_params();
+    p.epilogue = forward_epilogue();
+    batch_norm_forward_inference(p, x_, data_->weight, data_->bias, running_mean_, running_var_,
+                                 view_of(*c_, y_.data()), ctx_);
   }
 
   void backward() {
@@ -190,11 +234,12 @@ class NormkitCandidate final : public Candidate {
     const std::span<const float> w(data_->weight);
     switch (c_->family) {
       case Family::batch_norm:
-        batch_norm_backward_training(dy_, x_, mean_, rstd_, w, dx, dweight_, dbias_, ctx_);
+        batch_norm_backward_training(backward_epilogue(), dy_, x_, mean_, rstd_, w, dx, dweight_,
+                                     dbias_, ctx_);
         break;
       case Family::group_norm:
-        group_norm_backward(group_norm_params(c_->groups), dy_, x_, mean_, rstd_, w, dx,
-                            dweight_, dbias_, ctx_);
+        group_norm_backward(group_norm_params(c_->groups), backward_epilogue(), dy_, x_, mean_,
+                            rstd_, w, dx, dweight_, dbias_, ctx_);
         break;
       case Family::layer_norm:
         layer_norm_backward(layer_norm_params(), dy_, x_, mean_, rstd_, w, dx, dweight_, dbias_,
@@ -211,7 +256,7 @@ class NormkitCandidate final : public Candidate {
   const Case* c_ = nullptr;
   const CaseData* data_ = nullptr;
   TensorView x_, dy_;
-  Buffer y_, dx_;
+  Buffer y_, dx_, dresidual_, workspace_;
   std::vector<float> mean_, rstd_, running_mean_, running_var_, dweight_, dbias_;
 };
 

@@ -2,13 +2,15 @@
 // norm, as groups = C: oneDNN has no instance-norm primitive), layer_normalization; forward
 // training / inference and backward, on memory described by the case's own strides (so nchw and
 // nhwc are the plain formats, not a reordered blocked one). Outputs are preallocated; oneDNN does
-// not update running statistics (its callers do), so those are not compared.
+// not update running statistics (its callers do), so those are not compared. The add+relu
+// epilogue is batch normalization's fuse_norm_add_relu flag (with its workspace, the ReLU mask).
 #include <oneapi/dnnl/dnnl.hpp>
 #include <oneapi/dnnl/dnnl_config.h>
 
 #include <cmath>
 #include <cstdlib>
 #include <optional>
+#include <unordered_map>
 
 #include "candidate.h"
 
@@ -79,6 +81,12 @@ class OnednnCandidate final : public Candidate {
     auto flags = normalization_flags::use_scale | normalization_flags::use_shift;
     if (inference) flags = flags | normalization_flags::use_global_stats;
     const bool bwd = c.op == Op::backward || c.op == Op::forward_backward;
+    add_relu_ = c.epilogue == Epilogue::add_relu;
+    if (add_relu_) {
+      if (c.family != Family::batch_norm) return "no fused add+relu for this primitive";
+      flags = flags | normalization_flags::fuse_norm_add_relu;
+    }
+    memory::desc workspace_md;
 
     try {
       switch (c.family) {
@@ -86,6 +94,7 @@ class OnednnCandidate final : public Candidate {
           dnnl::batch_normalization_forward::primitive_desc pd(eng, fwd_kind, md, md, kEps, flags);
           forward_ = dnnl::batch_normalization_forward(pd);
           stat_md_ = pd.mean_desc();
+          workspace_md = pd.workspace_desc();  // the ReLU mask of a fused add+relu
           impl_ = pd.impl_info_str();
           if (bwd) {
             dnnl::batch_normalization_backward::primitive_desc bpd(eng, prop_kind::backward, md,
@@ -127,7 +136,8 @@ class OnednnCandidate final : public Candidate {
         }
       }
     } catch (const dnnl::error& e) {
-      return std::string("no primitive: ") + e.what();
+      const std::string what = e.what();
+      return "no primitive: " + what.substr(0, what.find(". Run workload"));
     }
 
     // Inputs wrap the case's buffers (oneDNN only reads them); outputs are oneDNN-allocated.
@@ -147,6 +157,11 @@ class OnednnCandidate final : public Candidate {
       dx_ = memory(md, eng);
       dscale_ = memory(param_md, eng);
       dshift_ = memory(param_md, eng);
+    }
+    if (add_relu_) {
+      residual_ = memory(md, eng, const_cast<void*>(data.residual.data()));
+      if (workspace_md.get_size() > 0) workspace_ = memory(workspace_md, eng);
+      if (bwd) dresidual_ = memory(md, eng);
     }
     if (c.op == Op::backward) {
       y_ = memory(md, eng);
@@ -198,6 +213,7 @@ class OnednnCandidate final : public Candidate {
       const int64_t params = static_cast<int64_t>(dscale_.get_desc().get_size() / sizeof(float));
       out.add("dweight", dscale_.get_data_handle(), DType::float32, params);
       out.add("dbias", dshift_.get_data_handle(), DType::float32, params);
+      if (add_relu_) out.add("dresidual", dresidual_.get_data_handle(), c_->dtype, c_->numel());
     }
   }
 
@@ -205,6 +221,7 @@ class OnednnCandidate final : public Candidate {
     forward_ = dnnl::primitive();
     backward_ = dnnl::primitive();
     x_ = y_ = dy_ = dx_ = scale_ = shift_ = mean_ = variance_ = dscale_ = dshift_ = memory();
+    residual_ = dresidual_ = workspace_ = memory();
 #if DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_TBB
     limit_.reset();
 #endif
@@ -218,24 +235,27 @@ class OnednnCandidate final : public Candidate {
 
  private:
   void forward() {
-    forward_.execute(*runtime().stream, {{DNNL_ARG_SRC, x_},
-                                         {DNNL_ARG_DST, y_},
-                                         {DNNL_ARG_SCALE, scale_},
-                                         {DNNL_ARG_SHIFT, shift_},
-                                         {DNNL_ARG_MEAN, mean_},
-                                         {DNNL_ARG_VARIANCE, variance_}});
+    std::unordered_map<int, memory> args = {
+        {DNNL_ARG_SRC, x_},     {DNNL_ARG_DST, y_},   {DNNL_ARG_SCALE, scale_},
+        {DNNL_ARG_SHIFT, shift_}, {DNNL_ARG_MEAN, mean_}, {DNNL_ARG_VARIANCE, variance_}};
+    if (add_relu_) {
+      args[DNNL_ARG_SRC_1] = residual_;
+      if (workspace_) args[DNNL_ARG_WORKSPACE] = workspace_;
+    }
+    forward_.execute(*runtime().stream, args);
     runtime().stream->wait();
   }
 
   void backward() {
-    backward_.execute(*runtime().stream, {{DNNL_ARG_SRC, x_},
-                                          {DNNL_ARG_DIFF_DST, dy_},
-                                          {DNNL_ARG_MEAN, mean_},
-                                          {DNNL_ARG_VARIANCE, variance_},
-                                          {DNNL_ARG_SCALE, scale_},
-                                          {DNNL_ARG_DIFF_SRC, dx_},
-                                          {DNNL_ARG_DIFF_SCALE, dscale_},
-                                          {DNNL_ARG_DIFF_SHIFT, dshift_}});
+    std::unordered_map<int, memory> args = {
+        {DNNL_ARG_SRC, x_},           {DNNL_ARG_DIFF_DST, dy_},        {DNNL_ARG_MEAN, mean_},
+        {DNNL_ARG_VARIANCE, variance_}, {DNNL_ARG_SCALE, scale_},      {DNNL_ARG_DIFF_SRC, dx_},
+        {DNNL_ARG_DIFF_SCALE, dscale_}, {DNNL_ARG_DIFF_SHIFT, dshift_}};
+    if (add_relu_) {
+      args[DNNL_ARG_DIFF_SRC_1] = dresidual_;
+      args[DNNL_ARG_WORKSPACE] = workspace_;
+    }
+    backward_.execute(*runtime().stream, args);
     runtime().stream->wait();
   }
 
@@ -245,6 +265,8 @@ class OnednnCandidate final : public Candidate {
   memory::desc stat_md_;
   dnnl::primitive forward_, backward_;
   memory x_, y_, dy_, dx_, scale_, shift_, mean_, variance_, dscale_, dshift_;
+  bool add_relu_ = false;
+  memory residual_, dresidual_, workspace_;
 #if DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_TBB
   std::optional<oneapi::tbb::global_control> limit_;
 #endif

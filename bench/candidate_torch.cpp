@@ -2,6 +2,7 @@
 // at::group_norm, at::layer_norm, at::instance_norm, with outputs allocated by ATen.
 // Forward-only ops run under InferenceMode (autograd off); backward goes through autograd
 // (torch::autograd::grad), which runs ATen's native backward kernels as a training step does.
+// A fused add+relu epilogue is PyTorch's separate in-place add_ and relu_ after the norm.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
@@ -41,6 +42,8 @@ class TorchCandidate final : public Candidate {
     const int64_t params = static_cast<int64_t>(data.weight.size());
     weight_ = at::from_blob(const_cast<float*>(data.weight.data()), {params}, f32);
     bias_ = at::from_blob(const_cast<float*>(data.bias.data()), {params}, f32);
+    add_relu_ = c.epilogue == Epilogue::add_relu;
+    if (add_relu_) residual_ = at::from_blob(data.residual.data(), sizes_, strides_, act);
     if (c.family == Family::batch_norm) {
       // Updated in place by the training forward: own copies.
       running_mean_ = at::from_blob(const_cast<float*>(data.running_mean.data()), {params}, f32)
@@ -52,10 +55,12 @@ class TorchCandidate final : public Candidate {
       x_grad_ = x_.detach().requires_grad_(true);
       weight_grad_ = weight_.detach().requires_grad_(true);
       bias_grad_ = bias_.detach().requires_grad_(true);
+      if (add_relu_) residual_grad_ = residual_.detach().requires_grad_(true);
     }
     // The graph backward replays. (Running statistics the graph saved must stay untouched:
     // autograd checks their version.)
-    if (c.op == Op::backward) graph_y_ = forward(x_grad_, weight_grad_, bias_grad_);
+    if (c.op == Op::backward)
+      graph_y_ = forward(x_grad_, weight_grad_, bias_grad_, residual_grad_);
     return "";
   }
 
@@ -66,16 +71,15 @@ class TorchCandidate final : public Candidate {
       case Op::forward:
       case Op::forward_inference: {
         c10::InferenceMode guard;
-        y_ = forward(x_, weight_, bias_);
+        y_ = forward(x_, weight_, bias_, residual_);
         break;
       }
       case Op::backward:
-        grads_ = torch::autograd::grad({graph_y_}, {x_grad_, weight_grad_, bias_grad_}, {dy_},
-                                       /*retain_graph=*/true);
+        grads_ = torch::autograd::grad({graph_y_}, grad_inputs(), {dy_}, /*retain_graph=*/true);
         break;
       case Op::forward_backward: {
-        at::Tensor y = forward(x_grad_, weight_grad_, bias_grad_);
-        grads_ = torch::autograd::grad({y}, {x_grad_, weight_grad_, bias_grad_}, {dy_});
+        at::Tensor y = forward(x_grad_, weight_grad_, bias_grad_, residual_grad_);
+        grads_ = torch::autograd::grad({y}, grad_inputs(), {dy_});
         y_ = y.detach();
         break;
       }
@@ -98,17 +102,37 @@ class TorchCandidate final : public Candidate {
       const at::Tensor db = grads_[2].contiguous().to(at::kFloat);
       out.add("dweight", dw.data_ptr<float>(), DType::float32, dw.numel());
       out.add("dbias", db.data_ptr<float>(), DType::float32, db.numel());
+      if (add_relu_)
+        out.add("dresidual", in_case_layout(grads_[3]).data_ptr<float>(), DType::float32,
+                c_->numel());
     }
   }
 
   void release() override {
     x_ = dy_ = weight_ = bias_ = running_mean_ = running_var_ = at::Tensor();
     x_grad_ = weight_grad_ = bias_grad_ = graph_y_ = y_ = at::Tensor();
+    residual_ = residual_grad_ = at::Tensor();
     grads_.clear();
   }
 
  private:
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  std::vector<at::Tensor> grad_inputs() const {
+    if (add_relu_) return {x_grad_, weight_grad_, bias_grad_, residual_grad_};
+    return {x_grad_, weight_grad_, bias_grad_};
+  }
+
+  // With add+relu, as a ResNet block ends in PyTorch (torchvision): out += identity; relu_(out).
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                     const at::Tensor& residual) {
+    at::Tensor y = normalize(x, w, b);
+    if (add_relu_) {
+      y.add_(residual);
+      y.relu_();
+    }
+    return y;
+  }
+
+  at::Tensor normalize(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
     switch (c_->family) {
       case Family::batch_norm:
         return at::batch_norm(x, w, b, running_mean_, running_var_,
@@ -137,6 +161,8 @@ class TorchCandidate final : public Candidate {
   std::vector<int64_t> sizes_, strides_;
   at::Tensor x_, dy_, weight_, bias_, running_mean_, running_var_;
   at::Tensor x_grad_, weight_grad_, bias_grad_, graph_y_, y_;
+  bool add_relu_ = false;
+  at::Tensor residual_, residual_grad_;
   std::vector<at::Tensor> grads_;
 };
 

@@ -74,6 +74,10 @@ CaseData::CaseData(const Case& c) : x(c.bytes()), dy(c.bytes()) {
   // x with a nonzero mean and unit-ish spread; dy centred. Different seeds per set of values.
   fill_uniform(x.data(), c.dtype, c.numel(), -1.2f, 2.2f, 1);
   fill_uniform(dy.data(), c.dtype, c.numel(), -1.0f, 1.0f, 2);
+  if (c.epilogue == Epilogue::add_relu) {
+    residual = Buffer(c.bytes());
+    fill_uniform(residual.data(), c.dtype, c.numel(), -1.0f, 1.0f, 7);
+  }
   const int64_t params = c.family == Family::layer_norm ? c.shape.back() : c.channels();
   weight.resize(params);
   bias.resize(params);

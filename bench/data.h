@@ -39,6 +39,7 @@ float load_as_float(const void* data, DType dtype, int64_t i);
 // The inputs of one case, in the case's memory format and dtype.
 struct CaseData {
   Buffer x, dy;
+  Buffer residual;                                // with Epilogue::add_relu
   std::vector<float> weight, bias;                // C (layer norm: cols)
   std::vector<float> running_mean, running_var;   // batch norm only: C
 
