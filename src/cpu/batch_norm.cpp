@@ -485,7 +485,9 @@ template <class Terms, typename T>
 void Reduce(const Plan& p, const T* x, const T* dy, const T* y, const float* center, int64_t C,
             PairSums* partial, PairSums* out, int num_threads, bool parallel) {
   Partials<Terms>(p, x, dy, y, center, C, partial, num_threads, parallel);
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel && C > 1)
+  // Threads only for many partials: each parallel region costs a wake-up and a barrier.
+#pragma omp parallel for num_threads(num_threads) schedule(static) \
+    if (parallel && C * p.slots >= kUnitElements)
   for (int64_t c = 0; c < C; ++c) {
     PairSums s;
     for (int64_t k = 0; k < p.slots; ++k) {
@@ -614,7 +616,8 @@ void ForwardTrainingT(const ForwardJob& job, float* save_mean, float* save_invst
   if (channel_local(plan, sh, int64_t(sizeof(T)), num_threads)) {
     // Each channel: its statistics, then its elementwise pass while its runs are in cache.
     const int64_t S = sh.spatial;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+#pragma omp parallel for num_threads(num_threads) schedule(static) \
+    if (worth_threads(num_threads, C * S * sh.batch))
     for (int64_t c = 0; c < C; ++c) {
       const float pivot = ChannelPivot(x, sh, c);
       PairSums sums;
@@ -693,7 +696,8 @@ void BackwardTrainingT(const BackwardJob& job, const float* save_mean, const flo
   const int64_t reread = int64_t(sizeof(T)) * (kRelu ? 3 : 2);
   if (channel_local(plan, sh, reread, num_threads)) {
     const int64_t S = sh.spatial;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
+#pragma omp parallel for num_threads(num_threads) schedule(static) \
+    if (worth_threads(num_threads, C * count))
     for (int64_t c = 0; c < C; ++c) {
       PairSums s;
       for (int64_t k = 0; k < plan.slots; ++k) {
@@ -763,12 +767,12 @@ void BackwardInferenceT(const BackwardJob& job, const float* running_mean,
   ForEachPiece(
       sh, num_threads,
       [&](int64_t c, int64_t o, int64_t length) {
-        BackwardRun<kRelu, kDresidual, false>(dy + o, static_cast<const T*>(nullptr), at(y, o), dx + o, at(dres, o),
-                                              length, p[c], 0.f, 0.f, 0.f);
+        BackwardRun<kRelu, kDresidual, false>(dy + o, static_cast<const T*>(nullptr), at(y, o),
+                                              dx + o, at(dres, o), length, p[c], 0.f, 0.f, 0.f);
       },
       [&](int64_t o, int64_t row_count) {
-        BackwardRows<kRelu, kDresidual, false>(dy + o, static_cast<const T*>(nullptr), at(y, o), dx + o, at(dres, o),
-                                               row_count, C, p, p, p, p, C);
+        BackwardRows<kRelu, kDresidual, false>(dy + o, static_cast<const T*>(nullptr), at(y, o),
+                                               dx + o, at(dres, o), row_count, C, p, p, p, p, C);
       });
 }
 

@@ -288,10 +288,10 @@ double loss(const DoubleProblem& p, bool training) {
   const double* b = p.cfg.has_bias ? p.bias.data() : nullptr;
   if (training)
     ref::batch_norm_forward_training<double, double>(y.data(), mean.data(), invstd.data(), nullptr,
-                                             nullptr, p.x.data(), w, b, sh, p.cfg.eps, 0.0);
+                                                     nullptr, p.x.data(), w, b, sh, p.cfg.eps, 0.0);
   else
-    ref::batch_norm_forward_inference<double, double>(y.data(), p.x.data(), w, b, p.running_mean.data(),
-                                              p.running_var.data(), sh, p.cfg.eps);
+    ref::batch_norm_forward_inference<double, double>(
+        y.data(), p.x.data(), w, b, p.running_mean.data(), p.running_var.data(), sh, p.cfg.eps);
   double l = 0;
   for (std::size_t i = 0; i < y.size(); ++i) l += p.g[i] * y[i];
   return l;
@@ -336,15 +336,16 @@ TEST(BatchNormReference, BackwardMatchesFiniteDifferences) {
       SCOPED_TRACE(training ? "training" : "inference");
       std::vector<double> y(total), mean(C), invstd(C), dx(total), dw(C), db(C);
       if (training) {
-        ref::batch_norm_forward_training<double, double>(y.data(), mean.data(), invstd.data(), nullptr,
-                                                 nullptr, p.x.data(), w, nullptr, sh, cfg.eps,
-                                                 0.0);
-        ref::batch_norm_backward_training<double, double>(dx.data(), dw.data(), db.data(), p.g.data(),
-                                                  p.x.data(), mean.data(), invstd.data(), w, sh);
+        ref::batch_norm_forward_training<double, double>(y.data(), mean.data(), invstd.data(),
+                                                         nullptr, nullptr, p.x.data(), w, nullptr,
+                                                         sh, cfg.eps, 0.0);
+        ref::batch_norm_backward_training<double, double>(dx.data(), dw.data(), db.data(),
+                                                          p.g.data(), p.x.data(), mean.data(),
+                                                          invstd.data(), w, sh);
       } else {
-        ref::batch_norm_backward_inference<double, double>(dx.data(), dw.data(), db.data(), p.g.data(),
-                                                   p.x.data(), p.running_mean.data(),
-                                                   p.running_var.data(), w, sh, cfg.eps);
+        ref::batch_norm_backward_inference<double, double>(
+            dx.data(), dw.data(), db.data(), p.g.data(), p.x.data(), p.running_mean.data(),
+            p.running_var.data(), w, sh, cfg.eps);
       }
       for (std::size_t i = 0; i < total; ++i)
         EXPECT_NEAR(dx[i], numeric_grad(p, p.x, i, training), 1e-7 * (1 + std::fabs(dx[i])))
@@ -501,17 +502,17 @@ TEST(BatchNormAccuracy, LargeOffsetsOnEveryLayout) {
         std::vector<double> y64(total), mean64(C), invstd64(C), yinf64(total), dx64(total),
             dw64(C), db64(C), dxinf64(total), dwinf64(C), dbinf64(C);
         ref::batch_norm_forward_training<double, double>(y64.data(), mean64.data(), invstd64.data(),
-                                                 nullptr, nullptr, x64.data(), w64.data(),
-                                                 b64.data(), sh, cfg.eps, 0.1);
+                                                         nullptr, nullptr, x64.data(), w64.data(),
+                                                         b64.data(), sh, cfg.eps, 0.1);
         ref::batch_norm_forward_inference<double, double>(yinf64.data(), x64.data(), w64.data(),
-                                                  b64.data(), rm64.data(), rv64.data(), sh,
-                                                  cfg.eps);
+                                                          b64.data(), rm64.data(), rv64.data(), sh,
+                                                          cfg.eps);
         ref::batch_norm_backward_training<double, double>(dx64.data(), dw64.data(), db64.data(),
-                                                  dy64.data(), x64.data(), mean64.data(),
-                                                  invstd64.data(), w64.data(), sh);
-        ref::batch_norm_backward_inference<double, double>(dxinf64.data(), dwinf64.data(), dbinf64.data(),
-                                                   dy64.data(), x64.data(), rm64.data(),
-                                                   rv64.data(), w64.data(), sh, cfg.eps);
+                                                          dy64.data(), x64.data(), mean64.data(),
+                                                          invstd64.data(), w64.data(), sh);
+        ref::batch_norm_backward_inference<double, double>(
+            dxinf64.data(), dwinf64.data(), dbinf64.data(), dy64.data(), x64.data(), rm64.data(),
+            rv64.data(), w64.data(), sh, cfg.eps);
         const double tol = 1e-5 * (1 + std::fabs(offset) / scale);
         for (Backend backend : {Backend::cpu, Backend::reference}) {
           // The reference backend too, where it is quick.
