@@ -3,9 +3,13 @@
 // affine. With use_input_stats it is group_norm with num_groups = C, and optionally updates
 // running statistics with the batch average of the per-instance mean and unbiased variance
 // (as torch: momentum-weighted). Without use_input_stats it normalizes with the running stats.
+// Activations (x, y, dy, dx, epilogue tensors) may be float32, bfloat16 or float16, all of one
+// dtype; weights, statistics and running statistics are float32. Scratch memory as GroupNorm's
+// (normkit/group_norm.h).
 #include <span>
 
 #include "normkit/context.h"
+#include "normkit/epilogue.h"
 #include "normkit/error.h"
 #include "normkit/tensor.h"
 
@@ -15,12 +19,15 @@ struct InstanceNormParams {
   bool use_input_stats = true;
   double momentum = 0.1;
   double eps = 1e-5;
+  // Fused into the forward's output pass: y = relu?(normalized + residual?).
+  ForwardEpilogue epilogue = {};
 };
 
 // Reads x, weight, bias (length C, optional), running_mean/running_var (length C; optional
 // with use_input_stats, required without). Overwrites y, mean and rstd (N*C each; with
 // use_input_stats = false they receive the running stats broadcast per sample, so backward can
 // treat them as constants). Updates running stats in place when given and use_input_stats.
+// y = relu?(normalized(x) + residual?) with params.epilogue (residual: shape/format/dtype of x).
 // Throws normkit::Error before writing anything; spatial size 1 with use_input_stats throws
 // "Expected more than 1 spatial element when training".
 void instance_norm_forward(const InstanceNormParams& params, const TensorView& x,
@@ -37,5 +44,15 @@ void instance_norm_backward(const InstanceNormParams& params, const TensorView& 
                             std::span<const float> rstd, std::span<const float> weight,
                             const TensorView& dx, std::span<float> dweight,
                             std::span<float> dbias, const Context& ctx = {});
+
+// Backward of a forward that fused an epilogue, as group_norm_backward's overload: with
+// epilogue.relu the gradient is g = dy * (epilogue.y > 0) (y required then); epilogue.dresidual,
+// when given, is overwritten with g. Throws as above plus on epilogue tensors unlike x.
+void instance_norm_backward(const InstanceNormParams& params, const BackwardEpilogue& epilogue,
+                            const TensorView& dy, const TensorView& x,
+                            std::span<const float> mean, std::span<const float> rstd,
+                            std::span<const float> weight, const TensorView& dx,
+                            std::span<float> dweight, std::span<float> dbias,
+                            const Context& ctx = {});
 
 }  // namespace normkit

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "common/dtype.h"
 #include "common/validate.h"
 #include "cpu/group_norm.h"
 #include "ref/group_norm.h"
@@ -24,7 +25,7 @@ float* ptr(std::span<float> v) { return v.data(); }
 // Checks shared by forward and backward; returns N * C.
 int64_t check_instance_input(const char* fn, const InstanceNormParams& params,
                              const TensorView& x, std::span<const float> weight) {
-  check_tensor(fn, "x", x);
+  check_tensor(fn, "x", x, 2, detail::kActivationDTypes);
   check_length(fn, "weight", weight, x.channels(), "C", false);
   detail::check_eps(fn, params.eps);
   detail::check_momentum(fn, params.momentum);
@@ -36,6 +37,15 @@ int64_t check_instance_input(const char* fn, const InstanceNormParams& params,
   if (__builtin_mul_overflow(x.batch(), x.channels(), &instances))
     fail(fn, "N * C overflows int64: shape " + shape_string(x));
   return instances;
+}
+
+bool present(const TensorView& t) { return t.data != nullptr; }
+
+void check_backward_epilogue(const char* fn, const BackwardEpilogue& e, const TensorView& x) {
+  if (e.relu && !present(e.y) && x.numel() > 0)
+    fail(fn, "epilogue.y (the forward's output) is required with epilogue.relu");
+  if (present(e.y)) check_like(fn, "epilogue.y", e.y, "x", x);
+  if (present(e.dresidual)) check_like(fn, "epilogue.dresidual", e.dresidual, "x", x);
 }
 
 ref::GroupNormShape shape_of(const TensorView& x) {
@@ -62,6 +72,8 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
   check_like(fn, "y", y, "x", x);
   check_length(fn, "mean", mean, instances, "N * C", true);
   check_length(fn, "rstd", rstd, instances, "N * C", true);
+  const ForwardEpilogue& epi = params.epilogue;
+  if (present(epi.residual)) check_like(fn, "epilogue.residual", epi.residual, "x", x);
   // An empty batch gives an empty output and leaves the running statistics alone.
   if (x.batch() == 0) return;
 
@@ -75,11 +87,14 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
         rstd[n * C + c] = float(1.0 / std::sqrt(double(running_var[c]) + params.eps));
       }
     if (reference)
-      ref::group_norm_apply(y.as<float>(), x.as<const float>(), ptr(mean), ptr(rstd), ptr(weight),
-                            ptr(bias), sh);
+      ref::group_norm_apply(y, x, ptr(mean), ptr(rstd), ptr(weight), ptr(bias), sh, epi);
     else
-      cpu::group_norm_apply(y.as<float>(), x.as<const float>(), ptr(mean), ptr(rstd), ptr(weight),
-                            ptr(bias), sh, threads);
+      visit_dtype(x.dtype, [&](auto tag) {
+        using T = decltype(tag);
+        cpu::group_norm_apply(y.as<T>(), x.as<const T>(), ptr(mean), ptr(rstd), ptr(weight),
+                              ptr(bias), sh, threads,
+                              cpu::GroupNormForwardEpilogue<T>{epi.residual.as<const T>(), epi.relu});
+      });
     return;
   }
 
@@ -88,11 +103,15 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
   if (update && variance.size() < std::size_t(instances)) variance.resize(std::size_t(instances));
   float* var = update ? variance.data() : nullptr;
   if (reference)
-    ref::group_norm_forward(y.as<float>(), ptr(mean), ptr(rstd), x.as<const float>(), ptr(weight),
-                            ptr(bias), sh, params.eps, var);
+    ref::group_norm_forward(y, ptr(mean), ptr(rstd), x, ptr(weight), ptr(bias), sh, params.eps, epi,
+                            var);
   else
-    cpu::group_norm_forward(y.as<float>(), ptr(mean), ptr(rstd), x.as<const float>(), ptr(weight),
-                            ptr(bias), sh, params.eps, threads, var);
+    visit_dtype(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      cpu::group_norm_forward(y.as<T>(), ptr(mean), ptr(rstd), x.as<const T>(), ptr(weight),
+                              ptr(bias), sh, params.eps, threads, var,
+                              cpu::GroupNormForwardEpilogue<T>{epi.residual.as<const T>(), epi.relu});
+    });
   if (!update) return;
   // torch: running <- (1 - m) * running + m * (average over n of the per-instance statistic),
   // the variance unbiased over the S spatial elements.
@@ -113,6 +132,16 @@ void instance_norm_backward(const InstanceNormParams& params, const TensorView& 
                             std::span<const float> rstd, std::span<const float> weight,
                             const TensorView& dx, std::span<float> dweight,
                             std::span<float> dbias, const Context& ctx) {
+  instance_norm_backward(params, BackwardEpilogue{}, dy, x, mean, rstd, weight, dx, dweight, dbias,
+                         ctx);
+}
+
+void instance_norm_backward(const InstanceNormParams& params, const BackwardEpilogue& epilogue,
+                            const TensorView& dy, const TensorView& x,
+                            std::span<const float> mean, std::span<const float> rstd,
+                            std::span<const float> weight, const TensorView& dx,
+                            std::span<float> dweight, std::span<float> dbias,
+                            const Context& ctx) {
   const char* fn = "instance_norm_backward";
   const int64_t instances = check_instance_input(fn, params, x, weight);
   check_like(fn, "dy", dy, "x", x);
@@ -121,17 +150,22 @@ void instance_norm_backward(const InstanceNormParams& params, const TensorView& 
   check_length(fn, "rstd", rstd, instances, "N * C", true);
   check_length(fn, "dweight", dweight, x.channels(), "C", false);
   check_length(fn, "dbias", dbias, x.channels(), "C", false);
+  check_backward_epilogue(fn, epilogue, x);
 
   const auto sh = shape_of(x);
   const bool constants = !params.use_input_stats;
   if (ctx.backend == Backend::reference)
-    ref::group_norm_backward(dx.as<float>(), ptr(dweight), ptr(dbias), dy.as<const float>(),
-                             x.as<const float>(), ptr(mean), ptr(rstd), ptr(weight), sh,
-                             constants);
+    ref::group_norm_backward(dx, ptr(dweight), ptr(dbias), dy, x, ptr(mean), ptr(rstd), ptr(weight),
+                             sh, constants, epilogue);
   else
-    cpu::group_norm_backward(dx.as<float>(), ptr(dweight), ptr(dbias), dy.as<const float>(),
-                             x.as<const float>(), ptr(mean), ptr(rstd), ptr(weight), sh, constants,
-                             detail::thread_count(ctx));
+    visit_dtype(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      cpu::group_norm_backward(dx.as<T>(), ptr(dweight), ptr(dbias), dy.as<const T>(),
+                               x.as<const T>(), ptr(mean), ptr(rstd), ptr(weight), sh, constants,
+                               detail::thread_count(ctx),
+                               cpu::GroupNormBackwardEpilogue<T>{epilogue.relu, epilogue.y.as<const T>(),
+                                                                 epilogue.dresidual.as<T>()});
+    });
 }
 
 }  // namespace normkit

@@ -4,10 +4,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
 
+#include "common/dtype.h"
 #include "normkit/error.h"
 #include "normkit/group_norm.h"
 #include "normkit/instance_norm.h"
@@ -364,6 +366,87 @@ void expect_forward_error(const std::function<void(ForwardArgs&)>& edit,
   edit(a);
   expect_error([&] { a.run(); }, needles);
   EXPECT_TRUE(a.untouched()) << "memory written before the throw: " << needles.front();
+}
+
+// bfloat16 / float16 activations and the fused epilogues, in both statistics modes and both
+// formats: CPU against the reference (which widens to double), both backwards fed the
+// reference forward's y, mean and rstd; then 1 vs 3 threads bitwise.
+template <typename T>
+void low_precision_and_epilogues(std::mt19937_64& rng) {
+  const double ulp = std::is_same_v<T, bf16> ? 1.0 / 128 : std::is_same_v<T, f16> ? 1.0 / 1024 : 0.0;
+  auto round_all = [](const std::vector<float>& v) {
+    std::vector<T> out(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) out[i] = from_float<T>(v[i]);
+    return out;
+  };
+  for (MemoryFormat fmt : {MemoryFormat::channels_first, MemoryFormat::channels_last})
+    for (bool use_input_stats : {true, false})
+      for (int epi = 0; epi < 4; ++epi) {
+        const bool relu = epi & 1, residual = epi & 2;
+        const std::vector<int64_t> dims{2, 5, 7, 9};
+        const std::size_t n = 2 * 5 * 63;
+        const auto x = round_all(random_normal(n, rng, 2.0, 1.5));
+        const auto r = round_all(random_normal(n, rng));
+        const auto dy = round_all(random_normal(n, rng));
+        const auto w = random_normal(5, rng, 0.5, 1.0), b = random_normal(5, rng);
+        auto view = [&](const std::vector<T>& v) {
+          return TensorView(v.data(), dtype_of<T>(), int(dims.size()), dims.data(), fmt);
+        };
+        InstanceNormParams params;
+        params.use_input_stats = use_input_stats;
+        params.epilogue.relu = relu;
+        if (residual) params.epilogue.residual = view(r);
+        struct Out {
+          std::vector<T> y, dx, dres;
+          std::vector<float> mean, rstd, dw, db, rm, rv;
+        };
+        auto run = [&](const Context& ctx, const Out* fwd) {
+          Out o{std::vector<T>(n, from_float<T>(kPoison)), std::vector<T>(n, from_float<T>(kPoison)),
+                std::vector<T>(n, from_float<T>(kPoison)), poisoned(10), poisoned(10), poisoned(5),
+                poisoned(5), std::vector<float>(5, 0.25f), std::vector<float>(5, 2.0f)};
+          instance_norm_forward(params, view(x), w, b, o.rm, o.rv, view(o.y), o.mean, o.rstd, ctx);
+          const Out& f = fwd ? *fwd : o;
+          BackwardEpilogue be;
+          be.relu = relu;
+          if (relu) be.y = view(f.y);
+          if (residual) be.dresidual = view(o.dres);
+          instance_norm_backward(params, be, view(dy), view(x), f.mean, f.rstd, w, view(o.dx), o.dw,
+                                 o.db, ctx);
+          return o;
+        };
+        const std::string what = std::string(to_string(fmt)) + (use_input_stats ? " input" : " running") +
+                                 " stats, epilogue " + std::to_string(epi) + " " + to_string(dtype_of<T>());
+        const Out want = run(reference_ctx(), nullptr);
+        const Out got = run(cpu_ctx(3), &want);
+        auto near = [&](const std::vector<T>& g, const std::vector<T>& e, double abs_tol, const char* name) {
+          double worst = 0;
+          for (std::size_t i = 0; i < g.size(); ++i) {
+            const double a = to_float(g[i]), c = to_float(e[i]);
+            const double excess = std::fabs(a - c) - (ulp * std::fabs(c) + abs_tol);
+            worst = std::isnan(excess) ? INFINITY : std::max(worst, excess);
+          }
+          EXPECT_LE(worst, 0.0) << what << " " << name;
+        };
+        near(got.y, want.y, 1e-4, "y");
+        near(got.dx, want.dx, 1e-4, "dx");
+        if (residual) near(got.dres, want.dres, 0.0, "dresidual");
+        EXPECT_LE(max_abs_diff(got.mean, want.mean), 1e-5 * (1 + max_abs(want.mean))) << what;
+        EXPECT_LE(max_abs_diff(got.rstd, want.rstd), 1e-5 * (1 + max_abs(want.rstd))) << what;
+        EXPECT_LE(max_abs_diff(got.dw, want.dw), 1e-4 * (1 + max_abs(want.dw))) << what;
+        EXPECT_LE(max_abs_diff(got.db, want.db), 1e-4 * (1 + max_abs(want.db))) << what;
+        EXPECT_LE(max_abs_diff(got.rm, want.rm), 1e-5 * (1 + max_abs(want.rm))) << what;
+        EXPECT_LE(max_abs_diff(got.rv, want.rv), 1e-5 * (1 + max_abs(want.rv))) << what;
+        const Out one = run(cpu_ctx(1), &want);
+        EXPECT_EQ(std::memcmp(one.y.data(), got.y.data(), n * sizeof(T)), 0) << what;
+        EXPECT_EQ(std::memcmp(one.dx.data(), got.dx.data(), n * sizeof(T)), 0) << what;
+      }
+}
+
+TEST(InstanceNorm, LowPrecisionAndEpiloguesMatchReference) {
+  std::mt19937_64 rng(31);
+  low_precision_and_epilogues<float>(rng);
+  low_precision_and_epilogues<bf16>(rng);
+  low_precision_and_epilogues<f16>(rng);
 }
 
 TEST(InstanceNormErrors, ForwardArguments) {
