@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "normkit/context.h"
+#include "normkit/epilogue.h"
 #include "normkit/tensor.h"
 
 namespace normkit {
@@ -102,6 +103,16 @@ class BatchNorm : public NormLayer {
   void forward(const TensorView& x, const TensorView& y) override;
   void backward(const TensorView& dy, const TensorView& dx) override;
 
+  // The same forward with the fused epilogue of a ResNet block (epilogue.h):
+  // y = relu?(batch_norm(x) + residual?) in one pass; epilogue.residual is absent or has x's
+  // shape and format. With relu, y is also kept for the backward (its sign is the ReLU's mask):
+  // y must then stay unchanged until the backward, like x.
+  void forward(const TensorView& x, const ForwardEpilogue& epilogue, const TensorView& y);
+  // backward(dy, dx) through the last forward's epilogue, and also overwrites dresidual
+  // (optional: TensorView{} for none; x's shape and format) with the residual's gradient, dy
+  // masked by the ReLU.
+  void backward(const TensorView& dy, const TensorView& dx, const TensorView& dresidual);
+
   Options options;
   // Length C when track_running_stats, empty otherwise.
   std::vector<float> running_mean, running_var;
@@ -111,6 +122,8 @@ class BatchNorm : public NormLayer {
   bool track_running_stats_;
   bool used_batch_stats_ = true;
   double used_eps_ = 1e-5;
+  bool used_relu_ = false;
+  TensorView saved_y_;  // the last forward's output when it applied a ReLU
   std::vector<float> save_mean_, save_invstd_;
 };
 

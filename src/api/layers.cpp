@@ -82,7 +82,10 @@ BatchNorm::BatchNorm(int64_t num_features, Options opts)
   }
 }
 
-void BatchNorm::forward(const TensorView& x, const TensorView& y) {
+void BatchNorm::forward(const TensorView& x, const TensorView& y) { forward(x, {}, y); }
+
+void BatchNorm::forward(const TensorView& x, const ForwardEpilogue& epilogue,
+                        const TensorView& y) {
   check_input("forward", x);
   check_options(name_, options.eps, options.momentum);
   const bool batch_stats = training_ || !track_running_stats_;
@@ -93,7 +96,8 @@ void BatchNorm::forward(const TensorView& x, const TensorView& y) {
     BatchNormParams params{.eps = options.eps,
                            .momentum = update ? average_factor(options.momentum,
                                                                num_batches_tracked + 1)
-                                              : 0.0};
+                                              : 0.0,
+                           .epilogue = epilogue};
     batch_norm_forward_training(params, x, optional_view(weight), optional_view(bias), y,
                                 save_mean_, save_invstd_,
                                 update ? optional_view(running_mean) : std::span<float>{},
@@ -101,24 +105,31 @@ void BatchNorm::forward(const TensorView& x, const TensorView& y) {
                                 context);
     if (update) ++num_batches_tracked;
   } else {
-    batch_norm_forward_inference({.eps = options.eps}, x, optional_view(weight),
-                                 optional_view(bias), running_mean, running_var, y, context);
+    batch_norm_forward_inference({.eps = options.eps, .epilogue = epilogue}, x,
+                                 optional_view(weight), optional_view(bias), running_mean,
+                                 running_var, y, context);
   }
   saved_x_ = x;
+  used_relu_ = epilogue.relu;
+  saved_y_ = epilogue.relu ? y : TensorView{};
   used_batch_stats_ = batch_stats;
   used_eps_ = options.eps;
 }
 
-void BatchNorm::backward(const TensorView& dy, const TensorView& dx) {
+void BatchNorm::backward(const TensorView& dy, const TensorView& dx) { backward(dy, dx, {}); }
+
+void BatchNorm::backward(const TensorView& dy, const TensorView& dx,
+                         const TensorView& dresidual) {
   check_backward(dy, dx);
+  const BackwardEpilogue epilogue{.relu = used_relu_, .y = saved_y_, .dresidual = dresidual};
   if (used_batch_stats_)
-    batch_norm_backward_training(dy, saved_x_, save_mean_, save_invstd_, optional_view(weight),
-                                 dx, optional_view(weight_grad), optional_view(bias_grad),
-                                 context);
+    batch_norm_backward_training(epilogue, dy, saved_x_, save_mean_, save_invstd_,
+                                 optional_view(weight), dx, optional_view(weight_grad),
+                                 optional_view(bias_grad), context);
   else
-    batch_norm_backward_inference({.eps = used_eps_}, dy, saved_x_, running_mean, running_var,
-                                  optional_view(weight), dx, optional_view(weight_grad),
-                                  optional_view(bias_grad), context);
+    batch_norm_backward_inference({.eps = used_eps_}, epilogue, dy, saved_x_, running_mean,
+                                  running_var, optional_view(weight), dx,
+                                  optional_view(weight_grad), optional_view(bias_grad), context);
 }
 
 // ---- GroupNorm / LayerNorm ----

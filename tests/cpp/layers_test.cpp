@@ -242,6 +242,54 @@ TEST(BatchNormLayer, EmptyBatchCountsButLeavesStatisticsAsTorch) {
   EXPECT_EQ(bn.weight_grad, std::vector<float>(3, 0.0f));
 }
 
+// The fused epilogue is, bit for bit, the plain layer followed by the residual add and the ReLU
+// (the same float operations in the same order); its backward is the plain backward of the
+// masked dy, and dresidual is that masked dy.
+TEST(BatchNormLayer, FusedEpilogueIsThePlainLayerThenAddAndRelu) {
+  std::mt19937_64 rng(21);
+  const int64_t N = 3, C = 5, H = 6, W = 7, total = N * C * H * W;
+  for (auto format : {MemoryFormat::channels_first, MemoryFormat::channels_last})
+    for (bool training : {true, false}) {
+      SCOPED_TRACE(std::string(to_string(format)) + (training ? " training" : " eval"));
+      const auto x = random_normal(total, rng), r = random_normal(total, rng);
+      const auto dy = random_normal(total, rng);
+      auto view = [&](const std::vector<float>& v) {
+        return TensorView(v.data(), {N, C, H, W}, format);
+      };
+      BatchNorm fused(C), plain(C);
+      for (int64_t c = 0; c < C; ++c) {
+        fused.weight[c] = plain.weight[c] = float(0.5 + 0.1 * double(c));
+        fused.bias[c] = plain.bias[c] = float(0.2 * double(c) - 0.3);
+        fused.running_mean[c] = plain.running_mean[c] = float(0.1 * double(c));
+      }
+      if (!training) fused.eval(), plain.eval();
+      std::vector<float> y = poisoned(total), y_plain = poisoned(total);
+      fused.forward(view(x), {.relu = true, .residual = view(r)}, view(y));
+      plain.forward(view(x), view(y_plain));
+      std::vector<float> want(total), masked(total);
+      for (int64_t i = 0; i < total; ++i) {
+        const float v = y_plain[i] + r[i];
+        want[i] = v < 0 ? 0.0f : v;
+        masked[i] = want[i] > 0 ? dy[i] : 0.0f;
+      }
+      EXPECT_TRUE(test::bitwise_equal(y, want));
+      EXPECT_EQ(fused.running_mean, plain.running_mean);
+      EXPECT_EQ(fused.running_var, plain.running_var);
+
+      std::vector<float> dx = poisoned(total), dres = poisoned(total), dx_plain = poisoned(total);
+      fused.backward(view(dy), view(dx), view(dres));
+      plain.backward(view(masked), view(dx_plain));
+      EXPECT_TRUE(test::bitwise_equal(dx, dx_plain));
+      EXPECT_TRUE(test::bitwise_equal(dres, masked));
+      EXPECT_EQ(fused.weight_grad, plain.weight_grad);
+      EXPECT_EQ(fused.bias_grad, plain.bias_grad);
+      // The two-argument backward after a fused forward still applies the ReLU's mask.
+      std::vector<float> dx2 = poisoned(total);
+      fused.backward(view(dy), view(dx2));
+      EXPECT_TRUE(test::bitwise_equal(dx2, dx_plain));
+    }
+}
+
 TEST(BatchNormLayer, RejectsBadArguments) {
   expect_error([] { BatchNorm(3, {.momentum = 1.5}); }, "momentum must be in [0, 1]");
   expect_error([] { BatchNorm(3, {.eps = -1}); }, "eps");
