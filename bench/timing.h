@@ -13,10 +13,10 @@ struct TimingOptions {
   double budget_seconds = 0.6;   // target time for all repetitions of one case
   double min_sample_seconds = 2e-3;  // a sample repeats a short call until it lasts this long
   double gap_seconds = 1e-3;     // idle time before each sample
-  // Idle time before a sample on another thread pool than the previous sample's: libgomp's
-  // workers spin for milliseconds after a parallel region before they sleep, and would take
-  // cores from TBB's workers (and the reverse).
-  double pool_switch_gap_seconds = 30e-3;
+  // Idle time before a sample on another thread pool than the previous sample's (libgomp's
+  // workers spin a while after a parallel region before they sleep, and could take cores from
+  // TBB's). Measured here: oneDNN's times were the same with 1, 30 and 100 ms, so it is short.
+  double pool_switch_gap_seconds = 2e-3;
   // A candidate whose single call takes longer (oneDNN's reference-only group-norm backward, for
   // one) is timed in the first `slow_reps` repetitions only: far off the floor, it needs no
   // precision, and would otherwise take most of the run.
