@@ -5,8 +5,8 @@
 //   y[n, (oh, ow), co] = sum_k col[., k] * weight[co, k]        weight: (C_out, kh, kw, C_in)
 // Backward, per image: dweight += dy_n^T col, dcol = dy_n weight, dx_n = col2im(dcol) (added
 // tap by tap in a fixed order).
-// Per image, an image's col matrix (at most a few hundred KB here) stays in cache between
-// im2col and the GEMM; a whole batch's would be 9x the activations in main memory. The batch is
+// Per piece of an image (a few dozen output pixels), the col rows stay in cache between im2col
+// and the GEMM; a whole batch's col would be 9x the activations in main memory. The batch is
 // cut into min(N, 8) fixed slots of consecutive images; each slot accumulates its own dweight
 // and the slots are added in order, so the result does not depend on the thread count.
 #include <string>
@@ -40,8 +40,11 @@ class Conv2d {
   Param weight;
 
  private:
-  // col of image n of x into dst (out_h*out_w rows of k_), or x's own rows for a 1x1 stride-1 conv.
-  const float* image_col(const Tensor& x, int64_t n, float* dst) const;
+  // Rows [begin, end) of the col matrix of image n of x, written to col; or x's own rows for a
+  // 1x1 stride-1 conv (col unused).
+  const float* image_col(const Tensor& x, int64_t n, float* col, int64_t begin, int64_t end) const;
+  // Output pixels per piece: an image is processed in pieces whose col rows stay in L1/L2.
+  int64_t piece_rows() const;
   kernels::ConvGeometry geometry(const Tensor& x) const;
   // Per-thread scratch, grown once.
   struct Scratch {

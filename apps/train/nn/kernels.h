@@ -14,13 +14,19 @@ struct ConvGeometry {
   int kernel, stride, pad;
 };
 
-// Overwrites col (out_h * out_w rows of kernel * kernel * channels floats) with the patches of
-// image (in_h * in_w * channels floats), zeros outside the image.
-void im2col(const ConvGeometry& g, const float* image, float* col);
+// Overwrites col (rows [row_begin, row_end) of the out_h * out_w output pixels, kernel * kernel *
+// channels floats each) with the patches of image (in_h * in_w * channels floats), zeros outside
+// the image.
+void im2col(const ConvGeometry& g, const float* image, float* col, int64_t row_begin,
+            int64_t row_end);
 
-// Overwrites dx (in_h * in_w * channels) with base (or 0 when base is null) plus every patch
-// row of dcol added back where im2col read it, rows and taps in order.
-void col2im(const ConvGeometry& g, const float* dcol, const float* base, float* dx);
+// Adds the patch rows [row_begin, row_end) of dcol back onto dx (in_h * in_w * channels) where
+// im2col read them, rows and taps in order.
+void col2im_add(const ConvGeometry& g, const float* dcol, float* dx, int64_t row_begin,
+                int64_t row_end);
+
+// dst = src (n floats), or 0 when src is null.
+void copy_or_zero(float* dst, const float* src, int64_t n);
 
 // y[i] = relu ? max(y[i] + r[i], 0) : y[i] + r[i] (r may be null: no addition).
 void add_relu(float* y, const float* r, int64_t n, bool relu);
