@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <optional>
 #include <thread>
 
 #include "io/io_error.h"
@@ -19,6 +20,7 @@
 #include "io/results.h"
 #include "nn/parallel.h"
 #include "normkit/error.h"
+#include "sweep.h"
 #include "trainer.h"
 
 namespace nt = normkit::train;
@@ -69,6 +71,28 @@ void add_common(CLI::App* app, Common& c) {
   app->add_flag("--quiet", c.quiet, "no progress bar");
 }
 
+std::string number(double v) {
+  char b[64];
+  std::snprintf(b, sizeof b, "%.17g", v);
+  return b;
+}
+
+// The options of `c` as normkit-train arguments, for the runs a sweep starts.
+std::vector<std::string> common_args(const Common& c, int threads) {
+  std::string widths, decay;
+  for (int w : c.widths) widths += (widths.empty() ? std::string() : std::string(",")) + std::to_string(w);
+  for (double f : c.lr_decay_at) decay += (decay.empty() ? std::string() : std::string(",")) + number(f);
+  std::vector<std::string> a{"--groups", std::to_string(c.groups), "--epochs", std::to_string(c.epochs),
+                             "--lr-base", number(c.lr_base), "--seed", std::to_string(c.seed),
+                             "--threads", std::to_string(threads), "--data", c.data,
+                             "--widths", widths, "--blocks-per-stage", std::to_string(c.blocks_per_stage),
+                             "--eval-batch", std::to_string(c.eval_batch)};
+  if (!c.lr_decay_at.empty()) a.insert(a.end(), {"--lr-decay-at", decay});
+  if (c.limit_train > 0) a.insert(a.end(), {"--limit-train", std::to_string(c.limit_train)});
+  if (c.limit_test > 0) a.insert(a.end(), {"--limit-test", std::to_string(c.limit_test)});
+  return a;
+}
+
 nt::TrainConfig make_config(const Common& c, const std::string& norm, int batch) {
   nt::TrainConfig t;
   t.model.norm = nt::parse_norm_kind(norm);
@@ -89,7 +113,7 @@ nt::TrainConfig make_config(const Common& c, const std::string& norm, int batch)
 }
 
 // The paragraph under the title of results.md: what was trained, how long, on what.
-std::string sweep_notes(const Common& c, const nt::Data& data) {
+std::string sweep_notes(const Common& c, const nt::Data& data, int jobs) {
   std::string widths;
   for (int w : c.widths) {
     if (!widths.empty()) widths += '-';
@@ -100,10 +124,10 @@ std::string sweep_notes(const Common& c, const nt::Data& data) {
                 "Residual CNN (stem %d, widths %s, %d block(s) per stage), %d epoch(s) over %lld "
                 "Fashion-MNIST training images, tested on %lld; SGD momentum 0.9, weight decay "
                 "1e-4, lr %g x batch / 32, divided by 10 at the listed fractions of the steps; "
-                "seed %llu; %d thread(s); %s.",
+                "seed %llu; %d thread(s) per run, %d run(s) at a time; %s.",
                 c.widths[0], widths.c_str(), c.blocks_per_stage, c.epochs,
                 static_cast<long long>(data.train.count), static_cast<long long>(data.test.count),
-                c.lr_base, static_cast<unsigned long long>(c.seed), c.threads,
+                c.lr_base, static_cast<unsigned long long>(c.seed), c.threads, jobs,
                 nt::blas_description().c_str());
   return text;
 }
@@ -170,6 +194,12 @@ int main(int argc, char** argv) {
       ->delimiter(',')->capture_default_str()->check(CLI::PositiveNumber);
   add_common(sweep, sweep_opts);
   sweep->add_option("--out", out_dir, "output folder (results.csv, results.md, the plot)")->required();
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  int jobs = cores;
+  sweep->add_option("--jobs", jobs,
+                    "runs trained at once, each a process of its own (default: one per core, with "
+                    "--threads cores/jobs each)")
+      ->capture_default_str()->check(CLI::PositiveNumber);
 
   CLI11_PARSE(app, argc, argv);
 
@@ -200,21 +230,53 @@ int main(int argc, char** argv) {
           nt::validate(configs.back());
         }
       std::filesystem::create_directories(out_dir + "/runs");
+      if (!sweep->count("--threads")) sweep_opts.threads = std::max(1, cores / jobs);
+      for (nt::TrainConfig& cfg : configs) cfg.threads = sweep_opts.threads;
       const nt::Data data = nt::load_data(sweep_opts.data, sweep_opts.limit_train, sweep_opts.limit_test);
-      nt::ProgressBar bar = make_progress(sweep_opts.quiet);
-      std::vector<nt::RunResult> results;
-      const std::string notes = sweep_notes(sweep_opts, data);
-      for (const nt::TrainConfig& cfg : configs) {
-        const nt::TrainOutcome o = nt::train_run(cfg, data, &bar, label_of(cfg));
-        bar.message(summary(o));
-        results.push_back(o.run);
+      const std::string notes = sweep_notes(sweep_opts, data, jobs);
+      std::vector<std::optional<nt::RunResult>> slots(configs.size());
+      auto record = [&](size_t i, const nt::RunResult& r) {
+        slots[i] = r;
+        std::vector<nt::RunResult> results;  // in sweep order, the finished ones
+        for (const auto& s : slots)
+          if (s) results.push_back(*s);
         // Written after every run, so an interrupted sweep keeps what it finished.
-        nt::write_metrics_json(out_dir + "/runs/" + o.run.norm + "_b" + std::to_string(cfg.batch) + ".json", o.run);
         nt::write_results_csv(out_dir + "/results.csv", results);
         nt::write_results_markdown(out_dir + "/results.md", results, notes);
         nt::write_line_plot_svg(out_dir + "/test_error_vs_batch.svg",
                                 nt::batch_size_plot(results, "Fashion-MNIST test error vs batch size"));
         nt::write_line_plot_svg(out_dir + "/loss_curves.svg", nt::loss_curve_plot(results));
+      };
+      auto run_file = [&](const nt::TrainConfig& cfg, const char* ext) {
+        return out_dir + "/runs/" + nt::to_string(cfg.model.norm) + "_b" + std::to_string(cfg.batch) + ext;
+      };
+      if (jobs == 1) {
+        nt::ProgressBar bar = make_progress(sweep_opts.quiet);
+        for (size_t i = 0; i < configs.size(); ++i) {
+          const nt::TrainOutcome o = nt::train_run(configs[i], data, &bar, label_of(configs[i]));
+          bar.message(summary(o));
+          nt::write_metrics_json(run_file(configs[i], ".json"), o.run);
+          record(i, o.run);
+        }
+      } else {
+        std::vector<nt::SweepJob> list;
+        for (const nt::TrainConfig& cfg : configs) {
+          nt::SweepJob job;
+          job.label = label_of(cfg);
+          job.metrics_path = run_file(cfg, ".json");
+          job.log_path = run_file(cfg, ".log");
+          job.args = {"run", "--norm", nt::to_string(cfg.model.norm), "--batch", std::to_string(cfg.batch),
+                      "--metrics-out", job.metrics_path};
+          for (const std::string& a : common_args(sweep_opts, sweep_opts.threads)) job.args.push_back(a);
+          list.push_back(job);
+        }
+        nt::run_sweep_jobs(list, jobs, [&](size_t i, const nt::RunResult& r) {
+          nt::TrainOutcome o;
+          o.run = r;
+          std::printf("%s\n", summary(o).c_str());
+          std::fflush(stdout);
+          record(i, r);
+        });
       }
       std::printf("wrote %s/results.csv, %s/results.md, %s/test_error_vs_batch.svg, %s/loss_curves.svg\n",
                   out_dir.c_str(), out_dir.c_str(), out_dir.c_str(), out_dir.c_str());

@@ -1,0 +1,108 @@
+#include "sweep.h"
+
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <thread>
+
+#include "io/io_error.h"
+#include "io/progress.h"
+
+extern char** environ;
+
+namespace normkit::train {
+namespace {
+
+pid_t spawn(const SweepJob& job) {
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, job.log_path.c_str(),
+                                   O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
+  std::vector<std::string> args{"normkit-train"};
+  args.insert(args.end(), job.args.begin(), job.args.end());
+  std::vector<char*> argv;
+  for (std::string& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid = 0;
+  const int rc = posix_spawn(&pid, "/proc/self/exe", &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (rc != 0)
+    throw IoError("sweep: cannot start the run " + job.label + ": " + std::strerror(rc));
+  return pid;
+}
+
+// The last progress line a child wrote, reduced to "epoch a/b, p%" (empty if none yet).
+std::string progress_of(const std::string& log) {
+  std::ifstream in(log);
+  std::string line, last;
+  while (std::getline(in, line))
+    if (line.find("epoch ") != std::string::npos) last = line;
+  int epoch = 0, epochs = 0;
+  long long step = 0, steps = 0;
+  const size_t e = last.find("epoch ");
+  if (e == std::string::npos || std::sscanf(last.c_str() + e, "epoch %d/%d", &epoch, &epochs) != 2)
+    return {};
+  const size_t bracket = last.find(']', e);
+  if (bracket == std::string::npos ||
+      std::sscanf(last.c_str() + bracket + 1, " %lld/%lld", &step, &steps) != 2 || steps <= 0)
+    return "epoch " + std::to_string(epoch) + "/" + std::to_string(epochs);
+  return "epoch " + std::to_string(epoch) + "/" + std::to_string(epochs) + " " +
+         std::to_string(100 * step / steps) + "%";
+}
+
+}  // namespace
+
+void run_sweep_jobs(const std::vector<SweepJob>& list, int jobs,
+                    const std::function<void(size_t, const RunResult&)>& done) {
+  const bool tty = ::isatty(STDERR_FILENO) != 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  std::map<pid_t, size_t> running;
+  size_t next = 0, finished = 0;
+  auto status = [&] {
+    if (!tty) return;
+    std::string s = "sweep " + std::to_string(finished) + "/" + std::to_string(list.size()) +
+                    " done, " +
+                    format_duration(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    for (const auto& [pid, i] : running) s += " | " + list[i].label + " " + progress_of(list[i].log_path);
+    std::fprintf(stderr, "\r%-110.110s", s.c_str());
+  };
+  auto clear = [&] {
+    if (tty) std::fprintf(stderr, "\r%110s\r", "");
+  };
+  while (finished < list.size()) {
+    while (next < list.size() && static_cast<int>(running.size()) < jobs) {
+      running[spawn(list[next])] = next;
+      ++next;
+    }
+    int wstatus = 0;
+    const pid_t pid = ::waitpid(-1, &wstatus, WNOHANG);
+    if (pid <= 0) {
+      status();
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      continue;
+    }
+    const auto it = running.find(pid);
+    if (it == running.end()) continue;
+    const size_t i = it->second;
+    running.erase(it);
+    ++finished;
+    clear();
+    if (!WIFEXITED(wstatus) || WEXITSTATUS(wstatus) != 0) {
+      for (const auto& [other, j] : running) ::kill(other, SIGTERM);
+      for (size_t k = 0; k < running.size(); ++k) ::wait(nullptr);
+      throw IoError("sweep: the run " + list[i].label + " failed; see " + list[i].log_path);
+    }
+    done(i, read_metrics_json(list[i].metrics_path));
+  }
+  clear();
+}
+
+}  // namespace normkit::train
