@@ -27,6 +27,30 @@ namespace nt = normkit::train;
 
 namespace {
 
+// Checks with short messages (CLI11's own range checks print the whole double range).
+const CLI::Validator kPositive(
+    [](std::string& v) {
+      try {
+        size_t used = 0;
+        const double d = std::stod(v, &used);
+        if (used == v.size() && d > 0) return std::string();
+      } catch (const std::exception&) {
+      }
+      return "must be a positive number, got '" + v + "'";
+    },
+    "> 0");
+const CLI::Validator kNonNegative(
+    [](std::string& v) {
+      try {
+        size_t used = 0;
+        const double d = std::stod(v, &used);
+        if (used == v.size() && d >= 0) return std::string();
+      } catch (const std::exception&) {
+      }
+      return "must be zero or positive, got '" + v + "'";
+    },
+    ">= 0");
+
 // Options shared by run and sweep.
 struct Common {
   int groups = 8;
@@ -45,29 +69,29 @@ struct Common {
 
 void add_common(CLI::App* app, Common& c) {
   app->add_option("--groups", c.groups, "GroupNorm groups (must divide every width)")
-      ->capture_default_str()->check(CLI::PositiveNumber);
+      ->capture_default_str()->check(kPositive);
   app->add_option("--epochs", c.epochs, "epochs (the same for every batch size)")
-      ->capture_default_str()->check(CLI::PositiveNumber);
+      ->capture_default_str()->check(kPositive);
   app->add_option("--lr-base", c.lr_base, "learning rate at batch 32; lr = base * batch / 32")
-      ->capture_default_str()->check(CLI::PositiveNumber);
+      ->capture_default_str()->check(kPositive);
   app->add_option("--seed", c.seed, "seed of the initialization and the data order")->capture_default_str();
   app->add_option("--threads", c.threads, "threads for the engine, OpenBLAS and normkit")
-      ->capture_default_str()->check(CLI::PositiveNumber);
+      ->capture_default_str()->check(kPositive);
   app->add_option("--limit-train", c.limit_train, "use the first K training images (default: all)")
-      ->check(CLI::PositiveNumber);
+      ->check(kPositive);
   app->add_option("--limit-test", c.limit_test, "use the first K test images (default: all)")
-      ->check(CLI::PositiveNumber);
+      ->check(kPositive);
   app->add_option("--data", c.data, "folder with the four MNIST-format IDX files (.gz or plain)")
       ->capture_default_str();
   app->add_option("--widths", c.widths, "channels of each stage, e.g. 16,32,64")
-      ->delimiter(',')->capture_default_str()->check(CLI::PositiveNumber);
+      ->delimiter(',')->capture_default_str()->check(kPositive);
   app->add_option("--blocks-per-stage", c.blocks_per_stage, "residual blocks per stage")
-      ->capture_default_str()->check(CLI::PositiveNumber);
+      ->capture_default_str()->check(kPositive);
   app->add_option("--lr-decay-at", c.lr_decay_at,
                   "fractions of all steps where the learning rate is divided by 10")
       ->delimiter(',')->capture_default_str();
   app->add_option("--eval-batch", c.eval_batch, "batch for evaluation with running statistics")
-      ->capture_default_str()->check(CLI::PositiveNumber);
+      ->capture_default_str()->check(kPositive);
   app->add_flag("--quiet", c.quiet, "no progress bar");
 }
 
@@ -172,16 +196,16 @@ int main(int argc, char** argv) {
   CLI::App* run = app.add_subcommand("run", "train and evaluate one model");
   run->add_option("--norm", norm, "bn, gn, ln, in or none")
       ->capture_default_str()->check(CLI::IsMember({"bn", "gn", "ln", "in", "none"}));
-  run->add_option("--batch", batch, "images per batch")->capture_default_str()->check(CLI::PositiveNumber);
+  run->add_option("--batch", batch, "images per batch")->capture_default_str()->check(kPositive);
   add_common(run, run_opts);
   run->add_option("--metrics-out", metrics_out, "write the run's metrics as JSON to FILE");
   run->add_option("--checkpoint", checkpoint, "save a checkpoint (safetensors) at every epoch end");
-  run->add_option("--checkpoint-every", checkpoint_every, "also save every N steps")->check(CLI::NonNegativeNumber);
+  run->add_option("--checkpoint-every", checkpoint_every, "also save every N steps")->check(kNonNegative);
   run->add_option("--stop-after-steps", stop_after, "stop after N steps in all (with a checkpoint)")
-      ->check(CLI::PositiveNumber);
+      ->check(kPositive);
   run->add_option("--resume", resume, "continue exactly from a checkpoint")->check(CLI::ExistingFile);
   run->add_option("--warmup-steps", warmup_steps, "leave the first N steps out of images/s")
-      ->check(CLI::NonNegativeNumber);
+      ->check(kNonNegative);
 
   Common sweep_opts;
   std::vector<std::string> norms{"bn", "gn"};
@@ -191,7 +215,7 @@ int main(int argc, char** argv) {
   sweep->add_option("--norms", norms, "norms to compare")
       ->delimiter(',')->capture_default_str()->check(CLI::IsMember({"bn", "gn", "ln", "in", "none"}));
   sweep->add_option("--batches", batches, "batch sizes")
-      ->delimiter(',')->capture_default_str()->check(CLI::PositiveNumber);
+      ->delimiter(',')->capture_default_str()->check(kPositive);
   add_common(sweep, sweep_opts);
   sweep->add_option("--out", out_dir, "output folder (results.csv, results.md, the plot)")->required();
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -199,7 +223,7 @@ int main(int argc, char** argv) {
   sweep->add_option("--jobs", jobs,
                     "runs trained at once, each a process of its own (default: one per core, with "
                     "--threads cores/jobs each)")
-      ->capture_default_str()->check(CLI::PositiveNumber);
+      ->capture_default_str()->check(kPositive);
 
   CLI11_PARSE(app, argc, argv);
 
