@@ -39,6 +39,10 @@ struct Kernels {
                  float m, float c);
   void (*dx_rows)(T* dx, const T* dy, const T* mask, const T* x, int64_t rows, int64_t channels,
                   const float* a, const float* b, const float* m, const float* c);
+  // Per column c of a channels-last block: adds sum(x - p[c]) to acc1[c] and sum((x - p[c])^2)
+  // to acc2[c] (float accumulators: keep rows small).
+  void (*shifted_sums_rows)(const T* x, int64_t rows, int64_t channels, const float* p,
+                            float* acc1, float* acc2);
 };
 
 }  // namespace normkit::cpu::gn
@@ -235,10 +239,33 @@ void DxRows(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT 
   }
 }
 
+template <class D, typename T>
+HWY_INLINE void ShiftedStep(D d, const T* HWY_RESTRICT x, const float* p, float* acc1,
+                            float* acc2) {
+  const auto v = hn::Sub(LoadF(d, x), hn::LoadU(d, p));
+  hn::StoreU(hn::Add(hn::LoadU(d, acc1), v), d, acc1);
+  hn::StoreU(hn::MulAdd(v, v, hn::LoadU(d, acc2)), d, acc2);
+}
+
+template <typename T>
+void ShiftedSumsRows(const T* HWY_RESTRICT x, int64_t rows, int64_t channels, const float* p,
+                     float* acc1, float* acc2) {
+  const DF d;
+  const D1 d1;
+  const int64_t N = int64_t(hn::Lanes(d));
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* xr = x + row * channels;
+    int64_t c = 0;
+    for (; c + N <= channels; c += N) ShiftedStep(d, xr + c, p + c, acc1 + c, acc2 + c);
+    for (; c < channels; ++c) ShiftedStep(d1, xr + c, p + c, acc1 + c, acc2 + c);
+  }
+}
+
 template <typename T>
 const gn::Kernels<T>* KernelTable() {
   static const gn::Kernels<T> k{&AffineRun<T>,  &AffineRows<T>, &GradSumsRun<T>,
-                                &GradSumsRows<T>, &DxRun<T>,    &DxRows<T>};
+                                &GradSumsRows<T>, &DxRun<T>,    &DxRows<T>,
+                                &ShiftedSumsRows<T>};
   return &k;
 }
 const gn::Kernels<float>* KernelsF32() { return KernelTable<float>(); }
@@ -311,36 +338,66 @@ struct RowBlocks {
   }
 };
 
-// Channels-last statistics: per unit, per-channel moments of each block merged into the unit's
-// per-group moments (channel order, then block order); then the units of (n, g) in order.
+// Channels-last statistics, per unit (a range of rows of one sample, small enough to stay in
+// the per-core cache), per channel, in sequential row order: the sum of x - p around a pivot p
+// (the channel's value in the unit's first row: the terms are at the scale of the spread, not
+// of the offset) gives a float mean m; a second pass, from cache, sums d = x - m and d^2, so
+// mean = m + sum(d) / n and M2 = sum(d^2) - sum(d)^2 / n (the corrected two-pass algorithm).
+// Float sums over blocks of 16 rows, added in double. Channels merge into their group in
+// channel order, then the units of (n, g) in order: fixed by the shape, whatever the threads.
 template <typename T>
 void channels_last_group_moments(const T* x, const GroupNormShape& t, Moments* out,
                                  int num_threads, bool parallel) {
   const int64_t C = t.channels, S = t.spatial, G = t.groups, per_group = C / G;
   const RowBlocks rb(S, C);
   const int64_t units = t.batch * rb.units_per_sample;
+  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(16, rb.unit_rows));
+  const auto& k = kernels<T>();
   thread_local std::vector<Moments> unit_buf;
   Moments* unit_moments = scratch(unit_buf, units * G);
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
   for (int64_t u = 0; u < units; ++u) {
-    thread_local std::vector<Moments> channel_buf;
-    Moments* cm = scratch(channel_buf, C);
-    const int64_t n = u / rb.units_per_sample, k = u % rb.units_per_sample;
-    const int64_t r_end = std::min(S, (k + 1) * rb.unit_rows);
+    thread_local std::vector<float> fbuf;
+    thread_local std::vector<double> dbuf;
+    float* pivot = scratch(fbuf, 3 * C);
+    float* a1 = pivot + C;
+    float* a2 = a1 + C;
+    double* s1 = scratch(dbuf, 2 * C);
+    double* s2 = s1 + C;
+    const int64_t n = u / rb.units_per_sample, q = u % rb.units_per_sample;
+    const int64_t r_begin = q * rb.unit_rows, r_end = std::min(S, r_begin + rb.unit_rows);
+    const T* base = x + (n * S + r_begin) * C;
+    for (int64_t c = 0; c < C; ++c) pivot[c] = to_float(base[c]);
+    const double count = double(r_end - r_begin);
+    // Pass over the unit: blockwise float sums added in double.
+    auto sums = [&] {
+      std::fill(s1, s1 + 2 * C, 0.0);
+      for (int64_t r0 = r_begin; r0 < r_end; r0 += block) {
+        std::fill(a1, a1 + 2 * C, 0.0f);
+        k.shifted_sums_rows(x + (n * S + r0) * C, std::min(block, r_end - r0), C, pivot, a1, a2);
+        for (int64_t c = 0; c < C; ++c) s1[c] += a1[c], s2[c] += a2[c];
+      }
+    };
+    sums();  // around the sample pivot: the mean
+    for (int64_t c = 0; c < C; ++c) pivot[c] = float(double(pivot[c]) + s1[c] / count);
+    sums();  // around the float mean, from cache: sum(d) corrects its rounding, sum(d^2) is M2
     Moments* gm = unit_moments + u * G;
-    std::fill(gm, gm + G, Moments{});
-    for (int64_t r0 = k * rb.unit_rows; r0 < r_end; r0 += rb.block) {
-      block_moments(x + (n * S + r0) * C, std::min(rb.block, r_end - r0), C, C, cm);
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) gm[g] = merge(gm[g], cm[c]);
+    for (int64_t g = 0; g < G; ++g) {
+      Moments m;
+      for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+        double m2 = s2[c] - s1[c] * s1[c] / count;
+        if (m2 < 0) m2 = 0;  // rounding only; NaN passes through
+        m = merge(m, Moments{count, double(pivot[c]) + s1[c] / count, m2});
+      }
+      gm[g] = m;
     }
   }
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
   for (int64_t i = 0; i < t.batch * G; ++i) {
     const int64_t n = i / G, g = i % G;
     Moments m;
-    for (int64_t k = 0; k < rb.units_per_sample; ++k)
-      m = merge(m, unit_moments[(n * rb.units_per_sample + k) * G + g]);
+    for (int64_t q = 0; q < rb.units_per_sample; ++q)
+      m = merge(m, unit_moments[(n * rb.units_per_sample + q) * G + g]);
     out[i] = m;
   }
 }
