@@ -261,8 +261,12 @@ int main(int argc, char** argv) {
         }
         if (cr.name != "copy") {
           if (ref_status.empty()) {
-            cr.check = nb::compare(got, truth, tolerance_for(c.dtype));
+            cr.check = nb::compare(got, truth, tolerance_for(c.dtype),
+                                   /*relu_masked=*/c.epilogue == nb::Epilogue::add_relu);
             cr.checked = cr.check.compared;
+            if (cr.check.kink_flips > 0)
+              cr.note += (cr.note.empty() ? "" : "; ") + std::to_string(cr.check.kink_flips) +
+                         " ReLU-mask elements at 0 differ";
             if (!cr.check.ok) {
               cr.status = "MISMATCH";
               ++mismatches;
