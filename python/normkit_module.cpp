@@ -75,18 +75,23 @@ struct ActivationType {
   char numpy_char;
   DType dtype;
 };
+// NumPy has no bfloat16, so half precision from Python is float16 ('e').
 constexpr ActivationType kActivationTypes[] = {
     {'f', DType::float32},
+    {'e', DType::float16},
 };
 
-DType activation_dtype(const char* function, const char* name, const py::array& a) {
+// `half_ok` is false for the ops whose kernels are float32 only (layer_norm).
+DType activation_dtype(const char* function, const char* name, const py::array& a,
+                       bool half_ok = true) {
   const py::dtype dt = a.dtype();
   if (native_byte_order(dt))
     for (const ActivationType& t : kActivationTypes)
-      if (dt.char_() == t.numpy_char) return t.dtype;
+      if (dt.char_() == t.numpy_char && (half_ok || t.dtype == DType::float32)) return t.dtype;
   std::string supported;
   for (const ActivationType& t : kActivationTypes)
-    supported += std::string(supported.empty() ? "" : ", ") + normkit::to_string(t.dtype);
+    if (half_ok || t.dtype == DType::float32)
+      supported += std::string(supported.empty() ? "" : ", ") + normkit::to_string(t.dtype);
   type_error(function, std::string(name) + " has dtype " + dtype_name(a) + "; supported: " +
                            supported);
 }
@@ -504,7 +509,7 @@ py::array layer_norm_impl(const py::array& x_in, const py::object& normalized_sh
                           double eps) {
   const char* function = "layer_norm";
   const Shape normalized = normalized_shape_of(normalized_shape_in);
-  activation_dtype(function, "x", x_in);
+  activation_dtype(function, "x", x_in, /*half_ok=*/false);
   const Shape shape = shape_of(x_in);
   const int rank = static_cast<int>(shape.size());
   const int normalized_ndim = static_cast<int>(normalized.size());
