@@ -2,8 +2,6 @@
 
 #include <cblas.h>
 #include <omp.h>
-
-#include <algorithm>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -15,10 +13,6 @@
 namespace normkit::train {
 namespace {
 int g_threads = 1;
-GemmThreads g_policy = GemmThreads::split;
-
-// Rows of C per piece are a multiple of this, so each piece keeps whole micro-tiles.
-constexpr int64_t kAlign = 16;
 
 void blas(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
@@ -28,17 +22,16 @@ void blas(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const flo
 }
 }  // namespace
 
-void set_threads(int threads, GemmThreads policy) {
+void set_threads(int threads) {
   if (threads < 1) throw Error("set_threads: threads must be >= 1, got " + std::to_string(threads));
   g_threads = threads;
-  g_policy = policy;
   omp_set_num_threads(threads);
   normkit::set_num_threads(threads);
-  openblas_set_num_threads(policy == GemmThreads::openblas ? threads : 1);
+  openblas_set_num_threads(1);
 }
 
 int threads() { return g_threads; }
-GemmThreads gemm_threads() { return g_policy; }
+
 void ensure_fast_blas_kernels(char** argv) {
   if (std::getenv("OPENBLAS_CORETYPE") != nullptr) return;
   if (std::strcmp(openblas_get_corename(), "Prescott") != 0) return;  // the CPU was recognized
@@ -61,35 +54,6 @@ std::string blas_description() {
 void gemm_serial(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a,
                  int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m > 0 && n > 0) blas(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
-}
-
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  const int t = g_threads;
-  // Split the larger output dimension into t aligned pieces when each gets real work.
-  const bool split_rows = m >= n;
-  const int64_t extent = split_rows ? m : n;
-  const int64_t pieces =
-      g_policy == GemmThreads::openblas ? 1 : std::min<int64_t>(t, extent / (2 * kAlign));
-  if (pieces <= 1 || m * n * k < 64 * 1024) {
-    blas(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
-    return;
-  }
-  const int64_t tiles = (extent + kAlign - 1) / kAlign;
-  const int64_t step = (tiles + pieces - 1) / pieces * kAlign;
-#pragma omp parallel for num_threads(static_cast<int>(pieces)) schedule(static, 1)
-  for (int64_t p = 0; p < pieces; ++p) {
-    const int64_t begin = std::min(extent, p * step), end = std::min(extent, begin + step);
-    if (begin >= end) continue;
-    if (split_rows) {
-      const float* ap = trans_a ? a + begin : a + begin * lda;
-      blas(trans_a, trans_b, end - begin, n, k, ap, lda, b, ldb, beta, c + begin * ldc, ldc);
-    } else {
-      const float* bp = trans_b ? b + begin * ldb : b + begin;
-      blas(trans_a, trans_b, m, end - begin, k, a, lda, bp, ldb, beta, c + begin, ldc);
-    }
-  }
 }
 
 }  // namespace normkit::train

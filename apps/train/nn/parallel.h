@@ -1,25 +1,19 @@
 #pragma once
 // How the engine uses the machine's threads, and the one matrix product it is built on.
 //
-// Two policies for GEMM threads, chosen once per process (measured in bench/train_speed.md):
-//   split:    OpenBLAS runs single-threaded; the engine splits each product's rows (or columns)
-//             over its own OpenMP threads. One thread pool for everything: no oversubscription
-//             between OpenBLAS's pthreads and normkit's OpenMP threads.
-//   openblas: OpenBLAS threads each product itself; the engine calls it from one thread.
-// A product's output element is always summed over the full K in OpenBLAS's own order, so results
-// do not depend on how the output is split; they are reproducible for a given thread count.
+// One thread pool for everything: OpenBLAS runs single-threaded, called from inside the
+// engine's own OpenMP regions (a convolution splits its batch over the threads), and normkit's
+// kernels use the same OpenMP threads. OpenBLAS's own pthreads pool next to OpenMP's would
+// oversubscribe the cores (see bench/train_speed.md).
 #include <algorithm>
 #include <cstdint>
 #include <string>
 
 namespace normkit::train {
 
-enum class GemmThreads { split, openblas };
-
-// Sets the threads used by the engine, OpenBLAS and normkit's kernels. threads >= 1.
-void set_threads(int threads, GemmThreads policy = GemmThreads::split);
+// Sets the threads used by the engine and normkit's kernels (OpenBLAS: 1). threads >= 1.
+void set_threads(int threads);
 int threads();
-GemmThreads gemm_threads();
 std::string blas_description();  // OpenBLAS's build configuration and kernels, for reports
 
 // OpenBLAS picks its kernels once, when it is loaded. A release that does not know the CPU
@@ -30,14 +24,11 @@ std::string blas_description();  // OpenBLAS's build configuration and kernels, 
 // thing in main. Linux only (/proc/self/exe).
 void ensure_fast_blas_kernels(char** argv);
 
-// Row-major C[M, N] = op(A)[M, K] * op(B)[K, N] + beta * C, with op = transpose when trans_*.
-// lda/ldb/ldc are the row strides of A, B and C as stored. beta = 0 overwrites C.
-// gemm_serial runs on the calling thread (for use inside the engine's parallel regions).
+// Row-major C[M, N] = op(A)[M, K] * op(B)[K, N] + beta * C, with op = transpose when trans_*,
+// on the calling thread. lda/ldb/ldc are the row strides of A, B and C as stored. beta = 0
+// overwrites C. Each output element is summed over K in OpenBLAS's fixed order.
 void gemm_serial(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a,
                  int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
-// gemm splits the product over the engine's threads (split policy) or leaves it to OpenBLAS.
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
 // Calls f(begin, end) on contiguous pieces of [0, n) in parallel (pieces of at least 16K
 // elements, so small tensors stay on one thread).
