@@ -45,14 +45,14 @@ std::string progress_of(const std::string& log) {
   std::string line, last;
   while (std::getline(in, line))
     if (line.find("epoch ") != std::string::npos) last = line;
-  int epoch = 0, epochs = 0;
+  // "... | epoch 2/3 [===>   ]  4123/10000 | ..." (no bar in a log): the two a/b pairs.
+  int epoch = 0, epochs = 0, used = 0;
   long long step = 0, steps = 0;
   const size_t e = last.find("epoch ");
-  if (e == std::string::npos || std::sscanf(last.c_str() + e, "epoch %d/%d", &epoch, &epochs) != 2)
+  if (e == std::string::npos ||
+      std::sscanf(last.c_str() + e, "epoch %d/%d%n", &epoch, &epochs, &used) != 2)
     return {};
-  const size_t bracket = last.find(']', e);
-  if (bracket == std::string::npos ||
-      std::sscanf(last.c_str() + bracket + 1, " %lld/%lld", &step, &steps) != 2 || steps <= 0)
+  if (std::sscanf(last.c_str() + e + used, "%*[^0-9]%lld/%lld", &step, &steps) != 2 || steps <= 0)
     return "epoch " + std::to_string(epoch) + "/" + std::to_string(epochs);
   return "epoch " + std::to_string(epoch) + "/" + std::to_string(epochs) + " " +
          std::to_string(100 * step / steps) + "%";
