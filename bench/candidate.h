@@ -45,6 +45,8 @@ std::unique_ptr<Candidate> make_normkit_candidate(Backend backend);
 // Anchors, compiled in with NORMKIT_BENCH_ANCHORS. Each returns null when not compiled in.
 std::unique_ptr<Candidate> make_torch_candidate();
 std::unique_ptr<Candidate> make_onednn_candidate();
+// Whether oneDNN is compiled in and runs on a thread pool of its own (TBB) rather than OpenMP's.
+bool onednn_has_own_thread_pool();
 // Versions of the anchors for the report ("" when not compiled in).
 std::string torch_version();
 std::string onednn_version();

@@ -276,6 +276,10 @@ class OnednnCandidate final : public Candidate {
 
 std::unique_ptr<Candidate> make_onednn_candidate() { return std::make_unique<OnednnCandidate>(); }
 
+bool onednn_has_own_thread_pool() {
+  return DNNL_CPU_THREADING_RUNTIME != DNNL_RUNTIME_OMP;
+}
+
 std::string onednn_version() {
   const dnnl_version_t* v = dnnl_version();
   std::string s = std::to_string(v->major) + "." + std::to_string(v->minor) + "." +

@@ -6,11 +6,13 @@
 //                 [--sets a,b] [--dtype f32,bf16] [--check-only] [--no-anchors]
 #include <malloc.h>
 #include <omp.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <regex>
@@ -77,6 +79,15 @@ template <typename F> std::string guarded(F&& f) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // libgomp's idle workers spin for a long time after each parallel region; with oneDNN on its
+  // own TBB pool, they would hold a core while oneDNN's sample runs (measured: oneDNN's
+  // two-thread times doubled). A short spin keeps the workers hot within a call and asleep
+  // between candidates. libgomp reads this when it loads, so the program restarts itself once.
+  if (nb::onednn_has_own_thread_pool() && !std::getenv("GOMP_SPINCOUNT") &&
+      !std::getenv("OMP_WAIT_POLICY")) {
+    setenv("GOMP_SPINCOUNT", "10000", 1);
+    execv("/proc/self/exe", argv);  // returns only on failure: run on with the default
+  }
   CLI::App app{"normkit-bench: normalization kernels against a copy of the same bytes, PyTorch "
                "and oneDNN; each output is checked against normkit's reference before timing"};
   bool quick = false, check_only = false, no_anchors = false, system_malloc = false;
@@ -194,6 +205,7 @@ int main(int argc, char** argv) {
     std::cout << "PyTorch " << nb::torch_version() << "; ";
   if (!no_anchors && !nb::onednn_version().empty())
     std::cout << "oneDNN " << nb::onednn_version();
+  if (const char* spin = std::getenv("GOMP_SPINCOUNT")) std::cout << "\n  GOMP_SPINCOUNT=" << spin;
   const double load = load_average();
   if (load >= 0) {
     std::cout << "\n  load average: " << load;
