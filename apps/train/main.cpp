@@ -2,17 +2,14 @@
 // normkit's normalization layers, one run or a sweep over norms and batch sizes.
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <exception>
-#include <iostream>
-#include <sstream>
-#include <string>
-#include <vector>
-
-#include <algorithm>
 #include <filesystem>
 #include <optional>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "io/io_error.h"
 #include "io/plot.h"
@@ -75,7 +72,7 @@ void add_common(CLI::App* app, Common& c) {
   app->add_option("--lr-base", c.lr_base, "learning rate at batch 32; lr = base * batch / 32")
       ->capture_default_str()->check(kPositive);
   app->add_option("--seed", c.seed, "seed of the initialization and the data order")->capture_default_str();
-  app->add_option("--threads", c.threads, "threads for the engine, OpenBLAS and normkit")
+  app->add_option("--threads", c.threads, "threads per run (OpenBLAS runs single-threaded inside them)")
       ->capture_default_str()->check(kPositive);
   app->add_option("--limit-train", c.limit_train, "use the first K training images (default: all)")
       ->check(kPositive);
