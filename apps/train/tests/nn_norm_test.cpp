@@ -59,7 +59,8 @@ struct Case {
 
 class NormTest : public ::testing::TestWithParam<Case> {
  protected:
-  void SetUp() override { set_threads(2); }
+  // normkit's own tests cover its thread counts; these check the wrapper's math.
+  void SetUp() override { set_threads(1); }
 };
 
 constexpr int kChannels = 6, kGroups = 3;
@@ -139,7 +140,7 @@ INSTANTIATE_TEST_SUITE_P(
     });
 
 TEST(Norm, BatchNormRunningStatisticsAndEvaluationModes) {
-  set_threads(2);
+  set_threads(1);
   std::mt19937_64 rng(23);
   Norm norm("bn", NormKind::batch, 4, 0, false, false);
   const Tensor x = random_tensor(4, 3, 3, 4, rng, 2.0, 1.0);
