@@ -10,6 +10,8 @@ namespace normkit {
 namespace {
 
 using detail::check_length;
+using detail::check_backward_epilogue;
+using detail::check_forward_epilogue;
 using detail::check_like;
 using detail::check_tensor;
 
@@ -54,19 +56,6 @@ void check_running_stats(const char* fn, const TensorView& x, std::span<const fl
   if ((running_mean.data() == nullptr) != (running_var.data() == nullptr))
     detail::fail(fn, std::string("running_mean and running_var must be given together, got only ") +
                          (running_mean.data() ? "running_mean" : "running_var"));
-}
-
-// The optional residual of a forward epilogue: absent, or shaped like x.
-void check_forward_epilogue(const char* fn, const ForwardEpilogue& e, const TensorView& x) {
-  if (e.residual.data != nullptr) check_like(fn, "epilogue.residual", e.residual, "x", x);
-}
-
-// y (required with relu) and dresidual (optional) of a backward epilogue, shaped like x.
-void check_backward_epilogue(const char* fn, const BackwardEpilogue& e, const TensorView& x) {
-  if (e.relu && e.y.data == nullptr && !is_empty(x))
-    detail::fail(fn, "epilogue.y (the forward's output) is required with epilogue.relu");
-  if (e.y.data != nullptr) check_like(fn, "epilogue.y", e.y, "x", x);
-  if (e.dresidual.data != nullptr) check_like(fn, "epilogue.dresidual", e.dresidual, "x", x);
 }
 
 std::span<std::byte> checked_workspace(const char* fn, const TensorView& x, const Context& ctx) {

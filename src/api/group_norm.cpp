@@ -12,6 +12,8 @@ namespace normkit {
 namespace {
 
 using detail::check_length;
+using detail::check_backward_epilogue;
+using detail::check_forward_epilogue;
 using detail::check_like;
 using detail::check_tensor;
 using detail::fail;
@@ -35,20 +37,6 @@ int64_t check_group_input(const char* fn, const GroupNormParams& params, const T
     fail(fn, "N * num_groups overflows int64: N = " + std::to_string(x.batch()) +
                  ", num_groups = " + std::to_string(groups));
   return batch_groups;
-}
-
-// An epilogue tensor is absent when its data pointer is null; else it must look like x.
-bool present(const TensorView& t) { return t.data != nullptr; }
-
-void check_forward_epilogue(const char* fn, const ForwardEpilogue& e, const TensorView& x) {
-  if (present(e.residual)) check_like(fn, "epilogue.residual", e.residual, "x", x);
-}
-
-void check_backward_epilogue(const char* fn, const BackwardEpilogue& e, const TensorView& x) {
-  if (e.relu && !present(e.y) && x.numel() > 0)
-    fail(fn, "epilogue.y (the forward's output) is required with epilogue.relu");
-  if (present(e.y)) check_like(fn, "epilogue.y", e.y, "x", x);
-  if (present(e.dresidual)) check_like(fn, "epilogue.dresidual", e.dresidual, "x", x);
 }
 
 ref::GroupNormShape shape_of(const TensorView& x, int64_t groups) {

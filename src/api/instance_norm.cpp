@@ -15,6 +15,8 @@ namespace normkit {
 namespace {
 
 using detail::check_length;
+using detail::check_backward_epilogue;
+using detail::check_forward_epilogue;
 using detail::check_like;
 using detail::check_tensor;
 using detail::fail;
@@ -37,15 +39,6 @@ int64_t check_instance_input(const char* fn, const InstanceNormParams& params,
   if (__builtin_mul_overflow(x.batch(), x.channels(), &instances))
     fail(fn, "N * C overflows int64: shape " + shape_string(x));
   return instances;
-}
-
-bool present(const TensorView& t) { return t.data != nullptr; }
-
-void check_backward_epilogue(const char* fn, const BackwardEpilogue& e, const TensorView& x) {
-  if (e.relu && !present(e.y) && x.numel() > 0)
-    fail(fn, "epilogue.y (the forward's output) is required with epilogue.relu");
-  if (present(e.y)) check_like(fn, "epilogue.y", e.y, "x", x);
-  if (present(e.dresidual)) check_like(fn, "epilogue.dresidual", e.dresidual, "x", x);
 }
 
 ref::GroupNormShape shape_of(const TensorView& x) {
@@ -73,7 +66,7 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
   check_length(fn, "mean", mean, instances, "N * C", true);
   check_length(fn, "rstd", rstd, instances, "N * C", true);
   const ForwardEpilogue& epi = params.epilogue;
-  if (present(epi.residual)) check_like(fn, "epilogue.residual", epi.residual, "x", x);
+  check_forward_epilogue(fn, epi, x);
   // An empty batch gives an empty output and leaves the running statistics alone.
   if (x.batch() == 0) return;
 

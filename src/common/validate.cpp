@@ -74,6 +74,20 @@ void check_length(const char* function, const char* name, std::span<const float>
                        ", expected " + what + " = " + std::to_string(expected));
 }
 
+void check_forward_epilogue(const char* function, const ForwardEpilogue& e, const TensorView& x) {
+  if (e.residual.data != nullptr) check_like(function, "epilogue.residual", e.residual, "x", x);
+}
+
+void check_backward_epilogue(const char* function, const BackwardEpilogue& e, const TensorView& x) {
+  bool empty = false;  // by dims, not numel(): the product of the others may overflow
+  for (int i = 0; i < x.rank && i < kMaxRank; ++i) empty |= x.shape[i] == 0;
+  if (e.relu && e.y.data == nullptr && !empty)
+    fail(function, "epilogue.y (the forward's output) is required with epilogue.relu");
+  if (e.y.data != nullptr) check_like(function, "epilogue.y", e.y, "x", x);
+  if (e.dresidual.data != nullptr)
+    check_like(function, "epilogue.dresidual", e.dresidual, "x", x);
+}
+
 void check_eps(const char* function, double eps) {
   if (!(std::isfinite(eps) && eps >= 0))
     fail(function, "eps must be finite and >= 0, got " + format_number(eps));

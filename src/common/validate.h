@@ -6,6 +6,7 @@
 #include <string>
 
 #include "normkit/context.h"
+#include "normkit/epilogue.h"
 #include "normkit/error.h"
 #include "normkit/tensor.h"
 
@@ -39,6 +40,11 @@ void check_like(const char* function, const char* name, const TensorView& t, con
 // a required one must be present. `what` describes expected, e.g. "C" or "N * num_groups".
 void check_length(const char* function, const char* name, std::span<const float> v,
                   int64_t expected, const char* what, bool required);
+
+// Fused-epilogue tensors: each present one (data != nullptr) must look like x; a backward
+// with relu needs y (its sign is the mask) unless x is empty.
+void check_forward_epilogue(const char* function, const ForwardEpilogue& e, const TensorView& x);
+void check_backward_epilogue(const char* function, const BackwardEpilogue& e, const TensorView& x);
 
 void check_eps(const char* function, double eps);
 void check_momentum(const char* function, double momentum);
