@@ -48,11 +48,12 @@ const CLI::Validator kNonNegative(
     },
     ">= 0");
 
-// Options shared by run and sweep.
+// Options shared by run and sweep. `run` takes one value of groups and lr_base; a sweep trains
+// every value given (a grid with norms and batch sizes).
 struct Common {
-  int groups = 8;
+  std::vector<int> groups{8};
   int epochs = 3;
-  double lr_base = 0.1;
+  std::vector<double> lr_base{0.1};
   uint64_t seed = 1;
   int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   int64_t limit_train = -1, limit_test = -1;
@@ -65,12 +66,14 @@ struct Common {
 };
 
 void add_common(CLI::App* app, Common& c) {
-  app->add_option("--groups", c.groups, "GroupNorm groups (must divide every width)")
-      ->capture_default_str()->check(kPositive);
+  app->add_option("--groups", c.groups,
+                  "GroupNorm groups (must divide every width); a sweep takes a list, e.g. 1,2,4,8,16")
+      ->delimiter(',')->capture_default_str()->check(kPositive);
   app->add_option("--epochs", c.epochs, "epochs (the same for every batch size)")
       ->capture_default_str()->check(kPositive);
-  app->add_option("--lr-base", c.lr_base, "learning rate at batch 32; lr = base * batch / 32")
-      ->capture_default_str()->check(kPositive);
+  app->add_option("--lr-base", c.lr_base,
+                  "learning rate at batch 32; lr = base * batch / 32; a sweep takes a list")
+      ->delimiter(',')->capture_default_str()->check(kPositive);
   app->add_option("--seed", c.seed, "seed of the initialization and the data order")->capture_default_str();
   app->add_option("--threads", c.threads, "threads per run (OpenBLAS runs single-threaded inside them)")
       ->capture_default_str()->check(kPositive);
@@ -98,13 +101,20 @@ std::string number(double v) {
   return b;
 }
 
-// The options of `c` as normkit-train arguments, for the runs a sweep starts.
+// For file names: %g.
+std::string number_short(double v) {
+  char b[64];
+  std::snprintf(b, sizeof b, "%g", v);
+  return b;
+}
+
+// The options of `c` as normkit-train arguments, for the runs a sweep starts (without --groups
+// and --lr-base, which are the job's own).
 std::vector<std::string> common_args(const Common& c, int threads) {
   std::string widths, decay;
   for (int w : c.widths) widths += (widths.empty() ? std::string() : std::string(",")) + std::to_string(w);
   for (double f : c.lr_decay_at) decay += (decay.empty() ? std::string() : std::string(",")) + number(f);
-  std::vector<std::string> a{"--groups", std::to_string(c.groups), "--epochs", std::to_string(c.epochs),
-                             "--lr-base", number(c.lr_base), "--seed", std::to_string(c.seed),
+  std::vector<std::string> a{"--epochs", std::to_string(c.epochs), "--seed", std::to_string(c.seed),
                              "--threads", std::to_string(threads), "--data", c.data,
                              "--widths", widths, "--blocks-per-stage", std::to_string(c.blocks_per_stage),
                              "--eval-batch", std::to_string(c.eval_batch)};
@@ -114,15 +124,16 @@ std::vector<std::string> common_args(const Common& c, int threads) {
   return a;
 }
 
-nt::TrainConfig make_config(const Common& c, const std::string& norm, int batch) {
+nt::TrainConfig make_config(const Common& c, const std::string& norm, int batch, int groups,
+                            double lr_base) {
   nt::TrainConfig t;
   t.model.norm = nt::parse_norm_kind(norm);
-  t.model.groups = c.groups;
+  t.model.groups = groups;
   t.model.widths = c.widths;
   t.model.blocks_per_stage = c.blocks_per_stage;
   t.batch = batch;
   t.epochs = c.epochs;
-  t.lr_base = c.lr_base;
+  t.lr_base = lr_base;
   t.lr_decay_at = c.lr_decay_at;
   t.seed = c.seed;
   t.threads = c.threads;
@@ -135,20 +146,25 @@ nt::TrainConfig make_config(const Common& c, const std::string& norm, int batch)
 
 // The paragraph under the title of results.md: what was trained, how long, on what.
 std::string sweep_notes(const Common& c, const nt::Data& data, int jobs) {
-  std::string widths;
+  std::string widths, lrs;
   for (int w : c.widths) {
     if (!widths.empty()) widths += '-';
     widths += std::to_string(w);
+  }
+  for (double l : c.lr_base) {
+    char b[32];
+    std::snprintf(b, sizeof b, "%g", l);
+    lrs += (lrs.empty() ? "" : " or ") + std::string(b);
   }
   char text[1024];
   std::snprintf(text, sizeof text,
                 "Residual CNN (stem %d, widths %s, %d block(s) per stage), %d epoch(s) over %lld "
                 "Fashion-MNIST training images, tested on %lld; SGD momentum 0.9, weight decay "
-                "1e-4, lr %g x batch / 32, divided by 10 at the listed fractions of the steps; "
+                "1e-4, lr %s x batch / 32, divided by 10 at the listed fractions of the steps; "
                 "seed %llu; %d thread(s) per run, %d run(s) at a time; %s.",
                 c.widths[0], widths.c_str(), c.blocks_per_stage, c.epochs,
                 static_cast<long long>(data.train.count), static_cast<long long>(data.test.count),
-                c.lr_base, static_cast<unsigned long long>(c.seed), c.threads, jobs,
+                lrs.c_str(), static_cast<unsigned long long>(c.seed), c.threads, jobs,
                 nt::blas_description().c_str());
   return text;
 }
@@ -160,7 +176,11 @@ nt::ProgressBar make_progress(bool quiet) {
 }
 
 std::string label_of(const nt::TrainConfig& c) {
-  return std::string(nt::to_string(c.model.norm)) + " b=" + std::to_string(c.batch);
+  std::string label = nt::to_string(c.model.norm);
+  if (c.model.norm == nt::NormKind::group) label += " G=" + std::to_string(c.model.groups);
+  char lr[32];
+  std::snprintf(lr, sizeof lr, " lr=%g", c.lr_base);
+  return label + " b=" + std::to_string(c.batch) + lr;
 }
 
 std::string summary(const nt::TrainOutcome& o) {
@@ -226,7 +246,13 @@ int main(int argc, char** argv) {
 
   try {
     if (*run) {
-      nt::TrainConfig cfg = make_config(run_opts, norm, batch);
+      for (const char* name : {"--groups", "--lr-base"}) {
+        const size_t n = std::string(name) == "--groups" ? run_opts.groups.size() : run_opts.lr_base.size();
+        if (n != 1)
+          throw normkit::Error(std::string("run takes one ") + name + " value, got " + std::to_string(n) +
+                               " (a list of values is for sweep)");
+      }
+      nt::TrainConfig cfg = make_config(run_opts, norm, batch, run_opts.groups[0], run_opts.lr_base[0]);
       cfg.checkpoint_path = checkpoint;
       cfg.checkpoint_every = checkpoint_every;
       cfg.stop_after_steps = stop_after;
@@ -244,12 +270,19 @@ int main(int argc, char** argv) {
       }
       if (!metrics_out.empty()) nt::write_metrics_json(metrics_out, o.run);
     } else if (*sweep) {
+      // The grid: norm, then GN's group count, then base lr, then batch size.
       std::vector<nt::TrainConfig> configs;
-      for (const std::string& n : norms)
-        for (int b : batches) {
-          configs.push_back(make_config(sweep_opts, n, b));
-          nt::validate(configs.back());
-        }
+      for (const std::string& n : norms) {
+        const std::vector<int> group_values = n == "gn" ? sweep_opts.groups : std::vector<int>{sweep_opts.groups[0]};
+        for (int g : group_values)
+          for (double lr : sweep_opts.lr_base)
+            for (int b : batches) {
+              configs.push_back(make_config(sweep_opts, n, b, g, lr));
+              nt::validate(configs.back());
+            }
+      }
+      const bool several_groups =
+          sweep_opts.groups.size() > 1 && std::find(norms.begin(), norms.end(), "gn") != norms.end();
       std::filesystem::create_directories(out_dir + "/runs");
       if (!sweep->count("--threads")) sweep_opts.threads = std::max(1, cores / jobs);
       for (nt::TrainConfig& cfg : configs) cfg.threads = sweep_opts.threads;
@@ -264,12 +297,20 @@ int main(int argc, char** argv) {
         // Written after every run, so an interrupted sweep keeps what it finished.
         nt::write_results_csv(out_dir + "/results.csv", results);
         nt::write_results_markdown(out_dir + "/results.md", results, notes);
-        nt::write_line_plot_svg(out_dir + "/test_error_vs_batch.svg",
-                                nt::batch_size_plot(results, "Fashion-MNIST test error vs batch size"));
+        if (batches.size() > 1)
+          nt::write_line_plot_svg(out_dir + "/test_error_vs_batch.svg",
+                                  nt::batch_size_plot(results, "Fashion-MNIST test error vs batch size"));
+        if (several_groups)
+          nt::write_line_plot_svg(out_dir + "/test_error_vs_groups.svg",
+                                  nt::groups_plot(results, "Fashion-MNIST test error vs GroupNorm groups"));
         nt::write_line_plot_svg(out_dir + "/loss_curves.svg", nt::loss_curve_plot(results));
       };
+      // runs/<norm>[_g<G>][_lr<L>]_b<batch>: the group count and lr only when the sweep varies them.
       auto run_file = [&](const nt::TrainConfig& cfg, const char* ext) {
-        return out_dir + "/runs/" + nt::to_string(cfg.model.norm) + "_b" + std::to_string(cfg.batch) + ext;
+        std::string name = nt::to_string(cfg.model.norm);
+        if (several_groups && cfg.model.norm == nt::NormKind::group) name += "_g" + std::to_string(cfg.model.groups);
+        if (sweep_opts.lr_base.size() > 1) name += "_lr" + number_short(cfg.lr_base);
+        return out_dir + "/runs/" + name + "_b" + std::to_string(cfg.batch) + ext;
       };
       if (jobs == 1) {
         nt::ProgressBar bar = make_progress(sweep_opts.quiet);
@@ -287,6 +328,7 @@ int main(int argc, char** argv) {
           job.metrics_path = run_file(cfg, ".json");
           job.log_path = run_file(cfg, ".log");
           job.args = {"run", "--norm", nt::to_string(cfg.model.norm), "--batch", std::to_string(cfg.batch),
+                      "--groups", std::to_string(cfg.model.groups), "--lr-base", number(cfg.lr_base),
                       "--metrics-out", job.metrics_path};
           for (const std::string& a : common_args(sweep_opts, sweep_opts.threads)) job.args.push_back(a);
           list.push_back(job);
@@ -299,8 +341,9 @@ int main(int argc, char** argv) {
           record(i, r);
         });
       }
-      std::printf("wrote %s/results.csv, %s/results.md, %s/test_error_vs_batch.svg, %s/loss_curves.svg\n",
-                  out_dir.c_str(), out_dir.c_str(), out_dir.c_str(), out_dir.c_str());
+      std::printf("wrote %s/results.csv, %s/results.md, %s%s%s/loss_curves.svg\n", out_dir.c_str(),
+                  out_dir.c_str(), batches.size() > 1 ? (out_dir + "/test_error_vs_batch.svg, ").c_str() : "",
+                  several_groups ? (out_dir + "/test_error_vs_groups.svg, ").c_str() : "", out_dir.c_str());
     }
   } catch (const normkit::Error& e) {
     std::fprintf(stderr, "normkit-train: %s\n", e.what());

@@ -66,20 +66,43 @@ std::vector<std::string> csv_split(const std::string& line) {
   return cells;
 }
 
-// A row of the tables: one normalization configuration.
+// The learning rate at batch 32 a run was given (lr = base * batch / 32), rounded to 6
+// significant digits so runs of one sweep compare equal.
+double lr_base_of(const RunResult& r) {
+  if (!(r.batch > 0) || !std::isfinite(r.lr)) return kNoValue;
+  return std::strtod(fmt("%.6g", r.lr * 32.0 / r.batch).c_str(), nullptr);
+}
+
+// A row of the tables: one normalization configuration at one base learning rate.
 struct RowKey {
   std::string norm;
   int groups;
-  bool operator==(const RowKey&) const = default;
+  double lr_base;
+  bool operator==(const RowKey& o) const {
+    return norm == o.norm && groups == o.groups &&
+           (lr_base == o.lr_base || (std::isnan(lr_base) && std::isnan(o.lr_base)));
+  }
 };
+
+RowKey key_of(const RunResult& r) { return {r.norm, r.groups, lr_base_of(r)}; }
 
 std::vector<RowKey> row_keys(const std::vector<RunResult>& runs) {
   std::vector<RowKey> keys;
   for (const auto& r : runs) {
-    const RowKey k{r.norm, r.groups};
+    const RowKey k = key_of(r);
     if (std::find(keys.begin(), keys.end(), k) == keys.end()) keys.push_back(k);
   }
   return keys;
+}
+
+// The row's label: the norm, and its base learning rate when the runs use more than one.
+std::string row_label(const RowKey& k, const std::vector<RowKey>& keys) {
+  const bool several_lr = std::any_of(keys.begin(), keys.end(), [&](const RowKey& o) {
+    return !(o.lr_base == keys[0].lr_base || (std::isnan(o.lr_base) && std::isnan(keys[0].lr_base)));
+  });
+  std::string label = norm_label(k.norm, k.groups);
+  if (several_lr) label += ", lr base " + fmt("%g", k.lr_base);
+  return label;
 }
 
 std::vector<int> batch_columns(const std::vector<RunResult>& runs) {
@@ -90,14 +113,23 @@ std::vector<int> batch_columns(const std::vector<RunResult>& runs) {
   return batches;
 }
 
-// Finite values of `field` over the runs of row `key` at `batch`.
-std::vector<double> cell_values(const std::vector<RunResult>& runs, const RowKey& key, int batch,
-                                const std::function<double(const RunResult&)>& field) {
-  std::vector<double> v;
+// Values of `field` over the runs of row `key` at `batch`: the finite ones, and how many were
+// not finite (a diverged run's loss).
+struct CellValues {
+  std::vector<double> finite;
+  size_t non_finite = 0;
+};
+CellValues cell_values(const std::vector<RunResult>& runs, const RowKey& key, int batch,
+                       const std::function<double(const RunResult&)>& field) {
+  CellValues v;
   for (const auto& r : runs) {
-    if (RowKey{r.norm, r.groups} == key && r.batch == batch) {
+    if (key_of(r) == key && r.batch == batch) {
       const double x = field(r);
-      if (std::isfinite(x)) v.push_back(x);
+      if (std::isfinite(x)) {
+        v.finite.push_back(x);
+      } else {
+        ++v.non_finite;
+      }
     }
   }
   return v;
@@ -119,6 +151,14 @@ std::string table_cell(const std::vector<double>& v, const char* format) {
   return fmt(format, mean) + " ± " + fmt(format, sd) + " (n=" + std::to_string(v.size()) + ")";
 }
 
+// As above; runs whose value is not finite are counted as diverged (only fields that are
+// present in every run, such as losses, report them).
+std::string table_cell(const CellValues& v, const char* format, bool show_diverged) {
+  if (!show_diverged || v.non_finite == 0) return table_cell(v.finite, format);
+  if (v.finite.empty()) return v.non_finite == 1 ? "diverged" : "diverged (all " + std::to_string(v.non_finite) + ")";
+  return table_cell(v.finite, format) + ", " + std::to_string(v.non_finite) + " diverged";
+}
+
 double batch_stats_of(const RunResult& r) { return r.test_error_batch_stats.value_or(kNoValue); }
 
 // A Markdown table: one row per (label, field) pair, one column per batch size.
@@ -126,6 +166,7 @@ struct TableRow {
   std::string label;
   RowKey key;
   std::function<double(const RunResult&)> field;
+  bool show_diverged = false;  // a non-finite value means the run diverged
 };
 
 std::string table(const std::vector<RunResult>& runs, const std::string& corner,
@@ -142,7 +183,7 @@ std::string table(const std::vector<RunResult>& runs, const std::string& corner,
     out += "| " + row.label + " |";
     for (int b : batches) {
       out += ' ';
-      out += table_cell(cell_values(runs, row.key, b, row.field), format);
+      out += table_cell(cell_values(runs, row.key, b, row.field), format, row.show_diverged);
       out += " |";
     }
     out += "\n";
@@ -280,25 +321,27 @@ std::string results_markdown(const std::vector<RunResult>& runs, const std::stri
   bool repeated = false;
   for (const auto& k : keys) {
     for (int b : batch_columns(runs)) {
-      repeated |= cell_values(runs, k, b, [](const RunResult& r) { return r.test_error; }).size() > 1;
+      const CellValues v = cell_values(runs, k, b, [](const RunResult& r) { return r.test_error; });
+      repeated |= v.finite.size() + v.non_finite > 1;
     }
   }
+  auto rows_of = [&](const std::function<double(const RunResult&)>& field, bool show_diverged) {
+    std::vector<TableRow> rows;
+    for (const auto& k : keys) rows.push_back({row_label(k, keys), k, field, show_diverged});
+    return rows;
+  };
 
-  std::vector<TableRow> error_rows;
-  for (const auto& k : keys) {
-    error_rows.push_back({norm_label(k.norm, k.groups), k, [](const RunResult& r) { return r.test_error; }});
-  }
   out += "## Test error (%) by batch size\n\n";
-  out += table(runs, "norm", error_rows, "%.2f");
+  out += table(runs, "norm", rows_of([](const RunResult& r) { return r.test_error; }, false), "%.2f");
   if (repeated) out += "\nCells with several runs show mean ± sample standard deviation (n runs).\n";
 
   std::vector<TableRow> stats_rows;
   for (const auto& k : keys) {
     const bool has = std::any_of(runs.begin(), runs.end(), [&](const RunResult& r) {
-      return RowKey{r.norm, r.groups} == k && r.test_error_batch_stats.has_value();
+      return key_of(r) == k && r.test_error_batch_stats.has_value();
     });
     if (!has) continue;
-    const std::string label = norm_label(k.norm, k.groups);
+    const std::string label = row_label(k, keys);
     stats_rows.push_back({label + ", running statistics", k, [](const RunResult& r) { return r.test_error; }});
     stats_rows.push_back({label + ", batch statistics", k, batch_stats_of});
   }
@@ -310,12 +353,13 @@ std::string results_markdown(const std::vector<RunResult>& runs, const std::stri
     out += table(runs, "evaluated with", stats_rows, "%.2f");
   }
 
-  std::vector<TableRow> speed_rows;
-  for (const auto& k : keys) {
-    speed_rows.push_back({norm_label(k.norm, k.groups), k, [](const RunResult& r) { return r.images_per_s; }});
-  }
+  out += "\n## Training loss of the last epoch\n\n";
+  out += "Mean softmax cross-entropy over the last epoch's training images; \"diverged\" marks a "
+         "run whose loss stopped being a finite number.\n\n";
+  out += table(runs, "norm", rows_of([](const RunResult& r) { return r.train_loss; }, true), "%.4f");
+
   out += "\n## Training speed (images/s)\n\n";
-  out += table(runs, "norm", speed_rows, "%.0f");
+  out += table(runs, "norm", rows_of([](const RunResult& r) { return r.images_per_s; }, false), "%.0f");
   return out;
 }
 
@@ -468,7 +512,7 @@ PlotSpec batch_size_plot(const std::vector<RunResult>& runs, const std::string& 
                  const std::function<double(const RunResult&)>& field) {
     PlotSeries s{name, {}, {}, dashed, style};
     for (int b : batches) {
-      const auto v = cell_values(runs, k, b, field);
+      const auto v = cell_values(runs, k, b, field).finite;
       if (v.empty() || b <= 0) continue;
       s.x.push_back(b);
       s.y.push_back(mean_of(v));
@@ -476,17 +520,76 @@ PlotSpec batch_size_plot(const std::vector<RunResult>& runs, const std::string& 
     spec.series.push_back(std::move(s));
   };
   for (size_t i = 0; i < keys.size(); ++i) {
-    add(keys[i], norm_label(keys[i].norm, keys[i].groups), false, static_cast<int>(i),
+    add(keys[i], row_label(keys[i], keys), false, static_cast<int>(i),
         [](const RunResult& r) { return r.test_error; });
   }
   // Batch-statistics lines are dashed in the colour of their norm's solid line.
   for (size_t i = 0; i < keys.size(); ++i) {
     const bool has = std::any_of(runs.begin(), runs.end(), [&](const RunResult& r) {
-      return RowKey{r.norm, r.groups} == keys[i] && r.test_error_batch_stats.has_value();
+      return key_of(r) == keys[i] && r.test_error_batch_stats.has_value();
     });
     if (has) {
-      add(keys[i], norm_label(keys[i].norm, keys[i].groups) + ", batch statistics", true,
+      add(keys[i], row_label(keys[i], keys) + ", batch statistics", true,
           static_cast<int>(i), batch_stats_of);
+    }
+  }
+  return spec;
+}
+
+PlotSpec groups_plot(const std::vector<RunResult>& runs, const std::string& title) {
+  PlotSpec spec;
+  spec.title = title;
+  spec.x_label = "GroupNorm groups G";
+  spec.y_label = "test error (%)";
+  spec.x_scale = AxisScale::log2;
+  std::vector<int> groups;
+  for (const auto& r : runs)
+    if (r.norm == "gn" && r.groups > 0) groups.push_back(r.groups);
+  std::sort(groups.begin(), groups.end());
+  groups.erase(std::unique(groups.begin(), groups.end()), groups.end());
+  for (int g : groups) spec.x_ticks.push_back(g);
+
+  // One line per (base lr, batch) over the group counts; other norms as dashed levels across.
+  std::vector<std::pair<double, int>> settings;
+  for (const auto& r : runs) {
+    const std::pair<double, int> s{lr_base_of(r), r.batch};
+    if (std::find(settings.begin(), settings.end(), s) == settings.end()) settings.push_back(s);
+  }
+  const bool several = settings.size() > 1;
+  auto suffix = [&](const std::pair<double, int>& s) {
+    return several ? ", lr base " + fmt("%g", s.first) + ", batch " + std::to_string(s.second) : std::string();
+  };
+  auto values = [&](const std::string& norm, int g, const std::pair<double, int>& s) {
+    std::vector<double> v;
+    for (const auto& r : runs)
+      if (r.norm == norm && (norm != "gn" || r.groups == g) && r.batch == s.second &&
+          (lr_base_of(r) == s.first) && std::isfinite(r.test_error))
+        v.push_back(r.test_error);
+    return v;
+  };
+  int style = 0;
+  for (const auto& s : settings) {
+    PlotSeries line{"GN" + suffix(s), {}, {}, false, style++};
+    for (int g : groups) {
+      const auto v = values("gn", g, s);
+      if (v.empty()) continue;
+      line.x.push_back(g);
+      line.y.push_back(mean_of(v));
+    }
+    if (!line.x.empty()) spec.series.push_back(std::move(line));
+  }
+  std::vector<std::string> others;
+  for (const auto& r : runs)
+    if (r.norm != "gn" && std::find(others.begin(), others.end(), r.norm) == others.end())
+      others.push_back(r.norm);
+  for (const auto& norm : others) {
+    for (const auto& s : settings) {
+      const auto v = values(norm, 0, s);
+      if (v.empty() || groups.empty()) continue;
+      const double level = mean_of(v);
+      spec.series.push_back({norm_label(norm, 0) + suffix(s),
+                             {double(groups.front()), double(groups.back())}, {level, level}, true,
+                             style++});
     }
   }
   return spec;

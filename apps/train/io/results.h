@@ -66,10 +66,12 @@ std::vector<RunResult> read_results_csv(const std::string& path);
 
 // ---- results.md -----------------------------------------------------------------------------
 // Markdown with, for `runs`: (1) test error (%) with rows = norm (norm_label, in order of first
-// appearance) and columns = batch sizes (largest first), (2) when any run has batch-statistics
-// results, a table comparing BN's test error with running vs batch statistics, (3) training
-// images/s in the same layout. A cell with several runs (seeds) shows "mean ± sd (n=k)"; a
-// missing cell shows "—". `notes`, if not empty, is a paragraph under the title. Pure.
+// appearance; with ", lr base L" added when the runs use more than one lr_base = lr * 32 / batch)
+// and columns = batch sizes (largest first), (2) when any run has batch-statistics results, a
+// table comparing BN's test error with running vs batch statistics, (3) the last epoch's
+// training loss, where a non-finite loss shows as "diverged", (4) training images/s, all in the
+// same layout. A cell with several runs (seeds) shows "mean ± sd (n=k)"; a missing cell shows
+// "—". `notes`, if not empty, is a paragraph under the title. Pure.
 std::string results_markdown(const std::vector<RunResult>& runs, const std::string& notes = {});
 // Writes results_markdown(runs, notes) to `path`. Throws IoError naming the path.
 void write_results_markdown(const std::string& path, const std::vector<RunResult>& runs,
@@ -95,6 +97,11 @@ RunResult read_metrics_json(const std::string& path);
 // dashed "<norm>, batch statistics" line where those results exist.
 PlotSpec batch_size_plot(const std::vector<RunResult>& runs,
                          const std::string& title = "Test error vs batch size");
+// The GroupNorm paper's group-count ablation: test error (%) against GN's number of groups G on
+// a log2 axis (means over seeds), one line per (lr_base, batch) setting of the runs, and each
+// other norm of the runs (e.g. IN, G = C in every layer) as a dashed level across the G range.
+PlotSpec groups_plot(const std::vector<RunResult>& runs,
+                     const std::string& title = "Test error vs GroupNorm groups");
 // Training loss on a log y axis, one series per run named "<norm_label>, batch <b>, lr <lr>":
 // against step (loss_curve_*) when every run has a curve, otherwise against epoch (history).
 // Non-finite losses (divergence) break the line.

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -248,6 +249,78 @@ TEST(Results, MarkdownLeavesOutTheBatchStatisticsTableWhenThereIsNone) {
   const std::string md = results_markdown(runs);
   EXPECT_EQ(md.find("batch statistics"), std::string::npos);
   EXPECT_EQ(markdown_table(md, "## Test error (%) by batch size").size(), 3u);
+}
+
+TEST(Results, MarkdownShowsTheLastEpochsLossAndDivergence) {
+  std::mt19937 rng(5);
+  std::vector<RunResult> runs{make_run("bn", 0, 32, 1, rng), make_run("none", 0, 32, 1, rng),
+                              make_run("none", 0, 32, 2, rng), make_run("none", 0, 8, 1, rng)};
+  runs[2].train_loss = std::nan("");
+  runs[3].train_loss = std::numeric_limits<double>::infinity();
+  const std::string md = results_markdown(runs);
+  const auto t = markdown_table(md, "## Training loss of the last epoch");
+  ASSERT_EQ(t.size(), 3u);
+  EXPECT_EQ(t[0], (std::vector<std::string>{"norm", "batch 32", "batch 8"}));
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.4f", runs[0].train_loss);
+  EXPECT_EQ(t[1][1], buf);
+  EXPECT_EQ(t[1][2], "—");
+  std::snprintf(buf, sizeof buf, "%.4f", runs[1].train_loss);
+  EXPECT_EQ(t[2][1], std::string(buf) + ", 1 diverged");
+  EXPECT_EQ(t[2][2], "diverged");
+  // Test error stays a number for a diverged run (it is measured on the broken model).
+  const auto e = markdown_table(md, "## Test error (%) by batch size");
+  EXPECT_EQ(e[2][2], fmt2(runs[3].test_error));
+}
+
+TEST(Results, RowsNameTheBaseLearningRateOnlyWhenTheRunsUseSeveral) {
+  std::mt19937 rng(6);
+  std::vector<RunResult> runs;
+  for (double base : {0.1, 0.8})
+    for (const char* norm : {"bn", "none"})
+      for (int b : {32, 4}) {
+        RunResult r = make_run(norm, 0, b, 1, rng);
+        r.lr = base * b / 32;  // as the trainer sets it
+        runs.push_back(r);
+      }
+  const std::string md = results_markdown(runs);
+  const auto t = markdown_table(md, "## Test error (%) by batch size");
+  ASSERT_EQ(t.size(), 5u);
+  EXPECT_EQ(t[1][0], "BN, lr base 0.1");
+  EXPECT_EQ(t[2][0], "none, lr base 0.1");
+  EXPECT_EQ(t[3][0], "BN, lr base 0.8");
+  EXPECT_EQ(t[4][0], "none, lr base 0.8");
+  EXPECT_EQ(t[3][2], fmt2(runs[5].test_error));  // bn, base 0.8, batch 4: one run per cell
+  const auto s = markdown_table(md, "## Test error (%) with running vs batch statistics at test time");
+  ASSERT_EQ(s.size(), 5u);
+  EXPECT_EQ(s[3][0], "BN, lr base 0.8, running statistics");
+
+  // One base lr: plain norm labels, as in the batch-size sweep.
+  runs.resize(4);
+  EXPECT_EQ(markdown_table(results_markdown(runs), "## Test error (%) by batch size")[1][0], "BN");
+  const PlotSpec p = batch_size_plot(runs);
+  EXPECT_EQ(p.series[0].name, "BN");
+}
+
+TEST(Results, GroupsPlotHasGnOverGroupsAndOtherNormsAsLevels) {
+  std::mt19937 rng(7);
+  std::vector<RunResult> runs;
+  for (int g : {16, 1, 4, 2, 8}) runs.push_back(make_run("gn", g, 32, 1, rng));
+  runs.push_back(make_run("gn", 4, 32, 2, rng));  // a second seed at G = 4
+  runs.push_back(make_run("in", 0, 32, 1, rng));
+  const PlotSpec p = groups_plot(runs);
+  EXPECT_EQ(p.x_scale, AxisScale::log2);
+  EXPECT_EQ(p.x_ticks, (std::vector<double>{1, 2, 4, 8, 16}));
+  ASSERT_EQ(p.series.size(), 2u);
+  EXPECT_EQ(p.series[0].name, "GN");
+  EXPECT_EQ(p.series[0].x, p.x_ticks);
+  EXPECT_DOUBLE_EQ(p.series[0].y[0], runs[1].test_error);  // G = 1
+  EXPECT_DOUBLE_EQ(p.series[0].y[2], (runs[2].test_error + runs[5].test_error) / 2);  // G = 4
+  EXPECT_EQ(p.series[1].name, "IN");
+  EXPECT_TRUE(p.series[1].dashed);
+  EXPECT_EQ(p.series[1].x, (std::vector<double>{1, 16}));
+  EXPECT_EQ(p.series[1].y, (std::vector<double>{runs[6].test_error, runs[6].test_error}));
+  EXPECT_FALSE(render_line_plot_svg(p).empty());
 }
 
 TEST_F(ResultsFileTest, MetricsJsonHasTheSummaryAndHistory) {

@@ -1,0 +1,105 @@
+"""normkit-train's command line end to end, on a tiny MNIST-format dataset written here: a sweep
+over a grid of norms, group counts and base learning rates writes one run per grid point with
+the right settings, the tables and the plots; bad option combinations fail with a message.
+Run by ctest with NORMKIT_TRAIN set to the executable."""
+
+import csv
+import gzip
+import json
+import os
+import struct
+import subprocess
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+TRAIN = os.environ.get("NORMKIT_TRAIN", "build/bin/normkit-train")
+
+
+def write_idx(path, array, magic):
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mnist")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 48), ("t10k", 16)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 256, (n, 28, 28))
+        write_idx(d / f"{split}-images-idx3-ubyte.gz", images, 0x803)
+        write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels, 0x801)
+    return d
+
+
+def train(*args):
+    return subprocess.run([TRAIN, *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+SMALL = ["--epochs", "1", "--widths", "4,4,4", "--threads", "1", "--quiet"]
+
+
+def test_sweep_trains_every_point_of_the_grid(data_dir, tmp_path):
+    out = tmp_path / "grid"
+    r = train("sweep", "--norms", "gn,in", "--groups", "1,2,4", "--lr-base", "0.1,0.8",
+              "--batches", "8", "--data", data_dir, "--out", out, "--jobs", "2", *SMALL)
+    assert r.returncode == 0, r.stderr
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    got = sorted((row["norm"], row["groups"], float(row["lr"]) * 32 / int(row["batch"])) for row in rows)
+    want = sorted([("gn", str(g), lr) for g in (1, 2, 4) for lr in (0.1, 0.8)] +
+                  [("in", "", lr) for lr in (0.1, 0.8)])
+    assert [(n, g) for n, g, _ in got] == [(n, g) for n, g, _ in want]
+    assert np.allclose([lr for *_, lr in got], [lr for *_, lr in want])
+
+    # Each run's own metrics file, named for its grid point, holds the settings it trained with.
+    for g in (1, 2, 4):
+        for lr in ("0.1", "0.8"):
+            m = json.loads((out / "runs" / f"gn_g{g}_lr{lr}_b8.json").read_text())
+            assert (m["norm"], m["groups"], m["batch"]) == ("gn", g, 8)
+            assert m["lr"] == pytest.approx(float(lr) * 8 / 32)
+    assert (out / "runs" / "in_lr0.8_b8.json").exists()
+
+    md = (out / "results.md").read_text()
+    assert "| GN (G=2), lr base 0.8 |" in md
+    assert "| IN, lr base 0.1 |" in md
+    assert "## Training loss of the last epoch" in md
+    # One batch size: no batch-size figure; several group counts: the group figure.
+    assert not (out / "test_error_vs_batch.svg").exists()
+    # Well-formed SVG: GN and IN each at two base lrs (groups); one curve per run (losses).
+    for svg, series in (("test_error_vs_groups.svg", 4), ("loss_curves.svg", len(rows))):
+        root = ET.parse(out / svg).getroot()
+        assert root.tag == "{http://www.w3.org/2000/svg}svg"
+        groups = [g for g in root.iter("{http://www.w3.org/2000/svg}g") if g.get("class") == "series"]
+        assert len(groups) == series, svg
+
+
+def test_single_run_matches_the_same_point_of_a_sweep(data_dir, tmp_path):
+    out = tmp_path / "one"
+    r = train("sweep", "--norms", "gn", "--groups", "2", "--lr-base", "0.4", "--batches", "8",
+              "--data", data_dir, "--out", out, "--jobs", "1", *SMALL)
+    assert r.returncode == 0, r.stderr
+    swept = json.loads((out / "runs" / "gn_b8.json").read_text())
+    r = train("run", "--norm", "gn", "--groups", "2", "--lr-base", "0.4", "--batch", "8",
+              "--data", data_dir, "--metrics-out", tmp_path / "run.json", *SMALL)
+    assert r.returncode == 0, r.stderr
+    alone = json.loads((tmp_path / "run.json").read_text())
+    for key in ("train_loss", "test_loss", "test_error", "lr", "groups"):
+        assert alone[key] == swept[key], key
+
+
+@pytest.mark.parametrize("option,values", [("--groups", "2,4"), ("--lr-base", "0.1,0.2")])
+def test_run_refuses_a_list(data_dir, tmp_path, option, values):
+    r = train("run", "--norm", "gn", option, values, "--data", data_dir, *SMALL)
+    assert r.returncode == 2
+    assert f"run takes one {option} value, got 2" in r.stderr
+
+
+def test_sweep_names_a_group_count_that_does_not_divide_a_width(data_dir, tmp_path):
+    r = train("sweep", "--norms", "gn", "--groups", "2,3", "--batches", "8", "--data", data_dir,
+              "--out", tmp_path / "bad", *SMALL)
+    assert r.returncode != 0
+    assert "--groups 3 does not divide" in r.stderr
