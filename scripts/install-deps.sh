@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Installs normkit's build, test and training dependencies from Debian's packages.
+# Installs normkit's dependencies from Debian's packages.
+#   bash scripts/install-deps.sh              # everything: build, tests, Python module, benchmark, training
+#   bash scripts/install-deps.sh experiment   # only what the main job needs: the library and normkit-train
 # Idempotent: packages already present are left as they are.
 set -euo pipefail
 
 packages=(
   build-essential cmake pkg-config
-  libgtest-dev libgmock-dev libbenchmark-dev
   libhwy-dev libopenblas-dev zlib1g-dev
   libcli11-dev nlohmann-json3-dev
-  pybind11-dev python3-dev python3-numpy python3-pytest python3-torch
   dataset-fashion-mnist
 )
+if [[ ${1:-all} != experiment ]]; then
+  packages+=(
+    libgtest-dev libgmock-dev libbenchmark-dev
+    pybind11-dev python3-dev python3-numpy python3-pytest python3-torch
+  )
+fi
 
 missing=()
 for p in "${packages[@]}"; do

@@ -19,10 +19,13 @@ if [[ $# -gt 0 && $1 != -* ]]; then
 fi
 
 start=$(date +%s)
-bash scripts/install-deps.sh
+bash scripts/install-deps.sh experiment
 
 echo "== build normkit-train (Release)"
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+# Only the library and the trainer: the tests, the Python module and the benchmark (and the
+# packages they need) are scripts/test.sh's.
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DNORMKIT_BUILD_APPS=ON -DNORMKIT_BUILD_TESTS=OFF \
+  -DNORMKIT_BUILD_PYTHON=OFF -DNORMKIT_BUILD_BENCH=OFF >/dev/null
 cmake --build build -j "$(nproc)" --target normkit-train
 built=$(date +%s)
 

@@ -15,8 +15,9 @@ cd "$(dirname "$0")/.."
 
 out=${1:-runs/studies}
 
-bash scripts/install-deps.sh
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+bash scripts/install-deps.sh experiment
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DNORMKIT_BUILD_APPS=ON -DNORMKIT_BUILD_TESTS=OFF \
+  -DNORMKIT_BUILD_PYTHON=OFF -DNORMKIT_BUILD_BENCH=OFF >/dev/null
 cmake --build build -j "$(nproc)" --target normkit-train
 
 echo "== learning rate: BN vs none -> $out/learning-rate"

@@ -9,7 +9,8 @@ jobs=$(nproc)
 bash scripts/install-deps.sh
 
 echo "== build (Release)"
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DNORMKIT_BUILD_TESTS=ON -DNORMKIT_BUILD_PYTHON=ON \
+  -DNORMKIT_BUILD_APPS=ON -DNORMKIT_BUILD_BENCH=ON >/dev/null
 cmake --build build -j "$jobs"
 
 echo "== tests"
