@@ -9,10 +9,13 @@
 // Activations (x, y, dy, dx and the epilogue tensors) may be float32, bfloat16 or float16, all of
 // one dtype; weights, statistics and accumulation are float32 (or wider) whatever the dtype.
 //
-// Memory: the CPU kernels keep per-thread scratch buffers (per-chunk statistics and per-channel
-// coefficients, O(N * C) floats), allocated on a thread's first call with a given size and
-// reused afterwards; no per-element temporary is ever allocated. The reference backend
-// allocates freely.
+// Memory: the CPU kernels need scratch (per-piece statistics and per-channel coefficients and
+// sums, O(N * C) values plus one partial per work unit), group_norm_workspace_size bytes. Given
+// as Context::workspace, it is the only memory they use: no allocation in the call. With an
+// empty workspace the calling thread keeps a buffer of its own, allocated on first use and
+// reused. No per-element temporary is ever allocated. The reference backend ignores the
+// workspace and allocates freely.
+#include <cstddef>
 #include <span>
 
 #include "normkit/context.h"
@@ -29,13 +32,23 @@ struct GroupNormParams {
   ForwardEpilogue epilogue = {};
 };
 
+// Bytes of scratch memory the CPU kernels use for an input shaped like x (its shape and format;
+// its dtype does not matter) cut into params.num_groups groups: enough for group_norm_forward
+// and both group_norm_backward overloads, with any epilogue; 0 when x has no elements. Pass at
+// least that much as Context::workspace to have no allocation in those calls. Reads
+// params.num_groups and the dims, format and dtype of x, not its data (which must be non-null
+// for a non-empty x, as in the forward). Throws normkit::Error on the forward's checks of x,
+// num_groups and eps.
+std::size_t group_norm_workspace_size(const GroupNormParams& params, const TensorView& x);
+
 // Reads x, weight (length C, optional), bias (length C, optional), params.epilogue.residual
 // (optional, shape/format/dtype of x).
 // Overwrites y (shape, format and dtype of x) with relu?(normalized(x) + residual?), mean and
 // rstd (N*G floats each, (n, g) row-major; the statistics of x alone).
 // Throws normkit::Error, before writing anything, on: rank outside 2..5, C % G != 0, G <= 0,
 // weight/bias length != C, y or epilogue.residual shape/format/dtype != x's, mean/rstd length !=
-// N*G, eps negative or not finite, element counts that overflow int64, an unsupported dtype.
+// N*G, eps negative or not finite, element counts that overflow int64, an unsupported dtype,
+// a non-empty Context::workspace smaller than group_norm_workspace_size(params, x).
 // N == 0 is valid and writes nothing. NaN/Inf in x only affects its own (n, g).
 void group_norm_forward(const GroupNormParams& params, const TensorView& x,
                         std::span<const float> weight, std::span<const float> bias,
@@ -45,8 +58,9 @@ void group_norm_forward(const GroupNormParams& params, const TensorView& x,
 // Reads dy, x, mean and rstd saved by group_norm_forward, weight (optional).
 // Overwrites dx (shape/format/dtype of x); overwrites (does not add to) dweight and dbias
 // (length C each; both optional, and either may be given without the other).
-// Throws normkit::Error, before writing anything, on the checks of the forward plus dy or dx
-// shape/format/dtype != x's and dweight/dbias length != C. params.epilogue is not used here.
+// Throws normkit::Error, before writing anything, on the checks of the forward (the workspace
+// included) plus dy or dx shape/format/dtype != x's and dweight/dbias length != C.
+// params.epilogue is not used here.
 // Same as the overload below with an empty BackwardEpilogue.
 void group_norm_backward(const GroupNormParams& params, const TensorView& dy, const TensorView& x,
                          std::span<const float> mean, std::span<const float> rstd,

@@ -5,7 +5,8 @@
 // (as torch: momentum-weighted). Without use_input_stats it normalizes with the running stats.
 // Activations (x, y, dy, dx, epilogue tensors) may be float32, bfloat16 or float16, all of one
 // dtype; weights, statistics and running statistics are float32. Scratch memory as GroupNorm's
-// (normkit/group_norm.h).
+// (normkit/group_norm.h), instance_norm_workspace_size bytes.
+#include <cstddef>
 #include <span>
 
 #include "normkit/context.h"
@@ -23,13 +24,23 @@ struct InstanceNormParams {
   ForwardEpilogue epilogue = {};
 };
 
+// Bytes of scratch memory the CPU kernels use for an input shaped like x (its shape and format;
+// its dtype does not matter): enough for instance_norm_forward (either use_input_stats, with
+// running statistics) and both instance_norm_backward overloads, with any epilogue; 0 when x
+// has no elements. Pass at least that much as Context::workspace to have no allocation in those
+// calls. Reads params and the dims, format and dtype of x, not its data (which must be non-null
+// for a non-empty x, as in the forward). Throws normkit::Error on the forward's checks of
+// x, eps and momentum (including a spatial size of 1 with use_input_stats).
+std::size_t instance_norm_workspace_size(const InstanceNormParams& params, const TensorView& x);
+
 // Reads x, weight, bias (length C, optional), running_mean/running_var (length C; optional
 // with use_input_stats, required without). Overwrites y, mean and rstd (N*C each; with
 // use_input_stats = false they receive the running stats broadcast per sample, so backward can
 // treat them as constants). Updates running stats in place when given and use_input_stats.
 // y = relu?(normalized(x) + residual?) with params.epilogue (residual: shape/format/dtype of x).
-// Throws normkit::Error before writing anything; spatial size 1 with use_input_stats throws
-// "Expected more than 1 spatial element when training".
+// Throws normkit::Error before writing anything (among the rest on a non-empty
+// Context::workspace smaller than instance_norm_workspace_size(params, x)); spatial size 1 with
+// use_input_stats throws "Expected more than 1 spatial element when training".
 void instance_norm_forward(const InstanceNormParams& params, const TensorView& x,
                            std::span<const float> weight, std::span<const float> bias,
                            std::span<float> running_mean, std::span<float> running_var,
@@ -39,6 +50,8 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
 // Backward of instance_norm_forward: with use_input_stats the gradient flows through the
 // per-instance statistics (group_norm_backward with G = C); without, they are constants.
 // Reads dy, x, mean, rstd (as written by the forward), weight. Overwrites dx, dweight, dbias.
+// Throws normkit::Error before writing anything, on the forward's checks of x, eps, momentum and
+// the workspace, dy or dx unlike x, and a vector of the wrong length.
 void instance_norm_backward(const InstanceNormParams& params, const TensorView& dy,
                             const TensorView& x, std::span<const float> mean,
                             std::span<const float> rstd, std::span<const float> weight,

@@ -20,6 +20,7 @@
 //   changed between calls; affine and track_running_stats are read by the constructor only.
 // - Throws normkit::Error on bad arguments (x's channel count != the layer's, a bad shape, a
 //   backward with no forward before it, ...) before changing anything the caller can see.
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -128,7 +129,9 @@ class BatchNorm : public NormLayer {
 };
 
 // torch.nn.GroupNorm(num_groups, num_channels): statistics per (sample, group), affine per
-// channel. No running statistics; train and eval compute the same.
+// channel. No running statistics; train and eval compute the same. When context.workspace is
+// empty, the layer passes a workspace of its own (group_norm_workspace_size bytes, allocated on
+// the first call and grown for a larger input), so later calls allocate nothing.
 class GroupNorm : public NormLayer {
  public:
   using Options = GroupNormOptions;
@@ -148,6 +151,7 @@ class GroupNorm : public NormLayer {
   int64_t num_groups_;
   double used_eps_ = 1e-5;
   std::vector<float> mean_, rstd_;
+  std::vector<std::byte> workspace_;
 };
 
 // The LayerNorm of the GroupNorm paper: each sample normalized over all its channels and
@@ -167,6 +171,7 @@ class LayerNorm : public GroupNorm {
 // Differences from torch 1.13: momentum = nullopt (cumulative average, factor
 // 1 / num_batches_tracked) is accepted (torch rejects None for InstanceNorm), and
 // num_batches_tracked counts training forwards with tracking (torch leaves it at 0).
+// Workspace: as GroupNorm's, instance_norm_workspace_size bytes.
 class InstanceNorm : public NormLayer {
  public:
   using Options = InstanceNormOptions;
@@ -187,6 +192,7 @@ class InstanceNorm : public NormLayer {
   bool used_input_stats_ = true;
   double used_eps_ = 1e-5;
   std::vector<float> mean_, rstd_;
+  std::vector<std::byte> workspace_;
 };
 
 }  // namespace normkit

@@ -3,10 +3,8 @@
 
 #include <string>
 
-#include "common/dtype.h"
+#include "api/group_norm_dispatch.h"
 #include "common/validate.h"
-#include "cpu/group_norm.h"
-#include "ref/group_norm.h"
 
 namespace normkit {
 namespace {
@@ -18,8 +16,7 @@ using detail::check_like;
 using detail::check_tensor;
 using detail::fail;
 
-const float* ptr(std::span<const float> v) { return v.data(); }
-float* ptr(std::span<float> v) { return v.data(); }
+constexpr const char* kWorkspaceQuery = "group_norm_workspace_size(params, x)";
 
 // Checks of x, num_groups, weight and eps shared by forward and backward; returns N * G.
 int64_t check_group_input(const char* fn, const GroupNormParams& params, const TensorView& x,
@@ -45,6 +42,11 @@ ref::GroupNormShape shape_of(const TensorView& x, int64_t groups) {
 
 }  // namespace
 
+std::size_t group_norm_workspace_size(const GroupNormParams& params, const TensorView& x) {
+  check_group_input("group_norm_workspace_size", params, x, {});
+  return detail::group_norm_scratch_bytes(x, params.num_groups);
+}
+
 void group_norm_forward(const GroupNormParams& params, const TensorView& x,
                         std::span<const float> weight, std::span<const float> bias,
                         const TensorView& y, std::span<float> mean, std::span<float> rstd,
@@ -56,21 +58,12 @@ void group_norm_forward(const GroupNormParams& params, const TensorView& x,
   check_length(fn, "mean", mean, batch_groups, "N * num_groups", true);
   check_length(fn, "rstd", rstd, batch_groups, "N * num_groups", true);
   check_forward_epilogue(fn, params.epilogue, x);
+  const auto workspace = detail::checked_workspace(
+      fn, kWorkspaceQuery, detail::group_norm_scratch_bytes(x, params.num_groups), ctx);
   if (x.batch() == 0) return;
 
-  const auto sh = shape_of(x, params.num_groups);
-  if (ctx.backend == Backend::reference) {
-    ref::group_norm_forward(y, ptr(mean), ptr(rstd), x, ptr(weight), ptr(bias), sh, params.eps,
-                            params.epilogue);
-    return;
-  }
-  visit_dtype(x.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::group_norm_forward(y.as<T>(), ptr(mean), ptr(rstd), x.as<const T>(), ptr(weight),
-                            ptr(bias), sh, params.eps, detail::thread_count(ctx), nullptr,
-                            cpu::GroupNormForwardEpilogue<T>{params.epilogue.residual.as<const T>(),
-                                                             params.epilogue.relu});
-  });
+  detail::group_norm_forward_on(shape_of(x, params.num_groups), params.eps, params.epilogue, x,
+                                weight, bias, y, mean, rstd, nullptr, ctx, workspace);
 }
 
 void group_norm_backward(const GroupNormParams& params, const TensorView& dy, const TensorView& x,
@@ -95,21 +88,11 @@ void group_norm_backward(const GroupNormParams& params, const BackwardEpilogue& 
   check_length(fn, "dweight", dweight, x.channels(), "C", false);
   check_length(fn, "dbias", dbias, x.channels(), "C", false);
   check_backward_epilogue(fn, epilogue, x);
+  const auto workspace = detail::checked_workspace(
+      fn, kWorkspaceQuery, detail::group_norm_scratch_bytes(x, params.num_groups), ctx);
 
-  const auto sh = shape_of(x, params.num_groups);
-  if (ctx.backend == Backend::reference) {
-    ref::group_norm_backward(dx, ptr(dweight), ptr(dbias), dy, x, ptr(mean), ptr(rstd), ptr(weight),
-                             sh, false, epilogue);
-    return;
-  }
-  visit_dtype(x.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    cpu::group_norm_backward(dx.as<T>(), ptr(dweight), ptr(dbias), dy.as<const T>(),
-                             x.as<const T>(), ptr(mean), ptr(rstd), ptr(weight), sh, false,
-                             detail::thread_count(ctx),
-                             cpu::GroupNormBackwardEpilogue<T>{epilogue.relu, epilogue.y.as<const T>(),
-                                                               epilogue.dresidual.as<T>()});
-  });
+  detail::group_norm_backward_on(shape_of(x, params.num_groups), false, epilogue, dy, x, mean,
+                                 rstd, weight, dx, dweight, dbias, ctx, workspace);
 }
 
 }  // namespace normkit

@@ -6,10 +6,9 @@
 #include <string>
 #include <vector>
 
+#include "api/group_norm_dispatch.h"
 #include "common/dtype.h"
 #include "common/validate.h"
-#include "cpu/group_norm.h"
-#include "ref/group_norm.h"
 
 namespace normkit {
 namespace {
@@ -45,7 +44,24 @@ ref::GroupNormShape shape_of(const TensorView& x) {
   return {x.batch(), x.channels(), x.spatial_size(), x.channels(), x.format};
 }
 
+constexpr const char* kWorkspaceQuery = "instance_norm_workspace_size(params, x)";
+
+// The GroupNorm kernels' scratch (G = C), then N*C floats for the per-instance variances that
+// update the running statistics.
+std::size_t kernel_bytes(const TensorView& x) {
+  return detail::group_norm_scratch_bytes(x, x.channels());
+}
+std::size_t workspace_bytes(const TensorView& x) {
+  if (detail::has_zero_dim(x)) return 0;
+  return kernel_bytes(x) + std::size_t(x.batch() * x.channels()) * sizeof(float);
+}
+
 }  // namespace
+
+std::size_t instance_norm_workspace_size(const InstanceNormParams& params, const TensorView& x) {
+  check_instance_input("instance_norm_workspace_size", params, x, {});
+  return workspace_bytes(x);
+}
 
 void instance_norm_forward(const InstanceNormParams& params, const TensorView& x,
                            std::span<const float> weight, std::span<const float> bias,
@@ -67,44 +83,42 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
   check_length(fn, "rstd", rstd, instances, "N * C", true);
   const ForwardEpilogue& epi = params.epilogue;
   check_forward_epilogue(fn, epi, x);
+  const auto workspace = detail::checked_workspace(fn, kWorkspaceQuery, workspace_bytes(x), ctx);
   // An empty batch gives an empty output and leaves the running statistics alone.
   if (x.batch() == 0) return;
 
   const auto sh = shape_of(x);
-  const bool reference = ctx.backend == Backend::reference;
-  const int threads = detail::thread_count(ctx);
   if (!params.use_input_stats) {
     for (int64_t n = 0; n < x.batch(); ++n)
       for (int64_t c = 0; c < C; ++c) {
         mean[n * C + c] = running_mean[c];
         rstd[n * C + c] = float(1.0 / std::sqrt(double(running_var[c]) + params.eps));
       }
-    if (reference)
+    if (ctx.backend == Backend::reference)
       ref::group_norm_apply(y, x, ptr(mean), ptr(rstd), ptr(weight), ptr(bias), sh, epi);
     else
       visit_dtype(x.dtype, [&](auto tag) {
         using T = decltype(tag);
         cpu::group_norm_apply(y.as<T>(), x.as<const T>(), ptr(mean), ptr(rstd), ptr(weight),
-                              ptr(bias), sh, threads,
-                              cpu::GroupNormForwardEpilogue<T>{epi.residual.as<const T>(), epi.relu});
+                              ptr(bias), sh, detail::thread_count(ctx),
+                              cpu::GroupNormForwardEpilogue<T>{epi.residual.as<const T>(), epi.relu},
+                              workspace);
       });
     return;
   }
 
   const bool update = running_mean.data() != nullptr && x.spatial_size() > 0;
-  thread_local std::vector<float> variance;  // reused: no allocation once warm
-  if (update && variance.size() < std::size_t(instances)) variance.resize(std::size_t(instances));
-  float* var = update ? variance.data() : nullptr;
-  if (reference)
-    ref::group_norm_forward(y, ptr(mean), ptr(rstd), x, ptr(weight), ptr(bias), sh, params.eps, epi,
-                            var);
-  else
-    visit_dtype(x.dtype, [&](auto tag) {
-      using T = decltype(tag);
-      cpu::group_norm_forward(y.as<T>(), ptr(mean), ptr(rstd), x.as<const T>(), ptr(weight),
-                              ptr(bias), sh, params.eps, threads, var,
-                              cpu::GroupNormForwardEpilogue<T>{epi.residual.as<const T>(), epi.relu});
-    });
+  float* var = nullptr;
+  if (update && !workspace.empty()) {
+    // After the kernels' part (a multiple of sizeof(float): aligned for floats).
+    var = reinterpret_cast<float*>(workspace.data() + kernel_bytes(x));
+  } else if (update) {
+    thread_local std::vector<float> variance;  // reused: no allocation once warm
+    if (variance.size() < std::size_t(instances)) variance.resize(std::size_t(instances));
+    var = variance.data();
+  }
+  detail::group_norm_forward_on(sh, params.eps, epi, x, weight, bias, y, mean, rstd, var, ctx,
+                                workspace.empty() ? workspace : workspace.first(kernel_bytes(x)));
   if (!update) return;
   // torch: running <- (1 - m) * running + m * (average over n of the per-instance statistic),
   // the variance unbiased over the S spatial elements.
@@ -144,21 +158,10 @@ void instance_norm_backward(const InstanceNormParams& params, const BackwardEpil
   check_length(fn, "dweight", dweight, x.channels(), "C", false);
   check_length(fn, "dbias", dbias, x.channels(), "C", false);
   check_backward_epilogue(fn, epilogue, x);
+  const auto workspace = detail::checked_workspace(fn, kWorkspaceQuery, workspace_bytes(x), ctx);
 
-  const auto sh = shape_of(x);
-  const bool constants = !params.use_input_stats;
-  if (ctx.backend == Backend::reference)
-    ref::group_norm_backward(dx, ptr(dweight), ptr(dbias), dy, x, ptr(mean), ptr(rstd), ptr(weight),
-                             sh, constants, epilogue);
-  else
-    visit_dtype(x.dtype, [&](auto tag) {
-      using T = decltype(tag);
-      cpu::group_norm_backward(dx.as<T>(), ptr(dweight), ptr(dbias), dy.as<const T>(),
-                               x.as<const T>(), ptr(mean), ptr(rstd), ptr(weight), sh, constants,
-                               detail::thread_count(ctx),
-                               cpu::GroupNormBackwardEpilogue<T>{epilogue.relu, epilogue.y.as<const T>(),
-                                                                 epilogue.dresidual.as<T>()});
-    });
+  detail::group_norm_backward_on(shape_of(x), !params.use_input_stats, epilogue, dy, x, mean, rstd,
+                                 weight, dx, dweight, dbias, ctx, workspace);
 }
 
 }  // namespace normkit

@@ -1,6 +1,8 @@
 // Layer objects: parameter and running-statistic bookkeeping around the free functions.
 #include "normkit/layers.h"
 
+#include <cstddef>
+#include <span>
 #include <string>
 
 #include "common/validate.h"
@@ -31,6 +33,26 @@ std::string qualified(const char* layer, const char* method) {
 void check_options(const char* layer, double eps, std::optional<double> momentum) {
   detail::check_eps(layer, eps);
   if (momentum) detail::check_momentum(layer, *momentum);
+}
+
+// The context of a GroupNorm or InstanceNorm layer's call: `context` itself when it carries a
+// workspace (or runs the reference backend), else with the layer's own workspace, grown to what
+// `query` (the op's *_workspace_size for this input) asks. When the query rejects the input,
+// the call goes ahead without a workspace and the op reports the problem in its own words.
+template <typename Query>
+Context with_own_workspace(const Context& context, std::vector<std::byte>& own, Query&& query) {
+  if (context.workspace.data() != nullptr || context.backend != Backend::cpu) return context;
+  std::size_t need = 0;
+  try {
+    need = query();
+  } catch (const Error&) {
+    return context;
+  }
+  if (need == 0) return context;
+  if (own.size() < need) own.resize(need);
+  Context ctx = context;
+  ctx.workspace = std::span<std::byte>(own.data(), need);
+  return ctx;
 }
 
 // torch's factor: momentum, or the cumulative average 1 / n over the n batches seen so far
@@ -153,8 +175,9 @@ void GroupNorm::forward(const TensorView& x, const TensorView& y) {
   const int64_t length = statistics_length(name_, x, num_groups_);
   mean_.resize(length);
   rstd_.resize(length);
-  group_norm_forward(params, x, optional_view(weight), optional_view(bias), y, mean_, rstd_,
-                     context);
+  const Context ctx = with_own_workspace(context, workspace_,
+                                         [&] { return group_norm_workspace_size(params, x); });
+  group_norm_forward(params, x, optional_view(weight), optional_view(bias), y, mean_, rstd_, ctx);
   saved_x_ = x;
   used_eps_ = options.eps;
 }
@@ -162,8 +185,10 @@ void GroupNorm::forward(const TensorView& x, const TensorView& y) {
 void GroupNorm::backward(const TensorView& dy, const TensorView& dx) {
   check_backward(dy, dx);
   const GroupNormParams params{.num_groups = num_groups_, .eps = used_eps_};
+  const Context ctx = with_own_workspace(
+      context, workspace_, [&] { return group_norm_workspace_size(params, saved_x_); });
   group_norm_backward(params, dy, saved_x_, mean_, rstd_, optional_view(weight), dx,
-                      optional_view(weight_grad), optional_view(bias_grad), context);
+                      optional_view(weight_grad), optional_view(bias_grad), ctx);
 }
 
 // ---- InstanceNorm ----
@@ -193,10 +218,12 @@ void InstanceNorm::forward(const TensorView& x, const TensorView& y) {
   rstd_.resize(length);
   // Running statistics go in when they are updated (training) or used (eval).
   const bool pass_running = track_running_stats_ && (update || !input_stats);
+  const Context ctx = with_own_workspace(
+      context, workspace_, [&] { return instance_norm_workspace_size(params, x); });
   instance_norm_forward(params, x, optional_view(weight), optional_view(bias),
                         pass_running ? optional_view(running_mean) : std::span<float>{},
                         pass_running ? optional_view(running_var) : std::span<float>{}, y, mean_,
-                        rstd_, context);
+                        rstd_, ctx);
   if (update) ++num_batches_tracked;
   saved_x_ = x;
   used_input_stats_ = input_stats;
@@ -207,8 +234,10 @@ void InstanceNorm::backward(const TensorView& dy, const TensorView& dx) {
   check_backward(dy, dx);
   const InstanceNormParams params{
       .use_input_stats = used_input_stats_, .momentum = 0.0, .eps = used_eps_};
+  const Context ctx = with_own_workspace(
+      context, workspace_, [&] { return instance_norm_workspace_size(params, saved_x_); });
   instance_norm_backward(params, dy, saved_x_, mean_, rstd_, optional_view(weight), dx,
-                         optional_view(weight_grad), optional_view(bias_grad), context);
+                         optional_view(weight_grad), optional_view(bias_grad), ctx);
 }
 
 }  // namespace normkit

@@ -11,6 +11,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
+#include <span>
+#include <type_traits>
 #include <vector>
 
 #ifndef NORMKIT_CPU_GROUP_NORM_KERNELS_
@@ -30,20 +33,28 @@ struct Kernels {
   // sum(g) and sum(g * (x - m)) over i < n <= kRunChunk; writes g to gout when not null.
   void (*grad_sums_run)(const T* dy, const T* mask, const T* x, T* gout, int64_t n, float m,
                         double* sum_g, double* sum_gxc);
-  // Per column c of a channels-last block: adds sum(g) to acc_g[c] and sum(g * (x - m[c])) to
-  // acc_gxc[c] (float accumulators: keep rows small); writes g to gout when not null.
+  // Per column c < width of a channels-last block (row r at offset r * stride): adds sum(g) to
+  // acc_g[c] and sum(g * (x - m[c])) to acc_gxc[c] (float accumulators: keep rows small);
+  // writes g to gout when not null.
   void (*grad_sums_rows)(const T* dy, const T* mask, const T* x, T* gout, int64_t rows,
-                         int64_t channels, const float* m, float* acc_g, float* acc_gxc);
+                         int64_t width, int64_t stride, const float* m, float* acc_g,
+                         float* acc_gxc);
   // dx[i] = a * g[i] + b * (x[i] - m) + c; g = dy masked as above.
   void (*dx_run)(T* dx, const T* dy, const T* mask, const T* x, int64_t n, float a, float b,
                  float m, float c);
   void (*dx_rows)(T* dx, const T* dy, const T* mask, const T* x, int64_t rows, int64_t channels,
                   const float* a, const float* b, const float* m, const float* c);
-  // Per column c of a channels-last block: adds sum(x - p[c]) to acc1[c] and sum((x - p[c])^2)
-  // to acc2[c] (float accumulators: keep rows small).
-  void (*shifted_sums_rows)(const T* x, int64_t rows, int64_t channels, const float* p,
-                            float* acc1, float* acc2);
+  // Per column c < width <= kColumnBlock of a channels-last block of rows >= 1 rows (row r at
+  // offset r * stride): the column's mean[c] and M2 m2[c] (see column_moments below).
+  void (*column_moments)(const T* x, int64_t rows, int64_t stride, int64_t width, double* mean,
+                         double* m2);
 };
+
+// Columns (channels) one column_moments call covers at most: its sums live on the stack.
+constexpr int64_t kColumnBlock = 256;
+// Rows whose shifted sums accumulate in float before they are added in double: few enough that
+// the float rounding stays near 1e-6 relative.
+constexpr int64_t kSumRows = 16;
 
 }  // namespace normkit::cpu::gn
 #endif
@@ -177,20 +188,20 @@ HWY_INLINE void GradSumsStep(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRIC
 
 template <typename T>
 void GradSumsRows(const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask, const T* HWY_RESTRICT x,
-                  T* HWY_RESTRICT gout, int64_t rows, int64_t channels, const float* m,
-                  float* acc_g, float* acc_gxc) {
+                  T* HWY_RESTRICT gout, int64_t rows, int64_t width, int64_t stride,
+                  const float* m, float* acc_g, float* acc_gxc) {
   const DF d;
   const D1 d1;
   const int64_t N = int64_t(hn::Lanes(d));
   for (int64_t row = 0; row < rows; ++row) {
-    const int64_t at = row * channels;
+    const int64_t at = row * stride;
     const T* mrow = mask ? mask + at : nullptr;
     T* grow = gout ? gout + at : nullptr;
     int64_t c = 0;
-    for (; c + N <= channels; c += N)
+    for (; c + N <= width; c += N)
       GradSumsStep(d, dy + at + c, mrow ? mrow + c : nullptr, x + at + c,
                    grow ? grow + c : nullptr, m + c, acc_g + c, acc_gxc + c);
-    for (; c < channels; ++c)
+    for (; c < width; ++c)
       GradSumsStep(d1, dy + at + c, mrow ? mrow + c : nullptr, x + at + c,
                    grow ? grow + c : nullptr, m + c, acc_g + c, acc_gxc + c);
   }
@@ -239,25 +250,101 @@ void DxRows(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT 
   }
 }
 
-template <class D, typename T>
-HWY_INLINE void ShiftedStep(D d, const T* HWY_RESTRICT x, const float* p, float* acc1,
-                            float* acc2) {
-  const auto v = hn::Sub(LoadF(d, x), hn::LoadU(d, p));
-  hn::StoreU(hn::Add(hn::LoadU(d, acc1), v), d, acc1);
-  hn::StoreU(hn::MulAdd(v, v, hn::LoadU(d, acc2)), d, acc2);
+// s[i] += v[i] for the lanes of v, in double: the conversion is exact and the add IEEE at any
+// vector width, so a column's sum does not depend on its lane or on the tail.
+template <class D>
+HWY_INLINE void AddToDouble(D d, hn::Vec<D> v, double* HWY_RESTRICT s) {
+  if constexpr (std::is_same_v<D, D1>) {
+    (void)d;
+    s[0] += double(hn::GetLane(v));
+  } else {
+#if HWY_TARGET != HWY_SCALAR
+    const hn::Half<D> dh;
+    const hn::Repartition<double, D> dd;
+    const int64_t H = int64_t(hn::Lanes(dd));
+    hn::StoreU(hn::Add(hn::LoadU(dd, s), hn::PromoteTo(dd, hn::LowerHalf(dh, v))), dd, s);
+    hn::StoreU(hn::Add(hn::LoadU(dd, s + H), hn::PromoteTo(dd, hn::UpperHalf(dh, v))), dd,
+               s + H);
+#endif
+  }
 }
 
+template <class D, typename T>
+HWY_INLINE void ShiftedStep(D d, const T* HWY_RESTRICT x, hn::Vec<D> center, hn::Vec<D>& a,
+                            hn::Vec<D>& b) {
+  const auto v = hn::Sub(LoadF(d, x), center);
+  a = hn::Add(a, v);
+  b = hn::MulAdd(v, v, b);
+}
+
+// s1[j] = sum(x - center[j]), s2[j] = sum((x - center[j])^2) over the rows of column j < width:
+// float sums over kSumRows rows, in row order, added in double. Columns go through registers
+// four vectors at a time (each row's piece is contiguous, which the prefetchers follow); a
+// column's arithmetic is the same in every lane and in the tails.
 template <typename T>
-void ShiftedSumsRows(const T* HWY_RESTRICT x, int64_t rows, int64_t channels, const float* p,
-                     float* acc1, float* acc2) {
+void ShiftedColumnSums(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, int64_t width,
+                       const float* HWY_RESTRICT center, double* HWY_RESTRICT s1,
+                       double* HWY_RESTRICT s2) {
   const DF d;
   const D1 d1;
   const int64_t N = int64_t(hn::Lanes(d));
-  for (int64_t row = 0; row < rows; ++row) {
-    const T* xr = x + row * channels;
-    int64_t c = 0;
-    for (; c + N <= channels; c += N) ShiftedStep(d, xr + c, p + c, acc1 + c, acc2 + c);
-    for (; c < channels; ++c) ShiftedStep(d1, xr + c, p + c, acc1 + c, acc2 + c);
+  std::fill(s1, s1 + width, 0.0);
+  std::fill(s2, s2 + width, 0.0);
+  auto column = [&](auto dd, const T* xb, int64_t n_rows, int64_t j) {
+    const auto c = hn::LoadU(dd, center + j);
+    auto a = hn::Zero(dd), b = hn::Zero(dd);
+    for (int64_t r = 0; r < n_rows; ++r) ShiftedStep(dd, xb + r * stride + j, c, a, b);
+    AddToDouble(dd, a, s1 + j);
+    AddToDouble(dd, b, s2 + j);
+  };
+  for (int64_t r0 = 0; r0 < rows; r0 += gn::kSumRows) {
+    const int64_t n_rows = std::min(gn::kSumRows, rows - r0);
+    const T* xb = x + r0 * stride;
+    int64_t j = 0;
+    for (; j + 4 * N <= width; j += 4 * N) {
+      const auto c0 = hn::LoadU(d, center + j), c1 = hn::LoadU(d, center + j + N);
+      const auto c2 = hn::LoadU(d, center + j + 2 * N), c3 = hn::LoadU(d, center + j + 3 * N);
+      auto a0 = hn::Zero(d), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+      for (int64_t r = 0; r < n_rows; ++r) {
+        const T* xr = xb + r * stride + j;
+        ShiftedStep(d, xr, c0, a0, b0);
+        ShiftedStep(d, xr + N, c1, a1, b1);
+        ShiftedStep(d, xr + 2 * N, c2, a2, b2);
+        ShiftedStep(d, xr + 3 * N, c3, a3, b3);
+      }
+      AddToDouble(d, a0, s1 + j), AddToDouble(d, a1, s1 + j + N);
+      AddToDouble(d, a2, s1 + j + 2 * N), AddToDouble(d, a3, s1 + j + 3 * N);
+      AddToDouble(d, b0, s2 + j), AddToDouble(d, b1, s2 + j + N);
+      AddToDouble(d, b2, s2 + j + 2 * N), AddToDouble(d, b3, s2 + j + 3 * N);
+    }
+    for (; j + N <= width; j += N) column(d, xb, n_rows, j);
+    for (; j < width; ++j) column(d1, xb, n_rows, j);
+  }
+}
+
+// Per column of a channels-last block, two passes while the block is in cache: the sum of
+// x - p around a pivot p (the column's first value: the terms are at the scale of the spread,
+// not of the offset) gives a float mean m; the second pass sums d = x - m and d^2, so
+// mean = m + sum(d) / n and M2 = sum(d^2) - sum(d)^2 / n (the corrected two-pass algorithm).
+template <typename T>
+void ColumnMoments(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, int64_t width,
+                   double* HWY_RESTRICT mean, double* HWY_RESTRICT m2) {
+  const DF d;
+  const D1 d1;
+  const int64_t N = int64_t(hn::Lanes(d));
+  float center[gn::kColumnBlock] = {};  // zeroed for -Wmaybe-uninitialized; [0, width) is set
+  double s1[gn::kColumnBlock], s2[gn::kColumnBlock];
+  int64_t j = 0;
+  for (; j + N <= width; j += N) hn::StoreU(LoadF(d, x + j), d, center + j);
+  for (; j < width; ++j) hn::StoreU(LoadF(d1, x + j), d1, center + j);
+  const double count = double(rows);
+  ShiftedColumnSums(x, rows, stride, width, center, s1, s2);
+  for (j = 0; j < width; ++j) center[j] = float(double(center[j]) + s1[j] / count);
+  ShiftedColumnSums(x, rows, stride, width, center, s1, s2);
+  for (j = 0; j < width; ++j) {
+    const double v = s2[j] - s1[j] * s1[j] / count;
+    m2[j] = v < 0 ? 0.0 : v;  // below 0 by rounding only; NaN passes through
+    mean[j] = double(center[j]) + s1[j] / count;
   }
 }
 
@@ -265,7 +352,7 @@ template <typename T>
 const gn::Kernels<T>* KernelTable() {
   static const gn::Kernels<T> k{&AffineRun<T>,  &AffineRows<T>, &GradSumsRun<T>,
                                 &GradSumsRows<T>, &DxRun<T>,    &DxRows<T>,
-                                &ShiftedSumsRows<T>};
+                                &ColumnMoments<T>};
   return &k;
 }
 const gn::Kernels<float>* KernelsF32() { return KernelTable<float>(); }
@@ -284,6 +371,8 @@ HWY_EXPORT(KernelsF16);
 
 namespace {
 
+using gn::kColumnBlock;
+
 template <typename T>
 const gn::Kernels<T>& kernels() {
   if constexpr (std::is_same_v<T, float>) return *HWY_DYNAMIC_DISPATCH(KernelsF32)();
@@ -296,13 +385,9 @@ constexpr int64_t kParallelMin = 8192;    // smaller tensors are not worth wakin
 // Channels-first groups up to this many elements are normalized right after their statistics,
 // while they are still in the per-core cache (L2 is 2 MiB here; leave room for y).
 constexpr int64_t kCachedGroupBytes = 1 << 20;
-
-// Per-call buffers reused across calls on the calling thread (no allocation once warm).
-template <typename U>
-U* scratch(std::vector<U>& v, int64_t n) {
-  if (v.size() < std::size_t(n)) v.resize(std::size_t(n));
-  return v.data();
-}
+// Rows of a channels-last statistics unit, at least: the per-channel work of a unit (the
+// merge into groups) is paid once per this many rows.
+constexpr int64_t kMinStatisticsRows = 64;
 
 // Channels-first work: `rows` contiguous rows of `len` elements, cut into kRunChunk pieces.
 // A unit is one piece of a long row, or several whole short rows.
@@ -328,7 +413,7 @@ struct RowPieces {
 };
 
 // Channels-last work: per sample, `spatial` rows of `channels` values. A unit is a range of
-// unit_rows rows, walked in blocks of block_rows (the in-cache chunk of the statistics).
+// unit_rows rows, walked in blocks of block_rows (the in-cache chunk of the gradient sums).
 struct RowBlocks {
   int64_t block, unit_rows, units_per_sample;
   RowBlocks(int64_t spatial, int64_t channels) {
@@ -338,68 +423,164 @@ struct RowBlocks {
   }
 };
 
-// Channels-last statistics, per unit (a range of rows of one sample, small enough to stay in
-// the per-core cache), per channel, in sequential row order: the sum of x - p around a pivot p
-// (the channel's value in the unit's first row: the terms are at the scale of the spread, not
-// of the offset) gives a float mean m; a second pass, from cache, sums d = x - m and d^2, so
-// mean = m + sum(d) / n and M2 = sum(d^2) - sum(d)^2 / n (the corrected two-pass algorithm).
-// Float sums over blocks of 16 rows, added in double. Channels merge into their group in
-// channel order, then the units of (n, g) in order: fixed by the shape, whatever the threads.
+// Channels-last statistics units: ranges of at least kMinStatisticsRows rows of one sample.
+struct StatisticsUnits {
+  int64_t unit_rows, units_per_sample;
+  StatisticsUnits(int64_t spatial, int64_t channels) {
+    unit_rows = std::max(RowBlocks(spatial, channels).unit_rows, kMinStatisticsRows);
+    units_per_sample = (spatial + unit_rows - 1) / unit_rows;
+  }
+};
+
+// ---- scratch ----
+// Element counts of the scratch parts, a function of the shape only. The forward (and apply)
+// and the backward use the same memory; each carves its parts in order of decreasing alignment
+// (Moments and doubles, then floats), so every part is aligned when the base is.
+struct Layout {
+  int64_t groups = 0, pieces = 0, stats = 0, forward_coef = 0;        // forward
+  int64_t sums = 0, partial = 0, backward_coef = 0, channel_mean = 0;  // backward
+  std::size_t forward_bytes() const {
+    return std::size_t(groups + pieces) * sizeof(Moments) + std::size_t(stats) * sizeof(double) +
+           std::size_t(forward_coef) * sizeof(float);
+  }
+  std::size_t backward_bytes() const {
+    return std::size_t(sums + partial) * sizeof(double) +
+           std::size_t(backward_coef + channel_mean) * sizeof(float);
+  }
+};
+
+Layout layout_of(const GroupNormShape& t) {
+  Layout l;
+  const int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups;
+  if (N * C * S == 0) return l;  // nothing needs scratch (see the early returns below)
+  const int64_t NC = N * C, NG = N * G;
+  const bool channels_first = t.format == MemoryFormat::channels_first;
+  l.groups = NG;
+  l.pieces = channels_first ? runs_moments_scratch_size(NG, (C / G) * S)
+                            : N * StatisticsUnits(S, C).units_per_sample * G;
+  l.stats = 2 * NG;
+  l.forward_coef = 3 * NC;
+  l.sums = 2 * NC;
+  l.partial = channels_first ? 2 * NC * RowPieces(NC, S).stride
+                             : 2 * N * RowBlocks(S, C).units_per_sample * C;
+  l.backward_coef = 4 * NC;
+  l.channel_mean = channels_first ? 0 : NC;
+  return l;
+}
+
+// The caller's workspace when it is large enough (the public functions have checked that a
+// non-empty one is), else a buffer of the calling thread, grown as needed and reused.
+std::byte* scratch_base(std::size_t need, std::span<std::byte> workspace) {
+  if (workspace.size() >= need) return workspace.data();
+  thread_local std::vector<double> fallback;  // double: aligned for every part
+  const std::size_t words = (need + sizeof(double) - 1) / sizeof(double);
+  if (fallback.size() < words) fallback.resize(words);
+  return reinterpret_cast<std::byte*>(fallback.data());
+}
+
+struct ForwardScratch {
+  Moments* groups;  // N*G
+  Moments* pieces;  // per-piece (channels-first) or per-unit (channels-last) moments
+  double* stats;    // 2*N*G: mean, rstd
+  float* coef;      // 3*N*C: m, a, b
+};
+ForwardScratch carve_forward(const GroupNormShape& t, std::span<std::byte> workspace) {
+  const Layout l = layout_of(t);
+  std::byte* base = scratch_base(l.forward_bytes(), workspace);
+  ForwardScratch s;
+  s.groups = reinterpret_cast<Moments*>(base);
+  s.pieces = s.groups + l.groups;
+  s.stats = reinterpret_cast<double*>(s.pieces + l.pieces);
+  s.coef = reinterpret_cast<float*>(s.stats + l.stats);
+  return s;
+}
+
+struct BackwardScratch {
+  double* sums;     // 2*N*C: sum(g), sum(g * (x - mean))
+  double* partial;  // per-unit partials of the sums
+  float* coef;      // 4*N*C: dx coefficients
+  float* mean_c;    // N*C (channels-last): each channel's group mean
+};
+BackwardScratch carve_backward(const GroupNormShape& t, std::span<std::byte> workspace) {
+  const Layout l = layout_of(t);
+  std::byte* base = scratch_base(l.backward_bytes(), workspace);
+  BackwardScratch s;
+  s.sums = reinterpret_cast<double*>(base);
+  s.partial = s.sums + l.sums;
+  s.coef = reinterpret_cast<float*>(s.partial + l.partial);
+  s.mean_c = s.coef + l.backward_coef;
+  return s;
+}
+
+// ---- statistics ----
+
+// Moments of k sets of `count` values each, from their means and M2s: the mean of the means,
+// and M2 = sum(m2) + count * sum((mean - overall mean)^2) (exact for equal counts; no division
+// per set, unlike a chain of merges).
+inline Moments equal_count_moments(const double* mean, const double* m2, int64_t k,
+                                   double count) {
+  if (k == 1) return {count, mean[0], m2[0]};
+  double sum = 0;
+  for (int64_t i = 0; i < k; ++i) sum += mean[i];
+  const double mu = sum / double(k);
+  double total = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const double d = mean[i] - mu;
+    total += m2[i] + count * d * d;
+  }
+  return {count * double(k), mu, total};
+}
+
+// Channels-last statistics. Per unit (a range of rows of one sample, small enough to stay in
+// the per-core cache) and per block of up to kColumnBlock channels, the SIMD kernel
+// column_moments gives each channel's mean and M2 (two passes over the block, the second from
+// cache). Channels join their group in channel order, then the units of (n, g) merge in order:
+// fixed by the shape, whatever the threads.
+
+// The G group moments of unit u into gm.
 template <typename T>
-void channels_last_group_moments(const T* x, const GroupNormShape& t, Moments* out,
-                                 int num_threads, bool parallel) {
+void unit_group_moments(const gn::Kernels<T>& k, const T* x, const GroupNormShape& t,
+                        const StatisticsUnits& su, int64_t u, Moments* gm) {
   const int64_t C = t.channels, S = t.spatial, G = t.groups, per_group = C / G;
-  const RowBlocks rb(S, C);
-  const int64_t units = t.batch * rb.units_per_sample;
-  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(16, rb.unit_rows));
-  const auto& k = kernels<T>();
-  thread_local std::vector<Moments> unit_buf;
-  Moments* unit_moments = scratch(unit_buf, units * G);
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-  for (int64_t u = 0; u < units; ++u) {
-    thread_local std::vector<float> fbuf;
-    thread_local std::vector<double> dbuf;
-    float* pivot = scratch(fbuf, 3 * C);
-    float* a1 = pivot + C;
-    float* a2 = a1 + C;
-    double* s1 = scratch(dbuf, 2 * C);
-    double* s2 = s1 + C;
-    const int64_t n = u / rb.units_per_sample, q = u % rb.units_per_sample;
-    const int64_t r_begin = q * rb.unit_rows, r_end = std::min(S, r_begin + rb.unit_rows);
-    const T* base = x + (n * S + r_begin) * C;
-    for (int64_t c = 0; c < C; ++c) pivot[c] = to_float(base[c]);
-    const double count = double(r_end - r_begin);
-    // Pass over the unit: blockwise float sums added in double.
-    auto sums = [&] {
-      std::fill(s1, s1 + 2 * C, 0.0);
-      for (int64_t r0 = r_begin; r0 < r_end; r0 += block) {
-        std::fill(a1, a1 + 2 * C, 0.0f);
-        k.shifted_sums_rows(x + (n * S + r0) * C, std::min(block, r_end - r0), C, pivot, a1, a2);
-        for (int64_t c = 0; c < C; ++c) s1[c] += a1[c], s2[c] += a2[c];
-      }
-    };
-    sums();  // around the sample pivot: the mean
-    for (int64_t c = 0; c < C; ++c) pivot[c] = float(double(pivot[c]) + s1[c] / count);
-    sums();  // around the float mean, from cache: sum(d) corrects its rounding, sum(d^2) is M2
-    Moments* gm = unit_moments + u * G;
-    for (int64_t g = 0; g < G; ++g) {
-      Moments m;
-      for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-        double m2 = s2[c] - s1[c] * s1[c] / count;
-        if (m2 < 0) m2 = 0;  // rounding only; NaN passes through
-        m = merge(m, Moments{count, double(pivot[c]) + s1[c] / count, m2});
-      }
-      gm[g] = m;
+  const int64_t n = u / su.units_per_sample, q = u % su.units_per_sample;
+  const int64_t r_begin = q * su.unit_rows, rows = std::min(S - r_begin, su.unit_rows);
+  const T* base = x + (n * S + r_begin) * C;
+  const double count = double(rows);
+  std::fill(gm, gm + G, Moments{});
+  double mean[kColumnBlock], m2[kColumnBlock];
+  for (int64_t c0 = 0; c0 < C; c0 += kColumnBlock) {
+    const int64_t width = std::min(kColumnBlock, C - c0);
+    k.column_moments(base + c0, rows, C, width, mean, m2);
+    for (int64_t c = c0; c < c0 + width;) {  // the block's part of each group
+      const int64_t g = c / per_group, end = std::min(c0 + width, (g + 1) * per_group);
+      gm[g] = merge(gm[g], equal_count_moments(mean + (c - c0), m2 + (c - c0), end - c, count));
+      c = end;
     }
   }
+}
+
+// Moments of group (n, g) from its units' moments, in unit order.
+inline Moments merge_units(const Moments* unit_moments, const StatisticsUnits& su, int64_t G,
+                           int64_t n, int64_t g) {
+  Moments m;
+  for (int64_t q = 0; q < su.units_per_sample; ++q)
+    m = merge(m, unit_moments[(n * su.units_per_sample + q) * G + g]);
+  return m;
+}
+
+// out: N*G group moments; unit_moments: N * units_per_sample * G of scratch.
+template <typename T>
+void channels_last_group_moments(const T* x, const GroupNormShape& t, Moments* out,
+                                 Moments* unit_moments, int num_threads, bool parallel) {
+  const int64_t G = t.groups;
+  const StatisticsUnits su(t.spatial, t.channels);
+  const int64_t units = t.batch * su.units_per_sample;
+  const auto& k = kernels<T>();
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-  for (int64_t i = 0; i < t.batch * G; ++i) {
-    const int64_t n = i / G, g = i % G;
-    Moments m;
-    for (int64_t q = 0; q < rb.units_per_sample; ++q)
-      m = merge(m, unit_moments[(n * rb.units_per_sample + q) * G + g]);
-    out[i] = m;
-  }
+  for (int64_t u = 0; u < units; ++u) unit_group_moments(k, x, t, su, u, unit_moments + u * G);
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
+  for (int64_t i = 0; i < t.batch * G; ++i)
+    out[i] = merge_units(unit_moments, su, G, i / G, i % G);
 }
 
 // m = float(mean), a = rstd * w[c], b = bias[c] - (mean - m) * a. Subtracting m first makes
@@ -415,25 +596,33 @@ inline Coef fold(double mean, double rstd, const float* weight, const float* bia
   return {mf, float(scale), float((bias ? double(bias[c]) : 0.0) - (mean - double(mf)) * scale)};
 }
 
+// Coefficients of sample n (C each of m, a, b) from its groups' mean and rstd.
+inline void fold_sample(const double* mean, const double* rstd, const float* weight,
+                        const float* bias, const GroupNormShape& t, int64_t n, float* m, float* a,
+                        float* b) {
+  const int64_t C = t.channels, G = t.groups, per_group = C / G;
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t i = n * G + c / per_group;
+    const Coef f = fold(mean[i], rstd[i], weight, bias, c);
+    m[c] = f.m;
+    a[c] = f.a;
+    b[c] = f.b;
+  }
+}
+
+// coef: 3 * N * C floats of scratch.
 template <typename T>
 void fold_and_apply(T* y, const T* x, const double* mean, const double* rstd,
                     const float* weight, const float* bias, const GroupNormShape& t,
-                    int num_threads, bool parallel, const GroupNormForwardEpilogue<T>& epi) {
-  const int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups;
-  const int64_t per_group = C / G;
+                    int num_threads, bool parallel, const GroupNormForwardEpilogue<T>& epi,
+                    float* coef) {
+  const int64_t N = t.batch, C = t.channels, S = t.spatial;
   const auto& k = kernels<T>();
-  thread_local std::vector<float> coef_buf;
-  float* m = scratch(coef_buf, 3 * N * C);
+  float* m = coef;
   float* a = m + N * C;
   float* b = a + N * C;
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t i = n * G + c / per_group;
-      const Coef f = fold(mean[i], rstd[i], weight, bias, c);
-      m[n * C + c] = f.m;
-      a[n * C + c] = f.a;
-      b[n * C + c] = f.b;
-    }
+    fold_sample(mean, rstd, weight, bias, t, n, m + n * C, a + n * C, b + n * C);
   const T* r = epi.residual;
   if (t.format == MemoryFormat::channels_first) {
     const RowPieces p(N * C, S);
@@ -471,12 +660,25 @@ inline void finish_stats(const Moments& gm, double eps, double* mu, double* rs, 
 
 }  // namespace
 
+std::size_t workspace_size(const GroupNormShape& shape) {
+  const Layout l = layout_of(shape);
+  return std::max(l.forward_bytes(), l.backward_bytes());
+}
+
 template <typename T>
 void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
                         const float* bias, const GroupNormShape& t, double eps, int num_threads,
-                        float* variance, const GroupNormForwardEpilogue<T>& epi) {
-  const int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups, per_group = C / G;
+                        float* variance, const GroupNormForwardEpilogue<T>& epi,
+                        std::span<std::byte> workspace) {
+  const int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups;
   if (N == 0) return;
+  if (C * S == 0) {  // empty groups (y has no elements): mean 0, rstd NaN
+    double mu, rs;
+    for (int64_t i = 0; i < N * G; ++i)
+      finish_stats(Moments{}, eps, &mu, &rs, mean + i, rstd + i, variance ? variance + i : nullptr);
+    return;
+  }
+  const int64_t per_group = C / G;
   const bool parallel = num_threads > 1 && N * C * S >= kParallelMin;
   const int64_t group_len = per_group * S;
 
@@ -502,32 +704,61 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
     return;
   }
 
-  thread_local std::vector<Moments> moments_buf;
-  Moments* gm = scratch(moments_buf, N * G);
-  if (t.format == MemoryFormat::channels_first)
-    runs_moments(x, N * G, group_len, gm, parallel ? num_threads : 1);
-  else
-    channels_last_group_moments(x, t, gm, num_threads, parallel);
-  thread_local std::vector<double> stat_buf;
-  double* mu = scratch(stat_buf, 2 * N * G);
+  const ForwardScratch s = carve_forward(t, workspace);
+  double* mu = s.stats;
   double* rs = mu + N * G;
+
+  // Channels-last with a cache-sized sample for every thread: each thread takes whole samples,
+  // statistics then output, so the output pass reads x from cache. Bitwise the same as the
+  // path below (the same units, merges, fold and per-element arithmetic; only which thread
+  // runs them changes).
+  if (t.format == MemoryFormat::channels_last && N >= std::max(num_threads, 1) &&
+      C * S * int64_t(sizeof(T)) <= kCachedGroupBytes) {
+    const auto& k = kernels<T>();
+    const StatisticsUnits su(S, C);
+    const T* r = epi.residual;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t q = 0; q < su.units_per_sample; ++q) {
+        const int64_t u = n * su.units_per_sample + q;
+        unit_group_moments(k, x, t, su, u, s.pieces + u * G);
+      }
+      for (int64_t i = n * G; i < (n + 1) * G; ++i)
+        finish_stats(merge_units(s.pieces, su, G, n, i % G), eps, mu + i, rs + i, mean + i,
+                     rstd + i, variance ? variance + i : nullptr);
+      float* m = s.coef + n * C;
+      float* a = m + N * C;
+      float* b = a + N * C;
+      fold_sample(mu, rs, weight, bias, t, n, m, a, b);
+      const int64_t at = n * S * C;
+      k.affine_rows(y + at, x + at, r ? r + at : nullptr, S, C, m, a, b, epi.relu);
+    }
+    return;
+  }
+
+  if (t.format == MemoryFormat::channels_first)
+    runs_moments(x, N * G, group_len, s.groups, parallel ? num_threads : 1, s.pieces);
+  else
+    channels_last_group_moments(x, t, s.groups, s.pieces, num_threads, parallel);
   for (int64_t i = 0; i < N * G; ++i)
-    finish_stats(gm[i], eps, mu + i, rs + i, mean + i, rstd + i, variance ? variance + i : nullptr);
-  fold_and_apply(y, x, mu, rs, weight, bias, t, num_threads, parallel, epi);
+    finish_stats(s.groups[i], eps, mu + i, rs + i, mean + i, rstd + i,
+                 variance ? variance + i : nullptr);
+  fold_and_apply(y, x, mu, rs, weight, bias, t, num_threads, parallel, epi, s.coef);
 }
 
 template <typename T>
 void group_norm_apply(T* y, const T* x, const float* mean, const float* rstd,
                       const float* weight, const float* bias, const GroupNormShape& t,
-                      int num_threads, const GroupNormForwardEpilogue<T>& epi) {
+                      int num_threads, const GroupNormForwardEpilogue<T>& epi,
+                      std::span<std::byte> workspace) {
   const int64_t NG = t.batch * t.groups;
-  if (t.batch == 0) return;
-  thread_local std::vector<double> stat_buf;
-  double* mu = scratch(stat_buf, 2 * NG);
+  if (t.batch * t.channels * t.spatial == 0) return;  // y has no elements
+  const ForwardScratch s = carve_forward(t, workspace);
+  double* mu = s.stats;
   double* rs = mu + NG;
   for (int64_t i = 0; i < NG; ++i) mu[i] = mean[i], rs[i] = rstd[i];
   const bool parallel = num_threads > 1 && t.batch * t.channels * t.spatial >= kParallelMin;
-  fold_and_apply(y, x, mu, rs, weight, bias, t, num_threads, parallel, epi);
+  fold_and_apply(y, x, mu, rs, weight, bias, t, num_threads, parallel, epi, s.coef);
 }
 
 // Per (n, g), over its M = (C/G) * S elements, with g_i = gin_i * w[c] (gin the incoming
@@ -542,25 +773,39 @@ template <typename T>
 void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
                          const float* mean, const float* rstd, const float* weight,
                          const GroupNormShape& t, bool stats_are_constants, int num_threads,
-                         const GroupNormBackwardEpilogue<T>& epi) {
+                         const GroupNormBackwardEpilogue<T>& epi, std::span<std::byte> workspace) {
   const int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups;
   const int64_t per_group = C / G;
+  if (N * C * S == 0) {
+    // No elements: dx and dresidual are empty, every sum is 0 (dweight keeps rstd * 0, so a
+    // NaN rstd of an empty group still shows).
+    if (dweight || dbias)
+      for (int64_t c = 0; c < C; ++c) {
+        double dw = 0, db = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          dw += double(rstd[n * G + c / per_group]) * 0.0;
+          db += 0.0;
+        }
+        if (dweight) dweight[c] = float(dw);
+        if (dbias) dbias[c] = float(db);
+      }
+    return;
+  }
   const bool parallel = num_threads > 1 && N * C * S >= kParallelMin;
   const bool channels_first = t.format == MemoryFormat::channels_first;
   const auto& k = kernels<T>();
   const T* mask = epi.relu ? epi.y : nullptr;
   T* gout = epi.dresidual;
+  const BackwardScratch s = carve_backward(t, workspace);
 
   // Per-(n, c) reductions (the pass that also writes dresidual).
-  thread_local std::vector<double> sums_buf;
-  double* sum_dy = scratch(sums_buf, 2 * N * C);
+  double* sum_dy = s.sums;
   double* sum_dy_xc = sum_dy + N * C;
   const bool need_sums = !stats_are_constants || dweight || dbias || gout;
-  if (need_sums && N * C > 0) {
-    thread_local std::vector<double> partial_buf;
+  if (need_sums) {
     if (channels_first) {
       const RowPieces p(N * C, S);
-      double* pd = scratch(partial_buf, 2 * N * C * p.stride);
+      double* pd = s.partial;
       double* px = pd + N * C * p.stride;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
       for (int64_t u = 0; u < p.units; ++u)
@@ -580,27 +825,32 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
     } else {
       const RowBlocks rb(S, C);
       const int64_t units = N * rb.units_per_sample;
-      thread_local std::vector<float> mean_buf;
-      float* mean_c = scratch(mean_buf, N * C);  // mean of each channel's group
+      float* mean_c = s.mean_c;  // mean of each channel's group
       for (int64_t i = 0; i < N * C; ++i) mean_c[i] = mean[(i / C) * G + (i % C) / per_group];
-      double* pd = scratch(partial_buf, 2 * units * C);
+      double* pd = s.partial;
       double* px = pd + units * C;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
       for (int64_t u = 0; u < units; ++u) {
-        thread_local std::vector<float> acc_buf;
-        float* ag = scratch(acc_buf, 2 * C);
-        float* ax = ag + C;
+        float ag[kColumnBlock], ax[kColumnBlock];
         const int64_t n = u / rb.units_per_sample, q = u % rb.units_per_sample;
         const int64_t r_end = std::min(S, (q + 1) * rb.unit_rows);
         std::fill(pd + u * C, pd + (u + 1) * C, 0.0);
         std::fill(px + u * C, px + (u + 1) * C, 0.0);
         for (int64_t r0 = q * rb.unit_rows; r0 < r_end; r0 += rb.block) {
-          const int64_t at = (n * S + r0) * C;
-          std::fill(ag, ag + 2 * C, 0.0f);
-          k.grad_sums_rows(dy + at, mask ? mask + at : nullptr, x + at,
-                           gout ? gout + at : nullptr, std::min(rb.block, r_end - r0), C,
-                           mean_c + n * C, ag, ax);
-          for (int64_t c = 0; c < C; ++c) pd[u * C + c] += ag[c], px[u * C + c] += ax[c];
+          const int64_t rows = std::min(rb.block, r_end - r0);
+          // Blocks of columns: the float accumulators live on the stack.
+          for (int64_t c0 = 0; c0 < C; c0 += kColumnBlock) {
+            const int64_t width = std::min(kColumnBlock, C - c0);
+            const int64_t at = (n * S + r0) * C + c0;
+            std::fill(ag, ag + width, 0.0f);
+            std::fill(ax, ax + width, 0.0f);
+            k.grad_sums_rows(dy + at, mask ? mask + at : nullptr, x + at,
+                             gout ? gout + at : nullptr, rows, width, C, mean_c + n * C + c0, ag,
+                             ax);
+            double* pdu = pd + u * C + c0;
+            double* pxu = px + u * C + c0;
+            for (int64_t c = 0; c < width; ++c) pdu[c] += ag[c], pxu[c] += ax[c];
+          }
         }
       }
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
@@ -630,11 +880,9 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
       if (dbias) dbias[c] = float(db);
     }
   }
-  if (N * C * S == 0) return;
 
   // Coefficients of dx per (n, c).
-  thread_local std::vector<float> coef_buf;
-  float* ca = scratch(coef_buf, 4 * N * C);
+  float* ca = s.coef;
   float* cb = ca + N * C;
   float* cc = cb + N * C;
   float* cm = cc + N * C;
@@ -691,13 +939,14 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
 #define NORMKIT_GROUP_NORM_INSTANTIATE(T)                                                      \
   template void group_norm_forward<T>(T*, float*, float*, const T*, const float*, const float*, \
                                       const GroupNormShape&, double, int, float*,               \
-                                      const GroupNormForwardEpilogue<T>&);                      \
+                                      const GroupNormForwardEpilogue<T>&, std::span<std::byte>); \
   template void group_norm_apply<T>(T*, const T*, const float*, const float*, const float*,     \
                                     const float*, const GroupNormShape&, int,                   \
-                                    const GroupNormForwardEpilogue<T>&);                        \
+                                    const GroupNormForwardEpilogue<T>&, std::span<std::byte>);  \
   template void group_norm_backward<T>(T*, float*, float*, const T*, const T*, const float*,    \
                                        const float*, const float*, const GroupNormShape&, bool, \
-                                       int, const GroupNormBackwardEpilogue<T>&);
+                                       int, const GroupNormBackwardEpilogue<T>&,                \
+                                       std::span<std::byte>);
 NORMKIT_GROUP_NORM_INSTANTIATE(float)
 NORMKIT_GROUP_NORM_INSTANTIATE(bf16)
 NORMKIT_GROUP_NORM_INSTANTIATE(f16)

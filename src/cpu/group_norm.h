@@ -10,7 +10,9 @@
 // Each unit writes its own partial result, partials are merged in a fixed order, and the output
 // is bitwise identical for any num_threads.
 //
-// Forward: statistics (cpu/moments.h), then one fused pass y = (x - m) * a + b [+ r] [relu]
+// Forward: statistics (channels-first: runs of cpu/moments.h; channels-last: a SIMD pass over
+// columns of a cache-sized block of rows, the same corrected two-pass algorithm, merged with
+// the Moments of cpu/moments.h), then one fused pass y = (x - m) * a + b [+ r] [relu]
 // with m = float(mean), a = rstd * weight[c], b = bias[c] - (mean - m) * a folded per (n, c).
 // Channels-first groups that fit in the per-core cache are normalized right after their own
 // statistics, so the second read of x comes from cache.
@@ -18,7 +20,13 @@
 // sum(g * (x - mean)) (also writing dresidual = g), then one elementwise pass
 // dx = a * g + b * (x - mean) + c with coefficients folded per (n, c).
 // Leaf loops are Highway SIMD kernels dispatched at run time (src/cpu/simd.h).
+//
+// Scratch: every function takes a workspace of at least workspace_size(shape) bytes, carved
+// into parts of decreasing alignment (as BatchNorm's), or an empty one to use a buffer of the
+// calling thread (allocated on first use, then reused). Nothing else is allocated, on any thread.
+#include <cstddef>
 #include <cstdint>
+#include <span>
 
 #include "common/dtype.h"
 #include "ref/group_norm.h"
@@ -42,19 +50,25 @@ struct GroupNormBackwardEpilogue {
   T* dresidual = nullptr;
 };
 
+// Bytes of scratch the three functions below need for this shape, any of them, with any
+// epilogue (a multiple of sizeof(float); 0 when N * C * S == 0).
+std::size_t workspace_size(const GroupNormShape& shape);
+
 // Writes y, mean, rstd (N*G) and, when not null, variance (N*G, biased).
 template <typename T>
 void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
                         const float* bias, const GroupNormShape& shape, double eps,
-                        int num_threads, float* variance = nullptr,
-                        const GroupNormForwardEpilogue<T>& epilogue = {});
+                        int num_threads, float* variance,
+                        const GroupNormForwardEpilogue<T>& epilogue,
+                        std::span<std::byte> workspace);
 
 // Writes y = (x - mean) * rstd * weight + bias (then the epilogue) with the given per-(n, g)
 // mean and rstd.
 template <typename T>
 void group_norm_apply(T* y, const T* x, const float* mean, const float* rstd,
                       const float* weight, const float* bias, const GroupNormShape& shape,
-                      int num_threads, const GroupNormForwardEpilogue<T>& epilogue = {});
+                      int num_threads, const GroupNormForwardEpilogue<T>& epilogue,
+                      std::span<std::byte> workspace);
 
 // Writes dx, (when not null) dweight, dbias, and epilogue.dresidual. With stats_are_constants
 // the gradient does not flow through mean and rstd.
@@ -62,6 +76,7 @@ template <typename T>
 void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
                          const float* mean, const float* rstd, const float* weight,
                          const GroupNormShape& shape, bool stats_are_constants, int num_threads,
-                         const GroupNormBackwardEpilogue<T>& epilogue = {});
+                         const GroupNormBackwardEpilogue<T>& epilogue,
+                         std::span<std::byte> workspace);
 
 }  // namespace normkit::cpu

@@ -1,12 +1,15 @@
 // GroupNorm's SIMD, low-precision and fused-epilogue paths: each SIMD target available here
-// against the float64 reference at every loop-tail remainder, each dtype against the float32 path
-// on the same rounded inputs, each epilogue forward and backward, bitwise thread-count
-// invariance, and finite differences of the reference with epilogues.
+// against the float64 reference at every loop-tail remainder (the channels-last statistics pass
+// included, at a large offset), each dtype against the float32 path on the same rounded inputs,
+// each epilogue forward and backward, bitwise thread-count invariance, finite differences of the
+// reference with epilogues, and the caller's workspace (same bits, size checks).
 #include <gtest/gtest.h>
 
 #include <hwy/targets.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -399,6 +402,155 @@ TEST(GroupNormSimd, ReferenceEpilogueGradientsMatchFiniteDifferences) {
         }
       }
     }
+}
+
+// The channels-last statistics pass alone (forward: mean, rstd, y) against the float64
+// reference. The mean is held to two float ulps, rstd to 1e-5 relative: at an offset of 3e4
+// standard deviations a sum of squares around 0 would lose every digit.
+template <typename T>
+void check_channels_last_statistics(const Shape& sh, double offset, std::mt19937_64& rng) {
+  const Problem<T> p = make_problem<T>(sh, kNone, rng, offset);
+  const auto n = std::size_t(sh.numel()), ng = std::size_t(sh.N * sh.G);
+  const GroupNormParams params{sh.G, 1e-5};
+  Result<T> want, got;
+  for (auto [out, ctx] : {std::pair{&want, Context{Backend::reference, 1}},
+                          std::pair{&got, Context{Backend::cpu, 2}}}) {
+    out->y = poisoned_as<T>(n);
+    out->mean = poisoned(ng);
+    out->rstd = poisoned(ng);
+    group_norm_forward(params, p.view(p.x), p.w, p.b, p.view(out->y), out->mean, out->rstd, ctx);
+  }
+  const std::string what = sh.str() + " offset " + std::to_string(offset);
+  for (std::size_t i = 0; i < ng; ++i) {
+    EXPECT_LE(std::fabs(double(got.mean[i]) - want.mean[i]), 2.4e-7 * std::fabs(want.mean[i]) + 1e-6)
+        << what << " mean[" << i << "]";
+    EXPECT_LE(std::fabs(double(got.rstd[i]) - want.rstd[i]), 1e-5 * want.rstd[i])
+        << what << " rstd[" << i << "]";
+  }
+  expect_near_t(got.y, want.y, 1.0, 2e-5 * (1 + max_abs_t(want.y)), what + " y");
+}
+
+// Channel counts 1 .. 81 cover every remainder of the pass's loops on the widest target (four
+// vectors of 16 lanes, one vector, one lane); 37 rows end in a partial block of 16; 300 channels
+// cross a block of 256 columns (with groups of 100 across its edge) and split 101 rows into two
+// units.
+TEST(GroupNormSimd, ChannelsLastStatisticsOnEveryTargetAtEveryTail) {
+  std::mt19937_64 rng(27);
+  const auto cl = MemoryFormat::channels_last;
+  for_each_target([&] {
+    for (int64_t C = 1; C <= 81; ++C)
+      check_channels_last_statistics<float>({1, C, C % 3 == 0 ? 3 : 1, {37}, cl}, 3e4, rng);
+    check_channels_last_statistics<float>({2, 300, 3, {101}, cl}, 3e4, rng);
+    check_channels_last_statistics<float>({1, 300, 300, {101}, cl}, -3e4, rng);
+    for (int64_t C : {1, 15, 17, 63, 64, 65, 79})
+      check_channels_last_statistics<bf16>({2, C, 1, {37}, cl}, 3.0, rng);
+    check_channels_last_statistics<f16>({1, 300, 3, {101}, cl}, 3.0, rng);
+  });
+}
+
+// ---- caller workspace ---------------------------------------------------------------------
+
+template <typename T>
+void expect_same_bits(const Result<T>& a, const Result<T>& b, const std::string& what) {
+  EXPECT_TRUE(bitwise(a.y, b.y)) << what;
+  EXPECT_TRUE(bitwise(a.mean, b.mean)) << what;
+  EXPECT_TRUE(bitwise(a.rstd, b.rstd)) << what;
+  EXPECT_TRUE(bitwise(a.dx, b.dx)) << what;
+  EXPECT_TRUE(bitwise(a.dw, b.dw)) << what;
+  EXPECT_TRUE(bitwise(a.db, b.db)) << what;
+  EXPECT_TRUE(bitwise(a.dres, b.dres)) << what;
+}
+
+// A workspace of exactly group_norm_workspace_size bytes, filled with NaN bytes beforehand,
+// gives the bits of the per-thread buffer, forward and backward, every epilogue, both formats,
+// 1 to 4 threads; and the kernels do use it.
+template <typename T>
+void caller_workspace_gives_the_same_bits(std::mt19937_64& rng) {
+  const Shape shapes[] = {
+      {2, 6, 3, {5, 7}, MemoryFormat::channels_first},     // forward from cache
+      {1, 4, 2, {3001}, MemoryFormat::channels_first},     // pieces, two-phase forward
+      {2, 10, 5, {31, 9}, MemoryFormat::channels_first},
+      {2, 300, 3, {10, 20}, MemoryFormat::channels_last},  // column blocks, several units
+      {3, 20, 5, {7, 3}, MemoryFormat::channels_last},
+  };
+  for (const Shape& sh : shapes)
+    for (Epi e : kEpilogues) {
+      const Problem<T> p = make_problem<T>(sh, e, rng, 5.0);
+      const std::size_t bytes = group_norm_workspace_size({sh.G, 1e-5}, p.view(p.x));
+      ASSERT_GT(bytes, 0u) << sh.str();
+      for (int threads = 1; threads <= 4; ++threads) {
+        const std::string what = sh.str() + " " + epi_name(e) + " threads " + std::to_string(threads);
+        std::vector<std::byte> ws(bytes, std::byte{0xff});
+        const Result<T> plain = run(p, Context{Backend::cpu, threads});
+        const Result<T> with = run(p, Context{Backend::cpu, threads, std::span<std::byte>(ws)});
+        expect_same_bits(with, plain, what);
+        EXPECT_TRUE(std::any_of(ws.begin(), ws.end(), [](std::byte b) { return b != std::byte{0xff}; }))
+            << what << ": workspace not used";
+      }
+    }
+}
+
+TEST(GroupNormWorkspace, ExactSizeGivesTheSameBitsAsNone) {
+  std::mt19937_64 rng(28);
+  caller_workspace_gives_the_same_bits<float>(rng);
+  caller_workspace_gives_the_same_bits<bf16>(rng);
+}
+
+void expect_error(const std::function<void()>& call, const std::string& needle);
+
+TEST(GroupNormWorkspace, TooSmallThrowsBeforeWriting) {
+  std::mt19937_64 rng(29);
+  for (MemoryFormat fmt : {MemoryFormat::channels_first, MemoryFormat::channels_last}) {
+    const Shape sh{2, 6, 3, {5, 7}, fmt};
+    const Problem<float> p = make_problem<float>(sh, kResidualRelu, rng);
+    GroupNormParams params{sh.G, 1e-5};
+    params.epilogue.relu = true;
+    params.epilogue.residual = p.view(p.r);
+    const std::size_t bytes = group_norm_workspace_size(params, p.view(p.x));
+    ASSERT_GT(bytes, 0u);
+    const auto n = std::size_t(sh.numel());
+    std::vector<float> y = poisoned(n), mean = poisoned(6), rstd = poisoned(6), dx = poisoned(n),
+                       dres = poisoned(n), dw = poisoned(6), db = poisoned(6);
+    const std::vector<float> m(6, 0.0f), s(6, 1.0f);
+    for (std::size_t size : {bytes - 1, std::size_t(0)}) {
+      std::vector<std::byte> ws(bytes);
+      const Context ctx{Backend::cpu, 2, std::span<std::byte>(ws.data(), size)};
+      const std::string needle = "workspace has " + std::to_string(size) +
+                                 " bytes, expected at least group_norm_workspace_size(params, x) = " +
+                                 std::to_string(bytes);
+      expect_error([&] { group_norm_forward(params, p.view(p.x), p.w, p.b, p.view(y), mean, rstd, ctx); },
+                   "group_norm_forward: " + needle);
+      BackwardEpilogue be{true, p.view(p.x), p.view(dres)};
+      expect_error([&] {
+        group_norm_backward(params, be, p.view(p.dy), p.view(p.x), m, s, p.w, p.view(dx), dw, db, ctx);
+      }, "group_norm_backward: " + needle);
+      expect_error([&] {
+        group_norm_backward(params, p.view(p.dy), p.view(p.x), m, s, p.w, p.view(dx), dw, db, ctx);
+      }, "group_norm_backward: " + needle);
+    }
+    EXPECT_TRUE(y == poisoned(n) && mean == poisoned(6) && rstd == poisoned(6));
+    EXPECT_TRUE(dx == poisoned(n) && dres == poisoned(n) && dw == poisoned(6) && db == poisoned(6));
+  }
+}
+
+TEST(GroupNormWorkspace, SizeQueryChecksItsArguments) {
+  std::vector<float> x(2 * 6 * 5, 1.0f);
+  std::vector<bf16> xb(x.size());
+  const TensorView xv = view_of(x, {2, 6, 5});
+  expect_error([&] { group_norm_workspace_size({4, 1e-5}, xv); },
+               "group_norm_workspace_size: num_groups = 4 must divide the number of channels C = 6");
+  expect_error([&] { group_norm_workspace_size({0, 1e-5}, xv); },
+               "group_norm_workspace_size: num_groups must be > 0, got 0");
+  expect_error([&] { group_norm_workspace_size({3, -1.0}, xv); }, "group_norm_workspace_size: eps");
+  expect_error([&] { group_norm_workspace_size({3, 1e-5}, view_of(x, {60})); },
+               "group_norm_workspace_size: x must have rank 2 to 5");
+  expect_error([&] { group_norm_workspace_size({3, 1e-5}, TensorView(x.data(), DType(9), {2, 6, 5})); },
+               "group_norm_workspace_size: x has dtype");
+  // Shape and format only: the same size for every dtype; nothing to do for an empty x.
+  EXPECT_EQ(group_norm_workspace_size({3, 1e-5}, xv),
+            group_norm_workspace_size({3, 1e-5}, TensorView(xb.data(), DType::bfloat16, {2, 6, 5})));
+  EXPECT_EQ(group_norm_workspace_size({3, 1e-5}, view_of(x, {0, 6, 5})), 0u);
+  EXPECT_EQ(group_norm_workspace_size({3, 1e-5}, view_of(x, {2, 6, 0})), 0u);
 }
 
 // ---- epilogue and dtype argument errors ---------------------------------------------------

@@ -1,12 +1,17 @@
 // InstanceNorm: the optimized backend against the float64 reference over random configurations,
 // running statistics against a direct computation of torch's rule, the running-statistics mode,
-// equality with group_norm at G = C, thread-count invariance, and every argument error.
+// equality with group_norm at G = C, thread-count invariance, the caller's workspace, and every
+// argument error.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/dtype.h"
@@ -447,6 +452,139 @@ TEST(InstanceNorm, LowPrecisionAndEpiloguesMatchReference) {
   low_precision_and_epilogues<float>(rng);
   low_precision_and_epilogues<bf16>(rng);
   low_precision_and_epilogues<f16>(rng);
+}
+
+// ---- caller workspace ---------------------------------------------------------------------
+
+// One forward (running statistics updated on copies when use_input_stats, used otherwise) and
+// its backward with a relu + residual epilogue or none, float32.
+struct WorkspaceCase {
+  std::vector<int64_t> dims;
+  MemoryFormat format;
+  bool use_input_stats, epilogue;
+};
+struct WorkspaceOut {
+  std::vector<float> y, mean, rstd, rm, rv, dx, dres, dw, db;
+};
+struct WorkspaceRun {
+  WorkspaceCase k;
+  std::vector<float> x, r, dy, w, b, rm, rv;
+  int64_t N() const { return k.dims[0]; }
+  int64_t C() const { return k.dims[1]; }
+  std::size_t n() const { return x.size(); }
+  TensorView view(const std::vector<float>& v) const { return view_of(v, k.dims, k.format); }
+  InstanceNormParams params() const {
+    InstanceNormParams p;
+    p.use_input_stats = k.use_input_stats;
+    p.epilogue.relu = k.epilogue;
+    if (k.epilogue) p.epilogue.residual = view(r);
+    return p;
+  }
+  WorkspaceOut run(const Context& ctx) const {
+    const auto nc = std::size_t(N() * C());
+    WorkspaceOut o{poisoned(n()), poisoned(nc), poisoned(nc), rm, rv, poisoned(n()), poisoned(n()),
+                   poisoned(std::size_t(C())), poisoned(std::size_t(C()))};
+    const InstanceNormParams p = params();
+    instance_norm_forward(p, view(x), w, b, o.rm, o.rv, view(o.y), o.mean, o.rstd, ctx);
+    BackwardEpilogue be;
+    if (k.epilogue) be = {true, view(o.y), view(o.dres)};
+    instance_norm_backward(p, be, view(dy), view(x), o.mean, o.rstd, w, view(o.dx), o.dw, o.db, ctx);
+    return o;
+  }
+};
+WorkspaceRun make_workspace_run(const WorkspaceCase& k, std::mt19937_64& rng) {
+  int64_t n = 1;
+  for (int64_t d : k.dims) n *= d;
+  const auto C = std::size_t(k.dims[1]);
+  WorkspaceRun r{k, random_normal(std::size_t(n), rng, 4.0, 2.0), random_normal(std::size_t(n), rng),
+                 random_normal(std::size_t(n), rng), random_normal(C, rng, 0.5, 1.0),
+                 random_normal(C, rng), random_normal(C, rng, 4.0, 1.0), std::vector<float>(C, 3.0f)};
+  return r;
+}
+
+// A workspace of exactly instance_norm_workspace_size bytes, filled with NaN bytes beforehand,
+// gives the bits of the per-thread buffer: forward (its running-statistics update reads
+// variances kept in the workspace), the running-statistics mode, backward, with and without an
+// epilogue, both formats, 1 to 4 threads; and the kernels do use it.
+TEST(InstanceNormWorkspace, ExactSizeGivesTheSameBitsAsNone) {
+  std::mt19937_64 rng(33);
+  for (MemoryFormat fmt : {MemoryFormat::channels_first, MemoryFormat::channels_last})
+    for (const std::vector<int64_t>& dims : {std::vector<int64_t>{2, 13, 9, 7},
+                                             std::vector<int64_t>{1, 40, 30, 30}})
+      for (bool use_input_stats : {true, false})
+        for (bool epilogue : {false, true}) {
+          const WorkspaceRun r = make_workspace_run({dims, fmt, use_input_stats, epilogue}, rng);
+          const std::size_t bytes = instance_norm_workspace_size(r.params(), r.view(r.x));
+          ASSERT_GT(bytes, 0u);
+          for (int threads = 1; threads <= 4; ++threads) {
+            const std::string what = std::string(to_string(fmt)) + " C=" + std::to_string(r.C()) +
+                                     (use_input_stats ? " input" : " running") + " stats" +
+                                     (epilogue ? " relu+residual" : "") + " threads " +
+                                     std::to_string(threads);
+            std::vector<std::byte> ws(bytes, std::byte{0xff});
+            const WorkspaceOut plain = r.run(cpu_ctx(threads));
+            const WorkspaceOut with = r.run({Backend::cpu, threads, std::span<std::byte>(ws)});
+            using Pair = std::pair<const std::vector<float>*, const std::vector<float>*>;
+            for (const Pair& ab : std::initializer_list<Pair>{
+                     {&with.y, &plain.y}, {&with.mean, &plain.mean}, {&with.rstd, &plain.rstd},
+                     {&with.rm, &plain.rm}, {&with.rv, &plain.rv}, {&with.dx, &plain.dx},
+                     {&with.dres, &plain.dres}, {&with.dw, &plain.dw}, {&with.db, &plain.db}})
+              EXPECT_TRUE(bitwise_equal(*ab.first, *ab.second)) << what;
+            EXPECT_FALSE(contains_poison(with.y)) << what;
+            EXPECT_TRUE(std::any_of(ws.begin(), ws.end(),
+                                    [](std::byte v) { return v != std::byte{0xff}; }))
+                << what << ": workspace not used";
+          }
+        }
+}
+
+TEST(InstanceNormWorkspace, TooSmallThrowsBeforeWriting) {
+  std::mt19937_64 rng(34);
+  for (bool use_input_stats : {true, false}) {
+    const WorkspaceRun r =
+        make_workspace_run({{2, 5, 4, 3}, MemoryFormat::channels_last, use_input_stats, true}, rng);
+    const std::size_t bytes = instance_norm_workspace_size(r.params(), r.view(r.x));
+    ASSERT_GT(bytes, 0u);
+    for (std::size_t size : {bytes - 1, std::size_t(0)}) {
+      std::vector<std::byte> ws(bytes);
+      const Context ctx{Backend::cpu, 2, std::span<std::byte>(ws.data(), size)};
+      const std::string needle = "workspace has " + std::to_string(size) +
+                                 " bytes, expected at least instance_norm_workspace_size(params, x) = " +
+                                 std::to_string(bytes);
+      WorkspaceOut o{poisoned(r.n()), poisoned(10), poisoned(10), r.rm, r.rv, poisoned(r.n()),
+                     poisoned(r.n()), poisoned(5), poisoned(5)};
+      expect_error([&] {
+        instance_norm_forward(r.params(), r.view(r.x), r.w, r.b, o.rm, o.rv, r.view(o.y), o.mean,
+                              o.rstd, ctx);
+      }, {"instance_norm_forward: " + needle});
+      const std::vector<float> m(10, 0.0f), s(10, 1.0f);
+      expect_error([&] {
+        instance_norm_backward(r.params(), {true, r.view(r.x), r.view(o.dres)}, r.view(r.dy),
+                               r.view(r.x), m, s, r.w, r.view(o.dx), o.dw, o.db, ctx);
+      }, {"instance_norm_backward: " + needle});
+      EXPECT_TRUE(o.y == poisoned(r.n()) && o.mean == poisoned(10) && o.rstd == poisoned(10));
+      EXPECT_TRUE(o.rm == r.rm && o.rv == r.rv);
+      EXPECT_TRUE(o.dx == poisoned(r.n()) && o.dres == poisoned(r.n()) && o.dw == poisoned(5) &&
+                  o.db == poisoned(5));
+    }
+  }
+}
+
+TEST(InstanceNormWorkspace, SizeQueryChecksItsArguments) {
+  std::vector<float> x(2 * 3 * 4, 1.0f);
+  const char* fn = "instance_norm_workspace_size: ";
+  expect_error([&] { instance_norm_workspace_size({}, view_of(x, {2, 3, 1})); },
+               {fn, "Expected more than 1 spatial element when training"});
+  expect_error([&] { instance_norm_workspace_size({.eps = -1.0}, view_of(x, {2, 3, 4})); },
+               {fn, "eps"});
+  expect_error([&] { instance_norm_workspace_size({.momentum = 2.0}, view_of(x, {2, 3, 4})); },
+               {fn, "momentum"});
+  expect_error([&] { instance_norm_workspace_size({}, view_of(x, {24})); },
+               {fn, "x must have rank 2 to 5"});
+  // Running statistics at one spatial element are fine; an empty x needs nothing.
+  EXPECT_GT(instance_norm_workspace_size({.use_input_stats = false}, view_of(x, {2, 12})), 0u);
+  EXPECT_EQ(instance_norm_workspace_size({}, view_of(x, {0, 3, 4})), 0u);
+  EXPECT_EQ(instance_norm_workspace_size({.use_input_stats = false}, view_of(x, {2, 3, 0})), 0u);
 }
 
 TEST(InstanceNormErrors, ForwardArguments) {

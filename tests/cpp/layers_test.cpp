@@ -6,7 +6,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstddef>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -343,6 +345,59 @@ TEST(GroupNormLayer, IsTheFunctionalGroupNormInEveryMode) {
   }
   expect_error([] { GroupNorm(4, 6); }, "num_channels = 6 is not divisible by num_groups = 4");
   expect_error([] { GroupNorm(0, 6); }, "num_groups must be > 0, got 0");
+}
+
+// With no workspace in the context the layer passes one of its own (sized on the first call,
+// grown for a larger input): the results are the functional op's. A workspace the caller put in
+// the context is passed through as is, so a too-small one is rejected before anything changes.
+TEST(GroupNormLayer, OwnWorkspaceOrTheCallers) {
+  std::mt19937_64 rng(12);
+  const auto cl = MemoryFormat::channels_last;
+  GroupNorm gn(3, 6);
+  InstanceNorm in(6, {.affine = true, .track_running_stats = true});
+  for (const std::vector<int64_t>& dims :
+       {std::vector<int64_t>{2, 6, 3, 4}, std::vector<int64_t>{3, 6, 17, 9}}) {
+    const int64_t N = dims[0], S = dims[2] * dims[3];
+    const auto x = random_normal(std::size_t(N * 6 * S), rng, 2, 3);
+    const auto dy = random_normal(x.size(), rng);
+    auto view = [&](const std::vector<float>& v) {
+      return TensorView(v.data(), DType::float32, 4, dims.data(), cl);
+    };
+    std::vector<float> y = poisoned(x.size()), dx = poisoned(x.size());
+    std::vector<float> fy = poisoned(x.size()), fdx = poisoned(x.size());
+    std::vector<float> mean(N * 6), rstd(N * 6), dw = poisoned(6), db = poisoned(6);
+    gn.forward(view(x), view(y));
+    gn.backward(view(dy), view(dx));
+    group_norm_forward({.num_groups = 3}, view(x), gn.weight, gn.bias, view(fy), std::span(mean).first(N * 3),
+                       std::span(rstd).first(N * 3));
+    group_norm_backward({.num_groups = 3}, view(dy), view(x), std::span(mean).first(N * 3),
+                        std::span(rstd).first(N * 3), gn.weight, view(fdx), dw, db);
+    EXPECT_EQ(y, fy);
+    EXPECT_EQ(dx, fdx);
+    EXPECT_EQ(gn.weight_grad, dw);
+
+    std::vector<float> rm = in.running_mean, rv = in.running_var;
+    in.forward(view(x), view(y));
+    in.backward(view(dy), view(dx));
+    instance_norm_forward({}, view(x), in.weight, in.bias, rm, rv, view(fy), mean, rstd);
+    instance_norm_backward({}, view(dy), view(x), mean, rstd, in.weight, view(fdx), dw, db);
+    EXPECT_EQ(y, fy);
+    EXPECT_EQ(dx, fdx);
+    EXPECT_EQ(in.running_mean, rm);
+    EXPECT_EQ(in.running_var, rv);
+  }
+  std::vector<std::byte> ws(1);
+  const std::vector<float> x(2 * 6 * 5, 1.0f);
+  std::vector<float> y = poisoned(x.size());
+  gn.context.workspace = ws;
+  in.context.workspace = ws;
+  expect_error([&] { gn.forward(TensorView(x.data(), {2, 6, 5}), TensorView(y.data(), {2, 6, 5})); },
+               "group_norm_forward: workspace has 1 bytes");
+  const std::vector<float> rm = in.running_mean;
+  expect_error([&] { in.forward(TensorView(x.data(), {2, 6, 5}), TensorView(y.data(), {2, 6, 5})); },
+               "instance_norm_forward: workspace has 1 bytes");
+  EXPECT_EQ(y, poisoned(x.size()));
+  EXPECT_EQ(in.running_mean, rm);
 }
 
 // The paper's LayerNorm: every sample normalized over all of (C, H, W), affine per channel.

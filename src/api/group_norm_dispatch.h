@@ -1,0 +1,95 @@
+#pragma once
+// What the GroupNorm and InstanceNorm entry points share once their arguments are validated:
+// both run the GroupNorm kernels (InstanceNorm with one channel per group), so the workspace
+// check and the backend dispatch live here, once.
+#include <cstddef>
+#include <span>
+#include <string>
+
+#include "common/dtype.h"
+#include "common/validate.h"
+#include "cpu/group_norm.h"
+#include "normkit/context.h"
+#include "normkit/epilogue.h"
+#include "normkit/tensor.h"
+#include "ref/group_norm.h"
+
+namespace normkit::detail {
+
+// Any zero dimension: no element to normalize. Decided from the dims alone, since the product
+// of the others may not fit in int64 when one of them is 0.
+inline bool has_zero_dim(const TensorView& x) {
+  for (int i = 0; i < x.rank && i < kMaxRank; ++i)
+    if (x.shape[i] == 0) return true;
+  return false;
+}
+
+// Bytes of CPU scratch the GroupNorm kernels need for x (validated) cut into `groups` groups.
+inline std::size_t group_norm_scratch_bytes(const TensorView& x, int64_t groups) {
+  if (has_zero_dim(x)) return 0;
+  return cpu::workspace_size({x.batch(), x.channels(), x.spatial_size(), groups, x.format});
+}
+
+// ctx.workspace as the CPU kernels will use it: empty (their own per-thread buffer), or at
+// least `need` bytes; a smaller one throws, naming `query` (the size function) and both sizes.
+// The reference backend uses no workspace.
+inline std::span<std::byte> checked_workspace(const char* fn, const char* query, std::size_t need,
+                                              const Context& ctx) {
+  const std::span<std::byte> ws = ctx.workspace;
+  if (ws.data() == nullptr || ctx.backend == Backend::reference) return {};
+  if (ws.size() < need)
+    fail(fn, "workspace has " + std::to_string(ws.size()) + " bytes, expected at least " + query +
+                 " = " + std::to_string(need));
+  return ws;
+}
+
+// The forward on validated arguments with statistics from x: y, mean, rstd (N*G) and, when not
+// null, variance (N*G, biased) on ctx's backend.
+inline void group_norm_forward_on(const ref::GroupNormShape& sh, double eps,
+                                  const ForwardEpilogue& epilogue, const TensorView& x,
+                                  std::span<const float> weight, std::span<const float> bias,
+                                  const TensorView& y, std::span<float> mean,
+                                  std::span<float> rstd, float* variance, const Context& ctx,
+                                  std::span<std::byte> workspace) {
+  if (ctx.backend == Backend::reference) {
+    ref::group_norm_forward(y, mean.data(), rstd.data(), x, weight.data(), bias.data(), sh, eps,
+                            epilogue, variance);
+    return;
+  }
+  visit_dtype(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::group_norm_forward(y.as<T>(), mean.data(), rstd.data(), x.as<const T>(), weight.data(),
+                            bias.data(), sh, eps, thread_count(ctx), variance,
+                            cpu::GroupNormForwardEpilogue<T>{epilogue.residual.as<const T>(),
+                                                             epilogue.relu},
+                            workspace);
+  });
+}
+
+// The backward on validated arguments (stats_are_constants: the gradient does not flow through
+// mean and rstd) on ctx's backend: dx, dweight, dbias, epilogue.dresidual.
+inline void group_norm_backward_on(const ref::GroupNormShape& sh, bool stats_are_constants,
+                                   const BackwardEpilogue& epilogue, const TensorView& dy,
+                                   const TensorView& x, std::span<const float> mean,
+                                   std::span<const float> rstd, std::span<const float> weight,
+                                   const TensorView& dx, std::span<float> dweight,
+                                   std::span<float> dbias, const Context& ctx,
+                                   std::span<std::byte> workspace) {
+  if (ctx.backend == Backend::reference) {
+    ref::group_norm_backward(dx, dweight.data(), dbias.data(), dy, x, mean.data(), rstd.data(),
+                             weight.data(), sh, stats_are_constants, epilogue);
+    return;
+  }
+  visit_dtype(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::group_norm_backward(dx.as<T>(), dweight.data(), dbias.data(), dy.as<const T>(),
+                             x.as<const T>(), mean.data(), rstd.data(), weight.data(), sh,
+                             stats_are_constants, thread_count(ctx),
+                             cpu::GroupNormBackwardEpilogue<T>{epilogue.relu,
+                                                               epilogue.y.as<const T>(),
+                                                               epilogue.dresidual.as<T>()},
+                             workspace);
+  });
+}
+
+}  // namespace normkit::detail
