@@ -1,8 +1,10 @@
 // Public LayerNorm entry points: validate every argument, then hand raw pointers to the backend.
 #include "normkit/layer_norm.h"
 
+#include <limits>
 #include <string>
 
+#include "common/dtype.h"
 #include "common/validate.h"
 #include "cpu/layer_norm.h"
 #include "ref/layer_norm.h"
@@ -10,6 +12,8 @@
 namespace normkit {
 namespace {
 
+using detail::check_backward_epilogue;
+using detail::check_forward_epilogue;
 using detail::check_length;
 using detail::check_tensor;
 using detail::fail;
@@ -38,7 +42,7 @@ void check_like_any_rank(const char* fn, const char* name, const TensorView& t,
 // Checks of x, normalized_ndim, weight and eps; returns the row layout.
 ref::LayerNormShape check_layer_input(const char* fn, const LayerNormParams& params,
                                       const TensorView& x, std::span<const float> weight) {
-  check_tensor(fn, "x", x, 1);
+  check_tensor(fn, "x", x, 1, detail::kActivationDTypes);
   const int k = params.normalized_ndim;
   if (k < 1 || k > x.rank)
     fail(fn, "normalized_ndim must be in [1, rank of x] = [1, " + std::to_string(x.rank) +
@@ -57,7 +61,37 @@ ref::LayerNormShape check_layer_input(const char* fn, const LayerNormParams& par
   return sh;
 }
 
+// Bytes the CPU kernels need for this shape, or a normkit::Error when size_t cannot count them.
+std::size_t workspace_need(const char* fn, const TensorView& x, const ref::LayerNormShape& sh) {
+  const std::size_t need = cpu::layer_norm_workspace_size(sh);
+  if (need == std::numeric_limits<std::size_t>::max())
+    fail(fn, "the workspace for x shape " + shape_string(x) + " has more bytes than size_t can count");
+  return need;
+}
+
+// The caller's workspace, checked before anything is written; empty when none was given (or
+// the reference backend runs, which does not use one). The CPU kernels' need is computed either
+// way, so a shape whose scratch size_t cannot count fails here rather than in an allocation.
+std::span<std::byte> checked_workspace(const char* fn, const TensorView& x,
+                                       const ref::LayerNormShape& sh, const Context& ctx) {
+  if (ctx.backend == Backend::reference) return {};
+  const std::size_t need = workspace_need(fn, x, sh);
+  const std::span<std::byte> ws = ctx.workspace;
+  if (ws.data() == nullptr) return {};
+  if (ws.size() < need)
+    fail(fn, "workspace has " + std::to_string(ws.size()) +
+                 " bytes, expected at least layer_norm_workspace_size(params, x) = " +
+                 std::to_string(need));
+  return ws;
+}
+
 }  // namespace
+
+std::size_t layer_norm_workspace_size(const LayerNormParams& params, const TensorView& x) {
+  const char* fn = "layer_norm_workspace_size";
+  const auto sh = check_layer_input(fn, params, x, {});
+  return workspace_need(fn, x, sh);
+}
 
 void layer_norm_forward(const LayerNormParams& params, const TensorView& x,
                         std::span<const float> weight, std::span<const float> bias,
@@ -69,20 +103,37 @@ void layer_norm_forward(const LayerNormParams& params, const TensorView& x,
   check_like_any_rank(fn, "y", y, x, sh.rows * sh.cols);
   check_length(fn, "mean", mean, sh.rows, "product of the leading dims", true);
   check_length(fn, "rstd", rstd, sh.rows, "product of the leading dims", true);
+  check_forward_epilogue(fn, params.epilogue, x);
+  const auto workspace = checked_workspace(fn, x, sh, ctx);
   if (sh.rows == 0) return;
 
-  if (ctx.backend == Backend::reference)
-    ref::layer_norm_forward(y.as<float>(), ptr(mean), ptr(rstd), x.as<const float>(), ptr(weight),
-                            ptr(bias), sh, params.eps);
-  else
-    cpu::layer_norm_forward(y.as<float>(), ptr(mean), ptr(rstd), x.as<const float>(), ptr(weight),
-                            ptr(bias), sh, params.eps, detail::thread_count(ctx));
+  if (ctx.backend == Backend::reference) {
+    ref::layer_norm_forward(y, ptr(mean), ptr(rstd), x, ptr(weight), ptr(bias), sh, params.eps,
+                            params.epilogue);
+    return;
+  }
+  visit_dtype(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::layer_norm_forward(y.as<T>(), ptr(mean), ptr(rstd), x.as<const T>(), ptr(weight),
+                            ptr(bias), sh, params.eps, detail::thread_count(ctx), workspace,
+                            cpu::LayerNormForwardEpilogue<T>{params.epilogue.residual.as<const T>(),
+                                                             params.epilogue.relu});
+  });
 }
 
 void layer_norm_backward(const LayerNormParams& params, const TensorView& dy, const TensorView& x,
                          std::span<const float> mean, std::span<const float> rstd,
                          std::span<const float> weight, const TensorView& dx,
                          std::span<float> dweight, std::span<float> dbias, const Context& ctx) {
+  layer_norm_backward(params, BackwardEpilogue{}, dy, x, mean, rstd, weight, dx, dweight, dbias,
+                      ctx);
+}
+
+void layer_norm_backward(const LayerNormParams& params, const BackwardEpilogue& epilogue,
+                         const TensorView& dy, const TensorView& x, std::span<const float> mean,
+                         std::span<const float> rstd, std::span<const float> weight,
+                         const TensorView& dx, std::span<float> dweight, std::span<float> dbias,
+                         const Context& ctx) {
   const char* fn = "layer_norm_backward";
   const auto sh = check_layer_input(fn, params, x, weight);
   check_like_any_rank(fn, "dy", dy, x, sh.rows * sh.cols);
@@ -91,14 +142,23 @@ void layer_norm_backward(const LayerNormParams& params, const TensorView& dy, co
   check_length(fn, "rstd", rstd, sh.rows, "product of the leading dims", true);
   check_length(fn, "dweight", dweight, sh.cols, "product of the normalized dims", false);
   check_length(fn, "dbias", dbias, sh.cols, "product of the normalized dims", false);
+  check_backward_epilogue(fn, epilogue, x);
+  const auto workspace = checked_workspace(fn, x, sh, ctx);
 
-  if (ctx.backend == Backend::reference)
-    ref::layer_norm_backward(dx.as<float>(), ptr(dweight), ptr(dbias), dy.as<const float>(),
-                             x.as<const float>(), ptr(mean), ptr(rstd), ptr(weight), sh);
-  else
-    cpu::layer_norm_backward(dx.as<float>(), ptr(dweight), ptr(dbias), dy.as<const float>(),
-                             x.as<const float>(), ptr(mean), ptr(rstd), ptr(weight), sh,
-                             detail::thread_count(ctx));
+  if (ctx.backend == Backend::reference) {
+    ref::layer_norm_backward(dx, ptr(dweight), ptr(dbias), dy, x, ptr(mean), ptr(rstd),
+                             ptr(weight), sh, epilogue);
+    return;
+  }
+  // Without relu the forward's y is not read (the mask is the relu's alone).
+  visit_dtype(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    cpu::layer_norm_backward(
+        dx.as<T>(), ptr(dweight), ptr(dbias), dy.as<const T>(), x.as<const T>(), ptr(mean),
+        ptr(rstd), ptr(weight), sh, detail::thread_count(ctx), workspace,
+        cpu::LayerNormBackwardEpilogue<T>{epilogue.relu, epilogue.relu ? epilogue.y.as<const T>() : nullptr,
+                                          epilogue.dresidual.as<T>()});
+  });
 }
 
 }  // namespace normkit

@@ -1,35 +1,253 @@
+// LayerNorm CPU kernels: threading, scratch and folding below (HWY_ONCE section), SIMD leaf loops
+// per Highway target above it.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "cpu/layer_norm.cpp"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+
 #include "cpu/layer_norm.h"
+#include "cpu/moments.h"
+#include "cpu/simd.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
-#include "cpu/moments.h"
+#ifndef NORMKIT_CPU_LAYER_NORM_KERNELS_
+#define NORMKIT_CPU_LAYER_NORM_KERNELS_
+namespace normkit::cpu::ln {
 
-namespace normkit::cpu {
+// The leaf loops of one SIMD target for activations of type T. w and b are in the order the row
+// is stored (already offset to the piece). `mask` (null: none) is the forward output y whose sign
+// gates the incoming gradient: g = mask > 0 ? dy : 0.
+template <typename T>
+struct Kernels {
+  // y[i] = relu?(((x[i] - m) * r + t) * w[i] + b[i] + res?[i]), i < n.
+  void (*apply_run)(T* y, const T* x, const T* res, const float* w, const float* b, int64_t n,
+                    float m, float r, float t, bool relu);
+  // Over i < n <= kRunChunk: *sum_g = sum(g * w), *sum_gxc = sum(g * w * (x - m)); writes g to
+  // gout when not null; when col_g is not null, adds g to col_g[i] and g * (x - m) * r to
+  // col_gxhat[i] (float column partials of dbias and dweight).
+  void (*grad_run)(const T* dy, const T* mask, const T* x, const float* w, T* gout, int64_t n,
+                   float m, float r, float* col_g, float* col_gxhat, double* sum_g,
+                   double* sum_gxc);
+  // dx[i] = a * w[i] * g[i] + b * (x[i] - m) + c.
+  void (*dx_run)(T* dx, const T* dy, const T* mask, const T* x, const float* w, int64_t n,
+                 float a, float b, float m, float c);
+};
+
+}  // namespace normkit::cpu::ln
+#endif
+
+HWY_BEFORE_NAMESPACE();
+namespace normkit::cpu::HWY_NAMESPACE {
 namespace {
 
-constexpr int kLanes = 16;
-constexpr int64_t kColumnBlock = 64;     // columns of a dweight/dbias unit (stack accumulators)
-constexpr int64_t kRowBlock = 64;        // rows summed in float before adding to double
-constexpr int64_t kUnitRowBlocks = 4;    // row blocks per dweight/dbias unit
-constexpr int64_t kParallelMin = 8192;
+template <class D>
+using V = hn::Vec<D>;
+
+// The gradient the normalization sees: dy, zeroed where the ReLU's output was not positive.
+template <bool kMask, class D, typename T>
+HWY_INLINE V<D> Upstream(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask) {
+  const auto g = LoadF(d, dy);
+  if constexpr (!kMask) return g;
+  else return hn::IfThenElseZero(hn::Gt(LoadF(d, mask), hn::Zero(d)), g);
+}
+
+// ---- elementwise steps, the same for a full vector and a one-lane tail ----
+
+template <bool kResidual, bool kRelu, class D, typename T>
+HWY_INLINE void ApplyStep(D d, T* HWY_RESTRICT y, const T* HWY_RESTRICT x,
+                          const T* HWY_RESTRICT res, const float* HWY_RESTRICT w,
+                          const float* HWY_RESTRICT b, V<D> m, V<D> r, V<D> t) {
+  auto v = hn::MulAdd(hn::MulAdd(hn::Sub(LoadF(d, x), m), r, t), hn::LoadU(d, w), hn::LoadU(d, b));
+  if constexpr (kResidual) v = hn::Add(v, LoadF(d, res));
+  // Not Max(v, 0): a NaN stays a NaN, as in torch's relu.
+  if constexpr (kRelu) v = hn::IfThenZeroElse(hn::Lt(v, hn::Zero(d)), v);
+  StoreF(v, d, y);
+}
+
+template <bool kResidual, bool kRelu, typename T>
+void ApplyRunT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRICT res,
+               const float* HWY_RESTRICT w, const float* HWY_RESTRICT b, int64_t n, float m,
+               float r, float t) {
+  const DF d;
+  const D1 d1;
+  const int64_t N = int64_t(hn::Lanes(d));
+  const auto vm = hn::Set(d, m), vr = hn::Set(d, r), vt = hn::Set(d, t);
+  // No offset is applied to an absent residual (null).
+  auto at = [res](int64_t i) { return kResidual ? res + i : res; };
+  int64_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    ApplyStep<kResidual, kRelu>(d, y + i, x + i, at(i), w + i, b + i, vm, vr, vt);
+    ApplyStep<kResidual, kRelu>(d, y + i + N, x + i + N, at(i + N), w + i + N, b + i + N, vm,
+                                vr, vt);
+  }
+  for (; i + N <= n; i += N)
+    ApplyStep<kResidual, kRelu>(d, y + i, x + i, at(i), w + i, b + i, vm, vr, vt);
+  for (; i < n; ++i)
+    ApplyStep<kResidual, kRelu>(d1, y + i, x + i, at(i), w + i, b + i, hn::Set(d1, m),
+                                hn::Set(d1, r), hn::Set(d1, t));
+}
 
 template <typename T>
-T* scratch(std::vector<T>& v, int64_t n) {
-  if (v.size() < std::size_t(n)) v.resize(std::size_t(n));
-  return v.data();
+void ApplyRun(T* y, const T* x, const T* res, const float* w, const float* b, int64_t n, float m,
+              float r, float t, bool relu) {
+  if (res)
+    relu ? ApplyRunT<true, true>(y, x, res, w, b, n, m, r, t)
+         : ApplyRunT<true, false>(y, x, res, w, b, n, m, r, t);
+  else
+    relu ? ApplyRunT<false, true>(y, x, res, w, b, n, m, r, t)
+         : ApplyRunT<false, false>(y, x, res, w, b, n, m, r, t);
 }
 
-double lane_sum(const float* acc) {
-  double s[kLanes / 2];
-  for (int j = 0; j < kLanes / 2; ++j) s[j] = double(acc[j]) + double(acc[j + kLanes / 2]);
-  for (int w = kLanes / 4; w >= 1; w /= 2)
-    for (int j = 0; j < w; ++j) s[j] += s[j + w];
-  return s[0];
+// One step of the backward's first pass: row sums into (sg, sx), column partials in memory.
+template <bool kMask, bool kColumns, class D, typename T>
+HWY_INLINE void GradStep(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask,
+                         const T* HWY_RESTRICT x, const float* HWY_RESTRICT w,
+                         T* HWY_RESTRICT gout, float* HWY_RESTRICT col_g,
+                         float* HWY_RESTRICT col_gxhat, V<D> m, V<D> r, V<D>& sg, V<D>& sx) {
+  const auto g = Upstream<kMask>(d, dy, mask);
+  if (gout) StoreF(g, d, gout);
+  const auto xc = hn::Sub(LoadF(d, x), m);
+  const auto gw = hn::Mul(g, hn::LoadU(d, w));
+  sg = hn::Add(sg, gw);
+  sx = hn::MulAdd(gw, xc, sx);
+  if constexpr (kColumns) {
+    hn::StoreU(hn::Add(hn::LoadU(d, col_g), g), d, col_g);
+    hn::StoreU(hn::MulAdd(hn::Mul(g, xc), r, hn::LoadU(d, col_gxhat)), d, col_gxhat);
+  }
 }
 
-// Rows cut into kRunChunk pieces; a unit is one piece of a long row or several short rows.
+template <bool kMask, bool kColumns, typename T>
+void GradRunT(const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask, const T* HWY_RESTRICT x,
+              const float* HWY_RESTRICT w, T* HWY_RESTRICT gout, int64_t n, float m, float r,
+              float* HWY_RESTRICT col_g, float* HWY_RESTRICT col_gxhat, double* sum_g,
+              double* sum_gxc) {
+  const DF d;
+  const D1 d1;
+  const int64_t N = int64_t(hn::Lanes(d));
+  const auto vm = hn::Set(d, m), vr = hn::Set(d, r);
+  auto g0 = hn::Zero(d), g1 = hn::Zero(d), x0 = hn::Zero(d), x1 = hn::Zero(d);
+  // Offsets of optional pointers are taken only when they are used.
+  auto at = [](auto* p, int64_t i) { return p ? p + i : p; };
+  int64_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    GradStep<kMask, kColumns>(d, dy + i, at(mask, i), x + i, w + i, at(gout, i), at(col_g, i),
+                              at(col_gxhat, i), vm, vr, g0, x0);
+    GradStep<kMask, kColumns>(d, dy + i + N, at(mask, i + N), x + i + N, w + i + N,
+                              at(gout, i + N), at(col_g, i + N), at(col_gxhat, i + N), vm, vr,
+                              g1, x1);
+  }
+  for (; i + N <= n; i += N)
+    GradStep<kMask, kColumns>(d, dy + i, at(mask, i), x + i, w + i, at(gout, i), at(col_g, i),
+                              at(col_gxhat, i), vm, vr, g0, x0);
+  auto tg = hn::Zero(d1), tx = hn::Zero(d1);
+  const auto vm1 = hn::Set(d1, m), vr1 = hn::Set(d1, r);
+  for (; i < n; ++i)
+    GradStep<kMask, kColumns>(d1, dy + i, at(mask, i), x + i, w + i, at(gout, i), at(col_g, i),
+                              at(col_gxhat, i), vm1, vr1, tg, tx);
+  *sum_g = SumLanes(d, hn::Add(g0, g1)) + double(hn::GetLane(tg));
+  *sum_gxc = SumLanes(d, hn::Add(x0, x1)) + double(hn::GetLane(tx));
+}
+
+template <typename T>
+void GradRun(const T* dy, const T* mask, const T* x, const float* w, T* gout, int64_t n, float m,
+             float r, float* col_g, float* col_gxhat, double* sum_g, double* sum_gxc) {
+  if (mask)
+    col_g ? GradRunT<true, true>(dy, mask, x, w, gout, n, m, r, col_g, col_gxhat, sum_g, sum_gxc)
+          : GradRunT<true, false>(dy, mask, x, w, gout, n, m, r, col_g, col_gxhat, sum_g, sum_gxc);
+  else
+    col_g ? GradRunT<false, true>(dy, mask, x, w, gout, n, m, r, col_g, col_gxhat, sum_g, sum_gxc)
+          : GradRunT<false, false>(dy, mask, x, w, gout, n, m, r, col_g, col_gxhat, sum_g, sum_gxc);
+}
+
+template <bool kMask, class D, typename T>
+HWY_INLINE void DxStep(D d, T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy,
+                       const T* HWY_RESTRICT mask, const T* HWY_RESTRICT x,
+                       const float* HWY_RESTRICT w, V<D> a, V<D> b, V<D> m, V<D> c) {
+  const auto g = Upstream<kMask>(d, dy, mask);
+  StoreF(hn::MulAdd(hn::Mul(a, hn::LoadU(d, w)), g, hn::MulAdd(b, hn::Sub(LoadF(d, x), m), c)),
+         d, dx);
+}
+
+template <bool kMask, typename T>
+void DxRunT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask,
+            const T* HWY_RESTRICT x, const float* HWY_RESTRICT w, int64_t n, float a, float b,
+            float m, float c) {
+  const DF d;
+  const D1 d1;
+  const int64_t N = int64_t(hn::Lanes(d));
+  const auto va = hn::Set(d, a), vb = hn::Set(d, b), vm = hn::Set(d, m), vc = hn::Set(d, c);
+  auto at = [](const T* p, int64_t i) { return p ? p + i : p; };
+  int64_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    DxStep<kMask>(d, dx + i, dy + i, at(mask, i), x + i, w + i, va, vb, vm, vc);
+    DxStep<kMask>(d, dx + i + N, dy + i + N, at(mask, i + N), x + i + N, w + i + N, va, vb, vm, vc);
+  }
+  for (; i + N <= n; i += N) DxStep<kMask>(d, dx + i, dy + i, at(mask, i), x + i, w + i, va, vb, vm, vc);
+  for (; i < n; ++i)
+    DxStep<kMask>(d1, dx + i, dy + i, at(mask, i), x + i, w + i, hn::Set(d1, a), hn::Set(d1, b),
+                  hn::Set(d1, m), hn::Set(d1, c));
+}
+
+template <typename T>
+void DxRun(T* dx, const T* dy, const T* mask, const T* x, const float* w, int64_t n, float a,
+           float b, float m, float c) {
+  mask ? DxRunT<true>(dx, dy, mask, x, w, n, a, b, m, c)
+       : DxRunT<false>(dx, dy, mask, x, w, n, a, b, m, c);
+}
+
+template <typename T>
+const ln::Kernels<T>* KernelTable() {
+  static const ln::Kernels<T> k{&ApplyRun<T>, &GradRun<T>, &DxRun<T>};
+  return &k;
+}
+
+}  // namespace
+
+const ln::Kernels<float>* LayerNormKernelsF32() { return KernelTable<float>(); }
+const ln::Kernels<bf16>* LayerNormKernelsBF16() { return KernelTable<bf16>(); }
+const ln::Kernels<f16>* LayerNormKernelsF16() { return KernelTable<f16>(); }
+
+}  // namespace normkit::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace normkit::cpu {
+
+HWY_EXPORT(LayerNormKernelsF32);
+HWY_EXPORT(LayerNormKernelsBF16);
+HWY_EXPORT(LayerNormKernelsF16);
+
+namespace {
+
+template <typename T>
+const ln::Kernels<T>& kernels() {
+  if constexpr (std::is_same_v<T, float>) return *HWY_DYNAMIC_DISPATCH(LayerNormKernelsF32)();
+  else if constexpr (std::is_same_v<T, bf16>) return *HWY_DYNAMIC_DISPATCH(LayerNormKernelsBF16)();
+  else return *HWY_DYNAMIC_DISPATCH(LayerNormKernelsF16)();
+}
+
+constexpr int64_t kParallelMin = 8192;  // smaller tensors are not worth waking threads
+// Forward: rows up to this many bytes are normalized right after their own statistics, from the
+// per-core cache (L2 is 2 MiB here; leave room for y), when there are enough rows to share.
+constexpr int64_t kCachedRowBytes = int64_t(1) << 20;
+constexpr int64_t kCachedMinRows = 8;
+// Backward: rows per unit of the first pass (its float column partials sum at most this many
+// terms before they are added in double).
+constexpr int64_t kRowBlock = 64;
+// Backward: rows up to this many bytes get dx right after their row sums, from cache (dy, x, the
+// mask and dx of a row together stay well inside L2), when there are enough row blocks to share.
+constexpr int64_t kCachedGradRowBytes = int64_t(1) << 18;
+constexpr int64_t kCachedMinRowBlocks = 4;
+constexpr std::size_t kAlign = 64;
+
+// Elementwise work: rows cut into kRunChunk pieces. A unit is one piece of a long row, or several
+// whole short rows.
 struct RowPieces {
   int64_t rows, len, pieces, stride, rows_per_unit, units;
   RowPieces(int64_t rows_, int64_t len_) : rows(rows_), len(len_) {
@@ -38,6 +256,7 @@ struct RowPieces {
     rows_per_unit = pieces > 1 ? 1 : std::max<int64_t>(1, kRunChunk / std::max<int64_t>(len, 1));
     units = pieces > 1 ? rows * pieces : (rows + rows_per_unit - 1) / rows_per_unit;
   }
+  // f(row, piece, begin, end) for each piece in unit u.
   template <typename F>
   void for_unit(int64_t u, F&& f) const {
     if (pieces > 1) {
@@ -50,186 +269,285 @@ struct RowPieces {
   }
 };
 
-// weight and bias in the order the row is stored: for channels-last rows a permuted copy
-// (length cols, not the tensor), so every kernel below walks memory in order.
-const float* memory_order(const float* v, const LayerNormShape& t, std::vector<float>& buf) {
-  if (!v || t.channels <= 0) return v;
-  float* out = scratch(buf, t.cols);
-  for (int64_t j = 0; j < t.cols; ++j) out[j] = v[ref::layer_norm_logical_index(t, j)];
+// Scratch layout, a function of the shape only (byte offsets from a kAlign-aligned base):
+//   weight and bias in memory order (cols floats each), then either
+//   forward:  per-row moments (rows), per-piece moments (runs_moments_scratch_size), the mean's
+//             tail (rows floats)
+//   backward: per-(row, piece) partial sums (2 * rows * pieces doubles), dx coefficients
+//             (2 * rows floats), column partials (2 * row_blocks * cols floats).
+struct Plan {
+  int64_t pieces = 0, row_blocks = 0;
+  std::size_t weight = 0, bias = 0;
+  std::size_t moments = 0, piece_moments = 0, tail = 0;
+  std::size_t partials = 0, coefficients = 0, columns = 0;
+  std::size_t bytes = 0;  // with kAlign - 1 bytes of room to align the caller's base
+  bool overflow = false;
+};
+
+Plan make_plan(const LayerNormShape& t) {
+  Plan p;
+  if (t.rows <= 0 || t.cols <= 0) return p;
+  p.pieces = std::max<int64_t>(run_piece_count(t.cols), 1);
+  p.row_blocks = (t.rows + kRowBlock - 1) / kRowBlock;
+  // In 128-bit arithmetic: an absurd shape reports an overflow instead of wrapping.
+  using U = unsigned __int128;
+  U at = 0;
+  auto take = [&](U bytes) {
+    const U start = at;
+    at += (bytes + kAlign - 1) / kAlign * kAlign;
+    return start;
+  };
+  const U rows = U(t.rows), cols = U(t.cols), pieces = U(p.pieces);
+  const U w = take(cols * sizeof(float)), b = take(cols * sizeof(float));
+  const U common = at;
+  const U m = take(rows * sizeof(Moments));
+  const U pm = take(U(runs_moments_scratch_size(t.rows, t.cols)) * sizeof(Moments));
+  const U tl = take(rows * sizeof(float));
+  const U forward_end = at;
+  at = common;
+  const U pa = take(2 * rows * pieces * sizeof(double));
+  const U co = take(2 * rows * sizeof(float));
+  const U cl = take(2 * U(p.row_blocks) * cols * sizeof(float));
+  const U total = std::max(forward_end, at) + kAlign - 1;
+  if (total > U(std::numeric_limits<std::size_t>::max() / 2)) {
+    p.overflow = true;
+    p.bytes = std::numeric_limits<std::size_t>::max();
+    return p;
+  }
+  p.weight = std::size_t(w);
+  p.bias = std::size_t(b);
+  p.moments = std::size_t(m);
+  p.piece_moments = std::size_t(pm);
+  p.tail = std::size_t(tl);
+  p.partials = std::size_t(pa);
+  p.coefficients = std::size_t(co);
+  p.columns = std::size_t(cl);
+  p.bytes = std::size_t(total);
+  return p;
+}
+
+// The aligned base of the scratch: the caller's workspace when it is large enough, else a buffer
+// of the calling thread (allocated on first use, then reused).
+std::byte* scratch_base(std::span<std::byte> workspace, std::size_t need) {
+  std::byte* base = workspace.data();
+  if (workspace.size() < need || base == nullptr) {
+    thread_local std::vector<std::byte> own;
+    if (own.size() < need) own.resize(need);
+    base = own.data();
+  }
+  const auto address = reinterpret_cast<std::uintptr_t>(base);
+  return base + (kAlign - address % kAlign) % kAlign;
+}
+
+template <typename U>
+U* part(std::byte* base, std::size_t offset) {
+  return reinterpret_cast<U*>(base + offset);
+}
+
+// v (length cols, logical order; null: `fill`) in the order the row is stored. Logical-order
+// vectors are used in place.
+const float* memory_order(const float* v, float fill, const LayerNormShape& t, float* out) {
+  if (v && t.channels <= 0) return v;
+  if (!v) {
+    std::fill(out, out + t.cols, fill);
+  } else {
+    for (int64_t j = 0; j < t.cols; ++j) out[j] = v[ref::layer_norm_logical_index(t, j)];
+  }
   return out;
 }
 
-// y = ((x - m) * r + t) * w + b over one piece, with m = float(mean) and t = -(mean - m) * r the
-// part of the mean float m cannot hold (x - m is exact or nearly, whatever the offset); w and b
-// (already offset to the piece) may be null.
-void normalize_run(float* y, const float* x, int64_t n, float m, float r, float t, const float* w,
-                   const float* b) {
-  if (w && b)
-    for (int64_t i = 0; i < n; ++i) y[i] = ((x[i] - m) * r + t) * w[i] + b[i];
-  else if (w)
-    for (int64_t i = 0; i < n; ++i) y[i] = ((x[i] - m) * r + t) * w[i];
-  else if (b)
-    for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - m) * r + t + b[i];
-  else
-    for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - m) * r + t;
-}
-
-// sum(dy * w) and sum(dy * w * (x - m)) over one piece (w may be null).
-void row_sums_run(const float* dy, const float* x, const float* w, int64_t n, float m,
-                  double* sum_g, double* sum_g_xc) {
-  float sg[kLanes] = {}, sx[kLanes] = {};
-  int64_t i = 0;
-  if (w) {
-    for (; i + kLanes <= n; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        const float g = dy[i + j] * w[i + j];
-        sg[j] += g;
-        sx[j] += g * (x[i + j] - m);
-      }
-    for (int j = 0; i < n; ++i, ++j) {
-      const float g = dy[i] * w[i];
-      sg[j] += g;
-      sx[j] += g * (x[i] - m);
-    }
-  } else {
-    for (; i + kLanes <= n; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        sg[j] += dy[i + j];
-        sx[j] += dy[i + j] * (x[i + j] - m);
-      }
-    for (int j = 0; i < n; ++i, ++j) {
-      sg[j] += dy[i];
-      sx[j] += dy[i] * (x[i] - m);
-    }
-  }
-  *sum_g = lane_sum(sg);
-  *sum_g_xc = lane_sum(sx);
-}
-
-// dx = a * w * dy + b * (x - m) + c over one piece (w may be null).
-void dx_run(float* dx, const float* dy, const float* x, const float* w, int64_t n, float a,
-            float b, float m, float c) {
-  if (w)
-    for (int64_t i = 0; i < n; ++i) dx[i] = a * w[i] * dy[i] + b * (x[i] - m) + c;
-  else
-    for (int64_t i = 0; i < n; ++i) dx[i] = a * dy[i] + b * (x[i] - m) + c;
+// m = float(mean), r = float(rstd), t = -(mean - m) * rstd: the part of the mean float m cannot
+// hold, so ((x - m) * r + t) is accurate whatever the offset (x - m is exact or nearly).
+struct RowCoef {
+  float m, r, t;
+};
+inline RowCoef fold(const Moments& mo, double eps) {
+  const double r = 1.0 / std::sqrt(mo.variance() + eps);
+  const float mf = float(mo.mean);  // 0 for an empty row
+  return {mf, float(r), float(-(mo.mean - double(mf)) * r)};
 }
 
 }  // namespace
 
-void layer_norm_forward(float* y, float* mean, float* rstd, const float* x, const float* weight,
-                        const float* bias, const LayerNormShape& t, double eps, int num_threads) {
-  if (t.rows == 0) return;
-  const bool parallel = num_threads > 1 && t.rows * t.cols >= kParallelMin;
-  thread_local std::vector<Moments> moments_buf;
-  Moments* m = scratch(moments_buf, t.rows);
-  runs_moments(x, t.rows, t.cols, m, parallel ? num_threads : 1);
-  thread_local std::vector<float> tail_buf;
-  float* tail = scratch(tail_buf, t.rows);
-  for (int64_t i = 0; i < t.rows; ++i) {
-    const double r = 1.0 / std::sqrt(m[i].variance() + eps);
-    mean[i] = float(m[i].mean);  // 0 for an empty row
-    rstd[i] = float(r);
-    tail[i] = float(-(m[i].mean - double(mean[i])) * r);
+std::size_t layer_norm_workspace_size(const LayerNormShape& shape) {
+  return make_plan(shape).bytes;
+}
+
+template <typename T>
+void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
+                        const float* bias, const LayerNormShape& t, double eps, int num_threads,
+                        std::span<std::byte> workspace, const LayerNormForwardEpilogue<T>& epi) {
+  const int64_t rows = t.rows, cols = t.cols;
+  if (rows <= 0) return;
+  if (cols <= 0) {  // empty rows: mean 0 and rstd NaN, as torch
+    const RowCoef f = fold(Moments{}, eps);
+    for (int64_t i = 0; i < rows; ++i) mean[i] = f.m, rstd[i] = f.r;
+    return;
   }
-  thread_local std::vector<float> w_buf, b_buf;
-  const float* w = memory_order(weight, t, w_buf);
-  const float* b = memory_order(bias, t, b_buf);
-  const RowPieces p(t.rows, t.cols);
+  const Plan p = make_plan(t);
+  std::byte* base = scratch_base(workspace, p.bytes);
+  const float* w = memory_order(weight, 1.0f, t, part<float>(base, p.weight));
+  const float* b = memory_order(bias, 0.0f, t, part<float>(base, p.bias));
+  const bool parallel = num_threads > 1 && rows * cols >= kParallelMin;
+  const auto& k = kernels<T>();
+  const T* res = epi.residual;
+
+  if (rows >= kCachedMinRows && cols * int64_t(sizeof(T)) <= kCachedRowBytes) {
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-  for (int64_t u = 0; u < p.units; ++u)
-    p.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) {
-      const int64_t at = row * t.cols + lo;
-      normalize_run(y + at, x + at, hi - lo, mean[row], rstd[row], tail[row], w ? w + lo : nullptr,
-                    b ? b + lo : nullptr);
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t at = row * cols;
+      const RowCoef f = fold(run_moments(x + at, cols), eps);
+      mean[row] = f.m;
+      rstd[row] = f.r;
+      k.apply_run(y + at, x + at, res ? res + at : nullptr, w, b, cols, f.m, f.r, f.t, epi.relu);
+    }
+    return;
+  }
+
+  Moments* mo = part<Moments>(base, p.moments);
+  runs_moments(x, rows, cols, mo, parallel ? num_threads : 1, part<Moments>(base, p.piece_moments));
+  float* tail = part<float>(base, p.tail);
+  for (int64_t row = 0; row < rows; ++row) {
+    const RowCoef f = fold(mo[row], eps);
+    mean[row] = f.m;
+    rstd[row] = f.r;
+    tail[row] = f.t;
+  }
+  const RowPieces rp(rows, cols);
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
+  for (int64_t u = 0; u < rp.units; ++u)
+    rp.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) {
+      const int64_t at = row * cols + lo;
+      k.apply_run(y + at, x + at, res ? res + at : nullptr, w + lo, b + lo, hi - lo, mean[row],
+                  rstd[row], tail[row], epi.relu);
     });
 }
 
-// Per row, over its M elements, with g = dy * w:
-//   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
-//      = rstd * w * dy + b * (x - mean) + c,
-//   b = -rstd^3 / M * sum(g * (x - mean))   (through rstd),   c = -rstd / M * sum(g)  (mean)
-//   dweight[j] = sum over rows of dy * (x - mean) * rstd,  dbias[j] = sum over rows of dy.
-void layer_norm_backward(float* dx, float* dweight, float* dbias, const float* dy,
-                         const float* x, const float* mean, const float* rstd,
-                         const float* weight, const LayerNormShape& t, int num_threads) {
+// Per row, over its M elements, with g the incoming gradient after the epilogue's mask and
+// gw = g * w[j]:
+//   dx = rstd * (gw - mean(gw) - xhat * mean(gw * xhat))
+//      = rstd * w[j] * g + b * (x - mean) + c, with
+//   b = -rstd^3 / M * sum(gw * (x - mean))   (through rstd)
+//   c = -rstd / M * sum(gw)                  (through mean)
+//   dweight[j] = sum over rows of g * xhat,  dbias[j] = sum over rows of g.
+template <typename T>
+void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
+                         const float* mean, const float* rstd, const float* weight,
+                         const LayerNormShape& t, int num_threads, std::span<std::byte> workspace,
+                         const LayerNormBackwardEpilogue<T>& epi) {
   const int64_t rows = t.rows, cols = t.cols;
+  if (rows <= 0 || cols <= 0) {  // no rows: the parameter gradients are empty sums
+    for (int64_t j = 0; j < cols; ++j) {
+      if (dweight) dweight[j] = 0.0f;
+      if (dbias) dbias[j] = 0.0f;
+    }
+    return;
+  }
+  const Plan p = make_plan(t);
+  std::byte* base = scratch_base(workspace, p.bytes);
+  const float* w = memory_order(weight, 1.0f, t, part<float>(base, p.weight));
   const bool parallel = num_threads > 1 && rows * cols >= kParallelMin;
-  thread_local std::vector<float> w_buf;
-  const float* w = memory_order(weight, t, w_buf);
+  const bool want_columns = dweight || dbias;
+  const auto& k = kernels<T>();
+  const T* mask = epi.relu ? epi.y : nullptr;
+  T* gout = epi.dresidual;
+  // With dresidual written, g is read back from it (one stream instead of dy and y; exact, as g
+  // is dy or 0).
+  const T* gin = gout ? gout : dy;
+  const T* gmask = gout ? nullptr : mask;
 
-  if (rows * cols > 0) {
-    const RowPieces p(rows, cols);
-    thread_local std::vector<double> partial_buf;
-    double* pg = scratch(partial_buf, 2 * rows * p.stride);
-    double* px = pg + rows * p.stride;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-    for (int64_t u = 0; u < p.units; ++u)
-      p.for_unit(u, [&](int64_t row, int64_t k, int64_t lo, int64_t hi) {
-        const int64_t at = row * cols + lo;
-        row_sums_run(dy + at, x + at, w ? w + lo : nullptr, hi - lo, mean[row],
-                     &pg[row * p.stride + k], &px[row * p.stride + k]);
-      });
-    thread_local std::vector<float> coef_buf;
-    float* cb = scratch(coef_buf, 2 * rows);
-    float* cc = cb + rows;
-    for (int64_t row = 0; row < rows; ++row) {
-      double sg = 0, sx = 0;
-      for (int64_t k = 0; k < p.stride; ++k) sg += pg[row * p.stride + k], sx += px[row * p.stride + k];
-      const double r = rstd[row];
-      cb[row] = float(-r * r * r * sx / double(cols));
-      cc[row] = float(-r * sg / double(cols));
-    }
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-    for (int64_t u = 0; u < p.units; ++u)
-      p.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) {
-        const int64_t at = row * cols + lo;
-        dx_run(dx + at, dy + at, x + at, w ? w + lo : nullptr, hi - lo, rstd[row], cb[row],
-               mean[row], cc[row]);
-      });
-  }
+  const int64_t pieces = p.pieces, row_blocks = p.row_blocks;
+  double* pg = part<double>(base, p.partials);
+  double* px = pg + rows * pieces;
+  float* cb = part<float>(base, p.coefficients);
+  float* cc = cb + rows;
+  float* colg = part<float>(base, p.columns);
+  float* colx = colg + row_blocks * cols;
+  const double count = double(cols);
 
-  if (!dweight && !dbias) return;
-  // Column sums over rows: units of (kUnitRowBlocks * kRowBlock rows) x (kColumnBlock columns),
-  // float within a kRowBlock, double across; unit partials merged in row order.
-  const int64_t unit_rows = kRowBlock * kUnitRowBlocks;
-  const int64_t row_units = (rows + unit_rows - 1) / unit_rows;
-  const int64_t col_units = (cols + kColumnBlock - 1) / kColumnBlock;
-  thread_local std::vector<double> column_buf;
-  double* qd = scratch(column_buf, 2 * row_units * cols);
-  double* qx = qd + row_units * cols;
+  // First pass over one piece of a row of row block rb (float column partials of rb).
+  auto row_sums = [&](int64_t rb, int64_t row, int64_t piece) {
+    const int64_t lo = piece * kRunChunk, hi = std::min(cols, lo + kRunChunk);
+    const int64_t at = row * cols + lo;
+    float* ug = want_columns ? colg + rb * cols + lo : nullptr;
+    float* ux = want_columns ? colx + rb * cols + lo : nullptr;
+    k.grad_run(dy + at, mask ? mask + at : nullptr, x + at, w + lo, gout ? gout + at : nullptr,
+               hi - lo, mean[row], rstd[row], ug, ux, &pg[row * pieces + piece],
+               &px[row * pieces + piece]);
+  };
+  auto coefficients = [&](int64_t row) {
+    double sg = 0, sx = 0;
+    for (int64_t q = 0; q < pieces; ++q) sg += pg[row * pieces + q], sx += px[row * pieces + q];
+    const double r = rstd[row];
+    cb[row] = float(-r * r * r * sx / count);
+    cc[row] = float(-r * sg / count);
+  };
+  auto dx_piece = [&](int64_t row, int64_t lo, int64_t hi) {
+    const int64_t at = row * cols + lo;
+    k.dx_run(dx + at, gin + at, gmask ? gmask + at : nullptr, x + at, w + lo, hi - lo, rstd[row],
+             cb[row], mean[row], cc[row]);
+  };
+  auto clear_columns = [&](int64_t rb, int64_t lo, int64_t hi) {
+    if (!want_columns) return;
+    std::fill(colg + rb * cols + lo, colg + rb * cols + hi, 0.0f);
+    std::fill(colx + rb * cols + lo, colx + rb * cols + hi, 0.0f);
+  };
+
+  // Both orders below compute every partial from the same terms in the same order: the same bits.
+  if (row_blocks >= kCachedMinRowBlocks && cols * int64_t(sizeof(T)) <= kCachedGradRowBytes) {
+    // Each row's dx right after its sums, while the row is in cache.
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-  for (int64_t u = 0; u < row_units * col_units; ++u) {
-    const int64_t ru = u / col_units, c0 = (u % col_units) * kColumnBlock;
-    const int64_t width = std::min(kColumnBlock, cols - c0);
-    const int64_t r_end = std::min(rows, (ru + 1) * unit_rows);
-    double dd[kColumnBlock] = {}, dxh[kColumnBlock] = {};
-    for (int64_t r0 = ru * unit_rows; r0 < r_end; r0 += kRowBlock) {
-      float sd[kColumnBlock] = {}, sx[kColumnBlock] = {};
-      for (int64_t r = r0; r < std::min(r_end, r0 + kRowBlock); ++r) {
-        const float* dyr = dy + r * cols + c0;
-        const float* xr = x + r * cols + c0;
-        const float m = mean[r], rs = rstd[r];
-        for (int64_t j = 0; j < width; ++j) {
-          sd[j] += dyr[j];
-          sx[j] += dyr[j] * ((xr[j] - m) * rs);
-        }
+    for (int64_t rb = 0; rb < row_blocks; ++rb) {
+      clear_columns(rb, 0, cols);
+      for (int64_t row = rb * kRowBlock; row < std::min(rows, (rb + 1) * kRowBlock); ++row) {
+        for (int64_t q = 0; q < pieces; ++q) row_sums(rb, row, q);
+        coefficients(row);
+        dx_piece(row, 0, cols);
       }
-      for (int64_t j = 0; j < width; ++j) dd[j] += sd[j], dxh[j] += sx[j];
     }
-    for (int64_t j = 0; j < width; ++j) {
-      qd[ru * cols + c0 + j] = dd[j];
-      qx[ru * cols + c0 + j] = dxh[j];
-    }
-  }
+  } else {
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
+    for (int64_t u = 0; u < row_blocks * pieces; ++u) {
+      const int64_t rb = u / pieces, q = u % pieces;
+      clear_columns(rb, q * kRunChunk, std::min(cols, (q + 1) * kRunChunk));
+      for (int64_t row = rb * kRowBlock; row < std::min(rows, (rb + 1) * kRowBlock); ++row)
+        row_sums(rb, row, q);
+    }
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel && rows > 1)
+    for (int64_t row = 0; row < rows; ++row) coefficients(row);
+    const RowPieces rp(rows, cols);
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
+    for (int64_t u = 0; u < rp.units; ++u)
+      rp.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) { dx_piece(row, lo, hi); });
+  }
+
+  if (!want_columns) return;
+  // Column partials of the row blocks added in double, in row-block order.
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel && cols > 1)
   for (int64_t j = 0; j < cols; ++j) {
-    double sd = 0, sx = 0;
-    for (int64_t ru = 0; ru < row_units; ++ru) sd += qd[ru * cols + j], sx += qx[ru * cols + j];
-    const int64_t k = ref::layer_norm_logical_index(t, j);
-    if (dweight) dweight[k] = float(sx);
-    if (dbias) dbias[k] = float(sd);
+    double sg = 0, sx = 0;
+    for (int64_t rb = 0; rb < row_blocks; ++rb) {
+      sg += double(colg[rb * cols + j]);
+      sx += double(colx[rb * cols + j]);
+    }
+    const int64_t logical = ref::layer_norm_logical_index(t, j);
+    if (dweight) dweight[logical] = float(sx);
+    if (dbias) dbias[logical] = float(sg);
   }
 }
 
+#define NORMKIT_LAYER_NORM_INSTANTIATE(T)                                                     \
+  template void layer_norm_forward<T>(T*, float*, float*, const T*, const float*, const float*, \
+                                      const LayerNormShape&, double, int,                      \
+                                      std::span<std::byte>, const LayerNormForwardEpilogue<T>&); \
+  template void layer_norm_backward<T>(T*, float*, float*, const T*, const T*, const float*,   \
+                                       const float*, const float*, const LayerNormShape&, int, \
+                                       std::span<std::byte>,                                   \
+                                       const LayerNormBackwardEpilogue<T>&);
+NORMKIT_LAYER_NORM_INSTANTIATE(float)
+NORMKIT_LAYER_NORM_INSTANTIATE(bf16)
+NORMKIT_LAYER_NORM_INSTANTIATE(f16)
+#undef NORMKIT_LAYER_NORM_INSTANTIATE
+
 }  // namespace normkit::cpu
+#endif  // HWY_ONCE

@@ -1,31 +1,71 @@
 #pragma once
-// Optimized float32 LayerNorm kernels. Same contracts as src/ref/layer_norm.h (validated
-// arguments; rows stored in logical order or channels-last; weight/bias/dweight/dbias may be
-// null), plus a thread count.
+// Optimized LayerNorm kernels. Same contracts as src/ref/layer_norm.h (validated arguments; rows
+// stored in logical order or channels-last; weight/bias/dweight/dbias may be null), plus a thread
+// count, activations of type T (float, bf16 or f16; statistics, weights and accumulation in
+// float32 or wider), a workspace and the fused epilogues of normkit/epilogue.h.
 //
-// Work units depend on the shape only (pieces of kRunChunk elements of a row, or blocks of whole
-// short rows; blocks of rows by blocks of columns for dweight/dbias) and partials are merged in a
-// fixed order, so the output is bitwise identical for any num_threads.
-// Forward: one statistics pass (cpu/moments.h), then y = ((x - m) * rstd + t) * w[j] + b[j] with
-// m = float(mean) and t the rest of the mean times rstd, accurate at any offset.
-// Backward: one pass for the row sums sum(dy * w) and sum(dy * w * (x - mean)), then
-// dx = rstd * w[j] * dy + b * (x - mean) + c per row; dweight/dbias reduce over rows.
+// Work units depend on the shape only and partials are merged in a fixed order, so the output
+// is bitwise identical for any num_threads:
+// - forward: rows whose bytes fit in the per-core cache, in groups of whole rows, each row
+//   normalized right after its own statistics (its second read comes from cache); longer rows
+//   (or too few rows to share) in pieces of kRunChunk elements, statistics first
+//   (cpu/moments.h), then y. Both give the same bits (run_moments equals the ordered merge of its
+//   pieces; the same elementwise kernel).
+//   y = relu?(((x - m) * rstd + t) * w[j] + b[j] + r?) with m = float(mean) and t the rest of
+//   the mean times rstd: x - m is exact or nearly, whatever the offset.
+// - backward: g = relu ? dy * (y > 0) : dy. One pass over units of (kRowBlock rows) x (kRunChunk
+//   columns) computes, per row piece, sum(g * w) and sum(g * w * (x - mean)), per column of the
+//   unit the float partials sum(g) and sum(g * xhat) for dbias and dweight, and writes
+//   dresidual = g. Then dx = rstd * w[j] * g + b * (x - mean) + c per row.
+// Leaf loops are Highway SIMD kernels dispatched at run time (src/cpu/simd.h), with one-lane
+// tails, so an element's value never depends on where a vector loop ends.
+#include <cstddef>
 #include <cstdint>
+#include <span>
 
+#include "common/dtype.h"
 #include "ref/layer_norm.h"
 
 namespace normkit::cpu {
 
 using ref::LayerNormShape;
 
-// Writes y, mean and rstd (length rows).
-void layer_norm_forward(float* y, float* mean, float* rstd, const float* x, const float* weight,
-                        const float* bias, const LayerNormShape& shape, double eps,
-                        int num_threads);
+// y = relu?(norm(x) + residual?). residual: null or shaped like x.
+template <typename T>
+struct LayerNormForwardEpilogue {
+  const T* residual = nullptr;
+  bool relu = false;
+};
 
-// Writes dx and (when not null) dweight, dbias.
-void layer_norm_backward(float* dx, float* dweight, float* dbias, const float* dy,
-                         const float* x, const float* mean, const float* rstd,
-                         const float* weight, const LayerNormShape& shape, int num_threads);
+// g = relu ? dy * (y > 0) : dy; dresidual (null: not wanted) receives g.
+template <typename T>
+struct LayerNormBackwardEpilogue {
+  bool relu = false;
+  const T* y = nullptr;  // required with relu
+  T* dresidual = nullptr;
+};
+
+// Bytes of scratch the forward or the backward needs for this shape (0 when it has no
+// elements), including room to align the caller's workspace.
+std::size_t layer_norm_workspace_size(const LayerNormShape& shape);
+
+// `workspace`: at least layer_norm_workspace_size(shape) bytes of any alignment, the only memory
+// the call uses; or smaller (empty) to use a buffer of the calling thread (allocated on first
+// use, then reused).
+
+// Writes y, mean and rstd (length rows).
+template <typename T>
+void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
+                        const float* bias, const LayerNormShape& shape, double eps,
+                        int num_threads, std::span<std::byte> workspace = {},
+                        const LayerNormForwardEpilogue<T>& epilogue = {});
+
+// Writes dx, (when not null) dweight, dbias, and epilogue.dresidual.
+template <typename T>
+void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
+                         const float* mean, const float* rstd, const float* weight,
+                         const LayerNormShape& shape, int num_threads,
+                         std::span<std::byte> workspace = {},
+                         const LayerNormBackwardEpilogue<T>& epilogue = {});
 
 }  // namespace normkit::cpu

@@ -2,6 +2,9 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
+
+#include "ref/group_norm.h"  // widen, narrow
 
 namespace normkit::ref {
 
@@ -80,5 +83,61 @@ void layer_norm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, c
 NORMKIT_REF_LAYER_NORM(float)
 NORMKIT_REF_LAYER_NORM(double)
 #undef NORMKIT_REF_LAYER_NORM
+
+namespace {
+
+std::vector<double> widen_floats(const float* p, int64_t n) {
+  std::vector<double> v(static_cast<std::size_t>(n));
+  if (!p) return v;
+  for (int64_t i = 0; i < n; ++i) v[std::size_t(i)] = double(p[i]);
+  return v;
+}
+
+}  // namespace
+
+void layer_norm_forward(const TensorView& y, float* mean, float* rstd, const TensorView& x,
+                        const float* weight, const float* bias, const LayerNormShape& t,
+                        double eps, const ForwardEpilogue& e) {
+  const int64_t count = t.rows * t.cols;
+  const auto xd = widen(x, count), wd = widen_floats(weight, t.cols), bd = widen_floats(bias, t.cols);
+  const auto rows = static_cast<std::size_t>(t.rows);
+  std::vector<double> yd(xd.size()), md(rows), rd(rows);
+  layer_norm_forward<double>(yd.data(), md.data(), rd.data(), xd.data(), weight ? wd.data() : nullptr,
+                             bias ? bd.data() : nullptr, t, eps);
+  if (e.residual.data) {
+    const auto r = widen(e.residual, count);
+    for (std::size_t i = 0; i < yd.size(); ++i) yd[i] += r[i];
+  }
+  if (e.relu)
+    for (double& v : yd) v = v < 0 ? 0.0 : v;  // NaN stays NaN
+  narrow(yd, y);
+  for (std::size_t i = 0; i < rows; ++i) {
+    mean[i] = float(md[i]);
+    rstd[i] = float(rd[i]);
+  }
+}
+
+void layer_norm_backward(const TensorView& dx, float* dweight, float* dbias, const TensorView& dy,
+                         const TensorView& x, const float* mean, const float* rstd,
+                         const float* weight, const LayerNormShape& t, const BackwardEpilogue& e) {
+  const int64_t count = t.rows * t.cols;
+  auto g = widen(dy, count);
+  if (e.relu) {
+    const auto yd = widen(e.y, count);
+    for (std::size_t i = 0; i < g.size(); ++i) g[i] = yd[i] > 0 ? g[i] : 0.0;
+  }
+  narrow(g, e.dresidual);
+  const auto xd = widen(x, count), wd = widen_floats(weight, t.cols);
+  const auto md = widen_floats(mean, t.rows), rd = widen_floats(rstd, t.rows);
+  const auto cols = static_cast<std::size_t>(t.cols);
+  std::vector<double> dxd(xd.size()), dwd(cols), dbd(cols);
+  layer_norm_backward<double>(dxd.data(), dwd.data(), dbd.data(), g.data(), xd.data(), md.data(),
+                              rd.data(), weight ? wd.data() : nullptr, t);
+  narrow(dxd, dx);
+  for (std::size_t j = 0; j < cols; ++j) {
+    if (dweight) dweight[j] = float(dwd[j]);
+    if (dbias) dbias[j] = float(dbd[j]);
+  }
+}
 
 }  // namespace normkit::ref

@@ -8,6 +8,9 @@
 // logical (c, s) element, c < channels, s < cols / channels, sits at s * channels + c.
 #include <cstdint>
 
+#include "normkit/epilogue.h"
+#include "normkit/tensor.h"
+
 namespace normkit::ref {
 
 struct LayerNormShape {
@@ -25,6 +28,20 @@ void layer_norm_forward(T* y, T* mean, T* rstd, const T* x, const T* weight, con
 template <typename T>
 void layer_norm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, const T* mean,
                          const T* rstd, const T* weight, const LayerNormShape& shape);
+
+// Views of any activation dtype (float32, bfloat16, float16) with the fused epilogues of
+// normkit/epilogue.h: activations are widened to double, the double kernels above run, the
+// epilogue is applied in double, and results are rounded once to the output dtype. Statistics
+// and weight vectors are float32, as in the public API. Allocates (reference backend).
+//   forward: y = relu?(norm(x) + residual?)
+//   backward: g = relu ? dy * (y > 0) : dy; dresidual = g; dx, dweight, dbias from g.
+void layer_norm_forward(const TensorView& y, float* mean, float* rstd, const TensorView& x,
+                        const float* weight, const float* bias, const LayerNormShape& shape,
+                        double eps, const ForwardEpilogue& epilogue);
+void layer_norm_backward(const TensorView& dx, float* dweight, float* dbias, const TensorView& dy,
+                         const TensorView& x, const float* mean, const float* rstd,
+                         const float* weight, const LayerNormShape& shape,
+                         const BackwardEpilogue& epilogue);
 
 // Logical (weight) index of the element stored at position j of a row.
 inline int64_t layer_norm_logical_index(const LayerNormShape& t, int64_t j) {

@@ -520,7 +520,8 @@ TEST(LayerNormErrors, ForwardArguments) {
   // A zero dim hides the overflow from the element count, not from the row length.
   expect_forward_error([](auto& a) { a.x_dims = a.y_dims = {0, 3, int64_t(1) << 62, int64_t(1) << 62}; },
                        {"more elements than int64"});
-  expect_forward_error([](auto& a) { a.x_dtype = DType::float16; }, {"x has dtype float16"});
+  expect_forward_error([](auto& a) { a.x_dtype = DType::float16; }, {"y dtype float32 != x dtype float16"});
+  expect_forward_error([](auto& a) { a.x_dtype = DType(9); }, {"x has dtype unknown"});
   expect_forward_error([](auto& a) { a.y_null = true; }, {"y has a null data pointer"});
   {  // Rank 1: the null-output check still applies.
     ForwardArgs a;
