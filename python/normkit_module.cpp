@@ -509,7 +509,7 @@ py::array layer_norm_impl(const py::array& x_in, const py::object& normalized_sh
                           double eps) {
   const char* function = "layer_norm";
   const Shape normalized = normalized_shape_of(normalized_shape_in);
-  activation_dtype(function, "x", x_in, /*half_ok=*/false);
+  activation_dtype(function, "x", x_in);
   const Shape shape = shape_of(x_in);
   const int rank = static_cast<int>(shape.size());
   const int normalized_ndim = static_cast<int>(normalized.size());
@@ -682,11 +682,11 @@ Returns y, a new array in x's memory format.)doc");
         py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("eps") = 1e-5,
         R"doc(Layer normalization (torch.nn.functional.layer_norm).
 
-x: float32 of any rank whose trailing dims equal normalized_shape (an int or a sequence of ints).
-Each slice over those dims is normalized with its mean and biased variance, then multiplied by
-weight and shifted by bias (optional, both of shape normalized_shape).
-Returns y, a new array; a channels-last x keeps its format when normalized_shape covers every
-dim but N.)doc");
+x: float32 or float16 of any rank whose trailing dims equal normalized_shape (an int or a sequence
+of ints). Each slice over those dims is normalized with its mean and biased variance, then
+multiplied by weight and shifted by bias (optional, float32, both of shape normalized_shape);
+float16 is computed in float32 inside. Returns y, a new array of x's dtype; a channels-last x keeps
+its format when normalized_shape covers every dim but N.)doc");
 
   m.def("set_num_threads", &normkit::set_num_threads, py::arg("n"),
         R"doc(Sets the number of threads every later call uses (n >= 1). Results do not depend

@@ -72,3 +72,37 @@ def test_bad_arguments(rng):
         normkit.layer_norm(x.astype(np.float64), 4)
     with raises(TypeError, "weight", "float64"):
         normkit.layer_norm(x, 4, np.ones(4))
+
+
+@pytest.mark.parametrize("case", [
+    ((4, 37), 1, "channels_first"),
+    ((3, 5, 7, 9), 3, "channels_first"),
+    ((2, 6, 4, 5), 2, "channels_first"),
+    ((2, 6, 4, 5), 3, "channels_last"),
+    ((2, 3, 2, 3, 4), 4, "channels_last"),
+    ((3, 2100), 1, "channels_first"),
+])
+@pytest.mark.parametrize("affine", [True, False])
+def test_float16_matches_torch(rng, case, affine):
+    """float16 x: the result is torch's float64 layer_norm of the same (float16) values, rounded
+    once to float16, so it is within float16's rounding of it plus a float32-sized term."""
+    shape, normalized_ndim, fmt = case
+    rank = len(shape)
+    normalized = shape[rank - normalized_ndim:]
+    x16 = (3.0 + 2.0 * rng.standard_normal(shape)).astype(np.float16)
+    x = in_format(x16, fmt).astype(np.float16)  # float16 values, laid out as fmt
+    if fmt == "channels_last":
+        assert is_channels_last(x)
+    weight = (1.0 + 0.5 * rng.standard_normal(normalized)).astype(np.float32) if affine else None
+    bias = rng.standard_normal(normalized).astype(np.float32) if affine else None
+    y = normkit.layer_norm(x, normalized, weight, bias, 1e-5)
+    assert y.dtype == np.float16 and y.shape == x.shape
+    if fmt == "channels_last":
+        assert is_channels_last(y)
+    y_ref = n64(F.layer_norm(t64(x16), normalized, t64(weight) if affine else None,
+                             t64(bias) if affine else None, 1e-5))
+    err = np.abs(y.astype(np.float64) - y_ref)
+    bound = 2.0 ** -11 * np.abs(y_ref) + 1e-5 * (1 + np.abs(y_ref).max())
+    assert np.all(np.isfinite(y))
+    worst = float((err - bound).max())
+    assert worst <= 0, f"float16 y off by more than its rounding ({worst}), shape {shape}"
