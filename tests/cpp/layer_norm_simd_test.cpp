@@ -266,6 +266,8 @@ const Shape kLarge[] = {
     first({2, 6, 4, 5}, 2),
     first({3, 4, 5, 6, 7}, 3),
     first({5, 3, 7}, 3),         // one row
+    first({4, 3, 5, 7}, 1),
+    first({2, 3, 2, 3, 5}, 4),
     last({2, 7, 6, 5, 3}),
     last({1, 3, 70, 50}),        // one long channels-last row
     last({9, 5, 4}),
