@@ -81,17 +81,14 @@ constexpr ActivationType kActivationTypes[] = {
     {'e', DType::float16},
 };
 
-// `half_ok` is false for the ops whose kernels are float32 only (layer_norm).
-DType activation_dtype(const char* function, const char* name, const py::array& a,
-                       bool half_ok = true) {
+DType activation_dtype(const char* function, const char* name, const py::array& a) {
   const py::dtype dt = a.dtype();
   if (native_byte_order(dt))
     for (const ActivationType& t : kActivationTypes)
-      if (dt.char_() == t.numpy_char && (half_ok || t.dtype == DType::float32)) return t.dtype;
+      if (dt.char_() == t.numpy_char) return t.dtype;
   std::string supported;
   for (const ActivationType& t : kActivationTypes)
-    if (half_ok || t.dtype == DType::float32)
-      supported += std::string(supported.empty() ? "" : ", ") + normkit::to_string(t.dtype);
+    supported += std::string(supported.empty() ? "" : ", ") + normkit::to_string(t.dtype);
   type_error(function, std::string(name) + " has dtype " + dtype_name(a) + "; supported: " +
                            supported);
 }
@@ -556,8 +553,9 @@ py::array layer_norm_impl(const py::array& x_in, const py::object& normalized_sh
 PYBIND11_MODULE(normkit, m) {
   m.doc() =
       "Batch Normalization and the Group Normalization family (GroupNorm, LayerNorm,\n"
-      "InstanceNorm) over float32 NumPy arrays, with torch.nn.functional's names, defaults and\n"
-      "semantics.\n\n"
+      "InstanceNorm) over NumPy arrays, with torch.nn.functional's names, defaults and\n"
+      "semantics. Activations (x, dy) may be float32 or float16 (computed in float32: weights,\n"
+      "statistics and sums stay float32, outputs have the input's dtype).\n\n"
       "Activations have shape (N, C, *spatial) with 0 to 3 spatial dims. An array with the strides\n"
       "of a channels-last tensor (NLC, NHWC or NDHWC memory viewed as (N, C, ...), e.g.\n"
       "torch_tensor.to(memory_format=torch.channels_last).numpy()) is computed channels-last and\n"
