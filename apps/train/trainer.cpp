@@ -1,14 +1,19 @@
 #include "trainer.h"
 
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <numeric>
 #include <sstream>
 
 #include "io/io_error.h"
 #include "io/safetensors.h"
 #include "nn/parallel.h"
+#include "nn/profile.h"
 #include "nn/rng.h"
 #include "nn/sgd.h"
 #include "normkit/error.h"
@@ -204,6 +209,24 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// CPU time of the whole process (every thread), user + system.
+double process_cpu_seconds() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  auto sec = [](const timeval& t) { return static_cast<double>(t.tv_sec) + 1e-6 * t.tv_usec; };
+  return sec(u.ru_utime) + sec(u.ru_stime);
+}
+
+// NORMKIT_TRAIN_PROFILE in the environment: "cpu" prints the measured steps' wall and CPU time
+// to stderr when the loop ends; any other value but "0" also times the loop's phases and prints
+// where the time went (nn/profile.h).
+enum class ProfileLevel { off, cpu, phases };
+ProfileLevel profile_requested() {
+  const char* v = std::getenv("NORMKIT_TRAIN_PROFILE");
+  if (v == nullptr || *v == '\0' || std::string(v) == "0") return ProfileLevel::off;
+  return std::string(v) == "cpu" ? ProfileLevel::cpu : ProfileLevel::phases;
+}
+
 }  // namespace
 
 void validate(const TrainConfig& c) {
@@ -324,6 +347,10 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
   auto t_epoch = t_start, t_measure = t_start;
   int64_t steps_here = 0, epoch_steps_here = 0;
   bool stopped = false;
+  const ProfileLevel profiling = profile_requested();
+  profile::set_enabled(profiling == ProfileLevel::phases);
+  profile::reset();
+  double cpu_measure = process_cpu_seconds();
 
   while (s.epoch < config.epochs) {
     if (s.step == 0) {
@@ -334,18 +361,33 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
       t_epoch = clock::now();
       if (progress) progress->begin_epoch(s.epoch + 1, config.epochs, steps_per_epoch, label);
     }
-    const int64_t* idx = s.permutation.data() + s.step * config.batch;
-    for (int i = 0; i < config.batch; ++i) {
-      std::copy_n(train.images.data() + idx[i] * image, image, x.data.data() + i * image);
-      labels[i] = train.labels[idx[i]];
+    {
+      const profile::Scope timed(profile::Phase::batch);
+      const int64_t* idx = s.permutation.data() + s.step * config.batch;
+      for (int i = 0; i < config.batch; ++i) {
+        std::copy_n(train.images.data() + idx[i] * image, image, x.data.data() + i * image);
+        labels[i] = train.labels[idx[i]];
+      }
     }
     const double lr = learning_rate(config, s.global_step, total_steps);
-    const double loss = ce.forward(model.forward(x, Mode::train), labels.data());
+    const Tensor& logits = model.forward(x, Mode::train);
+    double loss;
+    {
+      const profile::Scope timed(profile::Phase::head);
+      loss = ce.forward(logits, labels.data());
+    }
     model.backward(ce.gradient());
-    sgd_step(params, lr, sgd);
+    {
+      const profile::Scope timed(profile::Phase::optimizer);
+      sgd_step(params, lr, sgd);
+    }
     ++s.global_step;
     ++s.step;
-    if (++steps_here == config.warmup_steps) t_measure = clock::now();
+    if (++steps_here == config.warmup_steps) {
+      t_measure = clock::now();
+      cpu_measure = process_cpu_seconds();
+      profile::reset();
+    }
     ++epoch_steps_here;
     s.epoch_loss_sum += loss * config.batch;
     s.epoch_correct += ce.correct();
@@ -387,6 +429,19 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
   }
   if (progress && epoch_steps_here > 0) progress->end_epoch();
   const double train_seconds = seconds_since(t_start);
+  if (profiling != ProfileLevel::off) {
+    profile::set_enabled(false);
+    const int64_t images =
+        (steps_here > config.warmup_steps ? steps_here - config.warmup_steps : steps_here) *
+        config.batch;
+    const double cpu = process_cpu_seconds() - cpu_measure;
+    const double wall = steps_here > config.warmup_steps ? seconds_since(t_measure) : train_seconds;
+    if (profiling == ProfileLevel::phases)
+      std::fprintf(stderr, "%s", profile::report(cpu, images).c_str());
+    std::fprintf(stderr, "measured: %lld images, wall %.3f s, CPU %.3f s, %d thread(s): %.1f images/s, %.1f images per CPU-second\n",
+                 static_cast<long long>(images), wall, cpu, config.threads,
+                 images / std::max(wall, 1e-9), images / std::max(cpu, 1e-9));
+  }
   const int64_t measured = steps_here > config.warmup_steps ? steps_here - config.warmup_steps : steps_here;
   res.images_per_s = measured * config.batch /
                      std::max(steps_here > config.warmup_steps ? seconds_since(t_measure) : train_seconds, 1e-9);

@@ -1,5 +1,6 @@
 #include "nn/model.h"
 
+#include "nn/profile.h"
 #include "normkit/error.h"
 
 namespace normkit::train {
@@ -41,11 +42,16 @@ void Model::init(uint64_t seed) {
 const Tensor& Model::forward(const Tensor& images, Mode mode) {
   const Tensor* h = &stem_norm_.forward(stem_conv_.forward(images), mode);
   for (auto& b : blocks_) h = &b->forward(*h, mode);
+  const profile::Scope timed(profile::Phase::head);
   return fc_.forward(pool_.forward(*h));
 }
 
 void Model::backward(const Tensor& dlogits) {
-  const Tensor* g = &pool_.backward(fc_.backward(dlogits));
+  const Tensor* g;
+  {
+    const profile::Scope timed(profile::Phase::head);
+    g = &pool_.backward(fc_.backward(dlogits));
+  }
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) g = &(*it)->backward(*g);
   stem_conv_.backward(stem_norm_.backward(*g), false);
 }

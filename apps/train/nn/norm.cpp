@@ -5,6 +5,7 @@
 
 #include "nn/kernels.h"
 #include "nn/parallel.h"
+#include "nn/profile.h"
 #include "normkit/batch_norm.h"
 #include "normkit/error.h"
 #include "normkit/group_norm.h"
@@ -66,6 +67,7 @@ std::vector<Buffer> Norm::buffers() {
 }
 
 const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) {
+  const profile::Scope timed(profile::Phase::norm_forward);
   if (x.c != channels_)
     throw Error("Norm " + bias.name + ": input has " + std::to_string(x.c) +
                 " channels, expected " + std::to_string(channels_));
@@ -126,6 +128,7 @@ const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) 
 }
 
 const Tensor& Norm::backward(const Tensor& dy) {
+  const profile::Scope timed(profile::Phase::norm_backward);
   if (!trained_forward_)
     throw Error("Norm " + bias.name + ": backward needs a preceding forward in training mode");
   if (!dy.same_shape(y_))
