@@ -5,6 +5,11 @@
 //   y[n, (oh, ow), co] = sum_k col[., k] * weight[co, k]        weight: (C_out, kh, kw, C_in)
 // Backward, per image: dweight += dy_n^T col, dcol = dy_n weight, dx_n = col2im(dcol) (added
 // tap by tap in a fixed order).
+// A stride-1 convolution with kernel > 1 and at least kMinShiftedChannels input channels takes
+// another route with the same GEMM: on the zero-padded image each kernel tap is a matrix of
+// consecutive pixels, so forward, dweight and dx are kernel^2 GEMMs each over the padded image
+// itself (see conv.cpp), and neither im2col nor col2im runs. The padded images of the batch are
+// kept from forward to backward.
 // Per piece of an image (a few dozen output pixels), the col rows stay in cache between im2col
 // and the GEMM; a whole batch's col would be 9x the activations in main memory. The batch is
 // cut into min(N, 8) fixed slots of consecutive images; each slot accumulates its own dweight
@@ -46,9 +51,23 @@ class Conv2d {
   // Output pixels per piece: an image is processed in pieces whose col rows stay in L1/L2.
   int64_t piece_rows() const;
   kernels::ConvGeometry geometry(const Tensor& x) const;
+  // The tap-by-tap route (stride 1). Below 4 input channels one im2col GEMM beats kernel^2
+  // GEMMs of inner dimension C_in (the first layer, on 1 channel).
+  static constexpr int kMinShiftedChannels = 4;
+  bool shifted() const { return stride_ == 1 && kernel_ > 1 && in_ >= kMinShiftedChannels; }
+  void forward_shifted(const Tensor& x, int threads);
+  void backward_shifted(const Tensor& dy, bool need_dx, const Tensor* add_to, int64_t slots,
+                        int threads);
+  // Floats of an (h, w, c) image padded by pad_ on every side, plus slack (kernels::pad_image).
+  int64_t padded_floats(int64_t h, int64_t w, int64_t c) const;
+  // Where tap (kh, kw) = (tap / kernel, tap % kernel) starts, in pixels, in a padded image of
+  // rows wp wide.
+  int64_t tap_shift(int64_t tap, int64_t wp) const { return tap / kernel_ * wp + tap % kernel_; }
+  void add_slot_dweights(int64_t slots);
   // Per-thread scratch, grown once.
   struct Scratch {
     std::vector<float> col, dcol;
+    std::vector<float> grid, dy_pad;  // the tap-by-tap route's output grid and padded dy
   };
   static constexpr int64_t kMaxSlots = 8;
   Scratch& scratch(int thread);
@@ -58,6 +77,8 @@ class Conv2d {
   const Tensor* x_ = nullptr;
   std::vector<Scratch> scratch_;
   std::vector<std::vector<float>> slot_dweight_;  // slots 1..; slot 0 is weight.grad
+  std::vector<float> x_pad_;     // the tap-by-tap route: forward's padded images, for backward
+  std::vector<float> weight_t_;  // forward's weight, transposed
   Tensor y_, dx_;
 };
 

@@ -42,6 +42,13 @@ inline void add_run(float* __restrict dst, const float* __restrict src, int64_t 
   for (; i < n; ++i) dst[i] += src[i];
 }
 
+inline void sum_run(float* __restrict dst, const float* __restrict a, const float* __restrict b,
+                    int64_t n) {
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) store(dst + i, load(a + i) + load(b + i));
+  for (; i < n; ++i) dst[i] = a[i] + b[i];
+}
+
 }  // namespace
 
 NK_CLONES void im2col(const ConvGeometry& g, const float* image, float* col, int64_t row_begin,
@@ -93,6 +100,31 @@ NK_CLONES void col2im_add(const ConvGeometry& g, const float* dcol, float* dx, i
       j = 0;
       ++i;
     }
+  }
+}
+
+NK_CLONES void pad_image(const float* image, int64_t h, int64_t w, int64_t c, int64_t pad,
+                         float* padded) {
+  const int64_t row = (w + 2 * pad) * c;
+  float* dst = padded;
+  zero_run(dst, pad * row + pad * c);  // the top rows and the first row's left padding
+  dst += pad * row + pad * c;
+  for (int64_t i = 0; i < h; ++i, dst += row) {
+    copy_run(dst, image + i * w * c, w * c);
+    zero_run(dst + w * c, 2 * pad * c);  // this row's right padding and the next one's left
+  }
+  // dst is now past the last image row's right and the next row's left padding: the remaining
+  // bottom rows and the slack.
+  zero_run(dst, pad * row - pad * c + 2 * pad * c);
+}
+
+NK_CLONES void copy_rows(float* dst, const float* src, int64_t rows, int64_t len,
+                         int64_t src_stride, const float* add) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (add)
+      sum_run(dst + r * len, src + r * src_stride, add + r * len, len);
+    else
+      copy_run(dst + r * len, src + r * src_stride, len);
   }
 }
 

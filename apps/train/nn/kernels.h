@@ -25,6 +25,17 @@ void im2col(const ConvGeometry& g, const float* image, float* col, int64_t row_b
 void col2im_add(const ConvGeometry& g, const float* dcol, float* dx, int64_t row_begin,
                 int64_t row_end);
 
+// Overwrites padded with image (h * w * c floats) surrounded by `pad` zero pixels on every side,
+// as rows of w + 2 * pad pixels, followed by 2 * pad zero pixels of slack:
+// ((h + 2 * pad) * (w + 2 * pad) + 2 * pad) * c floats. A stride-1 convolution then reads each
+// kernel tap as one matrix of consecutive pixels (see conv.h).
+void pad_image(const float* image, int64_t h, int64_t w, int64_t c, int64_t pad, float* padded);
+
+// dst row r (len floats at r * len) = src row r (len floats at r * src_stride), plus add row r
+// (at r * len) when add is not null.
+void copy_rows(float* dst, const float* src, int64_t rows, int64_t len, int64_t src_stride,
+               const float* add);
+
 // dst = src (n floats), or 0 when src is null.
 void copy_or_zero(float* dst, const float* src, int64_t n);
 

@@ -133,8 +133,13 @@ TEST_P(ConvTest, BackwardAddsOntoAGivenGradient) {
 }
 
 // Odd sizes; the kernels and strides the model uses; a batch whose GEMM is split over threads.
+// Stride 1 with fewer than 4 input channels runs im2col, with 4 or more the tap-by-tap route: also
+// with a single output channel, with a 5x5 kernel (padding 2) and with 24 channels.
 INSTANTIATE_TEST_SUITE_P(Geometries, ConvTest,
                          ::testing::Values(Geometry{2, 7, 5, 3, 5, 3, 1},
+                                           Geometry{2, 5, 6, 4, 1, 3, 1},
+                                           Geometry{2, 7, 6, 5, 4, 5, 1},
+                                           Geometry{3, 5, 4, 24, 5, 3, 1},
                                            Geometry{3, 9, 6, 4, 6, 3, 2},
                                            Geometry{2, 7, 8, 3, 4, 1, 2},
                                            Geometry{2, 5, 5, 6, 3, 1, 1},
