@@ -31,9 +31,9 @@ struct BatchNormParams {
 };
 
 // Bytes of scratch memory the CPU kernels use for an input shaped like x (any of the four
-// functions; 0 for an empty x). Pass at least that much as Context::workspace to have no
-// allocation in the call; with an empty workspace each calling thread keeps a buffer of its own,
-// allocated on first use and reused.
+// functions; 0 for an empty x), including room to align a buffer of any alignment. Pass at
+// least that much as Context::workspace to have no allocation in the call; with an empty
+// workspace each calling thread keeps a buffer of its own, allocated on first use and reused.
 std::size_t batch_norm_workspace_size(const TensorView& x);
 
 // Reads x, weight and bias (length C, optional), running_mean and running_var (length C,

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #ifndef NORMKIT_CPU_BATCH_NORM_ONCE_
@@ -153,12 +154,19 @@ struct PairSums {
   double second = 0;
 };
 
-// Scratch layout: partial sums (slots * C), per-channel sums (C) and four arrays of C floats.
-inline std::size_t workspace_bytes(const BatchNormShape& sh) {
+// Scratch layout: partial sums (slots * C), per-channel sums (C) and four arrays of C floats,
+// from a base aligned for PairSums.
+inline std::size_t layout_bytes(const BatchNormShape& sh) {
   if (sh.batch * sh.channels * sh.spatial == 0) return 0;
   const Plan p = make_plan(sh);
   const auto C = std::size_t(sh.channels);
   return (std::size_t(p.slots) + 1) * C * sizeof(PairSums) + 4 * C * sizeof(float);
+}
+
+// What a caller's workspace must hold: the layout plus room to align a base of any alignment.
+inline std::size_t workspace_bytes(const BatchNormShape& sh) {
+  const std::size_t n = layout_bytes(sh);
+  return n == 0 ? 0 : n + alignof(PairSums) - 1;
 }
 
 struct Scratch {
@@ -168,17 +176,18 @@ struct Scratch {
 };
 
 inline Scratch carve(const BatchNormShape& sh, std::span<std::byte> workspace) {
-  const std::size_t need = workspace_bytes(sh);
-  std::byte* base = workspace.data();
-  if (workspace.size() < need) {
+  std::size_t need = layout_bytes(sh);
+  void* base = workspace.data();
+  std::size_t room = workspace.size();
+  if (!std::align(alignof(PairSums), need, base, room)) {  // none given (or too small)
     thread_local std::vector<double> fallback;  // double: aligned for every part
     fallback.resize((need + sizeof(double) - 1) / sizeof(double));
-    base = reinterpret_cast<std::byte*>(fallback.data());
+    base = fallback.data();
   }
   const Plan p = make_plan(sh);
   const auto C = std::size_t(sh.channels);
   Scratch s;
-  s.partial = reinterpret_cast<PairSums*>(base);
+  s.partial = static_cast<PairSums*>(base);
   s.sums = s.partial + std::size_t(p.slots) * C;
   s.coefficients = reinterpret_cast<float*>(s.sums + C);
   return s;

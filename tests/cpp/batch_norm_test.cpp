@@ -1164,8 +1164,8 @@ TEST(BatchNormCpu, LowPrecisionAndEpiloguesBitwiseIdenticalForAnyThreadCount) {
     }
 }
 
-// A caller's workspace of exactly batch_norm_workspace_size(x) bytes gives the same bits as the
-// internal one; one byte less is rejected before anything is written.
+// A caller's workspace of exactly batch_norm_workspace_size(x) bytes, at any alignment, gives
+// the same bits as the internal one; one byte less is rejected before anything is written.
 TEST(BatchNormCpu, CallerWorkspace) {
   std::mt19937_64 rng(47);
   for (const Config& cfg : {Config{{3, 5, 130, 131}, MemoryFormat::channels_first},
@@ -1174,13 +1174,19 @@ TEST(BatchNormCpu, CallerWorkspace) {
     SCOPED_TRACE(cfg.str());
     const Data d = make_data(cfg, rng);
     const std::size_t bytes = batch_norm_workspace_size(cfg.view(d.x.data()));
-    std::vector<std::byte> ws(bytes + 1);
+    std::vector<std::byte> ws(bytes + 16);
     const Results plain = run_all(cfg, d, {.num_threads = 2});
-    const Results with = run_all(cfg, d, {.num_threads = 2, .workspace = {ws.data(), bytes}});
-    EXPECT_TRUE(test::bitwise_equal(with.y, plain.y));
-    EXPECT_TRUE(test::bitwise_equal(with.dx, plain.dx));
-    EXPECT_TRUE(test::bitwise_equal(with.dweight, plain.dweight));
-    EXPECT_TRUE(test::bitwise_equal(with.dx_inf, plain.dx_inf));
+    // Any alignment of the caller's buffer: the queried size has room to align inside it.
+    for (std::size_t offset : {0, 1, 3, 8}) {
+      SCOPED_TRACE(offset);
+      std::fill(ws.begin(), ws.end(), std::byte{0xA5});
+      const Results with =
+          run_all(cfg, d, {.num_threads = 2, .workspace = {ws.data() + offset, bytes}});
+      EXPECT_TRUE(test::bitwise_equal(with.y, plain.y));
+      EXPECT_TRUE(test::bitwise_equal(with.dx, plain.dx));
+      EXPECT_TRUE(test::bitwise_equal(with.dweight, plain.dweight));
+      EXPECT_TRUE(test::bitwise_equal(with.dx_inf, plain.dx_inf));
+    }
     if (bytes == 0) continue;
     std::vector<float> y = poisoned(d.x.size()), mean = poisoned(5), invstd = poisoned(5);
     try {
