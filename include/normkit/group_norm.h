@@ -35,8 +35,8 @@ struct GroupNormParams {
 // Bytes of scratch memory the CPU kernels use for an input shaped like x cut into
 // params.num_groups groups (a function of the shape and format, not of the dtype): enough for
 // group_norm_forward and both group_norm_backward overloads, with any epilogue; 0 when x has no
-// elements. Pass at least that much as Context::workspace, aligned to 8 bytes (as any new or
-// malloc'd buffer is), to have no allocation in those calls. Reads
+// elements. Pass at least that much as Context::workspace (at any alignment: the size has
+// room to align inside it) to have no allocation in those calls. Reads
 // params.num_groups and the dims, format and dtype of x, not its data (which must be non-null
 // for a non-empty x, as in the forward). Throws normkit::Error on the forward's checks of x,
 // num_groups and eps.

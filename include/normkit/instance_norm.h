@@ -27,8 +27,8 @@ struct InstanceNormParams {
 // Bytes of scratch memory the CPU kernels use for an input shaped like x (a function of the
 // shape and format, not of the dtype): enough for instance_norm_forward (either
 // use_input_stats, with running statistics) and both instance_norm_backward overloads, with any
-// epilogue; 0 when x has no elements. Pass at least that much as Context::workspace, aligned to
-// 8 bytes (as any new or malloc'd buffer is), to have no allocation in those calls. Reads params and the dims, format and dtype of x, not its data (which must be non-null
+// epilogue; 0 when x has no elements. Pass at least that much as Context::workspace (at any
+// alignment: the size has room to align inside it) to have no allocation in those calls. Reads params and the dims, format and dtype of x, not its data (which must be non-null
 // for a non-empty x, as in the forward). Throws normkit::Error on the forward's checks of
 // x, eps and momentum (including a spatial size of 1 with use_input_stats).
 std::size_t instance_norm_workspace_size(const InstanceNormParams& params, const TensorView& x);

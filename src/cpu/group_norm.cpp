@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <span>
 #include <type_traits>
+#include <memory>
 #include <vector>
 
 #ifndef NORMKIT_CPU_GROUP_NORM_KERNELS_
@@ -468,10 +469,13 @@ Layout layout_of(const GroupNormShape& t) {
   return l;
 }
 
-// The caller's workspace when it is large enough (the public functions have checked that a
-// non-empty one is), else a buffer of the calling thread, grown as needed and reused.
+// The caller's workspace, aligned up inside it, when it is large enough (the public functions
+// have checked that a non-empty one is: workspace_size has room for the alignment), else a
+// buffer of the calling thread, grown as needed and reused.
 std::byte* scratch_base(std::size_t need, std::span<std::byte> workspace) {
-  if (workspace.size() >= need) return workspace.data();
+  void* base = workspace.data();
+  std::size_t room = workspace.size();
+  if (need > 0 && std::align(alignof(double), need, base, room)) return static_cast<std::byte*>(base);
   thread_local std::vector<double> fallback;  // double: aligned for every part
   const std::size_t words = (need + sizeof(double) - 1) / sizeof(double);
   if (fallback.size() < words) fallback.resize(words);
@@ -662,7 +666,8 @@ inline void finish_stats(const Moments& gm, double eps, double* mu, double* rs, 
 
 std::size_t workspace_size(const GroupNormShape& shape) {
   const Layout l = layout_of(shape);
-  return std::max(l.forward_bytes(), l.backward_bytes());
+  const std::size_t bytes = std::max(l.forward_bytes(), l.backward_bytes());
+  return bytes == 0 ? 0 : bytes + alignof(double) - 1;  // room to align any caller's buffer
 }
 
 template <typename T>
