@@ -20,46 +20,13 @@
 #include "cpu/moments.h"
 #include "normkit/error.h"
 #include "normkit/group_norm.h"
+#include "simd_test_util.h"
 #include "test_util.h"
 
 namespace normkit::test {
 namespace {
 
-template <typename F>
-void for_each_target(F&& body) {
-  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
-    hwy::SetSupportedTargetsForTest(target);
-    ASSERT_EQ(cpu::simd_target(), target);
-    SCOPED_TRACE(hwy::TargetName(target));
-    body();
-  }
-  hwy::SetSupportedTargetsForTest(0);
-}
 
-// Relative spacing of the dtype's values (one ulp at 1).
-template <typename T> constexpr double ulp1() {
-  if constexpr (std::is_same_v<T, bf16>) return 1.0 / 128;
-  else if constexpr (std::is_same_v<T, f16>) return 1.0 / 1024;
-  else return 1.0 / 8388608;
-}
-
-template <typename T>
-std::vector<T> rounded(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) out[i] = from_float<T>(v[i]);
-  return out;
-}
-template <typename T>
-std::vector<float> wide_f(const std::vector<T>& v) {
-  std::vector<float> out(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) out[i] = to_float(v[i]);
-  return out;
-}
-
-enum Epi { kNone, kRelu, kResidual, kResidualRelu };
-const Epi kEpilogues[] = {kNone, kRelu, kResidual, kResidualRelu};
-bool has_relu(Epi e) { return e == kRelu || e == kResidualRelu; }
-bool has_residual(Epi e) { return e == kResidual || e == kResidualRelu; }
 
 struct Shape {
   int64_t N, C, G;
@@ -115,10 +82,6 @@ struct Result {
   std::vector<float> mean, rstd, dw, db;
 };
 
-template <typename T>
-std::vector<T> poisoned_as(std::size_t n) {
-  return std::vector<T>(n, from_float<T>(kPoison));
-}
 
 // Forward with the problem's epilogue; then the backward of y_in/mean_in/rstd_in (the forward
 // given, or this call's own when null) with the matching epilogue, dresidual requested when
@@ -152,34 +115,6 @@ Result<T> run(const Problem<T>& p, const Context& ctx, const Result<T>* forward_
   return o;
 }
 
-// |got - want| <= ulps of T at |want| + abs_tol, elementwise (NaN/poison fail).
-template <typename T>
-void expect_near_t(const std::vector<T>& got, const std::vector<T>& want, double ulps,
-                   double abs_tol, const std::string& what) {
-  ASSERT_EQ(got.size(), want.size()) << what;
-  int reported = 0;
-  for (std::size_t i = 0; i < got.size() && reported < 5; ++i) {
-    const double g = to_float(got[i]), w = to_float(want[i]);
-    const double tol = ulps * ulp1<T>() * std::fabs(w) + abs_tol;
-    if (!(std::fabs(g - w) <= tol)) {
-      ADD_FAILURE() << what << " [" << i << "]: " << g << " vs " << w << " (tol " << tol << ")";
-      ++reported;
-    }
-  }
-}
-
-void expect_near_f(const std::vector<float>& got, const std::vector<float>& want, double rel,
-                   const std::string& what) {
-  const double tol = rel * (1.0 + max_abs(want));
-  EXPECT_LE(max_abs_diff(got, want), tol) << what;
-}
-
-template <typename T>
-double max_abs_t(const std::vector<T>& v) {
-  double m = 0;
-  for (const T& e : v) m = std::max(m, std::fabs(double(to_float(e))));
-  return m;
-}
 
 // CPU against the reference: both backwards from the reference forward's outputs, so a ReLU
 // mask never differs by rounding.
@@ -201,14 +136,6 @@ void compare_cpu_to_reference(const Problem<T>& p, int threads, const std::strin
   }
 }
 
-const char* epi_name(Epi e) {
-  switch (e) {
-    case kRelu: return "relu";
-    case kResidual: return "residual";
-    case kResidualRelu: return "residual+relu";
-    default: return "none";
-  }
-}
 
 template <typename T>
 void tails_on_this_target(std::mt19937_64& rng) {
@@ -261,12 +188,6 @@ TEST(GroupNormSimd, LargeShapesMatchReferenceForEveryDtypeAndEpilogue) {
   large_against_reference<f16>(rng);
 }
 
-template <typename T>
-bool bitwise(const std::vector<T>& a, const std::vector<T>& b) {
-  // memcmp must not see the null data() of an empty vector
-  return a.size() == b.size() &&
-         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
-}
 
 // full: every epilogue and 2, 3, 4 threads; else (the other targets, to keep the run short on
 // a small machine) the plain and the residual+relu epilogues against 3 threads.
