@@ -95,6 +95,44 @@ ref::BackwardEpilogue<A> ref_epilogue(const BackwardEpilogue& e) {
           static_cast<A*>(e.dresidual.data)};
 }
 
+// The checks both backwards share: x and weight, dy and dx like x, the epilogue, and the
+// lengths of dweight and dbias.
+void check_backward(const char* fn, const BackwardEpilogue& epilogue, const TensorView& dy,
+                    const TensorView& x, std::span<const float> weight, const TensorView& dx,
+                    std::span<float> dweight, std::span<float> dbias) {
+  check_input(fn, x, weight, {});
+  check_like(fn, "dy", dy, "x", x);
+  check_like(fn, "dx", dx, "x", x);
+  check_backward_epilogue(fn, epilogue, x);
+  check_length(fn, "dweight", dweight, x.channels(), "C", false);
+  check_length(fn, "dbias", dbias, x.channels(), "C", false);
+}
+
+// With no values per channel the parameter gradients are empty sums; dx has no elements.
+void zero_parameter_grads(std::span<float> dweight, std::span<float> dbias) {
+  for (float& v : dweight) v = 0;
+  for (float& v : dbias) v = 0;
+}
+
+cpu::BackwardJob backward_job(const BackwardEpilogue& epilogue, const TensorView& dy,
+                              const TensorView& x, std::span<const float> weight,
+                              const TensorView& dx, std::span<float> dweight,
+                              std::span<float> dbias) {
+  cpu::BackwardJob job;
+  job.dtype = x.dtype;
+  job.shape = shape_of(x);
+  job.dy = dy.data;
+  job.x = x.data;
+  job.dx = dx.data;
+  job.relu = epilogue.relu;
+  job.y = epilogue.relu ? epilogue.y.data : nullptr;
+  job.dresidual = epilogue.dresidual.data;
+  job.weight = ptr(weight);
+  job.dweight = ptr(dweight);
+  job.dbias = ptr(dbias);
+  return job;
+}
+
 }  // namespace
 
 std::size_t batch_norm_workspace_size(const TensorView& x) {
@@ -186,22 +224,11 @@ void batch_norm_backward_training(const BackwardEpilogue& epilogue, const Tensor
                                   std::span<float> dweight, std::span<float> dbias,
                                   const Context& ctx) {
   const char* fn = "batch_norm_backward_training";
-  check_input(fn, x, weight, {});
-  check_like(fn, "dy", dy, "x", x);
-  check_like(fn, "dx", dx, "x", x);
-  check_backward_epilogue(fn, epilogue, x);
+  check_backward(fn, epilogue, dy, x, weight, dx, dweight, dbias);
   check_length(fn, "save_mean", save_mean, x.channels(), "C", true);
   check_length(fn, "save_invstd", save_invstd, x.channels(), "C", true);
-  check_length(fn, "dweight", dweight, x.channels(), "C", false);
-  check_length(fn, "dbias", dbias, x.channels(), "C", false);
   const auto workspace = checked_workspace(fn, x, ctx);
-
-  // With no values per channel the parameter gradients are empty sums; dx has no elements.
-  if (is_empty(x)) {
-    for (float& v : dweight) v = 0;
-    for (float& v : dbias) v = 0;
-    return;
-  }
+  if (is_empty(x)) return zero_parameter_grads(dweight, dbias);
   const auto sh = shape_of(x);
   if (ctx.backend == Backend::reference) {
     visit_dtype(x.dtype, [&](auto tag) {
@@ -212,18 +239,7 @@ void batch_norm_backward_training(const BackwardEpilogue& epilogue, const Tensor
     });
     return;
   }
-  cpu::BackwardJob job;
-  job.dtype = x.dtype;
-  job.shape = sh;
-  job.dy = dy.data;
-  job.x = x.data;
-  job.dx = dx.data;
-  job.relu = epilogue.relu;
-  job.y = epilogue.relu ? epilogue.y.data : nullptr;
-  job.dresidual = epilogue.dresidual.data;
-  job.weight = ptr(weight);
-  job.dweight = ptr(dweight);
-  job.dbias = ptr(dbias);
+  const cpu::BackwardJob job = backward_job(epilogue, dy, x, weight, dx, dweight, dbias);
   cpu::batch_norm_backward_training(job, ptr(save_mean), ptr(save_invstd),
                                     detail::thread_count(ctx), workspace);
 }
@@ -246,21 +262,11 @@ void batch_norm_backward_inference(const BatchNormParams& params,
                                    std::span<float> dweight, std::span<float> dbias,
                                    const Context& ctx) {
   const char* fn = "batch_norm_backward_inference";
-  check_input(fn, x, weight, {});
+  check_backward(fn, epilogue, dy, x, weight, dx, dweight, dbias);
   check_running_stats(fn, x, running_mean, running_var, true);
-  check_like(fn, "dy", dy, "x", x);
-  check_like(fn, "dx", dx, "x", x);
-  check_backward_epilogue(fn, epilogue, x);
-  check_length(fn, "dweight", dweight, x.channels(), "C", false);
-  check_length(fn, "dbias", dbias, x.channels(), "C", false);
   detail::check_eps(fn, params.eps);
   const auto workspace = checked_workspace(fn, x, ctx);
-
-  if (is_empty(x)) {
-    for (float& v : dweight) v = 0;
-    for (float& v : dbias) v = 0;
-    return;
-  }
+  if (is_empty(x)) return zero_parameter_grads(dweight, dbias);
   const auto sh = shape_of(x);
   if (ctx.backend == Backend::reference) {
     visit_dtype(x.dtype, [&](auto tag) {
@@ -272,18 +278,7 @@ void batch_norm_backward_inference(const BatchNormParams& params,
     });
     return;
   }
-  cpu::BackwardJob job;
-  job.dtype = x.dtype;
-  job.shape = sh;
-  job.dy = dy.data;
-  job.x = x.data;
-  job.dx = dx.data;
-  job.relu = epilogue.relu;
-  job.y = epilogue.relu ? epilogue.y.data : nullptr;
-  job.dresidual = epilogue.dresidual.data;
-  job.weight = ptr(weight);
-  job.dweight = ptr(dweight);
-  job.dbias = ptr(dbias);
+  const cpu::BackwardJob job = backward_job(epilogue, dy, x, weight, dx, dweight, dbias);
   cpu::batch_norm_backward_inference(job, ptr(running_mean), ptr(running_var), params.eps,
                                      detail::thread_count(ctx), workspace);
 }
