@@ -104,6 +104,7 @@ const Tensor& Conv2d::backward(const Tensor& dy, bool need_dx, const Tensor* add
   const int64_t piece = std::min(rows, piece_rows());
   const int64_t slots = std::max<int64_t>(1, std::min(x.n, kMaxSlots));
   const int t = static_cast<int>(std::min<int64_t>(threads(), slots));
+  if (scratch_.size() < static_cast<size_t>(t)) scratch_.resize(t);
   if (slot_dweight_.size() < static_cast<size_t>(slots - 1)) slot_dweight_.resize(slots - 1);
   for (int64_t i = 0; i + 1 < slots; ++i) slot_dweight_[i].resize(weight.size());
   if (need_dx) dx_.resize_like(x);
