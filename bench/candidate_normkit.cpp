@@ -116,8 +116,19 @@ class NormkitCandidate final : public Candidate {
     running_var_ = data.running_var;
     // Scratch memory given by the caller, so no call allocates.
     ctx_.workspace = {};
-    if (c.family == Family::batch_norm) {
-      workspace_ = Buffer(batch_norm_workspace_size(x_));
+    std::size_t scratch = 0;
+    switch (c.family) {
+      case Family::batch_norm: scratch = batch_norm_workspace_size(x_); break;
+      case Family::group_norm:
+        scratch = group_norm_workspace_size(group_norm_params(c.groups), x_);
+        break;
+      case Family::layer_norm: scratch = layer_norm_workspace_size(layer_norm_params(), x_); break;
+      case Family::instance_norm:
+        scratch = instance_norm_workspace_size(instance_norm_params(), x_);
+        break;
+    }
+    if (scratch > 0) {
+      workspace_ = Buffer(scratch);
       ctx_.workspace = {static_cast<std::byte*>(workspace_.data()), workspace_.bytes()};
     }
     if (c.op == Op::backward) {
