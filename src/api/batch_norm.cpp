@@ -59,14 +59,8 @@ void check_running_stats(const char* fn, const TensorView& x, std::span<const fl
 }
 
 std::span<std::byte> checked_workspace(const char* fn, const TensorView& x, const Context& ctx) {
-  const std::span<std::byte> ws = ctx.workspace;
-  if (ws.data() == nullptr || ctx.backend == Backend::reference) return {};
   const std::size_t need = is_empty(x) ? 0 : cpu::workspace_size(shape_of(x));
-  if (ws.size() < need)
-    detail::fail(fn, "workspace has " + std::to_string(ws.size()) +
-                         " bytes, expected at least batch_norm_workspace_size(x) = " +
-                         std::to_string(need));
-  return ws;
+  return detail::checked_workspace(fn, "batch_norm_workspace_size(x)", need, ctx);
 }
 
 cpu::ForwardJob forward_job(const BatchNormParams& params, const TensorView& x,

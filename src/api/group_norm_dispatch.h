@@ -30,19 +30,6 @@ inline std::size_t group_norm_scratch_bytes(const TensorView& x, int64_t groups)
   return cpu::workspace_size({x.batch(), x.channels(), x.spatial_size(), groups, x.format});
 }
 
-// ctx.workspace as the CPU kernels will use it: empty (their own per-thread buffer), or at
-// least `need` bytes; a smaller one throws, naming `query` (the size function) and both sizes.
-// The reference backend uses no workspace.
-inline std::span<std::byte> checked_workspace(const char* fn, const char* query, std::size_t need,
-                                              const Context& ctx) {
-  const std::span<std::byte> ws = ctx.workspace;
-  if (ws.data() == nullptr || ctx.backend == Backend::reference) return {};
-  if (ws.size() < need)
-    fail(fn, "workspace has " + std::to_string(ws.size()) + " bytes, expected at least " + query +
-                 " = " + std::to_string(need));
-  return ws;
-}
-
 // The forward on validated arguments with statistics from x: y, mean, rstd (N*G) and, when not
 // null, variance (N*G, biased) on ctx's backend.
 inline void group_norm_forward_on(const ref::GroupNormShape& sh, double eps,

@@ -75,14 +75,8 @@ std::size_t workspace_need(const char* fn, const TensorView& x, const ref::Layer
 std::span<std::byte> checked_workspace(const char* fn, const TensorView& x,
                                        const ref::LayerNormShape& sh, const Context& ctx) {
   if (ctx.backend == Backend::reference) return {};
-  const std::size_t need = workspace_need(fn, x, sh);
-  const std::span<std::byte> ws = ctx.workspace;
-  if (ws.data() == nullptr) return {};
-  if (ws.size() < need)
-    fail(fn, "workspace has " + std::to_string(ws.size()) +
-                 " bytes, expected at least layer_norm_workspace_size(params, x) = " +
-                 std::to_string(need));
-  return ws;
+  return detail::checked_workspace(fn, "layer_norm_workspace_size(params, x)",
+                                   workspace_need(fn, x, sh), ctx);
 }
 
 }  // namespace

@@ -93,6 +93,16 @@ void check_eps(const char* function, double eps) {
     fail(function, "eps must be finite and >= 0, got " + format_number(eps));
 }
 
+std::span<std::byte> checked_workspace(const char* function, const char* query, std::size_t need,
+                                       const Context& ctx) {
+  const std::span<std::byte> ws = ctx.workspace;
+  if (ws.data() == nullptr || ctx.backend == Backend::reference) return {};
+  if (ws.size() < need)
+    fail(function, "workspace has " + std::to_string(ws.size()) + " bytes, expected at least " +
+                       query + " = " + std::to_string(need));
+  return ws;
+}
+
 void check_momentum(const char* function, double momentum) {
   if (!(momentum >= 0 && momentum <= 1))
     fail(function, "momentum must be in [0, 1], got " + format_number(momentum));

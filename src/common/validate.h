@@ -2,6 +2,7 @@
 // Argument checks shared by every public op. Each public function runs all of its checks before
 // it writes any output, so a thrown normkit::Error leaves caller memory untouched.
 // Messages start with the function's name and name the argument and the values.
+#include <cstddef>
 #include <span>
 #include <string>
 
@@ -48,6 +49,12 @@ void check_backward_epilogue(const char* function, const BackwardEpilogue& e, co
 
 void check_eps(const char* function, double eps);
 void check_momentum(const char* function, double momentum);
+
+// ctx.workspace as the CPU kernels will use it: empty when none was given or the reference
+// backend runs (it uses none), else the caller's, which must hold at least `need` bytes; a
+// smaller one throws, naming `query` (the op's size function) and both sizes.
+std::span<std::byte> checked_workspace(const char* function, const char* query, std::size_t need,
+                                       const Context& ctx);
 
 // Threads to use for this call.
 int thread_count(const Context& ctx);
