@@ -3,6 +3,7 @@
 #include "normkit/instance_norm.h"
 
 #include <cmath>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -46,14 +47,18 @@ ref::GroupNormShape shape_of(const TensorView& x) {
 
 constexpr const char* kWorkspaceQuery = "instance_norm_workspace_size(params, x)";
 
-// The GroupNorm kernels' scratch (G = C), then N*C floats for the per-instance variances that
-// update the running statistics.
+// N*C floats for the per-instance variances that update the running statistics (with room to
+// align them in a caller's buffer of any alignment), then the GroupNorm kernels' scratch
+// (G = C), which aligns itself.
 std::size_t kernel_bytes(const TensorView& x) {
   return detail::group_norm_scratch_bytes(x, x.channels());
 }
+std::size_t variance_bytes(const TensorView& x) {
+  return std::size_t(x.batch() * x.channels()) * sizeof(float) + alignof(float) - 1;
+}
 std::size_t workspace_bytes(const TensorView& x) {
   if (detail::has_zero_dim(x)) return 0;
-  return kernel_bytes(x) + std::size_t(x.batch() * x.channels()) * sizeof(float);
+  return variance_bytes(x) + kernel_bytes(x);
 }
 
 }  // namespace
@@ -110,15 +115,17 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
   const bool update = running_mean.data() != nullptr && x.spatial_size() > 0;
   float* var = nullptr;
   if (update && !workspace.empty()) {
-    // After the kernels' part (a multiple of sizeof(float): aligned for floats).
-    var = reinterpret_cast<float*>(workspace.data() + kernel_bytes(x));
+    void* base = workspace.data();
+    std::size_t room = variance_bytes(x);
+    var = static_cast<float*>(std::align(alignof(float), std::size_t(instances) * sizeof(float),
+                                         base, room));
   } else if (update) {
     thread_local std::vector<float> variance;  // reused: no allocation once warm
     if (variance.size() < std::size_t(instances)) variance.resize(std::size_t(instances));
     var = variance.data();
   }
   detail::group_norm_forward_on(sh, params.eps, epi, x, weight, bias, y, mean, rstd, var, ctx,
-                                workspace.empty() ? workspace : workspace.first(kernel_bytes(x)));
+                                workspace.empty() ? workspace : workspace.subspan(variance_bytes(x)));
   if (!update) return;
   // torch: running <- (1 - m) * running + m * (average over n of the per-instance statistic),
   // the variance unbiased over the S spatial elements.
