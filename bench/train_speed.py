@@ -13,8 +13,9 @@ machine shared with other work --threads 1 gives a usable images-per-CPU-second 
     /usr/bin/python3 bench/train_speed.py                      # batch 32 and 2, BN and GN
     /usr/bin/python3 bench/train_speed.py --accuracy           # also compare test error
 
-PyTorch runs in a child process of --python (default: /work/venv-anchors/bin/python when it has
-torch, else /usr/bin/python3, Debian's torch 1.13), limited to --threads intra-op threads.
+PyTorch runs in a child process of --python (default: ../venv-anchors/bin/python next to the
+repository, made by scripts/setup-anchors.sh, when it has torch, else /usr/bin/python3, Debian's
+torch 1.13), limited to --threads intra-op threads.
 """
 import argparse
 import gzip
@@ -158,7 +159,9 @@ def steps_for(args, batch):
 
 
 def default_python():
-    venv = "/work/venv-anchors/bin/python"
+    # scripts/setup-anchors.sh's default: venv-anchors next to the repository.
+    venv = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "venv-anchors",
+                        "bin", "python")
     if os.path.exists(venv):
         if subprocess.run([venv, "-c", "import torch"], capture_output=True).returncode == 0:
             return venv
