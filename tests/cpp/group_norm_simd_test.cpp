@@ -26,8 +26,6 @@
 namespace normkit::test {
 namespace {
 
-
-
 struct Shape {
   int64_t N, C, G;
   std::vector<int64_t> spatial;
@@ -76,13 +74,6 @@ Problem<T> make_problem(const Shape& sh, Epi epi, std::mt19937_64& rng, double o
   return p;
 }
 
-template <typename T>
-struct Result {
-  std::vector<T> y, dx, dres;
-  std::vector<float> mean, rstd, dw, db;
-};
-
-
 // Forward with the problem's epilogue; then the backward of y_in/mean_in/rstd_in (the forward
 // given, or this call's own when null) with the matching epilogue, dresidual requested when
 // the forward had a residual.
@@ -115,7 +106,6 @@ Result<T> run(const Problem<T>& p, const Context& ctx, const Result<T>* forward_
   return o;
 }
 
-
 // CPU against the reference: both backwards from the reference forward's outputs, so a ReLU
 // mask never differs by rounding.
 template <typename T>
@@ -135,7 +125,6 @@ void compare_cpu_to_reference(const Problem<T>& p, int threads, const std::strin
     expect_near_t(got.dres, want.dres, 0.0, 0.0, what + " dresidual");
   }
 }
-
 
 template <typename T>
 void tails_on_this_target(std::mt19937_64& rng) {
@@ -188,7 +177,6 @@ TEST(GroupNormSimd, LargeShapesMatchReferenceForEveryDtypeAndEpilogue) {
   large_against_reference<f16>(rng);
 }
 
-
 // full: every epilogue and 2, 3, 4 threads; else (the other targets, to keep the run short on
 // a small machine) the plain and the residual+relu epilogues against 3 threads.
 template <typename T>
@@ -207,13 +195,7 @@ void threads_invariant(std::mt19937_64& rng, bool full) {
       for (int threads = full ? 2 : 3; threads <= (full ? 4 : 3); ++threads) {
         const Result<T> many = run(p, Context{Backend::cpu, threads}, &one);
         const std::string what = sh.str() + " " + epi_name(e) + " threads " + std::to_string(threads);
-        EXPECT_TRUE(bitwise(many.y, one.y)) << what;
-        EXPECT_TRUE(bitwise(many.mean, one.mean)) << what;
-        EXPECT_TRUE(bitwise(many.rstd, one.rstd)) << what;
-        EXPECT_TRUE(bitwise(many.dx, one.dx)) << what;
-        EXPECT_TRUE(bitwise(many.dw, one.dw)) << what;
-        EXPECT_TRUE(bitwise(many.db, one.db)) << what;
-        EXPECT_TRUE(bitwise(many.dres, one.dres)) << what;
+        expect_same_bits(many, one, what);
       }
     }
 }
@@ -370,17 +352,6 @@ TEST(GroupNormSimd, ChannelsLastStatisticsOnEveryTargetAtEveryTail) {
 }
 
 // ---- caller workspace ---------------------------------------------------------------------
-
-template <typename T>
-void expect_same_bits(const Result<T>& a, const Result<T>& b, const std::string& what) {
-  EXPECT_TRUE(bitwise(a.y, b.y)) << what;
-  EXPECT_TRUE(bitwise(a.mean, b.mean)) << what;
-  EXPECT_TRUE(bitwise(a.rstd, b.rstd)) << what;
-  EXPECT_TRUE(bitwise(a.dx, b.dx)) << what;
-  EXPECT_TRUE(bitwise(a.dw, b.dw)) << what;
-  EXPECT_TRUE(bitwise(a.db, b.db)) << what;
-  EXPECT_TRUE(bitwise(a.dres, b.dres)) << what;
-}
 
 // A workspace of exactly group_norm_workspace_size bytes, at any alignment, filled with NaN
 // bytes beforehand, gives the bits of the per-thread buffer, forward and backward, every epilogue, both formats,

@@ -25,8 +25,6 @@
 namespace normkit::test {
 namespace {
 
-
-
 // x's dims, how many trailing dims are normalized, and the memory format.
 struct Shape {
   std::vector<int64_t> dims;
@@ -86,12 +84,6 @@ Problem<T> make_problem(const Shape& sh, Epi epi, std::mt19937_64& rng, double o
   return p;
 }
 
-template <typename T>
-struct Result {
-  std::vector<T> y, dx, dres;
-  std::vector<float> mean, rstd, dw, db;
-};
-
 std::span<const float> opt(const std::vector<float>& v) {
   return v.empty() ? std::span<const float>() : std::span<const float>(v);
 }
@@ -128,7 +120,6 @@ Result<T> run(const Problem<T>& p, const Context& ctx, const Result<T>* forward_
                       p.view(o.dx), o.dw, o.db, ctx);
   return o;
 }
-
 
 // CPU against the reference: both backwards from the reference forward's outputs, so a ReLU
 // mask never differs by rounding. `offset_ratio` widens the bounds as the accuracy criterion
@@ -257,13 +248,7 @@ void threads_invariant(std::mt19937_64& rng, bool full) {
           const Result<T> many = run(p, ctx, &one);
           const std::string what = sh.str() + " " + epi_name(e) + " threads " +
                                    std::to_string(threads) + (with_workspace ? " workspace" : "");
-          EXPECT_TRUE(bitwise(many.y, one.y)) << what;
-          EXPECT_TRUE(bitwise(many.mean, one.mean)) << what;
-          EXPECT_TRUE(bitwise(many.rstd, one.rstd)) << what;
-          EXPECT_TRUE(bitwise(many.dx, one.dx)) << what;
-          EXPECT_TRUE(bitwise(many.dw, one.dw)) << what;
-          EXPECT_TRUE(bitwise(many.db, one.db)) << what;
-          EXPECT_TRUE(bitwise(many.dres, one.dres)) << what;
+          expect_same_bits(many, one, what);
         }
     }
 }
@@ -433,13 +418,7 @@ TEST(LayerNormWorkspace, ExactSizeGivesTheSameBitsAsNone) {
         if (size == 0) ctx.workspace = {};
         const Result<bf16> with = run(p, ctx);
         const std::string what = sh.str() + " " + epi_name(e) + " misalign " + std::to_string(misalign);
-        EXPECT_TRUE(bitwise(with.y, none.y)) << what;
-        EXPECT_TRUE(bitwise(with.mean, none.mean)) << what;
-        EXPECT_TRUE(bitwise(with.rstd, none.rstd)) << what;
-        EXPECT_TRUE(bitwise(with.dx, none.dx)) << what;
-        EXPECT_TRUE(bitwise(with.dw, none.dw)) << what;
-        EXPECT_TRUE(bitwise(with.db, none.db)) << what;
-        EXPECT_TRUE(bitwise(with.dres, none.dres)) << what;
+        expect_same_bits(with, none, what);
       }
     }
 }

@@ -92,6 +92,26 @@ inline void expect_near_f(const std::vector<float>& got, const std::vector<float
   EXPECT_LE(max_abs_diff(got, want), tol) << what;
 }
 
+// What a forward + backward run of one op leaves: activations in T, statistics and parameter
+// gradients in float; dres only with a residual epilogue.
+template <typename T>
+struct Result {
+  std::vector<T> y, dx, dres;
+  std::vector<float> mean, rstd, dw, db;
+};
+
+// Every output of two runs is the same bits.
+template <typename T>
+void expect_same_bits(const Result<T>& a, const Result<T>& b, const std::string& what) {
+  EXPECT_TRUE(bitwise(a.y, b.y)) << what;
+  EXPECT_TRUE(bitwise(a.mean, b.mean)) << what;
+  EXPECT_TRUE(bitwise(a.rstd, b.rstd)) << what;
+  EXPECT_TRUE(bitwise(a.dx, b.dx)) << what;
+  EXPECT_TRUE(bitwise(a.dw, b.dw)) << what;
+  EXPECT_TRUE(bitwise(a.db, b.db)) << what;
+  EXPECT_TRUE(bitwise(a.dres, b.dres)) << what;
+}
+
 // The fused epilogues: none, relu, residual add, residual add then relu.
 enum Epi { kNone, kRelu, kResidual, kResidualRelu };
 inline constexpr Epi kEpilogues[] = {kNone, kRelu, kResidual, kResidualRelu};
