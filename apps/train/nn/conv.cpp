@@ -123,9 +123,8 @@ const Tensor& Conv2d::backward(const Tensor& dy, bool need_dx, const Tensor* add
 #pragma omp parallel for num_threads(t) schedule(static, 1)
   for (int64_t slot = 0; slot < slots; ++slot) {
     Scratch& s = scratch(omp_get_thread_num());
-    float* dw = slot == 0 ? weight.grad.data() : slot_dweight_[slot - 1].data();
     const int64_t begin = x.n * slot / slots, end = x.n * (slot + 1) / slots;
-    if (begin == end) std::fill(dw, dw + weight.size(), 0.0f);
+    float* dw = slot_dweight(slot, begin == end);
     for (int64_t n = begin; n < end; ++n) {
       float* dxn = need_dx ? dx_.ptr() + n * image : nullptr;
       if (need_dx) {
@@ -164,6 +163,12 @@ const Tensor& Conv2d::backward(const Tensor& dy, bool need_dx, const Tensor* add
   }
   add_slot_dweights(slots);
   return dx_;
+}
+
+float* Conv2d::slot_dweight(int64_t slot, bool empty) {
+  float* dw = slot == 0 ? weight.grad.data() : slot_dweight_[slot - 1].data();
+  if (empty) std::fill(dw, dw + weight.size(), 0.0f);
+  return dw;
 }
 
 void Conv2d::add_slot_dweights(int64_t slots) {
@@ -237,9 +242,8 @@ void Conv2d::backward_shifted(const Tensor& dy, bool need_dx, const Tensor* add_
 #pragma omp parallel for num_threads(t) schedule(static, 1)
   for (int64_t slot = 0; slot < slots; ++slot) {
     Scratch& s = scratch(omp_get_thread_num());
-    float* dw = slot == 0 ? weight.grad.data() : slot_dweight_[slot - 1].data();
     const int64_t begin = x.n * slot / slots, end = x.n * (slot + 1) / slots;
-    if (begin == end) std::fill(dw, dw + weight.size(), 0.0f);
+    float* dw = slot_dweight(slot, begin == end);
     for (int64_t n = begin; n < end; ++n) {
       const float* xp = x_pad_.data() + n * padded_x;
       float* dyp = s.dy_pad.data();

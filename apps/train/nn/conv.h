@@ -63,6 +63,9 @@ class Conv2d {
   // Where tap (kh, kw) = (tap / kernel, tap % kernel) starts, in pixels, in a padded image of
   // rows wp wide.
   int64_t tap_shift(int64_t tap, int64_t wp) const { return tap / kernel_ * wp + tap % kernel_; }
+  // The weight-gradient accumulator of batch slot `slot` (slot 0: weight.grad itself), zeroed
+  // when the slot holds no image (its partial is still added).
+  float* slot_dweight(int64_t slot, bool empty);
   void add_slot_dweights(int64_t slots);
   // Per-thread scratch, grown once.
   struct Scratch {
