@@ -50,15 +50,12 @@ constexpr const char* kWorkspaceQuery = "instance_norm_workspace_size(params, x)
 // N*C floats for the per-instance variances that update the running statistics (with room to
 // align them in a caller's buffer of any alignment), then the GroupNorm kernels' scratch
 // (G = C), which aligns itself.
-std::size_t kernel_bytes(const TensorView& x) {
-  return detail::group_norm_scratch_bytes(x, x.channels());
-}
 std::size_t variance_bytes(const TensorView& x) {
   return std::size_t(x.batch() * x.channels()) * sizeof(float) + alignof(float) - 1;
 }
 std::size_t workspace_bytes(const TensorView& x) {
   if (detail::has_zero_dim(x)) return 0;
-  return variance_bytes(x) + kernel_bytes(x);
+  return variance_bytes(x) + detail::group_norm_scratch_bytes(x, x.channels());
 }
 
 }  // namespace
