@@ -802,11 +802,102 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
   const T* mask = epi.relu ? epi.y : nullptr;
   T* gout = epi.dresidual;
   const BackwardScratch s = carve_backward(t, workspace);
+  double* sum_dy = s.sums;  // per (n, c): sum(g)
+  double* sum_dy_xc = sum_dy + N * C;  // per (n, c): sum(g * (x - mean))
+  const bool need_sums = !stats_are_constants || dweight || dbias || gout;
+  // With dresidual written, g is read back from it (one stream instead of dy and y; exact, as
+  // g is dy or 0).
+  const T* gin = gout ? gout : dy;
+  const T* gmask = gout ? nullptr : mask;
+  float* ca = s.coef;  // dx = ca * g + cb * (x - cm) + cc, per (n, c)
+  float* cb = ca + N * C;
+  float* cc = cb + N * C;
+  float* cm = cc + N * C;
+  const double count = double(per_group * S);
+
+  // Coefficients of dx for the channels of group i = (n, g), from their sums.
+  auto group_coefficients = [&](int64_t i) {
+    const double r = rstd[i];
+    const int64_t n = i / G, c0 = (i % G) * per_group;
+    double b = 0, c = 0;
+    if (!stats_are_constants) {
+      double sum_g = 0, sum_g_xc = 0;
+      for (int64_t ch = c0; ch < c0 + per_group; ++ch) {
+        const double w = weight ? double(weight[ch]) : 1.0;
+        sum_g += w * sum_dy[n * C + ch];
+        sum_g_xc += w * sum_dy_xc[n * C + ch];
+      }
+      b = -r * r * r * sum_g_xc / count;
+      c = -r * sum_g / count;
+    }
+    for (int64_t ch = c0; ch < c0 + per_group; ++ch) {
+      ca[n * C + ch] = float(r * (weight ? double(weight[ch]) : 1.0));
+      cb[n * C + ch] = float(b);
+      cc[n * C + ch] = float(c);
+      cm[n * C + ch] = mean[i];
+    }
+  };
+  // dweight[c] and dbias[c] from the per-(n, c) sums, in sample order.
+  auto weight_gradients = [&](int64_t c) {
+    double dw = 0, db = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      dw += double(rstd[n * G + c / per_group]) * sum_dy_xc[n * C + c];
+      db += sum_dy[n * C + c];
+    }
+    if (dweight) dweight[c] = float(dw);
+    if (dbias) dbias[c] = float(db);
+  };
+  // Channels-first: the sums of (n, c) row `row` over its pieces of kRunChunk, in order, and
+  // dx of piece [lo, hi) of a row.
+  auto row_sums = [&](int64_t row, int64_t lo, int64_t hi, double* sd, double* sx) {
+    const float m = mean[(row / C) * G + (row % C) / per_group];
+    const int64_t at = row * S + lo;
+    k.grad_sums_run(dy + at, mask ? mask + at : nullptr, x + at, gout ? gout + at : nullptr,
+                    hi - lo, m, sd, sx);
+  };
+  auto row_dx = [&](int64_t row, int64_t lo, int64_t hi) {
+    const int64_t at = row * S + lo;
+    k.dx_run(dx + at, gin + at, gmask ? gmask + at : nullptr, x + at, hi - lo, ca[row], cb[row],
+             cm[row], cc[row]);
+  };
+
+  // Channels-first with enough cache-sized groups for every thread: each group's sums, then
+  // its dx while dy and x are still in cache; dweight and dbias after a barrier, in the same
+  // parallel region. Bitwise the same as the two-phase path below (the same pieces, added in
+  // the same order; the same coefficients and elementwise loops).
+  const int64_t group_len = per_group * S;
+  if (channels_first && need_sums && N * G >= std::max(num_threads, 1) &&
+      group_len * int64_t(sizeof(T)) * (mask ? 3 : 2) <= kCachedGroupBytes) {
+    const RowPieces p(N * C, S);
+#pragma omp parallel num_threads(num_threads) if (parallel)
+    {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < N * G; ++i) {
+        const int64_t row0 = (i / G) * C + (i % G) * per_group;
+        for (int64_t row = row0; row < row0 + per_group; ++row) {
+          double sd = 0, sx = 0;
+          for (int64_t q = 0; q < p.pieces; ++q) {
+            double a, b;
+            row_sums(row, q * kRunChunk, std::min(S, (q + 1) * kRunChunk), &a, &b);
+            sd += a, sx += b;
+          }
+          sum_dy[row] = sd;
+          sum_dy_xc[row] = sx;
+        }
+        group_coefficients(i);
+        for (int64_t row = row0; row < row0 + per_group; ++row)
+          for (int64_t q = 0; q < p.pieces; ++q)
+            row_dx(row, q * kRunChunk, std::min(S, (q + 1) * kRunChunk));
+      }
+      if (dweight || dbias) {
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < C; ++c) weight_gradients(c);
+      }
+    }
+    return;
+  }
 
   // Per-(n, c) reductions (the pass that also writes dresidual).
-  double* sum_dy = s.sums;
-  double* sum_dy_xc = sum_dy + N * C;
-  const bool need_sums = !stats_are_constants || dweight || dbias || gout;
   if (need_sums) {
     if (channels_first) {
       const RowPieces p(N * C, S);
@@ -815,10 +906,7 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
       for (int64_t u = 0; u < p.units; ++u)
         p.for_unit(u, [&](int64_t row, int64_t piece, int64_t lo, int64_t hi) {
-          const float m = mean[(row / C) * G + (row % C) / per_group];
-          const int64_t at = row * S + lo;
-          k.grad_sums_run(dy + at, mask ? mask + at : nullptr, x + at, gout ? gout + at : nullptr,
-                          hi - lo, m, &pd[row * p.stride + piece], &px[row * p.stride + piece]);
+          row_sums(row, lo, hi, &pd[row * p.stride + piece], &px[row * p.stride + piece]);
         });
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
       for (int64_t row = 0; row < N * C; ++row) {
@@ -875,58 +963,16 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
 
   if (dweight || dbias) {
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel && C > 1)
-    for (int64_t c = 0; c < C; ++c) {
-      double dw = 0, db = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        dw += double(rstd[n * G + c / per_group]) * sum_dy_xc[n * C + c];
-        db += sum_dy[n * C + c];
-      }
-      if (dweight) dweight[c] = float(dw);
-      if (dbias) dbias[c] = float(db);
-    }
+    for (int64_t c = 0; c < C; ++c) weight_gradients(c);
   }
 
-  // Coefficients of dx per (n, c).
-  float* ca = s.coef;
-  float* cb = ca + N * C;
-  float* cc = cb + N * C;
-  float* cm = cc + N * C;
-  const double count = double(per_group * S);
-  for (int64_t i = 0; i < N * G; ++i) {
-    const double r = rstd[i];
-    const int64_t n = i / G, c0 = (i % G) * per_group;
-    double b = 0, c = 0;
-    if (!stats_are_constants) {
-      double sum_g = 0, sum_g_xc = 0;
-      for (int64_t ch = c0; ch < c0 + per_group; ++ch) {
-        const double w = weight ? double(weight[ch]) : 1.0;
-        sum_g += w * sum_dy[n * C + ch];
-        sum_g_xc += w * sum_dy_xc[n * C + ch];
-      }
-      b = -r * r * r * sum_g_xc / count;
-      c = -r * sum_g / count;
-    }
-    for (int64_t ch = c0; ch < c0 + per_group; ++ch) {
-      ca[n * C + ch] = float(r * (weight ? double(weight[ch]) : 1.0));
-      cb[n * C + ch] = float(b);
-      cc[n * C + ch] = float(c);
-      cm[n * C + ch] = mean[i];
-    }
-  }
+  for (int64_t i = 0; i < N * G; ++i) group_coefficients(i);
 
-  // With dresidual written, g is read back from it (one stream instead of dy and y; exact, as
-  // g is dy or 0).
-  const T* gin = gout ? gout : dy;
-  const T* gmask = gout ? nullptr : mask;
   if (channels_first) {
     const RowPieces p(N * C, S);
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
     for (int64_t u = 0; u < p.units; ++u)
-      p.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) {
-        const int64_t at = row * S + lo;
-        k.dx_run(dx + at, gin + at, gmask ? gmask + at : nullptr, x + at, hi - lo, ca[row],
-                 cb[row], cm[row], cc[row]);
-      });
+      p.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) { row_dx(row, lo, hi); });
   } else {
     const RowBlocks rb(S, C);
     const int64_t units = N * rb.units_per_sample;
