@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <new>
+#include <utility>
 #include <vector>
 
 #ifndef NORMKIT_CPU_BATCH_NORM_ONCE_
@@ -37,6 +39,16 @@ constexpr int64_t kColumnRows = 64;
 // Bytes of the re-read inputs of one channel (x; or dy, x and y) up to which a thread runs a
 // channel's reduction and elementwise pass back to back: about half of a 2 MB L2.
 constexpr int64_t kChannelCacheBytes = int64_t(1) << 20;
+// In that schedule a thread takes channels one at a time when a channel's runs are at least
+// kBlockRunBytes long; shorter ones in blocks of channels whose runs of one sample make about
+// that many contiguous bytes: one stream for the prefetchers instead of a short run per channel
+// (a run of 7x7 floats is three cache lines). A channel at a time keeps the second pass in L1
+// where it can.
+constexpr int64_t kBlockRunBytes = 4096;
+constexpr int64_t kMaxBlockChannels = 64;
+// Re-read bytes of a block of several channels, at most: the block, and the output it writes,
+// stay well inside L2.
+constexpr int64_t kBlockCacheBytes = int64_t(1) << 18;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -145,6 +157,17 @@ inline bool channel_local(const Plan& p, const BatchNormShape& sh, int64_t bytes
          sh.batch * sh.spatial * bytes_per_value <= kChannelCacheBytes;
 }
 
+// Channels per block of that schedule (see kBlockRunBytes): at least one; at most as many as
+// fit in kBlockCacheBytes together, leaving two blocks per thread. `run_bytes`: bytes of one
+// value of x; `bytes_per_value`: of all the inputs read twice.
+inline int64_t local_block_channels(const BatchNormShape& sh, int64_t run_bytes,
+                                    int64_t bytes_per_value, int num_threads) {
+  const int64_t want = ceil_div(kBlockRunBytes, sh.spatial * run_bytes);
+  const int64_t fit = kBlockCacheBytes / (sh.batch * sh.spatial * bytes_per_value);
+  const int64_t share = ceil_div(sh.channels, 2 * int64_t(std::max(num_threads, 1)));
+  return std::max<int64_t>(1, std::min({want, kMaxBlockChannels, fit, share}));
+}
+
 // Two sums over a set of values of one channel, each in double:
 //   statistics: first = sum(x - pivot), second = sum((x - pivot)^2)
 //   gradients:  first = sum(g),         second = sum(g * (x - mean))
@@ -152,6 +175,22 @@ inline bool channel_local(const Plan& p, const BatchNormShape& sh, int64_t bytes
 struct PairSums {
   double first = 0;
   double second = 0;
+};
+
+// Room for up to kCap objects of type U on the stack, each constructed only when used: an
+// array of kCap would construct (zero) every one of them on every call.
+template <typename U, int64_t kCap>
+class StackSlots {
+ public:
+  template <class... Args>
+  U& emplace(int64_t i, Args&&... args) {
+    return *new (raw_ + i * sizeof(U)) U(std::forward<Args>(args)...);
+  }
+  U& operator[](int64_t i) { return *std::launder(reinterpret_cast<U*>(raw_ + i * sizeof(U))); }
+  void destroy(int64_t i) { (*this)[i].~U(); }
+
+ private:
+  alignas(U) unsigned char raw_[kCap * sizeof(U)];
 };
 
 // Scratch layout: partial sums (slots * C), per-channel sums (C) and four arrays of C floats,
@@ -353,10 +392,15 @@ class RunSums {
  public:
   RunSums(float center, PairSums& out)
       : vc_(hn::Set(d_, center)), vc1_(hn::Set(d1_, center)), out_(out) {}
-  ~RunSums() { Flush(); }
+  ~RunSums() { Flush(acc_); }
 
   void Add(const T* x, const T* dy, const T* y, int64_t n) {
     const int64_t N = int64_t(hn::Lanes(d_));
+    // The accumulators in a local while adding: to the compiler a member vector may alias the
+    // data (vector types alias floats), which would keep it in memory, not in a register.
+    Acc acc = acc_;
+    const auto vc = vc_;
+    const auto vc1 = vc1_;
     for (int64_t start = 0; start < n; start += kChunk) {
       const int64_t len = std::min(kChunk, n - start);
       const T* v = x + start;
@@ -364,23 +408,29 @@ class RunSums {
       const T* w = at(y, start);
       int64_t i = 0;
       for (; i + 2 * N <= len; i += 2 * N) {
-        Terms::Step(d_, v + i, at(g, i), at(w, i), vc_, a0_, b0_);
-        Terms::Step(d_, v + i + N, at(g, i + N), at(w, i + N), vc_, a1_, b1_);
+        Terms::Step(d_, v + i, at(g, i), at(w, i), vc, acc.a0, acc.b0);
+        Terms::Step(d_, v + i + N, at(g, i + N), at(w, i + N), vc, acc.a1, acc.b1);
       }
-      for (; i + N <= len; i += N) Terms::Step(d_, v + i, at(g, i), at(w, i), vc_, a0_, b0_);
-      for (; i < len; ++i) Terms::Step(d1_, v + i, at(g, i), at(w, i), vc1_, at_, bt_);
+      for (; i + N <= len; i += N) Terms::Step(d_, v + i, at(g, i), at(w, i), vc, acc.a0, acc.b0);
+      for (; i < len; ++i) Terms::Step(d1_, v + i, at(g, i), at(w, i), vc1, acc.at, acc.bt);
       pending_ += len;
-      if (pending_ >= kChunk) Flush();
+      if (pending_ >= kChunk) Flush(acc);
     }
+    acc_ = acc;
   }
 
  private:
-  void Flush() {
+  struct Acc {
+    Acc() : a0(hn::Zero(DF())), a1(a0), b0(a0), b1(a0), at(hn::Zero(D1())), bt(at) {}
+    hn::Vec<DF> a0, a1, b0, b1;
+    hn::Vec<D1> at, bt;
+  };
+
+  void Flush(Acc& acc) {
     if (pending_ == 0) return;
-    out_.first += SumLanes(d_, hn::Add(a0_, a1_)) + double(hn::GetLane(at_));
-    out_.second += SumLanes(d_, hn::Add(b0_, b1_)) + double(hn::GetLane(bt_));
-    a0_ = a1_ = b0_ = b1_ = hn::Zero(d_);
-    at_ = bt_ = hn::Zero(d1_);
+    out_.first += SumLanes(d_, hn::Add(acc.a0, acc.a1)) + double(hn::GetLane(acc.at));
+    out_.second += SumLanes(d_, hn::Add(acc.b0, acc.b1)) + double(hn::GetLane(acc.bt));
+    acc = Acc();
     pending_ = 0;
   }
 
@@ -388,8 +438,7 @@ class RunSums {
   D1 d1_;
   hn::Vec<DF> vc_;
   hn::Vec<D1> vc1_;
-  hn::Vec<DF> a0_ = hn::Zero(d_), a1_ = hn::Zero(d_), b0_ = hn::Zero(d_), b1_ = hn::Zero(d_);
-  hn::Vec<D1> at_ = hn::Zero(d1_), bt_ = hn::Zero(d1_);
+  Acc acc_;
   int64_t pending_ = 0;
   PairSums& out_;
 };
@@ -452,6 +501,28 @@ PairSums RunSlotSums(const Plan& p, const T* x, const T* dy, const T* y, float c
     });
   }
   return s;
+}
+
+// total[c - c0] += the sums of channel c over run-form slot k, for the channels [c0, c1) of a
+// block, center[c - c0] subtracted from x: sample by sample, each channel's runs in the order (and with the flushes) of
+// RunSlotSums, so each channel's sums are the same bits.
+template <class Terms, typename T>
+void BlockSlotSums(const Plan& p, const T* x, const T* dy, const T* y, const float* center,
+                   int64_t C, int64_t c0, int64_t c1, int64_t k, PairSums* total) {
+  StackSlots<PairSums, kMaxBlockChannels> part;
+  StackSlots<RunSums<Terms, T>, kMaxBlockChannels> sums;
+  for (int64_t i = 0; i < c1 - c0; ++i) sums.emplace(i, center[i], part.emplace(i));
+  for_each_run_piece(p, k, [&](int64_t n, int64_t begin, int64_t length) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t o = (n * C + c) * p.spatial + begin;
+      sums[c - c0].Add(x + o, at(dy, o), at(y, o), length);
+    }
+  });
+  for (int64_t i = 0; i < c1 - c0; ++i) {
+    sums.destroy(i);  // flushes into part
+    total[i].first += part[i].first;
+    total[i].second += part[i].second;
+  }
 }
 
 // partial[k * C + c]: the sums of channel c over slot k; center[c] is subtracted from x.
@@ -622,25 +693,30 @@ void ForwardTrainingT(const ForwardJob& job, float* save_mean, float* save_invst
   };
   const T* none = nullptr;
 
-  if (channel_local(plan, sh, int64_t(sizeof(T)), num_threads)) {
-    // Each channel: its statistics, then its elementwise pass while its runs are in cache.
-    const int64_t S = sh.spatial;
+  const int64_t bytes = int64_t(sizeof(T)) * (kResidual ? 2 : 1);
+  if (channel_local(plan, sh, bytes, num_threads)) {
+    // Each block of channels: its statistics, then its elementwise pass while its runs are in
+    // cache.
+    const int64_t S = sh.spatial, B = local_block_channels(sh, sizeof(T), bytes, num_threads);
 #pragma omp parallel for num_threads(num_threads) schedule(static) \
     if (worth_threads(num_threads, C * S * sh.batch))
-    for (int64_t c = 0; c < C; ++c) {
-      const float pivot = ChannelPivot(x, sh, c);
-      PairSums sums;
-      for (int64_t k = 0; k < plan.slots; ++k) {
-        const PairSums part = RunSlotSums<StatTerms>(plan, x, none, none, pivot, C, c, k);
-        sums.first += part.first;
-        sums.second += part.second;
+    for (int64_t c0 = 0; c0 < C; c0 += B) {
+      const int64_t c1 = std::min(C, c0 + B);
+      float pivot[kMaxBlockChannels], a[kMaxBlockChannels], b[kMaxBlockChannels];
+      StackSlots<PairSums, kMaxBlockChannels> sums;
+      for (int64_t c = c0; c < c1; ++c) {
+        pivot[c - c0] = ChannelPivot(x, sh, c);
+        sums.emplace(c - c0);
       }
-      float a, b;
-      finish(c, sums, pivot, a, b);
-      for (int64_t n = 0; n < sh.batch; ++n) {
-        const int64_t o = (n * C + c) * S;
-        ForwardRun<kResidual, kRelu>(x + o, at(r, o), y + o, S, a, b);
-      }
+      for (int64_t k = 0; k < plan.slots; ++k)
+        BlockSlotSums<StatTerms>(plan, x, none, none, pivot, C, c0, c1, k, &sums[0]);
+      for (int64_t c = c0; c < c1; ++c)
+        finish(c, sums[c - c0], pivot[c - c0], a[c - c0], b[c - c0]);
+      for (int64_t n = 0; n < sh.batch; ++n)
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t o = (n * C + c) * S;
+          ForwardRun<kResidual, kRelu>(x + o, at(r, o), y + o, S, a[c - c0], b[c - c0]);
+        }
     }
     return;
   }
@@ -704,23 +780,25 @@ void BackwardTrainingT(const BackwardJob& job, const float* save_mean, const flo
 
   const int64_t reread = int64_t(sizeof(T)) * (kRelu ? 3 : 2);
   if (channel_local(plan, sh, reread, num_threads)) {
-    const int64_t S = sh.spatial;
+    const int64_t S = sh.spatial, B = local_block_channels(sh, sizeof(T), reread, num_threads);
 #pragma omp parallel for num_threads(num_threads) schedule(static) \
     if (worth_threads(num_threads, C * count))
-    for (int64_t c = 0; c < C; ++c) {
-      PairSums s;
-      for (int64_t k = 0; k < plan.slots; ++k) {
-        const PairSums part =
-            RunSlotSums<GradTerms<kRelu>>(plan, x, dy, y, save_mean[c], C, c, k);
-        s.first += part.first;
-        s.second += part.second;
-      }
-      const auto k = backward_coefficients(job, c, s, save_invstd[c], double(count));
-      for (int64_t n = 0; n < sh.batch; ++n) {
-        const int64_t o = (n * C + c) * S;
-        BackwardRun<kRelu, kDresidual, true>(dy + o, x + o, at(y, o), dx + o, at(dres, o), S,
-                                             k.p, k.q, k.r, save_mean[c]);
-      }
+    for (int64_t c0 = 0; c0 < C; c0 += B) {
+      const int64_t c1 = std::min(C, c0 + B);
+      StackSlots<PairSums, kMaxBlockChannels> s;
+      BackwardCoefficients k[kMaxBlockChannels];
+      for (int64_t c = c0; c < c1; ++c) s.emplace(c - c0);
+      for (int64_t slot = 0; slot < plan.slots; ++slot)
+        BlockSlotSums<GradTerms<kRelu>>(plan, x, dy, y, save_mean + c0, C, c0, c1, slot, &s[0]);
+      for (int64_t c = c0; c < c1; ++c)
+        k[c - c0] = backward_coefficients(job, c, s[c - c0], save_invstd[c], double(count));
+      for (int64_t n = 0; n < sh.batch; ++n)
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t o = (n * C + c) * S;
+          const BackwardCoefficients& kc = k[c - c0];
+          BackwardRun<kRelu, kDresidual, true>(dy + o, x + o, at(y, o), dx + o, at(dres, o), S,
+                                               kc.p, kc.q, kc.r, save_mean[c]);
+        }
     }
     return;
   }

@@ -10,8 +10,9 @@
 // any num_threads (for a given SIMD target).
 //
 // Cache: for channels-first data whose per-channel slice fits in a core's L2, each thread takes
-// whole channels and runs the reduction and the elementwise pass of a channel back to back, so
-// the second pass reads from cache. Otherwise (few channels, channels-last, large slices) the
+// blocks of whole channels (as many as fit in L2 together; their runs of one sample are one
+// contiguous stream) and runs the reduction and the elementwise pass of a block back to back,
+// so the second pass reads from cache. Otherwise (few channels, channels-last, large slices) the
 // reduction runs over all of x split by channel, sample and position, then the elementwise
 // pass. Both compute every per-channel sum in the same order, so which one runs does not change
 // a bit of the result.
