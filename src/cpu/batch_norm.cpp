@@ -246,15 +246,16 @@ using V = hn::Vec<D>;
 
 // ---- elementwise steps, the same for a full vector and a one-lane tail ----
 
+
 // y = relu?(x * a + b + residual?)
-template <bool kResidual, bool kRelu, class D, typename T>
+template <bool kResidual, bool kRelu, bool kStream = false, class D, typename T>
 HWY_INLINE void ForwardStep(D d, const T* HWY_RESTRICT x, const T* HWY_RESTRICT r,
                             T* HWY_RESTRICT y, V<D> a, V<D> b) {
   auto v = hn::MulAdd(LoadF(d, x), a, b);
   if constexpr (kResidual) v = hn::Add(v, LoadF(d, r));
   // Not Max(v, 0): a NaN stays a NaN, as in torch's relu.
   if constexpr (kRelu) v = hn::IfThenZeroElse(hn::Lt(v, hn::Zero(d)), v);
-  StoreF(v, d, y);
+  StoreOut<kStream>(v, d, y);
 }
 
 // The gradient the normalization sees: dy, zeroed where the ReLU's output was not positive.
@@ -266,16 +267,17 @@ HWY_INLINE V<D> Upstream(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT y)
 }
 
 // dx = g * p + (x - m) * q + r (kX), or g * p (no x: the inference backward); dresidual = g.
-template <bool kRelu, bool kDresidual, bool kX, class D, typename T>
+// kStream: dx (not dresidual, whose alignment may differ) with non-temporal stores.
+template <bool kRelu, bool kDresidual, bool kX, bool kStream = false, class D, typename T>
 HWY_INLINE void BackwardStep(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT x,
                              const T* HWY_RESTRICT y, T* HWY_RESTRICT dx, T* HWY_RESTRICT dres,
                              V<D> p, V<D> q, V<D> r, V<D> m) {
   const auto g = Upstream<kRelu>(d, dy, y);
   if constexpr (kDresidual) StoreF(g, d, dres);
   if constexpr (kX)
-    StoreF(hn::MulAdd(g, p, hn::MulAdd(hn::Sub(LoadF(d, x), m), q, r)), d, dx);
+    StoreOut<kStream>(hn::MulAdd(g, p, hn::MulAdd(hn::Sub(LoadF(d, x), m), q, r)), d, dx);
   else
-    StoreF(hn::Mul(g, p), d, dx);
+    StoreOut<kStream>(hn::Mul(g, p), d, dx);
 }
 
 template <typename T>
@@ -289,19 +291,26 @@ T* at(T* p, int64_t i) {
 
 // ---- elementwise passes over one run (one channel) or a block of rows (all channels) ----
 
-template <bool kResidual, bool kRelu, typename T>
+// kStream: y with non-temporal stores, one-lane steps up to the first aligned vector.
+template <bool kResidual, bool kRelu, bool kStream = false, typename T>
 void ForwardRun(const T* x, const T* r, T* y, int64_t n, float a, float b) {
   const DF d;
   const D1 d1;
   const int64_t N = int64_t(hn::Lanes(d));
   const auto va = hn::Set(d, a), vb = hn::Set(d, b);
-  int64_t i = 0;
-  for (; i + N <= n; i += N) ForwardStep<kResidual, kRelu>(d, x + i, at(r, i), y + i, va, vb);
   const auto a1 = hn::Set(d1, a), b1 = hn::Set(d1, b);
+  int64_t i = 0;
+  if constexpr (kStream)
+    for (const int64_t head = ToAligned(y, n); i < head; ++i)
+      ForwardStep<kResidual, kRelu>(d1, x + i, at(r, i), y + i, a1, b1);
+  for (; i + N <= n; i += N)
+    ForwardStep<kResidual, kRelu, kStream>(d, x + i, at(r, i), y + i, va, vb);
   for (; i < n; ++i) ForwardStep<kResidual, kRelu>(d1, x + i, at(r, i), y + i, a1, b1);
+  if constexpr (kStream) hwy::FlushStream();
 }
 
-template <bool kResidual, bool kRelu, typename T>
+// kStream: y with non-temporal stores; C a multiple of the vector and y aligned to it.
+template <bool kResidual, bool kRelu, bool kStream = false, typename T>
 void ForwardRows(const T* x, const T* r, T* y, int64_t rows, int64_t C, const float* a,
                  const float* b, int64_t row_stride) {
   const DF d;
@@ -311,32 +320,40 @@ void ForwardRows(const T* x, const T* r, T* y, int64_t rows, int64_t C, const fl
     const int64_t o = k * row_stride;
     int64_t j = 0;
     for (; j + N <= C; j += N)
-      ForwardStep<kResidual, kRelu>(d, x + o + j, at(r, o + j), y + o + j, hn::LoadU(d, a + j),
-                                    hn::LoadU(d, b + j));
+      ForwardStep<kResidual, kRelu, kStream>(d, x + o + j, at(r, o + j), y + o + j,
+                                             hn::LoadU(d, a + j), hn::LoadU(d, b + j));
     for (; j < C; ++j)
       ForwardStep<kResidual, kRelu>(d1, x + o + j, at(r, o + j), y + o + j,
                                     hn::LoadU(d1, a + j), hn::LoadU(d1, b + j));
   }
+  if constexpr (kStream) hwy::FlushStream();
 }
 
-template <bool kRelu, bool kDresidual, bool kX, typename T>
+// kStream: dx with non-temporal stores, one-lane steps up to the first aligned vector.
+template <bool kRelu, bool kDresidual, bool kX, bool kStream = false, typename T>
 void BackwardRun(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t n, float p,
                  float q, float r, float m) {
   const DF d;
   const D1 d1;
   const int64_t N = int64_t(hn::Lanes(d));
   const auto vp = hn::Set(d, p), vq = hn::Set(d, q), vr = hn::Set(d, r), vm = hn::Set(d, m);
-  int64_t i = 0;
-  for (; i + N <= n; i += N)
-    BackwardStep<kRelu, kDresidual, kX>(d, dy + i, at(x, i), at(y, i), dx + i, at(dres, i), vp,
-                                        vq, vr, vm);
   const auto p1 = hn::Set(d1, p), q1 = hn::Set(d1, q), r1 = hn::Set(d1, r), m1 = hn::Set(d1, m);
+  int64_t i = 0;
+  if constexpr (kStream)
+    for (const int64_t head = ToAligned(dx, n); i < head; ++i)
+      BackwardStep<kRelu, kDresidual, kX>(d1, dy + i, at(x, i), at(y, i), dx + i, at(dres, i),
+                                          p1, q1, r1, m1);
+  for (; i + N <= n; i += N)
+    BackwardStep<kRelu, kDresidual, kX, kStream>(d, dy + i, at(x, i), at(y, i), dx + i,
+                                                 at(dres, i), vp, vq, vr, vm);
   for (; i < n; ++i)
     BackwardStep<kRelu, kDresidual, kX>(d1, dy + i, at(x, i), at(y, i), dx + i, at(dres, i), p1,
                                         q1, r1, m1);
+  if constexpr (kStream) hwy::FlushStream();
 }
 
-template <bool kRelu, bool kDresidual, bool kX, typename T>
+// kStream: dx with non-temporal stores; C a multiple of the vector and dx aligned to it.
+template <bool kRelu, bool kDresidual, bool kX, bool kStream = false, typename T>
 void BackwardRows(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t rows, int64_t C,
                   const float* p, const float* q, const float* r, const float* m,
                   int64_t row_stride) {
@@ -347,16 +364,16 @@ void BackwardRows(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t r
     const int64_t o = k * row_stride;
     int64_t j = 0;
     for (; j + N <= C; j += N)
-      BackwardStep<kRelu, kDresidual, kX>(d, dy + o + j, at(x, o + j), at(y, o + j), dx + o + j,
-                                          at(dres, o + j), hn::LoadU(d, p + j),
-                                          hn::LoadU(d, q + j), hn::LoadU(d, r + j),
-                                          hn::LoadU(d, m + j));
+      BackwardStep<kRelu, kDresidual, kX, kStream>(
+          d, dy + o + j, at(x, o + j), at(y, o + j), dx + o + j, at(dres, o + j),
+          hn::LoadU(d, p + j), hn::LoadU(d, q + j), hn::LoadU(d, r + j), hn::LoadU(d, m + j));
     for (; j < C; ++j)
       BackwardStep<kRelu, kDresidual, kX>(d1, dy + o + j, at(x, o + j), at(y, o + j),
                                           dx + o + j, at(dres, o + j), hn::LoadU(d1, p + j),
                                           hn::LoadU(d1, q + j), hn::LoadU(d1, r + j),
                                           hn::LoadU(d1, m + j));
   }
+  if constexpr (kStream) hwy::FlushStream();
 }
 
 // ---- sums of a run or of a block of columns ----
@@ -650,15 +667,23 @@ void ApplyForward(const ForwardJob& job, const float* a, const float* b, int num
   const T* x = static_cast<const T*>(job.x);
   const T* r = static_cast<const T*>(job.residual);
   T* y = static_cast<T*>(job.y);
-  ForEachPiece(
-      sh, num_threads,
-      [&](int64_t c, int64_t o, int64_t length) {
-        ForwardRun<kResidual, kRelu>(x + o, at(r, o), y + o, length, a[c], b[c]);
-      },
-      [&](int64_t o, int64_t row_count) {
-        ForwardRows<kResidual, kRelu>(x + o, at(r, o), y + o, row_count, sh.channels, a, b,
-                                      sh.channels);
-      });
+  const bool stream = Streams<T>(sh.batch * sh.channels * sh.spatial);
+  const bool stream_rows = stream && RowsAligned(y, sh.channels);
+  WithStream<T>(stream, [&](auto kS) {
+    ForEachPiece(
+        sh, num_threads,
+        [&](int64_t c, int64_t o, int64_t length) {
+          ForwardRun<kResidual, kRelu, decltype(kS)::value>(x + o, at(r, o), y + o, length, a[c], b[c]);
+        },
+        [&](int64_t o, int64_t row_count) {
+          if (stream_rows)
+            ForwardRows<kResidual, kRelu, decltype(kS)::value>(x + o, at(r, o), y + o, row_count, sh.channels,
+                                                a, b, sh.channels);
+          else
+            ForwardRows<kResidual, kRelu>(x + o, at(r, o), y + o, row_count, sh.channels, a, b,
+                                          sh.channels);
+        });
+  });
 }
 
 // Folds the statistics into y = x * a + b: b uses the rounded a, so that x == mean maps to
@@ -698,6 +723,7 @@ void ForwardTrainingT(const ForwardJob& job, float* save_mean, float* save_invst
     // Each block of channels: its statistics, then its elementwise pass while its runs are in
     // cache.
     const int64_t S = sh.spatial, B = local_block_channels(sh, sizeof(T), bytes, num_threads);
+    const bool stream = Streams<T>(sh.batch * C * S);
 #pragma omp parallel for num_threads(num_threads) schedule(static) \
     if (worth_threads(num_threads, C * S * sh.batch))
     for (int64_t c0 = 0; c0 < C; c0 += B) {
@@ -715,7 +741,10 @@ void ForwardTrainingT(const ForwardJob& job, float* save_mean, float* save_invst
       for (int64_t n = 0; n < sh.batch; ++n)
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t o = (n * C + c) * S;
-          ForwardRun<kResidual, kRelu>(x + o, at(r, o), y + o, S, a[c - c0], b[c - c0]);
+          WithStream<T>(stream, [&](auto kS) {
+            ForwardRun<kResidual, kRelu, decltype(kS)::value>(x + o, at(r, o), y + o, S,
+                                                               a[c - c0], b[c - c0]);
+          });
         }
     }
     return;
@@ -781,6 +810,7 @@ void BackwardTrainingT(const BackwardJob& job, const float* save_mean, const flo
   const int64_t reread = int64_t(sizeof(T)) * (kRelu ? 3 : 2);
   if (channel_local(plan, sh, reread, num_threads)) {
     const int64_t S = sh.spatial, B = local_block_channels(sh, sizeof(T), reread, num_threads);
+    const bool stream = Streams<T>(count * C);
 #pragma omp parallel for num_threads(num_threads) schedule(static) \
     if (worth_threads(num_threads, C * count))
     for (int64_t c0 = 0; c0 < C; c0 += B) {
@@ -796,8 +826,10 @@ void BackwardTrainingT(const BackwardJob& job, const float* save_mean, const flo
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t o = (n * C + c) * S;
           const BackwardCoefficients& kc = k[c - c0];
-          BackwardRun<kRelu, kDresidual, true>(dy + o, x + o, at(y, o), dx + o, at(dres, o), S,
-                                               kc.p, kc.q, kc.r, save_mean[c]);
+          WithStream<T>(stream, [&](auto kS) {
+            BackwardRun<kRelu, kDresidual, true, decltype(kS)::value>(
+                dy + o, x + o, at(y, o), dx + o, at(dres, o), S, kc.p, kc.q, kc.r, save_mean[c]);
+          });
         }
     }
     return;
@@ -814,16 +846,26 @@ void BackwardTrainingT(const BackwardJob& job, const float* save_mean, const flo
     const auto k = backward_coefficients(job, c, sums[c], save_invstd[c], double(count));
     p[c] = k.p, q[c] = k.q, r[c] = k.r;
   }
-  ForEachPiece(
-      sh, num_threads,
-      [&](int64_t c, int64_t o, int64_t length) {
-        BackwardRun<kRelu, kDresidual, true>(dy + o, x + o, at(y, o), dx + o, at(dres, o),
-                                             length, p[c], q[c], r[c], save_mean[c]);
-      },
-      [&](int64_t o, int64_t row_count) {
-        BackwardRows<kRelu, kDresidual, true>(dy + o, x + o, at(y, o), dx + o, at(dres, o),
-                                              row_count, C, p, q, r, save_mean, C);
-      });
+  const bool stream = Streams<T>(count * C);
+  const bool stream_rows = stream && RowsAligned(dx, C);
+  WithStream<T>(stream, [&](auto kS) {
+    ForEachPiece(
+        sh, num_threads,
+        [&](int64_t c, int64_t o, int64_t length) {
+          BackwardRun<kRelu, kDresidual, true, decltype(kS)::value>(
+              dy + o, x + o, at(y, o), dx + o, at(dres, o), length, p[c], q[c], r[c],
+              save_mean[c]);
+        },
+        [&](int64_t o, int64_t row_count) {
+          if (stream_rows)
+            BackwardRows<kRelu, kDresidual, true, decltype(kS)::value>(
+                dy + o, x + o, at(y, o), dx + o, at(dres, o), row_count, C, p, q, r, save_mean,
+                C);
+          else
+            BackwardRows<kRelu, kDresidual, true>(dy + o, x + o, at(y, o), dx + o, at(dres, o),
+                                                  row_count, C, p, q, r, save_mean, C);
+        });
+  });
 }
 
 template <bool kRelu, bool kDresidual, typename T>

@@ -25,12 +25,13 @@ namespace normkit::cpu::gn {
 // forward output y whose sign gates the incoming gradient: g = mask > 0 ? dy : 0.
 template <typename T>
 struct Kernels {
-  // y[i] = relu?((x[i] - m) * a + b + r?[i]), i < n.
+  // y[i] = relu?((x[i] - m) * a + b + r?[i]), i < n. `stream`: y with non-temporal stores
+  // where they apply (float32; see cpu/simd.h).
   void (*affine_run)(T* y, const T* x, const T* r, int64_t n, float m, float a, float b,
-                     bool relu);
+                     bool relu, bool stream);
   // The same over a channels-last block of `rows` rows of `channels`, coefficients per column.
   void (*affine_rows)(T* y, const T* x, const T* r, int64_t rows, int64_t channels,
-                      const float* m, const float* a, const float* b, bool relu);
+                      const float* m, const float* a, const float* b, bool relu, bool stream);
   // sum(g) and sum(g * (x - m)) over i < n <= kRunChunk; writes g to gout when not null.
   void (*grad_sums_run)(const T* dy, const T* mask, const T* x, T* gout, int64_t n, float m,
                         double* sum_g, double* sum_gxc);
@@ -40,11 +41,11 @@ struct Kernels {
   void (*grad_sums_rows)(const T* dy, const T* mask, const T* x, T* gout, int64_t rows,
                          int64_t width, int64_t stride, const float* m, float* acc_g,
                          float* acc_gxc);
-  // dx[i] = a * g[i] + b * (x[i] - m) + c; g = dy masked as above.
+  // dx[i] = a * g[i] + b * (x[i] - m) + c; g = dy masked as above. `stream` as above.
   void (*dx_run)(T* dx, const T* dy, const T* mask, const T* x, int64_t n, float a, float b,
-                 float m, float c);
+                 float m, float c, bool stream);
   void (*dx_rows)(T* dx, const T* dy, const T* mask, const T* x, int64_t rows, int64_t channels,
-                  const float* a, const float* b, const float* m, const float* c);
+                  const float* a, const float* b, const float* m, const float* c, bool stream);
   // Per column c < width <= kColumnBlock of a channels-last block of rows >= 1 rows (row r at
   // offset r * stride): the column's mean[c] and M2 m2[c] (see column_moments below).
   void (*column_moments)(const T* x, int64_t rows, int64_t stride, int64_t width, double* mean,
@@ -76,42 +77,54 @@ HWY_INLINE hn::Vec<D> Relu(D d, hn::Vec<D> v) {
   return hn::IfThenZeroElse(hn::Lt(v, hn::Zero(d)), v);
 }
 
-template <bool kResidual, bool kRelu, class D, typename T>
+template <bool kResidual, bool kRelu, bool kStream = false, class D, typename T>
 HWY_INLINE void AffineStep(D d, T* HWY_RESTRICT y, const T* HWY_RESTRICT x,
                            const T* HWY_RESTRICT r, hn::Vec<D> m, hn::Vec<D> a, hn::Vec<D> b) {
   auto v = hn::MulAdd(hn::Sub(LoadF(d, x), m), a, b);
   if constexpr (kResidual) v = hn::Add(v, LoadF(d, r));
   if constexpr (kRelu) v = Relu(d, v);
-  StoreF(v, d, y);
+  StoreOut<kStream>(v, d, y);
 }
 
-template <bool kResidual, bool kRelu, typename T>
+// kStream: y with non-temporal stores, one-lane steps up to the first aligned vector.
+template <bool kResidual, bool kRelu, bool kStream, typename T>
 void AffineRunT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRICT r, int64_t n,
                 float m, float a, float b) {
   const DF d;
   const D1 d1;
   const int64_t N = int64_t(hn::Lanes(d));
   const auto vm = hn::Set(d, m), va = hn::Set(d, a), vb = hn::Set(d, b);
+  const auto m1 = hn::Set(d1, m), a1 = hn::Set(d1, a), b1 = hn::Set(d1, b);
   int64_t i = 0;
+  if constexpr (kStream)
+    for (const int64_t head = ToAligned(y, n); i < head; ++i)
+      AffineStep<kResidual, kRelu>(d1, y + i, x + i, r + i, m1, a1, b1);
   for (; i + 2 * N <= n; i += 2 * N) {
-    AffineStep<kResidual, kRelu>(d, y + i, x + i, r + i, vm, va, vb);
-    AffineStep<kResidual, kRelu>(d, y + i + N, x + i + N, r + i + N, vm, va, vb);
+    AffineStep<kResidual, kRelu, kStream>(d, y + i, x + i, r + i, vm, va, vb);
+    AffineStep<kResidual, kRelu, kStream>(d, y + i + N, x + i + N, r + i + N, vm, va, vb);
   }
-  for (; i + N <= n; i += N) AffineStep<kResidual, kRelu>(d, y + i, x + i, r + i, vm, va, vb);
-  for (; i < n; ++i)
-    AffineStep<kResidual, kRelu>(d1, y + i, x + i, r + i, hn::Set(d1, m), hn::Set(d1, a),
-                                 hn::Set(d1, b));
+  for (; i + N <= n; i += N)
+    AffineStep<kResidual, kRelu, kStream>(d, y + i, x + i, r + i, vm, va, vb);
+  for (; i < n; ++i) AffineStep<kResidual, kRelu>(d1, y + i, x + i, r + i, m1, a1, b1);
+  if constexpr (kStream) hwy::FlushStream();
 }
 
 template <typename T>
-void AffineRun(T* y, const T* x, const T* r, int64_t n, float m, float a, float b, bool relu) {
-  if (r)
-    relu ? AffineRunT<true, true>(y, x, r, n, m, a, b) : AffineRunT<true, false>(y, x, r, n, m, a, b);
-  else
-    relu ? AffineRunT<false, true>(y, x, r, n, m, a, b) : AffineRunT<false, false>(y, x, r, n, m, a, b);
+void AffineRun(T* y, const T* x, const T* r, int64_t n, float m, float a, float b, bool relu,
+               bool stream) {
+  WithStream<T>(stream, [&](auto kS) {
+    constexpr bool S = decltype(kS)::value;
+    if (r)
+      relu ? AffineRunT<true, true, S>(y, x, r, n, m, a, b)
+           : AffineRunT<true, false, S>(y, x, r, n, m, a, b);
+    else
+      relu ? AffineRunT<false, true, S>(y, x, r, n, m, a, b)
+           : AffineRunT<false, false, S>(y, x, r, n, m, a, b);
+  });
 }
 
-template <bool kResidual, bool kRelu, typename T>
+// kStream: y with non-temporal stores; channels a multiple of the vector and y aligned to it.
+template <bool kResidual, bool kRelu, bool kStream, typename T>
 void AffineRowsT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRICT r,
                  int64_t rows, int64_t channels, const float* m, const float* a,
                  const float* b) {
@@ -122,23 +135,28 @@ void AffineRowsT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRI
     const int64_t at = row * channels;
     int64_t c = 0;
     for (; c + N <= channels; c += N)
-      AffineStep<kResidual, kRelu>(d, y + at + c, x + at + c, r + at + c, hn::LoadU(d, m + c),
-                                   hn::LoadU(d, a + c), hn::LoadU(d, b + c));
+      AffineStep<kResidual, kRelu, kStream>(d, y + at + c, x + at + c, r + at + c,
+                                            hn::LoadU(d, m + c), hn::LoadU(d, a + c),
+                                            hn::LoadU(d, b + c));
     for (; c < channels; ++c)
       AffineStep<kResidual, kRelu>(d1, y + at + c, x + at + c, r + at + c, hn::LoadU(d1, m + c),
                                    hn::LoadU(d1, a + c), hn::LoadU(d1, b + c));
   }
+  if constexpr (kStream) hwy::FlushStream();
 }
 
 template <typename T>
 void AffineRows(T* y, const T* x, const T* r, int64_t rows, int64_t channels, const float* m,
-                const float* a, const float* b, bool relu) {
-  if (r)
-    relu ? AffineRowsT<true, true>(y, x, r, rows, channels, m, a, b)
-         : AffineRowsT<true, false>(y, x, r, rows, channels, m, a, b);
-  else
-    relu ? AffineRowsT<false, true>(y, x, r, rows, channels, m, a, b)
-         : AffineRowsT<false, false>(y, x, r, rows, channels, m, a, b);
+                const float* a, const float* b, bool relu, bool stream) {
+  WithStream<T>(stream && RowsAligned(y, channels), [&](auto kS) {
+    constexpr bool S = decltype(kS)::value;
+    if (r)
+      relu ? AffineRowsT<true, true, S>(y, x, r, rows, channels, m, a, b)
+           : AffineRowsT<true, false, S>(y, x, r, rows, channels, m, a, b);
+    else
+      relu ? AffineRowsT<false, true, S>(y, x, r, rows, channels, m, a, b)
+           : AffineRowsT<false, false, S>(y, x, r, rows, channels, m, a, b);
+  });
 }
 
 template <typename T>
@@ -208,32 +226,44 @@ void GradSumsRows(const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask, const T*
   }
 }
 
-template <class D, typename T>
+template <bool kStream = false, class D, typename T>
 HWY_INLINE void DxStep(D d, T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy,
                        const T* HWY_RESTRICT mask, const T* HWY_RESTRICT x, hn::Vec<D> a,
                        hn::Vec<D> b, hn::Vec<D> m, hn::Vec<D> c) {
   const auto g = Gradient(d, dy, mask);
-  StoreF(hn::MulAdd(a, g, hn::MulAdd(b, hn::Sub(LoadF(d, x), m), c)), d, dx);
+  StoreOut<kStream>(hn::MulAdd(a, g, hn::MulAdd(b, hn::Sub(LoadF(d, x), m), c)), d, dx);
 }
 
-template <typename T>
-void DxRun(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask,
-           const T* HWY_RESTRICT x, int64_t n, float a, float b, float m, float c) {
+template <bool kStream, typename T>
+void DxRunT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask,
+            const T* HWY_RESTRICT x, int64_t n, float a, float b, float m, float c) {
   const DF d;
   const D1 d1;
   const int64_t N = int64_t(hn::Lanes(d));
   const auto va = hn::Set(d, a), vb = hn::Set(d, b), vm = hn::Set(d, m), vc = hn::Set(d, c);
+  const auto a1 = hn::Set(d1, a), b1 = hn::Set(d1, b), m1 = hn::Set(d1, m), c1 = hn::Set(d1, c);
   int64_t i = 0;
-  for (; i + N <= n; i += N) DxStep(d, dx + i, dy + i, mask ? mask + i : nullptr, x + i, va, vb, vm, vc);
-  for (; i < n; ++i)
-    DxStep(d1, dx + i, dy + i, mask ? mask + i : nullptr, x + i, hn::Set(d1, a), hn::Set(d1, b),
-           hn::Set(d1, m), hn::Set(d1, c));
+  if constexpr (kStream)
+    for (const int64_t head = ToAligned(dx, n); i < head; ++i)
+      DxStep(d1, dx + i, dy + i, mask ? mask + i : nullptr, x + i, a1, b1, m1, c1);
+  for (; i + N <= n; i += N)
+    DxStep<kStream>(d, dx + i, dy + i, mask ? mask + i : nullptr, x + i, va, vb, vm, vc);
+  for (; i < n; ++i) DxStep(d1, dx + i, dy + i, mask ? mask + i : nullptr, x + i, a1, b1, m1, c1);
+  if constexpr (kStream) hwy::FlushStream();
 }
 
 template <typename T>
-void DxRows(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask,
-            const T* HWY_RESTRICT x, int64_t rows, int64_t channels, const float* a,
-            const float* b, const float* m, const float* c) {
+void DxRun(T* dx, const T* dy, const T* mask, const T* x, int64_t n, float a, float b, float m,
+           float c, bool stream) {
+  WithStream<T>(stream, [&](auto kS) {
+    DxRunT<decltype(kS)::value>(dx, dy, mask, x, n, a, b, m, c);
+  });
+}
+
+template <bool kStream, typename T>
+void DxRowsT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask,
+             const T* HWY_RESTRICT x, int64_t rows, int64_t channels, const float* a,
+             const float* b, const float* m, const float* c) {
   const DF d;
   const D1 d1;
   const int64_t N = int64_t(hn::Lanes(d));
@@ -242,13 +272,23 @@ void DxRows(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT 
     const T* mrow = mask ? mask + at : nullptr;
     int64_t k = 0;
     for (; k + N <= channels; k += N)
-      DxStep(d, dx + at + k, dy + at + k, mrow ? mrow + k : nullptr, x + at + k,
-             hn::LoadU(d, a + k), hn::LoadU(d, b + k), hn::LoadU(d, m + k), hn::LoadU(d, c + k));
+      DxStep<kStream>(d, dx + at + k, dy + at + k, mrow ? mrow + k : nullptr, x + at + k,
+                      hn::LoadU(d, a + k), hn::LoadU(d, b + k), hn::LoadU(d, m + k),
+                      hn::LoadU(d, c + k));
     for (; k < channels; ++k)
       DxStep(d1, dx + at + k, dy + at + k, mrow ? mrow + k : nullptr, x + at + k,
              hn::LoadU(d1, a + k), hn::LoadU(d1, b + k), hn::LoadU(d1, m + k),
              hn::LoadU(d1, c + k));
   }
+  if constexpr (kStream) hwy::FlushStream();
+}
+
+template <typename T>
+void DxRows(T* dx, const T* dy, const T* mask, const T* x, int64_t rows, int64_t channels,
+            const float* a, const float* b, const float* m, const float* c, bool stream) {
+  WithStream<T>(stream && RowsAligned(dx, channels), [&](auto kS) {
+    DxRowsT<decltype(kS)::value>(dx, dy, mask, x, rows, channels, a, b, m, c);
+  });
 }
 
 // s[i] += v[i] for the lanes of v, in double: the conversion is exact and the add IEEE at any
@@ -389,6 +429,12 @@ constexpr int64_t kCachedGroupBytes = 1 << 20;
 // Rows of a channels-last statistics unit, at least: the per-channel work of a unit (the
 // merge into groups) is paid once per this many rows.
 constexpr int64_t kMinStatisticsRows = 64;
+
+// Whether an output of the shape is written with non-temporal stores (cpu/simd.h).
+template <typename T>
+bool streams(const GroupNormShape& t) {
+  return t.batch * t.channels * t.spatial * int64_t(sizeof(T)) >= kStreamBytes;
+}
 
 // Channels-first work: `rows` contiguous rows of `len` elements, cut into kRunChunk pieces.
 // A unit is one piece of a long row, or several whole short rows.
@@ -628,6 +674,7 @@ void fold_and_apply(T* y, const T* x, const double* mean, const double* rstd,
   for (int64_t n = 0; n < N; ++n)
     fold_sample(mean, rstd, weight, bias, t, n, m + n * C, a + n * C, b + n * C);
   const T* r = epi.residual;
+  const bool stream = streams<T>(t);
   if (t.format == MemoryFormat::channels_first) {
     const RowPieces p(N * C, S);
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
@@ -635,7 +682,7 @@ void fold_and_apply(T* y, const T* x, const double* mean, const double* rstd,
       p.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) {
         const int64_t at = row * S + lo;
         k.affine_run(y + at, x + at, r ? r + at : nullptr, hi - lo, m[row], a[row], b[row],
-                     epi.relu);
+                     epi.relu, stream);
       });
   } else {
     const RowBlocks rb(S, C);
@@ -646,7 +693,7 @@ void fold_and_apply(T* y, const T* x, const double* mean, const double* rstd,
       const int64_t rows = std::min(S - r0, rb.unit_rows);
       const int64_t at = (n * S + r0) * C;
       k.affine_rows(y + at, x + at, r ? r + at : nullptr, rows, C, m + n * C, a + n * C,
-                    b + n * C, epi.relu);
+                    b + n * C, epi.relu, stream);
     }
   }
 }
@@ -686,6 +733,7 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
   const int64_t per_group = C / G;
   const bool parallel = num_threads > 1 && N * C * S >= kParallelMin;
   const int64_t group_len = per_group * S;
+  const bool stream = streams<T>(t);  // y with non-temporal stores
 
   // Channels-first with enough cache-sized groups for every thread: each group is normalized
   // right after its statistics, from cache. Bitwise the same as the two-phase path below
@@ -703,7 +751,7 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
       for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
         const Coef f = fold(mu, rs, weight, bias, c);
         const int64_t at = (n * C + c) * S;
-        k.affine_run(y + at, x + at, r ? r + at : nullptr, S, f.m, f.a, f.b, epi.relu);
+        k.affine_run(y + at, x + at, r ? r + at : nullptr, S, f.m, f.a, f.b, epi.relu, stream);
       }
     }
     return;
@@ -736,7 +784,7 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
       float* b = a + N * C;
       fold_sample(mu, rs, weight, bias, t, n, m, a, b);
       const int64_t at = n * S * C;
-      k.affine_rows(y + at, x + at, r ? r + at : nullptr, S, C, m, a, b, epi.relu);
+      k.affine_rows(y + at, x + at, r ? r + at : nullptr, S, C, m, a, b, epi.relu, stream);
     }
     return;
   }
@@ -809,6 +857,7 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
   // g is dy or 0).
   const T* gin = gout ? gout : dy;
   const T* gmask = gout ? nullptr : mask;
+  const bool stream = streams<T>(t);  // dx with non-temporal stores
   float* ca = s.coef;  // dx = ca * g + cb * (x - cm) + cc, per (n, c)
   float* cb = ca + N * C;
   float* cc = cb + N * C;
@@ -858,7 +907,7 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
   auto row_dx = [&](int64_t row, int64_t lo, int64_t hi) {
     const int64_t at = row * S + lo;
     k.dx_run(dx + at, gin + at, gmask ? gmask + at : nullptr, x + at, hi - lo, ca[row], cb[row],
-             cm[row], cc[row]);
+             cm[row], cc[row], stream);
   };
 
   // Channels-first with enough cache-sized groups for every thread: each group's sums, then
@@ -982,7 +1031,7 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
       const int64_t at = (n * S + r0) * C;
       k.dx_rows(dx + at, gin + at, gmask ? gmask + at : nullptr, x + at,
                 std::min(S - r0, rb.unit_rows), C, ca + n * C, cb + n * C, cm + n * C,
-                cc + n * C);
+                cc + n * C, stream);
     }
   }
 }

@@ -20,6 +20,16 @@
 // targets (lane counts change summation order), never between thread counts.
 //
 // This header has per-target include guards (it is re-included by foreach_target).
+#ifndef NORMKIT_CPU_SIMD_ONCE_H_
+#define NORMKIT_CPU_SIMD_ONCE_H_
+#include <cstdint>
+namespace normkit::cpu {
+// Output bytes from which an elementwise pass writes with non-temporal stores (see below):
+// well beyond a core's L2 (2 MiB here).
+inline constexpr int64_t kStreamBytes = int64_t(16) << 20;
+}  // namespace normkit::cpu
+#endif
+
 #if defined(NORMKIT_CPU_SIMD_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef NORMKIT_CPU_SIMD_H_
 #undef NORMKIT_CPU_SIMD_H_
@@ -27,7 +37,12 @@
 #define NORMKIT_CPU_SIMD_H_
 #endif
 
+#include <hwy/cache_control.h>
 #include <hwy/highway.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
 
 #include "common/dtype.h"
 
@@ -102,6 +117,58 @@ HWY_INLINE void StoreF(hn::Vec<D> v, D d, f16* HWY_RESTRICT p) {
   hn::Store(v, d, buf);
   for (size_t i = 0; i < hn::Lanes(d); ++i) p[i] = from_float<f16>(buf[i]);
 #endif
+}
+
+// ---- non-temporal stores for large outputs ----
+// An output larger than the caches is not read back from them; an ordinary store first reads
+// each line it writes (three memory transfers per byte instead of two), a non-temporal store
+// does not, and leaves the cached inputs in place. Used for float32 outputs of at least
+// kStreamBytes, on full vectors at aligned addresses; the elementwise arithmetic is the same,
+// so the bits are. Each loop that streams ends with hwy::FlushStream() (orders the stores
+// before the threads' barrier).
+
+// Whether float vectors can be streamed on this target.
+constexpr bool kCanStream = hn::MaxLanes(DF()) > 1;
+
+// Whether an output of `elements` values of T is written with non-temporal stores.
+template <typename T>
+bool Streams(int64_t elements) {
+  return kCanStream && std::is_same_v<T, float> &&
+         elements * int64_t(sizeof(T)) >= normkit::cpu::kStreamBytes;
+}
+
+// Stores v at p: non-temporal with kStream (for a float32 output and a full vector, p aligned
+// to it), else as StoreF.
+template <bool kStream, class D, typename T>
+HWY_INLINE void StoreOut(hn::Vec<D> v, D d, T* HWY_RESTRICT p) {
+  if constexpr (kStream && kCanStream && std::is_same_v<T, float> && !std::is_same_v<D, D1>)
+    hn::Stream(v, d, p);
+  else
+    StoreF(v, d, p);
+}
+
+// Elements from p to the first address aligned for a vector store (at most n).
+template <typename T>
+int64_t ToAligned(const T* p, int64_t n) {
+  const uintptr_t align = hn::Lanes(DF()) * sizeof(float);
+  const uintptr_t off = reinterpret_cast<uintptr_t>(p) % align;
+  return off == 0 ? 0 : std::min<int64_t>(n, int64_t((align - off) / sizeof(T)));
+}
+
+// Whether rows of `channels` values from p can be streamed: every vector store aligned.
+template <typename T>
+bool RowsAligned(const T* p, int64_t channels) {
+  return channels % int64_t(hn::Lanes(DF())) == 0 && ToAligned(p, 1) == 0;
+}
+
+// f(std::true_type()) when stream (and T can stream), else f(std::false_type()): streaming
+// instantiations exist for float32 only.
+template <typename T, class F>
+void WithStream(bool stream, F&& f) {
+  if constexpr (kCanStream && std::is_same_v<T, float>) {
+    if (stream) return f(std::true_type());
+  }
+  f(std::false_type());
 }
 
 // Sum of the lanes of v in double, in lane order: fixed for a target.

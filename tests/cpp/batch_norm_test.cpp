@@ -1106,6 +1106,35 @@ TEST(BatchNormCpu, EpiloguesMatchReference) {
   }
 }
 
+// Float32 outputs of 16 MiB and more are written with non-temporal stores, one-lane steps up to
+// the first aligned vector of each run: runs that start misaligned (odd planes), both
+// schedules (channels of 5.6 MB, and of 262 KB read channel-local), channels-last rows whose
+// vectors are all aligned (C = 64) and rows that are not (C = 50), each epilogue; against the
+// reference, and bitwise the same for 2 and 3 threads.
+TEST(BatchNormCpu, LargeOutputsMatchReference) {
+  std::mt19937_64 rng(1717);
+  const std::vector<Config> configs = {
+      {{2, 3, 700, 1001}, MemoryFormat::channels_first},
+      {{8, 65, 8191}, MemoryFormat::channels_first},
+      {{2, 64, 32769}, MemoryFormat::channels_last},
+      {{2, 50, 42000}, MemoryFormat::channels_last},
+  };
+  for (std::size_t k = 0; k < configs.size(); ++k) {
+    const Config& cfg = configs[k];
+    ASSERT_GE(cfg.numel() * 4, int64_t(16) << 20);
+    const Epilogues ep{k % 2 == 1, k >= 2, k >= 2};
+    SCOPED_TRACE(cfg.str() + " " + ep.str());
+    const EpilogueData e = make_epilogue_data(cfg, rng, DType::float32);
+    const auto want = run_epilogue(cfg, e, DType::float32, ep, {.backend = Backend::reference});
+    const auto got = run_epilogue(cfg, e, DType::float32, ep, {.num_threads = 2});
+    expect_epilogue_close(cfg, e, got, want, DType::float32, ep);
+    const auto three = run_epilogue(cfg, e, DType::float32, ep, {.num_threads = 3});
+    EXPECT_TRUE(test::bitwise_equal(three.y, got.y));
+    EXPECT_TRUE(test::bitwise_equal(three.dx, got.dx));
+    EXPECT_TRUE(test::bitwise_equal(three.dres, got.dres));
+  }
+}
+
 // bfloat16 and float16 against the float32 path on the same (rounded) inputs: equal up to the
 // output's rounding. Inputs up to 3e2 in float16 have squares far beyond its range (6.5e4): the
 // statistics must not overflow.

@@ -177,6 +177,32 @@ TEST(GroupNormSimd, LargeShapesMatchReferenceForEveryDtypeAndEpilogue) {
   large_against_reference<f16>(rng);
 }
 
+// Float32 outputs of 16 MiB and more are written with non-temporal stores (one-lane steps up to
+// the first aligned vector of a run): two-phase and cached channels-first forwards and
+// backwards with runs that start misaligned, channels-last rows whose vectors are all aligned
+// (C = 64, 48) and not (C = 50); against the reference, and bitwise the same for 2 and 3 threads.
+TEST(GroupNormSimd, LargeOutputsMatchReference) {
+  std::mt19937_64 rng(23);
+  const Shape shapes[] = {
+      {1, 4, 2, {1048577}, MemoryFormat::channels_first},  // groups of 8 MB: two-phase
+      {64, 64, 32, {1025}, MemoryFormat::channels_first},  // groups of 8 KB: cached
+      {2, 64, 8, {32769}, MemoryFormat::channels_last},
+      {1100, 48, 4, {80}, MemoryFormat::channels_last},    // cached samples
+      {2, 50, 5, {42000}, MemoryFormat::channels_last},
+  };
+  int k = 0;
+  for (const Shape& sh : shapes) {
+    const Epi e = kEpilogues[k++ % 4];
+    const std::string what = sh.str() + " " + epi_name(e);
+    const Problem<float> p = make_problem<float>(sh, e, rng);
+    ASSERT_GE(int64_t(p.x.size()) * 4, int64_t(16) << 20) << what;
+    compare_cpu_to_reference(p, 2, what);
+    const Result<float> two = run(p, Context{Backend::cpu, 2});
+    const Result<float> three = run(p, Context{Backend::cpu, 3});
+    expect_same_bits(three, two, what + " threads 3 vs 2");
+  }
+}
+
 // full: every epilogue and 2, 3, 4 threads; else (the other targets, to keep the run short on
 // a small machine) the plain and the residual+relu epilogues against 3 threads.
 template <typename T>
