@@ -299,6 +299,8 @@ void ForwardRun(const T* x, const T* r, T* y, int64_t n, float a, float b) {
   const int64_t N = int64_t(hn::Lanes(d));
   const auto va = hn::Set(d, a), vb = hn::Set(d, b);
   const auto a1 = hn::Set(d1, a), b1 = hn::Set(d1, b);
+  if constexpr (kStream)
+    if (!StreamsRun(y, n)) return ForwardRun<kResidual, kRelu, false>(x, r, y, n, a, b);
   int64_t i = 0;
   if constexpr (kStream)
     for (const int64_t head = ToAligned(y, n); i < head; ++i)
@@ -338,6 +340,9 @@ void BackwardRun(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t n,
   const int64_t N = int64_t(hn::Lanes(d));
   const auto vp = hn::Set(d, p), vq = hn::Set(d, q), vr = hn::Set(d, r), vm = hn::Set(d, m);
   const auto p1 = hn::Set(d1, p), q1 = hn::Set(d1, q), r1 = hn::Set(d1, r), m1 = hn::Set(d1, m);
+  if constexpr (kStream)
+    if (!StreamsRun(dx, n))
+      return BackwardRun<kRelu, kDresidual, kX, false>(dy, x, y, dx, dres, n, p, q, r, m);
   int64_t i = 0;
   if constexpr (kStream)
     for (const int64_t head = ToAligned(dx, n); i < head; ++i)

@@ -95,6 +95,8 @@ void AffineRunT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRIC
   const int64_t N = int64_t(hn::Lanes(d));
   const auto vm = hn::Set(d, m), va = hn::Set(d, a), vb = hn::Set(d, b);
   const auto m1 = hn::Set(d1, m), a1 = hn::Set(d1, a), b1 = hn::Set(d1, b);
+  if constexpr (kStream)
+    if (!StreamsRun(y, n)) return AffineRunT<kResidual, kRelu, false>(y, x, r, n, m, a, b);
   int64_t i = 0;
   if constexpr (kStream)
     for (const int64_t head = ToAligned(y, n); i < head; ++i)
@@ -242,6 +244,8 @@ void DxRunT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT 
   const int64_t N = int64_t(hn::Lanes(d));
   const auto va = hn::Set(d, a), vb = hn::Set(d, b), vm = hn::Set(d, m), vc = hn::Set(d, c);
   const auto a1 = hn::Set(d1, a), b1 = hn::Set(d1, b), m1 = hn::Set(d1, m), c1 = hn::Set(d1, c);
+  if constexpr (kStream)
+    if (!StreamsRun(dx, n)) return DxRunT<false>(dx, dy, mask, x, n, a, b, m, c);
   int64_t i = 0;
   if constexpr (kStream)
     for (const int64_t head = ToAligned(dx, n); i < head; ++i)

@@ -25,18 +25,19 @@ namespace normkit::cpu::ln {
 // gates the incoming gradient: g = mask > 0 ? dy : 0.
 template <typename T>
 struct Kernels {
-  // y[i] = relu?(((x[i] - m) * r + t) * w[i] + b[i] + res?[i]), i < n.
+  // y[i] = relu?(((x[i] - m) * r + t) * w[i] + b[i] + res?[i]), i < n. `stream`: y with
+  // non-temporal stores where they apply (float32; see cpu/simd.h).
   void (*apply_run)(T* y, const T* x, const T* res, const float* w, const float* b, int64_t n,
-                    float m, float r, float t, bool relu);
+                    float m, float r, float t, bool relu, bool stream);
   // Over i < n <= kRunChunk: *sum_g = sum(g * w), *sum_gxc = sum(g * w * (x - m)); writes g to
   // gout when not null; when col_g is not null, adds g to col_g[i] and g * (x - m) * r to
   // col_gxhat[i] (float column partials of dbias and dweight).
   void (*grad_run)(const T* dy, const T* mask, const T* x, const float* w, T* gout, int64_t n,
                    float m, float r, float* col_g, float* col_gxhat, double* sum_g,
                    double* sum_gxc);
-  // dx[i] = a * w[i] * g[i] + b * (x[i] - m) + c.
+  // dx[i] = a * w[i] * g[i] + b * (x[i] - m) + c. `stream` as above.
   void (*dx_run)(T* dx, const T* dy, const T* mask, const T* x, const float* w, int64_t n,
-                 float a, float b, float m, float c);
+                 float a, float b, float m, float c, bool stream);
 };
 
 }  // namespace normkit::cpu::ln
@@ -59,7 +60,7 @@ HWY_INLINE V<D> Upstream(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT ma
 
 // ---- elementwise steps, the same for a full vector and a one-lane tail ----
 
-template <bool kResidual, bool kRelu, class D, typename T>
+template <bool kResidual, bool kRelu, bool kStream = false, class D, typename T>
 HWY_INLINE void ApplyStep(D d, T* HWY_RESTRICT y, const T* HWY_RESTRICT x,
                           const T* HWY_RESTRICT res, const float* HWY_RESTRICT w,
                           const float* HWY_RESTRICT b, V<D> m, V<D> r, V<D> t) {
@@ -67,41 +68,50 @@ HWY_INLINE void ApplyStep(D d, T* HWY_RESTRICT y, const T* HWY_RESTRICT x,
   if constexpr (kResidual) v = hn::Add(v, LoadF(d, res));
   // Not Max(v, 0): a NaN stays a NaN, as in torch's relu.
   if constexpr (kRelu) v = hn::IfThenZeroElse(hn::Lt(v, hn::Zero(d)), v);
-  StoreF(v, d, y);
+  StoreOut<kStream>(v, d, y);
 }
 
-template <bool kResidual, bool kRelu, typename T>
+// kStream: y with non-temporal stores, one-lane steps up to the first aligned vector.
+template <bool kResidual, bool kRelu, bool kStream, typename T>
 void ApplyRunT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRICT res,
                const float* HWY_RESTRICT w, const float* HWY_RESTRICT b, int64_t n, float m,
                float r, float t) {
+  if constexpr (kStream)
+    if (!StreamsRun(y, n)) return ApplyRunT<kResidual, kRelu, false>(y, x, res, w, b, n, m, r, t);
   const DF d;
   const D1 d1;
   const int64_t N = int64_t(hn::Lanes(d));
   const auto vm = hn::Set(d, m), vr = hn::Set(d, r), vt = hn::Set(d, t);
+  const auto m1 = hn::Set(d1, m), r1 = hn::Set(d1, r), t1 = hn::Set(d1, t);
   // No offset is applied to an absent residual (null).
   auto at = [res](int64_t i) { return kResidual ? res + i : res; };
   int64_t i = 0;
+  if constexpr (kStream)
+    for (const int64_t head = ToAligned(y, n); i < head; ++i)
+      ApplyStep<kResidual, kRelu>(d1, y + i, x + i, at(i), w + i, b + i, m1, r1, t1);
   for (; i + 2 * N <= n; i += 2 * N) {
-    ApplyStep<kResidual, kRelu>(d, y + i, x + i, at(i), w + i, b + i, vm, vr, vt);
-    ApplyStep<kResidual, kRelu>(d, y + i + N, x + i + N, at(i + N), w + i + N, b + i + N, vm,
-                                vr, vt);
+    ApplyStep<kResidual, kRelu, kStream>(d, y + i, x + i, at(i), w + i, b + i, vm, vr, vt);
+    ApplyStep<kResidual, kRelu, kStream>(d, y + i + N, x + i + N, at(i + N), w + i + N,
+                                         b + i + N, vm, vr, vt);
   }
   for (; i + N <= n; i += N)
-    ApplyStep<kResidual, kRelu>(d, y + i, x + i, at(i), w + i, b + i, vm, vr, vt);
-  for (; i < n; ++i)
-    ApplyStep<kResidual, kRelu>(d1, y + i, x + i, at(i), w + i, b + i, hn::Set(d1, m),
-                                hn::Set(d1, r), hn::Set(d1, t));
+    ApplyStep<kResidual, kRelu, kStream>(d, y + i, x + i, at(i), w + i, b + i, vm, vr, vt);
+  for (; i < n; ++i) ApplyStep<kResidual, kRelu>(d1, y + i, x + i, at(i), w + i, b + i, m1, r1, t1);
+  if constexpr (kStream) hwy::FlushStream();
 }
 
 template <typename T>
 void ApplyRun(T* y, const T* x, const T* res, const float* w, const float* b, int64_t n, float m,
-              float r, float t, bool relu) {
-  if (res)
-    relu ? ApplyRunT<true, true>(y, x, res, w, b, n, m, r, t)
-         : ApplyRunT<true, false>(y, x, res, w, b, n, m, r, t);
-  else
-    relu ? ApplyRunT<false, true>(y, x, res, w, b, n, m, r, t)
-         : ApplyRunT<false, false>(y, x, res, w, b, n, m, r, t);
+              float r, float t, bool relu, bool stream) {
+  WithStream<T>(stream, [&](auto kS) {
+    constexpr bool S = decltype(kS)::value;
+    if (res)
+      relu ? ApplyRunT<true, true, S>(y, x, res, w, b, n, m, r, t)
+           : ApplyRunT<true, false, S>(y, x, res, w, b, n, m, r, t);
+    else
+      relu ? ApplyRunT<false, true, S>(y, x, res, w, b, n, m, r, t)
+           : ApplyRunT<false, false, S>(y, x, res, w, b, n, m, r, t);
+  });
 }
 
 // One step of the backward's first pass: row sums into (sg, sx), column partials in memory.
@@ -165,40 +175,52 @@ void GradRun(const T* dy, const T* mask, const T* x, const float* w, T* gout, in
           : GradRunT<false, false>(dy, mask, x, w, gout, n, m, r, col_g, col_gxhat, sum_g, sum_gxc);
 }
 
-template <bool kMask, class D, typename T>
+template <bool kMask, bool kStream = false, class D, typename T>
 HWY_INLINE void DxStep(D d, T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy,
                        const T* HWY_RESTRICT mask, const T* HWY_RESTRICT x,
                        const float* HWY_RESTRICT w, V<D> a, V<D> b, V<D> m, V<D> c) {
   const auto g = Upstream<kMask>(d, dy, mask);
-  StoreF(hn::MulAdd(hn::Mul(a, hn::LoadU(d, w)), g, hn::MulAdd(b, hn::Sub(LoadF(d, x), m), c)),
-         d, dx);
+  StoreOut<kStream>(
+      hn::MulAdd(hn::Mul(a, hn::LoadU(d, w)), g, hn::MulAdd(b, hn::Sub(LoadF(d, x), m), c)), d,
+      dx);
 }
 
-template <bool kMask, typename T>
+// kStream: dx with non-temporal stores, one-lane steps up to the first aligned vector.
+template <bool kMask, bool kStream, typename T>
 void DxRunT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask,
             const T* HWY_RESTRICT x, const float* HWY_RESTRICT w, int64_t n, float a, float b,
             float m, float c) {
+  if constexpr (kStream)
+    if (!StreamsRun(dx, n)) return DxRunT<kMask, false>(dx, dy, mask, x, w, n, a, b, m, c);
   const DF d;
   const D1 d1;
   const int64_t N = int64_t(hn::Lanes(d));
   const auto va = hn::Set(d, a), vb = hn::Set(d, b), vm = hn::Set(d, m), vc = hn::Set(d, c);
+  const auto a1 = hn::Set(d1, a), b1 = hn::Set(d1, b), m1 = hn::Set(d1, m), c1 = hn::Set(d1, c);
   auto at = [](const T* p, int64_t i) { return p ? p + i : p; };
   int64_t i = 0;
+  if constexpr (kStream)
+    for (const int64_t head = ToAligned(dx, n); i < head; ++i)
+      DxStep<kMask>(d1, dx + i, dy + i, at(mask, i), x + i, w + i, a1, b1, m1, c1);
   for (; i + 2 * N <= n; i += 2 * N) {
-    DxStep<kMask>(d, dx + i, dy + i, at(mask, i), x + i, w + i, va, vb, vm, vc);
-    DxStep<kMask>(d, dx + i + N, dy + i + N, at(mask, i + N), x + i + N, w + i + N, va, vb, vm, vc);
+    DxStep<kMask, kStream>(d, dx + i, dy + i, at(mask, i), x + i, w + i, va, vb, vm, vc);
+    DxStep<kMask, kStream>(d, dx + i + N, dy + i + N, at(mask, i + N), x + i + N, w + i + N, va,
+                           vb, vm, vc);
   }
-  for (; i + N <= n; i += N) DxStep<kMask>(d, dx + i, dy + i, at(mask, i), x + i, w + i, va, vb, vm, vc);
-  for (; i < n; ++i)
-    DxStep<kMask>(d1, dx + i, dy + i, at(mask, i), x + i, w + i, hn::Set(d1, a), hn::Set(d1, b),
-                  hn::Set(d1, m), hn::Set(d1, c));
+  for (; i + N <= n; i += N)
+    DxStep<kMask, kStream>(d, dx + i, dy + i, at(mask, i), x + i, w + i, va, vb, vm, vc);
+  for (; i < n; ++i) DxStep<kMask>(d1, dx + i, dy + i, at(mask, i), x + i, w + i, a1, b1, m1, c1);
+  if constexpr (kStream) hwy::FlushStream();
 }
 
 template <typename T>
 void DxRun(T* dx, const T* dy, const T* mask, const T* x, const float* w, int64_t n, float a,
-           float b, float m, float c) {
-  mask ? DxRunT<true>(dx, dy, mask, x, w, n, a, b, m, c)
-       : DxRunT<false>(dx, dy, mask, x, w, n, a, b, m, c);
+           float b, float m, float c, bool stream) {
+  WithStream<T>(stream, [&](auto kS) {
+    constexpr bool S = decltype(kS)::value;
+    mask ? DxRunT<true, S>(dx, dy, mask, x, w, n, a, b, m, c)
+         : DxRunT<false, S>(dx, dy, mask, x, w, n, a, b, m, c);
+  });
 }
 
 template <typename T>
@@ -391,6 +413,8 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
   const bool parallel = num_threads > 1 && rows * cols >= kParallelMin;
   const auto& k = kernels<T>();
   const T* res = epi.residual;
+  // y with non-temporal stores (cpu/simd.h).
+  const bool stream = rows * cols * int64_t(sizeof(T)) >= kStreamBytes;
 
   if (rows >= kCachedMinRows && cols * int64_t(sizeof(T)) <= kCachedRowBytes) {
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
@@ -399,7 +423,8 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
       const RowCoef f = fold(run_moments(x + at, cols), eps);
       mean[row] = f.m;
       rstd[row] = f.r;
-      k.apply_run(y + at, x + at, res ? res + at : nullptr, w, b, cols, f.m, f.r, f.t, epi.relu);
+      k.apply_run(y + at, x + at, res ? res + at : nullptr, w, b, cols, f.m, f.r, f.t, epi.relu,
+                  stream);
     }
     return;
   }
@@ -419,7 +444,7 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
     rp.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) {
       const int64_t at = row * cols + lo;
       k.apply_run(y + at, x + at, res ? res + at : nullptr, w + lo, b + lo, hi - lo, mean[row],
-                  rstd[row], tail[row], epi.relu);
+                  rstd[row], tail[row], epi.relu, stream);
     });
 }
 
@@ -455,6 +480,8 @@ void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
   // is dy or 0).
   const T* gin = gout ? gout : dy;
   const T* gmask = gout ? nullptr : mask;
+  // dx with non-temporal stores (cpu/simd.h).
+  const bool stream = rows * cols * int64_t(sizeof(T)) >= kStreamBytes;
 
   const int64_t pieces = p.pieces, row_blocks = p.row_blocks;
   double* pg = part<double>(base, p.partials);
@@ -485,7 +512,7 @@ void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
   auto dx_piece = [&](int64_t row, int64_t lo, int64_t hi) {
     const int64_t at = row * cols + lo;
     k.dx_run(dx + at, gin + at, gmask ? gmask + at : nullptr, x + at, w + lo, hi - lo, rstd[row],
-             cb[row], mean[row], cc[row]);
+             cb[row], mean[row], cc[row], stream);
   };
   auto clear_columns = [&](int64_t rb, int64_t lo, int64_t hi) {
     if (!want_columns) return;
