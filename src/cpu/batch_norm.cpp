@@ -193,13 +193,13 @@ class StackSlots {
   alignas(U) unsigned char raw_[kCap * sizeof(U)];
 };
 
-// Scratch layout: partial sums (slots * C), per-channel sums (C) and four arrays of C floats,
-// from a base aligned for PairSums.
+// Scratch layout: partial sums (slots * C) and four arrays of C floats, from a base aligned for
+// PairSums.
 inline std::size_t layout_bytes(const BatchNormShape& sh) {
   if (sh.batch * sh.channels * sh.spatial == 0) return 0;
   const Plan p = make_plan(sh);
   const auto C = std::size_t(sh.channels);
-  return (std::size_t(p.slots) + 1) * C * sizeof(PairSums) + 4 * C * sizeof(float);
+  return std::size_t(p.slots) * C * sizeof(PairSums) + 4 * C * sizeof(float);
 }
 
 // What a caller's workspace must hold: the layout plus room to align a base of any alignment.
@@ -210,7 +210,6 @@ inline std::size_t workspace_bytes(const BatchNormShape& sh) {
 
 struct Scratch {
   PairSums* partial;    // slots * C
-  PairSums* sums;       // C
   float* coefficients;  // 4 * C
 };
 
@@ -227,8 +226,7 @@ inline Scratch carve(const BatchNormShape& sh, std::span<std::byte> workspace) {
   const auto C = std::size_t(sh.channels);
   Scratch s;
   s.partial = static_cast<PairSums*>(base);
-  s.sums = s.partial + std::size_t(p.slots) * C;
-  s.coefficients = reinterpret_cast<float*>(s.sums + C);
+  s.coefficients = reinterpret_cast<float*>(s.partial + std::size_t(p.slots) * C);
   return s;
 }
 
@@ -547,12 +545,15 @@ void BlockSlotSums(const Plan& p, const T* x, const T* dy, const T* y, const flo
   }
 }
 
+// ---- two-phase passes: work-sharing loops, called by every thread of one parallel region per
+// call (or by the one thread of a serial call); each ends with the loop's barrier ----
+
 // partial[k * C + c]: the sums of channel c over slot k; center[c] is subtracted from x.
 template <class Terms, typename T>
 void Partials(const Plan& p, const T* x, const T* dy, const T* y, const float* center, int64_t C,
-              PairSums* partial, int num_threads, bool parallel) {
+              PairSums* partial) {
   if (p.column_form) {
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
+#pragma omp for schedule(static)
     for (int64_t u = 0; u < p.units; ++u) {
       const Block b = column_block(p, u);
       const int64_t cps = p.cols_per_channel, width = (b.c1 - b.c0) * cps;
@@ -574,7 +575,7 @@ void Partials(const Plan& p, const T* x, const T* dy, const T* y, const float* c
       }
     }
   } else {
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
+#pragma omp for schedule(static)
     for (int64_t u = 0; u < p.units; ++u) {
       const int64_t c = u / p.slots, k = u % p.slots;
       partial[k * C + c] = RunSlotSums<Terms>(p, x, dy, y, center[c], C, c, k);
@@ -582,21 +583,20 @@ void Partials(const Plan& p, const T* x, const T* dy, const T* y, const float* c
   }
 }
 
-// Per-channel sums over every slot, added in slot order.
-template <class Terms, typename T>
+// Per-channel sums over every slot, added in slot order; then done(c, sums) for each channel,
+// on the thread that merged it.
+template <class Terms, typename T, class Done>
 void Reduce(const Plan& p, const T* x, const T* dy, const T* y, const float* center, int64_t C,
-            PairSums* partial, PairSums* out, int num_threads, bool parallel) {
-  Partials<Terms>(p, x, dy, y, center, C, partial, num_threads, parallel);
-  // Threads only for many partials: each parallel region costs a wake-up and a barrier.
-#pragma omp parallel for num_threads(num_threads) schedule(static) \
-    if (parallel && C * p.slots >= kUnitElements)
+            PairSums* partial, Done&& done) {
+  Partials<Terms>(p, x, dy, y, center, C, partial);
+#pragma omp for schedule(static)
   for (int64_t c = 0; c < C; ++c) {
     PairSums s;
     for (int64_t k = 0; k < p.slots; ++k) {
       s.first += partial[k * C + c].first;
       s.second += partial[k * C + c].second;
     }
-    out[c] = s;
+    done(c, s);
   }
 }
 
@@ -629,16 +629,15 @@ inline Stats stats_of(const PairSums& s, float pivot, double count) {
 // ---- elementwise passes over the whole tensor ----
 
 // Calls run(c, offset, length) over channels-first runs (pieces of one (n, c) plane), or
-// rows(offset, row_count) over blocks of channels-last rows; in parallel, pieces fixed by shape.
+// rows(offset, row_count) over blocks of channels-last rows; pieces fixed by the shape, shared
+// among the threads of the region.
 template <class RunFn, class RowsFn>
-void ForEachPiece(const BatchNormShape& sh, int num_threads, RunFn run, RowsFn rows) {
-  const int64_t total = sh.batch * sh.channels * sh.spatial;
-  const bool parallel = worth_threads(num_threads, total);
+void ForEachPiece(const BatchNormShape& sh, RunFn run, RowsFn rows) {
   if (reads_as_rows(sh)) {
     const int64_t n_rows = sh.batch * sh.spatial;
     const int64_t per_piece = std::max<int64_t>(1, kUnitElements / sh.channels);
     const int64_t pieces = ceil_div(n_rows, per_piece);
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
+#pragma omp for schedule(static)
     for (int64_t k = 0; k < pieces; ++k) {
       const int64_t r0 = k * per_piece;
       rows(r0 * sh.channels, std::min(per_piece, n_rows - r0));
@@ -649,14 +648,14 @@ void ForEachPiece(const BatchNormShape& sh, int num_threads, RunFn run, RowsFn r
       // Several whole planes per piece, so that short planes do not each cost a piece.
       const int64_t per_piece = kUnitElements / sh.spatial;
       const int64_t pieces = ceil_div(planes, per_piece);
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
+#pragma omp for schedule(static)
       for (int64_t k = 0; k < pieces; ++k)
         for (int64_t plane = k * per_piece; plane < std::min(planes, (k + 1) * per_piece); ++plane)
           run(plane % sh.channels, plane * sh.spatial, sh.spatial);
     } else {
       const int64_t per_plane = ceil_div(sh.spatial, kUnitElements);
       const int64_t pieces = planes * per_plane;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
+#pragma omp for schedule(static)
       for (int64_t k = 0; k < pieces; ++k) {
         const int64_t plane = k / per_plane, begin = (k % per_plane) * kUnitElements;
         run(plane % sh.channels, plane * sh.spatial + begin,
@@ -667,7 +666,7 @@ void ForEachPiece(const BatchNormShape& sh, int num_threads, RunFn run, RowsFn r
 }
 
 template <bool kResidual, bool kRelu, typename T>
-void ApplyForward(const ForwardJob& job, const float* a, const float* b, int num_threads) {
+void ApplyForward(const ForwardJob& job, const float* a, const float* b) {
   const auto& sh = job.shape;
   const T* x = static_cast<const T*>(job.x);
   const T* r = static_cast<const T*>(job.residual);
@@ -675,15 +674,16 @@ void ApplyForward(const ForwardJob& job, const float* a, const float* b, int num
   const bool stream = Streams<T>(sh.batch * sh.channels * sh.spatial);
   const bool stream_rows = stream && RowsAligned(y, sh.channels);
   WithStream<T>(stream, [&](auto kS) {
+    constexpr bool S = decltype(kS)::value;
     ForEachPiece(
-        sh, num_threads,
+        sh,
         [&](int64_t c, int64_t o, int64_t length) {
-          ForwardRun<kResidual, kRelu, decltype(kS)::value>(x + o, at(r, o), y + o, length, a[c], b[c]);
+          ForwardRun<kResidual, kRelu, S>(x + o, at(r, o), y + o, length, a[c], b[c]);
         },
         [&](int64_t o, int64_t row_count) {
           if (stream_rows)
-            ForwardRows<kResidual, kRelu, decltype(kS)::value>(x + o, at(r, o), y + o, row_count, sh.channels,
-                                                a, b, sh.channels);
+            ForwardRows<kResidual, kRelu, S>(x + o, at(r, o), y + o, row_count, sh.channels, a,
+                                             b, sh.channels);
           else
             ForwardRows<kResidual, kRelu>(x + o, at(r, o), y + o, row_count, sh.channels, a, b,
                                           sh.channels);
@@ -755,15 +755,18 @@ void ForwardTrainingT(const ForwardJob& job, float* save_mean, float* save_invst
     return;
   }
 
-  const bool parallel = worth_threads(num_threads, sh.batch * C * sh.spatial);
   float* a = scratch.coefficients;
   float* b = a + C;
   float* pivot = b + C;
-  for (int64_t c = 0; c < C; ++c) pivot[c] = ChannelPivot(x, sh, c);
-  Reduce<StatTerms>(plan, x, none, none, pivot, C, scratch.partial, scratch.sums, num_threads,
-                    parallel);
-  for (int64_t c = 0; c < C; ++c) finish(c, scratch.sums[c], pivot[c], a[c], b[c]);
-  ApplyForward<kResidual, kRelu, T>(job, a, b, num_threads);
+  // One parallel region: pivots, partial sums, per-channel merge and fold, output pass.
+#pragma omp parallel num_threads(num_threads) if (worth_threads(num_threads, sh.batch * C * sh.spatial))
+  {
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < C; ++c) pivot[c] = ChannelPivot(x, sh, c);
+    Reduce<StatTerms>(plan, x, none, none, pivot, C, scratch.partial,
+                      [&](int64_t c, const PairSums& sums) { finish(c, sums, pivot[c], a[c], b[c]); });
+    ApplyForward<kResidual, kRelu, T>(job, a, b);
+  }
 }
 
 // Calls f.template operator()<T, kResidual, kRelu>() for the job's dtype and epilogue.
@@ -843,19 +846,20 @@ void BackwardTrainingT(const BackwardJob& job, const float* save_mean, const flo
   float* p = scratch.coefficients;
   float* q = p + C;
   float* r = q + C;
-  const bool parallel = worth_threads(num_threads, count * C);
-  PairSums* sums = scratch.sums;
-  Reduce<GradTerms<kRelu>>(plan, x, dy, y, save_mean, C, scratch.partial, sums, num_threads,
-                           parallel);
-  for (int64_t c = 0; c < C; ++c) {
-    const auto k = backward_coefficients(job, c, sums[c], save_invstd[c], double(count));
-    p[c] = k.p, q[c] = k.q, r[c] = k.r;
-  }
   const bool stream = Streams<T>(count * C);
   const bool stream_rows = stream && RowsAligned(dx, C);
+  // One parallel region: partial sums, per-channel merge and coefficients, dx pass.
+#pragma omp parallel num_threads(num_threads) if (worth_threads(num_threads, count * C))
+  {
+  Reduce<GradTerms<kRelu>>(plan, x, dy, y, save_mean, C, scratch.partial,
+                           [&](int64_t c, const PairSums& sums) {
+                             const auto k = backward_coefficients(job, c, sums, save_invstd[c],
+                                                                  double(count));
+                             p[c] = k.p, q[c] = k.q, r[c] = k.r;
+                           });
   WithStream<T>(stream, [&](auto kS) {
     ForEachPiece(
-        sh, num_threads,
+        sh,
         [&](int64_t c, int64_t o, int64_t length) {
           BackwardRun<kRelu, kDresidual, true, decltype(kS)::value>(
               dy + o, x + o, at(y, o), dx + o, at(dres, o), length, p[c], q[c], r[c],
@@ -871,6 +875,7 @@ void BackwardTrainingT(const BackwardJob& job, const float* save_mean, const flo
                                                   row_count, C, p, q, r, save_mean, C);
         });
   });
+  }
 }
 
 template <bool kRelu, bool kDresidual, typename T>
@@ -885,29 +890,33 @@ void BackwardInferenceT(const BackwardJob& job, const float* running_mean,
   T* dx = static_cast<T*>(job.dx);
   T* dres = static_cast<T*>(job.dresidual);
   float* p = scratch.coefficients;
-  for (int64_t c = 0; c < C; ++c)
-    p[c] = float((job.weight ? job.weight[c] : 1.0f) / std::sqrt(double(running_var[c]) + eps));
-  if (job.dweight || job.dbias) {
-    const Plan plan = make_plan(sh);
-    PairSums* sums = scratch.sums;
-    Reduce<GradTerms<kRelu>>(plan, x, dy, y, running_mean, C, scratch.partial, sums, num_threads,
-                             worth_threads(num_threads, total));
-    for (int64_t c = 0; c < C; ++c) {
-      if (job.dbias) job.dbias[c] = float(sums[c].first);
-      if (job.dweight)
-        job.dweight[c] = float(sums[c].second / std::sqrt(double(running_var[c]) + eps));
-    }
+  const Plan plan = make_plan(sh);
+#pragma omp parallel num_threads(num_threads) if (worth_threads(num_threads, total))
+  {
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < C; ++c)
+      p[c] = float((job.weight ? job.weight[c] : 1.0f) / std::sqrt(double(running_var[c]) + eps));
+    if (job.dweight || job.dbias)
+      Reduce<GradTerms<kRelu>>(plan, x, dy, y, running_mean, C, scratch.partial,
+                               [&](int64_t c, const PairSums& sums) {
+                                 if (job.dbias) job.dbias[c] = float(sums.first);
+                                 if (job.dweight)
+                                   job.dweight[c] = float(
+                                       sums.second / std::sqrt(double(running_var[c]) + eps));
+                               });
+    ForEachPiece(
+        sh,
+        [&](int64_t c, int64_t o, int64_t length) {
+          BackwardRun<kRelu, kDresidual, false>(dy + o, static_cast<const T*>(nullptr),
+                                                at(y, o), dx + o, at(dres, o), length, p[c], 0.f,
+                                                0.f, 0.f);
+        },
+        [&](int64_t o, int64_t row_count) {
+          BackwardRows<kRelu, kDresidual, false>(dy + o, static_cast<const T*>(nullptr),
+                                                 at(y, o), dx + o, at(dres, o), row_count, C, p,
+                                                 p, p, p, C);
+        });
   }
-  ForEachPiece(
-      sh, num_threads,
-      [&](int64_t c, int64_t o, int64_t length) {
-        BackwardRun<kRelu, kDresidual, false>(dy + o, static_cast<const T*>(nullptr), at(y, o),
-                                              dx + o, at(dres, o), length, p[c], 0.f, 0.f, 0.f);
-      },
-      [&](int64_t o, int64_t row_count) {
-        BackwardRows<kRelu, kDresidual, false>(dy + o, static_cast<const T*>(nullptr), at(y, o),
-                                               dx + o, at(dres, o), row_count, C, p, p, p, p, C);
-      });
 }
 
 template <class F>
@@ -942,10 +951,16 @@ void ForwardInference(const ForwardJob& job, const float* running_mean, const fl
   const int64_t C = job.shape.channels;
   float* a = scratch.coefficients;
   float* b = a + C;
-  for (int64_t c = 0; c < C; ++c)
-    fold(running_mean[c], 1.0 / std::sqrt(double(running_var[c]) + job.eps), job, c, a[c], b[c]);
+  const int64_t total = job.shape.batch * C * job.shape.spatial;
   VisitForward(job, [&]<typename T, bool kResidual, bool kRelu>() {
-    ApplyForward<kResidual, kRelu, T>(job, a, b, num_threads);
+#pragma omp parallel num_threads(num_threads) if (worth_threads(num_threads, total))
+    {
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < C; ++c)
+        fold(running_mean[c], 1.0 / std::sqrt(double(running_var[c]) + job.eps), job, c, a[c],
+             b[c]);
+      ApplyForward<kResidual, kRelu, T>(job, a, b);
+    }
   });
 }
 
