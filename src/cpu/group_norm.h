@@ -18,8 +18,10 @@
 // statistics, so the second read of x comes from cache.
 // Backward: g = relu ? dy * (y > 0) : dy; one pass for both reductions per (n, c), sum(g) and
 // sum(g * (x - mean)) (also writing dresidual = g), then one elementwise pass
-// dx = a * g + b * (x - mean) + c with coefficients folded per (n, c).
-// Leaf loops are Highway SIMD kernels dispatched at run time (src/cpu/simd.h).
+// dx = a * g + b * (x - mean) + c with coefficients folded per (n, c). Channels-first groups
+// whose dy and x fit in the per-core cache get their dx right after their sums, from cache.
+// Leaf loops are Highway SIMD kernels dispatched at run time (src/cpu/simd.h). Float32 outputs
+// (y, dx) of 16 MiB or more are written with non-temporal stores (cpu/simd.h).
 //
 // Scratch: every function takes a workspace of at least workspace_size(shape) bytes, carved
 // into parts of decreasing alignment (as BatchNorm's), or an empty one to use a buffer of the

@@ -18,7 +18,8 @@
 //   unit the float partials sum(g) and sum(g * xhat) for dbias and dweight, and writes
 //   dresidual = g. Then dx = rstd * w[j] * g + b * (x - mean) + c per row.
 // Leaf loops are Highway SIMD kernels dispatched at run time (src/cpu/simd.h), with one-lane
-// tails, so an element's value never depends on where a vector loop ends.
+// tails, so an element's value never depends on where a vector loop ends. Float32 outputs (y,
+// dx) of 16 MiB or more are written with non-temporal stores (cpu/simd.h).
 #include <cstddef>
 #include <cstdint>
 #include <span>
