@@ -46,6 +46,15 @@ constexpr int64_t kChannelCacheBytes = int64_t(1) << 20;
 // where it can.
 constexpr int64_t kBlockRunBytes = 4096;
 constexpr int64_t kMaxBlockChannels = 64;
+// Streamed forward passes (outputs of kStreamBytes and more) over channels-first planes shorter
+// than kMinStreamRun values, for at least kSlabMinBatch samples, go slab by slab: the planes of
+// a block of channels of one sample are contiguous, so with the per-channel coefficients spread
+// over the slab's values one vector loop covers them (whole vectors to stream, no one-lane
+// tail per plane), the spread paid once per block for all samples. Not for outputs that stay
+// in cache: there the two loads of spread coefficients per vector cost more than the tails.
+// A slab holds at most kSlabValues values.
+constexpr int64_t kSlabValues = 4096;
+constexpr int64_t kSlabMinBatch = 4;
 // Re-read bytes of a block of several channels, at most: the block, and the output it writes,
 // stay well inside L2.
 constexpr int64_t kBlockCacheBytes = int64_t(1) << 18;
@@ -307,6 +316,53 @@ void ForwardRun(const T* x, const T* r, T* y, int64_t n, float a, float b) {
     ForwardStep<kResidual, kRelu, kStream>(d, x + i, at(r, i), y + i, va, vb);
   for (; i < n; ++i) ForwardStep<kResidual, kRelu>(d1, x + i, at(r, i), y + i, a1, b1);
   if constexpr (kStream) hwy::FlushStream();
+}
+
+// y = epilogue(x * a[i] + b[i]) over a contiguous slab of n values with coefficients per value;
+// each value's arithmetic is ForwardRun's. kStream: y with non-temporal stores.
+template <bool kResidual, bool kRelu, bool kStream = false, typename T>
+void ForwardSlab(const T* x, const T* r, T* y, int64_t n, const float* a, const float* b) {
+  const DF d;
+  const D1 d1;
+  const int64_t N = int64_t(hn::Lanes(d));
+  int64_t i = 0;
+  if constexpr (kStream)
+    for (const int64_t head = ToAligned(y, n); i < head; ++i)
+      ForwardStep<kResidual, kRelu>(d1, x + i, at(r, i), y + i, hn::LoadU(d1, a + i),
+                                    hn::LoadU(d1, b + i));
+  for (; i + N <= n; i += N)
+    ForwardStep<kResidual, kRelu, kStream>(d, x + i, at(r, i), y + i, hn::LoadU(d, a + i),
+                                           hn::LoadU(d, b + i));
+  for (; i < n; ++i)
+    ForwardStep<kResidual, kRelu>(d1, x + i, at(r, i), y + i, hn::LoadU(d1, a + i),
+                                  hn::LoadU(d1, b + i));
+  if constexpr (kStream) hwy::FlushStream();
+}
+
+// The forward's elementwise pass over channels [c0, c1) of every sample, slab by slab (see
+// kSlabValues; (c1 - c0) * S <= kSlabValues); a[c - c0], b[c - c0] are channel c's.
+template <bool kResidual, bool kRelu, typename T>
+void ForwardSlabs(const BatchNormShape& sh, const T* x, const T* r, T* y, int64_t c0, int64_t c1,
+                  const float* a, const float* b, bool stream) {
+  const int64_t S = sh.spatial, n_values = (c1 - c0) * S;
+  HWY_ALIGN float sa[kSlabValues], sb[kSlabValues];
+  for (int64_t c = c0; c < c1; ++c) {
+    std::fill(sa + (c - c0) * S, sa + (c - c0 + 1) * S, a[c - c0]);
+    std::fill(sb + (c - c0) * S, sb + (c - c0 + 1) * S, b[c - c0]);
+  }
+  WithStream<T>(stream, [&](auto kS) {
+    for (int64_t n = 0; n < sh.batch; ++n) {
+      const int64_t o = (n * sh.channels + c0) * S;
+      ForwardSlab<kResidual, kRelu, decltype(kS)::value>(x + o, at(r, o), y + o, n_values, sa,
+                                                         sb);
+    }
+  });
+}
+
+// Whether the forward's elementwise pass goes slab by slab (see kSlabValues).
+inline bool by_slabs(const BatchNormShape& sh, bool stream) {
+  return stream && !reads_as_rows(sh) && sh.spatial < kMinStreamRun &&
+         sh.batch >= kSlabMinBatch;
 }
 
 // kStream: y with non-temporal stores; C a multiple of the vector and y aligned to it.
@@ -672,6 +728,14 @@ void ApplyForward(const ForwardJob& job, const float* a, const float* b) {
   const T* r = static_cast<const T*>(job.residual);
   T* y = static_cast<T*>(job.y);
   const bool stream = Streams<T>(sh.batch * sh.channels * sh.spatial);
+  if (by_slabs(sh, stream)) {
+    const int64_t per = std::max<int64_t>(1, kSlabValues / sh.spatial);
+#pragma omp for schedule(static)
+    for (int64_t c0 = 0; c0 < sh.channels; c0 += per)
+      ForwardSlabs<kResidual, kRelu>(sh, x, r, y, c0, std::min(sh.channels, c0 + per), a + c0,
+                                     b + c0, stream);
+    return;
+  }
   const bool stream_rows = stream && RowsAligned(y, sh.channels);
   WithStream<T>(stream, [&](auto kS) {
     constexpr bool S = decltype(kS)::value;
@@ -743,6 +807,10 @@ void ForwardTrainingT(const ForwardJob& job, float* save_mean, float* save_invst
         BlockSlotSums<StatTerms>(plan, x, none, none, pivot, C, c0, c1, k, &sums[0]);
       for (int64_t c = c0; c < c1; ++c)
         finish(c, sums[c - c0], pivot[c - c0], a[c - c0], b[c - c0]);
+      if (c1 - c0 > 1 && (c1 - c0) * S <= kSlabValues && by_slabs(sh, stream)) {
+        ForwardSlabs<kResidual, kRelu>(sh, x, r, y, c0, c1, a, b, stream);
+        continue;
+      }
       for (int64_t n = 0; n < sh.batch; ++n)
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t o = (n * C + c) * S;

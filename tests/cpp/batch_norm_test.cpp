@@ -1109,9 +1109,9 @@ TEST(BatchNormCpu, EpiloguesMatchReference) {
 // Float32 outputs of 16 MiB and more are written with non-temporal stores, one-lane steps up to
 // the first aligned vector of each run: runs that start misaligned (odd planes), both
 // schedules (channels of 5.6 MB, and of 262 KB read channel-local), channels-last rows whose
-// vectors are all aligned (C = 64) and rows that are not (C = 50), short runs (not streamed
-// unless aligned), each epilogue; against the reference, and bitwise the same for 2 and 3
-// threads.
+// vectors are all aligned (C = 64) and rows that are not (C = 50), short planes (the forward
+// by slabs of several channels), each epilogue; against the reference, and bitwise the same for
+// 2 and 3 threads.
 TEST(BatchNormCpu, LargeOutputsMatchReference) {
   std::mt19937_64 rng(1717);
   const std::vector<Config> configs = {
@@ -1119,7 +1119,9 @@ TEST(BatchNormCpu, LargeOutputsMatchReference) {
       {{8, 65, 8191}, MemoryFormat::channels_first},
       {{2, 64, 32769}, MemoryFormat::channels_last},
       {{2, 50, 42000}, MemoryFormat::channels_last},
-      {{22, 1000, 14, 14}, MemoryFormat::channels_first},  // short runs: stored normally
+      {{22, 1000, 14, 14}, MemoryFormat::channels_first},  // short planes: by slabs
+      {{6, 2001, 7, 50}, MemoryFormat::channels_first},    // odd slabs, misaligned
+      {{900, 16, 300}, MemoryFormat::channels_first},      // by slabs after two phases
   };
   for (std::size_t k = 0; k < configs.size(); ++k) {
     const Config& cfg = configs[k];
