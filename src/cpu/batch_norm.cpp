@@ -345,7 +345,7 @@ template <bool kResidual, bool kRelu, typename T>
 void ForwardSlabs(const BatchNormShape& sh, const T* x, const T* r, T* y, int64_t c0, int64_t c1,
                   const float* a, const float* b, bool stream) {
   const int64_t S = sh.spatial, n_values = (c1 - c0) * S;
-  HWY_ALIGN float sa[kSlabValues], sb[kSlabValues];
+  float sa[kSlabValues], sb[kSlabValues];  // read with unaligned loads
   for (int64_t c = c0; c < c1; ++c) {
     std::fill(sa + (c - c0) * S, sa + (c - c0 + 1) * S, a[c - c0]);
     std::fill(sb + (c - c0) * S, sb + (c - c0 + 1) * S, b[c - c0]);
@@ -466,17 +466,19 @@ struct GradTerms {
 template <class Terms, typename T>
 class RunSums {
  public:
-  RunSums(float center, PairSums& out)
-      : vc_(hn::Set(d_, center)), vc1_(hn::Set(d1_, center)), out_(out) {}
-  ~RunSums() { Flush(acc_); }
+  RunSums(float center, PairSums& out) : center_(center), out_(out) { Store(Acc()); }
+  ~RunSums() {
+    Acc acc = Load();
+    Flush(acc);
+  }
 
   void Add(const T* x, const T* dy, const T* y, int64_t n) {
     const int64_t N = int64_t(hn::Lanes(d_));
-    // The accumulators in a local while adding: to the compiler a member vector may alias the
-    // data (vector types alias floats), which would keep it in memory, not in a register.
-    Acc acc = acc_;
-    const auto vc = vc_;
-    const auto vc1 = vc1_;
+    // The accumulators in locals while adding (registers); between calls in plain float
+    // arrays, so that the object needs no vector alignment (it may live in stack scratch).
+    Acc acc = Load();
+    const auto vc = hn::Set(d_, center_);
+    const auto vc1 = hn::Set(d1_, center_);
     for (int64_t start = 0; start < n; start += kChunk) {
       const int64_t len = std::min(kChunk, n - start);
       const T* v = x + start;
@@ -492,15 +494,28 @@ class RunSums {
       pending_ += len;
       if (pending_ >= kChunk) Flush(acc);
     }
-    acc_ = acc;
+    Store(acc);
   }
 
  private:
+  static constexpr std::size_t kLanes = hn::MaxLanes(DF());
   struct Acc {
     Acc() : a0(hn::Zero(DF())), a1(a0), b0(a0), b1(a0), at(hn::Zero(D1())), bt(at) {}
     hn::Vec<DF> a0, a1, b0, b1;
     hn::Vec<D1> at, bt;
   };
+  Acc Load() const {
+    Acc a;
+    a.a0 = hn::LoadU(d_, s_a0_), a.a1 = hn::LoadU(d_, s_a1_);
+    a.b0 = hn::LoadU(d_, s_b0_), a.b1 = hn::LoadU(d_, s_b1_);
+    a.at = hn::LoadU(d1_, &s_at_), a.bt = hn::LoadU(d1_, &s_bt_);
+    return a;
+  }
+  void Store(const Acc& a) {
+    hn::StoreU(a.a0, d_, s_a0_), hn::StoreU(a.a1, d_, s_a1_);
+    hn::StoreU(a.b0, d_, s_b0_), hn::StoreU(a.b1, d_, s_b1_);
+    hn::StoreU(a.at, d1_, &s_at_), hn::StoreU(a.bt, d1_, &s_bt_);
+  }
 
   void Flush(Acc& acc) {
     if (pending_ == 0) return;
@@ -512,9 +527,8 @@ class RunSums {
 
   DF d_;
   D1 d1_;
-  hn::Vec<DF> vc_;
-  hn::Vec<D1> vc1_;
-  Acc acc_;
+  float center_;
+  float s_a0_[kLanes], s_a1_[kLanes], s_b0_[kLanes], s_b1_[kLanes], s_at_, s_bt_;
   int64_t pending_ = 0;
   PairSums& out_;
 };
