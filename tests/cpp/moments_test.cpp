@@ -14,31 +14,13 @@
 
 #include "common/dtype.h"
 #include "cpu/moments.h"
+#include "simd_test_util.h"
 #include "test_util.h"
 
 namespace normkit::test {
 namespace {
 
 using cpu::Moments;
-
-// Runs body once per SIMD target compiled in and supported here, forcing dispatch to it.
-template <typename F>
-void for_each_target(F&& body) {
-  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
-    hwy::SetSupportedTargetsForTest(target);
-    ASSERT_EQ(cpu::simd_target(), target) << hwy::TargetName(target);
-    SCOPED_TRACE(hwy::TargetName(target));
-    body(target);
-  }
-  hwy::SetSupportedTargetsForTest(0);
-}
-
-template <typename T>
-std::vector<T> converted(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) out[i] = from_float<T>(v[i]);
-  return out;
-}
 
 // Exact-ish moments of n values at x[i * stride] (double, two passes).
 template <typename T>
@@ -66,8 +48,9 @@ void expect_close(const Moments& got, const Moments& want, double spread, const 
 }
 
 template <typename T>
-void check_runs(int64_t target) {
-  std::mt19937_64 rng(7 + target);
+void check_runs() {
+  // Seeded per target (the one the kernels dispatch to): each target sees its own inputs.
+  std::mt19937_64 rng(7 + cpu::simd_target());
   // Every remainder up to two full 4-vector strides of the widest target (16 lanes), then
   // sizes across piece boundaries.
   std::vector<int64_t> sizes;
@@ -76,7 +59,7 @@ void check_runs(int64_t target) {
     sizes.push_back(n);
   for (int64_t n : sizes) {
     const double offset = (n % 3 == 0) ? 1000.0 : 0.0;  // large offsets must not cancel
-    const auto x = converted<T>(random_normal(std::size_t(n), rng, offset, 1.0));
+    const auto x = rounded<T>(random_normal(std::size_t(n), rng, offset, 1.0));
     const Moments got = cpu::run_moments(x.data(), n);
     expect_close(got, exact(x.data(), n), 1.0, "n=" + std::to_string(n));
     // Equal, bitwise, to merging the pieces left to right.
@@ -88,12 +71,12 @@ void check_runs(int64_t target) {
 }
 
 template <typename T>
-void check_blocks(int64_t target) {
-  std::mt19937_64 rng(11 + target);
+void check_blocks() {
+  std::mt19937_64 rng(11 + cpu::simd_target());
   for (int64_t channels = 1; channels <= 2 * 16 + 1; ++channels)
     for (int64_t rows : {1, 5, 16}) {
       const int64_t stride = channels + 3;  // a block of a wider row
-      const auto x = converted<T>(random_normal(std::size_t(rows * stride), rng, 50.0, 2.0));
+      const auto x = rounded<T>(random_normal(std::size_t(rows * stride), rng, 50.0, 2.0));
       std::vector<Moments> out(static_cast<std::size_t>(channels));
       cpu::block_moments(x.data(), rows, channels, stride, out.data());
       for (int64_t c = 0; c < channels; ++c)
@@ -104,11 +87,11 @@ void check_blocks(int64_t target) {
 }
 
 template <typename T>
-void check_threads(int64_t target) {
-  std::mt19937_64 rng(13 + target);
+void check_threads() {
+  std::mt19937_64 rng(13 + cpu::simd_target());
   for (int64_t length : {int64_t(37), cpu::kRunChunk * 2 + 5}) {
     const int64_t runs = 7;
-    const auto x = converted<T>(random_normal(std::size_t(runs * length), rng, 3.0, 1.0));
+    const auto x = rounded<T>(random_normal(std::size_t(runs * length), rng, 3.0, 1.0));
     std::vector<Moments> one(static_cast<std::size_t>(runs));
     cpu::runs_moments(x.data(), runs, length, one.data(), 1);
     for (int threads = 2; threads <= 4; ++threads) {
@@ -129,26 +112,26 @@ TEST(Moments, RunsOnEveryTargetAndDtype) {
   for (int64_t t : hwy::SupportedAndGeneratedTargets()) names += std::string(hwy::TargetName(t)) + " ";
   RecordProperty("targets", names);
   std::printf("SIMD targets tested: %s\n", names.c_str());
-  for_each_target([](int64_t t) {
-    check_runs<float>(t);
-    check_runs<bf16>(t);
-    check_runs<f16>(t);
+  for_each_target([] {
+    check_runs<float>();
+    check_runs<bf16>();
+    check_runs<f16>();
   });
 }
 
 TEST(Moments, BlocksOnEveryTargetAndDtype) {
-  for_each_target([](int64_t t) {
-    check_blocks<float>(t);
-    check_blocks<bf16>(t);
-    check_blocks<f16>(t);
+  for_each_target([] {
+    check_blocks<float>();
+    check_blocks<bf16>();
+    check_blocks<f16>();
   });
 }
 
 TEST(Moments, BitwiseIdenticalForEveryThreadCount) {
-  for_each_target([](int64_t t) {
-    check_threads<float>(t);
-    check_threads<bf16>(t);
-    check_threads<f16>(t);
+  for_each_target([] {
+    check_threads<float>();
+    check_threads<bf16>();
+    check_threads<f16>();
   });
 }
 
@@ -156,7 +139,7 @@ TEST(Moments, Float16SquaresDoNotOverflow) {
   // 60000^2 overflows float16 but not the float32 accumulators.
   std::vector<f16> x(100);
   for (std::size_t i = 0; i < x.size(); ++i) x[i] = from_float<f16>(i % 2 ? 60000.f : -60000.f);
-  for_each_target([&](int64_t) {
+  for_each_target([&] {
     const Moments m = cpu::run_moments(x.data(), int64_t(x.size()));
     EXPECT_NEAR(m.mean, 0.0, 1e-3);
     EXPECT_NEAR(m.variance(), 3.6e9, 3.6e9 * 1e-6);
