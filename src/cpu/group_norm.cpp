@@ -434,12 +434,6 @@ constexpr int64_t kCachedGroupBytes = 1 << 20;
 // merge into groups) is paid once per this many rows.
 constexpr int64_t kMinStatisticsRows = 64;
 
-// Whether an output of the shape is written with non-temporal stores (cpu/simd.h).
-template <typename T>
-bool streams(const GroupNormShape& t) {
-  return t.batch * t.channels * t.spatial * int64_t(sizeof(T)) >= kStreamBytes;
-}
-
 // Channels-first work: `rows` contiguous rows of `len` elements, cut into kRunChunk pieces.
 // A unit is one piece of a long row, or several whole short rows.
 struct RowPieces {
@@ -678,7 +672,7 @@ void fold_and_apply(T* y, const T* x, const double* mean, const double* rstd,
   for (int64_t n = 0; n < N; ++n)
     fold_sample(mean, rstd, weight, bias, t, n, m + n * C, a + n * C, b + n * C);
   const T* r = epi.residual;
-  const bool stream = streams<T>(t);
+  const bool stream = streams_output<T>(N * C * S);
   if (t.format == MemoryFormat::channels_first) {
     const RowPieces p(N * C, S);
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
@@ -737,7 +731,7 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
   const int64_t per_group = C / G;
   const bool parallel = num_threads > 1 && N * C * S >= kParallelMin;
   const int64_t group_len = per_group * S;
-  const bool stream = streams<T>(t);  // y with non-temporal stores
+  const bool stream = streams_output<T>(N * C * S);  // y with non-temporal stores
 
   // Channels-first with enough cache-sized groups for every thread: each group is normalized
   // right after its statistics, from cache. Bitwise the same as the two-phase path below
@@ -861,7 +855,7 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
   // g is dy or 0).
   const T* gin = gout ? gout : dy;
   const T* gmask = gout ? nullptr : mask;
-  const bool stream = streams<T>(t);  // dx with non-temporal stores
+  const bool stream = streams_output<T>(N * C * S);  // dx with non-temporal stores
   float* ca = s.coef;  // dx = ca * g + cb * (x - cm) + cc, per (n, c)
   float* cb = ca + N * C;
   float* cc = cb + N * C;

@@ -413,8 +413,7 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
   const bool parallel = num_threads > 1 && rows * cols >= kParallelMin;
   const auto& k = kernels<T>();
   const T* res = epi.residual;
-  // y with non-temporal stores (cpu/simd.h).
-  const bool stream = rows * cols * int64_t(sizeof(T)) >= kStreamBytes;
+  const bool stream = streams_output<T>(rows * cols);  // y with non-temporal stores
 
   if (rows >= kCachedMinRows && cols * int64_t(sizeof(T)) <= kCachedRowBytes) {
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
@@ -480,8 +479,7 @@ void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
   // is dy or 0).
   const T* gin = gout ? gout : dy;
   const T* gmask = gout ? nullptr : mask;
-  // dx with non-temporal stores (cpu/simd.h).
-  const bool stream = rows * cols * int64_t(sizeof(T)) >= kStreamBytes;
+  const bool stream = streams_output<T>(rows * cols);  // dx with non-temporal stores
 
   const int64_t pieces = p.pieces, row_blocks = p.row_blocks;
   double* pg = part<double>(base, p.partials);

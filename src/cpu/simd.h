@@ -27,6 +27,13 @@ namespace normkit::cpu {
 // Output bytes from which an elementwise pass writes with non-temporal stores (see below):
 // well beyond a core's L2 (2 MiB here).
 inline constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+// Whether an output of `elements` values of T is large enough to stream (the kernels stream
+// float32 outputs only).
+template <typename T>
+bool streams_output(int64_t elements) {
+  return elements * int64_t(sizeof(T)) >= kStreamBytes;
+}
 }  // namespace normkit::cpu
 #endif
 
@@ -133,8 +140,7 @@ constexpr bool kCanStream = hn::MaxLanes(DF()) > 1;
 // Whether an output of `elements` values of T is written with non-temporal stores.
 template <typename T>
 bool Streams(int64_t elements) {
-  return kCanStream && std::is_same_v<T, float> &&
-         elements * int64_t(sizeof(T)) >= normkit::cpu::kStreamBytes;
+  return kCanStream && std::is_same_v<T, float> && normkit::cpu::streams_output<T>(elements);
 }
 
 // Stores v at p: non-temporal with kStream (for a float32 output and a full vector, p aligned
