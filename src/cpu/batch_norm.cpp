@@ -577,25 +577,10 @@ void BlockSums(const T* x, const T* dy, const T* y, int64_t rows, int64_t width,
 
 // ---- per-channel sums of one unit, shared by both schedules ----
 
-// The sums of channel c over run-form slot k.
-template <class Terms, typename T>
-PairSums RunSlotSums(const Plan& p, const T* x, const T* dy, const T* y, float center,
-                     int64_t C, int64_t c, int64_t k) {
-  PairSums s;
-  {
-    RunSums<Terms, T> sums(center, s);
-    const int64_t S = p.spatial;
-    for_each_run_piece(p, k, [&](int64_t n, int64_t begin, int64_t length) {
-      const int64_t o = (n * C + c) * S + begin;
-      sums.Add(x + o, at(dy, o), at(y, o), length);
-    });
-  }
-  return s;
-}
-
 // total[c - c0] += the sums of channel c over run-form slot k, for the channels [c0, c1) of a
-// block, center[c - c0] subtracted from x: sample by sample, each channel's runs in the order (and with the flushes) of
-// RunSlotSums, so each channel's sums are the same bits.
+// block (one channel, in the two-phase schedule), center[c - c0] subtracted from x. Sample by
+// sample; each channel has its own RunSums, so its runs are added in slot order with the same
+// flushes whatever the block, and each channel's sums are the same bits in both schedules.
 template <class Terms, typename T>
 void BlockSlotSums(const Plan& p, const T* x, const T* dy, const T* y, const float* center,
                    int64_t C, int64_t c0, int64_t c1, int64_t k, PairSums* total) {
@@ -648,7 +633,9 @@ void Partials(const Plan& p, const T* x, const T* dy, const T* y, const float* c
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < p.units; ++u) {
       const int64_t c = u / p.slots, k = u % p.slots;
-      partial[k * C + c] = RunSlotSums<Terms>(p, x, dy, y, center[c], C, c, k);
+      PairSums& out = partial[k * C + c];
+      out = {};
+      BlockSlotSums<Terms>(p, x, dy, y, center + c, C, c, c + 1, k, &out);
     }
   }
 }
