@@ -298,45 +298,24 @@ T* at(T* p, int64_t i) {
 
 // ---- elementwise passes over one run (one channel) or a block of rows (all channels) ----
 
-// kStream: y with non-temporal stores, one-lane steps up to the first aligned vector.
+// kStream: y with non-temporal stores (see ForEachInRun).
 template <bool kResidual, bool kRelu, bool kStream = false, typename T>
 void ForwardRun(const T* x, const T* r, T* y, int64_t n, float a, float b) {
-  const DF d;
-  const D1 d1;
-  const int64_t N = int64_t(hn::Lanes(d));
-  const auto va = hn::Set(d, a), vb = hn::Set(d, b);
-  const auto a1 = hn::Set(d1, a), b1 = hn::Set(d1, b);
-  if constexpr (kStream)
-    if (!StreamsRun(y, n)) return ForwardRun<kResidual, kRelu, false>(x, r, y, n, a, b);
-  int64_t i = 0;
-  if constexpr (kStream)
-    for (const int64_t head = ToAligned(y, n); i < head; ++i)
-      ForwardStep<kResidual, kRelu>(d1, x + i, at(r, i), y + i, a1, b1);
-  for (; i + N <= n; i += N)
-    ForwardStep<kResidual, kRelu, kStream>(d, x + i, at(r, i), y + i, va, vb);
-  for (; i < n; ++i) ForwardStep<kResidual, kRelu>(d1, x + i, at(r, i), y + i, a1, b1);
-  if constexpr (kStream) hwy::FlushStream();
+  ForEachInRun<kStream>(y, n, [&](auto d, int64_t i, auto stream) {
+    ForwardStep<kResidual, kRelu, decltype(stream)::value>(d, x + i, at(r, i), y + i,
+                                                           hn::Set(d, a), hn::Set(d, b));
+  });
 }
 
 // y = epilogue(x * a[i] + b[i]) over a contiguous slab of n values with coefficients per value;
-// each value's arithmetic is ForwardRun's. kStream: y with non-temporal stores.
+// each value's arithmetic is ForwardRun's. kStream: y with non-temporal stores, whatever the
+// slab's length.
 template <bool kResidual, bool kRelu, bool kStream = false, typename T>
 void ForwardSlab(const T* x, const T* r, T* y, int64_t n, const float* a, const float* b) {
-  const DF d;
-  const D1 d1;
-  const int64_t N = int64_t(hn::Lanes(d));
-  int64_t i = 0;
-  if constexpr (kStream)
-    for (const int64_t head = ToAligned(y, n); i < head; ++i)
-      ForwardStep<kResidual, kRelu>(d1, x + i, at(r, i), y + i, hn::LoadU(d1, a + i),
-                                    hn::LoadU(d1, b + i));
-  for (; i + N <= n; i += N)
-    ForwardStep<kResidual, kRelu, kStream>(d, x + i, at(r, i), y + i, hn::LoadU(d, a + i),
-                                           hn::LoadU(d, b + i));
-  for (; i < n; ++i)
-    ForwardStep<kResidual, kRelu>(d1, x + i, at(r, i), y + i, hn::LoadU(d1, a + i),
-                                  hn::LoadU(d1, b + i));
-  if constexpr (kStream) hwy::FlushStream();
+  ForEachInRun<kStream, true>(y, n, [&](auto d, int64_t i, auto stream) {
+    ForwardStep<kResidual, kRelu, decltype(stream)::value>(
+        d, x + i, at(r, i), y + i, hn::LoadU(d, a + i), hn::LoadU(d, b + i));
+  });
 }
 
 // The forward's elementwise pass over channels [c0, c1) of every sample, slab by slab (see
@@ -369,46 +348,21 @@ inline bool by_slabs(const BatchNormShape& sh, bool stream) {
 template <bool kResidual, bool kRelu, bool kStream = false, typename T>
 void ForwardRows(const T* x, const T* r, T* y, int64_t rows, int64_t C, const float* a,
                  const float* b, int64_t row_stride) {
-  const DF d;
-  const D1 d1;
-  const int64_t N = int64_t(hn::Lanes(d));
-  for (int64_t k = 0; k < rows; ++k) {
-    const int64_t o = k * row_stride;
-    int64_t j = 0;
-    for (; j + N <= C; j += N)
-      ForwardStep<kResidual, kRelu, kStream>(d, x + o + j, at(r, o + j), y + o + j,
-                                             hn::LoadU(d, a + j), hn::LoadU(d, b + j));
-    for (; j < C; ++j)
-      ForwardStep<kResidual, kRelu>(d1, x + o + j, at(r, o + j), y + o + j,
-                                    hn::LoadU(d1, a + j), hn::LoadU(d1, b + j));
-  }
-  if constexpr (kStream) hwy::FlushStream();
+  ForEachInRows<kStream>(rows, C, row_stride, [&](auto d, int64_t o, int64_t j, auto stream) {
+    ForwardStep<kResidual, kRelu, decltype(stream)::value>(
+        d, x + o + j, at(r, o + j), y + o + j, hn::LoadU(d, a + j), hn::LoadU(d, b + j));
+  });
 }
 
-// kStream: dx with non-temporal stores, one-lane steps up to the first aligned vector.
+// kStream: dx with non-temporal stores (see ForEachInRun).
 template <bool kRelu, bool kDresidual, bool kX, bool kStream = false, typename T>
 void BackwardRun(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t n, float p,
                  float q, float r, float m) {
-  const DF d;
-  const D1 d1;
-  const int64_t N = int64_t(hn::Lanes(d));
-  const auto vp = hn::Set(d, p), vq = hn::Set(d, q), vr = hn::Set(d, r), vm = hn::Set(d, m);
-  const auto p1 = hn::Set(d1, p), q1 = hn::Set(d1, q), r1 = hn::Set(d1, r), m1 = hn::Set(d1, m);
-  if constexpr (kStream)
-    if (!StreamsRun(dx, n))
-      return BackwardRun<kRelu, kDresidual, kX, false>(dy, x, y, dx, dres, n, p, q, r, m);
-  int64_t i = 0;
-  if constexpr (kStream)
-    for (const int64_t head = ToAligned(dx, n); i < head; ++i)
-      BackwardStep<kRelu, kDresidual, kX>(d1, dy + i, at(x, i), at(y, i), dx + i, at(dres, i),
-                                          p1, q1, r1, m1);
-  for (; i + N <= n; i += N)
-    BackwardStep<kRelu, kDresidual, kX, kStream>(d, dy + i, at(x, i), at(y, i), dx + i,
-                                                 at(dres, i), vp, vq, vr, vm);
-  for (; i < n; ++i)
-    BackwardStep<kRelu, kDresidual, kX>(d1, dy + i, at(x, i), at(y, i), dx + i, at(dres, i), p1,
-                                        q1, r1, m1);
-  if constexpr (kStream) hwy::FlushStream();
+  ForEachInRun<kStream>(dx, n, [&](auto d, int64_t i, auto stream) {
+    BackwardStep<kRelu, kDresidual, kX, decltype(stream)::value>(
+        d, dy + i, at(x, i), at(y, i), dx + i, at(dres, i), hn::Set(d, p), hn::Set(d, q),
+        hn::Set(d, r), hn::Set(d, m));
+  });
 }
 
 // kStream: dx with non-temporal stores; C a multiple of the vector and dx aligned to it.
@@ -416,23 +370,11 @@ template <bool kRelu, bool kDresidual, bool kX, bool kStream = false, typename T
 void BackwardRows(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t rows, int64_t C,
                   const float* p, const float* q, const float* r, const float* m,
                   int64_t row_stride) {
-  const DF d;
-  const D1 d1;
-  const int64_t N = int64_t(hn::Lanes(d));
-  for (int64_t k = 0; k < rows; ++k) {
-    const int64_t o = k * row_stride;
-    int64_t j = 0;
-    for (; j + N <= C; j += N)
-      BackwardStep<kRelu, kDresidual, kX, kStream>(
-          d, dy + o + j, at(x, o + j), at(y, o + j), dx + o + j, at(dres, o + j),
-          hn::LoadU(d, p + j), hn::LoadU(d, q + j), hn::LoadU(d, r + j), hn::LoadU(d, m + j));
-    for (; j < C; ++j)
-      BackwardStep<kRelu, kDresidual, kX>(d1, dy + o + j, at(x, o + j), at(y, o + j),
-                                          dx + o + j, at(dres, o + j), hn::LoadU(d1, p + j),
-                                          hn::LoadU(d1, q + j), hn::LoadU(d1, r + j),
-                                          hn::LoadU(d1, m + j));
-  }
-  if constexpr (kStream) hwy::FlushStream();
+  ForEachInRows<kStream>(rows, C, row_stride, [&](auto d, int64_t o, int64_t j, auto stream) {
+    BackwardStep<kRelu, kDresidual, kX, decltype(stream)::value>(
+        d, dy + o + j, at(x, o + j), at(y, o + j), dx + o + j, at(dres, o + j),
+        hn::LoadU(d, p + j), hn::LoadU(d, q + j), hn::LoadU(d, r + j), hn::LoadU(d, m + j));
+  });
 }
 
 // ---- sums of a run or of a block of columns ----

@@ -86,29 +86,14 @@ HWY_INLINE void AffineStep(D d, T* HWY_RESTRICT y, const T* HWY_RESTRICT x,
   StoreOut<kStream>(v, d, y);
 }
 
-// kStream: y with non-temporal stores, one-lane steps up to the first aligned vector.
+// kStream: y with non-temporal stores (see ForEachInRun).
 template <bool kResidual, bool kRelu, bool kStream, typename T>
 void AffineRunT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRICT r, int64_t n,
                 float m, float a, float b) {
-  const DF d;
-  const D1 d1;
-  const int64_t N = int64_t(hn::Lanes(d));
-  const auto vm = hn::Set(d, m), va = hn::Set(d, a), vb = hn::Set(d, b);
-  const auto m1 = hn::Set(d1, m), a1 = hn::Set(d1, a), b1 = hn::Set(d1, b);
-  if constexpr (kStream)
-    if (!StreamsRun(y, n)) return AffineRunT<kResidual, kRelu, false>(y, x, r, n, m, a, b);
-  int64_t i = 0;
-  if constexpr (kStream)
-    for (const int64_t head = ToAligned(y, n); i < head; ++i)
-      AffineStep<kResidual, kRelu>(d1, y + i, x + i, r + i, m1, a1, b1);
-  for (; i + 2 * N <= n; i += 2 * N) {
-    AffineStep<kResidual, kRelu, kStream>(d, y + i, x + i, r + i, vm, va, vb);
-    AffineStep<kResidual, kRelu, kStream>(d, y + i + N, x + i + N, r + i + N, vm, va, vb);
-  }
-  for (; i + N <= n; i += N)
-    AffineStep<kResidual, kRelu, kStream>(d, y + i, x + i, r + i, vm, va, vb);
-  for (; i < n; ++i) AffineStep<kResidual, kRelu>(d1, y + i, x + i, r + i, m1, a1, b1);
-  if constexpr (kStream) hwy::FlushStream();
+  ForEachInRun<kStream>(y, n, [&](auto d, int64_t i, auto stream) {
+    AffineStep<kResidual, kRelu, decltype(stream)::value>(d, y + i, x + i, r + i, hn::Set(d, m),
+                                                          hn::Set(d, a), hn::Set(d, b));
+  });
 }
 
 template <typename T>
@@ -130,21 +115,11 @@ template <bool kResidual, bool kRelu, bool kStream, typename T>
 void AffineRowsT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRICT r,
                  int64_t rows, int64_t channels, const float* m, const float* a,
                  const float* b) {
-  const DF d;
-  const D1 d1;
-  const int64_t N = int64_t(hn::Lanes(d));
-  for (int64_t row = 0; row < rows; ++row) {
-    const int64_t at = row * channels;
-    int64_t c = 0;
-    for (; c + N <= channels; c += N)
-      AffineStep<kResidual, kRelu, kStream>(d, y + at + c, x + at + c, r + at + c,
-                                            hn::LoadU(d, m + c), hn::LoadU(d, a + c),
-                                            hn::LoadU(d, b + c));
-    for (; c < channels; ++c)
-      AffineStep<kResidual, kRelu>(d1, y + at + c, x + at + c, r + at + c, hn::LoadU(d1, m + c),
-                                   hn::LoadU(d1, a + c), hn::LoadU(d1, b + c));
-  }
-  if constexpr (kStream) hwy::FlushStream();
+  ForEachInRows<kStream>(rows, channels, channels, [&](auto d, int64_t o, int64_t c, auto stream) {
+    AffineStep<kResidual, kRelu, decltype(stream)::value>(d, y + o + c, x + o + c, r + o + c,
+                                                          hn::LoadU(d, m + c), hn::LoadU(d, a + c),
+                                                          hn::LoadU(d, b + c));
+  });
 }
 
 template <typename T>
@@ -236,24 +211,14 @@ HWY_INLINE void DxStep(D d, T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy,
   StoreOut<kStream>(hn::MulAdd(a, g, hn::MulAdd(b, hn::Sub(LoadF(d, x), m), c)), d, dx);
 }
 
+// kStream: dx with non-temporal stores (see ForEachInRun).
 template <bool kStream, typename T>
 void DxRunT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask,
             const T* HWY_RESTRICT x, int64_t n, float a, float b, float m, float c) {
-  const DF d;
-  const D1 d1;
-  const int64_t N = int64_t(hn::Lanes(d));
-  const auto va = hn::Set(d, a), vb = hn::Set(d, b), vm = hn::Set(d, m), vc = hn::Set(d, c);
-  const auto a1 = hn::Set(d1, a), b1 = hn::Set(d1, b), m1 = hn::Set(d1, m), c1 = hn::Set(d1, c);
-  if constexpr (kStream)
-    if (!StreamsRun(dx, n)) return DxRunT<false>(dx, dy, mask, x, n, a, b, m, c);
-  int64_t i = 0;
-  if constexpr (kStream)
-    for (const int64_t head = ToAligned(dx, n); i < head; ++i)
-      DxStep(d1, dx + i, dy + i, mask ? mask + i : nullptr, x + i, a1, b1, m1, c1);
-  for (; i + N <= n; i += N)
-    DxStep<kStream>(d, dx + i, dy + i, mask ? mask + i : nullptr, x + i, va, vb, vm, vc);
-  for (; i < n; ++i) DxStep(d1, dx + i, dy + i, mask ? mask + i : nullptr, x + i, a1, b1, m1, c1);
-  if constexpr (kStream) hwy::FlushStream();
+  ForEachInRun<kStream>(dx, n, [&](auto d, int64_t i, auto stream) {
+    DxStep<decltype(stream)::value>(d, dx + i, dy + i, mask ? mask + i : nullptr, x + i,
+                                    hn::Set(d, a), hn::Set(d, b), hn::Set(d, m), hn::Set(d, c));
+  });
 }
 
 template <typename T>
@@ -264,27 +229,16 @@ void DxRun(T* dx, const T* dy, const T* mask, const T* x, int64_t n, float a, fl
   });
 }
 
+// kStream: dx with non-temporal stores; channels a multiple of the vector and dx aligned to it.
 template <bool kStream, typename T>
 void DxRowsT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask,
              const T* HWY_RESTRICT x, int64_t rows, int64_t channels, const float* a,
              const float* b, const float* m, const float* c) {
-  const DF d;
-  const D1 d1;
-  const int64_t N = int64_t(hn::Lanes(d));
-  for (int64_t row = 0; row < rows; ++row) {
-    const int64_t at = row * channels;
-    const T* mrow = mask ? mask + at : nullptr;
-    int64_t k = 0;
-    for (; k + N <= channels; k += N)
-      DxStep<kStream>(d, dx + at + k, dy + at + k, mrow ? mrow + k : nullptr, x + at + k,
-                      hn::LoadU(d, a + k), hn::LoadU(d, b + k), hn::LoadU(d, m + k),
-                      hn::LoadU(d, c + k));
-    for (; k < channels; ++k)
-      DxStep(d1, dx + at + k, dy + at + k, mrow ? mrow + k : nullptr, x + at + k,
-             hn::LoadU(d1, a + k), hn::LoadU(d1, b + k), hn::LoadU(d1, m + k),
-             hn::LoadU(d1, c + k));
-  }
-  if constexpr (kStream) hwy::FlushStream();
+  ForEachInRows<kStream>(rows, channels, channels, [&](auto d, int64_t o, int64_t k, auto stream) {
+    DxStep<decltype(stream)::value>(d, dx + o + k, dy + o + k, mask ? mask + o + k : nullptr,
+                                    x + o + k, hn::LoadU(d, a + k), hn::LoadU(d, b + k),
+                                    hn::LoadU(d, m + k), hn::LoadU(d, c + k));
+  });
 }
 
 template <typename T>

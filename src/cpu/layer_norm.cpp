@@ -71,33 +71,17 @@ HWY_INLINE void ApplyStep(D d, T* HWY_RESTRICT y, const T* HWY_RESTRICT x,
   StoreOut<kStream>(v, d, y);
 }
 
-// kStream: y with non-temporal stores, one-lane steps up to the first aligned vector.
+// kStream: y with non-temporal stores (see ForEachInRun).
 template <bool kResidual, bool kRelu, bool kStream, typename T>
 void ApplyRunT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRICT res,
                const float* HWY_RESTRICT w, const float* HWY_RESTRICT b, int64_t n, float m,
                float r, float t) {
-  if constexpr (kStream)
-    if (!StreamsRun(y, n)) return ApplyRunT<kResidual, kRelu, false>(y, x, res, w, b, n, m, r, t);
-  const DF d;
-  const D1 d1;
-  const int64_t N = int64_t(hn::Lanes(d));
-  const auto vm = hn::Set(d, m), vr = hn::Set(d, r), vt = hn::Set(d, t);
-  const auto m1 = hn::Set(d1, m), r1 = hn::Set(d1, r), t1 = hn::Set(d1, t);
-  // No offset is applied to an absent residual (null).
-  auto at = [res](int64_t i) { return kResidual ? res + i : res; };
-  int64_t i = 0;
-  if constexpr (kStream)
-    for (const int64_t head = ToAligned(y, n); i < head; ++i)
-      ApplyStep<kResidual, kRelu>(d1, y + i, x + i, at(i), w + i, b + i, m1, r1, t1);
-  for (; i + 2 * N <= n; i += 2 * N) {
-    ApplyStep<kResidual, kRelu, kStream>(d, y + i, x + i, at(i), w + i, b + i, vm, vr, vt);
-    ApplyStep<kResidual, kRelu, kStream>(d, y + i + N, x + i + N, at(i + N), w + i + N,
-                                         b + i + N, vm, vr, vt);
-  }
-  for (; i + N <= n; i += N)
-    ApplyStep<kResidual, kRelu, kStream>(d, y + i, x + i, at(i), w + i, b + i, vm, vr, vt);
-  for (; i < n; ++i) ApplyStep<kResidual, kRelu>(d1, y + i, x + i, at(i), w + i, b + i, m1, r1, t1);
-  if constexpr (kStream) hwy::FlushStream();
+  ForEachInRun<kStream>(y, n, [&](auto d, int64_t i, auto stream) {
+    // No offset is applied to an absent residual (null).
+    ApplyStep<kResidual, kRelu, decltype(stream)::value>(
+        d, y + i, x + i, kResidual ? res + i : res, w + i, b + i, hn::Set(d, m), hn::Set(d, r),
+        hn::Set(d, t));
+  });
 }
 
 template <typename T>
@@ -185,32 +169,16 @@ HWY_INLINE void DxStep(D d, T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy,
       dx);
 }
 
-// kStream: dx with non-temporal stores, one-lane steps up to the first aligned vector.
+// kStream: dx with non-temporal stores (see ForEachInRun).
 template <bool kMask, bool kStream, typename T>
 void DxRunT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask,
             const T* HWY_RESTRICT x, const float* HWY_RESTRICT w, int64_t n, float a, float b,
             float m, float c) {
-  if constexpr (kStream)
-    if (!StreamsRun(dx, n)) return DxRunT<kMask, false>(dx, dy, mask, x, w, n, a, b, m, c);
-  const DF d;
-  const D1 d1;
-  const int64_t N = int64_t(hn::Lanes(d));
-  const auto va = hn::Set(d, a), vb = hn::Set(d, b), vm = hn::Set(d, m), vc = hn::Set(d, c);
-  const auto a1 = hn::Set(d1, a), b1 = hn::Set(d1, b), m1 = hn::Set(d1, m), c1 = hn::Set(d1, c);
-  auto at = [](const T* p, int64_t i) { return p ? p + i : p; };
-  int64_t i = 0;
-  if constexpr (kStream)
-    for (const int64_t head = ToAligned(dx, n); i < head; ++i)
-      DxStep<kMask>(d1, dx + i, dy + i, at(mask, i), x + i, w + i, a1, b1, m1, c1);
-  for (; i + 2 * N <= n; i += 2 * N) {
-    DxStep<kMask, kStream>(d, dx + i, dy + i, at(mask, i), x + i, w + i, va, vb, vm, vc);
-    DxStep<kMask, kStream>(d, dx + i + N, dy + i + N, at(mask, i + N), x + i + N, w + i + N, va,
-                           vb, vm, vc);
-  }
-  for (; i + N <= n; i += N)
-    DxStep<kMask, kStream>(d, dx + i, dy + i, at(mask, i), x + i, w + i, va, vb, vm, vc);
-  for (; i < n; ++i) DxStep<kMask>(d1, dx + i, dy + i, at(mask, i), x + i, w + i, a1, b1, m1, c1);
-  if constexpr (kStream) hwy::FlushStream();
+  ForEachInRun<kStream>(dx, n, [&](auto d, int64_t i, auto stream) {
+    DxStep<kMask, decltype(stream)::value>(d, dx + i, dy + i, mask ? mask + i : mask, x + i,
+                                           w + i, hn::Set(d, a), hn::Set(d, b), hn::Set(d, m),
+                                           hn::Set(d, c));
+  });
 }
 
 template <typename T>

@@ -188,6 +188,59 @@ void WithStream(bool stream, F&& f) {
   f(std::false_type());
 }
 
+// ---- the loops of the elementwise passes ----
+// Each pass is a step over one vector or one lane, called as step(d, i, stream): d is DF for a
+// full vector and D1 for a single value, `stream` a std::bool_constant saying whether that store
+// may be non-temporal. The loops below own the order of the steps, the alignment head and the
+// closing FlushStream, so every op streams the same way.
+
+// Steps over i in [0, n) of a run that writes `out`. With kStream: one-lane steps up to the
+// first aligned vector of out, then streamed vectors; a run StreamsRun refuses is stored
+// normally, unless kAnyLength (the caller has decided that this run streams).
+template <bool kStream, bool kAnyLength = false, typename T, class Step>
+HWY_INLINE void ForEachInRun(T* out, int64_t n, const Step& step) {
+  if constexpr (kStream && !kAnyLength)
+    if (!StreamsRun(out, n)) return ForEachInRun<false>(out, n, step);
+  const DF d;
+  const D1 d1;
+  const int64_t N = int64_t(hn::Lanes(d));
+  const std::bool_constant<kStream> vector_store;
+  const std::false_type lane_store;
+  int64_t i = 0;
+  if constexpr (kStream)
+    for (const int64_t head = ToAligned(out, n); i < head; ++i) step(d1, i, lane_store);
+  for (; i + 2 * N <= n; i += 2 * N) {
+    step(d, i, vector_store);
+    step(d, i + N, vector_store);
+  }
+  if (i + N <= n) {
+    step(d, i, vector_store);
+    i += N;
+  }
+  for (; i < n; ++i) step(d1, i, lane_store);
+  if constexpr (kStream) hwy::FlushStream();
+}
+
+// Steps over `rows` rows of `channels` values, row k starting at k * row_stride: called as
+// step(d, o, c, stream) with o the row's offset and c the channel. With kStream the caller has
+// checked RowsAligned: every vector store is aligned.
+template <bool kStream, class Step>
+HWY_INLINE void ForEachInRows(int64_t rows, int64_t channels, int64_t row_stride,
+                              const Step& step) {
+  const DF d;
+  const D1 d1;
+  const int64_t N = int64_t(hn::Lanes(d));
+  const std::bool_constant<kStream> vector_store;
+  const std::false_type lane_store;
+  for (int64_t k = 0; k < rows; ++k) {
+    const int64_t o = k * row_stride;
+    int64_t c = 0;
+    for (; c + N <= channels; c += N) step(d, o, c, vector_store);
+    for (; c < channels; ++c) step(d1, o, c, lane_store);
+  }
+  if constexpr (kStream) hwy::FlushStream();
+}
+
 // Sum of the lanes of v in double, in lane order: fixed for a target.
 template <class D>
 HWY_INLINE double SumLanes(D d, hn::Vec<D> v) {
