@@ -335,7 +335,12 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
   out.steps = total_steps;
   out.parameters = model.parameter_count();
 
-  const int64_t curve_every = std::max<int64_t>(1, total_steps / std::max(1, config.curve_points));
+  // The loss curve: point k (1-based) is the mean loss of the steps after point k - 1 up to step
+  // k * total_steps / points, so every point averages an equal share of the run (shares differ
+  // by at most one step; no short last segment).
+  const int64_t curve_points =
+      std::min<int64_t>(std::max(1, config.curve_points), std::max<int64_t>(1, total_steps));
+  auto curve_end = [&](std::size_t k) { return int64_t(k) * total_steps / curve_points; };
   const int64_t image = train.image_size();
   Tensor x;
   x.resize(config.batch, train.rows, train.cols, train.channels);
@@ -394,7 +399,7 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
     s.epoch_seen += config.batch;
     s.segment_loss_sum += loss;
     ++s.segment_steps;
-    if (s.global_step % curve_every == 0 || s.global_step == total_steps) {
+    if (s.global_step == curve_end(s.curve_step.size() + 1)) {
       s.curve_step.push_back(s.global_step);
       s.curve_loss.push_back(s.segment_loss_sum / s.segment_steps);
       s.segment_loss_sum = 0;

@@ -155,12 +155,30 @@ TEST(Trainer, ReportsWhatItMeasured) {
   EXPECT_GE(o.run.test_error, 0.0);
   EXPECT_LE(o.run.test_error, 100.0);
   EXPECT_GT(o.run.images_per_s, 0.0);
-  EXPECT_EQ(o.run.loss_curve_step.back(), 36);
+  // The loss curve: 10 points over the 36 steps, each the mean of 3 or 4 of them, together
+  // every step once (weighted by its share, the points give the epochs' mean losses back).
+  const auto& steps = o.run.loss_curve_step;
+  ASSERT_EQ(steps.size(), 10u);
+  ASSERT_EQ(o.run.loss_curve_loss.size(), 10u);
+  EXPECT_EQ(steps.back(), 36);
+  double curve_sum = 0, epoch_sum = 0;
+  for (size_t k = 0; k < steps.size(); ++k) {
+    const int64_t share = steps[k] - (k == 0 ? 0 : steps[k - 1]);
+    EXPECT_TRUE(share == 3 || share == 4) << "point " << k << " covers " << share << " steps";
+    curve_sum += share * o.run.loss_curve_loss[k];
+  }
+  for (const auto& e : o.run.history) epoch_sum += 12 * e.train_loss;
+  EXPECT_NEAR(curve_sum, epoch_sum, 1e-9 * epoch_sum);
   EXPECT_DOUBLE_EQ(o.run.lr, 0.1 * 4 / 32);
   // The loss fell: the last epoch's mean is below the first's.
   EXPECT_LT(o.run.history.back().train_loss, o.run.history.front().train_loss);
-  const TrainOutcome g = train_run(tiny_config(NormKind::group, ""), data);
+  // More points asked for than there are steps: one point per step.
+  TrainConfig fine = tiny_config(NormKind::group, "");
+  fine.curve_points = 50;
+  const TrainOutcome g = train_run(fine, data);
   EXPECT_FALSE(g.run.test_error_batch_stats.has_value());
+  ASSERT_EQ(g.run.loss_curve_step.size(), 36u);
+  for (size_t k = 0; k < 36; ++k) EXPECT_EQ(g.run.loss_curve_step[k], int64_t(k) + 1);
 }
 
 TEST(Trainer, RefusesACheckpointOfAnotherRun) {
