@@ -93,6 +93,15 @@ const Tensor& Conv2d::forward(const Tensor& x) {
   return y_;
 }
 
+template <class Body>
+void Conv2d::for_each_slot(int64_t images, int64_t slots, int threads, const Body& body) {
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int64_t slot = 0; slot < slots; ++slot) {
+    const int64_t begin = images * slot / slots, end = images * (slot + 1) / slots;
+    body(scratch(omp_get_thread_num()), begin, end, slot_dweight(slot, begin == end));
+  }
+}
+
 const Tensor& Conv2d::backward(const Tensor& dy, bool need_dx, const Tensor* add_to) {
   const profile::Scope timed(profile::Phase::conv_backward);
   const Tensor& x = *x_;
@@ -120,11 +129,7 @@ const Tensor& Conv2d::backward(const Tensor& dy, bool need_dx, const Tensor* add
   }
   const bool direct = kernel_ == 1 && stride_ == 1;
   const kernels::ConvGeometry geo = geometry(x);
-#pragma omp parallel for num_threads(t) schedule(static, 1)
-  for (int64_t slot = 0; slot < slots; ++slot) {
-    Scratch& s = scratch(omp_get_thread_num());
-    const int64_t begin = x.n * slot / slots, end = x.n * (slot + 1) / slots;
-    float* dw = slot_dweight(slot, begin == end);
+  for_each_slot(x.n, slots, t, [&](Scratch& s, int64_t begin, int64_t end, float* dw) {
     for (int64_t n = begin; n < end; ++n) {
       float* dxn = need_dx ? dx_.ptr() + n * image : nullptr;
       if (need_dx) {
@@ -160,7 +165,7 @@ const Tensor& Conv2d::backward(const Tensor& dy, bool need_dx, const Tensor* add
         }
       }
     }
-  }
+  });
   add_slot_dweights(slots);
   return dx_;
 }
@@ -239,11 +244,7 @@ void Conv2d::backward_shifted(const Tensor& dy, bool need_dx, const Tensor* add_
     scratch(i).dy_pad.resize(static_cast<size_t>(padded_dy));
     if (need_dx) scratch(i).grid.resize(static_cast<size_t>(grid * in_));
   }
-#pragma omp parallel for num_threads(t) schedule(static, 1)
-  for (int64_t slot = 0; slot < slots; ++slot) {
-    Scratch& s = scratch(omp_get_thread_num());
-    const int64_t begin = x.n * slot / slots, end = x.n * (slot + 1) / slots;
-    float* dw = slot_dweight(slot, begin == end);
+  for_each_slot(x.n, slots, t, [&](Scratch& s, int64_t begin, int64_t end, float* dw) {
     for (int64_t n = begin; n < end; ++n) {
       const float* xp = x_pad_.data() + n * padded_x;
       float* dyp = s.dy_pad.data();
@@ -271,7 +272,7 @@ void Conv2d::backward_shifted(const Tensor& dy, bool need_dx, const Tensor* add_
       kernels::copy_rows(dx_.ptr() + n * rows * in_, dx_grid, x.h, x.w * in_, wp * in_,
                          add_to ? add_to->ptr() + n * rows * in_ : nullptr);
     }
-  }
+  });
 }
 
 }  // namespace normkit::train

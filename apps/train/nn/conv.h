@@ -74,6 +74,11 @@ class Conv2d {
   };
   static constexpr int64_t kMaxSlots = 8;
   Scratch& scratch(int thread);
+  // The backward's loop over batch slots: images [begin, end) of `images` for each of `slots`
+  // slots, on `threads` threads, calling body(scratch, begin, end, dw) with the thread's scratch
+  // and the slot's weight-gradient accumulator.
+  template <class Body>
+  void for_each_slot(int64_t images, int64_t slots, int threads, const Body& body);
 
   int in_, out_, kernel_, stride_, pad_;
   int64_t k_;  // kernel * kernel * in_channels: the GEMM's inner dimension
