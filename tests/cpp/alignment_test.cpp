@@ -1,4 +1,5 @@
-// Results do not depend on where the tensors lie in memory. Every op, run on the same values
+// Results do not depend on where the tensors lie in memory. Every op (BatchNorm, GroupNorm,
+// InstanceNorm with and without input statistics, LayerNorm), run on the same values
 // placed at other offsets from a 64-byte boundary (inputs and outputs shifted by different
 // amounts, so vector loads, the one-lane heads of streamed outputs and the checks for aligned
 // channels-last rows all change), writes the same bits as with every tensor aligned. The shapes
@@ -158,6 +159,32 @@ Outputs group_norm_outputs(const Problem& p, int in, int out) {
           mean,       rstd,        dw,           db,         dw_plain};
 }
 
+Outputs instance_norm_outputs(const Problem& p, int in, int out) {
+  const auto n = std::size_t(p.numel());
+  const auto C = std::size_t(p.dims[1]);
+  const auto stats = std::size_t(p.dims[0]) * C;
+  Placed x(p.x, in), r(p.r, (in + 5) % kVectorFloats), dy(p.dy, (in + 9) % kVectorFloats);
+  Placed y(n, out), dx(n, (out + 3) % kVectorFloats), y_eval(n, (out + 6) % kVectorFloats);
+  std::vector<float> mean(stats), rstd(stats), eval_mean(stats), eval_rstd(stats),
+      running_mean(C, 0.25f), running_var(C, 2.0f), dw(C), db(C);
+
+  // Training with running statistics and the add+ReLU epilogue, its backward, then inference
+  // from the updated running statistics (a different output pass).
+  InstanceNormParams training;
+  training.epilogue = {true, p.view(r.data())};
+  instance_norm_forward(training, p.view(x.data()), p.w, p.b, running_mean, running_var,
+                        p.view(y.data()), mean, rstd);
+  const BackwardEpilogue backward{true, p.view(y.data()), {}};
+  instance_norm_backward(training, backward, p.view(dy.data()), p.view(x.data()), mean, rstd,
+                         p.w, p.view(dx.data()), dw, db);
+  InstanceNormParams eval;
+  eval.use_input_stats = false;
+  instance_norm_forward(eval, p.view(x.data()), p.w, p.b, running_mean, running_var,
+                        p.view(y_eval.data()), eval_mean, eval_rstd);
+  for (const Placed* t : {&y, &dx, &y_eval}) EXPECT_TRUE(t->surroundings_intact());
+  return {y.values(), dx.values(), y_eval.values(), mean, rstd, running_mean, running_var, dw, db};
+}
+
 Outputs layer_norm_outputs(const Problem& p, int in, int out) {
   const auto n = std::size_t(p.numel());
   const auto rows = std::size_t(p.dims[0]), cols = std::size_t(p.dims[1]);
@@ -202,6 +229,16 @@ TEST(Alignment, GroupNormSameBitsAtAnyOffset) {
     for (MemoryFormat format : kFormats)
       expect_same_bits(make_problem(dims, format, groups, seed++), "group_norm",
                        group_norm_outputs);
+}
+
+TEST(Alignment, InstanceNormSameBitsAtAnyOffset) {
+  const std::vector<std::vector<int64_t>> shapes = {
+      {3, 5, 7, 9}, {2, 24, 4, 6, 10}, {4, 64, 128, 128}};
+  uint64_t seed = 300;
+  for (const auto& dims : shapes)
+    for (MemoryFormat format : kFormats)
+      expect_same_bits(make_problem(dims, format, 1, seed++), "instance_norm",
+                       instance_norm_outputs);
 }
 
 TEST(Alignment, LayerNormSameBitsAtAnyOffset) {
