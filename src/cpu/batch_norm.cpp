@@ -344,11 +344,11 @@ inline bool by_slabs(const BatchNormShape& sh, bool stream) {
          sh.batch >= kSlabMinBatch;
 }
 
-// kStream: y with non-temporal stores; C a multiple of the vector and y aligned to it.
+// kStream: y with non-temporal stores where its rows allow (see ForEachInRows).
 template <bool kResidual, bool kRelu, bool kStream = false, typename T>
 void ForwardRows(const T* x, const T* r, T* y, int64_t rows, int64_t C, const float* a,
-                 const float* b, int64_t row_stride) {
-  ForEachInRows<kStream>(rows, C, row_stride, [&](auto d, int64_t o, int64_t j, auto stream) {
+                 const float* b) {
+  ForEachInRows<kStream>(y, rows, C, [&](auto d, int64_t o, int64_t j, auto stream) {
     ForwardStep<kResidual, kRelu, decltype(stream)::value>(
         d, x + o + j, at(r, o + j), y + o + j, hn::LoadU(d, a + j), hn::LoadU(d, b + j));
   });
@@ -365,12 +365,11 @@ void BackwardRun(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t n,
   });
 }
 
-// kStream: dx with non-temporal stores; C a multiple of the vector and dx aligned to it.
+// kStream: dx with non-temporal stores where its rows allow (see ForEachInRows).
 template <bool kRelu, bool kDresidual, bool kX, bool kStream = false, typename T>
 void BackwardRows(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t rows, int64_t C,
-                  const float* p, const float* q, const float* r, const float* m,
-                  int64_t row_stride) {
-  ForEachInRows<kStream>(rows, C, row_stride, [&](auto d, int64_t o, int64_t j, auto stream) {
+                  const float* p, const float* q, const float* r, const float* m) {
+  ForEachInRows<kStream>(dx, rows, C, [&](auto d, int64_t o, int64_t j, auto stream) {
     BackwardStep<kRelu, kDresidual, kX, decltype(stream)::value>(
         d, dy + o + j, at(x, o + j), at(y, o + j), dx + o + j, at(dres, o + j),
         hn::LoadU(d, p + j), hn::LoadU(d, q + j), hn::LoadU(d, r + j), hn::LoadU(d, m + j));
@@ -679,7 +678,6 @@ void ApplyForward(const ForwardJob& job, const float* a, const float* b) {
                                      b + c0, stream);
     return;
   }
-  const bool stream_rows = stream && RowsAligned(y, sh.channels);
   WithStream<T>(stream, [&](auto kS) {
     constexpr bool S = decltype(kS)::value;
     ForEachPiece(
@@ -688,12 +686,7 @@ void ApplyForward(const ForwardJob& job, const float* a, const float* b) {
           ForwardRun<kResidual, kRelu, S>(x + o, at(r, o), y + o, length, a[c], b[c]);
         },
         [&](int64_t o, int64_t row_count) {
-          if (stream_rows)
-            ForwardRows<kResidual, kRelu, S>(x + o, at(r, o), y + o, row_count, sh.channels, a,
-                                             b, sh.channels);
-          else
-            ForwardRows<kResidual, kRelu>(x + o, at(r, o), y + o, row_count, sh.channels, a, b,
-                                          sh.channels);
+          ForwardRows<kResidual, kRelu, S>(x + o, at(r, o), y + o, row_count, sh.channels, a, b);
         });
   });
 }
@@ -770,12 +763,15 @@ void ForwardTrainingT(const ForwardJob& job, float* save_mean, float* save_invst
   float* b = a + C;
   float* pivot = b + C;
   // One parallel region: pivots, partial sums, per-channel merge and fold, output pass.
-#pragma omp parallel num_threads(num_threads) if (worth_threads(num_threads, sh.batch * C * sh.spatial))
+  const bool parallel = worth_threads(num_threads, sh.batch * C * sh.spatial);
+#pragma omp parallel num_threads(num_threads) if (parallel)
   {
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < C; ++c) pivot[c] = ChannelPivot(x, sh, c);
     Reduce<StatTerms>(plan, x, none, none, pivot, C, scratch.partial,
-                      [&](int64_t c, const PairSums& sums) { finish(c, sums, pivot[c], a[c], b[c]); });
+                      [&](int64_t c, const PairSums& sums) {
+                        finish(c, sums, pivot[c], a[c], b[c]);
+                      });
     ApplyForward<kResidual, kRelu, T>(job, a, b);
   }
 }
@@ -858,34 +854,29 @@ void BackwardTrainingT(const BackwardJob& job, const float* save_mean, const flo
   float* q = p + C;
   float* r = q + C;
   const bool stream = Streams<T>(count * C);
-  const bool stream_rows = stream && RowsAligned(dx, C);
   // One parallel region: partial sums, per-channel merge and coefficients, dx pass.
 #pragma omp parallel num_threads(num_threads) if (worth_threads(num_threads, count * C))
   {
-  Reduce<GradTerms<kRelu>>(plan, x, dy, y, save_mean, C, scratch.partial,
-                           [&](int64_t c, const PairSums& sums) {
-                             const auto k = backward_coefficients(job, c, sums, save_invstd[c],
-                                                                  double(count));
-                             p[c] = k.p, q[c] = k.q, r[c] = k.r;
-                           });
-  WithStream<T>(stream, [&](auto kS) {
-    ForEachPiece(
-        sh,
-        [&](int64_t c, int64_t o, int64_t length) {
-          BackwardRun<kRelu, kDresidual, true, decltype(kS)::value>(
-              dy + o, x + o, at(y, o), dx + o, at(dres, o), length, p[c], q[c], r[c],
-              save_mean[c]);
-        },
-        [&](int64_t o, int64_t row_count) {
-          if (stream_rows)
-            BackwardRows<kRelu, kDresidual, true, decltype(kS)::value>(
-                dy + o, x + o, at(y, o), dx + o, at(dres, o), row_count, C, p, q, r, save_mean,
-                C);
-          else
-            BackwardRows<kRelu, kDresidual, true>(dy + o, x + o, at(y, o), dx + o, at(dres, o),
-                                                  row_count, C, p, q, r, save_mean, C);
-        });
-  });
+    Reduce<GradTerms<kRelu>>(plan, x, dy, y, save_mean, C, scratch.partial,
+                             [&](int64_t c, const PairSums& sums) {
+                               const auto k = backward_coefficients(job, c, sums, save_invstd[c],
+                                                                    double(count));
+                               p[c] = k.p, q[c] = k.q, r[c] = k.r;
+                             });
+    WithStream<T>(stream, [&](auto kS) {
+      constexpr bool S = decltype(kS)::value;
+      ForEachPiece(
+          sh,
+          [&](int64_t c, int64_t o, int64_t length) {
+            BackwardRun<kRelu, kDresidual, true, S>(dy + o, x + o, at(y, o), dx + o, at(dres, o),
+                                                    length, p[c], q[c], r[c], save_mean[c]);
+          },
+          [&](int64_t o, int64_t row_count) {
+            BackwardRows<kRelu, kDresidual, true, S>(dy + o, x + o, at(y, o), dx + o,
+                                                     at(dres, o), row_count, C, p, q, r,
+                                                     save_mean);
+          });
+    });
   }
 }
 
@@ -925,7 +916,7 @@ void BackwardInferenceT(const BackwardJob& job, const float* running_mean,
         [&](int64_t o, int64_t row_count) {
           BackwardRows<kRelu, kDresidual, false>(dy + o, static_cast<const T*>(nullptr),
                                                  at(y, o), dx + o, at(dres, o), row_count, C, p,
-                                                 p, p, p, C);
+                                                 p, p, p);
         });
   }
 }

@@ -15,8 +15,8 @@
 // so the second pass reads from cache. Otherwise (few channels, channels-last, large slices) the
 // reduction runs over all of x split by channel, sample and position, then the elementwise
 // pass, all in one parallel region. Float32 outputs (y, dx) of 16 MiB or more are written with
-// non-temporal stores (cpu/simd.h). Both compute every per-channel sum in the same order, so which one runs does not change
-// a bit of the result.
+// non-temporal stores (cpu/simd.h). Both compute every per-channel sum in the same order, so
+// which one runs does not change a bit of the result.
 #include <cstddef>
 #include <cstdint>
 #include <span>

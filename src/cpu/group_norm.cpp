@@ -110,12 +110,12 @@ void AffineRun(T* y, const T* x, const T* r, int64_t n, float m, float a, float 
   });
 }
 
-// kStream: y with non-temporal stores; channels a multiple of the vector and y aligned to it.
+// kStream: y with non-temporal stores where its rows allow (see ForEachInRows).
 template <bool kResidual, bool kRelu, bool kStream, typename T>
 void AffineRowsT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRICT r,
                  int64_t rows, int64_t channels, const float* m, const float* a,
                  const float* b) {
-  ForEachInRows<kStream>(rows, channels, channels, [&](auto d, int64_t o, int64_t c, auto stream) {
+  ForEachInRows<kStream>(y, rows, channels, [&](auto d, int64_t o, int64_t c, auto stream) {
     AffineStep<kResidual, kRelu, decltype(stream)::value>(d, y + o + c, x + o + c, r + o + c,
                                                           hn::LoadU(d, m + c), hn::LoadU(d, a + c),
                                                           hn::LoadU(d, b + c));
@@ -125,7 +125,7 @@ void AffineRowsT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRI
 template <typename T>
 void AffineRows(T* y, const T* x, const T* r, int64_t rows, int64_t channels, const float* m,
                 const float* a, const float* b, bool relu, bool stream) {
-  WithStream<T>(stream && RowsAligned(y, channels), [&](auto kS) {
+  WithStream<T>(stream, [&](auto kS) {
     constexpr bool S = decltype(kS)::value;
     if (r)
       relu ? AffineRowsT<true, true, S>(y, x, r, rows, channels, m, a, b)
@@ -229,12 +229,12 @@ void DxRun(T* dx, const T* dy, const T* mask, const T* x, int64_t n, float a, fl
   });
 }
 
-// kStream: dx with non-temporal stores; channels a multiple of the vector and dx aligned to it.
+// kStream: dx with non-temporal stores where its rows allow (see ForEachInRows).
 template <bool kStream, typename T>
 void DxRowsT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask,
              const T* HWY_RESTRICT x, int64_t rows, int64_t channels, const float* a,
              const float* b, const float* m, const float* c) {
-  ForEachInRows<kStream>(rows, channels, channels, [&](auto d, int64_t o, int64_t k, auto stream) {
+  ForEachInRows<kStream>(dx, rows, channels, [&](auto d, int64_t o, int64_t k, auto stream) {
     DxStep<decltype(stream)::value>(d, dx + o + k, dy + o + k, mask ? mask + o + k : nullptr,
                                     x + o + k, hn::LoadU(d, a + k), hn::LoadU(d, b + k),
                                     hn::LoadU(d, m + k), hn::LoadU(d, c + k));
@@ -244,7 +244,7 @@ void DxRowsT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT
 template <typename T>
 void DxRows(T* dx, const T* dy, const T* mask, const T* x, int64_t rows, int64_t channels,
             const float* a, const float* b, const float* m, const float* c, bool stream) {
-  WithStream<T>(stream && RowsAligned(dx, channels), [&](auto kS) {
+  WithStream<T>(stream, [&](auto kS) {
     DxRowsT<decltype(kS)::value>(dx, dy, mask, x, rows, channels, a, b, m, c);
   });
 }

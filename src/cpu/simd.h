@@ -221,19 +221,20 @@ HWY_INLINE void ForEachInRun(T* out, int64_t n, const Step& step) {
   if constexpr (kStream) hwy::FlushStream();
 }
 
-// Steps over `rows` rows of `channels` values, row k starting at k * row_stride: called as
-// step(d, o, c, stream) with o the row's offset and c the channel. With kStream the caller has
-// checked RowsAligned: every vector store is aligned.
-template <bool kStream, class Step>
-HWY_INLINE void ForEachInRows(int64_t rows, int64_t channels, int64_t row_stride,
-                              const Step& step) {
+// Steps over `rows` contiguous rows of `channels` values that write `out` (channels-last):
+// called as step(d, o, c, stream) with o the row's offset and c the channel. With kStream the
+// rows are streamed when every vector store is aligned (RowsAligned), else stored normally.
+template <bool kStream, typename T, class Step>
+HWY_INLINE void ForEachInRows(T* out, int64_t rows, int64_t channels, const Step& step) {
+  if constexpr (kStream)
+    if (!RowsAligned(out, channels)) return ForEachInRows<false>(out, rows, channels, step);
   const DF d;
   const D1 d1;
   const int64_t N = int64_t(hn::Lanes(d));
   const std::bool_constant<kStream> vector_store;
   const std::false_type lane_store;
   for (int64_t k = 0; k < rows; ++k) {
-    const int64_t o = k * row_stride;
+    const int64_t o = k * channels;
     int64_t c = 0;
     for (; c + N <= channels; c += N) step(d, o, c, vector_store);
     for (; c < channels; ++c) step(d1, o, c, lane_store);
