@@ -22,14 +22,15 @@ namespace {
 
 constexpr int kVectorFloats = 16;  // floats in the widest vector (64 bytes)
 
-// A tensor's values, `shift` floats past a 64-byte boundary; poison around them.
+// A tensor's values, `shift` (modulo a vector) floats past a 64-byte boundary; poison around
+// them.
 class Placed {
  public:
   Placed(const std::vector<float>& values, int shift)
       : size_(values.size()), buffer_(values.size() + 2 * kVectorFloats, kPoison) {
     const auto address = reinterpret_cast<std::uintptr_t>(buffer_.data());
     const std::size_t skip = (64 - address % 64) % 64 / sizeof(float);
-    data_ = buffer_.data() + skip + shift;
+    data_ = buffer_.data() + skip + shift % kVectorFloats;
     std::copy(values.begin(), values.end(), data_);
   }
   Placed(std::size_t size, int shift) : Placed(poisoned(size), shift) {}
@@ -92,6 +93,12 @@ Problem make_problem(std::vector<int64_t> dims, MemoryFormat format, int64_t gro
   return p;
 }
 
+// A problem's x, residual and dy, each at its own offset from `in`.
+struct PlacedInputs {
+  PlacedInputs(const Problem& p, int in) : x(p.x, in), r(p.r, in + 5), dy(p.dy, in + 9) {}
+  Placed x, r, dy;
+};
+
 // Every output of one op's calls: activations in memory order, then the vectors.
 using Outputs = std::vector<std::vector<float>>;
 
@@ -100,7 +107,8 @@ using Outputs = std::vector<std::vector<float>>;
 template <class Body>
 void expect_same_bits(const Problem& p, const char* op, Body body) {
   const Outputs aligned = body(p, 0, 0);
-  for (const auto& outputs : aligned) ASSERT_FALSE(contains_poison(outputs)) << op << " " << p.name();
+  for (const auto& outputs : aligned)
+    ASSERT_FALSE(contains_poison(outputs)) << op << " " << p.name();
   for (const auto& [in, out] : kShifts) {
     const Outputs shifted = body(p, in, out);
     ASSERT_EQ(shifted.size(), aligned.size());
@@ -114,20 +122,20 @@ void expect_same_bits(const Problem& p, const char* op, Body body) {
 Outputs batch_norm_outputs(const Problem& p, int in, int out) {
   const auto n = std::size_t(p.numel());
   const auto C = std::size_t(p.dims[1]);
-  Placed x(p.x, in), r(p.r, (in + 5) % kVectorFloats), dy(p.dy, (in + 9) % kVectorFloats);
-  Placed y(n, out), dx(n, (out + 3) % kVectorFloats), dres(n, (out + 11) % kVectorFloats);
-  Placed y_infer(n, (out + 6) % kVectorFloats);
+  PlacedInputs src(p, in);
+  Placed y(n, out), dx(n, out + 3), dres(n, out + 11);
+  Placed y_infer(n, out + 6);
   std::vector<float> mean(C), invstd(C), running_mean(C, 0.25f), running_var(C, 2.0f), dw(C),
       db(C);
 
   BatchNormParams training;
-  training.epilogue = {true, p.view(r.data())};
-  batch_norm_forward_training(training, p.view(x.data()), p.w, p.b, p.view(y.data()), mean,
+  training.epilogue = {true, p.view(src.r.data())};
+  batch_norm_forward_training(training, p.view(src.x.data()), p.w, p.b, p.view(y.data()), mean,
                               invstd, running_mean, running_var);
   const BackwardEpilogue backward{true, p.view(y.data()), p.view(dres.data())};
-  batch_norm_backward_training(backward, p.view(dy.data()), p.view(x.data()), mean, invstd, p.w,
-                               p.view(dx.data()), dw, db);
-  batch_norm_forward_inference(BatchNormParams{}, p.view(x.data()), p.w, p.b, running_mean,
+  batch_norm_backward_training(backward, p.view(src.dy.data()), p.view(src.x.data()), mean,
+                               invstd, p.w, p.view(dx.data()), dw, db);
+  batch_norm_forward_inference(BatchNormParams{}, p.view(src.x.data()), p.w, p.b, running_mean,
                                running_var, p.view(y_infer.data()));
   for (const Placed* t : {&y, &dx, &dres, &y_infer}) EXPECT_TRUE(t->surroundings_intact());
   return {y.values(), dx.values(), dres.values(), y_infer.values(), mean, invstd,
@@ -138,20 +146,20 @@ Outputs group_norm_outputs(const Problem& p, int in, int out) {
   const auto n = std::size_t(p.numel());
   const auto C = std::size_t(p.dims[1]);
   const auto stats = std::size_t(p.dims[0] * p.groups);
-  Placed x(p.x, in), r(p.r, (in + 5) % kVectorFloats), dy(p.dy, (in + 9) % kVectorFloats);
-  Placed y(n, out), dx(n, (out + 3) % kVectorFloats), dres(n, (out + 11) % kVectorFloats);
-  Placed y_plain(n, (out + 6) % kVectorFloats), dx_plain(n, (out + 13) % kVectorFloats);
+  PlacedInputs src(p, in);
+  Placed y(n, out), dx(n, out + 3), dres(n, out + 11);
+  Placed y_plain(n, out + 6), dx_plain(n, out + 13);
   std::vector<float> mean(stats), rstd(stats), dw(C), db(C), dw_plain(C);
 
   GroupNormParams fused{p.groups};
-  fused.epilogue = {true, p.view(r.data())};
-  group_norm_forward(fused, p.view(x.data()), p.w, p.b, p.view(y.data()), mean, rstd);
+  fused.epilogue = {true, p.view(src.r.data())};
+  group_norm_forward(fused, p.view(src.x.data()), p.w, p.b, p.view(y.data()), mean, rstd);
   const BackwardEpilogue backward{true, p.view(y.data()), p.view(dres.data())};
-  group_norm_backward(fused, backward, p.view(dy.data()), p.view(x.data()), mean, rstd, p.w,
+  group_norm_backward(fused, backward, p.view(src.dy.data()), p.view(src.x.data()), mean, rstd, p.w,
                       p.view(dx.data()), dw, db);
   const GroupNormParams plain{p.groups};
-  group_norm_forward(plain, p.view(x.data()), p.w, p.b, p.view(y_plain.data()), mean, rstd);
-  group_norm_backward(plain, p.view(dy.data()), p.view(x.data()), mean, rstd, p.w,
+  group_norm_forward(plain, p.view(src.x.data()), p.w, p.b, p.view(y_plain.data()), mean, rstd);
+  group_norm_backward(plain, p.view(src.dy.data()), p.view(src.x.data()), mean, rstd, p.w,
                       p.view(dx_plain.data()), dw_plain, {});
   for (const Placed* t : {&y, &dx, &dres, &y_plain, &dx_plain})
     EXPECT_TRUE(t->surroundings_intact());
@@ -163,23 +171,23 @@ Outputs instance_norm_outputs(const Problem& p, int in, int out) {
   const auto n = std::size_t(p.numel());
   const auto C = std::size_t(p.dims[1]);
   const auto stats = std::size_t(p.dims[0]) * C;
-  Placed x(p.x, in), r(p.r, (in + 5) % kVectorFloats), dy(p.dy, (in + 9) % kVectorFloats);
-  Placed y(n, out), dx(n, (out + 3) % kVectorFloats), y_eval(n, (out + 6) % kVectorFloats);
+  PlacedInputs src(p, in);
+  Placed y(n, out), dx(n, out + 3), y_eval(n, out + 6);
   std::vector<float> mean(stats), rstd(stats), eval_mean(stats), eval_rstd(stats),
       running_mean(C, 0.25f), running_var(C, 2.0f), dw(C), db(C);
 
   // Training with running statistics and the add+ReLU epilogue, its backward, then inference
   // from the updated running statistics (a different output pass).
   InstanceNormParams training;
-  training.epilogue = {true, p.view(r.data())};
-  instance_norm_forward(training, p.view(x.data()), p.w, p.b, running_mean, running_var,
+  training.epilogue = {true, p.view(src.r.data())};
+  instance_norm_forward(training, p.view(src.x.data()), p.w, p.b, running_mean, running_var,
                         p.view(y.data()), mean, rstd);
   const BackwardEpilogue backward{true, p.view(y.data()), {}};
-  instance_norm_backward(training, backward, p.view(dy.data()), p.view(x.data()), mean, rstd,
-                         p.w, p.view(dx.data()), dw, db);
+  instance_norm_backward(training, backward, p.view(src.dy.data()), p.view(src.x.data()), mean,
+                         rstd, p.w, p.view(dx.data()), dw, db);
   InstanceNormParams eval;
   eval.use_input_stats = false;
-  instance_norm_forward(eval, p.view(x.data()), p.w, p.b, running_mean, running_var,
+  instance_norm_forward(eval, p.view(src.x.data()), p.w, p.b, running_mean, running_var,
                         p.view(y_eval.data()), eval_mean, eval_rstd);
   for (const Placed* t : {&y, &dx, &y_eval}) EXPECT_TRUE(t->surroundings_intact());
   return {y.values(), dx.values(), y_eval.values(), mean, rstd, running_mean, running_var, dw, db};
@@ -188,20 +196,20 @@ Outputs instance_norm_outputs(const Problem& p, int in, int out) {
 Outputs layer_norm_outputs(const Problem& p, int in, int out) {
   const auto n = std::size_t(p.numel());
   const auto rows = std::size_t(p.dims[0]), cols = std::size_t(p.dims[1]);
-  Placed x(p.x, in), r(p.r, (in + 5) % kVectorFloats), dy(p.dy, (in + 9) % kVectorFloats);
-  Placed y(n, out), dx(n, (out + 3) % kVectorFloats), dres(n, (out + 11) % kVectorFloats);
-  Placed y_plain(n, (out + 6) % kVectorFloats), dx_plain(n, (out + 13) % kVectorFloats);
+  PlacedInputs src(p, in);
+  Placed y(n, out), dx(n, out + 3), dres(n, out + 11);
+  Placed y_plain(n, out + 6), dx_plain(n, out + 13);
   std::vector<float> mean(rows), rstd(rows), dw(cols), db(cols), db_plain(cols);
 
   LayerNormParams fused{1};
-  fused.epilogue = {true, p.view(r.data())};
-  layer_norm_forward(fused, p.view(x.data()), p.w, p.b, p.view(y.data()), mean, rstd);
+  fused.epilogue = {true, p.view(src.r.data())};
+  layer_norm_forward(fused, p.view(src.x.data()), p.w, p.b, p.view(y.data()), mean, rstd);
   const BackwardEpilogue backward{true, p.view(y.data()), p.view(dres.data())};
-  layer_norm_backward(fused, backward, p.view(dy.data()), p.view(x.data()), mean, rstd, p.w,
+  layer_norm_backward(fused, backward, p.view(src.dy.data()), p.view(src.x.data()), mean, rstd, p.w,
                       p.view(dx.data()), dw, db);
   const LayerNormParams plain{1};
-  layer_norm_forward(plain, p.view(x.data()), p.w, p.b, p.view(y_plain.data()), mean, rstd);
-  layer_norm_backward(plain, p.view(dy.data()), p.view(x.data()), mean, rstd, {},
+  layer_norm_forward(plain, p.view(src.x.data()), p.w, p.b, p.view(y_plain.data()), mean, rstd);
+  layer_norm_backward(plain, p.view(src.dy.data()), p.view(src.x.data()), mean, rstd, {},
                       p.view(dx_plain.data()), {}, db_plain);
   for (const Placed* t : {&y, &dx, &dres, &y_plain, &dx_plain})
     EXPECT_TRUE(t->surroundings_intact());
