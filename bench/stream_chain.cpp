@@ -27,8 +27,11 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+enum class Op { batch_norm, layer_norm, group_norm };
+
 struct Case {
   std::string name;
+  Op op;
   std::vector<int64_t> dims;
   normkit::MemoryFormat format;
 };
@@ -40,14 +43,17 @@ int main(int argc, char** argv) {
   int threads = 2, reps = 301;
   app.add_option("--threads", threads, "Threads for the op and the consumer")
       ->check(CLI::Range(1, 1024));
-  app.add_option("--reps", reps, "Timed repetitions (median reported)")->check(CLI::Range(3, 100000));
+  app.add_option("--reps", reps, "Timed repetitions (median reported)")
+      ->check(CLI::Range(3, 100000));
   CLI11_PARSE(app, argc, argv);
 
   // Outputs of 8-16 MB: the sizes the threshold's choice is about.
   const std::vector<Case> cases = {
-      {"bn.fwd_train 32x2048x7x7 nhwc", {32, 2048, 7, 7}, normkit::MemoryFormat::channels_last},
-      {"ln.fwd 4096x768", {4096, 768}, normkit::MemoryFormat::channels_first},
-      {"gn.fwd 1x512x64x64/g32 nchw", {1, 512, 64, 64}, normkit::MemoryFormat::channels_first}};
+      {"bn.fwd_train 32x2048x7x7 nhwc", Op::batch_norm, {32, 2048, 7, 7},
+       normkit::MemoryFormat::channels_last},
+      {"ln.fwd 4096x768", Op::layer_norm, {4096, 768}, normkit::MemoryFormat::channels_first},
+      {"gn.fwd 1x512x64x64/g32 nchw", Op::group_norm, {1, 512, 64, 64},
+       normkit::MemoryFormat::channels_first}};
   std::printf("normkit-bench-chain: %d thread(s), median of %d; kStreamBytes is the build's\n",
               threads, reps);
   std::printf("%-32s %10s %16s %16s\n", "op", "op us", "op+scale us", "op+sum us");
@@ -68,13 +74,13 @@ int main(int argc, char** argv) {
     const normkit::TensorView yv(y.data(), normkit::DType::float32, rank, c.dims.data(), c.format);
 
     std::function<void()> op;
-    if (c.name.rfind("bn", 0) == 0)
+    if (c.op == Op::batch_norm)
       op = [&] {
         normkit::batch_norm_forward_training({}, xv, w, b, yv, {stat_a.data(), size_t(C)},
                                              {stat_b.data(), size_t(C)}, running_mean,
                                              running_var, ctx);
       };
-    else if (c.name.rfind("ln", 0) == 0)
+    else if (c.op == Op::layer_norm)
       op = [&] {
         normkit::layer_norm_forward({1}, xv, w, b, yv, {stat_a.data(), size_t(rows)},
                                     {stat_b.data(), size_t(rows)}, ctx);
