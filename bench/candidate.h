@@ -1,8 +1,8 @@
 #pragma once
 // A candidate: something that performs a case's operation (normkit, PyTorch's ATen, oneDNN) or
-// the yardstick (a copy of the input bytes). The driver prepares it for a case, sets its thread
-// count, runs it once and checks what it produced against normkit's reference backend, then
-// times run() interleaved with the other candidates.
+// a yardstick (a copy of the input bytes; the op's passes over memory). The driver prepares it
+// for a case, sets its thread count, runs it once and checks what it produced against normkit's
+// reference backend (a yardstick checks itself), then times run() interleaved with the others.
 #include <memory>
 #include <string>
 #include <vector>
@@ -39,6 +39,11 @@ class Candidate {
 
 // The yardstick: the input bytes copied to another buffer by the same number of threads.
 std::unique_ptr<Candidate> make_copy_candidate();
+// The least memory work of the case's op: its passes over the data with next to none of the
+// arithmetic (candidate_passes.cpp). A second yardstick, float32 only.
+std::unique_ptr<Candidate> make_passes_candidate();
+// Whether a candidate is a yardstick (copy, passes): timed, nothing to check.
+inline bool is_yardstick(const std::string& name) { return name == "copy" || name == "passes"; }
 // normkit's public API with the given backend (cpu: timed; reference: the truth).
 std::unique_ptr<Candidate> make_normkit_candidate(Backend backend);
 

@@ -5,7 +5,9 @@
 
 Per thread count: one table per shape set (median ms, normkit's GB/s, each candidate's time over
 the same-thread copy, and each anchor's time over normkit's), then the geometric means against
-the anchors and the cases that miss a target (ratio to copy, shapes >= 1 MB).
+the anchors and the cases that miss a target (ratio to copy, shapes >= 1 MB). With the passes
+yardstick in the CSV (normkit-bench --passes), also its time over the copy and normkit's over
+its, with medians per op on the shapes that have a target.
 """
 import argparse
 import csv
@@ -20,6 +22,16 @@ def target(op, nbytes):
     if nbytes < 1 << 20 or "+add+relu" in op:  # epilogues move more bytes: no target
         return None
     return TARGETS.get(op.split(".", 1)[1])
+
+
+def target_of_op(op):
+    return TARGETS.get(op.split(".", 1)[1])
+
+
+def median(values):
+    v = sorted(values)
+    n = len(v)
+    return (v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])) if v else float("nan")
 
 
 def geomean(values):
@@ -44,8 +56,9 @@ def main():
     anchors = []
     for rows in cases.values():
         for name in rows:
-            if name not in ("copy", "normkit") and name not in anchors:
+            if name not in ("copy", "passes", "normkit") and name not in anchors:
                 anchors.append(name)
+    has_passes = any("passes" in rows for rows in cases.values())
     threads = sorted({k[0] for k in cases})
     if args.threads:
         threads = [t for t in threads if str(t) in args.threads.split(",")]
@@ -63,6 +76,7 @@ def main():
         speedups = defaultdict(list)
         by_op = defaultdict(lambda: defaultdict(list))
         misses = []
+        over_passes = defaultdict(list)  # op -> [(passes/copy, normkit/passes)]
         for key, rows in cases.items():
             if key[0] != t:
                 continue
@@ -70,7 +84,9 @@ def main():
             if set_name != current_set:
                 current_set = set_name
                 head = ["op", "shape", "format", "MB", "copy ms", "normkit ms", "GB/s",
-                        "normkit x/copy"] + [f"{a} x/copy" for a in anchors] + \
+                        "normkit x/copy"] + \
+                       (["passes x/copy", "normkit x/passes"] if has_passes else []) + \
+                       [f"{a} x/copy" for a in anchors] + \
                        [f"vs {a}" for a in anchors] + ["check"]
                 print(f"\n**{set_name}**\n")
                 print("| " + " | ".join(head) + " |")
@@ -87,6 +103,12 @@ def main():
             gbps = f'{float(rows["normkit"]["gb_per_s"]):.1f}' if nk else "–"
             cells = [op, shape, fmt, f"{nbytes / 1e6:.1f}", fnum(copy, 3), fnum(nk, 3), gbps,
                      ratio_s]
+            if has_passes:
+                pm = ms(rows.get("passes"))
+                cells += [fnum(pm / copy if pm and copy else None),
+                          fnum(nk / pm if pm and nk else None)]
+                if tgt and pm and nk and copy:
+                    over_passes[op].append((pm / copy, nk / pm))
             for a in anchors:
                 am = ms(rows.get(a))
                 cells.append(fnum(am / copy if am and copy else None))
@@ -110,6 +132,12 @@ def main():
             slower = sum(s < 1 for s in speedups[a])
             print(f"- normkit vs {a}: geometric mean speedup **{geomean(speedups[a]):.2f}×** over "
                   f"{len(speedups[a])} cases ({ops}); {a} faster in {slower} cases.")
+        for op, v in sorted(over_passes.items()):
+            p = sorted(a for a, _ in v)
+            o = sorted(b for _, b in v)
+            print(f"- {op} (shapes ≥ 1 MB, {len(v)}): passes {median(p):.2f}× copy, "
+                  f"normkit {median(o):.2f}× passes (medians); passes within the target in "
+                  f"{sum(a <= target_of_op(op) for a in p)}.")
         misses.sort(reverse=True)
         print(f"- targets missed (shapes ≥ 1 MB): {len(misses)}"
               + ("; worst first:" if misses else ""))

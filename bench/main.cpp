@@ -90,7 +90,8 @@ int main(int argc, char** argv) {
   }
   CLI::App app{"normkit-bench: normalization kernels against a copy of the same bytes, PyTorch "
                "and oneDNN; each output is checked against normkit's reference before timing"};
-  bool quick = false, check_only = false, no_anchors = false, system_malloc = false;
+  bool quick = false, check_only = false, no_anchors = false, system_malloc = false,
+       with_passes = false;
   std::string threads_arg, filter, csv, sets_arg, dtype_arg = "f32";
   nb::TimingOptions timing;
   timing.max_reps = 0;
@@ -122,6 +123,9 @@ int main(int argc, char** argv) {
   app.add_option("--dtype", dtype_arg, "Comma-separated activation dtypes: f32, bf16, f16");
   app.add_flag("--check-only", check_only, "Check every candidate, time nothing");
   app.add_flag("--no-anchors", no_anchors, "Leave PyTorch and oneDNN out even if built in");
+  app.add_flag("--passes", with_passes,
+               "Also time the op's passes over memory without its arithmetic (float32): the "
+               "least a kernel of its kind moves, as a second yardstick");
   std::string only;
   app.add_option("--candidates", only,
                  "Comma-separated candidates to run besides the copy (normkit, torch, onednn)");
@@ -172,9 +176,10 @@ int main(int argc, char** argv) {
   timing.gap_seconds = gap_ms * 1e-3;
   timing.pool_switch_gap_seconds = switch_gap_ms * 1e-3;
 
-  // Candidates: the yardstick first, then normkit, then the anchors that are built in.
+  // Candidates: the yardsticks first, then normkit, then the anchors that are built in.
   std::vector<std::unique_ptr<nb::Candidate>> candidates;
   candidates.push_back(nb::make_copy_candidate());
+  if (with_passes) candidates.push_back(nb::make_passes_candidate());
   candidates.push_back(nb::make_normkit_candidate(normkit::Backend::cpu));
   std::vector<std::string> anchors;
   if (!no_anchors) {
@@ -188,7 +193,8 @@ int main(int argc, char** argv) {
   if (!only.empty()) {
     const auto keep = split(only);
     std::erase_if(candidates, [&](const auto& c) {
-      return c->name() != "copy" && std::find(keep.begin(), keep.end(), c->name()) == keep.end();
+      return !nb::is_yardstick(c->name()) &&
+             std::find(keep.begin(), keep.end(), c->name()) == keep.end();
     });
     std::erase_if(anchors, [&](const std::string& a) {
       return std::find(keep.begin(), keep.end(), a) == keep.end();
@@ -266,12 +272,12 @@ int main(int argc, char** argv) {
         });
         if (!err.empty()) {
           cr.status = "error: " + err;
-          if (cr.name == "normkit" || cr.name == "copy") ++errors;
+          if (cr.name == "normkit" || nb::is_yardstick(cr.name)) ++errors;
           cand->release();
           result.candidates.push_back(cr);
           continue;
         }
-        if (cr.name != "copy") {
+        if (!nb::is_yardstick(cr.name)) {
           if (ref_status.empty()) {
             cr.check = nb::compare(got, truth, tolerance_for(c.dtype),
                                    /*relu_masked=*/c.epilogue == nb::Epilogue::add_relu);

@@ -1,5 +1,7 @@
 #include "report.h"
 
+#include "candidate.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -21,6 +23,22 @@ std::string fmt(const char* format, double v) {
 std::string pad(const std::string& s, std::size_t width, bool left = false) {
   if (s.size() >= width) return s;
   return left ? s + std::string(width - s.size(), ' ') : std::string(width - s.size(), ' ') + s;
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return NAN;
+  std::sort(v.begin(), v.end());
+  const std::size_t m = v.size() / 2;
+  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+// Whether any case at `threads` timed the passes yardstick.
+bool has_passes(const std::vector<CaseResult>& results, int threads) {
+  for (const auto& r : results) {
+    const CandidateResult* p = r.find("passes");
+    if (r.threads == threads && p && p->timed) return true;
+  }
+  return false;
 }
 
 double geomean(const std::vector<double>& v) {
@@ -96,9 +114,14 @@ void print_tables(std::ostream& os, const std::vector<CaseResult>& results,
     os << "\n== " << t << (t == 1 ? " thread" : " threads")
        << ": median ms per call; x/copy = time over a same-thread copy of the input bytes"
           " (* misses its target); vs X = X's time over normkit's ==\n";
+    const bool passes = has_passes(results, t);
+    if (passes)
+      os << "   passes/copy = the op's passes over memory alone over the copy; nk/passes = "
+            "normkit's time over theirs\n";
     std::string header = pad("op", 14, true) + pad("shape", 24, true) + pad("fmt", 6, true) +
                          pad("dtype", 5, true) + pad("MB", 8) + pad("copy", 9) +
                          pad("normkit", 9) + pad("GB/s", 7) + pad("nk/copy", 9);
+    if (passes) header += pad("passes/copy", 13) + pad("nk/passes", 11);
     for (const auto& a : anchors) header += pad(a + "/copy", 13);
     for (const auto& a : anchors) header += pad("vs " + a, 11);
     header += "  check";
@@ -128,6 +151,9 @@ void print_tables(std::ostream& os, const std::vector<CaseResult>& results,
                                    : "-",
                              7) +
                          pad(ratio_s, 9);
+      if (passes)
+        line += pad(fmt("%.2f", r.ratio_to_copy("passes")), 13) +
+                pad(fmt("%.2f", ratio / r.ratio_to_copy("passes")), 11);
       for (const auto& a : anchors) line += pad(fmt("%.2f", r.ratio_to_copy(a)), 13);
       for (const auto& a : anchors) {
         const double s = r.normkit_speedup_over(a);
@@ -192,6 +218,21 @@ void print_summary(std::ostream& os, const std::vector<CaseResult>& results,
     for (const auto& [what, m] : met)
       os << "target " << what << " (shapes >= 1 MB): met in " << m.first << " of " << m.second
          << " cases\n";
+    if (has_passes(results, t)) {
+      // Where the time goes beyond the memory passes themselves.
+      std::map<std::string, std::vector<double>> over_passes, passes_to_copy;
+      for (const auto& r : results) {
+        const double nk = r.ratio_to_copy("normkit"), p = r.ratio_to_copy("passes");
+        if (r.threads != t || !target_for(r.c) || !std::isfinite(nk) || !std::isfinite(p))
+          continue;
+        over_passes[r.c.op_name()].push_back(nk / p);
+        passes_to_copy[r.c.op_name()].push_back(p);
+      }
+      for (const auto& [op, v] : over_passes)
+        os << "passes, " << op << " (shapes >= 1 MB, " << v.size() << " cases): median "
+           << fmt("%.2f", median(passes_to_copy[op])) << "x copy; normkit median "
+           << fmt("%.2f", median(v)) << "x passes\n";
+    }
     std::sort(misses.rbegin(), misses.rend());
     if (!misses.empty()) os << "  misses, worst first:\n";
     for (const auto& [over, text] : misses) os << "    " << text << "\n";
@@ -218,8 +259,9 @@ void write_csv(const std::string& path, const std::vector<CaseResult>& results) 
                                     c.timing.median_seconds / 1e9)
                   : "")
         << ',' << (timed ? fmt("%.4f", r.ratio_to_copy(c.name)) : "") << ','
-        << (c.name != "normkit" && c.name != "copy" ? fmt("%.4f", r.normkit_speedup_over(c.name))
-                                                     : "")
+        << (c.name != "normkit" && !is_yardstick(c.name)
+                ? fmt("%.4f", r.normkit_speedup_over(c.name))
+                : "")
         << ',' << csv_field(c.note) << '\n';
     }
   }
