@@ -72,6 +72,9 @@ def main():
         print("Median ms per call. *x/copy*: time over a same-thread copy of the input bytes "
               "(**bold**: misses its target). *vs X*: X's time over normkit's (above 1: normkit "
               "is faster).")
+        if has_passes:
+            print("*passes x/copy*: the op's own passes over memory (normkit-bench --passes) over "
+                  "the copy; *normkit x/passes*: normkit's time over theirs.")
         current_set = None
         speedups = defaultdict(list)
         by_op = defaultdict(lambda: defaultdict(list))
