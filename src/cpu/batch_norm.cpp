@@ -8,6 +8,7 @@
 #include <hwy/highway.h>
 
 #include "cpu/batch_norm.h"
+#include "cpu/parallel.h"
 #include "cpu/simd.h"
 
 #include <algorithm>
@@ -628,37 +629,33 @@ inline Stats stats_of(const PairSums& s, float pivot, double count) {
 
 // Calls run(c, offset, length) over channels-first runs (pieces of one (n, c) plane), or
 // rows(offset, row_count) over blocks of channels-last rows; pieces fixed by the shape, shared
-// among the threads of the region.
+// among the threads of the region (barrier included). `stream`: the calls may write with
+// non-temporal stores, which each thread fences after its share.
 template <class RunFn, class RowsFn>
-void ForEachPiece(const BatchNormShape& sh, RunFn run, RowsFn rows) {
+void ForEachPiece(const BatchNormShape& sh, bool stream, RunFn run, RowsFn rows) {
   if (reads_as_rows(sh)) {
     const int64_t n_rows = sh.batch * sh.spatial;
     const int64_t per_piece = std::max<int64_t>(1, kUnitElements / sh.channels);
-    const int64_t pieces = ceil_div(n_rows, per_piece);
-#pragma omp for schedule(static)
-    for (int64_t k = 0; k < pieces; ++k) {
+    for_in_region(ceil_div(n_rows, per_piece), stream, [&](int64_t k) {
       const int64_t r0 = k * per_piece;
       rows(r0 * sh.channels, std::min(per_piece, n_rows - r0));
-    }
+    });
   } else {
     const int64_t planes = sh.batch * sh.channels;
     if (sh.spatial < kUnitElements) {
       // Several whole planes per piece, so that short planes do not each cost a piece.
       const int64_t per_piece = kUnitElements / sh.spatial;
-      const int64_t pieces = ceil_div(planes, per_piece);
-#pragma omp for schedule(static)
-      for (int64_t k = 0; k < pieces; ++k)
+      for_in_region(ceil_div(planes, per_piece), stream, [&](int64_t k) {
         for (int64_t plane = k * per_piece; plane < std::min(planes, (k + 1) * per_piece); ++plane)
           run(plane % sh.channels, plane * sh.spatial, sh.spatial);
+      });
     } else {
       const int64_t per_plane = ceil_div(sh.spatial, kUnitElements);
-      const int64_t pieces = planes * per_plane;
-#pragma omp for schedule(static)
-      for (int64_t k = 0; k < pieces; ++k) {
+      for_in_region(planes * per_plane, stream, [&](int64_t k) {
         const int64_t plane = k / per_plane, begin = (k % per_plane) * kUnitElements;
         run(plane % sh.channels, plane * sh.spatial + begin,
             std::min(kUnitElements, sh.spatial - begin));
-      }
+      });
     }
   }
 }
@@ -672,16 +669,17 @@ void ApplyForward(const ForwardJob& job, const float* a, const float* b) {
   const bool stream = Streams<T>(sh.batch * sh.channels * sh.spatial);
   if (by_slabs(sh, stream)) {
     const int64_t per = std::max<int64_t>(1, kSlabValues / sh.spatial);
-#pragma omp for schedule(static)
-    for (int64_t c0 = 0; c0 < sh.channels; c0 += per)
+    for_in_region(ceil_div(sh.channels, per), stream, [&](int64_t k) {
+      const int64_t c0 = k * per;
       ForwardSlabs<kResidual, kRelu>(sh, x, r, y, c0, std::min(sh.channels, c0 + per), a + c0,
                                      b + c0, stream);
+    });
     return;
   }
   WithStream<T>(stream, [&](auto kS) {
     constexpr bool S = decltype(kS)::value;
     ForEachPiece(
-        sh,
+        sh, stream,
         [&](int64_t c, int64_t o, int64_t length) {
           ForwardRun<kResidual, kRelu, S>(x + o, at(r, o), y + o, length, a[c], b[c]);
         },
@@ -729,10 +727,9 @@ void ForwardTrainingT(const ForwardJob& job, float* save_mean, float* save_invst
     // cache.
     const int64_t S = sh.spatial, B = local_block_channels(sh, sizeof(T), bytes, num_threads);
     const bool stream = Streams<T>(sh.batch * C * S);
-#pragma omp parallel for num_threads(num_threads) schedule(static) \
-    if (worth_threads(num_threads, C * S * sh.batch))
-    for (int64_t c0 = 0; c0 < C; c0 += B) {
-      const int64_t c1 = std::min(C, c0 + B);
+    parallel_for(ceil_div(C, B), num_threads, worth_threads(num_threads, C * S * sh.batch), stream,
+                 [&](int64_t block) {
+      const int64_t c0 = block * B, c1 = std::min(C, c0 + B);
       float pivot[kMaxBlockChannels], a[kMaxBlockChannels], b[kMaxBlockChannels];
       StackSlots<PairSums, kMaxBlockChannels> sums;
       for (int64_t c = c0; c < c1; ++c) {
@@ -745,7 +742,7 @@ void ForwardTrainingT(const ForwardJob& job, float* save_mean, float* save_invst
         finish(c, sums[c - c0], pivot[c - c0], a[c - c0], b[c - c0]);
       if (c1 - c0 > 1 && (c1 - c0) * S <= kSlabValues && by_slabs(sh, stream)) {
         ForwardSlabs<kResidual, kRelu>(sh, x, r, y, c0, c1, a, b, stream);
-        continue;
+        return;
       }
       for (int64_t n = 0; n < sh.batch; ++n)
         for (int64_t c = c0; c < c1; ++c) {
@@ -755,7 +752,7 @@ void ForwardTrainingT(const ForwardJob& job, float* save_mean, float* save_invst
                                                                a[c - c0], b[c - c0]);
           });
         }
-    }
+    });
     return;
   }
 
@@ -826,10 +823,9 @@ void BackwardTrainingT(const BackwardJob& job, const float* save_mean, const flo
   if (channel_local(plan, sh, reread, num_threads)) {
     const int64_t S = sh.spatial, B = local_block_channels(sh, sizeof(T), reread, num_threads);
     const bool stream = Streams<T>(count * C);
-#pragma omp parallel for num_threads(num_threads) schedule(static) \
-    if (worth_threads(num_threads, C * count))
-    for (int64_t c0 = 0; c0 < C; c0 += B) {
-      const int64_t c1 = std::min(C, c0 + B);
+    parallel_for(ceil_div(C, B), num_threads, worth_threads(num_threads, C * count), stream,
+                 [&](int64_t block) {
+      const int64_t c0 = block * B, c1 = std::min(C, c0 + B);
       StackSlots<PairSums, kMaxBlockChannels> s;
       BackwardCoefficients k[kMaxBlockChannels];
       for (int64_t c = c0; c < c1; ++c) s.emplace(c - c0);
@@ -846,7 +842,7 @@ void BackwardTrainingT(const BackwardJob& job, const float* save_mean, const flo
                 dy + o, x + o, at(y, o), dx + o, at(dres, o), S, kc.p, kc.q, kc.r, save_mean[c]);
           });
         }
-    }
+    });
     return;
   }
 
@@ -866,7 +862,7 @@ void BackwardTrainingT(const BackwardJob& job, const float* save_mean, const flo
     WithStream<T>(stream, [&](auto kS) {
       constexpr bool S = decltype(kS)::value;
       ForEachPiece(
-          sh,
+          sh, stream,
           [&](int64_t c, int64_t o, int64_t length) {
             BackwardRun<kRelu, kDresidual, true, S>(dy + o, x + o, at(y, o), dx + o, at(dres, o),
                                                     length, p[c], q[c], r[c], save_mean[c]);
@@ -907,7 +903,7 @@ void BackwardInferenceT(const BackwardJob& job, const float* running_mean,
                                        sums.second / std::sqrt(double(running_var[c]) + eps));
                                });
     ForEachPiece(
-        sh,
+        sh, /*stream=*/false,
         [&](int64_t c, int64_t o, int64_t length) {
           BackwardRun<kRelu, kDresidual, false>(dy + o, static_cast<const T*>(nullptr),
                                                 at(y, o), dx + o, at(dres, o), length, p[c], 0.f,

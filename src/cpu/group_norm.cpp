@@ -7,6 +7,7 @@
 
 #include "cpu/group_norm.h"
 #include "cpu/moments.h"
+#include "cpu/parallel.h"
 #include "cpu/simd.h"
 
 #include <algorithm>
@@ -629,24 +630,22 @@ void fold_and_apply(T* y, const T* x, const double* mean, const double* rstd,
   const bool stream = streams_output<T>(N * C * S);
   if (t.format == MemoryFormat::channels_first) {
     const RowPieces p(N * C, S);
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-    for (int64_t u = 0; u < p.units; ++u)
+    parallel_for(p.units, num_threads, parallel, stream, [&](int64_t u) {
       p.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) {
         const int64_t at = row * S + lo;
         k.affine_run(y + at, x + at, r ? r + at : nullptr, hi - lo, m[row], a[row], b[row],
                      epi.relu, stream);
       });
+    });
   } else {
     const RowBlocks rb(S, C);
-    const int64_t units = N * rb.units_per_sample;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-    for (int64_t u = 0; u < units; ++u) {
+    parallel_for(N * rb.units_per_sample, num_threads, parallel, stream, [&](int64_t u) {
       const int64_t n = u / rb.units_per_sample, r0 = (u % rb.units_per_sample) * rb.unit_rows;
       const int64_t rows = std::min(S - r0, rb.unit_rows);
       const int64_t at = (n * S + r0) * C;
       k.affine_rows(y + at, x + at, r ? r + at : nullptr, rows, C, m + n * C, a + n * C,
                     b + n * C, epi.relu, stream);
-    }
+    });
   }
 }
 
@@ -694,8 +693,7 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
       group_len * int64_t(sizeof(T)) <= kCachedGroupBytes) {
     const auto& k = kernels<T>();
     const T* r = epi.residual;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-    for (int64_t i = 0; i < N * G; ++i) {
+    parallel_for(N * G, num_threads, parallel, stream, [&](int64_t i) {
       const int64_t n = i / G, g = i % G;
       double mu, rs;
       finish_stats(run_moments(x + i * group_len, group_len), eps, &mu, &rs, mean + i, rstd + i,
@@ -705,7 +703,7 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
         const int64_t at = (n * C + c) * S;
         k.affine_run(y + at, x + at, r ? r + at : nullptr, S, f.m, f.a, f.b, epi.relu, stream);
       }
-    }
+    });
     return;
   }
 
@@ -722,8 +720,7 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
     const auto& k = kernels<T>();
     const StatisticsUnits su(S, C);
     const T* r = epi.residual;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-    for (int64_t n = 0; n < N; ++n) {
+    parallel_for(N, num_threads, parallel, stream, [&](int64_t n) {
       for (int64_t q = 0; q < su.units_per_sample; ++q) {
         const int64_t u = n * su.units_per_sample + q;
         unit_group_moments(k, x, t, su, u, s.pieces + u * G);
@@ -737,7 +734,7 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
       fold_sample(mu, rs, weight, bias, t, n, m, a, b);
       const int64_t at = n * S * C;
       k.affine_rows(y + at, x + at, r ? r + at : nullptr, S, C, m, a, b, epi.relu, stream);
-    }
+    });
     return;
   }
 
@@ -872,8 +869,7 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
     const RowPieces p(N * C, S);
 #pragma omp parallel num_threads(num_threads) if (parallel)
     {
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < N * G; ++i) {
+      for_in_region(N * G, stream, [&](int64_t i) {
         const int64_t row0 = (i / G) * C + (i % G) * per_group;
         for (int64_t row = row0; row < row0 + per_group; ++row) {
           double sd = 0, sx = 0;
@@ -889,7 +885,7 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
         for (int64_t row = row0; row < row0 + per_group; ++row)
           for (int64_t q = 0; q < p.pieces; ++q)
             row_dx(row, q * kRunChunk, std::min(S, (q + 1) * kRunChunk));
-      }
+      });
       if (dweight || dbias) {
 #pragma omp for schedule(static)
         for (int64_t c = 0; c < C; ++c) weight_gradients(c);
@@ -971,20 +967,18 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
 
   if (channels_first) {
     const RowPieces p(N * C, S);
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-    for (int64_t u = 0; u < p.units; ++u)
+    parallel_for(p.units, num_threads, parallel, stream, [&](int64_t u) {
       p.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) { row_dx(row, lo, hi); });
+    });
   } else {
     const RowBlocks rb(S, C);
-    const int64_t units = N * rb.units_per_sample;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-    for (int64_t u = 0; u < units; ++u) {
+    parallel_for(N * rb.units_per_sample, num_threads, parallel, stream, [&](int64_t u) {
       const int64_t n = u / rb.units_per_sample, r0 = (u % rb.units_per_sample) * rb.unit_rows;
       const int64_t at = (n * S + r0) * C;
       k.dx_rows(dx + at, gin + at, gmask ? gmask + at : nullptr, x + at,
                 std::min(S - r0, rb.unit_rows), C, ca + n * C, cb + n * C, cm + n * C,
                 cc + n * C, stream);
-    }
+    });
   }
 }
 

@@ -7,6 +7,7 @@
 
 #include "cpu/layer_norm.h"
 #include "cpu/moments.h"
+#include "cpu/parallel.h"
 #include "cpu/simd.h"
 
 #include <algorithm>
@@ -384,15 +385,14 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
   const bool stream = streams_output<T>(rows * cols);  // y with non-temporal stores
 
   if (rows >= kCachedMinRows && cols * int64_t(sizeof(T)) <= kCachedRowBytes) {
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-    for (int64_t row = 0; row < rows; ++row) {
+    parallel_for(rows, num_threads, parallel, stream, [&](int64_t row) {
       const int64_t at = row * cols;
       const RowCoef f = fold(run_moments(x + at, cols), eps);
       mean[row] = f.m;
       rstd[row] = f.r;
       k.apply_run(y + at, x + at, res ? res + at : nullptr, w, b, cols, f.m, f.r, f.t, epi.relu,
                   stream);
-    }
+    });
     return;
   }
 
@@ -406,13 +406,13 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
     tail[row] = f.t;
   }
   const RowPieces rp(rows, cols);
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-  for (int64_t u = 0; u < rp.units; ++u)
+  parallel_for(rp.units, num_threads, parallel, stream, [&](int64_t u) {
     rp.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) {
       const int64_t at = row * cols + lo;
       k.apply_run(y + at, x + at, res ? res + at : nullptr, w + lo, b + lo, hi - lo, mean[row],
                   rstd[row], tail[row], epi.relu, stream);
     });
+  });
 }
 
 // Per row, over its M elements, with g the incoming gradient after the epilogue's mask and
@@ -489,15 +489,14 @@ void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
   // Both orders below compute every partial from the same terms in the same order: the same bits.
   if (row_blocks >= kCachedMinRowBlocks && cols * int64_t(sizeof(T)) <= kCachedGradRowBytes) {
     // Each row's dx right after its sums, while the row is in cache.
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-    for (int64_t rb = 0; rb < row_blocks; ++rb) {
+    parallel_for(row_blocks, num_threads, parallel, stream, [&](int64_t rb) {
       clear_columns(rb, 0, cols);
       for (int64_t row = rb * kRowBlock; row < std::min(rows, (rb + 1) * kRowBlock); ++row) {
         for (int64_t q = 0; q < pieces; ++q) row_sums(rb, row, q);
         coefficients(row);
         dx_piece(row, 0, cols);
       }
-    }
+    });
   } else {
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
     for (int64_t u = 0; u < row_blocks * pieces; ++u) {
@@ -509,9 +508,9 @@ void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel && rows > 1)
     for (int64_t row = 0; row < rows; ++row) coefficients(row);
     const RowPieces rp(rows, cols);
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-    for (int64_t u = 0; u < rp.units; ++u)
+    parallel_for(rp.units, num_threads, parallel, stream, [&](int64_t u) {
       rp.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) { dx_piece(row, lo, hi); });
+    });
   }
 
   if (!want_columns) return;

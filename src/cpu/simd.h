@@ -131,8 +131,8 @@ HWY_INLINE void StoreF(hn::Vec<D> v, D d, f16* HWY_RESTRICT p) {
 // each line it writes (three memory transfers per byte instead of two), a non-temporal store
 // does not, and leaves the cached inputs in place. Used for float32 outputs of at least
 // kStreamBytes, on full vectors at aligned addresses; the elementwise arithmetic is the same,
-// so the bits are. Each loop that streams ends with hwy::FlushStream() (orders the stores
-// before the threads' barrier).
+// so the bits are. The loops below do not fence what they stream: the thread fences once after
+// its share of the pass (cpu/parallel.h), before the threads' barrier.
 
 // Whether float vectors can be streamed on this target.
 constexpr bool kCanStream = hn::MaxLanes(DF()) > 1;
@@ -191,8 +191,9 @@ void WithStream(bool stream, F&& f) {
 // ---- the loops of the elementwise passes ----
 // Each pass is a step over one vector or one lane, called as step(d, i, stream): d is DF for a
 // full vector and D1 for a single value, `stream` a std::bool_constant saying whether that store
-// may be non-temporal. The loops below own the order of the steps, the alignment head and the
-// closing FlushStream, so every op streams the same way.
+// may be non-temporal. The loops below own the order of the steps and the alignment head, so
+// every op streams the same way; a pass that streams runs inside cpu/parallel.h's loops, which
+// fence.
 
 // Steps over i in [0, n) of a run that writes `out`. With kStream: one-lane steps up to the
 // first aligned vector of out, then streamed vectors; a run StreamsRun refuses is stored
@@ -218,7 +219,6 @@ HWY_INLINE void ForEachInRun(T* out, int64_t n, const Step& step) {
     i += N;
   }
   for (; i < n; ++i) step(d1, i, lane_store);
-  if constexpr (kStream) hwy::FlushStream();
 }
 
 // Steps over `rows` contiguous rows of `channels` values that write `out` (channels-last):
@@ -239,7 +239,6 @@ HWY_INLINE void ForEachInRows(T* out, int64_t rows, int64_t channels, const Step
     for (; c + N <= channels; c += N) step(d, o, c, vector_store);
     for (; c < channels; ++c) step(d1, o, c, lane_store);
   }
-  if constexpr (kStream) hwy::FlushStream();
 }
 
 // Sum of the lanes of v in double, in lane order: fixed for a target.
