@@ -385,13 +385,20 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
   const bool stream = streams_output<T>(rows * cols);  // y with non-temporal stores
 
   if (rows >= kCachedMinRows && cols * int64_t(sizeof(T)) <= kCachedRowBytes) {
-    parallel_for(rows, num_threads, parallel, stream, [&](int64_t row) {
-      const int64_t at = row * cols;
-      const RowCoef f = fold(run_moments(x + at, cols), eps);
-      mean[row] = f.m;
-      rstd[row] = f.r;
-      k.apply_run(y + at, x + at, res ? res + at : nullptr, w, b, cols, f.m, f.r, f.t, epi.relu,
-                  stream);
+    // Rows two at a time: their statistics side by side (run_pair_moments), then their outputs.
+    parallel_for((rows + 1) / 2, num_threads, parallel, stream, [&](int64_t pair) {
+      const int64_t row0 = 2 * pair, count = std::min<int64_t>(2, rows - row0);
+      Moments mo[2];
+      if (count == 2) run_pair_moments(x + row0 * cols, x + (row0 + 1) * cols, cols, mo);
+      else mo[0] = run_moments(x + row0 * cols, cols);
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t row = row0 + j, at = row * cols;
+        const RowCoef f = fold(mo[j], eps);
+        mean[row] = f.m;
+        rstd[row] = f.r;
+        k.apply_run(y + at, x + at, res ? res + at : nullptr, w, b, cols, f.m, f.r, f.t,
+                    epi.relu, stream);
+      }
     });
     return;
   }

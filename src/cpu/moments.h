@@ -64,6 +64,11 @@ inline constexpr int64_t kRunChunk = 2048;
 template <typename T>
 Moments run_moments(const T* x, int64_t n);
 
+// out[0] = run_moments(a, n) and out[1] = run_moments(b, n), bitwise, computed side by side (the
+// two runs' loads and dependent sums overlap).
+template <typename T>
+void run_pair_moments(const T* a, const T* b, int64_t n, Moments* out);
+
 // Number of kRunChunk pieces of a run of n floats (0 for n == 0).
 inline int64_t run_piece_count(int64_t n) { return (n + kRunChunk - 1) / kRunChunk; }
 

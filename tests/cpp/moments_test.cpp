@@ -1,6 +1,7 @@
 // The shared statistics kernels (src/cpu/moments.h) on every SIMD target this machine runs,
 // for each activation dtype: against float64 two-pass sums of the same (rounded) values, at
-// every loop-tail remainder, piecewise merging, and thread-count invariance.
+// every loop-tail remainder, piecewise merging, two runs side by side, and thread-count
+// invariance.
 #include <gtest/gtest.h>
 
 #include <hwy/targets.h>
@@ -67,6 +68,16 @@ void check_runs() {
     for (int64_t s = 0; s < n; s += cpu::kRunChunk)
       merged = cpu::merge(merged, cpu::run_moments(x.data() + s, std::min(cpu::kRunChunk, n - s)));
     EXPECT_TRUE(same_bits(got, merged)) << "n=" << n;
+    // Two runs side by side: each gets its own bits, whichever position it takes.
+    const auto y = rounded<T>(random_normal(std::size_t(n), rng, -offset, 3.0));
+    const Moments want_y = cpu::run_moments(y.data(), n);
+    Moments two[2];
+    cpu::run_pair_moments(x.data(), y.data(), n, two);
+    EXPECT_TRUE(same_bits(two[0], got)) << "n=" << n;
+    EXPECT_TRUE(same_bits(two[1], want_y)) << "n=" << n;
+    cpu::run_pair_moments(y.data(), x.data(), n, two);
+    EXPECT_TRUE(same_bits(two[0], want_y)) << "n=" << n;
+    EXPECT_TRUE(same_bits(two[1], got)) << "n=" << n;
   }
 }
 
