@@ -693,15 +693,23 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
       group_len * int64_t(sizeof(T)) <= kCachedGroupBytes) {
     const auto& k = kernels<T>();
     const T* r = epi.residual;
-    parallel_for(N * G, num_threads, parallel, stream, [&](int64_t i) {
-      const int64_t n = i / G, g = i % G;
-      double mu, rs;
-      finish_stats(run_moments(x + i * group_len, group_len), eps, &mu, &rs, mean + i, rstd + i,
-                   variance ? variance + i : nullptr);
-      for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-        const Coef f = fold(mu, rs, weight, bias, c);
-        const int64_t at = (n * C + c) * S;
-        k.affine_run(y + at, x + at, r ? r + at : nullptr, S, f.m, f.a, f.b, epi.relu, stream);
+    // Groups two at a time when there are enough for every thread: their statistics side by
+    // side (run_pair_moments), then their outputs.
+    const int64_t per = N * G >= 2 * int64_t(std::max(num_threads, 1)) ? 2 : 1;
+    parallel_for((N * G + per - 1) / per, num_threads, parallel, stream, [&](int64_t unit) {
+      const int64_t i0 = per * unit, count = std::min(per, N * G - i0);
+      Moments mo[2];
+      if (count == 2) run_pair_moments(x + i0 * group_len, x + (i0 + 1) * group_len, group_len, mo);
+      else mo[0] = run_moments(x + i0 * group_len, group_len);
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t i = i0 + j, n = i / G, g = i % G;
+        double mu, rs;
+        finish_stats(mo[j], eps, &mu, &rs, mean + i, rstd + i, variance ? variance + i : nullptr);
+        for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+          const Coef f = fold(mu, rs, weight, bias, c);
+          const int64_t at = (n * C + c) * S;
+          k.affine_run(y + at, x + at, r ? r + at : nullptr, S, f.m, f.a, f.b, epi.relu, stream);
+        }
       }
     });
     return;

@@ -385,9 +385,11 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
   const bool stream = streams_output<T>(rows * cols);  // y with non-temporal stores
 
   if (rows >= kCachedMinRows && cols * int64_t(sizeof(T)) <= kCachedRowBytes) {
-    // Rows two at a time: their statistics side by side (run_pair_moments), then their outputs.
-    parallel_for((rows + 1) / 2, num_threads, parallel, stream, [&](int64_t pair) {
-      const int64_t row0 = 2 * pair, count = std::min<int64_t>(2, rows - row0);
+    // Rows two at a time when there are enough for every thread: their statistics side by side
+    // (run_pair_moments), then their outputs.
+    const int64_t per = rows >= 2 * int64_t(std::max(num_threads, 1)) ? 2 : 1;
+    parallel_for((rows + per - 1) / per, num_threads, parallel, stream, [&](int64_t unit) {
+      const int64_t row0 = per * unit, count = std::min(per, rows - row0);
       Moments mo[2];
       if (count == 2) run_pair_moments(x + row0 * cols, x + (row0 + 1) * cols, cols, mo);
       else mo[0] = run_moments(x + row0 * cols, cols);
