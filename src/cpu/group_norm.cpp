@@ -693,9 +693,12 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
       group_len * int64_t(sizeof(T)) <= kCachedGroupBytes) {
     const auto& k = kernels<T>();
     const T* r = epi.residual;
-    // Groups two at a time when there are enough for every thread: their statistics side by
-    // side (run_pair_moments), then their outputs.
-    const int64_t per = N * G >= 2 * int64_t(std::max(num_threads, 1)) ? 2 : 1;
+    // Groups two at a time when there are enough for every thread and both fit the cache
+    // budget together: their statistics side by side (run_pair_moments), then their outputs.
+    const int64_t per = N * G >= 2 * int64_t(std::max(num_threads, 1)) &&
+                                2 * group_len * int64_t(sizeof(T)) <= kCachedGroupBytes
+                            ? 2
+                            : 1;
     parallel_for((N * G + per - 1) / per, num_threads, parallel, stream, [&](int64_t unit) {
       const int64_t i0 = per * unit, count = std::min(per, N * G - i0);
       Moments mo[2];

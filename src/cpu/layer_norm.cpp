@@ -385,9 +385,12 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
   const bool stream = streams_output<T>(rows * cols);  // y with non-temporal stores
 
   if (rows >= kCachedMinRows && cols * int64_t(sizeof(T)) <= kCachedRowBytes) {
-    // Rows two at a time when there are enough for every thread: their statistics side by side
-    // (run_pair_moments), then their outputs.
-    const int64_t per = rows >= 2 * int64_t(std::max(num_threads, 1)) ? 2 : 1;
+    // Rows two at a time when there are enough for every thread and both fit the cache budget
+    // together: their statistics side by side (run_pair_moments), then their outputs.
+    const int64_t per = rows >= 2 * int64_t(std::max(num_threads, 1)) &&
+                                2 * cols * int64_t(sizeof(T)) <= kCachedRowBytes
+                            ? 2
+                            : 1;
     parallel_for((rows + per - 1) / per, num_threads, parallel, stream, [&](int64_t unit) {
       const int64_t row0 = per * unit, count = std::min(per, rows - row0);
       Moments mo[2];
