@@ -693,26 +693,17 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
       group_len * int64_t(sizeof(T)) <= kCachedGroupBytes) {
     const auto& k = kernels<T>();
     const T* r = epi.residual;
-    // Groups two at a time when there are enough for every thread and both fit the cache
-    // budget together: their statistics side by side (run_pair_moments), then their outputs.
-    const int64_t per = N * G >= 2 * int64_t(std::max(num_threads, 1)) &&
-                                2 * group_len * int64_t(sizeof(T)) <= kCachedGroupBytes
-                            ? 2
-                            : 1;
-    parallel_for((N * G + per - 1) / per, num_threads, parallel, stream, [&](int64_t unit) {
-      const int64_t i0 = per * unit, count = std::min(per, N * G - i0);
-      Moments mo[2];
-      if (count == 2) run_pair_moments(x + i0 * group_len, x + (i0 + 1) * group_len, group_len, mo);
-      else mo[0] = run_moments(x + i0 * group_len, group_len);
-      for (int64_t j = 0; j < count; ++j) {
-        const int64_t i = i0 + j, n = i / G, g = i % G;
-        double mu, rs;
-        finish_stats(mo[j], eps, &mu, &rs, mean + i, rstd + i, variance ? variance + i : nullptr);
-        for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-          const Coef f = fold(mu, rs, weight, bias, c);
-          const int64_t at = (n * C + c) * S;
-          k.affine_run(y + at, x + at, r ? r + at : nullptr, S, f.m, f.a, f.b, epi.relu, stream);
-        }
+    // Each group's statistics (two groups side by side where they fit), then its output from
+    // cache.
+    for_each_run_moments(x, N * G, group_len, kCachedGroupBytes, num_threads, parallel, stream,
+                         [&](int64_t i, const Moments& mo) {
+      const int64_t n = i / G, g = i % G;
+      double mu, rs;
+      finish_stats(mo, eps, &mu, &rs, mean + i, rstd + i, variance ? variance + i : nullptr);
+      for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+        const Coef f = fold(mu, rs, weight, bias, c);
+        const int64_t at = (n * C + c) * S;
+        k.affine_run(y + at, x + at, r ? r + at : nullptr, S, f.m, f.a, f.b, epi.relu, stream);
       }
     });
     return;

@@ -385,25 +385,15 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
   const bool stream = streams_output<T>(rows * cols);  // y with non-temporal stores
 
   if (rows >= kCachedMinRows && cols * int64_t(sizeof(T)) <= kCachedRowBytes) {
-    // Rows two at a time when there are enough for every thread and both fit the cache budget
-    // together: their statistics side by side (run_pair_moments), then their outputs.
-    const int64_t per = rows >= 2 * int64_t(std::max(num_threads, 1)) &&
-                                2 * cols * int64_t(sizeof(T)) <= kCachedRowBytes
-                            ? 2
-                            : 1;
-    parallel_for((rows + per - 1) / per, num_threads, parallel, stream, [&](int64_t unit) {
-      const int64_t row0 = per * unit, count = std::min(per, rows - row0);
-      Moments mo[2];
-      if (count == 2) run_pair_moments(x + row0 * cols, x + (row0 + 1) * cols, cols, mo);
-      else mo[0] = run_moments(x + row0 * cols, cols);
-      for (int64_t j = 0; j < count; ++j) {
-        const int64_t row = row0 + j, at = row * cols;
-        const RowCoef f = fold(mo[j], eps);
-        mean[row] = f.m;
-        rstd[row] = f.r;
-        k.apply_run(y + at, x + at, res ? res + at : nullptr, w, b, cols, f.m, f.r, f.t,
-                    epi.relu, stream);
-      }
+    // Each row's statistics (two rows side by side where they fit), then its output from cache.
+    for_each_run_moments(x, rows, cols, kCachedRowBytes, num_threads, parallel, stream,
+                         [&](int64_t row, const Moments& mo) {
+      const int64_t at = row * cols;
+      const RowCoef f = fold(mo, eps);
+      mean[row] = f.m;
+      rstd[row] = f.r;
+      k.apply_run(y + at, x + at, res ? res + at : nullptr, w, b, cols, f.m, f.r, f.t, epi.relu,
+                  stream);
     });
     return;
   }

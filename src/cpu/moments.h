@@ -15,10 +15,12 @@
 //   float16 squares cannot overflow.
 // - Chunk boundaries depend only on the shape, and merges happen in a fixed order, so a result
 //   is bitwise identical whatever the number of threads that computed the chunks.
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
 #include "common/dtype.h"
+#include "cpu/parallel.h"
 
 namespace normkit::cpu {
 
@@ -68,6 +70,27 @@ Moments run_moments(const T* x, int64_t n);
 // two runs' loads and dependent sums overlap).
 template <typename T>
 void run_pair_moments(const T* a, const T* b, int64_t n, Moments* out);
+
+// Over the threads as parallel_for (cpu/parallel.h; `stream`: f writes with non-temporal
+// stores), calls f(i, m) for each of `runs` contiguous runs of `length` values (run i at
+// x + i * length), m being run_moments of run i, bitwise. Runs go two at a time through
+// run_pair_moments when there are two per thread and both runs fit `cache_bytes` together, so
+// that f's second read of a run still finds it in cache.
+template <typename T, class F>
+void for_each_run_moments(const T* x, int64_t runs, int64_t length, int64_t cache_bytes,
+                          int num_threads, bool parallel, bool stream, const F& f) {
+  const int64_t per = runs >= 2 * int64_t(std::max(num_threads, 1)) &&
+                              2 * length * int64_t(sizeof(T)) <= cache_bytes
+                          ? 2
+                          : 1;
+  parallel_for((runs + per - 1) / per, num_threads, parallel, stream, [&](int64_t unit) {
+    const int64_t i0 = per * unit, count = std::min(per, runs - i0);
+    Moments m[2];
+    if (count == 2) run_pair_moments(x + i0 * length, x + (i0 + 1) * length, length, m);
+    else m[0] = run_moments(x + i0 * length, length);
+    for (int64_t j = 0; j < count; ++j) f(i0 + j, m[j]);
+  });
+}
 
 // Number of kRunChunk pieces of a run of n floats (0 for n == 0).
 inline int64_t run_piece_count(int64_t n) { return (n + kRunChunk - 1) / kRunChunk; }
