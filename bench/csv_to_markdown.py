@@ -12,6 +12,7 @@ its, with medians per op on the shapes that have a target.
 import argparse
 import csv
 import math
+from statistics import median
 from collections import OrderedDict, defaultdict
 
 TARGETS = {"fwd": 1.3, "fwd_train": 1.3, "fwd_infer": 1.1, "fwd+bwd": 3.0}
@@ -26,12 +27,6 @@ def target(op, nbytes):
 
 def target_of_op(op):
     return TARGETS.get(op.split(".", 1)[1])
-
-
-def median(values):
-    v = sorted(values)
-    n = len(v)
-    return (v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])) if v else float("nan")
 
 
 def geomean(values):
@@ -136,8 +131,8 @@ def main():
             print(f"- normkit vs {a}: geometric mean speedup **{geomean(speedups[a]):.2f}×** over "
                   f"{len(speedups[a])} cases ({ops}); {a} faster in {slower} cases.")
         for op, v in sorted(over_passes.items()):
-            p = sorted(a for a, _ in v)
-            o = sorted(b for _, b in v)
+            p = [a for a, _ in v]
+            o = [b for _, b in v]
             print(f"- {op} (shapes ≥ 1 MB, {len(v)}): passes {median(p):.2f}× copy, "
                   f"normkit {median(o):.2f}× passes (medians); passes within the target in "
                   f"{sum(a <= target_of_op(op) for a in p)}.")

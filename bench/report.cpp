@@ -25,13 +25,6 @@ std::string pad(const std::string& s, std::size_t width, bool left = false) {
   return left ? s + std::string(width - s.size(), ' ') : std::string(width - s.size(), ' ') + s;
 }
 
-double median(std::vector<double> v) {
-  if (v.empty()) return NAN;
-  std::sort(v.begin(), v.end());
-  const std::size_t m = v.size() / 2;
-  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
-}
-
 // Whether any case at `threads` timed the passes yardstick.
 bool has_passes(const std::vector<CaseResult>& results, int threads) {
   for (const auto& r : results) {

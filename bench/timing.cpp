@@ -55,14 +55,19 @@ std::vector<Timing> measure_interleaved(const std::vector<Candidate*>& candidate
     }
   }
   for (std::size_t i = 0; i < n; ++i) {
-    auto& s = samples[i];
-    std::sort(s.begin(), s.end());
-    const std::size_t m = s.size();
-    out[i].median_seconds = m % 2 ? s[m / 2] : 0.5 * (s[m / 2 - 1] + s[m / 2]);
-    out[i].min_seconds = s.front();
-    out[i].reps = static_cast<int>(m);
+    const auto& s = samples[i];
+    out[i].median_seconds = median(s);
+    out[i].min_seconds = *std::min_element(s.begin(), s.end());
+    out[i].reps = static_cast<int>(s.size());
   }
   return out;
+}
+
+double median(std::vector<double> values) {
+  if (values.empty()) return NAN;
+  std::sort(values.begin(), values.end());
+  const std::size_t m = values.size();
+  return m % 2 ? values[m / 2] : 0.5 * (values[m / 2 - 1] + values[m / 2]);
 }
 
 }  // namespace normkit::bench

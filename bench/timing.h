@@ -31,6 +31,9 @@ struct Timing {
   int calls_per_sample = 0;
 };
 
+// Median of the values (the mean of the two middle ones for an even count); NaN for none.
+double median(std::vector<double> values);
+
 // Times run() of each candidate (all already prepared, threads set, and run once).
 std::vector<Timing> measure_interleaved(const std::vector<Candidate*>& candidates,
                                         const TimingOptions& options);
