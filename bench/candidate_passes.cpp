@@ -15,8 +15,9 @@
 //   backward           sum(dy), sum(dy*x); dx = a*dy + b*x + c    (dy and x read twice, dx written)
 //   forward+backward   the forward over the whole slice, then the backward
 // The threads split the units (or, with fewer units than threads, the values) into one
-// contiguous slice each, as the copy does. Like normkit, float32 outputs of kStreamBytes and
-// more are written with non-temporal stores. float32 only; no fused epilogue.
+// contiguous slice each, as the copy does. Outputs normkit streams (cpu/simd.h's
+// streams_output) are written with non-temporal stores here too. float32 only; no fused
+// epilogue.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "candidate_passes.cpp"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
@@ -31,14 +32,7 @@
 #include <string>
 
 #include "candidate.h"
-
-#ifndef NORMKIT_BENCH_PASSES_ONCE_
-#define NORMKIT_BENCH_PASSES_ONCE_
-namespace normkit::bench::passes {
-// Output bytes from which normkit's elementwise passes stream (src/cpu/simd.h).
-constexpr int64_t kStreamBytes = int64_t(16) << 20;
-}  // namespace normkit::bench::passes
-#endif
+#include "cpu/simd.h"  // normkit's streaming threshold and store alignment
 
 HWY_BEFORE_NAMESPACE();
 namespace normkit::bench::passes::HWY_NAMESPACE {
@@ -53,9 +47,7 @@ HWY_INLINE void Put(DF d, hn::Vec<DF> v, float* p, bool aligned) {
   if (kStream && aligned) hn::Stream(v, d, p); else hn::StoreU(v, d, p);
 }
 
-bool Aligned(DF d, const float* p) {
-  return reinterpret_cast<uintptr_t>(p) % (hn::Lanes(d) * sizeof(float)) == 0;
-}
+bool Aligned(const float* p) { return normkit::cpu::HWY_NAMESPACE::ToAligned(p, 1) == 0; }
 
 // Sum of n floats, four accumulators so that the adds' latency does not bound the loop.
 float Sum(const float* HWY_RESTRICT x, int64_t n) {
@@ -80,7 +72,7 @@ template <bool kStream>
 void Scale(const float* HWY_RESTRICT x, float* HWY_RESTRICT y, int64_t n, float a, float b) {
   const DF d;
   const int64_t N = int64_t(hn::Lanes(d));
-  const bool aligned = Aligned(d, y);
+  const bool aligned = Aligned(y);
   const auto va = hn::Set(d, a), vb = hn::Set(d, b);
   int64_t i = 0;
   for (; i + N <= n; i += N)
@@ -121,7 +113,7 @@ void BackwardT(const float* dy, const float* x, float* dx, int64_t n, int64_t un
     for (; k < m; ++k) sg += g[k], sp += g[k] * v[k];
     const float a = 0.5f + 0.0f * sg, b = 0.0f * sp - 0.125f, c = 0.0625f;
     const auto va = hn::Set(d, a), vb = hn::Set(d, b), vc = hn::Set(d, c);
-    const bool aligned = Aligned(d, out);
+    const bool aligned = Aligned(out);
     k = 0;
     for (; k + N <= m; k += N)
       Put<kStream>(d, hn::MulAdd(va, hn::LoadU(d, g + k), hn::MulAdd(vb, hn::LoadU(d, v + k), vc)),
@@ -196,7 +188,7 @@ class PassesCandidate final : public Candidate {
     dx_ = Buffer(std::size_t(n_) * sizeof(float));
     std::fill(y_.as<float>(), y_.as<float>() + n_, 0.f);  // first touch, untimed
     std::fill(dx_.as<float>(), dx_.as<float>() + n_, 0.f);
-    stream_ = n_ * int64_t(sizeof(float)) >= passes::kStreamBytes;
+    stream_ = cpu::streams_output<float>(n_);
     return "";
   }
   void set_threads(int threads) override { threads_ = threads; }
