@@ -17,15 +17,12 @@
 #include <vector>
 
 #include "normkit/normkit.h"
+#include "timing.h"  // median
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-double median(std::vector<double> v) {
-  std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
-  return v[v.size() / 2];
-}
+using normkit::bench::median;
 
 enum class Op { batch_norm, layer_norm, group_norm };
 
