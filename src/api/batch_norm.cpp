@@ -4,6 +4,8 @@
 #include "common/dtype.h"
 #include "common/validate.h"
 #include "cpu/batch_norm.h"
+#include "plan/epilogue.h"
+#include "plan/shapes.h"
 #include "ref/batch_norm.h"
 
 namespace normkit {
@@ -15,7 +17,7 @@ using detail::check_forward_epilogue;
 using detail::check_like;
 using detail::check_tensor;
 
-ref::BatchNormShape shape_of(const TensorView& x) {
+plan::BatchNormShape shape_of(const TensorView& x) {
   return {x.batch(), x.channels(), x.spatial_size(), x.format};
 }
 
@@ -77,16 +79,6 @@ cpu::ForwardJob forward_job(const BatchNormParams& params, const TensorView& x,
   job.bias = ptr(bias);
   job.eps = params.eps;
   return job;
-}
-
-template <typename A>
-ref::ForwardEpilogue<A> ref_epilogue(const ForwardEpilogue& e) {
-  return {e.relu, static_cast<const A*>(e.residual.data)};
-}
-template <typename A>
-ref::BackwardEpilogue<A> ref_epilogue(const BackwardEpilogue& e) {
-  return {e.relu, e.relu ? static_cast<const A*>(e.y.data) : nullptr,
-          static_cast<A*>(e.dresidual.data)};
 }
 
 // The checks both backwards share: x and weight, dy and dx like x, the epilogue, and the
@@ -161,7 +153,7 @@ void batch_norm_forward_training(const BatchNormParams& params, const TensorView
       ref::batch_norm_forward_training<A, float>(
           y.as<A>(), ptr(save_mean), ptr(save_invstd), ptr(running_mean), ptr(running_var),
           x.as<const A>(), ptr(weight), ptr(bias), sh, params.eps, params.momentum,
-          ref_epilogue<A>(params.epilogue));
+          plan::ForwardEpilogueOf<A>::from(params.epilogue));
     });
     return;
   }
@@ -192,7 +184,7 @@ void batch_norm_forward_inference(const BatchNormParams& params, const TensorVie
       ref::batch_norm_forward_inference<A, float>(y.as<A>(), x.as<const A>(), ptr(weight),
                                                   ptr(bias), ptr(running_mean),
                                                   ptr(running_var), sh, params.eps,
-                                                  ref_epilogue<A>(params.epilogue));
+                                                  plan::ForwardEpilogueOf<A>::from(params.epilogue));
     });
     return;
   }
@@ -229,7 +221,7 @@ void batch_norm_backward_training(const BackwardEpilogue& epilogue, const Tensor
       using A = decltype(tag);
       ref::batch_norm_backward_training<A, float>(
           dx.as<A>(), ptr(dweight), ptr(dbias), dy.as<const A>(), x.as<const A>(),
-          ptr(save_mean), ptr(save_invstd), ptr(weight), sh, ref_epilogue<A>(epilogue));
+          ptr(save_mean), ptr(save_invstd), ptr(weight), sh, plan::BackwardEpilogueOf<A>::from(epilogue));
     });
     return;
   }
@@ -268,7 +260,7 @@ void batch_norm_backward_inference(const BatchNormParams& params,
       ref::batch_norm_backward_inference<A, float>(
           dx.as<A>(), ptr(dweight), ptr(dbias), dy.as<const A>(), x.as<const A>(),
           ptr(running_mean), ptr(running_var), ptr(weight), sh, params.eps,
-          ref_epilogue<A>(epilogue));
+          plan::BackwardEpilogueOf<A>::from(epilogue));
     });
     return;
   }

@@ -36,7 +36,7 @@ int64_t check_group_input(const char* fn, const GroupNormParams& params, const T
   return batch_groups;
 }
 
-ref::GroupNormShape shape_of(const TensorView& x, int64_t groups) {
+plan::GroupNormShape shape_of(const TensorView& x, int64_t groups) {
   return {x.batch(), x.channels(), x.spatial_size(), groups, x.format};
 }
 

@@ -12,6 +12,8 @@
 #include "normkit/context.h"
 #include "normkit/epilogue.h"
 #include "normkit/tensor.h"
+#include "plan/epilogue.h"
+#include "plan/shapes.h"
 #include "ref/group_norm.h"
 
 namespace normkit::detail {
@@ -32,7 +34,7 @@ inline std::size_t group_norm_scratch_bytes(const TensorView& x, int64_t groups)
 
 // The forward on validated arguments with statistics from x: y, mean, rstd (N*G) and, when not
 // null, variance (N*G, biased) on ctx's backend.
-inline void group_norm_forward_on(const ref::GroupNormShape& sh, double eps,
+inline void group_norm_forward_on(const plan::GroupNormShape& sh, double eps,
                                   const ForwardEpilogue& epilogue, const TensorView& x,
                                   std::span<const float> weight, std::span<const float> bias,
                                   const TensorView& y, std::span<float> mean,
@@ -47,15 +49,14 @@ inline void group_norm_forward_on(const ref::GroupNormShape& sh, double eps,
     using T = decltype(tag);
     cpu::group_norm_forward(y.as<T>(), mean.data(), rstd.data(), x.as<const T>(), weight.data(),
                             bias.data(), sh, eps, thread_count(ctx), variance,
-                            cpu::GroupNormForwardEpilogue<T>{epilogue.residual.as<const T>(),
-                                                             epilogue.relu},
+                            plan::ForwardEpilogueOf<T>::from(epilogue),
                             workspace);
   });
 }
 
 // The backward on validated arguments (stats_are_constants: the gradient does not flow through
 // mean and rstd) on ctx's backend: dx, dweight, dbias, epilogue.dresidual.
-inline void group_norm_backward_on(const ref::GroupNormShape& sh, bool stats_are_constants,
+inline void group_norm_backward_on(const plan::GroupNormShape& sh, bool stats_are_constants,
                                    const BackwardEpilogue& epilogue, const TensorView& dy,
                                    const TensorView& x, std::span<const float> mean,
                                    std::span<const float> rstd, std::span<const float> weight,
@@ -72,9 +73,7 @@ inline void group_norm_backward_on(const ref::GroupNormShape& sh, bool stats_are
     cpu::group_norm_backward(dx.as<T>(), dweight.data(), dbias.data(), dy.as<const T>(),
                              x.as<const T>(), mean.data(), rstd.data(), weight.data(), sh,
                              stats_are_constants, thread_count(ctx),
-                             cpu::GroupNormBackwardEpilogue<T>{epilogue.relu,
-                                                               epilogue.y.as<const T>(),
-                                                               epilogue.dresidual.as<T>()},
+                             plan::BackwardEpilogueOf<T>::from(epilogue),
                              workspace);
   });
 }

@@ -41,7 +41,7 @@ int64_t check_instance_input(const char* fn, const InstanceNormParams& params,
   return instances;
 }
 
-ref::GroupNormShape shape_of(const TensorView& x) {
+plan::GroupNormShape shape_of(const TensorView& x) {
   return {x.batch(), x.channels(), x.spatial_size(), x.channels(), x.format};
 }
 
@@ -103,7 +103,7 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
         using T = decltype(tag);
         cpu::group_norm_apply(y.as<T>(), x.as<const T>(), ptr(mean), ptr(rstd), ptr(weight),
                               ptr(bias), sh, detail::thread_count(ctx),
-                              cpu::GroupNormForwardEpilogue<T>{epi.residual.as<const T>(), epi.relu},
+                              plan::ForwardEpilogueOf<T>::from(epi),
                               workspace);
       });
     return;

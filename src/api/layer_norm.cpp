@@ -7,6 +7,8 @@
 #include "common/dtype.h"
 #include "common/validate.h"
 #include "cpu/layer_norm.h"
+#include "plan/epilogue.h"
+#include "plan/shapes.h"
 #include "ref/layer_norm.h"
 
 namespace normkit {
@@ -40,7 +42,7 @@ void check_like_any_rank(const char* fn, const char* name, const TensorView& t,
 }
 
 // Checks of x, normalized_ndim, weight and eps; returns the row layout.
-ref::LayerNormShape check_layer_input(const char* fn, const LayerNormParams& params,
+plan::LayerNormShape check_layer_input(const char* fn, const LayerNormParams& params,
                                       const TensorView& x, std::span<const float> weight) {
   check_tensor(fn, "x", x, 1, detail::kActivationDTypes);
   const int k = params.normalized_ndim;
@@ -52,7 +54,7 @@ ref::LayerNormShape check_layer_input(const char* fn, const LayerNormParams& par
     fail(fn, "channels_last x needs normalized_ndim = rank - 1 = " + std::to_string(x.rank - 1) +
                  " (one row per sample), got " + std::to_string(k) + " (x shape " +
                  shape_string(x) + ")");
-  ref::LayerNormShape sh;
+  plan::LayerNormShape sh;
   sh.rows = product(fn, x, 0, x.rank - k);
   sh.cols = product(fn, x, x.rank - k, x.rank);
   sh.channels = channels_last ? x.shape[1] : 0;
@@ -62,7 +64,7 @@ ref::LayerNormShape check_layer_input(const char* fn, const LayerNormParams& par
 }
 
 // Bytes the CPU kernels need for this shape, or a normkit::Error when size_t cannot count them.
-std::size_t workspace_need(const char* fn, const TensorView& x, const ref::LayerNormShape& sh) {
+std::size_t workspace_need(const char* fn, const TensorView& x, const plan::LayerNormShape& sh) {
   const std::size_t need = cpu::layer_norm_workspace_size(sh);
   if (need == std::numeric_limits<std::size_t>::max())
     fail(fn, "the workspace for x shape " + shape_string(x) + " has more bytes than size_t can count");
@@ -73,7 +75,7 @@ std::size_t workspace_need(const char* fn, const TensorView& x, const ref::Layer
 // the reference backend runs, which does not use one). The CPU kernels' need is computed either
 // way, so a shape whose scratch size_t cannot count fails here rather than in an allocation.
 std::span<std::byte> checked_workspace(const char* fn, const TensorView& x,
-                                       const ref::LayerNormShape& sh, const Context& ctx) {
+                                       const plan::LayerNormShape& sh, const Context& ctx) {
   if (ctx.backend == Backend::reference) return {};
   return detail::checked_workspace(fn, "layer_norm_workspace_size(params, x)",
                                    workspace_need(fn, x, sh), ctx);
@@ -110,8 +112,7 @@ void layer_norm_forward(const LayerNormParams& params, const TensorView& x,
     using T = decltype(tag);
     cpu::layer_norm_forward(y.as<T>(), ptr(mean), ptr(rstd), x.as<const T>(), ptr(weight),
                             ptr(bias), sh, params.eps, detail::thread_count(ctx), workspace,
-                            cpu::LayerNormForwardEpilogue<T>{params.epilogue.residual.as<const T>(),
-                                                             params.epilogue.relu});
+                            plan::ForwardEpilogueOf<T>::from(params.epilogue));
   });
 }
 
@@ -150,8 +151,7 @@ void layer_norm_backward(const LayerNormParams& params, const BackwardEpilogue& 
     cpu::layer_norm_backward(
         dx.as<T>(), ptr(dweight), ptr(dbias), dy.as<const T>(), x.as<const T>(), ptr(mean),
         ptr(rstd), ptr(weight), sh, detail::thread_count(ctx), workspace,
-        cpu::LayerNormBackwardEpilogue<T>{epilogue.relu, epilogue.relu ? epilogue.y.as<const T>() : nullptr,
-                                          epilogue.dresidual.as<T>()});
+        plan::BackwardEpilogueOf<T>::from(epilogue));
   });
 }
 

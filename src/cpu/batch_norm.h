@@ -22,11 +22,11 @@
 #include <span>
 
 #include "normkit/tensor.h"
-#include "ref/batch_norm.h"
+#include "plan/shapes.h"
 
 namespace normkit::cpu {
 
-using ref::BatchNormShape;
+using plan::BatchNormShape;
 
 struct ForwardJob {
   DType dtype = DType::float32;

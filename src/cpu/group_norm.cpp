@@ -617,7 +617,7 @@ inline void fold_sample(const double* mean, const double* rstd, const float* wei
 template <typename T>
 void fold_and_apply(T* y, const T* x, const double* mean, const double* rstd,
                     const float* weight, const float* bias, const GroupNormShape& t,
-                    int num_threads, bool parallel, const GroupNormForwardEpilogue<T>& epi,
+                    int num_threads, bool parallel, const ForwardEpilogueOf<T>& epi,
                     float* coef) {
   const int64_t N = t.batch, C = t.channels, S = t.spatial;
   const auto& k = kernels<T>();
@@ -671,7 +671,7 @@ std::size_t workspace_size(const GroupNormShape& shape) {
 template <typename T>
 void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
                         const float* bias, const GroupNormShape& t, double eps, int num_threads,
-                        float* variance, const GroupNormForwardEpilogue<T>& epi,
+                        float* variance, const ForwardEpilogueOf<T>& epi,
                         std::span<std::byte> workspace) {
   const int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups;
   if (N == 0) return;
@@ -753,7 +753,7 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
 template <typename T>
 void group_norm_apply(T* y, const T* x, const float* mean, const float* rstd,
                       const float* weight, const float* bias, const GroupNormShape& t,
-                      int num_threads, const GroupNormForwardEpilogue<T>& epi,
+                      int num_threads, const ForwardEpilogueOf<T>& epi,
                       std::span<std::byte> workspace) {
   const int64_t NG = t.batch * t.groups;
   if (t.batch * t.channels * t.spatial == 0) return;  // y has no elements
@@ -777,7 +777,7 @@ template <typename T>
 void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
                          const float* mean, const float* rstd, const float* weight,
                          const GroupNormShape& t, bool stats_are_constants, int num_threads,
-                         const GroupNormBackwardEpilogue<T>& epi, std::span<std::byte> workspace) {
+                         const BackwardEpilogueOf<T>& epi, std::span<std::byte> workspace) {
   const int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups;
   const int64_t per_group = C / G;
   if (N * C * S == 0) {
@@ -987,13 +987,13 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
 #define NORMKIT_GROUP_NORM_INSTANTIATE(T)                                                      \
   template void group_norm_forward<T>(T*, float*, float*, const T*, const float*, const float*, \
                                       const GroupNormShape&, double, int, float*,               \
-                                      const GroupNormForwardEpilogue<T>&, std::span<std::byte>); \
+                                      const ForwardEpilogueOf<T>&, std::span<std::byte>); \
   template void group_norm_apply<T>(T*, const T*, const float*, const float*, const float*,     \
                                     const float*, const GroupNormShape&, int,                   \
-                                    const GroupNormForwardEpilogue<T>&, std::span<std::byte>);  \
+                                    const ForwardEpilogueOf<T>&, std::span<std::byte>);  \
   template void group_norm_backward<T>(T*, float*, float*, const T*, const T*, const float*,    \
                                        const float*, const float*, const GroupNormShape&, bool, \
-                                       int, const GroupNormBackwardEpilogue<T>&,                \
+                                       int, const BackwardEpilogueOf<T>&,                \
                                        std::span<std::byte>);
 NORMKIT_GROUP_NORM_INSTANTIATE(float)
 NORMKIT_GROUP_NORM_INSTANTIATE(bf16)

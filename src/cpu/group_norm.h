@@ -31,26 +31,14 @@
 #include <span>
 
 #include "common/dtype.h"
-#include "ref/group_norm.h"
+#include "plan/epilogue.h"
+#include "plan/shapes.h"
 
 namespace normkit::cpu {
 
-using ref::GroupNormShape;
-
-// y = relu?(norm(x) + residual?). residual: null or shaped like x.
-template <typename T>
-struct GroupNormForwardEpilogue {
-  const T* residual = nullptr;
-  bool relu = false;
-};
-
-// g = relu ? dy * (y > 0) : dy; dresidual (null: not wanted) receives g.
-template <typename T>
-struct GroupNormBackwardEpilogue {
-  bool relu = false;
-  const T* y = nullptr;  // required with relu
-  T* dresidual = nullptr;
-};
+using plan::BackwardEpilogueOf;
+using plan::ForwardEpilogueOf;
+using plan::GroupNormShape;
 
 // Bytes of scratch the three functions below need for this shape, any of them, with any
 // epilogue (a multiple of sizeof(float); 0 when N * C * S == 0).
@@ -61,7 +49,7 @@ template <typename T>
 void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
                         const float* bias, const GroupNormShape& shape, double eps,
                         int num_threads, float* variance,
-                        const GroupNormForwardEpilogue<T>& epilogue,
+                        const ForwardEpilogueOf<T>& epilogue,
                         std::span<std::byte> workspace);
 
 // Writes y = (x - mean) * rstd * weight + bias (then the epilogue) with the given per-(n, g)
@@ -69,7 +57,7 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
 template <typename T>
 void group_norm_apply(T* y, const T* x, const float* mean, const float* rstd,
                       const float* weight, const float* bias, const GroupNormShape& shape,
-                      int num_threads, const GroupNormForwardEpilogue<T>& epilogue,
+                      int num_threads, const ForwardEpilogueOf<T>& epilogue,
                       std::span<std::byte> workspace);
 
 // Writes dx, (when not null) dweight, dbias, and epilogue.dresidual. With stats_are_constants
@@ -78,7 +66,7 @@ template <typename T>
 void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
                          const float* mean, const float* rstd, const float* weight,
                          const GroupNormShape& shape, bool stats_are_constants, int num_threads,
-                         const GroupNormBackwardEpilogue<T>& epilogue,
+                         const BackwardEpilogueOf<T>& epilogue,
                          std::span<std::byte> workspace);
 
 }  // namespace normkit::cpu

@@ -342,7 +342,7 @@ const float* memory_order(const float* v, float fill, const LayerNormShape& t, f
   if (!v) {
     std::fill(out, out + t.cols, fill);
   } else {
-    for (int64_t j = 0; j < t.cols; ++j) out[j] = v[ref::layer_norm_logical_index(t, j)];
+    for (int64_t j = 0; j < t.cols; ++j) out[j] = v[plan::layer_norm_logical_index(t, j)];
   }
   return out;
 }
@@ -367,7 +367,7 @@ std::size_t layer_norm_workspace_size(const LayerNormShape& shape) {
 template <typename T>
 void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
                         const float* bias, const LayerNormShape& t, double eps, int num_threads,
-                        std::span<std::byte> workspace, const LayerNormForwardEpilogue<T>& epi) {
+                        std::span<std::byte> workspace, const ForwardEpilogueOf<T>& epi) {
   const int64_t rows = t.rows, cols = t.cols;
   if (rows <= 0) return;
   if (cols <= 0) {  // empty rows: mean 0 and rstd NaN, as torch
@@ -428,7 +428,7 @@ template <typename T>
 void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
                          const float* mean, const float* rstd, const float* weight,
                          const LayerNormShape& t, int num_threads, std::span<std::byte> workspace,
-                         const LayerNormBackwardEpilogue<T>& epi) {
+                         const BackwardEpilogueOf<T>& epi) {
   const int64_t rows = t.rows, cols = t.cols;
   if (rows <= 0 || cols <= 0) {  // no rows: the parameter gradients are empty sums
     for (int64_t j = 0; j < cols; ++j) {
@@ -524,7 +524,7 @@ void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
       sg += double(colg[rb * cols + j]);
       sx += double(colx[rb * cols + j]);
     }
-    const int64_t logical = ref::layer_norm_logical_index(t, j);
+    const int64_t logical = plan::layer_norm_logical_index(t, j);
     if (dweight) dweight[logical] = float(sx);
     if (dbias) dbias[logical] = float(sg);
   }
@@ -533,11 +533,11 @@ void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
 #define NORMKIT_LAYER_NORM_INSTANTIATE(T)                                                     \
   template void layer_norm_forward<T>(T*, float*, float*, const T*, const float*, const float*, \
                                       const LayerNormShape&, double, int,                      \
-                                      std::span<std::byte>, const LayerNormForwardEpilogue<T>&); \
+                                      std::span<std::byte>, const ForwardEpilogueOf<T>&); \
   template void layer_norm_backward<T>(T*, float*, float*, const T*, const T*, const float*,   \
                                        const float*, const float*, const LayerNormShape&, int, \
                                        std::span<std::byte>,                                   \
-                                       const LayerNormBackwardEpilogue<T>&);
+                                       const BackwardEpilogueOf<T>&);
 NORMKIT_LAYER_NORM_INSTANTIATE(float)
 NORMKIT_LAYER_NORM_INSTANTIATE(bf16)
 NORMKIT_LAYER_NORM_INSTANTIATE(f16)

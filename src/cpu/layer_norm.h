@@ -25,26 +25,14 @@
 #include <span>
 
 #include "common/dtype.h"
-#include "ref/layer_norm.h"
+#include "plan/epilogue.h"
+#include "plan/shapes.h"
 
 namespace normkit::cpu {
 
-using ref::LayerNormShape;
-
-// y = relu?(norm(x) + residual?). residual: null or shaped like x.
-template <typename T>
-struct LayerNormForwardEpilogue {
-  const T* residual = nullptr;
-  bool relu = false;
-};
-
-// g = relu ? dy * (y > 0) : dy; dresidual (null: not wanted) receives g.
-template <typename T>
-struct LayerNormBackwardEpilogue {
-  bool relu = false;
-  const T* y = nullptr;  // required with relu
-  T* dresidual = nullptr;
-};
+using plan::BackwardEpilogueOf;
+using plan::ForwardEpilogueOf;
+using plan::LayerNormShape;
 
 // Bytes of scratch the forward or the backward needs for this shape (0 when it has no
 // elements), including room to align the caller's workspace.
@@ -59,7 +47,7 @@ template <typename T>
 void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
                         const float* bias, const LayerNormShape& shape, double eps,
                         int num_threads, std::span<std::byte> workspace = {},
-                        const LayerNormForwardEpilogue<T>& epilogue = {});
+                        const ForwardEpilogueOf<T>& epilogue = {});
 
 // Writes dx, (when not null) dweight, dbias, and epilogue.dresidual.
 template <typename T>
@@ -67,6 +55,6 @@ void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
                          const float* mean, const float* rstd, const float* weight,
                          const LayerNormShape& shape, int num_threads,
                          std::span<std::byte> workspace = {},
-                         const LayerNormBackwardEpilogue<T>& epilogue = {});
+                         const BackwardEpilogueOf<T>& epilogue = {});
 
 }  // namespace normkit::cpu

@@ -30,7 +30,7 @@ void store(f16* p, int64_t i, double v) { p[i] = from_float<f16>(static_cast<flo
 
 // The forward epilogue on the normalized value v of element i.
 template <typename A>
-double finish(const ForwardEpilogue<A>& e, int64_t i, double v) {
+double finish(const ForwardEpilogueOf<A>& e, int64_t i, double v) {
   if (e.residual) v += load(e.residual, i);
   if (e.relu) v = v > 0 ? v : 0;
   return v;
@@ -38,7 +38,7 @@ double finish(const ForwardEpilogue<A>& e, int64_t i, double v) {
 
 // The gradient the normalization sees at element i; also writes dresidual.
 template <typename A>
-double upstream(const BackwardEpilogue<A>& e, const A* dy, int64_t i) {
+double upstream(const BackwardEpilogueOf<A>& e, const A* dy, int64_t i) {
   double g = load(dy, i);
   if (e.relu && !(load(e.y, i) > 0)) g = 0;
   return g;
@@ -50,7 +50,7 @@ template <typename A, typename P>
 void batch_norm_forward_training(A* y, P* save_mean, P* save_invstd, P* running_mean,
                                  P* running_var, const A* x, const P* weight, const P* bias,
                                  const BatchNormShape& sh, double eps, double momentum,
-                                 const ForwardEpilogue<A>& epilogue) {
+                                 const ForwardEpilogueOf<A>& epilogue) {
   const int64_t count = sh.batch * sh.spatial;
   if (count == 0) return;
   for (int64_t c = 0; c < sh.channels; ++c) {
@@ -88,7 +88,7 @@ template <typename A, typename P>
 void batch_norm_forward_inference(A* y, const A* x, const P* weight, const P* bias,
                                   const P* running_mean, const P* running_var,
                                   const BatchNormShape& sh, double eps,
-                                  const ForwardEpilogue<A>& epilogue) {
+                                  const ForwardEpilogueOf<A>& epilogue) {
   for (int64_t c = 0; c < sh.channels; ++c) {
     const double mean = running_mean[c];
     const double invstd = 1.0 / std::sqrt(static_cast<double>(running_var[c]) + eps);
@@ -110,7 +110,7 @@ void batch_norm_forward_inference(A* y, const A* x, const P* weight, const P* bi
 template <typename A, typename P>
 void batch_norm_backward_training(A* dx, P* dweight, P* dbias, const A* dy, const A* x,
                                   const P* save_mean, const P* save_invstd, const P* weight,
-                                  const BatchNormShape& sh, const BackwardEpilogue<A>& epilogue) {
+                                  const BatchNormShape& sh, const BackwardEpilogueOf<A>& epilogue) {
   const int64_t count = sh.batch * sh.spatial;
   for (int64_t c = 0; c < sh.channels; ++c) {
     double sum_dy = 0, sum_dy_xhat = 0;
@@ -143,7 +143,7 @@ template <typename A, typename P>
 void batch_norm_backward_inference(A* dx, P* dweight, P* dbias, const A* dy, const A* x,
                                    const P* running_mean, const P* running_var, const P* weight,
                                    const BatchNormShape& sh, double eps,
-                                   const BackwardEpilogue<A>& epilogue) {
+                                   const BackwardEpilogueOf<A>& epilogue) {
   for (int64_t c = 0; c < sh.channels; ++c) {
     const double mean = running_mean[c];
     const double invstd = 1.0 / std::sqrt(static_cast<double>(running_var[c]) + eps);
@@ -166,16 +166,16 @@ void batch_norm_backward_inference(A* dx, P* dweight, P* dbias, const A* dy, con
 #define NORMKIT_INSTANTIATE(A, P)                                                               \
   template void batch_norm_forward_training<A, P>(A*, P*, P*, P*, P*, const A*, const P*,      \
                                                   const P*, const BatchNormShape&, double,     \
-                                                  double, const ForwardEpilogue<A>&);          \
+                                                  double, const ForwardEpilogueOf<A>&);          \
   template void batch_norm_forward_inference<A, P>(A*, const A*, const P*, const P*, const P*, \
                                                    const P*, const BatchNormShape&, double,    \
-                                                   const ForwardEpilogue<A>&);                 \
+                                                   const ForwardEpilogueOf<A>&);                 \
   template void batch_norm_backward_training<A, P>(A*, P*, P*, const A*, const A*, const P*,   \
                                                    const P*, const P*, const BatchNormShape&,  \
-                                                   const BackwardEpilogue<A>&);                \
+                                                   const BackwardEpilogueOf<A>&);                \
   template void batch_norm_backward_inference<A, P>(A*, P*, P*, const A*, const A*, const P*,  \
                                                     const P*, const P*, const BatchNormShape&, \
-                                                    double, const BackwardEpilogue<A>&);
+                                                    double, const BackwardEpilogueOf<A>&);
 NORMKIT_INSTANTIATE(float, float)
 NORMKIT_INSTANTIATE(double, double)
 NORMKIT_INSTANTIATE(bf16, float)

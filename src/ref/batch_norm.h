@@ -12,31 +12,14 @@
 
 #include "common/dtype.h"
 #include "normkit/tensor.h"
+#include "plan/epilogue.h"
+#include "plan/shapes.h"
 
 namespace normkit::ref {
 
-struct BatchNormShape {
-  int64_t batch = 0;     // N
-  int64_t channels = 0;  // C
-  int64_t spatial = 1;   // S
-  MemoryFormat format = MemoryFormat::channels_first;
-};
-
-// y = relu?(normalized + residual?); residual null when absent.
-template <typename A>
-struct ForwardEpilogue {
-  bool relu = false;
-  const A* residual = nullptr;
-};
-
-// g = relu ? dy * (y > 0) : dy is the gradient the normalization sees; dresidual (optional)
-// receives g. y is read only with relu.
-template <typename A>
-struct BackwardEpilogue {
-  bool relu = false;
-  const A* y = nullptr;
-  A* dresidual = nullptr;
-};
+using plan::BatchNormShape;
+using plan::ForwardEpilogueOf;
+using plan::BackwardEpilogueOf;
 
 // Writes y, save_mean, save_invstd (length C); updates running_mean/running_var (may be null)
 // with momentum and the unbiased variance. Nothing is written when N * S == 0.
@@ -44,27 +27,27 @@ template <typename A, typename P>
 void batch_norm_forward_training(A* y, P* save_mean, P* save_invstd, P* running_mean,
                                  P* running_var, const A* x, const P* weight, const P* bias,
                                  const BatchNormShape& shape, double eps, double momentum,
-                                 const ForwardEpilogue<A>& epilogue = {});
+                                 const ForwardEpilogueOf<A>& epilogue = {});
 
 // Writes y = (x - running_mean) / sqrt(running_var + eps) * weight + bias (then the epilogue).
 template <typename A, typename P>
 void batch_norm_forward_inference(A* y, const A* x, const P* weight, const P* bias,
                                   const P* running_mean, const P* running_var,
                                   const BatchNormShape& shape, double eps,
-                                  const ForwardEpilogue<A>& epilogue = {});
+                                  const ForwardEpilogueOf<A>& epilogue = {});
 
 // Gradient through the batch statistics. Writes dx, dweight, dbias (the last two may be null).
 template <typename A, typename P>
 void batch_norm_backward_training(A* dx, P* dweight, P* dbias, const A* dy, const A* x,
                                   const P* save_mean, const P* save_invstd, const P* weight,
                                   const BatchNormShape& shape,
-                                  const BackwardEpilogue<A>& epilogue = {});
+                                  const BackwardEpilogueOf<A>& epilogue = {});
 
 // Running statistics are constants. Writes dx, dweight, dbias (the last two may be null).
 template <typename A, typename P>
 void batch_norm_backward_inference(A* dx, P* dweight, P* dbias, const A* dy, const A* x,
                                    const P* running_mean, const P* running_var, const P* weight,
                                    const BatchNormShape& shape, double eps,
-                                   const BackwardEpilogue<A>& epilogue = {});
+                                   const BackwardEpilogueOf<A>& epilogue = {});
 
 }  // namespace normkit::ref

@@ -13,16 +13,11 @@
 
 #include "normkit/epilogue.h"
 #include "normkit/tensor.h"
+#include "plan/shapes.h"
 
 namespace normkit::ref {
 
-struct GroupNormShape {
-  int64_t batch = 0;     // N
-  int64_t channels = 0;  // C
-  int64_t spatial = 1;   // S
-  int64_t groups = 1;    // G, divides C
-  MemoryFormat format = MemoryFormat::channels_first;
-};
+using plan::GroupNormShape;
 
 // Writes y, mean and rstd (N*G each). An empty group gets mean 0 and rstd NaN (as torch).
 // variance (N*G, may be null) receives the biased variance of each group.

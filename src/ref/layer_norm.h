@@ -10,14 +10,12 @@
 
 #include "normkit/epilogue.h"
 #include "normkit/tensor.h"
+#include "plan/shapes.h"
 
 namespace normkit::ref {
 
-struct LayerNormShape {
-  int64_t rows = 0;
-  int64_t cols = 0;
-  int64_t channels = 0;  // 0: rows in logical order; > 0: rows stored channels-last
-};
+using plan::LayerNormShape;
+using plan::layer_norm_logical_index;
 
 // Writes y, mean and rstd (length rows). An empty row gets mean 0 and rstd NaN (as torch).
 template <typename T>
@@ -42,12 +40,5 @@ void layer_norm_backward(const TensorView& dx, float* dweight, float* dbias, con
                          const TensorView& x, const float* mean, const float* rstd,
                          const float* weight, const LayerNormShape& shape,
                          const BackwardEpilogue& epilogue);
-
-// Logical (weight) index of the element stored at position j of a row.
-inline int64_t layer_norm_logical_index(const LayerNormShape& t, int64_t j) {
-  if (t.channels <= 0) return j;
-  const int64_t spatial = t.cols / t.channels;
-  return (j % t.channels) * spatial + j / t.channels;
-}
 
 }  // namespace normkit::ref

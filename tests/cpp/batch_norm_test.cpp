@@ -1254,7 +1254,7 @@ TEST(BatchNormReference, EpilogueGradientsMatchFiniteDifferences) {
       // y of the forward with the epilogue, and the pre-activation bn(x) + r.
       auto forward = [&](std::vector<double>& y, bool relu) {
         std::vector<double> mean(C), invstd(C);
-        const ref::ForwardEpilogue<double> e{relu, r.data()};
+        const plan::ForwardEpilogueOf<double> e{relu, r.data()};
         if (training)
           ref::batch_norm_forward_training<double, double>(y.data(), mean.data(), invstd.data(),
                                                            nullptr, nullptr, x.data(), w.data(),
@@ -1279,7 +1279,7 @@ TEST(BatchNormReference, EpilogueGradientsMatchFiniteDifferences) {
       }
       const auto [mean, invstd] = forward(y, true);
       std::vector<double> dx(total), dres(total), dw(C), db(C);
-      const ref::BackwardEpilogue<double> be{true, y.data(), dres.data()};
+      const plan::BackwardEpilogueOf<double> be{true, y.data(), dres.data()};
       if (training)
         ref::batch_norm_backward_training<double, double>(dx.data(), dw.data(), db.data(),
                                                           g.data(), x.data(), mean.data(),
