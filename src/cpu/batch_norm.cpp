@@ -8,6 +8,7 @@
 #include <hwy/highway.h>
 
 #include "cpu/batch_norm.h"
+#include "cpu/cache.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
 
@@ -37,9 +38,8 @@ constexpr int64_t kBlockColumns = 512;
 constexpr int64_t kChunk = 512;
 // Rows of a column-form block whose sums accumulate in float before going to double.
 constexpr int64_t kColumnRows = 64;
-// Bytes of the re-read inputs of one channel (x; or dy, x and y) up to which a thread runs a
-// channel's reduction and elementwise pass back to back: about half of a 2 MB L2.
-constexpr int64_t kChannelCacheBytes = int64_t(1) << 20;
+// A thread runs a channel's reduction and elementwise pass back to back when the channel's
+// re-read inputs (x; or dy, x and y) fit in cached_unit_bytes() (cpu/cache.h).
 // In that schedule a thread takes channels one at a time when a channel's runs are at least
 // kBlockRunBytes long; shorter ones in blocks of channels whose runs of one sample make about
 // that many contiguous bytes: one stream for the prefetchers instead of a short run per channel
@@ -56,9 +56,7 @@ constexpr int64_t kMaxBlockChannels = 64;
 // A slab holds at most kSlabValues values.
 constexpr int64_t kSlabValues = 4096;
 constexpr int64_t kSlabMinBatch = 4;
-// Re-read bytes of a block of several channels, at most: the block, and the output it writes,
-// stay well inside L2.
-constexpr int64_t kBlockCacheBytes = int64_t(1) << 18;
+// Re-read bytes of a block of several channels, at most: cached_block_bytes() (cpu/cache.h).
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -164,16 +162,16 @@ inline bool worth_threads(int num_threads, int64_t elements) {
 inline bool channel_local(const Plan& p, const BatchNormShape& sh, int64_t bytes_per_value,
                           int num_threads) {
   return !p.column_form && sh.channels >= 2 * int64_t(num_threads) &&
-         sh.batch * sh.spatial * bytes_per_value <= kChannelCacheBytes;
+         sh.batch * sh.spatial * bytes_per_value <= cached_unit_bytes();
 }
 
 // Channels per block of that schedule (see kBlockRunBytes): at least one; at most as many as
-// fit in kBlockCacheBytes together, leaving two blocks per thread. `run_bytes`: bytes of one
+// fit in cached_block_bytes() together, leaving two blocks per thread. `run_bytes`: bytes of one
 // value of x; `bytes_per_value`: of all the inputs read twice.
 inline int64_t local_block_channels(const BatchNormShape& sh, int64_t run_bytes,
                                     int64_t bytes_per_value, int num_threads) {
   const int64_t want = ceil_div(kBlockRunBytes, sh.spatial * run_bytes);
-  const int64_t fit = kBlockCacheBytes / (sh.batch * sh.spatial * bytes_per_value);
+  const int64_t fit = cached_block_bytes() / (sh.batch * sh.spatial * bytes_per_value);
   const int64_t share = ceil_div(sh.channels, 2 * int64_t(std::max(num_threads, 1)));
   return std::max<int64_t>(1, std::min({want, kMaxBlockChannels, fit, share}));
 }

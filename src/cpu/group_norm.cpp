@@ -6,6 +6,7 @@
 #include <hwy/highway.h>
 
 #include "cpu/group_norm.h"
+#include "cpu/cache.h"
 #include "cpu/moments.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
@@ -382,9 +383,6 @@ const gn::Kernels<T>& kernels() {
 
 constexpr int64_t kUnitElements = 32768;  // target size of a channels-last work unit
 constexpr int64_t kParallelMin = 8192;    // smaller tensors are not worth waking threads
-// Channels-first groups up to this many elements are normalized right after their statistics,
-// while they are still in the per-core cache (L2 is 2 MiB here; leave room for y).
-constexpr int64_t kCachedGroupBytes = 1 << 20;
 // Rows of a channels-last statistics unit, at least: the per-channel work of a unit (the
 // merge into groups) is paid once per this many rows.
 constexpr int64_t kMinStatisticsRows = 64;
@@ -690,12 +688,12 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
   // right after its statistics, from cache. Bitwise the same as the two-phase path below
   // (run_moments == the ordered merge of its pieces; the same fold and loops).
   if (t.format == MemoryFormat::channels_first && N * G >= std::max(num_threads, 1) &&
-      group_len * int64_t(sizeof(T)) <= kCachedGroupBytes) {
+      group_len * int64_t(sizeof(T)) <= cached_unit_bytes()) {
     const auto& k = kernels<T>();
     const T* r = epi.residual;
     // Each group's statistics (two groups side by side where they fit), then its output from
     // cache.
-    for_each_run_moments(x, N * G, group_len, kCachedGroupBytes, num_threads, parallel, stream,
+    for_each_run_moments(x, N * G, group_len, cached_unit_bytes(), num_threads, parallel, stream,
                          [&](int64_t i, const Moments& mo) {
       const int64_t n = i / G, g = i % G;
       double mu, rs;
@@ -718,7 +716,7 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
   // path below (the same units, merges, fold and per-element arithmetic; only which thread
   // runs them changes).
   if (t.format == MemoryFormat::channels_last && N >= std::max(num_threads, 1) &&
-      C * S * int64_t(sizeof(T)) <= kCachedGroupBytes) {
+      C * S * int64_t(sizeof(T)) <= cached_unit_bytes()) {
     const auto& k = kernels<T>();
     const StatisticsUnits su(S, C);
     const T* r = epi.residual;
@@ -867,7 +865,7 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
   // the same order; the same coefficients and elementwise loops).
   const int64_t group_len = per_group * S;
   if (channels_first && need_sums && N * G >= std::max(num_threads, 1) &&
-      group_len * int64_t(sizeof(T)) * (mask ? 3 : 2) <= kCachedGroupBytes) {
+      group_len * int64_t(sizeof(T)) * (mask ? 3 : 2) <= cached_unit_bytes()) {
     const RowPieces p(N * C, S);
 #pragma omp parallel num_threads(num_threads) if (parallel)
     {

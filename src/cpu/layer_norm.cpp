@@ -6,6 +6,7 @@
 #include <hwy/highway.h>
 
 #include "cpu/layer_norm.h"
+#include "cpu/cache.h"
 #include "cpu/moments.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
@@ -224,16 +225,15 @@ const ln::Kernels<T>& kernels() {
 }
 
 constexpr int64_t kParallelMin = 8192;  // smaller tensors are not worth waking threads
-// Forward: rows up to this many bytes are normalized right after their own statistics, from the
-// per-core cache (L2 is 2 MiB here; leave room for y), when there are enough rows to share.
-constexpr int64_t kCachedRowBytes = int64_t(1) << 20;
+// Forward: rows up to cached_unit_bytes() are normalized right after their own statistics, from
+// the per-core cache, when there are at least this many rows to share.
 constexpr int64_t kCachedMinRows = 8;
 // Backward: rows per unit of the first pass (its float column partials sum at most this many
 // terms before they are added in double).
 constexpr int64_t kRowBlock = 64;
-// Backward: rows up to this many bytes get dx right after their row sums, from cache (dy, x, the
-// mask and dx of a row together stay well inside L2), when there are enough row blocks to share.
-constexpr int64_t kCachedGradRowBytes = int64_t(1) << 18;
+// Backward: rows up to cached_block_bytes() get dx right after their row sums, from cache (dy, x,
+// the mask and dx of a row together stay well inside L2), when there are at least this many row
+// blocks to share.
 constexpr int64_t kCachedMinRowBlocks = 4;
 constexpr std::size_t kAlign = 64;
 
@@ -384,9 +384,9 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
   const T* res = epi.residual;
   const bool stream = streams_output<T>(rows * cols);  // y with non-temporal stores
 
-  if (rows >= kCachedMinRows && cols * int64_t(sizeof(T)) <= kCachedRowBytes) {
+  if (rows >= kCachedMinRows && cols * int64_t(sizeof(T)) <= cached_unit_bytes()) {
     // Each row's statistics (two rows side by side where they fit), then its output from cache.
-    for_each_run_moments(x, rows, cols, kCachedRowBytes, num_threads, parallel, stream,
+    for_each_run_moments(x, rows, cols, cached_unit_bytes(), num_threads, parallel, stream,
                          [&](int64_t row, const Moments& mo) {
       const int64_t at = row * cols;
       const RowCoef f = fold(mo, eps);
@@ -489,7 +489,7 @@ void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
   };
 
   // Both orders below compute every partial from the same terms in the same order: the same bits.
-  if (row_blocks >= kCachedMinRowBlocks && cols * int64_t(sizeof(T)) <= kCachedGradRowBytes) {
+  if (row_blocks >= kCachedMinRowBlocks && cols * int64_t(sizeof(T)) <= cached_block_bytes()) {
     // Each row's dx right after its sums, while the row is in cache.
     parallel_for(row_blocks, num_threads, parallel, stream, [&](int64_t rb) {
       clear_columns(rb, 0, cols);

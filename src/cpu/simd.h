@@ -25,7 +25,9 @@
 #include <cstdint>
 namespace normkit::cpu {
 // Output bytes from which an elementwise pass writes with non-temporal stores (see below):
-// well beyond a core's L2 (2 MiB here).
+// well beyond a core's L2, half the 32 MiB L3 of the machine it was measured on (with a consumer
+// of the output: docs/benchmarks.md). Fixed, unlike cpu/cache.h's budgets: the shared L3 that
+// virtual machines report is often the host's (320 MiB there), not the part they get.
 inline constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
 // Whether an output of `elements` values of T is large enough to stream (the kernels stream
