@@ -65,7 +65,7 @@ plan::LayerNormShape check_layer_input(const char* fn, const LayerNormParams& pa
 
 // Bytes the CPU kernels need for this shape, or a normkit::Error when size_t cannot count them.
 std::size_t workspace_need(const char* fn, const TensorView& x, const plan::LayerNormShape& sh) {
-  const std::size_t need = cpu::layer_norm_workspace_size(sh);
+  const std::size_t need = cpu::workspace_size(sh);
   if (need == std::numeric_limits<std::size_t>::max())
     fail(fn, "the workspace for x shape " + shape_string(x) + " has more bytes than size_t can count");
   return need;

@@ -9,6 +9,7 @@
 
 #include "cpu/batch_norm.h"
 #include "cpu/cache.h"
+#include "cpu/scratch.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
 
@@ -201,19 +202,20 @@ class StackSlots {
   alignas(U) unsigned char raw_[kCap * sizeof(U)];
 };
 
-// Scratch layout: partial sums (slots * C) and four arrays of C floats, from a base aligned for
-// PairSums.
-inline std::size_t layout_bytes(const BatchNormShape& sh) {
-  if (sh.batch * sh.channels * sh.spatial == 0) return 0;
-  const Plan p = make_plan(sh);
-  const auto C = std::size_t(sh.channels);
-  return std::size_t(p.slots) * C * sizeof(PairSums) + 4 * C * sizeof(float);
-}
+// Scratch layout (cpu/scratch.h): partial sums (slots * C) and four arrays of C floats.
+struct ScratchParts {
+  std::size_t partial = 0, coefficients = 0;
+  std::size_t bytes = 0;  // ScratchLayout::workspace_bytes()
+};
 
-// What a caller's workspace must hold: the layout plus room to align a base of any alignment.
-inline std::size_t workspace_bytes(const BatchNormShape& sh) {
-  const std::size_t n = layout_bytes(sh);
-  return n == 0 ? 0 : n + alignof(PairSums) - 1;
+inline ScratchParts scratch_parts(const BatchNormShape& sh) {
+  ScratchParts p;
+  if (sh.batch * sh.channels * sh.spatial == 0) return p;
+  ScratchLayout l;
+  p.partial = l.add<PairSums>(make_plan(sh).slots, sh.channels);
+  p.coefficients = l.add<float>(4, sh.channels);
+  p.bytes = l.workspace_bytes();
+  return p;
 }
 
 struct Scratch {
@@ -222,20 +224,9 @@ struct Scratch {
 };
 
 inline Scratch carve(const BatchNormShape& sh, std::span<std::byte> workspace) {
-  std::size_t need = layout_bytes(sh);
-  void* base = workspace.data();
-  std::size_t room = workspace.size();
-  if (!std::align(alignof(PairSums), need, base, room)) {  // none given (or too small)
-    thread_local std::vector<double> fallback;  // double: aligned for every part
-    fallback.resize((need + sizeof(double) - 1) / sizeof(double));
-    base = fallback.data();
-  }
-  const Plan p = make_plan(sh);
-  const auto C = std::size_t(sh.channels);
-  Scratch s;
-  s.partial = static_cast<PairSums*>(base);
-  s.coefficients = reinterpret_cast<float*>(s.partial + std::size_t(p.slots) * C);
-  return s;
+  const ScratchParts p = scratch_parts(sh);
+  std::byte* base = scratch_base(workspace, p.bytes);
+  return {scratch_part<PairSums>(base, p.partial), scratch_part<float>(base, p.coefficients)};
 }
 
 }  // namespace normkit::cpu::bn
@@ -989,7 +980,7 @@ HWY_EXPORT(ForwardInference);
 HWY_EXPORT(BackwardTraining);
 HWY_EXPORT(BackwardInference);
 
-std::size_t workspace_size(const BatchNormShape& shape) { return bn::workspace_bytes(shape); }
+std::size_t workspace_size(const BatchNormShape& shape) { return bn::scratch_parts(shape).bytes; }
 
 namespace {
 bool empty(const BatchNormShape& sh) { return sh.batch * sh.channels * sh.spatial == 0; }

@@ -7,9 +7,11 @@
 
 #include "cpu/group_norm.h"
 #include "cpu/cache.h"
+#include "cpu/scratch.h"
 #include "cpu/moments.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
+#include "cpu/tiling.h"
 
 #include <algorithm>
 #include <cmath>
@@ -382,33 +384,9 @@ const gn::Kernels<T>& kernels() {
 }
 
 constexpr int64_t kUnitElements = 32768;  // target size of a channels-last work unit
-constexpr int64_t kParallelMin = 8192;    // smaller tensors are not worth waking threads
 // Rows of a channels-last statistics unit, at least: the per-channel work of a unit (the
 // merge into groups) is paid once per this many rows.
 constexpr int64_t kMinStatisticsRows = 64;
-
-// Channels-first work: `rows` contiguous rows of `len` elements, cut into kRunChunk pieces.
-// A unit is one piece of a long row, or several whole short rows.
-struct RowPieces {
-  int64_t rows, len, pieces, stride, rows_per_unit, units;
-  RowPieces(int64_t rows_, int64_t len_) : rows(rows_), len(len_) {
-    pieces = run_piece_count(len);
-    stride = std::max<int64_t>(pieces, 1);
-    rows_per_unit = pieces > 1 ? 1 : std::max<int64_t>(1, kRunChunk / std::max<int64_t>(len, 1));
-    units = pieces > 1 ? rows * pieces : (rows + rows_per_unit - 1) / rows_per_unit;
-  }
-  // f(row, piece, begin, end) for each piece in unit u.
-  template <typename F>
-  void for_unit(int64_t u, F&& f) const {
-    if (pieces > 1) {
-      const int64_t row = u / pieces, k = u % pieces, lo = k * kRunChunk;
-      f(row, k, lo, std::min(len, lo + kRunChunk));
-      return;
-    }
-    const int64_t end = std::min(rows, (u + 1) * rows_per_unit);
-    for (int64_t row = u * rows_per_unit; row < end; ++row) f(row, int64_t(0), int64_t(0), len);
-  }
-};
 
 // Channels-last work: per sample, `spatial` rows of `channels` values. A unit is a range of
 // unit_rows rows, walked in blocks of block_rows (the in-cache chunk of the gradient sums).
@@ -431,20 +409,12 @@ struct StatisticsUnits {
 };
 
 // ---- scratch ----
-// Element counts of the scratch parts, a function of the shape only. The forward (and apply)
-// and the backward use the same memory; each carves its parts in order of decreasing alignment
-// (Moments and doubles, then floats), so every part is aligned when the base is.
+// Offsets of the scratch parts, a function of the shape only. The forward (and apply) and the
+// backward lay out their parts over the same memory.
 struct Layout {
-  int64_t groups = 0, pieces = 0, stats = 0, forward_coef = 0;        // forward
-  int64_t sums = 0, partial = 0, backward_coef = 0, channel_mean = 0;  // backward
-  std::size_t forward_bytes() const {
-    return std::size_t(groups + pieces) * sizeof(Moments) + std::size_t(stats) * sizeof(double) +
-           std::size_t(forward_coef) * sizeof(float);
-  }
-  std::size_t backward_bytes() const {
-    return std::size_t(sums + partial) * sizeof(double) +
-           std::size_t(backward_coef + channel_mean) * sizeof(float);
-  }
+  std::size_t groups = 0, pieces = 0, stats = 0, forward_coef = 0;         // forward
+  std::size_t sums = 0, partial = 0, backward_coef = 0, channel_mean = 0;  // backward
+  std::size_t bytes = 0;  // ScratchLayout::workspace_bytes()
 };
 
 Layout layout_of(const GroupNormShape& t) {
@@ -453,30 +423,20 @@ Layout layout_of(const GroupNormShape& t) {
   if (N * C * S == 0) return l;  // nothing needs scratch (see the early returns below)
   const int64_t NC = N * C, NG = N * G;
   const bool channels_first = t.format == MemoryFormat::channels_first;
-  l.groups = NG;
-  l.pieces = channels_first ? runs_moments_scratch_size(NG, (C / G) * S)
-                            : N * StatisticsUnits(S, C).units_per_sample * G;
-  l.stats = 2 * NG;
-  l.forward_coef = 3 * NC;
-  l.sums = 2 * NC;
-  l.partial = channels_first ? 2 * NC * RowPieces(NC, S).stride
-                             : 2 * N * RowBlocks(S, C).units_per_sample * C;
-  l.backward_coef = 4 * NC;
-  l.channel_mean = channels_first ? 0 : NC;
+  ScratchLayout s;
+  l.groups = s.add<Moments>(NG);
+  l.pieces = s.add<Moments>(channels_first ? runs_moments_scratch_size(NG, (C / G) * S)
+                                           : N * StatisticsUnits(S, C).units_per_sample * G);
+  l.stats = s.add<double>(2, NG);
+  l.forward_coef = s.add<float>(3, NC);
+  s.rewind(0);
+  l.sums = s.add<double>(2, NC);
+  l.partial = channels_first ? s.add<double>(2, NC, RowPieces(NC, S).stride)
+                             : s.add<double>(2, N * RowBlocks(S, C).units_per_sample, C);
+  l.backward_coef = s.add<float>(4, NC);
+  l.channel_mean = s.add<float>(channels_first ? 0 : NC);
+  l.bytes = s.workspace_bytes();
   return l;
-}
-
-// The caller's workspace, aligned up inside it, when it is large enough (the public functions
-// have checked that a non-empty one is: workspace_size has room for the alignment), else a
-// buffer of the calling thread, grown as needed and reused.
-std::byte* scratch_base(std::size_t need, std::span<std::byte> workspace) {
-  void* base = workspace.data();
-  std::size_t room = workspace.size();
-  if (need > 0 && std::align(alignof(double), need, base, room)) return static_cast<std::byte*>(base);
-  thread_local std::vector<double> fallback;  // double: aligned for every part
-  const std::size_t words = (need + sizeof(double) - 1) / sizeof(double);
-  if (fallback.size() < words) fallback.resize(words);
-  return reinterpret_cast<std::byte*>(fallback.data());
 }
 
 struct ForwardScratch {
@@ -487,13 +447,9 @@ struct ForwardScratch {
 };
 ForwardScratch carve_forward(const GroupNormShape& t, std::span<std::byte> workspace) {
   const Layout l = layout_of(t);
-  std::byte* base = scratch_base(l.forward_bytes(), workspace);
-  ForwardScratch s;
-  s.groups = reinterpret_cast<Moments*>(base);
-  s.pieces = s.groups + l.groups;
-  s.stats = reinterpret_cast<double*>(s.pieces + l.pieces);
-  s.coef = reinterpret_cast<float*>(s.stats + l.stats);
-  return s;
+  std::byte* base = scratch_base(workspace, l.bytes);
+  return {scratch_part<Moments>(base, l.groups), scratch_part<Moments>(base, l.pieces),
+          scratch_part<double>(base, l.stats), scratch_part<float>(base, l.forward_coef)};
 }
 
 struct BackwardScratch {
@@ -504,13 +460,9 @@ struct BackwardScratch {
 };
 BackwardScratch carve_backward(const GroupNormShape& t, std::span<std::byte> workspace) {
   const Layout l = layout_of(t);
-  std::byte* base = scratch_base(l.backward_bytes(), workspace);
-  BackwardScratch s;
-  s.sums = reinterpret_cast<double*>(base);
-  s.partial = s.sums + l.sums;
-  s.coef = reinterpret_cast<float*>(s.partial + l.partial);
-  s.mean_c = s.coef + l.backward_coef;
-  return s;
+  std::byte* base = scratch_base(workspace, l.bytes);
+  return {scratch_part<double>(base, l.sums), scratch_part<double>(base, l.partial),
+          scratch_part<float>(base, l.backward_coef), scratch_part<float>(base, l.channel_mean)};
 }
 
 // ---- statistics ----
@@ -660,11 +612,7 @@ inline void finish_stats(const Moments& gm, double eps, double* mu, double* rs, 
 
 }  // namespace
 
-std::size_t workspace_size(const GroupNormShape& shape) {
-  const Layout l = layout_of(shape);
-  const std::size_t bytes = std::max(l.forward_bytes(), l.backward_bytes());
-  return bytes == 0 ? 0 : bytes + alignof(double) - 1;  // room to align any caller's buffer
-}
+std::size_t workspace_size(const GroupNormShape& shape) { return layout_of(shape).bytes; }
 
 template <typename T>
 void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
@@ -680,7 +628,7 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
     return;
   }
   const int64_t per_group = C / G;
-  const bool parallel = num_threads > 1 && N * C * S >= kParallelMin;
+  const bool parallel = runs_in_parallel(N * C * S, num_threads);
   const int64_t group_len = per_group * S;
   const bool stream = streams_output<T>(N * C * S);  // y with non-temporal stores
 
@@ -759,7 +707,7 @@ void group_norm_apply(T* y, const T* x, const float* mean, const float* rstd,
   double* mu = s.stats;
   double* rs = mu + NG;
   for (int64_t i = 0; i < NG; ++i) mu[i] = mean[i], rs[i] = rstd[i];
-  const bool parallel = num_threads > 1 && t.batch * t.channels * t.spatial >= kParallelMin;
+  const bool parallel = runs_in_parallel(t.batch * t.channels * t.spatial, num_threads);
   fold_and_apply(y, x, mu, rs, weight, bias, t, num_threads, parallel, epi, s.coef);
 }
 
@@ -793,7 +741,7 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
       }
     return;
   }
-  const bool parallel = num_threads > 1 && N * C * S >= kParallelMin;
+  const bool parallel = runs_in_parallel(N * C * S, num_threads);
   const bool channels_first = t.format == MemoryFormat::channels_first;
   const auto& k = kernels<T>();
   const T* mask = epi.relu ? epi.y : nullptr;

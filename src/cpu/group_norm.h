@@ -23,9 +23,9 @@
 // Leaf loops are Highway SIMD kernels dispatched at run time (src/cpu/simd.h). Float32 outputs
 // (y, dx) of 16 MiB or more are written with non-temporal stores (cpu/simd.h).
 //
-// Scratch: every function takes a workspace of at least workspace_size(shape) bytes, carved
-// into parts of decreasing alignment (as BatchNorm's), or an empty one to use a buffer of the
-// calling thread (allocated on first use, then reused). Nothing else is allocated, on any thread.
+// Scratch (cpu/scratch.h, as every op's): every function takes a workspace of at least
+// workspace_size(shape) bytes, or an empty one to use a buffer of the calling thread (allocated
+// on first use, then reused). Nothing else is allocated, on any thread.
 #include <cstddef>
 #include <cstdint>
 #include <span>

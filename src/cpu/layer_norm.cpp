@@ -7,9 +7,11 @@
 
 #include "cpu/layer_norm.h"
 #include "cpu/cache.h"
+#include "cpu/scratch.h"
 #include "cpu/moments.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
+#include "cpu/tiling.h"
 
 #include <algorithm>
 #include <cmath>
@@ -224,7 +226,6 @@ const ln::Kernels<T>& kernels() {
   else return *HWY_DYNAMIC_DISPATCH(LayerNormKernelsF16)();
 }
 
-constexpr int64_t kParallelMin = 8192;  // smaller tensors are not worth waking threads
 // Forward: rows up to cached_unit_bytes() are normalized right after their own statistics, from
 // the per-core cache, when there are at least this many rows to share.
 constexpr int64_t kCachedMinRows = 8;
@@ -235,32 +236,8 @@ constexpr int64_t kRowBlock = 64;
 // the mask and dx of a row together stay well inside L2), when there are at least this many row
 // blocks to share.
 constexpr int64_t kCachedMinRowBlocks = 4;
-constexpr std::size_t kAlign = 64;
 
-// Elementwise work: rows cut into kRunChunk pieces. A unit is one piece of a long row, or several
-// whole short rows.
-struct RowPieces {
-  int64_t rows, len, pieces, stride, rows_per_unit, units;
-  RowPieces(int64_t rows_, int64_t len_) : rows(rows_), len(len_) {
-    pieces = run_piece_count(len);
-    stride = std::max<int64_t>(pieces, 1);
-    rows_per_unit = pieces > 1 ? 1 : std::max<int64_t>(1, kRunChunk / std::max<int64_t>(len, 1));
-    units = pieces > 1 ? rows * pieces : (rows + rows_per_unit - 1) / rows_per_unit;
-  }
-  // f(row, piece, begin, end) for each piece in unit u.
-  template <typename F>
-  void for_unit(int64_t u, F&& f) const {
-    if (pieces > 1) {
-      const int64_t row = u / pieces, k = u % pieces, lo = k * kRunChunk;
-      f(row, k, lo, std::min(len, lo + kRunChunk));
-      return;
-    }
-    const int64_t end = std::min(rows, (u + 1) * rows_per_unit);
-    for (int64_t row = u * rows_per_unit; row < end; ++row) f(row, int64_t(0), int64_t(0), len);
-  }
-};
-
-// Scratch layout, a function of the shape only (byte offsets from a kAlign-aligned base):
+// Scratch layout, a function of the shape only (offsets from the scratch base):
 //   weight and bias in memory order (cols floats each), then either
 //   forward:  per-row moments (rows), per-piece moments (runs_moments_scratch_size), the mean's
 //             tail (rows floats)
@@ -271,8 +248,7 @@ struct Plan {
   std::size_t weight = 0, bias = 0;
   std::size_t moments = 0, piece_moments = 0, tail = 0;
   std::size_t partials = 0, coefficients = 0, columns = 0;
-  std::size_t bytes = 0;  // with kAlign - 1 bytes of room to align the caller's base
-  bool overflow = false;
+  std::size_t bytes = 0;  // ScratchLayout::workspace_bytes()
 };
 
 Plan make_plan(const LayerNormShape& t) {
@@ -280,59 +256,19 @@ Plan make_plan(const LayerNormShape& t) {
   if (t.rows <= 0 || t.cols <= 0) return p;
   p.pieces = std::max<int64_t>(run_piece_count(t.cols), 1);
   p.row_blocks = (t.rows + kRowBlock - 1) / kRowBlock;
-  // In 128-bit arithmetic: an absurd shape reports an overflow instead of wrapping.
-  using U = unsigned __int128;
-  U at = 0;
-  auto take = [&](U bytes) {
-    const U start = at;
-    at += (bytes + kAlign - 1) / kAlign * kAlign;
-    return start;
-  };
-  const U rows = U(t.rows), cols = U(t.cols), pieces = U(p.pieces);
-  const U w = take(cols * sizeof(float)), b = take(cols * sizeof(float));
-  const U common = at;
-  const U m = take(rows * sizeof(Moments));
-  const U pm = take(U(runs_moments_scratch_size(t.rows, t.cols)) * sizeof(Moments));
-  const U tl = take(rows * sizeof(float));
-  const U forward_end = at;
-  at = common;
-  const U pa = take(2 * rows * pieces * sizeof(double));
-  const U co = take(2 * rows * sizeof(float));
-  const U cl = take(2 * U(p.row_blocks) * cols * sizeof(float));
-  const U total = std::max(forward_end, at) + kAlign - 1;
-  if (total > U(std::numeric_limits<std::size_t>::max() / 2)) {
-    p.overflow = true;
-    p.bytes = std::numeric_limits<std::size_t>::max();
-    return p;
-  }
-  p.weight = std::size_t(w);
-  p.bias = std::size_t(b);
-  p.moments = std::size_t(m);
-  p.piece_moments = std::size_t(pm);
-  p.tail = std::size_t(tl);
-  p.partials = std::size_t(pa);
-  p.coefficients = std::size_t(co);
-  p.columns = std::size_t(cl);
-  p.bytes = std::size_t(total);
+  ScratchLayout l;
+  p.weight = l.add<float>(t.cols);
+  p.bias = l.add<float>(t.cols);
+  const std::size_t common = l.mark();
+  p.moments = l.add<Moments>(t.rows);
+  p.piece_moments = l.add<Moments>(runs_moments_scratch_size(t.rows, t.cols));
+  p.tail = l.add<float>(t.rows);
+  l.rewind(common);
+  p.partials = l.add<double>(2, t.rows, p.pieces);
+  p.coefficients = l.add<float>(2, t.rows);
+  p.columns = l.add<float>(2, p.row_blocks, t.cols);
+  p.bytes = l.workspace_bytes();
   return p;
-}
-
-// The aligned base of the scratch: the caller's workspace when it is large enough, else a buffer
-// of the calling thread (allocated on first use, then reused).
-std::byte* scratch_base(std::span<std::byte> workspace, std::size_t need) {
-  std::byte* base = workspace.data();
-  if (workspace.size() < need || base == nullptr) {
-    thread_local std::vector<std::byte> own;
-    if (own.size() < need) own.resize(need);
-    base = own.data();
-  }
-  const auto address = reinterpret_cast<std::uintptr_t>(base);
-  return base + (kAlign - address % kAlign) % kAlign;
-}
-
-template <typename U>
-U* part(std::byte* base, std::size_t offset) {
-  return reinterpret_cast<U*>(base + offset);
 }
 
 // v (length cols, logical order; null: `fill`) in the order the row is stored. Logical-order
@@ -360,7 +296,7 @@ inline RowCoef fold(const Moments& mo, double eps) {
 
 }  // namespace
 
-std::size_t layer_norm_workspace_size(const LayerNormShape& shape) {
+std::size_t workspace_size(const LayerNormShape& shape) {
   return make_plan(shape).bytes;
 }
 
@@ -377,9 +313,9 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
   }
   const Plan p = make_plan(t);
   std::byte* base = scratch_base(workspace, p.bytes);
-  const float* w = memory_order(weight, 1.0f, t, part<float>(base, p.weight));
-  const float* b = memory_order(bias, 0.0f, t, part<float>(base, p.bias));
-  const bool parallel = num_threads > 1 && rows * cols >= kParallelMin;
+  const float* w = memory_order(weight, 1.0f, t, scratch_part<float>(base, p.weight));
+  const float* b = memory_order(bias, 0.0f, t, scratch_part<float>(base, p.bias));
+  const bool parallel = runs_in_parallel(rows * cols, num_threads);
   const auto& k = kernels<T>();
   const T* res = epi.residual;
   const bool stream = streams_output<T>(rows * cols);  // y with non-temporal stores
@@ -398,9 +334,9 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
     return;
   }
 
-  Moments* mo = part<Moments>(base, p.moments);
-  runs_moments(x, rows, cols, mo, parallel ? num_threads : 1, part<Moments>(base, p.piece_moments));
-  float* tail = part<float>(base, p.tail);
+  Moments* mo = scratch_part<Moments>(base, p.moments);
+  runs_moments(x, rows, cols, mo, parallel ? num_threads : 1, scratch_part<Moments>(base, p.piece_moments));
+  float* tail = scratch_part<float>(base, p.tail);
   for (int64_t row = 0; row < rows; ++row) {
     const RowCoef f = fold(mo[row], eps);
     mean[row] = f.m;
@@ -439,8 +375,8 @@ void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
   }
   const Plan p = make_plan(t);
   std::byte* base = scratch_base(workspace, p.bytes);
-  const float* w = memory_order(weight, 1.0f, t, part<float>(base, p.weight));
-  const bool parallel = num_threads > 1 && rows * cols >= kParallelMin;
+  const float* w = memory_order(weight, 1.0f, t, scratch_part<float>(base, p.weight));
+  const bool parallel = runs_in_parallel(rows * cols, num_threads);
   const bool want_columns = dweight || dbias;
   const auto& k = kernels<T>();
   const T* mask = epi.relu ? epi.y : nullptr;
@@ -452,11 +388,11 @@ void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
   const bool stream = streams_output<T>(rows * cols);  // dx with non-temporal stores
 
   const int64_t pieces = p.pieces, row_blocks = p.row_blocks;
-  double* pg = part<double>(base, p.partials);
+  double* pg = scratch_part<double>(base, p.partials);
   double* px = pg + rows * pieces;
-  float* cb = part<float>(base, p.coefficients);
+  float* cb = scratch_part<float>(base, p.coefficients);
   float* cc = cb + rows;
-  float* colg = part<float>(base, p.columns);
+  float* colg = scratch_part<float>(base, p.columns);
   float* colx = colg + row_blocks * cols;
   const double count = double(cols);
 

@@ -36,9 +36,9 @@ using plan::LayerNormShape;
 
 // Bytes of scratch the forward or the backward needs for this shape (0 when it has no
 // elements), including room to align the caller's workspace.
-std::size_t layer_norm_workspace_size(const LayerNormShape& shape);
+std::size_t workspace_size(const LayerNormShape& shape);
 
-// `workspace`: at least layer_norm_workspace_size(shape) bytes of any alignment, the only memory
+// `workspace` (cpu/scratch.h, as every op's): at least workspace_size(shape) bytes of any alignment, the only memory
 // the call uses; or smaller (empty) to use a buffer of the calling thread (allocated on first
 // use, then reused).
 

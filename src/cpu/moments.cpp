@@ -275,11 +275,6 @@ void runs_moments(const T* x, int64_t runs, int64_t length, Moments* out, int nu
     return;
   }
   // Several pieces per run: compute every piece, then merge each run's pieces in order.
-  thread_local std::vector<Moments> own;
-  if (!scratch) {
-    own.resize(std::size_t(runs * pieces));
-    scratch = own.data();
-  }
   Moments* piece = scratch;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
   for (int64_t u = 0; u < runs * pieces; ++u) {

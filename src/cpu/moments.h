@@ -112,11 +112,11 @@ inline int64_t block_rows(int64_t channels) {
 
 // Moments of `runs` contiguous runs of `length` floats (run i starts at x + i * length), using up
 // to num_threads threads over (run, piece) units; out[i] == run_moments(x + i * length, length)
-// bitwise, for any thread count. scratch: runs_moments_scratch_size(runs, length) Moments, or
-// null to use a buffer of the calling thread (allocated on first use, then reused).
+// bitwise, for any thread count. scratch: runs_moments_scratch_size(runs, length) Moments (the
+// caller's op carves them from its own scratch).
 template <typename T>
 void runs_moments(const T* x, int64_t runs, int64_t length, Moments* out, int num_threads,
-                  Moments* scratch = nullptr);
+                  Moments* scratch);
 inline int64_t runs_moments_scratch_size(int64_t runs, int64_t length) {
   const int64_t pieces = run_piece_count(length);
   return pieces > 1 ? runs * pieces : 0;

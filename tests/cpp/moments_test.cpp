@@ -110,12 +110,11 @@ void check_threads() {
     const int64_t runs = 7;
     const auto x = rounded<T>(random_normal(std::size_t(runs * length), rng, 3.0, 1.0));
     std::vector<Moments> one(static_cast<std::size_t>(runs));
-    cpu::runs_moments(x.data(), runs, length, one.data(), 1);
+    std::vector<Moments> scratch(std::size_t(cpu::runs_moments_scratch_size(runs, length)));
+    cpu::runs_moments(x.data(), runs, length, one.data(), 1, scratch.data());
     for (int threads = 2; threads <= 4; ++threads) {
       std::vector<Moments> many(static_cast<std::size_t>(runs));
-      std::vector<Moments> scratch(std::size_t(cpu::runs_moments_scratch_size(runs, length)));
-      cpu::runs_moments(x.data(), runs, length, many.data(), threads,
-                        scratch.empty() ? nullptr : scratch.data());
+      cpu::runs_moments(x.data(), runs, length, many.data(), threads, scratch.data());
       for (int64_t r = 0; r < runs; ++r) {
         EXPECT_TRUE(same_bits(one[r], many[r])) << "threads=" << threads << " run " << r;
         EXPECT_TRUE(same_bits(one[r], cpu::run_moments(x.data() + r * length, length)));
