@@ -18,15 +18,11 @@
 #include "normkit/error.h"
 #include "normkit/group_norm.h"
 #include "normkit/instance_norm.h"
+#include "op_test_harness.h"
 #include "test_util.h"
 
 namespace normkit::test {
 namespace {
-
-constexpr double kFloatEps = 5.96e-8;  // 2^-24
-
-Context reference_ctx() { return {Backend::reference, 1}; }
-Context cpu_ctx(int threads = 0) { return {Backend::cpu, threads}; }
 
 struct Case {
   int64_t N = 1, C = 1;
@@ -77,13 +73,6 @@ Inputs make_inputs(const Case& k, std::mt19937_64& rng) {
     for (int64_t c = 0; c < k.C; ++c) in.running_var.push_back(float(u(rng) * k.scale * k.scale));
   }
   return in;
-}
-
-std::span<const float> opt(const std::vector<float>& v) {
-  return v.empty() ? std::span<const float>() : std::span<const float>(v);
-}
-std::span<float> opt(std::vector<float>& v) {
-  return v.empty() ? std::span<float>() : std::span<float>(v);
 }
 
 struct Result {
@@ -333,17 +322,6 @@ TEST(InstanceNorm, EmptyBatchLeavesRunningStatisticsAlone) {
 }
 
 // ---- argument errors ----------------------------------------------------------------------
-
-void expect_error(const std::function<void()>& call, const std::vector<std::string>& needles) {
-  try {
-    call();
-    ADD_FAILURE() << "expected normkit::Error containing \"" << needles.front() << "\"";
-  } catch (const Error& e) {
-    const std::string what = e.what();
-    for (const auto& needle : needles)
-      EXPECT_NE(what.find(needle), std::string::npos) << "message: " << what << "\nexpected: " << needle;
-  }
-}
 
 struct ForwardArgs {
   InstanceNormParams params;

@@ -12,15 +12,11 @@
 #include "normkit/error.h"
 #include "normkit/layer_norm.h"
 #include "ref/layer_norm.h"
+#include "op_test_harness.h"
 #include "test_util.h"
 
 namespace normkit::test {
 namespace {
-
-constexpr double kFloatEps = 5.96e-8;  // 2^-24
-
-Context reference_ctx() { return {Backend::reference, 1}; }
-Context cpu_ctx(int threads = 0) { return {Backend::cpu, threads}; }
 
 struct Case {
   std::vector<int64_t> dims;
@@ -74,13 +70,6 @@ struct Forward {
 struct Backward {
   std::vector<float> dx, dw, db;
 };
-
-std::span<const float> opt(const std::vector<float>& v) {
-  return v.empty() ? std::span<const float>() : std::span<const float>(v);
-}
-std::span<float> opt(std::vector<float>& v) {
-  return v.empty() ? std::span<float>() : std::span<float>(v);
-}
 
 Forward forward(const Case& k, const Inputs& in, const Context& ctx) {
   Forward f{poisoned(in.x.size()), poisoned(std::size_t(k.rows())), poisoned(std::size_t(k.rows()))};
@@ -451,17 +440,6 @@ TEST(LayerNorm, NonFiniteInputStaysInItsRow) {
 }
 
 // ---- argument errors ----------------------------------------------------------------------
-
-void expect_error(const std::function<void()>& call, const std::vector<std::string>& needles) {
-  try {
-    call();
-    ADD_FAILURE() << "expected normkit::Error containing \"" << needles.front() << "\"";
-  } catch (const Error& e) {
-    const std::string what = e.what();
-    for (const auto& needle : needles)
-      EXPECT_NE(what.find(needle), std::string::npos) << "message: " << what << "\nexpected: " << needle;
-  }
-}
 
 struct ForwardArgs {
   LayerNormParams params{2, 1e-5};
