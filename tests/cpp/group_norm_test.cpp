@@ -515,13 +515,7 @@ struct ForwardArgs {
   }
 };
 
-void expect_forward_error(const std::function<void(ForwardArgs&)>& edit,
-                          const std::vector<std::string>& needles) {
-  ForwardArgs a;
-  edit(a);
-  expect_error([&] { a.run(); }, needles);
-  EXPECT_TRUE(a.untouched()) << "outputs written before the throw: " << needles.front();
-}
+constexpr auto expect_forward_error = expect_edit_error<ForwardArgs>;
 
 TEST(GroupNormErrors, ForwardArguments) {
   {  // The valid baseline passes and writes every output.
@@ -576,13 +570,7 @@ struct BackwardArgs {
   }
 };
 
-void expect_backward_error(const std::function<void(BackwardArgs&)>& edit,
-                           const std::vector<std::string>& needles) {
-  BackwardArgs a;
-  edit(a);
-  expect_error([&] { a.run(); }, needles);
-  EXPECT_TRUE(a.untouched()) << "outputs written before the throw: " << needles.front();
-}
+constexpr auto expect_backward_error = expect_edit_error<BackwardArgs>;
 
 TEST(GroupNormErrors, BackwardArguments) {
   {

@@ -343,13 +343,7 @@ struct ForwardArgs {
   }
 };
 
-void expect_forward_error(const std::function<void(ForwardArgs&)>& edit,
-                          const std::vector<std::string>& needles) {
-  ForwardArgs a;
-  edit(a);
-  expect_error([&] { a.run(); }, needles);
-  EXPECT_TRUE(a.untouched()) << "memory written before the throw: " << needles.front();
-}
+constexpr auto expect_forward_error = expect_edit_error<ForwardArgs>;
 
 // bfloat16 / float16 activations and the fused epilogues, in both statistics modes and both
 // formats: CPU against the reference (which widens to double), both backwards fed the

@@ -41,4 +41,16 @@ inline void expect_error(const std::function<void()>& call,
   }
 }
 
+// The argument checks as edits of one valid call: Args holds the arguments with every output
+// poison-filled, run() makes the call and untouched() says nothing was written. edit() breaks
+// one argument; the call must then throw an Error with every needle and write nothing.
+template <typename Args>
+void expect_edit_error(const std::function<void(Args&)>& edit,
+                       const std::vector<std::string>& needles) {
+  Args a;
+  edit(a);
+  expect_error([&] { a.run(); }, needles);
+  EXPECT_TRUE(a.untouched()) << "memory written before the throw: " << needles.front();
+}
+
 }  // namespace normkit::test
