@@ -31,6 +31,8 @@ using test::kPoison;
 using test::opt;
 using test::poisoned;
 using test::random_normal;
+using test::relative_error;
+using test::to_double;
 
 // ---- configurations ----
 
@@ -163,24 +165,6 @@ Results run_all(const Config& cfg, const Data& d, const Context& ctx) {
                                 d.running_mean, d.running_var, opt(d.weight),
                                 cfg.view(r.dx_inf.data()), r.dweight_inf, r.dbias_inf, ctx);
   return r;
-}
-
-// max |a - b| / max |b|, the error measure of the accuracy requirement (NaN or a surviving
-// poison value gives +inf).
-double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  const double denom = std::max(test::max_abs(b), std::numeric_limits<double>::min());
-  return test::max_abs_diff(a, b) / denom;
-}
-double relative_error(const std::vector<float>& a, const std::vector<double>& b) {
-  if (a.size() != b.size()) return std::numeric_limits<double>::infinity();
-  double m = 0, d = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    const double e = std::fabs(double(a[i]) - b[i]);
-    if (std::isnan(e)) return std::numeric_limits<double>::infinity();
-    d = std::max(d, e);
-    m = std::max(m, std::fabs(b[i]));
-  }
-  return d / std::max(m, std::numeric_limits<double>::min());
 }
 
 // Elementwise |a - b| <= rel * |b| + abs.
@@ -407,11 +391,6 @@ Conditioning conditioning(const Config& cfg, const Data& d, const Results& want)
   return k;
 }
 
-// max |a - b| / max(max |b|, floor).
-double error_against(const std::vector<float>& a, const std::vector<float>& b, double floor) {
-  return test::max_abs_diff(a, b) / std::max({test::max_abs(b), floor, 1e-300});
-}
-
 TEST(BatchNormCpu, MatchesReferenceOnRandomConfigurations) {
   std::mt19937_64 rng(2024);
   const int kConfigs = 1200;
@@ -436,12 +415,12 @@ TEST(BatchNormCpu, MatchesReferenceOnRandomConfigurations) {
       ASSERT_EQ(got.running_mean, d.running_mean);
       ASSERT_EQ(got.running_var, d.running_var);
     }
-    ASSERT_LE(error_against(got.dx, want.dx, cond.dx_terms), 20 * tol);
-    ASSERT_LE(error_against(got.dweight, want.dweight, cond.sum_dy_xhat), 20 * tol);
-    ASSERT_LE(error_against(got.dbias, want.dbias, cond.sum_dy), 20 * tol);
+    ASSERT_LE(relative_error(got.dx, want.dx, cond.dx_terms), 20 * tol);
+    ASSERT_LE(relative_error(got.dweight, want.dweight, cond.sum_dy_xhat), 20 * tol);
+    ASSERT_LE(relative_error(got.dbias, want.dbias, cond.sum_dy), 20 * tol);
     ASSERT_LE(relative_error(got.dx_inf, want.dx_inf), tol);
-    ASSERT_LE(error_against(got.dweight_inf, want.dweight_inf, cond.sum_dy_xhat_inf), 20 * tol);
-    ASSERT_LE(error_against(got.dbias_inf, want.dbias_inf, cond.sum_dy), 20 * tol);
+    ASSERT_LE(relative_error(got.dweight_inf, want.dweight_inf, cond.sum_dy_xhat_inf), 20 * tol);
+    ASSERT_LE(relative_error(got.dbias_inf, want.dbias_inf, cond.sum_dy), 20 * tol);
   }
 }
 
@@ -464,8 +443,6 @@ TEST(BatchNormCpu, OptionalOutputsAndAbsentAffine) {
 }
 
 // ---- accuracy at large offsets against the float64 result of the same float32 inputs ----
-
-std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
 TEST(BatchNormAccuracy, LargeOffsetsOnEveryLayout) {
   std::mt19937_64 rng(7);
@@ -550,21 +527,18 @@ TEST(BatchNormCpu, BitwiseIdenticalForAnyThreadCount) {
     for (int threads : {2, 3, 4}) {
       SCOPED_TRACE(threads);
       const Results r = run_all(cfg, d, {.backend = Backend::cpu, .num_threads = threads});
-      auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
-        return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
-      };
-      EXPECT_TRUE(same(r.y, one.y));
-      EXPECT_TRUE(same(r.save_mean, one.save_mean));
-      EXPECT_TRUE(same(r.save_invstd, one.save_invstd));
-      EXPECT_TRUE(same(r.running_mean, one.running_mean));
-      EXPECT_TRUE(same(r.running_var, one.running_var));
-      EXPECT_TRUE(same(r.y_inf, one.y_inf));
-      EXPECT_TRUE(same(r.dx, one.dx));
-      EXPECT_TRUE(same(r.dweight, one.dweight));
-      EXPECT_TRUE(same(r.dbias, one.dbias));
-      EXPECT_TRUE(same(r.dx_inf, one.dx_inf));
-      EXPECT_TRUE(same(r.dweight_inf, one.dweight_inf));
-      EXPECT_TRUE(same(r.dbias_inf, one.dbias_inf));
+      EXPECT_TRUE(test::bitwise_equal(r.y, one.y));
+      EXPECT_TRUE(test::bitwise_equal(r.save_mean, one.save_mean));
+      EXPECT_TRUE(test::bitwise_equal(r.save_invstd, one.save_invstd));
+      EXPECT_TRUE(test::bitwise_equal(r.running_mean, one.running_mean));
+      EXPECT_TRUE(test::bitwise_equal(r.running_var, one.running_var));
+      EXPECT_TRUE(test::bitwise_equal(r.y_inf, one.y_inf));
+      EXPECT_TRUE(test::bitwise_equal(r.dx, one.dx));
+      EXPECT_TRUE(test::bitwise_equal(r.dweight, one.dweight));
+      EXPECT_TRUE(test::bitwise_equal(r.dbias, one.dbias));
+      EXPECT_TRUE(test::bitwise_equal(r.dx_inf, one.dx_inf));
+      EXPECT_TRUE(test::bitwise_equal(r.dweight_inf, one.dweight_inf));
+      EXPECT_TRUE(test::bitwise_equal(r.dbias_inf, one.dbias_inf));
     }
   }
 }

@@ -115,11 +115,6 @@ Case random_case(std::mt19937_64& rng) {
   return k;
 }
 
-double relative(const std::vector<float>& a, const std::vector<float>& b, double floor = 0) {
-  const double scale = std::max(max_abs(b), floor), err = max_abs_diff(a, b);
-  return scale > 0 ? err / scale : (err == 0 ? 0 : 1e300);
-}
-
 TEST(InstanceNorm, CpuMatchesReferenceOnRandomConfigs) {
   std::mt19937_64 rng(99);
   int checked = 0;
@@ -144,7 +139,7 @@ TEST(InstanceNorm, CpuMatchesReferenceOnRandomConfigs) {
       dw_scale[ch] += std::fabs(in.dy[u] * (in.x[u] - double(r.mean[nc])) * r.rstd[nc]);
       db_scale[ch] += std::fabs(in.dy[u]);
     }
-    const double e_y = relative(c.y, r.y, y_scale), e_dx = relative(c.dx, r.dx, dx_scale);
+    const double e_y = relative_error(c.y, r.y, y_scale), e_dx = relative_error(c.dx, r.dx, dx_scale);
     EXPECT_LE(e_y, tol) << k.str();
     EXPECT_LE(e_dx, 2 * tol) << k.str();
     for (int64_t i = 0; i < k.N * k.C; ++i) {
@@ -284,9 +279,9 @@ TEST(InstanceNorm, AccuracyAtLargeOffsets) {
       const Inputs in = make_inputs(k, rng);
       const Result r = run(k, in, reference_ctx()), c = run(k, in, cpu_ctx());
       const double tol = 1e-5 * (1 + std::fabs(ratio));
-      EXPECT_LE(relative(c.y, r.y), tol);
-      EXPECT_LE(relative(c.dx, r.dx), 20 * tol);
-      EXPECT_LE(relative(c.running_var, r.running_var), tol);
+      EXPECT_LE(relative_error(c.y, r.y), tol);
+      EXPECT_LE(relative_error(c.dx, r.dx), 20 * tol);
+      EXPECT_LE(relative_error(c.running_var, r.running_var), tol);
     }
 }
 

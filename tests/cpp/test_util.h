@@ -101,6 +101,14 @@ inline double max_abs(const std::vector<double>& v) {
   return m;
 }
 
+// max |a - b| / max(max |b|, floor): the error relative to the size of b, or to a floor where
+// b can cancel below the size of the terms it sums. NaN or a surviving poison value gives
+// +inf; any difference from an all-zero b with no floor is huge.
+template <typename T>
+double relative_error(const std::vector<float>& a, const std::vector<T>& b, double floor = 0) {
+  return max_abs_diff(a, b) / std::max({max_abs(b), floor, std::numeric_limits<double>::min()});
+}
+
 // Same bytes (NaN payloads included).
 inline bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() &&
