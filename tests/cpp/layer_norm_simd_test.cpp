@@ -240,7 +240,7 @@ TEST(LayerNormSimd, EpiloguesStayAccurateAtLargeOffsets) {
         EXPECT_LE(max_abs_diff(got.y, want.y), tol * max_abs(want.y)) << what;
         EXPECT_LE(max_abs_diff(got.dx, want.dx), 20 * tol * max_abs(want.dx)) << what;
         EXPECT_LE(max_abs_diff(got.dw, want.dw), 20 * tol * max_abs(want.dw)) << what;
-        EXPECT_TRUE(bitwise(got.dres, want.dres)) << what;
+        EXPECT_TRUE(bitwise_equal(got.dres, want.dres)) << what;
       }
 }
 
@@ -304,11 +304,11 @@ void cached_equals_streaming(std::mt19937_64& rng) {
       auto head = [&](const std::vector<T>& v) { return std::vector<T>(v.begin(), v.begin() + long(n)); };
       auto head_f = [&](const std::vector<float>& v) { return std::vector<float>(v.begin(), v.begin() + 3); };
       const std::string what = "cols " + std::to_string(cols) + " " + epi_name(e);
-      EXPECT_TRUE(bitwise(a.y, head(b.y))) << what;
-      EXPECT_TRUE(bitwise(a.mean, head_f(b.mean))) << what;
-      EXPECT_TRUE(bitwise(a.rstd, head_f(b.rstd))) << what;
-      EXPECT_TRUE(bitwise(a.dx, head(b.dx))) << what;
-      if (has_residual(e)) EXPECT_TRUE(bitwise(a.dres, head(b.dres))) << what;
+      EXPECT_TRUE(bitwise_equal(a.y, head(b.y))) << what;
+      EXPECT_TRUE(bitwise_equal(a.mean, head_f(b.mean))) << what;
+      EXPECT_TRUE(bitwise_equal(a.rstd, head_f(b.rstd))) << what;
+      EXPECT_TRUE(bitwise_equal(a.dx, head(b.dx))) << what;
+      if (has_residual(e)) EXPECT_TRUE(bitwise_equal(a.dres, head(b.dres))) << what;
     }
 }
 
@@ -340,11 +340,11 @@ void low_precision_vs_float32(std::mt19937_64& rng) {
       const Result<T> rt = run(p, cpu, &fin);
       const std::string what = sh.str() + " " + epi_name(e);
       expect_near_t(rt.y, rounded<T>(rf.y), 0.5, 1e-6, what + " y");
-      EXPECT_TRUE(bitwise(rt.mean, rf.mean)) << what;
-      EXPECT_TRUE(bitwise(rt.rstd, rf.rstd)) << what;
+      EXPECT_TRUE(bitwise_equal(rt.mean, rf.mean)) << what;
+      EXPECT_TRUE(bitwise_equal(rt.rstd, rf.rstd)) << what;
       expect_near_t(rt.dx, rounded<T>(rf.dx), 0.5, 1e-6, what + " dx");
-      EXPECT_TRUE(bitwise(rt.dw, rf.dw)) << what;
-      EXPECT_TRUE(bitwise(rt.db, rf.db)) << what;
+      EXPECT_TRUE(bitwise_equal(rt.dw, rf.dw)) << what;
+      EXPECT_TRUE(bitwise_equal(rt.db, rf.db)) << what;
       if (has_residual(e)) expect_near_t(rt.dres, rounded<T>(rf.dres), 0.0, 0.0, what + " dres");
     }
 }

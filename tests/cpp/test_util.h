@@ -109,10 +109,11 @@ double relative_error(const std::vector<float>& a, const std::vector<T>& b, doub
   return max_abs_diff(a, b) / std::max({max_abs(b), floor, std::numeric_limits<double>::min()});
 }
 
-// Same bytes (NaN payloads included).
-inline bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
+// Same bytes (NaN payloads included); memcmp never sees the null data() of an empty vector.
+template <typename T>
+bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() &&
-         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
 inline bool contains_poison(const std::vector<float>& v) {
