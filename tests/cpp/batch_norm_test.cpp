@@ -279,14 +279,8 @@ double loss(const DoubleProblem& p, bool training) {
 
 // Central difference of the loss along one coordinate.
 double numeric_grad(DoubleProblem& p, std::vector<double>& v, std::size_t i, bool training) {
-  const double h = 1e-5 * std::max(1.0, std::fabs(v[i]));
-  const double keep = v[i];
-  v[i] = keep + h;
-  const double up = loss(p, training);
-  v[i] = keep - h;
-  const double down = loss(p, training);
-  v[i] = keep;
-  return (up - down) / (2 * h);
+  return test::central_difference([&] { return loss(p, training); }, v[i],
+                                  1e-5 * std::max(1.0, std::fabs(v[i])));
 }
 
 TEST(BatchNormReference, BackwardMatchesFiniteDifferences) {
@@ -1255,13 +1249,7 @@ TEST(BatchNormReference, EpilogueGradientsMatchFiniteDifferences) {
         return l;
       };
       auto numeric = [&](std::vector<double>& v, std::size_t i) {
-        const double h = 1e-6, keep = v[i];
-        v[i] = keep + h;
-        const double up = loss();
-        v[i] = keep - h;
-        const double down = loss();
-        v[i] = keep;
-        return (up - down) / (2 * h);
+        return test::central_difference(loss, v[i], 1e-6);
       };
       for (std::size_t i = 0; i < total; ++i) {
         EXPECT_NEAR(dx[i], numeric(x, i), 1e-6 * (1 + std::fabs(dx[i]))) << "dx[" << i << "]";

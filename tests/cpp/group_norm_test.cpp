@@ -229,13 +229,7 @@ TEST(GroupNorm, ReferenceBackwardMatchesFiniteDifferences) {
                                fixed_mean.data(), fixed_rstd.data(), w.data(), sh,
                                stats_are_constants);
       auto numeric = [&](double& v) {
-        const double h = 1e-6 * std::max(1.0, std::fabs(v)), keep = v;
-        v = keep + h;
-        const double up = loss();
-        v = keep - h;
-        const double down = loss();
-        v = keep;
-        return (up - down) / (2 * h);
+        return central_difference(loss, v, 1e-6 * std::max(1.0, std::fabs(v)));
       };
       for (std::size_t i = 0; i < n; ++i) EXPECT_NEAR(dx[i], numeric(x[i]), 1e-6) << i;
       for (std::size_t c = 0; c < 6; ++c) {

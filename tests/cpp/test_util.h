@@ -129,6 +129,18 @@ inline std::vector<int64_t> random_spatial(std::mt19937_64& rng, int max_dims, i
   return dims;
 }
 
+// Central difference (loss(v + h) - loss(v - h)) / 2h, where loss() reads v; v is restored.
+template <typename Loss>
+double central_difference(Loss&& loss, double& v, double h) {
+  const double keep = v;
+  v = keep + h;
+  const double up = loss();
+  v = keep - h;
+  const double down = loss();
+  v = keep;
+  return (up - down) / (2 * h);
+}
+
 // 10^u with u uniform in [log10(lo), log10(hi)].
 inline double log_uniform(std::mt19937_64& rng, double lo, double hi) {
   return std::pow(10.0, std::uniform_real_distribution<double>(std::log10(lo), std::log10(hi))(rng));
