@@ -36,6 +36,7 @@ struct Case {
     return s;
   }
   int64_t numel() const { return N * C * S(); }
+  int64_t num_params() const { return C; }
   std::vector<int64_t> dims() const {
     std::vector<int64_t> d = {N, C};
     d.insert(d.end(), spatial.begin(), spatial.end());
@@ -56,16 +57,13 @@ struct Case {
   }
 };
 
-struct Inputs {
-  std::vector<float> x, dy, w, b, running_mean, running_var;
+// The inputs of every op, then running statistics near the data's when the case has them.
+struct Inputs : test::Inputs {
+  std::vector<float> running_mean, running_var;
 };
 
 Inputs make_inputs(const Case& k, std::mt19937_64& rng) {
-  Inputs in;
-  in.x = random_normal(std::size_t(k.numel()), rng, k.offset, k.scale);
-  in.dy = random_normal(std::size_t(k.numel()), rng);
-  if (k.weight) in.w = random_normal(std::size_t(k.C), rng, 0.5, 1.0);
-  if (k.bias) in.b = random_normal(std::size_t(k.C), rng);
+  Inputs in{test::make_inputs(k, rng), {}, {}};
   if (k.running) {
     in.running_mean = random_normal(std::size_t(k.C), rng, k.offset, k.scale);
     std::uniform_real_distribution<double> u(0.2, 2.0);
