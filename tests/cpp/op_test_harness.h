@@ -63,10 +63,11 @@ void expect_edit_error(const std::function<void(Args&)>& edit,
 
 // ---- ops saving mean and rstd per normalized set: GroupNorm, LayerNorm ------------------------
 //
-// A Case describes one configuration: numel(), num_params() (length of weight and bias),
-// param_of(i) and stat_of(i) (the weight and the mean/rstd index of the element stored at
-// memory index i), the flags weight and bias, offset, scale and str(). The op's test file
-// supplies forward(k, in, ctx) and backward(k, in, mean, rstd, ctx, want_dw, want_db).
+// A Case describes one configuration: numel(), num_params() (length of weight and bias), the
+// flags weight and bias, offset and scale (all make_inputs needs, so InstanceNorm draws its
+// inputs here too); param_of(i) and stat_of(i) (the weight and the mean/rstd index of the
+// element stored at memory index i) and str(). The checks take the op's forward(k, in, ctx)
+// and backward(k, in, mean, rstd, ctx, want_dw, want_db) as arguments.
 
 // Inputs in the memory order of the case's format; w, b empty when the case has none.
 struct Inputs {
