@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <functional>
 #include <limits>
 #include <random>
@@ -20,14 +19,19 @@
 #include "normkit/batch_norm.h"
 #include "normkit/error.h"
 #include "ref/batch_norm.h"
+#include "op_test_harness.h"
 #include "test_util.h"
 
 namespace normkit {
 namespace {
 
+using test::expect_error;
 using test::kPoison;
+using test::opt;
 using test::poisoned;
 using test::random_normal;
+using test::relative_error;
+using test::to_double;
 
 // ---- configurations ----
 
@@ -95,13 +99,6 @@ Data make_data(const Config& cfg, std::mt19937_64& rng) {
   return d;
 }
 
-std::span<const float> opt(const std::vector<float>& v, bool present = true) {
-  return present && !v.empty() ? std::span<const float>(v) : std::span<const float>{};
-}
-std::span<float> opt_mut(std::vector<float>& v, bool present = true) {
-  return present && !v.empty() ? std::span<float>(v) : std::span<float>{};
-}
-
 Config random_config(std::mt19937_64& rng) {
   auto pick = [&](std::initializer_list<int64_t> values) {
     std::uniform_int_distribution<std::size_t> i(0, values.size() - 1);
@@ -149,8 +146,8 @@ Results run_all(const Config& cfg, const Data& d, const Context& ctx) {
   r.running_var = d.running_var;
   batch_norm_forward_training(params, cfg.view(d.x.data()), opt(d.weight), opt(d.bias),
                               cfg.view(r.y.data()), r.save_mean, r.save_invstd,
-                              opt_mut(r.running_mean, cfg.has_running),
-                              opt_mut(r.running_var, cfg.has_running), ctx);
+                              opt(r.running_mean, cfg.has_running),
+                              opt(r.running_var, cfg.has_running), ctx);
   r.y_inf = poisoned(total);
   batch_norm_forward_inference(params, cfg.view(d.x.data()), opt(d.weight), opt(d.bias),
                                d.running_mean, d.running_var, cfg.view(r.y_inf.data()), ctx);
@@ -167,24 +164,6 @@ Results run_all(const Config& cfg, const Data& d, const Context& ctx) {
                                 d.running_mean, d.running_var, opt(d.weight),
                                 cfg.view(r.dx_inf.data()), r.dweight_inf, r.dbias_inf, ctx);
   return r;
-}
-
-// max |a - b| / max |b|, the error measure of the accuracy requirement (NaN or a surviving
-// poison value gives +inf).
-double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  const double denom = std::max(test::max_abs(b), std::numeric_limits<double>::min());
-  return test::max_abs_diff(a, b) / denom;
-}
-double relative_error(const std::vector<float>& a, const std::vector<double>& b) {
-  if (a.size() != b.size()) return std::numeric_limits<double>::infinity();
-  double m = 0, d = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    const double e = std::fabs(double(a[i]) - b[i]);
-    if (std::isnan(e)) return std::numeric_limits<double>::infinity();
-    d = std::max(d, e);
-    m = std::max(m, std::fabs(b[i]));
-  }
-  return d / std::max(m, std::numeric_limits<double>::min());
 }
 
 // Elementwise |a - b| <= rel * |b| + abs.
@@ -299,14 +278,8 @@ double loss(const DoubleProblem& p, bool training) {
 
 // Central difference of the loss along one coordinate.
 double numeric_grad(DoubleProblem& p, std::vector<double>& v, std::size_t i, bool training) {
-  const double h = 1e-5 * std::max(1.0, std::fabs(v[i]));
-  const double keep = v[i];
-  v[i] = keep + h;
-  const double up = loss(p, training);
-  v[i] = keep - h;
-  const double down = loss(p, training);
-  v[i] = keep;
-  return (up - down) / (2 * h);
+  return test::central_difference([&] { return loss(p, training); }, v[i],
+                                  1e-5 * std::max(1.0, std::fabs(v[i])));
 }
 
 TEST(BatchNormReference, BackwardMatchesFiniteDifferences) {
@@ -411,11 +384,6 @@ Conditioning conditioning(const Config& cfg, const Data& d, const Results& want)
   return k;
 }
 
-// max |a - b| / max(max |b|, floor).
-double error_against(const std::vector<float>& a, const std::vector<float>& b, double floor) {
-  return test::max_abs_diff(a, b) / std::max({test::max_abs(b), floor, 1e-300});
-}
-
 TEST(BatchNormCpu, MatchesReferenceOnRandomConfigurations) {
   std::mt19937_64 rng(2024);
   const int kConfigs = 1200;
@@ -440,12 +408,12 @@ TEST(BatchNormCpu, MatchesReferenceOnRandomConfigurations) {
       ASSERT_EQ(got.running_mean, d.running_mean);
       ASSERT_EQ(got.running_var, d.running_var);
     }
-    ASSERT_LE(error_against(got.dx, want.dx, cond.dx_terms), 20 * tol);
-    ASSERT_LE(error_against(got.dweight, want.dweight, cond.sum_dy_xhat), 20 * tol);
-    ASSERT_LE(error_against(got.dbias, want.dbias, cond.sum_dy), 20 * tol);
+    ASSERT_LE(relative_error(got.dx, want.dx, cond.dx_terms), 20 * tol);
+    ASSERT_LE(relative_error(got.dweight, want.dweight, cond.sum_dy_xhat), 20 * tol);
+    ASSERT_LE(relative_error(got.dbias, want.dbias, cond.sum_dy), 20 * tol);
     ASSERT_LE(relative_error(got.dx_inf, want.dx_inf), tol);
-    ASSERT_LE(error_against(got.dweight_inf, want.dweight_inf, cond.sum_dy_xhat_inf), 20 * tol);
-    ASSERT_LE(error_against(got.dbias_inf, want.dbias_inf, cond.sum_dy), 20 * tol);
+    ASSERT_LE(relative_error(got.dweight_inf, want.dweight_inf, cond.sum_dy_xhat_inf), 20 * tol);
+    ASSERT_LE(relative_error(got.dbias_inf, want.dbias_inf, cond.sum_dy), 20 * tol);
   }
 }
 
@@ -468,8 +436,6 @@ TEST(BatchNormCpu, OptionalOutputsAndAbsentAffine) {
 }
 
 // ---- accuracy at large offsets against the float64 result of the same float32 inputs ----
-
-std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
 TEST(BatchNormAccuracy, LargeOffsetsOnEveryLayout) {
   std::mt19937_64 rng(7);
@@ -554,21 +520,18 @@ TEST(BatchNormCpu, BitwiseIdenticalForAnyThreadCount) {
     for (int threads : {2, 3, 4}) {
       SCOPED_TRACE(threads);
       const Results r = run_all(cfg, d, {.backend = Backend::cpu, .num_threads = threads});
-      auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
-        return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * 4) == 0;
-      };
-      EXPECT_TRUE(same(r.y, one.y));
-      EXPECT_TRUE(same(r.save_mean, one.save_mean));
-      EXPECT_TRUE(same(r.save_invstd, one.save_invstd));
-      EXPECT_TRUE(same(r.running_mean, one.running_mean));
-      EXPECT_TRUE(same(r.running_var, one.running_var));
-      EXPECT_TRUE(same(r.y_inf, one.y_inf));
-      EXPECT_TRUE(same(r.dx, one.dx));
-      EXPECT_TRUE(same(r.dweight, one.dweight));
-      EXPECT_TRUE(same(r.dbias, one.dbias));
-      EXPECT_TRUE(same(r.dx_inf, one.dx_inf));
-      EXPECT_TRUE(same(r.dweight_inf, one.dweight_inf));
-      EXPECT_TRUE(same(r.dbias_inf, one.dbias_inf));
+      EXPECT_TRUE(test::bitwise_equal(r.y, one.y));
+      EXPECT_TRUE(test::bitwise_equal(r.save_mean, one.save_mean));
+      EXPECT_TRUE(test::bitwise_equal(r.save_invstd, one.save_invstd));
+      EXPECT_TRUE(test::bitwise_equal(r.running_mean, one.running_mean));
+      EXPECT_TRUE(test::bitwise_equal(r.running_var, one.running_var));
+      EXPECT_TRUE(test::bitwise_equal(r.y_inf, one.y_inf));
+      EXPECT_TRUE(test::bitwise_equal(r.dx, one.dx));
+      EXPECT_TRUE(test::bitwise_equal(r.dweight, one.dweight));
+      EXPECT_TRUE(test::bitwise_equal(r.dbias, one.dbias));
+      EXPECT_TRUE(test::bitwise_equal(r.dx_inf, one.dx_inf));
+      EXPECT_TRUE(test::bitwise_equal(r.dweight_inf, one.dweight_inf));
+      EXPECT_TRUE(test::bitwise_equal(r.dbias_inf, one.dbias_inf));
     }
   }
 }
@@ -695,14 +658,7 @@ void expect_rejected(const std::vector<Rejected>& cases) {
     SCOPED_TRACE("case " + std::to_string(i));
     // Validation precedes dispatch, so the default backend stands for both.
     Buffers m;
-    try {
-      cases[i].call(m);
-      ADD_FAILURE() << "no normkit::Error thrown";
-    } catch (const Error& e) {
-      const std::string what = e.what();
-      for (const auto& part : cases[i].parts)
-        EXPECT_NE(what.find(part), std::string::npos) << "'" << part << "' not in: " << what;
-    }
+    expect_error([&] { cases[i].call(m); }, cases[i].parts);
     EXPECT_TRUE(m == Buffers()) << "a rejected call wrote to caller memory";
   }
 }
@@ -964,8 +920,8 @@ EpilogueResults run_epilogue(const Config& cfg, const EpilogueData& e, DType dty
   r.running_mean = d.running_mean;
   r.running_var = d.running_var;
   batch_norm_forward_training(params, view(x), opt(d.weight), opt(d.bias), view(y), r.save_mean,
-                              r.save_invstd, opt_mut(r.running_mean, cfg.has_running),
-                              opt_mut(r.running_var, cfg.has_running), ctx);
+                              r.save_invstd, opt(r.running_mean, cfg.has_running),
+                              opt(r.running_var, cfg.has_running), ctx);
   batch_norm_forward_inference(params, view(x), opt(d.weight), opt(d.bias), d.running_mean,
                                d.running_var, view(y_inf), ctx);
   r.dweight = poisoned(C), r.dbias = poisoned(C), r.dweight_inf = poisoned(C),
@@ -1222,17 +1178,13 @@ TEST(BatchNormCpu, CallerWorkspace) {
     }
     if (bytes == 0) continue;
     std::vector<float> y = poisoned(d.x.size()), mean = poisoned(5), invstd = poisoned(5);
-    try {
-      batch_norm_forward_inference({}, cfg.view(d.x.data()), {}, {}, d.running_mean,
-                                   d.running_var, cfg.view(y.data()),
-                                   {.workspace = {ws.data(), bytes - 1}});
-      ADD_FAILURE() << "no error for a small workspace";
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("workspace has " + std::to_string(bytes - 1) +
-                                           " bytes, expected at least"),
-                std::string::npos)
-          << e.what();
-    }
+    expect_error(
+        [&] {
+          batch_norm_forward_inference({}, cfg.view(d.x.data()), {}, {}, d.running_mean,
+                                       d.running_var, cfg.view(y.data()),
+                                       {.workspace = {ws.data(), bytes - 1}});
+        },
+        {"workspace has " + std::to_string(bytes - 1) + " bytes, expected at least"});
     EXPECT_EQ(y, poisoned(d.x.size()));
   }
 }
@@ -1296,13 +1248,7 @@ TEST(BatchNormReference, EpilogueGradientsMatchFiniteDifferences) {
         return l;
       };
       auto numeric = [&](std::vector<double>& v, std::size_t i) {
-        const double h = 1e-6, keep = v[i];
-        v[i] = keep + h;
-        const double up = loss();
-        v[i] = keep - h;
-        const double down = loss();
-        v[i] = keep;
-        return (up - down) / (2 * h);
+        return test::central_difference(loss, v[i], 1e-6);
       };
       for (std::size_t i = 0; i < total; ++i) {
         EXPECT_NEAR(dx[i], numeric(x, i), 1e-6 * (1 + std::fabs(dx[i]))) << "dx[" << i << "]";

@@ -11,7 +11,6 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
-#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -20,6 +19,7 @@
 #include "cpu/moments.h"
 #include "normkit/error.h"
 #include "normkit/group_norm.h"
+#include "op_test_harness.h"
 #include "simd_test_util.h"
 #include "test_util.h"
 
@@ -110,7 +110,7 @@ Result<T> run(const Problem<T>& p, const Context& ctx, const Result<T>* forward_
 // mask never differs by rounding.
 template <typename T>
 void compare_cpu_to_reference(const Problem<T>& p, int threads, const std::string& what) {
-  const Context ref{Backend::reference, 1}, cpu{Backend::cpu, threads};
+  const Context ref = reference_ctx(), cpu = cpu_ctx(threads);
   const Result<T> want = run(p, ref);
   const Result<T> got = run(p, cpu, &want);
   // y: rounded once to T by both; one ulp of T apart at most, plus float32 error.
@@ -197,8 +197,8 @@ TEST(GroupNormSimd, LargeOutputsMatchReference) {
     const Problem<float> p = make_problem<float>(sh, e, rng);
     ASSERT_GE(int64_t(p.x.size()) * 4, int64_t(16) << 20) << what;
     compare_cpu_to_reference(p, 2, what);
-    const Result<float> two = run(p, Context{Backend::cpu, 2});
-    const Result<float> three = run(p, Context{Backend::cpu, 3});
+    const Result<float> two = run(p, cpu_ctx(2));
+    const Result<float> three = run(p, cpu_ctx(3));
     expect_same_bits(three, two, what + " threads 3 vs 2");
   }
 }
@@ -217,9 +217,9 @@ void threads_invariant(std::mt19937_64& rng, bool full) {
     for (Epi e : kEpilogues) {
       if (!full && e != kNone && e != kResidualRelu) continue;
       const Problem<T> p = make_problem<T>(sh, e, rng);
-      const Result<T> one = run(p, Context{Backend::cpu, 1});
+      const Result<T> one = run(p, cpu_ctx(1));
       for (int threads = full ? 2 : 3; threads <= (full ? 4 : 3); ++threads) {
-        const Result<T> many = run(p, Context{Backend::cpu, threads}, &one);
+        const Result<T> many = run(p, cpu_ctx(threads), &one);
         const std::string what = sh.str() + " " + epi_name(e) + " threads " + std::to_string(threads);
         expect_same_bits(many, one, what);
       }
@@ -250,7 +250,7 @@ void low_precision_vs_float32(std::mt19937_64& rng) {
     for (Epi e : kEpilogues) {
       const Problem<T> p = make_problem<T>(sh, e, rng, 3.0);
       Problem<float> pf{sh, e, wide_f(p.x), wide_f(p.r), wide_f(p.dy), p.w, p.b};
-      const Context cpu{Backend::cpu, 2};
+      const Context cpu = cpu_ctx(2);
       const Result<float> rf = run(pf, cpu);
       // The T backward consumes the float32 forward's statistics and (rounded) y.
       Result<T> fin;
@@ -282,8 +282,8 @@ TEST(GroupNormSimd, Float16InputsWhoseSquaresOverflowFloat16) {
   const Shape sh{2, 4, 2, {300}, MemoryFormat::channels_first};
   Problem<f16> p = make_problem<f16>(sh, kNone, rng);
   for (auto& v : p.x) v = from_float<f16>(to_float(v) * 15000.0f);
-  const Result<f16> want = run(p, Context{Backend::reference, 1});
-  const Result<f16> got = run(p, Context{Backend::cpu, 2}, &want);
+  const Result<f16> want = run(p, reference_ctx());
+  const Result<f16> got = run(p, cpu_ctx(2), &want);
   expect_near_t(got.y, want.y, 1.0, 1e-4, "y");
   for (float r : got.rstd) EXPECT_TRUE(std::isfinite(r) && r > 0);
 }
@@ -292,7 +292,7 @@ TEST(GroupNormSimd, Float16InputsWhoseSquaresOverflowFloat16) {
 // the residual is chosen so every pre-activation is at least 0.3 away from zero.
 TEST(GroupNormSimd, ReferenceEpilogueGradientsMatchFiniteDifferences) {
   std::mt19937_64 rng(26);
-  const Context ref{Backend::reference, 1};
+  const Context ref = reference_ctx();
   for (MemoryFormat fmt : {MemoryFormat::channels_first, MemoryFormat::channels_last})
     for (Epi e : {kRelu, kResidual, kResidualRelu}) {
       const Shape sh{2, 4, 2, {5}, fmt};
@@ -342,8 +342,8 @@ void check_channels_last_statistics(const Shape& sh, double offset, std::mt19937
   const auto n = std::size_t(sh.numel()), ng = std::size_t(sh.N * sh.G);
   const GroupNormParams params{sh.G, 1e-5};
   Result<T> want, got;
-  for (auto [out, ctx] : {std::pair{&want, Context{Backend::reference, 1}},
-                          std::pair{&got, Context{Backend::cpu, 2}}}) {
+  for (auto [out, ctx] : {std::pair{&want, reference_ctx()},
+                          std::pair{&got, cpu_ctx(2)}}) {
     out->y = poisoned_as<T>(n);
     out->mean = poisoned(ng);
     out->rstd = poisoned(ng);
@@ -402,7 +402,7 @@ void caller_workspace_gives_the_same_bits(std::mt19937_64& rng) {
         const std::size_t offset = std::size_t(threads - 1) * 3;
         std::vector<std::byte> buffer(bytes + offset, std::byte{0xff});
         const std::span<std::byte> ws(buffer.data() + offset, bytes);
-        const Result<T> plain = run(p, Context{Backend::cpu, threads});
+        const Result<T> plain = run(p, cpu_ctx(threads));
         const Result<T> with = run(p, Context{Backend::cpu, threads, ws});
         expect_same_bits(with, plain, what);
         EXPECT_TRUE(std::any_of(ws.begin(), ws.end(), [](std::byte b) { return b != std::byte{0xff}; }))
@@ -416,8 +416,6 @@ TEST(GroupNormWorkspace, ExactSizeGivesTheSameBitsAsNone) {
   caller_workspace_gives_the_same_bits<float>(rng);
   caller_workspace_gives_the_same_bits<bf16>(rng);
 }
-
-void expect_error(const std::function<void()>& call, const std::string& needle);
 
 TEST(GroupNormWorkspace, TooSmallThrowsBeforeWriting) {
   std::mt19937_64 rng(29);
@@ -440,14 +438,14 @@ TEST(GroupNormWorkspace, TooSmallThrowsBeforeWriting) {
                                  " bytes, expected at least group_norm_workspace_size(params, x) = " +
                                  std::to_string(bytes);
       expect_error([&] { group_norm_forward(params, p.view(p.x), p.w, p.b, p.view(y), mean, rstd, ctx); },
-                   "group_norm_forward: " + needle);
+                   {"group_norm_forward: " + needle});
       BackwardEpilogue be{true, p.view(p.x), p.view(dres)};
       expect_error([&] {
         group_norm_backward(params, be, p.view(p.dy), p.view(p.x), m, s, p.w, p.view(dx), dw, db, ctx);
-      }, "group_norm_backward: " + needle);
+      }, {"group_norm_backward: " + needle});
       expect_error([&] {
         group_norm_backward(params, p.view(p.dy), p.view(p.x), m, s, p.w, p.view(dx), dw, db, ctx);
-      }, "group_norm_backward: " + needle);
+      }, {"group_norm_backward: " + needle});
     }
     EXPECT_TRUE(y == poisoned(n) && mean == poisoned(6) && rstd == poisoned(6));
     EXPECT_TRUE(dx == poisoned(n) && dres == poisoned(n) && dw == poisoned(6) && db == poisoned(6));
@@ -459,14 +457,14 @@ TEST(GroupNormWorkspace, SizeQueryChecksItsArguments) {
   std::vector<bf16> xb(x.size());
   const TensorView xv = view_of(x, {2, 6, 5});
   expect_error([&] { group_norm_workspace_size({4, 1e-5}, xv); },
-               "group_norm_workspace_size: num_groups = 4 must divide the number of channels C = 6");
+               {"group_norm_workspace_size: num_groups = 4 must divide the number of channels C = 6"});
   expect_error([&] { group_norm_workspace_size({0, 1e-5}, xv); },
-               "group_norm_workspace_size: num_groups must be > 0, got 0");
-  expect_error([&] { group_norm_workspace_size({3, -1.0}, xv); }, "group_norm_workspace_size: eps");
+               {"group_norm_workspace_size: num_groups must be > 0, got 0"});
+  expect_error([&] { group_norm_workspace_size({3, -1.0}, xv); }, {"group_norm_workspace_size: eps"});
   expect_error([&] { group_norm_workspace_size({3, 1e-5}, view_of(x, {60})); },
-               "group_norm_workspace_size: x must have rank 2 to 5");
+               {"group_norm_workspace_size: x must have rank 2 to 5"});
   expect_error([&] { group_norm_workspace_size({3, 1e-5}, TensorView(x.data(), DType(9), {2, 6, 5})); },
-               "group_norm_workspace_size: x has dtype");
+               {"group_norm_workspace_size: x has dtype"});
   // Shape and format only: the same size for every dtype; nothing to do for an empty x.
   EXPECT_EQ(group_norm_workspace_size({3, 1e-5}, xv),
             group_norm_workspace_size({3, 1e-5}, TensorView(xb.data(), DType::bfloat16, {2, 6, 5})));
@@ -475,15 +473,6 @@ TEST(GroupNormWorkspace, SizeQueryChecksItsArguments) {
 }
 
 // ---- epilogue and dtype argument errors ---------------------------------------------------
-
-void expect_error(const std::function<void()>& call, const std::string& needle) {
-  try {
-    call();
-    ADD_FAILURE() << "expected normkit::Error containing \"" << needle << "\"";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
 
 TEST(GroupNormSimd, EpilogueAndDtypeErrorsWriteNothing) {
   const std::vector<int64_t> dims{2, 4, 3};
@@ -494,34 +483,34 @@ TEST(GroupNormSimd, EpilogueAndDtypeErrorsWriteNothing) {
   GroupNormParams params{2, 1e-5};
   params.epilogue.residual = view_of(r, {2, 4, 4});
   expect_error([&] { group_norm_forward(params, xv, {}, {}, yv, mean, rstd); },
-               "epilogue.residual shape (2, 4, 4) != x shape (2, 4, 3)");
+               {"epilogue.residual shape (2, 4, 4) != x shape (2, 4, 3)"});
   params.epilogue.residual = TensorView(rb.data(), DType::bfloat16, {2, 4, 3});
   expect_error([&] { group_norm_forward(params, xv, {}, {}, yv, mean, rstd); },
-               "epilogue.residual dtype bfloat16 != x dtype float32");
+               {"epilogue.residual dtype bfloat16 != x dtype float32"});
   params.epilogue.residual = view_of(r, dims, MemoryFormat::channels_last);
   expect_error([&] { group_norm_forward(params, xv, {}, {}, yv, mean, rstd); },
-               "epilogue.residual memory format channels_last");
+               {"epilogue.residual memory format channels_last"});
   params.epilogue = {};
   expect_error([&] {
     group_norm_forward(params, TensorView(xb.data(), DType::bfloat16, {2, 4, 3}), {}, {}, yv, mean, rstd);
-  }, "y dtype float32 != x dtype bfloat16");
+  }, {"y dtype float32 != x dtype bfloat16"});
   expect_error([&] {
     group_norm_forward(params, TensorView(x.data(), DType(9), {2, 4, 3}), {}, {}, yv, mean, rstd);
-  }, "x has dtype");
+  }, {"x has dtype"});
   EXPECT_TRUE(y == poisoned(24) && mean == poisoned(4) && rstd == poisoned(4));
 
   std::vector<float> m(4, 0.0f), s(4, 1.0f);
   BackwardEpilogue be;
   be.relu = true;
   expect_error([&] { group_norm_backward(params, be, xv, xv, m, s, {}, dxv, {}, {}); },
-               "epilogue.y (the forward's output) is required with epilogue.relu");
+               {"epilogue.y (the forward's output) is required with epilogue.relu"});
   be.y = view_of(y, {2, 4, 2});
   expect_error([&] { group_norm_backward(params, be, xv, xv, m, s, {}, dxv, {}, {}); },
-               "epilogue.y shape (2, 4, 2) != x shape (2, 4, 3)");
+               {"epilogue.y shape (2, 4, 2) != x shape (2, 4, 3)"});
   be.y = view_of(r, dims);
   be.dresidual = TensorView(rb.data(), DType::bfloat16, {2, 4, 3});
   expect_error([&] { group_norm_backward(params, be, xv, xv, m, s, {}, dxv, {}, {}); },
-               "epilogue.dresidual dtype bfloat16 != x dtype float32");
+               {"epilogue.dresidual dtype bfloat16 != x dtype float32"});
   EXPECT_TRUE(dx == poisoned(24));
 }
 

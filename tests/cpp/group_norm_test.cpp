@@ -4,7 +4,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
@@ -12,15 +11,11 @@
 #include "normkit/error.h"
 #include "normkit/group_norm.h"
 #include "ref/group_norm.h"
+#include "op_test_harness.h"
 #include "test_util.h"
 
 namespace normkit::test {
 namespace {
-
-constexpr double kFloatEps = 5.96e-8;  // 2^-24
-
-Context reference_ctx() { return {Backend::reference, 1}; }
-Context cpu_ctx(int threads = 0) { return {Backend::cpu, threads}; }
 
 struct Case {
   int64_t N = 1, C = 1, G = 1;
@@ -47,6 +42,9 @@ struct Case {
     return format == MemoryFormat::channels_first ? (i / S()) % C : i % C;
   }
   int64_t sample_of(int64_t i) const { return i / (C * S()); }
+  int64_t num_params() const { return C; }
+  int64_t param_of(int64_t i) const { return channel_of(i); }
+  int64_t stat_of(int64_t i) const { return sample_of(i) * G + channel_of(i) / (C / G); }
   std::string str() const {
     std::string s = "N=" + std::to_string(N) + " C=" + std::to_string(C) +
                     " G=" + std::to_string(G) + " spatial=(";
@@ -56,34 +54,6 @@ struct Case {
            " eps=" + std::to_string(eps);
   }
 };
-
-// Inputs in the memory order of the case's format; w, b empty when the case has none.
-struct Inputs {
-  std::vector<float> x, dy, w, b;
-};
-
-Inputs make_inputs(const Case& k, std::mt19937_64& rng) {
-  Inputs in;
-  in.x = random_normal(std::size_t(k.numel()), rng, k.offset, k.scale);
-  in.dy = random_normal(std::size_t(k.numel()), rng);
-  if (k.weight) in.w = random_normal(std::size_t(k.C), rng, 0.5, 1.0);
-  if (k.bias) in.b = random_normal(std::size_t(k.C), rng);
-  return in;
-}
-
-struct Forward {
-  std::vector<float> y, mean, rstd;
-};
-struct Backward {
-  std::vector<float> dx, dw, db;
-};
-
-std::span<const float> opt(const std::vector<float>& v) {
-  return v.empty() ? std::span<const float>() : std::span<const float>(v);
-}
-std::span<float> opt(std::vector<float>& v) {
-  return v.empty() ? std::span<float>() : std::span<float>(v);
-}
 
 Forward forward(const Case& k, const Inputs& in, const Context& ctx) {
   Forward f{poisoned(in.x.size()), poisoned(std::size_t(k.N * k.G)),
@@ -104,10 +74,6 @@ Backward backward(const Case& k, const Inputs& in, const std::vector<float>& mea
   return b;
 }
 
-// The whole computation in double from the same float inputs: the float64 truth.
-struct Exact {
-  std::vector<double> y, mean, rstd, dx, dw, db;
-};
 Exact exact(const Case& k, const Inputs& in) {
   Exact e;
   const auto x = to_double(in.x), dy = to_double(in.dy), w = to_double(in.w),
@@ -145,93 +111,9 @@ Case random_case(std::mt19937_64& rng) {
   return k;
 }
 
-// Relative error measures of one configuration, each scaled by what float rounding can reach.
-struct Errors {
-  double y = 0, mean = 0, rstd = 0, dx = 0, dw = 0, db = 0;
-};
-
-Errors compare(const Case& k, const Inputs& in, const Forward& fc, const Forward& fr,
-               const Backward& bc, const Backward& br) {
-  Errors e;
-  // y = xhat * w + b can cancel; its rounding scale is |xhat * w| + |b|.
-  double y_scale = 0;
-  for (int64_t i = 0; i < k.numel(); ++i) {
-    const double b = in.b.empty() ? 0.0 : in.b[std::size_t(k.channel_of(i))];
-    y_scale = std::max(y_scale, std::fabs(fr.y[std::size_t(i)] - b) + std::fabs(b));
-  }
-  const double y_err = max_abs_diff(fc.y, fr.y);
-  e.y = y_scale > 0 ? y_err / y_scale : (y_err == 0 ? 0 : 1e300);
-  for (std::size_t i = 0; i < fr.mean.size(); ++i) {
-    e.mean = std::max(e.mean, std::fabs(double(fc.mean[i]) - fr.mean[i]) /
-                                  (std::fabs(double(fr.mean[i])) + k.scale));
-    e.rstd = std::max(e.rstd, std::fabs(double(fc.rstd[i]) - fr.rstd[i]) / fr.rstd[i]);
-    if (std::isnan(fc.mean[i]) || std::isnan(fc.rstd[i])) e.mean = e.rstd = 1e300;
-  }
-  // dx is a sum of terms of size rstd * |w * dy|: that, not |dx| (which can cancel to 0), is
-  // the scale of its rounding.
-  double dx_scale = max_abs(br.dx);
-  std::vector<double> dw_scale(std::size_t(k.C), 0.0), db_scale(std::size_t(k.C), 0.0);
-  for (int64_t i = 0; i < k.numel(); ++i) {
-    const int64_t c = k.channel_of(i), ng = k.sample_of(i) * k.G + c / (k.C / k.G);
-    const double w = in.w.empty() ? 1.0 : in.w[std::size_t(c)];
-    const double r = fr.rstd[std::size_t(ng)];
-    dx_scale = std::max(dx_scale, std::fabs(r * w * in.dy[std::size_t(i)]));
-    dw_scale[std::size_t(c)] += std::fabs(in.dy[std::size_t(i)] * (in.x[std::size_t(i)] -
-                                                                   double(fr.mean[std::size_t(ng)])) * r);
-    db_scale[std::size_t(c)] += std::fabs(in.dy[std::size_t(i)]);
-  }
-  e.dx = dx_scale > 0 ? max_abs_diff(bc.dx, br.dx) / dx_scale : max_abs_diff(bc.dx, br.dx) * 1e300;
-  for (int64_t c = 0; c < k.C; ++c) {
-    const auto i = std::size_t(c);
-    if (!br.dw.empty())
-      e.dw = std::max(e.dw, std::fabs(double(bc.dw[i]) - br.dw[i]) / std::max(dw_scale[i], 1e-300));
-    if (!br.db.empty())
-      e.db = std::max(e.db, std::fabs(double(bc.db[i]) - br.db[i]) / std::max(db_scale[i], 1e-300));
-  }
-  if (contains_poison(bc.dw) || contains_poison(bc.db)) e.dw = e.db = 1e300;
-  return e;
-}
-
 TEST(GroupNorm, CpuMatchesReferenceOnRandomConfigs) {
   std::mt19937_64 rng(20240601);
-  Errors worst;
-  int checked = 0;
-  for (int trial = 0; trial < 1200; ++trial) {
-    const Case k = random_case(rng);
-    const Inputs in = make_inputs(k, rng);
-    const Forward fr = forward(k, in, reference_ctx());
-    const Forward fc = forward(k, in, cpu_ctx(1 + trial % 3));
-    ASSERT_FALSE(contains_poison(fr.y) || contains_poison(fr.mean) || contains_poison(fr.rstd))
-        << k.str();
-    const bool want_dw = trial % 5 != 1, want_db = trial % 5 != 2;
-    // Both backwards get the same saved statistics: this compares the backward arithmetic.
-    const Backward br = backward(k, in, fr.mean, fr.rstd, reference_ctx(), want_dw, want_db);
-    const Backward bc = backward(k, in, fr.mean, fr.rstd, cpu_ctx(1 + trial % 3), want_dw, want_db);
-    ASSERT_FALSE(contains_poison(br.dx) || contains_poison(br.dw) || contains_poison(br.db));
-    const Errors e = compare(k, in, fc, fr, bc, br);
-    // A few ulps, whatever the offset: the statistics are centred and y = (x - m) * a + b
-    // subtracts before it scales (far tighter than the acceptance bound, which grows with
-    // |offset| / scale).
-    const double fwd_tol = 16 * kFloatEps, bwd_tol = 32 * kFloatEps;
-    EXPECT_LE(e.y, fwd_tol) << k.str();
-    EXPECT_LE(e.mean, 8 * kFloatEps) << k.str();
-    EXPECT_LE(e.rstd, 64 * kFloatEps) << k.str();
-    EXPECT_LE(e.dx, bwd_tol) << k.str();
-    EXPECT_LE(e.dw, 64 * kFloatEps) << k.str();
-    EXPECT_LE(e.db, 64 * kFloatEps) << k.str();
-    worst.y = std::max(worst.y, e.y);
-    worst.mean = std::max(worst.mean, e.mean);
-    worst.rstd = std::max(worst.rstd, e.rstd);
-    worst.dx = std::max(worst.dx, e.dx);
-    worst.dw = std::max(worst.dw, e.dw);
-    worst.db = std::max(worst.db, e.db);
-    ++checked;
-    if (HasFailure()) break;
-  }
-  EXPECT_EQ(checked, 1200);
-  std::printf("worst / float eps: y %.2f mean %.2f rstd %.2f dx %.2f dweight %.2f dbias %.2f\n",
-              worst.y / kFloatEps, worst.mean / kFloatEps, worst.rstd / kFloatEps,
-              worst.dx / kFloatEps, worst.dw / kFloatEps, worst.db / kFloatEps);
+  expect_cpu_matches_reference(rng, 1200, random_case, forward, backward);
 }
 
 // The acceptance criterion: x = offset + scale * randn with |offset| up to 3e4 * scale;
@@ -253,17 +135,8 @@ TEST(GroupNorm, AccuracyAtLargeOffsets) {
           k.offset = ratio * scale;
           k.scale = scale;
           const Inputs in = make_inputs(k, rng);
-          const Exact e = exact(k, in);
-          const Forward f = forward(k, in, cpu_ctx());
-          const Backward b = backward(k, in, f.mean, f.rstd, cpu_ctx());
-          const double tol = 1e-5 * (1 + std::fabs(ratio));
-          EXPECT_LE(max_abs_diff(f.y, e.y) / max_abs(e.y), tol) << k.str();
-          EXPECT_LE(max_abs_diff(b.dx, e.dx) / max_abs(e.dx), 20 * tol) << k.str();
-          EXPECT_LE(max_abs_diff(b.dw, e.dw) / max_abs(e.dw), 20 * tol) << k.str();
-          EXPECT_LE(max_abs_diff(b.db, e.db) / max_abs(e.db), 20 * tol) << k.str();
-          // The reference backend is that float64 computation, rounded once.
-          const Forward r = forward(k, in, reference_ctx());
-          for (std::size_t i = 0; i < r.y.size(); ++i) ASSERT_EQ(r.y[i], float(e.y[i]));
+          expect_accurate(k, in, exact(k, in), ratio, forward, backward);
+          if (HasFatalFailure()) return;
         }
 }
 
@@ -355,13 +228,7 @@ TEST(GroupNorm, ReferenceBackwardMatchesFiniteDifferences) {
                                fixed_mean.data(), fixed_rstd.data(), w.data(), sh,
                                stats_are_constants);
       auto numeric = [&](double& v) {
-        const double h = 1e-6 * std::max(1.0, std::fabs(v)), keep = v;
-        v = keep + h;
-        const double up = loss();
-        v = keep - h;
-        const double down = loss();
-        v = keep;
-        return (up - down) / (2 * h);
+        return central_difference(loss, v, 1e-6 * std::max(1.0, std::fabs(v)));
       };
       for (std::size_t i = 0; i < n; ++i) EXPECT_NEAR(dx[i], numeric(x[i]), 1e-6) << i;
       for (std::size_t c = 0; c < 6; ++c) {
@@ -383,21 +250,8 @@ TEST(GroupNorm, ThreadCountDoesNotChangeResults) {
       {2, 12, 4, {5000}, MemoryFormat::channels_first, true, true, 1e3, 1.0},
       {3000, 8, 2, {}, MemoryFormat::channels_first},
   };
-  for (const Case& k : cases) {
-    const Inputs in = make_inputs(k, rng);
-    const Forward f1 = forward(k, in, cpu_ctx(1));
-    const Backward b1 = backward(k, in, f1.mean, f1.rstd, cpu_ctx(1));
-    for (int threads = 2; threads <= 4; ++threads) {
-      const Forward f = forward(k, in, cpu_ctx(threads));
-      const Backward b = backward(k, in, f1.mean, f1.rstd, cpu_ctx(threads));
-      EXPECT_TRUE(bitwise_equal(f.y, f1.y)) << k.str() << " threads " << threads;
-      EXPECT_TRUE(bitwise_equal(f.mean, f1.mean)) << k.str() << " threads " << threads;
-      EXPECT_TRUE(bitwise_equal(f.rstd, f1.rstd)) << k.str() << " threads " << threads;
-      EXPECT_TRUE(bitwise_equal(b.dx, b1.dx)) << k.str() << " threads " << threads;
-      EXPECT_TRUE(bitwise_equal(b.dw, b1.dw)) << k.str() << " threads " << threads;
-      EXPECT_TRUE(bitwise_equal(b.db, b1.db)) << k.str() << " threads " << threads;
-    }
-  }
+  for (const Case& k : cases)
+    expect_same_bits_for_any_thread_count(k, make_inputs(k, rng), forward, backward);
 }
 
 // The same logical data in both memory formats gives the same logical result: bit for bit from
@@ -504,17 +358,6 @@ TEST(GroupNorm, NonFiniteInputStaysInItsGroup) {
 
 // ---- argument errors: normkit::Error naming the argument and values, nothing written ----------
 
-void expect_error(const std::function<void()>& call, const std::vector<std::string>& needles) {
-  try {
-    call();
-    ADD_FAILURE() << "expected normkit::Error containing \"" << needles.front() << "\"";
-  } catch (const Error& e) {
-    const std::string what = e.what();
-    for (const auto& needle : needles)
-      EXPECT_NE(what.find(needle), std::string::npos) << "message: " << what << "\nexpected: " << needle;
-  }
-}
-
 struct ForwardArgs {
   GroupNormParams params{3, 1e-5};
   std::vector<int64_t> x_dims{2, 6, 3, 4}, y_dims{2, 6, 3, 4};
@@ -537,13 +380,7 @@ struct ForwardArgs {
   }
 };
 
-void expect_forward_error(const std::function<void(ForwardArgs&)>& edit,
-                          const std::vector<std::string>& needles) {
-  ForwardArgs a;
-  edit(a);
-  expect_error([&] { a.run(); }, needles);
-  EXPECT_TRUE(a.untouched()) << "outputs written before the throw: " << needles.front();
-}
+constexpr auto expect_forward_error = expect_edit_error<ForwardArgs>;
 
 TEST(GroupNormErrors, ForwardArguments) {
   {  // The valid baseline passes and writes every output.
@@ -598,13 +435,7 @@ struct BackwardArgs {
   }
 };
 
-void expect_backward_error(const std::function<void(BackwardArgs&)>& edit,
-                           const std::vector<std::string>& needles) {
-  BackwardArgs a;
-  edit(a);
-  expect_error([&] { a.run(); }, needles);
-  EXPECT_TRUE(a.untouched()) << "outputs written before the throw: " << needles.front();
-}
+constexpr auto expect_backward_error = expect_edit_error<BackwardArgs>;
 
 TEST(GroupNormErrors, BackwardArguments) {
   {

@@ -8,7 +8,6 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
-#include <functional>
 #include <initializer_list>
 #include <string>
 #include <utility>
@@ -18,15 +17,11 @@
 #include "normkit/error.h"
 #include "normkit/group_norm.h"
 #include "normkit/instance_norm.h"
+#include "op_test_harness.h"
 #include "test_util.h"
 
 namespace normkit::test {
 namespace {
-
-constexpr double kFloatEps = 5.96e-8;  // 2^-24
-
-Context reference_ctx() { return {Backend::reference, 1}; }
-Context cpu_ctx(int threads = 0) { return {Backend::cpu, threads}; }
 
 struct Case {
   int64_t N = 1, C = 1;
@@ -41,6 +36,7 @@ struct Case {
     return s;
   }
   int64_t numel() const { return N * C * S(); }
+  int64_t num_params() const { return C; }
   std::vector<int64_t> dims() const {
     std::vector<int64_t> d = {N, C};
     d.insert(d.end(), spatial.begin(), spatial.end());
@@ -61,29 +57,19 @@ struct Case {
   }
 };
 
-struct Inputs {
-  std::vector<float> x, dy, w, b, running_mean, running_var;
+// The inputs of every op, then running statistics near the data's when the case has them.
+struct Inputs : test::Inputs {
+  std::vector<float> running_mean, running_var;
 };
 
 Inputs make_inputs(const Case& k, std::mt19937_64& rng) {
-  Inputs in;
-  in.x = random_normal(std::size_t(k.numel()), rng, k.offset, k.scale);
-  in.dy = random_normal(std::size_t(k.numel()), rng);
-  if (k.weight) in.w = random_normal(std::size_t(k.C), rng, 0.5, 1.0);
-  if (k.bias) in.b = random_normal(std::size_t(k.C), rng);
+  Inputs in{test::make_inputs(k, rng), {}, {}};
   if (k.running) {
     in.running_mean = random_normal(std::size_t(k.C), rng, k.offset, k.scale);
     std::uniform_real_distribution<double> u(0.2, 2.0);
     for (int64_t c = 0; c < k.C; ++c) in.running_var.push_back(float(u(rng) * k.scale * k.scale));
   }
   return in;
-}
-
-std::span<const float> opt(const std::vector<float>& v) {
-  return v.empty() ? std::span<const float>() : std::span<const float>(v);
-}
-std::span<float> opt(std::vector<float>& v) {
-  return v.empty() ? std::span<float>() : std::span<float>(v);
 }
 
 struct Result {
@@ -126,11 +112,6 @@ Case random_case(std::mt19937_64& rng) {
   return k;
 }
 
-double relative(const std::vector<float>& a, const std::vector<float>& b, double floor = 0) {
-  const double scale = std::max(max_abs(b), floor), err = max_abs_diff(a, b);
-  return scale > 0 ? err / scale : (err == 0 ? 0 : 1e300);
-}
-
 TEST(InstanceNorm, CpuMatchesReferenceOnRandomConfigs) {
   std::mt19937_64 rng(99);
   int checked = 0;
@@ -155,7 +136,7 @@ TEST(InstanceNorm, CpuMatchesReferenceOnRandomConfigs) {
       dw_scale[ch] += std::fabs(in.dy[u] * (in.x[u] - double(r.mean[nc])) * r.rstd[nc]);
       db_scale[ch] += std::fabs(in.dy[u]);
     }
-    const double e_y = relative(c.y, r.y, y_scale), e_dx = relative(c.dx, r.dx, dx_scale);
+    const double e_y = relative_error(c.y, r.y, y_scale), e_dx = relative_error(c.dx, r.dx, dx_scale);
     EXPECT_LE(e_y, tol) << k.str();
     EXPECT_LE(e_dx, 2 * tol) << k.str();
     for (int64_t i = 0; i < k.N * k.C; ++i) {
@@ -295,9 +276,9 @@ TEST(InstanceNorm, AccuracyAtLargeOffsets) {
       const Inputs in = make_inputs(k, rng);
       const Result r = run(k, in, reference_ctx()), c = run(k, in, cpu_ctx());
       const double tol = 1e-5 * (1 + std::fabs(ratio));
-      EXPECT_LE(relative(c.y, r.y), tol);
-      EXPECT_LE(relative(c.dx, r.dx), 20 * tol);
-      EXPECT_LE(relative(c.running_var, r.running_var), tol);
+      EXPECT_LE(relative_error(c.y, r.y), tol);
+      EXPECT_LE(relative_error(c.dx, r.dx), 20 * tol);
+      EXPECT_LE(relative_error(c.running_var, r.running_var), tol);
     }
 }
 
@@ -334,17 +315,6 @@ TEST(InstanceNorm, EmptyBatchLeavesRunningStatisticsAlone) {
 
 // ---- argument errors ----------------------------------------------------------------------
 
-void expect_error(const std::function<void()>& call, const std::vector<std::string>& needles) {
-  try {
-    call();
-    ADD_FAILURE() << "expected normkit::Error containing \"" << needles.front() << "\"";
-  } catch (const Error& e) {
-    const std::string what = e.what();
-    for (const auto& needle : needles)
-      EXPECT_NE(what.find(needle), std::string::npos) << "message: " << what << "\nexpected: " << needle;
-  }
-}
-
 struct ForwardArgs {
   InstanceNormParams params;
   std::vector<int64_t> x_dims{2, 3, 4}, y_dims{2, 3, 4};
@@ -365,13 +335,7 @@ struct ForwardArgs {
   }
 };
 
-void expect_forward_error(const std::function<void(ForwardArgs&)>& edit,
-                          const std::vector<std::string>& needles) {
-  ForwardArgs a;
-  edit(a);
-  expect_error([&] { a.run(); }, needles);
-  EXPECT_TRUE(a.untouched()) << "memory written before the throw: " << needles.front();
-}
+constexpr auto expect_forward_error = expect_edit_error<ForwardArgs>;
 
 // bfloat16 / float16 activations and the fused epilogues, in both statistics modes and both
 // formats: CPU against the reference (which widens to double), both backwards fed the

@@ -10,7 +10,6 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
-#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -19,6 +18,7 @@
 #include "cpu/moments.h"
 #include "normkit/error.h"
 #include "normkit/layer_norm.h"
+#include "op_test_harness.h"
 #include "simd_test_util.h"
 #include "test_util.h"
 
@@ -84,10 +84,6 @@ Problem<T> make_problem(const Shape& sh, Epi epi, std::mt19937_64& rng, double o
   return p;
 }
 
-std::span<const float> opt(const std::vector<float>& v) {
-  return v.empty() ? std::span<const float>() : std::span<const float>(v);
-}
-
 LayerNormParams params_of(const Shape& sh) { return LayerNormParams{sh.k, 1e-5}; }
 
 // Forward with the problem's epilogue; then the backward of the forward given (or this call's
@@ -127,7 +123,7 @@ Result<T> run(const Problem<T>& p, const Context& ctx, const Result<T>* forward_
 template <typename T>
 void compare_cpu_to_reference(const Problem<T>& p, int threads, const std::string& what,
                               double offset_ratio = 0) {
-  const Context ref{Backend::reference, 1}, cpu{Backend::cpu, threads};
+  const Context ref = reference_ctx(), cpu = cpu_ctx(threads);
   const Result<T> want = run(p, ref);
   const Result<T> got = run(p, cpu, &want);
   const double widen = 1 + offset_ratio;
@@ -220,8 +216,8 @@ TEST(LayerNormSimd, LargeOutputsMatchReference) {
     ASSERT_GE(sh.numel() * 4, int64_t(16) << 20) << what;
     const Problem<float> p = make_problem<float>(sh, e, rng);
     compare_cpu_to_reference(p, 2, what);
-    const Result<float> two = run(p, Context{Backend::cpu, 2});
-    const Result<float> three = run(p, Context{Backend::cpu, 3});
+    const Result<float> two = run(p, cpu_ctx(2));
+    const Result<float> three = run(p, cpu_ctx(3));
     expect_same_bits(three, two, what + " threads 3 vs 2");
   }
 }
@@ -230,7 +226,7 @@ TEST(LayerNormSimd, LargeOutputsMatchReference) {
 // 1e-5 * (1 + |offset| / scale) of max|y| (20x for dx), as without an epilogue.
 TEST(LayerNormSimd, EpiloguesStayAccurateAtLargeOffsets) {
   std::mt19937_64 rng(53);
-  const Context ref{Backend::reference, 1}, cpu{Backend::cpu, 2};
+  const Context ref = reference_ctx(), cpu = cpu_ctx(2);
   for (const Shape& sh : {first({6, 768}, 1), first({2, 3, 4097}, 1), last({3, 5, 7, 9})})
     for (double ratio : {1e3, -3e4})
       for (Epi e : {kResidual, kResidualRelu}) {
@@ -243,7 +239,7 @@ TEST(LayerNormSimd, EpiloguesStayAccurateAtLargeOffsets) {
         EXPECT_LE(max_abs_diff(got.y, want.y), tol * max_abs(want.y)) << what;
         EXPECT_LE(max_abs_diff(got.dx, want.dx), 20 * tol * max_abs(want.dx)) << what;
         EXPECT_LE(max_abs_diff(got.dw, want.dw), 20 * tol * max_abs(want.dw)) << what;
-        EXPECT_TRUE(bitwise(got.dres, want.dres)) << what;
+        EXPECT_TRUE(bitwise_equal(got.dres, want.dres)) << what;
       }
 }
 
@@ -259,12 +255,12 @@ void threads_invariant(std::mt19937_64& rng, bool full) {
     for (Epi e : kEpilogues) {
       if (!full && e != kNone && e != kResidualRelu) continue;
       const Problem<T> p = make_problem<T>(sh, e, rng);
-      const Result<T> one = run(p, Context{Backend::cpu, 1});
+      const Result<T> one = run(p, cpu_ctx(1));
       std::vector<std::byte> ws(layer_norm_workspace_size(params_of(sh), p.view(p.x)));
       for (int threads = full ? 2 : 3; threads <= (full ? 4 : 3); ++threads)
         for (bool with_workspace : {false, true}) {
           if (with_workspace && !full) continue;
-          Context ctx{Backend::cpu, threads};
+          Context ctx = cpu_ctx(threads);
           if (with_workspace) ctx.workspace = ws;
           const Result<T> many = run(p, ctx, &one);
           const std::string what = sh.str() + " " + epi_name(e) + " threads " +
@@ -302,16 +298,16 @@ void cached_equals_streaming(std::mt19937_64& rng) {
       small.dy.assign(big.dy.begin(), big.dy.begin() + long(n));
       small.w = big.w;
       small.b = big.b;
-      const Context ctx{Backend::cpu, 2};
+      const Context ctx = cpu_ctx(2);
       const Result<T> a = run(small, ctx), b = run(big, ctx);
       auto head = [&](const std::vector<T>& v) { return std::vector<T>(v.begin(), v.begin() + long(n)); };
       auto head_f = [&](const std::vector<float>& v) { return std::vector<float>(v.begin(), v.begin() + 3); };
       const std::string what = "cols " + std::to_string(cols) + " " + epi_name(e);
-      EXPECT_TRUE(bitwise(a.y, head(b.y))) << what;
-      EXPECT_TRUE(bitwise(a.mean, head_f(b.mean))) << what;
-      EXPECT_TRUE(bitwise(a.rstd, head_f(b.rstd))) << what;
-      EXPECT_TRUE(bitwise(a.dx, head(b.dx))) << what;
-      if (has_residual(e)) EXPECT_TRUE(bitwise(a.dres, head(b.dres))) << what;
+      EXPECT_TRUE(bitwise_equal(a.y, head(b.y))) << what;
+      EXPECT_TRUE(bitwise_equal(a.mean, head_f(b.mean))) << what;
+      EXPECT_TRUE(bitwise_equal(a.rstd, head_f(b.rstd))) << what;
+      EXPECT_TRUE(bitwise_equal(a.dx, head(b.dx))) << what;
+      if (has_residual(e)) EXPECT_TRUE(bitwise_equal(a.dres, head(b.dres))) << what;
     }
 }
 
@@ -333,7 +329,7 @@ void low_precision_vs_float32(std::mt19937_64& rng) {
     for (Epi e : kEpilogues) {
       const Problem<T> p = make_problem<T>(sh, e, rng, 3.0);
       Problem<float> pf{sh, e, wide_f(p.x), wide_f(p.r), wide_f(p.dy), p.w, p.b};
-      const Context cpu{Backend::cpu, 2};
+      const Context cpu = cpu_ctx(2);
       const Result<float> rf = run(pf, cpu);
       // The T backward consumes the float32 forward's statistics and (rounded) y.
       Result<T> fin;
@@ -343,11 +339,11 @@ void low_precision_vs_float32(std::mt19937_64& rng) {
       const Result<T> rt = run(p, cpu, &fin);
       const std::string what = sh.str() + " " + epi_name(e);
       expect_near_t(rt.y, rounded<T>(rf.y), 0.5, 1e-6, what + " y");
-      EXPECT_TRUE(bitwise(rt.mean, rf.mean)) << what;
-      EXPECT_TRUE(bitwise(rt.rstd, rf.rstd)) << what;
+      EXPECT_TRUE(bitwise_equal(rt.mean, rf.mean)) << what;
+      EXPECT_TRUE(bitwise_equal(rt.rstd, rf.rstd)) << what;
       expect_near_t(rt.dx, rounded<T>(rf.dx), 0.5, 1e-6, what + " dx");
-      EXPECT_TRUE(bitwise(rt.dw, rf.dw)) << what;
-      EXPECT_TRUE(bitwise(rt.db, rf.db)) << what;
+      EXPECT_TRUE(bitwise_equal(rt.dw, rf.dw)) << what;
+      EXPECT_TRUE(bitwise_equal(rt.db, rf.db)) << what;
       if (has_residual(e)) expect_near_t(rt.dres, rounded<T>(rf.dres), 0.0, 0.0, what + " dres");
     }
 }
@@ -363,8 +359,8 @@ TEST(LayerNormSimd, Float16InputsWhoseSquaresOverflowFloat16) {
   std::mt19937_64 rng(57);
   Problem<f16> p = make_problem<f16>(first({6, 300}, 1), kNone, rng);
   for (auto& v : p.x) v = from_float<f16>(to_float(v) * 15000.0f);
-  const Result<f16> want = run(p, Context{Backend::reference, 1});
-  const Result<f16> got = run(p, Context{Backend::cpu, 2}, &want);
+  const Result<f16> want = run(p, reference_ctx());
+  const Result<f16> got = run(p, cpu_ctx(2), &want);
   expect_near_t(got.y, want.y, 1.0, 1e-4, "y");
   for (float r : got.rstd) EXPECT_TRUE(std::isfinite(r) && r > 0);
 }
@@ -373,7 +369,7 @@ TEST(LayerNormSimd, Float16InputsWhoseSquaresOverflowFloat16) {
 // the residual is chosen so every pre-activation is at least 0.3 away from zero.
 TEST(LayerNormSimd, ReferenceEpilogueGradientsMatchFiniteDifferences) {
   std::mt19937_64 rng(58);
-  const Context ref{Backend::reference, 1};
+  const Context ref = reference_ctx();
   for (const Shape& sh : {first({3, 7}, 1), last({2, 3, 4})})
     for (Epi e : {kRelu, kResidual, kResidualRelu}) {
       Problem<float> p = make_problem<float>(sh, e, rng);
@@ -431,10 +427,10 @@ TEST(LayerNormWorkspace, ExactSizeGivesTheSameBitsAsNone) {
       const Problem<bf16> p = make_problem<bf16>(sh, e, rng);
       const std::size_t size = layer_norm_workspace_size(params_of(sh), p.view(p.x));
       if (sh.numel() == 0) EXPECT_EQ(size, 0u) << sh.str();
-      const Result<bf16> none = run(p, Context{Backend::cpu, 2});
+      const Result<bf16> none = run(p, cpu_ctx(2));
       for (std::size_t misalign : {0, 1, 3}) {
         std::vector<std::byte> buffer(size + misalign, std::byte{0xFF});  // NaN-filled floats
-        Context ctx{Backend::cpu, 2};
+        Context ctx = cpu_ctx(2);
         ctx.workspace = std::span<std::byte>(buffer).subspan(misalign);
         if (size == 0) ctx.workspace = {};
         const Result<bf16> with = run(p, ctx);
@@ -444,16 +440,6 @@ TEST(LayerNormWorkspace, ExactSizeGivesTheSameBitsAsNone) {
     }
 }
 
-void expect_error(const std::function<void()>& call, const std::vector<std::string>& needles) {
-  try {
-    call();
-    ADD_FAILURE() << "expected normkit::Error containing \"" << needles.front() << "\"";
-  } catch (const Error& e) {
-    for (const auto& needle : needles)
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
-
 TEST(LayerNormWorkspace, TooSmallThrowsBeforeWritingAnything) {
   for (const Shape& sh : {first({3, 5000}, 1), first({300, 70}, 1), last({2, 7, 6, 5})}) {
     std::mt19937_64 rng(62);
@@ -461,7 +447,7 @@ TEST(LayerNormWorkspace, TooSmallThrowsBeforeWritingAnything) {
     const std::size_t size = layer_norm_workspace_size(params_of(sh), p.view(p.x));
     ASSERT_GT(size, 0u);
     std::vector<std::byte> buffer(size - 1);
-    Context ctx{Backend::cpu, 2};
+    Context ctx = cpu_ctx(2);
     ctx.workspace = buffer;
     const auto n = std::size_t(sh.numel()), rows = std::size_t(sh.rows()), cols = std::size_t(sh.cols());
     std::vector<float> y = poisoned(n), mean = poisoned(rows), rstd = poisoned(rows);

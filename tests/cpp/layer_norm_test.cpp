@@ -4,7 +4,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
@@ -12,15 +11,11 @@
 #include "normkit/error.h"
 #include "normkit/layer_norm.h"
 #include "ref/layer_norm.h"
+#include "op_test_harness.h"
 #include "test_util.h"
 
 namespace normkit::test {
 namespace {
-
-constexpr double kFloatEps = 5.96e-8;  // 2^-24
-
-Context reference_ctx() { return {Backend::reference, 1}; }
-Context cpu_ctx(int threads = 0) { return {Backend::cpu, threads}; }
 
 struct Case {
   std::vector<int64_t> dims;
@@ -44,8 +39,10 @@ struct Case {
   bool channels_last() const { return format == MemoryFormat::channels_last && rank() > 2; }
   LayerNormParams params() const { return {k, eps}; }
   ref::LayerNormShape shape() const { return {rows(), cols(), channels_last() ? dims[1] : 0}; }
-  // Logical (weight) index of the element stored at memory index i.
-  int64_t logical_of(int64_t i) const { return ref::layer_norm_logical_index(shape(), i % cols()); }
+  int64_t num_params() const { return cols(); }
+  // Logical (weight) index of the element stored at memory index i, and its row.
+  int64_t param_of(int64_t i) const { return ref::layer_norm_logical_index(shape(), i % cols()); }
+  int64_t stat_of(int64_t i) const { return i / cols(); }
   std::string str() const {
     std::string s = "dims=(";
     for (int64_t d : dims) s += std::to_string(d) + ",";
@@ -54,33 +51,6 @@ struct Case {
            " scale=" + std::to_string(scale) + " eps=" + std::to_string(eps);
   }
 };
-
-struct Inputs {
-  std::vector<float> x, dy, w, b;
-};
-
-Inputs make_inputs(const Case& k, std::mt19937_64& rng) {
-  Inputs in;
-  in.x = random_normal(std::size_t(k.numel()), rng, k.offset, k.scale);
-  in.dy = random_normal(std::size_t(k.numel()), rng);
-  if (k.weight) in.w = random_normal(std::size_t(k.cols()), rng, 0.5, 1.0);
-  if (k.bias) in.b = random_normal(std::size_t(k.cols()), rng);
-  return in;
-}
-
-struct Forward {
-  std::vector<float> y, mean, rstd;
-};
-struct Backward {
-  std::vector<float> dx, dw, db;
-};
-
-std::span<const float> opt(const std::vector<float>& v) {
-  return v.empty() ? std::span<const float>() : std::span<const float>(v);
-}
-std::span<float> opt(std::vector<float>& v) {
-  return v.empty() ? std::span<float>() : std::span<float>(v);
-}
 
 Forward forward(const Case& k, const Inputs& in, const Context& ctx) {
   Forward f{poisoned(in.x.size()), poisoned(std::size_t(k.rows())), poisoned(std::size_t(k.rows()))};
@@ -100,9 +70,6 @@ Backward backward(const Case& k, const Inputs& in, const std::vector<float>& mea
   return b;
 }
 
-struct Exact {
-  std::vector<double> y, mean, rstd, dx, dw, db;
-};
 Exact exact(const Case& k, const Inputs& in) {
   Exact e;
   const auto x = to_double(in.x), dy = to_double(in.dy), w = to_double(in.w), b = to_double(in.b);
@@ -146,85 +113,9 @@ Case random_case(std::mt19937_64& rng) {
   return k;
 }
 
-struct Errors {
-  double y = 0, mean = 0, rstd = 0, dx = 0, dw = 0, db = 0;
-};
-
-Errors compare(const Case& k, const Inputs& in, const Forward& fc, const Forward& fr,
-               const Backward& bc, const Backward& br) {
-  Errors e;
-  // y = xhat * w + b can cancel; its rounding scale is |xhat * w| + |b|.
-  double y_scale = 0;
-  for (int64_t i = 0; i < k.numel(); ++i) {
-    const double b = in.b.empty() ? 0.0 : in.b[std::size_t(k.logical_of(i))];
-    y_scale = std::max(y_scale, std::fabs(fr.y[std::size_t(i)] - b) + std::fabs(b));
-  }
-  const double y_err = max_abs_diff(fc.y, fr.y);
-  e.y = y_scale > 0 ? y_err / y_scale : (y_err == 0 ? 0 : 1e300);
-  for (std::size_t i = 0; i < fr.mean.size(); ++i) {
-    e.mean = std::max(e.mean, std::fabs(double(fc.mean[i]) - fr.mean[i]) /
-                                  (std::fabs(double(fr.mean[i])) + k.scale));
-    e.rstd = std::max(e.rstd, std::fabs(double(fc.rstd[i]) - fr.rstd[i]) / fr.rstd[i]);
-    if (std::isnan(fc.mean[i]) || std::isnan(fc.rstd[i])) e.mean = e.rstd = 1e300;
-  }
-  // dx is a sum of terms of size rstd * |w * dy|, the scale of its rounding.
-  double dx_scale = max_abs(br.dx);
-  std::vector<double> dw_scale(std::size_t(k.cols()), 0.0), db_scale(std::size_t(k.cols()), 0.0);
-  for (int64_t i = 0; i < k.numel(); ++i) {
-    const auto j = std::size_t(k.logical_of(i)), row = std::size_t(i / k.cols()), u = std::size_t(i);
-    const double w = in.w.empty() ? 1.0 : in.w[j], r = fr.rstd[row];
-    dx_scale = std::max(dx_scale, std::fabs(r * w * in.dy[u]));
-    dw_scale[j] += std::fabs(in.dy[u] * (in.x[u] - double(fr.mean[row])) * r);
-    db_scale[j] += std::fabs(in.dy[u]);
-  }
-  const double dx_err = max_abs_diff(bc.dx, br.dx);
-  e.dx = dx_scale > 0 ? dx_err / dx_scale : (dx_err == 0 ? 0 : 1e300);
-  for (std::size_t j = 0; j < dw_scale.size(); ++j) {
-    if (!br.dw.empty())
-      e.dw = std::max(e.dw, std::fabs(double(bc.dw[j]) - br.dw[j]) / std::max(dw_scale[j], 1e-300));
-    if (!br.db.empty())
-      e.db = std::max(e.db, std::fabs(double(bc.db[j]) - br.db[j]) / std::max(db_scale[j], 1e-300));
-  }
-  if (contains_poison(bc.dw) || contains_poison(bc.db)) e.dw = e.db = 1e300;
-  return e;
-}
-
 TEST(LayerNorm, CpuMatchesReferenceOnRandomConfigs) {
   std::mt19937_64 rng(424242);
-  Errors worst;
-  int checked = 0;
-  for (int trial = 0; trial < 1200; ++trial) {
-    const Case k = random_case(rng);
-    const Inputs in = make_inputs(k, rng);
-    const Forward fr = forward(k, in, reference_ctx());
-    const Forward fc = forward(k, in, cpu_ctx(1 + trial % 3));
-    ASSERT_FALSE(contains_poison(fr.y) || contains_poison(fr.mean) || contains_poison(fr.rstd))
-        << k.str();
-    const bool want_dw = trial % 5 != 1, want_db = trial % 5 != 2;
-    const Backward br = backward(k, in, fr.mean, fr.rstd, reference_ctx(), want_dw, want_db);
-    const Backward bc = backward(k, in, fr.mean, fr.rstd, cpu_ctx(1 + trial % 3), want_dw, want_db);
-    ASSERT_FALSE(contains_poison(br.dx) || contains_poison(br.dw) || contains_poison(br.db));
-    const Errors e = compare(k, in, fc, fr, bc, br);
-    // A few ulps whatever the offset (far tighter than the acceptance bound).
-    EXPECT_LE(e.y, 16 * kFloatEps) << k.str();
-    EXPECT_LE(e.mean, 8 * kFloatEps) << k.str();
-    EXPECT_LE(e.rstd, 64 * kFloatEps) << k.str();
-    EXPECT_LE(e.dx, 32 * kFloatEps) << k.str();
-    EXPECT_LE(e.dw, 64 * kFloatEps) << k.str();
-    EXPECT_LE(e.db, 64 * kFloatEps) << k.str();
-    worst.y = std::max(worst.y, e.y);
-    worst.mean = std::max(worst.mean, e.mean);
-    worst.rstd = std::max(worst.rstd, e.rstd);
-    worst.dx = std::max(worst.dx, e.dx);
-    worst.dw = std::max(worst.dw, e.dw);
-    worst.db = std::max(worst.db, e.db);
-    ++checked;
-    if (HasFailure()) break;
-  }
-  EXPECT_EQ(checked, 1200);
-  std::printf("worst / float eps: y %.2f mean %.2f rstd %.2f dx %.2f dweight %.2f dbias %.2f\n",
-              worst.y / kFloatEps, worst.mean / kFloatEps, worst.rstd / kFloatEps,
-              worst.dx / kFloatEps, worst.dw / kFloatEps, worst.db / kFloatEps);
+  expect_cpu_matches_reference(rng, 1200, random_case, forward, backward);
 }
 
 // The acceptance criterion: max|y - y64| / max|y64| <= 1e-5 * (1 + |offset| / scale) for
@@ -246,16 +137,8 @@ TEST(LayerNorm, AccuracyAtLargeOffsets) {
         k.scale = scale;
         k.offset = ratio * scale;
         const Inputs in = make_inputs(k, rng);
-        const Exact e = exact(k, in);
-        const Forward f = forward(k, in, cpu_ctx());
-        const Backward b = backward(k, in, f.mean, f.rstd, cpu_ctx());
-        const double tol = 1e-5 * (1 + std::fabs(ratio));
-        EXPECT_LE(max_abs_diff(f.y, e.y) / max_abs(e.y), tol) << k.str();
-        EXPECT_LE(max_abs_diff(b.dx, e.dx) / max_abs(e.dx), 20 * tol) << k.str();
-        EXPECT_LE(max_abs_diff(b.dw, e.dw) / max_abs(e.dw), 20 * tol) << k.str();
-        EXPECT_LE(max_abs_diff(b.db, e.db) / max_abs(e.db), 20 * tol) << k.str();
-        const Forward r = forward(k, in, reference_ctx());
-        for (std::size_t i = 0; i < r.y.size(); ++i) ASSERT_EQ(r.y[i], float(e.y[i]));
+        expect_accurate(k, in, exact(k, in), ratio, forward, backward);
+        if (HasFatalFailure()) return;
       }
 }
 
@@ -333,13 +216,7 @@ TEST(LayerNorm, ReferenceBackwardMatchesFiniteDifferences) {
     ref::layer_norm_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), mean.data(),
                              rstd.data(), w.data(), sh);
     auto numeric = [&](double& v) {
-      const double h = 1e-6 * std::max(1.0, std::fabs(v)), keep = v;
-      v = keep + h;
-      const double up = loss();
-      v = keep - h;
-      const double down = loss();
-      v = keep;
-      return (up - down) / (2 * h);
+      return central_difference(loss, v, 1e-6 * std::max(1.0, std::fabs(v)));
     };
     for (std::size_t i = 0; i < n; ++i) EXPECT_NEAR(dx[i], numeric(x[i]), 1e-6) << i;
     for (std::size_t j = 0; j < 6; ++j) {
@@ -358,21 +235,8 @@ TEST(LayerNorm, ThreadCountDoesNotChangeResults) {
       {{8, 16, 9, 9}, 2, MemoryFormat::channels_first, false, true},
       {{1, 70000}, 1},
   };
-  for (const Case& k : cases) {
-    const Inputs in = make_inputs(k, rng);
-    const Forward f1 = forward(k, in, cpu_ctx(1));
-    const Backward b1 = backward(k, in, f1.mean, f1.rstd, cpu_ctx(1));
-    for (int threads = 2; threads <= 4; ++threads) {
-      const Forward f = forward(k, in, cpu_ctx(threads));
-      const Backward b = backward(k, in, f1.mean, f1.rstd, cpu_ctx(threads));
-      EXPECT_TRUE(bitwise_equal(f.y, f1.y)) << k.str() << " threads " << threads;
-      EXPECT_TRUE(bitwise_equal(f.mean, f1.mean)) << k.str() << " threads " << threads;
-      EXPECT_TRUE(bitwise_equal(f.rstd, f1.rstd)) << k.str() << " threads " << threads;
-      EXPECT_TRUE(bitwise_equal(b.dx, b1.dx)) << k.str() << " threads " << threads;
-      EXPECT_TRUE(bitwise_equal(b.dw, b1.dw)) << k.str() << " threads " << threads;
-      EXPECT_TRUE(bitwise_equal(b.db, b1.db)) << k.str() << " threads " << threads;
-    }
-  }
+  for (const Case& k : cases)
+    expect_same_bits_for_any_thread_count(k, make_inputs(k, rng), forward, backward);
 }
 
 // A channels-last (N, C, *spatial) tensor normalized over all but N equals the channels-first
@@ -452,17 +316,6 @@ TEST(LayerNorm, NonFiniteInputStaysInItsRow) {
 
 // ---- argument errors ----------------------------------------------------------------------
 
-void expect_error(const std::function<void()>& call, const std::vector<std::string>& needles) {
-  try {
-    call();
-    ADD_FAILURE() << "expected normkit::Error containing \"" << needles.front() << "\"";
-  } catch (const Error& e) {
-    const std::string what = e.what();
-    for (const auto& needle : needles)
-      EXPECT_NE(what.find(needle), std::string::npos) << "message: " << what << "\nexpected: " << needle;
-  }
-}
-
 struct ForwardArgs {
   LayerNormParams params{2, 1e-5};
   std::vector<int64_t> x_dims{2, 3, 4, 5}, y_dims{2, 3, 4, 5};
@@ -485,13 +338,7 @@ struct ForwardArgs {
   }
 };
 
-void expect_forward_error(const std::function<void(ForwardArgs&)>& edit,
-                          const std::vector<std::string>& needles) {
-  ForwardArgs a;
-  edit(a);
-  expect_error([&] { a.run(); }, needles);
-  EXPECT_TRUE(a.untouched()) << "outputs written before the throw: " << needles.front();
-}
+constexpr auto expect_forward_error = expect_edit_error<ForwardArgs>;
 
 TEST(LayerNormErrors, ForwardArguments) {
   {
@@ -523,18 +370,18 @@ TEST(LayerNormErrors, ForwardArguments) {
   expect_forward_error([](auto& a) { a.x_dtype = DType::float16; }, {"y dtype float32 != x dtype float16"});
   expect_forward_error([](auto& a) { a.x_dtype = DType(9); }, {"x has dtype unknown"});
   expect_forward_error([](auto& a) { a.y_null = true; }, {"y has a null data pointer"});
-  {  // Rank 1: the null-output check still applies.
-    ForwardArgs a;
-    a.x_dims = a.y_dims = {120};
-    a.params.normalized_ndim = 1;
-    a.mean.resize(1, kPoison);
-    a.rstd.resize(1, kPoison);
-    a.w.resize(120, 1.0f);
-    a.b.resize(120, 0.0f);
-    a.y_null = true;
-    expect_error([&] { a.run(); }, {"y has a null data pointer"});
-    EXPECT_TRUE(a.untouched());
-  }
+  // Rank 1: the null-output check still applies.
+  expect_forward_error(
+      [](auto& a) {
+        a.x_dims = a.y_dims = {120};
+        a.params.normalized_ndim = 1;
+        a.mean.resize(1, kPoison);
+        a.rstd.resize(1, kPoison);
+        a.w.resize(120, 1.0f);
+        a.b.resize(120, 0.0f);
+        a.y_null = true;
+      },
+      {"y has a null data pointer"});
 }
 
 struct BackwardArgs {
@@ -554,13 +401,7 @@ struct BackwardArgs {
   }
 };
 
-void expect_backward_error(const std::function<void(BackwardArgs&)>& edit,
-                           const std::vector<std::string>& needles) {
-  BackwardArgs a;
-  edit(a);
-  expect_error([&] { a.run(); }, needles);
-  EXPECT_TRUE(a.untouched()) << "outputs written before the throw: " << needles.front();
-}
+constexpr auto expect_backward_error = expect_edit_error<BackwardArgs>;
 
 TEST(LayerNormErrors, BackwardArguments) {
   {

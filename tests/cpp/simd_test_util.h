@@ -58,12 +58,6 @@ std::vector<T> poisoned_as(std::size_t n) {
   return std::vector<T>(n, from_float<T>(kPoison));
 }
 template <typename T>
-bool bitwise(const std::vector<T>& a, const std::vector<T>& b) {
-  // memcmp must not see the null data() of an empty vector
-  return a.size() == b.size() &&
-         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
-}
-template <typename T>
 double max_abs_t(const std::vector<T>& v) {
   double m = 0;
   for (const T& e : v) m = std::max(m, std::fabs(double(to_float(e))));
@@ -103,13 +97,13 @@ struct Result {
 // Every output of two runs is the same bits.
 template <typename T>
 void expect_same_bits(const Result<T>& a, const Result<T>& b, const std::string& what) {
-  EXPECT_TRUE(bitwise(a.y, b.y)) << what;
-  EXPECT_TRUE(bitwise(a.mean, b.mean)) << what;
-  EXPECT_TRUE(bitwise(a.rstd, b.rstd)) << what;
-  EXPECT_TRUE(bitwise(a.dx, b.dx)) << what;
-  EXPECT_TRUE(bitwise(a.dw, b.dw)) << what;
-  EXPECT_TRUE(bitwise(a.db, b.db)) << what;
-  EXPECT_TRUE(bitwise(a.dres, b.dres)) << what;
+  EXPECT_TRUE(bitwise_equal(a.y, b.y)) << what;
+  EXPECT_TRUE(bitwise_equal(a.mean, b.mean)) << what;
+  EXPECT_TRUE(bitwise_equal(a.rstd, b.rstd)) << what;
+  EXPECT_TRUE(bitwise_equal(a.dx, b.dx)) << what;
+  EXPECT_TRUE(bitwise_equal(a.dw, b.dw)) << what;
+  EXPECT_TRUE(bitwise_equal(a.db, b.db)) << what;
+  EXPECT_TRUE(bitwise_equal(a.dres, b.dres)) << what;
 }
 
 // The fused epilogues: none, relu, residual add, residual add then relu.

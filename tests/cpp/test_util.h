@@ -101,10 +101,19 @@ inline double max_abs(const std::vector<double>& v) {
   return m;
 }
 
-// Same bytes (NaN payloads included).
-inline bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
+// max |a - b| / max(max |b|, floor): the error relative to the size of b, or to a floor where
+// b can cancel below the size of the terms it sums. NaN or a surviving poison value gives
+// +inf; any difference from an all-zero b with no floor is huge.
+template <typename T>
+double relative_error(const std::vector<float>& a, const std::vector<T>& b, double floor = 0) {
+  return max_abs_diff(a, b) / std::max({max_abs(b), floor, std::numeric_limits<double>::min()});
+}
+
+// Same bytes (NaN payloads included); memcmp never sees the null data() of an empty vector.
+template <typename T>
+bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() &&
-         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
 inline bool contains_poison(const std::vector<float>& v) {
@@ -118,6 +127,18 @@ inline std::vector<int64_t> random_spatial(std::mt19937_64& rng, int max_dims, i
   std::vector<int64_t> dims(std::uniform_int_distribution<int>(0, max_dims)(rng));
   for (auto& d : dims) d = std::uniform_int_distribution<int64_t>(1, max_size)(rng);
   return dims;
+}
+
+// Central difference (loss(v + h) - loss(v - h)) / 2h, where loss() reads v; v is restored.
+template <typename Loss>
+double central_difference(Loss&& loss, double& v, double h) {
+  const double keep = v;
+  v = keep + h;
+  const double up = loss();
+  v = keep - h;
+  const double down = loss();
+  v = keep;
+  return (up - down) / (2 * h);
 }
 
 // 10^u with u uniform in [log10(lo), log10(hi)].
