@@ -719,52 +719,131 @@ void group_norm_apply(T* y, const T* x, const float* mean, const float* rstd,
 //   c0 = -rstd / M * sum_c w[c] * sum_dy[c]          (through mean)
 // and b = c0 = 0 when the statistics are constants.
 //   dweight[c] = sum_n rstd[n, g] * sum_dy_xc[n, c],  dbias[c] = sum_n sum_dy[n, c].
+//
+// The backward is a plan, chosen once per call, over four phases: the per-(n, c) sums (of
+// channels-first pieces or channels-last row blocks, each merged in a fixed order), the dx
+// coefficients of each group, dweight and dbias, and dx. Every schedule runs the same phase
+// functions on the same pieces, so which one runs changes no bit.
+namespace {
+
+enum class BackwardSchedule {
+  cached_groups,  // channels-first: each group's sums, then its dx while dy and x are in cache
+  two_phase,      // channels-first: every sum, then every dx
+  channels_last,  // every sum over blocks of rows, then every dx
+};
+
+BackwardSchedule plan_backward(const GroupNormShape& t, bool need_sums, bool masked,
+                               int64_t value_bytes, int num_threads) {
+  if (t.format == MemoryFormat::channels_last) return BackwardSchedule::channels_last;
+  const int64_t group_bytes = (t.channels / t.groups) * t.spatial * value_bytes * (masked ? 3 : 2);
+  const bool enough_groups = t.batch * t.groups >= std::max(num_threads, 1);
+  return need_sums && enough_groups && group_bytes <= cached_unit_bytes()
+             ? BackwardSchedule::cached_groups
+             : BackwardSchedule::two_phase;
+}
+
+// One backward call: its arguments, its scratch, and the phases over them.
 template <typename T>
-void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
-                         const float* mean, const float* rstd, const float* weight,
-                         const GroupNormShape& t, bool stats_are_constants, int num_threads,
-                         const BackwardEpilogueOf<T>& epi, std::span<std::byte> workspace) {
-  const int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups;
-  const int64_t per_group = C / G;
-  if (N * C * S == 0) {
-    // No elements: dx and dresidual are empty, every sum is 0 (dweight keeps rstd * 0, so a
-    // NaN rstd of an empty group still shows).
-    if (dweight || dbias)
-      for (int64_t c = 0; c < C; ++c) {
-        double dw = 0, db = 0;
-        for (int64_t n = 0; n < N; ++n) {
-          dw += double(rstd[n * G + c / per_group]) * 0.0;
-          db += 0.0;
-        }
-        if (dweight) dweight[c] = float(dw);
-        if (dbias) dbias[c] = float(db);
-      }
-    return;
-  }
-  const bool parallel = runs_in_parallel(N * C * S, num_threads);
-  const bool channels_first = t.format == MemoryFormat::channels_first;
-  const auto& k = kernels<T>();
-  const T* mask = epi.relu ? epi.y : nullptr;
-  T* gout = epi.dresidual;
-  const BackwardScratch s = carve_backward(t, workspace);
-  double* sum_dy = s.sums;  // per (n, c): sum(g)
-  double* sum_dy_xc = sum_dy + N * C;  // per (n, c): sum(g * (x - mean))
-  const bool need_sums = !stats_are_constants || dweight || dbias || gout;
-  // With dresidual written, g is read back from it (one stream instead of dy and y; exact, as
+struct GroupNormBackward {
+  // arguments
+  T* dx;
+  float* dweight;
+  float* dbias;
+  const T* dy;
+  const T* x;
+  const float* mean;
+  const float* rstd;
+  const float* weight;
+  GroupNormShape t;
+  bool stats_are_constants;
+  const T* mask;  // the forward's y with relu: g = dy * (y > 0)
+  T* gout;        // dresidual: receives g
+  bool stream;    // dx with non-temporal stores
+  // derived
+  const gn::Kernels<T>& k = kernels<T>();
+  int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups, per_group = C / G;
+  // With dresidual written, dx reads g back from it (one stream instead of dy and y; exact, as
   // g is dy or 0).
   const T* gin = gout ? gout : dy;
   const T* gmask = gout ? nullptr : mask;
-  const bool stream = streams_output<T>(N * C * S);  // dx with non-temporal stores
-  float* ca = s.coef;  // dx = ca * g + cb * (x - cm) + cc, per (n, c)
-  float* cb = ca + N * C;
-  float* cc = cb + N * C;
-  float* cm = cc + N * C;
-  const double count = double(per_group * S);
+  // scratch
+  double* sum_dy;     // per (n, c): sum(g)
+  double* sum_dy_xc;  // per (n, c): sum(g * (x - mean))
+  double* partial_dy;  // per unit (a channels-first row piece, a channels-last block of rows)
+  double* partial_xc;
+  float *ca, *cb, *cc, *cm;  // dx = ca * g + cb * (x - cm) + cc, per (n, c)
+  float* mean_c;             // channels-last: the mean of each channel's group
 
-  // Coefficients of dx for the channels of group i = (n, g), from their sums.
-  auto group_coefficients = [&](int64_t i) {
+  GroupNormBackward(const GroupNormShape& shape, T* dx_, float* dweight_, float* dbias_,
+                    const T* dy_, const T* x_, const float* mean_, const float* rstd_,
+                    const float* weight_, bool constants, const BackwardEpilogueOf<T>& epi,
+                    const BackwardScratch& s, int64_t partial_units)
+      : dx(dx_), dweight(dweight_), dbias(dbias_), dy(dy_), x(x_), mean(mean_), rstd(rstd_),
+        weight(weight_), t(shape), stats_are_constants(constants), mask(epi.relu ? epi.y : nullptr),
+        gout(epi.dresidual), stream(streams_output<T>(shape.batch * shape.channels * shape.spatial)),
+        sum_dy(s.sums), sum_dy_xc(s.sums + N * C), partial_dy(s.partial),
+        partial_xc(s.partial + partial_units), ca(s.coef), cb(ca + N * C), cc(cb + N * C),
+        cm(cc + N * C), mean_c(s.mean_c) {}
+
+  // ---- phase 1: the per-(n, c) sums ----
+  // Channels-first: the sums of piece `piece` = [lo, hi) of (n, c) row `row` (also writing
+  // dresidual there), into its partial slot.
+  void row_piece_sums(const RowPieces& p, int64_t row, int64_t piece, int64_t lo, int64_t hi) {
+    const float m = mean[(row / C) * G + (row % C) / per_group];
+    const int64_t at = row * S + lo;
+    k.grad_sums_run(dy + at, mask ? mask + at : nullptr, x + at, gout ? gout + at : nullptr,
+                    hi - lo, m, &partial_dy[row * p.stride + piece],
+                    &partial_xc[row * p.stride + piece]);
+  }
+  // A row's sums: its pieces' partials added in piece order.
+  void merge_row_sums(const RowPieces& p, int64_t row) {
+    double sd = 0, sx = 0;
+    for (int64_t q = 0; q < p.stride; ++q)
+      sd += partial_dy[row * p.stride + q], sx += partial_xc[row * p.stride + q];
+    sum_dy[row] = sd;
+    sum_dy_xc[row] = sx;
+  }
+  // Channels-last: unit u's partial sums of every channel over its blocks of rows.
+  void block_sums(const RowBlocks& rb, int64_t u) {
+    float ag[kColumnBlock], ax[kColumnBlock];
+    const int64_t n = u / rb.units_per_sample, q = u % rb.units_per_sample;
+    const int64_t r_end = std::min(S, (q + 1) * rb.unit_rows);
+    double* pd = partial_dy + u * C;
+    double* px = partial_xc + u * C;
+    std::fill(pd, pd + C, 0.0);
+    std::fill(px, px + C, 0.0);
+    for (int64_t r0 = q * rb.unit_rows; r0 < r_end; r0 += rb.block) {
+      const int64_t rows = std::min(rb.block, r_end - r0);
+      // Blocks of columns: the float accumulators live on the stack.
+      for (int64_t c0 = 0; c0 < C; c0 += kColumnBlock) {
+        const int64_t width = std::min(kColumnBlock, C - c0);
+        const int64_t at = (n * S + r0) * C + c0;
+        std::fill(ag, ag + width, 0.0f);
+        std::fill(ax, ax + width, 0.0f);
+        k.grad_sums_rows(dy + at, mask ? mask + at : nullptr, x + at, gout ? gout + at : nullptr,
+                         rows, width, C, mean_c + n * C + c0, ag, ax);
+        for (int64_t c = 0; c < width; ++c) pd[c0 + c] += ag[c], px[c0 + c] += ax[c];
+      }
+    }
+  }
+  // Channel i = (n, c)'s sums: its sample's units' partials added in unit order.
+  void merge_block_sums(const RowBlocks& rb, int64_t i) {
+    const int64_t n = i / C, c = i % C;
+    double sd = 0, sx = 0;
+    for (int64_t q = 0; q < rb.units_per_sample; ++q) {
+      const int64_t at = (n * rb.units_per_sample + q) * C + c;
+      sd += partial_dy[at];
+      sx += partial_xc[at];
+    }
+    sum_dy[i] = sd;
+    sum_dy_xc[i] = sx;
+  }
+
+  // ---- phase 2: the dx coefficients of group i = (n, g), from its channels' sums ----
+  void group_coefficients(int64_t i) {
     const double r = rstd[i];
     const int64_t n = i / G, c0 = (i % G) * per_group;
+    const double count = double(per_group * S);
     double b = 0, c = 0;
     if (!stats_are_constants) {
       double sum_g = 0, sum_g_xc = 0;
@@ -782,9 +861,10 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
       cc[n * C + ch] = float(c);
       cm[n * C + ch] = mean[i];
     }
-  };
-  // dweight[c] and dbias[c] from the per-(n, c) sums, in sample order.
-  auto weight_gradients = [&](int64_t c) {
+  }
+
+  // ---- phase 3: dweight[c] and dbias[c] from the per-(n, c) sums, in sample order ----
+  void weight_gradients(int64_t c) {
     double dw = 0, db = 0;
     for (int64_t n = 0; n < N; ++n) {
       dw += double(rstd[n * G + c / per_group]) * sum_dy_xc[n * C + c];
@@ -792,141 +872,123 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
     }
     if (dweight) dweight[c] = float(dw);
     if (dbias) dbias[c] = float(db);
-  };
-  // Channels-first: the sums of (n, c) row `row` over its pieces of kRunChunk, in order, and
-  // dx of piece [lo, hi) of a row.
-  auto row_sums = [&](int64_t row, int64_t lo, int64_t hi, double* sd, double* sx) {
-    const float m = mean[(row / C) * G + (row % C) / per_group];
-    const int64_t at = row * S + lo;
-    k.grad_sums_run(dy + at, mask ? mask + at : nullptr, x + at, gout ? gout + at : nullptr,
-                    hi - lo, m, sd, sx);
-  };
-  auto row_dx = [&](int64_t row, int64_t lo, int64_t hi) {
+  }
+
+  // ---- phase 4: dx ----
+  // Channels-first: piece [lo, hi) of (n, c) row `row`.
+  void row_dx(int64_t row, int64_t lo, int64_t hi) {
     const int64_t at = row * S + lo;
     k.dx_run(dx + at, gin + at, gmask ? gmask + at : nullptr, x + at, hi - lo, ca[row], cb[row],
              cm[row], cc[row], stream);
-  };
+  }
+  // Channels-last: unit u's rows.
+  void block_dx(const RowBlocks& rb, int64_t u) {
+    const int64_t n = u / rb.units_per_sample, r0 = (u % rb.units_per_sample) * rb.unit_rows;
+    const int64_t at = (n * S + r0) * C;
+    k.dx_rows(dx + at, gin + at, gmask ? gmask + at : nullptr, x + at,
+              std::min(S - r0, rb.unit_rows), C, ca + n * C, cb + n * C, cm + n * C, cc + n * C,
+              stream);
+  }
+};
 
-  // Channels-first with enough cache-sized groups for every thread: each group's sums, then
-  // its dx while dy and x are still in cache; dweight and dbias after a barrier, in the same
-  // parallel region. Bitwise the same as the two-phase path below (the same pieces, added in
-  // the same order; the same coefficients and elementwise loops).
-  const int64_t group_len = per_group * S;
-  if (channels_first && need_sums && N * G >= std::max(num_threads, 1) &&
-      group_len * int64_t(sizeof(T)) * (mask ? 3 : 2) <= cached_unit_bytes()) {
-    const RowPieces p(N * C, S);
+// No elements: dx and dresidual are empty, every sum is 0 (dweight keeps rstd * 0, so a NaN rstd
+// of an empty group still shows).
+void empty_weight_gradients(float* dweight, float* dbias, const float* rstd,
+                            const GroupNormShape& t) {
+  if (!dweight && !dbias) return;
+  const int64_t per_group = t.channels / t.groups;
+  for (int64_t c = 0; c < t.channels; ++c) {
+    double dw = 0, db = 0;
+    for (int64_t n = 0; n < t.batch; ++n) {
+      dw += double(rstd[n * t.groups + c / per_group]) * 0.0;
+      db += 0.0;
+    }
+    if (dweight) dweight[c] = float(dw);
+    if (dbias) dbias[c] = float(db);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
+                         const float* mean, const float* rstd, const float* weight,
+                         const GroupNormShape& t, bool stats_are_constants, int num_threads,
+                         const BackwardEpilogueOf<T>& epi, std::span<std::byte> workspace) {
+  const int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups;
+  if (N * C * S == 0) return empty_weight_gradients(dweight, dbias, rstd, t);
+  const bool parallel = runs_in_parallel(N * C * S, num_threads);
+  const bool need_sums = !stats_are_constants || dweight || dbias || epi.dresidual;
+  const bool weight_grads = dweight || dbias;
+  const BackwardSchedule schedule =
+      plan_backward(t, need_sums, epi.relu, int64_t(sizeof(T)), num_threads);
+  const RowPieces pieces(N * C, S);
+  const RowBlocks blocks(S, C);
+  const int64_t partial_units = schedule == BackwardSchedule::channels_last
+                                    ? N * blocks.units_per_sample * C
+                                    : N * C * pieces.stride;
+  GroupNormBackward<T> b(t, dx, dweight, dbias, dy, x, mean, rstd, weight, stats_are_constants,
+                         epi, carve_backward(t, workspace), partial_units);
+
+  switch (schedule) {
+    case BackwardSchedule::cached_groups:
+      // Group by group; dweight and dbias after a barrier, in the same parallel region.
 #pragma omp parallel num_threads(num_threads) if (parallel)
-    {
-      for_in_region(N * G, stream, [&](int64_t i) {
-        const int64_t row0 = (i / G) * C + (i % G) * per_group;
-        for (int64_t row = row0; row < row0 + per_group; ++row) {
-          double sd = 0, sx = 0;
-          for (int64_t q = 0; q < p.pieces; ++q) {
-            double a, b;
-            row_sums(row, q * kRunChunk, std::min(S, (q + 1) * kRunChunk), &a, &b);
-            sd += a, sx += b;
+      {
+        for_in_region(N * G, b.stream, [&](int64_t i) {
+          const int64_t row0 = (i / G) * C + (i % G) * b.per_group;
+          for (int64_t row = row0; row < row0 + b.per_group; ++row) {
+            for (int64_t q = 0; q < pieces.pieces; ++q)
+              b.row_piece_sums(pieces, row, q, q * kRunChunk, std::min(S, (q + 1) * kRunChunk));
+            b.merge_row_sums(pieces, row);
           }
-          sum_dy[row] = sd;
-          sum_dy_xc[row] = sx;
-        }
-        group_coefficients(i);
-        for (int64_t row = row0; row < row0 + per_group; ++row)
-          for (int64_t q = 0; q < p.pieces; ++q)
-            row_dx(row, q * kRunChunk, std::min(S, (q + 1) * kRunChunk));
-      });
-      if (dweight || dbias) {
-#pragma omp for schedule(static)
-        for (int64_t c = 0; c < C; ++c) weight_gradients(c);
-      }
-    }
-    return;
-  }
-
-  // Per-(n, c) reductions (the pass that also writes dresidual).
-  if (need_sums) {
-    if (channels_first) {
-      const RowPieces p(N * C, S);
-      double* pd = s.partial;
-      double* px = pd + N * C * p.stride;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-      for (int64_t u = 0; u < p.units; ++u)
-        p.for_unit(u, [&](int64_t row, int64_t piece, int64_t lo, int64_t hi) {
-          row_sums(row, lo, hi, &pd[row * p.stride + piece], &px[row * p.stride + piece]);
+          b.group_coefficients(i);
+          for (int64_t row = row0; row < row0 + b.per_group; ++row)
+            for (int64_t q = 0; q < pieces.pieces; ++q)
+              b.row_dx(row, q * kRunChunk, std::min(S, (q + 1) * kRunChunk));
         });
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-      for (int64_t row = 0; row < N * C; ++row) {
-        double sd = 0, sx = 0;
-        for (int64_t q = 0; q < p.stride; ++q) sd += pd[row * p.stride + q], sx += px[row * p.stride + q];
-        sum_dy[row] = sd;
-        sum_dy_xc[row] = sx;
-      }
-    } else {
-      const RowBlocks rb(S, C);
-      const int64_t units = N * rb.units_per_sample;
-      float* mean_c = s.mean_c;  // mean of each channel's group
-      for (int64_t i = 0; i < N * C; ++i) mean_c[i] = mean[(i / C) * G + (i % C) / per_group];
-      double* pd = s.partial;
-      double* px = pd + units * C;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-      for (int64_t u = 0; u < units; ++u) {
-        float ag[kColumnBlock], ax[kColumnBlock];
-        const int64_t n = u / rb.units_per_sample, q = u % rb.units_per_sample;
-        const int64_t r_end = std::min(S, (q + 1) * rb.unit_rows);
-        std::fill(pd + u * C, pd + (u + 1) * C, 0.0);
-        std::fill(px + u * C, px + (u + 1) * C, 0.0);
-        for (int64_t r0 = q * rb.unit_rows; r0 < r_end; r0 += rb.block) {
-          const int64_t rows = std::min(rb.block, r_end - r0);
-          // Blocks of columns: the float accumulators live on the stack.
-          for (int64_t c0 = 0; c0 < C; c0 += kColumnBlock) {
-            const int64_t width = std::min(kColumnBlock, C - c0);
-            const int64_t at = (n * S + r0) * C + c0;
-            std::fill(ag, ag + width, 0.0f);
-            std::fill(ax, ax + width, 0.0f);
-            k.grad_sums_rows(dy + at, mask ? mask + at : nullptr, x + at,
-                             gout ? gout + at : nullptr, rows, width, C, mean_c + n * C + c0, ag,
-                             ax);
-            double* pdu = pd + u * C + c0;
-            double* pxu = px + u * C + c0;
-            for (int64_t c = 0; c < width; ++c) pdu[c] += ag[c], pxu[c] += ax[c];
-          }
+        if (weight_grads) {
+#pragma omp for schedule(static)
+          for (int64_t c = 0; c < C; ++c) b.weight_gradients(c);
         }
       }
+      return;
+
+    case BackwardSchedule::two_phase:
+      if (need_sums) {
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-      for (int64_t i = 0; i < N * C; ++i) {
-        const int64_t n = i / C, c = i % C;
-        double sd = 0, sx = 0;
-        for (int64_t q = 0; q < rb.units_per_sample; ++q) {
-          const int64_t at = (n * rb.units_per_sample + q) * C + c;
-          sd += pd[at];
-          sx += px[at];
-        }
-        sum_dy[i] = sd;
-        sum_dy_xc[i] = sx;
+        for (int64_t u = 0; u < pieces.units; ++u)
+          pieces.for_unit(u, [&](int64_t row, int64_t piece, int64_t lo, int64_t hi) {
+            b.row_piece_sums(pieces, row, piece, lo, hi);
+          });
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
+        for (int64_t row = 0; row < N * C; ++row) b.merge_row_sums(pieces, row);
       }
-    }
+      break;
+
+    case BackwardSchedule::channels_last:
+      if (need_sums) {
+        for (int64_t i = 0; i < N * C; ++i) b.mean_c[i] = mean[(i / C) * G + (i % C) / b.per_group];
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
+        for (int64_t u = 0; u < N * blocks.units_per_sample; ++u) b.block_sums(blocks, u);
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
+        for (int64_t i = 0; i < N * C; ++i) b.merge_block_sums(blocks, i);
+      }
+      break;
   }
 
-  if (dweight || dbias) {
+  if (weight_grads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel && C > 1)
-    for (int64_t c = 0; c < C; ++c) weight_gradients(c);
+    for (int64_t c = 0; c < C; ++c) b.weight_gradients(c);
   }
-
-  for (int64_t i = 0; i < N * G; ++i) group_coefficients(i);
-
-  if (channels_first) {
-    const RowPieces p(N * C, S);
-    parallel_for(p.units, num_threads, parallel, stream, [&](int64_t u) {
-      p.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) { row_dx(row, lo, hi); });
+  for (int64_t i = 0; i < N * G; ++i) b.group_coefficients(i);
+  if (schedule == BackwardSchedule::two_phase) {
+    parallel_for(pieces.units, num_threads, parallel, b.stream, [&](int64_t u) {
+      pieces.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) { b.row_dx(row, lo, hi); });
     });
   } else {
-    const RowBlocks rb(S, C);
-    parallel_for(N * rb.units_per_sample, num_threads, parallel, stream, [&](int64_t u) {
-      const int64_t n = u / rb.units_per_sample, r0 = (u % rb.units_per_sample) * rb.unit_rows;
-      const int64_t at = (n * S + r0) * C;
-      k.dx_rows(dx + at, gin + at, gmask ? gmask + at : nullptr, x + at,
-                std::min(S - r0, rb.unit_rows), C, ca + n * C, cb + n * C, cm + n * C,
-                cc + n * C, stream);
-    });
+    parallel_for(N * blocks.units_per_sample, num_threads, parallel, b.stream,
+                 [&](int64_t u) { b.block_dx(blocks, u); });
   }
 }
 
