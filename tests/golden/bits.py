@@ -2,13 +2,15 @@
 """Bit-for-bit fingerprints of normkit's results, to hold refactorings of the kernels to "no bit
 changes".
 
-    bits.py record  --python-dir build/python --train build/bin/normkit-train
-    bits.py check   --python-dir build/python --train build/bin/normkit-train
+    bits.py record  --python-dir build/python --train build/bin/normkit-train --api-bits build/bin/golden_api_bits
+    bits.py check   --python-dir build/python --train build/bin/normkit-train --api-bits build/bin/golden_api_bits
 
 `record` computes a SHA-256 of every output of a fixed set of Python calls (every op the module
 exposes, forward and backward, both memory formats, odd shapes, float32 and float16, shapes that
-take the cached, two-phase and streamed paths) and of short normkit-train runs (bn, gn, in: every
-loss and error, and the final checkpoint's bytes), and stores them in fingerprints.json beside
+take the cached, two-phase and streamed paths), of the C++ API's results that Python does not
+reach (api_bits.cpp: the LayerNorm and InstanceNorm backwards, bfloat16, the fused epilogues) and
+of short normkit-train runs (bn, gn, in, ln: every loss and error, and the final checkpoint's
+tensors), and stores them in fingerprints.json beside
 this file under the machine's key. `check` recomputes them and fails on any difference.
 
 Results are bitwise the same for any thread count and alignment, but not across SIMD targets or
@@ -210,6 +212,7 @@ def main():
     parser.add_argument("mode", choices=["record", "check", "print"])
     parser.add_argument("--python-dir", required=True, help="folder holding the built normkit module")
     parser.add_argument("--train", required=True, help="the normkit-train program")
+    parser.add_argument("--api-bits", required=True, help="the golden_api_bits program")
     parser.add_argument("--data", default="", help="Fashion-MNIST folder (default: normkit-train's)")
     args = parser.parse_args()
 
@@ -217,6 +220,10 @@ def main():
     import normkit
     normkit.set_num_threads(2)
     now = python_fingerprints(normkit)
+    api = subprocess.run([os.path.abspath(args.api_bits)], check=True, capture_output=True, text=True)
+    for line in api.stdout.splitlines():
+        name, value = line.rsplit(" ", 1)
+        now[f"api/{name}"] = value
     now.update(train_fingerprints(os.path.abspath(args.train), args.data))
 
     key = machine_key()
