@@ -614,6 +614,35 @@ inline void finish_stats(const Moments& gm, double eps, double* mu, double* rs, 
 
 std::size_t workspace_size(const GroupNormShape& shape) { return layout_of(shape).bytes; }
 
+// The forward is a plan, chosen once per call, over three phases: the group statistics
+// (channels-first runs, cut into kRunChunk pieces merged in order; or channels-last units of
+// rows, their channels joined to groups in channel order and the units merged in order), the
+// fold of each channel's coefficients, and the output pass. Every schedule computes them from
+// the same pieces in the same order (run_moments equals the ordered merge of its pieces), so
+// which one runs changes no bit.
+namespace {
+
+enum class ForwardSchedule {
+  cached_groups,   // channels-first: each group's output right after its statistics, from cache
+  cached_samples,  // channels-last: each sample's statistics, then its output, from cache
+  two_phase,       // every statistic, then every output
+};
+
+ForwardSchedule plan_forward(const GroupNormShape& t, int64_t value_bytes, int num_threads) {
+  const int64_t group_bytes = (t.channels / t.groups) * t.spatial * value_bytes;
+  const int64_t sample_bytes = t.channels * t.spatial * value_bytes;
+  const int64_t threads = std::max(num_threads, 1);
+  if (t.format == MemoryFormat::channels_first && t.batch * t.groups >= threads &&
+      group_bytes <= cached_unit_bytes())
+    return ForwardSchedule::cached_groups;
+  if (t.format == MemoryFormat::channels_last && t.batch >= threads &&
+      sample_bytes <= cached_unit_bytes())
+    return ForwardSchedule::cached_samples;
+  return ForwardSchedule::two_phase;
+}
+
+}  // namespace
+
 template <typename T>
 void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
                         const float* bias, const GroupNormShape& t, double eps, int num_threads,
@@ -631,69 +660,64 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
   const bool parallel = runs_in_parallel(N * C * S, num_threads);
   const int64_t group_len = per_group * S;
   const bool stream = streams_output<T>(N * C * S);  // y with non-temporal stores
+  const auto& k = kernels<T>();
+  const T* r = epi.residual;
+  float* var = variance;
+  auto finish = [&](const Moments& mo, double* mu, double* rs, int64_t i) {
+    finish_stats(mo, eps, mu, rs, mean + i, rstd + i, var ? var + i : nullptr);
+  };
 
-  // Channels-first with enough cache-sized groups for every thread: each group is normalized
-  // right after its statistics, from cache. Bitwise the same as the two-phase path below
-  // (run_moments == the ordered merge of its pieces; the same fold and loops).
-  if (t.format == MemoryFormat::channels_first && N * G >= std::max(num_threads, 1) &&
-      group_len * int64_t(sizeof(T)) <= cached_unit_bytes()) {
-    const auto& k = kernels<T>();
-    const T* r = epi.residual;
-    // Each group's statistics (two groups side by side where they fit), then its output from
-    // cache.
-    for_each_run_moments(x, N * G, group_len, cached_unit_bytes(), num_threads, parallel, stream,
-                         [&](int64_t i, const Moments& mo) {
-      const int64_t n = i / G, g = i % G;
-      double mu, rs;
-      finish_stats(mo, eps, &mu, &rs, mean + i, rstd + i, variance ? variance + i : nullptr);
-      for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-        const Coef f = fold(mu, rs, weight, bias, c);
-        const int64_t at = (n * C + c) * S;
-        k.affine_run(y + at, x + at, r ? r + at : nullptr, S, f.m, f.a, f.b, epi.relu, stream);
-      }
-    });
-    return;
+  switch (plan_forward(t, int64_t(sizeof(T)), num_threads)) {
+    case ForwardSchedule::cached_groups:
+      // Two groups' statistics side by side where they fit; a group's channels right after.
+      for_each_run_moments(x, N * G, group_len, cached_unit_bytes(), num_threads, parallel, stream,
+                           [&](int64_t i, const Moments& mo) {
+        const int64_t n = i / G, g = i % G;
+        double mu, rs;
+        finish(mo, &mu, &rs, i);
+        for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+          const Coef f = fold(mu, rs, weight, bias, c);
+          const int64_t at = (n * C + c) * S;
+          k.affine_run(y + at, x + at, r ? r + at : nullptr, S, f.m, f.a, f.b, epi.relu, stream);
+        }
+      });
+      return;
+
+    case ForwardSchedule::cached_samples: {
+      const ForwardScratch s = carve_forward(t, workspace);
+      double* mu = s.stats;
+      double* rs = mu + N * G;
+      const StatisticsUnits su(S, C);
+      parallel_for(N, num_threads, parallel, stream, [&](int64_t n) {
+        for (int64_t q = 0; q < su.units_per_sample; ++q) {
+          const int64_t u = n * su.units_per_sample + q;
+          unit_group_moments(k, x, t, su, u, s.pieces + u * G);
+        }
+        for (int64_t i = n * G; i < (n + 1) * G; ++i)
+          finish(merge_units(s.pieces, su, G, n, i % G), mu + i, rs + i, i);
+        float* m = s.coef + n * C;
+        float* a = m + N * C;
+        float* b = a + N * C;
+        fold_sample(mu, rs, weight, bias, t, n, m, a, b);
+        const int64_t at = n * S * C;
+        k.affine_rows(y + at, x + at, r ? r + at : nullptr, S, C, m, a, b, epi.relu, stream);
+      });
+      return;
+    }
+
+    case ForwardSchedule::two_phase: {
+      const ForwardScratch s = carve_forward(t, workspace);
+      double* mu = s.stats;
+      double* rs = mu + N * G;
+      if (t.format == MemoryFormat::channels_first)
+        runs_moments(x, N * G, group_len, s.groups, parallel ? num_threads : 1, s.pieces);
+      else
+        channels_last_group_moments(x, t, s.groups, s.pieces, num_threads, parallel);
+      for (int64_t i = 0; i < N * G; ++i) finish(s.groups[i], mu + i, rs + i, i);
+      fold_and_apply(y, x, mu, rs, weight, bias, t, num_threads, parallel, epi, s.coef);
+      return;
+    }
   }
-
-  const ForwardScratch s = carve_forward(t, workspace);
-  double* mu = s.stats;
-  double* rs = mu + N * G;
-
-  // Channels-last with a cache-sized sample for every thread: each thread takes whole samples,
-  // statistics then output, so the output pass reads x from cache. Bitwise the same as the
-  // path below (the same units, merges, fold and per-element arithmetic; only which thread
-  // runs them changes).
-  if (t.format == MemoryFormat::channels_last && N >= std::max(num_threads, 1) &&
-      C * S * int64_t(sizeof(T)) <= cached_unit_bytes()) {
-    const auto& k = kernels<T>();
-    const StatisticsUnits su(S, C);
-    const T* r = epi.residual;
-    parallel_for(N, num_threads, parallel, stream, [&](int64_t n) {
-      for (int64_t q = 0; q < su.units_per_sample; ++q) {
-        const int64_t u = n * su.units_per_sample + q;
-        unit_group_moments(k, x, t, su, u, s.pieces + u * G);
-      }
-      for (int64_t i = n * G; i < (n + 1) * G; ++i)
-        finish_stats(merge_units(s.pieces, su, G, n, i % G), eps, mu + i, rs + i, mean + i,
-                     rstd + i, variance ? variance + i : nullptr);
-      float* m = s.coef + n * C;
-      float* a = m + N * C;
-      float* b = a + N * C;
-      fold_sample(mu, rs, weight, bias, t, n, m, a, b);
-      const int64_t at = n * S * C;
-      k.affine_rows(y + at, x + at, r ? r + at : nullptr, S, C, m, a, b, epi.relu, stream);
-    });
-    return;
-  }
-
-  if (t.format == MemoryFormat::channels_first)
-    runs_moments(x, N * G, group_len, s.groups, parallel ? num_threads : 1, s.pieces);
-  else
-    channels_last_group_moments(x, t, s.groups, s.pieces, num_threads, parallel);
-  for (int64_t i = 0; i < N * G; ++i)
-    finish_stats(s.groups[i], eps, mu + i, rs + i, mean + i, rstd + i,
-                 variance ? variance + i : nullptr);
-  fold_and_apply(y, x, mu, rs, weight, bias, t, num_threads, parallel, epi, s.coef);
 }
 
 template <typename T>

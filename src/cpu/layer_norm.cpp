@@ -360,6 +360,98 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
 //   b = -rstd^3 / M * sum(gw * (x - mean))   (through rstd)
 //   c = -rstd / M * sum(gw)                  (through mean)
 //   dweight[j] = sum over rows of g * xhat,  dbias[j] = sum over rows of g.
+//
+// The backward is a plan, chosen once per call, over four phases: the sums of each row piece
+// (with the float column partials of its block of kRowBlock rows), the dx coefficients of a row,
+// dx, and dweight and dbias from the column partials in row-block order. Both schedules run the
+// same phase functions on the same pieces, so which one runs changes no bit.
+namespace {
+
+enum class BackwardSchedule {
+  cached_row_blocks,  // block by block of rows: each row's dx right after its sums, from cache
+  two_phase,          // every row's sums, then every dx
+};
+
+BackwardSchedule plan_backward(const Plan& p, const LayerNormShape& t, int64_t value_bytes) {
+  return p.row_blocks >= kCachedMinRowBlocks && t.cols * value_bytes <= cached_block_bytes()
+             ? BackwardSchedule::cached_row_blocks
+             : BackwardSchedule::two_phase;
+}
+
+// One backward call: its arguments, its scratch, and the phases over them.
+template <typename T>
+struct LayerNormBackward {
+  T* dx;
+  const T* dy;
+  const T* x;
+  const float* mean;
+  const float* rstd;
+  const float* w;  // weight in memory order
+  const T* mask;   // the forward's y with relu: g = dy * (y > 0)
+  T* gout;         // dresidual: receives g
+  int64_t rows, cols, pieces;
+  bool want_columns;  // dweight or dbias asked for
+  bool stream;        // dx with non-temporal stores
+  double* pg;         // per (row, piece): sum(g * w), sum(g * w * (x - mean))
+  double* px;
+  float* cb;  // per row: dx = rstd * w[j] * g + cb * (x - mean) + cc
+  float* cc;
+  float* colg;  // per (row block, column): float partials of sum(g), sum(g * xhat)
+  float* colx;
+  const ln::Kernels<T>& k = kernels<T>();
+  // With dresidual written, dx reads g back from it (one stream instead of dy and y; exact, as g
+  // is dy or 0).
+  const T* gin = gout ? gout : dy;
+  const T* gmask = gout ? nullptr : mask;
+
+  // ---- phase 1: piece `piece` of `row` in row block rb: its row sums, its column partials ----
+  void clear_columns(int64_t rb, int64_t lo, int64_t hi) {
+    if (!want_columns) return;
+    std::fill(colg + rb * cols + lo, colg + rb * cols + hi, 0.0f);
+    std::fill(colx + rb * cols + lo, colx + rb * cols + hi, 0.0f);
+  }
+  void row_piece_sums(int64_t rb, int64_t row, int64_t piece) {
+    const int64_t lo = piece * kRunChunk, hi = std::min(cols, lo + kRunChunk);
+    const int64_t at = row * cols + lo;
+    float* ug = want_columns ? colg + rb * cols + lo : nullptr;
+    float* ux = want_columns ? colx + rb * cols + lo : nullptr;
+    k.grad_run(dy + at, mask ? mask + at : nullptr, x + at, w + lo, gout ? gout + at : nullptr,
+               hi - lo, mean[row], rstd[row], ug, ux, &pg[row * pieces + piece],
+               &px[row * pieces + piece]);
+  }
+
+  // ---- phase 2: a row's dx coefficients, from its pieces' sums in piece order ----
+  void row_coefficients(int64_t row) {
+    double sg = 0, sx = 0;
+    for (int64_t q = 0; q < pieces; ++q) sg += pg[row * pieces + q], sx += px[row * pieces + q];
+    const double r = rstd[row];
+    cb[row] = float(-r * r * r * sx / double(cols));
+    cc[row] = float(-r * sg / double(cols));
+  }
+
+  // ---- phase 3: dx of piece [lo, hi) of a row ----
+  void row_dx(int64_t row, int64_t lo, int64_t hi) {
+    const int64_t at = row * cols + lo;
+    k.dx_run(dx + at, gin + at, gmask ? gmask + at : nullptr, x + at, w + lo, hi - lo, rstd[row],
+             cb[row], mean[row], cc[row], stream);
+  }
+
+  // ---- phase 4: column j's dweight and dbias, the row blocks' partials added in order ----
+  void column_gradients(const LayerNormShape& t, int64_t row_blocks, float* dweight,
+                        float* dbias, int64_t j) {
+    double sg = 0, sx = 0;
+    for (int64_t rb = 0; rb < row_blocks; ++rb) {
+      sg += double(colg[rb * cols + j]);
+      sx += double(colx[rb * cols + j]);
+    }
+    const int64_t logical = plan::layer_norm_logical_index(t, j);
+    if (dweight) dweight[logical] = float(sx);
+    if (dbias) dbias[logical] = float(sg);
+  }
+};
+
+}  // namespace
+
 template <typename T>
 void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
                          const float* mean, const float* rstd, const float* weight,
@@ -375,95 +467,49 @@ void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
   }
   const Plan p = make_plan(t);
   std::byte* base = scratch_base(workspace, p.bytes);
-  const float* w = memory_order(weight, 1.0f, t, scratch_part<float>(base, p.weight));
   const bool parallel = runs_in_parallel(rows * cols, num_threads);
-  const bool want_columns = dweight || dbias;
-  const auto& k = kernels<T>();
-  const T* mask = epi.relu ? epi.y : nullptr;
-  T* gout = epi.dresidual;
-  // With dresidual written, g is read back from it (one stream instead of dy and y; exact, as g
-  // is dy or 0).
-  const T* gin = gout ? gout : dy;
-  const T* gmask = gout ? nullptr : mask;
-  const bool stream = streams_output<T>(rows * cols);  // dx with non-temporal stores
-
   const int64_t pieces = p.pieces, row_blocks = p.row_blocks;
   double* pg = scratch_part<double>(base, p.partials);
-  double* px = pg + rows * pieces;
   float* cb = scratch_part<float>(base, p.coefficients);
-  float* cc = cb + rows;
   float* colg = scratch_part<float>(base, p.columns);
-  float* colx = colg + row_blocks * cols;
-  const double count = double(cols);
+  LayerNormBackward<T> b{dx, dy, x, mean, rstd,
+                         memory_order(weight, 1.0f, t, scratch_part<float>(base, p.weight)),
+                         epi.relu ? epi.y : nullptr, epi.dresidual, rows, cols, pieces,
+                         dweight || dbias, streams_output<T>(rows * cols), pg,
+                         pg + rows * pieces, cb, cb + rows, colg, colg + row_blocks * cols};
 
-  // First pass over one piece of a row of row block rb (float column partials of rb).
-  auto row_sums = [&](int64_t rb, int64_t row, int64_t piece) {
-    const int64_t lo = piece * kRunChunk, hi = std::min(cols, lo + kRunChunk);
-    const int64_t at = row * cols + lo;
-    float* ug = want_columns ? colg + rb * cols + lo : nullptr;
-    float* ux = want_columns ? colx + rb * cols + lo : nullptr;
-    k.grad_run(dy + at, mask ? mask + at : nullptr, x + at, w + lo, gout ? gout + at : nullptr,
-               hi - lo, mean[row], rstd[row], ug, ux, &pg[row * pieces + piece],
-               &px[row * pieces + piece]);
-  };
-  auto coefficients = [&](int64_t row) {
-    double sg = 0, sx = 0;
-    for (int64_t q = 0; q < pieces; ++q) sg += pg[row * pieces + q], sx += px[row * pieces + q];
-    const double r = rstd[row];
-    cb[row] = float(-r * r * r * sx / count);
-    cc[row] = float(-r * sg / count);
-  };
-  auto dx_piece = [&](int64_t row, int64_t lo, int64_t hi) {
-    const int64_t at = row * cols + lo;
-    k.dx_run(dx + at, gin + at, gmask ? gmask + at : nullptr, x + at, w + lo, hi - lo, rstd[row],
-             cb[row], mean[row], cc[row], stream);
-  };
-  auto clear_columns = [&](int64_t rb, int64_t lo, int64_t hi) {
-    if (!want_columns) return;
-    std::fill(colg + rb * cols + lo, colg + rb * cols + hi, 0.0f);
-    std::fill(colx + rb * cols + lo, colx + rb * cols + hi, 0.0f);
-  };
-
-  // Both orders below compute every partial from the same terms in the same order: the same bits.
-  if (row_blocks >= kCachedMinRowBlocks && cols * int64_t(sizeof(T)) <= cached_block_bytes()) {
-    // Each row's dx right after its sums, while the row is in cache.
-    parallel_for(row_blocks, num_threads, parallel, stream, [&](int64_t rb) {
-      clear_columns(rb, 0, cols);
-      for (int64_t row = rb * kRowBlock; row < std::min(rows, (rb + 1) * kRowBlock); ++row) {
-        for (int64_t q = 0; q < pieces; ++q) row_sums(rb, row, q);
-        coefficients(row);
-        dx_piece(row, 0, cols);
-      }
-    });
-  } else {
+  switch (plan_backward(p, t, int64_t(sizeof(T)))) {
+    case BackwardSchedule::cached_row_blocks:
+      parallel_for(row_blocks, num_threads, parallel, b.stream, [&](int64_t rb) {
+        b.clear_columns(rb, 0, cols);
+        for (int64_t row = rb * kRowBlock; row < std::min(rows, (rb + 1) * kRowBlock); ++row) {
+          for (int64_t q = 0; q < pieces; ++q) b.row_piece_sums(rb, row, q);
+          b.row_coefficients(row);
+          b.row_dx(row, 0, cols);
+        }
+      });
+      break;
+    case BackwardSchedule::two_phase: {
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel)
-    for (int64_t u = 0; u < row_blocks * pieces; ++u) {
-      const int64_t rb = u / pieces, q = u % pieces;
-      clear_columns(rb, q * kRunChunk, std::min(cols, (q + 1) * kRunChunk));
-      for (int64_t row = rb * kRowBlock; row < std::min(rows, (rb + 1) * kRowBlock); ++row)
-        row_sums(rb, row, q);
-    }
+      for (int64_t u = 0; u < row_blocks * pieces; ++u) {
+        const int64_t rb = u / pieces, q = u % pieces;
+        b.clear_columns(rb, q * kRunChunk, std::min(cols, (q + 1) * kRunChunk));
+        for (int64_t row = rb * kRowBlock; row < std::min(rows, (rb + 1) * kRowBlock); ++row)
+          b.row_piece_sums(rb, row, q);
+      }
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel && rows > 1)
-    for (int64_t row = 0; row < rows; ++row) coefficients(row);
-    const RowPieces rp(rows, cols);
-    parallel_for(rp.units, num_threads, parallel, stream, [&](int64_t u) {
-      rp.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) { dx_piece(row, lo, hi); });
-    });
+      for (int64_t row = 0; row < rows; ++row) b.row_coefficients(row);
+      const RowPieces rp(rows, cols);
+      parallel_for(rp.units, num_threads, parallel, b.stream, [&](int64_t u) {
+        rp.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) { b.row_dx(row, lo, hi); });
+      });
+      break;
+    }
   }
 
-  if (!want_columns) return;
-  // Column partials of the row blocks added in double, in row-block order.
+  if (!b.want_columns) return;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (parallel && cols > 1)
-  for (int64_t j = 0; j < cols; ++j) {
-    double sg = 0, sx = 0;
-    for (int64_t rb = 0; rb < row_blocks; ++rb) {
-      sg += double(colg[rb * cols + j]);
-      sx += double(colx[rb * cols + j]);
-    }
-    const int64_t logical = plan::layer_norm_logical_index(t, j);
-    if (dweight) dweight[logical] = float(sx);
-    if (dbias) dbias[logical] = float(sg);
-  }
+  for (int64_t j = 0; j < cols; ++j) b.column_gradients(t, row_blocks, dweight, dbias, j);
 }
 
 #define NORMKIT_LAYER_NORM_INSTANTIATE(T)                                                     \
