@@ -411,14 +411,14 @@ struct StatisticsUnits {
 // ---- scratch ----
 // Offsets of the scratch parts, a function of the shape only. The forward (and apply) and the
 // backward lay out their parts over the same memory.
-struct Layout {
+struct ScratchParts {
   std::size_t groups = 0, pieces = 0, stats = 0, forward_coef = 0;         // forward
   std::size_t sums = 0, partial = 0, backward_coef = 0, channel_mean = 0;  // backward
   std::size_t bytes = 0;  // ScratchLayout::workspace_bytes()
 };
 
-Layout layout_of(const GroupNormShape& t) {
-  Layout l;
+ScratchParts scratch_parts(const GroupNormShape& t) {
+  ScratchParts l;
   const int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups;
   if (N * C * S == 0) return l;  // nothing needs scratch (see the early returns below)
   const int64_t NC = N * C, NG = N * G;
@@ -446,7 +446,7 @@ struct ForwardScratch {
   float* coef;      // 3*N*C: m, a, b
 };
 ForwardScratch carve_forward(const GroupNormShape& t, std::span<std::byte> workspace) {
-  const Layout l = layout_of(t);
+  const ScratchParts l = scratch_parts(t);
   std::byte* base = scratch_base(workspace, l.bytes);
   return {scratch_part<Moments>(base, l.groups), scratch_part<Moments>(base, l.pieces),
           scratch_part<double>(base, l.stats), scratch_part<float>(base, l.forward_coef)};
@@ -459,7 +459,7 @@ struct BackwardScratch {
   float* mean_c;    // N*C (channels-last): each channel's group mean
 };
 BackwardScratch carve_backward(const GroupNormShape& t, std::span<std::byte> workspace) {
-  const Layout l = layout_of(t);
+  const ScratchParts l = scratch_parts(t);
   std::byte* base = scratch_base(workspace, l.bytes);
   return {scratch_part<double>(base, l.sums), scratch_part<double>(base, l.partial),
           scratch_part<float>(base, l.backward_coef), scratch_part<float>(base, l.channel_mean)};
@@ -612,7 +612,7 @@ inline void finish_stats(const Moments& gm, double eps, double* mu, double* rs, 
 
 }  // namespace
 
-std::size_t workspace_size(const GroupNormShape& shape) { return layout_of(shape).bytes; }
+std::size_t workspace_size(const GroupNormShape& shape) { return scratch_parts(shape).bytes; }
 
 // The forward is a plan, chosen once per call, over three phases: the group statistics
 // (channels-first runs, cut into kRunChunk pieces merged in order; or channels-last units of

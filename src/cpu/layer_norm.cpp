@@ -243,7 +243,7 @@ constexpr int64_t kCachedMinRowBlocks = 4;
 //             tail (rows floats)
 //   backward: per-(row, piece) partial sums (2 * rows * pieces doubles), dx coefficients
 //             (2 * rows floats), column partials (2 * row_blocks * cols floats).
-struct Plan {
+struct ScratchParts {
   int64_t pieces = 0, row_blocks = 0;
   std::size_t weight = 0, bias = 0;
   std::size_t moments = 0, piece_moments = 0, tail = 0;
@@ -251,8 +251,8 @@ struct Plan {
   std::size_t bytes = 0;  // ScratchLayout::workspace_bytes()
 };
 
-Plan make_plan(const LayerNormShape& t) {
-  Plan p;
+ScratchParts scratch_parts(const LayerNormShape& t) {
+  ScratchParts p;
   if (t.rows <= 0 || t.cols <= 0) return p;
   p.pieces = std::max<int64_t>(run_piece_count(t.cols), 1);
   p.row_blocks = (t.rows + kRowBlock - 1) / kRowBlock;
@@ -297,8 +297,27 @@ inline RowCoef fold(const Moments& mo, double eps) {
 }  // namespace
 
 std::size_t workspace_size(const LayerNormShape& shape) {
-  return make_plan(shape).bytes;
+  return scratch_parts(shape).bytes;
 }
+
+// The forward is a plan, chosen once per call, over two phases: each row's statistics (pieces
+// of kRunChunk merged in order, cpu/moments.h) folded into its coefficients, and the output
+// pass. Both schedules give the same bits (run_moments equals the ordered merge of its pieces;
+// the same fold and elementwise kernel).
+namespace {
+
+enum class ForwardSchedule {
+  cached_rows,  // each row's output right after its statistics, from cache
+  two_phase,    // every row's statistics, then every output
+};
+
+ForwardSchedule plan_forward(const LayerNormShape& t, int64_t value_bytes) {
+  return t.rows >= kCachedMinRows && t.cols * value_bytes <= cached_unit_bytes()
+             ? ForwardSchedule::cached_rows
+             : ForwardSchedule::two_phase;
+}
+
+}  // namespace
 
 template <typename T>
 void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
@@ -311,7 +330,7 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
     for (int64_t i = 0; i < rows; ++i) mean[i] = f.m, rstd[i] = f.r;
     return;
   }
-  const Plan p = make_plan(t);
+  const ScratchParts p = scratch_parts(t);
   std::byte* base = scratch_base(workspace, p.bytes);
   const float* w = memory_order(weight, 1.0f, t, scratch_part<float>(base, p.weight));
   const float* b = memory_order(bias, 0.0f, t, scratch_part<float>(base, p.bias));
@@ -320,37 +339,42 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
   const T* res = epi.residual;
   const bool stream = streams_output<T>(rows * cols);  // y with non-temporal stores
 
-  if (rows >= kCachedMinRows && cols * int64_t(sizeof(T)) <= cached_unit_bytes()) {
-    // Each row's statistics (two rows side by side where they fit), then its output from cache.
-    for_each_run_moments(x, rows, cols, cached_unit_bytes(), num_threads, parallel, stream,
-                         [&](int64_t row, const Moments& mo) {
-      const int64_t at = row * cols;
-      const RowCoef f = fold(mo, eps);
-      mean[row] = f.m;
-      rstd[row] = f.r;
-      k.apply_run(y + at, x + at, res ? res + at : nullptr, w, b, cols, f.m, f.r, f.t, epi.relu,
-                  stream);
-    });
-    return;
-  }
+  switch (plan_forward(t, int64_t(sizeof(T)))) {
+    case ForwardSchedule::cached_rows:
+      // Two rows' statistics side by side where they fit; a row's output right after.
+      for_each_run_moments(x, rows, cols, cached_unit_bytes(), num_threads, parallel, stream,
+                           [&](int64_t row, const Moments& mo) {
+        const int64_t at = row * cols;
+        const RowCoef f = fold(mo, eps);
+        mean[row] = f.m;
+        rstd[row] = f.r;
+        k.apply_run(y + at, x + at, res ? res + at : nullptr, w, b, cols, f.m, f.r, f.t, epi.relu,
+                    stream);
+      });
+      return;
 
-  Moments* mo = scratch_part<Moments>(base, p.moments);
-  runs_moments(x, rows, cols, mo, parallel ? num_threads : 1, scratch_part<Moments>(base, p.piece_moments));
-  float* tail = scratch_part<float>(base, p.tail);
-  for (int64_t row = 0; row < rows; ++row) {
-    const RowCoef f = fold(mo[row], eps);
-    mean[row] = f.m;
-    rstd[row] = f.r;
-    tail[row] = f.t;
+    case ForwardSchedule::two_phase: {
+      Moments* mo = scratch_part<Moments>(base, p.moments);
+      runs_moments(x, rows, cols, mo, parallel ? num_threads : 1,
+                   scratch_part<Moments>(base, p.piece_moments));
+      float* tail = scratch_part<float>(base, p.tail);
+      for (int64_t row = 0; row < rows; ++row) {
+        const RowCoef f = fold(mo[row], eps);
+        mean[row] = f.m;
+        rstd[row] = f.r;
+        tail[row] = f.t;
+      }
+      const RowPieces rp(rows, cols);
+      parallel_for(rp.units, num_threads, parallel, stream, [&](int64_t u) {
+        rp.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) {
+          const int64_t at = row * cols + lo;
+          k.apply_run(y + at, x + at, res ? res + at : nullptr, w + lo, b + lo, hi - lo,
+                      mean[row], rstd[row], tail[row], epi.relu, stream);
+        });
+      });
+      return;
+    }
   }
-  const RowPieces rp(rows, cols);
-  parallel_for(rp.units, num_threads, parallel, stream, [&](int64_t u) {
-    rp.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) {
-      const int64_t at = row * cols + lo;
-      k.apply_run(y + at, x + at, res ? res + at : nullptr, w + lo, b + lo, hi - lo, mean[row],
-                  rstd[row], tail[row], epi.relu, stream);
-    });
-  });
 }
 
 // Per row, over its M elements, with g the incoming gradient after the epilogue's mask and
@@ -372,7 +396,7 @@ enum class BackwardSchedule {
   two_phase,          // every row's sums, then every dx
 };
 
-BackwardSchedule plan_backward(const Plan& p, const LayerNormShape& t, int64_t value_bytes) {
+BackwardSchedule plan_backward(const ScratchParts& p, const LayerNormShape& t, int64_t value_bytes) {
   return p.row_blocks >= kCachedMinRowBlocks && t.cols * value_bytes <= cached_block_bytes()
              ? BackwardSchedule::cached_row_blocks
              : BackwardSchedule::two_phase;
@@ -465,7 +489,7 @@ void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
     }
     return;
   }
-  const Plan p = make_plan(t);
+  const ScratchParts p = scratch_parts(t);
   std::byte* base = scratch_base(workspace, p.bytes);
   const bool parallel = runs_in_parallel(rows * cols, num_threads);
   const int64_t pieces = p.pieces, row_blocks = p.row_blocks;
