@@ -72,6 +72,20 @@ def channels_last(a):
     return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
 
 
+def layouts(cases, shape_of=lambda case: case):
+    """(dtype, case, format) for float32 and float16 (float16 only up to 1 Mi elements), each
+    case channels-first and, where it has spatial dims, channels-last."""
+    for dtype in (np.float32, np.float16):
+        for case in cases:
+            shape = shape_of(case)
+            if dtype == np.float16 and np.prod(shape) > 1 << 20:
+                continue
+            for fmt in ("cf", "cl"):
+                if fmt == "cl" and len(shape) < 3:
+                    continue
+                yield dtype, case, fmt
+
+
 def python_fingerprints(nk):
     out = {}
     rng = np.random.default_rng(20261203)
@@ -85,59 +99,47 @@ def python_fingerprints(nk):
     # (shape, groups): odd sizes; channels-first groups in cache and not; streamed outputs (16 MiB).
     gn_cases = [((3, 6, 7, 5), 3), ((2, 12, 33), 4), ((1, 8, 3, 5, 7), 2), ((2, 64, 23, 29), 32),
                 ((1, 4, 300, 301), 2), ((1, 64, 256, 257), 8), ((5, 10), 5)]
-    for dtype in (np.float32, np.float16):
-        for shape, groups in gn_cases:
-            if dtype == np.float16 and np.prod(shape) > 1 << 20:
-                continue
-            for fmt in ("cf", "cl"):
-                if fmt == "cl" and len(shape) < 3:
-                    continue
-                c = shape[1]
-                x = data(shape, dtype, offset=3e4 if dtype == np.float32 and shape[0] == 3 else 0.5)
-                dy = data(shape, dtype)
-                if fmt == "cl":
-                    x, dy = channels_last(x), channels_last(dy)
-                w, b = vec(c), vec(c)
-                name = f"{np.dtype(dtype).name}/{fmt}/{shape}/G{groups}"
-                y, mean, rstd = nk.group_norm_forward(x, groups, w, b, eps=1e-5)
-                out[f"group_norm_forward/{name}"] = digest(y, mean, rstd)
-                out[f"group_norm_backward/{name}"] = digest(
-                    *nk.group_norm_backward(dy, x, mean, rstd, groups, w))
-                y0 = nk.group_norm(x, groups, eps=1e-3)
-                mean0, rstd0 = nk.group_norm_forward(x, groups, eps=1e-3)[1:]
-                out[f"group_norm/no-affine/{name}"] = digest(
-                    y0, nk.group_norm_backward(dy, x, mean0, rstd0, groups)[0])
+    for dtype, (shape, groups), fmt in layouts(gn_cases, lambda case: case[0]):
+        c = shape[1]
+        x = data(shape, dtype, offset=3e4 if dtype == np.float32 and shape[0] == 3 else 0.5)
+        dy = data(shape, dtype)
+        if fmt == "cl":
+            x, dy = channels_last(x), channels_last(dy)
+        w, b = vec(c), vec(c)
+        name = f"{np.dtype(dtype).name}/{fmt}/{shape}/G{groups}"
+        y, mean, rstd = nk.group_norm_forward(x, groups, w, b, eps=1e-5)
+        out[f"group_norm_forward/{name}"] = digest(y, mean, rstd)
+        out[f"group_norm_backward/{name}"] = digest(
+            *nk.group_norm_backward(dy, x, mean, rstd, groups, w))
+        y0 = nk.group_norm(x, groups, eps=1e-3)
+        mean0, rstd0 = nk.group_norm_forward(x, groups, eps=1e-3)[1:]
+        out[f"group_norm/no-affine/{name}"] = digest(
+            y0, nk.group_norm_backward(dy, x, mean0, rstd0, groups)[0])
 
     bn_cases = [(3, 5, 7, 9), (2, 16, 33), (4, 7), (2, 3, 4, 5, 6), (32, 64, 19, 17), (2, 8, 200, 199),
                 (4, 64, 130, 130)]
-    for dtype in (np.float32, np.float16):
-        for shape in bn_cases:
-            if dtype == np.float16 and np.prod(shape) > 1 << 20:
-                continue
-            for fmt in ("cf", "cl"):
-                if fmt == "cl" and len(shape) < 3:
-                    continue
-                c = shape[1]
-                x = data(shape, dtype, offset=-2e3 if dtype == np.float32 and shape[0] == 3 else 0.25)
-                dy = data(shape, dtype)
-                if fmt == "cl":
-                    x, dy = channels_last(x), channels_last(dy)
-                w, b = vec(c), vec(c)
-                rm, rv = vec(c), np.abs(vec(c)) + 0.5
-                name = f"{np.dtype(dtype).name}/{fmt}/{shape}"
-                steps = []
-                for _ in range(3):
-                    y, sm, si = nk.batch_norm_forward(x, rm, rv, w, b, training=True, momentum=0.1)
-                    steps.append(digest(y, sm, si, rm, rv))
-                out[f"batch_norm_forward/training/{name}"] = digest(np.array([s.encode() for s in steps]))
-                out[f"batch_norm_backward/training/{name}"] = digest(
-                    *nk.batch_norm_backward(dy, x, w, sm, si, training=True))
-                out[f"batch_norm/inference/{name}"] = digest(nk.batch_norm(x, rm, rv, w, b))
-                out[f"batch_norm_backward/inference/{name}"] = digest(*nk.batch_norm_backward(
-                    dy, x, w, None, None, training=False, running_mean=rm, running_var=rv))
-                rm2, rv2 = np.zeros(c, np.float32), np.ones(c, np.float32)
-                y_none = nk.batch_norm(x, rm2, rv2, training=True, momentum=0.5, eps=1e-3)
-                out[f"batch_norm/no-affine/{name}"] = digest(y_none, rm2, rv2)
+    for dtype, shape, fmt in layouts(bn_cases):
+        c = shape[1]
+        x = data(shape, dtype, offset=-2e3 if dtype == np.float32 and shape[0] == 3 else 0.25)
+        dy = data(shape, dtype)
+        if fmt == "cl":
+            x, dy = channels_last(x), channels_last(dy)
+        w, b = vec(c), vec(c)
+        rm, rv = vec(c), np.abs(vec(c)) + 0.5
+        name = f"{np.dtype(dtype).name}/{fmt}/{shape}"
+        steps = []
+        for _ in range(3):
+            y, sm, si = nk.batch_norm_forward(x, rm, rv, w, b, training=True, momentum=0.1)
+            steps.append(digest(y, sm, si, rm, rv))
+        out[f"batch_norm_forward/training/{name}"] = digest(np.array([s.encode() for s in steps]))
+        out[f"batch_norm_backward/training/{name}"] = digest(
+            *nk.batch_norm_backward(dy, x, w, sm, si, training=True))
+        out[f"batch_norm/inference/{name}"] = digest(nk.batch_norm(x, rm, rv, w, b))
+        out[f"batch_norm_backward/inference/{name}"] = digest(*nk.batch_norm_backward(
+            dy, x, w, None, None, training=False, running_mean=rm, running_var=rv))
+        rm2, rv2 = np.zeros(c, np.float32), np.ones(c, np.float32)
+        y_none = nk.batch_norm(x, rm2, rv2, training=True, momentum=0.5, eps=1e-3)
+        out[f"batch_norm/no-affine/{name}"] = digest(y_none, rm2, rv2)
 
     in_cases = [(3, 5, 7, 9), (2, 6, 33), (1, 3, 2, 9, 5), (2, 32, 130, 131)]
     for dtype in (np.float32, np.float16):
