@@ -91,6 +91,25 @@ void NormLayer::check_backward(const TensorView& dy, const TensorView& dx) const
   detail::check_like(fn.c_str(), "dx", dx, "the last forward's x", saved_x_);
 }
 
+void NormLayer::forward(const TensorView& x, const ForwardEpilogue& epilogue,
+                        const TensorView& y) {
+  check_input("forward", x);
+  forward_op(x, epilogue, y);
+  saved_x_ = x;
+  used_relu_ = epilogue.relu;
+  saved_y_ = epilogue.relu ? y : TensorView{};
+}
+
+void NormLayer::backward(const TensorView& dy, const TensorView& dx,
+                         const TensorView& dresidual) {
+  check_backward(dy, dx);
+  if (dresidual.data != nullptr) {
+    const std::string fn = qualified(name_, "backward");
+    detail::check_like(fn.c_str(), "dresidual", dresidual, "the last forward's x", saved_x_);
+  }
+  backward_op({.relu = used_relu_, .y = saved_y_, .dresidual = dresidual}, dy, dx);
+}
+
 // ---- BatchNorm ----
 
 BatchNorm::BatchNorm(int64_t num_features, Options opts)
@@ -104,11 +123,8 @@ BatchNorm::BatchNorm(int64_t num_features, Options opts)
   }
 }
 
-void BatchNorm::forward(const TensorView& x, const TensorView& y) { forward(x, {}, y); }
-
-void BatchNorm::forward(const TensorView& x, const ForwardEpilogue& epilogue,
-                        const TensorView& y) {
-  check_input("forward", x);
+void BatchNorm::forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
+                           const TensorView& y) {
   check_options(name_, options.eps, options.momentum);
   const bool batch_stats = training_ || !track_running_stats_;
   if (batch_stats) {
@@ -131,19 +147,12 @@ void BatchNorm::forward(const TensorView& x, const ForwardEpilogue& epilogue,
                                  optional_view(weight), optional_view(bias), running_mean,
                                  running_var, y, context);
   }
-  saved_x_ = x;
-  used_relu_ = epilogue.relu;
-  saved_y_ = epilogue.relu ? y : TensorView{};
   used_batch_stats_ = batch_stats;
   used_eps_ = options.eps;
 }
 
-void BatchNorm::backward(const TensorView& dy, const TensorView& dx) { backward(dy, dx, {}); }
-
-void BatchNorm::backward(const TensorView& dy, const TensorView& dx,
-                         const TensorView& dresidual) {
-  check_backward(dy, dx);
-  const BackwardEpilogue epilogue{.relu = used_relu_, .y = saved_y_, .dresidual = dresidual};
+void BatchNorm::backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
+                            const TensorView& dx) {
   if (used_batch_stats_)
     batch_norm_backward_training(epilogue, dy, saved_x_, save_mean_, save_invstd_,
                                  optional_view(weight), dx, optional_view(weight_grad),
@@ -169,25 +178,25 @@ GroupNorm::GroupNorm(const char* name, int64_t num_groups, int64_t num_channels,
   check_options(name, options.eps, std::nullopt);
 }
 
-void GroupNorm::forward(const TensorView& x, const TensorView& y) {
-  check_input("forward", x);
-  const GroupNormParams params{.num_groups = num_groups_, .eps = options.eps};
+void GroupNorm::forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
+                           const TensorView& y) {
+  const GroupNormParams params{
+      .num_groups = num_groups_, .eps = options.eps, .epilogue = epilogue};
   const int64_t length = statistics_length(name_, x, num_groups_);
   mean_.resize(length);
   rstd_.resize(length);
   const Context ctx = with_own_workspace(context, workspace_,
                                          [&] { return group_norm_workspace_size(params, x); });
   group_norm_forward(params, x, optional_view(weight), optional_view(bias), y, mean_, rstd_, ctx);
-  saved_x_ = x;
   used_eps_ = options.eps;
 }
 
-void GroupNorm::backward(const TensorView& dy, const TensorView& dx) {
-  check_backward(dy, dx);
+void GroupNorm::backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
+                            const TensorView& dx) {
   const GroupNormParams params{.num_groups = num_groups_, .eps = used_eps_};
   const Context ctx = with_own_workspace(
       context, workspace_, [&] { return group_norm_workspace_size(params, saved_x_); });
-  group_norm_backward(params, dy, saved_x_, mean_, rstd_, optional_view(weight), dx,
+  group_norm_backward(params, epilogue, dy, saved_x_, mean_, rstd_, optional_view(weight), dx,
                       optional_view(weight_grad), optional_view(bias_grad), ctx);
 }
 
@@ -204,15 +213,16 @@ InstanceNorm::InstanceNorm(int64_t num_features, Options opts)
   }
 }
 
-void InstanceNorm::forward(const TensorView& x, const TensorView& y) {
-  check_input("forward", x);
+void InstanceNorm::forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
+                              const TensorView& y) {
   check_options(name_, options.eps, options.momentum);
   const bool input_stats = training_ || !track_running_stats_;
   const bool update = training_ && track_running_stats_;
   const InstanceNormParams params{
       .use_input_stats = input_stats,
       .momentum = update ? average_factor(options.momentum, num_batches_tracked + 1) : 0.0,
-      .eps = options.eps};
+      .eps = options.eps,
+      .epilogue = epilogue};
   const int64_t length = statistics_length(name_, x, num_channels_);
   mean_.resize(length);
   rstd_.resize(length);
@@ -225,18 +235,17 @@ void InstanceNorm::forward(const TensorView& x, const TensorView& y) {
                         pass_running ? optional_view(running_var) : std::span<float>{}, y, mean_,
                         rstd_, ctx);
   if (update) ++num_batches_tracked;
-  saved_x_ = x;
   used_input_stats_ = input_stats;
   used_eps_ = options.eps;
 }
 
-void InstanceNorm::backward(const TensorView& dy, const TensorView& dx) {
-  check_backward(dy, dx);
+void InstanceNorm::backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
+                               const TensorView& dx) {
   const InstanceNormParams params{
       .use_input_stats = used_input_stats_, .momentum = 0.0, .eps = used_eps_};
   const Context ctx = with_own_workspace(
       context, workspace_, [&] { return instance_norm_workspace_size(params, saved_x_); });
-  instance_norm_backward(params, dy, saved_x_, mean_, rstd_, optional_view(weight), dx,
+  instance_norm_backward(params, epilogue, dy, saved_x_, mean_, rstd_, optional_view(weight), dx,
                          optional_view(weight_grad), optional_view(bias_grad), ctx);
 }
 
