@@ -18,8 +18,9 @@
 // - Every layer also has the fused epilogue of a ResNet block (epilogue.h): forward(x, epilogue,
 //   y) and backward(dy, dx, dresidual), the same for all of them (NormLayer).
 // - Public members are plain data: an optimizer updates weight and bias from weight_grad and
-//   bias_grad directly; their lengths must not be changed. In `options`, eps and momentum may be
-//   changed between calls; affine and track_running_stats are read by the constructor only.
+//   bias_grad directly; their lengths must not be changed. In `options`, eps, momentum and
+//   eval_batch_stats may be changed between calls; affine and track_running_stats are read by
+//   the constructor only.
 // - Throws normkit::Error on bad arguments (x's channel count != the layer's, a bad shape, a
 //   backward with no forward before it, ...) before changing anything the caller can see.
 #include <cstddef>
@@ -39,6 +40,10 @@ struct BatchNormOptions {
   std::optional<double> momentum = 0.1;  // in [0, 1]; nullopt: cumulative moving average
   bool affine = true;
   bool track_running_stats = true;
+  // Eval mode normalizes with each batch's own statistics even when running statistics are
+  // tracked (they are then neither used nor updated): evaluating a model trained with small
+  // batches as it was trained. Not in torch, whose eval always uses tracked statistics.
+  bool eval_batch_stats = false;
 };
 
 struct GroupNormOptions {  // also LayerNorm's
@@ -120,7 +125,8 @@ class NormLayer {
 // statistics with factor momentum (or 1 / num_batches_tracked when momentum is nullopt: the
 // cumulative average). An empty batch (N = 0) still increments num_batches_tracked and leaves
 // the running statistics unchanged, as torch 1.13. Eval mode: normalizes with the running
-// statistics when track_running_stats, else with the batch statistics (updating nothing).
+// statistics when track_running_stats (and not options.eval_batch_stats), else with the batch
+// statistics (updating nothing).
 class BatchNorm : public NormLayer {
  public:
   using Options = BatchNormOptions;

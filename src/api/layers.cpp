@@ -126,7 +126,7 @@ BatchNorm::BatchNorm(int64_t num_features, Options opts)
 void BatchNorm::forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
                            const TensorView& y) {
   check_options(name_, options.eps, options.momentum);
-  const bool batch_stats = training_ || !track_running_stats_;
+  const bool batch_stats = training_ || !track_running_stats_ || options.eval_batch_stats;
   if (batch_stats) {
     const bool update = training_ && track_running_stats_;
     save_mean_.resize(num_channels_);

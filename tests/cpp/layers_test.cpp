@@ -165,6 +165,43 @@ TEST(BatchNormLayer, WithoutRunningStatisticsEvalUsesTheBatch) {
   EXPECT_EQ(bn.num_batches_tracked, 0);
 }
 
+// eval_batch_stats: eval normalizes as training does (bitwise) but leaves the running statistics
+// and the count alone; its backward goes through the batch statistics, as training's.
+TEST(BatchNormLayer, EvalWithBatchStatisticsUpdatesNothing) {
+  const int64_t N = 4, C = 3, S = 5;
+  std::mt19937_64 rng(13);
+  const auto x = random_normal(N * C * S, rng, 2, 3), dy = random_normal(N * C * S, rng);
+  const TensorView xv(x.data(), {N, C, S}), dyv(dy.data(), {N, C, S});
+  BatchNorm bn(C), trained(C);
+  bn.weight = trained.weight = random_normal(C, rng, 1, 0.5);
+  bn.bias = trained.bias = random_normal(C, rng);
+  std::vector<float> y = poisoned(x.size()), yt = poisoned(x.size());
+  bn.forward(xv, TensorView(y.data(), {N, C, S}));  // running statistics move off (0, 1)
+  const auto rm = bn.running_mean, rv = bn.running_var;
+  bn.eval();
+  bn.options.eval_batch_stats = true;
+  y = poisoned(x.size());
+  bn.forward(xv, TensorView(y.data(), {N, C, S}));
+  trained.forward(xv, TensorView(yt.data(), {N, C, S}));
+  EXPECT_TRUE(test::bitwise_equal(y, yt));
+  EXPECT_EQ(bn.running_mean, rm);
+  EXPECT_EQ(bn.running_var, rv);
+  EXPECT_EQ(bn.num_batches_tracked, 1);
+  std::vector<float> dx = poisoned(x.size()), dxt = poisoned(x.size());
+  bn.backward(dyv, TensorView(dx.data(), {N, C, S}));
+  trained.backward(dyv, TensorView(dxt.data(), {N, C, S}));
+  EXPECT_TRUE(test::bitwise_equal(dx, dxt));
+  EXPECT_TRUE(test::bitwise_equal(bn.weight_grad, trained.weight_grad));
+  // Switched off again, eval uses the running statistics.
+  bn.options.eval_batch_stats = false;
+  bn.forward(xv, TensorView(y.data(), {N, C, S}));
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const auto c = (i / S) % C;
+    EXPECT_NEAR(y[i], (x[i] - rm[c]) / std::sqrt(double(rv[c]) + 1e-5) * bn.weight[c] + bn.bias[c],
+                1e-5 * (1 + std::fabs(y[i])));
+  }
+}
+
 // forward/backward equal the free functions, in both modes; gradients are overwritten.
 TEST(BatchNormLayer, BackwardIsTheFunctionalBackwardAndOverwritesGradients) {
   const int64_t N = 3, C = 5, H = 4, W = 3;
