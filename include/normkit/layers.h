@@ -2,7 +2,8 @@
 // Layer objects in the manner of torch.nn modules: each owns its parameters (weight = 1,
 // bias = 0, length C, present when affine), their gradients, and for BatchNorm and InstanceNorm
 // (with track_running_stats) the running statistics (running_mean = 0, running_var = 1,
-// num_batches_tracked = 0). They are thin: every computation is one of the free functions.
+// num_batches_tracked = 0). They are thin: every computation is one of the free functions,
+// except NoNorm's bias add (the no-normalization baseline, which has no free function).
 //
 // Contract shared by all layers:
 // - Mode: a layer starts in training mode (as torch's). train() / eval() switch it explicitly;
@@ -223,6 +224,26 @@ class InstanceNorm : public NormLayer {
   double used_eps_ = 1e-5;
   std::vector<float> mean_, rstd_;
   std::vector<std::byte> workspace_;
+};
+
+// No normalization: y = x + bias per channel, with the same fused epilogue as the layers above
+// (a baseline to compare them with, in the same interface). bias has length C and starts at 0;
+// there is no weight (affine() is false; weight and weight_grad are empty). Train and eval
+// compute the same. backward: dx = g, bias_grad[c] = the sum of g over the batch and the
+// positions, in double, in an order fixed by the shape alone (the same bits for any thread
+// count). Activations are float32.
+class NoNorm : public NormLayer {
+ public:
+  // Throws normkit::Error on num_channels < 0.
+  explicit NoNorm(int64_t num_channels);
+
+ private:
+  void forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
+                  const TensorView& y) override;
+  void backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
+                   const TensorView& dx) override;
+
+  std::vector<double> partial_;  // per-chunk sums of the bias gradient
 };
 
 }  // namespace normkit

@@ -1,6 +1,7 @@
 // Layer objects: parameter and running-statistic bookkeeping around the free functions.
 #include "normkit/layers.h"
 
+#include <algorithm>
 #include <cstddef>
 #include <span>
 #include <string>
@@ -247,6 +248,92 @@ void InstanceNorm::backward_op(const BackwardEpilogue& epilogue, const TensorVie
       context, workspace_, [&] { return instance_norm_workspace_size(params, saved_x_); });
   instance_norm_backward(params, epilogue, dy, saved_x_, mean_, rstd_, optional_view(weight), dx,
                          optional_view(weight_grad), optional_view(bias_grad), ctx);
+}
+
+// ---- NoNorm ----
+
+NoNorm::NoNorm(int64_t num_channels) : NormLayer("NoNorm", num_channels, false) {
+  bias.assign(num_channels, 0.0f);
+  bias_grad.assign(num_channels, 0.0f);
+}
+
+namespace {
+
+int threads_of(const Context& context) {
+  return context.num_threads > 0 ? context.num_threads : get_num_threads();
+}
+
+// (rows, C) when the channels are the fastest dimension, else (N * C, spatial) blocks.
+bool channels_innermost(const TensorView& x) {
+  return x.rank == 2 || x.format == MemoryFormat::channels_last;
+}
+
+}  // namespace
+
+void NoNorm::forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
+                        const TensorView& y) {
+  const std::string fn = qualified(name_, "forward");
+  detail::check_like(fn.c_str(), "y", y, "x", x);
+  if (epilogue.residual.data != nullptr)
+    detail::check_like(fn.c_str(), "epilogue.residual", epilogue.residual, "x", x);
+  const int64_t C = num_channels_, S = x.spatial_size(), rows = x.numel() / std::max<int64_t>(C, 1);
+  const float* xp = static_cast<const float*>(x.data);
+  const float* rp = static_cast<const float*>(epilogue.residual.data);
+  const float* b = bias.data();
+  float* yp = static_cast<float*>(y.data);
+  const bool relu = epilogue.relu, last = channels_innermost(x);
+  // The same float operations in the same order as a bias add, a residual add and a ReLU.
+#pragma omp parallel for schedule(static) num_threads(threads_of(context))
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < C; ++j) {
+      const int64_t i = r * C + j;
+      const int64_t c = last ? j : (i / S) % C;
+      float v = xp[i] + b[c];
+      if (rp) v += rp[i];
+      yp[i] = relu ? std::max(v, 0.0f) : v;
+    }
+}
+
+void NoNorm::backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
+                         const TensorView& dx) {
+  const int64_t C = num_channels_, S = dy.spatial_size(), total = dy.numel();
+  const float* d = static_cast<const float*>(dy.data);
+  const float* yp = static_cast<const float*>(epilogue.y.data);
+  float* g = static_cast<float*>(dx.data);  // dx is g itself
+  float* dres = static_cast<float*>(epilogue.dresidual.data);
+  const int threads = threads_of(context);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < total; ++i) {
+    g[i] = epilogue.relu ? (yp[i] > 0.0f ? d[i] : 0.0f) : d[i];
+    if (dres) dres[i] = g[i];
+  }
+  // Fixed chunks summed in parallel, then the chunks in order: the same bits for any thread
+  // count.
+  constexpr int64_t kChunk = 256;
+  if (channels_innermost(dy)) {
+    const int64_t rows = C > 0 ? total / C : 0, chunks = (rows + kChunk - 1) / kChunk;
+    partial_.assign(static_cast<std::size_t>(std::max<int64_t>(chunks, 1) * C), 0.0);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      double* p = partial_.data() + ch * C;
+      for (int64_t r = ch * kChunk; r < std::min(rows, (ch + 1) * kChunk); ++r)
+        for (int64_t j = 0; j < C; ++j) p[j] += g[r * C + j];
+    }
+    for (int64_t j = 0; j < C; ++j) {
+      double sum = 0;
+      for (int64_t ch = 0; ch < chunks; ++ch) sum += partial_[ch * C + j];
+      bias_grad[j] = static_cast<float>(sum);
+    }
+  } else {
+    const int64_t N = dy.batch();
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < C; ++c) {
+      double sum = 0;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t s = 0; s < S; ++s) sum += g[(n * C + c) * S + s];
+      bias_grad[c] = static_cast<float>(sum);
+    }
+  }
 }
 
 }  // namespace normkit

@@ -678,6 +678,7 @@ TEST(NormLayerEpilogue, RejectsBadArgumentsOnEveryLayer) {
     layers.emplace_back("LayerNorm", std::make_unique<LayerNorm>(C));
     layers.emplace_back("InstanceNorm",
                         std::make_unique<InstanceNorm>(C, InstanceNormOptions{.affine = true}));
+    layers.emplace_back("NoNorm", std::make_unique<NoNorm>(C));
     for (auto& [name, layer] : layers) {
       SCOPED_TRACE(name + " " + to_string(format));
       auto shaped = [&](const std::vector<float>& v, std::initializer_list<int64_t> dims,
@@ -719,6 +720,70 @@ TEST(NormLayerEpilogue, RejectsBadArgumentsOnEveryLayer) {
         ASSERT_EQ(dres[i], y[i] > 0 ? dy[i] : 0.0f) << i;
     }
   }
+}
+
+
+// ---- NoNorm ----
+
+// y = relu?((x + bias) + residual?) bit for bit (float operations done the obvious way, in that
+// order); backward: dx = dresidual = dy masked by y > 0, bias_grad the per-channel sum of that
+// (checked against a double sum), the same bits for 1 and 3 threads, in both formats.
+TEST(NoNormLayer, AddsTheBiasWithTheEpilogue) {
+  const int64_t N = 3, C = 5, H = 7, W = 11, S = H * W, total = N * C * S;
+  std::mt19937_64 rng(41);
+  for (auto format : {MemoryFormat::channels_first, MemoryFormat::channels_last})
+    for (bool relu : {false, true})
+      for (bool with_residual : {false, true}) {
+        SCOPED_TRACE(std::string(to_string(format)) + (relu ? " relu" : "") +
+                     (with_residual ? " residual" : ""));
+        const auto x = random_normal(total, rng), r = random_normal(total, rng);
+        const auto dy = random_normal(total, rng);
+        auto view = [&](const std::vector<float>& v) {
+          return TensorView(v.data(), {N, C, H, W}, format);
+        };
+        // Channel of flat index i in this format.
+        auto channel = [&](int64_t i) {
+          return format == MemoryFormat::channels_last ? i % C : (i / S) % C;
+        };
+        std::vector<float> prev_y, prev_dx, prev_bias_grad;
+        for (int threads : {1, 3}) {
+          NoNorm layer(C);
+          EXPECT_FALSE(layer.affine());
+          EXPECT_TRUE(layer.weight.empty() && layer.weight_grad.empty());
+          EXPECT_EQ(layer.bias, std::vector<float>(C, 0.0f));
+          std::mt19937_64 bias_rng(42);  // the same bias for both thread counts
+          layer.bias = random_normal(C, bias_rng);
+          layer.context.num_threads = threads;
+          std::vector<float> y = poisoned(total), dx = poisoned(total), dres = poisoned(total);
+          layer.forward(view(x), {.relu = relu, .residual = with_residual ? view(r) : TensorView{}},
+                        view(y));
+          layer.backward(view(dy), view(dx), with_residual ? view(dres) : TensorView{});
+          std::vector<double> want_db(C, 0.0);
+          for (int64_t i = 0; i < total; ++i) {
+            float v = x[i] + layer.bias[channel(i)];
+            if (with_residual) v = v + r[i];
+            const float want_y = relu && v < 0 ? 0.0f : v;
+            ASSERT_EQ(y[i], want_y) << i;
+            const float g = relu && !(want_y > 0) ? 0.0f : dy[i];
+            ASSERT_EQ(dx[i], g) << i;
+            ASSERT_EQ(dres[i], with_residual ? g : test::kPoison) << i;
+            want_db[channel(i)] += g;
+          }
+          expect_close(layer.bias_grad, want_db, 1e-6, "bias_grad");
+          if (!prev_y.empty()) {
+            EXPECT_TRUE(test::bitwise_equal(y, prev_y));
+            EXPECT_TRUE(test::bitwise_equal(dx, prev_dx));
+            EXPECT_TRUE(test::bitwise_equal(layer.bias_grad, prev_bias_grad));
+          }
+          prev_y = y, prev_dx = dx, prev_bias_grad = layer.bias_grad;
+        }
+      }
+  expect_error([] { NoNorm(-1); }, {"NoNorm: num_channels must be >= 0, got -1"});
+  NoNorm layer(3);
+  std::vector<float> x(24), y = poisoned(24);
+  expect_error([&] { layer.forward(TensorView(x.data(), {2, 3, 4}), TensorView(y.data(), {2, 3, 3})); },
+               {"NoNorm.forward: y shape (2, 3, 3) != x shape (2, 3, 4)"});
+  EXPECT_TRUE(test::bitwise_equal(y, poisoned(24)));
 }
 
 }  // namespace
