@@ -6,7 +6,7 @@
 //       batch's, at evaluation), momentum 0.1, eps 1e-5
 //   gn: normkit::GroupNorm with `groups` groups; ln: normkit::LayerNorm (the paper's, over
 //       C, H, W); in: normkit::InstanceNorm (instance statistics in every mode)
-//   none: no normalization, a learned per-channel bias only
+//   none: normkit::NoNorm, no normalization, a learned per-channel bias only
 // Each kind has a per-channel affine (weight = gamma, bias = beta); `none` has the bias only.
 // The ResNet epilogue is part of the layer: y = relu?(norm(x) + residual?), and backward gives
 // both dx and the residual's gradient g = relu ? dy * (y > 0) : dy.
@@ -32,7 +32,7 @@ enum class Mode {
   eval_batch_stats,  // BN normalizes with each evaluation batch's own statistics
 };
 
-// normkit's layer for `kind` on `channels` channels (null for none). Throws the layer's
+// normkit's layer for `kind` on `channels` channels. Throws the layer's
 // normkit::Error, prefixed with `name` and the --groups option when it rejects gn's group count.
 std::unique_ptr<NormLayer> make_norm_layer(const std::string& name, NormKind kind, int channels,
                                            int groups);
@@ -68,24 +68,14 @@ class Norm {
 
  private:
   NormKind kind_;
-  int channels_, groups_;  // groups_: the group count of gn, ln (1) and in (C); 0 for the others
+  int groups_;  // the group count of gn, ln (1) and in (C); 0 for the others
   bool relu_;
-  std::unique_ptr<NormLayer> layer_;  // null for none
-  BatchNorm* batch_norm_ = nullptr;   // layer_ as BN, for its running statistics and eval mode
+  std::unique_ptr<NormLayer> layer_;
+  BatchNorm* batch_norm_ = nullptr;  // layer_ as BN, for its running statistics and eval mode
   bool trained_forward_ = false;
   const Tensor* x_ = nullptr;
   bool had_residual_ = false;
   Tensor y_, dx_, g_;
-  std::vector<double> sums_;  // column_sums' scratch
-
-  // none: y = relu?(x + bias + residual?) and its backward, here for want of a normkit layer.
-  void forward_bias(const Tensor& x, const Tensor* residual);
-  void backward_bias(const Tensor& dy);
 };
-
-// out[j] = sum_i x[i * cols + j] over rows, in double, in an order fixed by (rows, cols) alone.
-// partial is scratch (resized here).
-void column_sums(const float* x, int64_t rows, int64_t cols, float* out,
-                 std::vector<double>& partial);
 
 }  // namespace normkit::train
