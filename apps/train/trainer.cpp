@@ -250,7 +250,7 @@ void validate(const TrainConfig& c) {
   if (c.warmup_steps < 0) bad("--warmup-steps", std::to_string(c.warmup_steps), "must be >= 0");
   for (double f : c.lr_decay_at)
     if (!(f > 0 && f < 1)) bad("--lr-decay-at", fmt(f), "each fraction must be in (0, 1)");
-  Model probe(c.model);  // throws for a group count that does not divide a width
+  check_config(c.model);
 }
 
 Data load_data(const std::string& dir, int64_t limit_train, int64_t limit_test) {

@@ -2,7 +2,8 @@
 // Layer objects in the manner of torch.nn modules: each owns its parameters (weight = 1,
 // bias = 0, length C, present when affine), their gradients, and for BatchNorm and InstanceNorm
 // (with track_running_stats) the running statistics (running_mean = 0, running_var = 1,
-// num_batches_tracked = 0). They are thin: every computation is one of the free functions.
+// num_batches_tracked = 0). They are thin: every computation is one of the free functions,
+// except NoNorm's bias add (the no-normalization baseline, which has no free function).
 //
 // Contract shared by all layers:
 // - Mode: a layer starts in training mode (as torch's). train() / eval() switch it explicitly;
@@ -15,9 +16,12 @@
 // - backward(dy, dx) is the gradient of the most recent forward (in the mode that forward ran
 //   in, whatever the mode is now). It reads dy (x's shape and format), overwrites dx and
 //   OVERWRITES weight_grad and bias_grad (it does not add to them; nothing needs zeroing).
+// - Every layer also has the fused epilogue of a ResNet block (epilogue.h): forward(x, epilogue,
+//   y) and backward(dy, dx, dresidual), the same for all of them (NormLayer).
 // - Public members are plain data: an optimizer updates weight and bias from weight_grad and
-//   bias_grad directly; their lengths must not be changed. In `options`, eps and momentum may be
-//   changed between calls; affine and track_running_stats are read by the constructor only.
+//   bias_grad directly; their lengths must not be changed. In `options`, eps, momentum and
+//   eval_batch_stats may be changed between calls; affine and track_running_stats are read by
+//   the constructor only.
 // - Throws normkit::Error on bad arguments (x's channel count != the layer's, a bad shape, a
 //   backward with no forward before it, ...) before changing anything the caller can see.
 #include <cstddef>
@@ -37,6 +41,10 @@ struct BatchNormOptions {
   std::optional<double> momentum = 0.1;  // in [0, 1]; nullopt: cumulative moving average
   bool affine = true;
   bool track_running_stats = true;
+  // Eval mode normalizes with each batch's own statistics even when running statistics are
+  // tracked (they are then neither used nor updated): evaluating a model trained with small
+  // batches as it was trained. Not in torch, whose eval always uses tracked statistics.
+  bool eval_batch_stats = false;
 };
 
 struct GroupNormOptions {  // also LayerNorm's
@@ -56,8 +64,22 @@ class NormLayer {
  public:
   virtual ~NormLayer() = default;
 
-  virtual void forward(const TensorView& x, const TensorView& y) = 0;
-  virtual void backward(const TensorView& dy, const TensorView& dx) = 0;
+  // forward(x, {}, y): no residual, no ReLU.
+  void forward(const TensorView& x, const TensorView& y) { forward(x, {}, y); }
+  // backward(dy, dx, {}): the residual's gradient is not written.
+  void backward(const TensorView& dy, const TensorView& dx) { backward(dy, dx, {}); }
+
+  // The forward with the fused epilogue: y = relu?(norm(x) + residual?) in one pass. Reads x and
+  // epilogue.residual (absent, or x's shape, format and dtype); overwrites y. With relu, y is
+  // also kept for the backward (its sign is the ReLU's mask): y must then stay unchanged until
+  // the backward, like x. Throws as forward(x, y), and on a residual unlike x.
+  void forward(const TensorView& x, const ForwardEpilogue& epilogue, const TensorView& y);
+  // The backward through the last forward's epilogue (whichever forward overload ran): with
+  // g = relu ? dy * (y > 0) : dy, overwrites dx, weight_grad and bias_grad from g as
+  // backward(dy, dx) does, and dresidual (optional: TensorView{} for none; else x's shape and
+  // format) with g. Throws as backward(dy, dx) (a backward with no forward before it included),
+  // and on a dresidual unlike the last forward's x.
+  void backward(const TensorView& dy, const TensorView& dx, const TensorView& dresidual);
 
   void train(bool on = true) { training_ = on; }
   void eval() { training_ = false; }
@@ -80,11 +102,23 @@ class NormLayer {
   // A forward ran before, and dy and dx have the shape of its x.
   void check_backward(const TensorView& dy, const TensorView& dx) const;
 
+  // The layer's own op calls, after NormLayer checked x (forward) or that a forward ran and dy
+  // and dx are like its x (backward). forward_op keeps what its backward needs (statistics, the
+  // mode used) only once the op succeeded; backward_op reads saved_x_.
+  virtual void forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
+                          const TensorView& y) = 0;
+  virtual void backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
+                           const TensorView& dx) = 0;
+
   const char* name_;
   int64_t num_channels_;
   bool affine_;
   bool training_ = true;
   TensorView saved_x_;  // the input of the last forward; rank 0 before the first
+
+ private:
+  bool used_relu_ = false;
+  TensorView saved_y_;  // the last forward's output when it applied a ReLU
 };
 
 // torch.nn.BatchNorm{1,2,3}d. Training mode: normalizes with the batch statistics and, with
@@ -92,27 +126,16 @@ class NormLayer {
 // statistics with factor momentum (or 1 / num_batches_tracked when momentum is nullopt: the
 // cumulative average). An empty batch (N = 0) still increments num_batches_tracked and leaves
 // the running statistics unchanged, as torch 1.13. Eval mode: normalizes with the running
-// statistics when track_running_stats, else with the batch statistics (updating nothing).
+// statistics when track_running_stats (and not options.eval_batch_stats), else with the batch
+// statistics (updating nothing).
 class BatchNorm : public NormLayer {
  public:
   using Options = BatchNormOptions;
   // Throws normkit::Error on num_features < 0, bad eps or momentum.
   explicit BatchNorm(int64_t num_features, Options options = {});
 
-  // Throws, among the rest, torch's "Expected more than 1 value per channel when training" when
-  // batch statistics are used with N * spatial == 1.
-  void forward(const TensorView& x, const TensorView& y) override;
-  void backward(const TensorView& dy, const TensorView& dx) override;
-
-  // The same forward with the fused epilogue of a ResNet block (epilogue.h):
-  // y = relu?(batch_norm(x) + residual?) in one pass; epilogue.residual is absent or has x's
-  // shape and format. With relu, y is also kept for the backward (its sign is the ReLU's mask):
-  // y must then stay unchanged until the backward, like x.
-  void forward(const TensorView& x, const ForwardEpilogue& epilogue, const TensorView& y);
-  // backward(dy, dx) through the last forward's epilogue, and also overwrites dresidual
-  // (optional: TensorView{} for none; x's shape and format) with the residual's gradient, dy
-  // masked by the ReLU.
-  void backward(const TensorView& dy, const TensorView& dx, const TensorView& dresidual);
+  // forward throws, among the rest, torch's "Expected more than 1 value per channel when
+  // training" when batch statistics are used with N * spatial == 1.
 
   Options options;
   // Length C when track_running_stats, empty otherwise.
@@ -120,11 +143,14 @@ class BatchNorm : public NormLayer {
   int64_t num_batches_tracked = 0;
 
  private:
+  void forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
+                  const TensorView& y) override;
+  void backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
+                   const TensorView& dx) override;
+
   bool track_running_stats_;
   bool used_batch_stats_ = true;
   double used_eps_ = 1e-5;
-  bool used_relu_ = false;
-  TensorView saved_y_;  // the last forward's output when it applied a ReLU
   std::vector<float> save_mean_, save_invstd_;
 };
 
@@ -138,9 +164,6 @@ class GroupNorm : public NormLayer {
   // Throws normkit::Error on num_groups <= 0, num_channels % num_groups != 0, bad eps.
   GroupNorm(int64_t num_groups, int64_t num_channels, Options options = {});
 
-  void forward(const TensorView& x, const TensorView& y) override;
-  void backward(const TensorView& dy, const TensorView& dx) override;
-
   int64_t num_groups() const { return num_groups_; }
   Options options;
 
@@ -148,6 +171,11 @@ class GroupNorm : public NormLayer {
   GroupNorm(const char* name, int64_t num_groups, int64_t num_channels, Options options);
 
  private:
+  void forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
+                  const TensorView& y) override;
+  void backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
+                   const TensorView& dx) override;
+
   int64_t num_groups_;
   double used_eps_ = 1e-5;
   std::vector<float> mean_, rstd_;
@@ -178,21 +206,44 @@ class InstanceNorm : public NormLayer {
   // Throws normkit::Error on num_features < 0, bad eps or momentum.
   explicit InstanceNorm(int64_t num_features, Options options = {});
 
-  // Throws "Expected more than 1 spatial element when training" when instance statistics are
-  // used with a spatial size of 1.
-  void forward(const TensorView& x, const TensorView& y) override;
-  void backward(const TensorView& dy, const TensorView& dx) override;
+  // forward throws "Expected more than 1 spatial element when training" when instance
+  // statistics are used with a spatial size of 1.
 
   Options options;
   std::vector<float> running_mean, running_var;  // length C when tracked, else empty
   int64_t num_batches_tracked = 0;
 
  private:
+  void forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
+                  const TensorView& y) override;
+  void backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
+                   const TensorView& dx) override;
+
   bool track_running_stats_;
   bool used_input_stats_ = true;
   double used_eps_ = 1e-5;
   std::vector<float> mean_, rstd_;
   std::vector<std::byte> workspace_;
+};
+
+// No normalization: y = x + bias per channel, with the same fused epilogue as the layers above
+// (a baseline to compare them with, in the same interface). bias has length C and starts at 0;
+// there is no weight (affine() is false; weight and weight_grad are empty). Train and eval
+// compute the same. backward: dx = g, bias_grad[c] = the sum of g over the batch and the
+// positions, in double, in an order fixed by the shape alone (the same bits for any thread
+// count). Activations are float32.
+class NoNorm : public NormLayer {
+ public:
+  // Throws normkit::Error on num_channels < 0.
+  explicit NoNorm(int64_t num_channels);
+
+ private:
+  void forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
+                  const TensorView& y) override;
+  void backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
+                   const TensorView& dx) override;
+
+  std::vector<double> partial_;  // per-chunk sums of the bias gradient
 };
 
 }  // namespace normkit

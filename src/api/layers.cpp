@@ -1,6 +1,7 @@
 // Layer objects: parameter and running-statistic bookkeeping around the free functions.
 #include "normkit/layers.h"
 
+#include <algorithm>
 #include <cstddef>
 #include <span>
 #include <string>
@@ -91,6 +92,25 @@ void NormLayer::check_backward(const TensorView& dy, const TensorView& dx) const
   detail::check_like(fn.c_str(), "dx", dx, "the last forward's x", saved_x_);
 }
 
+void NormLayer::forward(const TensorView& x, const ForwardEpilogue& epilogue,
+                        const TensorView& y) {
+  check_input("forward", x);
+  forward_op(x, epilogue, y);
+  saved_x_ = x;
+  used_relu_ = epilogue.relu;
+  saved_y_ = epilogue.relu ? y : TensorView{};
+}
+
+void NormLayer::backward(const TensorView& dy, const TensorView& dx,
+                         const TensorView& dresidual) {
+  check_backward(dy, dx);
+  if (dresidual.data != nullptr) {
+    const std::string fn = qualified(name_, "backward");
+    detail::check_like(fn.c_str(), "dresidual", dresidual, "the last forward's x", saved_x_);
+  }
+  backward_op({.relu = used_relu_, .y = saved_y_, .dresidual = dresidual}, dy, dx);
+}
+
 // ---- BatchNorm ----
 
 BatchNorm::BatchNorm(int64_t num_features, Options opts)
@@ -104,13 +124,10 @@ BatchNorm::BatchNorm(int64_t num_features, Options opts)
   }
 }
 
-void BatchNorm::forward(const TensorView& x, const TensorView& y) { forward(x, {}, y); }
-
-void BatchNorm::forward(const TensorView& x, const ForwardEpilogue& epilogue,
-                        const TensorView& y) {
-  check_input("forward", x);
+void BatchNorm::forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
+                           const TensorView& y) {
   check_options(name_, options.eps, options.momentum);
-  const bool batch_stats = training_ || !track_running_stats_;
+  const bool batch_stats = training_ || !track_running_stats_ || options.eval_batch_stats;
   if (batch_stats) {
     const bool update = training_ && track_running_stats_;
     save_mean_.resize(num_channels_);
@@ -131,19 +148,12 @@ void BatchNorm::forward(const TensorView& x, const ForwardEpilogue& epilogue,
                                  optional_view(weight), optional_view(bias), running_mean,
                                  running_var, y, context);
   }
-  saved_x_ = x;
-  used_relu_ = epilogue.relu;
-  saved_y_ = epilogue.relu ? y : TensorView{};
   used_batch_stats_ = batch_stats;
   used_eps_ = options.eps;
 }
 
-void BatchNorm::backward(const TensorView& dy, const TensorView& dx) { backward(dy, dx, {}); }
-
-void BatchNorm::backward(const TensorView& dy, const TensorView& dx,
-                         const TensorView& dresidual) {
-  check_backward(dy, dx);
-  const BackwardEpilogue epilogue{.relu = used_relu_, .y = saved_y_, .dresidual = dresidual};
+void BatchNorm::backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
+                            const TensorView& dx) {
   if (used_batch_stats_)
     batch_norm_backward_training(epilogue, dy, saved_x_, save_mean_, save_invstd_,
                                  optional_view(weight), dx, optional_view(weight_grad),
@@ -169,25 +179,25 @@ GroupNorm::GroupNorm(const char* name, int64_t num_groups, int64_t num_channels,
   check_options(name, options.eps, std::nullopt);
 }
 
-void GroupNorm::forward(const TensorView& x, const TensorView& y) {
-  check_input("forward", x);
-  const GroupNormParams params{.num_groups = num_groups_, .eps = options.eps};
+void GroupNorm::forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
+                           const TensorView& y) {
+  const GroupNormParams params{
+      .num_groups = num_groups_, .eps = options.eps, .epilogue = epilogue};
   const int64_t length = statistics_length(name_, x, num_groups_);
   mean_.resize(length);
   rstd_.resize(length);
   const Context ctx = with_own_workspace(context, workspace_,
                                          [&] { return group_norm_workspace_size(params, x); });
   group_norm_forward(params, x, optional_view(weight), optional_view(bias), y, mean_, rstd_, ctx);
-  saved_x_ = x;
   used_eps_ = options.eps;
 }
 
-void GroupNorm::backward(const TensorView& dy, const TensorView& dx) {
-  check_backward(dy, dx);
+void GroupNorm::backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
+                            const TensorView& dx) {
   const GroupNormParams params{.num_groups = num_groups_, .eps = used_eps_};
   const Context ctx = with_own_workspace(
       context, workspace_, [&] { return group_norm_workspace_size(params, saved_x_); });
-  group_norm_backward(params, dy, saved_x_, mean_, rstd_, optional_view(weight), dx,
+  group_norm_backward(params, epilogue, dy, saved_x_, mean_, rstd_, optional_view(weight), dx,
                       optional_view(weight_grad), optional_view(bias_grad), ctx);
 }
 
@@ -204,15 +214,16 @@ InstanceNorm::InstanceNorm(int64_t num_features, Options opts)
   }
 }
 
-void InstanceNorm::forward(const TensorView& x, const TensorView& y) {
-  check_input("forward", x);
+void InstanceNorm::forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
+                              const TensorView& y) {
   check_options(name_, options.eps, options.momentum);
   const bool input_stats = training_ || !track_running_stats_;
   const bool update = training_ && track_running_stats_;
   const InstanceNormParams params{
       .use_input_stats = input_stats,
       .momentum = update ? average_factor(options.momentum, num_batches_tracked + 1) : 0.0,
-      .eps = options.eps};
+      .eps = options.eps,
+      .epilogue = epilogue};
   const int64_t length = statistics_length(name_, x, num_channels_);
   mean_.resize(length);
   rstd_.resize(length);
@@ -225,19 +236,104 @@ void InstanceNorm::forward(const TensorView& x, const TensorView& y) {
                         pass_running ? optional_view(running_var) : std::span<float>{}, y, mean_,
                         rstd_, ctx);
   if (update) ++num_batches_tracked;
-  saved_x_ = x;
   used_input_stats_ = input_stats;
   used_eps_ = options.eps;
 }
 
-void InstanceNorm::backward(const TensorView& dy, const TensorView& dx) {
-  check_backward(dy, dx);
+void InstanceNorm::backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
+                               const TensorView& dx) {
   const InstanceNormParams params{
       .use_input_stats = used_input_stats_, .momentum = 0.0, .eps = used_eps_};
   const Context ctx = with_own_workspace(
       context, workspace_, [&] { return instance_norm_workspace_size(params, saved_x_); });
-  instance_norm_backward(params, dy, saved_x_, mean_, rstd_, optional_view(weight), dx,
+  instance_norm_backward(params, epilogue, dy, saved_x_, mean_, rstd_, optional_view(weight), dx,
                          optional_view(weight_grad), optional_view(bias_grad), ctx);
+}
+
+// ---- NoNorm ----
+
+NoNorm::NoNorm(int64_t num_channels) : NormLayer("NoNorm", num_channels, false) {
+  bias.assign(num_channels, 0.0f);
+  bias_grad.assign(num_channels, 0.0f);
+}
+
+namespace {
+
+int threads_of(const Context& context) {
+  return context.num_threads > 0 ? context.num_threads : get_num_threads();
+}
+
+// (rows, C) when the channels are the fastest dimension, else (N * C, spatial) blocks.
+bool channels_innermost(const TensorView& x) {
+  return x.rank == 2 || x.format == MemoryFormat::channels_last;
+}
+
+}  // namespace
+
+void NoNorm::forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
+                        const TensorView& y) {
+  const std::string fn = qualified(name_, "forward");
+  detail::check_like(fn.c_str(), "y", y, "x", x);
+  if (epilogue.residual.data != nullptr)
+    detail::check_like(fn.c_str(), "epilogue.residual", epilogue.residual, "x", x);
+  const int64_t C = num_channels_, S = x.spatial_size(), rows = x.numel() / std::max<int64_t>(C, 1);
+  const float* xp = static_cast<const float*>(x.data);
+  const float* rp = static_cast<const float*>(epilogue.residual.data);
+  const float* b = bias.data();
+  float* yp = static_cast<float*>(y.data);
+  const bool relu = epilogue.relu, last = channels_innermost(x);
+  // The same float operations in the same order as a bias add, a residual add and a ReLU.
+#pragma omp parallel for schedule(static) num_threads(threads_of(context))
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < C; ++j) {
+      const int64_t i = r * C + j;
+      const int64_t c = last ? j : (i / S) % C;
+      float v = xp[i] + b[c];
+      if (rp) v += rp[i];
+      yp[i] = relu ? std::max(v, 0.0f) : v;
+    }
+}
+
+void NoNorm::backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
+                         const TensorView& dx) {
+  const int64_t C = num_channels_, S = dy.spatial_size(), total = dy.numel();
+  const float* d = static_cast<const float*>(dy.data);
+  const float* yp = static_cast<const float*>(epilogue.y.data);
+  float* g = static_cast<float*>(dx.data);  // dx is g itself
+  float* dres = static_cast<float*>(epilogue.dresidual.data);
+  const int threads = threads_of(context);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < total; ++i) {
+    g[i] = epilogue.relu ? (yp[i] > 0.0f ? d[i] : 0.0f) : d[i];
+    if (dres) dres[i] = g[i];
+  }
+  // Fixed chunks summed in parallel, then the chunks in order: the same bits for any thread
+  // count.
+  constexpr int64_t kChunk = 256;
+  if (channels_innermost(dy)) {
+    const int64_t rows = C > 0 ? total / C : 0, chunks = (rows + kChunk - 1) / kChunk;
+    partial_.assign(static_cast<std::size_t>(std::max<int64_t>(chunks, 1) * C), 0.0);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      double* p = partial_.data() + ch * C;
+      for (int64_t r = ch * kChunk; r < std::min(rows, (ch + 1) * kChunk); ++r)
+        for (int64_t j = 0; j < C; ++j) p[j] += g[r * C + j];
+    }
+    for (int64_t j = 0; j < C; ++j) {
+      double sum = 0;
+      for (int64_t ch = 0; ch < chunks; ++ch) sum += partial_[ch * C + j];
+      bias_grad[j] = static_cast<float>(sum);
+    }
+  } else {
+    const int64_t N = dy.batch();
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < C; ++c) {
+      double sum = 0;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t s = 0; s < S; ++s) sum += g[(n * C + c) * S + s];
+      bias_grad[c] = static_cast<float>(sum);
+    }
+  }
 }
 
 }  // namespace normkit

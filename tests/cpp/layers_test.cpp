@@ -1,15 +1,18 @@
 // Layer objects: running statistics over several steps against hand-computed expectations
 // (momentum and the cumulative average), train/eval behaviour, forward/backward equal to the
-// free functions they wrap, the gradient contract, and rejected arguments.
+// free functions they wrap (with and without the fused epilogue), the gradient contract, and
+// rejected arguments.
 #include "normkit/layers.h"
 
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstddef>
+#include <memory>
 #include <random>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "normkit/normkit.h"
@@ -160,6 +163,43 @@ TEST(BatchNormLayer, WithoutRunningStatisticsEvalUsesTheBatch) {
     EXPECT_NEAR(y[i], (x[i] - st.mean[c]) / std::sqrt(st.var[c] + 1e-5), 1e-5);
   }
   EXPECT_EQ(bn.num_batches_tracked, 0);
+}
+
+// eval_batch_stats: eval normalizes as training does (bitwise) but leaves the running statistics
+// and the count alone; its backward goes through the batch statistics, as training's.
+TEST(BatchNormLayer, EvalWithBatchStatisticsUpdatesNothing) {
+  const int64_t N = 4, C = 3, S = 5;
+  std::mt19937_64 rng(13);
+  const auto x = random_normal(N * C * S, rng, 2, 3), dy = random_normal(N * C * S, rng);
+  const TensorView xv(x.data(), {N, C, S}), dyv(dy.data(), {N, C, S});
+  BatchNorm bn(C), trained(C);
+  bn.weight = trained.weight = random_normal(C, rng, 1, 0.5);
+  bn.bias = trained.bias = random_normal(C, rng);
+  std::vector<float> y = poisoned(x.size()), yt = poisoned(x.size());
+  bn.forward(xv, TensorView(y.data(), {N, C, S}));  // running statistics move off (0, 1)
+  const auto rm = bn.running_mean, rv = bn.running_var;
+  bn.eval();
+  bn.options.eval_batch_stats = true;
+  y = poisoned(x.size());
+  bn.forward(xv, TensorView(y.data(), {N, C, S}));
+  trained.forward(xv, TensorView(yt.data(), {N, C, S}));
+  EXPECT_TRUE(test::bitwise_equal(y, yt));
+  EXPECT_EQ(bn.running_mean, rm);
+  EXPECT_EQ(bn.running_var, rv);
+  EXPECT_EQ(bn.num_batches_tracked, 1);
+  std::vector<float> dx = poisoned(x.size()), dxt = poisoned(x.size());
+  bn.backward(dyv, TensorView(dx.data(), {N, C, S}));
+  trained.backward(dyv, TensorView(dxt.data(), {N, C, S}));
+  EXPECT_TRUE(test::bitwise_equal(dx, dxt));
+  EXPECT_TRUE(test::bitwise_equal(bn.weight_grad, trained.weight_grad));
+  // Switched off again, eval uses the running statistics.
+  bn.options.eval_batch_stats = false;
+  bn.forward(xv, TensorView(y.data(), {N, C, S}));
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const auto c = (i / S) % C;
+    EXPECT_NEAR(y[i], (x[i] - rm[c]) / std::sqrt(double(rv[c]) + 1e-5) * bn.weight[c] + bn.bias[c],
+                1e-5 * (1 + std::fabs(y[i])));
+  }
 }
 
 // forward/backward equal the free functions, in both modes; gradients are overwritten.
@@ -513,6 +553,237 @@ TEST(InstanceNormLayer, BackwardIsTheFunctionalBackward) {
   expect_error([&] { in.forward(TensorView(x1.data(), {2, 3, 1}), TensorView(y1.data(), {2, 3, 1})); },
                {"Expected more than 1 spatial element when training"});
   expect_error([] { InstanceNorm(3, {.momentum = 2.0}); }, {"InstanceNorm: momentum"});
+}
+
+
+// ---- The fused epilogue on every layer ----
+
+// GroupNorm, LayerNorm and InstanceNorm (tracked, in both modes) with an epilogue give, bit for
+// bit, what the free functions give with the same epilogue, through the common interface.
+TEST(NormLayerEpilogue, IsTheFunctionalEpilogueOfGroupLayerAndInstanceNorm) {
+  const int64_t N = 3, C = 6, H = 5, W = 4, total = N * C * H * W;
+  std::mt19937_64 rng(31);
+  for (auto format : {MemoryFormat::channels_first, MemoryFormat::channels_last})
+    for (bool relu : {false, true})
+      for (bool with_residual : {false, true}) {
+        SCOPED_TRACE(std::string(to_string(format)) + (relu ? " relu" : "") +
+                     (with_residual ? " residual" : ""));
+        const auto x = random_normal(total, rng, 1, 2), r = random_normal(total, rng);
+        const auto dy = random_normal(total, rng);
+        auto view = [&](const std::vector<float>& v) {
+          return TensorView(v.data(), {N, C, H, W}, format);
+        };
+        auto maybe = [&](bool on, const std::vector<float>& v) {
+          return on ? view(v) : TensorView{};
+        };
+        const ForwardEpilogue fe{.relu = relu, .residual = maybe(with_residual, r)};
+        std::vector<float> y = poisoned(total), dx = poisoned(total), dres = poisoned(total);
+        std::vector<float> fy = poisoned(total), fdx = poisoned(total), fdres = poisoned(total);
+        std::vector<float> dw = poisoned(C), db = poisoned(C);
+        auto expect_same = [&](const NormLayer& layer) {
+          EXPECT_TRUE(test::bitwise_equal(y, fy));
+          EXPECT_TRUE(test::bitwise_equal(dx, fdx));
+          // Without a dresidual to write, the residual's gradient goes nowhere.
+          EXPECT_TRUE(test::bitwise_equal(dres, with_residual ? fdres : poisoned(total)));
+          EXPECT_TRUE(test::bitwise_equal(layer.weight_grad, dw));
+          EXPECT_TRUE(test::bitwise_equal(layer.bias_grad, db));
+        };
+
+        for (int64_t G : {int64_t(3), int64_t(1)}) {
+          SCOPED_TRACE(G == 1 ? "LayerNorm" : "GroupNorm");
+          std::unique_ptr<GroupNorm> gn = G == 1 ? std::make_unique<LayerNorm>(C)
+                                                 : std::make_unique<GroupNorm>(G, C);
+          gn->weight = random_normal(C, rng, 1, 0.5);
+          gn->bias = random_normal(C, rng);
+          NormLayer& layer = *gn;
+          y = poisoned(total), dx = poisoned(total), dres = poisoned(total);
+          layer.forward(view(x), fe, view(y));
+          layer.backward(view(dy), view(dx), maybe(with_residual, dres));
+
+          fy = poisoned(total), fdx = poisoned(total), fdres = poisoned(total);
+          dw = poisoned(C), db = poisoned(C);
+          std::vector<float> mean(N * G), rstd(N * G);
+          const GroupNormParams p{.num_groups = G, .epilogue = fe};
+          group_norm_forward(p, view(x), gn->weight, gn->bias, view(fy), mean, rstd);
+          group_norm_backward(p,
+                              {.relu = relu, .y = maybe(relu, fy),
+                               .dresidual = maybe(with_residual, fdres)},
+                              view(dy), view(x), mean, rstd, gn->weight, view(fdx), dw, db);
+          expect_same(layer);
+        }
+
+        for (bool training : {true, false}) {
+          SCOPED_TRACE(training ? "InstanceNorm train" : "InstanceNorm eval");
+          InstanceNorm in(C, {.affine = true, .track_running_stats = true});
+          in.weight = random_normal(C, rng, 1, 0.5);
+          in.bias = random_normal(C, rng);
+          in.running_mean = random_normal(C, rng);
+          in.running_var = random_normal(C, rng, 2, 0.2);
+          std::vector<float> rm = in.running_mean, rv = in.running_var;
+          in.train(training);
+          y = poisoned(total), dx = poisoned(total), dres = poisoned(total);
+          in.forward(view(x), fe, view(y));
+          in.backward(view(dy), view(dx), maybe(with_residual, dres));
+
+          fy = poisoned(total), fdx = poisoned(total), fdres = poisoned(total);
+          dw = poisoned(C), db = poisoned(C);
+          std::vector<float> mean(N * C), rstd(N * C);
+          const InstanceNormParams p{
+              .use_input_stats = training, .momentum = training ? 0.1 : 0.0, .epilogue = fe};
+          instance_norm_forward(p, view(x), in.weight, in.bias, rm, rv, view(fy), mean, rstd);
+          instance_norm_backward(p,
+                                 {.relu = relu, .y = maybe(relu, fy),
+                                  .dresidual = maybe(with_residual, fdres)},
+                                 view(dy), view(x), mean, rstd, in.weight, view(fdx), dw, db);
+          expect_same(in);
+          EXPECT_TRUE(test::bitwise_equal(in.running_mean, rm));
+          EXPECT_TRUE(test::bitwise_equal(in.running_var, rv));
+        }
+      }
+}
+
+// The ReLU's mask belongs to the forward it came from: after a plain forward, backward masks
+// nothing, even if the forward before had a ReLU.
+TEST(NormLayerEpilogue, BackwardFollowsTheLastForwardsEpilogue) {
+  const int64_t N = 2, C = 4, S = 9, total = N * C * S;
+  std::mt19937_64 rng(32);
+  const auto x = random_normal(total, rng, 0.5, 1), dy = random_normal(total, rng);
+  const TensorView xv(x.data(), {N, C, S}), dyv(dy.data(), {N, C, S});
+  GroupNorm a(2, C), b(2, C);
+  std::vector<float> ya = poisoned(total), yb = poisoned(total);
+  std::vector<float> dxa = poisoned(total), dxb = poisoned(total);
+  std::vector<float> ga = poisoned(total), gb = poisoned(total);
+  a.forward(xv, {.relu = true}, TensorView(ya.data(), {N, C, S}));
+  a.forward(xv, TensorView(ya.data(), {N, C, S}));
+  b.forward(xv, TensorView(yb.data(), {N, C, S}));
+  a.backward(dyv, TensorView(dxa.data(), {N, C, S}), TensorView(ga.data(), {N, C, S}));
+  b.backward(dyv, TensorView(dxb.data(), {N, C, S}), TensorView(gb.data(), {N, C, S}));
+  EXPECT_TRUE(test::bitwise_equal(dxa, dxb));
+  EXPECT_TRUE(test::bitwise_equal(ga, dy));  // g = dy: no mask
+  EXPECT_TRUE(test::bitwise_equal(gb, dy));
+}
+
+// The same checks, with the layer's name, on every layer and in both memory formats; a rejected
+// call changes nothing the caller can see (a failed forward leaves no forward to go back to).
+TEST(NormLayerEpilogue, RejectsBadArgumentsOnEveryLayer) {
+  const int64_t N = 2, C = 4, H = 3, W = 5, total = N * C * H * W;
+  std::mt19937_64 rng(33);
+  const auto x = random_normal(total, rng), dy = random_normal(total, rng);
+  for (auto format : {MemoryFormat::channels_first, MemoryFormat::channels_last}) {
+    const auto other = format == MemoryFormat::channels_first ? MemoryFormat::channels_last
+                                                              : MemoryFormat::channels_first;
+    std::vector<std::pair<std::string, std::unique_ptr<NormLayer>>> layers;
+    layers.emplace_back("BatchNorm", std::make_unique<BatchNorm>(C));
+    layers.emplace_back("GroupNorm", std::make_unique<GroupNorm>(2, C));
+    layers.emplace_back("LayerNorm", std::make_unique<LayerNorm>(C));
+    layers.emplace_back("InstanceNorm",
+                        std::make_unique<InstanceNorm>(C, InstanceNormOptions{.affine = true}));
+    layers.emplace_back("NoNorm", std::make_unique<NoNorm>(C));
+    for (auto& [name, layer] : layers) {
+      SCOPED_TRACE(name + " " + to_string(format));
+      auto shaped = [&](const std::vector<float>& v, std::initializer_list<int64_t> dims,
+                        MemoryFormat f) { return TensorView(v.data(), dims, f); };
+      auto view = [&](const std::vector<float>& v) { return shaped(v, {N, C, H, W}, format); };
+      std::vector<float> y = poisoned(total), dx = poisoned(total), dres = poisoned(total);
+      std::vector<float> short_residual(N * C * H * (W - 1));
+      const std::vector<float> w0 = layer->weight_grad;
+
+      // A ReLU backward with no forward before it.
+      expect_error([&] { layer->backward(view(dy), view(dx), view(dres)); },
+                   {name + ".backward: called before any forward"});
+      // A residual unlike x is the op's error; the failed forward keeps nothing.
+      expect_error(
+          [&] {
+            layer->forward(view(x), {.relu = true, .residual = shaped(short_residual, {N, C, H, W - 1}, format)},
+                           view(y));
+          },
+          {"epilogue.residual shape (2, 4, 3, 4) != x shape (2, 4, 3, 5)"});
+      EXPECT_TRUE(test::bitwise_equal(y, poisoned(total)));
+      expect_error([&] { layer->backward(view(dy), view(dx), view(dres)); },
+                   {name + ".backward: called before any forward"});
+
+      layer->forward(view(x), {.relu = true}, view(y));
+      // dresidual unlike the forward's x: its shape, then its memory format.
+      expect_error(
+          [&] { layer->backward(view(dy), view(dx), shaped(dres, {N, C, W, H}, format)); },
+          {name + ".backward: dresidual shape (2, 4, 5, 3) != the last forward's x shape (2, 4, 3, 5)"});
+      expect_error([&] { layer->backward(view(dy), view(dx), shaped(dres, {N, C, H, W}, other)); },
+                   {name + ".backward: dresidual memory format"});
+      expect_error([&] { layer->backward(shaped(dy, {N, C, H * W}, format), view(dx), view(dres)); },
+                   {name + ".backward: dy shape"});
+      EXPECT_TRUE(test::bitwise_equal(dx, poisoned(total)));
+      EXPECT_TRUE(test::bitwise_equal(dres, poisoned(total)));
+      EXPECT_TRUE(test::bitwise_equal(layer->weight_grad, w0));
+      // ...and a good call still works after the rejected ones: dresidual is dy masked by y > 0.
+      layer->backward(view(dy), view(dx), view(dres));
+      for (int64_t i = 0; i < total; ++i)
+        ASSERT_EQ(dres[i], y[i] > 0 ? dy[i] : 0.0f) << i;
+    }
+  }
+}
+
+
+// ---- NoNorm ----
+
+// y = relu?((x + bias) + residual?) bit for bit (float operations done the obvious way, in that
+// order); backward: dx = dresidual = dy masked by y > 0, bias_grad the per-channel sum of that
+// (checked against a double sum), the same bits for 1 and 3 threads, in both formats.
+TEST(NoNormLayer, AddsTheBiasWithTheEpilogue) {
+  const int64_t N = 3, C = 5, H = 7, W = 11, S = H * W, total = N * C * S;
+  std::mt19937_64 rng(41);
+  for (auto format : {MemoryFormat::channels_first, MemoryFormat::channels_last})
+    for (bool relu : {false, true})
+      for (bool with_residual : {false, true}) {
+        SCOPED_TRACE(std::string(to_string(format)) + (relu ? " relu" : "") +
+                     (with_residual ? " residual" : ""));
+        const auto x = random_normal(total, rng), r = random_normal(total, rng);
+        const auto dy = random_normal(total, rng);
+        auto view = [&](const std::vector<float>& v) {
+          return TensorView(v.data(), {N, C, H, W}, format);
+        };
+        // Channel of flat index i in this format.
+        auto channel = [&](int64_t i) {
+          return format == MemoryFormat::channels_last ? i % C : (i / S) % C;
+        };
+        std::vector<float> prev_y, prev_dx, prev_bias_grad;
+        for (int threads : {1, 3}) {
+          NoNorm layer(C);
+          EXPECT_FALSE(layer.affine());
+          EXPECT_TRUE(layer.weight.empty() && layer.weight_grad.empty());
+          EXPECT_EQ(layer.bias, std::vector<float>(C, 0.0f));
+          std::mt19937_64 bias_rng(42);  // the same bias for both thread counts
+          layer.bias = random_normal(C, bias_rng);
+          layer.context.num_threads = threads;
+          std::vector<float> y = poisoned(total), dx = poisoned(total), dres = poisoned(total);
+          layer.forward(view(x), {.relu = relu, .residual = with_residual ? view(r) : TensorView{}},
+                        view(y));
+          layer.backward(view(dy), view(dx), with_residual ? view(dres) : TensorView{});
+          std::vector<double> want_db(C, 0.0);
+          for (int64_t i = 0; i < total; ++i) {
+            float v = x[i] + layer.bias[channel(i)];
+            if (with_residual) v = v + r[i];
+            const float want_y = relu && v < 0 ? 0.0f : v;
+            ASSERT_EQ(y[i], want_y) << i;
+            const float g = relu && !(want_y > 0) ? 0.0f : dy[i];
+            ASSERT_EQ(dx[i], g) << i;
+            ASSERT_EQ(dres[i], with_residual ? g : test::kPoison) << i;
+            want_db[channel(i)] += g;
+          }
+          expect_close(layer.bias_grad, want_db, 1e-6, "bias_grad");
+          if (!prev_y.empty()) {
+            EXPECT_TRUE(test::bitwise_equal(y, prev_y));
+            EXPECT_TRUE(test::bitwise_equal(dx, prev_dx));
+            EXPECT_TRUE(test::bitwise_equal(layer.bias_grad, prev_bias_grad));
+          }
+          prev_y = y, prev_dx = dx, prev_bias_grad = layer.bias_grad;
+        }
+      }
+  expect_error([] { NoNorm(-1); }, {"NoNorm: num_channels must be >= 0, got -1"});
+  NoNorm layer(3);
+  std::vector<float> x(24), y = poisoned(24);
+  expect_error([&] { layer.forward(TensorView(x.data(), {2, 3, 4}), TensorView(y.data(), {2, 3, 3})); },
+               {"NoNorm.forward: y shape (2, 3, 3) != x shape (2, 3, 4)"});
+  EXPECT_TRUE(test::bitwise_equal(y, poisoned(24)));
 }
 
 }  // namespace

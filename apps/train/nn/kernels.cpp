@@ -135,19 +135,6 @@ NK_CLONES void copy_or_zero(float* dst, const float* src, int64_t n) {
     zero_run(dst, n);
 }
 
-NK_CLONES void add_relu(float* y, const float* r, int64_t n, bool relu) {
-  if (r && relu)
-    for (int64_t i = 0; i < n; ++i) y[i] = std::max(y[i] + r[i], 0.0f);
-  else if (r)
-    for (int64_t i = 0; i < n; ++i) y[i] += r[i];
-  else if (relu)
-    for (int64_t i = 0; i < n; ++i) y[i] = std::max(y[i], 0.0f);
-}
-
-NK_CLONES void relu_mask(float* g, const float* dy, const float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) g[i] = y[i] > 0.0f ? dy[i] : 0.0f;
-}
-
 NK_CLONES void sgd_update(float* w, float* v, const float* grad, int64_t n, float lr, float mu,
                           float wd) {
   for (int64_t i = 0; i < n; ++i) {

@@ -1,6 +1,6 @@
 #pragma once
-// The engine's own memory-bound loops: im2col / col2im for one image, the ResNet epilogue when
-// normkit does not fuse it, and the SGD update. Each is compiled for AVX-512, AVX2 and the
+// The engine's own memory-bound loops: im2col / col2im for one image, padding and row copies,
+// and the SGD update. Each is compiled for AVX-512, AVX2 and the
 // baseline, and the loader picks the best the CPU runs (the rest of the engine is built for the
 // baseline ISA, and the runs these loops copy are too short for a call to memcpy to pay off).
 #include <cstdint>
@@ -38,12 +38,6 @@ void copy_rows(float* dst, const float* src, int64_t rows, int64_t len, int64_t 
 
 // dst = src (n floats), or 0 when src is null.
 void copy_or_zero(float* dst, const float* src, int64_t n);
-
-// y[i] = relu ? max(y[i] + r[i], 0) : y[i] + r[i] (r may be null: no addition).
-void add_relu(float* y, const float* r, int64_t n, bool relu);
-
-// g[i] = y[i] > 0 ? dy[i] : 0.
-void relu_mask(float* g, const float* dy, const float* y, int64_t n);
 
 // SGD with momentum and weight decay on n values: v = mu * v + (grad + wd * w); w -= lr * v.
 void sgd_update(float* w, float* v, const float* grad, int64_t n, float lr, float mu, float wd);

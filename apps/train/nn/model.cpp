@@ -16,6 +16,14 @@ const ModelConfig& checked(const ModelConfig& c) {
 }
 }  // namespace
 
+void check_config(const ModelConfig& config) {
+  checked(config);
+  // Named as the first norm of that width the constructor builds.
+  for (size_t s = 0; s < config.widths.size(); ++s)
+    make_norm_layer(s == 0 ? "stem.norm" : "stage" + std::to_string(s + 1) + ".block1.norm1",
+                    config.norm, config.widths[s], config.groups);
+}
+
 Model::Model(const ModelConfig& config)
     : config_(checked(config)),
       stem_conv_("stem.conv", config.in_channels, config.widths[0], 3, 1),

@@ -21,6 +21,10 @@ struct ModelConfig {
   bool relu = true;  // false: identity activations, a smooth network for gradient checks
 };
 
+// Throws normkit::Error on what Model's constructor rejects (its own options, and a norm that
+// normkit's layers reject for some width), without building the model.
+void check_config(const ModelConfig& config);
+
 class Model {
  public:
   // Throws normkit::Error on an empty width list, a width < 1, blocks_per_stage < 1, or a group

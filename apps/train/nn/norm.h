@@ -1,19 +1,22 @@
 #pragma once
-// The normalization after each convolution, by kind, on NHWC activations, through normkit's
-// functional API:
-//   bn: BatchNorm (batch statistics in training; running statistics, or optionally the batch's,
-//       at evaluation), momentum 0.1, eps 1e-5
-//   gn: GroupNorm with `groups` groups; ln: GroupNorm with 1 group (the paper's LayerNorm over
-//       C, H, W); in: GroupNorm with C groups (InstanceNorm)
-//   none: no normalization, a learned per-channel bias only
+// The normalization after each convolution, by kind, on NHWC activations: normkit's layer
+// objects (normkit/layers.h), which own the statistics, the running statistics and the fused
+// epilogue, behind the trainer's interface:
+//   bn: normkit::BatchNorm (batch statistics in training; running statistics, or optionally the
+//       batch's, at evaluation), momentum 0.1, eps 1e-5
+//   gn: normkit::GroupNorm with `groups` groups; ln: normkit::LayerNorm (the paper's, over
+//       C, H, W); in: normkit::InstanceNorm (instance statistics in every mode)
+//   none: normkit::NoNorm, no normalization, a learned per-channel bias only
 // Each kind has a per-channel affine (weight = gamma, bias = beta); `none` has the bias only.
 // The ResNet epilogue is part of the layer: y = relu?(norm(x) + residual?), and backward gives
 // both dx and the residual's gradient g = relu ? dy * (y > 0) : dy.
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "nn/param.h"
 #include "nn/tensor.h"
+#include "normkit/layers.h"
 
 namespace normkit::train {
 
@@ -29,10 +32,15 @@ enum class Mode {
   eval_batch_stats,  // BN normalizes with each evaluation batch's own statistics
 };
 
+// normkit's layer for `kind` on `channels` channels. Throws the layer's
+// normkit::Error, prefixed with `name` and the --groups option when it rejects gn's group count.
+std::unique_ptr<NormLayer> make_norm_layer(const std::string& name, NormKind kind, int channels,
+                                           int groups);
+
 class Norm {
  public:
-  // Throws normkit::Error naming the layer when kind is gn and groups does not divide channels.
-  // zero_gamma: weight starts at 0 (the last norm of a residual branch), else 1.
+  // Throws as make_norm_layer. zero_gamma: weight starts at 0 (the last norm of a residual
+  // branch), else 1.
   Norm(const std::string& name, NormKind kind, int channels, int groups, bool zero_gamma,
        bool relu);
 
@@ -51,24 +59,23 @@ class Norm {
   std::vector<Buffer> buffers();  // BN's running_mean and running_var; nothing for the others
   const Tensor& output() const { return y_; }  // the last forward's output (for inspection)
 
+  // The optimizer's and the checkpoint's copy of the affine parameters; the layer reads them at
+  // each forward and its gradients land in weight.grad and bias.grad.
   Param weight, bias;
-  std::vector<float> running_mean, running_var;
+  // BN's running statistics (the layer's own); empty for the other kinds.
+  const std::vector<float>& running_mean() const;
+  const std::vector<float>& running_var() const;
 
  private:
   NormKind kind_;
-  int channels_, groups_;  // groups_: the GroupNorm group count this kind uses
+  int groups_;  // the group count of gn, ln (1) and in (C); 0 for the others
   bool relu_;
+  std::unique_ptr<NormLayer> layer_;
+  BatchNorm* batch_norm_ = nullptr;  // layer_ as BN, for its running statistics and eval mode
   bool trained_forward_ = false;
   const Tensor* x_ = nullptr;
   bool had_residual_ = false;
   Tensor y_, dx_, g_;
-  std::vector<float> mean_, rstd_;
-  std::vector<double> sums_;  // column_sums' scratch
 };
-
-// out[j] = sum_i x[i * cols + j] over rows, in double, in an order fixed by (rows, cols) alone.
-// partial is scratch (resized here).
-void column_sums(const float* x, int64_t rows, int64_t cols, float* out,
-                 std::vector<double>& partial);
 
 }  // namespace normkit::train

@@ -152,23 +152,23 @@ TEST(Norm, BatchNormRunningStatisticsAndEvaluationModes) {
     for (int64_t i = 0; i < m; ++i) s += x.data[i * 4 + j];
     const double mean = s / m;
     for (int64_t i = 0; i < m; ++i) ss += (x.data[i * 4 + j] - mean) * (x.data[i * 4 + j] - mean);
-    EXPECT_NEAR(norm.running_mean[j], 0.1 * mean, 1e-6);
-    EXPECT_NEAR(norm.running_var[j], 0.9 + 0.1 * ss / (m - 1), 1e-5);
+    EXPECT_NEAR(norm.running_mean()[j], 0.1 * mean, 1e-6);
+    EXPECT_NEAR(norm.running_var()[j], 0.9 + 0.1 * ss / (m - 1), 1e-5);
   }
-  const std::vector<float> rm = norm.running_mean, rv = norm.running_var;
+  const std::vector<float> rm = norm.running_mean(), rv = norm.running_var();
   // Eval uses the running statistics and changes nothing.
   const Tensor& y = norm.forward(x, Mode::eval);
   for (int64_t i = 0; i < x.numel(); ++i) {
     const int j = static_cast<int>(i % 4);
     EXPECT_NEAR(y.data[i], (x.data[i] - rm[j]) / std::sqrt(rv[j] + 1e-5), 1e-5);
   }
-  EXPECT_EQ(norm.running_mean, rm);
-  EXPECT_EQ(norm.running_var, rv);
+  EXPECT_EQ(norm.running_mean(), rm);
+  EXPECT_EQ(norm.running_var(), rv);
   // Eval with batch statistics normalizes like training but leaves the running stats alone.
   const Tensor& yb = norm.forward(x, Mode::eval_batch_stats);
   EXPECT_LT(max_diff(yb, reference(x, 0, false, norm.weight.value, norm.bias.value, false)), 1e-5);
-  EXPECT_EQ(norm.running_mean, rm);
-  EXPECT_EQ(norm.running_var, rv);
+  EXPECT_EQ(norm.running_mean(), rm);
+  EXPECT_EQ(norm.running_var(), rv);
   EXPECT_THROW(norm.backward(yb), normkit::Error);  // backward needs a training forward
 }
 
