@@ -413,7 +413,8 @@ struct StatisticsUnits {
 // backward lay out their parts over the same memory.
 struct ScratchParts {
   std::size_t groups = 0, pieces = 0, stats = 0, forward_coef = 0;         // forward
-  std::size_t sums = 0, partial = 0, backward_coef = 0, channel_mean = 0;  // backward
+  std::size_t sums = 0, partial_dy = 0, partial_xc = 0, backward_coef = 0,  // backward
+              channel_mean = 0;
   std::size_t bytes = 0;  // ScratchLayout::workspace_bytes()
 };
 
@@ -431,8 +432,11 @@ ScratchParts scratch_parts(const GroupNormShape& t) {
   l.forward_coef = s.add<float>(3, NC);
   s.rewind(0);
   l.sums = s.add<double>(2, NC);
-  l.partial = channels_first ? s.add<double>(2, NC, RowPieces(NC, S).stride)
-                             : s.add<double>(2, N * RowBlocks(S, C).units_per_sample, C);
+  // One partial per (n, c) row piece (channels-first) or per (unit, channel) (channels-last).
+  const int64_t units = channels_first ? NC : N * RowBlocks(S, C).units_per_sample;
+  const int64_t per_unit = channels_first ? RowPieces(NC, S).stride : C;
+  l.partial_dy = s.add<double>(units, per_unit);
+  l.partial_xc = s.add<double>(units, per_unit);
   l.backward_coef = s.add<float>(4, NC);
   l.channel_mean = s.add<float>(channels_first ? 0 : NC);
   l.bytes = s.workspace_bytes();
@@ -454,15 +458,17 @@ ForwardScratch carve_forward(const GroupNormShape& t, std::span<std::byte> works
 
 struct BackwardScratch {
   double* sums;     // 2*N*C: sum(g), sum(g * (x - mean))
-  double* partial;  // per-unit partials of the sums
+  double* partial_dy;  // per-unit partials of the two sums
+  double* partial_xc;
   float* coef;      // 4*N*C: dx coefficients
   float* mean_c;    // N*C (channels-last): each channel's group mean
 };
 BackwardScratch carve_backward(const GroupNormShape& t, std::span<std::byte> workspace) {
   const ScratchParts l = scratch_parts(t);
   std::byte* base = scratch_base(workspace, l.bytes);
-  return {scratch_part<double>(base, l.sums), scratch_part<double>(base, l.partial),
-          scratch_part<float>(base, l.backward_coef), scratch_part<float>(base, l.channel_mean)};
+  return {scratch_part<double>(base, l.sums), scratch_part<double>(base, l.partial_dy),
+          scratch_part<double>(base, l.partial_xc), scratch_part<float>(base, l.backward_coef),
+          scratch_part<float>(base, l.channel_mean)};
 }
 
 // ---- statistics ----
@@ -801,12 +807,12 @@ struct GroupNormBackward {
   GroupNormBackward(const GroupNormShape& shape, T* dx_, float* dweight_, float* dbias_,
                     const T* dy_, const T* x_, const float* mean_, const float* rstd_,
                     const float* weight_, bool constants, const BackwardEpilogueOf<T>& epi,
-                    const BackwardScratch& s, int64_t partial_units)
+                    const BackwardScratch& s)
       : dx(dx_), dweight(dweight_), dbias(dbias_), dy(dy_), x(x_), mean(mean_), rstd(rstd_),
         weight(weight_), t(shape), stats_are_constants(constants), mask(epi.relu ? epi.y : nullptr),
         gout(epi.dresidual), stream(streams_output<T>(shape.batch * shape.channels * shape.spatial)),
-        sum_dy(s.sums), sum_dy_xc(s.sums + N * C), partial_dy(s.partial),
-        partial_xc(s.partial + partial_units), ca(s.coef), cb(ca + N * C), cc(cb + N * C),
+        sum_dy(s.sums), sum_dy_xc(s.sums + N * C), partial_dy(s.partial_dy),
+        partial_xc(s.partial_xc), ca(s.coef), cb(ca + N * C), cc(cb + N * C),
         cm(cc + N * C), mean_c(s.mean_c) {}
 
   // ---- phase 1: the per-(n, c) sums ----
@@ -948,11 +954,8 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
       plan_backward(t, need_sums, epi.relu, int64_t(sizeof(T)), num_threads);
   const RowPieces pieces(N * C, S);
   const RowBlocks blocks(S, C);
-  const int64_t partial_units = schedule == BackwardSchedule::channels_last
-                                    ? N * blocks.units_per_sample * C
-                                    : N * C * pieces.stride;
   GroupNormBackward<T> b(t, dx, dweight, dbias, dy, x, mean, rstd, weight, stats_are_constants,
-                         epi, carve_backward(t, workspace), partial_units);
+                         epi, carve_backward(t, workspace));
 
   switch (schedule) {
     case BackwardSchedule::cached_groups:
