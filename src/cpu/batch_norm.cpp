@@ -18,7 +18,6 @@
 #include <memory>
 #include <new>
 #include <utility>
-#include <vector>
 
 #ifndef NORMKIT_CPU_BATCH_NORM_ONCE_
 #define NORMKIT_CPU_BATCH_NORM_ONCE_

@@ -19,7 +19,6 @@
 #include <span>
 #include <type_traits>
 #include <memory>
-#include <vector>
 
 #ifndef NORMKIT_CPU_GROUP_NORM_KERNELS_
 #define NORMKIT_CPU_GROUP_NORM_KERNELS_

@@ -16,9 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <type_traits>
-#include <vector>
 
 #ifndef NORMKIT_CPU_LAYER_NORM_KERNELS_
 #define NORMKIT_CPU_LAYER_NORM_KERNELS_

@@ -9,7 +9,6 @@
 #include "cpu/simd.h"
 
 #include <algorithm>
-#include <vector>
 
 HWY_BEFORE_NAMESPACE();
 namespace normkit::cpu::HWY_NAMESPACE {
