@@ -21,6 +21,9 @@
 namespace normkit::train {
 namespace {
 
+// The checkpoint's layout version. A checkpoint must also carry its checksum (the safetensors
+// "crc32" metadata): a file without one cannot be told apart from a damaged one.
+constexpr const char* kCheckpointFormatPrefix = "normkit-train checkpoint ";
 constexpr const char* kCheckpointFormat = "normkit-train checkpoint 1";
 
 uint64_t splitmix64(uint64_t x) {
@@ -122,19 +125,36 @@ void save_checkpoint(const std::string& path, const TrainConfig& config, int64_t
                 {"lr_next", fmt(learning_rate(config, s.global_step,
                                               train_images / config.batch * config.epochs))}};
   for (const auto& [key, value] : run_identity(config, train_images)) meta[key] = value.first;
-  save_safetensors(path, t, meta);
+  save_safetensors(path, t, meta, Checksum::crc32);
 }
 
 void load_checkpoint(const std::string& path, const TrainConfig& config, int64_t train_images,
                      Model& model, LoopState& s) {
-  const SafetensorsFile f = load_safetensors(path);
+  const std::string keep =
+      "; this run did not start. Resume from an intact copy, or start over without --resume";
+  SafetensorsFile f;
+  try {
+    f = load_safetensors(path);
+  } catch (const IoError& e) {
+    throw IoError(std::string("cannot resume: ") + e.what() + keep);
+  }
   auto meta = [&](const std::string& key) {
     const auto it = f.metadata.find(key);
     return it == f.metadata.end() ? std::string("(absent)") : it->second;
   };
-  if (meta("format") != kCheckpointFormat)
+  const std::string format = meta("format");
+  if (format != kCheckpointFormat) {
+    if (format.rfind(kCheckpointFormatPrefix, 0) == 0)
+      throw IoError("cannot resume from " + path + ": it was written by another version of "
+                    "normkit-train (format '" + format + "'; this one reads '" +
+                    kCheckpointFormat + "')" + keep);
     throw IoError("cannot resume from " + path + ": it is not a normkit-train checkpoint (format '" +
-                  meta("format") + "', expected '" + kCheckpointFormat + "')");
+                  format + "', expected '" + kCheckpointFormat + "')" + keep);
+  }
+  if (!f.checksum_verified)
+    throw IoError("cannot resume from " + path + ": it carries no checksum (\"" + kChecksumKey +
+                  "\" metadata), so damage cannot be ruled out; it was written by an older "
+                  "normkit-train or its header was altered" + keep);
   for (const auto& [key, value] : run_identity(config, train_images))
     if (meta(key) != value.first)
       throw IoError("cannot resume from " + path + ": it was written with " + key + " = " +
