@@ -17,6 +17,7 @@
 #include "nn/rng.h"
 #include "nn/sgd.h"
 #include "normkit/error.h"
+#include "preflight.h"
 
 namespace normkit::train {
 namespace {
@@ -270,6 +271,8 @@ void validate(const TrainConfig& c) {
   if (c.warmup_steps < 0) bad("--warmup-steps", std::to_string(c.warmup_steps), "must be >= 0");
   for (double f : c.lr_decay_at)
     if (!(f > 0 && f < 1)) bad("--lr-decay-at", fmt(f), "each fraction must be in (0, 1)");
+  // Before check_config, which builds normkit's layers for every width.
+  check_fits_in_memory(c, 0, 0, 0);
   check_config(c.model);
 }
 
@@ -323,10 +326,9 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
       config.limit_train < 0 ? train.count : std::min(config.limit_train, train.count);
   const int64_t test_count =
       config.limit_test < 0 ? data.test.count : std::min(config.limit_test, data.test.count);
+  check_fits_data(config, data);
+  check_fits_in_memory(config, train.rows, train.cols, test_count);
   const int64_t steps_per_epoch = train_count / config.batch;
-  if (steps_per_epoch == 0)
-    throw Error("--batch " + std::to_string(config.batch) + " is larger than the " +
-                std::to_string(train_count) + " training images");
   const int64_t total_steps = steps_per_epoch * config.epochs;
 
   TrainConfig cfg = config;
