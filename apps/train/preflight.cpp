@@ -168,7 +168,10 @@ void check_fits_in_memory(const TrainConfig& config, int64_t rows, int64_t cols,
              (config.eval_batch > config.batch
                   ? ", --eval-batch (" + std::to_string(config.eval_batch) + ")"
                   : std::string()) +
-             " or " + widths;
+             (config.model.blocks_per_stage > 1
+                  ? ", " + widths + " or --blocks-per-stage (" +
+                        std::to_string(config.model.blocks_per_stage) + ")"
+                  : " or " + widths);
   else
     change = "lower --threads (" + std::to_string(config.threads) + ") or " + widths;
   if (runs_at_once > 1)
@@ -191,16 +194,14 @@ void check_fits_in_memory(const TrainConfig& config, int64_t rows, int64_t cols,
 void check_fits_data(const TrainConfig& config, const Data& data) {
   const int64_t train_count =
       config.limit_train < 0 ? data.train.count : std::min(config.limit_train, data.train.count);
-  if (config.batch > train_count)
-    throw Error("--batch " + std::to_string(config.batch) + " is larger than the " +
-                std::to_string(train_count) + " training images" +
-                (config.limit_train > 0 && config.limit_train < data.train.count
-                     ? " that --limit-train " + std::to_string(config.limit_train) + " leaves"
-                     : std::string(" in ") + config.data_dir) +
-                "; lower --batch" +
-                (config.limit_train > 0 && config.limit_train < data.train.count
-                     ? " or raise --limit-train"
-                     : std::string()));
+  if (config.batch <= train_count) return;
+  const bool limited = config.limit_train > 0;
+  throw Error("--batch " + std::to_string(config.batch) + " is larger than the " +
+              std::to_string(train_count) + " training images" +
+              (limited ? " that --limit-train " + std::to_string(config.limit_train) + " leaves"
+                       : " in " + config.data_dir) +
+              "; lower --batch" +
+              (limited && train_count == config.limit_train ? " or raise --limit-train" : ""));
 }
 
 }  // namespace normkit::train
