@@ -338,6 +338,9 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
   model.init(config.seed);
   const std::vector<Param*> params = model.params();
 
+  // A run killed while writing its checkpoint leaves a temporary beside it (the checkpoint
+  // itself is intact: the temporary replaces it only once complete).
+  if (!config.checkpoint_path.empty()) remove_stale_temporaries(config.checkpoint_path);
   LoopState s;
   if (!config.resume_path.empty())
     load_checkpoint(config.resume_path, cfg, train_count, model, s);

@@ -63,6 +63,11 @@ size_t dtype_size(const std::string& dtype);
 void save_safetensors(const std::string& path, const TensorMap& tensors,
                       const Metadata& metadata = {}, Checksum checksum = Checksum::none);
 
+// Removes what save_safetensors(path) left behind when its process was killed mid-write: files
+// "<path>.tmp-<pid>" beside `path` whose process no longer exists (another process's temporary
+// is left alone). Returns how many it removed; errors are ignored.
+int remove_stale_temporaries(const std::string& path);
+
 // Encodes the same bytes save_safetensors writes. Same argument checks.
 std::vector<uint8_t> encode_safetensors(const TensorMap& tensors, const Metadata& metadata = {},
                                         Checksum checksum = Checksum::none);

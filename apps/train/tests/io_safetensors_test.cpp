@@ -415,3 +415,27 @@ TEST(SafetensorsChecksum, SaveAndLoadKeepIt) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(Safetensors, StaleTemporariesOfDeadWritersAreRemoved) {
+  const fs::path dir = fs::temp_directory_path() / ("normkit_io_st_tmp_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string p = (dir / "c.safetensors").string();
+  save_safetensors(p, {{"x", make_i64_scalar(5)}});
+  // A pid past the kernel's maximum (2^22) belongs to no process; ours is alive.
+  std::ofstream(p + ".tmp-4999999") << "half";
+  std::ofstream(p + ".tmp-" + std::to_string(::getpid())) << "in progress";
+  std::ofstream(p + ".tmp-x1") << "not ours";
+  std::ofstream((dir / "other.safetensors.tmp-4999999").string()) << "another file's";
+  EXPECT_EQ(remove_stale_temporaries(p), 1);
+  EXPECT_FALSE(fs::exists(p + ".tmp-4999999"));
+  EXPECT_TRUE(fs::exists(p + ".tmp-" + std::to_string(::getpid())));
+  EXPECT_TRUE(fs::exists(p + ".tmp-x1"));
+  EXPECT_TRUE(fs::exists(dir / "other.safetensors.tmp-4999999"));
+  EXPECT_EQ(get_i64_scalar(load_safetensors(p), "x"), 5);
+  fs::remove_all(dir);
+}
+
+}  // namespace
