@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <exception>
-#include <new>
 #include <filesystem>
+#include <new>
 #include <optional>
 #include <string>
 #include <thread>
