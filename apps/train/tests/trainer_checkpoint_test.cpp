@@ -2,6 +2,7 @@
 // flipped header byte, data bytes across the file, truncations anywhere, another format version,
 // a file without a checksum. The file the damage was copied from still resumes.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
@@ -29,8 +30,11 @@ void write_bytes(const std::string& path, const std::vector<uint8_t>& bytes) {
 class CheckpointTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    good_ = temp_path("good.safetensors");
-    bad_ = temp_path("bad.safetensors");
+    // ctest runs each test as a process of its own, side by side: names of their own.
+    const std::string tag = std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()) +
+                            "_" + std::to_string(::getpid());
+    good_ = temp_path("good_" + tag + ".safetensors");
+    bad_ = temp_path("bad_" + tag + ".safetensors");
     TrainConfig first = tiny_config(NormKind::batch, good_);
     first.stop_after_steps = 7;
     ASSERT_FALSE(train_run(first, data_).finished);
