@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <exception>
 #include <filesystem>
+#include <new>
 #include <optional>
 #include <string>
 #include <thread>
@@ -17,6 +18,7 @@
 #include "io/results.h"
 #include "nn/parallel.h"
 #include "normkit/error.h"
+#include "preflight.h"
 #include "sweep.h"
 #include "trainer.h"
 
@@ -93,6 +95,12 @@ void add_common(CLI::App* app, Common& c) {
   app->add_option("--eval-batch", c.eval_batch, "batch for evaluation with running statistics")
       ->capture_default_str()->check(kPositive);
   app->add_flag("--quiet", c.quiet, "no progress bar");
+}
+
+bool same_file(const std::string& a, const std::string& b) {
+  if (a.empty() || b.empty()) return false;
+  std::error_code ec;
+  return std::filesystem::weakly_canonical(a, ec) == std::filesystem::weakly_canonical(b, ec);
 }
 
 std::string number(double v) {
@@ -258,7 +266,17 @@ int main(int argc, char** argv) {
       cfg.stop_after_steps = stop_after;
       cfg.resume_path = resume;
       cfg.warmup_steps = warmup_steps;
+      // Pre-flight: every option and output before the data is read; the batch against the data
+      // and the memory estimate in train_run, before the model is built.
       nt::validate(cfg);
+      nt::check_output_file("--metrics-out", metrics_out);
+      nt::check_output_file("--checkpoint", checkpoint);
+      if (same_file(metrics_out, checkpoint))
+        throw normkit::Error("--metrics-out and --checkpoint name the same file " + checkpoint +
+                             "; give them different names");
+      if (same_file(metrics_out, resume))
+        throw normkit::Error("--metrics-out " + metrics_out +
+                             " would overwrite the --resume checkpoint; give it another name");
       const nt::Data data = nt::load_data(cfg.data_dir, cfg.limit_train, cfg.limit_test);
       nt::ProgressBar bar = make_progress(run_opts.quiet);
       const nt::TrainOutcome o = nt::train_run(cfg, data, &bar, label_of(cfg));
@@ -283,10 +301,24 @@ int main(int argc, char** argv) {
       }
       const bool several_groups =
           sweep_opts.groups.size() > 1 && std::find(norms.begin(), norms.end(), "gn") != norms.end();
-      std::filesystem::create_directories(out_dir + "/runs");
       if (!sweep->count("--threads")) sweep_opts.threads = std::max(1, cores / jobs);
       for (nt::TrainConfig& cfg : configs) cfg.threads = sweep_opts.threads;
+      // Pre-flight: every run of the grid is checked before the first one starts.
+      nt::check_output_folder("--out", out_dir);
       const nt::Data data = nt::load_data(sweep_opts.data, sweep_opts.limit_train, sweep_opts.limit_test);
+      {
+        const int at_once = static_cast<int>(std::min<size_t>(static_cast<size_t>(jobs), configs.size()));
+        // Runs in processes of their own each read the data again.
+        const double data_bytes =
+            at_once > 1 ? 4.0 * static_cast<double>(data.train.images.size() + data.test.images.size()) : 0.0;
+        for (const nt::TrainConfig& cfg : configs) {
+          nt::check_fits_data(cfg, data);
+          nt::check_fits_in_memory(cfg, data.train.rows, data.train.cols, data.test.count, at_once,
+                                   data_bytes);
+        }
+      }
+      std::filesystem::create_directories(out_dir + "/runs");
+      nt::check_output_file("--out", out_dir + "/runs/probe");
       const std::string notes = sweep_notes(sweep_opts, data, jobs);
       std::vector<std::optional<nt::RunResult>> slots(configs.size());
       auto record = [&](size_t i, const nt::RunResult& r) {
@@ -350,6 +382,14 @@ int main(int argc, char** argv) {
     return 2;
   } catch (const nt::IoError& e) {
     std::fprintf(stderr, "normkit-train: %s\n", e.what());
+    return 1;
+  } catch (const std::filesystem::filesystem_error& e) {
+    std::fprintf(stderr, "normkit-train: %s\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    // The pre-flight estimate keeps runs inside the memory it saw; other processes may take it.
+    std::fprintf(stderr, "normkit-train: out of memory; lower --batch, --widths or "
+                         "--blocks-per-stage, or free memory\n");
     return 1;
   }
   return 0;

@@ -17,10 +17,14 @@
 #include "nn/rng.h"
 #include "nn/sgd.h"
 #include "normkit/error.h"
+#include "preflight.h"
 
 namespace normkit::train {
 namespace {
 
+// The checkpoint's layout version. A checkpoint must also carry its checksum (the safetensors
+// "crc32" metadata): a file without one cannot be told apart from a damaged one.
+constexpr const char* kCheckpointFormatPrefix = "normkit-train checkpoint ";
 constexpr const char* kCheckpointFormat = "normkit-train checkpoint 1";
 
 uint64_t splitmix64(uint64_t x) {
@@ -122,19 +126,36 @@ void save_checkpoint(const std::string& path, const TrainConfig& config, int64_t
                 {"lr_next", fmt(learning_rate(config, s.global_step,
                                               train_images / config.batch * config.epochs))}};
   for (const auto& [key, value] : run_identity(config, train_images)) meta[key] = value.first;
-  save_safetensors(path, t, meta);
+  save_safetensors(path, t, meta, Checksum::crc32);
 }
 
 void load_checkpoint(const std::string& path, const TrainConfig& config, int64_t train_images,
                      Model& model, LoopState& s) {
-  const SafetensorsFile f = load_safetensors(path);
+  const std::string keep =
+      "; this run did not start. Resume from an intact copy, or start over without --resume";
+  SafetensorsFile f;
+  try {
+    f = load_safetensors(path);
+  } catch (const IoError& e) {
+    throw IoError(std::string("cannot resume: ") + e.what() + keep);
+  }
   auto meta = [&](const std::string& key) {
     const auto it = f.metadata.find(key);
     return it == f.metadata.end() ? std::string("(absent)") : it->second;
   };
-  if (meta("format") != kCheckpointFormat)
+  const std::string format = meta("format");
+  if (format != kCheckpointFormat) {
+    if (format.rfind(kCheckpointFormatPrefix, 0) == 0)
+      throw IoError("cannot resume from " + path + ": it was written by another version of "
+                    "normkit-train (format '" + format + "'; this one reads '" +
+                    kCheckpointFormat + "')" + keep);
     throw IoError("cannot resume from " + path + ": it is not a normkit-train checkpoint (format '" +
-                  meta("format") + "', expected '" + kCheckpointFormat + "')");
+                  format + "', expected '" + kCheckpointFormat + "')" + keep);
+  }
+  if (!f.checksum_verified)
+    throw IoError("cannot resume from " + path + ": it carries no checksum (\"" + kChecksumKey +
+                  "\" metadata), so damage cannot be ruled out; it was written by an older "
+                  "normkit-train or its header was altered" + keep);
   for (const auto& [key, value] : run_identity(config, train_images))
     if (meta(key) != value.first)
       throw IoError("cannot resume from " + path + ": it was written with " + key + " = " +
@@ -250,6 +271,8 @@ void validate(const TrainConfig& c) {
   if (c.warmup_steps < 0) bad("--warmup-steps", std::to_string(c.warmup_steps), "must be >= 0");
   for (double f : c.lr_decay_at)
     if (!(f > 0 && f < 1)) bad("--lr-decay-at", fmt(f), "each fraction must be in (0, 1)");
+  // Before check_config, which builds normkit's layers for every width.
+  check_fits_in_memory(c, 0, 0, 0);
   check_config(c.model);
 }
 
@@ -303,10 +326,9 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
       config.limit_train < 0 ? train.count : std::min(config.limit_train, train.count);
   const int64_t test_count =
       config.limit_test < 0 ? data.test.count : std::min(config.limit_test, data.test.count);
+  check_fits_data(config, data);
+  check_fits_in_memory(config, train.rows, train.cols, test_count);
   const int64_t steps_per_epoch = train_count / config.batch;
-  if (steps_per_epoch == 0)
-    throw Error("--batch " + std::to_string(config.batch) + " is larger than the " +
-                std::to_string(train_count) + " training images");
   const int64_t total_steps = steps_per_epoch * config.epochs;
 
   TrainConfig cfg = config;
@@ -316,6 +338,9 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
   model.init(config.seed);
   const std::vector<Param*> params = model.params();
 
+  // A run killed while writing its checkpoint leaves a temporary beside it (the checkpoint
+  // itself is intact: the temporary replaces it only once complete).
+  if (!config.checkpoint_path.empty()) remove_stale_temporaries(config.checkpoint_path);
   LoopState s;
   if (!config.resume_path.empty())
     load_checkpoint(config.resume_path, cfg, train_count, model, s);

@@ -40,7 +40,9 @@ struct TrainConfig {
   int64_t warmup_steps = 0;             // steps left out of the images/s measurement
 };
 
-// Throws normkit::Error naming the option on an invalid value.
+// Throws normkit::Error naming the option on an invalid value or combination, a group count
+// normkit's layers reject, or a model whose parameters and optimizer state alone exceed the
+// available memory (preflight.h). Allocates nothing large.
 void validate(const TrainConfig& config);
 
 // What a run leaves: io's RunResult (the results.csv row and the metrics JSON: per-epoch
@@ -64,7 +66,10 @@ Data load_data(const std::string& dir, int64_t limit_train, int64_t limit_test);
 
 // Runs one training as configured (resuming when resume_path is set) and evaluates it.
 // `data` must hold at least the configured limits. Reports each step to `progress` when given.
-// Throws normkit::Error on bad options and IoError on unreadable or mismatched checkpoints.
+// Before it builds the model, throws normkit::Error on bad options, a batch larger than the
+// training images, or a run whose estimated memory exceeds what is available (preflight.h), and
+// IoError on an unreadable, damaged (checksum), unchecksummed or mismatched checkpoint.
+// Checkpoints carry a CRC-32 and replace the previous one atomically (io/safetensors.h).
 TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar* progress = nullptr,
                        const std::string& label = {});
 

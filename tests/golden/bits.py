@@ -170,12 +170,15 @@ def python_fingerprints(nk):
 
 
 def checkpoint_digest(path, timing):
-    """Every tensor and the metadata of a safetensors checkpoint, less its timings."""
+    """Every tensor and the metadata of a safetensors checkpoint, less its timings and its
+    checksum (a function of the timings too)."""
     with open(path, "rb") as f:
         blob = f.read()
     n = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8:8 + n])
-    h = hashlib.sha256(json.dumps(header.pop("__metadata__", {}), sort_keys=True).encode())
+    metadata = header.pop("__metadata__", {})
+    metadata.pop("crc32", None)
+    h = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
     for name in sorted(header):
         if name.split("/")[-1] in timing:
             continue

@@ -1,7 +1,9 @@
 #include "io/safetensors.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <bit>
@@ -11,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <string_view>
 #include <nlohmann/json.hpp>
 
 #include "io/io_error.h"
@@ -129,6 +132,46 @@ T get_scalar(const SafetensorsFile& file, const std::string& name, const char* d
   return v[0];
 }
 
+// The checksum's field as it appears in the header JSON; its eight digits follow the prefix.
+std::string checksum_field(const std::string& digits) {
+  return std::string("\"") + kChecksumKey + "\":\"" + digits + "\"";
+}
+constexpr size_t kChecksumDigits = 8;
+const std::string kChecksumPlaceholder(kChecksumDigits, '0');
+
+// Where the checksum's digits start in `header` (text of the header JSON), or npos when the
+// field does not occur exactly once.
+size_t find_checksum_digits(std::string_view header, const std::string& digits) {
+  const std::string field = checksum_field(digits);
+  const size_t at = header.find(field);
+  if (at == std::string_view::npos || header.find(field, at + 1) != std::string_view::npos)
+    return std::string_view::npos;
+  return at + field.size() - 1 - kChecksumDigits;
+}
+
+// CRC-32 of `bytes` with the checksum digits at `digits_at` read as "00000000".
+uint32_t file_crc32(std::span<const uint8_t> bytes, size_t digits_at) {
+  const auto* zeros = reinterpret_cast<const Bytef*>(kChecksumPlaceholder.data());
+  uLong crc = crc32_z(0L, Z_NULL, 0);
+  crc = crc32_z(crc, bytes.data(), digits_at);
+  crc = crc32_z(crc, zeros, kChecksumDigits);
+  crc = crc32_z(crc, bytes.data() + digits_at + kChecksumDigits,
+                bytes.size() - digits_at - kChecksumDigits);
+  return static_cast<uint32_t>(crc);
+}
+
+std::string hex32(uint32_t v) {
+  char b[16];
+  std::snprintf(b, sizeof b, "%08x", v);
+  return b;
+}
+
+bool is_checksum_digits(const std::string& s) {
+  return s.size() == kChecksumDigits && std::all_of(s.begin(), s.end(), [](char c) {
+           return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+         });
+}
+
 // Writes all of `bytes` to `fd`, retrying short writes.
 bool write_all(int fd, const uint8_t* data, size_t size) {
   while (size > 0) {
@@ -163,8 +206,12 @@ size_t dtype_size(const std::string& dtype) {
   return s;
 }
 
-std::vector<uint8_t> encode_safetensors(const TensorMap& tensors, const Metadata& metadata) {
+std::vector<uint8_t> encode_safetensors(const TensorMap& tensors, const Metadata& metadata,
+                                        Checksum checksum) {
   validate_for_save(tensors);
+  if (checksum == Checksum::crc32 && metadata.count(kChecksumKey))
+    throw Error(std::string("save_safetensors: the metadata key \"") + kChecksumKey +
+                "\" is the checksum's; choose another name");
   // Largest element first, then by name: each tensor starts at a multiple of its element size.
   std::vector<const TensorMap::value_type*> order;
   for (const auto& kv : tensors) order.push_back(&kv);
@@ -181,7 +228,9 @@ std::vector<uint8_t> encode_safetensors(const TensorMap& tensors, const Metadata
                          {"data_offsets", {offset, offset + t.bytes.size()}}};
     offset += t.bytes.size();
   }
-  if (!metadata.empty()) header["__metadata__"] = metadata;
+  Metadata meta = metadata;
+  if (checksum == Checksum::crc32) meta[kChecksumKey] = kChecksumPlaceholder;
+  if (!meta.empty()) header["__metadata__"] = meta;
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');  // keeps the buffer 8-byte aligned
 
@@ -195,11 +244,31 @@ std::vector<uint8_t> encode_safetensors(const TensorMap& tensors, const Metadata
     if (!bytes.empty()) std::memcpy(data, bytes.data(), bytes.size());
     data += bytes.size();
   }
+  if (checksum == Checksum::crc32) {
+    const size_t at = find_checksum_digits(text, kChecksumPlaceholder);
+    if (at == std::string::npos)
+      throw Error("save_safetensors: a metadata string imitates the checksum field");
+    const std::string digits = hex32(file_crc32(out, 8 + at));
+    std::memcpy(out.data() + 8 + at, digits.data(), kChecksumDigits);
+  }
   return out;
 }
 
-void save_safetensors(const std::string& path, const TensorMap& tensors, const Metadata& metadata) {
-  const std::vector<uint8_t> bytes = encode_safetensors(tensors, metadata);
+namespace {
+// Makes a rename inside `path`'s directory durable.
+void sync_directory_of(const std::string& path) {
+  std::filesystem::path dir = std::filesystem::path(path).parent_path();
+  if (dir.empty()) dir = ".";
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return;  // the file is in place; only its durability across a power loss is less
+  ::fsync(fd);
+  ::close(fd);
+}
+}  // namespace
+
+void save_safetensors(const std::string& path, const TensorMap& tensors, const Metadata& metadata,
+                      Checksum checksum) {
+  const std::vector<uint8_t> bytes = encode_safetensors(tensors, metadata, checksum);
   const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) {
@@ -219,6 +288,26 @@ void save_safetensors(const std::string& path, const TensorMap& tensors, const M
     ::unlink(tmp.c_str());
     throw IoError(path + ": cannot replace it with " + tmp + " (" + std::strerror(e) + ")");
   }
+  sync_directory_of(path);
+}
+
+int remove_stale_temporaries(const std::string& path) {
+  namespace fs = std::filesystem;
+  const fs::path target(path);
+  const std::string prefix = target.filename().string() + ".tmp-";
+  fs::path dir = target.parent_path();
+  if (dir.empty()) dir = ".";
+  int removed = 0;
+  std::error_code ec;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0) continue;
+    const std::string pid = name.substr(prefix.size());
+    if (pid.size() > 9 || pid.find_first_not_of("0123456789") != std::string::npos) continue;
+    if (::kill(static_cast<pid_t>(std::stol(pid)), 0) == 0 || errno != ESRCH) continue;
+    if (fs::remove(it->path(), ec)) ++removed;
+  }
+  return removed;
 }
 
 SafetensorsFile load_safetensors(const std::string& path) {
@@ -261,6 +350,26 @@ SafetensorsFile decode_safetensors(std::span<const uint8_t> bytes, const std::st
 
   SafetensorsFile file;
   file.path = source;
+  // The checksum first: a damaged file is reported as damaged, whatever else it breaks.
+  const auto meta_it = header.find("__metadata__");
+  if (meta_it != header.end() && meta_it->is_object()) {
+    const auto crc_it = meta_it->find(kChecksumKey);
+    if (crc_it != meta_it->end()) {
+      const std::string stored = crc_it->is_string() ? crc_it->get<std::string>() : crc_it->dump();
+      const size_t at = is_checksum_digits(stored)
+                            ? find_checksum_digits(std::string_view(header_begin, header_length), stored)
+                            : std::string::npos;
+      if (at == std::string::npos)
+        throw IoError(source + ": damaged: its checksum field (\"" + kChecksumKey + "\": " +
+                      crc_it->dump() + ") is not eight hex digits in the header's own form");
+      const std::string computed = hex32(file_crc32(bytes, 8 + at));
+      if (computed != stored)
+        throw IoError(source + ": damaged or truncated: CRC-32 of its " +
+                      std::to_string(bytes.size()) + " bytes is " + computed +
+                      ", the file records " + stored);
+      file.checksum_verified = true;
+    }
+  }
   const uint64_t buffer_size = bytes.size() - 8 - header_length;
   const uint8_t* buffer = bytes.data() + 8 + header_length;
   struct Span {

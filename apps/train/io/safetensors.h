@@ -28,10 +28,19 @@ struct TensorEntry {
 using TensorMap = std::map<std::string, TensorEntry>;
 using Metadata = std::map<std::string, std::string>;
 
+// An optional integrity check of the whole file, kept inside the format so that the file stays
+// valid safetensors for every other reader: the metadata key "crc32" holds eight lowercase hex
+// digits, the CRC-32 (zlib's crc32, the gzip/PNG polynomial) of every byte of the file as
+// written with those eight digits set to "00000000". It covers the length prefix, the header
+// (every tensor's name, dtype, shape and offsets, the other metadata, the padding) and the data.
+enum class Checksum { none, crc32 };
+inline constexpr const char* kChecksumKey = "crc32";
+
 struct SafetensorsFile {
   std::string path;  // where it was read from, for messages
   TensorMap tensors;
-  Metadata metadata;
+  Metadata metadata;  // includes "crc32" when the file carries a checksum
+  bool checksum_verified = false;  // the file carries a crc32 and it matched
 
   // Returns the tensor called `name`. Throws IoError naming the file and the tensor when absent.
   const TensorEntry& at(const std::string& name) const;
@@ -45,21 +54,32 @@ size_t dtype_size(const std::string& dtype);
 // it, which is flushed to disk and then renamed over `path`, so a crash leaves either the old
 // file or the new one, never half of one. Tensors are laid out largest dtype first, then by
 // name, so every tensor is aligned to its element size when the file is mapped.
+// The directory is synced after the rename, so the new name itself survives a power loss.
+// With Checksum::crc32 the file carries the "crc32" metadata described above.
 // Throws normkit::Error, before creating any file, when a name is empty or "__metadata__", a
-// dtype is unknown, a dimension is negative, or bytes.size() != numel * dtype_size; throws
-// IoError naming the path when the file cannot be written (the temporary is removed).
+// dtype is unknown, a dimension is negative, bytes.size() != numel * dtype_size, or a checksum
+// is asked for and `metadata` already has the key "crc32"; throws IoError naming the path when
+// the file cannot be written (the temporary is removed).
 void save_safetensors(const std::string& path, const TensorMap& tensors,
-                      const Metadata& metadata = {});
+                      const Metadata& metadata = {}, Checksum checksum = Checksum::none);
+
+// Removes what save_safetensors(path) left behind when its process was killed mid-write: files
+// "<path>.tmp-<pid>" beside `path` whose process no longer exists (another process's temporary
+// is left alone). Returns how many it removed; errors are ignored.
+int remove_stale_temporaries(const std::string& path);
 
 // Encodes the same bytes save_safetensors writes. Same argument checks.
-std::vector<uint8_t> encode_safetensors(const TensorMap& tensors, const Metadata& metadata = {});
+std::vector<uint8_t> encode_safetensors(const TensorMap& tensors, const Metadata& metadata = {},
+                                        Checksum checksum = Checksum::none);
 
 // Reads the file at `path` and returns its tensors and metadata. Throws IoError naming the path
 // and the problem when the file cannot be read or is not valid safetensors: shorter than 8 bytes,
 // header length over 100 MB or past the end of the file, header not a JSON object, unknown dtype,
 // negative dimension, data_offsets not two ordered integers, a tensor's size not equal to
-// numel * dtype size, holes or overlaps between tensors, bytes after the last tensor, or
-// "__metadata__" not a map of strings.
+// numel * dtype size, holes or overlaps between tensors, bytes after the last tensor,
+// "__metadata__" not a map of strings, or a "crc32" metadata value that is not eight lowercase
+// hex digits or does not match the file (checked before the tensors, so a damaged file is
+// reported as damaged). A file without "crc32" loads with checksum_verified = false.
 SafetensorsFile load_safetensors(const std::string& path);
 
 // Decodes bytes in memory; `source` names them in messages. Same checks as load_safetensors.

@@ -17,7 +17,9 @@ void write_text_file(const std::string& path, const std::string& text) {
     throw IoError(path + ": cannot create it (" + std::strerror(errno) +
                   "); check that the directory exists and is writable");
   }
-  const bool written = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+  // Flushed to disk before the rename: after a crash the file is the old one or the new one.
+  const bool written = std::fwrite(text.data(), 1, text.size(), f) == text.size() &&
+                       std::fflush(f) == 0 && ::fsync(::fileno(f)) == 0;
   const int write_errno = errno;
   if (std::fclose(f) != 0 || !written) {
     const int e = written ? errno : write_errno;

@@ -1,5 +1,8 @@
 #include "nn/model.h"
 
+#include <algorithm>
+#include <cmath>
+
 #include "nn/profile.h"
 #include "normkit/error.h"
 
@@ -22,6 +25,81 @@ void check_config(const ModelConfig& config) {
   for (size_t s = 0; s < config.widths.size(); ++s)
     make_norm_layer(s == 0 ? "stem.norm" : "stage" + std::to_string(s + 1) + ".block1.norm1",
                     config.norm, config.widths[s], config.groups);
+}
+
+MemoryEstimate estimate_memory(const ModelConfig& config, int64_t batch, int64_t eval_batch,
+                               int64_t rows, int64_t cols, int threads) {
+  // Mirrors the constructor and the layers' buffers (conv.h, norm.h, layers.h); floats counted
+  // in double.
+  MemoryEstimate e;
+  if (config.widths.empty() || config.blocks_per_stage < 1 ||
+      *std::min_element(config.widths.begin(), config.widths.end()) < 1)
+    return e;  // the constructor's checks say what is wrong
+  const double n_train = static_cast<double>(std::max<int64_t>(batch, 1));
+  const double n_max = std::max(n_train, static_cast<double>(eval_batch));
+  const double t = std::min(static_cast<double>(std::max(threads, 1)), n_max);
+  const double slots = std::min(n_train, 8.0);
+  const bool spatial = rows > 0 && cols > 0;
+  double h = static_cast<double>(rows), w = static_cast<double>(cols);
+  auto conv = [&](double in, double out, int kernel, int stride, bool need_dx) {
+    const double k = double(kernel) * kernel * in, pad = kernel / 2;
+    e.parameter_count += out * k;
+    e.parameters += 4.0 * out * k * (4.0 + (slots - 1.0));  // value, grad, momentum, transpose
+    if (!spatial) return;
+    const double ho = std::floor((h + 2 * pad - kernel) / stride) + 1;
+    const double wo = std::floor((w + 2 * pad - kernel) / stride) + 1;
+    const double padded = ((h + 2 * pad) * (w + 2 * pad) + 2 * pad);
+    const bool shifted = stride == 1 && kernel > 1 && in >= 4;
+    e.activations += 4.0 * (n_max * ho * wo * out + (need_dx ? n_train * h * w * in : 0.0) +
+                            (shifted ? n_max * padded * in : 0.0));
+    const double piece = std::min(ho * wo, std::max(8.0, std::floor(32768.0 / k)));
+    e.workspace += 4.0 * t * (2 * piece * k + h * (w + 2 * pad) * std::max(in, out) + padded * out);
+    h = ho;
+    w = wo;
+  };
+  auto norm = [&](double c) {
+    e.parameter_count += 2 * c;
+    e.parameters += 4.0 * c * (3.0 * 2 + 4);  // the trainer's weight and bias; the layer's four
+    if (spatial) e.activations += 4.0 * (n_max * h * w * c + 2 * n_train * h * w * c + 2 * n_max * c);
+  };
+  double in = config.in_channels;
+  conv(in, config.widths[0], 3, 1, false);
+  norm(config.widths[0]);
+  in = config.widths[0];
+  auto block = [&](double out, int stride) {
+    const double h_in = h, w_in = w;
+    conv(in, out, 3, stride, true);
+    norm(out);
+    conv(out, out, 3, 1, true);
+    norm(out);
+    if (stride != 1 || in != out) {
+      const double h_out = h, w_out = w;
+      h = h_in;
+      w = w_in;
+      conv(in, out, 1, stride, true);
+      norm(out);
+      h = h_out;
+      w = w_out;
+    }
+    in = out;
+  };
+  for (size_t s = 0; s < config.widths.size(); ++s) {
+    block(config.widths[s], s > 0 ? 2 : 1);
+    if (config.blocks_per_stage < 2) continue;
+    // The stage's other blocks are alike (stride 1, width in = out): one, times their count.
+    const MemoryEstimate before = e;
+    block(config.widths[s], 1);
+    const double more = config.blocks_per_stage - 2.0;
+    e.parameters += more * (e.parameters - before.parameters);
+    e.activations += more * (e.activations - before.activations);
+    e.workspace += more * (e.workspace - before.workspace);
+    e.parameter_count += more * (e.parameter_count - before.parameter_count);
+  }
+  const double classes = config.classes;
+  e.parameter_count += in * classes + classes;
+  e.parameters += 4.0 * 3.0 * (in * classes + classes);
+  if (spatial) e.activations += 4.0 * (n_max * in * 2 + n_train * h * w * in + 2 * n_max * classes);
+  return e;
 }
 
 Model::Model(const ModelConfig& config)

@@ -25,6 +25,23 @@ struct ModelConfig {
 // normkit's layers reject for some width), without building the model.
 void check_config(const ModelConfig& config);
 
+// The memory a training run of this model holds at its peak, estimated from the configuration
+// alone (nothing is allocated), in bytes as doubles: a configuration too large for any machine
+// gives a large number, never an overflow.
+//   parameters:  each parameter's value, gradient and momentum; each convolution's transposed
+//                weight and its per-batch-slot weight-gradient copies; normkit's layer copies
+//   activations: what each layer keeps between forward and backward, for `batch` images (the
+//                forward buffers grow to max(batch, eval_batch), the evaluation's batch)
+//   workspace:   the convolutions' per-thread scratch
+// rows = cols = 0 counts the parameters alone (what the options fix before the data is read).
+struct MemoryEstimate {
+  double parameters = 0, activations = 0, workspace = 0;
+  double parameter_count = 0;  // the model's parameters (floats), for checkpoint sizes
+  double total() const { return parameters + activations + workspace; }
+};
+MemoryEstimate estimate_memory(const ModelConfig& config, int64_t batch, int64_t eval_batch,
+                               int64_t rows, int64_t cols, int threads);
+
 class Model {
  public:
   // Throws normkit::Error on an empty width list, a width < 1, blocks_per_stage < 1, or a group

@@ -1,11 +1,14 @@
 // safetensors: a file assembled here byte by byte, round trips of every helper, the layout the
-// writer promises (alignment, padding, tiling), atomic replacement, and corrupt files.
+// writer promises (alignment, padding, tiling), atomic replacement, corrupt files, and the CRC-32
+// checksum: every flipped bit and every truncation of a checksummed file is caught.
 #include <gtest/gtest.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -319,6 +322,120 @@ TEST(Safetensors, TruncationAndByteFlipsNeverGoUnnoticedOrCrash) {
     } catch (const IoError&) {
     }
   }
+}
+
+}  // namespace
+
+namespace {
+
+// A file with a checksum, as the trainer writes its checkpoints.
+std::vector<uint8_t> checksummed_file() {
+  TensorMap m;
+  std::vector<float> w(37);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = 0.1f * static_cast<float>(i);
+  m["w"] = make_f32(w);
+  m["step"] = make_i64_scalar(9);
+  return encode_safetensors(m, {{"k", "v"}, {"format", "test 1"}}, Checksum::crc32);
+}
+
+TEST(SafetensorsChecksum, IsAMetadataStringOtherReadersSeeAsSuch) {
+  const auto bytes = checksummed_file();
+  const SafetensorsFile f = decode_safetensors(bytes, "ok");
+  EXPECT_TRUE(f.checksum_verified);
+  ASSERT_EQ(f.metadata.count(kChecksumKey), 1u);
+  const std::string crc = f.metadata.at(kChecksumKey);
+  EXPECT_EQ(crc.size(), 8u);
+  EXPECT_EQ(crc.find_first_not_of("0123456789abcdef"), std::string::npos) << crc;
+  EXPECT_EQ(f.metadata.at("k"), "v");
+  // The header is still plain safetensors JSON: metadata strings only, tensors as before.
+  uint64_t n;
+  std::memcpy(&n, bytes.data(), 8);
+  const json header = json::parse(bytes.begin() + 8, bytes.begin() + 8 + static_cast<long>(n));
+  EXPECT_TRUE(header["__metadata__"][kChecksumKey].is_string());
+  EXPECT_EQ(header["w"]["dtype"], "F32");
+  // The documented scheme: zlib's CRC-32 of the file with the digits read as zeros.
+  auto zeroed = bytes;
+  const std::string text(bytes.begin() + 8, bytes.begin() + 8 + static_cast<long>(n));
+  const size_t at = 8 + text.find("\"crc32\":\"") + 9;
+  std::fill_n(zeroed.begin() + static_cast<long>(at), 8, '0');
+  char expected[16];
+  std::snprintf(expected, sizeof expected, "%08lx",
+                crc32(0L, zeroed.data(), static_cast<uInt>(zeroed.size())));
+  EXPECT_EQ(crc, expected);
+  // Without a checksum: loads, unverified.
+  EXPECT_FALSE(decode_safetensors(encode_safetensors({{"x", make_i64_scalar(1)}}), "plain")
+                   .checksum_verified);
+  EXPECT_THROW(encode_safetensors({{"x", make_i64_scalar(1)}}, {{kChecksumKey, "1"}}, Checksum::crc32),
+               normkit::Error);
+}
+
+TEST(SafetensorsChecksum, EveryFlippedBitIsDamageOrALostChecksum) {
+  const auto bytes = checksummed_file();
+  for (size_t at = 0; at < bytes.size(); ++at)
+    for (int bit = 0; bit < 8; bit += 3) {
+      auto copy = bytes;
+      copy[at] ^= static_cast<uint8_t>(1u << bit);
+      try {
+        const SafetensorsFile f = decode_safetensors(copy, "ckpt.safetensors");
+        // Only a flip inside the key's name can hide the checksum; nothing loads as verified.
+        EXPECT_FALSE(f.checksum_verified) << "byte " << at << " bit " << bit;
+      } catch (const IoError& e) {
+        EXPECT_NE(std::string(e.what()).find("ckpt.safetensors"), std::string::npos) << e.what();
+      }
+    }
+  // A flip in the data, or in a tensor's offsets, is named as damage.
+  auto data_flip = bytes;
+  data_flip[bytes.size() - 3] ^= 0x10;
+  expect_corrupt(data_flip, "damaged or truncated");
+  auto digit = bytes;
+  uint64_t n;
+  std::memcpy(&n, bytes.data(), 8);
+  const std::string text(bytes.begin() + 8, bytes.begin() + 8 + static_cast<long>(n));
+  digit[8 + text.find("\"crc32\":\"") + 9] ^= 0x40;  // a digit becomes a letter outside a-f
+  expect_corrupt(digit, "checksum field");
+}
+
+TEST(SafetensorsChecksum, TruncationAnywhereIsAnError) {
+  const auto bytes = checksummed_file();
+  for (size_t cut = 0; cut < bytes.size(); ++cut)
+    EXPECT_THROW(decode_safetensors(std::span(bytes.data(), cut), "cut"), IoError) << cut;
+  // Cut in the data: the checksum names it.
+  expect_corrupt(std::vector<uint8_t>(bytes.begin(), bytes.end() - 4), "damaged or truncated");
+}
+
+TEST(SafetensorsChecksum, SaveAndLoadKeepIt) {
+  const fs::path dir = fs::temp_directory_path() / ("normkit_io_st_crc_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const std::string p = (dir / "c.safetensors").string();
+  save_safetensors(p, {{"x", make_i64_scalar(5)}}, {{"a", "b"}}, Checksum::crc32);
+  const SafetensorsFile f = load_safetensors(p);
+  EXPECT_TRUE(f.checksum_verified);
+  EXPECT_EQ(get_i64_scalar(f, "x"), 5);
+  fs::remove_all(dir);
+}
+
+}  // namespace
+
+namespace {
+
+TEST(Safetensors, StaleTemporariesOfDeadWritersAreRemoved) {
+  const fs::path dir = fs::temp_directory_path() / ("normkit_io_st_tmp_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string p = (dir / "c.safetensors").string();
+  save_safetensors(p, {{"x", make_i64_scalar(5)}});
+  // A pid past the kernel's maximum (2^22) belongs to no process; ours is alive.
+  std::ofstream(p + ".tmp-4999999") << "half";
+  std::ofstream(p + ".tmp-" + std::to_string(::getpid())) << "in progress";
+  std::ofstream(p + ".tmp-x1") << "not ours";
+  std::ofstream((dir / "other.safetensors.tmp-4999999").string()) << "another file's";
+  EXPECT_EQ(remove_stale_temporaries(p), 1);
+  EXPECT_FALSE(fs::exists(p + ".tmp-4999999"));
+  EXPECT_TRUE(fs::exists(p + ".tmp-" + std::to_string(::getpid())));
+  EXPECT_TRUE(fs::exists(p + ".tmp-x1"));
+  EXPECT_TRUE(fs::exists(dir / "other.safetensors.tmp-4999999"));
+  EXPECT_EQ(get_i64_scalar(load_safetensors(p), "x"), 5);
+  fs::remove_all(dir);
 }
 
 }  // namespace

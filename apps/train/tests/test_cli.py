@@ -9,6 +9,7 @@ import json
 import os
 import struct
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -103,3 +104,58 @@ def test_sweep_names_a_group_count_that_does_not_divide_a_width(data_dir, tmp_pa
               "--out", tmp_path / "bad", *SMALL)
     assert r.returncode != 0
     assert "--groups 3 does not divide" in r.stderr
+
+
+# Pre-flight: what cannot finish fails at once, naming the option, before any training (no
+# progress, no summary line, within seconds) and without leaving files.
+@pytest.mark.parametrize("args,needle", [
+    (["--metrics-out", "/nonexistent/dir/m.json"], "--metrics-out /nonexistent/dir/m.json: the folder"),
+    (["--checkpoint", "/nonexistent/dir/c.safetensors"], "--checkpoint /nonexistent/dir/c.safetensors"),
+    (["--blocks-per-stage", "100000"], "--blocks-per-stage (100000)"),
+    (["--blocks-per-stage", "100000", "--widths", "16,32,64"], "--blocks-per-stage (100000)"),
+    (["--widths", "2000000000,4"], "--widths (2000000000,4)"),
+    (["--batch", "49"], "--batch 49 is larger than the 48 training images"),
+    (["--batch", "20", "--limit-train", "10"], "that --limit-train 10 leaves"),
+    (["--groups", "3"], "--groups 3 does not divide"),
+])
+def test_run_refuses_before_training(data_dir, args, needle):
+    # List options add to each other: the defaults here only where the case sets none.
+    base = ["--epochs", "1", "--threads", "1", "--quiet"]
+    base += [] if "--widths" in args else ["--widths", "4,4,4"]
+    base += [] if "--groups" in args else ["--groups", "2"]
+    t0 = time.monotonic()
+    r = train("run", "--norm", "gn", "--data", data_dir, *base, *args)
+    assert r.returncode in (1, 2), r.stderr
+    assert needle in r.stderr
+    assert r.stdout == ""  # no summary: nothing trained
+    assert time.monotonic() - t0 < 30
+
+
+def test_run_refuses_outputs_that_clash_or_are_folders(data_dir, tmp_path):
+    r = train("run", "--data", data_dir, "--metrics-out", tmp_path, *SMALL)
+    assert r.returncode == 1 and "is a folder" in r.stderr
+    same = tmp_path / "x"
+    r = train("run", "--data", data_dir, "--metrics-out", same, "--checkpoint", same, *SMALL)
+    assert r.returncode == 2 and "name the same file" in r.stderr
+    assert list(tmp_path.iterdir()) == []  # the probes left nothing
+
+
+def test_memory_estimate_is_checked_against_what_is_available(data_dir):
+    env = dict(os.environ, NORMKIT_TRAIN_AVAILABLE_MEMORY=str(8 << 20))
+    r = subprocess.run([TRAIN, "run", "--data", str(data_dir), "--batch", "32", *SMALL],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2
+    assert "of memory is available; lower --batch (32)" in r.stderr
+
+
+def test_sweep_checks_every_run_before_the_first(data_dir, tmp_path):
+    out = tmp_path / "s"
+    r = train("sweep", "--norms", "gn", "--groups", "2", "--batches", "8,64", "--data", data_dir,
+              "--out", out, "--jobs", "1", *SMALL)
+    assert r.returncode == 2
+    assert "--batch 64 is larger than the 48 training images" in r.stderr
+    assert not out.exists()  # nothing created, nothing trained
+    (tmp_path / "file").write_text("x")
+    r = train("sweep", "--norms", "gn", "--groups", "2", "--batches", "8", "--data", data_dir,
+              "--out", tmp_path / "file" / "s", *SMALL)
+    assert r.returncode == 1 and "--out" in r.stderr and "not a folder" in r.stderr
