@@ -127,9 +127,9 @@ void batch_norm_forward_training(const BatchNormParams& params, const TensorView
     visit_dtype(x.dtype, [&](auto tag) {
       using A = decltype(tag);
       ref::batch_norm_forward_training<A, float>(
-          y.as<A>(), ptr(save_mean), ptr(save_invstd), ptr(running_mean), ptr(running_var),
-          x.as<const A>(), ptr(weight), ptr(bias), sh, params.eps, params.momentum,
-          plan::ForwardEpilogueOf<A>::from(params.epilogue));
+          sh, params.eps, params.momentum, plan::ForwardEpilogueOf<A>::from(params.epilogue),
+          x.as<const A>(), ptr(weight), ptr(bias), y.as<A>(), ptr(save_mean), ptr(save_invstd),
+          ptr(running_mean), ptr(running_var));
     });
     return;
   }
@@ -160,10 +160,9 @@ void batch_norm_forward_inference(const BatchNormParams& params, const TensorVie
   if (ctx.backend == Backend::reference) {
     visit_dtype(x.dtype, [&](auto tag) {
       using A = decltype(tag);
-      ref::batch_norm_forward_inference<A, float>(y.as<A>(), x.as<const A>(), ptr(weight),
-                                                  ptr(bias), ptr(running_mean),
-                                                  ptr(running_var), sh, params.eps,
-                                                  plan::ForwardEpilogueOf<A>::from(params.epilogue));
+      ref::batch_norm_forward_inference<A, float>(
+          sh, params.eps, plan::ForwardEpilogueOf<A>::from(params.epilogue), x.as<const A>(),
+          ptr(weight), ptr(bias), ptr(running_mean), ptr(running_var), y.as<A>());
     });
     return;
   }
@@ -202,8 +201,8 @@ void batch_norm_backward_training(const BackwardEpilogue& epilogue, const Tensor
     visit_dtype(x.dtype, [&](auto tag) {
       using A = decltype(tag);
       ref::batch_norm_backward_training<A, float>(
-          dx.as<A>(), ptr(dweight), ptr(dbias), dy.as<const A>(), x.as<const A>(),
-          ptr(save_mean), ptr(save_invstd), ptr(weight), sh, plan::BackwardEpilogueOf<A>::from(epilogue));
+          sh, plan::BackwardEpilogueOf<A>::from(epilogue), dy.as<const A>(), x.as<const A>(),
+          ptr(save_mean), ptr(save_invstd), ptr(weight), dx.as<A>(), ptr(dweight), ptr(dbias));
     });
     return;
   }
@@ -244,9 +243,9 @@ void batch_norm_backward_inference(const BatchNormParams& params,
     visit_dtype(x.dtype, [&](auto tag) {
       using A = decltype(tag);
       ref::batch_norm_backward_inference<A, float>(
-          dx.as<A>(), ptr(dweight), ptr(dbias), dy.as<const A>(), x.as<const A>(),
-          ptr(running_mean), ptr(running_var), ptr(weight), sh, params.eps,
-          plan::BackwardEpilogueOf<A>::from(epilogue));
+          sh, params.eps, plan::BackwardEpilogueOf<A>::from(epilogue), dy.as<const A>(),
+          x.as<const A>(), ptr(running_mean), ptr(running_var), ptr(weight), dx.as<A>(),
+          ptr(dweight), ptr(dbias));
     });
     return;
   }

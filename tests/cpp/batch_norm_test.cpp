@@ -266,11 +266,13 @@ double loss(const DoubleProblem& p, bool training) {
   const double* w = p.cfg.has_weight ? p.weight.data() : nullptr;
   const double* b = p.cfg.has_bias ? p.bias.data() : nullptr;
   if (training)
-    ref::batch_norm_forward_training<double, double>(y.data(), mean.data(), invstd.data(), nullptr,
-                                                     nullptr, p.x.data(), w, b, sh, p.cfg.eps, 0.0);
+    ref::batch_norm_forward_training<double, double>(sh, p.cfg.eps, 0.0, {}, p.x.data(), w, b,
+                                                     y.data(), mean.data(), invstd.data(),
+                                                     nullptr, nullptr);
   else
     ref::batch_norm_forward_inference<double, double>(
-        y.data(), p.x.data(), w, b, p.running_mean.data(), p.running_var.data(), sh, p.cfg.eps);
+        sh, p.cfg.eps, {}, p.x.data(), w, b, p.running_mean.data(), p.running_var.data(),
+        y.data());
   double l = 0;
   for (std::size_t i = 0; i < y.size(); ++i) l += p.g[i] * y[i];
   return l;
@@ -309,16 +311,16 @@ TEST(BatchNormReference, BackwardMatchesFiniteDifferences) {
       SCOPED_TRACE(training ? "training" : "inference");
       std::vector<double> y(total), mean(C), invstd(C), dx(total), dw(C), db(C);
       if (training) {
-        ref::batch_norm_forward_training<double, double>(y.data(), mean.data(), invstd.data(),
-                                                         nullptr, nullptr, p.x.data(), w, nullptr,
-                                                         sh, cfg.eps, 0.0);
-        ref::batch_norm_backward_training<double, double>(dx.data(), dw.data(), db.data(),
-                                                          p.g.data(), p.x.data(), mean.data(),
-                                                          invstd.data(), w, sh);
+        ref::batch_norm_forward_training<double, double>(sh, cfg.eps, 0.0, {}, p.x.data(), w,
+                                                         nullptr, y.data(), mean.data(),
+                                                         invstd.data(), nullptr, nullptr);
+        ref::batch_norm_backward_training<double, double>(sh, {}, p.g.data(), p.x.data(),
+                                                          mean.data(), invstd.data(), w,
+                                                          dx.data(), dw.data(), db.data());
       } else {
         ref::batch_norm_backward_inference<double, double>(
-            dx.data(), dw.data(), db.data(), p.g.data(), p.x.data(), p.running_mean.data(),
-            p.running_var.data(), w, sh, cfg.eps);
+            sh, cfg.eps, {}, p.g.data(), p.x.data(), p.running_mean.data(), p.running_var.data(),
+            w, dx.data(), dw.data(), db.data());
       }
       for (std::size_t i = 0; i < total; ++i)
         EXPECT_NEAR(dx[i], numeric_grad(p, p.x, i, training), 1e-7 * (1 + std::fabs(dx[i])))
@@ -467,18 +469,20 @@ TEST(BatchNormAccuracy, LargeOffsetsOnEveryLayout) {
                    rv64 = to_double(d.running_var);
         std::vector<double> y64(total), mean64(C), invstd64(C), yinf64(total), dx64(total),
             dw64(C), db64(C), dxinf64(total), dwinf64(C), dbinf64(C);
-        ref::batch_norm_forward_training<double, double>(y64.data(), mean64.data(), invstd64.data(),
-                                                         nullptr, nullptr, x64.data(), w64.data(),
-                                                         b64.data(), sh, cfg.eps, 0.1);
-        ref::batch_norm_forward_inference<double, double>(yinf64.data(), x64.data(), w64.data(),
-                                                          b64.data(), rm64.data(), rv64.data(), sh,
-                                                          cfg.eps);
-        ref::batch_norm_backward_training<double, double>(dx64.data(), dw64.data(), db64.data(),
-                                                          dy64.data(), x64.data(), mean64.data(),
-                                                          invstd64.data(), w64.data(), sh);
+        ref::batch_norm_forward_training<double, double>(sh, cfg.eps, 0.1, {}, x64.data(),
+                                                         w64.data(), b64.data(), y64.data(),
+                                                         mean64.data(), invstd64.data(), nullptr,
+                                                         nullptr);
+        ref::batch_norm_forward_inference<double, double>(sh, cfg.eps, {}, x64.data(), w64.data(),
+                                                          b64.data(), rm64.data(), rv64.data(),
+                                                          yinf64.data());
+        ref::batch_norm_backward_training<double, double>(sh, {}, dy64.data(), x64.data(),
+                                                          mean64.data(), invstd64.data(),
+                                                          w64.data(), dx64.data(), dw64.data(),
+                                                          db64.data());
         ref::batch_norm_backward_inference<double, double>(
-            dxinf64.data(), dwinf64.data(), dbinf64.data(), dy64.data(), x64.data(), rm64.data(),
-            rv64.data(), w64.data(), sh, cfg.eps);
+            sh, cfg.eps, {}, dy64.data(), x64.data(), rm64.data(), rv64.data(), w64.data(),
+            dxinf64.data(), dwinf64.data(), dbinf64.data());
         const double tol = 1e-5 * (1 + std::fabs(offset) / scale);
         for (Backend backend : {Backend::cpu, Backend::reference}) {
           // The reference backend too, where it is quick.
@@ -1208,13 +1212,14 @@ TEST(BatchNormReference, EpilogueGradientsMatchFiniteDifferences) {
         std::vector<double> mean(C), invstd(C);
         const plan::ForwardEpilogueOf<double> e{relu, r.data()};
         if (training)
-          ref::batch_norm_forward_training<double, double>(y.data(), mean.data(), invstd.data(),
-                                                           nullptr, nullptr, x.data(), w.data(),
-                                                           b.data(), sh, cfg.eps, 0.0, e);
+          ref::batch_norm_forward_training<double, double>(sh, cfg.eps, 0.0, e, x.data(),
+                                                           w.data(), b.data(), y.data(),
+                                                           mean.data(), invstd.data(), nullptr,
+                                                           nullptr);
         else
-          ref::batch_norm_forward_inference<double, double>(y.data(), x.data(), w.data(),
-                                                            b.data(), rm.data(), rv.data(), sh,
-                                                            cfg.eps, e);
+          ref::batch_norm_forward_inference<double, double>(sh, cfg.eps, e, x.data(), w.data(),
+                                                            b.data(), rm.data(), rv.data(),
+                                                            y.data());
         return std::pair(mean, invstd);
       };
       std::vector<double> pre(total), y(total);
@@ -1233,13 +1238,13 @@ TEST(BatchNormReference, EpilogueGradientsMatchFiniteDifferences) {
       std::vector<double> dx(total), dres(total), dw(C), db(C);
       const plan::BackwardEpilogueOf<double> be{true, y.data(), dres.data()};
       if (training)
-        ref::batch_norm_backward_training<double, double>(dx.data(), dw.data(), db.data(),
-                                                          g.data(), x.data(), mean.data(),
-                                                          invstd.data(), w.data(), sh, be);
+        ref::batch_norm_backward_training<double, double>(sh, be, g.data(), x.data(), mean.data(),
+                                                          invstd.data(), w.data(), dx.data(),
+                                                          dw.data(), db.data());
       else
-        ref::batch_norm_backward_inference<double, double>(dx.data(), dw.data(), db.data(),
-                                                           g.data(), x.data(), rm.data(),
-                                                           rv.data(), w.data(), sh, cfg.eps, be);
+        ref::batch_norm_backward_inference<double, double>(sh, cfg.eps, be, g.data(), x.data(),
+                                                           rm.data(), rv.data(), w.data(),
+                                                           dx.data(), dw.data(), db.data());
       auto loss = [&] {
         std::vector<double> out(total);
         forward(out, true);
