@@ -174,23 +174,14 @@ void batch_norm_forward_inference(const BatchNormParams& params, const TensorVie
   });
 }
 
-void batch_norm_backward_training(const TensorView& dy, const TensorView& x,
-                                  std::span<const float> save_mean,
-                                  std::span<const float> save_invstd,
-                                  std::span<const float> weight, const TensorView& dx,
-                                  std::span<float> dweight, std::span<float> dbias,
-                                  const Context& ctx) {
-  batch_norm_backward_training(BackwardEpilogue{}, dy, x, save_mean, save_invstd, weight, dx,
-                               dweight, dbias, ctx);
-}
-
-void batch_norm_backward_training(const BackwardEpilogue& epilogue, const TensorView& dy,
+void batch_norm_backward_training(const BatchNormBackwardParams& params, const TensorView& dy,
                                   const TensorView& x, std::span<const float> save_mean,
                                   std::span<const float> save_invstd,
                                   std::span<const float> weight, const TensorView& dx,
                                   std::span<float> dweight, std::span<float> dbias,
                                   const Context& ctx) {
   const char* fn = "batch_norm_backward_training";
+  const BackwardEpilogue& epilogue = params.epilogue;
   check_backward(fn, epilogue, dy, x, weight, dx, dweight, dbias);
   check_length(fn, "save_mean", save_mean, x.channels(), "C", true);
   check_length(fn, "save_invstd", save_invstd, x.channels(), "C", true);
@@ -215,24 +206,15 @@ void batch_norm_backward_training(const BackwardEpilogue& epilogue, const Tensor
   });
 }
 
-void batch_norm_backward_inference(const BatchNormParams& params, const TensorView& dy,
-                                   const TensorView& x, std::span<const float> running_mean,
-                                   std::span<const float> running_var,
-                                   std::span<const float> weight, const TensorView& dx,
-                                   std::span<float> dweight, std::span<float> dbias,
-                                   const Context& ctx) {
-  batch_norm_backward_inference(params, BackwardEpilogue{}, dy, x, running_mean, running_var,
-                                weight, dx, dweight, dbias, ctx);
-}
-
-void batch_norm_backward_inference(const BatchNormParams& params,
-                                   const BackwardEpilogue& epilogue, const TensorView& dy,
-                                   const TensorView& x, std::span<const float> running_mean,
+void batch_norm_backward_inference(const BatchNormInferenceBackwardParams& params,
+                                   const TensorView& dy, const TensorView& x,
+                                   std::span<const float> running_mean,
                                    std::span<const float> running_var,
                                    std::span<const float> weight, const TensorView& dx,
                                    std::span<float> dweight, std::span<float> dbias,
                                    const Context& ctx) {
   const char* fn = "batch_norm_backward_inference";
+  const BackwardEpilogue& epilogue = params.epilogue;
   check_backward(fn, epilogue, dy, x, weight, dx, dweight, dbias);
   check_running_stats(fn, x, running_mean, running_var, true);
   detail::check_eps(fn, params.eps);

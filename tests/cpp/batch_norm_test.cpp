@@ -154,13 +154,13 @@ Results run_all(const Config& cfg, const Data& d, const Context& ctx) {
   r.dx = poisoned(total);
   r.dweight = poisoned(C);
   r.dbias = poisoned(C);
-  batch_norm_backward_training(cfg.view(d.dy.data()), cfg.view(d.x.data()), r.save_mean,
+  batch_norm_backward_training({}, cfg.view(d.dy.data()), cfg.view(d.x.data()), r.save_mean,
                                r.save_invstd, opt(d.weight), cfg.view(r.dx.data()), r.dweight,
                                r.dbias, ctx);
   r.dx_inf = poisoned(total);
   r.dweight_inf = poisoned(C);
   r.dbias_inf = poisoned(C);
-  batch_norm_backward_inference(params, cfg.view(d.dy.data()), cfg.view(d.x.data()),
+  batch_norm_backward_inference({.eps = params.eps}, cfg.view(d.dy.data()), cfg.view(d.x.data()),
                                 d.running_mean, d.running_var, opt(d.weight),
                                 cfg.view(r.dx_inf.data()), r.dweight_inf, r.dbias_inf, ctx);
   return r;
@@ -427,7 +427,7 @@ TEST(BatchNormCpu, OptionalOutputsAndAbsentAffine) {
   const Results full = run_all(cfg, d, {});
   for (int which = 0; which < 3; ++which) {
     std::vector<float> dx = poisoned(d.x.size()), dw = poisoned(5), db = poisoned(5);
-    batch_norm_backward_training(cfg.view(d.dy.data()), cfg.view(d.x.data()), full.save_mean,
+    batch_norm_backward_training({}, cfg.view(d.dy.data()), cfg.view(d.x.data()), full.save_mean,
                                  full.save_invstd, d.weight, cfg.view(dx.data()),
                                  which == 1 ? std::span<float>{} : std::span<float>(dw),
                                  which == 2 ? std::span<float>{} : std::span<float>(db));
@@ -597,7 +597,7 @@ TEST(BatchNorm, EmptyBatchWritesNothingAndZeroesParameterGradients) {
       EXPECT_EQ(y, poisoned(1));
       // As torch: the gradient of the parameters is an empty sum.
       std::vector<float> dx = poisoned(1), dw = poisoned(3), db = poisoned(3);
-      batch_norm_backward_training(cfg.view(x.data()), cfg.view(x.data()), mean, invstd, {},
+      batch_norm_backward_training({}, cfg.view(x.data()), cfg.view(x.data()), mean, invstd, {},
                                    cfg.view(dx.data()), dw, db, ctx);
       EXPECT_EQ(dx, poisoned(1));
       EXPECT_EQ(dw, std::vector<float>(3, 0.0f));
@@ -787,40 +787,40 @@ TEST(BatchNormErrors, Backward) {
   const auto cl = MemoryFormat::channels_last;
   expect_rejected({
       {[](Buffers& m) {
-         batch_norm_backward_training(m.vx({N, C, 3}), m.vx(), m.mean, m.invstd, m.w,
+         batch_norm_backward_training({}, m.vx({N, C, 3}), m.vx(), m.mean, m.invstd, m.w,
                                       TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
        },
        {"batch_norm_backward_training", "dy shape (2, 3, 3) != x shape (2, 3, 4)"}},
       {[cl](Buffers& m) {
-         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, 2, 2}, cl),
+         batch_norm_backward_training({}, TensorView(m.dy.data(), {N, C, 2, 2}, cl),
                                       m.vx({N, C, 2, 2}), m.mean, m.invstd, m.w,
                                       TensorView(m.dx.data(), {N, C, 2, 2}), m.dw, m.db);
        },
        {"dy memory format channels_last != x memory format channels_first"}},
       {[](Buffers& m) {
-         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
+         batch_norm_backward_training({}, TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
                                       m.invstd, m.w, TensorView(m.dx.data(), {N, C}), m.dw, m.db);
        },
        {"dx shape (2, 3) != x shape (2, 3, 4)"}},
       {[](Buffers& m) {
-         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(),
+         batch_norm_backward_training({}, TensorView(m.dy.data(), {N, C, H}), m.vx(),
                                       std::span<const float>(m.mean).first(2), m.invstd, m.w,
                                       TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
        },
        {"save_mean has length 2, expected C = 3"}},
       {[](Buffers& m) {
-         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean, {},
+         batch_norm_backward_training({}, TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean, {},
                                       m.w, TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
        },
        {"save_invstd is required"}},
       {[](Buffers& m) {
-         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
+         batch_norm_backward_training({}, TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
                                       m.invstd, m.w, TensorView(m.dx.data(), {N, C, H}),
                                       std::span<float>(m.dw).first(2), m.db);
        },
        {"dweight has length 2, expected C = 3"}},
       {[](Buffers& m) {
-         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
+         batch_norm_backward_training({}, TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
                                       m.invstd, std::span<const float>(m.w).first(2),
                                       TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
        },
@@ -932,13 +932,13 @@ EpilogueResults run_epilogue(const Config& cfg, const EpilogueData& e, DType dty
   r.dbias_inf = poisoned(C);
   const BackwardEpilogue be{ep.relu, ep.relu ? view(my) : TensorView{},
                             ep.dresidual ? view(dres) : TensorView{}};
-  batch_norm_backward_training(be, view(dy), view(x), r.save_mean, r.save_invstd, opt(d.weight),
-                               view(dx), r.dweight, r.dbias, ctx);
+  batch_norm_backward_training({.epilogue = be}, view(dy), view(x), r.save_mean, r.save_invstd,
+                               opt(d.weight), view(dx), r.dweight, r.dbias, ctx);
   const BackwardEpilogue be_inf{ep.relu, ep.relu ? view(my_inf) : TensorView{},
                                 ep.dresidual ? view(dres_inf) : TensorView{}};
-  batch_norm_backward_inference(params, be_inf, view(dy), view(x), d.running_mean,
-                                d.running_var, opt(d.weight), view(dx_inf), r.dweight_inf,
-                                r.dbias_inf, ctx);
+  batch_norm_backward_inference({.eps = params.eps, .epilogue = be_inf}, view(dy), view(x),
+                                d.running_mean, d.running_var, opt(d.weight), view(dx_inf),
+                                r.dweight_inf, r.dbias_inf, ctx);
   r.y = decode(y), r.y_inf = decode(y_inf), r.dx = decode(dx), r.dx_inf = decode(dx_inf);
   if (ep.dresidual) r.dres = decode(dres), r.dres_inf = decode(dres_inf);
   return r;
@@ -1288,13 +1288,14 @@ TEST(BatchNormErrors, Epilogues) {
        },
        {"batch_norm_forward_inference", "epilogue.residual dtype bfloat16 != x dtype float32"}},
       {[](Buffers& m) {
-         batch_norm_backward_training({.relu = true}, TensorView(m.dy.data(), {N, C, H}), m.vx(),
-                                      m.mean, m.invstd, m.w, TensorView(m.dx.data(), {N, C, H}),
-                                      m.dw, m.db);
+         batch_norm_backward_training({.epilogue = {.relu = true}},
+                                      TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
+                                      m.invstd, m.w, TensorView(m.dx.data(), {N, C, H}), m.dw,
+                                      m.db);
        },
        {"batch_norm_backward_training", "epilogue.y (the forward's output) is required"}},
       {[](Buffers& m) {
-         batch_norm_backward_training({.relu = true, .y = m.vy({N, C})},
+         batch_norm_backward_training({.epilogue = {.relu = true, .y = m.vy({N, C})}},
                                       TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
                                       m.invstd, m.w, TensorView(m.dx.data(), {N, C, H}), m.dw,
                                       m.db);
@@ -1302,14 +1303,14 @@ TEST(BatchNormErrors, Epilogues) {
        {"epilogue.y shape (2, 3) != x shape (2, 3, 4)"}},
       {[](Buffers& m) {
          batch_norm_backward_inference(
-             {}, {.dresidual = TensorView(m.y.data(), DType::float16, {N, C, H})},
+             {.epilogue = {.dresidual = TensorView(m.y.data(), DType::float16, {N, C, H})}},
              TensorView(m.dy.data(), {N, C, H}), m.vx(), m.rm, m.rv, m.w,
              TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
        },
        {"batch_norm_backward_inference", "epilogue.dresidual dtype float16 != x dtype float32"}},
       {[](Buffers& m) {
          std::vector<std::byte> ws(1);
-         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
+         batch_norm_backward_training({}, TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
                                       m.invstd, m.w, TensorView(m.dx.data(), {N, C, H}), m.dw,
                                       m.db, {.workspace = ws});
        },
