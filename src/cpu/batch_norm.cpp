@@ -16,7 +16,6 @@
 #include <cmath>
 #include <new>
 #include <type_traits>
-#include <utility>
 
 #ifndef NORMKIT_CPU_BATCH_NORM_KERNELS_
 #define NORMKIT_CPU_BATCH_NORM_KERNELS_
@@ -91,8 +90,8 @@ struct Kernels {
   // ---- per-channel folds, for channels i < n (every pointer at the first one's) ----
   // From the shifted sums over `count` values and the pivots: overwrites mean, invstd and the
   // coefficients a, b of y = x * a + b; updates running_mean and running_var when not null.
-  // Compiled per target with the loops: the compiler fuses its multiply-adds where the target
-  // has FMA, as it always has for these kernels.
+  // Per target like the loops: there the compiler fuses their multiply-adds where the target
+  // has FMA, and target-independent code would round them differently.
   void (*fold_batch)(int64_t n, const PairSums* sums, const float* pivot, double count,
                      double eps, double momentum, const float* weight, const float* bias,
                      float* mean, float* invstd, float* running_mean, float* running_var,
@@ -801,7 +800,7 @@ void for_each_piece(const BatchNormShape& sh, bool stream, RunFn run, RowsFn row
 // One forward call: its arguments and the phases over them.
 template <typename T>
 struct BatchNormForward {
-  const Kernels<T>& k = kernels<T>();
+  const Kernels<T>& k;
   const BatchNormShape& sh;
   const T* x;
   const T* r;  // residual, or null
@@ -869,7 +868,7 @@ struct BatchNormForward {
 // the q term being the gradient through the variance and r the one through the mean.
 template <typename T>
 struct BatchNormBackward {
-  const Kernels<T>& k = kernels<T>();
+  const Kernels<T>& k;
   const BatchNormShape& sh;
   const T* dy;
   const T* mask;  // the forward's y with relu
