@@ -245,8 +245,8 @@ class NormkitCandidate final : public Candidate {
     const std::span<const float> w(data_->weight);
     switch (c_->family) {
       case Family::batch_norm:
-        batch_norm_backward_training(backward_epilogue(), dy_, x_, mean_, rstd_, w, dx, dweight_,
-                                     dbias_, ctx_);
+        batch_norm_backward_training({.epilogue = backward_epilogue()}, dy_, x_, mean_, rstd_, w,
+                                     dx, dweight_, dbias_, ctx_);
         break;
       case Family::group_norm:
         group_norm_backward(group_norm_params(c_->groups), backward_epilogue(), dy_, x_, mean_,

@@ -51,8 +51,8 @@ int main() {
   // dx is ~0; dL/dweight = sum(y * xhat) = M; dL/dbias = sum(y) = 0.
   const std::vector<float>& dy = y;
   std::vector<float> dx(x.size()), dweight(C), dbias(C);
-  normkit::batch_norm_backward_training(TensorView(dy.data(), {N, C, H, W}, nhwc), xv, save_mean,
-                                        save_invstd, weight,
+  normkit::batch_norm_backward_training({}, TensorView(dy.data(), {N, C, H, W}, nhwc), xv,
+                                        save_mean, save_invstd, weight,
                                         TensorView(dx.data(), {N, C, H, W}, nhwc), dweight, dbias);
   double largest_dx = 0;
   for (float v : dx) largest_dx = std::fmax(largest_dx, std::fabs(v));

@@ -423,15 +423,16 @@ py::tuple batch_norm_backward_impl(const py::array& dy_in, const py::array& x_in
     const VectorIn save_mean = vector_input(function, "save_mean", save_mean_in);
     const VectorIn save_invstd = vector_input(function, "save_invstd", save_invstd_in);
     without_gil([&] {
-      normkit::batch_norm_backward_training(dy.view, x.view, save_mean.span, save_invstd.span,
-                                            weight.span, dx.view, dweight.span, dbias.span);
+      normkit::batch_norm_backward_training({}, dy.view, x.view, save_mean.span,
+                                            save_invstd.span, weight.span, dx.view, dweight.span,
+                                            dbias.span);
     });
   } else {
     if (!running_mean_in || !running_var_in)
       value_error(function, "running_mean and running_var are required when training=False");
     const VectorIn running_mean = vector_input(function, "running_mean", running_mean_in);
     const VectorIn running_var = vector_input(function, "running_var", running_var_in);
-    const normkit::BatchNormParams params{eps, 0.0};
+    const normkit::BatchNormInferenceBackwardParams params{.eps = eps};
     without_gil([&] {
       normkit::batch_norm_backward_inference(params, dy.view, x.view, running_mean.span,
                                              running_var.span, weight.span, dx.view,

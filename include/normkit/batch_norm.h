@@ -30,6 +30,19 @@ struct BatchNormParams {
   ForwardEpilogue epilogue = {};
 };
 
+// Parameters of the training backward: the epilogue of the forward it differentiates (the
+// gradient goes through the batch statistics, so no eps: save_invstd already holds it).
+struct BatchNormBackwardParams {
+  BackwardEpilogue epilogue = {};
+};
+
+// Parameters of the inference backward: the eps the inference forward added to running_var,
+// and the forward's epilogue.
+struct BatchNormInferenceBackwardParams {
+  double eps = 1e-5;
+  BackwardEpilogue epilogue = {};
+};
+
 // Bytes of scratch memory the CPU kernels use for an input shaped like x (any of the four
 // functions; 0 for an empty x), including room to align a buffer of any alignment. Pass at
 // least that much as Context::workspace to have no allocation in the call; with an empty
@@ -60,22 +73,16 @@ void batch_norm_forward_inference(const BatchNormParams& params, const TensorVie
                                   const Context& ctx = {});
 
 // Backward of the training forward: the gradient flows through the batch statistics.
-// Reads dy, x, save_mean and save_invstd from the training forward, weight (optional).
-// Overwrites dx and (does not add to) dweight, dbias (optional, length C).
+// With g = relu ? dy * (params.epilogue.y > 0) : dy (the forward's epilogue, epilogue.h), the
+// gradient of the normalization is computed from g.
+// Reads dy, x, save_mean and save_invstd from the training forward, weight (optional),
+// params.epilogue.y (the forward's output, required with relu).
+// Overwrites dx, params.epilogue.dresidual (optional) with g, and (does not add to) dweight,
+// dbias (optional, length C).
 // Throws normkit::Error, before writing anything, on a dy or dx unlike x, a vector of length
-// != C, a missing save_mean / save_invstd, a too-small workspace.
-void batch_norm_backward_training(const TensorView& dy, const TensorView& x,
-                                  std::span<const float> save_mean,
-                                  std::span<const float> save_invstd,
-                                  std::span<const float> weight, const TensorView& dx,
-                                  std::span<float> dweight, std::span<float> dbias,
-                                  const Context& ctx = {});
-
-// The same through the forward's epilogue: with g = relu ? dy * (epilogue.y > 0) : dy, the
-// gradient of the normalization is computed from g, and epilogue.dresidual (optional) is
-// overwritten with g. Reads epilogue.y (the forward's output, required with relu). Throws as
-// above, and when epilogue.y is missing with relu or an epilogue tensor is unlike x.
-void batch_norm_backward_training(const BackwardEpilogue& epilogue, const TensorView& dy,
+// != C, a missing save_mean / save_invstd, epilogue.y missing with relu, an epilogue tensor
+// unlike x, a too-small workspace.
+void batch_norm_backward_training(const BatchNormBackwardParams& params, const TensorView& dy,
                                   const TensorView& x, std::span<const float> save_mean,
                                   std::span<const float> save_invstd,
                                   std::span<const float> weight, const TensorView& dx,
@@ -83,19 +90,12 @@ void batch_norm_backward_training(const BackwardEpilogue& epilogue, const Tensor
                                   const Context& ctx = {});
 
 // Backward of the inference forward: the running statistics are constants.
-// Reads dy, x, running_mean, running_var, weight (optional). Overwrites dx, dweight, dbias.
-// x is read only when dweight is wanted. Throws as the training backward, and on a bad eps.
-void batch_norm_backward_inference(const BatchNormParams& params, const TensorView& dy,
-                                   const TensorView& x, std::span<const float> running_mean,
-                                   std::span<const float> running_var,
-                                   std::span<const float> weight, const TensorView& dx,
-                                   std::span<float> dweight, std::span<float> dbias,
-                                   const Context& ctx = {});
-
-// The same through the forward's epilogue (as for the training backward).
-void batch_norm_backward_inference(const BatchNormParams& params,
-                                   const BackwardEpilogue& epilogue, const TensorView& dy,
-                                   const TensorView& x, std::span<const float> running_mean,
+// Reads dy, x, running_mean, running_var, weight (optional), params.epilogue.y (with relu).
+// Overwrites dx, params.epilogue.dresidual (optional), dweight, dbias. x is read only when
+// dweight is wanted. Throws as the training backward, and on a bad params.eps.
+void batch_norm_backward_inference(const BatchNormInferenceBackwardParams& params,
+                                   const TensorView& dy, const TensorView& x,
+                                   std::span<const float> running_mean,
                                    std::span<const float> running_var,
                                    std::span<const float> weight, const TensorView& dx,
                                    std::span<float> dweight, std::span<float> dbias,

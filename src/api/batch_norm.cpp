@@ -60,25 +60,20 @@ void check_running_stats(const char* fn, const TensorView& x, std::span<const fl
                          (running_mean.data() ? "running_mean" : "running_var"));
 }
 
-std::span<std::byte> checked_workspace(const char* fn, const TensorView& x, const Context& ctx) {
-  const std::size_t need = is_empty(x) ? 0 : cpu::workspace_size(shape_of(x));
-  return detail::checked_workspace(fn, "batch_norm_workspace_size(x)", need, ctx);
-}
-
-cpu::ForwardJob forward_job(const BatchNormParams& params, const TensorView& x,
-                            std::span<const float> weight, std::span<const float> bias,
-                            const TensorView& y) {
-  cpu::ForwardJob job;
-  job.dtype = x.dtype;
-  job.shape = shape_of(x);
-  job.x = x.data;
-  job.y = y.data;
-  job.residual = params.epilogue.residual.data;
-  job.relu = params.epilogue.relu;
-  job.weight = ptr(weight);
-  job.bias = ptr(bias);
-  job.eps = params.eps;
-  return job;
+// The plan of a call (cpu/batch_norm.h), built once, and the caller's workspace checked
+// against it.
+struct Planned {
+  cpu::BatchNormPlan plan;
+  std::span<std::byte> workspace;
+};
+Planned plan_call(const char* fn, const TensorView& x, const Context& ctx) {
+  Planned p;
+  if (!is_empty(x))
+    p.plan = cpu::plan_batch_norm(shape_of(x), int64_t(element_size(x.dtype)),
+                                  detail::thread_count(ctx));
+  p.workspace = detail::checked_workspace(fn, "batch_norm_workspace_size(x)",
+                                          p.plan.scratch.bytes, ctx);
+  return p;
 }
 
 // The checks both backwards share: x and weight, dy and dx like x, the epilogue, and the
@@ -98,25 +93,6 @@ void check_backward(const char* fn, const BackwardEpilogue& epilogue, const Tens
 void zero_parameter_grads(std::span<float> dweight, std::span<float> dbias) {
   for (float& v : dweight) v = 0;
   for (float& v : dbias) v = 0;
-}
-
-cpu::BackwardJob backward_job(const BackwardEpilogue& epilogue, const TensorView& dy,
-                              const TensorView& x, std::span<const float> weight,
-                              const TensorView& dx, std::span<float> dweight,
-                              std::span<float> dbias) {
-  cpu::BackwardJob job;
-  job.dtype = x.dtype;
-  job.shape = shape_of(x);
-  job.dy = dy.data;
-  job.x = x.data;
-  job.dx = dx.data;
-  job.relu = epilogue.relu;
-  job.y = epilogue.relu ? epilogue.y.data : nullptr;
-  job.dresidual = epilogue.dresidual.data;
-  job.weight = ptr(weight);
-  job.dweight = ptr(dweight);
-  job.dbias = ptr(dbias);
-  return job;
 }
 
 }  // namespace
@@ -142,7 +118,7 @@ void batch_norm_forward_training(const BatchNormParams& params, const TensorView
   detail::check_momentum(fn, params.momentum);
   // torch's wording, so that users recognize it.
   check_more_than_one_value(fn, x);
-  const auto workspace = checked_workspace(fn, x, ctx);
+  const Planned call = plan_call(fn, x, ctx);
   // As torch: an empty batch gives an empty output and leaves the running statistics alone.
   if (is_empty(x)) return;
 
@@ -151,16 +127,19 @@ void batch_norm_forward_training(const BatchNormParams& params, const TensorView
     visit_dtype(x.dtype, [&](auto tag) {
       using A = decltype(tag);
       ref::batch_norm_forward_training<A, float>(
-          y.as<A>(), ptr(save_mean), ptr(save_invstd), ptr(running_mean), ptr(running_var),
-          x.as<const A>(), ptr(weight), ptr(bias), sh, params.eps, params.momentum,
-          plan::ForwardEpilogueOf<A>::from(params.epilogue));
+          sh, params.eps, params.momentum, plan::ForwardEpilogueOf<A>::from(params.epilogue),
+          x.as<const A>(), ptr(weight), ptr(bias), y.as<A>(), ptr(save_mean), ptr(save_invstd),
+          ptr(running_mean), ptr(running_var));
     });
     return;
   }
-  const cpu::ForwardJob job = forward_job(params, x, weight, bias, y);
-  cpu::batch_norm_forward_training(job, ptr(save_mean), ptr(save_invstd), ptr(running_mean),
-                                   ptr(running_var), params.momentum, detail::thread_count(ctx),
-                                   workspace);
+  visit_dtype(x.dtype, [&](auto tag) {
+    using A = decltype(tag);
+    cpu::batch_norm_forward_training<A>(
+        call.plan, params.eps, params.momentum, plan::ForwardEpilogueOf<A>::from(params.epilogue),
+        x.as<const A>(), ptr(weight), ptr(bias), y.as<A>(), ptr(save_mean), ptr(save_invstd),
+        ptr(running_mean), ptr(running_var), call.workspace);
+  });
 }
 
 void batch_norm_forward_inference(const BatchNormParams& params, const TensorView& x,
@@ -174,99 +153,91 @@ void batch_norm_forward_inference(const BatchNormParams& params, const TensorVie
   check_like(fn, "y", y, "x", x);
   check_forward_epilogue(fn, params.epilogue, x);
   detail::check_eps(fn, params.eps);
-  const auto workspace = checked_workspace(fn, x, ctx);
+  const Planned call = plan_call(fn, x, ctx);
   if (is_empty(x)) return;
 
   const auto sh = shape_of(x);
   if (ctx.backend == Backend::reference) {
     visit_dtype(x.dtype, [&](auto tag) {
       using A = decltype(tag);
-      ref::batch_norm_forward_inference<A, float>(y.as<A>(), x.as<const A>(), ptr(weight),
-                                                  ptr(bias), ptr(running_mean),
-                                                  ptr(running_var), sh, params.eps,
-                                                  plan::ForwardEpilogueOf<A>::from(params.epilogue));
+      ref::batch_norm_forward_inference<A, float>(
+          sh, params.eps, plan::ForwardEpilogueOf<A>::from(params.epilogue), x.as<const A>(),
+          ptr(weight), ptr(bias), ptr(running_mean), ptr(running_var), y.as<A>());
     });
     return;
   }
-  const cpu::ForwardJob job = forward_job(params, x, weight, bias, y);
-  cpu::batch_norm_forward_inference(job, ptr(running_mean), ptr(running_var),
-                                    detail::thread_count(ctx), workspace);
+  visit_dtype(x.dtype, [&](auto tag) {
+    using A = decltype(tag);
+    cpu::batch_norm_forward_inference<A>(
+        call.plan, params.eps, plan::ForwardEpilogueOf<A>::from(params.epilogue), x.as<const A>(),
+        ptr(weight), ptr(bias), ptr(running_mean), ptr(running_var), y.as<A>(), call.workspace);
+  });
 }
 
-void batch_norm_backward_training(const TensorView& dy, const TensorView& x,
-                                  std::span<const float> save_mean,
-                                  std::span<const float> save_invstd,
-                                  std::span<const float> weight, const TensorView& dx,
-                                  std::span<float> dweight, std::span<float> dbias,
-                                  const Context& ctx) {
-  batch_norm_backward_training(BackwardEpilogue{}, dy, x, save_mean, save_invstd, weight, dx,
-                               dweight, dbias, ctx);
-}
-
-void batch_norm_backward_training(const BackwardEpilogue& epilogue, const TensorView& dy,
+void batch_norm_backward_training(const BatchNormBackwardParams& params, const TensorView& dy,
                                   const TensorView& x, std::span<const float> save_mean,
                                   std::span<const float> save_invstd,
                                   std::span<const float> weight, const TensorView& dx,
                                   std::span<float> dweight, std::span<float> dbias,
                                   const Context& ctx) {
   const char* fn = "batch_norm_backward_training";
+  const BackwardEpilogue& epilogue = params.epilogue;
   check_backward(fn, epilogue, dy, x, weight, dx, dweight, dbias);
   check_length(fn, "save_mean", save_mean, x.channels(), "C", true);
   check_length(fn, "save_invstd", save_invstd, x.channels(), "C", true);
-  const auto workspace = checked_workspace(fn, x, ctx);
+  const Planned call = plan_call(fn, x, ctx);
   if (is_empty(x)) return zero_parameter_grads(dweight, dbias);
   const auto sh = shape_of(x);
   if (ctx.backend == Backend::reference) {
     visit_dtype(x.dtype, [&](auto tag) {
       using A = decltype(tag);
       ref::batch_norm_backward_training<A, float>(
-          dx.as<A>(), ptr(dweight), ptr(dbias), dy.as<const A>(), x.as<const A>(),
-          ptr(save_mean), ptr(save_invstd), ptr(weight), sh, plan::BackwardEpilogueOf<A>::from(epilogue));
+          sh, plan::BackwardEpilogueOf<A>::from(epilogue), dy.as<const A>(), x.as<const A>(),
+          ptr(save_mean), ptr(save_invstd), ptr(weight), dx.as<A>(), ptr(dweight), ptr(dbias));
     });
     return;
   }
-  const cpu::BackwardJob job = backward_job(epilogue, dy, x, weight, dx, dweight, dbias);
-  cpu::batch_norm_backward_training(job, ptr(save_mean), ptr(save_invstd),
-                                    detail::thread_count(ctx), workspace);
+  visit_dtype(x.dtype, [&](auto tag) {
+    using A = decltype(tag);
+    cpu::batch_norm_backward_training<A>(
+        call.plan, plan::BackwardEpilogueOf<A>::from(epilogue), dy.as<const A>(), x.as<const A>(),
+        ptr(save_mean), ptr(save_invstd), ptr(weight), dx.as<A>(), ptr(dweight), ptr(dbias),
+        call.workspace);
+  });
 }
 
-void batch_norm_backward_inference(const BatchNormParams& params, const TensorView& dy,
-                                   const TensorView& x, std::span<const float> running_mean,
-                                   std::span<const float> running_var,
-                                   std::span<const float> weight, const TensorView& dx,
-                                   std::span<float> dweight, std::span<float> dbias,
-                                   const Context& ctx) {
-  batch_norm_backward_inference(params, BackwardEpilogue{}, dy, x, running_mean, running_var,
-                                weight, dx, dweight, dbias, ctx);
-}
-
-void batch_norm_backward_inference(const BatchNormParams& params,
-                                   const BackwardEpilogue& epilogue, const TensorView& dy,
-                                   const TensorView& x, std::span<const float> running_mean,
+void batch_norm_backward_inference(const BatchNormInferenceBackwardParams& params,
+                                   const TensorView& dy, const TensorView& x,
+                                   std::span<const float> running_mean,
                                    std::span<const float> running_var,
                                    std::span<const float> weight, const TensorView& dx,
                                    std::span<float> dweight, std::span<float> dbias,
                                    const Context& ctx) {
   const char* fn = "batch_norm_backward_inference";
+  const BackwardEpilogue& epilogue = params.epilogue;
   check_backward(fn, epilogue, dy, x, weight, dx, dweight, dbias);
   check_running_stats(fn, x, running_mean, running_var, true);
   detail::check_eps(fn, params.eps);
-  const auto workspace = checked_workspace(fn, x, ctx);
+  const Planned call = plan_call(fn, x, ctx);
   if (is_empty(x)) return zero_parameter_grads(dweight, dbias);
   const auto sh = shape_of(x);
   if (ctx.backend == Backend::reference) {
     visit_dtype(x.dtype, [&](auto tag) {
       using A = decltype(tag);
       ref::batch_norm_backward_inference<A, float>(
-          dx.as<A>(), ptr(dweight), ptr(dbias), dy.as<const A>(), x.as<const A>(),
-          ptr(running_mean), ptr(running_var), ptr(weight), sh, params.eps,
-          plan::BackwardEpilogueOf<A>::from(epilogue));
+          sh, params.eps, plan::BackwardEpilogueOf<A>::from(epilogue), dy.as<const A>(),
+          x.as<const A>(), ptr(running_mean), ptr(running_var), ptr(weight), dx.as<A>(),
+          ptr(dweight), ptr(dbias));
     });
     return;
   }
-  const cpu::BackwardJob job = backward_job(epilogue, dy, x, weight, dx, dweight, dbias);
-  cpu::batch_norm_backward_inference(job, ptr(running_mean), ptr(running_var), params.eps,
-                                     detail::thread_count(ctx), workspace);
+  visit_dtype(x.dtype, [&](auto tag) {
+    using A = decltype(tag);
+    cpu::batch_norm_backward_inference<A>(
+        call.plan, params.eps, plan::BackwardEpilogueOf<A>::from(epilogue), dy.as<const A>(),
+        x.as<const A>(), ptr(running_mean), ptr(running_var), ptr(weight), dx.as<A>(),
+        ptr(dweight), ptr(dbias), call.workspace);
+  });
 }
 
 }  // namespace normkit

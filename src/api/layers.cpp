@@ -155,12 +155,12 @@ void BatchNorm::forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
 void BatchNorm::backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
                             const TensorView& dx) {
   if (used_batch_stats_)
-    batch_norm_backward_training(epilogue, dy, saved_x_, save_mean_, save_invstd_,
+    batch_norm_backward_training({.epilogue = epilogue}, dy, saved_x_, save_mean_, save_invstd_,
                                  optional_view(weight), dx, optional_view(weight_grad),
                                  optional_view(bias_grad), context);
   else
-    batch_norm_backward_inference({.eps = used_eps_}, epilogue, dy, saved_x_, running_mean,
-                                  running_var, optional_view(weight), dx,
+    batch_norm_backward_inference({.eps = used_eps_, .epilogue = epilogue}, dy, saved_x_,
+                                  running_mean, running_var, optional_view(weight), dx,
                                   optional_view(weight_grad), optional_view(bias_grad), context);
 }
 

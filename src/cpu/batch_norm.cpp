@@ -1,7 +1,5 @@
-// BatchNorm on the CPU (see batch_norm.h): per-channel reductions over (N, spatial) cut into
-// units fixed by the shape, merged per channel in a fixed order; elementwise passes with
-// per-channel coefficients folded in double. Written once with Highway and compiled for every
-// SIMD target; the best one the CPU supports is chosen at run time.
+// BatchNorm CPU kernels (see batch_norm.h): SIMD leaf loops per Highway target first, then the
+// plan, the phases and the drivers (HWY_ONCE section), written once for every target.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "cpu/batch_norm.cpp"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
@@ -12,16 +10,459 @@
 #include "cpu/scratch.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
+#include "cpu/column_sums-inl.h"
 
 #include <algorithm>
 #include <cmath>
-#include <memory>
 #include <new>
-#include <utility>
+#include <type_traits>
 
-#ifndef NORMKIT_CPU_BATCH_NORM_ONCE_
-#define NORMKIT_CPU_BATCH_NORM_ONCE_
+#ifndef NORMKIT_CPU_BATCH_NORM_KERNELS_
+#define NORMKIT_CPU_BATCH_NORM_KERNELS_
 namespace normkit::cpu::bn {
+
+// Values each float accumulator of a contiguous run's sums adds up before its lanes are added to
+// a double: short enough that float rounding stays near 1e-6 relative on every target.
+constexpr int64_t kChunk = 512;
+
+// Two sums over a set of values of one channel, each in double:
+//   statistics: first = sum(x - pivot), second = sum((x - pivot)^2)
+//   gradients:  first = sum(g),         second = sum(g * (x - mean))
+// Partial sums of pieces fixed by the shape are added in a fixed order: no division per piece.
+struct PairSums {
+  double first = 0;
+  double second = 0;
+};
+
+// The float accumulators of one channel's run sums between calls of the run-sums kernels: two
+// vectors per sum, one lane for the runs' tails, and the count of values not yet added to the
+// PairSums. Zero-initialized ({}) before a channel's first run.
+struct RunAccumulators {
+  static constexpr int kMaxLanes = 16;  // floats of the widest x86 vector
+  float a0[kMaxLanes], a1[kMaxLanes], b0[kMaxLanes], b1[kMaxLanes];
+  float at, bt;
+  int64_t pending;
+};
+
+// The leaf loops of one SIMD target for activations of type T. `mask` (null: none) is the
+// forward's output y whose sign gates the incoming gradient: g = mask > 0 ? dy : 0. `stream`:
+// the output (y or dx) with non-temporal stores where they apply (float32; see cpu/simd.h).
+template <typename T>
+struct Kernels {
+  // ---- forward: y = relu?(x * a + b + r?) ----
+  // Over a run of n values with one channel's a, b.
+  void (*affine_run)(T* y, const T* x, const T* r, int64_t n, float a, float b, bool relu,
+                     bool stream);
+  // Over `rows` channels-last rows of `channels` values, a[c], b[c] per column.
+  void (*affine_rows)(T* y, const T* x, const T* r, int64_t rows, int64_t channels,
+                      const float* a, const float* b, bool relu, bool stream);
+  // Over a slab of n values with coefficients a[i], b[i] per value (the per-channel ones
+  // spread over a block of planes); streams whatever the slab's length when `stream`.
+  void (*affine_slab)(T* y, const T* x, const T* r, int64_t n, const float* a, const float* b,
+                      bool relu, bool stream);
+
+  // ---- backward: dx = g * p + (x - m) * q + r, or g * p when x is null; dres = g (if not
+  // null; never streamed) ----
+  void (*dx_run)(T* dx, T* dres, const T* dy, const T* mask, const T* x, int64_t n, float p,
+                 float q, float r, float m, bool stream);
+  void (*dx_rows)(T* dx, T* dres, const T* dy, const T* mask, const T* x, int64_t rows,
+                  int64_t channels, const float* p, const float* q, const float* r,
+                  const float* m, bool stream);
+
+  // ---- sums of a run: add to acc, and from acc to `out` in double whenever kChunk values are
+  // pending (where depends only on the run lengths) ----
+  // Statistics: x - center and its square.
+  void (*stat_run_sums)(const T* x, int64_t n, float center, RunAccumulators* acc,
+                        PairSums* out);
+  // Gradients: g and g * (x - center).
+  void (*grad_run_sums)(const T* x, const T* dy, const T* mask, int64_t n, float center,
+                        RunAccumulators* acc, PairSums* out);
+  // Adds what acc holds to out (nothing when no value is pending) and clears it.
+  void (*flush_run_sums)(RunAccumulators* acc, PairSums* out);
+
+  // ---- sums of a block of columns (cpu/column_sums-inl.h): over `rows` rows (row k at offset
+  // k * stride) of `width` columns, overwrites s1[j], s2[j] with column j's float sums ----
+  void (*stat_column_sums)(const T* x, int64_t rows, int64_t width, int64_t stride,
+                           const float* centers, float* s1, float* s2);
+  void (*grad_column_sums)(const T* x, const T* dy, const T* mask, int64_t rows, int64_t width,
+                           int64_t stride, const float* centers, float* s1, float* s2);
+
+  // ---- per-channel folds, for channels i < n (every pointer at the first one's) ----
+  // From the shifted sums over `count` values and the pivots: overwrites mean, invstd and the
+  // coefficients a, b of y = x * a + b; updates running_mean and running_var when not null.
+  // Per target like the loops: there the compiler fuses their multiply-adds where the target
+  // has FMA, and target-independent code would round them differently.
+  void (*fold_batch)(int64_t n, const PairSums* sums, const float* pivot, double count,
+                     double eps, double momentum, const float* weight, const float* bias,
+                     float* mean, float* invstd, float* running_mean, float* running_var,
+                     float* a, float* b);
+  // From the running statistics: overwrites a, b.
+  void (*fold_running)(int64_t n, const float* running_mean, const float* running_var,
+                       double eps, const float* weight, const float* bias, float* a, float* b);
+};
+
+}  // namespace normkit::cpu::bn
+#endif  // NORMKIT_CPU_BATCH_NORM_KERNELS_
+
+HWY_BEFORE_NAMESPACE();
+namespace normkit::cpu::HWY_NAMESPACE {
+namespace {
+
+using bn::kChunk;
+using bn::PairSums;
+using bn::RunAccumulators;
+
+template <class D>
+using V = hn::Vec<D>;
+
+template <typename T>
+const T* at(const T* p, int64_t i) {
+  return p ? p + i : nullptr;
+}
+template <typename T>
+T* at(T* p, int64_t i) {
+  return p ? p + i : nullptr;
+}
+
+// ---- elementwise steps, the same for a full vector and a one-lane tail ----
+
+// y = relu?(x * a + b + residual?)
+template <bool kResidual, bool kRelu, bool kStream = false, class D, typename T>
+HWY_INLINE void ForwardStep(D d, const T* HWY_RESTRICT x, const T* HWY_RESTRICT r,
+                            T* HWY_RESTRICT y, V<D> a, V<D> b) {
+  auto v = hn::MulAdd(LoadF(d, x), a, b);
+  if constexpr (kResidual) v = hn::Add(v, LoadF(d, r));
+  // Not Max(v, 0): a NaN stays a NaN, as in torch's relu.
+  if constexpr (kRelu) v = hn::IfThenZeroElse(hn::Lt(v, hn::Zero(d)), v);
+  StoreOut<kStream>(v, d, y);
+}
+
+// The gradient the normalization sees: dy, zeroed where the ReLU's output was not positive.
+template <bool kRelu, class D, typename T>
+HWY_INLINE V<D> Upstream(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT y) {
+  const auto g = LoadF(d, dy);
+  if constexpr (kRelu) return hn::IfThenElseZero(hn::Gt(LoadF(d, y), hn::Zero(d)), g);
+  return g;
+}
+
+// dx = g * p + (x - m) * q + r (kX), or g * p (no x: the inference backward); dresidual = g.
+// kStream: dx (not dresidual, whose alignment may differ) with non-temporal stores.
+template <bool kRelu, bool kDresidual, bool kX, bool kStream = false, class D, typename T>
+HWY_INLINE void BackwardStep(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT x,
+                             const T* HWY_RESTRICT y, T* HWY_RESTRICT dx, T* HWY_RESTRICT dres,
+                             V<D> p, V<D> q, V<D> r, V<D> m) {
+  const auto g = Upstream<kRelu>(d, dy, y);
+  if constexpr (kDresidual) StoreF(g, d, dres);
+  if constexpr (kX)
+    StoreOut<kStream>(hn::MulAdd(g, p, hn::MulAdd(hn::Sub(LoadF(d, x), m), q, r)), d, dx);
+  else
+    StoreOut<kStream>(hn::Mul(g, p), d, dx);
+}
+
+// ---- elementwise loops: one run (one channel), a slab, or a block of rows (all channels) ----
+
+template <bool kResidual, bool kRelu, bool kStream, typename T>
+void ForwardRunT(T* y, const T* x, const T* r, int64_t n, float a, float b) {
+  ForEachInRun<kStream>(y, n, [&](auto d, int64_t i, auto stream) {
+    ForwardStep<kResidual, kRelu, decltype(stream)::value>(d, x + i, at(r, i), y + i,
+                                                           hn::Set(d, a), hn::Set(d, b));
+  });
+}
+
+// Each value's arithmetic is ForwardRunT's.
+template <bool kResidual, bool kRelu, bool kStream, typename T>
+void ForwardSlabT(T* y, const T* x, const T* r, int64_t n, const float* a, const float* b) {
+  ForEachInRun<kStream, true>(y, n, [&](auto d, int64_t i, auto stream) {
+    ForwardStep<kResidual, kRelu, decltype(stream)::value>(
+        d, x + i, at(r, i), y + i, hn::LoadU(d, a + i), hn::LoadU(d, b + i));
+  });
+}
+
+template <bool kResidual, bool kRelu, bool kStream, typename T>
+void ForwardRowsT(T* y, const T* x, const T* r, int64_t rows, int64_t C, const float* a,
+                  const float* b) {
+  ForEachInRows<kStream>(y, rows, C, [&](auto d, int64_t o, int64_t j, auto stream) {
+    ForwardStep<kResidual, kRelu, decltype(stream)::value>(
+        d, x + o + j, at(r, o + j), y + o + j, hn::LoadU(d, a + j), hn::LoadU(d, b + j));
+  });
+}
+
+// f(std::bool_constant<kResidual>, std::bool_constant<kRelu>, std::bool_constant<kStream>).
+template <typename T, class F>
+void VisitForward(bool residual, bool relu, bool stream, const F& f) {
+  WithStream<T>(stream, [&](auto s) {
+    if (residual && relu) f(std::true_type(), std::true_type(), s);
+    else if (residual) f(std::true_type(), std::false_type(), s);
+    else if (relu) f(std::false_type(), std::true_type(), s);
+    else f(std::false_type(), std::false_type(), s);
+  });
+}
+
+template <typename T>
+void AffineRun(T* y, const T* x, const T* r, int64_t n, float a, float b, bool relu,
+               bool stream) {
+  VisitForward<T>(r != nullptr, relu, stream, [&](auto kR, auto kU, auto kS) {
+    ForwardRunT<kR.value, kU.value, kS.value>(y, x, r, n, a, b);
+  });
+}
+
+template <typename T>
+void AffineSlab(T* y, const T* x, const T* r, int64_t n, const float* a, const float* b,
+                bool relu, bool stream) {
+  VisitForward<T>(r != nullptr, relu, stream, [&](auto kR, auto kU, auto kS) {
+    ForwardSlabT<kR.value, kU.value, kS.value>(y, x, r, n, a, b);
+  });
+}
+
+template <typename T>
+void AffineRows(T* y, const T* x, const T* r, int64_t rows, int64_t C, const float* a,
+                const float* b, bool relu, bool stream) {
+  VisitForward<T>(r != nullptr, relu, stream, [&](auto kR, auto kU, auto kS) {
+    ForwardRowsT<kR.value, kU.value, kS.value>(y, x, r, rows, C, a, b);
+  });
+}
+
+template <bool kRelu, bool kDresidual, bool kX, bool kStream, typename T>
+void BackwardRunT(T* dx, T* dres, const T* dy, const T* y, const T* x, int64_t n, float p,
+                  float q, float r, float m) {
+  ForEachInRun<kStream>(dx, n, [&](auto d, int64_t i, auto stream) {
+    BackwardStep<kRelu, kDresidual, kX, decltype(stream)::value>(
+        d, dy + i, at(x, i), at(y, i), dx + i, at(dres, i), hn::Set(d, p), hn::Set(d, q),
+        hn::Set(d, r), hn::Set(d, m));
+  });
+}
+
+template <bool kRelu, bool kDresidual, bool kX, bool kStream, typename T>
+void BackwardRowsT(T* dx, T* dres, const T* dy, const T* y, const T* x, int64_t rows, int64_t C,
+                   const float* p, const float* q, const float* r, const float* m) {
+  ForEachInRows<kStream>(dx, rows, C, [&](auto d, int64_t o, int64_t j, auto stream) {
+    BackwardStep<kRelu, kDresidual, kX, decltype(stream)::value>(
+        d, dy + o + j, at(x, o + j), at(y, o + j), dx + o + j, at(dres, o + j),
+        hn::LoadU(d, p + j), hn::LoadU(d, q + j), hn::LoadU(d, r + j), hn::LoadU(d, m + j));
+  });
+}
+
+// f(kRelu, kDresidual, kX, kStream) as std::bool_constants.
+template <typename T, class F>
+void VisitBackward(bool relu, bool dres, bool with_x, bool stream, const F& f) {
+  const auto visit_x = [&](auto kU, auto kD) {
+    WithStream<T>(stream, [&](auto kS) {
+      if (with_x) f(kU, kD, std::true_type(), kS);
+      else f(kU, kD, std::false_type(), kS);
+    });
+  };
+  if (relu && dres) visit_x(std::true_type(), std::true_type());
+  else if (relu) visit_x(std::true_type(), std::false_type());
+  else if (dres) visit_x(std::false_type(), std::true_type());
+  else visit_x(std::false_type(), std::false_type());
+}
+
+template <typename T>
+void DxRun(T* dx, T* dres, const T* dy, const T* mask, const T* x, int64_t n, float p, float q,
+           float r, float m, bool stream) {
+  VisitBackward<T>(mask != nullptr, dres != nullptr, x != nullptr, stream,
+                   [&](auto kU, auto kD, auto kX, auto kS) {
+                     BackwardRunT<kU.value, kD.value, kX.value, kS.value>(dx, dres, dy, mask, x,
+                                                                          n, p, q, r, m);
+                   });
+}
+
+template <typename T>
+void DxRows(T* dx, T* dres, const T* dy, const T* mask, const T* x, int64_t rows, int64_t C,
+            const float* p, const float* q, const float* r, const float* m, bool stream) {
+  VisitBackward<T>(mask != nullptr, dres != nullptr, x != nullptr, stream,
+                   [&](auto kU, auto kD, auto kX, auto kS) {
+                     BackwardRowsT<kU.value, kD.value, kX.value, kS.value>(
+                         dx, dres, dy, mask, x, rows, C, p, q, r, m);
+                   });
+}
+
+// ---- sums ----
+
+// The gradient terms of the two sums (see PairSums): g and g * (x - center), g the masked dy.
+template <bool kRelu>
+struct GradTerms {
+  template <class D, typename T>
+  HWY_INLINE static void Step(D d, const T* HWY_RESTRICT x, const T* HWY_RESTRICT dy,
+                              const T* HWY_RESTRICT y, V<D> center, V<D>& s1, V<D>& s2) {
+    const auto g = Upstream<kRelu>(d, dy, y);
+    s1 = hn::Add(s1, g);
+    s2 = hn::MulAdd(g, hn::Sub(LoadF(d, x), center), s2);
+  }
+};
+
+// The accumulators of RunAccumulators in registers.
+struct RunRegisters {
+  V<DF> a0, a1, b0, b1;
+  V<D1> at, bt;
+};
+
+void FlushRun(RunRegisters& v, int64_t& pending, PairSums* out) {
+  if (pending == 0) return;
+  const DF d;
+  out->first += SumLanes(d, hn::Add(v.a0, v.a1)) + double(hn::GetLane(v.at));
+  out->second += SumLanes(d, hn::Add(v.b0, v.b1)) + double(hn::GetLane(v.bt));
+  v.a0 = v.a1 = v.b0 = v.b1 = hn::Zero(d);
+  v.at = v.bt = hn::Zero(D1());
+  pending = 0;
+}
+
+// Sums over contiguous runs added one after another: float vector accumulators (two per sum,
+// and one-lane ones for each run's tail) carried from run to run in acc and added to `out` in
+// double once kChunk values are pending. Where the flushes fall depends only on the run lengths,
+// so both schedules get the same bits.
+template <class Terms, typename T>
+void RunSumsT(const T* x, const T* dy, const T* mask, int64_t n, float center,
+              RunAccumulators* acc, PairSums* out) {
+  const DF d;
+  const D1 d1;
+  static_assert(hn::MaxLanes(DF()) <= RunAccumulators::kMaxLanes);
+  const int64_t N = int64_t(hn::Lanes(d));
+  RunRegisters v{hn::LoadU(d, acc->a0), hn::LoadU(d, acc->a1), hn::LoadU(d, acc->b0),
+                 hn::LoadU(d, acc->b1), hn::LoadU(d1, &acc->at), hn::LoadU(d1, &acc->bt)};
+  const auto vc = hn::Set(d, center);
+  const auto vc1 = hn::Set(d1, center);
+  for (int64_t start = 0; start < n; start += kChunk) {
+    const int64_t len = std::min(kChunk, n - start);
+    const T* xs = x + start;
+    const T* g = at(dy, start);
+    const T* w = at(mask, start);
+    int64_t i = 0;
+    for (; i + 2 * N <= len; i += 2 * N) {
+      Terms::Step(d, xs + i, at(g, i), at(w, i), vc, v.a0, v.b0);
+      Terms::Step(d, xs + i + N, at(g, i + N), at(w, i + N), vc, v.a1, v.b1);
+    }
+    for (; i + N <= len; i += N) Terms::Step(d, xs + i, at(g, i), at(w, i), vc, v.a0, v.b0);
+    for (; i < len; ++i) Terms::Step(d1, xs + i, at(g, i), at(w, i), vc1, v.at, v.bt);
+    acc->pending += len;
+    if (acc->pending >= kChunk) FlushRun(v, acc->pending, out);
+  }
+  hn::StoreU(v.a0, d, acc->a0), hn::StoreU(v.a1, d, acc->a1);
+  hn::StoreU(v.b0, d, acc->b0), hn::StoreU(v.b1, d, acc->b1);
+  hn::StoreU(v.at, d1, &acc->at), hn::StoreU(v.bt, d1, &acc->bt);
+}
+
+template <typename T>
+void StatRunSums(const T* x, int64_t n, float center, RunAccumulators* acc, PairSums* out) {
+  const T* none = nullptr;
+  RunSumsT<ShiftedTerms>(x, none, none, n, center, acc, out);
+}
+
+template <typename T>
+void GradRunSums(const T* x, const T* dy, const T* mask, int64_t n, float center,
+                 RunAccumulators* acc, PairSums* out) {
+  if (mask) RunSumsT<GradTerms<true>>(x, dy, mask, n, center, acc, out);
+  else RunSumsT<GradTerms<false>>(x, dy, mask, n, center, acc, out);
+}
+
+void FlushRunSums(RunAccumulators* acc, PairSums* out) {
+  const DF d;
+  const D1 d1;
+  RunRegisters v{hn::LoadU(d, acc->a0), hn::LoadU(d, acc->a1), hn::LoadU(d, acc->b0),
+                 hn::LoadU(d, acc->b1), hn::LoadU(d1, &acc->at), hn::LoadU(d1, &acc->bt)};
+  FlushRun(v, acc->pending, out);
+  hn::StoreU(v.a0, d, acc->a0), hn::StoreU(v.a1, d, acc->a1);
+  hn::StoreU(v.b0, d, acc->b0), hn::StoreU(v.b1, d, acc->b1);
+  hn::StoreU(v.at, d1, &acc->at), hn::StoreU(v.bt, d1, &acc->bt);
+}
+
+template <class Terms, typename T>
+void ColumnSumsT(const T* x, const T* dy, const T* mask, int64_t rows, int64_t width,
+                 int64_t stride, const float* centers, float* s1, float* s2) {
+  ColumnSums<Terms>(x, dy, mask, rows, width, stride, centers,
+                    [&](auto d, int64_t j, auto a, auto b) {
+                      hn::StoreU(a, d, s1 + j);
+                      hn::StoreU(b, d, s2 + j);
+                    });
+}
+
+template <typename T>
+void StatColumnSums(const T* x, int64_t rows, int64_t width, int64_t stride,
+                    const float* centers, float* s1, float* s2) {
+  const T* none = nullptr;
+  ColumnSumsT<ShiftedTerms>(x, none, none, rows, width, stride, centers, s1, s2);
+}
+
+template <typename T>
+void GradColumnSums(const T* x, const T* dy, const T* mask, int64_t rows, int64_t width,
+                    int64_t stride, const float* centers, float* s1, float* s2) {
+  if (mask) ColumnSumsT<GradTerms<true>>(x, dy, mask, rows, width, stride, centers, s1, s2);
+  else ColumnSumsT<GradTerms<false>>(x, dy, mask, rows, width, stride, centers, s1, s2);
+}
+
+// ---- per-channel folds ----
+
+// y = x * a + b: b uses the rounded a, so that x == mean maps to bias up to the rounding of the
+// two float operations.
+inline void Fold(double mean, double invstd, const float* weight, const float* bias, int64_t c,
+                 float& a, float& b) {
+  a = float(invstd * (weight ? weight[c] : 1.0f));
+  b = float((bias ? bias[c] : 0.0f) - mean * double(a));
+}
+
+void FoldBatch(int64_t n, const PairSums* sums, const float* pivot, double count, double eps,
+               double momentum, const float* weight, const float* bias, float* mean,
+               float* invstd, float* running_mean, float* running_var, float* a, float* b) {
+  for (int64_t c = 0; c < n; ++c) {
+    const PairSums& s = sums[c];
+    double m2 = s.second - s.first * (s.first / count);
+    if (m2 < 0) m2 = 0;  // rounding only; NaN passes through
+    const double mu = double(pivot[c]) + s.first / count;
+    const double variance = m2 / count, unbiased = m2 / (count - 1);
+    const double is = 1.0 / std::sqrt(variance + eps);
+    mean[c] = float(mu);
+    invstd[c] = float(is);
+    if (running_mean) {
+      running_mean[c] = float((1 - momentum) * running_mean[c] + momentum * mu);
+      running_var[c] = float((1 - momentum) * running_var[c] + momentum * unbiased);
+    }
+    Fold(mu, is, weight, bias, c, a[c], b[c]);
+  }
+}
+
+void FoldRunning(int64_t n, const float* running_mean, const float* running_var, double eps,
+                 const float* weight, const float* bias, float* a, float* b) {
+  for (int64_t c = 0; c < n; ++c)
+    Fold(running_mean[c], 1.0 / std::sqrt(double(running_var[c]) + eps), weight, bias, c, a[c],
+         b[c]);
+}
+
+}  // namespace
+
+template <typename T>
+const bn::Kernels<T>* KernelTable() {
+  static const bn::Kernels<T> k{&AffineRun<T>,     &AffineRows<T>,     &AffineSlab<T>,
+                                &DxRun<T>,         &DxRows<T>,         &StatRunSums<T>,
+                                &GradRunSums<T>,   &FlushRunSums,      &StatColumnSums<T>,
+                                &GradColumnSums<T>, &FoldBatch,        &FoldRunning};
+  return &k;
+}
+const bn::Kernels<float>* BatchNormKernelsF32() { return KernelTable<float>(); }
+const bn::Kernels<bf16>* BatchNormKernelsBF16() { return KernelTable<bf16>(); }
+const bn::Kernels<f16>* BatchNormKernelsF16() { return KernelTable<f16>(); }
+
+}  // namespace normkit::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace normkit::cpu {
+
+HWY_EXPORT(BatchNormKernelsF32);
+HWY_EXPORT(BatchNormKernelsBF16);
+HWY_EXPORT(BatchNormKernelsF16);
+
+namespace {
+
+using bn::Kernels;
+using bn::PairSums;
+using bn::RunAccumulators;
+
+template <typename T>
+const Kernels<T>& kernels() {
+  if constexpr (std::is_same_v<T, float>) return *HWY_DYNAMIC_DISPATCH(BatchNormKernelsF32)();
+  else if constexpr (std::is_same_v<T, bf16>) return *HWY_DYNAMIC_DISPATCH(BatchNormKernelsBF16)();
+  else return *HWY_DYNAMIC_DISPATCH(BatchNormKernelsF16)();
+}
 
 // Elements a unit of reduction work covers, about: large enough to amortize the merge, small
 // enough that a few hundred thousand elements still spread over every core.
@@ -33,61 +474,36 @@ constexpr int64_t kMinRunLength = 16;
 // Columns one column-form unit covers, at most: whole channels of cols_per_channel columns
 // (< kMinRunLength <= kBlockColumns, so at least one channel fits).
 constexpr int64_t kBlockColumns = 512;
-// Values each float accumulator of a contiguous run's sums adds up before its lanes are added to
-// a double: short enough that float rounding stays near 1e-6 relative on every target.
-constexpr int64_t kChunk = 512;
 // Rows of a column-form block whose sums accumulate in float before going to double.
 constexpr int64_t kColumnRows = 64;
-// A thread runs a channel's reduction and elementwise pass back to back when the channel's
-// re-read inputs (x; or dy, x and y) fit in cached_unit_bytes() (cpu/cache.h).
-// In that schedule a thread takes channels one at a time when a channel's runs are at least
-// kBlockRunBytes long; shorter ones in blocks of channels whose runs of one sample make about
-// that many contiguous bytes: one stream for the prefetchers instead of a short run per channel
-// (a run of 7x7 floats is three cache lines). A channel at a time keeps the second pass in L1
-// where it can.
+// In the cached schedule a thread takes channels one at a time when a channel's runs are at
+// least kBlockRunBytes long; shorter ones in blocks of channels whose runs of one sample make
+// about that many contiguous bytes: one stream for the prefetchers instead of a short run per
+// channel (a run of 7x7 floats is three cache lines). A channel at a time keeps the second pass
+// in L1 where it can.
 constexpr int64_t kBlockRunBytes = 4096;
 constexpr int64_t kMaxBlockChannels = 64;
 // Streamed forward passes (outputs of kStreamBytes and more) over channels-first planes shorter
-// than kMinStreamRun values, for at least kSlabMinBatch samples, go slab by slab: the planes of
-// a block of channels of one sample are contiguous, so with the per-channel coefficients spread
-// over the slab's values one vector loop covers them (whole vectors to stream, no one-lane
-// tail per plane), the spread paid once per block for all samples. Not for outputs that stay
-// in cache: there the two loads of spread coefficients per vector cost more than the tails.
-// A slab holds at most kSlabValues values.
+// than kMinStreamRun values (cpu/simd.h), for at least kSlabMinBatch samples, go slab by slab:
+// the planes of a block of channels of one sample are contiguous, so with the per-channel
+// coefficients spread over the slab's values one vector loop covers them (whole vectors to
+// stream, no one-lane tail per plane), the spread paid once per block for all samples. Not for
+// outputs that stay in cache: there the two loads of spread coefficients per vector cost more
+// than the tails. A slab holds at most kSlabValues values.
 constexpr int64_t kSlabValues = 4096;
 constexpr int64_t kSlabMinBatch = 4;
-// Re-read bytes of a block of several channels, at most: cached_block_bytes() (cpu/cache.h).
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-// How a per-channel reduction is cut into units. A function of the shape only: this is what
-// makes every result independent of the thread count.
-//
-// Column form (channels-last, S == 1, or channels-first with short runs): the data is a matrix
-// of `rows` rows, row r at x + r * row_stride, each channel owning `cols_per_channel`
-// consecutive columns. A unit is (row group, channel block); row groups are the slots.
-// Run form (channels-first, runs of S >= kMinRunLength): channel c is N runs of S values. A
-// unit is (channel, slot), the slot covering `samples_per_unit` whole runs, or, for runs longer
-// than kUnitElements, one `segment_length` piece of one run.
-struct Plan {
-  bool column_form = true;
-  int64_t channels = 0;
-  int64_t slots = 0;  // partial results per channel
-  int64_t units = 0;
-  // column form
-  int64_t rows = 0, row_stride = 0, cols_per_channel = 1;
-  int64_t channels_per_block = 0, channel_blocks = 0, rows_per_group = 0, block_rows = 0;
-  // run form
-  int64_t batch = 0, spatial = 0, samples_per_unit = 0, segment_length = 0, segments = 0;
-};
+inline bool empty(const BatchNormShape& sh) { return sh.batch * sh.channels * sh.spatial == 0; }
 
 inline bool reads_as_rows(const BatchNormShape& sh) {
   return sh.format == MemoryFormat::channels_last || sh.spatial == 1;
 }
 
-inline Plan make_plan(const BatchNormShape& sh) {
-  Plan p;
+BatchNormTiling make_tiling(const BatchNormShape& sh) {
+  BatchNormTiling p;
   p.channels = sh.channels;
   if (reads_as_rows(sh) || sh.spatial < kMinRunLength) {
     p.column_form = true;
@@ -127,7 +543,7 @@ inline Plan make_plan(const BatchNormShape& sh) {
 // Calls f(n, begin, length) for the pieces of channel-first runs that run-form slot k covers,
 // in order; offsets are within run (n, c).
 template <class F>
-void for_each_run_piece(const Plan& p, int64_t k, F f) {
+void for_each_run_piece(const BatchNormTiling& p, int64_t k, F f) {
   if (p.segments == 1) {
     const int64_t n1 = std::min(p.batch, (k + 1) * p.samples_per_unit);
     for (int64_t n = k * p.samples_per_unit; n < n1; ++n) f(n, int64_t(0), p.spatial);
@@ -141,7 +557,7 @@ void for_each_run_piece(const Plan& p, int64_t k, F f) {
 struct Block {
   int64_t slot, r0, r1, c0, c1;
 };
-inline Block column_block(const Plan& p, int64_t u) {
+inline Block column_block(const BatchNormTiling& p, int64_t u) {
   Block b;
   b.slot = u / p.channel_blocks;
   const int64_t cb = u % p.channel_blocks;
@@ -156,175 +572,41 @@ inline bool worth_threads(int num_threads, int64_t elements) {
   return num_threads > 1 && elements >= 2 * kUnitElements;
 }
 
-// Whether the channel-at-a-time schedule runs: channels-first runs, enough channels to share
-// among the threads, and a channel's re-read inputs fit in cache. Either schedule gives the
-// same bits, so this may depend on the thread count.
-inline bool channel_local(const Plan& p, const BatchNormShape& sh, int64_t bytes_per_value,
-                          int num_threads) {
-  return !p.column_form && sh.channels >= 2 * int64_t(num_threads) &&
-         sh.batch * sh.spatial * bytes_per_value <= cached_unit_bytes();
+// Whether an output of `elements` values of T goes with non-temporal stores (float32 only).
+template <typename T>
+bool streams(int64_t elements) {
+  return std::is_same_v<T, float> && streams_output<T>(elements);
 }
 
-// Channels per block of that schedule (see kBlockRunBytes): at least one; at most as many as
-// fit in cached_block_bytes() together, leaving two blocks per thread. `run_bytes`: bytes of one
-// value of x; `bytes_per_value`: of all the inputs read twice.
-inline int64_t local_block_channels(const BatchNormShape& sh, int64_t run_bytes,
-                                    int64_t bytes_per_value, int num_threads) {
-  const int64_t want = ceil_div(kBlockRunBytes, sh.spatial * run_bytes);
-  const int64_t fit = cached_block_bytes() / (sh.batch * sh.spatial * bytes_per_value);
-  const int64_t share = ceil_div(sh.channels, 2 * int64_t(std::max(num_threads, 1)));
+// ---- the plan ----
+
+enum class Schedule {
+  cached_channels,  // channels-first: each block of channels' sums, then its pass, from cache
+  two_phase,        // every sum, then every merge, then the elementwise pass
+};
+
+// The schedule of a call whose second pass re-reads `reread_tensors` inputs shaped like x:
+// cached channels for channels-first runs, enough channels to share among the threads, and a
+// channel's re-read inputs within cached_unit_bytes(). Either gives the same bits, so this may
+// depend on the thread count and the cache.
+Schedule plan_schedule(const BatchNormPlan& plan, int64_t reread_tensors) {
+  const BatchNormShape& sh = plan.shape;
+  const int64_t bytes = plan.value_bytes * reread_tensors;
+  return !plan.tiling.column_form && sh.channels >= 2 * int64_t(plan.num_threads) &&
+                 sh.batch * sh.spatial * bytes <= cached_unit_bytes()
+             ? Schedule::cached_channels
+             : Schedule::two_phase;
+}
+
+// Channels per block of the cached schedule (see kBlockRunBytes): at least one; at most as many
+// as fit in cached_block_bytes() together, leaving two blocks per thread.
+int64_t block_channels(const BatchNormPlan& plan, int64_t reread_tensors) {
+  const BatchNormShape& sh = plan.shape;
+  const int64_t want = ceil_div(kBlockRunBytes, sh.spatial * plan.value_bytes);
+  const int64_t fit =
+      cached_block_bytes() / (sh.batch * sh.spatial * plan.value_bytes * reread_tensors);
+  const int64_t share = ceil_div(sh.channels, 2 * int64_t(std::max(plan.num_threads, 1)));
   return std::max<int64_t>(1, std::min({want, kMaxBlockChannels, fit, share}));
-}
-
-// Two sums over a set of values of one channel, each in double:
-//   statistics: first = sum(x - pivot), second = sum((x - pivot)^2)
-//   gradients:  first = sum(g),         second = sum(g * (x - mean))
-// Partial sums of pieces fixed by the shape are added in a fixed order: no division per piece.
-struct PairSums {
-  double first = 0;
-  double second = 0;
-};
-
-// Room for up to kCap objects of type U on the stack, each constructed only when used: an
-// array of kCap would construct (zero) every one of them on every call.
-template <typename U, int64_t kCap>
-class StackSlots {
- public:
-  template <class... Args>
-  U& emplace(int64_t i, Args&&... args) {
-    return *new (raw_ + i * sizeof(U)) U(std::forward<Args>(args)...);
-  }
-  U& operator[](int64_t i) { return *std::launder(reinterpret_cast<U*>(raw_ + i * sizeof(U))); }
-  void destroy(int64_t i) { (*this)[i].~U(); }
-
- private:
-  alignas(U) unsigned char raw_[kCap * sizeof(U)];
-};
-
-// Scratch layout (cpu/scratch.h): partial sums (slots * C) and four arrays of C floats.
-struct ScratchParts {
-  std::size_t partial = 0, coefficients = 0;
-  std::size_t bytes = 0;  // ScratchLayout::workspace_bytes()
-};
-
-inline ScratchParts scratch_parts(const BatchNormShape& sh) {
-  ScratchParts p;
-  if (sh.batch * sh.channels * sh.spatial == 0) return p;
-  ScratchLayout l;
-  p.partial = l.add<PairSums>(make_plan(sh).slots, sh.channels);
-  p.coefficients = l.add<float>(4, sh.channels);
-  p.bytes = l.workspace_bytes();
-  return p;
-}
-
-struct Scratch {
-  PairSums* partial;    // slots * C
-  float* coefficients;  // 4 * C
-};
-
-inline Scratch carve(const BatchNormShape& sh, std::span<std::byte> workspace) {
-  const ScratchParts p = scratch_parts(sh);
-  std::byte* base = scratch_base(workspace, p.bytes);
-  return {scratch_part<PairSums>(base, p.partial), scratch_part<float>(base, p.coefficients)};
-}
-
-}  // namespace normkit::cpu::bn
-#endif  // NORMKIT_CPU_BATCH_NORM_ONCE_
-
-HWY_BEFORE_NAMESPACE();
-namespace normkit::cpu::HWY_NAMESPACE {
-namespace {
-
-using namespace normkit::cpu::bn;
-
-template <class D>
-using V = hn::Vec<D>;
-
-// ---- elementwise steps, the same for a full vector and a one-lane tail ----
-
-
-// y = relu?(x * a + b + residual?)
-template <bool kResidual, bool kRelu, bool kStream = false, class D, typename T>
-HWY_INLINE void ForwardStep(D d, const T* HWY_RESTRICT x, const T* HWY_RESTRICT r,
-                            T* HWY_RESTRICT y, V<D> a, V<D> b) {
-  auto v = hn::MulAdd(LoadF(d, x), a, b);
-  if constexpr (kResidual) v = hn::Add(v, LoadF(d, r));
-  // Not Max(v, 0): a NaN stays a NaN, as in torch's relu.
-  if constexpr (kRelu) v = hn::IfThenZeroElse(hn::Lt(v, hn::Zero(d)), v);
-  StoreOut<kStream>(v, d, y);
-}
-
-// The gradient the normalization sees: dy, zeroed where the ReLU's output was not positive.
-template <bool kRelu, class D, typename T>
-HWY_INLINE V<D> Upstream(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT y) {
-  const auto g = LoadF(d, dy);
-  if constexpr (kRelu) return hn::IfThenElseZero(hn::Gt(LoadF(d, y), hn::Zero(d)), g);
-  return g;
-}
-
-// dx = g * p + (x - m) * q + r (kX), or g * p (no x: the inference backward); dresidual = g.
-// kStream: dx (not dresidual, whose alignment may differ) with non-temporal stores.
-template <bool kRelu, bool kDresidual, bool kX, bool kStream = false, class D, typename T>
-HWY_INLINE void BackwardStep(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT x,
-                             const T* HWY_RESTRICT y, T* HWY_RESTRICT dx, T* HWY_RESTRICT dres,
-                             V<D> p, V<D> q, V<D> r, V<D> m) {
-  const auto g = Upstream<kRelu>(d, dy, y);
-  if constexpr (kDresidual) StoreF(g, d, dres);
-  if constexpr (kX)
-    StoreOut<kStream>(hn::MulAdd(g, p, hn::MulAdd(hn::Sub(LoadF(d, x), m), q, r)), d, dx);
-  else
-    StoreOut<kStream>(hn::Mul(g, p), d, dx);
-}
-
-template <typename T>
-const T* at(const T* p, int64_t i) {
-  return p ? p + i : nullptr;
-}
-template <typename T>
-T* at(T* p, int64_t i) {
-  return p ? p + i : nullptr;
-}
-
-// ---- elementwise passes over one run (one channel) or a block of rows (all channels) ----
-
-// kStream: y with non-temporal stores (see ForEachInRun).
-template <bool kResidual, bool kRelu, bool kStream = false, typename T>
-void ForwardRun(const T* x, const T* r, T* y, int64_t n, float a, float b) {
-  ForEachInRun<kStream>(y, n, [&](auto d, int64_t i, auto stream) {
-    ForwardStep<kResidual, kRelu, decltype(stream)::value>(d, x + i, at(r, i), y + i,
-                                                           hn::Set(d, a), hn::Set(d, b));
-  });
-}
-
-// y = epilogue(x * a[i] + b[i]) over a contiguous slab of n values with coefficients per value;
-// each value's arithmetic is ForwardRun's. kStream: y with non-temporal stores, whatever the
-// slab's length.
-template <bool kResidual, bool kRelu, bool kStream = false, typename T>
-void ForwardSlab(const T* x, const T* r, T* y, int64_t n, const float* a, const float* b) {
-  ForEachInRun<kStream, true>(y, n, [&](auto d, int64_t i, auto stream) {
-    ForwardStep<kResidual, kRelu, decltype(stream)::value>(
-        d, x + i, at(r, i), y + i, hn::LoadU(d, a + i), hn::LoadU(d, b + i));
-  });
-}
-
-// The forward's elementwise pass over channels [c0, c1) of every sample, slab by slab (see
-// kSlabValues; (c1 - c0) * S <= kSlabValues); a[c - c0], b[c - c0] are channel c's.
-template <bool kResidual, bool kRelu, typename T>
-void ForwardSlabs(const BatchNormShape& sh, const T* x, const T* r, T* y, int64_t c0, int64_t c1,
-                  const float* a, const float* b, bool stream) {
-  const int64_t S = sh.spatial, n_values = (c1 - c0) * S;
-  float sa[kSlabValues], sb[kSlabValues];  // read with unaligned loads
-  for (int64_t c = c0; c < c1; ++c) {
-    std::fill(sa + (c - c0) * S, sa + (c - c0 + 1) * S, a[c - c0]);
-    std::fill(sb + (c - c0) * S, sb + (c - c0 + 1) * S, b[c - c0]);
-  }
-  WithStream<T>(stream, [&](auto kS) {
-    for (int64_t n = 0; n < sh.batch; ++n) {
-      const int64_t o = (n * sh.channels + c0) * S;
-      ForwardSlab<kResidual, kRelu, decltype(kS)::value>(x + o, at(r, o), y + o, n_values, sa,
-                                                         sb);
-    }
-  });
 }
 
 // Whether the forward's elementwise pass goes slab by slab (see kSlabValues).
@@ -333,265 +615,36 @@ inline bool by_slabs(const BatchNormShape& sh, bool stream) {
          sh.batch >= kSlabMinBatch;
 }
 
-// kStream: y with non-temporal stores where its rows allow (see ForEachInRows).
-template <bool kResidual, bool kRelu, bool kStream = false, typename T>
-void ForwardRows(const T* x, const T* r, T* y, int64_t rows, int64_t C, const float* a,
-                 const float* b) {
-  ForEachInRows<kStream>(y, rows, C, [&](auto d, int64_t o, int64_t j, auto stream) {
-    ForwardStep<kResidual, kRelu, decltype(stream)::value>(
-        d, x + o + j, at(r, o + j), y + o + j, hn::LoadU(d, a + j), hn::LoadU(d, b + j));
-  });
-}
+// ---- scratch ----
 
-// kStream: dx with non-temporal stores (see ForEachInRun).
-template <bool kRelu, bool kDresidual, bool kX, bool kStream = false, typename T>
-void BackwardRun(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t n, float p,
-                 float q, float r, float m) {
-  ForEachInRun<kStream>(dx, n, [&](auto d, int64_t i, auto stream) {
-    BackwardStep<kRelu, kDresidual, kX, decltype(stream)::value>(
-        d, dy + i, at(x, i), at(y, i), dx + i, at(dres, i), hn::Set(d, p), hn::Set(d, q),
-        hn::Set(d, r), hn::Set(d, m));
-  });
-}
-
-// kStream: dx with non-temporal stores where its rows allow (see ForEachInRows).
-template <bool kRelu, bool kDresidual, bool kX, bool kStream = false, typename T>
-void BackwardRows(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t rows, int64_t C,
-                  const float* p, const float* q, const float* r, const float* m) {
-  ForEachInRows<kStream>(dx, rows, C, [&](auto d, int64_t o, int64_t j, auto stream) {
-    BackwardStep<kRelu, kDresidual, kX, decltype(stream)::value>(
-        d, dy + o + j, at(x, o + j), at(y, o + j), dx + o + j, at(dres, o + j),
-        hn::LoadU(d, p + j), hn::LoadU(d, q + j), hn::LoadU(d, r + j), hn::LoadU(d, m + j));
-  });
-}
-
-// ---- sums of a run or of a block of columns ----
-
-// The per-element terms of the two sums (see PairSums): shifted statistics, or gradients.
-struct StatTerms {
-  template <class D, typename T>
-  HWY_INLINE static void Step(D d, const T* HWY_RESTRICT x, const T*, const T*, hn::Vec<D> pivot,
-                              hn::Vec<D>& s1, hn::Vec<D>& s2) {
-    const auto v = hn::Sub(LoadF(d, x), pivot);
-    s1 = hn::Add(s1, v);
-    s2 = hn::MulAdd(v, v, s2);
-  }
-};
-template <bool kRelu>
-struct GradTerms {
-  template <class D, typename T>
-  HWY_INLINE static void Step(D d, const T* HWY_RESTRICT x, const T* HWY_RESTRICT dy,
-                              const T* HWY_RESTRICT y, hn::Vec<D> center, hn::Vec<D>& s1,
-                              hn::Vec<D>& s2) {
-    const auto g = Upstream<kRelu>(d, dy, y);
-    s1 = hn::Add(s1, g);
-    s2 = hn::MulAdd(g, hn::Sub(LoadF(d, x), center), s2);
-  }
+struct Scratch {
+  PairSums* partial;    // slots * C
+  float* coefficients;  // 4 * C
 };
 
-// Sums over contiguous runs (x, and dy/y for gradients) added one after another: float vector
-// accumulators (two per sum, and one-lane ones for each run's tail) carried from run to run and
-// added to `out` in double once kChunk values are pending, and at the end. Where the flushes
-// fall depends only on the run lengths, so both schedules get the same bits.
-template <class Terms, typename T>
-class RunSums {
+Scratch carve(const BatchNormPlan& plan, std::span<std::byte> workspace) {
+  std::byte* base = scratch_base(workspace, plan.scratch.bytes);
+  return {scratch_part<PairSums>(base, plan.scratch.partial),
+          scratch_part<float>(base, plan.scratch.coefficients)};
+}
+
+// Room for up to kCap objects of type U on the stack, each constructed only when used: an
+// array of kCap would construct (zero) every one of them on every call.
+template <typename U, int64_t kCap>
+class StackSlots {
  public:
-  RunSums(float center, PairSums& out) : center_(center), out_(out) { Store(Acc()); }
-  ~RunSums() {
-    Acc acc = Load();
-    Flush(acc);
-  }
-
-  void Add(const T* x, const T* dy, const T* y, int64_t n) {
-    const int64_t N = int64_t(hn::Lanes(d_));
-    // The accumulators in locals while adding (registers); between calls in plain float
-    // arrays, so that the object needs no vector alignment (it may live in stack scratch).
-    Acc acc = Load();
-    const auto vc = hn::Set(d_, center_);
-    const auto vc1 = hn::Set(d1_, center_);
-    for (int64_t start = 0; start < n; start += kChunk) {
-      const int64_t len = std::min(kChunk, n - start);
-      const T* v = x + start;
-      const T* g = at(dy, start);
-      const T* w = at(y, start);
-      int64_t i = 0;
-      for (; i + 2 * N <= len; i += 2 * N) {
-        Terms::Step(d_, v + i, at(g, i), at(w, i), vc, acc.a0, acc.b0);
-        Terms::Step(d_, v + i + N, at(g, i + N), at(w, i + N), vc, acc.a1, acc.b1);
-      }
-      for (; i + N <= len; i += N) Terms::Step(d_, v + i, at(g, i), at(w, i), vc, acc.a0, acc.b0);
-      for (; i < len; ++i) Terms::Step(d1_, v + i, at(g, i), at(w, i), vc1, acc.at, acc.bt);
-      pending_ += len;
-      if (pending_ >= kChunk) Flush(acc);
-    }
-    Store(acc);
-  }
+  U& emplace(int64_t i) { return *new (raw_ + i * sizeof(U)) U(); }
+  U& operator[](int64_t i) { return *std::launder(reinterpret_cast<U*>(raw_ + i * sizeof(U))); }
 
  private:
-  static constexpr std::size_t kLanes = hn::MaxLanes(DF());
-  struct Acc {
-    Acc() : a0(hn::Zero(DF())), a1(a0), b0(a0), b1(a0), at(hn::Zero(D1())), bt(at) {}
-    hn::Vec<DF> a0, a1, b0, b1;
-    hn::Vec<D1> at, bt;
-  };
-  Acc Load() const {
-    Acc a;
-    a.a0 = hn::LoadU(d_, s_a0_), a.a1 = hn::LoadU(d_, s_a1_);
-    a.b0 = hn::LoadU(d_, s_b0_), a.b1 = hn::LoadU(d_, s_b1_);
-    a.at = hn::LoadU(d1_, &s_at_), a.bt = hn::LoadU(d1_, &s_bt_);
-    return a;
-  }
-  void Store(const Acc& a) {
-    hn::StoreU(a.a0, d_, s_a0_), hn::StoreU(a.a1, d_, s_a1_);
-    hn::StoreU(a.b0, d_, s_b0_), hn::StoreU(a.b1, d_, s_b1_);
-    hn::StoreU(a.at, d1_, &s_at_), hn::StoreU(a.bt, d1_, &s_bt_);
-  }
-
-  void Flush(Acc& acc) {
-    if (pending_ == 0) return;
-    out_.first += SumLanes(d_, hn::Add(acc.a0, acc.a1)) + double(hn::GetLane(acc.at));
-    out_.second += SumLanes(d_, hn::Add(acc.b0, acc.b1)) + double(hn::GetLane(acc.bt));
-    acc = Acc();
-    pending_ = 0;
-  }
-
-  DF d_;
-  D1 d1_;
-  float center_;
-  float s_a0_[kLanes], s_a1_[kLanes], s_b0_[kLanes], s_b1_[kLanes], s_at_, s_bt_;
-  int64_t pending_ = 0;
-  PairSums& out_;
+  alignas(U) unsigned char raw_[kCap * sizeof(U)];
 };
-
-// Column sums over `rows` rows (row k at offset k * row_stride) of `width` columns, in float:
-// s1[j], s2[j] with centers[j] the column's pivot (statistics) or mean (gradients). Vectorized
-// across columns; every column's arithmetic is the same whatever its lane.
-template <class Terms, typename T>
-void BlockSums(const T* x, const T* dy, const T* y, int64_t rows, int64_t width,
-               int64_t row_stride, const float* centers, float* s1, float* s2) {
-  const DF d;
-  const D1 d1;
-  const int64_t N = int64_t(hn::Lanes(d));
-  auto columns = [&](auto dd, int64_t j0) {
-    const auto vc = hn::LoadU(dd, centers + j0);
-    auto a = hn::Zero(dd), b = hn::Zero(dd);
-    for (int64_t k = 0; k < rows; ++k) {
-      const int64_t o = k * row_stride + j0;
-      Terms::Step(dd, x + o, at(dy, o), at(y, o), vc, a, b);
-    }
-    hn::StoreU(a, dd, s1 + j0);
-    hn::StoreU(b, dd, s2 + j0);
-  };
-  int64_t j = 0;
-  // Four vectors of columns at a time: each row's piece is 4 * N contiguous values, which the
-  // hardware prefetchers follow better than one vector per row.
-  for (; j + 4 * N <= width; j += 4 * N) {
-    const auto c0 = hn::LoadU(d, centers + j), c1 = hn::LoadU(d, centers + j + N);
-    const auto c2 = hn::LoadU(d, centers + j + 2 * N), c3 = hn::LoadU(d, centers + j + 3 * N);
-    auto a0 = hn::Zero(d), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    for (int64_t k = 0; k < rows; ++k) {
-      const int64_t o = k * row_stride + j;
-      Terms::Step(d, x + o, at(dy, o), at(y, o), c0, a0, b0);
-      Terms::Step(d, x + o + N, at(dy, o + N), at(y, o + N), c1, a1, b1);
-      Terms::Step(d, x + o + 2 * N, at(dy, o + 2 * N), at(y, o + 2 * N), c2, a2, b2);
-      Terms::Step(d, x + o + 3 * N, at(dy, o + 3 * N), at(y, o + 3 * N), c3, a3, b3);
-    }
-    hn::StoreU(a0, d, s1 + j), hn::StoreU(a1, d, s1 + j + N);
-    hn::StoreU(a2, d, s1 + j + 2 * N), hn::StoreU(a3, d, s1 + j + 3 * N);
-    hn::StoreU(b0, d, s2 + j), hn::StoreU(b1, d, s2 + j + N);
-    hn::StoreU(b2, d, s2 + j + 2 * N), hn::StoreU(b3, d, s2 + j + 3 * N);
-  }
-  for (; j + N <= width; j += N) columns(d, j);
-  for (; j < width; ++j) columns(d1, j);
-}
-
-// ---- per-channel sums of one unit, shared by both schedules ----
-
-// total[c - c0] += the sums of channel c over run-form slot k, for the channels [c0, c1) of a
-// block (one channel, in the two-phase schedule), center[c - c0] subtracted from x. Sample by
-// sample; each channel has its own RunSums, so its runs are added in slot order with the same
-// flushes whatever the block, and each channel's sums are the same bits in both schedules.
-template <class Terms, typename T>
-void BlockSlotSums(const Plan& p, const T* x, const T* dy, const T* y, const float* center,
-                   int64_t C, int64_t c0, int64_t c1, int64_t k, PairSums* total) {
-  StackSlots<PairSums, kMaxBlockChannels> part;
-  StackSlots<RunSums<Terms, T>, kMaxBlockChannels> sums;
-  for (int64_t i = 0; i < c1 - c0; ++i) sums.emplace(i, center[i], part.emplace(i));
-  for_each_run_piece(p, k, [&](int64_t n, int64_t begin, int64_t length) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t o = (n * C + c) * p.spatial + begin;
-      sums[c - c0].Add(x + o, at(dy, o), at(y, o), length);
-    }
-  });
-  for (int64_t i = 0; i < c1 - c0; ++i) {
-    sums.destroy(i);  // flushes into part
-    total[i].first += part[i].first;
-    total[i].second += part[i].second;
-  }
-}
-
-// ---- two-phase passes: work-sharing loops, called by every thread of one parallel region per
-// call (or by the one thread of a serial call); each ends with the loop's barrier ----
-
-// partial[k * C + c]: the sums of channel c over slot k; center[c] is subtracted from x.
-template <class Terms, typename T>
-void Partials(const Plan& p, const T* x, const T* dy, const T* y, const float* center, int64_t C,
-              PairSums* partial) {
-  if (p.column_form) {
-#pragma omp for schedule(static)
-    for (int64_t u = 0; u < p.units; ++u) {
-      const Block b = column_block(p, u);
-      const int64_t cps = p.cols_per_channel, width = (b.c1 - b.c0) * cps;
-      float centers[kBlockColumns];
-      for (int64_t c = b.c0; c < b.c1; ++c)
-        for (int64_t j = 0; j < cps; ++j) centers[(c - b.c0) * cps + j] = center[c];
-      PairSums* acc = partial + b.slot * C;
-      for (int64_t c = b.c0; c < b.c1; ++c) acc[c] = {};
-      float s1[kBlockColumns], s2[kBlockColumns];
-      for (int64_t r = b.r0; r < b.r1; r += p.block_rows) {
-        const int64_t n_rows = std::min(p.block_rows, b.r1 - r);
-        const int64_t o = r * p.row_stride + b.c0 * cps;
-        BlockSums<Terms>(x + o, at(dy, o), at(y, o), n_rows, width, p.row_stride, centers, s1, s2);
-        for (int64_t c = b.c0; c < b.c1; ++c)
-          for (int64_t j = 0; j < cps; ++j) {
-            acc[c].first += s1[(c - b.c0) * cps + j];
-            acc[c].second += s2[(c - b.c0) * cps + j];
-          }
-      }
-    }
-  } else {
-#pragma omp for schedule(static)
-    for (int64_t u = 0; u < p.units; ++u) {
-      const int64_t c = u / p.slots, k = u % p.slots;
-      PairSums& out = partial[k * C + c];
-      out = {};
-      BlockSlotSums<Terms>(p, x, dy, y, center + c, C, c, c + 1, k, &out);
-    }
-  }
-}
-
-// Per-channel sums over every slot, added in slot order; then done(c, sums) for each channel,
-// on the thread that merged it.
-template <class Terms, typename T, class Done>
-void Reduce(const Plan& p, const T* x, const T* dy, const T* y, const float* center, int64_t C,
-            PairSums* partial, Done&& done) {
-  Partials<Terms>(p, x, dy, y, center, C, partial);
-#pragma omp for schedule(static)
-  for (int64_t c = 0; c < C; ++c) {
-    PairSums s;
-    for (int64_t k = 0; k < p.slots; ++k) {
-      s.first += partial[k * C + c].first;
-      s.second += partial[k * C + c].second;
-    }
-    done(c, s);
-  }
-}
 
 // The statistics' shift for channel c: the float mean of its first (up to) 16 values in (n, s)
 // order. Near the channel's mean, so that x - pivot is small and exact where x has a large
 // offset, and a function of the data and shape only.
 template <typename T>
-float ChannelPivot(const T* x, const BatchNormShape& sh, int64_t c) {
+float channel_pivot(const T* x, const BatchNormShape& sh, int64_t c) {
   const int64_t count = std::min<int64_t>(16, sh.batch * sh.spatial);
   double sum = 0;
   int64_t i = 0;
@@ -603,24 +656,118 @@ float ChannelPivot(const T* x, const BatchNormShape& sh, int64_t c) {
   return float(sum / double(count));
 }
 
-// Mean and biased / unbiased variance from the shifted sums of M values.
-struct Stats {
-  double mean, variance, unbiased;
-};
-inline Stats stats_of(const PairSums& s, float pivot, double count) {
-  double m2 = s.second - s.first * (s.first / count);
-  if (m2 < 0) m2 = 0;  // rounding only; NaN passes through
-  return {double(pivot) + s.first / count, m2 / count, m2 / (count - 1)};
-}
+// ---- phase: the per-channel sums, the same pieces in the same order for both schedules ----
 
-// ---- elementwise passes over the whole tensor ----
+// The two sums of every channel: statistics of x around center[c] (dy null), or gradients
+// g = dy masked, sum(g) and sum(g * (x - center[c])).
+template <typename T>
+struct ChannelSums {
+  const Kernels<T>& k;
+  const BatchNormTiling& p;
+  const T* x;
+  const T* dy;    // null: statistics
+  const T* mask;  // with dy: the forward's y, when relu
+  const float* center;
+  int64_t C;
+
+  // total[i] += the sums of channel c0 + i over run-form slot s, for the channels [c0, c1)
+  // of a block (one channel, in the two-phase schedule), centers[i] its center. Sample by
+  // sample; each channel has its own accumulators, so its runs are added in slot order with the
+  // same flushes whatever the block, and each channel's sums are the same bits in both
+  // schedules.
+  void slot_sums(int64_t c0, int64_t c1, int64_t s, const float* centers,
+                 PairSums* total) const {
+    StackSlots<PairSums, kMaxBlockChannels> part;
+    RunAccumulators acc[kMaxBlockChannels];
+    for (int64_t i = 0; i < c1 - c0; ++i) {
+      part.emplace(i);
+      acc[i] = {};
+    }
+    for_each_run_piece(p, s, [&](int64_t n, int64_t begin, int64_t length) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t o = (n * C + c) * p.spatial + begin;
+        if (dy)
+          k.grad_run_sums(x + o, dy + o, mask ? mask + o : nullptr, length, centers[c - c0],
+                          &acc[c - c0], &part[c - c0]);
+        else
+          k.stat_run_sums(x + o, length, centers[c - c0], &acc[c - c0], &part[c - c0]);
+      }
+    });
+    for (int64_t i = 0; i < c1 - c0; ++i) {
+      k.flush_run_sums(&acc[i], &part[i]);
+      total[i].first += part[i].first;
+      total[i].second += part[i].second;
+    }
+  }
+
+  // partial[slot * C + c] for the channels of unit u (two-phase schedule).
+  void unit_sums(int64_t u, PairSums* partial) const {
+    if (!p.column_form) {
+      const int64_t c = u / p.slots, s = u % p.slots;
+      PairSums& out = partial[s * C + c];
+      out = {};
+      slot_sums(c, c + 1, s, center + c, &out);
+      return;
+    }
+    const Block b = column_block(p, u);
+    const int64_t cps = p.cols_per_channel, width = (b.c1 - b.c0) * cps;
+    float centers[kBlockColumns];
+    for (int64_t c = b.c0; c < b.c1; ++c)
+      for (int64_t j = 0; j < cps; ++j) centers[(c - b.c0) * cps + j] = center[c];
+    PairSums* acc = partial + b.slot * C;
+    for (int64_t c = b.c0; c < b.c1; ++c) acc[c] = {};
+    float s1[kBlockColumns], s2[kBlockColumns];
+    for (int64_t r = b.r0; r < b.r1; r += p.block_rows) {
+      const int64_t rows = std::min(p.block_rows, b.r1 - r);
+      const int64_t o = r * p.row_stride + b.c0 * cps;
+      if (dy)
+        k.grad_column_sums(x + o, dy + o, mask ? mask + o : nullptr, rows, width, p.row_stride,
+                           centers, s1, s2);
+      else
+        k.stat_column_sums(x + o, rows, width, p.row_stride, centers, s1, s2);
+      for (int64_t c = b.c0; c < b.c1; ++c)
+        for (int64_t j = 0; j < cps; ++j) {
+          acc[c].first += s1[(c - b.c0) * cps + j];
+          acc[c].second += s2[(c - b.c0) * cps + j];
+        }
+    }
+  }
+
+  // Channel c's sums: its slots' partials added in slot order.
+  PairSums merge(const PairSums* partial, int64_t c) const {
+    PairSums s;
+    for (int64_t slot = 0; slot < p.slots; ++slot) {
+      s.first += partial[slot * C + c].first;
+      s.second += partial[slot * C + c].second;
+    }
+    return s;
+  }
+
+  // Two-phase, inside a parallel region (every thread calls it): every unit's partials, then
+  // done(c, sums) for each channel on the thread that merged it; each loop ends with a barrier.
+  template <class Done>
+  void reduce(PairSums* partial, const Done& done) const {
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < p.units; ++u) unit_sums(u, partial);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < C; ++c) done(c, merge(partial, c));
+  }
+
+  // Cached schedule: total[i] += the sums of channel c0 + i, i < c1 - c0, centers[i] its
+  // center.
+  void block_sums(int64_t c0, int64_t c1, const float* centers, PairSums* total) const {
+    for (int64_t s = 0; s < p.slots; ++s) slot_sums(c0, c1, s, centers, total);
+  }
+};
+
+// ---- phase: elementwise passes over the whole tensor (two-phase schedule) ----
 
 // Calls run(c, offset, length) over channels-first runs (pieces of one (n, c) plane), or
 // rows(offset, row_count) over blocks of channels-last rows; pieces fixed by the shape, shared
 // among the threads of the region (barrier included). `stream`: the calls may write with
 // non-temporal stores, which each thread fences after its share.
 template <class RunFn, class RowsFn>
-void ForEachPiece(const BatchNormShape& sh, bool stream, RunFn run, RowsFn rows) {
+void for_each_piece(const BatchNormShape& sh, bool stream, RunFn run, RowsFn rows) {
   if (reads_as_rows(sh)) {
     const int64_t n_rows = sh.batch * sh.spatial;
     const int64_t per_piece = std::max<int64_t>(1, kUnitElements / sh.channels);
@@ -648,133 +795,70 @@ void ForEachPiece(const BatchNormShape& sh, bool stream, RunFn run, RowsFn rows)
   }
 }
 
-template <bool kResidual, bool kRelu, typename T>
-void ApplyForward(const ForwardJob& job, const float* a, const float* b) {
-  const auto& sh = job.shape;
-  const T* x = static_cast<const T*>(job.x);
-  const T* r = static_cast<const T*>(job.residual);
-  T* y = static_cast<T*>(job.y);
-  const bool stream = Streams<T>(sh.batch * sh.channels * sh.spatial);
-  if (by_slabs(sh, stream)) {
-    const int64_t per = std::max<int64_t>(1, kSlabValues / sh.spatial);
-    for_in_region(ceil_div(sh.channels, per), stream, [&](int64_t k) {
-      const int64_t c0 = k * per;
-      ForwardSlabs<kResidual, kRelu>(sh, x, r, y, c0, std::min(sh.channels, c0 + per), a + c0,
-                                     b + c0, stream);
-    });
-    return;
+// ---- the forward's phases ----
+
+// One forward call: its arguments and the phases over them.
+template <typename T>
+struct BatchNormForward {
+  const Kernels<T>& k;
+  const BatchNormShape& sh;
+  const T* x;
+  const T* r;  // residual, or null
+  bool relu;
+  T* y;
+  bool stream = streams<T>(sh.batch * sh.channels * sh.spatial);
+
+  // y for channels [c0, c1) of every sample (c1 - c0 <= kMaxBlockChannels), a[c - c0] and
+  // b[c - c0] channel c's coefficients: slab by slab where that applies, else plane by plane.
+  void apply_block(int64_t c0, int64_t c1, const float* a, const float* b) const {
+    const int64_t S = sh.spatial, C = sh.channels;
+    if (c1 - c0 > 1 && (c1 - c0) * S <= kSlabValues && by_slabs(sh, stream))
+      return apply_slabs(c0, c1, a, b);
+    for (int64_t n = 0; n < sh.batch; ++n)
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t o = (n * C + c) * S;
+        k.affine_run(y + o, x + o, r ? r + o : nullptr, S, a[c - c0], b[c - c0], relu, stream);
+      }
   }
-  WithStream<T>(stream, [&](auto kS) {
-    constexpr bool S = decltype(kS)::value;
-    ForEachPiece(
+
+  // The same slab by slab ((c1 - c0) * S <= kSlabValues): the coefficients spread over the
+  // block's values once, then one slab per sample.
+  void apply_slabs(int64_t c0, int64_t c1, const float* a, const float* b) const {
+    const int64_t S = sh.spatial, n_values = (c1 - c0) * S;
+    float sa[kSlabValues], sb[kSlabValues];  // read with unaligned loads
+    for (int64_t c = c0; c < c1; ++c) {
+      std::fill(sa + (c - c0) * S, sa + (c - c0 + 1) * S, a[c - c0]);
+      std::fill(sb + (c - c0) * S, sb + (c - c0 + 1) * S, b[c - c0]);
+    }
+    for (int64_t n = 0; n < sh.batch; ++n) {
+      const int64_t o = (n * sh.channels + c0) * S;
+      k.affine_slab(y + o, x + o, r ? r + o : nullptr, n_values, sa, sb, relu, stream);
+    }
+  }
+
+  // Inside a parallel region: y from the per-channel coefficients a, b (C each).
+  void apply(const float* a, const float* b) const {
+    const int64_t C = sh.channels;
+    if (by_slabs(sh, stream)) {
+      const int64_t per = std::max<int64_t>(1, kSlabValues / sh.spatial);
+      for_in_region(ceil_div(C, per), stream, [&](int64_t block) {
+        const int64_t c0 = block * per;
+        apply_slabs(c0, std::min(C, c0 + per), a + c0, b + c0);
+      });
+      return;
+    }
+    for_each_piece(
         sh, stream,
         [&](int64_t c, int64_t o, int64_t length) {
-          ForwardRun<kResidual, kRelu, S>(x + o, at(r, o), y + o, length, a[c], b[c]);
+          k.affine_run(y + o, x + o, r ? r + o : nullptr, length, a[c], b[c], relu, stream);
         },
-        [&](int64_t o, int64_t row_count) {
-          ForwardRows<kResidual, kRelu, S>(x + o, at(r, o), y + o, row_count, sh.channels, a, b);
+        [&](int64_t o, int64_t rows) {
+          k.affine_rows(y + o, x + o, r ? r + o : nullptr, rows, C, a, b, relu, stream);
         });
-  });
-}
-
-// Folds the statistics into y = x * a + b: b uses the rounded a, so that x == mean maps to
-// bias up to the rounding of the two float operations.
-inline void fold(double mean, double invstd, const ForwardJob& job, int64_t c, float& a,
-                 float& b) {
-  a = float(invstd * (job.weight ? job.weight[c] : 1.0f));
-  b = float((job.bias ? job.bias[c] : 0.0f) - mean * double(a));
-}
-
-template <bool kResidual, bool kRelu, typename T>
-void ForwardTrainingT(const ForwardJob& job, float* save_mean, float* save_invstd,
-                      float* running_mean, float* running_var, double momentum, int num_threads,
-                      const Scratch& scratch) {
-  const auto& sh = job.shape;
-  const int64_t C = sh.channels;
-  const Plan plan = make_plan(sh);
-  const T* x = static_cast<const T*>(job.x);
-  const T* r = static_cast<const T*>(job.residual);
-  T* y = static_cast<T*>(job.y);
-  const double count = double(sh.batch * sh.spatial);
-  auto finish = [&](int64_t c, const PairSums& sums, float pivot, float& a, float& b) {
-    const Stats st = stats_of(sums, pivot, count);
-    const double invstd = 1.0 / std::sqrt(st.variance + job.eps);
-    save_mean[c] = float(st.mean);
-    save_invstd[c] = float(invstd);
-    if (running_mean) {
-      running_mean[c] = float((1 - momentum) * running_mean[c] + momentum * st.mean);
-      running_var[c] = float((1 - momentum) * running_var[c] + momentum * st.unbiased);
-    }
-    fold(st.mean, invstd, job, c, a, b);
-  };
-  const T* none = nullptr;
-
-  const int64_t bytes = int64_t(sizeof(T)) * (kResidual ? 2 : 1);
-  if (channel_local(plan, sh, bytes, num_threads)) {
-    // Each block of channels: its statistics, then its elementwise pass while its runs are in
-    // cache.
-    const int64_t S = sh.spatial, B = local_block_channels(sh, sizeof(T), bytes, num_threads);
-    const bool stream = Streams<T>(sh.batch * C * S);
-    parallel_for(ceil_div(C, B), num_threads, worth_threads(num_threads, C * S * sh.batch), stream,
-                 [&](int64_t block) {
-      const int64_t c0 = block * B, c1 = std::min(C, c0 + B);
-      float pivot[kMaxBlockChannels], a[kMaxBlockChannels], b[kMaxBlockChannels];
-      StackSlots<PairSums, kMaxBlockChannels> sums;
-      for (int64_t c = c0; c < c1; ++c) {
-        pivot[c - c0] = ChannelPivot(x, sh, c);
-        sums.emplace(c - c0);
-      }
-      for (int64_t k = 0; k < plan.slots; ++k)
-        BlockSlotSums<StatTerms>(plan, x, none, none, pivot, C, c0, c1, k, &sums[0]);
-      for (int64_t c = c0; c < c1; ++c)
-        finish(c, sums[c - c0], pivot[c - c0], a[c - c0], b[c - c0]);
-      if (c1 - c0 > 1 && (c1 - c0) * S <= kSlabValues && by_slabs(sh, stream)) {
-        ForwardSlabs<kResidual, kRelu>(sh, x, r, y, c0, c1, a, b, stream);
-        return;
-      }
-      for (int64_t n = 0; n < sh.batch; ++n)
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t o = (n * C + c) * S;
-          WithStream<T>(stream, [&](auto kS) {
-            ForwardRun<kResidual, kRelu, decltype(kS)::value>(x + o, at(r, o), y + o, S,
-                                                               a[c - c0], b[c - c0]);
-          });
-        }
-    });
-    return;
   }
+};
 
-  float* a = scratch.coefficients;
-  float* b = a + C;
-  float* pivot = b + C;
-  // One parallel region: pivots, partial sums, per-channel merge and fold, output pass.
-  const bool parallel = worth_threads(num_threads, sh.batch * C * sh.spatial);
-#pragma omp parallel num_threads(num_threads) if (parallel)
-  {
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < C; ++c) pivot[c] = ChannelPivot(x, sh, c);
-    Reduce<StatTerms>(plan, x, none, none, pivot, C, scratch.partial,
-                      [&](int64_t c, const PairSums& sums) {
-                        finish(c, sums, pivot[c], a[c], b[c]);
-                      });
-    ApplyForward<kResidual, kRelu, T>(job, a, b);
-  }
-}
-
-// Calls f.template operator()<T, kResidual, kRelu>() for the job's dtype and epilogue.
-template <class F>
-void VisitForward(const ForwardJob& job, F&& f) {
-  visit_dtype(job.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const bool res = job.residual != nullptr;
-    if (res && job.relu) f.template operator()<T, true, true>();
-    else if (res) f.template operator()<T, true, false>();
-    else if (job.relu) f.template operator()<T, false, true>();
-    else f.template operator()<T, false, false>();
-  });
-}
-
-// ---- backward ----
+// ---- the backward's phases ----
 
 // With g the masked dy, xhat = (x - mean) * invstd, M values per channel, p = weight * invstd:
 //   dbias = sum(g), dweight = sum(g * xhat) = invstd * sum(g * (x - mean))
@@ -782,238 +866,261 @@ void VisitForward(const ForwardJob& job, F&& f) {
 //      = g * p + (x - mean) * q + r,   q = -p * invstd^2 * sum(g * (x - mean)) / M
 //                                      r = -p * sum(g) / M
 // the q term being the gradient through the variance and r the one through the mean.
-struct BackwardCoefficients {
-  float p, q, r;
+template <typename T>
+struct BatchNormBackward {
+  const Kernels<T>& k;
+  const BatchNormShape& sh;
+  const T* dy;
+  const T* mask;  // the forward's y with relu
+  const T* x;     // null: the inference backward (dx = g * p)
+  const float* weight;
+  T* dx;
+  T* dres;  // receives g, or null
+  float* dweight;
+  float* dbias;
+  bool stream = streams<T>(sh.batch * sh.channels * sh.spatial);
+
+  // Channel c's dx coefficients from its sums over `count` values; writes dweight[c] and
+  // dbias[c] when wanted.
+  void coefficients(int64_t c, const PairSums& s, double invstd, double count, float& p,
+                    float& q, float& r) const {
+    const double pc = (weight ? weight[c] : 1.0f) * invstd;
+    if (dbias) dbias[c] = float(s.first);
+    if (dweight) dweight[c] = float(s.second * invstd);
+    p = float(pc);
+    q = float(-pc * invstd * invstd * s.second / count);
+    r = float(-pc * s.first / count);
+  }
+
+  // dx for channels [c0, c1) of every sample; p[c - c0] etc. channel c's (cached schedule).
+  void dx_block(int64_t c0, int64_t c1, const float* p, const float* q, const float* r,
+                const float* m) const {
+    const int64_t S = sh.spatial, C = sh.channels;
+    for (int64_t n = 0; n < sh.batch; ++n)
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t o = (n * C + c) * S;
+        k.dx_run(dx + o, dres ? dres + o : nullptr, dy + o, mask ? mask + o : nullptr, x + o, S,
+                 p[c - c0], q[c - c0], r[c - c0], m[c - c0], stream);
+      }
+  }
+
+  // Inside a parallel region: dx from the per-channel coefficients (C each; q, r and m are
+  // not read without x). `streamed`: dx may go with non-temporal stores.
+  void dx_all(const float* p, const float* q, const float* r, const float* m,
+              bool streamed) const {
+    const T* xs = x;
+    for_each_piece(
+        sh, streamed,
+        [&](int64_t c, int64_t o, int64_t length) {
+          k.dx_run(dx + o, dres ? dres + o : nullptr, dy + o, mask ? mask + o : nullptr,
+                   xs ? xs + o : nullptr, length, p[c], q[c], r[c], m[c], streamed);
+        },
+        [&](int64_t o, int64_t rows) {
+          k.dx_rows(dx + o, dres ? dres + o : nullptr, dy + o, mask ? mask + o : nullptr,
+                    xs ? xs + o : nullptr, rows, sh.channels, p, q, r, m, streamed);
+        });
+  }
 };
-inline BackwardCoefficients backward_coefficients(const BackwardJob& job, int64_t c,
-                                                  const PairSums& s, double invstd,
-                                                  double count) {
-  const double pc = (job.weight ? job.weight[c] : 1.0f) * invstd;
-  if (job.dbias) job.dbias[c] = float(s.first);
-  if (job.dweight) job.dweight[c] = float(s.second * invstd);
-  return {float(pc), float(-pc * invstd * invstd * s.second / count),
-          float(-pc * s.first / count)};
+
+}  // namespace
+
+BatchNormPlan plan_batch_norm(const BatchNormShape& shape, int64_t value_bytes,
+                              int num_threads) {
+  BatchNormPlan plan;
+  plan.shape = shape;
+  plan.value_bytes = value_bytes;
+  plan.num_threads = std::max(num_threads, 1);
+  if (empty(shape)) return plan;
+  plan.tiling = make_tiling(shape);
+  ScratchLayout l;
+  plan.scratch.partial = l.add<PairSums>(plan.tiling.slots, shape.channels);
+  plan.scratch.coefficients = l.add<float>(4, shape.channels);
+  plan.scratch.bytes = l.workspace_bytes();
+  return plan;
 }
 
-template <bool kRelu, bool kDresidual, typename T>
-void BackwardTrainingT(const BackwardJob& job, const float* save_mean, const float* save_invstd,
-                       int num_threads, const Scratch& scratch) {
-  const auto& sh = job.shape;
-  const int64_t C = sh.channels, count = sh.batch * sh.spatial;
-  const Plan plan = make_plan(sh);
-  const T* dy = static_cast<const T*>(job.dy);
-  const T* x = static_cast<const T*>(job.x);
-  const T* y = kRelu ? static_cast<const T*>(job.y) : nullptr;
-  T* dx = static_cast<T*>(job.dx);
-  T* dres = static_cast<T*>(job.dresidual);
+std::size_t workspace_size(const BatchNormShape& shape) {
+  return plan_batch_norm(shape, sizeof(float), 1).scratch.bytes;
+}
 
-  const int64_t reread = int64_t(sizeof(T)) * (kRelu ? 3 : 2);
-  if (channel_local(plan, sh, reread, num_threads)) {
-    const int64_t S = sh.spatial, B = local_block_channels(sh, sizeof(T), reread, num_threads);
-    const bool stream = Streams<T>(count * C);
-    parallel_for(ceil_div(C, B), num_threads, worth_threads(num_threads, C * count), stream,
-                 [&](int64_t block) {
+template <typename T>
+void batch_norm_forward_training(const BatchNormPlan& plan, double eps, double momentum,
+                                 const ForwardEpilogueOf<T>& epilogue, const T* x,
+                                 const float* weight, const float* bias, T* y, float* save_mean,
+                                 float* save_invstd, float* running_mean, float* running_var,
+                                 std::span<std::byte> workspace) {
+  const BatchNormShape& sh = plan.shape;
+  if (empty(sh)) return;
+  const int64_t C = sh.channels;
+  const int num_threads = plan.num_threads;
+  const bool parallel = worth_threads(num_threads, sh.batch * C * sh.spatial);
+  const double count = double(sh.batch * sh.spatial);
+  const BatchNormForward<T> f{kernels<T>(), sh, x, epilogue.residual, epilogue.relu, y};
+  auto at = [](float* p, int64_t c) { return p ? p + c : nullptr; };
+  auto cat = [](const float* p, int64_t c) { return p ? p + c : nullptr; };
+  // Statistics and coefficients of channels [c0, c0 + n) from their sums.
+  auto fold = [&](int64_t c0, int64_t n, const PairSums* sums, const float* pivot, float* a,
+                  float* b) {
+    f.k.fold_batch(n, sums, pivot, count, eps, momentum, cat(weight, c0), cat(bias, c0),
+                   save_mean + c0, save_invstd + c0, at(running_mean, c0), at(running_var, c0),
+                   a, b);
+  };
+
+  const int64_t reread = epilogue.residual ? 2 : 1;
+  if (plan_schedule(plan, reread) == Schedule::cached_channels) {
+    // Each block of channels: its statistics, then its elementwise pass while its runs are in
+    // cache.
+    const int64_t B = block_channels(plan, reread);
+    parallel_for(ceil_div(C, B), num_threads, parallel, f.stream, [&](int64_t block) {
       const int64_t c0 = block * B, c1 = std::min(C, c0 + B);
-      StackSlots<PairSums, kMaxBlockChannels> s;
-      BackwardCoefficients k[kMaxBlockChannels];
-      for (int64_t c = c0; c < c1; ++c) s.emplace(c - c0);
-      for (int64_t slot = 0; slot < plan.slots; ++slot)
-        BlockSlotSums<GradTerms<kRelu>>(plan, x, dy, y, save_mean + c0, C, c0, c1, slot, &s[0]);
-      for (int64_t c = c0; c < c1; ++c)
-        k[c - c0] = backward_coefficients(job, c, s[c - c0], save_invstd[c], double(count));
-      for (int64_t n = 0; n < sh.batch; ++n)
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t o = (n * C + c) * S;
-          const BackwardCoefficients& kc = k[c - c0];
-          WithStream<T>(stream, [&](auto kS) {
-            BackwardRun<kRelu, kDresidual, true, decltype(kS)::value>(
-                dy + o, x + o, at(y, o), dx + o, at(dres, o), S, kc.p, kc.q, kc.r, save_mean[c]);
-          });
-        }
+      float pivot[kMaxBlockChannels], a[kMaxBlockChannels], b[kMaxBlockChannels];
+      StackSlots<PairSums, kMaxBlockChannels> sums;
+      for (int64_t c = c0; c < c1; ++c) {
+        pivot[c - c0] = channel_pivot(x, sh, c);
+        sums.emplace(c - c0);
+      }
+      const ChannelSums<T> s{f.k, plan.tiling, x, nullptr, nullptr, nullptr, C};
+      s.block_sums(c0, c1, pivot, &sums[0]);
+      fold(c0, c1 - c0, &sums[0], pivot, a, b);
+      f.apply_block(c0, c1, a, b);
     });
     return;
   }
 
-  float* p = scratch.coefficients;
-  float* q = p + C;
-  float* r = q + C;
-  const bool stream = Streams<T>(count * C);
-  // One parallel region: partial sums, per-channel merge and coefficients, dx pass.
-#pragma omp parallel num_threads(num_threads) if (worth_threads(num_threads, count * C))
+  const Scratch scratch = carve(plan, workspace);
+  float* a = scratch.coefficients;
+  float* b = a + C;
+  float* pivot = b + C;
+  const ChannelSums<T> s{f.k, plan.tiling, x, nullptr, nullptr, pivot, C};
+  // One parallel region: pivots, partial sums, per-channel merge and fold, output pass.
+#pragma omp parallel num_threads(num_threads) if (parallel)
   {
-    Reduce<GradTerms<kRelu>>(plan, x, dy, y, save_mean, C, scratch.partial,
-                             [&](int64_t c, const PairSums& sums) {
-                               const auto k = backward_coefficients(job, c, sums, save_invstd[c],
-                                                                    double(count));
-                               p[c] = k.p, q[c] = k.q, r[c] = k.r;
-                             });
-    WithStream<T>(stream, [&](auto kS) {
-      constexpr bool S = decltype(kS)::value;
-      ForEachPiece(
-          sh, stream,
-          [&](int64_t c, int64_t o, int64_t length) {
-            BackwardRun<kRelu, kDresidual, true, S>(dy + o, x + o, at(y, o), dx + o, at(dres, o),
-                                                    length, p[c], q[c], r[c], save_mean[c]);
-          },
-          [&](int64_t o, int64_t row_count) {
-            BackwardRows<kRelu, kDresidual, true, S>(dy + o, x + o, at(y, o), dx + o,
-                                                     at(dres, o), row_count, C, p, q, r,
-                                                     save_mean);
-          });
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < C; ++c) pivot[c] = channel_pivot(x, sh, c);
+    s.reduce(scratch.partial, [&](int64_t c, const PairSums& sums) {
+      fold(c, 1, &sums, pivot + c, a + c, b + c);
     });
+    f.apply(a, b);
   }
 }
 
-template <bool kRelu, bool kDresidual, typename T>
-void BackwardInferenceT(const BackwardJob& job, const float* running_mean,
-                        const float* running_var, double eps, int num_threads,
-                        const Scratch& scratch) {
-  const auto& sh = job.shape;
-  const int64_t C = sh.channels, total = sh.batch * C * sh.spatial;
-  const T* dy = static_cast<const T*>(job.dy);
-  const T* x = static_cast<const T*>(job.x);
-  const T* y = kRelu ? static_cast<const T*>(job.y) : nullptr;
-  T* dx = static_cast<T*>(job.dx);
-  T* dres = static_cast<T*>(job.dresidual);
-  float* p = scratch.coefficients;
-  const Plan plan = make_plan(sh);
-#pragma omp parallel num_threads(num_threads) if (worth_threads(num_threads, total))
+template <typename T>
+void batch_norm_forward_inference(const BatchNormPlan& plan, double eps,
+                                  const ForwardEpilogueOf<T>& epilogue, const T* x,
+                                  const float* weight, const float* bias,
+                                  const float* running_mean, const float* running_var, T* y,
+                                  std::span<std::byte> workspace) {
+  const BatchNormShape& sh = plan.shape;
+  if (empty(sh)) return;
+  const int64_t C = sh.channels;
+  const BatchNormForward<T> f{kernels<T>(), sh, x, epilogue.residual, epilogue.relu, y};
+  const Scratch scratch = carve(plan, workspace);
+  float* a = scratch.coefficients;
+  float* b = a + C;
+#pragma omp parallel num_threads(plan.num_threads) \
+    if (worth_threads(plan.num_threads, sh.batch * C * sh.spatial))
   {
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < C; ++c)
-      p[c] = float((job.weight ? job.weight[c] : 1.0f) / std::sqrt(double(running_var[c]) + eps));
-    if (job.dweight || job.dbias)
-      Reduce<GradTerms<kRelu>>(plan, x, dy, y, running_mean, C, scratch.partial,
-                               [&](int64_t c, const PairSums& sums) {
-                                 if (job.dbias) job.dbias[c] = float(sums.first);
-                                 if (job.dweight)
-                                   job.dweight[c] = float(
-                                       sums.second / std::sqrt(double(running_var[c]) + eps));
-                               });
-    ForEachPiece(
-        sh, /*stream=*/false,
-        [&](int64_t c, int64_t o, int64_t length) {
-          BackwardRun<kRelu, kDresidual, false>(dy + o, static_cast<const T*>(nullptr),
-                                                at(y, o), dx + o, at(dres, o), length, p[c], 0.f,
-                                                0.f, 0.f);
-        },
-        [&](int64_t o, int64_t row_count) {
-          BackwardRows<kRelu, kDresidual, false>(dy + o, static_cast<const T*>(nullptr),
-                                                 at(y, o), dx + o, at(dres, o), row_count, C, p,
-                                                 p, p, p);
-        });
+      f.k.fold_running(1, running_mean + c, running_var + c, eps, weight ? weight + c : nullptr,
+                       bias ? bias + c : nullptr, a + c, b + c);
+    f.apply(a, b);
   }
 }
 
-template <class F>
-void VisitBackward(const BackwardJob& job, F&& f) {
-  visit_dtype(job.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const bool dres = job.dresidual != nullptr;
-    if (job.relu && dres) f.template operator()<T, true, true>();
-    else if (job.relu) f.template operator()<T, true, false>();
-    else if (dres) f.template operator()<T, false, true>();
-    else f.template operator()<T, false, false>();
-  });
+template <typename T>
+void batch_norm_backward_training(const BatchNormPlan& plan, const BackwardEpilogueOf<T>& epilogue,
+                                  const T* dy, const T* x, const float* save_mean,
+                                  const float* save_invstd, const float* weight, T* dx,
+                                  float* dweight, float* dbias, std::span<std::byte> workspace) {
+  const BatchNormShape& sh = plan.shape;
+  if (empty(sh)) return;
+  const int64_t C = sh.channels, count = sh.batch * sh.spatial;
+  const int num_threads = plan.num_threads;
+  const bool parallel = worth_threads(num_threads, count * C);
+  const T* mask = epilogue.relu ? epilogue.y : nullptr;
+  const BatchNormBackward<T> bw{kernels<T>(), sh,     dy,      mask,    x,
+                                weight,       dx,     epilogue.dresidual, dweight, dbias};
+  const ChannelSums<T> s{bw.k, plan.tiling, x, dy, mask, save_mean, C};
+
+  const int64_t reread = mask ? 3 : 2;
+  if (plan_schedule(plan, reread) == Schedule::cached_channels) {
+    const int64_t B = block_channels(plan, reread);
+    parallel_for(ceil_div(C, B), num_threads, parallel, bw.stream, [&](int64_t block) {
+      const int64_t c0 = block * B, c1 = std::min(C, c0 + B);
+      StackSlots<PairSums, kMaxBlockChannels> sums;
+      float p[kMaxBlockChannels], q[kMaxBlockChannels], r[kMaxBlockChannels];
+      for (int64_t c = c0; c < c1; ++c) sums.emplace(c - c0);
+      s.block_sums(c0, c1, save_mean + c0, &sums[0]);
+      for (int64_t c = c0; c < c1; ++c)
+        bw.coefficients(c, sums[c - c0], save_invstd[c], double(count), p[c - c0], q[c - c0],
+                        r[c - c0]);
+      bw.dx_block(c0, c1, p, q, r, save_mean + c0);
+    });
+    return;
+  }
+
+  const Scratch scratch = carve(plan, workspace);
+  float* p = scratch.coefficients;
+  float* q = p + C;
+  float* r = q + C;
+  // One parallel region: partial sums, per-channel merge and coefficients, dx pass.
+#pragma omp parallel num_threads(num_threads) if (parallel)
+  {
+    s.reduce(scratch.partial, [&](int64_t c, const PairSums& sums) {
+      bw.coefficients(c, sums, save_invstd[c], double(count), p[c], q[c], r[c]);
+    });
+    bw.dx_all(p, q, r, save_mean, bw.stream);
+  }
 }
 
-}  // namespace
-
-// ---- per-target entry points ----
-
-void ForwardTraining(const ForwardJob& job, float* save_mean, float* save_invstd,
-                     float* running_mean, float* running_var, double momentum, int num_threads,
-                     std::span<std::byte> workspace) {
-  const Scratch scratch = carve(job.shape, workspace);
-  VisitForward(job, [&]<typename T, bool kResidual, bool kRelu>() {
-    ForwardTrainingT<kResidual, kRelu, T>(job, save_mean, save_invstd, running_mean, running_var,
-                                          momentum, num_threads, scratch);
-  });
-}
-
-void ForwardInference(const ForwardJob& job, const float* running_mean, const float* running_var,
-                      int num_threads, std::span<std::byte> workspace) {
-  const Scratch scratch = carve(job.shape, workspace);
-  const int64_t C = job.shape.channels;
-  float* a = scratch.coefficients;
-  float* b = a + C;
-  const int64_t total = job.shape.batch * C * job.shape.spatial;
-  VisitForward(job, [&]<typename T, bool kResidual, bool kRelu>() {
-#pragma omp parallel num_threads(num_threads) if (worth_threads(num_threads, total))
-    {
+template <typename T>
+void batch_norm_backward_inference(const BatchNormPlan& plan, double eps,
+                                   const BackwardEpilogueOf<T>& epilogue, const T* dy,
+                                   const T* x, const float* running_mean,
+                                   const float* running_var, const float* weight, T* dx,
+                                   float* dweight, float* dbias, std::span<std::byte> workspace) {
+  const BatchNormShape& sh = plan.shape;
+  if (empty(sh)) return;
+  const int64_t C = sh.channels;
+  const T* mask = epilogue.relu ? epilogue.y : nullptr;
+  const BatchNormBackward<T> bw{kernels<T>(), sh,     dy,      mask,    nullptr,
+                                weight,       dx,     epilogue.dresidual, dweight, dbias};
+  const ChannelSums<T> s{bw.k, plan.tiling, x, dy, mask, running_mean, C};
+  const Scratch scratch = carve(plan, workspace);
+  float* p = scratch.coefficients;
+#pragma omp parallel num_threads(plan.num_threads) \
+    if (worth_threads(plan.num_threads, sh.batch * C * sh.spatial))
+  {
 #pragma omp for schedule(static)
-      for (int64_t c = 0; c < C; ++c)
-        fold(running_mean[c], 1.0 / std::sqrt(double(running_var[c]) + job.eps), job, c, a[c],
-             b[c]);
-      ApplyForward<kResidual, kRelu, T>(job, a, b);
-    }
-  });
+    for (int64_t c = 0; c < C; ++c)
+      p[c] = float((weight ? weight[c] : 1.0f) / std::sqrt(double(running_var[c]) + eps));
+    if (dweight || dbias)
+      s.reduce(scratch.partial, [&](int64_t c, const PairSums& sums) {
+        if (dbias) dbias[c] = float(sums.first);
+        if (dweight) dweight[c] = float(sums.second / std::sqrt(double(running_var[c]) + eps));
+      });
+    bw.dx_all(p, p, p, p, /*streamed=*/false);
+  }
 }
 
-void BackwardTraining(const BackwardJob& job, const float* save_mean, const float* save_invstd,
-                      int num_threads, std::span<std::byte> workspace) {
-  const Scratch scratch = carve(job.shape, workspace);
-  VisitBackward(job, [&]<typename T, bool kRelu, bool kDresidual>() {
-    BackwardTrainingT<kRelu, kDresidual, T>(job, save_mean, save_invstd, num_threads, scratch);
-  });
-}
-
-void BackwardInference(const BackwardJob& job, const float* running_mean,
-                       const float* running_var, double eps, int num_threads,
-                       std::span<std::byte> workspace) {
-  const Scratch scratch = carve(job.shape, workspace);
-  VisitBackward(job, [&]<typename T, bool kRelu, bool kDresidual>() {
-    BackwardInferenceT<kRelu, kDresidual, T>(job, running_mean, running_var, eps, num_threads,
-                                             scratch);
-  });
-}
-
-}  // namespace normkit::cpu::HWY_NAMESPACE
-HWY_AFTER_NAMESPACE();
-
-#if HWY_ONCE
-namespace normkit::cpu {
-
-HWY_EXPORT(ForwardTraining);
-HWY_EXPORT(ForwardInference);
-HWY_EXPORT(BackwardTraining);
-HWY_EXPORT(BackwardInference);
-
-std::size_t workspace_size(const BatchNormShape& shape) { return bn::scratch_parts(shape).bytes; }
-
-namespace {
-bool empty(const BatchNormShape& sh) { return sh.batch * sh.channels * sh.spatial == 0; }
-}  // namespace
-
-void batch_norm_forward_training(const ForwardJob& job, float* save_mean, float* save_invstd,
-                                 float* running_mean, float* running_var, double momentum,
-                                 int num_threads, std::span<std::byte> workspace) {
-  if (empty(job.shape)) return;
-  HWY_DYNAMIC_DISPATCH(ForwardTraining)(job, save_mean, save_invstd, running_mean, running_var,
-                                        momentum, num_threads, workspace);
-}
-
-void batch_norm_forward_inference(const ForwardJob& job, const float* running_mean,
-                                  const float* running_var, int num_threads,
-                                  std::span<std::byte> workspace) {
-  if (empty(job.shape)) return;
-  HWY_DYNAMIC_DISPATCH(ForwardInference)(job, running_mean, running_var, num_threads, workspace);
-}
-
-void batch_norm_backward_training(const BackwardJob& job, const float* save_mean,
-                                  const float* save_invstd, int num_threads,
-                                  std::span<std::byte> workspace) {
-  if (empty(job.shape)) return;
-  HWY_DYNAMIC_DISPATCH(BackwardTraining)(job, save_mean, save_invstd, num_threads, workspace);
-}
-
-void batch_norm_backward_inference(const BackwardJob& job, const float* running_mean,
-                                   const float* running_var, double eps, int num_threads,
-                                   std::span<std::byte> workspace) {
-  if (empty(job.shape)) return;
-  HWY_DYNAMIC_DISPATCH(BackwardInference)(job, running_mean, running_var, eps, num_threads,
-                                          workspace);
-}
+#define NORMKIT_BATCH_NORM_INSTANTIATE(T)                                                        \
+  template void batch_norm_forward_training<T>(                                                 \
+      const BatchNormPlan&, double, double, const ForwardEpilogueOf<T>&, const T*, const float*, \
+      const float*, T*, float*, float*, float*, float*, std::span<std::byte>);                  \
+  template void batch_norm_forward_inference<T>(                                                \
+      const BatchNormPlan&, double, const ForwardEpilogueOf<T>&, const T*, const float*,        \
+      const float*, const float*, const float*, T*, std::span<std::byte>);                      \
+  template void batch_norm_backward_training<T>(                                                \
+      const BatchNormPlan&, const BackwardEpilogueOf<T>&, const T*, const T*, const float*,     \
+      const float*, const float*, T*, float*, float*, std::span<std::byte>);                    \
+  template void batch_norm_backward_inference<T>(                                               \
+      const BatchNormPlan&, double, const BackwardEpilogueOf<T>&, const T*, const T*,           \
+      const float*, const float*, const float*, T*, float*, float*, std::span<std::byte>);
+NORMKIT_BATCH_NORM_INSTANTIATE(float)
+NORMKIT_BATCH_NORM_INSTANTIATE(bf16)
+NORMKIT_BATCH_NORM_INSTANTIATE(f16)
+#undef NORMKIT_BATCH_NORM_INSTANTIATE
 
 }  // namespace normkit::cpu
 #endif  // HWY_ONCE

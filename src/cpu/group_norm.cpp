@@ -11,6 +11,7 @@
 #include "cpu/moments.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
+#include "cpu/column_sums-inl.h"
 #include "cpu/tiling.h"
 
 #include <algorithm>
@@ -271,56 +272,22 @@ HWY_INLINE void AddToDouble(D d, hn::Vec<D> v, double* HWY_RESTRICT s) {
   }
 }
 
-template <class D, typename T>
-HWY_INLINE void ShiftedStep(D d, const T* HWY_RESTRICT x, hn::Vec<D> center, hn::Vec<D>& a,
-                            hn::Vec<D>& b) {
-  const auto v = hn::Sub(LoadF(d, x), center);
-  a = hn::Add(a, v);
-  b = hn::MulAdd(v, v, b);
-}
-
 // s1[j] = sum(x - center[j]), s2[j] = sum((x - center[j])^2) over the rows of column j < width:
-// float sums over kSumRows rows, in row order, added in double. Columns go through registers
-// four vectors at a time (each row's piece is contiguous, which the prefetchers follow); a
-// column's arithmetic is the same in every lane and in the tails.
+// float sums of the shared column kernel (cpu/column_sums-inl.h) over kSumRows rows at a time,
+// added in double.
 template <typename T>
 void ShiftedColumnSums(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, int64_t width,
                        const float* HWY_RESTRICT center, double* HWY_RESTRICT s1,
                        double* HWY_RESTRICT s2) {
-  const DF d;
-  const D1 d1;
-  const int64_t N = int64_t(hn::Lanes(d));
   std::fill(s1, s1 + width, 0.0);
   std::fill(s2, s2 + width, 0.0);
-  auto column = [&](auto dd, const T* xb, int64_t n_rows, int64_t j) {
-    const auto c = hn::LoadU(dd, center + j);
-    auto a = hn::Zero(dd), b = hn::Zero(dd);
-    for (int64_t r = 0; r < n_rows; ++r) ShiftedStep(dd, xb + r * stride + j, c, a, b);
-    AddToDouble(dd, a, s1 + j);
-    AddToDouble(dd, b, s2 + j);
-  };
+  const T* none = nullptr;
   for (int64_t r0 = 0; r0 < rows; r0 += gn::kSumRows) {
-    const int64_t n_rows = std::min(gn::kSumRows, rows - r0);
-    const T* xb = x + r0 * stride;
-    int64_t j = 0;
-    for (; j + 4 * N <= width; j += 4 * N) {
-      const auto c0 = hn::LoadU(d, center + j), c1 = hn::LoadU(d, center + j + N);
-      const auto c2 = hn::LoadU(d, center + j + 2 * N), c3 = hn::LoadU(d, center + j + 3 * N);
-      auto a0 = hn::Zero(d), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-      for (int64_t r = 0; r < n_rows; ++r) {
-        const T* xr = xb + r * stride + j;
-        ShiftedStep(d, xr, c0, a0, b0);
-        ShiftedStep(d, xr + N, c1, a1, b1);
-        ShiftedStep(d, xr + 2 * N, c2, a2, b2);
-        ShiftedStep(d, xr + 3 * N, c3, a3, b3);
-      }
-      AddToDouble(d, a0, s1 + j), AddToDouble(d, a1, s1 + j + N);
-      AddToDouble(d, a2, s1 + j + 2 * N), AddToDouble(d, a3, s1 + j + 3 * N);
-      AddToDouble(d, b0, s2 + j), AddToDouble(d, b1, s2 + j + N);
-      AddToDouble(d, b2, s2 + j + 2 * N), AddToDouble(d, b3, s2 + j + 3 * N);
-    }
-    for (; j + N <= width; j += N) column(d, xb, n_rows, j);
-    for (; j < width; ++j) column(d1, xb, n_rows, j);
+    ColumnSums<ShiftedTerms>(x + r0 * stride, none, none, std::min(gn::kSumRows, rows - r0), width,
+                             stride, center, [&](auto d, int64_t j, auto a, auto b) {
+                               AddToDouble(d, a, s1 + j);
+                               AddToDouble(d, b, s2 + j);
+                             });
   }
 }
 

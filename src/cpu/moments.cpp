@@ -118,52 +118,6 @@ void ChunkPairMomentsT(const T* a, const T* b, int64_t n, Moments* out) {
   ChunksMomentsT<2>(xs, n, out);
 }
 
-// Moments of the Lanes(d) adjacent columns starting at x over `rows` rows.
-template <class D, typename T>
-HWY_INLINE void StripMoments(D d, const T* HWY_RESTRICT x, int64_t rows, int64_t row_stride,
-                             Moments* out) {
-  constexpr size_t kMax = hn::MaxLanes(D());
-  const size_t lanes = hn::Lanes(d);
-  const double count = double(rows);
-  const auto pivot = LoadF(d, x);
-  auto acc = hn::Zero(d);
-  for (int64_t r = 0; r < rows; ++r) acc = hn::Add(acc, hn::Sub(LoadF(d, x + r * row_stride), pivot));
-  HWY_ALIGN float pb[kMax], ab[kMax], mb[kMax];
-  hn::Store(pivot, d, pb);
-  hn::Store(acc, d, ab);
-  for (size_t j = 0; j < lanes; ++j) mb[j] = float(double(pb[j]) + double(ab[j]) / count);
-  const auto m0 = hn::Load(d, mb);
-  auto s1 = hn::Zero(d), s2 = hn::Zero(d);
-  for (int64_t r = 0; r < rows; ++r) {
-    const auto dd = hn::Sub(LoadF(d, x + r * row_stride), m0);
-    s1 = hn::Add(s1, dd);
-    s2 = hn::MulAdd(dd, dd, s2);
-  }
-  hn::Store(s1, d, ab);
-  hn::Store(s2, d, pb);
-  for (size_t j = 0; j < lanes; ++j) {
-    const double sum_d = ab[j];
-    double m2 = double(pb[j]) - sum_d * sum_d / count;
-    if (m2 < 0) m2 = 0;
-    out[j] = {count, double(mb[j]) + sum_d / count, m2};
-  }
-}
-
-template <typename T>
-void BlockMomentsT(const T* HWY_RESTRICT x, int64_t rows, int64_t channels, int64_t row_stride,
-                   Moments* out) {
-  if (rows <= 0) {
-    for (int64_t c = 0; c < channels; ++c) out[c] = {};
-    return;
-  }
-  const DF d;
-  const D1 d1;
-  const int64_t N = int64_t(hn::Lanes(d));
-  int64_t c = 0;
-  for (; c + N <= channels; c += N) StripMoments(d, x + c, rows, row_stride, out + c);
-  for (; c < channels; ++c) StripMoments(d1, x + c, rows, row_stride, out + c);
-}
-
 int64_t TargetOfThisCode() { return HWY_TARGET; }
 
 Moments ChunkMomentsF32(const float* x, int64_t n) { return ChunkMomentsT(x, n); }
@@ -177,15 +131,6 @@ void ChunkPairMomentsBF16(const bf16* a, const bf16* b, int64_t n, Moments* out)
 }
 void ChunkPairMomentsF16(const f16* a, const f16* b, int64_t n, Moments* out) {
   ChunkPairMomentsT(a, b, n, out);
-}
-void BlockMomentsF32(const float* x, int64_t r, int64_t c, int64_t s, Moments* o) {
-  BlockMomentsT(x, r, c, s, o);
-}
-void BlockMomentsBF16(const bf16* x, int64_t r, int64_t c, int64_t s, Moments* o) {
-  BlockMomentsT(x, r, c, s, o);
-}
-void BlockMomentsF16(const f16* x, int64_t r, int64_t c, int64_t s, Moments* o) {
-  BlockMomentsT(x, r, c, s, o);
 }
 
 }  // namespace normkit::cpu::HWY_NAMESPACE
@@ -201,9 +146,6 @@ HWY_EXPORT(ChunkMomentsF16);
 HWY_EXPORT(ChunkPairMomentsF32);
 HWY_EXPORT(ChunkPairMomentsBF16);
 HWY_EXPORT(ChunkPairMomentsF16);
-HWY_EXPORT(BlockMomentsF32);
-HWY_EXPORT(BlockMomentsBF16);
-HWY_EXPORT(BlockMomentsF16);
 
 namespace {
 
@@ -253,16 +195,6 @@ void run_pair_moments(const T* a, const T* b, int64_t n, Moments* out) {
 }
 
 template <typename T>
-void block_moments(const T* x, int64_t rows, int64_t channels, int64_t row_stride, Moments* out) {
-  if constexpr (std::is_same_v<T, float>)
-    HWY_DYNAMIC_DISPATCH(BlockMomentsF32)(x, rows, channels, row_stride, out);
-  else if constexpr (std::is_same_v<T, bf16>)
-    HWY_DYNAMIC_DISPATCH(BlockMomentsBF16)(x, rows, channels, row_stride, out);
-  else
-    HWY_DYNAMIC_DISPATCH(BlockMomentsF16)(x, rows, channels, row_stride, out);
-}
-
-template <typename T>
 void runs_moments(const T* x, int64_t runs, int64_t length, Moments* out, int num_threads,
                   Moments* scratch) {
   if (runs <= 0) return;
@@ -292,7 +224,6 @@ void runs_moments(const T* x, int64_t runs, int64_t length, Moments* out, int nu
 #define NORMKIT_MOMENTS_INSTANTIATE(T)                                                  \
   template Moments run_moments<T>(const T*, int64_t);                                   \
   template void run_pair_moments<T>(const T*, const T*, int64_t, Moments*);             \
-  template void block_moments<T>(const T*, int64_t, int64_t, int64_t, Moments*);        \
   template void runs_moments<T>(const T*, int64_t, int64_t, Moments*, int, Moments*);
 NORMKIT_MOMENTS_INSTANTIATE(float)
 NORMKIT_MOMENTS_INSTANTIATE(bf16)

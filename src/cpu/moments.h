@@ -1,7 +1,11 @@
 #pragma once
-// The one home of normkit's statistics: a mergeable (count, mean, M2) triple and the per-chunk
-// kernels that produce it. Every CPU op (BatchNorm, GroupNorm, LayerNorm, InstanceNorm) computes
-// its mean and variance here.
+// The statistics of the CPU ops' contiguous runs: a mergeable (count, mean, M2) triple and the
+// per-chunk kernels that produce it. GroupNorm and InstanceNorm (channels-first groups) and
+// LayerNorm (rows) compute their mean and variance here, and GroupNorm merges its channels-last
+// column statistics with these Moments. BatchNorm's statistics, and the column sums of
+// channels-last data, are shifted sums of the same kind (sum of x - pivot and of its square,
+// the pivot near the mean) summed per channel by their own kernels: cpu/column_sums-inl.h for
+// columns, BatchNorm's run sums for its runs.
 //
 // Why this shape:
 // - Never E[x^2] - E[x]^2: that cancels catastrophically when |mean| >> std. Each chunk is
@@ -95,16 +99,8 @@ void for_each_run_moments(const T* x, int64_t runs, int64_t length, int64_t cach
 // Number of kRunChunk pieces of a run of n floats (0 for n == 0).
 inline int64_t run_piece_count(int64_t n) { return (n + kRunChunk - 1) / kRunChunk; }
 
-// Per-column moments of a block of `rows` rows by `channels` columns, element (r, c) at
-// x[r * row_stride + c] (channels-last data: one row per spatial position). out[c] receives the
-// moments of column c over the rows. Accumulates in float over the rows, so keep
-// rows <= block_rows(channels) for accuracy and cache use; vectorized across columns.
-template <typename T>
-void block_moments(const T* x, int64_t rows, int64_t channels, int64_t row_stride,
-                   Moments* out);
-
-// Rows per block_moments call for `channels` columns: about kRunChunk elements, between 16 and
-// 128 rows. A function of the shape only.
+// Rows of a channels-last block whose gradient sums accumulate in float (GroupNorm): about
+// kRunChunk elements, between 16 and 128 rows. A function of the shape only.
 inline int64_t block_rows(int64_t channels) {
   int64_t r = channels > 0 ? kRunChunk / channels : 128;
   return r < 16 ? 16 : (r > 128 ? 128 : r);

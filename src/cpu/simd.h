@@ -30,6 +30,11 @@ namespace normkit::cpu {
 // virtual machines report is often the host's (320 MiB there), not the part they get.
 inline constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
+// Runs shorter than this are streamed only when every vector of theirs is aligned: otherwise
+// the one-lane steps up to alignment and the mix of cached and non-temporal stores cost more
+// than the stream saves (BatchNorm inference on 14x14 planes took twice as long).
+inline constexpr int64_t kMinStreamRun = 1024;
+
 // Whether an output of `elements` values of T is large enough to stream (the kernels stream
 // float32 outputs only).
 template <typename T>
@@ -162,11 +167,6 @@ int64_t ToAligned(const T* p, int64_t n) {
   const uintptr_t off = reinterpret_cast<uintptr_t>(p) % align;
   return off == 0 ? 0 : std::min<int64_t>(n, int64_t((align - off) / sizeof(T)));
 }
-
-// Runs shorter than this are streamed only when every vector of theirs is aligned: otherwise
-// the one-lane steps up to alignment and the mix of cached and non-temporal stores cost more
-// than the stream saves (BatchNorm inference on 14x14 planes took twice as long).
-constexpr int64_t kMinStreamRun = 1024;
 
 // Whether a run of n values from p is streamed (when its pass streams).
 template <typename T>

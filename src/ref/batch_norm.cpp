@@ -47,10 +47,10 @@ double upstream(const BackwardEpilogueOf<A>& e, const A* dy, int64_t i) {
 }  // namespace
 
 template <typename A, typename P>
-void batch_norm_forward_training(A* y, P* save_mean, P* save_invstd, P* running_mean,
-                                 P* running_var, const A* x, const P* weight, const P* bias,
-                                 const BatchNormShape& sh, double eps, double momentum,
-                                 const ForwardEpilogueOf<A>& epilogue) {
+void batch_norm_forward_training(const BatchNormShape& sh, double eps, double momentum,
+                                 const ForwardEpilogueOf<A>& epilogue, const A* x,
+                                 const P* weight, const P* bias, A* y, P* save_mean,
+                                 P* save_invstd, P* running_mean, P* running_var) {
   const int64_t count = sh.batch * sh.spatial;
   if (count == 0) return;
   for (int64_t c = 0; c < sh.channels; ++c) {
@@ -85,10 +85,10 @@ void batch_norm_forward_training(A* y, P* save_mean, P* save_invstd, P* running_
 }
 
 template <typename A, typename P>
-void batch_norm_forward_inference(A* y, const A* x, const P* weight, const P* bias,
-                                  const P* running_mean, const P* running_var,
-                                  const BatchNormShape& sh, double eps,
-                                  const ForwardEpilogueOf<A>& epilogue) {
+void batch_norm_forward_inference(const BatchNormShape& sh, double eps,
+                                  const ForwardEpilogueOf<A>& epilogue, const A* x,
+                                  const P* weight, const P* bias, const P* running_mean,
+                                  const P* running_var, A* y) {
   for (int64_t c = 0; c < sh.channels; ++c) {
     const double mean = running_mean[c];
     const double invstd = 1.0 / std::sqrt(static_cast<double>(running_var[c]) + eps);
@@ -108,9 +108,10 @@ void batch_norm_forward_inference(A* y, const A* x, const P* weight, const P* bi
 //   dx = weight * invstd * (g - sum(g) / M - xhat * sum(g * xhat) / M)
 // where the two subtracted terms are the gradient through the mean and through the variance.
 template <typename A, typename P>
-void batch_norm_backward_training(A* dx, P* dweight, P* dbias, const A* dy, const A* x,
-                                  const P* save_mean, const P* save_invstd, const P* weight,
-                                  const BatchNormShape& sh, const BackwardEpilogueOf<A>& epilogue) {
+void batch_norm_backward_training(const BatchNormShape& sh, const BackwardEpilogueOf<A>& epilogue,
+                                  const A* dy, const A* x, const P* save_mean,
+                                  const P* save_invstd, const P* weight, A* dx, P* dweight,
+                                  P* dbias) {
   const int64_t count = sh.batch * sh.spatial;
   for (int64_t c = 0; c < sh.channels; ++c) {
     double sum_dy = 0, sum_dy_xhat = 0;
@@ -140,10 +141,10 @@ void batch_norm_backward_training(A* dx, P* dweight, P* dbias, const A* dy, cons
 }
 
 template <typename A, typename P>
-void batch_norm_backward_inference(A* dx, P* dweight, P* dbias, const A* dy, const A* x,
-                                   const P* running_mean, const P* running_var, const P* weight,
-                                   const BatchNormShape& sh, double eps,
-                                   const BackwardEpilogueOf<A>& epilogue) {
+void batch_norm_backward_inference(const BatchNormShape& sh, double eps,
+                                   const BackwardEpilogueOf<A>& epilogue, const A* dy,
+                                   const A* x, const P* running_mean, const P* running_var,
+                                   const P* weight, A* dx, P* dweight, P* dbias) {
   for (int64_t c = 0; c < sh.channels; ++c) {
     const double mean = running_mean[c];
     const double invstd = 1.0 / std::sqrt(static_cast<double>(running_var[c]) + eps);
@@ -163,19 +164,21 @@ void batch_norm_backward_inference(A* dx, P* dweight, P* dbias, const A* dy, con
   }
 }
 
-#define NORMKIT_INSTANTIATE(A, P)                                                               \
-  template void batch_norm_forward_training<A, P>(A*, P*, P*, P*, P*, const A*, const P*,      \
-                                                  const P*, const BatchNormShape&, double,     \
-                                                  double, const ForwardEpilogueOf<A>&);          \
-  template void batch_norm_forward_inference<A, P>(A*, const A*, const P*, const P*, const P*, \
-                                                   const P*, const BatchNormShape&, double,    \
-                                                   const ForwardEpilogueOf<A>&);                 \
-  template void batch_norm_backward_training<A, P>(A*, P*, P*, const A*, const A*, const P*,   \
-                                                   const P*, const P*, const BatchNormShape&,  \
-                                                   const BackwardEpilogueOf<A>&);                \
-  template void batch_norm_backward_inference<A, P>(A*, P*, P*, const A*, const A*, const P*,  \
-                                                    const P*, const P*, const BatchNormShape&, \
-                                                    double, const BackwardEpilogueOf<A>&);
+#define NORMKIT_INSTANTIATE(A, P)                                                              \
+  template void batch_norm_forward_training<A, P>(const BatchNormShape&, double, double,       \
+                                                  const ForwardEpilogueOf<A>&, const A*,       \
+                                                  const P*, const P*, A*, P*, P*, P*, P*);     \
+  template void batch_norm_forward_inference<A, P>(const BatchNormShape&, double,              \
+                                                   const ForwardEpilogueOf<A>&, const A*,      \
+                                                   const P*, const P*, const P*, const P*, A*); \
+  template void batch_norm_backward_training<A, P>(const BatchNormShape&,                      \
+                                                   const BackwardEpilogueOf<A>&, const A*,     \
+                                                   const A*, const P*, const P*, const P*, A*, \
+                                                   P*, P*);                                    \
+  template void batch_norm_backward_inference<A, P>(const BatchNormShape&, double,             \
+                                                    const BackwardEpilogueOf<A>&, const A*,    \
+                                                    const A*, const P*, const P*, const P*,    \
+                                                    A*, P*, P*);
 NORMKIT_INSTANTIATE(float, float)
 NORMKIT_INSTANTIATE(double, double)
 NORMKIT_INSTANTIATE(bf16, float)

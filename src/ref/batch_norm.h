@@ -5,7 +5,9 @@
 // (weight, bias, statistics: float, or double for the float64 oracle of the accuracy and
 // finite-difference tests).
 //
-// All kernels assume validated arguments (see src/api/batch_norm.cpp). Layout: x is (N, C, S)
+// Arguments in the order of the public API (normkit/batch_norm.h): the shape and parameters,
+// then the inputs, then the outputs. All kernels assume validated arguments (see
+// src/api/batch_norm.cpp). Layout: x is (N, C, S)
 // with S the product of the spatial dims, stored channels_first (index (n*C + c)*S + s) or
 // channels_last (index (n*S + s)*C + c). weight, bias, dweight, dbias may be null.
 #include <cstdint>
@@ -24,30 +26,32 @@ using plan::BackwardEpilogueOf;
 // Writes y, save_mean, save_invstd (length C); updates running_mean/running_var (may be null)
 // with momentum and the unbiased variance. Nothing is written when N * S == 0.
 template <typename A, typename P>
-void batch_norm_forward_training(A* y, P* save_mean, P* save_invstd, P* running_mean,
-                                 P* running_var, const A* x, const P* weight, const P* bias,
-                                 const BatchNormShape& shape, double eps, double momentum,
-                                 const ForwardEpilogueOf<A>& epilogue = {});
+void batch_norm_forward_training(const BatchNormShape& shape, double eps, double momentum,
+                                 const ForwardEpilogueOf<A>& epilogue, const A* x,
+                                 const P* weight, const P* bias, A* y, P* save_mean,
+                                 P* save_invstd, P* running_mean, P* running_var);
 
 // Writes y = (x - running_mean) / sqrt(running_var + eps) * weight + bias (then the epilogue).
 template <typename A, typename P>
-void batch_norm_forward_inference(A* y, const A* x, const P* weight, const P* bias,
-                                  const P* running_mean, const P* running_var,
-                                  const BatchNormShape& shape, double eps,
-                                  const ForwardEpilogueOf<A>& epilogue = {});
+void batch_norm_forward_inference(const BatchNormShape& shape, double eps,
+                                  const ForwardEpilogueOf<A>& epilogue, const A* x,
+                                  const P* weight, const P* bias, const P* running_mean,
+                                  const P* running_var, A* y);
 
-// Gradient through the batch statistics. Writes dx, dweight, dbias (the last two may be null).
+// Gradient through the batch statistics. Writes dx, dweight, dbias (the last two may be null)
+// and epilogue.dresidual.
 template <typename A, typename P>
-void batch_norm_backward_training(A* dx, P* dweight, P* dbias, const A* dy, const A* x,
-                                  const P* save_mean, const P* save_invstd, const P* weight,
-                                  const BatchNormShape& shape,
-                                  const BackwardEpilogueOf<A>& epilogue = {});
+void batch_norm_backward_training(const BatchNormShape& shape,
+                                  const BackwardEpilogueOf<A>& epilogue, const A* dy,
+                                  const A* x, const P* save_mean, const P* save_invstd,
+                                  const P* weight, A* dx, P* dweight, P* dbias);
 
-// Running statistics are constants. Writes dx, dweight, dbias (the last two may be null).
+// Running statistics are constants. Writes dx, dweight, dbias (the last two may be null) and
+// epilogue.dresidual.
 template <typename A, typename P>
-void batch_norm_backward_inference(A* dx, P* dweight, P* dbias, const A* dy, const A* x,
-                                   const P* running_mean, const P* running_var, const P* weight,
-                                   const BatchNormShape& shape, double eps,
-                                   const BackwardEpilogueOf<A>& epilogue = {});
+void batch_norm_backward_inference(const BatchNormShape& shape, double eps,
+                                   const BackwardEpilogueOf<A>& epilogue, const A* dy,
+                                   const A* x, const P* running_mean, const P* running_var,
+                                   const P* weight, A* dx, P* dweight, P* dbias);
 
 }  // namespace normkit::ref

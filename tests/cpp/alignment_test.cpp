@@ -133,8 +133,8 @@ Outputs batch_norm_outputs(const Problem& p, int in, int out) {
   batch_norm_forward_training(training, p.view(src.x.data()), p.w, p.b, p.view(y.data()), mean,
                               invstd, running_mean, running_var);
   const BackwardEpilogue backward{true, p.view(y.data()), p.view(dres.data())};
-  batch_norm_backward_training(backward, p.view(src.dy.data()), p.view(src.x.data()), mean,
-                               invstd, p.w, p.view(dx.data()), dw, db);
+  batch_norm_backward_training({.epilogue = backward}, p.view(src.dy.data()),
+                               p.view(src.x.data()), mean, invstd, p.w, p.view(dx.data()), dw, db);
   batch_norm_forward_inference(BatchNormParams{}, p.view(src.x.data()), p.w, p.b, running_mean,
                                running_var, p.view(y_infer.data()));
   for (const Placed* t : {&y, &dx, &dres, &y_infer}) EXPECT_TRUE(t->surroundings_intact());

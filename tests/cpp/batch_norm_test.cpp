@@ -154,13 +154,13 @@ Results run_all(const Config& cfg, const Data& d, const Context& ctx) {
   r.dx = poisoned(total);
   r.dweight = poisoned(C);
   r.dbias = poisoned(C);
-  batch_norm_backward_training(cfg.view(d.dy.data()), cfg.view(d.x.data()), r.save_mean,
+  batch_norm_backward_training({}, cfg.view(d.dy.data()), cfg.view(d.x.data()), r.save_mean,
                                r.save_invstd, opt(d.weight), cfg.view(r.dx.data()), r.dweight,
                                r.dbias, ctx);
   r.dx_inf = poisoned(total);
   r.dweight_inf = poisoned(C);
   r.dbias_inf = poisoned(C);
-  batch_norm_backward_inference(params, cfg.view(d.dy.data()), cfg.view(d.x.data()),
+  batch_norm_backward_inference({.eps = params.eps}, cfg.view(d.dy.data()), cfg.view(d.x.data()),
                                 d.running_mean, d.running_var, opt(d.weight),
                                 cfg.view(r.dx_inf.data()), r.dweight_inf, r.dbias_inf, ctx);
   return r;
@@ -266,11 +266,13 @@ double loss(const DoubleProblem& p, bool training) {
   const double* w = p.cfg.has_weight ? p.weight.data() : nullptr;
   const double* b = p.cfg.has_bias ? p.bias.data() : nullptr;
   if (training)
-    ref::batch_norm_forward_training<double, double>(y.data(), mean.data(), invstd.data(), nullptr,
-                                                     nullptr, p.x.data(), w, b, sh, p.cfg.eps, 0.0);
+    ref::batch_norm_forward_training<double, double>(sh, p.cfg.eps, 0.0, {}, p.x.data(), w, b,
+                                                     y.data(), mean.data(), invstd.data(),
+                                                     nullptr, nullptr);
   else
     ref::batch_norm_forward_inference<double, double>(
-        y.data(), p.x.data(), w, b, p.running_mean.data(), p.running_var.data(), sh, p.cfg.eps);
+        sh, p.cfg.eps, {}, p.x.data(), w, b, p.running_mean.data(), p.running_var.data(),
+        y.data());
   double l = 0;
   for (std::size_t i = 0; i < y.size(); ++i) l += p.g[i] * y[i];
   return l;
@@ -309,16 +311,16 @@ TEST(BatchNormReference, BackwardMatchesFiniteDifferences) {
       SCOPED_TRACE(training ? "training" : "inference");
       std::vector<double> y(total), mean(C), invstd(C), dx(total), dw(C), db(C);
       if (training) {
-        ref::batch_norm_forward_training<double, double>(y.data(), mean.data(), invstd.data(),
-                                                         nullptr, nullptr, p.x.data(), w, nullptr,
-                                                         sh, cfg.eps, 0.0);
-        ref::batch_norm_backward_training<double, double>(dx.data(), dw.data(), db.data(),
-                                                          p.g.data(), p.x.data(), mean.data(),
-                                                          invstd.data(), w, sh);
+        ref::batch_norm_forward_training<double, double>(sh, cfg.eps, 0.0, {}, p.x.data(), w,
+                                                         nullptr, y.data(), mean.data(),
+                                                         invstd.data(), nullptr, nullptr);
+        ref::batch_norm_backward_training<double, double>(sh, {}, p.g.data(), p.x.data(),
+                                                          mean.data(), invstd.data(), w,
+                                                          dx.data(), dw.data(), db.data());
       } else {
         ref::batch_norm_backward_inference<double, double>(
-            dx.data(), dw.data(), db.data(), p.g.data(), p.x.data(), p.running_mean.data(),
-            p.running_var.data(), w, sh, cfg.eps);
+            sh, cfg.eps, {}, p.g.data(), p.x.data(), p.running_mean.data(), p.running_var.data(),
+            w, dx.data(), dw.data(), db.data());
       }
       for (std::size_t i = 0; i < total; ++i)
         EXPECT_NEAR(dx[i], numeric_grad(p, p.x, i, training), 1e-7 * (1 + std::fabs(dx[i])))
@@ -425,7 +427,7 @@ TEST(BatchNormCpu, OptionalOutputsAndAbsentAffine) {
   const Results full = run_all(cfg, d, {});
   for (int which = 0; which < 3; ++which) {
     std::vector<float> dx = poisoned(d.x.size()), dw = poisoned(5), db = poisoned(5);
-    batch_norm_backward_training(cfg.view(d.dy.data()), cfg.view(d.x.data()), full.save_mean,
+    batch_norm_backward_training({}, cfg.view(d.dy.data()), cfg.view(d.x.data()), full.save_mean,
                                  full.save_invstd, d.weight, cfg.view(dx.data()),
                                  which == 1 ? std::span<float>{} : std::span<float>(dw),
                                  which == 2 ? std::span<float>{} : std::span<float>(db));
@@ -467,18 +469,20 @@ TEST(BatchNormAccuracy, LargeOffsetsOnEveryLayout) {
                    rv64 = to_double(d.running_var);
         std::vector<double> y64(total), mean64(C), invstd64(C), yinf64(total), dx64(total),
             dw64(C), db64(C), dxinf64(total), dwinf64(C), dbinf64(C);
-        ref::batch_norm_forward_training<double, double>(y64.data(), mean64.data(), invstd64.data(),
-                                                         nullptr, nullptr, x64.data(), w64.data(),
-                                                         b64.data(), sh, cfg.eps, 0.1);
-        ref::batch_norm_forward_inference<double, double>(yinf64.data(), x64.data(), w64.data(),
-                                                          b64.data(), rm64.data(), rv64.data(), sh,
-                                                          cfg.eps);
-        ref::batch_norm_backward_training<double, double>(dx64.data(), dw64.data(), db64.data(),
-                                                          dy64.data(), x64.data(), mean64.data(),
-                                                          invstd64.data(), w64.data(), sh);
+        ref::batch_norm_forward_training<double, double>(sh, cfg.eps, 0.1, {}, x64.data(),
+                                                         w64.data(), b64.data(), y64.data(),
+                                                         mean64.data(), invstd64.data(), nullptr,
+                                                         nullptr);
+        ref::batch_norm_forward_inference<double, double>(sh, cfg.eps, {}, x64.data(), w64.data(),
+                                                          b64.data(), rm64.data(), rv64.data(),
+                                                          yinf64.data());
+        ref::batch_norm_backward_training<double, double>(sh, {}, dy64.data(), x64.data(),
+                                                          mean64.data(), invstd64.data(),
+                                                          w64.data(), dx64.data(), dw64.data(),
+                                                          db64.data());
         ref::batch_norm_backward_inference<double, double>(
-            dxinf64.data(), dwinf64.data(), dbinf64.data(), dy64.data(), x64.data(), rm64.data(),
-            rv64.data(), w64.data(), sh, cfg.eps);
+            sh, cfg.eps, {}, dy64.data(), x64.data(), rm64.data(), rv64.data(), w64.data(),
+            dxinf64.data(), dwinf64.data(), dbinf64.data());
         const double tol = 1e-5 * (1 + std::fabs(offset) / scale);
         for (Backend backend : {Backend::cpu, Backend::reference}) {
           // The reference backend too, where it is quick.
@@ -593,7 +597,7 @@ TEST(BatchNorm, EmptyBatchWritesNothingAndZeroesParameterGradients) {
       EXPECT_EQ(y, poisoned(1));
       // As torch: the gradient of the parameters is an empty sum.
       std::vector<float> dx = poisoned(1), dw = poisoned(3), db = poisoned(3);
-      batch_norm_backward_training(cfg.view(x.data()), cfg.view(x.data()), mean, invstd, {},
+      batch_norm_backward_training({}, cfg.view(x.data()), cfg.view(x.data()), mean, invstd, {},
                                    cfg.view(dx.data()), dw, db, ctx);
       EXPECT_EQ(dx, poisoned(1));
       EXPECT_EQ(dw, std::vector<float>(3, 0.0f));
@@ -783,40 +787,40 @@ TEST(BatchNormErrors, Backward) {
   const auto cl = MemoryFormat::channels_last;
   expect_rejected({
       {[](Buffers& m) {
-         batch_norm_backward_training(m.vx({N, C, 3}), m.vx(), m.mean, m.invstd, m.w,
+         batch_norm_backward_training({}, m.vx({N, C, 3}), m.vx(), m.mean, m.invstd, m.w,
                                       TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
        },
        {"batch_norm_backward_training", "dy shape (2, 3, 3) != x shape (2, 3, 4)"}},
       {[cl](Buffers& m) {
-         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, 2, 2}, cl),
+         batch_norm_backward_training({}, TensorView(m.dy.data(), {N, C, 2, 2}, cl),
                                       m.vx({N, C, 2, 2}), m.mean, m.invstd, m.w,
                                       TensorView(m.dx.data(), {N, C, 2, 2}), m.dw, m.db);
        },
        {"dy memory format channels_last != x memory format channels_first"}},
       {[](Buffers& m) {
-         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
+         batch_norm_backward_training({}, TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
                                       m.invstd, m.w, TensorView(m.dx.data(), {N, C}), m.dw, m.db);
        },
        {"dx shape (2, 3) != x shape (2, 3, 4)"}},
       {[](Buffers& m) {
-         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(),
+         batch_norm_backward_training({}, TensorView(m.dy.data(), {N, C, H}), m.vx(),
                                       std::span<const float>(m.mean).first(2), m.invstd, m.w,
                                       TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
        },
        {"save_mean has length 2, expected C = 3"}},
       {[](Buffers& m) {
-         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean, {},
+         batch_norm_backward_training({}, TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean, {},
                                       m.w, TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
        },
        {"save_invstd is required"}},
       {[](Buffers& m) {
-         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
+         batch_norm_backward_training({}, TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
                                       m.invstd, m.w, TensorView(m.dx.data(), {N, C, H}),
                                       std::span<float>(m.dw).first(2), m.db);
        },
        {"dweight has length 2, expected C = 3"}},
       {[](Buffers& m) {
-         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
+         batch_norm_backward_training({}, TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
                                       m.invstd, std::span<const float>(m.w).first(2),
                                       TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
        },
@@ -928,13 +932,13 @@ EpilogueResults run_epilogue(const Config& cfg, const EpilogueData& e, DType dty
   r.dbias_inf = poisoned(C);
   const BackwardEpilogue be{ep.relu, ep.relu ? view(my) : TensorView{},
                             ep.dresidual ? view(dres) : TensorView{}};
-  batch_norm_backward_training(be, view(dy), view(x), r.save_mean, r.save_invstd, opt(d.weight),
-                               view(dx), r.dweight, r.dbias, ctx);
+  batch_norm_backward_training({.epilogue = be}, view(dy), view(x), r.save_mean, r.save_invstd,
+                               opt(d.weight), view(dx), r.dweight, r.dbias, ctx);
   const BackwardEpilogue be_inf{ep.relu, ep.relu ? view(my_inf) : TensorView{},
                                 ep.dresidual ? view(dres_inf) : TensorView{}};
-  batch_norm_backward_inference(params, be_inf, view(dy), view(x), d.running_mean,
-                                d.running_var, opt(d.weight), view(dx_inf), r.dweight_inf,
-                                r.dbias_inf, ctx);
+  batch_norm_backward_inference({.eps = params.eps, .epilogue = be_inf}, view(dy), view(x),
+                                d.running_mean, d.running_var, opt(d.weight), view(dx_inf),
+                                r.dweight_inf, r.dbias_inf, ctx);
   r.y = decode(y), r.y_inf = decode(y_inf), r.dx = decode(dx), r.dx_inf = decode(dx_inf);
   if (ep.dresidual) r.dres = decode(dres), r.dres_inf = decode(dres_inf);
   return r;
@@ -1208,13 +1212,14 @@ TEST(BatchNormReference, EpilogueGradientsMatchFiniteDifferences) {
         std::vector<double> mean(C), invstd(C);
         const plan::ForwardEpilogueOf<double> e{relu, r.data()};
         if (training)
-          ref::batch_norm_forward_training<double, double>(y.data(), mean.data(), invstd.data(),
-                                                           nullptr, nullptr, x.data(), w.data(),
-                                                           b.data(), sh, cfg.eps, 0.0, e);
+          ref::batch_norm_forward_training<double, double>(sh, cfg.eps, 0.0, e, x.data(),
+                                                           w.data(), b.data(), y.data(),
+                                                           mean.data(), invstd.data(), nullptr,
+                                                           nullptr);
         else
-          ref::batch_norm_forward_inference<double, double>(y.data(), x.data(), w.data(),
-                                                            b.data(), rm.data(), rv.data(), sh,
-                                                            cfg.eps, e);
+          ref::batch_norm_forward_inference<double, double>(sh, cfg.eps, e, x.data(), w.data(),
+                                                            b.data(), rm.data(), rv.data(),
+                                                            y.data());
         return std::pair(mean, invstd);
       };
       std::vector<double> pre(total), y(total);
@@ -1233,13 +1238,13 @@ TEST(BatchNormReference, EpilogueGradientsMatchFiniteDifferences) {
       std::vector<double> dx(total), dres(total), dw(C), db(C);
       const plan::BackwardEpilogueOf<double> be{true, y.data(), dres.data()};
       if (training)
-        ref::batch_norm_backward_training<double, double>(dx.data(), dw.data(), db.data(),
-                                                          g.data(), x.data(), mean.data(),
-                                                          invstd.data(), w.data(), sh, be);
+        ref::batch_norm_backward_training<double, double>(sh, be, g.data(), x.data(), mean.data(),
+                                                          invstd.data(), w.data(), dx.data(),
+                                                          dw.data(), db.data());
       else
-        ref::batch_norm_backward_inference<double, double>(dx.data(), dw.data(), db.data(),
-                                                           g.data(), x.data(), rm.data(),
-                                                           rv.data(), w.data(), sh, cfg.eps, be);
+        ref::batch_norm_backward_inference<double, double>(sh, cfg.eps, be, g.data(), x.data(),
+                                                           rm.data(), rv.data(), w.data(),
+                                                           dx.data(), dw.data(), db.data());
       auto loss = [&] {
         std::vector<double> out(total);
         forward(out, true);
@@ -1283,13 +1288,14 @@ TEST(BatchNormErrors, Epilogues) {
        },
        {"batch_norm_forward_inference", "epilogue.residual dtype bfloat16 != x dtype float32"}},
       {[](Buffers& m) {
-         batch_norm_backward_training({.relu = true}, TensorView(m.dy.data(), {N, C, H}), m.vx(),
-                                      m.mean, m.invstd, m.w, TensorView(m.dx.data(), {N, C, H}),
-                                      m.dw, m.db);
+         batch_norm_backward_training({.epilogue = {.relu = true}},
+                                      TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
+                                      m.invstd, m.w, TensorView(m.dx.data(), {N, C, H}), m.dw,
+                                      m.db);
        },
        {"batch_norm_backward_training", "epilogue.y (the forward's output) is required"}},
       {[](Buffers& m) {
-         batch_norm_backward_training({.relu = true, .y = m.vy({N, C})},
+         batch_norm_backward_training({.epilogue = {.relu = true, .y = m.vy({N, C})}},
                                       TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
                                       m.invstd, m.w, TensorView(m.dx.data(), {N, C, H}), m.dw,
                                       m.db);
@@ -1297,14 +1303,14 @@ TEST(BatchNormErrors, Epilogues) {
        {"epilogue.y shape (2, 3) != x shape (2, 3, 4)"}},
       {[](Buffers& m) {
          batch_norm_backward_inference(
-             {}, {.dresidual = TensorView(m.y.data(), DType::float16, {N, C, H})},
+             {.epilogue = {.dresidual = TensorView(m.y.data(), DType::float16, {N, C, H})}},
              TensorView(m.dy.data(), {N, C, H}), m.vx(), m.rm, m.rv, m.w,
              TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
        },
        {"batch_norm_backward_inference", "epilogue.dresidual dtype float16 != x dtype float32"}},
       {[](Buffers& m) {
          std::vector<std::byte> ws(1);
-         batch_norm_backward_training(TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
+         batch_norm_backward_training({}, TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
                                       m.invstd, m.w, TensorView(m.dx.data(), {N, C, H}), m.dw,
                                       m.db, {.workspace = ws});
        },

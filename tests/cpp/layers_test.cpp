@@ -229,7 +229,7 @@ TEST(BatchNormLayer, BackwardIsTheFunctionalBackwardAndOverwritesGradients) {
     if (training) {
       batch_norm_forward_training({}, xv, bn.weight, bn.bias, TensorView(fy.data(), {N, C, H, W}, cl),
                                   mean, invstd, rm, rv);
-      batch_norm_backward_training(dyv, xv, mean, invstd, bn.weight,
+      batch_norm_backward_training({}, dyv, xv, mean, invstd, bn.weight,
                                    TensorView(fdx.data(), {N, C, H, W}, cl), dw, db);
     } else {
       batch_norm_forward_inference({}, xv, bn.weight, bn.bias, rm, rv,

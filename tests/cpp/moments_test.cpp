@@ -23,15 +23,15 @@ namespace {
 
 using cpu::Moments;
 
-// Exact-ish moments of n values at x[i * stride] (double, two passes).
+// Exact-ish moments of the n values at x (double, two passes).
 template <typename T>
-Moments exact(const T* x, int64_t n, int64_t stride = 1) {
+Moments exact(const T* x, int64_t n) {
   double s = 0;
-  for (int64_t i = 0; i < n; ++i) s += to_float(x[i * stride]);
+  for (int64_t i = 0; i < n; ++i) s += to_float(x[i]);
   const double mean = s / double(n);
   double m2 = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const double d = to_float(x[i * stride]) - mean;
+    const double d = to_float(x[i]) - mean;
     m2 += d * d;
   }
   return {double(n), mean, m2};
@@ -82,28 +82,6 @@ void check_runs() {
 }
 
 template <typename T>
-void check_blocks() {
-  std::mt19937_64 rng(11 + cpu::simd_target());
-  for (int64_t channels = 1; channels <= 2 * 16 + 1; ++channels)
-    for (int64_t rows : {1, 5, 16}) {
-      const int64_t stride = channels + 3;  // a block of a wider row
-      const auto x = rounded<T>(random_normal(std::size_t(rows * stride), rng, 50.0, 2.0));
-      std::vector<Moments> out(static_cast<std::size_t>(channels));
-      cpu::block_moments(x.data(), rows, channels, stride, out.data());
-      for (int64_t c = 0; c < channels; ++c) {
-        const std::string what = "channels=" + std::to_string(channels) +
-                                 " rows=" + std::to_string(rows) + " c=" + std::to_string(c);
-        expect_close(out[c], exact(x.data() + c, rows, stride), 2.0, what);
-        // Each column's arithmetic is lane-wise: a column alone (the one-lane path) gives the
-        // same bits as in a vector, or in a pair of vectors.
-        Moments alone;
-        cpu::block_moments(x.data() + c, rows, 1, stride, &alone);
-        EXPECT_TRUE(same_bits(out[c], alone)) << what;
-      }
-    }
-}
-
-template <typename T>
 void check_threads() {
   std::mt19937_64 rng(13 + cpu::simd_target());
   for (int64_t length : {int64_t(37), cpu::kRunChunk * 2 + 5}) {
@@ -132,14 +110,6 @@ TEST(Moments, RunsOnEveryTargetAndDtype) {
     check_runs<float>();
     check_runs<bf16>();
     check_runs<f16>();
-  });
-}
-
-TEST(Moments, BlocksOnEveryTargetAndDtype) {
-  for_each_target([] {
-    check_blocks<float>();
-    check_blocks<bf16>();
-    check_blocks<f16>();
   });
 }
 

@@ -182,14 +182,15 @@ void batch_norm_case(Data& data, const Case& k) {
   print(k.name + "/training/forward", y.data(), y.bytes());
   print(k.name + "/training/stats", sm.data(), 4 * C), print(k.name + "/training/invstd", si.data(), 4 * C);
   print(k.name + "/training/running", rm.data(), 4 * C), print(k.name + "/training/running_var", rv.data(), 4 * C);
-  normkit::batch_norm_backward_training(be, view(dy, k.dims, k.format), xv, sm, si, w,
+  normkit::batch_norm_backward_training({.epilogue = be}, view(dy, k.dims, k.format), xv, sm, si, w,
                                         view(dx, k.dims, k.format), dw, db);
   print(k.name + "/training/dx", dx.data(), dx.bytes());
   print(k.name + "/training/dweight", dw.data(), 4 * C), print(k.name + "/training/dbias", db.data(), 4 * C);
   if (k.epilogue) print(k.name + "/training/dresidual", dr.data(), dr.bytes());
   normkit::batch_norm_forward_inference(p, xv, w, b, rm, rv, yv);
   print(k.name + "/inference/forward", y.data(), y.bytes());
-  normkit::batch_norm_backward_inference(p, be, view(dy, k.dims, k.format), xv, rm, rv, w,
+  normkit::batch_norm_backward_inference({.eps = p.eps, .epilogue = be},
+                                         view(dy, k.dims, k.format), xv, rm, rv, w,
                                          view(dx, k.dims, k.format), dw, db);
   print(k.name + "/inference/dx", dx.data(), dx.bytes());
   print(k.name + "/inference/dweight", dw.data(), 4 * C), print(k.name + "/inference/dbias", db.data(), 4 * C);

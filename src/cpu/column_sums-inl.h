@@ -1,0 +1,85 @@
+// The one column-sums kernel of the CPU ops: two sums per column of a block of rows, vectorized
+// across columns. BatchNorm's per-channel statistics and gradient sums over rows (channels-last
+// data, or channels-first data with short planes) and GroupNorm's channels-last statistics run
+// it; they differ only in the per-element terms and in where a column's float sums go.
+//
+// Include after cpu/simd.h from a .cpp compiled per target by Highway's foreach_target (this
+// header has per-target include guards).
+#if defined(NORMKIT_CPU_COLUMN_SUMS_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef NORMKIT_CPU_COLUMN_SUMS_INL_H_
+#undef NORMKIT_CPU_COLUMN_SUMS_INL_H_
+#else
+#define NORMKIT_CPU_COLUMN_SUMS_INL_H_
+#endif
+
+#include <hwy/highway.h>
+
+#include <cstdint>
+
+#include "cpu/simd.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace normkit::cpu::HWY_NAMESPACE {
+
+// The terms of the statistics: s1 += x - center, s2 += (x - center)^2, with center a pivot near
+// the column's mean (so the float terms are at the scale of the spread, not of the offset).
+// Terms types take (d, x, dy, mask, center, s1, s2); these ignore dy and mask.
+struct ShiftedTerms {
+  template <class D, typename T>
+  HWY_INLINE static void Step(D d, const T* HWY_RESTRICT x, const T*, const T*,
+                              hn::Vec<D> center, hn::Vec<D>& s1, hn::Vec<D>& s2) {
+    const auto v = hn::Sub(LoadF(d, x), center);
+    s1 = hn::Add(s1, v);
+    s2 = hn::MulAdd(v, v, s2);
+  }
+};
+
+// Over `rows` rows (row k at offset k * stride from x, dy and mask; dy and mask may be null when
+// Terms does not read them) of `width` columns, each column j's two sums in float, started at
+// zero and added with Terms::Step in row order, centers[j] its center; then
+// out(d, j, s1, s2) with the sums of the Lanes(d) columns from j. Columns go four vectors at a
+// time (each row's piece is 4 * Lanes contiguous values, which the hardware prefetchers follow
+// better than one vector per row), then one vector, then one lane: a column's arithmetic is the
+// same in every lane and in the tail. The float sums see `rows` terms: keep it small.
+template <class Terms, typename T, class Out>
+HWY_INLINE void ColumnSums(const T* HWY_RESTRICT x, const T* HWY_RESTRICT dy,
+                           const T* HWY_RESTRICT mask, int64_t rows, int64_t width,
+                           int64_t stride, const float* HWY_RESTRICT centers, const Out& out) {
+  const DF d;
+  const D1 d1;
+  const int64_t N = int64_t(hn::Lanes(d));
+  const auto at = [](const T* p, int64_t o) -> const T* { return p ? p + o : nullptr; };
+  auto columns = [&](auto dd, int64_t j0) {
+    const auto vc = hn::LoadU(dd, centers + j0);
+    auto a = hn::Zero(dd), b = hn::Zero(dd);
+    for (int64_t k = 0; k < rows; ++k) {
+      const int64_t o = k * stride + j0;
+      Terms::Step(dd, x + o, at(dy, o), at(mask, o), vc, a, b);
+    }
+    out(dd, j0, a, b);
+  };
+  int64_t j = 0;
+  for (; j + 4 * N <= width; j += 4 * N) {
+    const auto c0 = hn::LoadU(d, centers + j), c1 = hn::LoadU(d, centers + j + N);
+    const auto c2 = hn::LoadU(d, centers + j + 2 * N), c3 = hn::LoadU(d, centers + j + 3 * N);
+    auto a0 = hn::Zero(d), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int64_t k = 0; k < rows; ++k) {
+      const int64_t o = k * stride + j;
+      Terms::Step(d, x + o, at(dy, o), at(mask, o), c0, a0, b0);
+      Terms::Step(d, x + o + N, at(dy, o + N), at(mask, o + N), c1, a1, b1);
+      Terms::Step(d, x + o + 2 * N, at(dy, o + 2 * N), at(mask, o + 2 * N), c2, a2, b2);
+      Terms::Step(d, x + o + 3 * N, at(dy, o + 3 * N), at(mask, o + 3 * N), c3, a3, b3);
+    }
+    out(d, j, a0, b0);
+    out(d, j + N, a1, b1);
+    out(d, j + 2 * N, a2, b2);
+    out(d, j + 3 * N, a3, b3);
+  }
+  for (; j + N <= width; j += N) columns(d, j);
+  for (; j < width; ++j) columns(d1, j);
+}
+
+}  // namespace normkit::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#endif  // per-target include guard
