@@ -350,7 +350,7 @@ py::tuple group_norm_backward_impl(const py::array& dy_in, const py::array& x_in
     dweight = vector_output({channels_of(x.view)});
     dbias = vector_output({channels_of(x.view)});
   }
-  const normkit::GroupNormParams params{num_groups, 0.0};
+  const normkit::GroupNormBackwardParams params{num_groups};
   without_gil([&] {
     normkit::group_norm_backward(params, dy.view, x.view, stats[0].span, stats[1].span,
                                  weight.span, dx.view, dweight.span, dbias.span);

@@ -24,15 +24,22 @@ using detail::fail;
 const float* ptr(std::span<const float> v) { return v.data(); }
 float* ptr(std::span<float> v) { return v.data(); }
 
-// Checks shared by forward and backward; returns N * C.
-int64_t check_instance_input(const char* fn, const InstanceNormParams& params,
-                             const TensorView& x, std::span<const float> weight) {
+// Checks of x and weight shared by forward and backward.
+void check_instance_input(const char* fn, const TensorView& x, std::span<const float> weight) {
   check_tensor(fn, "x", x, 2, detail::kActivationDTypes);
   check_length(fn, "weight", weight, x.channels(), "C", false);
+}
+
+// The forward's scalars (the backward has none).
+void check_forward_scalars(const char* fn, const InstanceNormParams& params) {
   detail::check_eps(fn, params.eps);
   detail::check_momentum(fn, params.momentum);
+}
+
+// Checks of the instances, after those above; returns N * C.
+int64_t check_instances(const char* fn, bool use_input_stats, const TensorView& x) {
   // torch's wording, so that users recognize it (torch checks before the batch size, too).
-  if (params.use_input_stats && x.spatial_size() == 1)
+  if (use_input_stats && x.spatial_size() == 1)
     fail(fn, "Expected more than 1 spatial element when training, got input size " +
                  shape_string(x));
   int64_t instances = 0;
@@ -61,7 +68,10 @@ std::size_t workspace_bytes(const TensorView& x) {
 }  // namespace
 
 std::size_t instance_norm_workspace_size(const InstanceNormParams& params, const TensorView& x) {
-  check_instance_input("instance_norm_workspace_size", params, x, {});
+  const char* fn = "instance_norm_workspace_size";
+  check_instance_input(fn, x, {});
+  check_forward_scalars(fn, params);
+  check_instances(fn, params.use_input_stats, x);
   return workspace_bytes(x);
 }
 
@@ -71,7 +81,9 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
                            const TensorView& y, std::span<float> mean, std::span<float> rstd,
                            const Context& ctx) {
   const char* fn = "instance_norm_forward";
-  const int64_t instances = check_instance_input(fn, params, x, weight);
+  check_instance_input(fn, x, weight);
+  check_forward_scalars(fn, params);
+  const int64_t instances = check_instances(fn, params.use_input_stats, x);
   const int64_t C = x.channels();
   check_length(fn, "bias", bias, C, "C", false);
   const bool need_running = !params.use_input_stats;
@@ -138,23 +150,15 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
   }
 }
 
-void instance_norm_backward(const InstanceNormParams& params, const TensorView& dy,
+void instance_norm_backward(const InstanceNormBackwardParams& params, const TensorView& dy,
                             const TensorView& x, std::span<const float> mean,
                             std::span<const float> rstd, std::span<const float> weight,
                             const TensorView& dx, std::span<float> dweight,
                             std::span<float> dbias, const Context& ctx) {
-  instance_norm_backward(params, BackwardEpilogue{}, dy, x, mean, rstd, weight, dx, dweight, dbias,
-                         ctx);
-}
-
-void instance_norm_backward(const InstanceNormParams& params, const BackwardEpilogue& epilogue,
-                            const TensorView& dy, const TensorView& x,
-                            std::span<const float> mean, std::span<const float> rstd,
-                            std::span<const float> weight, const TensorView& dx,
-                            std::span<float> dweight, std::span<float> dbias,
-                            const Context& ctx) {
   const char* fn = "instance_norm_backward";
-  const int64_t instances = check_instance_input(fn, params, x, weight);
+  const BackwardEpilogue& epilogue = params.epilogue;
+  check_instance_input(fn, x, weight);
+  const int64_t instances = check_instances(fn, params.use_input_stats, x);
   check_like(fn, "dy", dy, "x", x);
   check_like(fn, "dx", dx, "x", x);
   check_length(fn, "mean", mean, instances, "N * C", true);

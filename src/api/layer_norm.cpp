@@ -41,11 +41,11 @@ void check_like_any_rank(const char* fn, const char* name, const TensorView& t,
     fail(fn, std::string(name) + " has a null data pointer for shape " + shape_string(t));
 }
 
-// Checks of x, normalized_ndim, weight and eps; returns the row layout.
-plan::LayerNormShape check_layer_input(const char* fn, const LayerNormParams& params,
-                                      const TensorView& x, std::span<const float> weight) {
+// Checks of x, normalized_ndim and weight; returns the row layout.
+plan::LayerNormShape check_layer_input(const char* fn, int normalized_ndim, const TensorView& x,
+                                      std::span<const float> weight) {
   check_tensor(fn, "x", x, 1, detail::kActivationDTypes);
-  const int k = params.normalized_ndim;
+  const int k = normalized_ndim;
   if (k < 1 || k > x.rank)
     fail(fn, "normalized_ndim must be in [1, rank of x] = [1, " + std::to_string(x.rank) +
                  "], got " + std::to_string(k) + " (x shape " + shape_string(x) + ")");
@@ -59,7 +59,6 @@ plan::LayerNormShape check_layer_input(const char* fn, const LayerNormParams& pa
   sh.cols = product(fn, x, x.rank - k, x.rank);
   sh.channels = channels_last ? x.shape[1] : 0;
   check_length(fn, "weight", weight, sh.cols, "product of the normalized dims", false);
-  detail::check_eps(fn, params.eps);
   return sh;
 }
 
@@ -85,7 +84,8 @@ std::span<std::byte> checked_workspace(const char* fn, const TensorView& x,
 
 std::size_t layer_norm_workspace_size(const LayerNormParams& params, const TensorView& x) {
   const char* fn = "layer_norm_workspace_size";
-  const auto sh = check_layer_input(fn, params, x, {});
+  const auto sh = check_layer_input(fn, params.normalized_ndim, x, {});
+  detail::check_eps(fn, params.eps);
   return workspace_need(fn, x, sh);
 }
 
@@ -94,7 +94,8 @@ void layer_norm_forward(const LayerNormParams& params, const TensorView& x,
                         const TensorView& y, std::span<float> mean, std::span<float> rstd,
                         const Context& ctx) {
   const char* fn = "layer_norm_forward";
-  const auto sh = check_layer_input(fn, params, x, weight);
+  const auto sh = check_layer_input(fn, params.normalized_ndim, x, weight);
+  detail::check_eps(fn, params.eps);
   check_length(fn, "bias", bias, sh.cols, "product of the normalized dims", false);
   check_like_any_rank(fn, "y", y, x, sh.rows * sh.cols);
   check_length(fn, "mean", mean, sh.rows, "product of the leading dims", true);
@@ -116,21 +117,14 @@ void layer_norm_forward(const LayerNormParams& params, const TensorView& x,
   });
 }
 
-void layer_norm_backward(const LayerNormParams& params, const TensorView& dy, const TensorView& x,
-                         std::span<const float> mean, std::span<const float> rstd,
-                         std::span<const float> weight, const TensorView& dx,
-                         std::span<float> dweight, std::span<float> dbias, const Context& ctx) {
-  layer_norm_backward(params, BackwardEpilogue{}, dy, x, mean, rstd, weight, dx, dweight, dbias,
-                      ctx);
-}
-
-void layer_norm_backward(const LayerNormParams& params, const BackwardEpilogue& epilogue,
-                         const TensorView& dy, const TensorView& x, std::span<const float> mean,
+void layer_norm_backward(const LayerNormBackwardParams& params, const TensorView& dy,
+                         const TensorView& x, std::span<const float> mean,
                          std::span<const float> rstd, std::span<const float> weight,
                          const TensorView& dx, std::span<float> dweight, std::span<float> dbias,
                          const Context& ctx) {
   const char* fn = "layer_norm_backward";
-  const auto sh = check_layer_input(fn, params, x, weight);
+  const BackwardEpilogue& epilogue = params.epilogue;
+  const auto sh = check_layer_input(fn, params.normalized_ndim, x, weight);
   check_like_any_rank(fn, "dy", dy, x, sh.rows * sh.cols);
   check_like_any_rank(fn, "dx", dx, x, sh.rows * sh.cols);
   check_length(fn, "mean", mean, sh.rows, "product of the leading dims", true);
