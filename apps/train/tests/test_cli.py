@@ -102,4 +102,11 @@ def test_sweep_names_a_group_count_that_does_not_divide_a_width(data_dir, tmp_pa
     r = train("sweep", "--norms", "gn", "--groups", "2,3", "--batches", "8", "--data", data_dir,
               "--out", tmp_path / "bad", *SMALL)
     assert r.returncode != 0
-    assert "--groups 3 does not divide" in r.stderr
+    assert "--groups 3 is refused for the 4 channels of stem.norm" in r.stderr
+    assert "not divisible by num_groups = 3" in r.stderr  # normkit's GroupNorm's reason
+
+
+def test_run_names_a_group_count_below_one(data_dir):
+    r = train("run", "--norm", "gn", "--groups", "0", "--data", data_dir, *SMALL)
+    assert r.returncode != 0
+    assert "--groups 0 is refused" in r.stderr and "num_groups must be > 0, got 0" in r.stderr
