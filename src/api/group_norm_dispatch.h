@@ -32,8 +32,9 @@ inline std::size_t group_norm_scratch_bytes(const TensorView& x, int64_t groups)
   return cpu::workspace_size({x.batch(), x.channels(), x.spatial_size(), groups, x.format});
 }
 
-// The forward on validated arguments with statistics from x: y, mean, rstd (N*G) and, when not
-// null, variance (N*G, biased) on ctx's backend.
+// The forward on validated arguments with statistics from x, on ctx's backend: overwrites y,
+// mean, rstd (N*G) and, when not null, variance (N*G, biased). Arguments in the public order:
+// parameters, inputs, outputs, then the context and its checked workspace.
 inline void group_norm_forward_on(const plan::GroupNormShape& sh, double eps,
                                   const ForwardEpilogue& epilogue, const TensorView& x,
                                   std::span<const float> weight, std::span<const float> bias,
@@ -41,21 +42,20 @@ inline void group_norm_forward_on(const plan::GroupNormShape& sh, double eps,
                                   std::span<float> rstd, float* variance, const Context& ctx,
                                   std::span<std::byte> workspace) {
   if (ctx.backend == Backend::reference) {
-    ref::group_norm_forward(y, mean.data(), rstd.data(), x, weight.data(), bias.data(), sh, eps,
-                            epilogue, variance);
+    ref::group_norm_forward(sh, eps, epilogue, x, weight.data(), bias.data(), y, mean.data(),
+                            rstd.data(), variance);
     return;
   }
   visit_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    cpu::group_norm_forward(y.as<T>(), mean.data(), rstd.data(), x.as<const T>(), weight.data(),
-                            bias.data(), sh, eps, thread_count(ctx), variance,
-                            plan::ForwardEpilogueOf<T>::from(epilogue),
-                            workspace);
+    cpu::group_norm_forward(sh, eps, thread_count(ctx), plan::ForwardEpilogueOf<T>::from(epilogue),
+                            x.as<const T>(), weight.data(), bias.data(), y.as<T>(), mean.data(),
+                            rstd.data(), variance, workspace);
   });
 }
 
 // The backward on validated arguments (stats_are_constants: the gradient does not flow through
-// mean and rstd) on ctx's backend: dx, dweight, dbias, epilogue.dresidual.
+// mean and rstd) on ctx's backend: overwrites dx, dweight, dbias, epilogue.dresidual.
 inline void group_norm_backward_on(const plan::GroupNormShape& sh, bool stats_are_constants,
                                    const BackwardEpilogue& epilogue, const TensorView& dy,
                                    const TensorView& x, std::span<const float> mean,
@@ -64,17 +64,16 @@ inline void group_norm_backward_on(const plan::GroupNormShape& sh, bool stats_ar
                                    std::span<float> dbias, const Context& ctx,
                                    std::span<std::byte> workspace) {
   if (ctx.backend == Backend::reference) {
-    ref::group_norm_backward(dx, dweight.data(), dbias.data(), dy, x, mean.data(), rstd.data(),
-                             weight.data(), sh, stats_are_constants, epilogue);
+    ref::group_norm_backward(sh, stats_are_constants, epilogue, dy, x, mean.data(), rstd.data(),
+                             weight.data(), dx, dweight.data(), dbias.data());
     return;
   }
   visit_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    cpu::group_norm_backward(dx.as<T>(), dweight.data(), dbias.data(), dy.as<const T>(),
-                             x.as<const T>(), mean.data(), rstd.data(), weight.data(), sh,
-                             stats_are_constants, thread_count(ctx),
-                             plan::BackwardEpilogueOf<T>::from(epilogue),
-                             workspace);
+    cpu::group_norm_backward(sh, stats_are_constants, thread_count(ctx),
+                             plan::BackwardEpilogueOf<T>::from(epilogue), dy.as<const T>(),
+                             x.as<const T>(), mean.data(), rstd.data(), weight.data(), dx.as<T>(),
+                             dweight.data(), dbias.data(), workspace);
   });
 }
 

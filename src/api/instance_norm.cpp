@@ -109,14 +109,13 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
         rstd[n * C + c] = float(1.0 / std::sqrt(double(running_var[c]) + params.eps));
       }
     if (ctx.backend == Backend::reference)
-      ref::group_norm_apply(y, x, ptr(mean), ptr(rstd), ptr(weight), ptr(bias), sh, epi);
+      ref::group_norm_apply(sh, epi, x, ptr(mean), ptr(rstd), ptr(weight), ptr(bias), y);
     else
       visit_dtype(x.dtype, [&](auto tag) {
         using T = decltype(tag);
-        cpu::group_norm_apply(y.as<T>(), x.as<const T>(), ptr(mean), ptr(rstd), ptr(weight),
-                              ptr(bias), sh, detail::thread_count(ctx),
-                              plan::ForwardEpilogueOf<T>::from(epi),
-                              workspace);
+        cpu::group_norm_apply(sh, detail::thread_count(ctx), plan::ForwardEpilogueOf<T>::from(epi),
+                              x.as<const T>(), ptr(mean), ptr(rstd), ptr(weight), ptr(bias),
+                              y.as<T>(), workspace);
       });
     return;
   }

@@ -105,15 +105,15 @@ void layer_norm_forward(const LayerNormParams& params, const TensorView& x,
   if (sh.rows == 0) return;
 
   if (ctx.backend == Backend::reference) {
-    ref::layer_norm_forward(y, ptr(mean), ptr(rstd), x, ptr(weight), ptr(bias), sh, params.eps,
-                            params.epilogue);
+    ref::layer_norm_forward(sh, params.eps, params.epilogue, x, ptr(weight), ptr(bias), y,
+                            ptr(mean), ptr(rstd));
     return;
   }
   visit_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    cpu::layer_norm_forward(y.as<T>(), ptr(mean), ptr(rstd), x.as<const T>(), ptr(weight),
-                            ptr(bias), sh, params.eps, detail::thread_count(ctx), workspace,
-                            plan::ForwardEpilogueOf<T>::from(params.epilogue));
+    cpu::layer_norm_forward(sh, params.eps, detail::thread_count(ctx),
+                            plan::ForwardEpilogueOf<T>::from(params.epilogue), x.as<const T>(),
+                            ptr(weight), ptr(bias), y.as<T>(), ptr(mean), ptr(rstd), workspace);
   });
 }
 
@@ -135,17 +135,17 @@ void layer_norm_backward(const LayerNormBackwardParams& params, const TensorView
   const auto workspace = checked_workspace(fn, x, sh, ctx);
 
   if (ctx.backend == Backend::reference) {
-    ref::layer_norm_backward(dx, ptr(dweight), ptr(dbias), dy, x, ptr(mean), ptr(rstd),
-                             ptr(weight), sh, epilogue);
+    ref::layer_norm_backward(sh, epilogue, dy, x, ptr(mean), ptr(rstd), ptr(weight), dx,
+                             ptr(dweight), ptr(dbias));
     return;
   }
   // Without relu the forward's y is not read (the mask is the relu's alone).
   visit_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    cpu::layer_norm_backward(
-        dx.as<T>(), ptr(dweight), ptr(dbias), dy.as<const T>(), x.as<const T>(), ptr(mean),
-        ptr(rstd), ptr(weight), sh, detail::thread_count(ctx), workspace,
-        plan::BackwardEpilogueOf<T>::from(epilogue));
+    cpu::layer_norm_backward(sh, detail::thread_count(ctx),
+                             plan::BackwardEpilogueOf<T>::from(epilogue), dy.as<const T>(),
+                             x.as<const T>(), ptr(mean), ptr(rstd), ptr(weight), dx.as<T>(),
+                             ptr(dweight), ptr(dbias), workspace);
   });
 }
 

@@ -649,9 +649,9 @@ ForwardSchedule plan_forward(const GroupNormShape& t, int64_t value_bytes, int n
 }  // namespace
 
 template <typename T>
-void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
-                        const float* bias, const GroupNormShape& t, double eps, int num_threads,
-                        float* variance, const ForwardEpilogueOf<T>& epi,
+void group_norm_forward(const GroupNormShape& t, double eps, int num_threads,
+                        const ForwardEpilogueOf<T>& epi, const T* x, const float* weight,
+                        const float* bias, T* y, float* mean, float* rstd, float* variance,
                         std::span<std::byte> workspace) {
   const int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups;
   if (N == 0) return;
@@ -726,10 +726,9 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
 }
 
 template <typename T>
-void group_norm_apply(T* y, const T* x, const float* mean, const float* rstd,
-                      const float* weight, const float* bias, const GroupNormShape& t,
-                      int num_threads, const ForwardEpilogueOf<T>& epi,
-                      std::span<std::byte> workspace) {
+void group_norm_apply(const GroupNormShape& t, int num_threads, const ForwardEpilogueOf<T>& epi,
+                      const T* x, const float* mean, const float* rstd, const float* weight,
+                      const float* bias, T* y, std::span<std::byte> workspace) {
   const int64_t NG = t.batch * t.groups;
   if (t.batch * t.channels * t.spatial == 0) return;  // y has no elements
   const ForwardScratch s = carve_forward(t, workspace);
@@ -940,10 +939,10 @@ void empty_weight_gradients(float* dweight, float* dbias, const float* rstd,
 }  // namespace
 
 template <typename T>
-void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
-                         const float* mean, const float* rstd, const float* weight,
-                         const GroupNormShape& t, bool stats_are_constants, int num_threads,
-                         const BackwardEpilogueOf<T>& epi, std::span<std::byte> workspace) {
+void group_norm_backward(const GroupNormShape& t, bool stats_are_constants, int num_threads,
+                         const BackwardEpilogueOf<T>& epi, const T* dy, const T* x,
+                         const float* mean, const float* rstd, const float* weight, T* dx,
+                         float* dweight, float* dbias, std::span<std::byte> workspace) {
   const int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups;
   if (N * C * S == 0) return empty_weight_gradients(dweight, dbias, rstd, t);
   const bool parallel = runs_in_parallel(N * C * S, num_threads);
@@ -1018,17 +1017,18 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
   }
 }
 
-#define NORMKIT_GROUP_NORM_INSTANTIATE(T)                                                      \
-  template void group_norm_forward<T>(T*, float*, float*, const T*, const float*, const float*, \
-                                      const GroupNormShape&, double, int, float*,               \
-                                      const ForwardEpilogueOf<T>&, std::span<std::byte>); \
-  template void group_norm_apply<T>(T*, const T*, const float*, const float*, const float*,     \
-                                    const float*, const GroupNormShape&, int,                   \
-                                    const ForwardEpilogueOf<T>&, std::span<std::byte>);  \
-  template void group_norm_backward<T>(T*, float*, float*, const T*, const T*, const float*,    \
-                                       const float*, const float*, const GroupNormShape&, bool, \
-                                       int, const BackwardEpilogueOf<T>&,                \
-                                       std::span<std::byte>);
+#define NORMKIT_GROUP_NORM_INSTANTIATE(T)                                                       \
+  template void group_norm_forward<T>(const GroupNormShape&, double, int,                        \
+                                      const ForwardEpilogueOf<T>&, const T*, const float*,       \
+                                      const float*, T*, float*, float*, float*,                  \
+                                      std::span<std::byte>);                                     \
+  template void group_norm_apply<T>(const GroupNormShape&, int, const ForwardEpilogueOf<T>&,     \
+                                    const T*, const float*, const float*, const float*,          \
+                                    const float*, T*, std::span<std::byte>);                     \
+  template void group_norm_backward<T>(const GroupNormShape&, bool, int,                         \
+                                       const BackwardEpilogueOf<T>&, const T*, const T*,         \
+                                       const float*, const float*, const float*, T*, float*,     \
+                                       float*, std::span<std::byte>);
 NORMKIT_GROUP_NORM_INSTANTIATE(float)
 NORMKIT_GROUP_NORM_INSTANTIATE(bf16)
 NORMKIT_GROUP_NORM_INSTANTIATE(f16)

@@ -44,29 +44,30 @@ using plan::GroupNormShape;
 // epilogue (a multiple of sizeof(float); 0 when N * C * S == 0).
 std::size_t workspace_size(const GroupNormShape& shape);
 
-// Writes y, mean, rstd (N*G) and, when not null, variance (N*G, biased).
+// Arguments come in the public API's order: the shape and scalar parameters (the epilogue
+// among them), then the inputs, then the outputs, then the workspace.
+
+// Overwrites y, mean, rstd (N*G) and, when not null, variance (N*G, biased).
 template <typename T>
-void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
-                        const float* bias, const GroupNormShape& shape, double eps,
-                        int num_threads, float* variance,
-                        const ForwardEpilogueOf<T>& epilogue,
+void group_norm_forward(const GroupNormShape& shape, double eps, int num_threads,
+                        const ForwardEpilogueOf<T>& epilogue, const T* x, const float* weight,
+                        const float* bias, T* y, float* mean, float* rstd, float* variance,
                         std::span<std::byte> workspace);
 
-// Writes y = (x - mean) * rstd * weight + bias (then the epilogue) with the given per-(n, g)
-// mean and rstd.
+// Overwrites y = (x - mean) * rstd * weight + bias (then the epilogue) with the given
+// per-(n, g) mean and rstd.
 template <typename T>
-void group_norm_apply(T* y, const T* x, const float* mean, const float* rstd,
-                      const float* weight, const float* bias, const GroupNormShape& shape,
-                      int num_threads, const ForwardEpilogueOf<T>& epilogue,
+void group_norm_apply(const GroupNormShape& shape, int num_threads,
+                      const ForwardEpilogueOf<T>& epilogue, const T* x, const float* mean,
+                      const float* rstd, const float* weight, const float* bias, T* y,
                       std::span<std::byte> workspace);
 
-// Writes dx, (when not null) dweight, dbias, and epilogue.dresidual. With stats_are_constants
-// the gradient does not flow through mean and rstd.
+// Overwrites dx, (when not null) dweight, dbias, and epilogue.dresidual. With
+// stats_are_constants the gradient does not flow through mean and rstd.
 template <typename T>
-void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
-                         const float* mean, const float* rstd, const float* weight,
-                         const GroupNormShape& shape, bool stats_are_constants, int num_threads,
-                         const BackwardEpilogueOf<T>& epilogue,
-                         std::span<std::byte> workspace);
+void group_norm_backward(const GroupNormShape& shape, bool stats_are_constants, int num_threads,
+                         const BackwardEpilogueOf<T>& epilogue, const T* dy, const T* x,
+                         const float* mean, const float* rstd, const float* weight, T* dx,
+                         float* dweight, float* dbias, std::span<std::byte> workspace);
 
 }  // namespace normkit::cpu

@@ -318,9 +318,10 @@ ForwardSchedule plan_forward(const LayerNormShape& t, int64_t value_bytes) {
 }  // namespace
 
 template <typename T>
-void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
-                        const float* bias, const LayerNormShape& t, double eps, int num_threads,
-                        std::span<std::byte> workspace, const ForwardEpilogueOf<T>& epi) {
+void layer_norm_forward(const LayerNormShape& t, double eps, int num_threads,
+                        const ForwardEpilogueOf<T>& epi, const T* x, const float* weight,
+                        const float* bias, T* y, float* mean, float* rstd,
+                        std::span<std::byte> workspace) {
   const int64_t rows = t.rows, cols = t.cols;
   if (rows <= 0) return;
   if (cols <= 0) {  // empty rows: mean 0 and rstd NaN, as torch
@@ -475,10 +476,10 @@ struct LayerNormBackward {
 }  // namespace
 
 template <typename T>
-void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
-                         const float* mean, const float* rstd, const float* weight,
-                         const LayerNormShape& t, int num_threads, std::span<std::byte> workspace,
-                         const BackwardEpilogueOf<T>& epi) {
+void layer_norm_backward(const LayerNormShape& t, int num_threads,
+                         const BackwardEpilogueOf<T>& epi, const T* dy, const T* x,
+                         const float* mean, const float* rstd, const float* weight, T* dx,
+                         float* dweight, float* dbias, std::span<std::byte> workspace) {
   const int64_t rows = t.rows, cols = t.cols;
   if (rows <= 0 || cols <= 0) {  // no rows: the parameter gradients are empty sums
     for (int64_t j = 0; j < cols; ++j) {
@@ -534,14 +535,14 @@ void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
   for (int64_t j = 0; j < cols; ++j) b.column_gradients(t, row_blocks, dweight, dbias, j);
 }
 
-#define NORMKIT_LAYER_NORM_INSTANTIATE(T)                                                     \
-  template void layer_norm_forward<T>(T*, float*, float*, const T*, const float*, const float*, \
-                                      const LayerNormShape&, double, int,                      \
-                                      std::span<std::byte>, const ForwardEpilogueOf<T>&); \
-  template void layer_norm_backward<T>(T*, float*, float*, const T*, const T*, const float*,   \
-                                       const float*, const float*, const LayerNormShape&, int, \
-                                       std::span<std::byte>,                                   \
-                                       const BackwardEpilogueOf<T>&);
+#define NORMKIT_LAYER_NORM_INSTANTIATE(T)                                                      \
+  template void layer_norm_forward<T>(const LayerNormShape&, double, int,                       \
+                                      const ForwardEpilogueOf<T>&, const T*, const float*,      \
+                                      const float*, T*, float*, float*, std::span<std::byte>);  \
+  template void layer_norm_backward<T>(const LayerNormShape&, int,                              \
+                                       const BackwardEpilogueOf<T>&, const T*, const T*,        \
+                                       const float*, const float*, const float*, T*, float*,    \
+                                       float*, std::span<std::byte>);
 NORMKIT_LAYER_NORM_INSTANTIATE(float)
 NORMKIT_LAYER_NORM_INSTANTIATE(bf16)
 NORMKIT_LAYER_NORM_INSTANTIATE(f16)

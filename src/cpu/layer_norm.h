@@ -38,23 +38,24 @@ using plan::LayerNormShape;
 // elements), including room to align the caller's workspace.
 std::size_t workspace_size(const LayerNormShape& shape);
 
-// `workspace` (cpu/scratch.h, as every op's): at least workspace_size(shape) bytes of any alignment, the only memory
-// the call uses; or smaller (empty) to use a buffer of the calling thread (allocated on first
-// use, then reused).
+// Arguments come in the public API's order: the shape and scalar parameters (the epilogue
+// among them), then the inputs, then the outputs, then the workspace. `workspace` (cpu/scratch.h,
+// as every op's): at least workspace_size(shape) bytes of any alignment, the only memory the
+// call uses; or smaller (empty) to use a buffer of the calling thread (allocated on first use,
+// then reused).
 
-// Writes y, mean and rstd (length rows).
+// Overwrites y, mean and rstd (length rows).
 template <typename T>
-void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
-                        const float* bias, const LayerNormShape& shape, double eps,
-                        int num_threads, std::span<std::byte> workspace = {},
-                        const ForwardEpilogueOf<T>& epilogue = {});
+void layer_norm_forward(const LayerNormShape& shape, double eps, int num_threads,
+                        const ForwardEpilogueOf<T>& epilogue, const T* x, const float* weight,
+                        const float* bias, T* y, float* mean, float* rstd,
+                        std::span<std::byte> workspace);
 
-// Writes dx, (when not null) dweight, dbias, and epilogue.dresidual.
+// Overwrites dx, (when not null) dweight, dbias, and epilogue.dresidual.
 template <typename T>
-void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
-                         const float* mean, const float* rstd, const float* weight,
-                         const LayerNormShape& shape, int num_threads,
-                         std::span<std::byte> workspace = {},
-                         const BackwardEpilogueOf<T>& epilogue = {});
+void layer_norm_backward(const LayerNormShape& shape, int num_threads,
+                         const BackwardEpilogueOf<T>& epilogue, const T* dy, const T* x,
+                         const float* mean, const float* rstd, const float* weight, T* dx,
+                         float* dweight, float* dbias, std::span<std::byte> workspace);
 
 }  // namespace normkit::cpu

@@ -86,10 +86,10 @@ Exact exact(const Case& k, const Inputs& in) {
   e.dw.resize(std::size_t(k.C));
   e.db.resize(std::size_t(k.C));
   const double* wp = w.empty() ? nullptr : w.data();
-  ref::group_norm_forward(e.y.data(), e.mean.data(), e.rstd.data(), x.data(), wp,
-                          b.empty() ? nullptr : b.data(), k.shape(), k.eps);
-  ref::group_norm_backward(e.dx.data(), e.dw.data(), e.db.data(), dy.data(), x.data(),
-                           e.mean.data(), e.rstd.data(), wp, k.shape());
+  ref::group_norm_forward(k.shape(), k.eps, x.data(), wp, b.empty() ? nullptr : b.data(),
+                          e.y.data(), e.mean.data(), e.rstd.data());
+  ref::group_norm_backward(k.shape(), false, dy.data(), x.data(), e.mean.data(), e.rstd.data(),
+                           wp, e.dx.data(), e.dw.data(), e.db.data());
   return e;
 }
 
@@ -211,23 +211,22 @@ TEST(GroupNorm, ReferenceBackwardMatchesFiniteDifferences) {
       auto b = to_double(random_normal(6, rng));
       const double eps = 1e-3;
       std::vector<double> y(n), mean(6), rstd(6);
-      ref::group_norm_forward(y.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), sh, eps);
+      ref::group_norm_forward(sh, eps, x.data(), w.data(), b.data(), y.data(), mean.data(), rstd.data());
       const auto fixed_mean = mean, fixed_rstd = rstd;
       auto loss = [&]() {
         if (stats_are_constants)
-          ref::group_norm_apply(y.data(), x.data(), fixed_mean.data(), fixed_rstd.data(), w.data(),
-                                b.data(), sh);
+          ref::group_norm_apply(sh, x.data(), fixed_mean.data(), fixed_rstd.data(), w.data(),
+                                b.data(), y.data());
         else
-          ref::group_norm_forward(y.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(),
-                                  sh, eps);
+          ref::group_norm_forward(sh, eps, x.data(), w.data(), b.data(), y.data(), mean.data(),
+                                  rstd.data());
         double l = 0;
         for (std::size_t i = 0; i < n; ++i) l += y[i] * dy[i];
         return l;
       };
       std::vector<double> dx(n), dw(6), db(6);
-      ref::group_norm_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(),
-                               fixed_mean.data(), fixed_rstd.data(), w.data(), sh,
-                               stats_are_constants);
+      ref::group_norm_backward(sh, stats_are_constants, dy.data(), x.data(), fixed_mean.data(),
+                               fixed_rstd.data(), w.data(), dx.data(), dw.data(), db.data());
       auto numeric = [&](double& v) {
         return central_difference(loss, v, 1e-6 * std::max(1.0, std::fabs(v)));
       };

@@ -81,10 +81,10 @@ Exact exact(const Case& k, const Inputs& in) {
   e.dw.resize(std::size_t(k.cols()));
   e.db.resize(std::size_t(k.cols()));
   const double* wp = w.empty() ? nullptr : w.data();
-  ref::layer_norm_forward(e.y.data(), e.mean.data(), e.rstd.data(), x.data(), wp,
-                          b.empty() ? nullptr : b.data(), k.shape(), k.eps);
-  ref::layer_norm_backward(e.dx.data(), e.dw.data(), e.db.data(), dy.data(), x.data(),
-                           e.mean.data(), e.rstd.data(), wp, k.shape());
+  ref::layer_norm_forward(k.shape(), k.eps, x.data(), wp, b.empty() ? nullptr : b.data(),
+                          e.y.data(), e.mean.data(), e.rstd.data());
+  ref::layer_norm_backward(k.shape(), dy.data(), x.data(), e.mean.data(), e.rstd.data(), wp,
+                           e.dx.data(), e.dw.data(), e.db.data());
   return e;
 }
 
@@ -207,15 +207,15 @@ TEST(LayerNorm, ReferenceBackwardMatchesFiniteDifferences) {
     const double eps = 1e-3;
     std::vector<double> y(n), mean(3), rstd(3);
     auto loss = [&]() {
-      ref::layer_norm_forward(y.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), sh, eps);
+      ref::layer_norm_forward(sh, eps, x.data(), w.data(), b.data(), y.data(), mean.data(), rstd.data());
       double l = 0;
       for (std::size_t i = 0; i < n; ++i) l += y[i] * dy[i];
       return l;
     };
     loss();
     std::vector<double> dx(n), dw(6), db(6);
-    ref::layer_norm_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), mean.data(),
-                             rstd.data(), w.data(), sh);
+    ref::layer_norm_backward(sh, dy.data(), x.data(), mean.data(), rstd.data(), w.data(),
+                             dx.data(), dw.data(), db.data());
     auto numeric = [&](double& v) {
       return central_difference(loss, v, 1e-6 * std::max(1.0, std::fabs(v)));
     };
