@@ -35,10 +35,6 @@ int64_t check_group_input(const char* fn, int64_t groups, const TensorView& x,
   return batch_groups;
 }
 
-plan::GroupNormShape shape_of(const TensorView& x, int64_t groups) {
-  return {x.batch(), x.channels(), x.spatial_size(), groups, x.format};
-}
-
 }  // namespace
 
 std::size_t group_norm_workspace_size(const GroupNormParams& params, const TensorView& x) {
@@ -60,12 +56,12 @@ void group_norm_forward(const GroupNormParams& params, const TensorView& x,
   check_length(fn, "mean", mean, batch_groups, "N * num_groups", true);
   check_length(fn, "rstd", rstd, batch_groups, "N * num_groups", true);
   check_forward_epilogue(fn, params.epilogue, x);
-  const auto workspace = detail::checked_workspace(
-      fn, kWorkspaceQuery, detail::group_norm_scratch_bytes(x, params.num_groups), ctx);
+  const auto plan = detail::group_norm_plan(x, params.num_groups, ctx);
+  const auto workspace = detail::checked_workspace(fn, kWorkspaceQuery, plan.scratch.bytes, ctx);
   if (x.batch() == 0) return;
 
-  detail::group_norm_forward_on(shape_of(x, params.num_groups), params.eps, params.epilogue, x,
-                                weight, bias, y, mean, rstd, nullptr, ctx, workspace);
+  detail::group_norm_forward_on(plan, params.eps, params.epilogue, x, weight, bias, y, mean, rstd,
+                                nullptr, ctx, workspace);
 }
 
 void group_norm_backward(const GroupNormBackwardParams& params, const TensorView& dy,
@@ -83,11 +79,12 @@ void group_norm_backward(const GroupNormBackwardParams& params, const TensorView
   check_length(fn, "dweight", dweight, x.channels(), "C", false);
   check_length(fn, "dbias", dbias, x.channels(), "C", false);
   check_backward_epilogue(fn, epilogue, x);
-  const auto workspace = detail::checked_workspace(
-      fn, kWorkspaceQuery, detail::group_norm_scratch_bytes(x, params.num_groups), ctx);
+  const auto plan = detail::group_norm_plan(
+      x, params.num_groups, ctx, detail::backward_work(false, epilogue, dweight, dbias));
+  const auto workspace = detail::checked_workspace(fn, kWorkspaceQuery, plan.scratch.bytes, ctx);
 
-  detail::group_norm_backward_on(shape_of(x, params.num_groups), false, epilogue, dy, x, mean,
-                                 rstd, weight, dx, dweight, dbias, ctx, workspace);
+  detail::group_norm_backward_on(plan, false, epilogue, dy, x, mean, rstd, weight, dx, dweight,
+                                 dbias, ctx, workspace);
 }
 
 }  // namespace normkit

@@ -48,10 +48,6 @@ int64_t check_instances(const char* fn, bool use_input_stats, const TensorView& 
   return instances;
 }
 
-plan::GroupNormShape shape_of(const TensorView& x) {
-  return {x.batch(), x.channels(), x.spatial_size(), x.channels(), x.format};
-}
-
 constexpr const char* kWorkspaceQuery = "instance_norm_workspace_size(params, x)";
 
 // N*C floats for the per-instance variances that update the running statistics (with room to
@@ -60,9 +56,9 @@ constexpr const char* kWorkspaceQuery = "instance_norm_workspace_size(params, x)
 std::size_t variance_bytes(const TensorView& x) {
   return std::size_t(x.batch() * x.channels()) * sizeof(float) + alignof(float) - 1;
 }
-std::size_t workspace_bytes(const TensorView& x) {
+std::size_t workspace_bytes(const TensorView& x, std::size_t group_norm_bytes) {
   if (detail::has_zero_dim(x)) return 0;
-  return variance_bytes(x) + detail::group_norm_scratch_bytes(x, x.channels());
+  return variance_bytes(x) + group_norm_bytes;
 }
 
 }  // namespace
@@ -72,7 +68,7 @@ std::size_t instance_norm_workspace_size(const InstanceNormParams& params, const
   check_instance_input(fn, x, {});
   check_forward_scalars(fn, params);
   check_instances(fn, params.use_input_stats, x);
-  return workspace_bytes(x);
+  return workspace_bytes(x, detail::group_norm_scratch_bytes(x, x.channels()));
 }
 
 void instance_norm_forward(const InstanceNormParams& params, const TensorView& x,
@@ -97,11 +93,12 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
   check_length(fn, "rstd", rstd, instances, "N * C", true);
   const ForwardEpilogue& epi = params.epilogue;
   check_forward_epilogue(fn, epi, x);
-  const auto workspace = detail::checked_workspace(fn, kWorkspaceQuery, workspace_bytes(x), ctx);
+  const auto plan = detail::group_norm_plan(x, C, ctx);
+  const auto workspace = detail::checked_workspace(
+      fn, kWorkspaceQuery, workspace_bytes(x, plan.scratch.bytes), ctx);
   // An empty batch gives an empty output and leaves the running statistics alone.
   if (x.batch() == 0) return;
 
-  const auto sh = shape_of(x);
   if (!params.use_input_stats) {
     for (int64_t n = 0; n < x.batch(); ++n)
       for (int64_t c = 0; c < C; ++c) {
@@ -109,13 +106,13 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
         rstd[n * C + c] = float(1.0 / std::sqrt(double(running_var[c]) + params.eps));
       }
     if (ctx.backend == Backend::reference)
-      ref::group_norm_apply(sh, epi, x, ptr(mean), ptr(rstd), ptr(weight), ptr(bias), y);
+      ref::group_norm_apply(plan.shape, epi, x, ptr(mean), ptr(rstd), ptr(weight), ptr(bias), y);
     else
       visit_dtype(x.dtype, [&](auto tag) {
         using T = decltype(tag);
-        cpu::group_norm_apply(sh, detail::thread_count(ctx), plan::ForwardEpilogueOf<T>::from(epi),
-                              x.as<const T>(), ptr(mean), ptr(rstd), ptr(weight), ptr(bias),
-                              y.as<T>(), workspace);
+        cpu::group_norm_apply(plan, cpu::ForwardEpilogueOf<T>::from(epi), x.as<const T>(),
+                              ptr(mean), ptr(rstd), ptr(weight), ptr(bias), y.as<T>(),
+                              workspace);
       });
     return;
   }
@@ -132,7 +129,7 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
     if (variance.size() < std::size_t(instances)) variance.resize(std::size_t(instances));
     var = variance.data();
   }
-  detail::group_norm_forward_on(sh, params.eps, epi, x, weight, bias, y, mean, rstd, var, ctx,
+  detail::group_norm_forward_on(plan, params.eps, epi, x, weight, bias, y, mean, rstd, var, ctx,
                                 workspace.empty() ? workspace : workspace.subspan(variance_bytes(x)));
   if (!update) return;
   // torch: running <- (1 - m) * running + m * (average over n of the per-instance statistic),
@@ -165,10 +162,14 @@ void instance_norm_backward(const InstanceNormBackwardParams& params, const Tens
   check_length(fn, "dweight", dweight, x.channels(), "C", false);
   check_length(fn, "dbias", dbias, x.channels(), "C", false);
   check_backward_epilogue(fn, epilogue, x);
-  const auto workspace = detail::checked_workspace(fn, kWorkspaceQuery, workspace_bytes(x), ctx);
+  const bool constants = !params.use_input_stats;
+  const auto plan = detail::group_norm_plan(
+      x, x.channels(), ctx, detail::backward_work(constants, epilogue, dweight, dbias));
+  const auto workspace = detail::checked_workspace(
+      fn, kWorkspaceQuery, workspace_bytes(x, plan.scratch.bytes), ctx);
 
-  detail::group_norm_backward_on(shape_of(x), !params.use_input_stats, epilogue, dy, x, mean, rstd,
-                                 weight, dx, dweight, dbias, ctx, workspace);
+  detail::group_norm_backward_on(plan, constants, epilogue, dy, x, mean, rstd, weight, dx,
+                                 dweight, dbias, ctx, workspace);
 }
 
 }  // namespace normkit

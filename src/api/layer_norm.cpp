@@ -62,22 +62,27 @@ plan::LayerNormShape check_layer_input(const char* fn, int normalized_ndim, cons
   return sh;
 }
 
-// Bytes the CPU kernels need for this shape, or a normkit::Error when size_t cannot count them.
-std::size_t workspace_need(const char* fn, const TensorView& x, const plan::LayerNormShape& sh) {
-  const std::size_t need = cpu::workspace_size(sh);
-  if (need == std::numeric_limits<std::size_t>::max())
+// Bytes of the CPU kernels' scratch layout, or a normkit::Error when size_t cannot count them
+// (so that such a shape fails here rather than in an allocation).
+std::size_t checked_bytes(const char* fn, const TensorView& x, const cpu::LayerNormScratch& s) {
+  if (s.bytes == std::numeric_limits<std::size_t>::max())
     fail(fn, "the workspace for x shape " + shape_string(x) + " has more bytes than size_t can count");
-  return need;
+  return s.bytes;
 }
 
-// The caller's workspace, checked before anything is written; empty when none was given (or
-// the reference backend runs, which does not use one). The CPU kernels' need is computed either
-// way, so a shape whose scratch size_t cannot count fails here rather than in an allocation.
-std::span<std::byte> checked_workspace(const char* fn, const TensorView& x,
-                                       const plan::LayerNormShape& sh, const Context& ctx) {
-  if (ctx.backend == Backend::reference) return {};
-  return detail::checked_workspace(fn, "layer_norm_workspace_size(params, x)",
-                                   workspace_need(fn, x, sh), ctx);
+// A CPU call: its plan, made once, and the caller's workspace checked against the plan's
+// scratch before anything is written (empty when none was given).
+struct CpuCall {
+  cpu::LayerNormPlan plan;
+  std::span<std::byte> workspace;
+};
+CpuCall plan_cpu_call(const char* fn, const TensorView& x, const plan::LayerNormShape& sh,
+                      const Context& ctx) {
+  CpuCall call;
+  call.plan = cpu::plan_layer_norm(sh, int64_t(element_size(x.dtype)), detail::thread_count(ctx));
+  call.workspace = detail::checked_workspace(fn, "layer_norm_workspace_size(params, x)",
+                                             checked_bytes(fn, x, call.plan.scratch), ctx);
+  return call;
 }
 
 }  // namespace
@@ -86,7 +91,7 @@ std::size_t layer_norm_workspace_size(const LayerNormParams& params, const Tenso
   const char* fn = "layer_norm_workspace_size";
   const auto sh = check_layer_input(fn, params.normalized_ndim, x, {});
   detail::check_eps(fn, params.eps);
-  return workspace_need(fn, x, sh);
+  return checked_bytes(fn, x, cpu::layer_norm_scratch(sh));
 }
 
 void layer_norm_forward(const LayerNormParams& params, const TensorView& x,
@@ -101,19 +106,20 @@ void layer_norm_forward(const LayerNormParams& params, const TensorView& x,
   check_length(fn, "mean", mean, sh.rows, "product of the leading dims", true);
   check_length(fn, "rstd", rstd, sh.rows, "product of the leading dims", true);
   check_forward_epilogue(fn, params.epilogue, x);
-  const auto workspace = checked_workspace(fn, x, sh, ctx);
-  if (sh.rows == 0) return;
-
   if (ctx.backend == Backend::reference) {
-    ref::layer_norm_forward(sh, params.eps, params.epilogue, x, ptr(weight), ptr(bias), y,
-                            ptr(mean), ptr(rstd));
+    if (sh.rows > 0)
+      ref::layer_norm_forward(sh, params.eps, params.epilogue, x, ptr(weight), ptr(bias), y,
+                              ptr(mean), ptr(rstd));
     return;
   }
+  const CpuCall call = plan_cpu_call(fn, x, sh, ctx);
+  if (sh.rows == 0) return;
   visit_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    cpu::layer_norm_forward(sh, params.eps, detail::thread_count(ctx),
-                            plan::ForwardEpilogueOf<T>::from(params.epilogue), x.as<const T>(),
-                            ptr(weight), ptr(bias), y.as<T>(), ptr(mean), ptr(rstd), workspace);
+    cpu::layer_norm_forward(call.plan, params.eps,
+                            cpu::ForwardEpilogueOf<T>::from(params.epilogue), x.as<const T>(),
+                            ptr(weight), ptr(bias), y.as<T>(), ptr(mean), ptr(rstd),
+                            call.workspace);
   });
 }
 
@@ -132,20 +138,18 @@ void layer_norm_backward(const LayerNormBackwardParams& params, const TensorView
   check_length(fn, "dweight", dweight, sh.cols, "product of the normalized dims", false);
   check_length(fn, "dbias", dbias, sh.cols, "product of the normalized dims", false);
   check_backward_epilogue(fn, epilogue, x);
-  const auto workspace = checked_workspace(fn, x, sh, ctx);
-
   if (ctx.backend == Backend::reference) {
     ref::layer_norm_backward(sh, epilogue, dy, x, ptr(mean), ptr(rstd), ptr(weight), dx,
                              ptr(dweight), ptr(dbias));
     return;
   }
+  const CpuCall call = plan_cpu_call(fn, x, sh, ctx);
   // Without relu the forward's y is not read (the mask is the relu's alone).
   visit_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    cpu::layer_norm_backward(sh, detail::thread_count(ctx),
-                             plan::BackwardEpilogueOf<T>::from(epilogue), dy.as<const T>(),
-                             x.as<const T>(), ptr(mean), ptr(rstd), ptr(weight), dx.as<T>(),
-                             ptr(dweight), ptr(dbias), workspace);
+    cpu::layer_norm_backward(call.plan, cpu::BackwardEpilogueOf<T>::from(epilogue),
+                             dy.as<const T>(), x.as<const T>(), ptr(mean), ptr(rstd), ptr(weight),
+                             dx.as<T>(), ptr(dweight), ptr(dbias), call.workspace);
   });
 }
 
