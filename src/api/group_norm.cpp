@@ -23,10 +23,7 @@ int64_t check_group_input(const char* fn, int64_t groups, const TensorView& x,
                           std::span<const float> weight) {
   check_tensor(fn, "x", x, 2, detail::kActivationDTypes);
   const int64_t channels = x.channels();
-  if (groups <= 0) fail(fn, "num_groups must be > 0, got " + std::to_string(groups));
-  if (channels % groups != 0)
-    fail(fn, "num_groups = " + std::to_string(groups) + " must divide the number of channels C = " +
-                 std::to_string(channels) + " (x shape " + shape_string(x) + ")");
+  detail::check_num_groups(fn, groups, channels, " (x shape " + shape_string(x) + ")");
   check_length(fn, "weight", weight, channels, "C", false);
   int64_t batch_groups = 0;
   if (__builtin_mul_overflow(x.batch(), groups, &batch_groups))

@@ -171,11 +171,8 @@ GroupNorm::GroupNorm(int64_t num_groups, int64_t num_channels, Options opts)
 
 GroupNorm::GroupNorm(const char* name, int64_t num_groups, int64_t num_channels, Options opts)
     : NormLayer(name, num_channels, opts.affine), options(opts), num_groups_(num_groups) {
-  if (num_groups <= 0)
-    detail::fail(name, "num_groups must be > 0, got " + std::to_string(num_groups));
-  if (num_channels % num_groups != 0)
-    detail::fail(name, "num_channels = " + std::to_string(num_channels) +
-                           " is not divisible by num_groups = " + std::to_string(num_groups));
+  // The op's own rule, checked here too so that a bad layer fails when it is made (as torch's).
+  detail::check_num_groups(name, num_groups, num_channels, "");
   check_options(name, options.eps, std::nullopt);
 }
 

@@ -375,7 +375,7 @@ TEST(GroupNormLayer, IsTheFunctionalGroupNormInEveryMode) {
     EXPECT_EQ(gn.weight_grad, dw);
     EXPECT_EQ(gn.bias_grad, db);
   }
-  expect_error([] { GroupNorm(4, 6); }, {"num_channels = 6 is not divisible by num_groups = 4"});
+  expect_error([] { GroupNorm(4, 6); }, {"GroupNorm", "num_groups = 4 must divide the number of channels C = 6"});
   expect_error([] { GroupNorm(0, 6); }, {"num_groups must be > 0, got 0"});
 }
 

@@ -103,7 +103,7 @@ def test_sweep_names_a_group_count_that_does_not_divide_a_width(data_dir, tmp_pa
               "--out", tmp_path / "bad", *SMALL)
     assert r.returncode != 0
     assert "--groups 3 is refused for the 4 channels of stem.norm" in r.stderr
-    assert "not divisible by num_groups = 3" in r.stderr  # normkit's GroupNorm's reason
+    assert "num_groups = 3 must divide the number of channels C = 4" in r.stderr  # normkit's reason
 
 
 def test_run_names_a_group_count_below_one(data_dir):
