@@ -248,18 +248,25 @@ class NormkitCandidate final : public Candidate {
         batch_norm_backward_training({.epilogue = backward_epilogue()}, dy_, x_, mean_, rstd_, w,
                                      dx, dweight_, dbias_, ctx_);
         break;
-      case Family::group_norm:
-        group_norm_backward(group_norm_params(c_->groups), backward_epilogue(), dy_, x_, mean_,
-                            rstd_, w, dx, dweight_, dbias_, ctx_);
+      case Family::group_norm: {
+        GroupNormBackwardParams p;
+        p.num_groups = c_->groups;
+        p.epilogue = backward_epilogue();
+        group_norm_backward(p, dy_, x_, mean_, rstd_, w, dx, dweight_, dbias_, ctx_);
         break;
-      case Family::layer_norm:
-        layer_norm_backward(layer_norm_params(), dy_, x_, mean_, rstd_, w, dx, dweight_, dbias_,
-                            ctx_);
+      }
+      case Family::layer_norm: {
+        LayerNormBackwardParams p;
+        p.normalized_ndim = layer_norm_params().normalized_ndim;
+        layer_norm_backward(p, dy_, x_, mean_, rstd_, w, dx, dweight_, dbias_, ctx_);
         break;
-      case Family::instance_norm:
-        instance_norm_backward(instance_norm_params(), dy_, x_, mean_, rstd_, w, dx, dweight_,
-                               dbias_, ctx_);
+      }
+      case Family::instance_norm: {
+        InstanceNormBackwardParams p;
+        p.use_input_stats = instance_norm_params().use_input_stats;
+        instance_norm_backward(p, dy_, x_, mean_, rstd_, w, dx, dweight_, dbias_, ctx_);
         break;
+      }
     }
   }
 

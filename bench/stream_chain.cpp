@@ -1,8 +1,8 @@
-// normkit-bench-chain: a normalization followed by a consumer that reads its whole output, the
-// way the next layer does. Whether an output is written with non-temporal stores (see
-// kStreamBytes in src/cpu/simd.h) decides where the consumer finds it: in L3, or in memory. The
-// op alone can gain from streaming while the pair loses; this measures the pair. Build it with
-// each threshold to compare (the threshold is a compile-time constant).
+// normkit-bench-chain: a normalization followed by a consumer that reads its whole output, the way
+// the next layer does. Whether an output is written with non-temporal stores (see kStreamBytes in
+// src/cpu/streaming.h) decides where the consumer finds it: in L3, or in memory. The op alone can
+// gain from streaming while the pair loses; this measures the pair. Build it with each threshold to
+// compare (the threshold is a compile-time constant).
 //
 //   normkit-bench-chain [--threads 2] [--reps 301]
 #include <CLI/CLI.hpp>

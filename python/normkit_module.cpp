@@ -296,12 +296,19 @@ template <typename F> void without_gil(F&& kernel) {
 // ---------------------------------------------------------------------------------------------
 // group_norm
 
-// num_groups the kernel will accept; otherwise the statistics get no room and the kernel's own
-// check reports num_groups (without allocating N * num_groups floats for a nonsense value).
-bool plausible_groups(int64_t num_groups, const TensorView& x) {
-  const int64_t channels = channels_of(x);
-  return num_groups > 0 && num_groups <= std::max<int64_t>(channels, 1) &&
-         (channels == 0 || channels % num_groups == 0);
+// Whether the library accepts num_groups for x (its workspace query makes the forward's checks
+// of x and num_groups). Only then do the statistics get the shape (N, num_groups); otherwise
+// they get none and the op reports the problem in its own words, before reading them (and
+// without N * num_groups floats allocated for a nonsense value).
+bool groups_accepted(int64_t num_groups, const TensorView& x) {
+  normkit::GroupNormParams params;
+  params.num_groups = num_groups;
+  try {
+    normkit::group_norm_workspace_size(params, x);
+  } catch (const normkit::Error&) {
+    return false;
+  }
+  return true;
 }
 
 py::tuple group_norm_forward_impl(const char* function, const py::array& x_in,
@@ -311,7 +318,7 @@ py::tuple group_norm_forward_impl(const char* function, const py::array& x_in,
   const VectorIn weight = vector_input(function, "weight", weight_in);
   const VectorIn bias = vector_input(function, "bias", bias_in);
   const Activation y = activation_output(x);
-  const Shape stats_shape{batch_of(x.view), plausible_groups(num_groups, x.view) ? num_groups : 0};
+  const Shape stats_shape{batch_of(x.view), groups_accepted(num_groups, x.view) ? num_groups : 0};
   const VectorOut mean = vector_output(stats_shape);
   const VectorOut rstd = vector_output(stats_shape);
   const normkit::GroupNormParams params{num_groups, eps};
@@ -330,15 +337,16 @@ py::tuple group_norm_backward_impl(const py::array& dy_in, const py::array& x_in
   const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
   const VectorIn weight = vector_input(function, "weight", weight_in);
   const Shape stats_shape{batch_of(x.view), num_groups};
+  const bool accepted = groups_accepted(num_groups, x.view);
   VectorIn stats[2];
   const char* names[2] = {"mean", "rstd"};
   const py::array* arrays[2] = {&mean_in, &rstd_in};
   for (int i = 0; i < 2; ++i) {
     const py::array& a = *arrays[i];
     require_float32(function, names[i], a);
-    // Shapes are only compared for a num_groups the kernel accepts, so a bad one is reported
-    // as such rather than as a mismatch.
-    if (plausible_groups(num_groups, x.view) && shape_of(a) != stats_shape)
+    // The op sees the statistics flattened: their (N, num_groups) shape is checked here, once
+    // the library accepts num_groups, so that a bad one is reported as such by the op.
+    if (accepted && shape_of(a) != stats_shape)
       value_error(function, std::string(names[i]) + " has shape " + shape_string(shape_of(a)) +
                                 ", expected (N, num_groups) = " + shape_string(stats_shape));
     py::array c = contiguous(a);
@@ -350,7 +358,7 @@ py::tuple group_norm_backward_impl(const py::array& dy_in, const py::array& x_in
     dweight = vector_output({channels_of(x.view)});
     dbias = vector_output({channels_of(x.view)});
   }
-  const normkit::GroupNormParams params{num_groups, 0.0};
+  const normkit::GroupNormBackwardParams params{num_groups};
   without_gil([&] {
     normkit::group_norm_backward(params, dy.view, x.view, stats[0].span, stats[1].span,
                                  weight.span, dx.view, dweight.span, dbias.span);

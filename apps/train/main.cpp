@@ -70,7 +70,7 @@ struct Common {
 void add_common(CLI::App* app, Common& c) {
   app->add_option("--groups", c.groups,
                   "GroupNorm groups (must divide every width); a sweep takes a list, e.g. 1,2,4,8,16")
-      ->delimiter(',')->capture_default_str()->check(kPositive);
+      ->delimiter(',')->capture_default_str();  // checked by normkit's GroupNorm (nn/norm.cpp)
   app->add_option("--epochs", c.epochs, "epochs (the same for every batch size)")
       ->capture_default_str()->check(kPositive);
   app->add_option("--lr-base", c.lr_base,

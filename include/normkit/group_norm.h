@@ -34,7 +34,7 @@ struct GroupNormParams {
 
 // Bytes of scratch memory the CPU kernels use for an input shaped like x cut into
 // params.num_groups groups (a function of the shape and format, not of the dtype): enough for
-// group_norm_forward and both group_norm_backward overloads, with any epilogue; 0 when x has no
+// group_norm_forward and group_norm_backward, with any epilogue; 0 when x has no
 // elements. Pass at least that much as Context::workspace (at any alignment: the size has
 // room to align inside it) to have no allocation in those calls. Reads
 // params.num_groups and the dims, format and dtype of x, not its data (which must be non-null
@@ -56,28 +56,26 @@ void group_norm_forward(const GroupNormParams& params, const TensorView& x,
                         const TensorView& y, std::span<float> mean, std::span<float> rstd,
                         const Context& ctx = {});
 
-// Reads dy, x, mean and rstd saved by group_norm_forward, weight (optional).
-// Overwrites dx (shape/format/dtype of x); overwrites (does not add to) dweight and dbias
-// (length C each; both optional, and either may be given without the other).
-// Throws normkit::Error, before writing anything, on the checks of the forward (the workspace
-// included) plus dy or dx shape/format/dtype != x's and dweight/dbias length != C.
-// params.epilogue is not used here.
-// Same as the overload below with an empty BackwardEpilogue.
-void group_norm_backward(const GroupNormParams& params, const TensorView& dy, const TensorView& x,
-                         std::span<const float> mean, std::span<const float> rstd,
-                         std::span<const float> weight, const TensorView& dx,
-                         std::span<float> dweight, std::span<float> dbias,
-                         const Context& ctx = {});
+// What group_norm_backward reads besides its tensors: the grouping of the forward and the
+// epilogue the forward fused (no eps: the saved rstd already holds it).
+struct GroupNormBackwardParams {
+  int64_t num_groups = 1;
+  // With relu, g = dy * (epilogue.y > 0) (epilogue.y, the forward's output, required then);
+  // else g = dy. epilogue.dresidual, when given, receives g (the residual's gradient).
+  BackwardEpilogue epilogue = {};
+};
 
-// Backward of a forward that fused an epilogue. Reads dy and, with epilogue.relu, epilogue.y
-// (the forward's output, required then; its sign masks dy: g = dy * (y > 0)). The gradient of
-// the normalization is taken with respect to g.
-// Overwrites dx, dweight, dbias as above and, when given, epilogue.dresidual with g (the
-// residual's gradient), in the same pass as the reductions.
-// Throws normkit::Error, before writing anything, on the checks above plus epilogue.relu without
-// epilogue.y, and epilogue.y or epilogue.dresidual shape/format/dtype != x's.
-void group_norm_backward(const GroupNormParams& params, const BackwardEpilogue& epilogue,
-                         const TensorView& dy, const TensorView& x, std::span<const float> mean,
+// Reads dy, x, mean and rstd saved by group_norm_forward, weight (optional), params.epilogue.y
+// (with relu). The gradient of the normalization is taken with respect to g (above).
+// Overwrites dx (shape/format/dtype of x) and, when given, params.epilogue.dresidual with g;
+// overwrites (does not add to) dweight and dbias (length C each; both optional, and either may
+// be given without the other), in the same pass as the reductions.
+// Throws normkit::Error, before writing anything, on the forward's checks of x, num_groups,
+// weight and the workspace, dy or dx shape/format/dtype != x's, mean/rstd length != N*G,
+// dweight/dbias length != C, epilogue.relu without epilogue.y, and epilogue.y or
+// epilogue.dresidual shape/format/dtype != x's.
+void group_norm_backward(const GroupNormBackwardParams& params, const TensorView& dy,
+                         const TensorView& x, std::span<const float> mean,
                          std::span<const float> rstd, std::span<const float> weight,
                          const TensorView& dx, std::span<float> dweight, std::span<float> dbias,
                          const Context& ctx = {});

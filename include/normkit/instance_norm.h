@@ -26,10 +26,11 @@ struct InstanceNormParams {
 
 // Bytes of scratch memory the CPU kernels use for an input shaped like x (a function of the
 // shape and format, not of the dtype): enough for instance_norm_forward (either
-// use_input_stats, with running statistics) and both instance_norm_backward overloads, with any
+// use_input_stats, with running statistics) and instance_norm_backward, with any
 // epilogue; 0 when x has no elements. Pass at least that much as Context::workspace (at any
-// alignment: the size has room to align inside it) to have no allocation in those calls. Reads params and the dims, format and dtype of x, not its data (which must be non-null
-// for a non-empty x, as in the forward). Throws normkit::Error on the forward's checks of
+// alignment: the size has room to align inside it) to have no allocation in those calls. Reads
+// params and the dims, format and dtype of x, not its data (which must be non-null for a
+// non-empty x, as in the forward). Throws normkit::Error on the forward's checks of
 // x, eps and momentum (including a spatial size of 1 with use_input_stats).
 std::size_t instance_norm_workspace_size(const InstanceNormParams& params, const TensorView& x);
 
@@ -47,25 +48,28 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
                            const TensorView& y, std::span<float> mean, std::span<float> rstd,
                            const Context& ctx = {});
 
-// Backward of instance_norm_forward: with use_input_stats the gradient flows through the
-// per-instance statistics (group_norm_backward with G = C); without, they are constants.
-// Reads dy, x, mean, rstd (as written by the forward), weight. Overwrites dx, dweight, dbias.
-// Throws normkit::Error before writing anything, on the forward's checks of x, eps, momentum and
-// the workspace, dy or dx unlike x, and a vector of the wrong length.
-void instance_norm_backward(const InstanceNormParams& params, const TensorView& dy,
+// What instance_norm_backward reads besides its tensors: whether the forward normalized with
+// the per-instance statistics, and the epilogue it fused (no eps or momentum: the saved rstd
+// already holds eps, and the running statistics are not touched).
+struct InstanceNormBackwardParams {
+  // As the forward's: with it the gradient flows through the per-instance statistics
+  // (group_norm_backward with G = C); without, they are constants.
+  bool use_input_stats = true;
+  // With relu, g = dy * (epilogue.y > 0) (epilogue.y, the forward's output, required then);
+  // else g = dy. epilogue.dresidual, when given, receives g.
+  BackwardEpilogue epilogue = {};
+};
+
+// Backward of instance_norm_forward. Reads dy, x, mean, rstd (as written by the forward),
+// weight (optional), params.epilogue.y (with relu). Overwrites dx, dweight and dbias (length C,
+// optional; overwritten, not added to) and, when given, params.epilogue.dresidual with g.
+// Throws normkit::Error before writing anything, on the forward's checks of x and the
+// workspace (spatial size 1 with use_input_stats included), dy or dx unlike x, a vector of the
+// wrong length, epilogue.relu without epilogue.y, and an epilogue tensor unlike x.
+void instance_norm_backward(const InstanceNormBackwardParams& params, const TensorView& dy,
                             const TensorView& x, std::span<const float> mean,
                             std::span<const float> rstd, std::span<const float> weight,
                             const TensorView& dx, std::span<float> dweight,
                             std::span<float> dbias, const Context& ctx = {});
-
-// Backward of a forward that fused an epilogue, as group_norm_backward's overload: with
-// epilogue.relu the gradient is g = dy * (epilogue.y > 0) (y required then); epilogue.dresidual,
-// when given, is overwritten with g. Throws as above plus on epilogue tensors unlike x.
-void instance_norm_backward(const InstanceNormParams& params, const BackwardEpilogue& epilogue,
-                            const TensorView& dy, const TensorView& x,
-                            std::span<const float> mean, std::span<const float> rstd,
-                            std::span<const float> weight, const TensorView& dx,
-                            std::span<float> dweight, std::span<float> dbias,
-                            const Context& ctx = {});
 
 }  // namespace normkit

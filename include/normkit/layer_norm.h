@@ -47,21 +47,23 @@ void layer_norm_forward(const LayerNormParams& params, const TensorView& x,
                         const TensorView& y, std::span<float> mean, std::span<float> rstd,
                         const Context& ctx = {});
 
-// Reads dy, x, mean, rstd, weight (optional). Overwrites dx and (does not add to) dweight and
-// dbias (length cols, optional). Throws as the forward (params.epilogue is not read), and on a
-// dy or dx unlike x.
-void layer_norm_backward(const LayerNormParams& params, const TensorView& dy, const TensorView& x,
-                         std::span<const float> mean, std::span<const float> rstd,
-                         std::span<const float> weight, const TensorView& dx,
-                         std::span<float> dweight, std::span<float> dbias,
-                         const Context& ctx = {});
+// What layer_norm_backward reads besides its tensors: the rows of the forward and the epilogue
+// it fused (no eps: the saved rstd already holds it).
+struct LayerNormBackwardParams {
+  int normalized_ndim = 1;  // as the forward's
+  // With relu, g = dy * (epilogue.y > 0) (epilogue.y, the forward's output, required then);
+  // else g = dy. epilogue.dresidual, when given, receives g.
+  BackwardEpilogue epilogue = {};
+};
 
-// The same through the forward's epilogue: with g = relu ? dy * (epilogue.y > 0) : dy, the
-// gradient of the normalization is computed from g, and epilogue.dresidual (optional) is
-// overwritten with g. Reads epilogue.y (the forward's output, required with relu). Throws as
-// above, and when epilogue.y is missing with relu or an epilogue tensor is unlike x.
-void layer_norm_backward(const LayerNormParams& params, const BackwardEpilogue& epilogue,
-                         const TensorView& dy, const TensorView& x, std::span<const float> mean,
+// Reads dy, x, mean, rstd, weight (optional), params.epilogue.y (with relu). The gradient of
+// the normalization is taken with respect to g (above). Overwrites dx (like x), dweight and
+// dbias (length cols, optional; overwritten, not added to) and, when given,
+// params.epilogue.dresidual with g. Throws normkit::Error before writing anything on the
+// forward's checks of x, normalized_ndim, weight and the workspace, a dy or dx unlike x, a
+// vector of the wrong length, epilogue.relu without epilogue.y, or an epilogue tensor unlike x.
+void layer_norm_backward(const LayerNormBackwardParams& params, const TensorView& dy,
+                         const TensorView& x, std::span<const float> mean,
                          std::span<const float> rstd, std::span<const float> weight,
                          const TensorView& dx, std::span<float> dweight, std::span<float> dbias,
                          const Context& ctx = {});

@@ -177,7 +177,6 @@ class GroupNorm : public NormLayer {
                    const TensorView& dx) override;
 
   int64_t num_groups_;
-  double used_eps_ = 1e-5;
   std::vector<float> mean_, rstd_;
   std::vector<std::byte> workspace_;
 };
@@ -221,7 +220,6 @@ class InstanceNorm : public NormLayer {
 
   bool track_running_stats_;
   bool used_input_stats_ = true;
-  double used_eps_ = 1e-5;
   std::vector<float> mean_, rstd_;
   std::vector<std::byte> workspace_;
 };

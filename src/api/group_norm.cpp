@@ -18,17 +18,13 @@ using detail::fail;
 
 constexpr const char* kWorkspaceQuery = "group_norm_workspace_size(params, x)";
 
-// Checks of x, num_groups, weight and eps shared by forward and backward; returns N * G.
-int64_t check_group_input(const char* fn, const GroupNormParams& params, const TensorView& x,
+// Checks of x, num_groups and weight shared by forward and backward; returns N * G.
+int64_t check_group_input(const char* fn, int64_t groups, const TensorView& x,
                           std::span<const float> weight) {
   check_tensor(fn, "x", x, 2, detail::kActivationDTypes);
-  const int64_t groups = params.num_groups, channels = x.channels();
-  if (groups <= 0) fail(fn, "num_groups must be > 0, got " + std::to_string(groups));
-  if (channels % groups != 0)
-    fail(fn, "num_groups = " + std::to_string(groups) + " must divide the number of channels C = " +
-                 std::to_string(channels) + " (x shape " + shape_string(x) + ")");
+  const int64_t channels = x.channels();
+  detail::check_num_groups(fn, groups, channels, " (x shape " + shape_string(x) + ")");
   check_length(fn, "weight", weight, channels, "C", false);
-  detail::check_eps(fn, params.eps);
   int64_t batch_groups = 0;
   if (__builtin_mul_overflow(x.batch(), groups, &batch_groups))
     fail(fn, "N * num_groups overflows int64: N = " + std::to_string(x.batch()) +
@@ -36,14 +32,12 @@ int64_t check_group_input(const char* fn, const GroupNormParams& params, const T
   return batch_groups;
 }
 
-plan::GroupNormShape shape_of(const TensorView& x, int64_t groups) {
-  return {x.batch(), x.channels(), x.spatial_size(), groups, x.format};
-}
-
 }  // namespace
 
 std::size_t group_norm_workspace_size(const GroupNormParams& params, const TensorView& x) {
-  check_group_input("group_norm_workspace_size", params, x, {});
+  const char* fn = "group_norm_workspace_size";
+  check_group_input(fn, params.num_groups, x, {});
+  detail::check_eps(fn, params.eps);
   return detail::group_norm_scratch_bytes(x, params.num_groups);
 }
 
@@ -52,35 +46,29 @@ void group_norm_forward(const GroupNormParams& params, const TensorView& x,
                         const TensorView& y, std::span<float> mean, std::span<float> rstd,
                         const Context& ctx) {
   const char* fn = "group_norm_forward";
-  const int64_t batch_groups = check_group_input(fn, params, x, weight);
+  const int64_t batch_groups = check_group_input(fn, params.num_groups, x, weight);
+  detail::check_eps(fn, params.eps);
   check_length(fn, "bias", bias, x.channels(), "C", false);
   check_like(fn, "y", y, "x", x);
   check_length(fn, "mean", mean, batch_groups, "N * num_groups", true);
   check_length(fn, "rstd", rstd, batch_groups, "N * num_groups", true);
   check_forward_epilogue(fn, params.epilogue, x);
-  const auto workspace = detail::checked_workspace(
-      fn, kWorkspaceQuery, detail::group_norm_scratch_bytes(x, params.num_groups), ctx);
+  const auto plan = detail::group_norm_plan(x, params.num_groups, ctx);
+  const auto workspace = detail::checked_workspace(fn, kWorkspaceQuery, plan.scratch.bytes, ctx);
   if (x.batch() == 0) return;
 
-  detail::group_norm_forward_on(shape_of(x, params.num_groups), params.eps, params.epilogue, x,
-                                weight, bias, y, mean, rstd, nullptr, ctx, workspace);
+  detail::group_norm_forward_on(plan, params.eps, params.epilogue, x, weight, bias, y, mean, rstd,
+                                nullptr, ctx, workspace);
 }
 
-void group_norm_backward(const GroupNormParams& params, const TensorView& dy, const TensorView& x,
-                         std::span<const float> mean, std::span<const float> rstd,
-                         std::span<const float> weight, const TensorView& dx,
-                         std::span<float> dweight, std::span<float> dbias, const Context& ctx) {
-  group_norm_backward(params, BackwardEpilogue{}, dy, x, mean, rstd, weight, dx, dweight, dbias,
-                      ctx);
-}
-
-void group_norm_backward(const GroupNormParams& params, const BackwardEpilogue& epilogue,
-                         const TensorView& dy, const TensorView& x, std::span<const float> mean,
+void group_norm_backward(const GroupNormBackwardParams& params, const TensorView& dy,
+                         const TensorView& x, std::span<const float> mean,
                          std::span<const float> rstd, std::span<const float> weight,
                          const TensorView& dx, std::span<float> dweight, std::span<float> dbias,
                          const Context& ctx) {
   const char* fn = "group_norm_backward";
-  const int64_t batch_groups = check_group_input(fn, params, x, weight);
+  const BackwardEpilogue& epilogue = params.epilogue;
+  const int64_t batch_groups = check_group_input(fn, params.num_groups, x, weight);
   check_like(fn, "dy", dy, "x", x);
   check_like(fn, "dx", dx, "x", x);
   check_length(fn, "mean", mean, batch_groups, "N * num_groups", true);
@@ -88,11 +76,12 @@ void group_norm_backward(const GroupNormParams& params, const BackwardEpilogue& 
   check_length(fn, "dweight", dweight, x.channels(), "C", false);
   check_length(fn, "dbias", dbias, x.channels(), "C", false);
   check_backward_epilogue(fn, epilogue, x);
-  const auto workspace = detail::checked_workspace(
-      fn, kWorkspaceQuery, detail::group_norm_scratch_bytes(x, params.num_groups), ctx);
+  const auto plan = detail::group_norm_plan(
+      x, params.num_groups, ctx, detail::backward_work(false, epilogue, dweight, dbias));
+  const auto workspace = detail::checked_workspace(fn, kWorkspaceQuery, plan.scratch.bytes, ctx);
 
-  detail::group_norm_backward_on(shape_of(x, params.num_groups), false, epilogue, dy, x, mean,
-                                 rstd, weight, dx, dweight, dbias, ctx, workspace);
+  detail::group_norm_backward_on(plan, false, epilogue, dy, x, mean, rstd, weight, dx, dweight,
+                                 dbias, ctx, workspace);
 }
 
 }  // namespace normkit

@@ -1,7 +1,7 @@
 #pragma once
 // What the GroupNorm and InstanceNorm entry points share once their arguments are validated:
-// both run the GroupNorm kernels (InstanceNorm with one channel per group), so the workspace
-// check and the backend dispatch live here, once.
+// both run the GroupNorm kernels (InstanceNorm with one channel per group), so the plan, the
+// workspace size and the backend dispatch live here, once.
 #include <cstddef>
 #include <span>
 #include <string>
@@ -26,37 +26,67 @@ inline bool has_zero_dim(const TensorView& x) {
   return false;
 }
 
-// Bytes of CPU scratch the GroupNorm kernels need for x (validated) cut into `groups` groups.
-inline std::size_t group_norm_scratch_bytes(const TensorView& x, int64_t groups) {
-  if (has_zero_dim(x)) return 0;
-  return cpu::workspace_size({x.batch(), x.channels(), x.spatial_size(), groups, x.format});
+inline plan::GroupNormShape group_norm_shape(const TensorView& x, int64_t groups) {
+  return {x.batch(), x.channels(), x.spatial_size(), groups, x.format};
 }
 
-// The forward on validated arguments with statistics from x: y, mean, rstd (N*G) and, when not
-// null, variance (N*G, biased) on ctx's backend.
-inline void group_norm_forward_on(const plan::GroupNormShape& sh, double eps,
+// Bytes of CPU scratch the GroupNorm kernels need for x (validated) cut into `groups` groups: a
+// function of the shape alone.
+inline std::size_t group_norm_scratch_bytes(const TensorView& x, int64_t groups) {
+  if (has_zero_dim(x)) return 0;
+  return cpu::group_norm_scratch(group_norm_shape(x, groups)).bytes;
+}
+
+// The call's plan, made once: for x (validated) cut into `groups` groups, on ctx's threads.
+// Its scratch.bytes is group_norm_scratch_bytes(x, groups). Without elements the kernels return
+// before they read a schedule or scratch, and the plan has none.
+inline cpu::GroupNormPlan group_norm_plan(const TensorView& x, int64_t groups, const Context& ctx,
+                                          const cpu::GroupNormBackwardWork& backward = {}) {
+  if (has_zero_dim(x)) {
+    cpu::GroupNormPlan empty;
+    empty.shape = group_norm_shape(x, groups);
+    return empty;
+  }
+  return cpu::plan_group_norm(group_norm_shape(x, groups), int64_t(element_size(x.dtype)),
+                              thread_count(ctx), backward);
+}
+
+// The forward on validated arguments with statistics from x, on ctx's backend: overwrites y,
+// mean, rstd (N*G) and, when not null, variance (N*G, biased). Arguments in the public order:
+// parameters (the plan first), inputs, outputs, then the context and its checked workspace.
+inline void group_norm_forward_on(const cpu::GroupNormPlan& plan, double eps,
                                   const ForwardEpilogue& epilogue, const TensorView& x,
                                   std::span<const float> weight, std::span<const float> bias,
                                   const TensorView& y, std::span<float> mean,
                                   std::span<float> rstd, float* variance, const Context& ctx,
                                   std::span<std::byte> workspace) {
   if (ctx.backend == Backend::reference) {
-    ref::group_norm_forward(y, mean.data(), rstd.data(), x, weight.data(), bias.data(), sh, eps,
-                            epilogue, variance);
+    ref::group_norm_forward(plan.shape, eps, epilogue, x, weight.data(), bias.data(), y,
+                            mean.data(), rstd.data(), variance);
     return;
   }
   visit_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    cpu::group_norm_forward(y.as<T>(), mean.data(), rstd.data(), x.as<const T>(), weight.data(),
-                            bias.data(), sh, eps, thread_count(ctx), variance,
-                            plan::ForwardEpilogueOf<T>::from(epilogue),
-                            workspace);
+    cpu::group_norm_forward(plan, eps, cpu::ForwardEpilogueOf<T>::from(epilogue),
+                            x.as<const T>(), weight.data(), bias.data(), y.as<T>(), mean.data(),
+                            rstd.data(), variance, workspace);
   });
 }
 
+// What a backward with these arguments computes, for its plan (the kernel derives the same).
+inline cpu::GroupNormBackwardWork backward_work(bool stats_are_constants,
+                                                const BackwardEpilogue& epilogue,
+                                                std::span<float> dweight, std::span<float> dbias) {
+  cpu::GroupNormBackwardWork work;
+  work.sums = !stats_are_constants || dweight.data() || dbias.data() || epilogue.dresidual.data;
+  work.masked = epilogue.relu;
+  return work;
+}
+
 // The backward on validated arguments (stats_are_constants: the gradient does not flow through
-// mean and rstd) on ctx's backend: dx, dweight, dbias, epilogue.dresidual.
-inline void group_norm_backward_on(const plan::GroupNormShape& sh, bool stats_are_constants,
+// mean and rstd) on ctx's backend: overwrites dx, dweight, dbias, epilogue.dresidual. `plan`
+// was made with backward_work of these arguments.
+inline void group_norm_backward_on(const cpu::GroupNormPlan& plan, bool stats_are_constants,
                                    const BackwardEpilogue& epilogue, const TensorView& dy,
                                    const TensorView& x, std::span<const float> mean,
                                    std::span<const float> rstd, std::span<const float> weight,
@@ -64,17 +94,16 @@ inline void group_norm_backward_on(const plan::GroupNormShape& sh, bool stats_ar
                                    std::span<float> dbias, const Context& ctx,
                                    std::span<std::byte> workspace) {
   if (ctx.backend == Backend::reference) {
-    ref::group_norm_backward(dx, dweight.data(), dbias.data(), dy, x, mean.data(), rstd.data(),
-                             weight.data(), sh, stats_are_constants, epilogue);
+    ref::group_norm_backward(plan.shape, stats_are_constants, epilogue, dy, x, mean.data(),
+                             rstd.data(), weight.data(), dx, dweight.data(), dbias.data());
     return;
   }
   visit_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    cpu::group_norm_backward(dx.as<T>(), dweight.data(), dbias.data(), dy.as<const T>(),
-                             x.as<const T>(), mean.data(), rstd.data(), weight.data(), sh,
-                             stats_are_constants, thread_count(ctx),
-                             plan::BackwardEpilogueOf<T>::from(epilogue),
-                             workspace);
+    cpu::group_norm_backward(plan, stats_are_constants,
+                             cpu::BackwardEpilogueOf<T>::from(epilogue), dy.as<const T>(),
+                             x.as<const T>(), mean.data(), rstd.data(), weight.data(), dx.as<T>(),
+                             dweight.data(), dbias.data(), workspace);
   });
 }
 

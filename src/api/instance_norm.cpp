@@ -24,25 +24,28 @@ using detail::fail;
 const float* ptr(std::span<const float> v) { return v.data(); }
 float* ptr(std::span<float> v) { return v.data(); }
 
-// Checks shared by forward and backward; returns N * C.
-int64_t check_instance_input(const char* fn, const InstanceNormParams& params,
-                             const TensorView& x, std::span<const float> weight) {
+// Checks of x and weight shared by forward and backward.
+void check_instance_input(const char* fn, const TensorView& x, std::span<const float> weight) {
   check_tensor(fn, "x", x, 2, detail::kActivationDTypes);
   check_length(fn, "weight", weight, x.channels(), "C", false);
+}
+
+// The forward's scalars (the backward has none).
+void check_forward_scalars(const char* fn, const InstanceNormParams& params) {
   detail::check_eps(fn, params.eps);
   detail::check_momentum(fn, params.momentum);
+}
+
+// Checks of the instances, after those above; returns N * C.
+int64_t check_instances(const char* fn, bool use_input_stats, const TensorView& x) {
   // torch's wording, so that users recognize it (torch checks before the batch size, too).
-  if (params.use_input_stats && x.spatial_size() == 1)
+  if (use_input_stats && x.spatial_size() == 1)
     fail(fn, "Expected more than 1 spatial element when training, got input size " +
                  shape_string(x));
   int64_t instances = 0;
   if (__builtin_mul_overflow(x.batch(), x.channels(), &instances))
     fail(fn, "N * C overflows int64: shape " + shape_string(x));
   return instances;
-}
-
-plan::GroupNormShape shape_of(const TensorView& x) {
-  return {x.batch(), x.channels(), x.spatial_size(), x.channels(), x.format};
 }
 
 constexpr const char* kWorkspaceQuery = "instance_norm_workspace_size(params, x)";
@@ -53,16 +56,19 @@ constexpr const char* kWorkspaceQuery = "instance_norm_workspace_size(params, x)
 std::size_t variance_bytes(const TensorView& x) {
   return std::size_t(x.batch() * x.channels()) * sizeof(float) + alignof(float) - 1;
 }
-std::size_t workspace_bytes(const TensorView& x) {
+std::size_t workspace_bytes(const TensorView& x, std::size_t group_norm_bytes) {
   if (detail::has_zero_dim(x)) return 0;
-  return variance_bytes(x) + detail::group_norm_scratch_bytes(x, x.channels());
+  return variance_bytes(x) + group_norm_bytes;
 }
 
 }  // namespace
 
 std::size_t instance_norm_workspace_size(const InstanceNormParams& params, const TensorView& x) {
-  check_instance_input("instance_norm_workspace_size", params, x, {});
-  return workspace_bytes(x);
+  const char* fn = "instance_norm_workspace_size";
+  check_instance_input(fn, x, {});
+  check_forward_scalars(fn, params);
+  check_instances(fn, params.use_input_stats, x);
+  return workspace_bytes(x, detail::group_norm_scratch_bytes(x, x.channels()));
 }
 
 void instance_norm_forward(const InstanceNormParams& params, const TensorView& x,
@@ -71,7 +77,9 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
                            const TensorView& y, std::span<float> mean, std::span<float> rstd,
                            const Context& ctx) {
   const char* fn = "instance_norm_forward";
-  const int64_t instances = check_instance_input(fn, params, x, weight);
+  check_instance_input(fn, x, weight);
+  check_forward_scalars(fn, params);
+  const int64_t instances = check_instances(fn, params.use_input_stats, x);
   const int64_t C = x.channels();
   check_length(fn, "bias", bias, C, "C", false);
   const bool need_running = !params.use_input_stats;
@@ -85,11 +93,12 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
   check_length(fn, "rstd", rstd, instances, "N * C", true);
   const ForwardEpilogue& epi = params.epilogue;
   check_forward_epilogue(fn, epi, x);
-  const auto workspace = detail::checked_workspace(fn, kWorkspaceQuery, workspace_bytes(x), ctx);
+  const auto plan = detail::group_norm_plan(x, C, ctx);
+  const auto workspace = detail::checked_workspace(
+      fn, kWorkspaceQuery, workspace_bytes(x, plan.scratch.bytes), ctx);
   // An empty batch gives an empty output and leaves the running statistics alone.
   if (x.batch() == 0) return;
 
-  const auto sh = shape_of(x);
   if (!params.use_input_stats) {
     for (int64_t n = 0; n < x.batch(); ++n)
       for (int64_t c = 0; c < C; ++c) {
@@ -97,13 +106,12 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
         rstd[n * C + c] = float(1.0 / std::sqrt(double(running_var[c]) + params.eps));
       }
     if (ctx.backend == Backend::reference)
-      ref::group_norm_apply(y, x, ptr(mean), ptr(rstd), ptr(weight), ptr(bias), sh, epi);
+      ref::group_norm_apply(plan.shape, epi, x, ptr(mean), ptr(rstd), ptr(weight), ptr(bias), y);
     else
       visit_dtype(x.dtype, [&](auto tag) {
         using T = decltype(tag);
-        cpu::group_norm_apply(y.as<T>(), x.as<const T>(), ptr(mean), ptr(rstd), ptr(weight),
-                              ptr(bias), sh, detail::thread_count(ctx),
-                              plan::ForwardEpilogueOf<T>::from(epi),
+        cpu::group_norm_apply(plan, cpu::ForwardEpilogueOf<T>::from(epi), x.as<const T>(),
+                              ptr(mean), ptr(rstd), ptr(weight), ptr(bias), y.as<T>(),
                               workspace);
       });
     return;
@@ -121,7 +129,7 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
     if (variance.size() < std::size_t(instances)) variance.resize(std::size_t(instances));
     var = variance.data();
   }
-  detail::group_norm_forward_on(sh, params.eps, epi, x, weight, bias, y, mean, rstd, var, ctx,
+  detail::group_norm_forward_on(plan, params.eps, epi, x, weight, bias, y, mean, rstd, var, ctx,
                                 workspace.empty() ? workspace : workspace.subspan(variance_bytes(x)));
   if (!update) return;
   // torch: running <- (1 - m) * running + m * (average over n of the per-instance statistic),
@@ -138,23 +146,15 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
   }
 }
 
-void instance_norm_backward(const InstanceNormParams& params, const TensorView& dy,
+void instance_norm_backward(const InstanceNormBackwardParams& params, const TensorView& dy,
                             const TensorView& x, std::span<const float> mean,
                             std::span<const float> rstd, std::span<const float> weight,
                             const TensorView& dx, std::span<float> dweight,
                             std::span<float> dbias, const Context& ctx) {
-  instance_norm_backward(params, BackwardEpilogue{}, dy, x, mean, rstd, weight, dx, dweight, dbias,
-                         ctx);
-}
-
-void instance_norm_backward(const InstanceNormParams& params, const BackwardEpilogue& epilogue,
-                            const TensorView& dy, const TensorView& x,
-                            std::span<const float> mean, std::span<const float> rstd,
-                            std::span<const float> weight, const TensorView& dx,
-                            std::span<float> dweight, std::span<float> dbias,
-                            const Context& ctx) {
   const char* fn = "instance_norm_backward";
-  const int64_t instances = check_instance_input(fn, params, x, weight);
+  const BackwardEpilogue& epilogue = params.epilogue;
+  check_instance_input(fn, x, weight);
+  const int64_t instances = check_instances(fn, params.use_input_stats, x);
   check_like(fn, "dy", dy, "x", x);
   check_like(fn, "dx", dx, "x", x);
   check_length(fn, "mean", mean, instances, "N * C", true);
@@ -162,10 +162,14 @@ void instance_norm_backward(const InstanceNormParams& params, const BackwardEpil
   check_length(fn, "dweight", dweight, x.channels(), "C", false);
   check_length(fn, "dbias", dbias, x.channels(), "C", false);
   check_backward_epilogue(fn, epilogue, x);
-  const auto workspace = detail::checked_workspace(fn, kWorkspaceQuery, workspace_bytes(x), ctx);
+  const bool constants = !params.use_input_stats;
+  const auto plan = detail::group_norm_plan(
+      x, x.channels(), ctx, detail::backward_work(constants, epilogue, dweight, dbias));
+  const auto workspace = detail::checked_workspace(
+      fn, kWorkspaceQuery, workspace_bytes(x, plan.scratch.bytes), ctx);
 
-  detail::group_norm_backward_on(shape_of(x), !params.use_input_stats, epilogue, dy, x, mean, rstd,
-                                 weight, dx, dweight, dbias, ctx, workspace);
+  detail::group_norm_backward_on(plan, constants, epilogue, dy, x, mean, rstd, weight, dx,
+                                 dweight, dbias, ctx, workspace);
 }
 
 }  // namespace normkit

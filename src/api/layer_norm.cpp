@@ -41,11 +41,11 @@ void check_like_any_rank(const char* fn, const char* name, const TensorView& t,
     fail(fn, std::string(name) + " has a null data pointer for shape " + shape_string(t));
 }
 
-// Checks of x, normalized_ndim, weight and eps; returns the row layout.
-plan::LayerNormShape check_layer_input(const char* fn, const LayerNormParams& params,
-                                      const TensorView& x, std::span<const float> weight) {
+// Checks of x, normalized_ndim and weight; returns the row layout.
+plan::LayerNormShape check_layer_input(const char* fn, int normalized_ndim, const TensorView& x,
+                                      std::span<const float> weight) {
   check_tensor(fn, "x", x, 1, detail::kActivationDTypes);
-  const int k = params.normalized_ndim;
+  const int k = normalized_ndim;
   if (k < 1 || k > x.rank)
     fail(fn, "normalized_ndim must be in [1, rank of x] = [1, " + std::to_string(x.rank) +
                  "], got " + std::to_string(k) + " (x shape " + shape_string(x) + ")");
@@ -59,34 +59,39 @@ plan::LayerNormShape check_layer_input(const char* fn, const LayerNormParams& pa
   sh.cols = product(fn, x, x.rank - k, x.rank);
   sh.channels = channels_last ? x.shape[1] : 0;
   check_length(fn, "weight", weight, sh.cols, "product of the normalized dims", false);
-  detail::check_eps(fn, params.eps);
   return sh;
 }
 
-// Bytes the CPU kernels need for this shape, or a normkit::Error when size_t cannot count them.
-std::size_t workspace_need(const char* fn, const TensorView& x, const plan::LayerNormShape& sh) {
-  const std::size_t need = cpu::workspace_size(sh);
-  if (need == std::numeric_limits<std::size_t>::max())
+// Bytes of the CPU kernels' scratch layout, or a normkit::Error when size_t cannot count them
+// (so that such a shape fails here rather than in an allocation).
+std::size_t checked_bytes(const char* fn, const TensorView& x, const cpu::LayerNormScratch& s) {
+  if (s.bytes == std::numeric_limits<std::size_t>::max())
     fail(fn, "the workspace for x shape " + shape_string(x) + " has more bytes than size_t can count");
-  return need;
+  return s.bytes;
 }
 
-// The caller's workspace, checked before anything is written; empty when none was given (or
-// the reference backend runs, which does not use one). The CPU kernels' need is computed either
-// way, so a shape whose scratch size_t cannot count fails here rather than in an allocation.
-std::span<std::byte> checked_workspace(const char* fn, const TensorView& x,
-                                       const plan::LayerNormShape& sh, const Context& ctx) {
-  if (ctx.backend == Backend::reference) return {};
-  return detail::checked_workspace(fn, "layer_norm_workspace_size(params, x)",
-                                   workspace_need(fn, x, sh), ctx);
+// A CPU call: its plan, made once, and the caller's workspace checked against the plan's
+// scratch before anything is written (empty when none was given).
+struct CpuCall {
+  cpu::LayerNormPlan plan;
+  std::span<std::byte> workspace;
+};
+CpuCall plan_cpu_call(const char* fn, const TensorView& x, const plan::LayerNormShape& sh,
+                      const Context& ctx) {
+  CpuCall call;
+  call.plan = cpu::plan_layer_norm(sh, int64_t(element_size(x.dtype)), detail::thread_count(ctx));
+  call.workspace = detail::checked_workspace(fn, "layer_norm_workspace_size(params, x)",
+                                             checked_bytes(fn, x, call.plan.scratch), ctx);
+  return call;
 }
 
 }  // namespace
 
 std::size_t layer_norm_workspace_size(const LayerNormParams& params, const TensorView& x) {
   const char* fn = "layer_norm_workspace_size";
-  const auto sh = check_layer_input(fn, params, x, {});
-  return workspace_need(fn, x, sh);
+  const auto sh = check_layer_input(fn, params.normalized_ndim, x, {});
+  detail::check_eps(fn, params.eps);
+  return checked_bytes(fn, x, cpu::layer_norm_scratch(sh));
 }
 
 void layer_norm_forward(const LayerNormParams& params, const TensorView& x,
@@ -94,43 +99,38 @@ void layer_norm_forward(const LayerNormParams& params, const TensorView& x,
                         const TensorView& y, std::span<float> mean, std::span<float> rstd,
                         const Context& ctx) {
   const char* fn = "layer_norm_forward";
-  const auto sh = check_layer_input(fn, params, x, weight);
+  const auto sh = check_layer_input(fn, params.normalized_ndim, x, weight);
+  detail::check_eps(fn, params.eps);
   check_length(fn, "bias", bias, sh.cols, "product of the normalized dims", false);
   check_like_any_rank(fn, "y", y, x, sh.rows * sh.cols);
   check_length(fn, "mean", mean, sh.rows, "product of the leading dims", true);
   check_length(fn, "rstd", rstd, sh.rows, "product of the leading dims", true);
   check_forward_epilogue(fn, params.epilogue, x);
-  const auto workspace = checked_workspace(fn, x, sh, ctx);
-  if (sh.rows == 0) return;
-
   if (ctx.backend == Backend::reference) {
-    ref::layer_norm_forward(y, ptr(mean), ptr(rstd), x, ptr(weight), ptr(bias), sh, params.eps,
-                            params.epilogue);
+    if (sh.rows > 0)
+      ref::layer_norm_forward(sh, params.eps, params.epilogue, x, ptr(weight), ptr(bias), y,
+                              ptr(mean), ptr(rstd));
     return;
   }
+  const CpuCall call = plan_cpu_call(fn, x, sh, ctx);
+  if (sh.rows == 0) return;
   visit_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    cpu::layer_norm_forward(y.as<T>(), ptr(mean), ptr(rstd), x.as<const T>(), ptr(weight),
-                            ptr(bias), sh, params.eps, detail::thread_count(ctx), workspace,
-                            plan::ForwardEpilogueOf<T>::from(params.epilogue));
+    cpu::layer_norm_forward(call.plan, params.eps,
+                            cpu::ForwardEpilogueOf<T>::from(params.epilogue), x.as<const T>(),
+                            ptr(weight), ptr(bias), y.as<T>(), ptr(mean), ptr(rstd),
+                            call.workspace);
   });
 }
 
-void layer_norm_backward(const LayerNormParams& params, const TensorView& dy, const TensorView& x,
-                         std::span<const float> mean, std::span<const float> rstd,
-                         std::span<const float> weight, const TensorView& dx,
-                         std::span<float> dweight, std::span<float> dbias, const Context& ctx) {
-  layer_norm_backward(params, BackwardEpilogue{}, dy, x, mean, rstd, weight, dx, dweight, dbias,
-                      ctx);
-}
-
-void layer_norm_backward(const LayerNormParams& params, const BackwardEpilogue& epilogue,
-                         const TensorView& dy, const TensorView& x, std::span<const float> mean,
+void layer_norm_backward(const LayerNormBackwardParams& params, const TensorView& dy,
+                         const TensorView& x, std::span<const float> mean,
                          std::span<const float> rstd, std::span<const float> weight,
                          const TensorView& dx, std::span<float> dweight, std::span<float> dbias,
                          const Context& ctx) {
   const char* fn = "layer_norm_backward";
-  const auto sh = check_layer_input(fn, params, x, weight);
+  const BackwardEpilogue& epilogue = params.epilogue;
+  const auto sh = check_layer_input(fn, params.normalized_ndim, x, weight);
   check_like_any_rank(fn, "dy", dy, x, sh.rows * sh.cols);
   check_like_any_rank(fn, "dx", dx, x, sh.rows * sh.cols);
   check_length(fn, "mean", mean, sh.rows, "product of the leading dims", true);
@@ -138,20 +138,18 @@ void layer_norm_backward(const LayerNormParams& params, const BackwardEpilogue& 
   check_length(fn, "dweight", dweight, sh.cols, "product of the normalized dims", false);
   check_length(fn, "dbias", dbias, sh.cols, "product of the normalized dims", false);
   check_backward_epilogue(fn, epilogue, x);
-  const auto workspace = checked_workspace(fn, x, sh, ctx);
-
   if (ctx.backend == Backend::reference) {
-    ref::layer_norm_backward(dx, ptr(dweight), ptr(dbias), dy, x, ptr(mean), ptr(rstd),
-                             ptr(weight), sh, epilogue);
+    ref::layer_norm_backward(sh, epilogue, dy, x, ptr(mean), ptr(rstd), ptr(weight), dx,
+                             ptr(dweight), ptr(dbias));
     return;
   }
+  const CpuCall call = plan_cpu_call(fn, x, sh, ctx);
   // Without relu the forward's y is not read (the mask is the relu's alone).
   visit_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
-    cpu::layer_norm_backward(
-        dx.as<T>(), ptr(dweight), ptr(dbias), dy.as<const T>(), x.as<const T>(), ptr(mean),
-        ptr(rstd), ptr(weight), sh, detail::thread_count(ctx), workspace,
-        plan::BackwardEpilogueOf<T>::from(epilogue));
+    cpu::layer_norm_backward(call.plan, cpu::BackwardEpilogueOf<T>::from(epilogue),
+                             dy.as<const T>(), x.as<const T>(), ptr(mean), ptr(rstd), ptr(weight),
+                             dx.as<T>(), ptr(dweight), ptr(dbias), call.workspace);
   });
 }
 

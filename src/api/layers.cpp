@@ -171,11 +171,8 @@ GroupNorm::GroupNorm(int64_t num_groups, int64_t num_channels, Options opts)
 
 GroupNorm::GroupNorm(const char* name, int64_t num_groups, int64_t num_channels, Options opts)
     : NormLayer(name, num_channels, opts.affine), options(opts), num_groups_(num_groups) {
-  if (num_groups <= 0)
-    detail::fail(name, "num_groups must be > 0, got " + std::to_string(num_groups));
-  if (num_channels % num_groups != 0)
-    detail::fail(name, "num_channels = " + std::to_string(num_channels) +
-                           " is not divisible by num_groups = " + std::to_string(num_groups));
+  // The op's own rule, checked here too so that a bad layer fails when it is made (as torch's).
+  detail::check_num_groups(name, num_groups, num_channels, "");
   check_options(name, options.eps, std::nullopt);
 }
 
@@ -189,16 +186,16 @@ void GroupNorm::forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
   const Context ctx = with_own_workspace(context, workspace_,
                                          [&] { return group_norm_workspace_size(params, x); });
   group_norm_forward(params, x, optional_view(weight), optional_view(bias), y, mean_, rstd_, ctx);
-  used_eps_ = options.eps;
 }
 
 void GroupNorm::backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
                             const TensorView& dx) {
-  const GroupNormParams params{.num_groups = num_groups_, .eps = used_eps_};
-  const Context ctx = with_own_workspace(
-      context, workspace_, [&] { return group_norm_workspace_size(params, saved_x_); });
-  group_norm_backward(params, epilogue, dy, saved_x_, mean_, rstd_, optional_view(weight), dx,
-                      optional_view(weight_grad), optional_view(bias_grad), ctx);
+  const Context ctx = with_own_workspace(context, workspace_, [&] {
+    return group_norm_workspace_size({.num_groups = num_groups_}, saved_x_);
+  });
+  group_norm_backward({.num_groups = num_groups_, .epilogue = epilogue}, dy, saved_x_, mean_,
+                      rstd_, optional_view(weight), dx, optional_view(weight_grad),
+                      optional_view(bias_grad), ctx);
 }
 
 // ---- InstanceNorm ----
@@ -237,16 +234,15 @@ void InstanceNorm::forward_op(const TensorView& x, const ForwardEpilogue& epilog
                         rstd_, ctx);
   if (update) ++num_batches_tracked;
   used_input_stats_ = input_stats;
-  used_eps_ = options.eps;
 }
 
 void InstanceNorm::backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
                                const TensorView& dx) {
-  const InstanceNormParams params{
-      .use_input_stats = used_input_stats_, .momentum = 0.0, .eps = used_eps_};
-  const Context ctx = with_own_workspace(
-      context, workspace_, [&] { return instance_norm_workspace_size(params, saved_x_); });
-  instance_norm_backward(params, epilogue, dy, saved_x_, mean_, rstd_, optional_view(weight), dx,
+  const Context ctx = with_own_workspace(context, workspace_, [&] {
+    return instance_norm_workspace_size({.use_input_stats = used_input_stats_}, saved_x_);
+  });
+  instance_norm_backward({.use_input_stats = used_input_stats_, .epilogue = epilogue}, dy,
+                         saved_x_, mean_, rstd_, optional_view(weight), dx,
                          optional_view(weight_grad), optional_view(bias_grad), ctx);
 }
 

@@ -103,6 +103,16 @@ std::span<std::byte> checked_workspace(const char* function, const char* query, 
   return ws;
 }
 
+void check_num_groups(const char* function, int64_t num_groups, int64_t channels,
+                      const std::string& where) {
+  if (num_groups <= 0)
+    fail(function, "num_groups must be > 0, got " + std::to_string(num_groups));
+  if (channels % num_groups != 0)
+    fail(function, "num_groups = " + std::to_string(num_groups) +
+                       " must divide the number of channels C = " + std::to_string(channels) +
+                       where);
+}
+
 void check_momentum(const char* function, double momentum) {
   if (!(momentum >= 0 && momentum <= 1))
     fail(function, "momentum must be in [0, 1], got " + format_number(momentum));

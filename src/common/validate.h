@@ -48,6 +48,10 @@ void check_forward_epilogue(const char* function, const ForwardEpilogue& e, cons
 void check_backward_epilogue(const char* function, const BackwardEpilogue& e, const TensorView& x);
 
 void check_eps(const char* function, double eps);
+// num_groups > 0 and dividing `channels` (GroupNorm's rule, for the op and its layer alike);
+// `where` (may be empty) is appended to a message, e.g. " (x shape (2, 6, 5))".
+void check_num_groups(const char* function, int64_t num_groups, int64_t channels,
+                      const std::string& where);
 void check_momentum(const char* function, double momentum);
 
 // ctx.workspace as the CPU kernels will use it: empty when none was given or the reference

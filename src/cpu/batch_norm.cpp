@@ -484,7 +484,7 @@ constexpr int64_t kColumnRows = 64;
 constexpr int64_t kBlockRunBytes = 4096;
 constexpr int64_t kMaxBlockChannels = 64;
 // Streamed forward passes (outputs of kStreamBytes and more) over channels-first planes shorter
-// than kMinStreamRun values (cpu/simd.h), for at least kSlabMinBatch samples, go slab by slab:
+// than kMinStreamRun values (cpu/streaming.h), for at least kSlabMinBatch samples, go slab by slab:
 // the planes of a block of channels of one sample are contiguous, so with the per-channel
 // coefficients spread over the slab's values one vector loop covers them (whole vectors to
 // stream, no one-lane tail per plane), the spread paid once per block for all samples. Not for

@@ -8,7 +8,7 @@
 // right after its statistics, or statistics of everything first); the tiling that fixes the order
 // of every sum is a function of the shape alone and never reads them (the golden_bits tests
 // check this with budgets forced from 128 KiB to 32 MiB). The size from which outputs are
-// streamed past the cache is kStreamBytes (cpu/simd.h).
+// streamed past the cache is kStreamBytes (cpu/streaming.h).
 #include <cstdint>
 
 namespace normkit::cpu {

@@ -374,18 +374,11 @@ struct StatisticsUnits {
   }
 };
 
-// ---- scratch ----
-// Offsets of the scratch parts, a function of the shape only. The forward (and apply) and the
-// backward lay out their parts over the same memory.
-struct ScratchParts {
-  std::size_t groups = 0, pieces = 0, stats = 0, forward_coef = 0;         // forward
-  std::size_t sums = 0, partial_dy = 0, partial_xc = 0, backward_coef = 0,  // backward
-              channel_mean = 0;
-  std::size_t bytes = 0;  // ScratchLayout::workspace_bytes()
-};
+}  // namespace
 
-ScratchParts scratch_parts(const GroupNormShape& t) {
-  ScratchParts l;
+// ---- scratch ----
+GroupNormScratch group_norm_scratch(const GroupNormShape& t) {
+  GroupNormScratch l;
   const int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups;
   if (N * C * S == 0) return l;  // nothing needs scratch (see the early returns below)
   const int64_t NC = N * C, NG = N * G;
@@ -409,14 +402,15 @@ ScratchParts scratch_parts(const GroupNormShape& t) {
   return l;
 }
 
+namespace {
+
 struct ForwardScratch {
   Moments* groups;  // N*G
   Moments* pieces;  // per-piece (channels-first) or per-unit (channels-last) moments
   double* stats;    // 2*N*G: mean, rstd
   float* coef;      // 3*N*C: m, a, b
 };
-ForwardScratch carve_forward(const GroupNormShape& t, std::span<std::byte> workspace) {
-  const ScratchParts l = scratch_parts(t);
+ForwardScratch carve_forward(const GroupNormScratch& l, std::span<std::byte> workspace) {
   std::byte* base = scratch_base(workspace, l.bytes);
   return {scratch_part<Moments>(base, l.groups), scratch_part<Moments>(base, l.pieces),
           scratch_part<double>(base, l.stats), scratch_part<float>(base, l.forward_coef)};
@@ -429,8 +423,7 @@ struct BackwardScratch {
   float* coef;      // 4*N*C: dx coefficients
   float* mean_c;    // N*C (channels-last): each channel's group mean
 };
-BackwardScratch carve_backward(const GroupNormShape& t, std::span<std::byte> workspace) {
-  const ScratchParts l = scratch_parts(t);
+BackwardScratch carve_backward(const GroupNormScratch& l, std::span<std::byte> workspace) {
   std::byte* base = scratch_base(workspace, l.bytes);
   return {scratch_part<double>(base, l.sums), scratch_part<double>(base, l.partial_dy),
           scratch_part<double>(base, l.partial_xc), scratch_part<float>(base, l.backward_coef),
@@ -584,21 +577,15 @@ inline void finish_stats(const Moments& gm, double eps, double* mu, double* rs, 
 
 }  // namespace
 
-std::size_t workspace_size(const GroupNormShape& shape) { return scratch_parts(shape).bytes; }
-
-// The forward is a plan, chosen once per call, over three phases: the group statistics
-// (channels-first runs, cut into kRunChunk pieces merged in order; or channels-last units of
-// rows, their channels joined to groups in channel order and the units merged in order), the
-// fold of each channel's coefficients, and the output pass. Every schedule computes them from
-// the same pieces in the same order (run_moments equals the ordered merge of its pieces), so
-// which one runs changes no bit.
+// The forward is a plan, chosen once per call (plan_group_norm, below), over three phases: the
+// group statistics (channels-first runs, cut into kRunChunk pieces merged in order; or
+// channels-last units of rows, their channels joined to groups in channel order and the units
+// merged in order), the fold of each channel's coefficients, and the output pass. Every
+// schedule computes them from the same pieces in the same order (run_moments equals the ordered
+// merge of its pieces), so which one runs changes no bit.
 namespace {
 
-enum class ForwardSchedule {
-  cached_groups,   // channels-first: each group's output right after its statistics, from cache
-  cached_samples,  // channels-last: each sample's statistics, then its output, from cache
-  two_phase,       // every statistic, then every output
-};
+using ForwardSchedule = GroupNormForwardSchedule;
 
 ForwardSchedule plan_forward(const GroupNormShape& t, int64_t value_bytes, int num_threads) {
   const int64_t group_bytes = (t.channels / t.groups) * t.spatial * value_bytes;
@@ -616,10 +603,12 @@ ForwardSchedule plan_forward(const GroupNormShape& t, int64_t value_bytes, int n
 }  // namespace
 
 template <typename T>
-void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
-                        const float* bias, const GroupNormShape& t, double eps, int num_threads,
-                        float* variance, const ForwardEpilogueOf<T>& epi,
-                        std::span<std::byte> workspace) {
+void group_norm_forward(const GroupNormPlan& plan, double eps, const ForwardEpilogueOf<T>& epi,
+                        const T* x, const float* weight, const float* bias, T* y, float* mean,
+                        float* rstd, float* variance, std::span<std::byte> workspace) {
+  const GroupNormShape& t = plan.shape;
+  const int num_threads = plan.num_threads;
+  const bool parallel = plan.parallel;
   const int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups;
   if (N == 0) return;
   if (C * S == 0) {  // empty groups (y has no elements): mean 0, rstd NaN
@@ -629,7 +618,6 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
     return;
   }
   const int64_t per_group = C / G;
-  const bool parallel = runs_in_parallel(N * C * S, num_threads);
   const int64_t group_len = per_group * S;
   const bool stream = streams_output<T>(N * C * S);  // y with non-temporal stores
   const auto& k = kernels<T>();
@@ -639,7 +627,7 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
     finish_stats(mo, eps, mu, rs, mean + i, rstd + i, var ? var + i : nullptr);
   };
 
-  switch (plan_forward(t, int64_t(sizeof(T)), num_threads)) {
+  switch (plan.forward) {
     case ForwardSchedule::cached_groups:
       // Two groups' statistics side by side where they fit; a group's channels right after.
       for_each_run_moments(x, N * G, group_len, cached_unit_bytes(), num_threads, parallel, stream,
@@ -656,7 +644,7 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
       return;
 
     case ForwardSchedule::cached_samples: {
-      const ForwardScratch s = carve_forward(t, workspace);
+      const ForwardScratch s = carve_forward(plan.scratch, workspace);
       double* mu = s.stats;
       double* rs = mu + N * G;
       const StatisticsUnits su(S, C);
@@ -678,7 +666,7 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
     }
 
     case ForwardSchedule::two_phase: {
-      const ForwardScratch s = carve_forward(t, workspace);
+      const ForwardScratch s = carve_forward(plan.scratch, workspace);
       double* mu = s.stats;
       double* rs = mu + N * G;
       if (t.format == MemoryFormat::channels_first)
@@ -693,22 +681,21 @@ void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
 }
 
 template <typename T>
-void group_norm_apply(T* y, const T* x, const float* mean, const float* rstd,
-                      const float* weight, const float* bias, const GroupNormShape& t,
-                      int num_threads, const ForwardEpilogueOf<T>& epi,
-                      std::span<std::byte> workspace) {
+void group_norm_apply(const GroupNormPlan& plan, const ForwardEpilogueOf<T>& epi, const T* x,
+                      const float* mean, const float* rstd, const float* weight,
+                      const float* bias, T* y, std::span<std::byte> workspace) {
+  const GroupNormShape& t = plan.shape;
   const int64_t NG = t.batch * t.groups;
   if (t.batch * t.channels * t.spatial == 0) return;  // y has no elements
-  const ForwardScratch s = carve_forward(t, workspace);
+  const ForwardScratch s = carve_forward(plan.scratch, workspace);
   double* mu = s.stats;
   double* rs = mu + NG;
   for (int64_t i = 0; i < NG; ++i) mu[i] = mean[i], rs[i] = rstd[i];
-  const bool parallel = runs_in_parallel(t.batch * t.channels * t.spatial, num_threads);
-  fold_and_apply(y, x, mu, rs, weight, bias, t, num_threads, parallel, epi, s.coef);
+  fold_and_apply(y, x, mu, rs, weight, bias, t, plan.num_threads, plan.parallel, epi, s.coef);
 }
 
-// Per (n, g), over its M = (C/G) * S elements, with g_i = gin_i * w[c] (gin the incoming
-// gradient after the epilogue's mask) and sum_dy[c] = sum_s gin, sum_dy_xc[c] = sum_s gin * (x - mean):
+// Per (n, g), over its M = (C/G) * S elements, with g_i = gin_i * w[c] (gin the incoming gradient
+// after the epilogue's mask) and sum_dy[c] = sum_s gin, sum_dy_xc[c] = sum_s gin * (x - mean):
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
 //      = (rstd * w[c]) * gin + b * (x - mean) + c0, with
 //   b  = -rstd^3 / M * sum_c w[c] * sum_dy_xc[c]     (through rstd)
@@ -716,17 +703,13 @@ void group_norm_apply(T* y, const T* x, const float* mean, const float* rstd,
 // and b = c0 = 0 when the statistics are constants.
 //   dweight[c] = sum_n rstd[n, g] * sum_dy_xc[n, c],  dbias[c] = sum_n sum_dy[n, c].
 //
-// The backward is a plan, chosen once per call, over four phases: the per-(n, c) sums (of
-// channels-first pieces or channels-last row blocks, each merged in a fixed order), the dx
-// coefficients of each group, dweight and dbias, and dx. Every schedule runs the same phase
-// functions on the same pieces, so which one runs changes no bit.
+// The backward is a plan, chosen once per call (plan_group_norm, below), over four phases: the
+// per-(n, c) sums (of channels-first pieces or channels-last row blocks, each merged in a fixed
+// order), the dx coefficients of each group, dweight and dbias, and dx. Every schedule runs the
+// same phase functions on the same pieces, so which one runs changes no bit.
 namespace {
 
-enum class BackwardSchedule {
-  cached_groups,  // channels-first: each group's sums, then its dx while dy and x are in cache
-  two_phase,      // channels-first: every sum, then every dx
-  channels_last,  // every sum over blocks of rows, then every dx
-};
+using BackwardSchedule = GroupNormBackwardSchedule;
 
 BackwardSchedule plan_backward(const GroupNormShape& t, bool need_sums, bool masked,
                                int64_t value_bytes, int num_threads) {
@@ -907,21 +890,22 @@ void empty_weight_gradients(float* dweight, float* dbias, const float* rstd,
 }  // namespace
 
 template <typename T>
-void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
-                         const float* mean, const float* rstd, const float* weight,
-                         const GroupNormShape& t, bool stats_are_constants, int num_threads,
-                         const BackwardEpilogueOf<T>& epi, std::span<std::byte> workspace) {
+void group_norm_backward(const GroupNormPlan& plan, bool stats_are_constants,
+                         const BackwardEpilogueOf<T>& epi, const T* dy, const T* x,
+                         const float* mean, const float* rstd, const float* weight, T* dx,
+                         float* dweight, float* dbias, std::span<std::byte> workspace) {
+  const GroupNormShape& t = plan.shape;
+  const int num_threads = plan.num_threads;
+  const bool parallel = plan.parallel;
   const int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups;
   if (N * C * S == 0) return empty_weight_gradients(dweight, dbias, rstd, t);
-  const bool parallel = runs_in_parallel(N * C * S, num_threads);
   const bool need_sums = !stats_are_constants || dweight || dbias || epi.dresidual;
   const bool weight_grads = dweight || dbias;
-  const BackwardSchedule schedule =
-      plan_backward(t, need_sums, epi.relu, int64_t(sizeof(T)), num_threads);
+  const BackwardSchedule schedule = plan.backward;
   const RowPieces pieces(N * C, S);
   const RowBlocks blocks(S, C);
   GroupNormBackward<T> b(t, dx, dweight, dbias, dy, x, mean, rstd, weight, stats_are_constants,
-                         epi, carve_backward(t, workspace));
+                         epi, carve_backward(plan.scratch, workspace));
 
   switch (schedule) {
     case BackwardSchedule::cached_groups:
@@ -985,17 +969,29 @@ void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
   }
 }
 
-#define NORMKIT_GROUP_NORM_INSTANTIATE(T)                                                      \
-  template void group_norm_forward<T>(T*, float*, float*, const T*, const float*, const float*, \
-                                      const GroupNormShape&, double, int, float*,               \
-                                      const ForwardEpilogueOf<T>&, std::span<std::byte>); \
-  template void group_norm_apply<T>(T*, const T*, const float*, const float*, const float*,     \
-                                    const float*, const GroupNormShape&, int,                   \
-                                    const ForwardEpilogueOf<T>&, std::span<std::byte>);  \
-  template void group_norm_backward<T>(T*, float*, float*, const T*, const T*, const float*,    \
-                                       const float*, const float*, const GroupNormShape&, bool, \
-                                       int, const BackwardEpilogueOf<T>&,                \
-                                       std::span<std::byte>);
+GroupNormPlan plan_group_norm(const GroupNormShape& shape, int64_t value_bytes, int num_threads,
+                              const GroupNormBackwardWork& backward) {
+  GroupNormPlan plan;
+  plan.shape = shape;
+  plan.num_threads = num_threads;
+  plan.parallel = runs_in_parallel(shape.batch * shape.channels * shape.spatial, num_threads);
+  plan.forward = plan_forward(shape, value_bytes, num_threads);
+  plan.backward = plan_backward(shape, backward.sums, backward.masked, value_bytes, num_threads);
+  plan.scratch = group_norm_scratch(shape);
+  return plan;
+}
+
+#define NORMKIT_GROUP_NORM_INSTANTIATE(T)                                                       \
+  template void group_norm_forward<T>(const GroupNormPlan&, double, const ForwardEpilogueOf<T>&, \
+                                      const T*, const float*, const float*, T*, float*, float*,  \
+                                      float*, std::span<std::byte>);                             \
+  template void group_norm_apply<T>(const GroupNormPlan&, const ForwardEpilogueOf<T>&, const T*, \
+                                    const float*, const float*, const float*, const float*, T*,  \
+                                    std::span<std::byte>);                                       \
+  template void group_norm_backward<T>(const GroupNormPlan&, bool, const BackwardEpilogueOf<T>&, \
+                                       const T*, const T*,                                       \
+                                       const float*, const float*, const float*, T*, float*,     \
+                                       float*, std::span<std::byte>);
 NORMKIT_GROUP_NORM_INSTANTIATE(float)
 NORMKIT_GROUP_NORM_INSTANTIATE(bf16)
 NORMKIT_GROUP_NORM_INSTANTIATE(f16)

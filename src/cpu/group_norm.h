@@ -1,9 +1,9 @@
 #pragma once
 // Optimized GroupNorm kernels (also InstanceNorm's). Same contracts as src/ref/group_norm.h
-// (validated arguments, either memory format, computed in place of the format: no transposing
-// copy; weight/bias/dweight/dbias may be null), plus a thread count, activations of type T
-// (float, bf16 or f16; statistics, weights and accumulation in float32 or wider) and the fused
-// epilogues of normkit/epilogue.h.
+// (validated arguments, either memory format, computed in place of the format: no transposing copy;
+// weight/bias/dweight/dbias may be null), plus a plan (the shape, thread count, schedules and
+// scratch layout), activations of type T (float, bf16 or f16; statistics, weights and accumulation
+// in float32 or wider) and the fused epilogues of normkit/epilogue.h.
 //
 // Threads work on units fixed by the shape: (n, g) or (n, g, piece of the group) for
 // channels-first, (n, block of spatial rows) for channels-last, so N = 1 still uses every core.
@@ -23,9 +23,11 @@
 // Leaf loops are Highway SIMD kernels dispatched at run time (src/cpu/simd.h). Float32 outputs
 // (y, dx) of 16 MiB or more are written with non-temporal stores (cpu/simd.h).
 //
+// The api plans a call once (plan_group_norm: the schedules, the thread count, the scratch
+// layout) and hands the plan down; the kernels do not choose again.
 // Scratch (cpu/scratch.h, as every op's): every function takes a workspace of at least
-// workspace_size(shape) bytes, or an empty one to use a buffer of the calling thread (allocated
-// on first use, then reused). Nothing else is allocated, on any thread.
+// plan.scratch.bytes, or an empty one to use a buffer of the calling thread (allocated on first
+// use, then reused). Nothing else is allocated, on any thread.
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -40,33 +42,77 @@ using plan::BackwardEpilogueOf;
 using plan::ForwardEpilogueOf;
 using plan::GroupNormShape;
 
-// Bytes of scratch the three functions below need for this shape, any of them, with any
-// epilogue (a multiple of sizeof(float); 0 when N * C * S == 0).
-std::size_t workspace_size(const GroupNormShape& shape);
+// Where each scratch part lies from the scratch base (cpu/scratch.h), a function of the shape
+// only: the forward (and apply) and the backward lay out their parts over the same memory.
+struct GroupNormScratch {
+  std::size_t groups = 0, pieces = 0, stats = 0, forward_coef = 0;          // forward
+  std::size_t sums = 0, partial_dy = 0, partial_xc = 0, backward_coef = 0,  // backward
+      channel_mean = 0;
+  // Bytes the three functions below need, any of them, with any epilogue (room to align a
+  // caller's workspace included; 0 when N * C * S == 0): group_norm_workspace_size's value.
+  std::size_t bytes = 0;
+};
+GroupNormScratch group_norm_scratch(const GroupNormShape& shape);
 
-// Writes y, mean, rstd (N*G) and, when not null, variance (N*G, biased).
+// The schedules. Each runs the same phase functions on the same pieces, so which one runs
+// changes no bit (group_norm.cpp).
+enum class GroupNormForwardSchedule {
+  cached_groups,   // channels-first: each group's output right after its statistics, from cache
+  cached_samples,  // channels-last: each sample's statistics, then its output, from cache
+  two_phase,       // every statistic, then every output
+};
+enum class GroupNormBackwardSchedule {
+  cached_groups,  // channels-first: each group's sums, then its dx while dy and x are in cache
+  two_phase,      // channels-first: every sum, then every dx
+  channels_last,  // every sum over blocks of rows, then every dx
+};
+
+// What a backward call computes, as far as its schedule depends on it (the forward ignores it).
+struct GroupNormBackwardWork {
+  // The per-(n, c) sums: needed unless the statistics are constants and none of dweight, dbias
+  // and dresidual is wanted.
+  bool sums = true;
+  bool masked = false;  // epilogue.relu: the forward's y is read too
+};
+
+struct GroupNormPlan {
+  GroupNormShape shape;
+  int num_threads = 1;
+  bool parallel = false;  // enough elements to share among the threads
+  GroupNormForwardSchedule forward = GroupNormForwardSchedule::two_phase;
+  GroupNormBackwardSchedule backward = GroupNormBackwardSchedule::two_phase;
+  GroupNormScratch scratch;
+};
+
+// The plan of a call on activations of value_bytes bytes each (sizeof the kernel's T) with
+// num_threads threads, from the shape and the cache budgets of cpu/cache.h.
+GroupNormPlan plan_group_norm(const GroupNormShape& shape, int64_t value_bytes, int num_threads,
+                              const GroupNormBackwardWork& backward = {});
+
+// Arguments come in the public API's order: the plan and scalar parameters (the epilogue among
+// them), then the inputs, then the outputs, then the workspace.
+
+// Overwrites y, mean, rstd (N*G) and, when not null, variance (N*G, biased).
 template <typename T>
-void group_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
-                        const float* bias, const GroupNormShape& shape, double eps,
-                        int num_threads, float* variance,
-                        const ForwardEpilogueOf<T>& epilogue,
+void group_norm_forward(const GroupNormPlan& plan, double eps,
+                        const ForwardEpilogueOf<T>& epilogue, const T* x, const float* weight,
+                        const float* bias, T* y, float* mean, float* rstd, float* variance,
                         std::span<std::byte> workspace);
 
-// Writes y = (x - mean) * rstd * weight + bias (then the epilogue) with the given per-(n, g)
-// mean and rstd.
+// Overwrites y = (x - mean) * rstd * weight + bias (then the epilogue) with the given
+// per-(n, g) mean and rstd.
 template <typename T>
-void group_norm_apply(T* y, const T* x, const float* mean, const float* rstd,
-                      const float* weight, const float* bias, const GroupNormShape& shape,
-                      int num_threads, const ForwardEpilogueOf<T>& epilogue,
-                      std::span<std::byte> workspace);
+void group_norm_apply(const GroupNormPlan& plan, const ForwardEpilogueOf<T>& epilogue, const T* x,
+                      const float* mean, const float* rstd, const float* weight,
+                      const float* bias, T* y, std::span<std::byte> workspace);
 
-// Writes dx, (when not null) dweight, dbias, and epilogue.dresidual. With stats_are_constants
-// the gradient does not flow through mean and rstd.
+// Overwrites dx, (when not null) dweight, dbias, and epilogue.dresidual. With
+// stats_are_constants the gradient does not flow through mean and rstd. `plan` was made with the
+// GroupNormBackwardWork of these arguments.
 template <typename T>
-void group_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
-                         const float* mean, const float* rstd, const float* weight,
-                         const GroupNormShape& shape, bool stats_are_constants, int num_threads,
-                         const BackwardEpilogueOf<T>& epilogue,
-                         std::span<std::byte> workspace);
+void group_norm_backward(const GroupNormPlan& plan, bool stats_are_constants,
+                         const BackwardEpilogueOf<T>& epilogue, const T* dy, const T* x,
+                         const float* mean, const float* rstd, const float* weight, T* dx,
+                         float* dweight, float* dbias, std::span<std::byte> workspace);
 
 }  // namespace normkit::cpu

@@ -235,22 +235,10 @@ constexpr int64_t kRowBlock = 64;
 // blocks to share.
 constexpr int64_t kCachedMinRowBlocks = 4;
 
-// Scratch layout, a function of the shape only (offsets from the scratch base):
-//   weight and bias in memory order (cols floats each), then either
-//   forward:  per-row moments (rows), per-piece moments (runs_moments_scratch_size), the mean's
-//             tail (rows floats)
-//   backward: per-(row, piece) partial sums (2 * rows * pieces doubles), dx coefficients
-//             (2 * rows floats), column partials (2 * row_blocks * cols floats).
-struct ScratchParts {
-  int64_t pieces = 0, row_blocks = 0;
-  std::size_t weight = 0, bias = 0;
-  std::size_t moments = 0, piece_moments = 0, tail = 0;
-  std::size_t partials = 0, coefficients = 0, columns = 0;
-  std::size_t bytes = 0;  // ScratchLayout::workspace_bytes()
-};
+}  // namespace
 
-ScratchParts scratch_parts(const LayerNormShape& t) {
-  ScratchParts p;
+LayerNormScratch layer_norm_scratch(const LayerNormShape& t) {
+  LayerNormScratch p;
   if (t.rows <= 0 || t.cols <= 0) return p;
   p.pieces = std::max<int64_t>(run_piece_count(t.cols), 1);
   p.row_blocks = (t.rows + kRowBlock - 1) / kRowBlock;
@@ -268,6 +256,8 @@ ScratchParts scratch_parts(const LayerNormShape& t) {
   p.bytes = l.workspace_bytes();
   return p;
 }
+
+namespace {
 
 // v (length cols, logical order; null: `fill`) in the order the row is stored. Logical-order
 // vectors are used in place.
@@ -294,20 +284,13 @@ inline RowCoef fold(const Moments& mo, double eps) {
 
 }  // namespace
 
-std::size_t workspace_size(const LayerNormShape& shape) {
-  return scratch_parts(shape).bytes;
-}
-
-// The forward is a plan, chosen once per call, over two phases: each row's statistics (pieces
-// of kRunChunk merged in order, cpu/moments.h) folded into its coefficients, and the output
-// pass. Both schedules give the same bits (run_moments equals the ordered merge of its pieces;
-// the same fold and elementwise kernel).
+// The forward is a plan, chosen once per call (plan_layer_norm, below), over two phases: each row's
+// statistics (pieces of kRunChunk merged in order, cpu/moments.h) folded into its coefficients, and
+// the output pass. Both schedules give the same bits (run_moments equals the ordered merge of its
+// pieces; the same fold and elementwise kernel).
 namespace {
 
-enum class ForwardSchedule {
-  cached_rows,  // each row's output right after its statistics, from cache
-  two_phase,    // every row's statistics, then every output
-};
+using ForwardSchedule = LayerNormForwardSchedule;
 
 ForwardSchedule plan_forward(const LayerNormShape& t, int64_t value_bytes) {
   return t.rows >= kCachedMinRows && t.cols * value_bytes <= cached_unit_bytes()
@@ -318,9 +301,12 @@ ForwardSchedule plan_forward(const LayerNormShape& t, int64_t value_bytes) {
 }  // namespace
 
 template <typename T>
-void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
-                        const float* bias, const LayerNormShape& t, double eps, int num_threads,
-                        std::span<std::byte> workspace, const ForwardEpilogueOf<T>& epi) {
+void layer_norm_forward(const LayerNormPlan& plan, double eps, const ForwardEpilogueOf<T>& epi,
+                        const T* x, const float* weight, const float* bias, T* y, float* mean,
+                        float* rstd, std::span<std::byte> workspace) {
+  const LayerNormShape& t = plan.shape;
+  const int num_threads = plan.num_threads;
+  const bool parallel = plan.parallel;
   const int64_t rows = t.rows, cols = t.cols;
   if (rows <= 0) return;
   if (cols <= 0) {  // empty rows: mean 0 and rstd NaN, as torch
@@ -328,16 +314,15 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
     for (int64_t i = 0; i < rows; ++i) mean[i] = f.m, rstd[i] = f.r;
     return;
   }
-  const ScratchParts p = scratch_parts(t);
+  const LayerNormScratch& p = plan.scratch;
   std::byte* base = scratch_base(workspace, p.bytes);
   const float* w = memory_order(weight, 1.0f, t, scratch_part<float>(base, p.weight));
   const float* b = memory_order(bias, 0.0f, t, scratch_part<float>(base, p.bias));
-  const bool parallel = runs_in_parallel(rows * cols, num_threads);
   const auto& k = kernels<T>();
   const T* res = epi.residual;
   const bool stream = streams_output<T>(rows * cols);  // y with non-temporal stores
 
-  switch (plan_forward(t, int64_t(sizeof(T)))) {
+  switch (plan.forward) {
     case ForwardSchedule::cached_rows:
       // Two rows' statistics side by side where they fit; a row's output right after.
       for_each_run_moments(x, rows, cols, cached_unit_bytes(), num_threads, parallel, stream,
@@ -383,18 +368,16 @@ void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float*
 //   c = -rstd / M * sum(gw)                  (through mean)
 //   dweight[j] = sum over rows of g * xhat,  dbias[j] = sum over rows of g.
 //
-// The backward is a plan, chosen once per call, over four phases: the sums of each row piece
-// (with the float column partials of its block of kRowBlock rows), the dx coefficients of a row,
-// dx, and dweight and dbias from the column partials in row-block order. Both schedules run the
-// same phase functions on the same pieces, so which one runs changes no bit.
+// The backward is a plan, chosen once per call (plan_layer_norm, below), over four phases: the sums
+// of each row piece (with the float column partials of its block of kRowBlock rows), the dx
+// coefficients of a row, dx, and dweight and dbias from the column partials in row-block order.
+// Both schedules run the same phase functions on the same pieces, so which one runs changes no bit.
 namespace {
 
-enum class BackwardSchedule {
-  cached_row_blocks,  // block by block of rows: each row's dx right after its sums, from cache
-  two_phase,          // every row's sums, then every dx
-};
+using BackwardSchedule = LayerNormBackwardSchedule;
 
-BackwardSchedule plan_backward(const ScratchParts& p, const LayerNormShape& t, int64_t value_bytes) {
+BackwardSchedule plan_backward(const LayerNormScratch& p, const LayerNormShape& t,
+                               int64_t value_bytes) {
   return p.row_blocks >= kCachedMinRowBlocks && t.cols * value_bytes <= cached_block_bytes()
              ? BackwardSchedule::cached_row_blocks
              : BackwardSchedule::two_phase;
@@ -475,10 +458,12 @@ struct LayerNormBackward {
 }  // namespace
 
 template <typename T>
-void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
-                         const float* mean, const float* rstd, const float* weight,
-                         const LayerNormShape& t, int num_threads, std::span<std::byte> workspace,
-                         const BackwardEpilogueOf<T>& epi) {
+void layer_norm_backward(const LayerNormPlan& plan, const BackwardEpilogueOf<T>& epi, const T* dy,
+                         const T* x, const float* mean, const float* rstd, const float* weight,
+                         T* dx, float* dweight, float* dbias, std::span<std::byte> workspace) {
+  const LayerNormShape& t = plan.shape;
+  const int num_threads = plan.num_threads;
+  const bool parallel = plan.parallel;
   const int64_t rows = t.rows, cols = t.cols;
   if (rows <= 0 || cols <= 0) {  // no rows: the parameter gradients are empty sums
     for (int64_t j = 0; j < cols; ++j) {
@@ -487,9 +472,8 @@ void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
     }
     return;
   }
-  const ScratchParts p = scratch_parts(t);
+  const LayerNormScratch& p = plan.scratch;
   std::byte* base = scratch_base(workspace, p.bytes);
-  const bool parallel = runs_in_parallel(rows * cols, num_threads);
   const int64_t pieces = p.pieces, row_blocks = p.row_blocks;
   double* pg = scratch_part<double>(base, p.partials);
   float* cb = scratch_part<float>(base, p.coefficients);
@@ -500,7 +484,7 @@ void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
                          dweight || dbias, streams_output<T>(rows * cols), pg,
                          pg + rows * pieces, cb, cb + rows, colg, colg + row_blocks * cols};
 
-  switch (plan_backward(p, t, int64_t(sizeof(T)))) {
+  switch (plan.backward) {
     case BackwardSchedule::cached_row_blocks:
       parallel_for(row_blocks, num_threads, parallel, b.stream, [&](int64_t rb) {
         b.clear_columns(rb, 0, cols);
@@ -534,14 +518,24 @@ void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const
   for (int64_t j = 0; j < cols; ++j) b.column_gradients(t, row_blocks, dweight, dbias, j);
 }
 
-#define NORMKIT_LAYER_NORM_INSTANTIATE(T)                                                     \
-  template void layer_norm_forward<T>(T*, float*, float*, const T*, const float*, const float*, \
-                                      const LayerNormShape&, double, int,                      \
-                                      std::span<std::byte>, const ForwardEpilogueOf<T>&); \
-  template void layer_norm_backward<T>(T*, float*, float*, const T*, const T*, const float*,   \
-                                       const float*, const float*, const LayerNormShape&, int, \
-                                       std::span<std::byte>,                                   \
-                                       const BackwardEpilogueOf<T>&);
+LayerNormPlan plan_layer_norm(const LayerNormShape& shape, int64_t value_bytes, int num_threads) {
+  LayerNormPlan plan;
+  plan.shape = shape;
+  plan.num_threads = num_threads;
+  plan.parallel = runs_in_parallel(shape.rows * shape.cols, num_threads);
+  plan.scratch = layer_norm_scratch(shape);
+  plan.forward = plan_forward(shape, value_bytes);
+  plan.backward = plan_backward(plan.scratch, shape, value_bytes);
+  return plan;
+}
+
+#define NORMKIT_LAYER_NORM_INSTANTIATE(T)                                                      \
+  template void layer_norm_forward<T>(const LayerNormPlan&, double, const ForwardEpilogueOf<T>&, \
+                                      const T*, const float*, const float*, T*, float*, float*, \
+                                      std::span<std::byte>);                                    \
+  template void layer_norm_backward<T>(const LayerNormPlan&, const BackwardEpilogueOf<T>&,      \
+                                       const T*, const T*, const float*, const float*,          \
+                                       const float*, T*, float*, float*, std::span<std::byte>);
 NORMKIT_LAYER_NORM_INSTANTIATE(float)
 NORMKIT_LAYER_NORM_INSTANTIATE(bf16)
 NORMKIT_LAYER_NORM_INSTANTIATE(f16)

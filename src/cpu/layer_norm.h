@@ -1,8 +1,9 @@
 #pragma once
 // Optimized LayerNorm kernels. Same contracts as src/ref/layer_norm.h (validated arguments; rows
-// stored in logical order or channels-last; weight/bias/dweight/dbias may be null), plus a thread
-// count, activations of type T (float, bf16 or f16; statistics, weights and accumulation in
-// float32 or wider), a workspace and the fused epilogues of normkit/epilogue.h.
+// stored in logical order or channels-last; weight/bias/dweight/dbias may be null), plus a plan
+// (the shape, thread count, schedules and scratch layout), activations of type T (float, bf16 or
+// f16; statistics, weights and accumulation in float32 or wider), a workspace and the fused
+// epilogues of normkit/epilogue.h.
 //
 // Work units depend on the shape only and partials are merged in a fixed order, so the output
 // is bitwise identical for any num_threads:
@@ -34,27 +35,65 @@ using plan::BackwardEpilogueOf;
 using plan::ForwardEpilogueOf;
 using plan::LayerNormShape;
 
-// Bytes of scratch the forward or the backward needs for this shape (0 when it has no
-// elements), including room to align the caller's workspace.
-std::size_t workspace_size(const LayerNormShape& shape);
+// Where each scratch part lies from the scratch base (cpu/scratch.h), a function of the shape
+// only: weight and bias in memory order (cols floats each), then either
+//   forward:  per-row moments (rows), per-piece moments (runs_moments_scratch_size), the mean's
+//             tail (rows floats)
+//   backward: per-(row, piece) partial sums (2 * rows * pieces doubles), dx coefficients
+//             (2 * rows floats), column partials (2 * row_blocks * cols floats).
+struct LayerNormScratch {
+  int64_t pieces = 0, row_blocks = 0;  // kRunChunk pieces of a row; blocks of kRowBlock rows
+  std::size_t weight = 0, bias = 0;
+  std::size_t moments = 0, piece_moments = 0, tail = 0;
+  std::size_t partials = 0, coefficients = 0, columns = 0;
+  // Bytes the forward or the backward needs (room to align a caller's workspace included; 0
+  // when the shape has no elements; SIZE_MAX when size_t cannot count them):
+  // layer_norm_workspace_size's value.
+  std::size_t bytes = 0;
+};
+LayerNormScratch layer_norm_scratch(const LayerNormShape& shape);
 
-// `workspace` (cpu/scratch.h, as every op's): at least workspace_size(shape) bytes of any alignment, the only memory
-// the call uses; or smaller (empty) to use a buffer of the calling thread (allocated on first
-// use, then reused).
+// The schedules. Each gives the same bits (layer_norm.cpp).
+enum class LayerNormForwardSchedule {
+  cached_rows,  // each row's output right after its statistics, from cache
+  two_phase,    // every row's statistics, then every output
+};
+enum class LayerNormBackwardSchedule {
+  cached_row_blocks,  // block by block of rows: each row's dx right after its sums, from cache
+  two_phase,          // every row's sums, then every dx
+};
 
-// Writes y, mean and rstd (length rows).
+struct LayerNormPlan {
+  LayerNormShape shape;
+  int num_threads = 1;
+  bool parallel = false;  // enough elements to share among the threads
+  LayerNormForwardSchedule forward = LayerNormForwardSchedule::two_phase;
+  LayerNormBackwardSchedule backward = LayerNormBackwardSchedule::two_phase;
+  LayerNormScratch scratch;
+};
+
+// The plan of a call on activations of value_bytes bytes each (sizeof the kernel's T) with
+// num_threads threads, from the shape and the cache budgets of cpu/cache.h. The api makes it
+// once and hands it down; the kernels do not choose again.
+LayerNormPlan plan_layer_norm(const LayerNormShape& shape, int64_t value_bytes, int num_threads);
+
+// Arguments come in the public API's order: the plan and scalar parameters (the epilogue among
+// them), then the inputs, then the outputs, then the workspace. `workspace` (cpu/scratch.h, as
+// every op's): at least plan.scratch.bytes of any alignment, the only memory the call uses; or
+// smaller (empty) to use a buffer of the calling thread (allocated on first use, then reused).
+
+// Overwrites y, mean and rstd (length rows).
 template <typename T>
-void layer_norm_forward(T* y, float* mean, float* rstd, const T* x, const float* weight,
-                        const float* bias, const LayerNormShape& shape, double eps,
-                        int num_threads, std::span<std::byte> workspace = {},
-                        const ForwardEpilogueOf<T>& epilogue = {});
+void layer_norm_forward(const LayerNormPlan& plan, double eps,
+                        const ForwardEpilogueOf<T>& epilogue, const T* x, const float* weight,
+                        const float* bias, T* y, float* mean, float* rstd,
+                        std::span<std::byte> workspace);
 
-// Writes dx, (when not null) dweight, dbias, and epilogue.dresidual.
+// Overwrites dx, (when not null) dweight, dbias, and epilogue.dresidual.
 template <typename T>
-void layer_norm_backward(T* dx, float* dweight, float* dbias, const T* dy, const T* x,
-                         const float* mean, const float* rstd, const float* weight,
-                         const LayerNormShape& shape, int num_threads,
-                         std::span<std::byte> workspace = {},
-                         const BackwardEpilogueOf<T>& epilogue = {});
+void layer_norm_backward(const LayerNormPlan& plan, const BackwardEpilogueOf<T>& epilogue,
+                         const T* dy, const T* x, const float* mean, const float* rstd,
+                         const float* weight, T* dx, float* dweight, float* dbias,
+                         std::span<std::byte> workspace);
 
 }  // namespace normkit::cpu

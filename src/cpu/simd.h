@@ -20,29 +20,7 @@
 // targets (lane counts change summation order), never between thread counts.
 //
 // This header has per-target include guards (it is re-included by foreach_target).
-#ifndef NORMKIT_CPU_SIMD_ONCE_H_
-#define NORMKIT_CPU_SIMD_ONCE_H_
-#include <cstdint>
-namespace normkit::cpu {
-// Output bytes from which an elementwise pass writes with non-temporal stores (see below):
-// well beyond a core's L2, half the 32 MiB L3 of the machine it was measured on (with a consumer
-// of the output: docs/benchmarks.md). Fixed, unlike cpu/cache.h's budgets: the shared L3 that
-// virtual machines report is often the host's (320 MiB there), not the part they get.
-inline constexpr int64_t kStreamBytes = int64_t(16) << 20;
-
-// Runs shorter than this are streamed only when every vector of theirs is aligned: otherwise
-// the one-lane steps up to alignment and the mix of cached and non-temporal stores cost more
-// than the stream saves (BatchNorm inference on 14x14 planes took twice as long).
-inline constexpr int64_t kMinStreamRun = 1024;
-
-// Whether an output of `elements` values of T is large enough to stream (the kernels stream
-// float32 outputs only).
-template <typename T>
-bool streams_output(int64_t elements) {
-  return elements * int64_t(sizeof(T)) >= kStreamBytes;
-}
-}  // namespace normkit::cpu
-#endif
+#include "cpu/streaming.h"  // kStreamBytes, kMinStreamRun, streams_output: which outputs stream
 
 #if defined(NORMKIT_CPU_SIMD_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef NORMKIT_CPU_SIMD_H_

@@ -18,8 +18,8 @@ int64_t index_of(const GroupNormShape& t, int64_t n, int64_t c, int64_t s) {
 }  // namespace
 
 template <typename T>
-void group_norm_forward(T* y, T* mean, T* rstd, const T* x, const T* weight, const T* bias,
-                        const GroupNormShape& t, double eps, T* variance) {
+void group_norm_forward(const GroupNormShape& t, double eps, const T* x, const T* weight,
+                        const T* bias, T* y, T* mean, T* rstd, T* variance) {
   const int64_t per_group = t.channels / t.groups;
   const double count = double(per_group * t.spatial);
   for (int64_t n = 0; n < t.batch; ++n)
@@ -55,8 +55,8 @@ void group_norm_forward(T* y, T* mean, T* rstd, const T* x, const T* weight, con
 }
 
 template <typename T>
-void group_norm_apply(T* y, const T* x, const T* mean, const T* rstd, const T* weight,
-                      const T* bias, const GroupNormShape& t) {
+void group_norm_apply(const GroupNormShape& t, const T* x, const T* mean, const T* rstd,
+                      const T* weight, const T* bias, T* y) {
   const int64_t per_group = t.channels / t.groups;
   for (int64_t n = 0; n < t.batch; ++n)
     for (int64_t c = 0; c < t.channels; ++c) {
@@ -76,9 +76,9 @@ void group_norm_apply(T* y, const T* x, const T* mean, const T* rstd, const T* w
 //   dx = rstd * g                                           (stats_are_constants)
 //   dweight[c] = sum over n, s of dy * xhat,   dbias[c] = sum over n, s of dy
 template <typename T>
-void group_norm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, const T* mean,
-                         const T* rstd, const T* weight, const GroupNormShape& t,
-                         bool stats_are_constants) {
+void group_norm_backward(const GroupNormShape& t, bool stats_are_constants, const T* dy,
+                         const T* x, const T* mean, const T* rstd, const T* weight, T* dx,
+                         T* dweight, T* dbias) {
   const int64_t per_group = t.channels / t.groups;
   const double count = double(per_group * t.spatial);
   for (int64_t n = 0; n < t.batch; ++n)
@@ -125,12 +125,12 @@ void group_norm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, c
 }
 
 #define NORMKIT_REF_GROUP_NORM(T)                                                              \
-  template void group_norm_forward<T>(T*, T*, T*, const T*, const T*, const T*,                \
-                                      const GroupNormShape&, double, T*);                      \
-  template void group_norm_apply<T>(T*, const T*, const T*, const T*, const T*, const T*,      \
-                                    const GroupNormShape&);                                    \
-  template void group_norm_backward<T>(T*, T*, T*, const T*, const T*, const T*, const T*,     \
-                                       const T*, const GroupNormShape&, bool);
+  template void group_norm_forward<T>(const GroupNormShape&, double, const T*, const T*,        \
+                                      const T*, T*, T*, T*, T*);                               \
+  template void group_norm_apply<T>(const GroupNormShape&, const T*, const T*, const T*,       \
+                                    const T*, const T*, T*);                                   \
+  template void group_norm_backward<T>(const GroupNormShape&, bool, const T*, const T*,        \
+                                       const T*, const T*, const T*, T*, T*, T*);
 NORMKIT_REF_GROUP_NORM(float)
 NORMKIT_REF_GROUP_NORM(double)
 #undef NORMKIT_REF_GROUP_NORM
@@ -177,15 +177,15 @@ void apply_forward_epilogue(std::vector<double>& y, const ForwardEpilogue& e, in
 
 }  // namespace
 
-void group_norm_forward(const TensorView& y, float* mean, float* rstd, const TensorView& x,
-                        const float* weight, const float* bias, const GroupNormShape& t,
-                        double eps, const ForwardEpilogue& e, float* variance) {
+void group_norm_forward(const GroupNormShape& t, double eps, const ForwardEpilogue& e,
+                        const TensorView& x, const float* weight, const float* bias,
+                        const TensorView& y, float* mean, float* rstd, float* variance) {
   const int64_t count = t.batch * t.channels * t.spatial, ng = t.batch * t.groups;
   const auto xd = widen(x, count), wd = widen_floats(weight, t.channels), bd = widen_floats(bias, t.channels);
   const auto size = static_cast<std::size_t>(ng);
   std::vector<double> yd(xd.size()), md(size), rd(size), vd(size);
-  group_norm_forward<double>(yd.data(), md.data(), rd.data(), xd.data(), weight ? wd.data() : nullptr,
-                             bias ? bd.data() : nullptr, t, eps, vd.data());
+  group_norm_forward<double>(t, eps, xd.data(), weight ? wd.data() : nullptr,
+                             bias ? bd.data() : nullptr, yd.data(), md.data(), rd.data(), vd.data());
   apply_forward_epilogue(yd, e, count);
   narrow(yd, y);
   for (int64_t i = 0; i < ng; ++i) {
@@ -195,23 +195,23 @@ void group_norm_forward(const TensorView& y, float* mean, float* rstd, const Ten
   }
 }
 
-void group_norm_apply(const TensorView& y, const TensorView& x, const float* mean,
-                      const float* rstd, const float* weight, const float* bias,
-                      const GroupNormShape& t, const ForwardEpilogue& e) {
+void group_norm_apply(const GroupNormShape& t, const ForwardEpilogue& e, const TensorView& x,
+                      const float* mean, const float* rstd, const float* weight,
+                      const float* bias, const TensorView& y) {
   const int64_t count = t.batch * t.channels * t.spatial, ng = t.batch * t.groups;
   const auto xd = widen(x, count), wd = widen_floats(weight, t.channels), bd = widen_floats(bias, t.channels);
   const auto md = widen_floats(mean, ng), rd = widen_floats(rstd, ng);
   std::vector<double> yd(xd.size());
-  group_norm_apply<double>(yd.data(), xd.data(), md.data(), rd.data(), weight ? wd.data() : nullptr,
-                           bias ? bd.data() : nullptr, t);
+  group_norm_apply<double>(t, xd.data(), md.data(), rd.data(), weight ? wd.data() : nullptr,
+                           bias ? bd.data() : nullptr, yd.data());
   apply_forward_epilogue(yd, e, count);
   narrow(yd, y);
 }
 
-void group_norm_backward(const TensorView& dx, float* dweight, float* dbias, const TensorView& dy,
-                         const TensorView& x, const float* mean, const float* rstd,
-                         const float* weight, const GroupNormShape& t, bool stats_are_constants,
-                         const BackwardEpilogue& e) {
+void group_norm_backward(const GroupNormShape& t, bool stats_are_constants,
+                         const BackwardEpilogue& e, const TensorView& dy, const TensorView& x,
+                         const float* mean, const float* rstd, const float* weight,
+                         const TensorView& dx, float* dweight, float* dbias) {
   const int64_t count = t.batch * t.channels * t.spatial, ng = t.batch * t.groups;
   auto g = widen(dy, count);
   if (e.relu) {
@@ -223,8 +223,8 @@ void group_norm_backward(const TensorView& dx, float* dweight, float* dbias, con
   const auto md = widen_floats(mean, ng), rd = widen_floats(rstd, ng);
   const auto channels = static_cast<std::size_t>(t.channels);
   std::vector<double> dxd(xd.size()), dwd(channels), dbd(channels);
-  group_norm_backward<double>(dxd.data(), dwd.data(), dbd.data(), g.data(), xd.data(), md.data(),
-                              rd.data(), weight ? wd.data() : nullptr, t, stats_are_constants);
+  group_norm_backward<double>(t, stats_are_constants, g.data(), xd.data(), md.data(), rd.data(),
+                              weight ? wd.data() : nullptr, dxd.data(), dwd.data(), dbd.data());
   narrow(dxd, dx);
   for (int64_t c = 0; c < t.channels; ++c) {
     if (dweight) dweight[c] = float(dwd[c]);

@@ -7,7 +7,8 @@
 // with S the product of the spatial dims, stored channels_first (index (n*C + c)*S + s) or
 // channels_last (index (n*S + s)*C + c). Group g of sample n holds channels
 // g*C/G .. (g+1)*C/G - 1; its statistics live at index n*G + g. weight, bias, dweight, dbias may
-// be null.
+// be null. Arguments come in the public API's order: the shape and scalar parameters, then the
+// inputs, then the outputs.
 #include <cstdint>
 #include <vector>
 
@@ -19,23 +20,23 @@ namespace normkit::ref {
 
 using plan::GroupNormShape;
 
-// Writes y, mean and rstd (N*G each). An empty group gets mean 0 and rstd NaN (as torch).
+// Overwrites y, mean and rstd (N*G each). An empty group gets mean 0 and rstd NaN (as torch).
 // variance (N*G, may be null) receives the biased variance of each group.
 template <typename T>
-void group_norm_forward(T* y, T* mean, T* rstd, const T* x, const T* weight, const T* bias,
-                        const GroupNormShape& shape, double eps, T* variance = nullptr);
+void group_norm_forward(const GroupNormShape& shape, double eps, const T* x, const T* weight,
+                        const T* bias, T* y, T* mean, T* rstd, T* variance = nullptr);
 
-// Writes y = (x - mean) * rstd * weight + bias with the given per-(n, g) mean and rstd.
+// Overwrites y = (x - mean) * rstd * weight + bias with the given per-(n, g) mean and rstd.
 template <typename T>
-void group_norm_apply(T* y, const T* x, const T* mean, const T* rstd, const T* weight,
-                      const T* bias, const GroupNormShape& shape);
+void group_norm_apply(const GroupNormShape& shape, const T* x, const T* mean, const T* rstd,
+                      const T* weight, const T* bias, T* y);
 
-// Writes dx and (when not null) dweight, dbias. With stats_are_constants the gradient does not
-// flow through mean and rstd (they came from outside, e.g. running statistics).
+// Overwrites dx and (when not null) dweight, dbias. With stats_are_constants the gradient does
+// not flow through mean and rstd (they came from outside, e.g. running statistics).
 template <typename T>
-void group_norm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, const T* mean,
-                         const T* rstd, const T* weight, const GroupNormShape& shape,
-                         bool stats_are_constants = false);
+void group_norm_backward(const GroupNormShape& shape, bool stats_are_constants, const T* dy,
+                         const T* x, const T* mean, const T* rstd, const T* weight, T* dx,
+                         T* dweight, T* dbias);
 
 // Views of any activation dtype (float32, bfloat16, float16) with the fused epilogues of
 // normkit/epilogue.h: activations are widened to double, the double kernels above run, the
@@ -43,16 +44,17 @@ void group_norm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, c
 // and per-channel vectors are float32, as in the public API. Allocates (reference backend).
 //   forward: y = relu?(norm(x) + residual?)
 //   backward: g = relu ? dy * (y > 0) : dy; dresidual = g; dx, dweight, dbias from g.
-void group_norm_forward(const TensorView& y, float* mean, float* rstd, const TensorView& x,
-                        const float* weight, const float* bias, const GroupNormShape& shape,
-                        double eps, const ForwardEpilogue& epilogue, float* variance = nullptr);
-void group_norm_apply(const TensorView& y, const TensorView& x, const float* mean,
-                      const float* rstd, const float* weight, const float* bias,
-                      const GroupNormShape& shape, const ForwardEpilogue& epilogue);
-void group_norm_backward(const TensorView& dx, float* dweight, float* dbias, const TensorView& dy,
+void group_norm_forward(const GroupNormShape& shape, double eps, const ForwardEpilogue& epilogue,
+                        const TensorView& x, const float* weight, const float* bias,
+                        const TensorView& y, float* mean, float* rstd, float* variance = nullptr);
+void group_norm_apply(const GroupNormShape& shape, const ForwardEpilogue& epilogue,
+                      const TensorView& x, const float* mean, const float* rstd,
+                      const float* weight, const float* bias, const TensorView& y);
+void group_norm_backward(const GroupNormShape& shape, bool stats_are_constants,
+                         const BackwardEpilogue& epilogue, const TensorView& dy,
                          const TensorView& x, const float* mean, const float* rstd,
-                         const float* weight, const GroupNormShape& shape,
-                         bool stats_are_constants, const BackwardEpilogue& epilogue);
+                         const float* weight, const TensorView& dx, float* dweight,
+                         float* dbias);
 
 // Activations of a view as double, and back (rounded to nearest even for 16-bit dtypes).
 std::vector<double> widen(const TensorView& t, int64_t count);

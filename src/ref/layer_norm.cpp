@@ -9,8 +9,8 @@
 namespace normkit::ref {
 
 template <typename T>
-void layer_norm_forward(T* y, T* mean, T* rstd, const T* x, const T* weight, const T* bias,
-                        const LayerNormShape& t, double eps) {
+void layer_norm_forward(const LayerNormShape& t, double eps, const T* x, const T* weight,
+                        const T* bias, T* y, T* mean, T* rstd) {
   const double count = double(t.cols);
   for (int64_t i = 0; i < t.rows; ++i) {
     const T* xr = x + i * t.cols;
@@ -39,8 +39,8 @@ void layer_norm_forward(T* y, T* mean, T* rstd, const T* x, const T* weight, con
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
 //   dweight[k] = sum over rows of dy * xhat,   dbias[k] = sum over rows of dy
 template <typename T>
-void layer_norm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, const T* mean,
-                         const T* rstd, const T* weight, const LayerNormShape& t) {
+void layer_norm_backward(const LayerNormShape& t, const T* dy, const T* x, const T* mean,
+                         const T* rstd, const T* weight, T* dx, T* dweight, T* dbias) {
   const double count = double(t.cols);
   for (int64_t i = 0; i < t.rows; ++i) {
     const T *xr = x + i * t.cols, *dyr = dy + i * t.cols;
@@ -75,11 +75,11 @@ void layer_norm_backward(T* dx, T* dweight, T* dbias, const T* dy, const T* x, c
   }
 }
 
-#define NORMKIT_REF_LAYER_NORM(T)                                                              \
-  template void layer_norm_forward<T>(T*, T*, T*, const T*, const T*, const T*,                \
-                                      const LayerNormShape&, double);                          \
-  template void layer_norm_backward<T>(T*, T*, T*, const T*, const T*, const T*, const T*,     \
-                                       const T*, const LayerNormShape&);
+#define NORMKIT_REF_LAYER_NORM(T)                                                             \
+  template void layer_norm_forward<T>(const LayerNormShape&, double, const T*, const T*,       \
+                                      const T*, T*, T*, T*);                                   \
+  template void layer_norm_backward<T>(const LayerNormShape&, const T*, const T*, const T*,    \
+                                       const T*, const T*, T*, T*, T*);
 NORMKIT_REF_LAYER_NORM(float)
 NORMKIT_REF_LAYER_NORM(double)
 #undef NORMKIT_REF_LAYER_NORM
@@ -95,15 +95,15 @@ std::vector<double> widen_floats(const float* p, int64_t n) {
 
 }  // namespace
 
-void layer_norm_forward(const TensorView& y, float* mean, float* rstd, const TensorView& x,
-                        const float* weight, const float* bias, const LayerNormShape& t,
-                        double eps, const ForwardEpilogue& e) {
+void layer_norm_forward(const LayerNormShape& t, double eps, const ForwardEpilogue& e,
+                        const TensorView& x, const float* weight, const float* bias,
+                        const TensorView& y, float* mean, float* rstd) {
   const int64_t count = t.rows * t.cols;
   const auto xd = widen(x, count), wd = widen_floats(weight, t.cols), bd = widen_floats(bias, t.cols);
   const auto rows = static_cast<std::size_t>(t.rows);
   std::vector<double> yd(xd.size()), md(rows), rd(rows);
-  layer_norm_forward<double>(yd.data(), md.data(), rd.data(), xd.data(), weight ? wd.data() : nullptr,
-                             bias ? bd.data() : nullptr, t, eps);
+  layer_norm_forward<double>(t, eps, xd.data(), weight ? wd.data() : nullptr,
+                             bias ? bd.data() : nullptr, yd.data(), md.data(), rd.data());
   if (e.residual.data) {
     const auto r = widen(e.residual, count);
     for (std::size_t i = 0; i < yd.size(); ++i) yd[i] += r[i];
@@ -117,9 +117,10 @@ void layer_norm_forward(const TensorView& y, float* mean, float* rstd, const Ten
   }
 }
 
-void layer_norm_backward(const TensorView& dx, float* dweight, float* dbias, const TensorView& dy,
+void layer_norm_backward(const LayerNormShape& t, const BackwardEpilogue& e, const TensorView& dy,
                          const TensorView& x, const float* mean, const float* rstd,
-                         const float* weight, const LayerNormShape& t, const BackwardEpilogue& e) {
+                         const float* weight, const TensorView& dx, float* dweight,
+                         float* dbias) {
   const int64_t count = t.rows * t.cols;
   auto g = widen(dy, count);
   if (e.relu) {
@@ -131,8 +132,8 @@ void layer_norm_backward(const TensorView& dx, float* dweight, float* dbias, con
   const auto md = widen_floats(mean, t.rows), rd = widen_floats(rstd, t.rows);
   const auto cols = static_cast<std::size_t>(t.cols);
   std::vector<double> dxd(xd.size()), dwd(cols), dbd(cols);
-  layer_norm_backward<double>(dxd.data(), dwd.data(), dbd.data(), g.data(), xd.data(), md.data(),
-                              rd.data(), weight ? wd.data() : nullptr, t);
+  layer_norm_backward<double>(t, g.data(), xd.data(), md.data(), rd.data(),
+                              weight ? wd.data() : nullptr, dxd.data(), dwd.data(), dbd.data());
   narrow(dxd, dx);
   for (std::size_t j = 0; j < cols; ++j) {
     if (dweight) dweight[j] = float(dwd[j]);

@@ -155,11 +155,11 @@ Outputs group_norm_outputs(const Problem& p, int in, int out) {
   fused.epilogue = {true, p.view(src.r.data())};
   group_norm_forward(fused, p.view(src.x.data()), p.w, p.b, p.view(y.data()), mean, rstd);
   const BackwardEpilogue backward{true, p.view(y.data()), p.view(dres.data())};
-  group_norm_backward(fused, backward, p.view(src.dy.data()), p.view(src.x.data()), mean, rstd, p.w,
-                      p.view(dx.data()), dw, db);
+  group_norm_backward({p.groups, backward}, p.view(src.dy.data()), p.view(src.x.data()), mean,
+                      rstd, p.w, p.view(dx.data()), dw, db);
   const GroupNormParams plain{p.groups};
   group_norm_forward(plain, p.view(src.x.data()), p.w, p.b, p.view(y_plain.data()), mean, rstd);
-  group_norm_backward(plain, p.view(src.dy.data()), p.view(src.x.data()), mean, rstd, p.w,
+  group_norm_backward({p.groups}, p.view(src.dy.data()), p.view(src.x.data()), mean, rstd, p.w,
                       p.view(dx_plain.data()), dw_plain, {});
   for (const Placed* t : {&y, &dx, &dres, &y_plain, &dx_plain})
     EXPECT_TRUE(t->surroundings_intact());
@@ -183,7 +183,7 @@ Outputs instance_norm_outputs(const Problem& p, int in, int out) {
   instance_norm_forward(training, p.view(src.x.data()), p.w, p.b, running_mean, running_var,
                         p.view(y.data()), mean, rstd);
   const BackwardEpilogue backward{true, p.view(y.data()), {}};
-  instance_norm_backward(training, backward, p.view(src.dy.data()), p.view(src.x.data()), mean,
+  instance_norm_backward({true, backward}, p.view(src.dy.data()), p.view(src.x.data()), mean,
                          rstd, p.w, p.view(dx.data()), dw, db);
   InstanceNormParams eval;
   eval.use_input_stats = false;
@@ -205,11 +205,11 @@ Outputs layer_norm_outputs(const Problem& p, int in, int out) {
   fused.epilogue = {true, p.view(src.r.data())};
   layer_norm_forward(fused, p.view(src.x.data()), p.w, p.b, p.view(y.data()), mean, rstd);
   const BackwardEpilogue backward{true, p.view(y.data()), p.view(dres.data())};
-  layer_norm_backward(fused, backward, p.view(src.dy.data()), p.view(src.x.data()), mean, rstd, p.w,
+  layer_norm_backward({1, backward}, p.view(src.dy.data()), p.view(src.x.data()), mean, rstd, p.w,
                       p.view(dx.data()), dw, db);
   const LayerNormParams plain{1};
   layer_norm_forward(plain, p.view(src.x.data()), p.w, p.b, p.view(y_plain.data()), mean, rstd);
-  layer_norm_backward(plain, p.view(src.dy.data()), p.view(src.x.data()), mean, rstd, {},
+  layer_norm_backward({1}, p.view(src.dy.data()), p.view(src.x.data()), mean, rstd, {},
                       p.view(dx_plain.data()), {}, db_plain);
   for (const Placed* t : {&y, &dx, &dres, &y_plain, &dx_plain})
     EXPECT_TRUE(t->surroundings_intact());

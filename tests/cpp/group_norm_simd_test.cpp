@@ -101,8 +101,8 @@ Result<T> run(const Problem<T>& p, const Context& ctx, const Result<T>* forward_
     o.dres = poisoned_as<T>(n);
     be.dresidual = p.view(o.dres);
   }
-  group_norm_backward(params, be, p.view(p.dy), p.view(p.x), f.mean, f.rstd, p.w, p.view(o.dx),
-                      o.dw, o.db, ctx);
+  group_norm_backward({params.num_groups, be}, p.view(p.dy), p.view(p.x), f.mean, f.rstd, p.w,
+                      p.view(o.dx), o.dw, o.db, ctx);
   return o;
 }
 
@@ -441,10 +441,11 @@ TEST(GroupNormWorkspace, TooSmallThrowsBeforeWriting) {
                    {"group_norm_forward: " + needle});
       BackwardEpilogue be{true, p.view(p.x), p.view(dres)};
       expect_error([&] {
-        group_norm_backward(params, be, p.view(p.dy), p.view(p.x), m, s, p.w, p.view(dx), dw, db, ctx);
+        group_norm_backward({sh.G, be}, p.view(p.dy), p.view(p.x), m, s, p.w, p.view(dx), dw, db,
+                            ctx);
       }, {"group_norm_backward: " + needle});
       expect_error([&] {
-        group_norm_backward(params, p.view(p.dy), p.view(p.x), m, s, p.w, p.view(dx), dw, db, ctx);
+        group_norm_backward({sh.G}, p.view(p.dy), p.view(p.x), m, s, p.w, p.view(dx), dw, db, ctx);
       }, {"group_norm_backward: " + needle});
     }
     EXPECT_TRUE(y == poisoned(n) && mean == poisoned(6) && rstd == poisoned(6));
@@ -502,15 +503,15 @@ TEST(GroupNormSimd, EpilogueAndDtypeErrorsWriteNothing) {
   std::vector<float> m(4, 0.0f), s(4, 1.0f);
   BackwardEpilogue be;
   be.relu = true;
-  expect_error([&] { group_norm_backward(params, be, xv, xv, m, s, {}, dxv, {}, {}); },
-               {"epilogue.y (the forward's output) is required with epilogue.relu"});
+  auto backward = [&] {
+    group_norm_backward({params.num_groups, be}, xv, xv, m, s, {}, dxv, {}, {});
+  };
+  expect_error(backward, {"epilogue.y (the forward's output) is required with epilogue.relu"});
   be.y = view_of(y, {2, 4, 2});
-  expect_error([&] { group_norm_backward(params, be, xv, xv, m, s, {}, dxv, {}, {}); },
-               {"epilogue.y shape (2, 4, 2) != x shape (2, 4, 3)"});
+  expect_error(backward, {"epilogue.y shape (2, 4, 2) != x shape (2, 4, 3)"});
   be.y = view_of(r, dims);
   be.dresidual = TensorView(rb.data(), DType::bfloat16, {2, 4, 3});
-  expect_error([&] { group_norm_backward(params, be, xv, xv, m, s, {}, dxv, {}, {}); },
-               {"epilogue.dresidual dtype bfloat16 != x dtype float32"});
+  expect_error(backward, {"epilogue.dresidual dtype bfloat16 != x dtype float32"});
   EXPECT_TRUE(dx == poisoned(24));
 }
 

@@ -112,8 +112,8 @@ Result<T> run(const Problem<T>& p, const Context& ctx, const Result<T>* forward_
     o.dres = poisoned_as<T>(n);
     be.dresidual = p.view(o.dres);
   }
-  layer_norm_backward(params, be, p.view(p.dy), p.view(p.x), f.mean, f.rstd, opt(p.w),
-                      p.view(o.dx), o.dw, o.db, ctx);
+  layer_norm_backward({params.normalized_ndim, be}, p.view(p.dy), p.view(p.x), f.mean, f.rstd,
+                      opt(p.w), p.view(o.dx), o.dw, o.db, ctx);
   return o;
 }
 
@@ -466,7 +466,8 @@ TEST(LayerNormWorkspace, TooSmallThrowsBeforeWritingAnything) {
     BackwardEpilogue be;
     be.dresidual = p.view(dres);
     expect_error([&] {
-      layer_norm_backward(params, be, p.view(p.dy), p.view(p.x), m, s, p.w, p.view(dx), dw, db, ctx);
+      layer_norm_backward({params.normalized_ndim, be}, p.view(p.dy), p.view(p.x), m, s, p.w,
+                          p.view(dx), dw, db, ctx);
     }, {"layer_norm_backward", needles[0], needles[1]});
     EXPECT_TRUE(dx == poisoned(n) && dw == poisoned(cols) && db == poisoned(cols) &&
                 dres == poisoned(n))
@@ -513,18 +514,18 @@ TEST(LayerNormSimd, EpilogueAndDtypeErrorsWriteNothing) {
   std::vector<float> m(2, 0.0f), s(2, 1.0f);
   BackwardEpilogue be;
   be.relu = true;
-  expect_error([&] { layer_norm_backward(params, be, xv, xv, m, s, {}, dxv, {}, {}); },
-               {"layer_norm_backward", "epilogue.y (the forward's output) is required with epilogue.relu"});
+  auto backward = [&] {
+    layer_norm_backward({params.normalized_ndim, be}, xv, xv, m, s, {}, dxv, {}, {});
+  };
+  expect_error(backward, {"layer_norm_backward", "epilogue.y (the forward's output) is required with epilogue.relu"});
   be.y = view_of(y, {2, 4, 2});
-  expect_error([&] { layer_norm_backward(params, be, xv, xv, m, s, {}, dxv, {}, {}); },
-               {"epilogue.y shape (2, 4, 2) != x shape (2, 4, 3)"});
+  expect_error(backward, {"epilogue.y shape (2, 4, 2) != x shape (2, 4, 3)"});
   be.y = view_of(r, dims);
   be.dresidual = TensorView(rb.data(), DType::bfloat16, {2, 4, 3});
-  expect_error([&] { layer_norm_backward(params, be, xv, xv, m, s, {}, dxv, {}, {}); },
-               {"epilogue.dresidual dtype bfloat16 != x dtype float32"});
+  expect_error(backward, {"epilogue.dresidual dtype bfloat16 != x dtype float32"});
   expect_error([&] {
-    layer_norm_backward(params, TensorView(xb.data(), DType::bfloat16, {2, 4, 3}), xv, m, s, {},
-                        dxv, {}, {});
+    layer_norm_backward({params.normalized_ndim}, TensorView(xb.data(), DType::bfloat16, {2, 4, 3}),
+                        xv, m, s, {}, dxv, {}, {});
   }, {"dy dtype bfloat16 != x dtype float32"});
   EXPECT_TRUE(dx == poisoned(24));
 }

@@ -375,7 +375,7 @@ TEST(GroupNormLayer, IsTheFunctionalGroupNormInEveryMode) {
     EXPECT_EQ(gn.weight_grad, dw);
     EXPECT_EQ(gn.bias_grad, db);
   }
-  expect_error([] { GroupNorm(4, 6); }, {"num_channels = 6 is not divisible by num_groups = 4"});
+  expect_error([] { GroupNorm(4, 6); }, {"GroupNorm", "num_groups = 4 must divide the number of channels C = 6"});
   expect_error([] { GroupNorm(0, 6); }, {"num_groups must be > 0, got 0"});
 }
 
@@ -605,9 +605,9 @@ TEST(NormLayerEpilogue, IsTheFunctionalEpilogueOfGroupLayerAndInstanceNorm) {
           std::vector<float> mean(N * G), rstd(N * G);
           const GroupNormParams p{.num_groups = G, .epilogue = fe};
           group_norm_forward(p, view(x), gn->weight, gn->bias, view(fy), mean, rstd);
-          group_norm_backward(p,
-                              {.relu = relu, .y = maybe(relu, fy),
-                               .dresidual = maybe(with_residual, fdres)},
+          group_norm_backward({.num_groups = G,
+                               .epilogue = {.relu = relu, .y = maybe(relu, fy),
+                                            .dresidual = maybe(with_residual, fdres)}},
                               view(dy), view(x), mean, rstd, gn->weight, view(fdx), dw, db);
           expect_same(layer);
         }
@@ -631,9 +631,9 @@ TEST(NormLayerEpilogue, IsTheFunctionalEpilogueOfGroupLayerAndInstanceNorm) {
           const InstanceNormParams p{
               .use_input_stats = training, .momentum = training ? 0.1 : 0.0, .epilogue = fe};
           instance_norm_forward(p, view(x), in.weight, in.bias, rm, rv, view(fy), mean, rstd);
-          instance_norm_backward(p,
-                                 {.relu = relu, .y = maybe(relu, fy),
-                                  .dresidual = maybe(with_residual, fdres)},
+          instance_norm_backward({.use_input_stats = training,
+                                  .epilogue = {.relu = relu, .y = maybe(relu, fy),
+                                               .dresidual = maybe(with_residual, fdres)}},
                                  view(dy), view(x), mean, rstd, in.weight, view(fdx), dw, db);
           expect_same(in);
           EXPECT_TRUE(test::bitwise_equal(in.running_mean, rm));

@@ -125,7 +125,8 @@ void layer_norm_case(Data& data, const Case& k, int normalized_ndim) {
   print(k.name + "/stats", mean.data(), 4 * rows), print(k.name + "/rstd", rstd.data(), 4 * rows);
   normkit::BackwardEpilogue e;
   if (k.epilogue) e = {.relu = true, .y = view(y, k.dims, k.format), .dresidual = view(dr, k.dims, k.format)};
-  normkit::layer_norm_backward(p, e, view(dy, k.dims, k.format), view(x, k.dims, k.format), mean, rstd, w,
+  normkit::layer_norm_backward({.normalized_ndim = normalized_ndim, .epilogue = e},
+                               view(dy, k.dims, k.format), view(x, k.dims, k.format), mean, rstd, w,
                                view(dx, k.dims, k.format), dw, db);
   print(k.name + "/dx", dx.data(), dx.bytes());
   print(k.name + "/dweight", dw.data(), 4 * cols), print(k.name + "/dbias", db.data(), 4 * cols);
@@ -150,12 +151,14 @@ void group_norm_case(Data& data, const Case& k, int64_t groups, bool instance) {
     normkit::InstanceNormParams p{.use_input_stats = true, .momentum = 0.3, .eps = 1e-5, .epilogue = fe};
     normkit::instance_norm_forward(p, xv, w, b, rm, rv, yv, mean, rstd);
     print(k.name + "/running", rm.data(), 4 * C), print(k.name + "/running_var", rv.data(), 4 * C);
-    normkit::instance_norm_backward(p, be, view(dy, k.dims, k.format), xv, mean, rstd, w,
+    normkit::instance_norm_backward({.use_input_stats = true, .epilogue = be},
+                                    view(dy, k.dims, k.format), xv, mean, rstd, w,
                                     view(dx, k.dims, k.format), dw, db);
   } else {
     normkit::GroupNormParams p{.num_groups = groups, .eps = 1e-5, .epilogue = fe};
     normkit::group_norm_forward(p, xv, w, b, yv, mean, rstd);
-    normkit::group_norm_backward(p, be, view(dy, k.dims, k.format), xv, mean, rstd, w,
+    normkit::group_norm_backward({.num_groups = groups, .epilogue = be},
+                                 view(dy, k.dims, k.format), xv, mean, rstd, w,
                                  view(dx, k.dims, k.format), dw, db);
   }
   print(k.name + "/forward", y.data(), y.bytes());

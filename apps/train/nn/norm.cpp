@@ -36,9 +36,9 @@ std::unique_ptr<NormLayer> make_norm_layer(const std::string& name, NormKind kin
         return std::make_unique<GroupNorm>(groups, channels);
       } catch (const Error& e) {
         // The layer's reason, with what the user can change.
-        throw Error("--groups " + std::to_string(groups) + " does not divide the " +
+        throw Error("--groups " + std::to_string(groups) + " is refused for the " +
                     std::to_string(channels) + " channels of " + name + " (" + e.what() +
-                    "): choose a group count that divides every layer width");
+                    "): choose a positive group count that divides every layer width");
       }
     case NormKind::layer: return std::make_unique<LayerNorm>(channels);
     case NormKind::instance:

@@ -103,7 +103,8 @@ def test_sweep_names_a_group_count_that_does_not_divide_a_width(data_dir, tmp_pa
     r = train("sweep", "--norms", "gn", "--groups", "2,3", "--batches", "8", "--data", data_dir,
               "--out", tmp_path / "bad", *SMALL)
     assert r.returncode != 0
-    assert "--groups 3 does not divide" in r.stderr
+    assert "--groups 3 is refused for the 4 channels of stem.norm" in r.stderr
+    assert "num_groups = 3 must divide the number of channels C = 4" in r.stderr  # normkit's reason
 
 
 # Pre-flight: what cannot finish fails at once, naming the option, before any training (no
@@ -116,7 +117,7 @@ def test_sweep_names_a_group_count_that_does_not_divide_a_width(data_dir, tmp_pa
     (["--widths", "2000000000,4"], "--widths (2000000000,4)"),
     (["--batch", "49"], "--batch 49 is larger than the 48 training images"),
     (["--batch", "20", "--limit-train", "10"], "that --limit-train 10 leaves"),
-    (["--groups", "3"], "--groups 3 does not divide"),
+    (["--groups", "3"], "--groups 3 is refused for the 4 channels"),
 ])
 def test_run_refuses_before_training(data_dir, args, needle):
     # List options add to each other: the defaults here only where the case sets none.
@@ -159,3 +160,9 @@ def test_sweep_checks_every_run_before_the_first(data_dir, tmp_path):
     r = train("sweep", "--norms", "gn", "--groups", "2", "--batches", "8", "--data", data_dir,
               "--out", tmp_path / "file" / "s", *SMALL)
     assert r.returncode == 1 and "--out" in r.stderr and "not a folder" in r.stderr
+
+
+def test_run_names_a_group_count_below_one(data_dir):
+    r = train("run", "--norm", "gn", "--groups", "0", "--data", data_dir, *SMALL)
+    assert r.returncode != 0
+    assert "--groups 0 is refused" in r.stderr and "num_groups must be > 0, got 0" in r.stderr
