@@ -14,7 +14,7 @@ packages=(
 if [[ ${1:-all} != experiment ]]; then
   packages+=(
     libgtest-dev libgmock-dev libbenchmark-dev
-    pybind11-dev python3-dev python3-numpy python3-pytest python3-torch
+    pybind11-dev python3-dev python3-numpy python3-pytest python3-torch python3-venv
   )
 fi
 
