@@ -559,7 +559,7 @@ py::array layer_norm_impl(const py::array& x_in, const py::object& normalized_sh
 
 }  // namespace
 
-PYBIND11_MODULE(normkit, m) {
+PYBIND11_MODULE(_normkit, m) {
   m.doc() =
       "Batch Normalization and the Group Normalization family (GroupNorm, LayerNorm,\n"
       "InstanceNorm) over NumPy arrays, with torch.nn.functional's names, defaults and\n"

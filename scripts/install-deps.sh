@@ -14,6 +14,7 @@ packages=(
 if [[ ${1:-all} != experiment ]]; then
   packages+=(
     libgtest-dev libgmock-dev libbenchmark-dev
+    python3-venv  # pip install . into a virtual environment (scripts/test-pip-package.sh)
     pybind11-dev python3-dev python3-numpy python3-pytest python3-torch
   )
 fi

@@ -28,4 +28,7 @@ cmake --install build --prefix "$PWD/build-install" >/dev/null
 cmake -S tests/consumer -B build-consumer -DCMAKE_PREFIX_PATH="$PWD/build-install" >/dev/null
 cmake --build build-consumer -j "$jobs"
 ./build-consumer/consumer
+
+echo "== Python package: pip install . into a fresh virtual environment"
+bash scripts/test-pip-package.sh build
 echo "all tests passed"
