@@ -86,8 +86,9 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
   const ForwardEpilogue& epi = params.epilogue;
   check_forward_epilogue(fn, epi, x);
   const auto workspace = detail::checked_workspace(fn, kWorkspaceQuery, workspace_bytes(x), ctx);
-  // An empty batch gives an empty output and leaves the running statistics alone.
-  if (x.batch() == 0) return;
+  // An empty batch gives an empty output and leaves the running statistics alone. So does
+  // C == 0, whatever N is: no loop below may run over the N of an input with no instances.
+  if (instances == 0) return;
 
   const auto sh = shape_of(x);
   if (!params.use_input_stats) {

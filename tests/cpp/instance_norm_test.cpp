@@ -313,6 +313,21 @@ TEST(InstanceNorm, EmptyBatchLeavesRunningStatisticsAlone) {
   }
 }
 
+// No channels and a huge batch: nothing to compute, and it returns at once rather than looping
+// over N (found by fuzz/fuzz_api: the running-statistics mode looped N times over no channels).
+TEST(InstanceNorm, NoChannelsReturnsAtOnceWhateverN) {
+  for (const Context& ctx : {reference_ctx(), cpu_ctx()}) {
+    for (bool use_input_stats : {false, true}) {
+      InstanceNormParams params;
+      params.use_input_stats = use_input_stats;
+      std::vector<float> x, y;
+      const std::vector<int64_t> dims{int64_t{1} << 62, 0, 4};
+      EXPECT_NO_THROW(instance_norm_forward(params, view_of(x, dims), {}, {}, {}, {},
+                                            view_of(y, dims), {}, {}, ctx));
+    }
+  }
+}
+
 // ---- argument errors ----------------------------------------------------------------------
 
 struct ForwardArgs {
