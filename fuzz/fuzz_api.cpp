@@ -135,7 +135,12 @@ TensorView make_like(Arena& arena, FuzzedDataProvider& in, const TensorView& x, 
                                                                : MemoryFormat::channels_last;
       break;
     case 1: t.dtype = t.dtype == DType::float32 ? DType::bfloat16 : DType::float32; break;
-    case 2: if (t.rank > 0 && t.rank <= kMaxRank) t.shape[t.rank - 1] += 1; break;
+    case 2:
+      if (t.rank > 0 && t.rank <= kMaxRank &&
+          t.shape[t.rank - 1] < std::numeric_limits<int64_t>::max()) {
+        t.shape[t.rank - 1] += 1;
+      }
+      break;
     case 3: t.rank += 1; break;
     default: break;
   }
@@ -147,9 +152,10 @@ TensorView make_like(Arena& arena, FuzzedDataProvider& in, const TensorView& x, 
 // one off, or empty but present.
 std::span<float> make_vector(Arena& arena, FuzzedDataProvider& in, int64_t expected, bool output) {
   const uint8_t mode = in.ConsumeIntegral<uint8_t>();
+  if (expected < 0) expected = -1;  // a negative dim: no length is right
   int64_t length = expected;
   if (mode < 32) return {};
-  if (mode < 40) length = expected + 1;
+  if (mode < 40) length = expected < std::numeric_limits<int64_t>::max() ? expected + 1 : -1;
   else if (mode < 48) length = expected - 1;
   else if (mode < 52) length = 0;
   if (length < 0 || length > kMaxBufferBytes / 4) return {};
