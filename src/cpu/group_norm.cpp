@@ -94,8 +94,9 @@ template <bool kResidual, bool kRelu, bool kStream, typename T>
 void AffineRunT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRICT r, int64_t n,
                 float m, float a, float b) {
   ForEachInRun<kStream>(y, n, [&](auto d, int64_t i, auto stream) {
-    AffineStep<kResidual, kRelu, decltype(stream)::value>(d, y + i, x + i, r + i, hn::Set(d, m),
-                                                          hn::Set(d, a), hn::Set(d, b));
+    AffineStep<kResidual, kRelu, decltype(stream)::value>(d, y + i, x + i, kResidual ? r + i : r,
+                                                          hn::Set(d, m), hn::Set(d, a),
+                                                          hn::Set(d, b));
   });
 }
 
