@@ -13,7 +13,7 @@ targets=("$@")
 ((${#targets[@]})) || targets=(idx safetensors api)
 jobs=${NORMKIT_JOBS:-$(nproc)}
 
-cmake -S . -B build-fuzz -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ \
+CC=clang CXX=clang++ cmake -S . -B build-fuzz \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_FLAGS_RELWITHDEBINFO="-O1 -g" \
   -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g" -DNORMKIT_BUILD_FUZZERS=ON -DNORMKIT_BUILD_APPS=ON \
   -DNORMKIT_BUILD_TESTS=OFF -DNORMKIT_BUILD_PYTHON=OFF -DNORMKIT_BUILD_BENCH=OFF >/dev/null
