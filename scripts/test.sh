@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test normkit has: installs the dependencies, builds, runs the C++ and Python tests
-# (ctest), the same C++ tests under ASan + UBSan, and builds a consumer project against the
-# installed CMake package.
+# (ctest), the same C++ tests under ASan + UBSan, fuzzes the file readers and the API's checks
+# for a bounded time, runs the C++ tests and normkit-train under ThreadSanitizer, and builds a
+# consumer project against the installed CMake package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc)
@@ -21,6 +22,12 @@ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DNORMKIT_SANITIZE=ON -DNORMKI
   -DNORMKIT_BUILD_BENCH=OFF >/dev/null
 cmake --build build-asan -j "$jobs"
 ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build-asan --output-on-failure -j "$jobs" -LE slow
+
+echo "== fuzzing (libFuzzer, clang, ASan + UBSan): each target 45 s from its committed corpus"
+bash scripts/fuzz.sh 45
+
+echo "== ThreadSanitizer build (clang, libomp + Archer): C++ tests and normkit-train's threads"
+bash scripts/tsan.sh
 
 echo "== installed package: find_package(normkit) from a consumer project"
 rm -rf build-install build-consumer

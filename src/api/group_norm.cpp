@@ -1,6 +1,8 @@
 // Public GroupNorm entry points: validate every argument, then hand raw pointers to the backend.
 #include "normkit/group_norm.h"
 
+#include <algorithm>
+#include <limits>
 #include <string>
 
 #include "api/group_norm_dispatch.h"
@@ -56,6 +58,14 @@ void group_norm_forward(const GroupNormParams& params, const TensorView& x,
   const auto plan = detail::group_norm_plan(x, params.num_groups, ctx);
   const auto workspace = detail::checked_workspace(fn, kWorkspaceQuery, plan.scratch.bytes, ctx);
   if (x.batch() == 0) return;
+  // Every group empty (a zero channel or spatial dim): the statistics of no values are mean 0
+  // and rstd NaN, as torch gives, and y has no elements. Written here: the kernels would walk
+  // every channel of a C that may be far larger than any buffer to find that out.
+  if (detail::has_zero_dim(x)) {
+    std::fill(mean.begin(), mean.end(), 0.0f);
+    std::fill(rstd.begin(), rstd.end(), std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
 
   detail::group_norm_forward_on(plan, params.eps, params.epilogue, x, weight, bias, y, mean, rstd,
                                 nullptr, ctx, workspace);

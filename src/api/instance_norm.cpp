@@ -96,8 +96,9 @@ void instance_norm_forward(const InstanceNormParams& params, const TensorView& x
   const auto plan = detail::group_norm_plan(x, C, ctx);
   const auto workspace = detail::checked_workspace(
       fn, kWorkspaceQuery, workspace_bytes(x, plan.scratch.bytes), ctx);
-  // An empty batch gives an empty output and leaves the running statistics alone.
-  if (x.batch() == 0) return;
+  // An empty batch gives an empty output and leaves the running statistics alone. So does
+  // C == 0, whatever N is: no loop below may run over the N of an input with no instances.
+  if (instances == 0) return;
 
   if (!params.use_input_stats) {
     for (int64_t n = 0; n < x.batch(); ++n)

@@ -21,20 +21,21 @@ void check_tensor(const char* function, const char* name, const TensorView& t, i
   if (t.rank < min_rank || t.rank > kMaxRank)
     fail(function, std::string(name) + " must have rank " + std::to_string(min_rank) + " to " +
                        std::to_string(kMaxRank) + ", got rank " + std::to_string(t.rank));
+  // The product of the nonzero dims must fit, even when a zero dim makes the tensor empty: the
+  // ops multiply subsets of the dims (N * C, the spatial size, a row length), and each of those
+  // then fits too.
   int64_t count = 1;
-  bool overflow = false;
+  bool overflow = false, has_zero = false;
   for (int i = 0; i < t.rank; ++i) {
     if (t.shape[i] < 0)
       fail(function, std::string(name) + " has a negative dimension: shape " + shape_string(t));
-    if (t.shape[i] != 0 && count > std::numeric_limits<int64_t>::max() / t.shape[i]) overflow = true;
+    if (t.shape[i] == 0) has_zero = true;
+    else if (count > std::numeric_limits<int64_t>::max() / t.shape[i]) overflow = true;
     else count *= t.shape[i];
   }
-  // A zero dim makes the count 0 whatever the others; otherwise the product must fit.
-  bool has_zero = false;
-  for (int i = 0; i < t.rank; ++i) has_zero |= t.shape[i] == 0;
-  if (overflow && !has_zero)
-    fail(function, std::string(name) + " has more elements than int64 can count: shape " +
-                       shape_string(t));
+  if (overflow)
+    fail(function, std::string(name) + " has more elements than int64 can count" +
+                       (has_zero ? " in its nonzero dims" : "") + ": shape " + shape_string(t));
   if (!has_zero && t.data == nullptr)
     fail(function, std::string(name) + " has a null data pointer for shape " + shape_string(t));
   if (!supported.has(t.dtype)) {

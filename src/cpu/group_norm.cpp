@@ -95,8 +95,9 @@ template <bool kResidual, bool kRelu, bool kStream, typename T>
 void AffineRunT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRICT r, int64_t n,
                 float m, float a, float b) {
   ForEachInRun<kStream>(y, n, [&](auto d, int64_t i, auto stream) {
-    AffineStep<kResidual, kRelu, decltype(stream)::value>(d, y + i, x + i, r + i, hn::Set(d, m),
-                                                          hn::Set(d, a), hn::Set(d, b));
+    AffineStep<kResidual, kRelu, decltype(stream)::value>(d, y + i, x + i, kResidual ? r + i : r,
+                                                          hn::Set(d, m), hn::Set(d, a),
+                                                          hn::Set(d, b));
   });
 }
 
@@ -120,7 +121,8 @@ void AffineRowsT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRI
                  int64_t rows, int64_t channels, const float* m, const float* a,
                  const float* b) {
   ForEachInRows<kStream>(y, rows, channels, [&](auto d, int64_t o, int64_t c, auto stream) {
-    AffineStep<kResidual, kRelu, decltype(stream)::value>(d, y + o + c, x + o + c, r + o + c,
+    AffineStep<kResidual, kRelu, decltype(stream)::value>(d, y + o + c, x + o + c,
+                                                          kResidual ? r + o + c : r,
                                                           hn::LoadU(d, m + c), hn::LoadU(d, a + c),
                                                           hn::LoadU(d, b + c));
   });

@@ -86,9 +86,10 @@ NORMKIT_REF_LAYER_NORM(double)
 
 namespace {
 
+// Empty for an absent vector (nothing reads it), so an empty x with a huge C allocates nothing.
 std::vector<double> widen_floats(const float* p, int64_t n) {
+  if (!p) return {};
   std::vector<double> v(static_cast<std::size_t>(n));
-  if (!p) return v;
   for (int64_t i = 0; i < n; ++i) v[std::size_t(i)] = double(p[i]);
   return v;
 }

@@ -321,6 +321,21 @@ TEST(GroupNorm, EmptyGroupsGiveZeroMeanAndNanRstdAsTorch) {
     }
 }
 
+// Empty groups with a channel count no buffer could hold and no weight: nothing is allocated
+// for the absent weight and bias (found by fuzz/fuzz_api: the reference backend widened C of
+// them, 8 TiB here, and threw std::bad_alloc instead of returning).
+TEST(GroupNorm, EmptyGroupsWithHugeChannelCountAllocateNothing) {
+  for (const Context& ctx : {reference_ctx(), cpu_ctx()}) {
+    const std::vector<int64_t> dims{1, int64_t{1} << 40, 0};
+    GroupNormParams params;
+    std::vector<float> x, y, mean = poisoned(1), rstd = poisoned(1);
+    EXPECT_NO_THROW(group_norm_forward(params, view_of(x, dims), {}, {}, view_of(y, dims), mean,
+                                       rstd, ctx));
+    EXPECT_EQ(mean[0], 0.0f);
+    EXPECT_TRUE(std::isnan(rstd[0]));
+  }
+}
+
 // A NaN or Inf in x only affects its own (n, g): every other group is computed bit for bit as
 // without it.
 TEST(GroupNorm, NonFiniteInputStaysInItsGroup) {

@@ -313,6 +313,42 @@ TEST(InstanceNorm, EmptyBatchLeavesRunningStatisticsAlone) {
   }
 }
 
+// No channels and a huge batch: nothing to compute, and it returns at once rather than looping
+// over N (found by fuzz/fuzz_api: the running-statistics mode looped N times over no channels).
+TEST(InstanceNorm, NoChannelsReturnsAtOnceWhateverN) {
+  for (const Context& ctx : {reference_ctx(), cpu_ctx()}) {
+    for (bool use_input_stats : {false, true}) {
+      InstanceNormParams params;
+      params.use_input_stats = use_input_stats;
+      std::vector<float> x, y;
+      const std::vector<int64_t> dims{int64_t{1} << 60, 0, 4};
+      EXPECT_NO_THROW(instance_norm_forward(params, view_of(x, dims), {}, {}, {}, {},
+                                            view_of(y, dims), {}, {}, ctx));
+    }
+  }
+}
+
+// An empty x whose other dims multiply past int64 is refused, by the size query too: the ops
+// multiply subsets of the dims (here the spatial size, 2^64), which must fit (found by
+// fuzz/fuzz_api: signed overflow computing the spatial size).
+TEST(InstanceNorm, EmptyXWhoseOtherDimsOverflowIsRefused) {
+  std::vector<float> x, y;
+  const std::vector<int64_t> dims{0, 1, int64_t{1} << 32, int64_t{1} << 32};
+  const std::string expected = "x has more elements than int64 can count in its nonzero dims";
+  try {
+    instance_norm_workspace_size({}, view_of(x, dims));
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
+  }
+  try {
+    instance_norm_forward({}, view_of(x, dims), {}, {}, {}, {}, view_of(y, dims), {}, {});
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
+  }
+}
+
 // ---- argument errors ----------------------------------------------------------------------
 
 struct ForwardArgs {

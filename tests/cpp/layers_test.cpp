@@ -679,7 +679,10 @@ TEST(NormLayerEpilogue, RejectsBadArgumentsOnEveryLayer) {
     layers.emplace_back("InstanceNorm",
                         std::make_unique<InstanceNorm>(C, InstanceNormOptions{.affine = true}));
     layers.emplace_back("NoNorm", std::make_unique<NoNorm>(C));
-    for (auto& [name, layer] : layers) {
+    for (auto& named : layers) {
+      // Plain references, not a structured binding: clang before 16 cannot capture those.
+      const std::string& name = named.first;
+      auto& layer = named.second;
       SCOPED_TRACE(name + " " + to_string(format));
       auto shaped = [&](const std::vector<float>& v, std::initializer_list<int64_t> dims,
                         MemoryFormat f) { return TensorView(v.data(), dims, f); };

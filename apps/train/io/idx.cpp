@@ -116,11 +116,19 @@ IdxArray read_idx_ubyte(const std::string& path) {
     array.dims.push_back(dim);
   }
 
-  array.data.resize(static_cast<size_t>(elements));
-  const size_t got = read_bytes(file.get(), path, array.data.data(), array.data.size());
-  if (got < array.data.size()) {
-    throw IoError(truncated(path, "data", got, array.data.size(), file.get()));
+  // The header's count is a claim until the bytes arrive: the buffer grows with the data read
+  // (doubling, from 64 KiB), so a damaged header of a few bytes cannot make the reader allocate
+  // gigabytes.
+  const size_t expected = static_cast<size_t>(elements);
+  size_t got = 0;
+  while (got < expected) {
+    const size_t step = std::min(std::max(got, size_t{1} << 16), expected - got);
+    array.data.resize(got + step);
+    const size_t arrived = read_bytes(file.get(), path, array.data.data() + got, step);
+    got += arrived;
+    if (arrived < step) break;
   }
+  if (got < expected) throw IoError(truncated(path, "data", got, expected, file.get()));
   uint8_t extra;
   if (read_bytes(file.get(), path, &extra, 1) != 0) {
     throw IoError(path + ": unexpected bytes after the " + std::to_string(elements) +

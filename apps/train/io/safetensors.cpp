@@ -406,8 +406,11 @@ SafetensorsFile decode_safetensors(std::span<const uint8_t> bytes, const std::st
     if (elem == 0) throw IoError(where + "unknown dtype \"" + t.dtype + "\"");
     for (const auto& d : *shape) {
       if (!d.is_number_unsigned() || d.get<uint64_t>() > (uint64_t{1} << 62)) {
-        throw IoError(where + "shape " + shape->dump() + " has a dimension that is not a "
-                      "non-negative integer");
+        // Names the dimension rather than printing the shape: printing recurses, and a shape
+        // nested a million arrays deep would overflow the stack.
+        throw IoError(where + "shape dimension " + std::to_string(t.shape.size()) + " is " +
+                      (d.is_number() ? d.dump() : std::string("a JSON ") + d.type_name()) +
+                      ", not a non-negative integer");
       }
       t.shape.push_back(d.get<int64_t>());
     }

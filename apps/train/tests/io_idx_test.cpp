@@ -207,6 +207,19 @@ TEST_F(IdxTest, RejectsTruncatedPlainAndGzipFiles) {
   expect_io_error([&] { read_idx_ubyte(p.string()); }, {p.string(), "truncated data"});
 }
 
+// A damaged header that claims billions of elements in a file of a few bytes is reported as
+// truncated without first allocating what the header claims (found by fuzz/fuzz_idx).
+TEST_F(IdxTest, HugeClaimInATinyFileIsTruncatedNotAnAllocation) {
+  const fs::path p = dir_ / "x.idx";
+  const auto bytes = idx_bytes({2, 3, 0x2f000003u}, random_bytes(18, 5));
+  write_plain(p, bytes);
+  expect_io_error([&] { read_idx_ubyte(p.string()); },
+                  {p.string(), "truncated data: 18 of 4731174930 bytes"});
+  write_gz(p, bytes);
+  expect_io_error([&] { read_idx_ubyte(p.string()); },
+                  {p.string(), "truncated data: 18 of 4731174930 bytes"});
+}
+
 TEST_F(IdxTest, RejectsTrailingBytes) {
   const fs::path p = dir_ / "x.idx";
   auto bytes = idx_bytes({4}, {1, 2, 3, 4});

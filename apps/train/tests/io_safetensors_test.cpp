@@ -274,6 +274,17 @@ TEST(Safetensors, RejectsCorruptHeaders) {
   expect_corrupt(with_header(R"({"__metadata__":[]})", {}), "\"__metadata__\" is not an object");
 }
 
+// A shape nested a million arrays deep (a 2 MB header, well inside the limit) is an error
+// naming the dimension, not a stack overflow while printing it (found by fuzz/fuzz_safetensors).
+TEST(Safetensors, DeeplyNestedShapeIsAnErrorNotAStackOverflow) {
+  const size_t depth = 1000000;
+  const std::string header = R"({"a":{"dtype":"F32","shape":)" + std::string(depth, '[') +
+                             std::string(depth, ']') + R"(,"data_offsets":[0,0]}})";
+  expect_corrupt(with_header(header, {}), "shape dimension 0 is a JSON array");
+  expect_corrupt(with_header(R"({"a":{"dtype":"F32","shape":[2,-3],"data_offsets":[0,0]}})", {}),
+                 "shape dimension 1 is -3, not a non-negative integer");
+}
+
 TEST(Safetensors, RejectsOffsetsThatDoNotTileTheBuffer) {
   const std::vector<uint8_t> eight(8, 0);
   const auto tensor = [](const char* name, const char* dtype, const char* shape, int b, int e) {
