@@ -4,36 +4,23 @@ the right settings, the tables and the plots; bad option combinations fail with 
 Run by ctest with NORMKIT_TRAIN set to the executable."""
 
 import csv
-import gzip
 import json
 import os
-import struct
 import subprocess
 import time
 import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
+from tiny_mnist import write_dataset
 
 TRAIN = os.environ.get("NORMKIT_TRAIN", "build/bin/normkit-train")
 
 
-def write_idx(path, array, magic):
-    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mnist")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 48), ("t10k", 16)):
-        labels = rng.integers(0, 10, n)
-        images = rng.integers(0, 256, (n, 28, 28))
-        write_idx(d / f"{split}-images-idx3-ubyte.gz", images, 0x803)
-        write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels, 0x801)
-    return d
+    return write_dataset(tmp_path_factory.mktemp("mnist"), seed=0, train_images=48,
+                         test_images=16)
 
 
 def train(*args):

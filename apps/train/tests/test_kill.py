@@ -8,19 +8,17 @@ NORMKIT_KILL_TEST_RUNS sets the number of interrupted runs (default 5; docs/reli
 reports a run with 50). NORMKIT_KILL_TEST_SEED changes the kill moments. Run by ctest with
 NORMKIT_TRAIN set to the executable."""
 
-import gzip
 import hashlib
 import json
 import os
 import random
 import signal
-import struct
 import subprocess
 import time
 import zlib
 
-import numpy as np
 import pytest
+from tiny_mnist import write_dataset
 
 TRAIN = os.environ.get("NORMKIT_TRAIN", "build/bin/normkit-train")
 RUNS = int(os.environ.get("NORMKIT_KILL_TEST_RUNS", "5"))
@@ -28,22 +26,10 @@ SEED = int(os.environ.get("NORMKIT_KILL_TEST_SEED", "20261203"))
 TIMING = ("seconds", "images_per_s")
 
 
-def write_idx(path, array, magic):
-    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mnist")
-    rng = np.random.default_rng(1)
-    for split, n in (("train", 160), ("t10k", 32)):
-        labels = rng.integers(0, 10, n)
-        images = rng.integers(0, 256, (n, 28, 28))
-        write_idx(d / f"{split}-images-idx3-ubyte.gz", images, 0x803)
-        write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels, 0x801)
-    return d
+    return write_dataset(tmp_path_factory.mktemp("mnist"), seed=1, train_images=160,
+                         test_images=32)
 
 
 def options(data_dir, checkpoint, metrics):
