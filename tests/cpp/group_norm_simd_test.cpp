@@ -48,62 +48,30 @@ struct Shape {
   }
 };
 
-// One problem with activations of type T (x, residual, dy) and float32 vectors.
-template <typename T>
-struct Problem {
-  Shape sh;
-  Epi epi = kNone;
-  std::vector<T> x, r, dy;
-  std::vector<float> w, b;
+std::vector<int64_t> dims_of(const Shape& sh) { return sh.dims(); }
 
-  TensorView view(const std::vector<T>& v) const {
-    const auto d = sh.dims();
-    return TensorView(v.data(), dtype_of<T>(), int(d.size()), d.data(), sh.format);
-  }
-};
+template <typename T>
+using Problem = EpilogueProblem<T, Shape>;
 
 template <typename T>
 Problem<T> make_problem(const Shape& sh, Epi epi, std::mt19937_64& rng, double offset = 0) {
-  Problem<T> p{sh, epi};
-  const auto n = std::size_t(sh.numel());
-  p.x = rounded<T>(random_normal(n, rng, offset, 1.0));
-  if (has_residual(epi)) p.r = rounded<T>(random_normal(n, rng, 0.0, 0.5));
-  p.dy = rounded<T>(random_normal(n, rng));
-  p.w = random_normal(std::size_t(sh.C), rng, 0.5, 1.0);
-  p.b = random_normal(std::size_t(sh.C), rng);
-  return p;
+  return draw_problem<T>(sh, sh.C, epi, rng, offset, 1.0, true);
 }
 
-// Forward with the problem's epilogue; then the backward of y_in/mean_in/rstd_in (the forward
-// given, or this call's own when null) with the matching epilogue, dresidual requested when
-// the forward had a residual.
+// Forward with the problem's epilogue, then the backward (run_forward_backward).
 template <typename T>
 Result<T> run(const Problem<T>& p, const Context& ctx, const Result<T>* forward_in = nullptr) {
-  const auto n = std::size_t(p.sh.numel());
-  const auto ng = std::size_t(p.sh.N * p.sh.G);
-  Result<T> o;
-  o.y = poisoned_as<T>(n);
-  o.dx = poisoned_as<T>(n);
-  o.mean = poisoned(ng);
-  o.rstd = poisoned(ng);
-  o.dw = poisoned(std::size_t(p.sh.C));
-  o.db = poisoned(std::size_t(p.sh.C));
   GroupNormParams params{p.sh.G, 1e-5};
-  params.epilogue.relu = has_relu(p.epi);
-  if (has_residual(p.epi)) params.epilogue.residual = p.view(p.r);
-  group_norm_forward(params, p.view(p.x), p.w, p.b, p.view(o.y), o.mean, o.rstd, ctx);
-
-  const Result<T>& f = forward_in ? *forward_in : o;
-  BackwardEpilogue be;
-  be.relu = has_relu(p.epi);
-  if (be.relu) be.y = p.view(f.y);
-  if (has_residual(p.epi)) {
-    o.dres = poisoned_as<T>(n);
-    be.dresidual = p.view(o.dres);
-  }
-  group_norm_backward({params.num_groups, be}, p.view(p.dy), p.view(p.x), f.mean, f.rstd, p.w,
-                      p.view(o.dx), o.dw, o.db, ctx);
-  return o;
+  return run_forward_backward(
+      p, std::size_t(p.sh.N * p.sh.G), std::size_t(p.sh.C), forward_in,
+      [&](const ForwardEpilogue& fe, Result<T>& o) {
+        params.epilogue = fe;
+        group_norm_forward(params, p.view(p.x), p.w, p.b, p.view(o.y), o.mean, o.rstd, ctx);
+      },
+      [&](const BackwardEpilogue& be, const Result<T>& f, Result<T>& o) {
+        group_norm_backward({params.num_groups, be}, p.view(p.dy), p.view(p.x), f.mean, f.rstd,
+                            p.w, p.view(o.dx), o.dw, o.db, ctx);
+      });
 }
 
 // CPU against the reference: both backwards from the reference forward's outputs, so a ReLU

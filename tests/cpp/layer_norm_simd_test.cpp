@@ -56,65 +56,34 @@ Shape last(std::vector<int64_t> dims) {
   return {std::move(dims), k, MemoryFormat::channels_last};
 }
 
-// One problem with activations of type T (x, residual, dy) and float32 vectors (empty: absent).
-template <typename T>
-struct Problem {
-  Shape sh;
-  Epi epi = kNone;
-  std::vector<T> x, r, dy;
-  std::vector<float> w, b;
+std::vector<int64_t> dims_of(const Shape& sh) { return sh.dims; }
 
-  TensorView view(const std::vector<T>& v) const {
-    return TensorView(v.data(), dtype_of<T>(), sh.rank(), sh.dims.data(), sh.format);
-  }
-};
+template <typename T>
+using Problem = EpilogueProblem<T, Shape>;
 
 template <typename T>
 Problem<T> make_problem(const Shape& sh, Epi epi, std::mt19937_64& rng, double offset = 0,
                         double scale = 1, bool affine = true) {
-  Problem<T> p{sh, epi};
-  const auto n = std::size_t(sh.numel());
-  p.x = rounded<T>(random_normal(n, rng, offset, scale));
-  if (has_residual(epi)) p.r = rounded<T>(random_normal(n, rng, 0.0, 0.5));
-  p.dy = rounded<T>(random_normal(n, rng));
-  if (affine) {
-    p.w = random_normal(std::size_t(sh.cols()), rng, 0.5, 1.0);
-    p.b = random_normal(std::size_t(sh.cols()), rng);
-  }
-  return p;
+  return draw_problem<T>(sh, sh.cols(), epi, rng, offset, scale, affine);
 }
 
 LayerNormParams params_of(const Shape& sh) { return LayerNormParams{sh.k, 1e-5}; }
 
-// Forward with the problem's epilogue; then the backward of the forward given (or this call's
-// own) with the matching epilogue, dresidual requested when the forward had a residual.
+// Forward with the problem's epilogue, then the backward (run_forward_backward).
 template <typename T>
 Result<T> run(const Problem<T>& p, const Context& ctx, const Result<T>* forward_in = nullptr) {
-  const auto n = std::size_t(p.sh.numel()), rows = std::size_t(p.sh.rows()),
-             cols = std::size_t(p.sh.cols());
-  Result<T> o;
-  o.y = poisoned_as<T>(n);
-  o.dx = poisoned_as<T>(n);
-  o.mean = poisoned(rows);
-  o.rstd = poisoned(rows);
-  o.dw = poisoned(cols);
-  o.db = poisoned(cols);
   LayerNormParams params = params_of(p.sh);
-  params.epilogue.relu = has_relu(p.epi);
-  if (has_residual(p.epi)) params.epilogue.residual = p.view(p.r);
-  layer_norm_forward(params, p.view(p.x), opt(p.w), opt(p.b), p.view(o.y), o.mean, o.rstd, ctx);
-
-  const Result<T>& f = forward_in ? *forward_in : o;
-  BackwardEpilogue be;
-  be.relu = has_relu(p.epi);
-  if (be.relu) be.y = p.view(f.y);
-  if (has_residual(p.epi)) {
-    o.dres = poisoned_as<T>(n);
-    be.dresidual = p.view(o.dres);
-  }
-  layer_norm_backward({params.normalized_ndim, be}, p.view(p.dy), p.view(p.x), f.mean, f.rstd,
-                      opt(p.w), p.view(o.dx), o.dw, o.db, ctx);
-  return o;
+  return run_forward_backward(
+      p, std::size_t(p.sh.rows()), std::size_t(p.sh.cols()), forward_in,
+      [&](const ForwardEpilogue& fe, Result<T>& o) {
+        params.epilogue = fe;
+        layer_norm_forward(params, p.view(p.x), opt(p.w), opt(p.b), p.view(o.y), o.mean,
+                           o.rstd, ctx);
+      },
+      [&](const BackwardEpilogue& be, const Result<T>& f, Result<T>& o) {
+        layer_norm_backward({params.normalized_ndim, be}, p.view(p.dy), p.view(p.x), f.mean,
+                            f.rstd, opt(p.w), p.view(o.dx), o.dw, o.db, ctx);
+      });
 }
 
 // CPU against the reference: both backwards from the reference forward's outputs, so a ReLU

@@ -10,12 +10,15 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
+#include <random>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include "common/dtype.h"
 #include "cpu/moments.h"
+#include "normkit/epilogue.h"
+#include "normkit/tensor.h"
 #include "test_util.h"
 
 namespace normkit::test {
@@ -118,6 +121,72 @@ inline const char* epi_name(Epi e) {
     case kResidualRelu: return "residual+relu";
     default: return "none";
   }
+}
+
+// One problem of an op with activations of type T (x, residual, dy) and float32 weight and bias
+// (empty: absent). Shape is the op's: format, numel(), and dims_of(shape) found beside it.
+template <typename T, class Shape>
+struct EpilogueProblem {
+  Shape sh;
+  Epi epi = kNone;
+  std::vector<T> x, r, dy;
+  std::vector<float> w, b;
+
+  TensorView view(const std::vector<T>& v) const {
+    const std::vector<int64_t> d = dims_of(sh);
+    return TensorView(v.data(), dtype_of<T>(), int(d.size()), d.data(), sh.format);
+  }
+};
+
+// x ~ N(offset, scale), r ~ N(0, 0.5) when the epilogue adds one, dy ~ N(0, 1), all rounded to
+// T; with `affine`, `params` weights ~ N(0.5, 1) and biases ~ N(0, 1).
+template <typename T, class Shape>
+EpilogueProblem<T, Shape> draw_problem(const Shape& sh, int64_t params, Epi epi,
+                                       std::mt19937_64& rng, double offset, double scale,
+                                       bool affine) {
+  EpilogueProblem<T, Shape> p{sh, epi};
+  const auto n = std::size_t(sh.numel());
+  p.x = rounded<T>(random_normal(n, rng, offset, scale));
+  if (has_residual(epi)) p.r = rounded<T>(random_normal(n, rng, 0.0, 0.5));
+  p.dy = rounded<T>(random_normal(n, rng));
+  if (affine) {
+    p.w = random_normal(std::size_t(params), rng, 0.5, 1.0);
+    p.b = random_normal(std::size_t(params), rng);
+  }
+  return p;
+}
+
+// Every output poison-filled (`stats` means and rstds, `params` dweights and dbiases), then the
+// forward with the problem's epilogue, forward(epilogue, out), and the backward of the forward
+// given (or this call's own when null), backward(epilogue, forward, out), with the matching
+// epilogue: dresidual requested when the forward had a residual.
+template <typename T, class Shape, class Forward, class Backward>
+Result<T> run_forward_backward(const EpilogueProblem<T, Shape>& p, std::size_t stats,
+                               std::size_t params, const Result<T>* forward_in,
+                               const Forward& forward, const Backward& backward) {
+  const auto n = std::size_t(p.sh.numel());
+  Result<T> o;
+  o.y = poisoned_as<T>(n);
+  o.dx = poisoned_as<T>(n);
+  o.mean = poisoned(stats);
+  o.rstd = poisoned(stats);
+  o.dw = poisoned(params);
+  o.db = poisoned(params);
+  ForwardEpilogue fe;
+  fe.relu = has_relu(p.epi);
+  if (has_residual(p.epi)) fe.residual = p.view(p.r);
+  forward(fe, o);
+
+  const Result<T>& f = forward_in ? *forward_in : o;
+  BackwardEpilogue be;
+  be.relu = has_relu(p.epi);
+  if (be.relu) be.y = p.view(f.y);
+  if (has_residual(p.epi)) {
+    o.dres = poisoned_as<T>(n);
+    be.dresidual = p.view(o.dres);
+  }
+  backward(be, f, o);
+  return o;
 }
 
 }  // namespace normkit::test
