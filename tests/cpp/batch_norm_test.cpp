@@ -26,6 +26,7 @@ namespace normkit {
 namespace {
 
 using test::expect_error;
+using test::expect_rejected;
 using test::kPoison;
 using test::opt;
 using test::poisoned;
@@ -651,22 +652,6 @@ struct Buffers {
   }
 };
 
-using Call = std::function<void(Buffers&)>;
-struct Rejected {
-  Call call;
-  std::vector<std::string> parts;  // each must appear in the message
-};
-
-void expect_rejected(const std::vector<Rejected>& cases) {
-  for (std::size_t i = 0; i < cases.size(); ++i) {
-    SCOPED_TRACE("case " + std::to_string(i));
-    // Validation precedes dispatch, so the default backend stands for both.
-    Buffers m;
-    expect_error([&] { cases[i].call(m); }, cases[i].parts);
-    EXPECT_TRUE(m == Buffers()) << "a rejected call wrote to caller memory";
-  }
-}
-
 constexpr int64_t N = Buffers::N, C = Buffers::C, H = Buffers::H;
 
 void train(Buffers& m, TensorView x, TensorView y, BatchNormParams params = {}) {
@@ -677,7 +662,7 @@ TEST(BatchNormErrors, ForwardTraining) {
   const auto cl = MemoryFormat::channels_last;
   const int64_t big = int64_t(1) << 40;
   const float* null = nullptr;
-  expect_rejected({
+  expect_rejected<Buffers>({
       {[](Buffers& m) { train(m, m.vx({24}), m.vy({24})); },
        {"batch_norm_forward_training", "x must have rank 2 to 5, got rank 1"}},
       {[](Buffers& m) { train(m, m.vx({1, 3, 1, 1, 1, 2}), m.vy({1, 3, 1, 1, 1, 2})); },
@@ -756,7 +741,7 @@ TEST(BatchNormErrors, ForwardInference) {
   auto infer = [](Buffers& m, TensorView x, TensorView y, BatchNormParams params = {}) {
     batch_norm_forward_inference(params, x, m.w, m.b, m.rm, m.rv, y);
   };
-  expect_rejected({
+  expect_rejected<Buffers>({
       {[=](Buffers& m) { infer(m, m.vx({24}), m.vy({24})); },
        {"batch_norm_forward_inference", "rank 1"}},
       {[](Buffers& m) {
@@ -785,7 +770,7 @@ TEST(BatchNormErrors, ForwardInference) {
 
 TEST(BatchNormErrors, Backward) {
   const auto cl = MemoryFormat::channels_last;
-  expect_rejected({
+  expect_rejected<Buffers>({
       {[](Buffers& m) {
          batch_norm_backward_training({}, m.vx({N, C, 3}), m.vx(), m.mean, m.invstd, m.w,
                                       TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
@@ -1268,7 +1253,7 @@ TEST(BatchNormReference, EpilogueGradientsMatchFiniteDifferences) {
 
 TEST(BatchNormErrors, Epilogues) {
   const auto cl = MemoryFormat::channels_last;
-  expect_rejected({
+  expect_rejected<Buffers>({
       {[](Buffers& m) {
          BatchNormParams p;
          p.epilogue.residual = TensorView(m.dy.data(), {N, C, 3});

@@ -61,6 +61,25 @@ void expect_edit_error(const std::function<void(Args&)>& edit,
   EXPECT_TRUE(a.untouched()) << "memory written before the throw: " << needles.front();
 }
 
+// The argument checks as calls on fresh Buffers (an op's arguments, every output poison-filled,
+// comparable with ==) when the cases call different functions: each call must throw an Error with
+// every needle and leave its Buffers equal to fresh ones. Validation precedes dispatch, so the
+// default backend stands for both.
+template <typename Buffers>
+struct Rejected {
+  std::function<void(Buffers&)> call;
+  std::vector<std::string> needles;
+};
+template <typename Buffers>
+void expect_rejected(const std::vector<Rejected<Buffers>>& cases) {
+  for (std::size_t i = 0; i < cases.size(); ++i) {
+    SCOPED_TRACE("case " + std::to_string(i));
+    Buffers m;
+    expect_error([&] { cases[i].call(m); }, cases[i].needles);
+    EXPECT_TRUE(m == Buffers()) << "a rejected call wrote to caller memory";
+  }
+}
+
 // ---- ops saving mean and rstd per normalized set: GroupNorm, LayerNorm ------------------------
 //
 // A Case describes one configuration: numel(), num_params() (length of weight and bias), the
