@@ -73,14 +73,14 @@ inline void group_norm_forward_on(const cpu::GroupNormPlan& plan, double eps,
   });
 }
 
-// What a backward with these arguments computes, for its plan (the kernel derives the same).
+// What a backward with these arguments computes, for its plan (cpu::GroupNormBackwardWork::of,
+// the rule the kernel applies too).
 inline cpu::GroupNormBackwardWork backward_work(bool stats_are_constants,
                                                 const BackwardEpilogue& epilogue,
                                                 std::span<float> dweight, std::span<float> dbias) {
-  cpu::GroupNormBackwardWork work;
-  work.sums = !stats_are_constants || dweight.data() || dbias.data() || epilogue.dresidual.data;
-  work.masked = epilogue.relu;
-  return work;
+  return cpu::GroupNormBackwardWork::of(stats_are_constants, dweight.data() != nullptr,
+                                        dbias.data() != nullptr,
+                                        epilogue.dresidual.data != nullptr, epilogue.relu);
 }
 
 // The backward on validated arguments (stats_are_constants: the gradient does not flow through

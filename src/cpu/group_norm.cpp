@@ -901,7 +901,9 @@ void group_norm_backward(const GroupNormPlan& plan, bool stats_are_constants,
   const bool parallel = plan.parallel;
   const int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups;
   if (N * C * S == 0) return empty_weight_gradients(dweight, dbias, rstd, t);
-  const bool need_sums = !stats_are_constants || dweight || dbias || epi.dresidual;
+  const bool need_sums = GroupNormBackwardWork::of(stats_are_constants, dweight, dbias,
+                                                   epi.dresidual != nullptr, epi.relu)
+                             .sums;
   const bool weight_grads = dweight || dbias;
   const BackwardSchedule schedule = plan.backward;
   const RowPieces pieces(N * C, S);

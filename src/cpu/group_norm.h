@@ -73,6 +73,12 @@ struct GroupNormBackwardWork {
   // and dresidual is wanted.
   bool sums = true;
   bool masked = false;  // epilogue.relu: the forward's y is read too
+
+  // The one rule, for the api's plan and the kernel alike.
+  static GroupNormBackwardWork of(bool stats_are_constants, bool dweight, bool dbias,
+                                  bool dresidual, bool relu) {
+    return {!stats_are_constants || dweight || dbias || dresidual, relu};
+  }
 };
 
 struct GroupNormPlan {
