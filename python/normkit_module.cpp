@@ -453,11 +453,15 @@ py::tuple batch_norm_backward_impl(const py::array& dy_in, const py::array& x_in
 // ---------------------------------------------------------------------------------------------
 // instance_norm, layer_norm
 
-py::array instance_norm_impl(const py::array& x_in, const OptionalArray& running_mean_in,
-                             const OptionalArray& running_var_in, const OptionalArray& weight_in,
-                             const OptionalArray& bias_in, bool use_input_stats, double momentum,
-                             double eps) {
-  const char* function = "instance_norm";
+// The (N, C) statistics of an instance_norm call (one per instance, as group_norm's (N, G) with
+// G = C; torch has no native op that returns them).
+Shape instance_stats_shape(const TensorView& x) { return {batch_of(x), channels_of(x)}; }
+
+py::tuple instance_norm_forward_impl(const char* function, const py::array& x_in,
+                                     const OptionalArray& running_mean_in,
+                                     const OptionalArray& running_var_in,
+                                     const OptionalArray& weight_in, const OptionalArray& bias_in,
+                                     bool use_input_stats, double momentum, double eps) {
   const Activation x = activation_input(function, "x", x_in);
   const std::span<float> running_mean =
       running_stat(function, "running_mean", running_mean_in, use_input_stats);
@@ -466,18 +470,96 @@ py::array instance_norm_impl(const py::array& x_in, const OptionalArray& running
   const VectorIn weight = vector_input(function, "weight", weight_in);
   const VectorIn bias = vector_input(function, "bias", bias_in);
   const Activation y = activation_output(x);
-  const VectorOut mean = vector_output({batch_of(x.view), channels_of(x.view)});
-  const VectorOut rstd = vector_output({batch_of(x.view), channels_of(x.view)});
+  const VectorOut mean = vector_output(instance_stats_shape(x.view));
+  const VectorOut rstd = vector_output(instance_stats_shape(x.view));
   const normkit::InstanceNormParams params{use_input_stats, momentum, eps};
   without_gil([&] {
     normkit::instance_norm_forward(params, x.view, weight.span, bias.span, running_mean,
                                    running_var, y.view, mean.span, rstd.span);
   });
-  return y.array;
+  return py::make_tuple(y.array, mean.array, rstd.array);
 }
 
-Shape normalized_shape_of(const py::object& normalized_shape) {
-  const char* function = "layer_norm";
+// A saved statistic passed back to a backward: float32 of exactly `expected` shape (checked
+// only once the op accepts x, so that a bad x is reported as such), read flattened.
+VectorIn saved_stat(const char* function, const char* name, const py::array& a,
+                    const Shape& expected, const char* expected_name, bool check_shape) {
+  require_float32(function, name, a);
+  if (check_shape && shape_of(a) != expected)
+    value_error(function, std::string(name) + " has shape " + shape_string(shape_of(a)) +
+                              ", expected " + expected_name + " = " + shape_string(expected));
+  py::array c = contiguous(a);
+  return {c, {static_cast<const float*>(c.data()), static_cast<std::size_t>(c.size())}};
+}
+
+py::tuple instance_norm_backward_impl(const py::array& dy_in, const py::array& x_in,
+                                      const OptionalArray& save_mean_in,
+                                      const OptionalArray& save_rstd_in,
+                                      const OptionalArray& weight_in, bool use_input_stats,
+                                      const OptionalArray& running_mean_in,
+                                      const OptionalArray& running_var_in, double eps) {
+  const char* function = "instance_norm_backward";
+  const Activation x = activation_input(function, "x", x_in);
+  const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
+  const VectorIn weight = vector_input(function, "weight", weight_in);
+  const Shape stats_shape = instance_stats_shape(x.view);
+  bool accepted = true;
+  try {
+    normkit::instance_norm_workspace_size({use_input_stats, 0.1, 0.0}, x.view);
+  } catch (const normkit::Error&) {
+    accepted = false;
+  }
+  VectorIn mean, rstd;
+  if (save_mean_in && save_rstd_in) {
+    mean = saved_stat(function, "save_mean", *save_mean_in, stats_shape, "(N, C)", accepted);
+    rstd = saved_stat(function, "save_rstd", *save_rstd_in, stats_shape, "(N, C)", accepted);
+  } else if (use_input_stats) {
+    value_error(function, "save_mean and save_rstd (from instance_norm_forward) are required "
+                          "when use_input_stats=True");
+  } else {
+    // The statistics are the constants the forward used: the running ones, per sample, with
+    // rstd formed as the forward forms it (so these are the forward's bits).
+    if (!running_mean_in || !running_var_in)
+      value_error(function, "use_input_stats=False needs save_mean and save_rstd (from "
+                            "instance_norm_forward), or running_mean and running_var");
+    const VectorIn running_mean = vector_input(function, "running_mean", running_mean_in);
+    const VectorIn running_var = vector_input(function, "running_var", running_var_in);
+    const int64_t channels = channels_of(x.view);
+    for (const VectorIn* v : {&running_mean, &running_var})
+      if (static_cast<int64_t>(v->span.size()) != channels)
+        value_error(function, std::string(v == &running_mean ? "running_mean" : "running_var") +
+                                  " has length " + std::to_string(v->span.size()) +
+                                  ", expected C = " + std::to_string(channels));
+    if (!(std::isfinite(eps) && eps >= 0))
+      value_error(function, "eps must be finite and >= 0, got " + py::repr(py::float_(eps))
+                                                                      .cast<std::string>());
+    const VectorOut mean_out = vector_output(stats_shape);
+    const VectorOut rstd_out = vector_output(stats_shape);
+    for (int64_t n = 0; n < batch_of(x.view); ++n)
+      for (int64_t c = 0; c < channels; ++c) {
+        mean_out.span[n * channels + c] = running_mean.span[c];
+        rstd_out.span[n * channels + c] =
+            float(1.0 / std::sqrt(double(running_var.span[c]) + eps));
+      }
+    mean = {mean_out.array, mean_out.span};
+    rstd = {rstd_out.array, rstd_out.span};
+  }
+  const Activation dx = activation_output(x);
+  VectorOut dweight, dbias;
+  if (weight.present()) {
+    dweight = vector_output({channels_of(x.view)});
+    dbias = vector_output({channels_of(x.view)});
+  }
+  normkit::InstanceNormBackwardParams params;
+  params.use_input_stats = use_input_stats;
+  without_gil([&] {
+    normkit::instance_norm_backward(params, dy.view, x.view, mean.span, rstd.span, weight.span,
+                                    dx.view, dweight.span, dbias.span);
+  });
+  return py::make_tuple(dx.array, or_none(dweight), or_none(dbias));
+}
+
+Shape normalized_shape_of(const char* function, const py::object& normalized_shape) {
   Shape shape;
   if (py::isinstance<py::int_>(normalized_shape)) {
     shape.push_back(normalized_shape.cast<py::ssize_t>());
@@ -499,8 +581,8 @@ Shape normalized_shape_of(const py::object& normalized_shape) {
 }
 
 // weight and bias of layer_norm have normalized_shape; the kernel takes them flattened.
-VectorIn layer_norm_param(const char* name, const OptionalArray& a, const Shape& normalized) {
-  const char* function = "layer_norm";
+VectorIn layer_norm_param(const char* function, const char* name, const OptionalArray& a,
+                          const Shape& normalized) {
   if (!a) return {};
   require_float32(function, name, *a);
   if (shape_of(*a) != normalized)
@@ -510,51 +592,113 @@ VectorIn layer_norm_param(const char* name, const OptionalArray& a, const Shape&
   return {flat, {static_cast<const float*>(flat.data()), static_cast<std::size_t>(flat.size())}};
 }
 
-py::array layer_norm_impl(const py::array& x_in, const py::object& normalized_shape_in,
-                          const OptionalArray& weight_in, const OptionalArray& bias_in,
-                          double eps) {
-  const char* function = "layer_norm";
-  const Shape normalized = normalized_shape_of(normalized_shape_in);
-  activation_dtype(function, "x", x_in);
-  const Shape shape = shape_of(x_in);
-  const int rank = static_cast<int>(shape.size());
-  const int normalized_ndim = static_cast<int>(normalized.size());
-  if (normalized_ndim > rank ||
-      !std::equal(normalized.begin(), normalized.end(), shape.end() - normalized_ndim))
-    value_error(function, "x shape " + shape_string(shape) +
-                              " does not end with normalized_shape " + shape_string(normalized));
-  const VectorIn weight = layer_norm_param("weight", weight_in, normalized);
-  const VectorIn bias = layer_norm_param("bias", bias_in, normalized);
-
-  // The kernel computes channels-last only when each sample is one row; other normalized dims
-  // need channels-first. Ranks above the kernel's are folded to (rows, cols), which is the same
-  // computation on channels-first memory.
-  Activation x = activation_input(function, "x", x_in);
-  const bool last_ok = normalized_ndim == rank - 1 && rank <= normkit::kMaxRank;
-  if (x.view.format == MemoryFormat::channels_last && !last_ok)
-    x = activation_input(function, "x", x_in, MemoryFormat::channels_first);
-  int kernel_normalized_ndim = normalized_ndim;
-  if (rank > normkit::kMaxRank) {
-    int64_t rows = 1, cols = 1;
-    for (int d = 0; d < rank; ++d) (d < rank - normalized_ndim ? rows : cols) *= shape[d];
-    const int64_t folded[2] = {rows, cols};
-    x.view = TensorView(x.view.data, x.view.dtype, 2, folded, MemoryFormat::channels_first);
-    kernel_normalized_ndim = 1;
-  }
-  // y has x's full shape and format; the kernel sees it through x's (possibly folded) view.
-  py::array y = new_output(x.array.dtype(), shape, x.view.format);
-  TensorView y_view = x.view;
-  y_view.data = y.mutable_data();
+// A layer_norm call as the kernel computes it. The kernel computes channels-last only when each
+// sample is one row; other normalized dims need channels-first. Ranks above the kernel's are
+// folded to (rows, cols), which is the same computation on channels-first memory.
+struct LayerNormProblem {
+  Shape shape;       // x's
+  Shape normalized;  // normalized_shape
+  Activation x;      // the array, and the (possibly folded) view the kernel sees
+  int kernel_normalized_ndim = 1;
   int64_t rows = 1;
-  for (int d = 0; d < rank - normalized_ndim; ++d) rows *= shape[d];
-  const VectorOut mean = vector_output({rows});
-  const VectorOut rstd = vector_output({rows});
-  const normkit::LayerNormParams params{kernel_normalized_ndim, eps};
+  // An array of x's shape, dtype and format, as the kernel sees x.
+  TensorView like_x(void* data) const {
+    TensorView v = x.view;
+    v.data = data;
+    return v;
+  }
+  // x's leading dims, then a 1 for each normalized dim: torch.native_layer_norm's shape.
+  Shape stats_shape() const {
+    Shape s(shape.begin(), shape.end() - normalized.size());
+    s.resize(shape.size(), 1);
+    return s;
+  }
+};
+
+LayerNormProblem layer_norm_problem(const char* function, const py::array& x_in,
+                                    const py::object& normalized_shape_in) {
+  LayerNormProblem p;
+  p.normalized = normalized_shape_of(function, normalized_shape_in);
+  activation_dtype(function, "x", x_in);
+  p.shape = shape_of(x_in);
+  const int rank = static_cast<int>(p.shape.size());
+  const int normalized_ndim = static_cast<int>(p.normalized.size());
+  if (normalized_ndim > rank ||
+      !std::equal(p.normalized.begin(), p.normalized.end(), p.shape.end() - normalized_ndim))
+    value_error(function, "x shape " + shape_string(p.shape) +
+                              " does not end with normalized_shape " +
+                              shape_string(p.normalized));
+  p.x = activation_input(function, "x", x_in);
+  const bool last_ok = normalized_ndim == rank - 1 && rank <= normkit::kMaxRank;
+  if (p.x.view.format == MemoryFormat::channels_last && !last_ok)
+    p.x = activation_input(function, "x", x_in, MemoryFormat::channels_first);
+  p.kernel_normalized_ndim = normalized_ndim;
+  for (int d = 0; d < rank - normalized_ndim; ++d) p.rows *= p.shape[d];
+  if (rank > normkit::kMaxRank) {
+    int64_t cols = 1;
+    for (int d = rank - normalized_ndim; d < rank; ++d) cols *= p.shape[d];
+    const int64_t folded[2] = {p.rows, cols};
+    p.x.view = TensorView(p.x.view.data, p.x.view.dtype, 2, folded, MemoryFormat::channels_first);
+    p.kernel_normalized_ndim = 1;
+  }
+  return p;
+}
+
+py::tuple layer_norm_forward_impl(const char* function, const py::array& x_in,
+                                  const py::object& normalized_shape_in,
+                                  const OptionalArray& weight_in, const OptionalArray& bias_in,
+                                  double eps) {
+  const LayerNormProblem p = layer_norm_problem(function, x_in, normalized_shape_in);
+  const VectorIn weight = layer_norm_param(function, "weight", weight_in, p.normalized);
+  const VectorIn bias = layer_norm_param(function, "bias", bias_in, p.normalized);
+  // y has x's full shape and format; the kernel sees it through x's (possibly folded) view.
+  py::array y = new_output(p.x.array.dtype(), p.shape, p.x.view.format);
+  const TensorView y_view = p.like_x(y.mutable_data());
+  const VectorOut mean = vector_output(p.stats_shape());
+  const VectorOut rstd = vector_output(p.stats_shape());
+  const normkit::LayerNormParams params{p.kernel_normalized_ndim, eps};
   without_gil([&] {
-    normkit::layer_norm_forward(params, x.view, weight.span, bias.span, y_view, mean.span,
+    normkit::layer_norm_forward(params, p.x.view, weight.span, bias.span, y_view, mean.span,
                                 rstd.span);
   });
-  return y;
+  return py::make_tuple(y, mean.array, rstd.array);
+}
+
+py::tuple layer_norm_backward_impl(const py::array& dy_in, const py::array& x_in,
+                                   const py::object& normalized_shape_in,
+                                   const py::array& mean_in, const py::array& rstd_in,
+                                   const OptionalArray& weight_in) {
+  const char* function = "layer_norm_backward";
+  const LayerNormProblem p = layer_norm_problem(function, x_in, normalized_shape_in);
+  const Activation dy = activation_input(function, "dy", dy_in, p.x.view.format);
+  // dy is seen through x's view (folded or not), so its shape and dtype are checked here.
+  if (shape_of(dy.array) != p.shape)
+    value_error(function, "dy has shape " + shape_string(shape_of(dy.array)) +
+                              ", expected x's shape " + shape_string(p.shape));
+  if (dy.view.dtype != p.x.view.dtype)
+    type_error(function, "dy has dtype " + dtype_name(dy.array) + ", expected x's dtype " +
+                             dtype_name(p.x.array));
+  const Shape stats_shape = p.stats_shape();
+  const VectorIn mean = saved_stat(function, "mean", mean_in, stats_shape,
+                                   "x's leading dims then 1s", true);
+  const VectorIn rstd = saved_stat(function, "rstd", rstd_in, stats_shape,
+                                   "x's leading dims then 1s", true);
+  const VectorIn weight = layer_norm_param(function, "weight", weight_in, p.normalized);
+  py::array dx = new_output(p.x.array.dtype(), p.shape, p.x.view.format);
+  const TensorView dx_view = p.like_x(dx.mutable_data());
+  const TensorView dy_view = p.like_x(const_cast<void*>(dy.array.data()));
+  VectorOut dweight, dbias;
+  if (weight.present()) {
+    dweight = vector_output(p.normalized);
+    dbias = vector_output(p.normalized);
+  }
+  normkit::LayerNormBackwardParams params;
+  params.normalized_ndim = p.kernel_normalized_ndim;
+  without_gil([&] {
+    normkit::layer_norm_backward(params, dy_view, p.x.view, mean.span, rstd.span, weight.span,
+                                 dx_view, dweight.span, dbias.span);
+  });
+  return py::make_tuple(dx, or_none(dweight), or_none(dbias));
 }
 
 }  // namespace
@@ -672,11 +816,19 @@ those of the forward, and save_mean / save_invstd are not read.
 Returns (dx, dweight, dbias): dx has x's shape and memory format; dweight and dbias (float32,
 length C) are None when weight is None.)doc");
 
-  m.def("instance_norm", &instance_norm_impl, py::arg("x"), py::arg("running_mean") = py::none(),
-        py::arg("running_var") = py::none(), py::arg("weight") = py::none(),
-        py::arg("bias") = py::none(), py::arg("use_input_stats") = true,
-        py::arg("momentum") = 0.1, py::arg("eps") = 1e-5,
-        R"doc(Instance normalization (torch.nn.functional.instance_norm).
+  m.def(
+      "instance_norm",
+      [](const py::array& x, const OptionalArray& running_mean, const OptionalArray& running_var,
+         const OptionalArray& weight, const OptionalArray& bias, bool use_input_stats,
+         double momentum, double eps) {
+        return instance_norm_forward_impl("instance_norm", x, running_mean, running_var, weight,
+                                          bias, use_input_stats, momentum, eps)[0]
+            .cast<py::array>();
+      },
+      py::arg("x"), py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
+      py::arg("weight") = py::none(), py::arg("bias") = py::none(),
+      py::arg("use_input_stats") = true, py::arg("momentum") = 0.1, py::arg("eps") = 1e-5,
+      R"doc(Instance normalization (torch.nn.functional.instance_norm).
 
 x: (N, C, *spatial) float32. use_input_stats=True: each (sample, channel) is normalized over its
 spatial positions (more than one needed); given running statistics (length C, writable,
@@ -685,15 +837,82 @@ variance, weighted by momentum. use_input_stats=False: normalizes with running_m
 running_var, which are then required. weight and bias (length C) are optional.
 Returns y, a new array in x's memory format.)doc");
 
-  m.def("layer_norm", &layer_norm_impl, py::arg("x"), py::arg("normalized_shape"),
-        py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("eps") = 1e-5,
-        R"doc(Layer normalization (torch.nn.functional.layer_norm).
+  m.def(
+      "instance_norm_forward",
+      [](const py::array& x, const OptionalArray& running_mean, const OptionalArray& running_var,
+         const OptionalArray& weight, const OptionalArray& bias, bool use_input_stats,
+         double momentum, double eps) {
+        return instance_norm_forward_impl("instance_norm_forward", x, running_mean, running_var,
+                                          weight, bias, use_input_stats, momentum, eps);
+      },
+      py::arg("x"), py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
+      py::arg("weight") = py::none(), py::arg("bias") = py::none(),
+      py::arg("use_input_stats") = true, py::arg("momentum") = 0.1, py::arg("eps") = 1e-5,
+      R"doc(instance_norm that also returns the statistics its backward needs.
+
+Returns (y, save_mean, save_rstd): y as instance_norm's; save_mean and save_rstd, float32 arrays
+of shape (N, C) (as group_norm_forward's (N, num_groups) with num_groups = C; torch has no native
+instance norm that returns them). use_input_stats=True: each instance's mean and
+1 / sqrt(biased var + eps). use_input_stats=False: running_mean and 1 / sqrt(running_var + eps),
+repeated for each sample.)doc");
+
+  m.def("instance_norm_backward", &instance_norm_backward_impl, py::arg("dy"), py::arg("x"),
+        py::arg("save_mean"), py::arg("save_rstd"), py::arg("weight") = py::none(),
+        py::arg("use_input_stats") = true, py::arg("running_mean") = py::none(),
+        py::arg("running_var") = py::none(), py::arg("eps") = 1e-5,
+        R"doc(Gradients of instance_norm.
+
+dy: the gradient with respect to y (x's shape; any strides). use_input_stats=True: the gradient
+flows through the per-instance statistics; save_mean and save_rstd are those
+instance_norm_forward returned (shape (N, C)). use_input_stats=False: the statistics are
+constants; pass either save_mean and save_rstd from the forward, or None for both and the
+forward's running_mean, running_var (length C) and eps, from which the same statistics are
+formed. Running statistics are only read.
+Returns (dx, dweight, dbias): dx has x's shape and memory format; dweight and dbias (float32,
+length C) are None when weight is None.)doc");
+
+  m.def(
+      "layer_norm",
+      [](const py::array& x, const py::object& normalized_shape, const OptionalArray& weight,
+         const OptionalArray& bias, double eps) {
+        return layer_norm_forward_impl("layer_norm", x, normalized_shape, weight, bias, eps)[0]
+            .cast<py::array>();
+      },
+      py::arg("x"), py::arg("normalized_shape"), py::arg("weight") = py::none(),
+      py::arg("bias") = py::none(), py::arg("eps") = 1e-5,
+      R"doc(Layer normalization (torch.nn.functional.layer_norm).
 
 x: float32 or float16 of any rank whose trailing dims equal normalized_shape (an int or a sequence
 of ints). Each slice over those dims is normalized with its mean and biased variance, then
 multiplied by weight and shifted by bias (optional, float32, both of shape normalized_shape);
 float16 is computed in float32 inside. Returns y, a new array of x's dtype; a channels-last x keeps
 its format when normalized_shape covers every dim but N.)doc");
+
+  m.def(
+      "layer_norm_forward",
+      [](const py::array& x, const py::object& normalized_shape, const OptionalArray& weight,
+         const OptionalArray& bias, double eps) {
+        return layer_norm_forward_impl("layer_norm_forward", x, normalized_shape, weight, bias,
+                                       eps);
+      },
+      py::arg("x"), py::arg("normalized_shape"), py::arg("weight") = py::none(),
+      py::arg("bias") = py::none(), py::arg("eps") = 1e-5,
+      R"doc(layer_norm that also returns the statistics its backward needs.
+
+Returns (y, mean, rstd): y as layer_norm's; mean and rstd = 1 / sqrt(biased var + eps), float32
+arrays of x's leading dims followed by a 1 for each normalized dim (x of shape (2, 3, 4, 5) with
+normalized_shape (4, 5): (2, 3, 1, 1)), as torch.native_layer_norm returns them.)doc");
+
+  m.def("layer_norm_backward", &layer_norm_backward_impl, py::arg("dy"), py::arg("x"),
+        py::arg("normalized_shape"), py::arg("mean"), py::arg("rstd"),
+        py::arg("weight") = py::none(),
+        R"doc(Gradients of layer_norm.
+
+dy: the gradient with respect to y (x's shape and dtype; any strides). x, normalized_shape,
+mean, rstd (the shape layer_norm_forward returns them in, e.g. torch.native_layer_norm's) and
+weight as passed to / returned by layer_norm_forward.
+Returns (dx, dweight, dbias): dx has x's shape, dtype and the memory format y had; dweight and
+dbias (float32, of shape normalized_shape) are None when weight is None.)doc");
 
   m.def("set_num_threads", &normkit::set_num_threads, py::arg("n"),
         R"doc(Sets the number of threads every later call uses (n >= 1). Results do not depend

@@ -197,3 +197,23 @@ class Config:
     def __repr__(self):
         return (f"shape={self.shape} format={self.format} offset={self.offset:g} "
                 f"scale={self.scale:g} eps={self.eps:g}")
+
+
+def finite_difference_check(forward64, x, dy, dx, tol, what, directions=3, rng=None):
+    """dx = d/dx sum(dy * forward64(x)) along random directions v: <dx, v> against the central
+    difference of the float64 forward (an implementation independent of torch and of the
+    module), relative to |dx| * |v|."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    x64 = np.asarray(x, np.float64)
+    dy64 = np.asarray(dy, np.float64)
+    dx64 = np.asarray(dx, np.float64)
+    scale = max(float(np.max(np.abs(x64 - x64.mean()), initial=0.0)), 1e-30)
+    h = 1e-5 * scale
+    for _ in range(directions):
+        v = rng.standard_normal(x64.shape)
+        loss = lambda t: float(np.sum(dy64 * forward64(x64 + t * v)))  # noqa: E731
+        numeric = (loss(h) - loss(-h)) / (2 * h)
+        analytic = float(np.sum(dx64 * v))
+        yardstick = float(np.linalg.norm(dx64) * np.linalg.norm(v)) + 1e-30
+        assert abs(numeric - analytic) <= tol * yardstick, \
+            f"{what}: <dx, v> = {analytic:.6g}, finite difference {numeric:.6g}"
