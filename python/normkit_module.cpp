@@ -294,6 +294,118 @@ template <typename F> void without_gil(F&& kernel) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Fused epilogues: y = activation(normalized(x) + residual), and their gradients.
+
+// The activations a forward can fuse, by the name Python passes: one row each, saying how the
+// library's epilogue is set for it and what its gradient reads besides dy.
+struct FusedActivation {
+  const char* name;
+  bool relu;
+  bool backward_needs_y;  // relu: the forward's output, whose sign is the mask
+};
+constexpr FusedActivation kFusedActivations[] = {
+    {"relu", true, true},
+};
+
+// nullptr for None.
+const FusedActivation* fused_activation(const char* function, const py::object& activation) {
+  if (activation.is_none()) return nullptr;
+  std::string allowed = "None";
+  for (const FusedActivation& a : kFusedActivations) allowed += std::string(", '") + a.name + "'";
+  const std::string got = py::repr(activation).cast<std::string>();
+  if (!py::isinstance<py::str>(activation))
+    type_error(function, "activation must be one of " + allowed + ", got " + got);
+  const std::string name = activation.cast<std::string>();
+  for (const FusedActivation& a : kFusedActivations)
+    if (name == a.name) return &a;
+  value_error(function, "activation must be one of " + allowed + ", got " + got);
+}
+
+void set_activation(const FusedActivation* activation, normkit::ForwardEpilogue& epilogue) {
+  epilogue.relu = activation && activation->relu;
+}
+void set_activation(const FusedActivation* activation, normkit::BackwardEpilogue& epilogue) {
+  epilogue.relu = activation && activation->relu;
+}
+
+// An epilogue tensor is used where it lies, never copied: it must have x's shape and dtype and
+// be dense in the memory format x is computed in. `x_view`: x as the kernel sees it (the
+// epilogue tensor is seen the same way).
+TensorView exactly_like_x(const char* function, const char* name, const py::array& a,
+                          const Activation& x, const TensorView& x_view, bool written) {
+  if (shape_of(a) != shape_of(x.array))
+    value_error(function, std::string(name) + " has shape " + shape_string(shape_of(a)) +
+                              ", expected x's shape " + shape_string(shape_of(x.array)));
+  if (activation_dtype(function, name, a) != x.view.dtype)
+    type_error(function, std::string(name) + " has dtype " + dtype_name(a) +
+                             ", expected x's dtype " + dtype_name(x.array));
+  if (!is_aligned(a) || (a.size() > 0 && !dense_in(a, x.view.format, true)))
+    value_error(function, std::string(name) + " must be laid out as x is computed (" +
+                              normkit::to_string(x.view.format) + ", byte strides " +
+                              shape_string(dense_strides(shape_of(a), x.view.format,
+                                                         a.itemsize())) +
+                              "), got byte strides " +
+                              shape_string(Shape(a.strides(), a.strides() + a.ndim())));
+  if (written && !a.writeable()) value_error(function, std::string(name) + " must be writable");
+  TensorView view = x_view;
+  view.data = const_cast<void*>(a.data());
+  return view;
+}
+
+// What a forward fuses: `activation` (None or a name of kFusedActivations) and `residual`
+// (None or an array exactly like x).
+normkit::ForwardEpilogue forward_epilogue(const char* function, const py::object& activation,
+                                          const OptionalArray& residual, const Activation& x,
+                                          const TensorView& x_view) {
+  normkit::ForwardEpilogue epilogue;
+  set_activation(fused_activation(function, activation), epilogue);
+  if (residual) epilogue.residual = exactly_like_x(function, "residual", *residual, x, x_view, false);
+  return epilogue;
+}
+
+// What a backward undoes: the forward's `activation`, `y` (the forward's output, required when
+// the activation's gradient reads it), and whether the residual's gradient is wanted.
+struct BackwardEpilogueArgs {
+  py::object activation;
+  OptionalArray y;
+  bool residual_grad = false;
+};
+
+struct FusedBackward {
+  normkit::BackwardEpilogue epilogue;
+  std::optional<py::array> dresidual;  // a new array, with residual_grad
+};
+
+FusedBackward backward_epilogue(const char* function, const BackwardEpilogueArgs& args,
+                                const Activation& x, const TensorView& x_view) {
+  FusedBackward fused;
+  const FusedActivation* activation = fused_activation(function, args.activation);
+  set_activation(activation, fused.epilogue);
+  if (activation && activation->backward_needs_y && !args.y)
+    value_error(function, std::string("y (the forward's output) is required with activation='") +
+                              activation->name + "'");
+  if (args.y && !(activation && activation->backward_needs_y))
+    value_error(function, std::string("y is not read with activation=") +
+                              py::repr(args.activation).cast<std::string>() +
+                              ": pass the forward's activation with it");
+  if (args.y) fused.epilogue.y = exactly_like_x(function, "y", *args.y, x, x_view, false);
+  if (args.residual_grad) {
+    py::array d = new_output(x.array.dtype(), shape_of(x.array), x.view.format);
+    fused.epilogue.dresidual = x_view;
+    fused.epilogue.dresidual.data = d.mutable_data();
+    fused.dresidual = d;
+  }
+  return fused;
+}
+
+// (dx, dweight, dbias), then dresidual when it was asked for.
+py::tuple backward_result(const py::object& dx, const py::object& dweight, const py::object& dbias,
+                          const FusedBackward& fused) {
+  if (fused.dresidual) return py::make_tuple(dx, dweight, dbias, *fused.dresidual);
+  return py::make_tuple(dx, dweight, dbias);
+}
+
+// ---------------------------------------------------------------------------------------------
 // group_norm
 
 // Whether the library accepts num_groups for x (its workspace query makes the forward's checks
@@ -313,15 +425,17 @@ bool groups_accepted(int64_t num_groups, const TensorView& x) {
 
 py::tuple group_norm_forward_impl(const char* function, const py::array& x_in,
                                   int64_t num_groups, const OptionalArray& weight_in,
-                                  const OptionalArray& bias_in, double eps) {
+                                  const OptionalArray& bias_in, double eps,
+                                  const py::object& activation, const OptionalArray& residual) {
   const Activation x = activation_input(function, "x", x_in);
   const VectorIn weight = vector_input(function, "weight", weight_in);
   const VectorIn bias = vector_input(function, "bias", bias_in);
+  const normkit::GroupNormParams params{
+      num_groups, eps, forward_epilogue(function, activation, residual, x, x.view)};
   const Activation y = activation_output(x);
   const Shape stats_shape{batch_of(x.view), groups_accepted(num_groups, x.view) ? num_groups : 0};
   const VectorOut mean = vector_output(stats_shape);
   const VectorOut rstd = vector_output(stats_shape);
-  const normkit::GroupNormParams params{num_groups, eps};
   without_gil([&] {
     normkit::group_norm_forward(params, x.view, weight.span, bias.span, y.view, mean.span,
                                 rstd.span);
@@ -331,11 +445,13 @@ py::tuple group_norm_forward_impl(const char* function, const py::array& x_in,
 
 py::tuple group_norm_backward_impl(const py::array& dy_in, const py::array& x_in,
                                    const py::array& mean_in, const py::array& rstd_in,
-                                   int64_t num_groups, const OptionalArray& weight_in) {
+                                   int64_t num_groups, const OptionalArray& weight_in,
+                                   const BackwardEpilogueArgs& fused_args) {
   const char* function = "group_norm_backward";
   const Activation x = activation_input(function, "x", x_in);
   const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
   const VectorIn weight = vector_input(function, "weight", weight_in);
+  const FusedBackward fused = backward_epilogue(function, fused_args, x, x.view);
   const Shape stats_shape{batch_of(x.view), num_groups};
   const bool accepted = groups_accepted(num_groups, x.view);
   VectorIn stats[2];
@@ -358,12 +474,12 @@ py::tuple group_norm_backward_impl(const py::array& dy_in, const py::array& x_in
     dweight = vector_output({channels_of(x.view)});
     dbias = vector_output({channels_of(x.view)});
   }
-  const normkit::GroupNormBackwardParams params{num_groups};
+  const normkit::GroupNormBackwardParams params{num_groups, fused.epilogue};
   without_gil([&] {
     normkit::group_norm_backward(params, dy.view, x.view, stats[0].span, stats[1].span,
                                  weight.span, dx.view, dweight.span, dbias.span);
   });
-  return py::make_tuple(dx.array, or_none(dweight), or_none(dbias));
+  return backward_result(dx.array, or_none(dweight), or_none(dbias), fused);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -373,7 +489,8 @@ py::tuple batch_norm_forward_impl(const char* function, const py::array& x_in,
                                   const OptionalArray& running_mean_in,
                                   const OptionalArray& running_var_in,
                                   const OptionalArray& weight_in, const OptionalArray& bias_in,
-                                  bool training, double momentum, double eps) {
+                                  bool training, double momentum, double eps,
+                                  const py::object& activation, const OptionalArray& residual) {
   const Activation x = activation_input(function, "x", x_in);
   const std::span<float> running_mean =
       running_stat(function, "running_mean", running_mean_in, training);
@@ -381,8 +498,9 @@ py::tuple batch_norm_forward_impl(const char* function, const py::array& x_in,
       running_stat(function, "running_var", running_var_in, training);
   const VectorIn weight = vector_input(function, "weight", weight_in);
   const VectorIn bias = vector_input(function, "bias", bias_in);
+  const normkit::BatchNormParams params{
+      eps, momentum, forward_epilogue(function, activation, residual, x, x.view)};
   const Activation y = activation_output(x);
-  const normkit::BatchNormParams params{eps, momentum};
   if (training) {
     const VectorOut save_mean = vector_output({channels_of(x.view)});
     const VectorOut save_invstd = vector_output({channels_of(x.view)});
@@ -413,11 +531,13 @@ py::tuple batch_norm_backward_impl(const py::array& dy_in, const py::array& x_in
                                    const OptionalArray& save_mean_in,
                                    const OptionalArray& save_invstd_in, bool training,
                                    const OptionalArray& running_mean_in,
-                                   const OptionalArray& running_var_in, double eps) {
+                                   const OptionalArray& running_var_in, double eps,
+                                   const BackwardEpilogueArgs& fused_args) {
   const char* function = "batch_norm_backward";
   const Activation x = activation_input(function, "x", x_in);
   const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
   const VectorIn weight = vector_input(function, "weight", weight_in);
+  const FusedBackward fused = backward_epilogue(function, fused_args, x, x.view);
   const Activation dx = activation_output(x);
   VectorOut dweight, dbias;
   if (weight.present()) {
@@ -431,7 +551,7 @@ py::tuple batch_norm_backward_impl(const py::array& dy_in, const py::array& x_in
     const VectorIn save_mean = vector_input(function, "save_mean", save_mean_in);
     const VectorIn save_invstd = vector_input(function, "save_invstd", save_invstd_in);
     without_gil([&] {
-      normkit::batch_norm_backward_training({}, dy.view, x.view, save_mean.span,
+      normkit::batch_norm_backward_training({fused.epilogue}, dy.view, x.view, save_mean.span,
                                             save_invstd.span, weight.span, dx.view, dweight.span,
                                             dbias.span);
     });
@@ -440,14 +560,15 @@ py::tuple batch_norm_backward_impl(const py::array& dy_in, const py::array& x_in
       value_error(function, "running_mean and running_var are required when training=False");
     const VectorIn running_mean = vector_input(function, "running_mean", running_mean_in);
     const VectorIn running_var = vector_input(function, "running_var", running_var_in);
-    const normkit::BatchNormInferenceBackwardParams params{.eps = eps};
+    const normkit::BatchNormInferenceBackwardParams params{.eps = eps,
+                                                           .epilogue = fused.epilogue};
     without_gil([&] {
       normkit::batch_norm_backward_inference(params, dy.view, x.view, running_mean.span,
                                              running_var.span, weight.span, dx.view,
                                              dweight.span, dbias.span);
     });
   }
-  return py::make_tuple(dx.array, or_none(dweight), or_none(dbias));
+  return backward_result(dx.array, or_none(dweight), or_none(dbias), fused);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -461,7 +582,9 @@ py::tuple instance_norm_forward_impl(const char* function, const py::array& x_in
                                      const OptionalArray& running_mean_in,
                                      const OptionalArray& running_var_in,
                                      const OptionalArray& weight_in, const OptionalArray& bias_in,
-                                     bool use_input_stats, double momentum, double eps) {
+                                     bool use_input_stats, double momentum, double eps,
+                                     const py::object& activation,
+                                     const OptionalArray& residual) {
   const Activation x = activation_input(function, "x", x_in);
   const std::span<float> running_mean =
       running_stat(function, "running_mean", running_mean_in, use_input_stats);
@@ -469,10 +592,12 @@ py::tuple instance_norm_forward_impl(const char* function, const py::array& x_in
       running_stat(function, "running_var", running_var_in, use_input_stats);
   const VectorIn weight = vector_input(function, "weight", weight_in);
   const VectorIn bias = vector_input(function, "bias", bias_in);
+  const normkit::InstanceNormParams params{
+      use_input_stats, momentum, eps,
+      forward_epilogue(function, activation, residual, x, x.view)};
   const Activation y = activation_output(x);
   const VectorOut mean = vector_output(instance_stats_shape(x.view));
   const VectorOut rstd = vector_output(instance_stats_shape(x.view));
-  const normkit::InstanceNormParams params{use_input_stats, momentum, eps};
   without_gil([&] {
     normkit::instance_norm_forward(params, x.view, weight.span, bias.span, running_mean,
                                    running_var, y.view, mean.span, rstd.span);
@@ -497,11 +622,13 @@ py::tuple instance_norm_backward_impl(const py::array& dy_in, const py::array& x
                                       const OptionalArray& save_rstd_in,
                                       const OptionalArray& weight_in, bool use_input_stats,
                                       const OptionalArray& running_mean_in,
-                                      const OptionalArray& running_var_in, double eps) {
+                                      const OptionalArray& running_var_in, double eps,
+                                      const BackwardEpilogueArgs& fused_args) {
   const char* function = "instance_norm_backward";
   const Activation x = activation_input(function, "x", x_in);
   const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
   const VectorIn weight = vector_input(function, "weight", weight_in);
+  const FusedBackward fused = backward_epilogue(function, fused_args, x, x.view);
   const Shape stats_shape = instance_stats_shape(x.view);
   bool accepted = true;
   try {
@@ -552,11 +679,12 @@ py::tuple instance_norm_backward_impl(const py::array& dy_in, const py::array& x
   }
   normkit::InstanceNormBackwardParams params;
   params.use_input_stats = use_input_stats;
+  params.epilogue = fused.epilogue;
   without_gil([&] {
     normkit::instance_norm_backward(params, dy.view, x.view, mean.span, rstd.span, weight.span,
                                     dx.view, dweight.span, dbias.span);
   });
-  return py::make_tuple(dx.array, or_none(dweight), or_none(dbias));
+  return backward_result(dx.array, or_none(dweight), or_none(dbias), fused);
 }
 
 Shape normalized_shape_of(const char* function, const py::object& normalized_shape) {
@@ -647,16 +775,19 @@ LayerNormProblem layer_norm_problem(const char* function, const py::array& x_in,
 py::tuple layer_norm_forward_impl(const char* function, const py::array& x_in,
                                   const py::object& normalized_shape_in,
                                   const OptionalArray& weight_in, const OptionalArray& bias_in,
-                                  double eps) {
+                                  double eps, const py::object& activation,
+                                  const OptionalArray& residual) {
   const LayerNormProblem p = layer_norm_problem(function, x_in, normalized_shape_in);
   const VectorIn weight = layer_norm_param(function, "weight", weight_in, p.normalized);
   const VectorIn bias = layer_norm_param(function, "bias", bias_in, p.normalized);
+  const normkit::LayerNormParams params{
+      p.kernel_normalized_ndim, eps,
+      forward_epilogue(function, activation, residual, p.x, p.x.view)};
   // y has x's full shape and format; the kernel sees it through x's (possibly folded) view.
   py::array y = new_output(p.x.array.dtype(), p.shape, p.x.view.format);
   const TensorView y_view = p.like_x(y.mutable_data());
   const VectorOut mean = vector_output(p.stats_shape());
   const VectorOut rstd = vector_output(p.stats_shape());
-  const normkit::LayerNormParams params{p.kernel_normalized_ndim, eps};
   without_gil([&] {
     normkit::layer_norm_forward(params, p.x.view, weight.span, bias.span, y_view, mean.span,
                                 rstd.span);
@@ -667,7 +798,8 @@ py::tuple layer_norm_forward_impl(const char* function, const py::array& x_in,
 py::tuple layer_norm_backward_impl(const py::array& dy_in, const py::array& x_in,
                                    const py::object& normalized_shape_in,
                                    const py::array& mean_in, const py::array& rstd_in,
-                                   const OptionalArray& weight_in) {
+                                   const OptionalArray& weight_in,
+                                   const BackwardEpilogueArgs& fused_args) {
   const char* function = "layer_norm_backward";
   const LayerNormProblem p = layer_norm_problem(function, x_in, normalized_shape_in);
   const Activation dy = activation_input(function, "dy", dy_in, p.x.view.format);
@@ -684,6 +816,7 @@ py::tuple layer_norm_backward_impl(const py::array& dy_in, const py::array& x_in
   const VectorIn rstd = saved_stat(function, "rstd", rstd_in, stats_shape,
                                    "x's leading dims then 1s", true);
   const VectorIn weight = layer_norm_param(function, "weight", weight_in, p.normalized);
+  const FusedBackward fused = backward_epilogue(function, fused_args, p.x, p.x.view);
   py::array dx = new_output(p.x.array.dtype(), p.shape, p.x.view.format);
   const TensorView dx_view = p.like_x(dx.mutable_data());
   const TensorView dy_view = p.like_x(const_cast<void*>(dy.array.data()));
@@ -694,14 +827,33 @@ py::tuple layer_norm_backward_impl(const py::array& dy_in, const py::array& x_in
   }
   normkit::LayerNormBackwardParams params;
   params.normalized_ndim = p.kernel_normalized_ndim;
+  params.epilogue = fused.epilogue;
   without_gil([&] {
     normkit::layer_norm_backward(params, dy_view, p.x.view, mean.span, rstd.span, weight.span,
                                  dx_view, dweight.span, dbias.span);
   });
-  return py::make_tuple(dx, or_none(dweight), or_none(dbias));
+  return backward_result(dx, or_none(dweight), or_none(dbias), fused);
 }
 
 }  // namespace
+
+// Keyword-only arguments of every forward and backward: the fused epilogue (epilogue.h).
+#define FORWARD_EPILOGUE_ARGS \
+  py::kw_only(), py::arg("activation") = py::none(), py::arg("residual") = py::none()
+#define BACKWARD_EPILOGUE_ARGS                                                    \
+  py::kw_only(), py::arg("activation") = py::none(), py::arg("y") = py::none(), \
+      py::arg("residual_grad") = false
+#define FORWARD_EPILOGUE_DOC                                                                     \
+  "\n\nKeyword-only, fused into the same pass over memory: activation (None or 'relu') and\n"   \
+  "residual (None, or an array exactly like x: its shape and dtype, laid out in the memory\n"     \
+  "format x is computed in; it is never copied). The result is\n"                               \
+  "activation(normalized + residual)."
+#define BACKWARD_EPILOGUE_DOC                                                                    \
+  "\n\nKeyword-only, for a forward that fused an epilogue: activation as passed to the\n"       \
+  "forward; y, the forward's output (exactly like x), required with 'relu', whose mask y > 0\n"  \
+  "it reads; residual_grad=True also returns the residual's gradient, a new array like x, as\n"  \
+  "a fourth element: (dx, dweight, dbias, dresidual). The gradient of the normalization is\n"    \
+  "then taken with respect to g = dy * (y > 0) for 'relu', else dy, and dresidual = g."
 
 PYBIND11_MODULE(_normkit, m) {
   m.doc() =
@@ -731,51 +883,63 @@ PYBIND11_MODULE(_normkit, m) {
   m.def(
       "group_norm",
       [](const py::array& x, int64_t num_groups, const OptionalArray& weight,
-         const OptionalArray& bias, double eps) {
-        return group_norm_forward_impl("group_norm", x, num_groups, weight, bias, eps)[0]
+         const OptionalArray& bias, double eps, const py::object& activation,
+         const OptionalArray& residual) {
+        return group_norm_forward_impl("group_norm", x, num_groups, weight, bias, eps,
+                                       activation, residual)[0]
             .cast<py::array>();
       },
       py::arg("x"), py::arg("num_groups"), py::arg("weight") = py::none(),
-      py::arg("bias") = py::none(), py::arg("eps") = 1e-5,
+      py::arg("bias") = py::none(), py::arg("eps") = 1e-5, FORWARD_EPILOGUE_ARGS,
       R"doc(Group normalization (torch.nn.functional.group_norm).
 
 x: (N, C, *spatial) float32, 0-3 spatial dims; C must be divisible by num_groups.
 For each sample and group of C/num_groups channels: y = (x - mean) / sqrt(var + eps)
 (biased variance over the group's channels and positions), then y * weight[c] + bias[c]
-when weight / bias (float32, length C) are given. Returns y, a new array in x's memory format.)doc");
+when weight / bias (float32, length C) are given. Returns y, a new array in x's memory format.)doc" FORWARD_EPILOGUE_DOC);
 
   m.def("group_norm_forward", [](const py::array& x, int64_t num_groups,
                                  const OptionalArray& weight, const OptionalArray& bias,
-                                 double eps) {
-        return group_norm_forward_impl("group_norm_forward", x, num_groups, weight, bias, eps);
+                                 double eps, const py::object& activation,
+                                 const OptionalArray& residual) {
+        return group_norm_forward_impl("group_norm_forward", x, num_groups, weight, bias, eps,
+                                       activation, residual);
       },
       py::arg("x"), py::arg("num_groups"), py::arg("weight") = py::none(),
-      py::arg("bias") = py::none(), py::arg("eps") = 1e-5,
+      py::arg("bias") = py::none(), py::arg("eps") = 1e-5, FORWARD_EPILOGUE_ARGS,
       R"doc(group_norm that also returns the statistics its backward needs.
 
 Returns (y, mean, rstd): y as group_norm's; mean and rstd = 1 / sqrt(var + eps), float32
-arrays of shape (N, num_groups), as torch.native_group_norm returns them.)doc");
+arrays of shape (N, num_groups), as torch.native_group_norm returns them.)doc" FORWARD_EPILOGUE_DOC);
 
-  m.def("group_norm_backward", &group_norm_backward_impl, py::arg("dy"), py::arg("x"),
-        py::arg("mean"), py::arg("rstd"), py::arg("num_groups"), py::arg("weight") = py::none(),
+  m.def("group_norm_backward",
+        [](const py::array& dy, const py::array& x, const py::array& mean, const py::array& rstd,
+           int64_t num_groups, const OptionalArray& weight, const py::object& activation,
+           const OptionalArray& y, bool residual_grad) {
+          return group_norm_backward_impl(dy, x, mean, rstd, num_groups, weight,
+                                          {activation, y, residual_grad});
+        },
+        py::arg("dy"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("num_groups"),
+        py::arg("weight") = py::none(), BACKWARD_EPILOGUE_ARGS,
         R"doc(Gradients of group_norm.
 
 dy: the gradient of the loss with respect to y (x's shape; any strides). x, mean, rstd,
 num_groups and weight as passed to / returned by group_norm_forward.
 Returns (dx, dweight, dbias): dx has x's shape and memory format; dweight and dbias (float32,
-length C) are None when weight is None.)doc");
+length C) are None when weight is None.)doc" BACKWARD_EPILOGUE_DOC);
 
   m.def("batch_norm", [](const py::array& x, const OptionalArray& running_mean,
                          const OptionalArray& running_var, const OptionalArray& weight,
                          const OptionalArray& bias, bool training, double momentum,
-                         double eps) {
+                         double eps, const py::object& activation,
+                         const OptionalArray& residual) {
         return batch_norm_forward_impl("batch_norm", x, running_mean, running_var, weight, bias,
-                                       training, momentum, eps)[0]
+                                       training, momentum, eps, activation, residual)[0]
             .cast<py::array>();
       },
       py::arg("x"), py::arg("running_mean"), py::arg("running_var"),
       py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("training") = false,
-      py::arg("momentum") = 0.1, py::arg("eps") = 1e-5,
+      py::arg("momentum") = 0.1, py::arg("eps") = 1e-5, FORWARD_EPILOGUE_ARGS,
       R"doc(Batch normalization (torch.nn.functional.batch_norm).
 
 x: (N, C, *spatial) float32. running_mean, running_var: float32 arrays of length C, or None.
@@ -785,28 +949,39 @@ given, updates them in place (they must then be writable and contiguous):
     running_mean = (1 - momentum) * running_mean + momentum * mean
     running_var  = (1 - momentum) * running_var  + momentum * unbiased variance
 training=False: normalizes with running_mean and running_var, which are then required.
-weight and bias (length C) are optional. Returns y, a new array in x's memory format.)doc");
+weight and bias (length C) are optional. Returns y, a new array in x's memory format.)doc" FORWARD_EPILOGUE_DOC);
 
   m.def("batch_norm_forward", [](const py::array& x, const OptionalArray& running_mean,
                                  const OptionalArray& running_var, const OptionalArray& weight,
                                  const OptionalArray& bias, bool training, double momentum,
-                                 double eps) {
+                                 double eps, const py::object& activation,
+                                 const OptionalArray& residual) {
         return batch_norm_forward_impl("batch_norm_forward", x, running_mean, running_var,
-                                       weight, bias, training, momentum, eps);
+                                       weight, bias, training, momentum, eps, activation,
+                                       residual);
       },
       py::arg("x"), py::arg("running_mean"), py::arg("running_var"),
       py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("training") = false,
-      py::arg("momentum") = 0.1, py::arg("eps") = 1e-5,
+      py::arg("momentum") = 0.1, py::arg("eps") = 1e-5, FORWARD_EPILOGUE_ARGS,
       R"doc(batch_norm that also returns the statistics its backward needs.
 
 Returns (y, save_mean, save_invstd). Training: the batch mean and 1 / sqrt(biased var + eps),
 float32 of length C (zeros for an empty batch, which has no statistics). Inference: two empty
-arrays, as torch.native_batch_norm (the backward then reads the running statistics).)doc");
+arrays, as torch.native_batch_norm (the backward then reads the running statistics).)doc" FORWARD_EPILOGUE_DOC);
 
-  m.def("batch_norm_backward", &batch_norm_backward_impl, py::arg("dy"), py::arg("x"),
-        py::arg("weight"), py::arg("save_mean"), py::arg("save_invstd"),
-        py::arg("training") = true, py::arg("running_mean") = py::none(),
-        py::arg("running_var") = py::none(), py::arg("eps") = 1e-5,
+  m.def("batch_norm_backward",
+        [](const py::array& dy, const py::array& x, const OptionalArray& weight,
+           const OptionalArray& save_mean, const OptionalArray& save_invstd, bool training,
+           const OptionalArray& running_mean, const OptionalArray& running_var, double eps,
+           const py::object& activation, const OptionalArray& y, bool residual_grad) {
+          return batch_norm_backward_impl(dy, x, weight, save_mean, save_invstd, training,
+                                          running_mean, running_var, eps,
+                                          {activation, y, residual_grad});
+        },
+        py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("save_mean"),
+        py::arg("save_invstd"), py::arg("training") = true,
+        py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
+        py::arg("eps") = 1e-5, BACKWARD_EPILOGUE_ARGS,
         R"doc(Gradients of batch_norm.
 
 dy: the gradient with respect to y (x's shape; any strides). training=True: the gradient flows
@@ -814,20 +989,23 @@ through the batch statistics; save_mean and save_invstd are those batch_norm_for
 training=False: the statistics are constants; running_mean, running_var (length C) and eps are
 those of the forward, and save_mean / save_invstd are not read.
 Returns (dx, dweight, dbias): dx has x's shape and memory format; dweight and dbias (float32,
-length C) are None when weight is None.)doc");
+length C) are None when weight is None.)doc" BACKWARD_EPILOGUE_DOC);
 
   m.def(
       "instance_norm",
       [](const py::array& x, const OptionalArray& running_mean, const OptionalArray& running_var,
          const OptionalArray& weight, const OptionalArray& bias, bool use_input_stats,
-         double momentum, double eps) {
+         double momentum, double eps, const py::object& activation,
+         const OptionalArray& residual) {
         return instance_norm_forward_impl("instance_norm", x, running_mean, running_var, weight,
-                                          bias, use_input_stats, momentum, eps)[0]
+                                          bias, use_input_stats, momentum, eps, activation,
+                                          residual)[0]
             .cast<py::array>();
       },
       py::arg("x"), py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
       py::arg("weight") = py::none(), py::arg("bias") = py::none(),
       py::arg("use_input_stats") = true, py::arg("momentum") = 0.1, py::arg("eps") = 1e-5,
+      FORWARD_EPILOGUE_ARGS,
       R"doc(Instance normalization (torch.nn.functional.instance_norm).
 
 x: (N, C, *spatial) float32. use_input_stats=True: each (sample, channel) is normalized over its
@@ -835,31 +1013,43 @@ spatial positions (more than one needed); given running statistics (length C, wr
 contiguous) are updated in place with the batch averages of the per-instance mean and unbiased
 variance, weighted by momentum. use_input_stats=False: normalizes with running_mean and
 running_var, which are then required. weight and bias (length C) are optional.
-Returns y, a new array in x's memory format.)doc");
+Returns y, a new array in x's memory format.)doc" FORWARD_EPILOGUE_DOC);
 
   m.def(
       "instance_norm_forward",
       [](const py::array& x, const OptionalArray& running_mean, const OptionalArray& running_var,
          const OptionalArray& weight, const OptionalArray& bias, bool use_input_stats,
-         double momentum, double eps) {
+         double momentum, double eps, const py::object& activation,
+         const OptionalArray& residual) {
         return instance_norm_forward_impl("instance_norm_forward", x, running_mean, running_var,
-                                          weight, bias, use_input_stats, momentum, eps);
+                                          weight, bias, use_input_stats, momentum, eps,
+                                          activation, residual);
       },
       py::arg("x"), py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
       py::arg("weight") = py::none(), py::arg("bias") = py::none(),
       py::arg("use_input_stats") = true, py::arg("momentum") = 0.1, py::arg("eps") = 1e-5,
+      FORWARD_EPILOGUE_ARGS,
       R"doc(instance_norm that also returns the statistics its backward needs.
 
 Returns (y, save_mean, save_rstd): y as instance_norm's; save_mean and save_rstd, float32 arrays
 of shape (N, C) (as group_norm_forward's (N, num_groups) with num_groups = C; torch has no native
 instance norm that returns them). use_input_stats=True: each instance's mean and
 1 / sqrt(biased var + eps). use_input_stats=False: running_mean and 1 / sqrt(running_var + eps),
-repeated for each sample.)doc");
+repeated for each sample.)doc" FORWARD_EPILOGUE_DOC);
 
-  m.def("instance_norm_backward", &instance_norm_backward_impl, py::arg("dy"), py::arg("x"),
-        py::arg("save_mean"), py::arg("save_rstd"), py::arg("weight") = py::none(),
-        py::arg("use_input_stats") = true, py::arg("running_mean") = py::none(),
-        py::arg("running_var") = py::none(), py::arg("eps") = 1e-5,
+  m.def("instance_norm_backward",
+        [](const py::array& dy, const py::array& x, const OptionalArray& save_mean,
+           const OptionalArray& save_rstd, const OptionalArray& weight, bool use_input_stats,
+           const OptionalArray& running_mean, const OptionalArray& running_var, double eps,
+           const py::object& activation, const OptionalArray& y, bool residual_grad) {
+          return instance_norm_backward_impl(dy, x, save_mean, save_rstd, weight,
+                                             use_input_stats, running_mean, running_var, eps,
+                                             {activation, y, residual_grad});
+        },
+        py::arg("dy"), py::arg("x"), py::arg("save_mean"), py::arg("save_rstd"),
+        py::arg("weight") = py::none(), py::arg("use_input_stats") = true,
+        py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
+        py::arg("eps") = 1e-5, BACKWARD_EPILOGUE_ARGS,
         R"doc(Gradients of instance_norm.
 
 dy: the gradient with respect to y (x's shape; any strides). use_input_stats=True: the gradient
@@ -869,50 +1059,59 @@ constants; pass either save_mean and save_rstd from the forward, or None for bot
 forward's running_mean, running_var (length C) and eps, from which the same statistics are
 formed. Running statistics are only read.
 Returns (dx, dweight, dbias): dx has x's shape and memory format; dweight and dbias (float32,
-length C) are None when weight is None.)doc");
+length C) are None when weight is None.)doc" BACKWARD_EPILOGUE_DOC);
 
   m.def(
       "layer_norm",
       [](const py::array& x, const py::object& normalized_shape, const OptionalArray& weight,
-         const OptionalArray& bias, double eps) {
-        return layer_norm_forward_impl("layer_norm", x, normalized_shape, weight, bias, eps)[0]
+         const OptionalArray& bias, double eps, const py::object& activation,
+         const OptionalArray& residual) {
+        return layer_norm_forward_impl("layer_norm", x, normalized_shape, weight, bias, eps,
+                                       activation, residual)[0]
             .cast<py::array>();
       },
       py::arg("x"), py::arg("normalized_shape"), py::arg("weight") = py::none(),
-      py::arg("bias") = py::none(), py::arg("eps") = 1e-5,
+      py::arg("bias") = py::none(), py::arg("eps") = 1e-5, FORWARD_EPILOGUE_ARGS,
       R"doc(Layer normalization (torch.nn.functional.layer_norm).
 
 x: float32 or float16 of any rank whose trailing dims equal normalized_shape (an int or a sequence
 of ints). Each slice over those dims is normalized with its mean and biased variance, then
 multiplied by weight and shifted by bias (optional, float32, both of shape normalized_shape);
 float16 is computed in float32 inside. Returns y, a new array of x's dtype; a channels-last x keeps
-its format when normalized_shape covers every dim but N.)doc");
+its format when normalized_shape covers every dim but N.)doc" FORWARD_EPILOGUE_DOC);
 
   m.def(
       "layer_norm_forward",
       [](const py::array& x, const py::object& normalized_shape, const OptionalArray& weight,
-         const OptionalArray& bias, double eps) {
+         const OptionalArray& bias, double eps, const py::object& activation,
+         const OptionalArray& residual) {
         return layer_norm_forward_impl("layer_norm_forward", x, normalized_shape, weight, bias,
-                                       eps);
+                                       eps, activation, residual);
       },
       py::arg("x"), py::arg("normalized_shape"), py::arg("weight") = py::none(),
-      py::arg("bias") = py::none(), py::arg("eps") = 1e-5,
+      py::arg("bias") = py::none(), py::arg("eps") = 1e-5, FORWARD_EPILOGUE_ARGS,
       R"doc(layer_norm that also returns the statistics its backward needs.
 
 Returns (y, mean, rstd): y as layer_norm's; mean and rstd = 1 / sqrt(biased var + eps), float32
 arrays of x's leading dims followed by a 1 for each normalized dim (x of shape (2, 3, 4, 5) with
-normalized_shape (4, 5): (2, 3, 1, 1)), as torch.native_layer_norm returns them.)doc");
+normalized_shape (4, 5): (2, 3, 1, 1)), as torch.native_layer_norm returns them.)doc" FORWARD_EPILOGUE_DOC);
 
-  m.def("layer_norm_backward", &layer_norm_backward_impl, py::arg("dy"), py::arg("x"),
-        py::arg("normalized_shape"), py::arg("mean"), py::arg("rstd"),
-        py::arg("weight") = py::none(),
+  m.def("layer_norm_backward",
+        [](const py::array& dy, const py::array& x, const py::object& normalized_shape,
+           const py::array& mean, const py::array& rstd, const OptionalArray& weight,
+           const py::object& activation, const OptionalArray& y, bool residual_grad) {
+          return layer_norm_backward_impl(dy, x, normalized_shape, mean, rstd, weight,
+                                          {activation, y, residual_grad});
+        },
+        py::arg("dy"), py::arg("x"), py::arg("normalized_shape"), py::arg("mean"),
+        py::arg("rstd"), py::arg("weight") = py::none(), BACKWARD_EPILOGUE_ARGS,
         R"doc(Gradients of layer_norm.
 
 dy: the gradient with respect to y (x's shape and dtype; any strides). x, normalized_shape,
 mean, rstd (the shape layer_norm_forward returns them in, e.g. torch.native_layer_norm's) and
 weight as passed to / returned by layer_norm_forward.
 Returns (dx, dweight, dbias): dx has x's shape, dtype and the memory format y had; dweight and
-dbias (float32, of shape normalized_shape) are None when weight is None.)doc");
+dbias (float32, of shape normalized_shape) are None when weight is None.)doc" BACKWARD_EPILOGUE_DOC);
 
   m.def("set_num_threads", &normkit::set_num_threads, py::arg("n"),
         R"doc(Sets the number of threads every later call uses (n >= 1). Results do not depend

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import normkit
 from normkit_testing import (FORMATS, Config, assert_close, assert_normalized_close,
-                             assert_same_layout, finite_difference_check,
+                             assert_same_layout, check_epilogue_errors, check_fused_epilogue,
+                             finite_difference_check, in_format,
                              gradient_term_magnitude, moments, n64, per_channel,
                              per_sample_channel, raises, t64)
 
@@ -257,3 +258,34 @@ def test_backward_bad_arguments(rng):
     for exception, fragments, call in cases:
         with raises(exception, "instance_norm_backward", *fragments):
             call()
+
+
+@pytest.mark.parametrize("use_input_stats", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("spatial_dims", (1, 2, 3))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fused_epilogues_match_torch(rng, fmt, spatial_dims, affine, use_input_stats):
+    channels = int(rng.choice([1, 3, 5]))
+    cfg = Config(rng, channels, spatial_dims, fmt, batch=3, spatial=[3, 5, 2][:spatial_dims])
+    x = in_format(1.0 + rng.standard_normal(cfg.shape), fmt)
+    weight = cfg.vector(channels, 1.0, 0.5) if affine else None
+    bias = cfg.vector(channels, 0.0, 2.0) if affine else None
+    rm = cfg.vector(channels, 1.0, 0.3)
+    rv = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+    check_fused_epilogue(
+        rng, x, weight, bias,
+        lambda x, w, b, **kw: normkit.instance_norm_forward(x, rm, rv, w, b, use_input_stats,
+                                                            0.0, 1e-5, **kw),
+        lambda dy, x, saved, w, **kw: normkit.instance_norm_backward(dy, x, *saved, w,
+                                                                     use_input_stats, **kw),
+        lambda x64, w64, b64: F.instance_norm(x64, t64(rm), t64(rv), w64, b64, use_input_stats,
+                                              0.0, 1e-5),
+        1e-5, f"{cfg} use_input_stats={use_input_stats}")
+
+
+@pytest.mark.parametrize("fmt", ["channels_first", "channels_last"])
+def test_epilogue_errors(rng, fmt):
+    x = Config(rng, 3, 2, fmt, batch=2, spatial=[3, 4]).activation()
+    check_epilogue_errors(
+        x, lambda x, **kw: normkit.instance_norm_forward(x, **kw),
+        lambda dy, x, saved, **kw: normkit.instance_norm_backward(dy, x, *saved, **kw))

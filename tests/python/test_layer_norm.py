@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import normkit
 from normkit_testing import (Config, assert_close, assert_normalized_close,
-                             finite_difference_check, in_format, is_channels_first,
+                             check_epilogue_errors, check_fused_epilogue, finite_difference_check, in_format, is_channels_first,
                              is_channels_last, moments, n64, raises, t64)
 
 
@@ -245,3 +245,34 @@ def test_backward_bad_arguments(rng):
             call()
     with raises(ValueError, "layer_norm_forward", "eps"):
         normkit.layer_norm_forward(x, 4, eps=-1.0)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("fmt", ["channels_first", "channels_last", "strided"])
+@pytest.mark.parametrize("rank", [2, 3, 4, 6])
+def test_fused_epilogues_match_torch(rng, rank, fmt, affine):
+    if fmt == "channels_last" and rank < 3:
+        pytest.skip("no channels-last below rank 3")
+    x, normalized, cfg = random_problem(rng, rank, fmt)
+    x = in_format(1.0 + rng.standard_normal(x.shape), fmt)
+    weight = cfg.vector(normalized, 1.0, 0.5) if affine else None
+    bias = cfg.vector(normalized, 0.0, 2.0) if affine else None
+    check_fused_epilogue(
+        rng, x, weight, bias,
+        lambda x, w, b, **kw: normkit.layer_norm_forward(x, normalized, w, b, 1e-5, **kw),
+        lambda dy, x, saved, w, **kw: normkit.layer_norm_backward(dy, x, normalized, *saved, w,
+                                                                  **kw),
+        lambda x64, w64, b64: F.layer_norm(x64, normalized, w64, b64, 1e-5),
+        1e-5, f"shape={x.shape} normalized={normalized}")
+
+
+@pytest.mark.parametrize("case", [((2, 3, 4, 5), 3, "channels_last"),
+                                  ((2, 3, 4, 5), 2, "channels_first"),
+                                  ((2, 1, 3, 1, 2, 4), 2, "channels_first")])
+def test_epilogue_errors(rng, case):
+    shape, normalized_ndim, fmt = case
+    normalized = shape[len(shape) - normalized_ndim:]
+    x = in_format(rng.standard_normal(shape), fmt)
+    check_epilogue_errors(
+        x, lambda x, **kw: normkit.layer_norm_forward(x, normalized, **kw),
+        lambda dy, x, saved, **kw: normkit.layer_norm_backward(dy, x, normalized, *saved, **kw))

@@ -157,3 +157,18 @@ def test_signatures_follow_torch():
     assert np.array_equal(a, normkit.instance_norm(x, None, None, w, w))
     a = normkit.layer_norm(x, normalized_shape=[3], weight=None, bias=None, eps=1e-5)
     assert np.array_equal(a, normkit.layer_norm(x, 3))
+
+
+def test_epilogue_arguments_are_keyword_only(rng):
+    x = rng.standard_normal((2, 4, 3)).astype(np.float32)
+    with pytest.raises(TypeError):
+        normkit.group_norm_forward(x, 2, None, None, 1e-5, "relu")
+    y, mean, rstd = normkit.group_norm_forward(x, 2, activation="relu")
+    with pytest.raises(TypeError):
+        normkit.group_norm_backward(x, x, mean, rstd, 2, None, "relu", y)
+    # Epilogue tensors are only read: read-only arrays are fine.
+    residual = rng.standard_normal(x.shape).astype(np.float32)
+    residual.setflags(write=False)
+    y.setflags(write=False)
+    normkit.group_norm_forward(x, 2, residual=residual)
+    normkit.group_norm_backward(x, x, mean, rstd, 2, activation="relu", y=y, residual_grad=True)
