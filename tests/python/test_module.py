@@ -11,7 +11,7 @@ import normkit
 from normkit_testing import (assert_close, is_channels_first, is_channels_last, n64, raises,
                              t64)
 
-PUBLIC = ["group_norm", "group_norm_forward", "group_norm_backward", "batch_norm",
+PUBLIC = ["DLPackTensor", "group_norm", "group_norm_forward", "group_norm_backward", "batch_norm",
           "batch_norm_forward", "batch_norm_backward", "instance_norm", "instance_norm_forward",
           "instance_norm_backward", "layer_norm", "layer_norm_forward", "layer_norm_backward",
           "set_num_threads", "get_num_threads"]
