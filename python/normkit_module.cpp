@@ -111,7 +111,10 @@ struct Tensor {
   Producer producer = Producer::numpy;
   void* data = nullptr;
   std::optional<DType> dtype;  // one of kActivationTypes, if it is
-  std::string dtype_name;
+  // The element type as the producer describes it, named only for messages (NumPy's name
+  // costs a call into Python).
+  py::object numpy_dtype;
+  DLDataType dlpack_dtype{};
   py::ssize_t itemsize = 0;
   Shape shape, strides;  // strides in bytes
   bool aligned = true;
@@ -122,6 +125,7 @@ struct Tensor {
     return std::accumulate(shape.begin(), shape.end(), py::ssize_t{1}, std::multiplies<>());
   }
   py::array array() const { return py::reinterpret_borrow<py::array>(owner); }
+  std::string dtype_name() const;
 };
 
 Tensor from_numpy(const py::array& a) {
@@ -132,7 +136,7 @@ Tensor from_numpy(const py::array& a) {
   if (native_byte_order(dt))
     for (const ElementType& e : kActivationTypes)
       if (e.numpy_char && dt.char_() == e.numpy_char) t.dtype = e.dtype;
-  t.dtype_name = py::str(static_cast<py::handle>(dt)).cast<std::string>();
+  t.numpy_dtype = dt;
   t.itemsize = a.itemsize();
   t.shape.assign(a.shape(), a.shape() + a.ndim());
   t.strides.assign(a.strides(), a.strides() + a.ndim());
@@ -167,6 +171,20 @@ bool is_torch_tensor(const py::handle& obj) {
     tensor_type = torch_attribute("torch", "Tensor");
   }
   return PyObject_IsInstance(obj.ptr(), tensor_type) == 1;
+}
+
+// torch's function from a DLPack capsule to a tensor: torch.utils.dlpack.from_dlpack calls it
+// after a check for __dlpack__, a Python frame that would cost as much as the rest of a small
+// call; the public function where torch lacks it.
+PyObject* torch_capsule_importer() {
+  PyObject* c = PyImport_ImportModule("torch._C");
+  if (c) {
+    PyObject* f = PyObject_GetAttrString(c, "_from_dlpack");
+    Py_DECREF(c);
+    if (f) return f;
+  }
+  PyErr_Clear();
+  return torch_attribute("torch.utils.dlpack", "from_dlpack");
 }
 
 // The capsule's tensor, which this call consumes (DLPack's protocol: renamed, so that the
@@ -215,7 +233,7 @@ Tensor from_dlpack(const char* function, const char* name, const py::object& obj
   for (const ElementType& e : kActivationTypes)
     if (dl.dtype.code == e.dlpack_code && dl.dtype.bits == e.bits && dl.dtype.lanes == 1)
       t.dtype = e.dtype;
-  t.dtype_name = dlpack_type_name(dl.dtype);
+  t.dlpack_dtype = dl.dtype;
   t.itemsize = std::max<py::ssize_t>(dl.dtype.bits / 8, 1) * dl.dtype.lanes;
   t.data = static_cast<char*>(dl.data) + dl.byte_offset;
   t.shape.assign(dl.shape, dl.shape + dl.ndim);
@@ -227,6 +245,10 @@ Tensor from_dlpack(const char* function, const char* name, const py::object& obj
   }
   t.aligned = reinterpret_cast<std::uintptr_t>(t.data) % t.itemsize == 0;
   return t;
+}
+
+std::string Tensor::dtype_name() const {
+  return numpy_dtype ? py::str(numpy_dtype).cast<std::string>() : dlpack_type_name(dlpack_dtype);
 }
 
 Tensor tensor_arg(const char* function, const char* name, const py::object& obj) {
@@ -252,14 +274,14 @@ DType activation_dtype(const char* function, const char* name, const Tensor& t) 
   for (const ElementType& e : kActivationTypes)
     supported += std::string(supported.empty() ? "" : ", ") + normkit::to_string(e.dtype) +
                  (e.numpy_char ? "" : " (DLPack only)");
-  type_error(function, std::string(name) + " has dtype " + t.dtype_name + "; supported: " +
+  type_error(function, std::string(name) + " has dtype " + t.dtype_name() + "; supported: " +
                            supported);
 }
 
 // Parameters and statistics are float32 whatever the activation dtype.
 void require_float32(const char* function, const char* name, const Tensor& t) {
   if (t.dtype != DType::float32)
-    type_error(function, std::string(name) + " has dtype " + t.dtype_name + ", expected float32");
+    type_error(function, std::string(name) + " has dtype " + t.dtype_name() + ", expected float32");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -434,7 +456,7 @@ Output new_output(const Tensor& kind, DType dtype, const Shape& shape, MemoryFor
     for (py::ssize_t stride : dense_strides(shape, format, itemsize))
       s.strides.push_back(stride / itemsize);
     if (kind.producer == Producer::torch) {
-      static PyObject* from_dlpack = torch_attribute("torch.utils.dlpack", "from_dlpack");
+      static PyObject* from_dlpack = torch_capsule_importer();
       out = {py::reinterpret_borrow<py::object>(from_dlpack)(dlpack_capsule(s)), memory};
     } else {
       out = {py::cast(DLPackTensor{s}), memory};
@@ -645,8 +667,8 @@ EpilogueTensor exactly_like_x(const char* function, const char* name, const py::
     value_error(function, std::string(name) + " has shape " + shape_string(a.shape) +
                               ", expected x's shape " + shape_string(x.tensor.shape));
   if (activation_dtype(function, name, a) != x.view.dtype)
-    type_error(function, std::string(name) + " has dtype " + a.dtype_name +
-                             ", expected x's dtype " + x.tensor.dtype_name);
+    type_error(function, std::string(name) + " has dtype " + a.dtype_name() +
+                             ", expected x's dtype " + x.tensor.dtype_name());
   if (!a.aligned || (a.size() > 0 && !dense_in(a, x.view.format, true)))
     value_error(function, std::string(name) + " must be laid out as x is computed (" +
                               normkit::to_string(x.view.format) + ", byte strides " +
@@ -1114,8 +1136,8 @@ py::tuple layer_norm_backward_impl(const py::object& dy_in, const py::object& x_
     value_error(function, "dy has shape " + shape_string(dy.tensor.shape) +
                               ", expected x's shape " + shape_string(p.shape));
   if (dy.view.dtype != p.x.view.dtype)
-    type_error(function, "dy has dtype " + dy.tensor.dtype_name + ", expected x's dtype " +
-                             p.x.tensor.dtype_name);
+    type_error(function, "dy has dtype " + dy.tensor.dtype_name() + ", expected x's dtype " +
+                             p.x.tensor.dtype_name());
   const Shape stats_shape = p.stats_shape();
   const VectorIn mean = saved_stat(function, "mean", mean_in, stats_shape,
                                    "x's leading dims then 1s", true);

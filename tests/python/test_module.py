@@ -1,6 +1,7 @@
 """What the module does around the kernels: memory formats of torch-made arrays, copies of
 unusual arrays, threads, documentation."""
 
+import sys
 import threading
 
 import numpy as np
@@ -172,3 +173,29 @@ def test_epilogue_arguments_are_keyword_only(rng):
     y.setflags(write=False)
     normkit.group_norm_forward(x, 2, residual=residual)
     normkit.group_norm_backward(x, x, mean, rstd, 2, activation="relu", y=y, residual_grad=True)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_a_call_runs_no_python_code(rng, kind):
+    """The per-call overhead stays in C: a successful call on NumPy or torch tensors enters no
+    Python function (NumPy's dtype name, torch's from_dlpack wrapper would cost as much as the
+    rest of a small call; docs/python.md has the measurements)."""
+    x = rng.standard_normal((2, 6, 3)).astype(np.float32)
+    w = np.ones(6, np.float32)
+    if kind == "torch":
+        x, w = torch.from_numpy(x), torch.from_numpy(w)
+    normkit.group_norm_forward(x, 3, w, w)  # first calls resolve what they cache
+    entered = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            entered.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        y, mean, rstd = normkit.group_norm_forward(x, 3, w, w, activation="relu")
+        normkit.group_norm_backward(y, x, mean, rstd, 3, w, activation="relu", y=y,
+                                    residual_grad=True)
+    finally:
+        sys.setprofile(None)
+    assert entered == []
