@@ -154,7 +154,10 @@ std::string dlpack_type_name(const DLDataType& t) {
 }
 
 // Objects kept for the process: torch's Tensor type and DLPack functions, once torch is loaded
-// (a torch tensor can only come from a process that imported torch).
+// (a torch tensor can only come from a process that imported torch). Each is looked up under the
+// GIL into a plain pointer, not a function-local static: the static's guard, held across a call
+// into Python, could deadlock with a thread waiting for the GIL (two threads may both look it
+// up; one reference then leaks, once).
 PyObject* torch_attribute(const char* module, const char* name) {
   PyObject* m = PyImport_ImportModule(module);
   if (!m) throw py::error_already_set();
@@ -210,7 +213,8 @@ Tensor from_dlpack(const char* function, const char* name, const py::object& obj
   if (producer == Producer::torch) {
     // torch exports no tensor that requires grad; the ops only read parameters (their
     // gradients are the backward's outputs), so a detached view of the same memory is right.
-    static PyObject* to_dlpack = torch_attribute("torch.utils.dlpack", "to_dlpack");
+    static PyObject* to_dlpack = nullptr;
+    if (!to_dlpack) to_dlpack = torch_attribute("torch.utils.dlpack", "to_dlpack");
     py::object source = obj;
     if (PyObject_IsTrue(obj.attr("requires_grad").ptr())) source = obj.attr("detach")();
     capsule = py::reinterpret_borrow<py::object>(to_dlpack)(source);
@@ -352,7 +356,7 @@ std::string strides_string(const Tensor& t) { return shape_string(t.strides); }
 // ---------------------------------------------------------------------------------------------
 // Outputs, of the kind x is.
 
-// DLPack's NaN-free-of-doubt fill: a quiet NaN in each dtype's bits.
+// The test hook's fill of a new output: NaN in the output's dtype.
 void poison(void* data, py::ssize_t count, py::ssize_t itemsize) {
   if (itemsize == 4) {
     std::fill_n(static_cast<uint32_t*>(data), count, 0x7fc00000u);
@@ -423,8 +427,7 @@ Output new_output(const Tensor& kind, DType dtype, const Shape& shape, MemoryFor
     if (__builtin_mul_overflow(count, d, &count))
       throw py::value_error("shape " + shape_string(shape) + " has more elements than int64 holds");
   if (kind.producer == Producer::numpy) {
-    static const py::dtype float32("f"), float16("e");
-    const py::dtype& dt = dtype == DType::float32 ? float32 : float16;
+    const py::dtype dt = dtype == DType::float32 ? py::dtype::of<float>() : py::dtype("e");
     py::array a;
     if (format == MemoryFormat::channels_first) {
       a = py::array(dt, shape);
@@ -444,8 +447,10 @@ Output new_output(const Tensor& kind, DType dtype, const Shape& shape, MemoryFor
     py::ssize_t bytes = 0;
     if (__builtin_mul_overflow(count, itemsize, &bytes))
       throw py::value_error("shape " + shape_string(shape) + " has more bytes than int64 holds");
-    // 64-byte aligned, as NumPy's and torch's own allocations are at least.
-    void* memory = std::aligned_alloc(64, (static_cast<std::size_t>(bytes) + 63) / 64 * 64 + 64);
+    // 64-byte aligned, as NumPy's and torch's own allocations are at least (aligned_alloc wants
+    // a multiple of the alignment, and an empty tensor still a pointer of its own).
+    const std::size_t rounded = (static_cast<std::size_t>(bytes) + 63) / 64 * 64;
+    void* memory = std::aligned_alloc(64, std::max<std::size_t>(rounded, 64));
     if (!memory) {
       PyErr_Format(PyExc_MemoryError, "Unable to allocate %.2f GiB for an output of shape %s",
                    static_cast<double>(bytes) / (1 << 30), shape_string(shape).c_str());
@@ -456,7 +461,8 @@ Output new_output(const Tensor& kind, DType dtype, const Shape& shape, MemoryFor
     for (py::ssize_t stride : dense_strides(shape, format, itemsize))
       s.strides.push_back(stride / itemsize);
     if (kind.producer == Producer::torch) {
-      static PyObject* from_dlpack = torch_capsule_importer();
+      static PyObject* from_dlpack = nullptr;
+      if (!from_dlpack) from_dlpack = torch_capsule_importer();
       out = {py::reinterpret_borrow<py::object>(from_dlpack)(dlpack_capsule(s)), memory};
     } else {
       out = {py::cast(DLPackTensor{s}), memory};
