@@ -146,7 +146,8 @@ Tensor from_numpy(const py::array& a) {
 }
 
 std::string dlpack_type_name(const DLDataType& t) {
-  static const char* const names[] = {"int", "uint", "float", "handle", "bfloat", "complex", "bool"};
+  static const char* const names[] = {"int",    "uint",    "float", "handle",
+                                      "bfloat", "complex", "bool"};
   std::string s = t.code < std::size(names) ? names[t.code] : "code " + std::to_string(t.code);
   s += std::to_string(t.bits);
   if (t.lanes != 1) s += "x" + std::to_string(t.lanes);
@@ -347,10 +348,10 @@ std::string strides_string(const Tensor& t) { return shape_string(t.strides); }
 [[noreturn]] void not_dense(const char* function, const char* name, const Tensor& t,
                             const std::string& wanted) {
   value_error(function, std::string(name) + " of shape " + shape_string(t.shape) +
-                            " has byte strides " + strides_string(t) + (t.aligned ? "" : " (unaligned)") +
-                            ", which are not " + wanted +
-                            "; normkit does not copy DLPack tensors: make it so first "
-                            "(torch: .contiguous() or .contiguous(memory_format=torch.channels_last))");
+                            " has byte strides " + strides_string(t) +
+                            (t.aligned ? "" : " (unaligned)") + ", which are not " + wanted +
+                            "; normkit does not copy DLPack tensors: make it so first (torch: "
+                            ".contiguous() or .contiguous(memory_format=torch.channels_last))");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -390,7 +391,9 @@ py::object dlpack_capsule(const Storage& s) {
   dl.strides = ctx->storage.strides.data();
   dl.byte_offset = 0;
   ctx->managed.manager_ctx = ctx;
-  ctx->managed.deleter = [](DLManagedTensor* m) { delete static_cast<ManagerContext*>(m->manager_ctx); };
+  ctx->managed.deleter = [](DLManagedTensor* m) {
+    delete static_cast<ManagerContext*>(m->manager_ctx);
+  };
   PyObject* capsule = PyCapsule_New(&ctx->managed, "dltensor", [](PyObject* c) {
     if (PyCapsule_IsValid(c, "dltensor")) {  // never consumed
       auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"));
@@ -504,13 +507,15 @@ Activation activation_input(const char* function, const char* name, Tensor t,
     const bool usable = t.aligned && (t.size() == 0 || dense_in(t, chosen, true));
     if (!usable) {
       if (t.producer != Producer::numpy)
-        not_dense(function, name, t, std::string("dense ") + normkit::to_string(chosen) + " as x is");
+        not_dense(function, name, t,
+                  std::string("dense ") + normkit::to_string(chosen) + " as x is");
       t = from_numpy(numpy_copy_to_format(t, chosen));
     }
   } else if (std::optional<MemoryFormat> own = dense_format(t)) {
     chosen = *own;
   } else {
-    if (t.producer != Producer::numpy) not_dense(function, name, t, "dense in either memory format");
+    if (t.producer != Producer::numpy)
+      not_dense(function, name, t, "dense in either memory format");
     t = from_numpy(numpy_copy_to_format(t, MemoryFormat::channels_first));
   }
   return {t, view_of(t, t.data, dtype, chosen)};
@@ -548,8 +553,9 @@ VectorIn float32_input(const char* function, const char* name, const Tensor& t) 
   if (c_contiguous(t))
     return {t.owner, {static_cast<const float*>(t.data), static_cast<std::size_t>(t.size())}};
   if (t.producer != Producer::numpy) not_dense(function, name, t, "contiguous");
-  py::array c = py::array::ensure(t.array(), static_cast<int>(py::array::c_style) |
-                                                 static_cast<int>(py::detail::npy_api::NPY_ARRAY_ALIGNED_));
+  py::array c = py::array::ensure(
+      t.array(), static_cast<int>(py::array::c_style) |
+                     static_cast<int>(py::detail::npy_api::NPY_ARRAY_ALIGNED_));
   return {c, {static_cast<const float*>(c.data()), static_cast<std::size_t>(c.size())}};
 }
 
@@ -1197,8 +1203,8 @@ PYBIND11_MODULE(_normkit, m) {
       "__dlpack_device__, in CPU memory). Activations (x, dy, residual, y) may be float32,\n"
       "float16 or, from DLPack producers, bfloat16 (computed in float32: weights, statistics and\n"
       "sums stay float32, outputs have the input's dtype).\n\n"
-      "Activations have shape (N, C, *spatial) with 0 to 3 spatial dims. A tensor with the strides\n"
-      "of a channels-last tensor (NLC, NHWC or NDHWC memory viewed as (N, C, ...), e.g.\n"
+      "Activations have shape (N, C, *spatial) with 0 to 3 spatial dims. A tensor with the\n"
+      "strides of a channels-last tensor (NLC, NHWC or NDHWC memory viewed as (N, C, ...), e.g.\n"
       "torch_tensor.contiguous(memory_format=torch.channels_last)) is computed channels-last and\n"
       "its outputs have the same strides; a C-contiguous one is computed channels-first. A NumPy\n"
       "array with other strides is copied to C-contiguous first; a DLPack tensor is never copied,\n"
@@ -1228,7 +1234,9 @@ torch.from_dlpack, jax.dlpack.from_dlpack, ...) without a copy. Also accepted as
       .def("__dlpack_device__",
            [](const DLPackTensor&) { return py::make_tuple(static_cast<int>(kDLCPU), 0); })
       .def_property_readonly("shape",
-                             [](const DLPackTensor& t) { return py::tuple(py::cast(t.storage.shape)); })
+                             [](const DLPackTensor& t) {
+                               return py::tuple(py::cast(t.storage.shape));
+                             })
       .def_property_readonly("dtype", [](const DLPackTensor& t) {
         return dlpack_type_name(t.storage.dtype);
       });
@@ -1249,7 +1257,8 @@ torch.from_dlpack, jax.dlpack.from_dlpack, ...) without a copy. Also accepted as
 x: (N, C, *spatial), 0-3 spatial dims; C must be divisible by num_groups.
 For each sample and group of C/num_groups channels: y = (x - mean) / sqrt(var + eps)
 (biased variance over the group's channels and positions), then y * weight[c] + bias[c]
-when weight / bias (float32, length C) are given. Returns y, a new tensor in x's memory format.)doc" FORWARD_EPILOGUE_DOC);
+when weight / bias (float32, length C) are given. Returns y, a new tensor in x's memory format.)doc"
+      FORWARD_EPILOGUE_DOC);
 
   m.def("group_norm_forward", [](const py::object& x, int64_t num_groups,
                                  const OptionalArray& weight, const OptionalArray& bias,
@@ -1263,12 +1272,13 @@ when weight / bias (float32, length C) are given. Returns y, a new tensor in x's
       R"doc(group_norm that also returns the statistics its backward needs.
 
 Returns (y, mean, rstd): y as group_norm's; mean and rstd = 1 / sqrt(var + eps), float32
-arrays of shape (N, num_groups), as torch.native_group_norm returns them.)doc" FORWARD_EPILOGUE_DOC);
+arrays of shape (N, num_groups), as torch.native_group_norm returns them.)doc"
+      FORWARD_EPILOGUE_DOC);
 
   m.def("group_norm_backward",
-        [](const py::object& dy, const py::object& x, const py::object& mean, const py::object& rstd,
-           int64_t num_groups, const OptionalArray& weight, const py::object& activation,
-           const OptionalArray& y, bool residual_grad) {
+        [](const py::object& dy, const py::object& x, const py::object& mean,
+           const py::object& rstd, int64_t num_groups, const OptionalArray& weight,
+           const py::object& activation, const OptionalArray& y, bool residual_grad) {
           return group_norm_backward_impl(dy, x, mean, rstd, num_groups, weight,
                                           {activation, y, residual_grad});
         },
@@ -1279,7 +1289,8 @@ arrays of shape (N, num_groups), as torch.native_group_norm returns them.)doc" F
 dy: the gradient of the loss with respect to y (x's shape; any strides). x, mean, rstd,
 num_groups and weight as passed to / returned by group_norm_forward.
 Returns (dx, dweight, dbias): dx has x's shape and memory format; dweight and dbias (float32,
-length C) are None when weight is None.)doc" BACKWARD_EPILOGUE_DOC);
+length C) are None when weight is None.)doc"
+      BACKWARD_EPILOGUE_DOC);
 
   m.def("batch_norm", [](const py::object& x, const OptionalArray& running_mean,
                          const OptionalArray& running_var, const OptionalArray& weight,
@@ -1302,7 +1313,8 @@ given, updates them in place (they must then be writable and contiguous):
     running_mean = (1 - momentum) * running_mean + momentum * mean
     running_var  = (1 - momentum) * running_var  + momentum * unbiased variance
 training=False: normalizes with running_mean and running_var, which are then required.
-weight and bias (length C) are optional. Returns y, a new tensor in x's memory format.)doc" FORWARD_EPILOGUE_DOC);
+weight and bias (length C) are optional. Returns y, a new tensor in x's memory format.)doc"
+      FORWARD_EPILOGUE_DOC);
 
   m.def("batch_norm_forward", [](const py::object& x, const OptionalArray& running_mean,
                                  const OptionalArray& running_var, const OptionalArray& weight,
@@ -1320,7 +1332,8 @@ weight and bias (length C) are optional. Returns y, a new tensor in x's memory f
 
 Returns (y, save_mean, save_invstd). Training: the batch mean and 1 / sqrt(biased var + eps),
 float32 of length C (zeros for an empty batch, which has no statistics). Inference: two empty
-arrays, as torch.native_batch_norm (the backward then reads the running statistics).)doc" FORWARD_EPILOGUE_DOC);
+arrays, as torch.native_batch_norm (the backward then reads the running statistics).)doc"
+      FORWARD_EPILOGUE_DOC);
 
   m.def("batch_norm_backward",
         [](const py::object& dy, const py::object& x, const OptionalArray& weight,
@@ -1342,7 +1355,8 @@ through the batch statistics; save_mean and save_invstd are those batch_norm_for
 training=False: the statistics are constants; running_mean, running_var (length C) and eps are
 those of the forward, and save_mean / save_invstd are not read.
 Returns (dx, dweight, dbias): dx has x's shape and memory format; dweight and dbias (float32,
-length C) are None when weight is None.)doc" BACKWARD_EPILOGUE_DOC);
+length C) are None when weight is None.)doc"
+      BACKWARD_EPILOGUE_DOC);
 
   m.def(
       "instance_norm",
@@ -1366,7 +1380,8 @@ spatial positions (more than one needed); given running statistics (length C, wr
 contiguous) are updated in place with the batch averages of the per-instance mean and unbiased
 variance, weighted by momentum. use_input_stats=False: normalizes with running_mean and
 running_var, which are then required. weight and bias (length C) are optional.
-Returns y, a new tensor in x's memory format.)doc" FORWARD_EPILOGUE_DOC);
+Returns y, a new tensor in x's memory format.)doc"
+      FORWARD_EPILOGUE_DOC);
 
   m.def(
       "instance_norm_forward",
@@ -1388,7 +1403,8 @@ Returns (y, save_mean, save_rstd): y as instance_norm's; save_mean and save_rstd
 of shape (N, C) (as group_norm_forward's (N, num_groups) with num_groups = C; torch has no native
 instance norm that returns them). use_input_stats=True: each instance's mean and
 1 / sqrt(biased var + eps). use_input_stats=False: running_mean and 1 / sqrt(running_var + eps),
-repeated for each sample.)doc" FORWARD_EPILOGUE_DOC);
+repeated for each sample.)doc"
+      FORWARD_EPILOGUE_DOC);
 
   m.def("instance_norm_backward",
         [](const py::object& dy, const py::object& x, const OptionalArray& save_mean,
@@ -1412,7 +1428,8 @@ constants; pass either save_mean and save_rstd from the forward, or None for bot
 forward's running_mean, running_var (length C) and eps, from which the same statistics are
 formed. Running statistics are only read.
 Returns (dx, dweight, dbias): dx has x's shape and memory format; dweight and dbias (float32,
-length C) are None when weight is None.)doc" BACKWARD_EPILOGUE_DOC);
+length C) are None when weight is None.)doc"
+      BACKWARD_EPILOGUE_DOC);
 
   m.def(
       "layer_norm",
@@ -1432,7 +1449,8 @@ of ints). Each slice over those dims is normalized with its mean and biased vari
 multiplied by weight and shifted by bias (optional, float32, both of shape normalized_shape).
 Returns y, a new tensor of x's dtype; a channels-last x keeps its format when normalized_shape
 covers every dim but N (a channels-last DLPack tensor normalized otherwise is an error, as it
-would need a copy).)doc" FORWARD_EPILOGUE_DOC);
+would need a copy).)doc"
+      FORWARD_EPILOGUE_DOC);
 
   m.def(
       "layer_norm_forward",
@@ -1448,7 +1466,8 @@ would need a copy).)doc" FORWARD_EPILOGUE_DOC);
 
 Returns (y, mean, rstd): y as layer_norm's; mean and rstd = 1 / sqrt(biased var + eps), float32
 arrays of x's leading dims followed by a 1 for each normalized dim (x of shape (2, 3, 4, 5) with
-normalized_shape (4, 5): (2, 3, 1, 1)), as torch.native_layer_norm returns them.)doc" FORWARD_EPILOGUE_DOC);
+normalized_shape (4, 5): (2, 3, 1, 1)), as torch.native_layer_norm returns them.)doc"
+      FORWARD_EPILOGUE_DOC);
 
   m.def("layer_norm_backward",
         [](const py::object& dy, const py::object& x, const py::object& normalized_shape,
@@ -1465,7 +1484,8 @@ dy: the gradient with respect to y (x's shape and dtype; any strides). x, normal
 mean, rstd (the shape layer_norm_forward returns them in, e.g. torch.native_layer_norm's) and
 weight as passed to / returned by layer_norm_forward.
 Returns (dx, dweight, dbias): dx has x's shape, dtype and the memory format y had; dweight and
-dbias (float32, of shape normalized_shape) are None when weight is None.)doc" BACKWARD_EPILOGUE_DOC);
+dbias (float32, of shape normalized_shape) are None when weight is None.)doc"
+      BACKWARD_EPILOGUE_DOC);
 
   m.def("set_num_threads", &normkit::set_num_threads, py::arg("n"),
         R"doc(Sets the number of threads every later call uses (n >= 1). Results do not depend

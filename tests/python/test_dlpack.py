@@ -240,7 +240,8 @@ def test_dlpack_errors(rng):
     with raises(TypeError, "residual", "bfloat16", "float32"):
         normkit.group_norm(x, 3, residual=x.bfloat16())
     with raises(ValueError, "running_mean", "contiguous"):
-        normkit.batch_norm(x, torch.zeros(12, dtype=F32)[::2], torch.ones(6, dtype=F32), training=True)
+        normkit.batch_norm(x, torch.zeros(12, dtype=F32)[::2], torch.ones(6, dtype=F32),
+                           training=True)
 
 
 def test_layer_norm_of_a_channels_last_tensor_over_other_dims_is_an_error(rng):

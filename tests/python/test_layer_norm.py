@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import normkit
 from normkit_testing import (Config, assert_close, assert_normalized_close,
-                             check_epilogue_errors, check_fused_epilogue, finite_difference_check, in_format, is_channels_first,
+                             check_epilogue_errors, check_fused_epilogue,
+                             finite_difference_check, in_format, is_channels_first,
                              is_channels_last, moments, n64, raises, t64)
 
 
