@@ -1,10 +1,15 @@
-// normkit's Python module: torch.nn.functional's names, defaults and semantics over NumPy arrays.
+// normkit's Python module: torch.nn.functional's names, defaults and semantics over NumPy arrays
+// and DLPack tensors (torch.Tensor among them).
 //
-// Activations (x, dy) may come in either memory format: an array whose strides are those of a
-// channels-last tensor (NLC, NHWC, NDHWC memory seen as (N, C, *spatial)) is computed
-// channels-last and its outputs get the same strides; a C-contiguous array is computed
-// channels-first; any other strides are copied to C-contiguous first. Every result is a new
-// array; only the running statistics passed in are written to.
+// Tensors come as NumPy arrays or as any object with __dlpack__ / __dlpack_device__ (CPU
+// memory). Activations (x, dy) may come in either memory format: a tensor whose strides are
+// those of a channels-last tensor (NLC, NHWC, NDHWC memory seen as (N, C, *spatial)) is computed
+// channels-last and its outputs get the same strides; a C-contiguous one is computed
+// channels-first. A NumPy array with any other strides is copied to C-contiguous first; a
+// DLPack tensor never is (other strides are an error), so its memory is the kernels'. Results
+// are new tensors of the kind x is: NumPy arrays for NumPy, torch tensors for torch (handed over
+// through DLPack), DLPackTensor objects for other producers. Only the running statistics passed
+// in are written to.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -13,13 +18,17 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <optional>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "dlpack.h"
 #include "normkit/batch_norm.h"
 #include "normkit/context.h"
 #include "normkit/error.h"
@@ -36,7 +45,9 @@ using normkit::TensorView;
 namespace {
 
 using Shape = std::vector<py::ssize_t>;
-using OptionalArray = std::optional<py::array>;
+// A tensor argument that may be None: a NumPy array, a DLPack producer, or what NumPy can make
+// an array of.
+using OptionalArray = std::optional<py::object>;
 
 // Tests turn this on so that an output element a kernel forgets to write shows up as NaN.
 bool g_poison_outputs = false;
@@ -48,8 +59,6 @@ bool g_poison_outputs = false;
   throw py::value_error(std::string(function) + ": " + message);
 }
 
-std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
-
 std::string shape_string(const Shape& shape) {
   std::string s = "(";
   for (std::size_t i = 0; i < shape.size(); ++i) {
@@ -59,7 +68,6 @@ std::string shape_string(const Shape& shape) {
   s += shape.size() == 1 ? ",)" : ")";
   return s;
 }
-Shape shape_of(const py::array& a) { return Shape(a.shape(), a.shape() + a.ndim()); }
 
 bool native_byte_order(const py::dtype& dt) {
   constexpr char native = std::endian::native == std::endian::little ? '<' : '>';
@@ -69,43 +77,220 @@ bool native_byte_order(const py::dtype& dt) {
 // ---------------------------------------------------------------------------------------------
 // Element types.
 
-// Activation dtypes (x, dy, and y/dx, which take x's) handed to the kernels, keyed by NumPy's
-// type character. Supporting another dtype is one more row, once the kernels implement it.
-struct ActivationType {
-  char numpy_char;
+// Activation dtypes (x, dy, and y/dx, which take x's) handed to the kernels, by NumPy's type
+// character and DLPack's type. Supporting another dtype is one more row, once the kernels
+// implement it. float32 is also the type of every parameter and statistic.
+struct ElementType {
   DType dtype;
+  char numpy_char;  // 0: NumPy has no such dtype
+  uint8_t dlpack_code;
+  uint8_t bits;
 };
-// NumPy has no bfloat16, so half precision from Python is float16 ('e').
-constexpr ActivationType kActivationTypes[] = {
-    {'f', DType::float32},
-    {'e', DType::float16},
+constexpr ElementType kActivationTypes[] = {
+    {DType::float32, 'f', kDLFloat, 32},
+    {DType::float16, 'e', kDLFloat, 16},
+    {DType::bfloat16, 0, kDLBfloat, 16},  // from DLPack producers only
 };
 
-DType activation_dtype(const char* function, const char* name, const py::array& a) {
+const ElementType& element_type(DType dtype) {
+  for (const ElementType& t : kActivationTypes)
+    if (t.dtype == dtype) return t;
+  throw std::logic_error("unlisted dtype");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensors from Python: NumPy arrays and DLPack producers.
+
+// Who made a tensor, and so what the results of a call on it are returned as.
+enum class Producer { numpy, torch, dlpack };
+
+// A tensor argument's memory and layout, whoever made it.
+struct Tensor {
+  py::object value;  // what Python passed (or, for an output, what Python gets)
+  py::object owner;  // keeps `data` alive: the array, or the consumed DLPack capsule
+  Producer producer = Producer::numpy;
+  void* data = nullptr;
+  std::optional<DType> dtype;  // one of kActivationTypes, if it is
+  // The element type as the producer describes it, named only for messages (NumPy's name
+  // costs a call into Python).
+  py::object numpy_dtype;
+  DLDataType dlpack_dtype{};
+  py::ssize_t itemsize = 0;
+  Shape shape, strides;  // strides in bytes
+  bool aligned = true;
+  bool writable = true;
+
+  py::ssize_t ndim() const { return static_cast<py::ssize_t>(shape.size()); }
+  py::ssize_t size() const {
+    return std::accumulate(shape.begin(), shape.end(), py::ssize_t{1}, std::multiplies<>());
+  }
+  py::array array() const { return py::reinterpret_borrow<py::array>(owner); }
+  std::string dtype_name() const;
+};
+
+Tensor from_numpy(const py::array& a) {
+  Tensor t;
+  t.value = t.owner = a;
+  t.data = const_cast<void*>(a.data());
   const py::dtype dt = a.dtype();
   if (native_byte_order(dt))
-    for (const ActivationType& t : kActivationTypes)
-      if (dt.char_() == t.numpy_char) return t.dtype;
+    for (const ElementType& e : kActivationTypes)
+      if (e.numpy_char && dt.char_() == e.numpy_char) t.dtype = e.dtype;
+  t.numpy_dtype = dt;
+  t.itemsize = a.itemsize();
+  t.shape.assign(a.shape(), a.shape() + a.ndim());
+  t.strides.assign(a.strides(), a.strides() + a.ndim());
+  t.aligned = (a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) != 0;
+  t.writable = a.writeable();
+  return t;
+}
+
+std::string dlpack_type_name(const DLDataType& t) {
+  static const char* const names[] = {"int",    "uint",    "float", "handle",
+                                      "bfloat", "complex", "bool"};
+  std::string s = t.code < std::size(names) ? names[t.code] : "code " + std::to_string(t.code);
+  s += std::to_string(t.bits);
+  if (t.lanes != 1) s += "x" + std::to_string(t.lanes);
+  return s;
+}
+
+// Objects kept for the process: torch's Tensor type and DLPack functions, once torch is loaded
+// (a torch tensor can only come from a process that imported torch). Each is looked up under the
+// GIL into a plain pointer, not a function-local static: the static's guard, held across a call
+// into Python, could deadlock with a thread waiting for the GIL (two threads may both look it
+// up; one reference then leaks, once).
+PyObject* torch_attribute(const char* module, const char* name) {
+  PyObject* m = PyImport_ImportModule(module);
+  if (!m) throw py::error_already_set();
+  PyObject* attr = PyObject_GetAttrString(m, name);
+  Py_DECREF(m);
+  if (!attr) throw py::error_already_set();
+  return attr;
+}
+
+bool is_torch_tensor(const py::handle& obj) {
+  static PyObject* tensor_type = nullptr;
+  if (!tensor_type) {
+    if (!PyDict_GetItemString(PyImport_GetModuleDict(), "torch")) return false;
+    tensor_type = torch_attribute("torch", "Tensor");
+  }
+  return PyObject_IsInstance(obj.ptr(), tensor_type) == 1;
+}
+
+// torch's function from a DLPack capsule to a tensor: torch.utils.dlpack.from_dlpack calls it
+// after a check for __dlpack__, a Python frame that would cost as much as the rest of a small
+// call; the public function where torch lacks it.
+PyObject* torch_capsule_importer() {
+  PyObject* c = PyImport_ImportModule("torch._C");
+  if (c) {
+    PyObject* f = PyObject_GetAttrString(c, "_from_dlpack");
+    Py_DECREF(c);
+    if (f) return f;
+  }
+  PyErr_Clear();
+  return torch_attribute("torch.utils.dlpack", "from_dlpack");
+}
+
+// The capsule's tensor, which this call consumes (DLPack's protocol: renamed, so that the
+// producer's capsule no longer frees it; the returned owner calls its deleter).
+py::object consume_capsule(const char* function, const char* name, const py::object& capsule,
+                           DLManagedTensor** managed) {
+  if (!PyCapsule_IsValid(capsule.ptr(), "dltensor"))
+    type_error(function, std::string(name) + ": __dlpack__ did not return a DLPack capsule");
+  *managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
+  PyCapsule_SetName(capsule.ptr(), "used_dltensor");
+  return py::capsule(*managed, [](void* p) {
+    auto* m = static_cast<DLManagedTensor*>(p);
+    if (m->deleter) m->deleter(m);
+  });
+}
+
+Tensor from_dlpack(const char* function, const char* name, const py::object& obj,
+                   Producer producer) {
+  Tensor t;
+  t.value = obj;
+  t.producer = producer;
+  py::object capsule;
+  if (producer == Producer::torch) {
+    // torch exports no tensor that requires grad; the ops only read parameters (their
+    // gradients are the backward's outputs), so a detached view of the same memory is right.
+    static PyObject* to_dlpack = nullptr;
+    if (!to_dlpack) to_dlpack = torch_attribute("torch.utils.dlpack", "to_dlpack");
+    py::object source = obj;
+    if (PyObject_IsTrue(obj.attr("requires_grad").ptr())) source = obj.attr("detach")();
+    capsule = py::reinterpret_borrow<py::object>(to_dlpack)(source);
+  } else {
+    // Ask for the device first: a producer on another device may not export without a stream.
+    const py::tuple device = obj.attr("__dlpack_device__")();
+    if (device.size() < 1 || device[0].cast<int>() != kDLCPU)
+      value_error(function, std::string(name) + " is on DLPack device " +
+                                py::repr(device).cast<std::string>() +
+                                "; normkit computes on the CPU (device type 1)");
+    capsule = obj.attr("__dlpack__")();
+  }
+  DLManagedTensor* managed = nullptr;
+  t.owner = consume_capsule(function, name, capsule, &managed);
+  const DLTensor& dl = managed->dl_tensor;
+  if (dl.device.device_type != kDLCPU)
+    value_error(function, std::string(name) + " is on device " +
+                              py::str(obj.attr("device")).cast<std::string>() +
+                              "; normkit computes on the CPU: move it there first (.cpu())");
+  for (const ElementType& e : kActivationTypes)
+    if (dl.dtype.code == e.dlpack_code && dl.dtype.bits == e.bits && dl.dtype.lanes == 1)
+      t.dtype = e.dtype;
+  t.dlpack_dtype = dl.dtype;
+  t.itemsize = std::max<py::ssize_t>(dl.dtype.bits / 8, 1) * dl.dtype.lanes;
+  t.data = static_cast<char*>(dl.data) + dl.byte_offset;
+  t.shape.assign(dl.shape, dl.shape + dl.ndim);
+  t.strides.resize(dl.ndim);
+  py::ssize_t step = t.itemsize;
+  for (int d = dl.ndim - 1; d >= 0; --d) {
+    t.strides[d] = dl.strides ? dl.strides[d] * t.itemsize : step;
+    step *= t.shape[d];
+  }
+  t.aligned = reinterpret_cast<std::uintptr_t>(t.data) % t.itemsize == 0;
+  return t;
+}
+
+std::string Tensor::dtype_name() const {
+  return numpy_dtype ? py::str(numpy_dtype).cast<std::string>() : dlpack_type_name(dlpack_dtype);
+}
+
+Tensor tensor_arg(const char* function, const char* name, const py::object& obj) {
+  if (py::isinstance<py::array>(obj)) return from_numpy(py::reinterpret_borrow<py::array>(obj));
+  if (is_torch_tensor(obj)) return from_dlpack(function, name, obj, Producer::torch);
+  if (py::hasattr(obj, "__dlpack__")) return from_dlpack(function, name, obj, Producer::dlpack);
+  // What NumPy can make an array of (a nested list, a scalar), as NumPy arguments always were.
+  py::array a = py::array::ensure(obj);
+  if (!a)
+    type_error(function, std::string(name) +
+                             " must be a NumPy array or a tensor with __dlpack__ (e.g. a "
+                             "torch.Tensor), got " +
+                             py::str(py::type::handle_of(obj)).cast<std::string>());
+  return from_numpy(a);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dtypes.
+
+DType activation_dtype(const char* function, const char* name, const Tensor& t) {
+  if (t.dtype) return *t.dtype;
   std::string supported;
-  for (const ActivationType& t : kActivationTypes)
-    supported += std::string(supported.empty() ? "" : ", ") + normkit::to_string(t.dtype);
-  type_error(function, std::string(name) + " has dtype " + dtype_name(a) + "; supported: " +
+  for (const ElementType& e : kActivationTypes)
+    supported += std::string(supported.empty() ? "" : ", ") + normkit::to_string(e.dtype) +
+                 (e.numpy_char ? "" : " (DLPack only)");
+  type_error(function, std::string(name) + " has dtype " + t.dtype_name() + "; supported: " +
                            supported);
 }
 
 // Parameters and statistics are float32 whatever the activation dtype.
-void require_float32(const char* function, const char* name, const py::array& a) {
-  const py::dtype dt = a.dtype();
-  if (dt.char_() != 'f' || !native_byte_order(dt))
-    type_error(function, std::string(name) + " has dtype " + dtype_name(a) + ", expected float32");
+void require_float32(const char* function, const char* name, const Tensor& t) {
+  if (t.dtype != DType::float32)
+    type_error(function, std::string(name) + " has dtype " + t.dtype_name() + ", expected float32");
 }
 
 // ---------------------------------------------------------------------------------------------
 // Memory formats.
-
-bool is_aligned(const py::array& a) {
-  return (a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) != 0;
-}
 
 // Dims from outermost to innermost in memory.
 std::vector<int> dim_order(int rank, MemoryFormat format) {
@@ -117,7 +302,7 @@ std::vector<int> dim_order(int rank, MemoryFormat format) {
   return order;
 }
 
-// Byte strides of a dense array of `shape` in `format` (as torch computes them: a zero-size dim
+// Byte strides of a dense tensor of `shape` in `format` (as torch computes them: a zero-size dim
 // counts as 1, so an empty channels-last tensor still has channels-last strides).
 Shape dense_strides(const Shape& shape, MemoryFormat format, py::ssize_t itemsize) {
   const int rank = static_cast<int>(shape.size());
@@ -131,166 +316,446 @@ Shape dense_strides(const Shape& shape, MemoryFormat format, py::ssize_t itemsiz
   return strides;
 }
 
-// Whether `a` is laid out densely in `format`. `ignore_unit_dims`: a dim of extent 1 never moves,
-// so its stride may be anything (NumPy and torch both produce such arrays).
-bool dense_in(const py::array& a, MemoryFormat format, bool ignore_unit_dims) {
-  const Shape shape = shape_of(a);
-  const Shape expected = dense_strides(shape, format, a.itemsize());
-  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
-    if (ignore_unit_dims && shape[d] <= 1) continue;
-    if (a.strides(d) != expected[d]) return false;
+// Whether `t` is laid out densely in `format`. `ignore_unit_dims`: a dim of extent 1 never
+// moves, so its stride may be anything (NumPy and torch both produce such tensors).
+bool dense_in(const Tensor& t, MemoryFormat format, bool ignore_unit_dims) {
+  const Shape expected = dense_strides(t.shape, format, t.itemsize);
+  for (py::ssize_t d = 0; d < t.ndim(); ++d) {
+    if (ignore_unit_dims && t.shape[d] <= 1) continue;
+    if (t.strides[d] != expected[d]) return false;
   }
   return true;
 }
 
-// The format `a` can be computed in without a copy, if any. Exact strides decide first, so an
-// array that is dense in both (C == 1, or all spatial dims 1) keeps the strides it came with.
-std::optional<MemoryFormat> dense_format(const py::array& a) {
-  if (!is_aligned(a)) return std::nullopt;
-  const bool may_be_last = a.ndim() >= 3;
+// The format `t` can be computed in without a copy, if any. Exact strides decide first, so a
+// tensor that is dense in both (C == 1, or all spatial dims 1) keeps the strides it came with.
+std::optional<MemoryFormat> dense_format(const Tensor& t) {
+  if (!t.aligned) return std::nullopt;
+  const bool may_be_last = t.ndim() >= 3;
   for (bool ignore_unit_dims : {false, true}) {
-    if (dense_in(a, MemoryFormat::channels_first, ignore_unit_dims))
+    if (dense_in(t, MemoryFormat::channels_first, ignore_unit_dims))
       return MemoryFormat::channels_first;
-    if (may_be_last && dense_in(a, MemoryFormat::channels_last, ignore_unit_dims))
+    if (may_be_last && dense_in(t, MemoryFormat::channels_last, ignore_unit_dims))
       return MemoryFormat::channels_last;
   }
-  if (a.size() == 0) return MemoryFormat::channels_first;
+  if (t.size() == 0) return MemoryFormat::channels_first;
   return std::nullopt;
 }
 
-// A new array of `shape` whose strides are the dense ones of `format`; its contents are undefined.
-py::array allocate(const py::dtype& dtype, const Shape& shape, MemoryFormat format) {
-  const int rank = static_cast<int>(shape.size());
-  py::array out;
-  if (format == MemoryFormat::channels_first || rank < 3) {
-    out = py::array(dtype, shape);
+std::string strides_string(const Tensor& t) { return shape_string(t.strides); }
+
+// A DLPack tensor is never copied: one the kernels cannot read where it lies is an error.
+[[noreturn]] void not_dense(const char* function, const char* name, const Tensor& t,
+                            const std::string& wanted) {
+  value_error(function, std::string(name) + " of shape " + shape_string(t.shape) +
+                            " has byte strides " + strides_string(t) +
+                            (t.aligned ? "" : " (unaligned)") + ", which are not " + wanted +
+                            "; normkit does not copy DLPack tensors: make it so first (torch: "
+                            ".contiguous() or .contiguous(memory_format=torch.channels_last))");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outputs, of the kind x is.
+
+// The test hook's fill of a new output: NaN in the output's dtype.
+void poison(void* data, py::ssize_t count, py::ssize_t itemsize) {
+  if (itemsize == 4) {
+    std::fill_n(static_cast<uint32_t*>(data), count, 0x7fc00000u);
   } else {
-    // Allocate in memory order, then view it in logical order.
-    const std::vector<int> order = dim_order(rank, format);
-    Shape memory_shape(rank);
-    for (int i = 0; i < rank; ++i) memory_shape[i] = shape[order[i]];
-    py::array storage(dtype, memory_shape);
-    Shape strides(rank);
-    for (int i = 0; i < rank; ++i) strides[order[i]] = storage.strides(i);
-    out = py::array(dtype, shape, strides, storage.data(), storage);
+    // float16 and bfloat16 NaNs differ; a pattern that is NaN in both: 0x7fff.
+    std::fill_n(static_cast<uint16_t*>(data), count, uint16_t{0x7fff});
   }
-  return out;
 }
 
-// An array a kernel is about to write.
-py::array new_output(const py::dtype& dtype, const Shape& shape, MemoryFormat format) {
-  py::array out = allocate(dtype, shape, format);
-  if (g_poison_outputs) out.attr("fill")(std::numeric_limits<double>::quiet_NaN());
-  return out;
+// Memory the module allocated for a DLPack consumer, shared by every capsule made of it.
+struct Storage {
+  std::shared_ptr<void> memory;
+  std::vector<int64_t> shape, strides;  // strides in elements
+  DLDataType dtype;
+};
+
+struct ManagerContext {
+  Storage storage;
+  DLManagedTensor managed;
+};
+
+// A fresh "dltensor" capsule for `s`; a consumer that takes it calls the deleter when done.
+py::object dlpack_capsule(const Storage& s) {
+  auto* ctx = new ManagerContext{s, {}};
+  DLTensor& dl = ctx->managed.dl_tensor;
+  dl.data = s.memory.get();
+  dl.device = {kDLCPU, 0};
+  dl.ndim = static_cast<int32_t>(s.shape.size());
+  dl.dtype = s.dtype;
+  dl.shape = ctx->storage.shape.data();
+  dl.strides = ctx->storage.strides.data();
+  dl.byte_offset = 0;
+  ctx->managed.manager_ctx = ctx;
+  ctx->managed.deleter = [](DLManagedTensor* m) {
+    delete static_cast<ManagerContext*>(m->manager_ctx);
+  };
+  PyObject* capsule = PyCapsule_New(&ctx->managed, "dltensor", [](PyObject* c) {
+    if (PyCapsule_IsValid(c, "dltensor")) {  // never consumed
+      auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"));
+      m->deleter(m);
+    }
+  });
+  if (!capsule) {
+    delete ctx;
+    throw py::error_already_set();
+  }
+  return py::reinterpret_steal<py::object>(capsule);
 }
 
-py::array copy_to_format(const py::array& a, MemoryFormat format) {
-  py::array out = allocate(a.dtype(), shape_of(a), format);
-  py::module_::import("numpy").attr("copyto")(out, a);
+// What other DLPack producers get back: a tensor any DLPack consumer takes
+// (numpy.from_dlpack, torch.from_dlpack, jax.dlpack.from_dlpack, ...).
+struct DLPackTensor {
+  Storage storage;
+};
+
+// A new output of `shape` in `format`, dense; its contents are undefined (NaN when poisoned).
+// `kind`: the tensor whose producer decides what the output is returned as.
+struct Output {
+  py::object value;
+  void* data = nullptr;
+};
+
+Output new_output(const Tensor& kind, DType dtype, const Shape& shape, MemoryFormat format) {
+  const ElementType& type = element_type(dtype);
+  const int rank = static_cast<int>(shape.size());
+  if (format == MemoryFormat::channels_last && rank < 3) format = MemoryFormat::channels_first;
+  Output out;
+  py::ssize_t count = 1;
+  for (py::ssize_t d : shape)
+    if (__builtin_mul_overflow(count, d, &count))
+      throw py::value_error("shape " + shape_string(shape) + " has more elements than int64 holds");
+  if (kind.producer == Producer::numpy) {
+    const py::dtype dt = dtype == DType::float32 ? py::dtype::of<float>() : py::dtype("e");
+    py::array a;
+    if (format == MemoryFormat::channels_first) {
+      a = py::array(dt, shape);
+    } else {
+      // Allocate in memory order, then view it in logical order.
+      const std::vector<int> order = dim_order(rank, format);
+      Shape memory_shape(rank);
+      for (int i = 0; i < rank; ++i) memory_shape[i] = shape[order[i]];
+      py::array storage(dt, memory_shape);
+      Shape strides(rank);
+      for (int i = 0; i < rank; ++i) strides[order[i]] = storage.strides(i);
+      a = py::array(dt, shape, strides, storage.data(), storage);
+    }
+    out = {a, a.mutable_data()};
+  } else {
+    const py::ssize_t itemsize = type.bits / 8;
+    py::ssize_t bytes = 0;
+    if (__builtin_mul_overflow(count, itemsize, &bytes))
+      throw py::value_error("shape " + shape_string(shape) + " has more bytes than int64 holds");
+    // 64-byte aligned, as NumPy's and torch's own allocations are at least (aligned_alloc wants
+    // a multiple of the alignment, and an empty tensor still a pointer of its own).
+    const std::size_t rounded = (static_cast<std::size_t>(bytes) + 63) / 64 * 64;
+    void* memory = std::aligned_alloc(64, std::max<std::size_t>(rounded, 64));
+    if (!memory) {
+      PyErr_Format(PyExc_MemoryError, "Unable to allocate %.2f GiB for an output of shape %s",
+                   static_cast<double>(bytes) / (1 << 30), shape_string(shape).c_str());
+      throw py::error_already_set();
+    }
+    Storage s{std::shared_ptr<void>(memory, std::free), {}, {}, {type.dlpack_code, type.bits, 1}};
+    s.shape.assign(shape.begin(), shape.end());
+    for (py::ssize_t stride : dense_strides(shape, format, itemsize))
+      s.strides.push_back(stride / itemsize);
+    if (kind.producer == Producer::torch) {
+      static PyObject* from_dlpack = nullptr;
+      if (!from_dlpack) from_dlpack = torch_capsule_importer();
+      out = {py::reinterpret_borrow<py::object>(from_dlpack)(dlpack_capsule(s)), memory};
+    } else {
+      out = {py::cast(DLPackTensor{s}), memory};
+    }
+  }
+  if (g_poison_outputs) poison(out.data, count, type.bits / 8);
   return out;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Arguments.
 
-// An activation array and the view the kernels see; `array` keeps the data alive.
+// An activation and the view the kernels see; `tensor` keeps the data alive.
 struct Activation {
-  py::array array;
+  Tensor tensor;
   TensorView view;
 };
 
-TensorView view_of(const py::array& a, void* data, DType dtype, MemoryFormat format) {
-  std::vector<int64_t> shape(a.shape(), a.shape() + a.ndim());
-  return TensorView(data, dtype, static_cast<int>(a.ndim()), shape.data(), format);
+TensorView view_of(const Tensor& t, void* data, DType dtype, MemoryFormat format) {
+  std::vector<int64_t> shape(t.shape.begin(), t.shape.end());
+  return TensorView(data, dtype, static_cast<int>(t.ndim()), shape.data(), format);
 }
 
-// x-like input. With `format`, the array is brought to that format (dy follows x's); without,
-// it keeps its own if it has one, else it is copied to channels-first.
-Activation activation_input(const char* function, const char* name, py::array a,
+py::array numpy_copy_to_format(const Tensor& t, MemoryFormat format) {
+  const Output out = new_output(t, *t.dtype, t.shape, format);
+  py::module_::import("numpy").attr("copyto")(out.value, t.array());
+  return py::reinterpret_borrow<py::array>(out.value);
+}
+
+// x-like input. With `format`, the tensor is brought to that format (dy follows x's); without,
+// it keeps its own if it has one, else it is copied to channels-first. Only NumPy arrays are
+// copied; a DLPack tensor that would need it is an error.
+Activation activation_input(const char* function, const char* name, Tensor t,
                             std::optional<MemoryFormat> format = std::nullopt) {
-  const DType dtype = activation_dtype(function, name, a);
+  const DType dtype = activation_dtype(function, name, t);
   MemoryFormat chosen = MemoryFormat::channels_first;
   if (format) {
-    chosen = a.ndim() >= 3 ? *format : MemoryFormat::channels_first;
-    const bool usable = is_aligned(a) && (a.size() == 0 || dense_in(a, chosen, true));
-    if (!usable) a = copy_to_format(a, chosen);
-  } else if (std::optional<MemoryFormat> own = dense_format(a)) {
+    chosen = t.ndim() >= 3 ? *format : MemoryFormat::channels_first;
+    const bool usable = t.aligned && (t.size() == 0 || dense_in(t, chosen, true));
+    if (!usable) {
+      if (t.producer != Producer::numpy)
+        not_dense(function, name, t,
+                  std::string("dense ") + normkit::to_string(chosen) + " as x is");
+      t = from_numpy(numpy_copy_to_format(t, chosen));
+    }
+  } else if (std::optional<MemoryFormat> own = dense_format(t)) {
     chosen = *own;
   } else {
-    a = copy_to_format(a, MemoryFormat::channels_first);
+    if (t.producer != Producer::numpy)
+      not_dense(function, name, t, "dense in either memory format");
+    t = from_numpy(numpy_copy_to_format(t, MemoryFormat::channels_first));
   }
-  return {a, view_of(a, const_cast<void*>(a.data()), dtype, chosen)};
+  return {t, view_of(t, t.data, dtype, chosen)};
 }
 
-// A new output like `like` (shape, dtype, memory format).
+Activation activation_input(const char* function, const char* name, const py::object& obj,
+                            std::optional<MemoryFormat> format = std::nullopt) {
+  return activation_input(function, name, tensor_arg(function, name, obj), format);
+}
+
+// A new output like `like` (shape, dtype, memory format, kind).
 Activation activation_output(const Activation& like) {
-  py::array out = new_output(like.array.dtype(), shape_of(like.array), like.view.format);
-  return {out, view_of(out, out.mutable_data(), like.view.dtype, like.view.format)};
+  const Output out = new_output(like.tensor, like.view.dtype, like.tensor.shape, like.view.format);
+  Tensor t = like.tensor;
+  t.value = t.owner = out.value;
+  t.data = out.data;
+  t.strides = dense_strides(t.shape, like.view.format, t.itemsize);
+  t.writable = true;
+  return {t, view_of(t, out.data, like.view.dtype, like.view.format)};
 }
 
-// Contiguous, aligned, native: what a std::span can point into. Copies only when needed.
-py::array contiguous(const py::array& a) {
-  return py::array::ensure(a, static_cast<int>(py::array::c_style) |
-                                   static_cast<int>(py::detail::npy_api::NPY_ARRAY_ALIGNED_));
-}
-
-// An optional read-only float32 vector (weight, bias, saved statistics): a 1-D array, or None.
+// An optional read-only float32 vector (weight, bias, saved statistics), or None. Read as
+// contiguous float32: a NumPy array is copied to that when it is not, a DLPack tensor must be.
 struct VectorIn {
-  py::array array;
+  py::object owner;
   std::span<const float> span;  // data() == nullptr: absent
   bool present() const { return span.data() != nullptr; }
 };
 
+bool c_contiguous(const Tensor& t) {
+  return t.aligned && (t.size() == 0 || dense_in(t, MemoryFormat::channels_first, true));
+}
+
+VectorIn float32_input(const char* function, const char* name, const Tensor& t) {
+  if (c_contiguous(t))
+    return {t.owner, {static_cast<const float*>(t.data), static_cast<std::size_t>(t.size())}};
+  if (t.producer != Producer::numpy) not_dense(function, name, t, "contiguous");
+  py::array c = py::array::ensure(
+      t.array(), static_cast<int>(py::array::c_style) |
+                     static_cast<int>(py::detail::npy_api::NPY_ARRAY_ALIGNED_));
+  return {c, {static_cast<const float*>(c.data()), static_cast<std::size_t>(c.size())}};
+}
+
 VectorIn vector_input(const char* function, const char* name, const OptionalArray& a) {
   if (!a) return {};
-  require_float32(function, name, *a);
-  if (a->ndim() != 1)
-    value_error(function, std::string(name) + " must be 1-D, got shape " +
-                              shape_string(shape_of(*a)));
-  py::array c = contiguous(*a);
-  return {c, {static_cast<const float*>(c.data()), static_cast<std::size_t>(c.size())}};
+  const Tensor t = tensor_arg(function, name, *a);
+  require_float32(function, name, t);
+  if (t.ndim() != 1)
+    value_error(function, std::string(name) + " must be 1-D, got shape " + shape_string(t.shape));
+  return float32_input(function, name, t);
+}
+
+// A saved statistic passed back to a backward: float32 of exactly `expected` shape (checked
+// only once the op accepts x, so that a bad x is reported as such), read flattened.
+VectorIn saved_stat(const char* function, const char* name, const py::object& obj,
+                    const Shape& expected, const char* expected_name, bool check_shape) {
+  const Tensor t = tensor_arg(function, name, obj);
+  require_float32(function, name, t);
+  if (check_shape && t.shape != expected)
+    value_error(function, std::string(name) + " has shape " + shape_string(t.shape) +
+                              ", expected " + expected_name + " = " + shape_string(expected));
+  return float32_input(function, name, t);
 }
 
 // An optional running statistic the kernel updates in place: it must be the caller's own
 // memory, so nothing is copied; anything else is an error.
-std::span<float> running_stat(const char* function, const char* name, const OptionalArray& a,
-                              bool written) {
+struct RunningStat {
+  py::object owner;
+  std::span<float> span;
+};
+
+RunningStat running_stat(const char* function, const char* name, const OptionalArray& a,
+                         bool written) {
   if (!a) return {};
-  require_float32(function, name, *a);
-  if (a->ndim() != 1)
-    value_error(function, std::string(name) + " must be 1-D, got shape " +
-                              shape_string(shape_of(*a)));
-  if (!is_aligned(*a) || (a->size() > 1 && a->strides(0) != a->itemsize()))
+  const Tensor t = tensor_arg(function, name, *a);
+  require_float32(function, name, t);
+  if (t.ndim() != 1)
+    value_error(function, std::string(name) + " must be 1-D, got shape " + shape_string(t.shape));
+  if (!t.aligned || (t.size() > 1 && t.strides[0] != t.itemsize))
     value_error(function, std::string(name) +
                               " must be contiguous (it is updated in place), got strides " +
-                              shape_string(Shape(a->strides(), a->strides() + 1)));
-  if (written && !a->writeable())
+                              strides_string(t));
+  if (written && !t.writable)
     value_error(function, std::string(name) + " must be writable (it is updated in place)");
-  return {static_cast<float*>(const_cast<void*>(a->data())), static_cast<std::size_t>(a->size())};
+  return {t.owner, {static_cast<float*>(t.data), static_cast<std::size_t>(t.size())}};
 }
 
-// A new float32 statistic or parameter gradient.
+// A new float32 statistic or parameter gradient, of the kind `kind` is.
 struct VectorOut {
-  py::array array;
+  py::object value;
   std::span<float> span;  // data() == nullptr: not asked for
 };
 
-VectorOut vector_output(const Shape& shape) {
-  py::array out = new_output(py::dtype::of<float>(), shape, MemoryFormat::channels_first);
-  return {out, {static_cast<float*>(out.mutable_data()), static_cast<std::size_t>(out.size())}};
+VectorOut vector_output(const Tensor& kind, const Shape& shape) {
+  const Output out = new_output(kind, DType::float32, shape, MemoryFormat::channels_first);
+  const py::ssize_t count =
+      std::accumulate(shape.begin(), shape.end(), py::ssize_t{1}, std::multiplies<>());
+  return {out.value, {static_cast<float*>(out.data), static_cast<std::size_t>(count)}};
 }
 
 py::object or_none(const VectorOut& v) {
-  return v.span.data() ? py::object(v.array) : py::object(py::none());
+  return v.span.data() ? v.value : py::object(py::none());
 }
 
 int64_t channels_of(const TensorView& x) { return x.rank >= 2 ? x.shape[1] : 0; }
 int64_t batch_of(const TensorView& x) { return x.rank >= 1 ? x.shape[0] : 0; }
 
-// Run a kernel without the GIL: the arrays it touches are held by the caller's locals.
+// Run a kernel without the GIL: the tensors it touches are held by the caller's locals.
 template <typename F> void without_gil(F&& kernel) {
   py::gil_scoped_release release;
   kernel();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused epilogues: y = activation(normalized(x) + residual), and their gradients.
+
+// The activations a forward can fuse, by the name Python passes: one row each, saying how the
+// library's epilogue is set for it and what its gradient reads besides dy.
+struct FusedActivation {
+  const char* name;
+  bool relu;
+  bool backward_needs_y;  // relu: the forward's output, whose sign is the mask
+};
+constexpr FusedActivation kFusedActivations[] = {
+    {"relu", true, true},
+};
+
+// nullptr for None.
+const FusedActivation* fused_activation(const char* function, const py::object& activation) {
+  if (activation.is_none()) return nullptr;
+  std::string allowed = "None";
+  for (const FusedActivation& a : kFusedActivations) allowed += std::string(", '") + a.name + "'";
+  const std::string got = py::repr(activation).cast<std::string>();
+  if (!py::isinstance<py::str>(activation))
+    type_error(function, "activation must be one of " + allowed + ", got " + got);
+  const std::string name = activation.cast<std::string>();
+  for (const FusedActivation& a : kFusedActivations)
+    if (name == a.name) return &a;
+  value_error(function, "activation must be one of " + allowed + ", got " + got);
+}
+
+void set_activation(const FusedActivation* activation, normkit::ForwardEpilogue& epilogue) {
+  epilogue.relu = activation && activation->relu;
+}
+void set_activation(const FusedActivation* activation, normkit::BackwardEpilogue& epilogue) {
+  epilogue.relu = activation && activation->relu;
+}
+
+// An epilogue tensor is used where it lies, never copied: it must have x's shape and dtype and
+// be dense in the memory format x is computed in. `x_view`: x as the kernel sees it (the
+// epilogue tensor is seen the same way).
+struct EpilogueTensor {
+  py::object owner;
+  TensorView view;
+};
+
+EpilogueTensor exactly_like_x(const char* function, const char* name, const py::object& obj,
+                              const Activation& x, const TensorView& x_view) {
+  const Tensor a = tensor_arg(function, name, obj);
+  if (a.shape != x.tensor.shape)
+    value_error(function, std::string(name) + " has shape " + shape_string(a.shape) +
+                              ", expected x's shape " + shape_string(x.tensor.shape));
+  if (activation_dtype(function, name, a) != x.view.dtype)
+    type_error(function, std::string(name) + " has dtype " + a.dtype_name() +
+                             ", expected x's dtype " + x.tensor.dtype_name());
+  if (!a.aligned || (a.size() > 0 && !dense_in(a, x.view.format, true)))
+    value_error(function, std::string(name) + " must be laid out as x is computed (" +
+                              normkit::to_string(x.view.format) + ", byte strides " +
+                              shape_string(dense_strides(a.shape, x.view.format, a.itemsize)) +
+                              "), got byte strides " + strides_string(a));
+  TensorView view = x_view;
+  view.data = a.data;
+  return {a.owner, view};
+}
+
+// What a forward fuses: `activation` (None or a name of kFusedActivations) and `residual`
+// (None or an array exactly like x).
+struct FusedForward {
+  normkit::ForwardEpilogue epilogue;
+  py::object residual;  // keeps the residual's memory alive
+};
+
+FusedForward forward_epilogue(const char* function, const py::object& activation,
+                                          const OptionalArray& residual, const Activation& x,
+                                          const TensorView& x_view) {
+  FusedForward fused;
+  set_activation(fused_activation(function, activation), fused.epilogue);
+  if (residual) {
+    const EpilogueTensor r = exactly_like_x(function, "residual", *residual, x, x_view);
+    fused.epilogue.residual = r.view;
+    fused.residual = r.owner;
+  }
+  return fused;
+}
+
+// What a backward undoes: the forward's `activation`, `y` (the forward's output, required when
+// the activation's gradient reads it), and whether the residual's gradient is wanted.
+struct BackwardEpilogueArgs {
+  py::object activation;
+  OptionalArray y;
+  bool residual_grad = false;
+};
+
+struct FusedBackward {
+  normkit::BackwardEpilogue epilogue;
+  py::object y;                         // keeps y's memory alive
+  std::optional<py::object> dresidual;  // a new tensor, with residual_grad
+};
+
+FusedBackward backward_epilogue(const char* function, const BackwardEpilogueArgs& args,
+                                const Activation& x, const TensorView& x_view) {
+  FusedBackward fused;
+  const FusedActivation* activation = fused_activation(function, args.activation);
+  set_activation(activation, fused.epilogue);
+  if (activation && activation->backward_needs_y && !args.y)
+    value_error(function, std::string("y (the forward's output) is required with activation='") +
+                              activation->name + "'");
+  if (args.y && !(activation && activation->backward_needs_y))
+    value_error(function, std::string("y is not read with activation=") +
+                              py::repr(args.activation).cast<std::string>() +
+                              ": pass the forward's activation with it");
+  if (args.y) {
+    const EpilogueTensor y = exactly_like_x(function, "y", *args.y, x, x_view);
+    fused.epilogue.y = y.view;
+    fused.y = y.owner;
+  }
+  if (args.residual_grad) {
+    const Output d = new_output(x.tensor, x.view.dtype, x.tensor.shape, x.view.format);
+    fused.epilogue.dresidual = x_view;
+    fused.epilogue.dresidual.data = d.data;
+    fused.dresidual = d.value;
+  }
+  return fused;
+}
+
+// (dx, dweight, dbias), then dresidual when it was asked for.
+py::tuple backward_result(const py::object& dx, const py::object& dweight, const py::object& dbias,
+                          const FusedBackward& fused) {
+  if (fused.dresidual) return py::make_tuple(dx, dweight, dbias, *fused.dresidual);
+  return py::make_tuple(dx, dweight, dbias);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -311,118 +776,119 @@ bool groups_accepted(int64_t num_groups, const TensorView& x) {
   return true;
 }
 
-py::tuple group_norm_forward_impl(const char* function, const py::array& x_in,
+py::tuple group_norm_forward_impl(const char* function, const py::object& x_in,
                                   int64_t num_groups, const OptionalArray& weight_in,
-                                  const OptionalArray& bias_in, double eps) {
+                                  const OptionalArray& bias_in, double eps,
+                                  const py::object& activation, const OptionalArray& residual) {
   const Activation x = activation_input(function, "x", x_in);
   const VectorIn weight = vector_input(function, "weight", weight_in);
   const VectorIn bias = vector_input(function, "bias", bias_in);
+  const FusedForward fused = forward_epilogue(function, activation, residual, x, x.view);
+  const normkit::GroupNormParams params{
+      num_groups, eps, fused.epilogue};
   const Activation y = activation_output(x);
   const Shape stats_shape{batch_of(x.view), groups_accepted(num_groups, x.view) ? num_groups : 0};
-  const VectorOut mean = vector_output(stats_shape);
-  const VectorOut rstd = vector_output(stats_shape);
-  const normkit::GroupNormParams params{num_groups, eps};
+  const VectorOut mean = vector_output(x.tensor, stats_shape);
+  const VectorOut rstd = vector_output(x.tensor, stats_shape);
   without_gil([&] {
     normkit::group_norm_forward(params, x.view, weight.span, bias.span, y.view, mean.span,
                                 rstd.span);
   });
-  return py::make_tuple(y.array, mean.array, rstd.array);
+  return py::make_tuple(y.tensor.value, mean.value, rstd.value);
 }
 
-py::tuple group_norm_backward_impl(const py::array& dy_in, const py::array& x_in,
-                                   const py::array& mean_in, const py::array& rstd_in,
-                                   int64_t num_groups, const OptionalArray& weight_in) {
+py::tuple group_norm_backward_impl(const py::object& dy_in, const py::object& x_in,
+                                   const py::object& mean_in, const py::object& rstd_in,
+                                   int64_t num_groups, const OptionalArray& weight_in,
+                                   const BackwardEpilogueArgs& fused_args) {
   const char* function = "group_norm_backward";
   const Activation x = activation_input(function, "x", x_in);
   const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
   const VectorIn weight = vector_input(function, "weight", weight_in);
+  const FusedBackward fused = backward_epilogue(function, fused_args, x, x.view);
   const Shape stats_shape{batch_of(x.view), num_groups};
   const bool accepted = groups_accepted(num_groups, x.view);
-  VectorIn stats[2];
-  const char* names[2] = {"mean", "rstd"};
-  const py::array* arrays[2] = {&mean_in, &rstd_in};
-  for (int i = 0; i < 2; ++i) {
-    const py::array& a = *arrays[i];
-    require_float32(function, names[i], a);
-    // The op sees the statistics flattened: their (N, num_groups) shape is checked here, once
-    // the library accepts num_groups, so that a bad one is reported as such by the op.
-    if (accepted && shape_of(a) != stats_shape)
-      value_error(function, std::string(names[i]) + " has shape " + shape_string(shape_of(a)) +
-                                ", expected (N, num_groups) = " + shape_string(stats_shape));
-    py::array c = contiguous(a);
-    stats[i] = {c, {static_cast<const float*>(c.data()), static_cast<std::size_t>(c.size())}};
-  }
+  // The op sees the statistics flattened: their (N, num_groups) shape is checked here, once
+  // the library accepts num_groups, so that a bad one is reported as such by the op.
+  const VectorIn stats[2] = {
+      saved_stat(function, "mean", mean_in, stats_shape, "(N, num_groups)", accepted),
+      saved_stat(function, "rstd", rstd_in, stats_shape, "(N, num_groups)", accepted)};
   const Activation dx = activation_output(x);
   VectorOut dweight, dbias;
   if (weight.present()) {
-    dweight = vector_output({channels_of(x.view)});
-    dbias = vector_output({channels_of(x.view)});
+    dweight = vector_output(x.tensor, {channels_of(x.view)});
+    dbias = vector_output(x.tensor, {channels_of(x.view)});
   }
-  const normkit::GroupNormBackwardParams params{num_groups};
+  const normkit::GroupNormBackwardParams params{num_groups, fused.epilogue};
   without_gil([&] {
     normkit::group_norm_backward(params, dy.view, x.view, stats[0].span, stats[1].span,
                                  weight.span, dx.view, dweight.span, dbias.span);
   });
-  return py::make_tuple(dx.array, or_none(dweight), or_none(dbias));
+  return backward_result(dx.tensor.value, or_none(dweight), or_none(dbias), fused);
 }
 
 // ---------------------------------------------------------------------------------------------
 // batch_norm
 
-py::tuple batch_norm_forward_impl(const char* function, const py::array& x_in,
+py::tuple batch_norm_forward_impl(const char* function, const py::object& x_in,
                                   const OptionalArray& running_mean_in,
                                   const OptionalArray& running_var_in,
                                   const OptionalArray& weight_in, const OptionalArray& bias_in,
-                                  bool training, double momentum, double eps) {
+                                  bool training, double momentum, double eps,
+                                  const py::object& activation, const OptionalArray& residual) {
   const Activation x = activation_input(function, "x", x_in);
-  const std::span<float> running_mean =
+  const RunningStat running_mean =
       running_stat(function, "running_mean", running_mean_in, training);
-  const std::span<float> running_var =
+  const RunningStat running_var =
       running_stat(function, "running_var", running_var_in, training);
   const VectorIn weight = vector_input(function, "weight", weight_in);
   const VectorIn bias = vector_input(function, "bias", bias_in);
+  const FusedForward fused = forward_epilogue(function, activation, residual, x, x.view);
+  const normkit::BatchNormParams params{
+      eps, momentum, fused.epilogue};
   const Activation y = activation_output(x);
-  const normkit::BatchNormParams params{eps, momentum};
   if (training) {
-    const VectorOut save_mean = vector_output({channels_of(x.view)});
-    const VectorOut save_invstd = vector_output({channels_of(x.view)});
+    const VectorOut save_mean = vector_output(x.tensor, {channels_of(x.view)});
+    const VectorOut save_invstd = vector_output(x.tensor, {channels_of(x.view)});
     without_gil([&] {
       normkit::batch_norm_forward_training(params, x.view, weight.span, bias.span, y.view,
-                                           save_mean.span, save_invstd.span, running_mean,
-                                           running_var);
+                                           save_mean.span, save_invstd.span, running_mean.span,
+                                           running_var.span);
     });
     // An empty batch has no statistics and the kernel writes none; give them a defined value.
-    if (x.array.size() == 0) {
+    if (x.tensor.size() == 0) {
       std::fill(save_mean.span.begin(), save_mean.span.end(), 0.0f);
       std::fill(save_invstd.span.begin(), save_invstd.span.end(), 0.0f);
     }
-    return py::make_tuple(y.array, save_mean.array, save_invstd.array);
+    return py::make_tuple(y.tensor.value, save_mean.value, save_invstd.value);
   }
   // As torch: inference saves no statistics; its backward reads the running ones.
-  const VectorOut save_mean = vector_output({0});
-  const VectorOut save_invstd = vector_output({0});
+  const VectorOut save_mean = vector_output(x.tensor, {0});
+  const VectorOut save_invstd = vector_output(x.tensor, {0});
   without_gil([&] {
-    normkit::batch_norm_forward_inference(params, x.view, weight.span, bias.span, running_mean,
-                                          running_var, y.view);
+    normkit::batch_norm_forward_inference(params, x.view, weight.span, bias.span,
+                                          running_mean.span, running_var.span, y.view);
   });
-  return py::make_tuple(y.array, save_mean.array, save_invstd.array);
+  return py::make_tuple(y.tensor.value, save_mean.value, save_invstd.value);
 }
 
-py::tuple batch_norm_backward_impl(const py::array& dy_in, const py::array& x_in,
+py::tuple batch_norm_backward_impl(const py::object& dy_in, const py::object& x_in,
                                    const OptionalArray& weight_in,
                                    const OptionalArray& save_mean_in,
                                    const OptionalArray& save_invstd_in, bool training,
                                    const OptionalArray& running_mean_in,
-                                   const OptionalArray& running_var_in, double eps) {
+                                   const OptionalArray& running_var_in, double eps,
+                                   const BackwardEpilogueArgs& fused_args) {
   const char* function = "batch_norm_backward";
   const Activation x = activation_input(function, "x", x_in);
   const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
   const VectorIn weight = vector_input(function, "weight", weight_in);
+  const FusedBackward fused = backward_epilogue(function, fused_args, x, x.view);
   const Activation dx = activation_output(x);
   VectorOut dweight, dbias;
   if (weight.present()) {
-    dweight = vector_output({channels_of(x.view)});
-    dbias = vector_output({channels_of(x.view)});
+    dweight = vector_output(x.tensor, {channels_of(x.view)});
+    dbias = vector_output(x.tensor, {channels_of(x.view)});
   }
   if (training) {
     if (!save_mean_in || !save_invstd_in)
@@ -431,7 +897,7 @@ py::tuple batch_norm_backward_impl(const py::array& dy_in, const py::array& x_in
     const VectorIn save_mean = vector_input(function, "save_mean", save_mean_in);
     const VectorIn save_invstd = vector_input(function, "save_invstd", save_invstd_in);
     without_gil([&] {
-      normkit::batch_norm_backward_training({}, dy.view, x.view, save_mean.span,
+      normkit::batch_norm_backward_training({fused.epilogue}, dy.view, x.view, save_mean.span,
                                             save_invstd.span, weight.span, dx.view, dweight.span,
                                             dbias.span);
     });
@@ -440,44 +906,121 @@ py::tuple batch_norm_backward_impl(const py::array& dy_in, const py::array& x_in
       value_error(function, "running_mean and running_var are required when training=False");
     const VectorIn running_mean = vector_input(function, "running_mean", running_mean_in);
     const VectorIn running_var = vector_input(function, "running_var", running_var_in);
-    const normkit::BatchNormInferenceBackwardParams params{.eps = eps};
+    const normkit::BatchNormInferenceBackwardParams params{.eps = eps,
+                                                           .epilogue = fused.epilogue};
     without_gil([&] {
       normkit::batch_norm_backward_inference(params, dy.view, x.view, running_mean.span,
                                              running_var.span, weight.span, dx.view,
                                              dweight.span, dbias.span);
     });
   }
-  return py::make_tuple(dx.array, or_none(dweight), or_none(dbias));
+  return backward_result(dx.tensor.value, or_none(dweight), or_none(dbias), fused);
 }
 
 // ---------------------------------------------------------------------------------------------
 // instance_norm, layer_norm
 
-py::array instance_norm_impl(const py::array& x_in, const OptionalArray& running_mean_in,
-                             const OptionalArray& running_var_in, const OptionalArray& weight_in,
-                             const OptionalArray& bias_in, bool use_input_stats, double momentum,
-                             double eps) {
-  const char* function = "instance_norm";
+// The (N, C) statistics of an instance_norm call (one per instance, as group_norm's (N, G) with
+// G = C; torch has no native op that returns them).
+Shape instance_stats_shape(const TensorView& x) { return {batch_of(x), channels_of(x)}; }
+
+py::tuple instance_norm_forward_impl(const char* function, const py::object& x_in,
+                                     const OptionalArray& running_mean_in,
+                                     const OptionalArray& running_var_in,
+                                     const OptionalArray& weight_in, const OptionalArray& bias_in,
+                                     bool use_input_stats, double momentum, double eps,
+                                     const py::object& activation,
+                                     const OptionalArray& residual) {
   const Activation x = activation_input(function, "x", x_in);
-  const std::span<float> running_mean =
+  const RunningStat running_mean =
       running_stat(function, "running_mean", running_mean_in, use_input_stats);
-  const std::span<float> running_var =
+  const RunningStat running_var =
       running_stat(function, "running_var", running_var_in, use_input_stats);
   const VectorIn weight = vector_input(function, "weight", weight_in);
   const VectorIn bias = vector_input(function, "bias", bias_in);
+  const FusedForward fused = forward_epilogue(function, activation, residual, x, x.view);
+  const normkit::InstanceNormParams params{use_input_stats, momentum, eps, fused.epilogue};
   const Activation y = activation_output(x);
-  const VectorOut mean = vector_output({batch_of(x.view), channels_of(x.view)});
-  const VectorOut rstd = vector_output({batch_of(x.view), channels_of(x.view)});
-  const normkit::InstanceNormParams params{use_input_stats, momentum, eps};
+  const VectorOut mean = vector_output(x.tensor, instance_stats_shape(x.view));
+  const VectorOut rstd = vector_output(x.tensor, instance_stats_shape(x.view));
   without_gil([&] {
-    normkit::instance_norm_forward(params, x.view, weight.span, bias.span, running_mean,
-                                   running_var, y.view, mean.span, rstd.span);
+    normkit::instance_norm_forward(params, x.view, weight.span, bias.span, running_mean.span,
+                                   running_var.span, y.view, mean.span, rstd.span);
   });
-  return y.array;
+  return py::make_tuple(y.tensor.value, mean.value, rstd.value);
 }
 
-Shape normalized_shape_of(const py::object& normalized_shape) {
-  const char* function = "layer_norm";
+py::tuple instance_norm_backward_impl(const py::object& dy_in, const py::object& x_in,
+                                      const OptionalArray& save_mean_in,
+                                      const OptionalArray& save_rstd_in,
+                                      const OptionalArray& weight_in, bool use_input_stats,
+                                      const OptionalArray& running_mean_in,
+                                      const OptionalArray& running_var_in, double eps,
+                                      const BackwardEpilogueArgs& fused_args) {
+  const char* function = "instance_norm_backward";
+  const Activation x = activation_input(function, "x", x_in);
+  const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
+  const VectorIn weight = vector_input(function, "weight", weight_in);
+  const FusedBackward fused = backward_epilogue(function, fused_args, x, x.view);
+  const Shape stats_shape = instance_stats_shape(x.view);
+  bool accepted = true;
+  try {
+    normkit::instance_norm_workspace_size({use_input_stats, 0.1, 0.0}, x.view);
+  } catch (const normkit::Error&) {
+    accepted = false;
+  }
+  VectorIn mean, rstd;
+  if (save_mean_in && save_rstd_in) {
+    mean = saved_stat(function, "save_mean", *save_mean_in, stats_shape, "(N, C)", accepted);
+    rstd = saved_stat(function, "save_rstd", *save_rstd_in, stats_shape, "(N, C)", accepted);
+  } else if (use_input_stats) {
+    value_error(function, "save_mean and save_rstd (from instance_norm_forward) are required "
+                          "when use_input_stats=True");
+  } else {
+    // The statistics are the constants the forward used: the running ones, per sample, with
+    // rstd formed as the forward forms it (so these are the forward's bits).
+    if (!running_mean_in || !running_var_in)
+      value_error(function, "use_input_stats=False needs save_mean and save_rstd (from "
+                            "instance_norm_forward), or running_mean and running_var");
+    const VectorIn running_mean = vector_input(function, "running_mean", running_mean_in);
+    const VectorIn running_var = vector_input(function, "running_var", running_var_in);
+    const int64_t channels = channels_of(x.view);
+    for (const VectorIn* v : {&running_mean, &running_var})
+      if (static_cast<int64_t>(v->span.size()) != channels)
+        value_error(function, std::string(v == &running_mean ? "running_mean" : "running_var") +
+                                  " has length " + std::to_string(v->span.size()) +
+                                  ", expected C = " + std::to_string(channels));
+    if (!(std::isfinite(eps) && eps >= 0))
+      value_error(function, "eps must be finite and >= 0, got " + py::repr(py::float_(eps))
+                                                                      .cast<std::string>());
+    const VectorOut mean_out = vector_output(x.tensor, stats_shape);
+    const VectorOut rstd_out = vector_output(x.tensor, stats_shape);
+    for (int64_t n = 0; n < batch_of(x.view); ++n)
+      for (int64_t c = 0; c < channels; ++c) {
+        mean_out.span[n * channels + c] = running_mean.span[c];
+        rstd_out.span[n * channels + c] =
+            float(1.0 / std::sqrt(double(running_var.span[c]) + eps));
+      }
+    mean = {mean_out.value, mean_out.span};
+    rstd = {rstd_out.value, rstd_out.span};
+  }
+  const Activation dx = activation_output(x);
+  VectorOut dweight, dbias;
+  if (weight.present()) {
+    dweight = vector_output(x.tensor, {channels_of(x.view)});
+    dbias = vector_output(x.tensor, {channels_of(x.view)});
+  }
+  normkit::InstanceNormBackwardParams params;
+  params.use_input_stats = use_input_stats;
+  params.epilogue = fused.epilogue;
+  without_gil([&] {
+    normkit::instance_norm_backward(params, dy.view, x.view, mean.span, rstd.span, weight.span,
+                                    dx.view, dweight.span, dbias.span);
+  });
+  return backward_result(dx.tensor.value, or_none(dweight), or_none(dbias), fused);
+}
+
+Shape normalized_shape_of(const char* function, const py::object& normalized_shape) {
   Shape shape;
   if (py::isinstance<py::int_>(normalized_shape)) {
     shape.push_back(normalized_shape.cast<py::ssize_t>());
@@ -499,79 +1042,176 @@ Shape normalized_shape_of(const py::object& normalized_shape) {
 }
 
 // weight and bias of layer_norm have normalized_shape; the kernel takes them flattened.
-VectorIn layer_norm_param(const char* name, const OptionalArray& a, const Shape& normalized) {
-  const char* function = "layer_norm";
+VectorIn layer_norm_param(const char* function, const char* name, const OptionalArray& a,
+                          const Shape& normalized) {
   if (!a) return {};
-  require_float32(function, name, *a);
-  if (shape_of(*a) != normalized)
-    value_error(function, std::string(name) + " has shape " + shape_string(shape_of(*a)) +
+  const Tensor t = tensor_arg(function, name, *a);
+  require_float32(function, name, t);
+  if (t.shape != normalized)
+    value_error(function, std::string(name) + " has shape " + shape_string(t.shape) +
                               ", expected normalized_shape " + shape_string(normalized));
-  py::array flat = contiguous(*a).attr("reshape")(-1);
-  return {flat, {static_cast<const float*>(flat.data()), static_cast<std::size_t>(flat.size())}};
+  return float32_input(function, name, t);
 }
 
-py::array layer_norm_impl(const py::array& x_in, const py::object& normalized_shape_in,
-                          const OptionalArray& weight_in, const OptionalArray& bias_in,
-                          double eps) {
-  const char* function = "layer_norm";
-  const Shape normalized = normalized_shape_of(normalized_shape_in);
-  activation_dtype(function, "x", x_in);
-  const Shape shape = shape_of(x_in);
-  const int rank = static_cast<int>(shape.size());
-  const int normalized_ndim = static_cast<int>(normalized.size());
-  if (normalized_ndim > rank ||
-      !std::equal(normalized.begin(), normalized.end(), shape.end() - normalized_ndim))
-    value_error(function, "x shape " + shape_string(shape) +
-                              " does not end with normalized_shape " + shape_string(normalized));
-  const VectorIn weight = layer_norm_param("weight", weight_in, normalized);
-  const VectorIn bias = layer_norm_param("bias", bias_in, normalized);
-
-  // The kernel computes channels-last only when each sample is one row; other normalized dims
-  // need channels-first. Ranks above the kernel's are folded to (rows, cols), which is the same
-  // computation on channels-first memory.
-  Activation x = activation_input(function, "x", x_in);
-  const bool last_ok = normalized_ndim == rank - 1 && rank <= normkit::kMaxRank;
-  if (x.view.format == MemoryFormat::channels_last && !last_ok)
-    x = activation_input(function, "x", x_in, MemoryFormat::channels_first);
-  int kernel_normalized_ndim = normalized_ndim;
-  if (rank > normkit::kMaxRank) {
-    int64_t rows = 1, cols = 1;
-    for (int d = 0; d < rank; ++d) (d < rank - normalized_ndim ? rows : cols) *= shape[d];
-    const int64_t folded[2] = {rows, cols};
-    x.view = TensorView(x.view.data, x.view.dtype, 2, folded, MemoryFormat::channels_first);
-    kernel_normalized_ndim = 1;
-  }
-  // y has x's full shape and format; the kernel sees it through x's (possibly folded) view.
-  py::array y = new_output(x.array.dtype(), shape, x.view.format);
-  TensorView y_view = x.view;
-  y_view.data = y.mutable_data();
+// A layer_norm call as the kernel computes it. The kernel computes channels-last only when each
+// sample is one row; other normalized dims need channels-first. Ranks above the kernel's are
+// folded to (rows, cols), which is the same computation on channels-first memory.
+struct LayerNormProblem {
+  Shape shape;       // x's
+  Shape normalized;  // normalized_shape
+  Activation x;      // the array, and the (possibly folded) view the kernel sees
+  int kernel_normalized_ndim = 1;
   int64_t rows = 1;
-  for (int d = 0; d < rank - normalized_ndim; ++d) rows *= shape[d];
-  const VectorOut mean = vector_output({rows});
-  const VectorOut rstd = vector_output({rows});
-  const normkit::LayerNormParams params{kernel_normalized_ndim, eps};
+  // An array of x's shape, dtype and format, as the kernel sees x.
+  TensorView like_x(void* data) const {
+    TensorView v = x.view;
+    v.data = data;
+    return v;
+  }
+  // x's leading dims, then a 1 for each normalized dim: torch.native_layer_norm's shape.
+  Shape stats_shape() const {
+    Shape s(shape.begin(), shape.end() - normalized.size());
+    s.resize(shape.size(), 1);
+    return s;
+  }
+};
+
+LayerNormProblem layer_norm_problem(const char* function, const py::object& x_in,
+                                    const py::object& normalized_shape_in) {
+  LayerNormProblem p;
+  p.normalized = normalized_shape_of(function, normalized_shape_in);
+  const Tensor x = tensor_arg(function, "x", x_in);
+  activation_dtype(function, "x", x);
+  p.shape = x.shape;
+  const int rank = static_cast<int>(p.shape.size());
+  const int normalized_ndim = static_cast<int>(p.normalized.size());
+  if (normalized_ndim > rank ||
+      !std::equal(p.normalized.begin(), p.normalized.end(), p.shape.end() - normalized_ndim))
+    value_error(function, "x shape " + shape_string(p.shape) +
+                              " does not end with normalized_shape " +
+                              shape_string(p.normalized));
+  p.x = activation_input(function, "x", x);
+  const bool last_ok = normalized_ndim == rank - 1 && rank <= normkit::kMaxRank;
+  if (p.x.view.format == MemoryFormat::channels_last && !last_ok) {
+    if (x.producer != Producer::numpy)
+      value_error(function, "x is channels-last, which is computed as such only when "
+                            "normalized_shape covers every dim but the first (got " +
+                                shape_string(p.normalized) + " for x of shape " +
+                                shape_string(p.shape) +
+                                "); normkit does not copy DLPack tensors: pass x.contiguous()");
+    p.x = activation_input(function, "x", x, MemoryFormat::channels_first);
+  }
+  p.kernel_normalized_ndim = normalized_ndim;
+  for (int d = 0; d < rank - normalized_ndim; ++d) p.rows *= p.shape[d];
+  if (rank > normkit::kMaxRank) {
+    int64_t cols = 1;
+    for (int d = rank - normalized_ndim; d < rank; ++d) cols *= p.shape[d];
+    const int64_t folded[2] = {p.rows, cols};
+    p.x.view = TensorView(p.x.view.data, p.x.view.dtype, 2, folded, MemoryFormat::channels_first);
+    p.kernel_normalized_ndim = 1;
+  }
+  return p;
+}
+
+py::tuple layer_norm_forward_impl(const char* function, const py::object& x_in,
+                                  const py::object& normalized_shape_in,
+                                  const OptionalArray& weight_in, const OptionalArray& bias_in,
+                                  double eps, const py::object& activation,
+                                  const OptionalArray& residual) {
+  const LayerNormProblem p = layer_norm_problem(function, x_in, normalized_shape_in);
+  const VectorIn weight = layer_norm_param(function, "weight", weight_in, p.normalized);
+  const VectorIn bias = layer_norm_param(function, "bias", bias_in, p.normalized);
+  const FusedForward fused = forward_epilogue(function, activation, residual, p.x, p.x.view);
+  const normkit::LayerNormParams params{p.kernel_normalized_ndim, eps, fused.epilogue};
+  // y has x's full shape and format; the kernel sees it through x's (possibly folded) view.
+  const Output y = new_output(p.x.tensor, p.x.view.dtype, p.shape, p.x.view.format);
+  const TensorView y_view = p.like_x(y.data);
+  const VectorOut mean = vector_output(p.x.tensor, p.stats_shape());
+  const VectorOut rstd = vector_output(p.x.tensor, p.stats_shape());
   without_gil([&] {
-    normkit::layer_norm_forward(params, x.view, weight.span, bias.span, y_view, mean.span,
+    normkit::layer_norm_forward(params, p.x.view, weight.span, bias.span, y_view, mean.span,
                                 rstd.span);
   });
-  return y;
+  return py::make_tuple(y.value, mean.value, rstd.value);
+}
+
+py::tuple layer_norm_backward_impl(const py::object& dy_in, const py::object& x_in,
+                                   const py::object& normalized_shape_in,
+                                   const py::object& mean_in, const py::object& rstd_in,
+                                   const OptionalArray& weight_in,
+                                   const BackwardEpilogueArgs& fused_args) {
+  const char* function = "layer_norm_backward";
+  const LayerNormProblem p = layer_norm_problem(function, x_in, normalized_shape_in);
+  const Activation dy = activation_input(function, "dy", dy_in, p.x.view.format);
+  // dy is seen through x's view (folded or not), so its shape and dtype are checked here.
+  if (dy.tensor.shape != p.shape)
+    value_error(function, "dy has shape " + shape_string(dy.tensor.shape) +
+                              ", expected x's shape " + shape_string(p.shape));
+  if (dy.view.dtype != p.x.view.dtype)
+    type_error(function, "dy has dtype " + dy.tensor.dtype_name() + ", expected x's dtype " +
+                             p.x.tensor.dtype_name());
+  const Shape stats_shape = p.stats_shape();
+  const VectorIn mean = saved_stat(function, "mean", mean_in, stats_shape,
+                                   "x's leading dims then 1s", true);
+  const VectorIn rstd = saved_stat(function, "rstd", rstd_in, stats_shape,
+                                   "x's leading dims then 1s", true);
+  const VectorIn weight = layer_norm_param(function, "weight", weight_in, p.normalized);
+  const FusedBackward fused = backward_epilogue(function, fused_args, p.x, p.x.view);
+  const Output dx = new_output(p.x.tensor, p.x.view.dtype, p.shape, p.x.view.format);
+  const TensorView dx_view = p.like_x(dx.data);
+  const TensorView dy_view = p.like_x(dy.tensor.data);
+  VectorOut dweight, dbias;
+  if (weight.present()) {
+    dweight = vector_output(p.x.tensor, p.normalized);
+    dbias = vector_output(p.x.tensor, p.normalized);
+  }
+  normkit::LayerNormBackwardParams params;
+  params.normalized_ndim = p.kernel_normalized_ndim;
+  params.epilogue = fused.epilogue;
+  without_gil([&] {
+    normkit::layer_norm_backward(params, dy_view, p.x.view, mean.span, rstd.span, weight.span,
+                                 dx_view, dweight.span, dbias.span);
+  });
+  return backward_result(dx.value, or_none(dweight), or_none(dbias), fused);
 }
 
 }  // namespace
 
+// Keyword-only arguments of every forward and backward: the fused epilogue (epilogue.h).
+#define FORWARD_EPILOGUE_ARGS \
+  py::kw_only(), py::arg("activation") = py::none(), py::arg("residual") = py::none()
+#define BACKWARD_EPILOGUE_ARGS                                                    \
+  py::kw_only(), py::arg("activation") = py::none(), py::arg("y") = py::none(), \
+      py::arg("residual_grad") = false
+#define FORWARD_EPILOGUE_DOC                                                                     \
+  "\n\nKeyword-only, fused into the same pass over memory: activation (None or 'relu') and\n"   \
+  "residual (None, or an array exactly like x: its shape and dtype, laid out in the memory\n"     \
+  "format x is computed in; it is never copied). The result is\n"                               \
+  "activation(normalized + residual)."
+#define BACKWARD_EPILOGUE_DOC                                                                    \
+  "\n\nKeyword-only, for a forward that fused an epilogue: activation as passed to the\n"       \
+  "forward; y, the forward's output (exactly like x), required with 'relu', whose mask y > 0\n"  \
+  "it reads; residual_grad=True also returns the residual's gradient, a new tensor like x, as\n"  \
+  "a fourth element: (dx, dweight, dbias, dresidual). The gradient of the normalization is\n"    \
+  "then taken with respect to g = dy * (y > 0) for 'relu', else dy, and dresidual = g."
+
 PYBIND11_MODULE(_normkit, m) {
   m.doc() =
       "Batch Normalization and the Group Normalization family (GroupNorm, LayerNorm,\n"
-      "InstanceNorm) over NumPy arrays, with torch.nn.functional's names, defaults and\n"
-      "semantics. Activations (x, dy) may be float32 or float16 (computed in float32: weights,\n"
-      "statistics and sums stay float32, outputs have the input's dtype).\n\n"
-      "Activations have shape (N, C, *spatial) with 0 to 3 spatial dims. An array with the strides\n"
-      "of a channels-last tensor (NLC, NHWC or NDHWC memory viewed as (N, C, ...), e.g.\n"
-      "torch_tensor.to(memory_format=torch.channels_last).numpy()) is computed channels-last and\n"
-      "its outputs have the same strides; a C-contiguous array is computed channels-first; other\n"
-      "strides are copied to C-contiguous first. Results are new arrays; running statistics\n"
+      "InstanceNorm), with torch.nn.functional's names, defaults and semantics, over NumPy\n"
+      "arrays and DLPack tensors (torch.Tensor, or any object with __dlpack__ and\n"
+      "__dlpack_device__, in CPU memory). Activations (x, dy, residual, y) may be float32,\n"
+      "float16 or, from DLPack producers, bfloat16 (computed in float32: weights, statistics and\n"
+      "sums stay float32, outputs have the input's dtype).\n\n"
+      "Activations have shape (N, C, *spatial) with 0 to 3 spatial dims. A tensor with the\n"
+      "strides of a channels-last tensor (NLC, NHWC or NDHWC memory viewed as (N, C, ...), e.g.\n"
+      "torch_tensor.contiguous(memory_format=torch.channels_last)) is computed channels-last and\n"
+      "its outputs have the same strides; a C-contiguous one is computed channels-first. A NumPy\n"
+      "array with other strides is copied to C-contiguous first; a DLPack tensor is never copied,\n"
+      "so other strides are an error. Results are new tensors of the kind x is: NumPy arrays for\n"
+      "NumPy, torch tensors for torch, DLPackTensor for other producers. Running statistics\n"
       "passed in are updated in place. Invalid arguments raise ValueError, unsupported dtypes\n"
-      "TypeError; nothing is written then.";
+      "TypeError; nothing is written then. docs/python.md is the reference.";
 #ifdef NORMKIT_VERSION
   m.attr("__version__") = NORMKIT_VERSION;
 #endif
@@ -584,85 +1224,130 @@ PYBIND11_MODULE(_normkit, m) {
     }
   });
 
+  py::class_<DLPackTensor>(m, "DLPackTensor", R"doc(A result for a DLPack producer other than NumPy
+and torch: CPU memory the module allocated, handed to any DLPack consumer (numpy.from_dlpack,
+torch.from_dlpack, jax.dlpack.from_dlpack, ...) without a copy. Also accepted as an input.)doc")
+      .def(
+          "__dlpack__",
+          [](const DLPackTensor& t, const py::object&) { return dlpack_capsule(t.storage); },
+          py::arg("stream") = py::none())
+      .def("__dlpack_device__",
+           [](const DLPackTensor&) { return py::make_tuple(static_cast<int>(kDLCPU), 0); })
+      .def_property_readonly("shape",
+                             [](const DLPackTensor& t) {
+                               return py::tuple(py::cast(t.storage.shape));
+                             })
+      .def_property_readonly("dtype", [](const DLPackTensor& t) {
+        return dlpack_type_name(t.storage.dtype);
+      });
+
   m.def(
       "group_norm",
-      [](const py::array& x, int64_t num_groups, const OptionalArray& weight,
-         const OptionalArray& bias, double eps) {
-        return group_norm_forward_impl("group_norm", x, num_groups, weight, bias, eps)[0]
-            .cast<py::array>();
+      [](const py::object& x, int64_t num_groups, const OptionalArray& weight,
+         const OptionalArray& bias, double eps, const py::object& activation,
+         const OptionalArray& residual) {
+        return group_norm_forward_impl("group_norm", x, num_groups, weight, bias, eps,
+                                       activation, residual)[0]
+            .cast<py::object>();
       },
       py::arg("x"), py::arg("num_groups"), py::arg("weight") = py::none(),
-      py::arg("bias") = py::none(), py::arg("eps") = 1e-5,
+      py::arg("bias") = py::none(), py::arg("eps") = 1e-5, FORWARD_EPILOGUE_ARGS,
       R"doc(Group normalization (torch.nn.functional.group_norm).
 
-x: (N, C, *spatial) float32, 0-3 spatial dims; C must be divisible by num_groups.
+x: (N, C, *spatial), 0-3 spatial dims; C must be divisible by num_groups.
 For each sample and group of C/num_groups channels: y = (x - mean) / sqrt(var + eps)
 (biased variance over the group's channels and positions), then y * weight[c] + bias[c]
-when weight / bias (float32, length C) are given. Returns y, a new array in x's memory format.)doc");
+when weight / bias (float32, length C) are given. Returns y, a new tensor in x's memory format.)doc"
+      FORWARD_EPILOGUE_DOC);
 
-  m.def("group_norm_forward", [](const py::array& x, int64_t num_groups,
+  m.def("group_norm_forward", [](const py::object& x, int64_t num_groups,
                                  const OptionalArray& weight, const OptionalArray& bias,
-                                 double eps) {
-        return group_norm_forward_impl("group_norm_forward", x, num_groups, weight, bias, eps);
+                                 double eps, const py::object& activation,
+                                 const OptionalArray& residual) {
+        return group_norm_forward_impl("group_norm_forward", x, num_groups, weight, bias, eps,
+                                       activation, residual);
       },
       py::arg("x"), py::arg("num_groups"), py::arg("weight") = py::none(),
-      py::arg("bias") = py::none(), py::arg("eps") = 1e-5,
+      py::arg("bias") = py::none(), py::arg("eps") = 1e-5, FORWARD_EPILOGUE_ARGS,
       R"doc(group_norm that also returns the statistics its backward needs.
 
 Returns (y, mean, rstd): y as group_norm's; mean and rstd = 1 / sqrt(var + eps), float32
-arrays of shape (N, num_groups), as torch.native_group_norm returns them.)doc");
+arrays of shape (N, num_groups), as torch.native_group_norm returns them.)doc"
+      FORWARD_EPILOGUE_DOC);
 
-  m.def("group_norm_backward", &group_norm_backward_impl, py::arg("dy"), py::arg("x"),
-        py::arg("mean"), py::arg("rstd"), py::arg("num_groups"), py::arg("weight") = py::none(),
+  m.def("group_norm_backward",
+        [](const py::object& dy, const py::object& x, const py::object& mean,
+           const py::object& rstd, int64_t num_groups, const OptionalArray& weight,
+           const py::object& activation, const OptionalArray& y, bool residual_grad) {
+          return group_norm_backward_impl(dy, x, mean, rstd, num_groups, weight,
+                                          {activation, y, residual_grad});
+        },
+        py::arg("dy"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("num_groups"),
+        py::arg("weight") = py::none(), BACKWARD_EPILOGUE_ARGS,
         R"doc(Gradients of group_norm.
 
 dy: the gradient of the loss with respect to y (x's shape; any strides). x, mean, rstd,
 num_groups and weight as passed to / returned by group_norm_forward.
 Returns (dx, dweight, dbias): dx has x's shape and memory format; dweight and dbias (float32,
-length C) are None when weight is None.)doc");
+length C) are None when weight is None.)doc"
+      BACKWARD_EPILOGUE_DOC);
 
-  m.def("batch_norm", [](const py::array& x, const OptionalArray& running_mean,
+  m.def("batch_norm", [](const py::object& x, const OptionalArray& running_mean,
                          const OptionalArray& running_var, const OptionalArray& weight,
                          const OptionalArray& bias, bool training, double momentum,
-                         double eps) {
+                         double eps, const py::object& activation,
+                         const OptionalArray& residual) {
         return batch_norm_forward_impl("batch_norm", x, running_mean, running_var, weight, bias,
-                                       training, momentum, eps)[0]
-            .cast<py::array>();
+                                       training, momentum, eps, activation, residual)[0]
+            .cast<py::object>();
       },
       py::arg("x"), py::arg("running_mean"), py::arg("running_var"),
       py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("training") = false,
-      py::arg("momentum") = 0.1, py::arg("eps") = 1e-5,
+      py::arg("momentum") = 0.1, py::arg("eps") = 1e-5, FORWARD_EPILOGUE_ARGS,
       R"doc(Batch normalization (torch.nn.functional.batch_norm).
 
-x: (N, C, *spatial) float32. running_mean, running_var: float32 arrays of length C, or None.
+x: (N, C, *spatial). running_mean, running_var: float32, length C, or None.
 training=True: normalizes each channel with its batch mean and biased variance over N and the
 spatial positions (needs more than one value per channel), and, when running statistics are
 given, updates them in place (they must then be writable and contiguous):
     running_mean = (1 - momentum) * running_mean + momentum * mean
     running_var  = (1 - momentum) * running_var  + momentum * unbiased variance
 training=False: normalizes with running_mean and running_var, which are then required.
-weight and bias (length C) are optional. Returns y, a new array in x's memory format.)doc");
+weight and bias (length C) are optional. Returns y, a new tensor in x's memory format.)doc"
+      FORWARD_EPILOGUE_DOC);
 
-  m.def("batch_norm_forward", [](const py::array& x, const OptionalArray& running_mean,
+  m.def("batch_norm_forward", [](const py::object& x, const OptionalArray& running_mean,
                                  const OptionalArray& running_var, const OptionalArray& weight,
                                  const OptionalArray& bias, bool training, double momentum,
-                                 double eps) {
+                                 double eps, const py::object& activation,
+                                 const OptionalArray& residual) {
         return batch_norm_forward_impl("batch_norm_forward", x, running_mean, running_var,
-                                       weight, bias, training, momentum, eps);
+                                       weight, bias, training, momentum, eps, activation,
+                                       residual);
       },
       py::arg("x"), py::arg("running_mean"), py::arg("running_var"),
       py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("training") = false,
-      py::arg("momentum") = 0.1, py::arg("eps") = 1e-5,
+      py::arg("momentum") = 0.1, py::arg("eps") = 1e-5, FORWARD_EPILOGUE_ARGS,
       R"doc(batch_norm that also returns the statistics its backward needs.
 
 Returns (y, save_mean, save_invstd). Training: the batch mean and 1 / sqrt(biased var + eps),
 float32 of length C (zeros for an empty batch, which has no statistics). Inference: two empty
-arrays, as torch.native_batch_norm (the backward then reads the running statistics).)doc");
+arrays, as torch.native_batch_norm (the backward then reads the running statistics).)doc"
+      FORWARD_EPILOGUE_DOC);
 
-  m.def("batch_norm_backward", &batch_norm_backward_impl, py::arg("dy"), py::arg("x"),
-        py::arg("weight"), py::arg("save_mean"), py::arg("save_invstd"),
-        py::arg("training") = true, py::arg("running_mean") = py::none(),
-        py::arg("running_var") = py::none(), py::arg("eps") = 1e-5,
+  m.def("batch_norm_backward",
+        [](const py::object& dy, const py::object& x, const OptionalArray& weight,
+           const OptionalArray& save_mean, const OptionalArray& save_invstd, bool training,
+           const OptionalArray& running_mean, const OptionalArray& running_var, double eps,
+           const py::object& activation, const OptionalArray& y, bool residual_grad) {
+          return batch_norm_backward_impl(dy, x, weight, save_mean, save_invstd, training,
+                                          running_mean, running_var, eps,
+                                          {activation, y, residual_grad});
+        },
+        py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("save_mean"),
+        py::arg("save_invstd"), py::arg("training") = true,
+        py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
+        py::arg("eps") = 1e-5, BACKWARD_EPILOGUE_ARGS,
         R"doc(Gradients of batch_norm.
 
 dy: the gradient with respect to y (x's shape; any strides). training=True: the gradient flows
@@ -670,36 +1355,154 @@ through the batch statistics; save_mean and save_invstd are those batch_norm_for
 training=False: the statistics are constants; running_mean, running_var (length C) and eps are
 those of the forward, and save_mean / save_invstd are not read.
 Returns (dx, dweight, dbias): dx has x's shape and memory format; dweight and dbias (float32,
-length C) are None when weight is None.)doc");
+length C) are None when weight is None.)doc"
+      BACKWARD_EPILOGUE_DOC);
 
-  m.def("instance_norm", &instance_norm_impl, py::arg("x"), py::arg("running_mean") = py::none(),
-        py::arg("running_var") = py::none(), py::arg("weight") = py::none(),
-        py::arg("bias") = py::none(), py::arg("use_input_stats") = true,
-        py::arg("momentum") = 0.1, py::arg("eps") = 1e-5,
-        R"doc(Instance normalization (torch.nn.functional.instance_norm).
+  m.def(
+      "instance_norm",
+      [](const py::object& x, const OptionalArray& running_mean, const OptionalArray& running_var,
+         const OptionalArray& weight, const OptionalArray& bias, bool use_input_stats,
+         double momentum, double eps, const py::object& activation,
+         const OptionalArray& residual) {
+        return instance_norm_forward_impl("instance_norm", x, running_mean, running_var, weight,
+                                          bias, use_input_stats, momentum, eps, activation,
+                                          residual)[0]
+            .cast<py::object>();
+      },
+      py::arg("x"), py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
+      py::arg("weight") = py::none(), py::arg("bias") = py::none(),
+      py::arg("use_input_stats") = true, py::arg("momentum") = 0.1, py::arg("eps") = 1e-5,
+      FORWARD_EPILOGUE_ARGS,
+      R"doc(Instance normalization (torch.nn.functional.instance_norm).
 
-x: (N, C, *spatial) float32. use_input_stats=True: each (sample, channel) is normalized over its
+x: (N, C, *spatial). use_input_stats=True: each (sample, channel) is normalized over its
 spatial positions (more than one needed); given running statistics (length C, writable,
 contiguous) are updated in place with the batch averages of the per-instance mean and unbiased
 variance, weighted by momentum. use_input_stats=False: normalizes with running_mean and
 running_var, which are then required. weight and bias (length C) are optional.
-Returns y, a new array in x's memory format.)doc");
+Returns y, a new tensor in x's memory format.)doc"
+      FORWARD_EPILOGUE_DOC);
 
-  m.def("layer_norm", &layer_norm_impl, py::arg("x"), py::arg("normalized_shape"),
-        py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("eps") = 1e-5,
-        R"doc(Layer normalization (torch.nn.functional.layer_norm).
+  m.def(
+      "instance_norm_forward",
+      [](const py::object& x, const OptionalArray& running_mean, const OptionalArray& running_var,
+         const OptionalArray& weight, const OptionalArray& bias, bool use_input_stats,
+         double momentum, double eps, const py::object& activation,
+         const OptionalArray& residual) {
+        return instance_norm_forward_impl("instance_norm_forward", x, running_mean, running_var,
+                                          weight, bias, use_input_stats, momentum, eps,
+                                          activation, residual);
+      },
+      py::arg("x"), py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
+      py::arg("weight") = py::none(), py::arg("bias") = py::none(),
+      py::arg("use_input_stats") = true, py::arg("momentum") = 0.1, py::arg("eps") = 1e-5,
+      FORWARD_EPILOGUE_ARGS,
+      R"doc(instance_norm that also returns the statistics its backward needs.
 
-x: float32 or float16 of any rank whose trailing dims equal normalized_shape (an int or a sequence
+Returns (y, save_mean, save_rstd): y as instance_norm's; save_mean and save_rstd, float32 arrays
+of shape (N, C) (as group_norm_forward's (N, num_groups) with num_groups = C; torch has no native
+instance norm that returns them). use_input_stats=True: each instance's mean and
+1 / sqrt(biased var + eps). use_input_stats=False: running_mean and 1 / sqrt(running_var + eps),
+repeated for each sample.)doc"
+      FORWARD_EPILOGUE_DOC);
+
+  m.def("instance_norm_backward",
+        [](const py::object& dy, const py::object& x, const OptionalArray& save_mean,
+           const OptionalArray& save_rstd, const OptionalArray& weight, bool use_input_stats,
+           const OptionalArray& running_mean, const OptionalArray& running_var, double eps,
+           const py::object& activation, const OptionalArray& y, bool residual_grad) {
+          return instance_norm_backward_impl(dy, x, save_mean, save_rstd, weight,
+                                             use_input_stats, running_mean, running_var, eps,
+                                             {activation, y, residual_grad});
+        },
+        py::arg("dy"), py::arg("x"), py::arg("save_mean"), py::arg("save_rstd"),
+        py::arg("weight") = py::none(), py::arg("use_input_stats") = true,
+        py::arg("running_mean") = py::none(), py::arg("running_var") = py::none(),
+        py::arg("eps") = 1e-5, BACKWARD_EPILOGUE_ARGS,
+        R"doc(Gradients of instance_norm.
+
+dy: the gradient with respect to y (x's shape; any strides). use_input_stats=True: the gradient
+flows through the per-instance statistics; save_mean and save_rstd are those
+instance_norm_forward returned (shape (N, C)). use_input_stats=False: the statistics are
+constants; pass either save_mean and save_rstd from the forward, or None for both and the
+forward's running_mean, running_var (length C) and eps, from which the same statistics are
+formed. Running statistics are only read.
+Returns (dx, dweight, dbias): dx has x's shape and memory format; dweight and dbias (float32,
+length C) are None when weight is None.)doc"
+      BACKWARD_EPILOGUE_DOC);
+
+  m.def(
+      "layer_norm",
+      [](const py::object& x, const py::object& normalized_shape, const OptionalArray& weight,
+         const OptionalArray& bias, double eps, const py::object& activation,
+         const OptionalArray& residual) {
+        return layer_norm_forward_impl("layer_norm", x, normalized_shape, weight, bias, eps,
+                                       activation, residual)[0]
+            .cast<py::object>();
+      },
+      py::arg("x"), py::arg("normalized_shape"), py::arg("weight") = py::none(),
+      py::arg("bias") = py::none(), py::arg("eps") = 1e-5, FORWARD_EPILOGUE_ARGS,
+      R"doc(Layer normalization (torch.nn.functional.layer_norm).
+
+x: a tensor of any rank whose trailing dims equal normalized_shape (an int or a sequence
 of ints). Each slice over those dims is normalized with its mean and biased variance, then
-multiplied by weight and shifted by bias (optional, float32, both of shape normalized_shape);
-float16 is computed in float32 inside. Returns y, a new array of x's dtype; a channels-last x keeps
-its format when normalized_shape covers every dim but N.)doc");
+multiplied by weight and shifted by bias (optional, float32, both of shape normalized_shape).
+Returns y, a new tensor of x's dtype; a channels-last x keeps its format when normalized_shape
+covers every dim but N (a channels-last DLPack tensor normalized otherwise is an error, as it
+would need a copy).)doc"
+      FORWARD_EPILOGUE_DOC);
+
+  m.def(
+      "layer_norm_forward",
+      [](const py::object& x, const py::object& normalized_shape, const OptionalArray& weight,
+         const OptionalArray& bias, double eps, const py::object& activation,
+         const OptionalArray& residual) {
+        return layer_norm_forward_impl("layer_norm_forward", x, normalized_shape, weight, bias,
+                                       eps, activation, residual);
+      },
+      py::arg("x"), py::arg("normalized_shape"), py::arg("weight") = py::none(),
+      py::arg("bias") = py::none(), py::arg("eps") = 1e-5, FORWARD_EPILOGUE_ARGS,
+      R"doc(layer_norm that also returns the statistics its backward needs.
+
+Returns (y, mean, rstd): y as layer_norm's; mean and rstd = 1 / sqrt(biased var + eps), float32
+arrays of x's leading dims followed by a 1 for each normalized dim (x of shape (2, 3, 4, 5) with
+normalized_shape (4, 5): (2, 3, 1, 1)), as torch.native_layer_norm returns them.)doc"
+      FORWARD_EPILOGUE_DOC);
+
+  m.def("layer_norm_backward",
+        [](const py::object& dy, const py::object& x, const py::object& normalized_shape,
+           const py::object& mean, const py::object& rstd, const OptionalArray& weight,
+           const py::object& activation, const OptionalArray& y, bool residual_grad) {
+          return layer_norm_backward_impl(dy, x, normalized_shape, mean, rstd, weight,
+                                          {activation, y, residual_grad});
+        },
+        py::arg("dy"), py::arg("x"), py::arg("normalized_shape"), py::arg("mean"),
+        py::arg("rstd"), py::arg("weight") = py::none(), BACKWARD_EPILOGUE_ARGS,
+        R"doc(Gradients of layer_norm.
+
+dy: the gradient with respect to y (x's shape and dtype; any strides). x, normalized_shape,
+mean, rstd (the shape layer_norm_forward returns them in, e.g. torch.native_layer_norm's) and
+weight as passed to / returned by layer_norm_forward.
+Returns (dx, dweight, dbias): dx has x's shape, dtype and the memory format y had; dweight and
+dbias (float32, of shape normalized_shape) are None when weight is None.)doc"
+      BACKWARD_EPILOGUE_DOC);
 
   m.def("set_num_threads", &normkit::set_num_threads, py::arg("n"),
         R"doc(Sets the number of threads every later call uses (n >= 1). Results do not depend
 on it: they are bitwise the same for any thread count.)doc");
   m.def("get_num_threads", &normkit::get_num_threads,
         R"doc(The number of threads calls use: set_num_threads's value, else all cores.)doc");
+
+  m.def(
+      "_kernel_view",
+      [](const py::object& x) {
+        const Activation a = activation_input("_kernel_view", "x", x);
+        return py::make_tuple(reinterpret_cast<std::uintptr_t>(a.view.data),
+                              normkit::to_string(a.view.format));
+      },
+      py::arg("x"),
+      R"doc(Testing aid: the address and memory format the kernels would read x at (x's own
+memory unless a NumPy array had to be copied).)doc");
 
   m.def(
       "_set_output_poison", [](bool enabled) { g_poison_outputs = enabled; },

@@ -197,3 +197,114 @@ class Config:
     def __repr__(self):
         return (f"shape={self.shape} format={self.format} offset={self.offset:g} "
                 f"scale={self.scale:g} eps={self.eps:g}")
+
+
+def finite_difference_check(forward64, x, dy, dx, tol, what, directions=3, rng=None):
+    """dx = d/dx sum(dy * forward64(x)) along random directions v: <dx, v> against the central
+    difference of the float64 forward (an implementation independent of torch and of the
+    module), relative to |dx| * |v|."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    x64 = np.asarray(x, np.float64)
+    dy64 = np.asarray(dy, np.float64)
+    dx64 = np.asarray(dx, np.float64)
+    scale = max(float(np.max(np.abs(x64 - x64.mean()), initial=0.0)), 1e-30)
+    h = 1e-5 * scale
+    for _ in range(directions):
+        v = rng.standard_normal(x64.shape)
+        loss = lambda t: float(np.sum(dy64 * forward64(x64 + t * v)))  # noqa: E731
+        numeric = (loss(h) - loss(-h)) / (2 * h)
+        analytic = float(np.sum(dx64 * v))
+        yardstick = float(np.linalg.norm(dx64) * np.linalg.norm(v)) + 1e-30
+        assert abs(numeric - analytic) <= tol * yardstick, \
+            f"{what}: <dx, v> = {analytic:.6g}, finite difference {numeric:.6g}"
+
+
+def laid_out_like(out, values):
+    """An array with `out`'s shape, dtype and strides (a dense output of the module), holding
+    `values`: what an epilogue tensor must look like."""
+    buffer = np.empty(max(out.size, 1), out.dtype)
+    a = np.ndarray(out.shape, out.dtype, buffer=buffer, strides=out.strides)
+    a[...] = values
+    return a
+
+
+EPILOGUES = [(None, False), ("relu", False), (None, True), ("relu", True)]
+
+
+def check_fused_epilogue(rng, x, weight, bias, forward, backward, reference, tol, what):
+    """Every epilogue of an op against torch in float64.
+
+    forward(x, weight, bias, **epilogue) -> (y, *saved); backward(dy, x, saved, weight,
+    **epilogue) -> (dx, dweight, dbias[, dresidual]); reference(x64, w64, b64) -> the float64
+    torch tensor of the plain normalization. The reference's epilogue is applied in torch, and
+    its gradients come from autograd with relu's mask taken from the module's y (a value within
+    rounding of 0 may fall either side)."""
+    plain = forward(x, weight, bias)[0]
+    residual = laid_out_like(plain, rng.standard_normal(x.shape))
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    for activation, with_residual in EPILOGUES:
+        case = f"{what} activation={activation} residual={with_residual}"
+        res = residual if with_residual else None
+        y, *saved = forward(x, weight, bias, activation=activation, residual=res)
+        assert y.strides == plain.strides, case
+        x64 = t64(x).requires_grad_()
+        w64 = None if weight is None else t64(weight).requires_grad_()
+        b64 = None if bias is None else t64(bias).requires_grad_()
+        r64 = t64(residual).requires_grad_()
+        pre = reference(x64, w64, b64)
+        if with_residual:
+            pre = pre + r64
+        y_ref = torch.relu(pre) if activation == "relu" else pre
+        assert_close(y, n64(y_ref), tol, "y " + case, 1.0)
+
+        grads = backward(dy, x, saved, weight, activation=activation,
+                         y=y if activation == "relu" else None, residual_grad=with_residual)
+        assert len(grads) == (4 if with_residual else 3), case
+        g = dy.astype(np.float64) * (y > 0) if activation == "relu" else dy
+        pre.backward(t64(g))
+        dx, dweight, dbias = grads[:3]
+        assert_close(dx, n64(x64.grad), 20 * tol, "dx " + case, float(np.max(np.abs(g))))
+        assert dx.strides == plain.strides, case
+        if weight is not None:
+            assert_close(dweight, n64(w64.grad), 20 * tol, "dweight " + case)
+            assert_close(dbias, n64(b64.grad), 20 * tol, "dbias " + case)
+        if with_residual:
+            dresidual = grads[3]
+            assert dresidual.strides == plain.strides, case
+            assert np.array_equal(dresidual, g.astype(np.float32)), "dresidual " + case
+
+
+def check_epilogue_errors(x, forward, backward):
+    """The epilogue arguments' errors, raised before anything runs. forward(x, **epilogue) ->
+    (y, *saved); backward(dy, x, saved, **epilogue)."""
+    y, *saved = forward(x)
+    dy = np.ones_like(y)
+    for bad, exception, fragments in [
+            ("gelu", ValueError, ("activation", "None", "'relu'", "'gelu'")),
+            ("ReLU", ValueError, ("activation", "'relu'", "'ReLU'")),
+            (1, TypeError, ("activation", "'relu'", "1"))]:
+        with raises(exception, *fragments):
+            forward(x, activation=bad)
+        with raises(exception, *fragments):
+            backward(dy, x, saved, activation=bad, y=y)
+    wrong_shape = np.zeros(x.shape[:-1] + (x.shape[-1] + 1,), np.float32)
+    with raises(ValueError, "residual", "shape", str(wrong_shape.shape)):
+        forward(x, residual=wrong_shape)
+    with raises(TypeError, "residual", "dtype", "float16", "float32"):
+        forward(x, residual=np.zeros_like(y, dtype=np.float16))
+    with raises(TypeError, "residual", "float64"):
+        forward(x, residual=np.zeros_like(y, dtype=np.float64))
+    if is_channels_last(y):
+        other = np.zeros(y.shape, np.float32)  # channels-first: unlike x's channels-last
+    else:
+        other = np.zeros(y.shape + (2,), np.float32)[..., 0]  # strided
+    with raises(ValueError, "residual", "laid out as x", "strides"):
+        forward(x, residual=other)
+    with raises(ValueError, "y", "required", "relu"):
+        backward(dy, x, saved, activation="relu")
+    with raises(ValueError, "y", "activation=None"):
+        backward(dy, x, saved, y=y)
+    with raises(ValueError, "y", "laid out as x"):
+        backward(dy, x, saved, activation="relu", y=other)
+    with raises(ValueError, "y", "shape"):
+        backward(dy, x, saved, activation="relu", y=wrong_shape)

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import normkit
 from normkit_testing import (FORMATS, Config, assert_close, assert_normalized_close,
-                             assert_same_layout, gradient_term_magnitude, n64, per_channel,
-                             raises, t64)
+                             assert_same_layout, check_epilogue_errors, check_fused_epilogue,
+                             gradient_term_magnitude, in_format, n64, per_channel, raises, t64)
 
 SPATIAL_DIMS = (0, 1, 2, 3)
 
@@ -282,3 +282,41 @@ def test_backward_bad_arguments(rng):
         normkit.batch_norm_backward(dy.astype(np.float64), x, w, save_mean, save_invstd)
     with raises(TypeError, "save_invstd", "float64"):
         normkit.batch_norm_backward(dy, x, w, save_mean, save_invstd.astype(np.float64))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("spatial_dims", SPATIAL_DIMS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fused_epilogues_match_torch(rng, fmt, spatial_dims, affine, training):
+    if fmt == "channels_last" and spatial_dims == 0:
+        pytest.skip("(N, C) has one memory format")
+    channels = int(rng.choice([1, 3, 5]))
+    cfg = Config(rng, channels, spatial_dims, fmt, batch=3, spatial=[3, 5, 2][:spatial_dims])
+    x = in_format(1.0 + rng.standard_normal(cfg.shape), fmt)
+    weight = cfg.vector(channels, 1.0, 0.5) if affine else None
+    bias = cfg.vector(channels, 0.0, 2.0) if affine else None
+    rm = cfg.vector(channels, 1.0, 0.3)
+    rv = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+
+    def forward(x, w, b, **kw):
+        # Training on copies: the running statistics are the caller's to keep as they were.
+        return normkit.batch_norm_forward(x, rm.copy(), rv.copy(), w, b, training, 0.1, 1e-5,
+                                          **kw)
+
+    def backward(dy, x, saved, w, **kw):
+        return normkit.batch_norm_backward(dy, x, w, *saved, training, rm, rv, 1e-5, **kw)
+
+    check_fused_epilogue(
+        rng, x, weight, bias, forward, backward,
+        lambda x64, w64, b64: F.batch_norm(x64, t64(rm), t64(rv), w64, b64, training, 0.1,
+                                           1e-5),
+        1e-5, f"{cfg} training={training}")
+
+
+@pytest.mark.parametrize("fmt", ["channels_first", "channels_last"])
+def test_epilogue_errors(rng, fmt):
+    x = Config(rng, 6, 2, fmt, batch=2, spatial=[3, 4]).activation()
+    check_epilogue_errors(
+        x, lambda x, **kw: normkit.batch_norm_forward(x, None, None, training=True, **kw),
+        lambda dy, x, saved, **kw: normkit.batch_norm_backward(dy, x, None, *saved, **kw))

@@ -115,3 +115,21 @@ def test_mixed_half_and_single_is_an_error():
     y, mean, rstd = normkit.group_norm_forward(x, 2)
     with pytest.raises(ValueError, match="dtype"):
         normkit.group_norm_backward(np.zeros((2, 4, 3), np.float32), x, mean, rstd, 2)
+
+
+def test_layer_and_instance_norm_backward_float16_match_float32_path():
+    """float16 gradients: the float32 path on the same rounded inputs, rounded once."""
+    rng = np.random.default_rng(5)
+    x16 = (1 + rng.standard_normal((3, 5, 4, 3))).astype(np.float16)
+    dy16 = rng.standard_normal(x16.shape).astype(np.float16)
+    x32, dy32 = x16.astype(np.float32), dy16.astype(np.float32)
+    w = (1 + 0.5 * rng.standard_normal((4, 3))).astype(np.float32)
+    _, mean, rstd = normkit.layer_norm_forward(x32, (4, 3), w)
+    dx16, dw16, _ = normkit.layer_norm_backward(dy16, x16, (4, 3), mean, rstd, w)
+    dx32, dw32, _ = normkit.layer_norm_backward(dy32, x32, (4, 3), mean, rstd, w)
+    assert_half_matches(dx16, dx32, "layer_norm dx")
+    assert np.allclose(dw16, dw32, rtol=1e-5, atol=1e-5)
+    _, mean, rstd = normkit.instance_norm_forward(x32)
+    dx16, _, _ = normkit.instance_norm_backward(dy16, x16, mean, rstd)
+    dx32, _, _ = normkit.instance_norm_backward(dy32, x32, mean, rstd)
+    assert_half_matches(dx16, dx32, "instance_norm dx")

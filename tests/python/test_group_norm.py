@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 import normkit
 from normkit_testing import (FORMATS, Config, assert_close, assert_normalized_close,
-                             assert_same_layout, gradient_term_magnitude, n64, per_channel,
-                             per_sample_channel, raises, t64)
+                             assert_same_layout, check_epilogue_errors, check_fused_epilogue,
+                             gradient_term_magnitude, in_format, laid_out_like, n64,
+                             per_channel, per_sample_channel, raises, t64)
 
 SPATIAL_DIMS = (0, 1, 2, 3)
 
@@ -181,3 +182,36 @@ def test_bad_arguments(rng):
         normkit.group_norm_backward(dy.astype(np.float64), x, mean, rstd, 3)
     with raises(TypeError, "mean", "float64"):
         normkit.group_norm_backward(dy, x, mean.astype(np.float64), rstd, 3)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("spatial_dims", SPATIAL_DIMS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fused_epilogues_match_torch(rng, fmt, spatial_dims, affine):
+    skip_same_as_channels_first(fmt, spatial_dims)
+    channels, groups = random_groups(rng)
+    cfg = Config(rng, channels, spatial_dims, fmt, batch=3, spatial=[3, 5, 2][:spatial_dims])
+    x = in_format(1.0 + rng.standard_normal(cfg.shape), fmt)
+    weight = cfg.vector(channels, 1.0, 0.5) if affine else None
+    bias = cfg.vector(channels, 0.0, 2.0) if affine else None
+    check_fused_epilogue(
+        rng, x, weight, bias,
+        lambda x, w, b, **kw: normkit.group_norm_forward(x, groups, w, b, 1e-5, **kw),
+        lambda dy, x, saved, w, **kw: normkit.group_norm_backward(dy, x, *saved, groups, w,
+                                                                  **kw),
+        lambda x64, w64, b64: F.group_norm(x64, groups, w64, b64, 1e-5),
+        1e-5, f"{cfg} G={groups}")
+    # The functional form fuses the same epilogue: the same bits.
+    residual = laid_out_like(normkit.group_norm(x, groups), rng.standard_normal(x.shape))
+    assert np.array_equal(
+        normkit.group_norm(x, groups, weight, bias, activation="relu", residual=residual),
+        normkit.group_norm_forward(x, groups, weight, bias, activation="relu",
+                                   residual=residual)[0])
+
+
+@pytest.mark.parametrize("fmt", ["channels_first", "channels_last"])
+def test_epilogue_errors(rng, fmt):
+    x = Config(rng, 6, 2, fmt, batch=2, spatial=[3, 4]).activation()
+    check_epilogue_errors(
+        x, lambda x, **kw: normkit.group_norm_forward(x, 3, **kw),
+        lambda dy, x, saved, **kw: normkit.group_norm_backward(dy, x, *saved, 3, **kw))

@@ -22,7 +22,10 @@ def huge(dtype=np.float32):
     lambda x: normkit.instance_norm(x),
     lambda x: normkit.batch_norm(x, None, None, training=True),
     lambda x: normkit.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5),
-], ids=["group_norm", "layer_norm", "instance_norm", "batch_norm", "batch_norm_forward"])
+    lambda x: normkit.layer_norm_forward(x, [x.shape[-1]]),
+    lambda x: normkit.instance_norm_forward(x),
+], ids=["group_norm", "layer_norm", "instance_norm", "batch_norm", "batch_norm_forward",
+        "layer_norm_forward", "instance_norm_forward"])
 def test_a_shape_beyond_memory_is_a_python_error(call):
     with pytest.raises(MemoryError, match="4.00 TiB"):
         call(huge())

@@ -1,6 +1,7 @@
 """What the module does around the kernels: memory formats of torch-made arrays, copies of
 unusual arrays, threads, documentation."""
 
+import sys
 import threading
 
 import numpy as np
@@ -11,8 +12,9 @@ import normkit
 from normkit_testing import (assert_close, is_channels_first, is_channels_last, n64, raises,
                              t64)
 
-PUBLIC = ["group_norm", "group_norm_forward", "group_norm_backward", "batch_norm",
-          "batch_norm_forward", "batch_norm_backward", "instance_norm", "layer_norm",
+PUBLIC = ["DLPackTensor", "group_norm", "group_norm_forward", "group_norm_backward", "batch_norm",
+          "batch_norm_forward", "batch_norm_backward", "instance_norm", "instance_norm_forward",
+          "instance_norm_backward", "layer_norm", "layer_norm_forward", "layer_norm_backward",
           "set_num_threads", "get_num_threads"]
 
 TORCH_LAYOUTS = [
@@ -156,3 +158,44 @@ def test_signatures_follow_torch():
     assert np.array_equal(a, normkit.instance_norm(x, None, None, w, w))
     a = normkit.layer_norm(x, normalized_shape=[3], weight=None, bias=None, eps=1e-5)
     assert np.array_equal(a, normkit.layer_norm(x, 3))
+
+
+def test_epilogue_arguments_are_keyword_only(rng):
+    x = rng.standard_normal((2, 4, 3)).astype(np.float32)
+    with pytest.raises(TypeError):
+        normkit.group_norm_forward(x, 2, None, None, 1e-5, "relu")
+    y, mean, rstd = normkit.group_norm_forward(x, 2, activation="relu")
+    with pytest.raises(TypeError):
+        normkit.group_norm_backward(x, x, mean, rstd, 2, None, "relu", y)
+    # Epilogue tensors are only read: read-only arrays are fine.
+    residual = rng.standard_normal(x.shape).astype(np.float32)
+    residual.setflags(write=False)
+    y.setflags(write=False)
+    normkit.group_norm_forward(x, 2, residual=residual)
+    normkit.group_norm_backward(x, x, mean, rstd, 2, activation="relu", y=y, residual_grad=True)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_a_call_runs_no_python_code(rng, kind):
+    """The per-call overhead stays in C: a successful call on NumPy or torch tensors enters no
+    Python function (NumPy's dtype name, torch's from_dlpack wrapper would cost as much as the
+    rest of a small call; docs/python.md has the measurements)."""
+    x = rng.standard_normal((2, 6, 3)).astype(np.float32)
+    w = np.ones(6, np.float32)
+    if kind == "torch":
+        x, w = torch.from_numpy(x), torch.from_numpy(w)
+    normkit.group_norm_forward(x, 3, w, w)  # first calls resolve what they cache
+    entered = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            entered.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        y, mean, rstd = normkit.group_norm_forward(x, 3, w, w, activation="relu")
+        normkit.group_norm_backward(y, x, mean, rstd, 3, w, activation="relu", y=y,
+                                    residual_grad=True)
+    finally:
+        sys.setprofile(None)
+    assert entered == []

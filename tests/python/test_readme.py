@@ -17,3 +17,16 @@ def test_readme_quick_start_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "bash scripts/test.sh" in readme and "bash scripts/test.sh" in ci
     assert "bash scripts/run-experiment.sh" in readme
+
+
+def test_python_reference_example_runs():
+    """docs/python.md's torch example, run as written."""
+    text = (ROOT / "docs" / "python.md").read_text()
+    example = text.split("```python\n", 1)[1].split("```", 1)[0]
+    import torch
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # the example's tensors are torch's default float32
+    try:
+        exec(compile(example, "docs/python.md", "exec"), {})
+    finally:
+        torch.set_default_dtype(default)
