@@ -28,7 +28,7 @@
 #include <string>
 #include <vector>
 
-#include "dlpack.h"
+#include <dlpack/dlpack.h>  // Debian: libdlpack-dev
 #include "normkit/batch_norm.h"
 #include "normkit/context.h"
 #include "normkit/error.h"
