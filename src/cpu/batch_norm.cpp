@@ -1126,9 +1126,12 @@ NORMKIT_BATCH_NORM_INSTANTIATE(f16)
 
 namespace {
 
-// Channels of one leaf unit: a unit is (sample, block of channels) of about kUnitElements
-// values; a channel's leaf is computed alone, so the block changes no bit.
+// Channels of one leaf unit: a unit is (sample, block of channels); a channel's leaf is
+// computed alone, so the block changes no bit. Channels-first: about kUnitElements values.
+// Rows: as wide as the column kernel takes, since a narrower block would read every row's
+// cache lines once per block.
 int64_t leaf_block_channels(const BatchNormShape& sh) {
+  if (reads_as_rows(sh)) return std::min(sh.channels, kBlockColumns);
   const int64_t by_size = std::max<int64_t>(1, kUnitElements / std::max<int64_t>(sh.spatial, 1));
   return std::min({sh.channels, by_size, kBlockColumns});
 }
