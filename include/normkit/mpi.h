@@ -49,6 +49,8 @@ namespace normkit::mpi {
 // Same arguments, reads and writes as the single-process function, with the statistics of the
 // global batch; plus comm. Every rank gets the same save_mean, save_invstd and running
 // statistics. Throws as described above; a rank with x.batch() == 0 still takes part.
+// ctx.workspace, when given, serves the elementwise pass: at least batch_norm_workspace_size(x)
+// bytes, checked with the other arguments (the same holds for the backward).
 void sync_batch_norm_forward_training(const BatchNormParams& params, const TensorView& x,
                                       std::span<const float> weight, std::span<const float> bias,
                                       const TensorView& y, std::span<float> save_mean,

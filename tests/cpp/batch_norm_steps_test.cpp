@@ -17,6 +17,7 @@
 #include "ref/batch_norm.h"
 #include "batch_norm_steps_util.h"
 #include "op_test_harness.h"
+#include "simd_test_util.h"
 
 namespace normkit {
 namespace {
@@ -217,6 +218,28 @@ TEST(BatchNormSteps, MatchesFloat64ReferenceAndSingleProcess) {
     EXPECT_LT(relative_error(r.dweight, test::to_double(dw), std::sqrt(M)), 1e-5);
     EXPECT_LT(relative_error(r.dbias, test::to_double(db), std::sqrt(M)), 1e-5);
   }
+}
+
+// Every SIMD target this machine has: the leaf loops of each are split-invariant and accurate.
+TEST(BatchNormSteps, EveryTarget) {
+  std::mt19937_64 rng(21);
+  const auto all = cases();
+  test::for_each_target([&] {
+    int seed = 500;
+    for (std::size_t i = 0; i < all.size(); i += 5) {
+      const SyncCase& k = all[i];
+      SCOPED_TRACE(describe(k));
+      const SyncInputs in = test::make_inputs(k, uint64_t(++seed));
+      const SyncResult whole = run_steps(k, in, pieces_of({k.n()}), {}, test::cpu_ctx(1));
+      const auto pieces = pieces_of(splits(k.n(), rng).back());
+      EXPECT_TRUE(run_steps(k, in, pieces, shuffled_order(pieces.size(), rng),
+                            test::cpu_ctx(2)) == whole);
+      const Oracle o = oracle(k, in);
+      EXPECT_LT(relative_error(whole.invstd, o.invstd), 1e-6);
+      EXPECT_LT(relative_error(whole.y, o.y, 1.0), activation_tolerance(k.dtype));
+      EXPECT_LT(relative_error(whole.dx, o.dx, 1.0), 10 * activation_tolerance(k.dtype));
+    }
+  });
 }
 
 // At |mean| >> std the statistics stay exact: the leaves are centred sums and the merge is
