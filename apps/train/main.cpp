@@ -242,7 +242,10 @@ int main(int argc, char** argv) {
   CLI::App app{"normkit-train: the GroupNorm paper's batch-size experiment on Fashion-MNIST"};
   app.require_subcommand(1);
   app.set_version_flag("--version", std::string("normkit-train ") + NORMKIT_VERSION + "; " +
-                                        nt::blas_description());
+                                        nt::blas_description() +
+                                        (nt::dist::built_with_mpi() ? "; MPI: several processes"
+                                                                    : "; MPI: none, one process") +
+                                        (nt::sync_batch_norm_available() ? "; --sync-bn" : ""));
 
   Common run_opts;
   std::string norm = "bn";

@@ -36,15 +36,6 @@ uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-// The order of epoch `epoch`: a function of (seed, epoch) alone.
-std::vector<int64_t> epoch_permutation(uint64_t seed, int epoch, int64_t count) {
-  std::vector<int64_t> perm(static_cast<size_t>(count));
-  std::iota(perm.begin(), perm.end(), int64_t{0});
-  Rng rng(splitmix64(seed ^ splitmix64(static_cast<uint64_t>(epoch) + 1)));
-  rng.shuffle(perm);
-  return perm;
-}
-
 std::string fmt(double v) {
   std::ostringstream s;
   s.precision(17);
@@ -323,6 +314,14 @@ Data load_data(const std::string& dir, int64_t limit_train, int64_t limit_test) 
   standardize(d.train.images, d.mean, d.stddev);
   standardize(d.test.images, d.mean, d.stddev);
   return d;
+}
+
+std::vector<int64_t> epoch_permutation(uint64_t seed, int epoch, int64_t count) {
+  std::vector<int64_t> perm(static_cast<size_t>(count));
+  std::iota(perm.begin(), perm.end(), int64_t{0});
+  Rng rng(splitmix64(seed ^ splitmix64(static_cast<uint64_t>(epoch) + 1)));
+  rng.shuffle(perm);
+  return perm;
 }
 
 int64_t global_batch(const TrainConfig& c) { return int64_t{c.devices} * c.batch; }

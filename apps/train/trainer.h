@@ -99,6 +99,11 @@ Data load_data(const std::string& dir, int64_t limit_train, int64_t limit_test);
 TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar* progress = nullptr,
                        const std::string& label = {});
 
+// The order in which epoch `epoch` visits `count` training images: a function of (seed, epoch)
+// alone. Step s of the epoch takes entries [s * B, (s + 1) * B), B = global_batch(config), and
+// device d the d-th `batch` of them.
+std::vector<int64_t> epoch_permutation(uint64_t seed, int epoch, int64_t count);
+
 // Images per step over all devices: devices * batch.
 int64_t global_batch(const TrainConfig& config);
 
