@@ -16,6 +16,9 @@ if [[ ${1:-all} != experiment ]]; then
     libgtest-dev libgmock-dev libbenchmark-dev
     python3-venv  # pip install . into a virtual environment (scripts/test-pip-package.sh)
     pybind11-dev python3-dev python3-numpy python3-pytest python3-torch
+    # the normkit_mpi component (synchronized BatchNorm), its tests under mpirun and its
+    # Python module over mpi4py communicators
+    openmpi-bin libopenmpi-dev python3-mpi4py
     # clang for the fuzzing and ThreadSanitizer builds: libFuzzer and the sanitizer runtimes,
     # LLVM's OpenMP runtime and its Archer tool (libarcher.so)
     clang libclang-rt-14-dev libomp-14-dev

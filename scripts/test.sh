@@ -35,6 +35,11 @@ cmake --install build --prefix "$PWD/build-install" >/dev/null
 cmake -S tests/consumer -B build-consumer -DCMAKE_PREFIX_PATH="$PWD/build-install" >/dev/null
 cmake --build build-consumer -j "$jobs"
 ./build-consumer/consumer
+if [ -x build-consumer/consumer_mpi ]; then
+  # As root OpenMPI wants these; oversubscribe: more ranks than cores is fine for a check.
+  OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 \
+    mpirun -n 2 ./build-consumer/consumer_mpi
+fi
 
 echo "== Python package: pip install . into a fresh virtual environment"
 bash scripts/test-pip-package.sh build

@@ -1,6 +1,7 @@
 #pragma once
 // Everything normkit offers, in one include.
 #include "normkit/batch_norm.h"
+#include "normkit/batch_norm_steps.h"
 #include "normkit/context.h"
 #include "normkit/error.h"
 #include "normkit/group_norm.h"

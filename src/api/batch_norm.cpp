@@ -2,6 +2,7 @@
 #include "normkit/batch_norm.h"
 
 #include "common/dtype.h"
+#include "api/batch_norm_checks.h"
 #include "common/validate.h"
 #include "cpu/batch_norm.h"
 #include "plan/epilogue.h"
@@ -16,65 +17,34 @@ using detail::check_backward_epilogue;
 using detail::check_forward_epilogue;
 using detail::check_like;
 using detail::check_tensor;
+using detail::is_empty;
 
-plan::BatchNormShape shape_of(const TensorView& x) {
-  return {x.batch(), x.channels(), x.spatial_size(), x.format};
-}
+plan::BatchNormShape shape_of(const TensorView& x) { return detail::batch_norm_shape_of(x); }
 
 // The absent-vector convention: an empty span with a null pointer becomes a null pointer.
 const float* ptr(std::span<const float> v) { return v.data(); }
 float* ptr(std::span<float> v) { return v.data(); }
-
-// Any zero dimension: nothing to normalize. Decided from the dims alone, since the products of
-// the others may not fit in int64 when one dim is 0.
-bool is_empty(const TensorView& x) {
-  for (int i = 0; i < x.rank; ++i)
-    if (x.shape[i] == 0) return true;
-  return false;
-}
 
 // torch's check, on N * spatial computed without overflow (an overflowing product is not 1).
 void check_more_than_one_value(const char* fn, const TensorView& x) {
   int64_t count = x.batch();
   for (int i = 2; i < x.rank; ++i)
     if (__builtin_mul_overflow(count, x.shape[i], &count)) return;
-  if (count == 1)
-    detail::fail(fn, "Expected more than 1 value per channel when training, got input size " +
-                         shape_string(x));
+  if (count == 1) detail::fail_one_value_per_channel(fn, "input size " + shape_string(x));
 }
 
-// Checks shared by all four functions on x and the per-channel affine weight (and bias).
 void check_input(const char* fn, const TensorView& x, std::span<const float> weight,
                  std::span<const float> bias) {
-  check_tensor(fn, "x", x, 2, detail::kActivationDTypes);
-  check_length(fn, "weight", weight, x.channels(), "C", false);
-  check_length(fn, "bias", bias, x.channels(), "C", false);
+  detail::check_batch_norm_input(fn, x, weight, bias);
 }
 
 void check_running_stats(const char* fn, const TensorView& x, std::span<const float> running_mean,
                          std::span<const float> running_var, bool required) {
-  check_length(fn, "running_mean", running_mean, x.channels(), "C", required);
-  check_length(fn, "running_var", running_var, x.channels(), "C", required);
-  if ((running_mean.data() == nullptr) != (running_var.data() == nullptr))
-    detail::fail(fn, std::string("running_mean and running_var must be given together, got only ") +
-                         (running_mean.data() ? "running_mean" : "running_var"));
+  detail::check_running_stats(fn, x.channels(), running_mean, running_var, required);
 }
 
-// The plan of a call (cpu/batch_norm.h), built once, and the caller's workspace checked
-// against it.
-struct Planned {
-  cpu::BatchNormPlan plan;
-  std::span<std::byte> workspace;
-};
-Planned plan_call(const char* fn, const TensorView& x, const Context& ctx) {
-  Planned p;
-  if (!is_empty(x))
-    p.plan = cpu::plan_batch_norm(shape_of(x), int64_t(element_size(x.dtype)),
-                                  detail::thread_count(ctx));
-  p.workspace = detail::checked_workspace(fn, "batch_norm_workspace_size(x)",
-                                          p.plan.scratch.bytes, ctx);
-  return p;
-}
+using detail::plan_call;
+using detail::Planned;
 
 // The checks both backwards share: x and weight, dy and dx like x, the epilogue, and the
 // lengths of dweight and dbias.

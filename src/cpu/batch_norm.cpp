@@ -1122,5 +1122,185 @@ NORMKIT_BATCH_NORM_INSTANTIATE(bf16)
 NORMKIT_BATCH_NORM_INSTANTIATE(f16)
 #undef NORMKIT_BATCH_NORM_INSTANTIATE
 
+// ---- the steps (see batch_norm.h) ----
+
+namespace {
+
+// Channels of one leaf unit: a unit is (sample, block of channels) of about kUnitElements
+// values; a channel's leaf is computed alone, so the block changes no bit.
+int64_t leaf_block_channels(const BatchNormShape& sh) {
+  const int64_t by_size = std::max<int64_t>(1, kUnitElements / std::max<int64_t>(sh.spatial, 1));
+  return std::min({sh.channels, by_size, kBlockColumns});
+}
+
+// Calls leaf(n, c0, c1) for every unit, shared among the threads.
+template <class F>
+void for_each_leaf_unit(const BatchNormShape& sh, int num_threads, const F& leaf) {
+  const int64_t B = leaf_block_channels(sh), blocks = ceil_div(sh.channels, B);
+  parallel_for(sh.batch * blocks, num_threads,
+               worth_threads(num_threads, sh.batch * sh.channels * sh.spatial), false,
+               [&](int64_t u) {
+                 const int64_t n = u / blocks, c0 = (u % blocks) * B;
+                 leaf(n, c0, std::min(sh.channels, c0 + B));
+               });
+}
+
+// A leaf's pivot: the float mean of its first (up to) 16 values, at p with the given stride.
+template <typename T>
+float leaf_pivot(const T* p, int64_t spatial, int64_t stride) {
+  const int64_t count = std::min<int64_t>(16, spatial);
+  double sum = 0;
+  for (int64_t s = 0; s < count; ++s) sum += to_float(p[s * stride]);
+  return float(sum / double(count));
+}
+
+// (mean, M2) of a leaf from its shifted sums over `count` values around `pivot`.
+inline void leaf_moments(const PairSums& s, float pivot, double count, double& mean,
+                         double& m2) {
+  mean = double(pivot) + s.first / count;
+  m2 = s.second - s.first * (s.first / count);
+  if (m2 < 0) m2 = 0;  // rounding only; NaN passes through
+}
+
+// The two sums of the channels [c0, c1) of sample n: runs (channels-first), else the column
+// sums over blocks of kColumnRows rows added in double. dy null: statistics around centers.
+template <typename T>
+void leaf_sums(const Kernels<T>& k, const BatchNormShape& sh, int64_t n, int64_t c0, int64_t c1,
+               const T* x, const T* dy, const T* mask, const float* centers, PairSums* sums) {
+  const int64_t C = sh.channels, S = sh.spatial;
+  if (!reads_as_rows(sh)) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t o = (n * C + c) * S;
+      RunAccumulators acc{};
+      PairSums& out = sums[c - c0];
+      out = {};
+      if (dy) k.grad_run_sums(x + o, dy + o, mask ? mask + o : nullptr, S, centers[c - c0],
+                              &acc, &out);
+      else k.stat_run_sums(x + o, S, centers[c - c0], &acc, &out);
+      k.flush_run_sums(&acc, &out);
+    }
+    return;
+  }
+  const int64_t width = c1 - c0;
+  for (int64_t c = 0; c < width; ++c) sums[c] = {};
+  float s1[kBlockColumns], s2[kBlockColumns];
+  for (int64_t r = 0; r < S; r += kColumnRows) {
+    const int64_t rows = std::min(kColumnRows, S - r);
+    const int64_t o = (n * S + r) * C + c0;
+    if (dy) k.grad_column_sums(x + o, dy + o, mask ? mask + o : nullptr, rows, width, C, centers,
+                               s1, s2);
+    else k.stat_column_sums(x + o, rows, width, C, centers, s1, s2);
+    for (int64_t c = 0; c < width; ++c) {
+      sums[c].first += s1[c];
+      sums[c].second += s2[c];
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void batch_norm_sample_statistics(const BatchNormShape& sh, int num_threads, const T* x,
+                                  double* mean, double* m2) {
+  if (empty(sh)) return;
+  const Kernels<T>& k = kernels<T>();
+  const int64_t C = sh.channels, S = sh.spatial;
+  for_each_leaf_unit(sh, num_threads, [&](int64_t n, int64_t c0, int64_t c1) {
+    float pv[kBlockColumns];
+    PairSums sm[kBlockColumns];
+    for (int64_t c = c0; c < c1; ++c)
+      pv[c - c0] = reads_as_rows(sh) ? leaf_pivot(x + n * S * C + c, S, C)
+                                     : leaf_pivot(x + (n * C + c) * S, S, 1);
+    leaf_sums<T>(k, sh, n, c0, c1, x, nullptr, nullptr, pv, sm);
+    for (int64_t c = c0; c < c1; ++c)
+      leaf_moments(sm[c - c0], pv[c - c0], double(S), mean[n * C + c], m2[n * C + c]);
+  });
+}
+
+template <typename T>
+void batch_norm_sample_gradients(const BatchNormShape& sh, int num_threads,
+                                 const BackwardEpilogueOf<T>& epilogue, const T* dy, const T* x,
+                                 const float* mean, double* sum_g, double* sum_g_xmu) {
+  if (sh.batch * sh.channels == 0) return;
+  const int64_t C = sh.channels;
+  if (sh.spatial == 0) {
+    std::fill(sum_g, sum_g + sh.batch * C, 0.0);
+    std::fill(sum_g_xmu, sum_g_xmu + sh.batch * C, 0.0);
+    return;
+  }
+  const Kernels<T>& k = kernels<T>();
+  const T* mask = epilogue.relu ? epilogue.y : nullptr;
+  for_each_leaf_unit(sh, num_threads, [&](int64_t n, int64_t c0, int64_t c1) {
+    PairSums sm[kBlockColumns];
+    leaf_sums<T>(k, sh, n, c0, c1, x, dy, mask, mean + c0, sm);
+    for (int64_t c = c0; c < c1; ++c) {
+      sum_g[n * C + c] = sm[c - c0].first;
+      sum_g_xmu[n * C + c] = sm[c - c0].second;
+    }
+  });
+}
+
+template <typename T>
+void batch_norm_normalize(const BatchNormPlan& plan, const ForwardEpilogueOf<T>& epilogue,
+                          const T* x, const float* weight, const float* bias, const float* mean,
+                          const float* invstd, T* y, std::span<std::byte> workspace) {
+  const BatchNormShape& sh = plan.shape;
+  if (empty(sh)) return;
+  const int64_t C = sh.channels;
+  const BatchNormForward<T> f{kernels<T>(), sh, x, epilogue.residual, epilogue.relu, y};
+  const Scratch scratch = carve(plan, workspace);
+  float* a = scratch.coefficients;
+  float* b = a + C;
+  // As the training forward's fold: b uses the rounded a.
+  for (int64_t c = 0; c < C; ++c) {
+    a[c] = float(double(invstd[c]) * (weight ? weight[c] : 1.0f));
+    b[c] = float((bias ? bias[c] : 0.0f) - double(mean[c]) * double(a[c]));
+  }
+#pragma omp parallel num_threads(plan.num_threads) \
+    if (worth_threads(plan.num_threads, sh.batch * C * sh.spatial))
+  f.apply(a, b);
+}
+
+template <typename T>
+void batch_norm_backward_dx(const BatchNormPlan& plan, const BackwardEpilogueOf<T>& epilogue,
+                            double count, const T* dy, const T* x, const float* save_mean,
+                            const float* save_invstd, const float* weight, const double* sum_g,
+                            const double* sum_g_xmu, T* dx, std::span<std::byte> workspace) {
+  const BatchNormShape& sh = plan.shape;
+  if (empty(sh)) return;
+  const int64_t C = sh.channels;
+  const T* mask = epilogue.relu ? epilogue.y : nullptr;
+  const BatchNormBackward<T> bw{kernels<T>(), sh,     dy,      mask,    x,
+                                weight,       dx,     epilogue.dresidual, nullptr, nullptr};
+  const Scratch scratch = carve(plan, workspace);
+  float* p = scratch.coefficients;
+  float* q = p + C;
+  float* r = q + C;
+  for (int64_t c = 0; c < C; ++c)
+    bw.coefficients(c, PairSums{sum_g[c], sum_g_xmu[c]}, save_invstd[c], count, p[c], q[c],
+                    r[c]);
+#pragma omp parallel num_threads(plan.num_threads) \
+    if (worth_threads(plan.num_threads, sh.batch * C * sh.spatial))
+  bw.dx_all(p, q, r, save_mean, bw.stream);
+}
+
+#define NORMKIT_BATCH_NORM_STEPS_INSTANTIATE(T)                                                  \
+  template void batch_norm_sample_statistics<T>(const BatchNormShape&, int, const T*, double*,  \
+                                                double*);                                       \
+  template void batch_norm_sample_gradients<T>(const BatchNormShape&, int,                      \
+                                               const BackwardEpilogueOf<T>&, const T*, const T*, \
+                                               const float*, double*, double*);                 \
+  template void batch_norm_normalize<T>(const BatchNormPlan&, const ForwardEpilogueOf<T>&,      \
+                                        const T*, const float*, const float*, const float*,     \
+                                        const float*, T*, std::span<std::byte>);                \
+  template void batch_norm_backward_dx<T>(const BatchNormPlan&, const BackwardEpilogueOf<T>&,   \
+                                          double, const T*, const T*, const float*,             \
+                                          const float*, const float*, const double*,            \
+                                          const double*, T*, std::span<std::byte>);
+NORMKIT_BATCH_NORM_STEPS_INSTANTIATE(float)
+NORMKIT_BATCH_NORM_STEPS_INSTANTIATE(bf16)
+NORMKIT_BATCH_NORM_STEPS_INSTANTIATE(f16)
+#undef NORMKIT_BATCH_NORM_STEPS_INSTANTIATE
+
 }  // namespace normkit::cpu
 #endif  // HWY_ONCE

@@ -124,4 +124,39 @@ void batch_norm_backward_inference(const BatchNormPlan& plan, double eps,
                                    const float* running_var, const float* weight, T* dx,
                                    float* dweight, float* dbias, std::span<std::byte> workspace);
 
+// ---- the steps of normkit/batch_norm_steps.h ----
+// The leaves of the canonical tree are single samples: each (sample, channel) is reduced on its
+// own by the same leaf loops as above (the run sums for channels-first runs, the column sums
+// for channels-last rows and S == 1), in an order fixed by S and the format, over units of
+// (sample, block of channels) shared among the threads: bitwise the same for any thread count
+// and wherever the sample sits in a piece. No scratch.
+
+// For sample n and channel c: mean[n * C + c] and m2[n * C + c] of its S values, from shifted
+// sums around a pivot (the mean of its first 16 values) folded in double. Nothing when
+// S == 0.
+template <typename T>
+void batch_norm_sample_statistics(const BatchNormShape& shape, int num_threads, const T* x,
+                                  double* mean, double* m2);
+
+// sum_g[n * C + c] = sum g and sum_g_xmu[n * C + c] = sum g * (x - mean[c]) over sample n's
+// values of channel c; g = dy masked by the epilogue.
+template <typename T>
+void batch_norm_sample_gradients(const BatchNormShape& shape, int num_threads,
+                                 const BackwardEpilogueOf<T>& epilogue, const T* dy, const T* x,
+                                 const float* mean, double* sum_g, double* sum_g_xmu);
+
+// The forward's elementwise pass with a, b folded from the given mean and invstd.
+template <typename T>
+void batch_norm_normalize(const BatchNormPlan& plan, const ForwardEpilogueOf<T>& epilogue,
+                          const T* x, const float* weight, const float* bias, const float* mean,
+                          const float* invstd, T* y, std::span<std::byte> workspace);
+
+// The backward's elementwise pass with its coefficients from the sums over `count` values per
+// channel (the global batch). Overwrites dx and epilogue.dresidual.
+template <typename T>
+void batch_norm_backward_dx(const BatchNormPlan& plan, const BackwardEpilogueOf<T>& epilogue,
+                            double count, const T* dy, const T* x, const float* save_mean,
+                            const float* save_invstd, const float* weight, const double* sum_g,
+                            const double* sum_g_xmu, T* dx, std::span<std::byte> workspace);
+
 }  // namespace normkit::cpu

@@ -185,4 +185,96 @@ NORMKIT_INSTANTIATE(bf16, float)
 NORMKIT_INSTANTIATE(f16, float)
 #undef NORMKIT_INSTANTIATE
 
+template <typename A>
+void batch_norm_sample_statistics(const BatchNormShape& sh, const A* x, double* mean,
+                                  double* m2) {
+  if (sh.spatial == 0) return;
+  for (int64_t n = 0; n < sh.batch; ++n)
+    for (int64_t c = 0; c < sh.channels; ++c) {
+      double sum = 0;
+      for (int64_t s = 0; s < sh.spatial; ++s) sum += load(x, offset(sh, n, c, s));
+      const double mu = sum / double(sh.spatial);
+      double squares = 0;
+      for (int64_t s = 0; s < sh.spatial; ++s) {
+        const double d = load(x, offset(sh, n, c, s)) - mu;
+        squares += d * d;
+      }
+      mean[n * sh.channels + c] = mu;
+      m2[n * sh.channels + c] = squares;
+    }
+}
+
+template <typename A>
+void batch_norm_sample_gradients(const BatchNormShape& sh, const BackwardEpilogueOf<A>& epilogue,
+                                 const A* dy, const A* x, const float* mean, double* sum_g,
+                                 double* sum_g_xmu) {
+  for (int64_t n = 0; n < sh.batch; ++n)
+    for (int64_t c = 0; c < sh.channels; ++c) {
+      double sg = 0, sgx = 0;
+      for (int64_t s = 0; s < sh.spatial; ++s) {
+        const int64_t i = offset(sh, n, c, s);
+        const double g = upstream(epilogue, dy, i);
+        sg += g;
+        sgx += g * (load(x, i) - double(mean[c]));
+      }
+      sum_g[n * sh.channels + c] = sg;
+      sum_g_xmu[n * sh.channels + c] = sgx;
+    }
+}
+
+template <typename A>
+void batch_norm_normalize(const BatchNormShape& sh, const ForwardEpilogueOf<A>& epilogue,
+                          const A* x, const float* weight, const float* bias, const float* mean,
+                          const float* invstd, A* y) {
+  for (int64_t c = 0; c < sh.channels; ++c) {
+    const double mu = mean[c], is = invstd[c];
+    const double w = at(weight, c, 1.0), b = at(bias, c, 0.0);
+    for (int64_t n = 0; n < sh.batch; ++n)
+      for (int64_t s = 0; s < sh.spatial; ++s) {
+        const int64_t i = offset(sh, n, c, s);
+        store(y, i, finish(epilogue, i, (load(x, i) - mu) * is * w + b));
+      }
+  }
+}
+
+// As batch_norm_backward_training, with the sums over the global batch given:
+//   dx = weight * invstd * (g - sum(g) / M - (x - mean) * invstd^2 * sum(g * (x - mean)) / M)
+template <typename A>
+void batch_norm_backward_dx(const BatchNormShape& sh, const BackwardEpilogueOf<A>& epilogue,
+                            double count, const A* dy, const A* x, const float* mean,
+                            const float* invstd, const float* weight, const double* sum_g,
+                            const double* sum_g_xmu, A* dx) {
+  for (int64_t c = 0; c < sh.channels; ++c) {
+    const double mu = mean[c], is = invstd[c];
+    const double scale = at(weight, c, 1.0) * is;
+    const double mean_g = sum_g[c] / count, mean_gx = sum_g_xmu[c] / count;
+    for (int64_t n = 0; n < sh.batch; ++n)
+      for (int64_t s = 0; s < sh.spatial; ++s) {
+        const int64_t i = offset(sh, n, c, s);
+        const double g = upstream(epilogue, dy, i);
+        const double d = load(x, i) - mu;
+        store(dx, i, scale * (g - mean_g - d * is * is * mean_gx));
+        if (epilogue.dresidual) store(epilogue.dresidual, i, g);
+      }
+  }
+}
+
+#define NORMKIT_INSTANTIATE_STEPS(A)                                                           \
+  template void batch_norm_sample_statistics<A>(const BatchNormShape&, const A*, double*,      \
+                                                double*);                                      \
+  template void batch_norm_sample_gradients<A>(const BatchNormShape&,                          \
+                                               const BackwardEpilogueOf<A>&, const A*,         \
+                                               const A*, const float*, double*, double*);      \
+  template void batch_norm_normalize<A>(const BatchNormShape&, const ForwardEpilogueOf<A>&,    \
+                                        const A*, const float*, const float*, const float*,    \
+                                        const float*, A*);                                     \
+  template void batch_norm_backward_dx<A>(const BatchNormShape&, const BackwardEpilogueOf<A>&, \
+                                          double, const A*, const A*, const float*,            \
+                                          const float*, const float*, const double*,           \
+                                          const double*, A*);
+NORMKIT_INSTANTIATE_STEPS(float)
+NORMKIT_INSTANTIATE_STEPS(bf16)
+NORMKIT_INSTANTIATE_STEPS(f16)
+#undef NORMKIT_INSTANTIATE_STEPS
+
 }  // namespace normkit::ref

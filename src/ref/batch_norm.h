@@ -54,4 +54,32 @@ void batch_norm_backward_inference(const BatchNormShape& shape, double eps,
                                    const A* x, const P* running_mean, const P* running_var,
                                    const P* weight, A* dx, P* dweight, P* dbias);
 
+// ---- the steps of normkit/batch_norm_steps.h (activations A: float, bf16 or f16) ----
+
+// The leaves of the canonical tree: for sample n and channel c, mean[n * C + c] and
+// m2[n * C + c] of its S values (two passes in double). Writes nothing when S == 0.
+template <typename A>
+void batch_norm_sample_statistics(const BatchNormShape& shape, const A* x, double* mean,
+                                  double* m2);
+
+// The gradient leaves: sum_g[n * C + c] = sum g and sum_g_xmu[n * C + c] = sum g * (x - mean[c])
+// over sample n's S values of channel c, g being dy through the epilogue's mask.
+template <typename A>
+void batch_norm_sample_gradients(const BatchNormShape& shape,
+                                 const BackwardEpilogueOf<A>& epilogue, const A* dy, const A* x,
+                                 const float* mean, double* sum_g, double* sum_g_xmu);
+
+// y = epilogue((x - mean) * invstd * weight + bias).
+template <typename A>
+void batch_norm_normalize(const BatchNormShape& shape, const ForwardEpilogueOf<A>& epilogue,
+                          const A* x, const float* weight, const float* bias, const float* mean,
+                          const float* invstd, A* y);
+
+// dx from the global sums over `count` values per channel; writes epilogue.dresidual.
+template <typename A>
+void batch_norm_backward_dx(const BatchNormShape& shape, const BackwardEpilogueOf<A>& epilogue,
+                            double count, const A* dy, const A* x, const float* mean,
+                            const float* invstd, const float* weight, const double* sum_g,
+                            const double* sum_g_xmu, A* dx);
+
 }  // namespace normkit::ref
