@@ -174,15 +174,22 @@ std::string sweep_notes(const Common& c, const nt::Data& data, int jobs) {
     std::snprintf(b, sizeof b, "%g", l);
     lrs += (lrs.empty() ? "" : " or ") + std::string(b);
   }
-  char text[1024];
+  // The batch sizes of the tables are per device; with several devices a step is devices x batch.
+  std::string devices;
+  if (c.devices > 1)
+    devices = std::to_string(c.devices) + " devices per step, each of the batch size in images "
+              "(BN statistics per device" + std::string(c.sync_bn ? "; SyncBN over all devices" : "") +
+              "); ";
+  char text[1536];
   std::snprintf(text, sizeof text,
                 "Residual CNN (stem %d, widths %s, %d block(s) per stage), %d epoch(s) over %lld "
-                "Fashion-MNIST training images, tested on %lld; SGD momentum 0.9, weight decay "
-                "1e-4, lr %s x batch / 32, divided by 10 at the listed fractions of the steps; "
+                "Fashion-MNIST training images, tested on %lld; %sSGD momentum 0.9, weight decay "
+                "1e-4, lr %s x %sbatch / 32, divided by 10 at the listed fractions of the steps; "
                 "seed %llu; %d thread(s) per run, %d run(s) at a time; %s.",
                 c.widths[0], widths.c_str(), c.blocks_per_stage, c.epochs,
                 static_cast<long long>(data.train.count), static_cast<long long>(data.test.count),
-                lrs.c_str(), static_cast<unsigned long long>(c.seed), c.threads, jobs,
+                devices.c_str(), lrs.c_str(), c.devices > 1 ? "devices x " : "",
+                static_cast<unsigned long long>(c.seed), c.threads, jobs,
                 nt::blas_description().c_str());
   return text;
 }
