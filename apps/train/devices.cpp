@@ -1,6 +1,7 @@
 #include "devices.h"
 
 #include <algorithm>
+#include <chrono>
 #include <exception>
 #include <thread>
 
@@ -25,6 +26,18 @@ DeviceGroup::DeviceGroup(int first, int count, int total)
 }
 
 std::span<const double> DeviceGroup::meet(int device, std::span<const double> mine) {
+  const auto start = std::chrono::steady_clock::now();
+  // Device 0's time in here: its own wait and the exchange between processes.
+  struct Timed {
+    DeviceGroup* group;
+    int device;
+    std::chrono::steady_clock::time_point start;
+    ~Timed() {
+      if (device == 0)
+        group->exchange_seconds_ +=
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+  } timed{this, device, start};
   std::unique_lock lock(mutex_);
   if (failed_) throw Error("another device of this process failed");
   slots_[static_cast<size_t>(device)].assign(mine.begin(), mine.end());
@@ -53,6 +66,7 @@ std::span<const double> DeviceGroup::meet(int device, std::span<const double> mi
     throw;
   }
   arrived_ = 0;
+  exchanged_doubles_ += result_.size();
   ++generation_;
   cv_.notify_all();
   return result_;

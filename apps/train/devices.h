@@ -34,6 +34,11 @@ class DeviceGroup {
   // dist::allgather_partials).
   DeviceExchange* exchange(int d) { return &handles_[static_cast<size_t>(d)]; }
 
+  // For the profile: the doubles every exchange so far returned (all devices' partials), and the
+  // seconds local device 0 spent in exchanges (waiting for the others included).
+  uint64_t exchanged_doubles() const { return exchanged_doubles_; }
+  double exchange_seconds() const { return exchange_seconds_; }
+
   int first() const { return first_; }
   int count() const { return count_; }
   int total() const { return total_; }
@@ -58,6 +63,8 @@ class DeviceGroup {
   int arrived_ = 0;
   uint64_t generation_ = 0;
   bool failed_ = false;
+  uint64_t exchanged_doubles_ = 0;
+  double exchange_seconds_ = 0;
 };
 
 // The step's gradient of every parameter: the mean over all `total` devices of their gradients,

@@ -178,7 +178,7 @@ std::string sweep_notes(const Common& c, const nt::Data& data, int jobs) {
   std::string devices;
   if (c.devices > 1)
     devices = std::to_string(c.devices) + " devices per step, each of the batch size in images "
-              "(BN statistics per device" + std::string(c.sync_bn ? "; SyncBN over all devices" : "") +
+              "(BN statistics per device" + std::string(c.sync_bn ? "; the SyncBN rows over all devices" : "") +
               "); ";
   char text[1536];
   std::snprintf(text, sizeof text,

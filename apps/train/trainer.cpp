@@ -445,6 +445,8 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
   profile::reset();
   double cpu_measure = process_cpu_seconds();
   double exchange_seconds = 0;  // the gradient and loss exchange between processes
+  double sync_seconds_before = 0;  // SyncBN's exchanges before the measured steps
+  uint64_t sync_doubles_before = 0;
 
   while (s.epoch < config.epochs) {
     dist::test_failure_point(s.global_step);
@@ -504,6 +506,8 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
       t_measure = clock::now();
       cpu_measure = process_cpu_seconds();
       exchange_seconds = 0;
+      sync_seconds_before = group.exchange_seconds();
+      sync_doubles_before = group.exchanged_doubles();
       profile::reset();
     }
     ++epoch_steps_here;
@@ -559,11 +563,19 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
                  static_cast<long long>(images), wall, cpu, config.threads,
                  images / std::max(wall, 1e-9), images / std::max(cpu, 1e-9));
     if (config.devices > 1 || dist::size() > 1) {
-      const int64_t steps = steps_here > config.warmup_steps ? steps_here - config.warmup_steps : steps_here;
-      std::fprintf(stderr, "devices: %d on %d process(es); %.3f ms per step, of which %.3f ms (%.1f%%) combining losses and gradients\n",
-                   config.devices, dist::size(), 1e3 * wall / std::max<int64_t>(steps, 1),
-                   1e3 * exchange_seconds / std::max<int64_t>(steps, 1),
-                   100.0 * exchange_seconds / std::max(wall, 1e-9));
+      const double steps = static_cast<double>(
+          std::max<int64_t>(1, steps_here > config.warmup_steps ? steps_here - config.warmup_steps : steps_here));
+      const double gradient_bytes = 4.0 * static_cast<double>(out.parameters) * config.devices;
+      std::fprintf(stderr, "devices: %d on %d process(es); %.3f ms per step, of which %.3f ms (%.1f%%) combining losses and gradients (%.0f bytes of gradients gathered per process)",
+                   config.devices, dist::size(), 1e3 * wall / steps, 1e3 * exchange_seconds / steps,
+                   100.0 * exchange_seconds / std::max(wall, 1e-9), gradient_bytes);
+      if (config.sync_bn) {
+        const double sync = group.exchange_seconds() - sync_seconds_before;
+        std::fprintf(stderr, " and %.3f ms (%.1f%%) in SyncBN exchanges (%.0f bytes of partials gathered per process)",
+                     1e3 * sync / steps, 100.0 * sync / std::max(wall, 1e-9),
+                     8.0 * static_cast<double>(group.exchanged_doubles() - sync_doubles_before) / steps);
+      }
+      std::fprintf(stderr, "\n");
     }
   }
   const int64_t measured = steps_here > config.warmup_steps ? steps_here - config.warmup_steps : steps_here;
