@@ -44,10 +44,10 @@ def train(processes, *args, timeout=300, env=None):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or ENV)
 
 
-def small(data_dir, *more):
-    # 1 epoch of 72 // (4 * 3) = 6 steps of 4 devices x 3 images.
-    return ["run", "--batch", "3", "--epochs", "1", "--widths", "4,8", "--lr-decay-at", "0.5",
-            "--data", data_dir, "--quiet", *more]
+def small(data_dir, *more, epochs=1):
+    # An epoch of 72 // (4 * 3) = 6 steps of 4 devices x 3 images.
+    return ["run", "--batch", "3", "--epochs", str(epochs), "--widths", "4,8", "--lr-decay-at",
+            "0.5", "--data", data_dir, "--quiet", *more]
 
 
 def metrics_without_timing(path):
@@ -96,6 +96,23 @@ def test_processes_give_the_same_bits(data_dir, tmp_path, norm):
         assert t.keys() == t1.keys(), tag
         for name in t1:
             assert t[name] == t1[name], (tag, name)
+
+
+@needs_mpi
+def test_a_checkpoint_of_two_processes_resumes_in_one(data_dir, tmp_path):
+    # Stopped inside the second epoch by 2 processes, resumed by 1.
+    common = [*small(data_dir, "--norm", "bn", epochs=2), "--devices", 4, "--threads", 1]
+    r = train(1, *common, "--metrics-out", tmp_path / "whole.json",
+              "--checkpoint", tmp_path / "whole.safetensors")
+    assert r.returncode == 0, r.stderr
+    r = train(2, *common, "--checkpoint", tmp_path / "part.safetensors", "--stop-after-steps", 8)
+    assert r.returncode == 0, r.stderr
+    r = train(1, *common, "--metrics-out", tmp_path / "part.json",
+              "--checkpoint", tmp_path / "part.safetensors", "--resume", tmp_path / "part.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert metrics_without_timing(tmp_path / "part.json") == metrics_without_timing(tmp_path / "whole.json")
+    assert checkpoint_without_timing(tmp_path / "part.safetensors") == \
+        checkpoint_without_timing(tmp_path / "whole.safetensors")
 
 
 @needs_mpi
