@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <memory>
 
 #include "io/safetensors.h"
@@ -175,6 +176,30 @@ TEST(Devices, ResumedRunEndsBitForBitLikeAnUninterruptedOne) {
       EXPECT_NE(std::string(e.what()).find("--devices"), std::string::npos) << e.what();
     }
   }
+}
+
+TEST(Devices, MemoryPreflightCountsEveryDeviceOfTheProcess) {
+  TrainConfig one = devices_config(NormKind::batch, 1, 16, "");
+  one.model.widths = {16, 32, 64};
+  TrainConfig four = one;
+  four.devices = 4;
+  const MemoryEstimate e1 = estimate_run_memory(one, 28, 28, 100);
+  const MemoryEstimate e4 = estimate_run_memory(four, 28, 28, 100);
+  // Three more replicas, each with the activations of its own 16 images.
+  const MemoryEstimate replica = estimate_memory(one.model, 16, 0, 28, 28, one.threads);
+  EXPECT_GE(e4.activations, e1.activations + 3 * replica.activations);
+  EXPECT_GE(e4.parameters, e1.parameters + 3 * replica.parameters);
+  // Room for one device but not for four: refused, naming --devices.
+  ::setenv("NORMKIT_TRAIN_AVAILABLE_MEMORY",
+           std::to_string(static_cast<uint64_t>((e1.total() + e4.total()) / 2)).c_str(), 1);
+  EXPECT_NO_THROW(check_fits_in_memory(one, 28, 28, 100));
+  try {
+    check_fits_in_memory(four, 28, 28, 100);
+    ADD_FAILURE() << "four devices fit";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--devices (4)"), std::string::npos) << e.what();
+  }
+  ::unsetenv("NORMKIT_TRAIN_AVAILABLE_MEMORY");
 }
 
 void expect_refused(const TrainConfig& c, const std::string& words) {
