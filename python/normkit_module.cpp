@@ -27,6 +27,8 @@
 #include "normkit/instance_norm.h"
 #include "normkit/layer_norm.h"
 #include "normkit/tensor.h"
+#include "array_args.h"
+#include "batch_norm_args.h"
 
 namespace py = pybind11;
 using normkit::DType;
@@ -35,263 +37,7 @@ using normkit::TensorView;
 
 namespace {
 
-using Shape = std::vector<py::ssize_t>;
-using OptionalArray = std::optional<py::array>;
-
-// Tests turn this on so that an output element a kernel forgets to write shows up as NaN.
-bool g_poison_outputs = false;
-
-[[noreturn]] void type_error(const char* function, const std::string& message) {
-  throw py::type_error(std::string(function) + ": " + message);
-}
-[[noreturn]] void value_error(const char* function, const std::string& message) {
-  throw py::value_error(std::string(function) + ": " + message);
-}
-
-std::string dtype_name(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
-
-std::string shape_string(const Shape& shape) {
-  std::string s = "(";
-  for (std::size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  s += shape.size() == 1 ? ",)" : ")";
-  return s;
-}
-Shape shape_of(const py::array& a) { return Shape(a.shape(), a.shape() + a.ndim()); }
-
-bool native_byte_order(const py::dtype& dt) {
-  constexpr char native = std::endian::native == std::endian::little ? '<' : '>';
-  return dt.byteorder() == '=' || dt.byteorder() == '|' || dt.byteorder() == native;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Element types.
-
-// Activation dtypes (x, dy, and y/dx, which take x's) handed to the kernels, keyed by NumPy's
-// type character. Supporting another dtype is one more row, once the kernels implement it.
-struct ActivationType {
-  char numpy_char;
-  DType dtype;
-};
-// NumPy has no bfloat16, so half precision from Python is float16 ('e').
-constexpr ActivationType kActivationTypes[] = {
-    {'f', DType::float32},
-    {'e', DType::float16},
-};
-
-DType activation_dtype(const char* function, const char* name, const py::array& a) {
-  const py::dtype dt = a.dtype();
-  if (native_byte_order(dt))
-    for (const ActivationType& t : kActivationTypes)
-      if (dt.char_() == t.numpy_char) return t.dtype;
-  std::string supported;
-  for (const ActivationType& t : kActivationTypes)
-    supported += std::string(supported.empty() ? "" : ", ") + normkit::to_string(t.dtype);
-  type_error(function, std::string(name) + " has dtype " + dtype_name(a) + "; supported: " +
-                           supported);
-}
-
-// Parameters and statistics are float32 whatever the activation dtype.
-void require_float32(const char* function, const char* name, const py::array& a) {
-  const py::dtype dt = a.dtype();
-  if (dt.char_() != 'f' || !native_byte_order(dt))
-    type_error(function, std::string(name) + " has dtype " + dtype_name(a) + ", expected float32");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Memory formats.
-
-bool is_aligned(const py::array& a) {
-  return (a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_) != 0;
-}
-
-// Dims from outermost to innermost in memory.
-std::vector<int> dim_order(int rank, MemoryFormat format) {
-  std::vector<int> order(rank);
-  std::iota(order.begin(), order.end(), 0);
-  if (format == MemoryFormat::channels_last && rank >= 3) {
-    std::rotate(order.begin() + 1, order.begin() + 2, order.end());  // N, *spatial, C
-  }
-  return order;
-}
-
-// Byte strides of a dense array of `shape` in `format` (as torch computes them: a zero-size dim
-// counts as 1, so an empty channels-last tensor still has channels-last strides).
-Shape dense_strides(const Shape& shape, MemoryFormat format, py::ssize_t itemsize) {
-  const int rank = static_cast<int>(shape.size());
-  const std::vector<int> order = dim_order(rank, format);
-  Shape strides(rank);
-  py::ssize_t step = itemsize;
-  for (int i = rank - 1; i >= 0; --i) {
-    strides[order[i]] = step;
-    step *= std::max<py::ssize_t>(shape[order[i]], 1);
-  }
-  return strides;
-}
-
-// Whether `a` is laid out densely in `format`. `ignore_unit_dims`: a dim of extent 1 never moves,
-// so its stride may be anything (NumPy and torch both produce such arrays).
-bool dense_in(const py::array& a, MemoryFormat format, bool ignore_unit_dims) {
-  const Shape shape = shape_of(a);
-  const Shape expected = dense_strides(shape, format, a.itemsize());
-  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
-    if (ignore_unit_dims && shape[d] <= 1) continue;
-    if (a.strides(d) != expected[d]) return false;
-  }
-  return true;
-}
-
-// The format `a` can be computed in without a copy, if any. Exact strides decide first, so an
-// array that is dense in both (C == 1, or all spatial dims 1) keeps the strides it came with.
-std::optional<MemoryFormat> dense_format(const py::array& a) {
-  if (!is_aligned(a)) return std::nullopt;
-  const bool may_be_last = a.ndim() >= 3;
-  for (bool ignore_unit_dims : {false, true}) {
-    if (dense_in(a, MemoryFormat::channels_first, ignore_unit_dims))
-      return MemoryFormat::channels_first;
-    if (may_be_last && dense_in(a, MemoryFormat::channels_last, ignore_unit_dims))
-      return MemoryFormat::channels_last;
-  }
-  if (a.size() == 0) return MemoryFormat::channels_first;
-  return std::nullopt;
-}
-
-// A new array of `shape` whose strides are the dense ones of `format`; its contents are undefined.
-py::array allocate(const py::dtype& dtype, const Shape& shape, MemoryFormat format) {
-  const int rank = static_cast<int>(shape.size());
-  py::array out;
-  if (format == MemoryFormat::channels_first || rank < 3) {
-    out = py::array(dtype, shape);
-  } else {
-    // Allocate in memory order, then view it in logical order.
-    const std::vector<int> order = dim_order(rank, format);
-    Shape memory_shape(rank);
-    for (int i = 0; i < rank; ++i) memory_shape[i] = shape[order[i]];
-    py::array storage(dtype, memory_shape);
-    Shape strides(rank);
-    for (int i = 0; i < rank; ++i) strides[order[i]] = storage.strides(i);
-    out = py::array(dtype, shape, strides, storage.data(), storage);
-  }
-  return out;
-}
-
-// An array a kernel is about to write.
-py::array new_output(const py::dtype& dtype, const Shape& shape, MemoryFormat format) {
-  py::array out = allocate(dtype, shape, format);
-  if (g_poison_outputs) out.attr("fill")(std::numeric_limits<double>::quiet_NaN());
-  return out;
-}
-
-py::array copy_to_format(const py::array& a, MemoryFormat format) {
-  py::array out = allocate(a.dtype(), shape_of(a), format);
-  py::module_::import("numpy").attr("copyto")(out, a);
-  return out;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Arguments.
-
-// An activation array and the view the kernels see; `array` keeps the data alive.
-struct Activation {
-  py::array array;
-  TensorView view;
-};
-
-TensorView view_of(const py::array& a, void* data, DType dtype, MemoryFormat format) {
-  std::vector<int64_t> shape(a.shape(), a.shape() + a.ndim());
-  return TensorView(data, dtype, static_cast<int>(a.ndim()), shape.data(), format);
-}
-
-// x-like input. With `format`, the array is brought to that format (dy follows x's); without,
-// it keeps its own if it has one, else it is copied to channels-first.
-Activation activation_input(const char* function, const char* name, py::array a,
-                            std::optional<MemoryFormat> format = std::nullopt) {
-  const DType dtype = activation_dtype(function, name, a);
-  MemoryFormat chosen = MemoryFormat::channels_first;
-  if (format) {
-    chosen = a.ndim() >= 3 ? *format : MemoryFormat::channels_first;
-    const bool usable = is_aligned(a) && (a.size() == 0 || dense_in(a, chosen, true));
-    if (!usable) a = copy_to_format(a, chosen);
-  } else if (std::optional<MemoryFormat> own = dense_format(a)) {
-    chosen = *own;
-  } else {
-    a = copy_to_format(a, MemoryFormat::channels_first);
-  }
-  return {a, view_of(a, const_cast<void*>(a.data()), dtype, chosen)};
-}
-
-// A new output like `like` (shape, dtype, memory format).
-Activation activation_output(const Activation& like) {
-  py::array out = new_output(like.array.dtype(), shape_of(like.array), like.view.format);
-  return {out, view_of(out, out.mutable_data(), like.view.dtype, like.view.format)};
-}
-
-// Contiguous, aligned, native: what a std::span can point into. Copies only when needed.
-py::array contiguous(const py::array& a) {
-  return py::array::ensure(a, static_cast<int>(py::array::c_style) |
-                                   static_cast<int>(py::detail::npy_api::NPY_ARRAY_ALIGNED_));
-}
-
-// An optional read-only float32 vector (weight, bias, saved statistics): a 1-D array, or None.
-struct VectorIn {
-  py::array array;
-  std::span<const float> span;  // data() == nullptr: absent
-  bool present() const { return span.data() != nullptr; }
-};
-
-VectorIn vector_input(const char* function, const char* name, const OptionalArray& a) {
-  if (!a) return {};
-  require_float32(function, name, *a);
-  if (a->ndim() != 1)
-    value_error(function, std::string(name) + " must be 1-D, got shape " +
-                              shape_string(shape_of(*a)));
-  py::array c = contiguous(*a);
-  return {c, {static_cast<const float*>(c.data()), static_cast<std::size_t>(c.size())}};
-}
-
-// An optional running statistic the kernel updates in place: it must be the caller's own
-// memory, so nothing is copied; anything else is an error.
-std::span<float> running_stat(const char* function, const char* name, const OptionalArray& a,
-                              bool written) {
-  if (!a) return {};
-  require_float32(function, name, *a);
-  if (a->ndim() != 1)
-    value_error(function, std::string(name) + " must be 1-D, got shape " +
-                              shape_string(shape_of(*a)));
-  if (!is_aligned(*a) || (a->size() > 1 && a->strides(0) != a->itemsize()))
-    value_error(function, std::string(name) +
-                              " must be contiguous (it is updated in place), got strides " +
-                              shape_string(Shape(a->strides(), a->strides() + 1)));
-  if (written && !a->writeable())
-    value_error(function, std::string(name) + " must be writable (it is updated in place)");
-  return {static_cast<float*>(const_cast<void*>(a->data())), static_cast<std::size_t>(a->size())};
-}
-
-// A new float32 statistic or parameter gradient.
-struct VectorOut {
-  py::array array;
-  std::span<float> span;  // data() == nullptr: not asked for
-};
-
-VectorOut vector_output(const Shape& shape) {
-  py::array out = new_output(py::dtype::of<float>(), shape, MemoryFormat::channels_first);
-  return {out, {static_cast<float*>(out.mutable_data()), static_cast<std::size_t>(out.size())}};
-}
-
-py::object or_none(const VectorOut& v) {
-  return v.span.data() ? py::object(v.array) : py::object(py::none());
-}
-
-int64_t channels_of(const TensorView& x) { return x.rank >= 2 ? x.shape[1] : 0; }
-int64_t batch_of(const TensorView& x) { return x.rank >= 1 ? x.shape[0] : 0; }
-
-// Run a kernel without the GIL: the arrays it touches are held by the caller's locals.
-template <typename F> void without_gil(F&& kernel) {
-  py::gil_scoped_release release;
-  kernel();
-}
+using namespace normkit::python;
 
 // ---------------------------------------------------------------------------------------------
 // group_norm
@@ -374,38 +120,23 @@ py::tuple batch_norm_forward_impl(const char* function, const py::array& x_in,
                                   const OptionalArray& running_var_in,
                                   const OptionalArray& weight_in, const OptionalArray& bias_in,
                                   bool training, double momentum, double eps) {
-  const Activation x = activation_input(function, "x", x_in);
-  const std::span<float> running_mean =
-      running_stat(function, "running_mean", running_mean_in, training);
-  const std::span<float> running_var =
-      running_stat(function, "running_var", running_var_in, training);
-  const VectorIn weight = vector_input(function, "weight", weight_in);
-  const VectorIn bias = vector_input(function, "bias", bias_in);
-  const Activation y = activation_output(x);
+  BatchNormForwardArgs a = batch_norm_forward_args(function, x_in, running_mean_in,
+                                                   running_var_in, weight_in, bias_in, training);
   const normkit::BatchNormParams params{eps, momentum};
   if (training) {
-    const VectorOut save_mean = vector_output({channels_of(x.view)});
-    const VectorOut save_invstd = vector_output({channels_of(x.view)});
     without_gil([&] {
-      normkit::batch_norm_forward_training(params, x.view, weight.span, bias.span, y.view,
-                                           save_mean.span, save_invstd.span, running_mean,
-                                           running_var);
+      normkit::batch_norm_forward_training(params, a.x.view, a.weight.span, a.bias.span,
+                                           a.y.view, a.save_mean.span, a.save_invstd.span,
+                                           a.running_mean, a.running_var);
     });
-    // An empty batch has no statistics and the kernel writes none; give them a defined value.
-    if (x.array.size() == 0) {
-      std::fill(save_mean.span.begin(), save_mean.span.end(), 0.0f);
-      std::fill(save_invstd.span.begin(), save_invstd.span.end(), 0.0f);
-    }
-    return py::make_tuple(y.array, save_mean.array, save_invstd.array);
+    define_empty_statistics(a);
+  } else {
+    without_gil([&] {
+      normkit::batch_norm_forward_inference(params, a.x.view, a.weight.span, a.bias.span,
+                                            a.running_mean, a.running_var, a.y.view);
+    });
   }
-  // As torch: inference saves no statistics; its backward reads the running ones.
-  const VectorOut save_mean = vector_output({0});
-  const VectorOut save_invstd = vector_output({0});
-  without_gil([&] {
-    normkit::batch_norm_forward_inference(params, x.view, weight.span, bias.span, running_mean,
-                                          running_var, y.view);
-  });
-  return py::make_tuple(y.array, save_mean.array, save_invstd.array);
+  return py::make_tuple(a.y.array, a.save_mean.array, a.save_invstd.array);
 }
 
 py::tuple batch_norm_backward_impl(const py::array& dy_in, const py::array& x_in,
@@ -415,25 +146,13 @@ py::tuple batch_norm_backward_impl(const py::array& dy_in, const py::array& x_in
                                    const OptionalArray& running_mean_in,
                                    const OptionalArray& running_var_in, double eps) {
   const char* function = "batch_norm_backward";
-  const Activation x = activation_input(function, "x", x_in);
-  const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
-  const VectorIn weight = vector_input(function, "weight", weight_in);
-  const Activation dx = activation_output(x);
-  VectorOut dweight, dbias;
-  if (weight.present()) {
-    dweight = vector_output({channels_of(x.view)});
-    dbias = vector_output({channels_of(x.view)});
-  }
+  BatchNormBackwardArgs a = batch_norm_backward_args(function, dy_in, x_in, weight_in);
   if (training) {
-    if (!save_mean_in || !save_invstd_in)
-      value_error(function, "save_mean and save_invstd (from batch_norm_forward with "
-                            "training=True) are required when training=True");
-    const VectorIn save_mean = vector_input(function, "save_mean", save_mean_in);
-    const VectorIn save_invstd = vector_input(function, "save_invstd", save_invstd_in);
+    batch_norm_saved_statistics(function, a, save_mean_in, save_invstd_in);
     without_gil([&] {
-      normkit::batch_norm_backward_training({}, dy.view, x.view, save_mean.span,
-                                            save_invstd.span, weight.span, dx.view, dweight.span,
-                                            dbias.span);
+      normkit::batch_norm_backward_training({}, a.dy.view, a.x.view, a.save_mean.span,
+                                            a.save_invstd.span, a.weight.span, a.dx.view,
+                                            a.dweight.span, a.dbias.span);
     });
   } else {
     if (!running_mean_in || !running_var_in)
@@ -442,12 +161,12 @@ py::tuple batch_norm_backward_impl(const py::array& dy_in, const py::array& x_in
     const VectorIn running_var = vector_input(function, "running_var", running_var_in);
     const normkit::BatchNormInferenceBackwardParams params{.eps = eps};
     without_gil([&] {
-      normkit::batch_norm_backward_inference(params, dy.view, x.view, running_mean.span,
-                                             running_var.span, weight.span, dx.view,
-                                             dweight.span, dbias.span);
+      normkit::batch_norm_backward_inference(params, a.dy.view, a.x.view, running_mean.span,
+                                             running_var.span, a.weight.span, a.dx.view,
+                                             a.dweight.span, a.dbias.span);
     });
   }
-  return py::make_tuple(dx.array, or_none(dweight), or_none(dbias));
+  return py::make_tuple(a.dx.array, or_none(a.dweight), or_none(a.dbias));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -576,13 +295,7 @@ PYBIND11_MODULE(_normkit, m) {
   m.attr("__version__") = NORMKIT_VERSION;
 #endif
 
-  py::register_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const normkit::Error& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
-    }
-  });
+  register_error_translator();
 
   m.def(
       "group_norm",

@@ -34,6 +34,7 @@
 
 #include <cstdint>
 #include <span>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -85,6 +86,13 @@ void sync_batch_norm_backward_training(const BatchNormBackwardParams& params,
 // go straight to batch_norm_merge_statistics / batch_norm_merge_gradients.
 // Throws normkit::Error on an MPI failure (see above) or a total beyond the address space.
 std::vector<double> allgather_partials(std::span<const double> local, MPI_Comm comm);
+
+// For wrappers that check arguments of their own before calling sync_batch_norm_forward_training
+// or sync_batch_norm_backward_training (the Python bindings do): stands in for that call on a
+// rank whose arguments were rejected with `message`. Collective like the call it replaces: the
+// other ranks' calls throw normkit::Error naming this rank and the message, and this one throws
+// normkit::Error(message).
+[[noreturn]] void reject_call(const std::string& message, MPI_Comm comm);
 
 // Writes "normkit: rank R of P: <message>" to stderr and calls MPI_Abort(comm, 1), which ends
 // every process of the job.

@@ -251,6 +251,13 @@ void sync_batch_norm_backward_training(const BatchNormBackwardParams& params,
                          sum_g_xmu, dx, ctx);
 }
 
+void reject_call(const std::string& message, MPI_Comm comm) {
+  RankHeader rejected;
+  rejected.ok = 0;
+  exchange_headers("reject_call", comm, rejected, message.empty() ? "rejected" : message);
+  throw Error(message);  // not reached: exchange_headers throws this rank's message
+}
+
 std::vector<double> allgather_partials(std::span<const double> local, MPI_Comm comm) {
   const char* fn = "allgather_partials";
   const World w = world_of(fn, comm);
