@@ -251,8 +251,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("normkit-train ") + NORMKIT_VERSION + "; " +
                                         nt::blas_description() +
                                         (nt::dist::built_with_mpi() ? "; MPI: several processes"
-                                                                    : "; MPI: none, one process") +
-                                        (nt::sync_batch_norm_available() ? "; --sync-bn" : ""));
+                                                                    : "; MPI: none, one process"));
 
   Common run_opts;
   std::string norm = "bn";

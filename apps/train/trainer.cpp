@@ -271,9 +271,6 @@ void validate(const TrainConfig& c) {
             " processes this run was started as (mpirun -np " + std::to_string(dist::size()) +
             "); choose --devices a multiple of " + std::to_string(dist::size()) +
             ", or start as many processes as divide it");
-  if (c.sync_bn && !sync_batch_norm_available())
-    throw Error("--sync-bn is not available in this build of normkit-train (its normkit lacks "
-        "the BatchNorm steps of normkit/batch_norm_steps.h); train without --sync-bn");
   if (c.sync_bn && c.model.norm != NormKind::batch)
     bad("--sync-bn", "with --norm " + std::string(to_string(c.model.norm)),
         "synchronizes BatchNorm only; use --norm bn, or drop --sync-bn");

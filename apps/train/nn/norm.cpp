@@ -86,17 +86,7 @@ std::vector<Buffer> Norm::buffers() {
           {base + "running_var", &batch_norm_->running_var}};
 }
 
-bool sync_batch_norm_available() {
-#ifdef NORMKIT_TRAIN_SYNC_BN
-  return true;
-#else
-  return false;
-#endif
-}
-
 void Norm::set_sync(const SyncBatchNorm& sync) {
-  if (sync.exchange && !sync_batch_norm_available())
-    throw Error("Norm " + bias.name + ": this build has no synchronized BatchNorm");
   if (!batch_norm_ && sync.exchange)
     throw Error("Norm " + bias.name + ": only BatchNorm synchronizes across devices");
   sync_ = sync;
@@ -106,12 +96,14 @@ void Norm::set_sync(const SyncBatchNorm& sync) {
 const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) {
   const profile::Scope timed(profile::Phase::norm_forward);
   y_.resize_like(x);
-  had_residual_ = residual != nullptr;
-  x_ = &x;
-  trained_forward_ = mode == Mode::train;
-  synced_forward_ = mode == Mode::train && sync_.exchange != nullptr;
-#ifdef NORMKIT_TRAIN_SYNC_BN
-  if (synced_forward_) {
+  // What the backward needs, kept once the forward succeeded.
+  auto keep = [&](bool synced) {
+    had_residual_ = residual != nullptr;
+    x_ = &x;
+    trained_forward_ = mode == Mode::train;
+    synced_forward_ = synced;
+  };
+  if (mode == Mode::train && sync_.exchange != nullptr) {
     // The library's steps: this device's partial statistics, every device's merged over the
     // canonical tree (the same bits on every device), then this device's normalization.
     const int64_t c = x.c;
@@ -121,21 +113,26 @@ const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) 
     save_mean_.resize(static_cast<size_t>(c));
     save_invstd_.resize(static_cast<size_t>(c));
     const BatchNormOptions& o = batch_norm_->options;
-    batch_norm_merge_statistics({.eps = o.eps, .momentum = o.momentum ? *o.momentum : 1.0 / static_cast<double>(batch_norm_->num_batches_tracked + 1)},
-                                sync_.global_batch, all, save_mean_, save_invstd_,
-                                batch_norm_->running_mean, batch_norm_->running_var);
+    // The layer's own momentum rule (nullopt: the cumulative average).
+    const double momentum =
+        o.momentum ? *o.momentum : 1.0 / static_cast<double>(batch_norm_->num_batches_tracked + 1);
+    batch_norm_merge_statistics({.eps = o.eps, .momentum = momentum}, sync_.global_batch, all,
+                                save_mean_, save_invstd_, batch_norm_->running_mean,
+                                batch_norm_->running_var);
     ++batch_norm_->num_batches_tracked;
-    batch_norm_normalize({.eps = o.eps, .epilogue = {relu_, residual ? residual->view() : TensorView{}}},
+    batch_norm_normalize({.eps = o.eps,
+                          .epilogue = {relu_, residual ? residual->view() : TensorView{}}},
                          x.view(), weight.value, bias.value, save_mean_, save_invstd_, y_.view());
+    keep(true);
     return y_;
   }
-#endif
   layer_->train(mode == Mode::train);
   if (batch_norm_) batch_norm_->options.eval_batch_stats = mode == Mode::eval_batch_stats;
   layer_->weight = weight.value;
   layer_->bias = bias.value;
   // The layer checks x and the residual and fuses the epilogue into its output pass.
   layer_->forward(x.view(), {relu_, residual ? residual->view() : TensorView{}}, y_.view());
+  keep(false);
   return y_;
 }
 
@@ -147,7 +144,6 @@ const Tensor& Norm::backward(const Tensor& dy) {
   // g = relu ? dy * (y > 0) : dy is the residual's gradient; the layer writes it in the same
   // pass as its reductions when there is a residual to give it to.
   if (had_residual_) g_.resize_like(*x_);
-#ifdef NORMKIT_TRAIN_SYNC_BN
   if (synced_forward_) {
     const BackwardEpilogue epilogue{relu_, relu_ ? y_.view() : TensorView{},
                                     had_residual_ ? g_.view() : TensorView{}};
@@ -166,7 +162,6 @@ const Tensor& Norm::backward(const Tensor& dy) {
                            dx_.view());
     return dx_;
   }
-#endif
   layer_->backward(dy.view(), dx_.view(), had_residual_ ? g_.view() : TensorView{});
   std::copy(layer_->weight_grad.begin(), layer_->weight_grad.end(), weight.grad.begin());
   std::copy(layer_->bias_grad.begin(), layer_->bias_grad.end(), bias.grad.begin());

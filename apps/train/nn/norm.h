@@ -48,8 +48,6 @@ class DeviceExchange {
   virtual ~DeviceExchange() = default;
   virtual std::span<const double> exchange(std::span<const double> mine) = 0;
 };
-// Whether this build has the library's BatchNorm steps that synchronization needs.
-bool sync_batch_norm_available();
 struct SyncBatchNorm {
   DeviceExchange* exchange = nullptr;  // null: the device's own statistics
   int64_t offset = 0, global_batch = 0;

@@ -27,7 +27,6 @@ def version():
 
 
 HAS_MPI = MPIRUN is not None and "MPI: several processes" in version()
-HAS_SYNC = "--sync-bn" in version()
 needs_mpi = pytest.mark.skipif(not HAS_MPI, reason="no mpirun, or normkit-train built without MPI")
 
 
@@ -73,8 +72,6 @@ def checkpoint_without_timing(path):
 @needs_mpi
 @pytest.mark.parametrize("norm", ["bn", "gn", "syncbn"])
 def test_processes_give_the_same_bits(data_dir, tmp_path, norm):
-    if norm == "syncbn" and not HAS_SYNC:
-        pytest.skip("no BatchNorm steps in this build")
     extra = ["--norm", "bn", "--sync-bn"] if norm == "syncbn" else ["--norm", norm, "--groups", "2"]
     results = {}
     for processes, threads in ((1, 1), (2, 1), (4, 1), (2, 2)):
@@ -184,14 +181,13 @@ def test_devices_one_is_the_default_run(data_dir, tmp_path):
 
 def test_sweep_records_devices_and_sync_bn(data_dir, tmp_path):
     out = tmp_path / "sweep"
-    extra = ["--sync-bn"] if HAS_SYNC else []
     r = train(1, "sweep", "--norms", "bn,gn", "--groups", "2", "--batches", "3", "--devices", "2",
               "--epochs", "1", "--widths", "4,8", "--threads", "1", "--jobs", "2", "--quiet",
-              "--data", data_dir, "--out", out, *extra)
+              "--data", data_dir, "--out", out, "--sync-bn")
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(out / "results.csv")))
     got = sorted((row["norm"], row["devices"], row["sync_bn"]) for row in rows)
-    want = sorted([("bn", "2", "0"), ("gn", "2", "0")] + ([("bn", "2", "1")] if HAS_SYNC else []))
+    want = sorted([("bn", "2", "0"), ("bn", "2", "1"), ("gn", "2", "0")])
     assert got == want
     for row in rows:  # lr = 0.1 * devices * batch / 32
         assert float(row["lr"]) == pytest.approx(0.1 * 2 * 3 / 32)
@@ -199,6 +195,5 @@ def test_sweep_records_devices_and_sync_bn(data_dir, tmp_path):
     assert (m["devices"], m["sync_bn"]) == (2, False)
     md = (out / "results.md").read_text()
     assert "| BN (per device) |" in md
-    if HAS_SYNC:
-        assert "| SyncBN |" in md
-        assert json.loads((out / "runs" / "syncbn_b3.json").read_text())["sync_bn"] is True
+    assert "| SyncBN |" in md
+    assert json.loads((out / "runs" / "syncbn_b3.json").read_text())["sync_bn"] is True

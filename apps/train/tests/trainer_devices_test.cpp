@@ -131,7 +131,6 @@ TEST(Devices, PerDeviceBatchNormIsNotOneBigBatchButGroupNormIs) {
 }
 
 TEST(Devices, SynchronizedBatchNormAgreesWithOneBigBatch) {
-  if (!sync_batch_norm_available()) GTEST_SKIP() << "no BatchNorm steps in this build";
   const Data data = tiny_data();
   TrainConfig sync = devices_config(NormKind::batch, 4, 2, "");
   sync.sync_bn = true;
@@ -146,7 +145,6 @@ TEST(Devices, SynchronizedBatchNormAgreesWithOneBigBatch) {
 TEST(Devices, ResumedRunEndsBitForBitLikeAnUninterruptedOne) {
   const Data data = tiny_data();
   for (bool sync : {false, true}) {
-    if (sync && !sync_batch_norm_available()) continue;
     const std::string tag = sync ? "sync" : "per_device";
     TrainConfig whole = devices_config(NormKind::batch, 3, 4, temp_path("dev_whole_" + tag + ".safetensors"));
     whole.epochs = 2;
@@ -216,7 +214,7 @@ TEST(Devices, BadOptionsAreRefusedByName) {
   expect_refused(devices_config(NormKind::batch, 0, 4, ""), "--devices 0: must be >= 1");
   TrainConfig gn = devices_config(NormKind::group, 2, 4, "");
   gn.sync_bn = true;
-  expect_refused(gn, sync_batch_norm_available() ? "--sync-bn with --norm gn" : "--sync-bn");
+  expect_refused(gn, "--sync-bn with --norm gn");
   // 13 devices of 4 images are more than the 50 training images.
   expect_refused(devices_config(NormKind::batch, 13, 4, ""), "--devices 13 x --batch 4 = 52");
 }
