@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "dist.h"
 #include "io/io_error.h"
 #include "io/plot.h"
 #include "io/progress.h"
@@ -65,6 +66,8 @@ struct Common {
   std::vector<double> lr_decay_at{0.5, 0.75};
   int eval_batch = 100;
   bool quiet = false;
+  int devices = 1;
+  bool sync_bn = false;
 };
 
 void add_common(CLI::App* app, Common& c) {
@@ -95,6 +98,10 @@ void add_common(CLI::App* app, Common& c) {
   app->add_option("--eval-batch", c.eval_batch, "batch for evaluation with running statistics")
       ->capture_default_str()->check(kPositive);
   app->add_flag("--quiet", c.quiet, "no progress bar");
+  app->add_option("--devices", c.devices,
+                  "logical devices per step, each training on --batch images of its own (the "
+                  "paper's GPUs); under mpirun -np P, P must divide it")
+      ->capture_default_str();  // checked by the trainer, with the process count
 }
 
 bool same_file(const std::string& a, const std::string& b) {
@@ -129,6 +136,7 @@ std::vector<std::string> common_args(const Common& c, int threads) {
   if (!c.lr_decay_at.empty()) a.insert(a.end(), {"--lr-decay-at", decay});
   if (c.limit_train > 0) a.insert(a.end(), {"--limit-train", std::to_string(c.limit_train)});
   if (c.limit_test > 0) a.insert(a.end(), {"--limit-test", std::to_string(c.limit_test)});
+  a.insert(a.end(), {"--devices", std::to_string(c.devices)});
   return a;
 }
 
@@ -140,6 +148,8 @@ nt::TrainConfig make_config(const Common& c, const std::string& norm, int batch,
   t.model.widths = c.widths;
   t.model.blocks_per_stage = c.blocks_per_stage;
   t.batch = batch;
+  t.devices = c.devices;
+  t.sync_bn = c.sync_bn && t.model.norm == nt::NormKind::batch;
   t.epochs = c.epochs;
   t.lr_base = lr_base;
   t.lr_decay_at = c.lr_decay_at;
@@ -164,15 +174,22 @@ std::string sweep_notes(const Common& c, const nt::Data& data, int jobs) {
     std::snprintf(b, sizeof b, "%g", l);
     lrs += (lrs.empty() ? "" : " or ") + std::string(b);
   }
-  char text[1024];
+  // The batch sizes of the tables are per device; with several devices a step is devices x batch.
+  std::string devices;
+  if (c.devices > 1)
+    devices = std::to_string(c.devices) + " devices per step, each of the batch size in images "
+              "(BN statistics per device" + std::string(c.sync_bn ? "; the SyncBN rows over all devices" : "") +
+              "); ";
+  char text[1536];
   std::snprintf(text, sizeof text,
                 "Residual CNN (stem %d, widths %s, %d block(s) per stage), %d epoch(s) over %lld "
-                "Fashion-MNIST training images, tested on %lld; SGD momentum 0.9, weight decay "
-                "1e-4, lr %s x batch / 32, divided by 10 at the listed fractions of the steps; "
+                "Fashion-MNIST training images, tested on %lld; %sSGD momentum 0.9, weight decay "
+                "1e-4, lr %s x %sbatch / 32, divided by 10 at the listed fractions of the steps; "
                 "seed %llu; %d thread(s) per run, %d run(s) at a time; %s.",
                 c.widths[0], widths.c_str(), c.blocks_per_stage, c.epochs,
                 static_cast<long long>(data.train.count), static_cast<long long>(data.test.count),
-                lrs.c_str(), static_cast<unsigned long long>(c.seed), c.threads, jobs,
+                devices.c_str(), lrs.c_str(), c.devices > 1 ? "devices x " : "",
+                static_cast<unsigned long long>(c.seed), c.threads, jobs,
                 nt::blas_description().c_str());
   return text;
 }
@@ -184,19 +201,22 @@ nt::ProgressBar make_progress(bool quiet) {
 }
 
 std::string label_of(const nt::TrainConfig& c) {
-  std::string label = nt::to_string(c.model.norm);
+  std::string label = c.sync_bn ? "syncbn" : nt::to_string(c.model.norm);
   if (c.model.norm == nt::NormKind::group) label += " G=" + std::to_string(c.model.groups);
   char lr[32];
   std::snprintf(lr, sizeof lr, " lr=%g", c.lr_base);
-  return label + " b=" + std::to_string(c.batch) + lr;
+  return label + (c.devices > 1 ? " " + std::to_string(c.devices) + "x" : std::string(" ")) +
+         "b=" + std::to_string(c.batch) + lr;
 }
 
 std::string summary(const nt::TrainOutcome& o) {
   const nt::RunResult& r = o.run;
   char line[512];
-  int n = std::snprintf(line, sizeof line, "%s batch %d: train loss %.4f, test error %.2f%%",
-                        nt::norm_label(r.norm, r.groups).c_str(), r.batch, r.train_loss,
-                        r.test_error);
+  const std::string devices =
+      r.devices > 1 ? std::to_string(r.devices) + " devices x " : std::string();
+  int n = std::snprintf(line, sizeof line, "%s %sbatch %d: train loss %.4f, test error %.2f%%",
+                        r.sync_bn ? "SyncBN" : nt::norm_label(r.norm, r.groups).c_str(),
+                        devices.c_str(), r.batch, r.train_loss, r.test_error);
   if (r.test_error_batch_stats)
     n += std::snprintf(line + n, sizeof line - n, " (batch statistics: %.2f%%)",
                        *r.test_error_batch_stats);
@@ -206,12 +226,32 @@ std::string summary(const nt::TrainOutcome& o) {
 
 }  // namespace
 
+// The error path: one process ends alone; one of several ends the whole job (MPI_Abort), so
+// that no peer waits forever in an exchange for it, and says which process it was.
+int fail(int code, const char* what) {
+  if (nt::dist::size() > 1) {
+    std::fprintf(stderr, "normkit-train: rank %d of %d: %s\n", nt::dist::rank(), nt::dist::size(), what);
+    std::fflush(stderr);
+    nt::dist::abort_job(code);
+  }
+  std::fprintf(stderr, "normkit-train: %s\n", what);
+  return code;
+}
+
 int main(int argc, char** argv) {
   nt::ensure_fast_blas_kernels(argv);
+  try {
+    nt::dist::start(&argc, &argv);
+  } catch (const normkit::Error& e) {
+    return fail(2, e.what());
+  }
+  const bool lead = nt::dist::rank() == 0;
   CLI::App app{"normkit-train: the GroupNorm paper's batch-size experiment on Fashion-MNIST"};
   app.require_subcommand(1);
   app.set_version_flag("--version", std::string("normkit-train ") + NORMKIT_VERSION + "; " +
-                                        nt::blas_description());
+                                        nt::blas_description() +
+                                        (nt::dist::built_with_mpi() ? "; MPI: several processes"
+                                                                    : "; MPI: none, one process"));
 
   Common run_opts;
   std::string norm = "bn";
@@ -231,6 +271,8 @@ int main(int argc, char** argv) {
   run->add_option("--resume", resume, "continue exactly from a checkpoint")->check(CLI::ExistingFile);
   run->add_option("--warmup-steps", warmup_steps, "leave the first N steps out of images/s")
       ->check(kNonNegative);
+  run->add_flag("--sync-bn", run_opts.sync_bn,
+                "BatchNorm statistics over all devices of a step (SyncBN) instead of per device");
 
   Common sweep_opts;
   std::vector<std::string> norms{"bn", "gn"};
@@ -242,6 +284,8 @@ int main(int argc, char** argv) {
   sweep->add_option("--batches", batches, "batch sizes")
       ->delimiter(',')->capture_default_str()->check(kPositive);
   add_common(sweep, sweep_opts);
+  sweep->add_flag("--sync-bn", sweep_opts.sync_bn,
+                  "also train every BN point with statistics over all devices (SyncBN rows)");
   sweep->add_option("--out", out_dir, "output folder (results.csv, results.md, the plot)")->required();
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   int jobs = cores;
@@ -250,9 +294,20 @@ int main(int argc, char** argv) {
                     "--threads cores/jobs each)")
       ->capture_default_str()->check(kPositive);
 
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // Every process parses the same arguments and fails alike; one prints.
+    const int code = lead ? app.exit(e) : e.get_exit_code();
+    nt::dist::finish();
+    return code;
+  }
 
   try {
+    if (*sweep && nt::dist::size() > 1)
+      throw normkit::Error("sweep was started as " + std::to_string(nt::dist::size()) +
+                           " processes (mpirun); start it without mpirun: its runs are "
+                           "processes of their own, and --devices trains several devices in each");
     if (*run) {
       for (const char* name : {"--groups", "--lr-base"}) {
         const size_t n = std::string(name) == "--groups" ? run_opts.groups.size() : run_opts.lr_base.size();
@@ -261,6 +316,7 @@ int main(int argc, char** argv) {
                                " (a list of values is for sweep)");
       }
       nt::TrainConfig cfg = make_config(run_opts, norm, batch, run_opts.groups[0], run_opts.lr_base[0]);
+      cfg.sync_bn = run_opts.sync_bn;
       cfg.checkpoint_path = checkpoint;
       cfg.checkpoint_every = checkpoint_every;
       cfg.stop_after_steps = stop_after;
@@ -278,15 +334,17 @@ int main(int argc, char** argv) {
         throw normkit::Error("--metrics-out " + metrics_out +
                              " would overwrite the --resume checkpoint; give it another name");
       const nt::Data data = nt::load_data(cfg.data_dir, cfg.limit_train, cfg.limit_test);
-      nt::ProgressBar bar = make_progress(run_opts.quiet);
+      nt::ProgressBar bar = make_progress(run_opts.quiet || !lead);
       const nt::TrainOutcome o = nt::train_run(cfg, data, &bar, label_of(cfg));
-      if (!o.finished) {
+      if (!lead) {
+        // Process 0 alone reports and writes.
+      } else if (!o.finished) {
         std::printf("stopped after %lld steps; checkpoint in %s\n",
                     static_cast<long long>(stop_after), checkpoint.c_str());
       } else {
         std::printf("%s\n", summary(o).c_str());
       }
-      if (!metrics_out.empty()) nt::write_metrics_json(metrics_out, o.run);
+      if (lead && !metrics_out.empty()) nt::write_metrics_json(metrics_out, o.run);
     } else if (*sweep) {
       // The grid: norm, then GN's group count, then base lr, then batch size.
       std::vector<nt::TrainConfig> configs;
@@ -294,10 +352,14 @@ int main(int argc, char** argv) {
         const std::vector<int> group_values = n == "gn" ? sweep_opts.groups : std::vector<int>{sweep_opts.groups[0]};
         for (int g : group_values)
           for (double lr : sweep_opts.lr_base)
-            for (int b : batches) {
-              configs.push_back(make_config(sweep_opts, n, b, g, lr));
-              nt::validate(configs.back());
-            }
+            for (int b : batches)
+              // BN's points once per device, and once synchronized with --sync-bn.
+              for (bool sync : {false, true}) {
+                if (sync && !(sweep_opts.sync_bn && n == "bn")) continue;
+                configs.push_back(make_config(sweep_opts, n, b, g, lr));
+                configs.back().sync_bn = sync;
+                nt::validate(configs.back());
+              }
       }
       const bool several_groups =
           sweep_opts.groups.size() > 1 && std::find(norms.begin(), norms.end(), "gn") != norms.end();
@@ -339,7 +401,7 @@ int main(int argc, char** argv) {
       };
       // runs/<norm>[_g<G>][_lr<L>]_b<batch>: the group count and lr only when the sweep varies them.
       auto run_file = [&](const nt::TrainConfig& cfg, const char* ext) {
-        std::string name = nt::to_string(cfg.model.norm);
+        std::string name = cfg.sync_bn ? "syncbn" : nt::to_string(cfg.model.norm);
         if (several_groups && cfg.model.norm == nt::NormKind::group) name += "_g" + std::to_string(cfg.model.groups);
         if (sweep_opts.lr_base.size() > 1) name += "_lr" + number_short(cfg.lr_base);
         return out_dir + "/runs/" + name + "_b" + std::to_string(cfg.batch) + ext;
@@ -362,6 +424,7 @@ int main(int argc, char** argv) {
           job.args = {"run", "--norm", nt::to_string(cfg.model.norm), "--batch", std::to_string(cfg.batch),
                       "--groups", std::to_string(cfg.model.groups), "--lr-base", number(cfg.lr_base),
                       "--metrics-out", job.metrics_path};
+          if (cfg.sync_bn) job.args.push_back("--sync-bn");
           for (const std::string& a : common_args(sweep_opts, sweep_opts.threads)) job.args.push_back(a);
           list.push_back(job);
         }
@@ -378,19 +441,18 @@ int main(int argc, char** argv) {
                   several_groups ? (out_dir + "/test_error_vs_groups.svg, ").c_str() : "", out_dir.c_str());
     }
   } catch (const normkit::Error& e) {
-    std::fprintf(stderr, "normkit-train: %s\n", e.what());
-    return 2;
+    return fail(2, e.what());
   } catch (const nt::IoError& e) {
-    std::fprintf(stderr, "normkit-train: %s\n", e.what());
-    return 1;
+    return fail(1, e.what());
   } catch (const std::filesystem::filesystem_error& e) {
-    std::fprintf(stderr, "normkit-train: %s\n", e.what());
-    return 1;
+    return fail(1, e.what());
   } catch (const std::bad_alloc&) {
     // The pre-flight estimate keeps runs inside the memory it saw; other processes may take it.
-    std::fprintf(stderr, "normkit-train: out of memory; lower --batch, --widths or "
-                         "--blocks-per-stage, or free memory\n");
-    return 1;
+    return fail(1, "out of memory; lower --batch, --devices, --widths or --blocks-per-stage, "
+                   "or free memory");
+  } catch (const std::exception& e) {
+    return fail(1, e.what());
   }
+  nt::dist::finish();
   return 0;
 }

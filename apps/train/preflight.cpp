@@ -15,6 +15,7 @@
 #include <fstream>
 #include <limits>
 
+#include "dist.h"
 #include "io/io_error.h"
 #include "normkit/error.h"
 
@@ -139,13 +140,28 @@ uint64_t available_memory_bytes() {
 
 MemoryEstimate estimate_run_memory(const TrainConfig& config, int64_t rows, int64_t cols,
                                    int64_t test_images) {
-  const int64_t eval_n = rows > 0 ? std::min<int64_t>(config.eval_batch, std::max<int64_t>(test_images, 1)) : 0;
+  int64_t eval_n = rows > 0 ? std::min<int64_t>(config.eval_batch, std::max<int64_t>(test_images, 1)) : 0;
+  // SyncBN's evaluation with batch statistics normalizes batches of all devices' images.
+  if (rows > 0 && config.sync_bn && config.eval_batch_stats)
+    eval_n = std::max<int64_t>(eval_n, std::min<int64_t>(global_batch(config), std::max<int64_t>(test_images, 1)));
   MemoryEstimate e = estimate_memory(config.model, config.batch, eval_n, rows, cols, config.threads);
+  // This process's other devices: each a replica of the model with its own activations for its
+  // `batch` images (device 0 alone evaluates), and the gradient exchange's buffers: this
+  // process's devices' gradients and, with several processes, every device's.
+  const int local = std::max(1, config.devices / std::max(1, dist::size()));
+  if (local > 1) {
+    const MemoryEstimate d = estimate_memory(config.model, config.batch, 0, rows, cols, config.threads);
+    e.parameters += (local - 1) * d.parameters;
+    e.activations += (local - 1) * d.activations;
+    e.workspace += (local - 1) * d.workspace;
+  }
+  if (config.devices > 1)
+    e.workspace += 4.0 * e.parameter_count * (local + (dist::size() > 1 ? config.devices : 0));
   // A checkpoint: the tensors copied, then encoded (value and momentum, twice), or read back.
   if (rows > 0 && (!config.checkpoint_path.empty() || !config.resume_path.empty()))
     e.workspace += 3.0 * 2.0 * 4.0 * e.parameter_count;
   // The input batches (training and evaluation).
-  e.activations += 4.0 * (static_cast<double>(config.batch) + static_cast<double>(eval_n)) *
+  e.activations += 4.0 * (static_cast<double>(local) * config.batch + static_cast<double>(eval_n)) *
                    static_cast<double>(rows) * static_cast<double>(cols);
   return e;
 }
@@ -165,6 +181,7 @@ void check_fits_in_memory(const TrainConfig& config, int64_t rows, int64_t cols,
              std::to_string(config.model.blocks_per_stage) + ")";
   else if (e.activations >= e.workspace)
     change = "lower --batch (" + std::to_string(config.batch) + ")" +
+             (config.devices > 1 ? ", --devices (" + std::to_string(config.devices) + ")" : std::string()) +
              (config.eval_batch > config.batch
                   ? ", --eval-batch (" + std::to_string(config.eval_batch) + ")"
                   : std::string()) +
@@ -194,8 +211,17 @@ void check_fits_in_memory(const TrainConfig& config, int64_t rows, int64_t cols,
 void check_fits_data(const TrainConfig& config, const Data& data) {
   const int64_t train_count =
       config.limit_train < 0 ? data.train.count : std::min(config.limit_train, data.train.count);
-  if (config.batch <= train_count) return;
+  if (global_batch(config) <= train_count) return;
   const bool limited = config.limit_train > 0;
+  if (config.devices > 1)
+    throw Error("--devices " + std::to_string(config.devices) + " x --batch " +
+                std::to_string(config.batch) + " = " + std::to_string(global_batch(config)) +
+                " images per step is more than the " + std::to_string(train_count) +
+                " training images" +
+                (limited ? " that --limit-train " + std::to_string(config.limit_train) + " leaves"
+                         : " in " + config.data_dir) +
+                "; lower --devices or --batch" +
+                (limited && train_count == config.limit_train ? ", or raise --limit-train" : ""));
   throw Error("--batch " + std::to_string(config.batch) + " is larger than the " +
               std::to_string(train_count) + " training images" +
               (limited ? " that --limit-train " + std::to_string(config.limit_train) + " leaves"

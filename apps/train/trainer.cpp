@@ -10,6 +10,8 @@
 #include <numeric>
 #include <sstream>
 
+#include "devices.h"
+#include "dist.h"
 #include "io/io_error.h"
 #include "io/safetensors.h"
 #include "nn/parallel.h"
@@ -32,15 +34,6 @@ uint64_t splitmix64(uint64_t x) {
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
   return x ^ (x >> 31);
-}
-
-// The order of epoch `epoch`: a function of (seed, epoch) alone.
-std::vector<int64_t> epoch_permutation(uint64_t seed, int epoch, int64_t count) {
-  std::vector<int64_t> perm(static_cast<size_t>(count));
-  std::iota(perm.begin(), perm.end(), int64_t{0});
-  Rng rng(splitmix64(seed ^ splitmix64(static_cast<uint64_t>(epoch) + 1)));
-  rng.shuffle(perm);
-  return perm;
 }
 
 std::string fmt(double v) {
@@ -72,7 +65,17 @@ std::vector<std::pair<std::string, std::pair<std::string, std::string>>> run_ide
           {"lr_base", {fmt(c.lr_base), "--lr-base"}},
           {"lr_decay_at", {join(c.lr_decay_at), "--lr-decay-at"}},
           {"seed", {std::to_string(c.seed), "--seed"}},
-          {"train_images", {std::to_string(train_images), "--limit-train"}}};
+          {"train_images", {std::to_string(train_images), "--limit-train"}},
+          {"devices", {std::to_string(c.devices), "--devices"}},
+          {"sync_bn", {c.sync_bn ? "1" : "0", "--sync-bn"}}};
+}
+
+// Identity keys a checkpoint carries only when they differ from these values, so that a
+// one-device checkpoint has exactly the bytes it had before devices existed.
+const char* identity_default(const std::string& key) {
+  if (key == "devices") return "1";
+  if (key == "sync_bn") return "0";
+  return nullptr;
 }
 
 // The loop's position and running statistics: everything besides the model and the optimizer
@@ -124,8 +127,11 @@ void save_checkpoint(const std::string& path, const TrainConfig& config, int64_t
   t["history/images_per_s"] = make_f64(column(h, [](const EpochRecord& e) { return e.images_per_s; }));
   Metadata meta{{"format", kCheckpointFormat},
                 {"lr_next", fmt(learning_rate(config, s.global_step,
-                                              train_images / config.batch * config.epochs))}};
-  for (const auto& [key, value] : run_identity(config, train_images)) meta[key] = value.first;
+                                              train_images / global_batch(config) * config.epochs))}};
+  for (const auto& [key, value] : run_identity(config, train_images)) {
+    const char* fallback = identity_default(key);
+    if (fallback == nullptr || value.first != fallback) meta[key] = value.first;
+  }
   save_safetensors(path, t, meta, Checksum::crc32);
 }
 
@@ -141,7 +147,9 @@ void load_checkpoint(const std::string& path, const TrainConfig& config, int64_t
   }
   auto meta = [&](const std::string& key) {
     const auto it = f.metadata.find(key);
-    return it == f.metadata.end() ? std::string("(absent)") : it->second;
+    const char* fallback = identity_default(key);
+    if (it == f.metadata.end()) return std::string(fallback ? fallback : "(absent)");
+    return it->second;
   };
   const std::string format = meta("format");
   if (format != kCheckpointFormat) {
@@ -191,7 +199,7 @@ void load_checkpoint(const std::string& path, const TrainConfig& config, int64_t
                             te = get_f64(f, "history/train_error"),
                             sec = get_f64(f, "history/seconds"),
                             ips = get_f64(f, "history/images_per_s");
-  const int64_t steps_per_epoch = train_images / config.batch;
+  const int64_t steps_per_epoch = train_images / global_batch(config);
   const bool lengths_ok = r.curve_loss.size() == r.curve_step.size() && tl.size() == lr.size() &&
                           te.size() == lr.size() && sec.size() == lr.size() &&
                           ips.size() == lr.size() && static_cast<int64_t>(lr.size()) == r.epoch;
@@ -255,6 +263,17 @@ void validate(const TrainConfig& c) {
     throw Error(option + " " + value + ": " + why);
   };
   if (c.batch < 1) bad("--batch", std::to_string(c.batch), "must be >= 1");
+  if (c.devices < 1)
+    bad("--devices", std::to_string(c.devices), "must be >= 1 (the logical devices of a step)");
+  if (c.devices % dist::size() != 0)
+    bad("--devices", std::to_string(c.devices),
+        "is not a multiple of the " + std::to_string(dist::size()) +
+            " processes this run was started as (mpirun -np " + std::to_string(dist::size()) +
+            "); choose --devices a multiple of " + std::to_string(dist::size()) +
+            ", or start as many processes as divide it");
+  if (c.sync_bn && c.model.norm != NormKind::batch)
+    bad("--sync-bn", "with --norm " + std::string(to_string(c.model.norm)),
+        "synchronizes BatchNorm only; use --norm bn, or drop --sync-bn");
   if (c.epochs < 1) bad("--epochs", std::to_string(c.epochs), "must be >= 1");
   if (!(c.lr_base > 0) || !std::isfinite(c.lr_base))
     bad("--lr-base", fmt(c.lr_base), "must be a positive number");
@@ -294,8 +313,18 @@ Data load_data(const std::string& dir, int64_t limit_train, int64_t limit_test) 
   return d;
 }
 
+std::vector<int64_t> epoch_permutation(uint64_t seed, int epoch, int64_t count) {
+  std::vector<int64_t> perm(static_cast<size_t>(count));
+  std::iota(perm.begin(), perm.end(), int64_t{0});
+  Rng rng(splitmix64(seed ^ splitmix64(static_cast<uint64_t>(epoch) + 1)));
+  rng.shuffle(perm);
+  return perm;
+}
+
+int64_t global_batch(const TrainConfig& c) { return int64_t{c.devices} * c.batch; }
+
 double learning_rate(const TrainConfig& c, int64_t step, int64_t total_steps) {
-  double lr = c.lr_base * c.batch / 32.0;
+  double lr = c.lr_base * static_cast<double>(global_batch(c)) / 32.0;
   for (double f : c.lr_decay_at)
     if (static_cast<double>(step) >= f * static_cast<double>(total_steps)) lr *= 0.1;
   return lr;
@@ -328,30 +357,52 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
       config.limit_test < 0 ? data.test.count : std::min(config.limit_test, data.test.count);
   check_fits_data(config, data);
   check_fits_in_memory(config, train.rows, train.cols, test_count);
-  const int64_t steps_per_epoch = train_count / config.batch;
+  // This process's devices: the rank-th run of devices / processes consecutive ones.
+  const bool lead = dist::rank() == 0;
+  if (!lead) progress = nullptr;
+  const int local_devices = config.devices / dist::size();
+  DeviceGroup group(dist::rank() * local_devices, local_devices, config.devices);
+  const int64_t batch = global_batch(config);
+  const int64_t steps_per_epoch = train_count / batch;
   const int64_t total_steps = steps_per_epoch * config.epochs;
 
   TrainConfig cfg = config;
   cfg.model.in_channels = static_cast<int>(train.channels);
   cfg.model.classes = std::max(train.num_classes, data.test.num_classes);
-  Model model(cfg.model);
-  model.init(config.seed);
+  // One replica per device, all initialized alike; replicas[0] is the optimizer's and the
+  // checkpoint's, and on process 0 it is device 0, whose running statistics are evaluated.
+  std::vector<std::unique_ptr<Model>> replicas;
+  for (int d = 0; d < local_devices; ++d) {
+    replicas.push_back(std::make_unique<Model>(cfg.model));
+    replicas.back()->init(config.seed);
+    if (config.sync_bn)
+      replicas.back()->set_sync({group.exchange(d), (group.first() + d) * int64_t{config.batch}, batch});
+  }
+  Model& model = *replicas[0];
   const std::vector<Param*> params = model.params();
 
   // A run killed while writing its checkpoint leaves a temporary beside it (the checkpoint
   // itself is intact: the temporary replaces it only once complete).
-  if (!config.checkpoint_path.empty()) remove_stale_temporaries(config.checkpoint_path);
+  if (lead && !config.checkpoint_path.empty()) remove_stale_temporaries(config.checkpoint_path);
   LoopState s;
-  if (!config.resume_path.empty())
+  if (!config.resume_path.empty()) {
     load_checkpoint(config.resume_path, cfg, train_count, model, s);
-  else
+    for (size_t d = 1; d < replicas.size(); ++d) {
+      const std::vector<Buffer> from = model.buffers(), to = replicas[d]->buffers();
+      for (size_t i = 0; i < from.size(); ++i) *to[i].values = *from[i].values;
+    }
+    broadcast_values(replicas);
+  } else {
     s.permutation = epoch_permutation(config.seed, 0, train_count);
+  }
 
   TrainOutcome out;
   RunResult& res = out.run;
   res.norm = to_string(cfg.model.norm);
   res.groups = cfg.model.norm == NormKind::group ? cfg.model.groups : 0;
   res.batch = config.batch;
+  res.devices = config.devices;
+  res.sync_bn = config.sync_bn;
   res.epochs = config.epochs;
   res.lr = learning_rate(config, 0, total_steps);
   res.seed = config.seed;
@@ -367,22 +418,35 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
       std::min<int64_t>(std::max(1, config.curve_points), std::max<int64_t>(1, total_steps));
   auto curve_end = [&](std::size_t k) { return int64_t(k) * total_steps / curve_points; };
   const int64_t image = train.image_size();
-  Tensor x;
-  x.resize(config.batch, train.rows, train.cols, train.channels);
-  std::vector<uint8_t> labels(static_cast<size_t>(config.batch));
-  SoftmaxCrossEntropy ce;
+  // Each device's batch, labels, loss head and result.
+  struct Device {
+    Tensor x;
+    std::vector<uint8_t> labels;
+    SoftmaxCrossEntropy ce;
+    double loss = 0;
+  };
+  std::vector<Device> devices(static_cast<size_t>(local_devices));
+  for (Device& dv : devices) {
+    dv.x.resize(config.batch, train.rows, train.cols, train.channels);
+    dv.labels.resize(static_cast<size_t>(config.batch));
+  }
+  std::vector<float> gradient_send, gradient_receive;
   const SgdConfig sgd{};
   using clock = std::chrono::steady_clock;
   const auto t_start = clock::now();
   auto t_epoch = t_start, t_measure = t_start;
   int64_t steps_here = 0, epoch_steps_here = 0;
   bool stopped = false;
-  const ProfileLevel profiling = profile_requested();
-  profile::set_enabled(profiling == ProfileLevel::phases);
+  const ProfileLevel profiling = lead ? profile_requested() : ProfileLevel::off;
+  profile::set_enabled(profiling == ProfileLevel::phases && !config.sync_bn);
   profile::reset();
   double cpu_measure = process_cpu_seconds();
+  double exchange_seconds = 0;  // the gradient and loss exchange between processes
+  double sync_seconds_before = 0;  // SyncBN's exchanges before the measured steps
+  uint64_t sync_doubles_before = 0;
 
   while (s.epoch < config.epochs) {
+    dist::test_failure_point(s.global_step);
     if (s.step == 0) {
       s.epoch_loss_sum = 0;
       s.epoch_correct = s.epoch_seen = 0;
@@ -391,37 +455,62 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
       t_epoch = clock::now();
       if (progress) progress->begin_epoch(s.epoch + 1, config.epochs, steps_per_epoch, label);
     }
-    {
-      const profile::Scope timed(profile::Phase::batch);
-      const int64_t* idx = s.permutation.data() + s.step * config.batch;
-      for (int i = 0; i < config.batch; ++i) {
-        std::copy_n(train.images.data() + idx[i] * image, image, x.data.data() + i * image);
-        labels[i] = train.labels[idx[i]];
-      }
-    }
     const double lr = learning_rate(config, s.global_step, total_steps);
-    const Tensor& logits = model.forward(x, Mode::train);
+    const int64_t* step_images = s.permutation.data() + s.step * batch;
+    group.run(config.sync_bn, [&](int d) {
+      Device& dv = devices[static_cast<size_t>(d)];
+      {
+        const profile::Scope timed(profile::Phase::batch);
+        const int64_t* idx = step_images + (group.first() + d) * int64_t{config.batch};
+        for (int i = 0; i < config.batch; ++i) {
+          std::copy_n(train.images.data() + idx[i] * image, image, dv.x.data.data() + i * image);
+          dv.labels[i] = train.labels[idx[i]];
+        }
+      }
+      Model& m = *replicas[static_cast<size_t>(d)];
+      const Tensor& logits = m.forward(dv.x, Mode::train);
+      {
+        const profile::Scope timed(profile::Phase::head);
+        dv.loss = dv.ce.forward(logits, dv.labels.data());
+      }
+      m.backward(dv.ce.gradient());
+    });
+    // The step's loss and correct count, summed over all devices in device order.
     double loss;
+    int64_t correct = 0;
     {
-      const profile::Scope timed(profile::Phase::head);
-      loss = ce.forward(logits, labels.data());
+      const auto t_exchange = clock::now();
+      std::vector<double> mine;
+      for (const Device& dv : devices) mine.insert(mine.end(), {dv.loss, static_cast<double>(dv.ce.correct())});
+      const std::vector<double> all = dist::allgather_doubles(mine);
+      loss = all[0];
+      for (int d = 1; d < config.devices; ++d) loss += all[2 * static_cast<size_t>(d)];
+      if (config.devices > 1) loss /= config.devices;
+      for (int d = 0; d < config.devices; ++d)
+        correct += static_cast<int64_t>(all[2 * static_cast<size_t>(d) + 1]);
+      const profile::Scope timed(profile::Phase::optimizer);
+      combine_gradients(replicas, config.devices, gradient_send, gradient_receive);
+      exchange_seconds += seconds_since(t_exchange);
     }
-    model.backward(ce.gradient());
     {
       const profile::Scope timed(profile::Phase::optimizer);
       sgd_step(params, lr, sgd);
+      broadcast_values(replicas);
     }
     ++s.global_step;
     ++s.step;
     if (++steps_here == config.warmup_steps) {
       t_measure = clock::now();
       cpu_measure = process_cpu_seconds();
+      exchange_seconds = 0;
+      sync_seconds_before = group.exchange_seconds();
+      sync_doubles_before = group.exchanged_doubles();
       profile::reset();
     }
     ++epoch_steps_here;
-    s.epoch_loss_sum += loss * config.batch;
-    s.epoch_correct += ce.correct();
-    s.epoch_seen += config.batch;
+    s.epoch_loss_sum += loss * static_cast<double>(batch);
+    s.epoch_correct += correct;
+    s.epoch_seen += batch;
     s.segment_loss_sum += loss;
     ++s.segment_steps;
     if (s.global_step == curve_end(s.curve_step.size() + 1)) {
@@ -430,7 +519,7 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
       s.segment_loss_sum = 0;
       s.segment_steps = 0;
     }
-    if (progress) progress->add_step(config.batch, loss, ce.correct());
+    if (progress) progress->add_step(batch, loss, correct);
     if (s.step == steps_per_epoch) {
       EpochRecord e;
       e.epoch = s.epoch + 1;
@@ -438,7 +527,7 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
       e.train_loss = s.epoch_loss_sum / s.epoch_seen;
       e.train_error = 100.0 * (1.0 - static_cast<double>(s.epoch_correct) / s.epoch_seen);
       e.seconds = seconds_since(t_epoch);
-      e.images_per_s = epoch_steps_here * config.batch / std::max(e.seconds, 1e-9);
+      e.images_per_s = epoch_steps_here * batch / std::max(e.seconds, 1e-9);
       s.history.push_back(e);
       if (progress) progress->end_epoch();
       epoch_steps_here = 0;
@@ -450,7 +539,7 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
                           s.global_step >= config.stop_after_steps && s.epoch < config.epochs;
     const bool periodic =
         config.checkpoint_every > 0 && s.global_step % config.checkpoint_every == 0;
-    if ((epoch_steps_here == 0 || periodic || stop_now) && !config.checkpoint_path.empty())
+    if (lead && (epoch_steps_here == 0 || periodic || stop_now) && !config.checkpoint_path.empty())
       save_checkpoint(config.checkpoint_path, cfg, train_count, model, s);
     if (stop_now) {
       stopped = true;
@@ -462,32 +551,52 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
   if (profiling != ProfileLevel::off) {
     profile::set_enabled(false);
     const int64_t images =
-        (steps_here > config.warmup_steps ? steps_here - config.warmup_steps : steps_here) *
-        config.batch;
+        (steps_here > config.warmup_steps ? steps_here - config.warmup_steps : steps_here) * batch;
     const double cpu = process_cpu_seconds() - cpu_measure;
     const double wall = steps_here > config.warmup_steps ? seconds_since(t_measure) : train_seconds;
-    if (profiling == ProfileLevel::phases)
+    if (profiling == ProfileLevel::phases && !config.sync_bn)
       std::fprintf(stderr, "%s", profile::report(cpu, images).c_str());
     std::fprintf(stderr, "measured: %lld images, wall %.3f s, CPU %.3f s, %d thread(s): %.1f images/s, %.1f images per CPU-second\n",
                  static_cast<long long>(images), wall, cpu, config.threads,
                  images / std::max(wall, 1e-9), images / std::max(cpu, 1e-9));
+    if (config.devices > 1 || dist::size() > 1) {
+      const double steps = static_cast<double>(
+          std::max<int64_t>(1, steps_here > config.warmup_steps ? steps_here - config.warmup_steps : steps_here));
+      const double gradient_bytes = 4.0 * static_cast<double>(out.parameters) * config.devices;
+      std::fprintf(stderr, "devices: %d on %d process(es); %.3f ms per step, of which %.3f ms (%.1f%%) combining losses and gradients (%.0f bytes of gradients gathered per process)",
+                   config.devices, dist::size(), 1e3 * wall / steps, 1e3 * exchange_seconds / steps,
+                   100.0 * exchange_seconds / std::max(wall, 1e-9), gradient_bytes);
+      if (config.sync_bn) {
+        const double sync = group.exchange_seconds() - sync_seconds_before;
+        std::fprintf(stderr, " and %.3f ms (%.1f%%) in SyncBN exchanges (%.0f bytes of partials gathered per process)",
+                     1e3 * sync / steps, 100.0 * sync / std::max(wall, 1e-9),
+                     8.0 * static_cast<double>(group.exchanged_doubles() - sync_doubles_before) / steps);
+      }
+      std::fprintf(stderr, "\n");
+    }
   }
   const int64_t measured = steps_here > config.warmup_steps ? steps_here - config.warmup_steps : steps_here;
-  res.images_per_s = measured * config.batch /
+  res.images_per_s = measured * batch /
                      std::max(steps_here > config.warmup_steps ? seconds_since(t_measure) : train_seconds, 1e-9);
   res.train_loss = s.history.empty() ? kNoValue : s.history.back().train_loss;
   res.history = s.history;
   res.loss_curve_step = s.curve_step;
   res.loss_curve_loss = s.curve_loss;
   out.finished = !stopped;
-  if (!stopped) {
+  // Every process holds the same model: the parameters are the same by construction, the
+  // running statistics are device 0's.
+  if (dist::size() > 1)
+    for (const Buffer& b : model.buffers())
+      dist::broadcast(b.values->data(), b.values->size() * sizeof(float), 0);
+  if (!stopped && lead) {
     const auto t_eval = clock::now();
     const Evaluation e = evaluate(model, data.test, test_count, config.eval_batch, Mode::eval);
     res.test_loss = e.loss;
     res.test_error = e.error;
     if (cfg.model.norm == NormKind::batch && config.eval_batch_stats)
       res.test_error_batch_stats =
-          evaluate(model, data.test, test_count, config.batch, Mode::eval_batch_stats).error;
+          evaluate(model, data.test, test_count, config.sync_bn ? static_cast<int>(batch) : config.batch,
+                   Mode::eval_batch_stats).error;
     out.eval_seconds = seconds_since(t_eval);
     if (!res.history.empty()) {
       res.history.back().test_loss = res.test_loss;

@@ -2,12 +2,35 @@
 // One training run of normkit-train: data, the SGD loop with the GroupNorm paper's recipe,
 // evaluation, checkpoints and metrics.
 //
-// Recipe: SGD momentum 0.9, weight decay 1e-4 on every parameter, lr = lr_base * batch / 32,
-// divided by 10 at each of lr_decay_at (fractions of all steps), the same epochs for every batch
-// size; the last partial batch of an epoch is dropped (a BN statistic over one image is not the
-// experiment). Images are standardized with the training split's mean and standard deviation.
-// Each epoch visits the training images in a Fisher-Yates permutation drawn from
-// mt19937_64(seed, epoch): the order is a function of (seed, epoch) alone.
+// Recipe: SGD momentum 0.9, weight decay 1e-4 on every parameter, lr = lr_base * B / 32 with B
+// the global batch (devices * batch images per step), divided by 10 at each of lr_decay_at
+// (fractions of all steps), the same epochs for every batch size; the last partial batch of an
+// epoch is dropped (a BN statistic over one image is not the experiment). Images are
+// standardized with the training split's mean and standard deviation. Each epoch visits the
+// training images in a Fisher-Yates permutation drawn from mt19937_64(seed, epoch): the order is
+// a function of (seed, epoch) alone.
+//
+// Logical devices (the GroupNorm paper's "batch size per GPU"): with devices = K, a step takes
+// the next K * batch images of the permutation and device d the d-th contiguous `batch` of
+// them. Each device is a replica of the model that runs forward and backward on its own images
+// (convolutions and everything per sample on the device), so BatchNorm's statistics are the
+// device's own (the paper's per-GPU BN), or, with sync_bn, the whole step's through the
+// library's BatchNorm steps (normkit/batch_norm_steps.h). The loss is each device's mean over
+// its images; the step's gradient is the devices' gradients summed in device order 0..K-1 and
+// divided by K, i.e. the gradient of the mean loss over the K * batch images, and one SGD step
+// follows. Hence the lr rule above: the linear scaling rule on the global batch, which is the
+// paper's (lr 0.1 * N / 32 on 8 GPUs of N images is 0.1 * 8N / 256); with K = 1 it is the
+// single-device rule unchanged.
+// Evaluation uses device 0's running statistics (as data-parallel PyTorch does; with sync_bn
+// they are the same on every device), and BN's evaluation with batch statistics uses batches
+// of the images one normalization saw in training: `batch`, or devices * batch with sync_bn.
+// devices = 1 runs exactly the single-device code path: the same bits as before devices existed.
+//
+// Processes (dist.h): under mpirun -np P (P dividing K) each process holds the K / P
+// consecutive devices rank * K / P ..., reads only their images of every step, and the devices'
+// gradients, losses and BN partials are exchanged so that every process computes the same sums
+// in the same order: losses, errors, curves and checkpoints are bitwise the same for any P (and
+// any thread count). Process 0 alone shows progress, evaluates and writes checkpoints.
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -21,7 +44,9 @@ namespace normkit::train {
 
 struct TrainConfig {
   ModelConfig model;
-  int batch = 32;
+  int batch = 32;                       // images per device and step
+  int devices = 1;                      // logical devices per step (devices * batch images)
+  bool sync_bn = false;                 // BN statistics over all devices of a step
   int epochs = 3;
   double lr_base = 0.1;                 // lr at batch 32
   std::vector<double> lr_decay_at{0.5, 0.75};
@@ -40,7 +65,8 @@ struct TrainConfig {
   int64_t warmup_steps = 0;             // steps left out of the images/s measurement
 };
 
-// Throws normkit::Error naming the option on an invalid value or combination, a group count
+// Throws normkit::Error naming the option on an invalid value or combination (devices < 1, a
+// device count the process count does not divide, sync_bn without BatchNorm), a group count
 // normkit's layers reject, or a model whose parameters and optimizer state alone exceed the
 // available memory (preflight.h). Allocates nothing large.
 void validate(const TrainConfig& config);
@@ -72,6 +98,14 @@ Data load_data(const std::string& dir, int64_t limit_train, int64_t limit_test);
 // Checkpoints carry a CRC-32 and replace the previous one atomically (io/safetensors.h).
 TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar* progress = nullptr,
                        const std::string& label = {});
+
+// The order in which epoch `epoch` visits `count` training images: a function of (seed, epoch)
+// alone. Step s of the epoch takes entries [s * B, (s + 1) * B), B = global_batch(config), and
+// device d the d-th `batch` of them.
+std::vector<int64_t> epoch_permutation(uint64_t seed, int epoch, int64_t count);
+
+// Images per step over all devices: devices * batch.
+int64_t global_batch(const TrainConfig& config);
 
 // The learning rate at global step `step` of `total_steps`.
 double learning_rate(const TrainConfig& config, int64_t step, int64_t total_steps);

@@ -22,8 +22,8 @@ using json = nlohmann::json;
 
 constexpr const char* kCsvHeader =
     "norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,test_error_batch_stats,"
-    "images_per_s,seconds";
-constexpr size_t kCsvColumns = 12;
+    "images_per_s,seconds,devices,sync_bn";
+constexpr size_t kCsvColumns = 14;
 
 std::string fmt(const char* format, double v) {
   char buf[64];
@@ -66,11 +66,12 @@ std::vector<std::string> csv_split(const std::string& line) {
   return cells;
 }
 
-// The learning rate at batch 32 a run was given (lr = base * batch / 32), rounded to 6
-// significant digits so runs of one sweep compare equal.
+// The learning rate at batch 32 a run was given (lr = base * devices * batch / 32), rounded to
+// 6 significant digits so runs of one sweep compare equal.
 double lr_base_of(const RunResult& r) {
-  if (!(r.batch > 0) || !std::isfinite(r.lr)) return kNoValue;
-  return std::strtod(fmt("%.6g", r.lr * 32.0 / r.batch).c_str(), nullptr);
+  if (!(r.batch > 0) || !(r.devices > 0) || !std::isfinite(r.lr)) return kNoValue;
+  return std::strtod(fmt("%.6g", r.lr * 32.0 / (static_cast<double>(r.batch) * r.devices)).c_str(),
+                     nullptr);
 }
 
 // A row of the tables: one normalization configuration at one base learning rate.
@@ -78,13 +79,17 @@ struct RowKey {
   std::string norm;
   int groups;
   double lr_base;
+  int devices;
+  bool sync_bn;
   bool operator==(const RowKey& o) const {
-    return norm == o.norm && groups == o.groups &&
+    return norm == o.norm && groups == o.groups && devices == o.devices && sync_bn == o.sync_bn &&
            (lr_base == o.lr_base || (std::isnan(lr_base) && std::isnan(o.lr_base)));
   }
 };
 
-RowKey key_of(const RunResult& r) { return {r.norm, r.groups, lr_base_of(r)}; }
+RowKey key_of(const RunResult& r) {
+  return {r.norm, r.groups, lr_base_of(r), r.devices, r.sync_bn};
+}
 
 std::vector<RowKey> row_keys(const std::vector<RunResult>& runs) {
   std::vector<RowKey> keys;
@@ -100,7 +105,11 @@ std::string row_label(const RowKey& k, const std::vector<RowKey>& keys) {
   const bool several_lr = std::any_of(keys.begin(), keys.end(), [&](const RowKey& o) {
     return !(o.lr_base == keys[0].lr_base || (std::isnan(o.lr_base) && std::isnan(keys[0].lr_base)));
   });
-  std::string label = norm_label(k.norm, k.groups);
+  const bool several_devices = std::any_of(keys.begin(), keys.end(),
+                                          [&](const RowKey& o) { return o.devices != keys[0].devices; });
+  std::string label = k.sync_bn ? "SyncBN" : norm_label(k.norm, k.groups);
+  if (k.norm == "bn" && !k.sync_bn && k.devices > 1) label += " (per device)";
+  if (several_devices) label += ", " + std::to_string(k.devices) + " device(s)";
   if (several_lr) label += ", lr base " + fmt("%g", k.lr_base);
   return label;
 }
@@ -245,7 +254,9 @@ std::string results_csv(const std::vector<RunResult>& runs) {
         cell(r.test_error),
         cell(batch_stats_of(r)),
         cell(r.images_per_s),
-        cell(r.seconds)};
+        cell(r.seconds),
+        std::to_string(r.devices),
+        r.sync_bn ? "1" : "0"};
     for (size_t i = 0; i < cells.size(); ++i) {
       if (i > 0) out += ',';
       out += cells[i];
@@ -307,6 +318,8 @@ std::vector<RunResult> read_results_csv(const std::string& path) {
     if (!cells[9].empty()) r.test_error_batch_stats = number(9);
     r.images_per_s = number(10);
     r.seconds = number(11);
+    r.devices = static_cast<int>(integer(12));
+    r.sync_bn = integer(13) != 0;
     runs.push_back(std::move(r));
   }
   return runs;
@@ -411,6 +424,12 @@ std::string metrics_json(const RunResult& r) {
   j["seconds"] = number_or_null(r.seconds);
   j["history"] = history;
   j["loss_curve"] = {{"step", r.loss_curve_step}, {"loss", curve_loss}};
+  // Only when not one unsynchronized device, so such a run's file is what it was before
+  // devices existed.
+  if (r.devices != 1 || r.sync_bn) {
+    j["devices"] = r.devices;
+    j["sync_bn"] = r.sync_bn;
+  }
   return j.dump(2) + "\n";
 }
 
@@ -455,6 +474,15 @@ RunResult read_metrics_json(const std::string& path) {
   if (std::isfinite(batch_stats)) r.test_error_batch_stats = batch_stats;
   r.images_per_s = read_number(j, path, "images_per_s");
   r.seconds = read_number(j, path, "seconds");
+  if (const auto d = j.find("devices"); d != j.end()) {
+    if (!d->is_number_unsigned() || d->get<uint64_t>() < 1)
+      throw IoError(path + ": metrics JSON field \"devices\" is not a positive whole number");
+    r.devices = static_cast<int>(d->get<uint64_t>());
+  }
+  if (const auto b = j.find("sync_bn"); b != j.end()) {
+    if (!b->is_boolean()) throw IoError(path + ": metrics JSON field \"sync_bn\" is not true or false");
+    r.sync_bn = b->get<bool>();
+  }
 
   if (const auto h = j.find("history"); h != j.end()) {
     if (!h->is_object()) throw IoError(path + ": metrics JSON \"history\" is not an object");

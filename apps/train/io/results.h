@@ -30,9 +30,11 @@ struct EpochRecord {
 struct RunResult {
   std::string norm;         // "bn", "gn", "ln", "in" or "none"
   int groups = 0;           // GN's number of groups; 0 for the other norms
-  int batch = 0;            // images per step
+  int batch = 0;            // images per step and device
+  int devices = 1;          // logical devices per step (each `batch` images)
+  bool sync_bn = false;     // BN statistics over all devices of a step
   int epochs = 0;
-  double lr = kNoValue;     // initial learning rate actually used (after lr_base * batch / 32)
+  double lr = kNoValue;     // initial learning rate used (lr_base * devices * batch / 32)
   uint64_t seed = 0;
   double train_loss = kNoValue;   // last epoch
   double test_loss = kNoValue;    // final model
@@ -53,7 +55,7 @@ std::string norm_label(const std::string& norm, int groups);
 
 // ---- results.csv ----------------------------------------------------------------------------
 // Header: norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,
-//         test_error_batch_stats,images_per_s,seconds
+//         test_error_batch_stats,images_per_s,seconds,devices,sync_bn (0 or 1)
 // then one row per run, in order. Numbers have 6 significant digits (seed exactly); NaN and an
 // absent test_error_batch_stats are empty cells; groups is empty when 0. Pure.
 std::string results_csv(const std::vector<RunResult>& runs);
@@ -82,7 +84,8 @@ void write_results_markdown(const std::string& path, const std::vector<RunResult
 // test_error_batch_stats, images_per_s, seconds (numbers; NaN and absent as null), then
 // "history": {"epoch": [...], "lr": [...], "train_loss": [...], "train_error": [...],
 // "test_loss": [...], "test_error": [...], "test_error_batch_stats": [...], "seconds": [...],
-// "images_per_s": [...]} (one entry per epoch), and "loss_curve": {"step": [...], "loss": [...]}.
+// "images_per_s": [...]} (one entry per epoch), "loss_curve": {"step": [...], "loss": [...]},
+// and, unless the run had one device without sync_bn, "devices" and "sync_bn" (true/false).
 // Pure; throws normkit::Error when loss_curve_step and loss_curve_loss differ in length.
 std::string metrics_json(const RunResult& run);
 // Writes metrics_json(run) to `path`. Throws IoError naming the path.

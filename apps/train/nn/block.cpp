@@ -68,3 +68,13 @@ std::vector<Buffer> ResidualBlock::buffers() {
 }
 
 }  // namespace normkit::train
+
+namespace normkit::train {
+
+void ResidualBlock::set_sync(const SyncBatchNorm& sync) {
+  norm1_.set_sync(sync);
+  norm2_.set_sync(sync);
+  if (shortcut_norm_) shortcut_norm_->set_sync(sync);
+}
+
+}  // namespace normkit::train

@@ -159,6 +159,12 @@ std::vector<Buffer> Model::buffers() {
   return out;
 }
 
+void Model::set_sync(const SyncBatchNorm& sync) {
+  if (config_.norm != NormKind::batch) return;
+  stem_norm_.set_sync(sync);
+  for (auto& b : blocks_) b->set_sync(sync);
+}
+
 std::vector<const Tensor*> Model::relu_outputs() const {
   std::vector<const Tensor*> out{&stem_norm_.output()};
   for (const auto& b : blocks_) b->relu_outputs(out);

@@ -60,6 +60,9 @@ class Model {
 
   std::vector<Param*> params();
   std::vector<Buffer> buffers();
+  // Synchronizes every BatchNorm of the model across logical devices (Norm::set_sync); a
+  // default SyncBatchNorm returns them to the device's own statistics.
+  void set_sync(const SyncBatchNorm& sync);
   int64_t parameter_count();
   std::vector<const Tensor*> relu_outputs() const;  // of the last forward, for inspection
   const ModelConfig& config() const { return config_; }

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "nn/profile.h"
+#include "normkit/batch_norm_steps.h"
 #include "normkit/error.h"
 
 namespace normkit::train {
@@ -85,18 +86,53 @@ std::vector<Buffer> Norm::buffers() {
           {base + "running_var", &batch_norm_->running_var}};
 }
 
+void Norm::set_sync(const SyncBatchNorm& sync) {
+  if (!batch_norm_ && sync.exchange)
+    throw Error("Norm " + bias.name + ": only BatchNorm synchronizes across devices");
+  sync_ = sync;
+  weight.grad_summed_over_devices = bias.grad_summed_over_devices = sync.exchange != nullptr;
+}
+
 const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) {
   const profile::Scope timed(profile::Phase::norm_forward);
   y_.resize_like(x);
+  // What the backward needs, kept once the forward succeeded.
+  auto keep = [&](bool synced) {
+    had_residual_ = residual != nullptr;
+    x_ = &x;
+    trained_forward_ = mode == Mode::train;
+    synced_forward_ = synced;
+  };
+  if (mode == Mode::train && sync_.exchange != nullptr) {
+    // The library's steps: this device's partial statistics, every device's merged over the
+    // canonical tree (the same bits on every device), then this device's normalization.
+    const int64_t c = x.c;
+    partials_.resize(batch_norm_partials_size(sync_.offset, x.n, c));
+    batch_norm_statistics_partials(sync_.offset, x.view(), partials_);
+    const std::span<const double> all = sync_.exchange->exchange(partials_);
+    save_mean_.resize(static_cast<size_t>(c));
+    save_invstd_.resize(static_cast<size_t>(c));
+    const BatchNormOptions& o = batch_norm_->options;
+    // The layer's own momentum rule (nullopt: the cumulative average).
+    const double momentum =
+        o.momentum ? *o.momentum : 1.0 / static_cast<double>(batch_norm_->num_batches_tracked + 1);
+    batch_norm_merge_statistics({.eps = o.eps, .momentum = momentum}, sync_.global_batch, all,
+                                save_mean_, save_invstd_, batch_norm_->running_mean,
+                                batch_norm_->running_var);
+    ++batch_norm_->num_batches_tracked;
+    batch_norm_normalize({.eps = o.eps,
+                          .epilogue = {relu_, residual ? residual->view() : TensorView{}}},
+                         x.view(), weight.value, bias.value, save_mean_, save_invstd_, y_.view());
+    keep(true);
+    return y_;
+  }
   layer_->train(mode == Mode::train);
   if (batch_norm_) batch_norm_->options.eval_batch_stats = mode == Mode::eval_batch_stats;
   layer_->weight = weight.value;
   layer_->bias = bias.value;
   // The layer checks x and the residual and fuses the epilogue into its output pass.
   layer_->forward(x.view(), {relu_, residual ? residual->view() : TensorView{}}, y_.view());
-  had_residual_ = residual != nullptr;
-  x_ = &x;
-  trained_forward_ = mode == Mode::train;
+  keep(false);
   return y_;
 }
 
@@ -108,6 +144,24 @@ const Tensor& Norm::backward(const Tensor& dy) {
   // g = relu ? dy * (y > 0) : dy is the residual's gradient; the layer writes it in the same
   // pass as its reductions when there is a residual to give it to.
   if (had_residual_) g_.resize_like(*x_);
+  if (synced_forward_) {
+    const BackwardEpilogue epilogue{relu_, relu_ ? y_.view() : TensorView{},
+                                    had_residual_ ? g_.view() : TensorView{}};
+    const int64_t c = x_->c;
+    partials_.resize(batch_norm_partials_size(sync_.offset, x_->n, c));
+    batch_norm_gradient_partials({.epilogue = epilogue}, sync_.offset, dy.view(), x_->view(),
+                                 save_mean_, partials_);
+    const std::span<const double> all = sync_.exchange->exchange(partials_);
+    sum_g_.resize(static_cast<size_t>(c));
+    sum_g_xmu_.resize(static_cast<size_t>(c));
+    // weight.grad and bias.grad: the global batch's, the same on every device.
+    batch_norm_merge_gradients(sync_.global_batch, all, save_invstd_, sum_g_, sum_g_xmu_,
+                               weight.grad, bias.grad);
+    batch_norm_backward_dx({.epilogue = epilogue}, sync_.global_batch, dy.view(), x_->view(),
+                           save_mean_, save_invstd_, weight.value, sum_g_, sum_g_xmu_,
+                           dx_.view());
+    return dx_;
+  }
   layer_->backward(dy.view(), dx_.view(), had_residual_ ? g_.view() : TensorView{});
   std::copy(layer_->weight_grad.begin(), layer_->weight_grad.end(), weight.grad.begin());
   std::copy(layer_->bias_grad.begin(), layer_->bias_grad.end(), bias.grad.begin());

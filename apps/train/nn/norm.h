@@ -11,6 +11,7 @@
 // The ResNet epilogue is part of the layer: y = relu?(norm(x) + residual?), and backward gives
 // both dx and the residual's gradient g = relu ? dy * (y > 0) : dy.
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,21 @@ enum class Mode {
 std::unique_ptr<NormLayer> make_norm_layer(const std::string& name, NormKind kind, int channels,
                                            int groups);
 
+// Synchronized BatchNorm across the logical devices of a step (trainer.h): the device's
+// samples are [offset, offset + N) of a global batch of global_batch samples, and exchange
+// hands this device's packed partials (normkit/batch_norm_steps.h) to the other devices and
+// returns every device's, concatenated. It is called once per training forward and once per
+// training backward of each BatchNorm, in the same order on every device.
+class DeviceExchange {
+ public:
+  virtual ~DeviceExchange() = default;
+  virtual std::span<const double> exchange(std::span<const double> mine) = 0;
+};
+struct SyncBatchNorm {
+  DeviceExchange* exchange = nullptr;  // null: the device's own statistics
+  int64_t offset = 0, global_batch = 0;
+};
+
 class Norm {
  public:
   // Throws as make_norm_layer. zero_gamma: weight starts at 0 (the last norm of a residual
@@ -55,6 +71,11 @@ class Norm {
 
   NormKind kind() const { return kind_; }
   int groups() const { return groups_; }
+  // BN only (the other kinds never look across samples): training forwards and backwards use
+  // the statistics of the global batch through sync.exchange; weight.grad and bias.grad are
+  // then the global sums, the same on every device.
+  void set_sync(const SyncBatchNorm& sync);
+
   std::vector<Param*> params();
   std::vector<Buffer> buffers();  // BN's running_mean and running_var; nothing for the others
   const Tensor& output() const { return y_; }  // the last forward's output (for inspection)
@@ -73,6 +94,10 @@ class Norm {
   std::unique_ptr<NormLayer> layer_;
   BatchNorm* batch_norm_ = nullptr;  // layer_ as BN, for its running statistics and eval mode
   bool trained_forward_ = false;
+  SyncBatchNorm sync_;
+  bool synced_forward_ = false;  // the last forward went through sync_
+  std::vector<double> partials_, sum_g_, sum_g_xmu_;
+  std::vector<float> save_mean_, save_invstd_;
   const Tensor* x_ = nullptr;
   bool had_residual_ = false;
   Tensor y_, dx_, g_;

@@ -9,6 +9,9 @@ namespace normkit::train {
 struct Param {
   std::string name;
   std::vector<float> value, grad, momentum;
+  // The gradient is already the sum over every logical device of a step (synchronized
+  // BatchNorm's weight and bias): the devices' gradients are then not summed again.
+  bool grad_summed_over_devices = false;
 
   Param() = default;
   Param(std::string param_name, size_t size)

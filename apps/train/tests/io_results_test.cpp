@@ -136,16 +136,20 @@ TEST(Results, NormLabels) {
 TEST(Results, CsvHasOneRowPerRunWithEveryField) {
   auto runs = sweep();
   runs[0].seconds = kNoValue;
+  runs[1].devices = 8;
+  runs[1].sync_bn = true;
   const std::string csv = results_csv(runs);
   const auto lines = lines_of(csv);
   ASSERT_EQ(lines.size(), runs.size() + 1);
   EXPECT_EQ(lines[0],
             "norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,"
-            "test_error_batch_stats,images_per_s,seconds");
+            "test_error_batch_stats,images_per_s,seconds,devices,sync_bn");
   for (size_t i = 0; i < runs.size(); ++i) {
     const RunResult& r = runs[i];
     const auto c = split(lines[i + 1], ',');
-    ASSERT_EQ(c.size(), 12u) << lines[i + 1];
+    ASSERT_EQ(c.size(), 14u) << lines[i + 1];
+    EXPECT_EQ(c[12], std::to_string(r.devices));
+    EXPECT_EQ(c[13], r.sync_bn ? "1" : "0");
     EXPECT_EQ(c[0], r.norm);
     EXPECT_EQ(c[1], r.groups ? std::to_string(r.groups) : "");
     EXPECT_EQ(c[2], std::to_string(r.batch));
@@ -169,6 +173,8 @@ TEST_F(ResultsFileTest, CsvReadsBackWhatItWrote) {
   auto runs = sweep();
   runs[1].norm = "gn, \"odd\"";  // survives quoting
   runs[2].seed = 18446744073709551615ull;
+  runs[2].devices = 4;
+  runs[2].sync_bn = true;
   const fs::path p = dir_ / "results.csv";
   write_results_csv(p.string(), runs);
   const auto back = read_results_csv(p.string());
@@ -178,6 +184,8 @@ TEST_F(ResultsFileTest, CsvReadsBackWhatItWrote) {
     EXPECT_EQ(back[i].groups, runs[i].groups);
     EXPECT_EQ(back[i].batch, runs[i].batch);
     EXPECT_EQ(back[i].seed, runs[i].seed);
+    EXPECT_EQ(back[i].devices, runs[i].devices);
+    EXPECT_EQ(back[i].sync_bn, runs[i].sync_bn);
     EXPECT_NEAR(back[i].test_error, runs[i].test_error, 1e-4);
     EXPECT_NEAR(back[i].lr, runs[i].lr, 1e-8);
     EXPECT_EQ(back[i].test_error_batch_stats.has_value(), runs[i].test_error_batch_stats.has_value());
@@ -366,6 +374,22 @@ TEST_F(ResultsFileTest, MetricsJsonHasTheSummaryAndHistory) {
   EXPECT_EQ(back.loss_curve_step, r.loss_curve_step);
   EXPECT_TRUE(std::isnan(back.loss_curve_loss[2]));
 
+  // One unsynchronized device: no device fields (the file is what it was before devices).
+  EXPECT_FALSE(j.contains("devices"));
+  EXPECT_FALSE(j.contains("sync_bn"));
+  EXPECT_EQ(back.devices, 1);
+  EXPECT_FALSE(back.sync_bn);
+  RunResult synced = r;
+  synced.devices = 8;
+  synced.sync_bn = true;
+  write_metrics_json(p.string(), synced);
+  const json js = json::parse(std::ifstream(p));
+  EXPECT_EQ(js["devices"], 8);
+  EXPECT_EQ(js["sync_bn"], true);
+  const RunResult synced_back = read_metrics_json(p.string());
+  EXPECT_EQ(synced_back.devices, 8);
+  EXPECT_TRUE(synced_back.sync_bn);
+
   r.loss_curve_loss.pop_back();
   EXPECT_THROW(metrics_json(r), normkit::Error);
   std::ofstream(dir_ / "broken.json") << "{\"norm\": \"bn\",";
@@ -377,6 +401,24 @@ TEST_F(ResultsFileTest, MetricsJsonHasTheSummaryAndHistory) {
   } catch (const IoError& e) {
     EXPECT_NE(std::string(e.what()).find("\"batch\""), std::string::npos) << e.what();
   }
+}
+
+TEST(Results, TableRowsTellBatchNormPerDeviceFromSyncBN) {
+  std::mt19937 rng(5);
+  std::vector<RunResult> runs;
+  for (const auto& [norm, sync] : {std::pair{"bn", false}, {"bn", true}, {"gn", false}}) {
+    RunResult r = make_run(norm, norm == std::string("gn") ? 8 : 0, 4, 1, rng);
+    r.devices = 8;
+    r.sync_bn = sync;
+    r.lr = 0.1 * 8 * 4 / 32;
+    runs.push_back(r);
+  }
+  const std::string md = results_markdown(runs);
+  EXPECT_NE(md.find("| BN (per device) |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| SyncBN |"), std::string::npos) << md;
+  EXPECT_NE(md.find("| GN (G=8) |"), std::string::npos) << md;
+  // lr base from the global batch: one base, so no "lr base" in the labels.
+  EXPECT_EQ(md.find("lr base"), std::string::npos) << md;
 }
 
 TEST(Results, BatchSizePlotFollowsTheTable) {
