@@ -52,6 +52,14 @@ struct GroupNormOptions {  // also LayerNorm's
   bool affine = true;
 };
 
+struct FrozenBatchNormOptions {
+  double eps = 1e-5;  // torchvision.ops.FrozenBatchNorm2d's default
+  // Whether backward computes weight_grad and bias_grad (read by the constructor only). Off, as
+  // torchvision's, whose weight and bias are buffers with no gradient; backward then does not
+  // read x. On: fine-tuning the affine part while the statistics stay frozen.
+  bool parameter_grads = false;
+};
+
 struct InstanceNormOptions {
   double eps = 1e-5;
   std::optional<double> momentum = 0.1;  // in [0, 1]; nullopt: cumulative moving average
@@ -97,8 +105,11 @@ class NormLayer {
 
  protected:
   NormLayer(const char* name, int64_t num_channels, bool affine);
-  // x has rank 2..5 and C == num_channels(); throws naming the layer otherwise.
+  // x has rank 2..5, C == num_channels() and a dtype the layer accepts; throws naming the
+  // layer otherwise.
   void check_input(const char* method, const TensorView& x) const;
+  // Whether x may also be bfloat16 or float16 (else float32 only).
+  virtual bool accepts_16bit_activations() const { return false; }
   // A forward ran before, and dy and dx have the shape of its x.
   void check_backward(const TensorView& dy, const TensorView& dx) const;
 
@@ -152,6 +163,36 @@ class BatchNorm : public NormLayer {
   bool used_batch_stats_ = true;
   double used_eps_ = 1e-5;
   std::vector<float> save_mean_, save_invstd_;
+};
+
+// torchvision.ops.FrozenBatchNorm2d (any rank 2..5): BatchNorm with fixed statistics, i.e. the
+// per-channel affine map y = x * a[c] + b[c] with a = weight / sqrt(running_var + eps) and
+// b = bias - running_mean * a, for detection and segmentation at one or two images per device,
+// where batch statistics are meaningless. Train and eval compute the same, and nothing is ever
+// updated. It is BatchNorm's inference op (batch_norm_forward_inference and
+// batch_norm_backward_inference), every dtype, memory format and fused epilogue included.
+// weight (1), bias (0), running_mean (0) and running_var (1) have length C and are plain data
+// to load from a trained model. backward: dx = g * a[c], where g is dy through the epilogue; no
+// gradient for the statistics. weight_grad and bias_grad have length C and are overwritten only
+// with options.parameter_grads; otherwise they are empty (torchvision has no such gradients)
+// and x is not read by backward.
+class FrozenBatchNorm : public NormLayer {
+ public:
+  using Options = FrozenBatchNormOptions;
+  // Throws normkit::Error on num_features < 0, bad eps.
+  explicit FrozenBatchNorm(int64_t num_features, Options options = {});
+
+  Options options;
+  std::vector<float> running_mean, running_var;
+
+ private:
+  bool accepts_16bit_activations() const override { return true; }
+  void forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
+                  const TensorView& y) override;
+  void backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
+                   const TensorView& dx) override;
+
+  double used_eps_ = 1e-5;
 };
 
 // torch.nn.GroupNorm(num_groups, num_channels): statistics per (sample, group), affine per

@@ -78,7 +78,9 @@ NormLayer::NormLayer(const char* name, int64_t num_channels, bool affine)
 
 void NormLayer::check_input(const char* method, const TensorView& x) const {
   const std::string fn = qualified(name_, method);
-  detail::check_tensor(fn.c_str(), "x", x);
+  detail::check_tensor(fn.c_str(), "x", x, 2,
+                       accepts_16bit_activations() ? detail::kActivationDTypes
+                                                   : detail::kFloat32Only);
   if (x.channels() != num_channels_)
     detail::fail(fn.c_str(), "x has " + std::to_string(x.channels()) + " channels (shape " +
                                  shape_string(x) + "), expected num_channels = " +
@@ -162,6 +164,34 @@ void BatchNorm::backward_op(const BackwardEpilogue& epilogue, const TensorView& 
     batch_norm_backward_inference({.eps = used_eps_, .epilogue = epilogue}, dy, saved_x_,
                                   running_mean, running_var, optional_view(weight), dx,
                                   optional_view(weight_grad), optional_view(bias_grad), context);
+}
+
+// ---- FrozenBatchNorm ----
+
+FrozenBatchNorm::FrozenBatchNorm(int64_t num_features, Options opts)
+    : NormLayer("FrozenBatchNorm", num_features, true), options(opts) {
+  check_options(name_, options.eps, std::nullopt);
+  running_mean.assign(num_features, 0.0f);
+  running_var.assign(num_features, 1.0f);
+  if (!options.parameter_grads) {
+    weight_grad.clear();
+    bias_grad.clear();
+  }
+}
+
+void FrozenBatchNorm::forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
+                                 const TensorView& y) {
+  batch_norm_forward_inference({.eps = options.eps, .epilogue = epilogue}, x, weight, bias,
+                               running_mean, running_var, y, context);
+  used_eps_ = options.eps;
+}
+
+void FrozenBatchNorm::backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
+                                  const TensorView& dx) {
+  // Without parameter gradients the spans are empty and the op does not read x.
+  batch_norm_backward_inference({.eps = used_eps_, .epilogue = epilogue}, dy, saved_x_,
+                                running_mean, running_var, weight, dx,
+                                optional_view(weight_grad), optional_view(bias_grad), context);
 }
 
 // ---- GroupNorm / LayerNorm ----
