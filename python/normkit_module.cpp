@@ -32,6 +32,7 @@
 #include "normkit/batch_norm.h"
 #include "normkit/context.h"
 #include "normkit/error.h"
+#include "normkit/fold_batch_norm.h"
 #include "normkit/group_norm.h"
 #include "normkit/instance_norm.h"
 #include "normkit/layer_norm.h"
@@ -1509,4 +1510,57 @@ memory unless a NumPy array had to be copied).)doc");
       py::arg("enabled"),
       R"doc(Testing aid: when enabled, every output array is filled with NaN before the kernel
 runs, so an element the kernel fails to write cannot pass for a correct one.)doc");
+
+  // ---- BatchNorm folding ----
+  m.def(
+      "fold_batch_norm",
+      [](const py::object& conv_weight, const OptionalArray& conv_bias,
+         const py::object& running_mean, const py::object& running_var,
+         const OptionalArray& bn_weight, const OptionalArray& bn_bias, double eps) {
+        const char* fn = "fold_batch_norm";
+        const Tensor weight_t = tensor_arg(fn, "conv_weight", conv_weight);
+        require_float32(fn, "conv_weight", weight_t);
+        if (weight_t.ndim() < 1)
+          value_error(fn, "conv_weight must have shape (C_out, ...), got shape ()");
+        const VectorIn weight = float32_input(fn, "conv_weight", weight_t);
+        const VectorIn bias = vector_input(fn, "conv_bias", conv_bias);
+        const VectorIn mean = vector_input(fn, "running_mean", running_mean);
+        const VectorIn var = vector_input(fn, "running_var", running_var);
+        const VectorIn gamma = vector_input(fn, "bn_weight", bn_weight);
+        const VectorIn beta = vector_input(fn, "bn_bias", bn_bias);
+        const int64_t out_channels = weight_t.shape[0];
+        // Results of the kind conv_weight is (NumPy, torch, DLPack).
+        const Output folded = new_output(weight_t, DType::float32, weight_t.shape,
+                                         MemoryFormat::channels_first);
+        const VectorOut folded_bias = vector_output(weight_t, {out_channels});
+        try {
+          normkit::fold_batch_norm(
+              {.eps = eps}, weight.span, out_channels, bias.span, mean.span, var.span,
+              gamma.span, beta.span,
+              {static_cast<float*>(folded.data), weight.span.size()}, folded_bias.span);
+        } catch (const normkit::Error& e) {
+          // The library's names for a layer of any kind, as this function's arguments say them.
+          std::string message = e.what();
+          for (auto [from, to] : {std::pair{"layer_weight", "conv_weight"},
+                                  std::pair{"layer_bias", "conv_bias"}})
+            for (auto at = message.find(from); at != std::string::npos; at = message.find(from))
+              message.replace(at, std::string(from).size(), to);
+          throw py::value_error(message);
+        }
+        return py::make_tuple(folded.value, folded_bias.value);
+      },
+      py::arg("conv_weight"), py::arg("conv_bias"), py::arg("running_mean"),
+      py::arg("running_var"), py::arg("bn_weight"), py::arg("bn_bias"), py::arg("eps") = 1e-5,
+      R"doc(Folds an inference BatchNorm into the convolution or linear layer before it
+(torch.nn.utils.fusion.fuse_conv_bn_weights).
+
+conv_weight: float32 (C_out, ...) (a conv's (C_out, C_in / groups, *kernel) or a linear layer's
+(C_out, C_in)); conv_bias, running_mean, running_var, bn_weight, bn_bias: float32 of length
+C_out; conv_bias, bn_weight and bn_bias may be None (0, 1 and 0). With
+scale = bn_weight / sqrt(running_var + eps):
+    weight = conv_weight * scale (per output channel)
+    bias   = (conv_bias - running_mean) * scale + bn_bias
+computed in float64 and rounded to float32 once. Returns (weight, bias), new tensors of the
+kind conv_weight is (weight C-contiguous, of conv_weight's shape). Raises ValueError on
+mismatched lengths, a bad eps or a negative or NaN running_var.)doc");
 }

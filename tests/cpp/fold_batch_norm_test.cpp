@@ -167,7 +167,9 @@ TEST(FoldBatchNorm, RejectsBadArgumentsBeforeWriting) {
                   std::span<const float> bias, std::span<const float> mean,
                   std::span<const float> var, std::span<const float> gamma,
                   std::span<const float> beta, std::span<float> w_out, std::span<float> b_out) {
-    return [=] { fold_batch_norm({.eps = eps}, weight, c, bias, mean, var, gamma, beta, w_out, b_out); };
+    return [=] {
+      fold_batch_norm({.eps = eps}, weight, c, bias, mean, var, gamma, beta, w_out, b_out);
+    };
   };
   const double e = 1e-5;
   expect_error(call(e, cs.weight, -1, cs.bias, cs.mean, cs.var, cs.gamma, cs.beta, w, b),
