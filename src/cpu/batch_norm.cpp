@@ -160,16 +160,19 @@ HWY_INLINE V<D> SiluGradient(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRIC
 }
 
 // dx = g * p + (x - m) * q + r (kX), or g * p (no x: the inference backward); dresidual = g.
-// g: relu's (kRelu), else silu's when up.silu (from zx), else dy.
+// g through kAct (an Activation as int): relu's mask, silu's z (from zx), or dy.
 // kStream: dx (not dresidual, whose alignment may differ) with non-temporal stores.
-template <bool kRelu, bool kDresidual, bool kX, bool kStream = false, class D, typename T>
+template <int kAct, bool kDresidual, bool kX, bool kStream = false, class D, typename T>
 HWY_INLINE void BackwardStep(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT x,
                              const Upstream<T>& up, int64_t i, const T* HWY_RESTRICT zx,
                              T* HWY_RESTRICT dx, T* HWY_RESTRICT dres, V<D> p, V<D> q, V<D> r,
                              V<D> m, V<D> za, V<D> zb) {
-  const auto g = !kRelu && up.silu
-                     ? SiluGradient(d, dy, zx + i, up.residual ? up.residual + i : nullptr, za, zb)
-                     : MaskedGradient<kRelu>(d, dy, kRelu ? up.mask + i : nullptr);
+  constexpr bool kRelu = kAct == int(Activation::relu);
+  V<D> g;
+  if constexpr (kAct == int(Activation::silu))
+    g = SiluGradient(d, dy, zx + i, up.residual ? up.residual + i : nullptr, za, zb);
+  else
+    g = MaskedGradient<kRelu>(d, dy, kRelu ? up.mask + i : nullptr);
   if constexpr (kDresidual) StoreF(g, d, dres);
   if constexpr (kX)
     StoreOut<kStream>(hn::MulAdd(g, p, hn::MulAdd(hn::Sub(LoadF(d, x), m), q, r)), d, dx);
@@ -241,7 +244,7 @@ void AffineRows(T* y, const T* x, const T* r, int64_t rows, int64_t C, const flo
   });
 }
 
-template <bool kRelu, bool kDresidual, bool kX, bool kStream, typename T>
+template <int kRelu, bool kDresidual, bool kX, bool kStream, typename T>
 void BackwardRunT(T* dx, T* dres, const T* dy, const Upstream<T>& up, const T* zx, const T* x,
                   int64_t n, float p, float q, float r, float m, float za, float zb) {
   ForEachInRun<kStream>(dx, n, [&](auto d, int64_t i, auto stream) {
@@ -251,13 +254,14 @@ void BackwardRunT(T* dx, T* dres, const T* dy, const Upstream<T>& up, const T* z
   });
 }
 
-template <bool kRelu, bool kDresidual, bool kX, bool kStream, typename T>
+template <int kRelu, bool kDresidual, bool kX, bool kStream, typename T>
 void BackwardRowsT(T* dx, T* dres, const T* dy, const Upstream<T>& up, const T* zx, const T* x,
                    int64_t rows, int64_t C, const float* p, const float* q, const float* r,
                    const float* m, const float* za, const float* zb) {
   ForEachInRows<kStream>(dx, rows, C, [&](auto d, int64_t o, int64_t j, auto stream) {
-    const auto va = up.silu ? hn::LoadU(d, za + j) : hn::Zero(d);
-    const auto vb = up.silu ? hn::LoadU(d, zb + j) : hn::Zero(d);
+    constexpr bool kSilu = kRelu == int(Activation::silu);
+    const auto va = kSilu ? hn::LoadU(d, za + j) : hn::Zero(d);
+    const auto vb = kSilu ? hn::LoadU(d, zb + j) : hn::Zero(d);
     BackwardStep<kRelu, kDresidual, kX, decltype(stream)::value>(
         d, dy + o + j, at(x, o + j), up, o + j, zx, dx + o + j, at(dres, o + j),
         hn::LoadU(d, p + j), hn::LoadU(d, q + j), hn::LoadU(d, r + j), hn::LoadU(d, m + j), va,
@@ -265,25 +269,31 @@ void BackwardRowsT(T* dx, T* dres, const T* dy, const Upstream<T>& up, const T* 
   });
 }
 
-// f(kRelu, kDresidual, kX, kStream) as std::bool_constants.
+// f(kAct, kDresidual, kX, kStream): an std::integral_constant<int, activation>, then
+// std::bool_constants.
 template <typename T, class F>
-void VisitBackward(bool relu, bool dres, bool with_x, bool stream, const F& f) {
+void VisitBackward(Activation act, bool dres, bool with_x, bool stream, const F& f) {
   const auto visit_x = [&](auto kU, auto kD) {
     WithStream<T>(stream, [&](auto kS) {
       if (with_x) f(kU, kD, std::true_type(), kS);
       else f(kU, kD, std::false_type(), kS);
     });
   };
-  if (relu && dres) visit_x(std::true_type(), std::true_type());
-  else if (relu) visit_x(std::true_type(), std::false_type());
-  else if (dres) visit_x(std::false_type(), std::true_type());
-  else visit_x(std::false_type(), std::false_type());
+  WithActivation(act, [&](auto kU) {
+    if (dres) visit_x(kU, std::true_type());
+    else visit_x(kU, std::false_type());
+  });
+}
+
+template <typename T>
+Activation activation_of(const Upstream<T>& up) {
+  return up.mask ? Activation::relu : up.silu ? Activation::silu : Activation::none;
 }
 
 template <typename T>
 void DxRun(T* dx, T* dres, const T* dy, const Upstream<T>& up, const T* zx, const T* x,
            int64_t n, float p, float q, float r, float m, float za, float zb, bool stream) {
-  VisitBackward<T>(up.mask != nullptr, dres != nullptr, x != nullptr, stream,
+  VisitBackward<T>(activation_of(up), dres != nullptr, x != nullptr, stream,
                    [&](auto kU, auto kD, auto kX, auto kS) {
                      BackwardRunT<kU.value, kD.value, kX.value, kS.value>(
                          dx, dres, dy, up, zx, x, n, p, q, r, m, za, zb);
@@ -294,7 +304,7 @@ template <typename T>
 void DxRows(T* dx, T* dres, const T* dy, const Upstream<T>& up, const T* zx, const T* x,
             int64_t rows, int64_t C, const float* p, const float* q, const float* r,
             const float* m, const float* za, const float* zb, bool stream) {
-  VisitBackward<T>(up.mask != nullptr, dres != nullptr, x != nullptr, stream,
+  VisitBackward<T>(activation_of(up), dres != nullptr, x != nullptr, stream,
                    [&](auto kU, auto kD, auto kX, auto kS) {
                      BackwardRowsT<kU.value, kD.value, kX.value, kS.value>(
                          dx, dres, dy, up, zx, x, rows, C, p, q, r, m, za, zb);

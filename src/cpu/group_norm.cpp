@@ -82,15 +82,27 @@ HWY_INLINE hn::Vec<D> Gradient(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTR
   return hn::IfThenElseZero(hn::Gt(LoadF(d, mask), hn::Zero(d)), g);
 }
 
-// g at dy + i from dy and up (gn::Upstream); xc = x - m there. silu recomputes the forward's
-// z = xc * za + zb + residual (AffineStep's arithmetic).
-template <class D, typename T>
+// g at dy + i from dy and up (gn::Upstream); xc = x - m there. kSilu (up.silu, decided once
+// per call, outside the loops) recomputes the forward's z = xc * za + zb + residual
+// (AffineStep's arithmetic); else relu's mask or none.
+template <bool kSilu, class D, typename T>
 HWY_INLINE hn::Vec<D> UpstreamGradient(D d, const T* HWY_RESTRICT dy, const gn::Upstream<T>& up,
                                        int64_t i, hn::Vec<D> xc, hn::Vec<D> za, hn::Vec<D> zb) {
-  if (!up.silu) return Gradient(d, dy + i, up.mask ? up.mask + i : nullptr);
-  auto z = hn::MulAdd(xc, za, zb);
-  if (up.residual) z = hn::Add(z, LoadF(d, up.residual + i));
-  return hn::Mul(LoadF(d, dy + i), SiluDerivative(d, z));
+  if constexpr (!kSilu) {
+    (void)xc, (void)za, (void)zb;
+    return Gradient(d, dy + i, up.mask ? up.mask + i : nullptr);
+  } else {
+    auto z = hn::MulAdd(xc, za, zb);
+    if (up.residual) z = hn::Add(z, LoadF(d, up.residual + i));
+    return hn::Mul(LoadF(d, dy + i), SiluDerivative(d, z));
+  }
+}
+
+// f(std::bool_constant<silu>).
+template <class F>
+HWY_INLINE void WithSilu(bool silu, F&& f) {
+  if (silu) return f(std::true_type());
+  f(std::false_type());
 }
 
 template <bool kResidual, int kAct, bool kStream = false, class D, typename T>
@@ -150,10 +162,10 @@ void AffineRows(T* y, const T* x, const T* r, int64_t rows, int64_t channels, co
   });
 }
 
-template <typename T>
-void GradSumsRun(const T* HWY_RESTRICT dy, const gn::Upstream<T>& up, const T* HWY_RESTRICT x,
-                 T* HWY_RESTRICT gout, int64_t n, float m, float za, float zb, double* sum_g,
-                 double* sum_gxc) {
+template <bool kSilu, typename T>
+void GradSumsRunT(const T* HWY_RESTRICT dy, const gn::Upstream<T>& up, const T* HWY_RESTRICT x,
+                  T* HWY_RESTRICT gout, int64_t n, float m, float za, float zb, double* sum_g,
+                  double* sum_gxc) {
   const DF d;
   const D1 d1;
   const int64_t N = int64_t(hn::Lanes(d));
@@ -162,8 +174,8 @@ void GradSumsRun(const T* HWY_RESTRICT dy, const gn::Upstream<T>& up, const T* H
   int64_t i = 0;
   for (; i + 2 * N <= n; i += 2 * N) {
     const auto xa = hn::Sub(LoadF(d, x + i), vm), xb = hn::Sub(LoadF(d, x + i + N), vm);
-    const auto ga = UpstreamGradient(d, dy, up, i, xa, va, vb);
-    const auto gb = UpstreamGradient(d, dy, up, i + N, xb, va, vb);
+    const auto ga = UpstreamGradient<kSilu>(d, dy, up, i, xa, va, vb);
+    const auto gb = UpstreamGradient<kSilu>(d, dy, up, i + N, xb, va, vb);
     if (gout) StoreF(ga, d, gout + i), StoreF(gb, d, gout + i + N);
     g0 = hn::Add(g0, ga);
     g1 = hn::Add(g1, gb);
@@ -172,7 +184,7 @@ void GradSumsRun(const T* HWY_RESTRICT dy, const gn::Upstream<T>& up, const T* H
   }
   for (; i + N <= n; i += N) {
     const auto xa = hn::Sub(LoadF(d, x + i), vm);
-    const auto ga = UpstreamGradient(d, dy, up, i, xa, va, vb);
+    const auto ga = UpstreamGradient<kSilu>(d, dy, up, i, xa, va, vb);
     if (gout) StoreF(ga, d, gout + i);
     g0 = hn::Add(g0, ga);
     x0 = hn::MulAdd(ga, xa, x0);
@@ -180,7 +192,7 @@ void GradSumsRun(const T* HWY_RESTRICT dy, const gn::Upstream<T>& up, const T* H
   auto tg = hn::Zero(d1), tx = hn::Zero(d1);
   for (; i < n; ++i) {
     const auto xa = hn::Sub(LoadF(d1, x + i), hn::Set(d1, m));
-    const auto ga = UpstreamGradient(d1, dy, up, i, xa, hn::Set(d1, za), hn::Set(d1, zb));
+    const auto ga = UpstreamGradient<kSilu>(d1, dy, up, i, xa, hn::Set(d1, za), hn::Set(d1, zb));
     if (gout) StoreF(ga, d1, gout + i);
     tg = hn::Add(tg, ga);
     tx = hn::MulAdd(ga, xa, tx);
@@ -189,24 +201,33 @@ void GradSumsRun(const T* HWY_RESTRICT dy, const gn::Upstream<T>& up, const T* H
   *sum_gxc = SumLanes(d, hn::Add(x0, x1)) + hn::GetLane(tx);
 }
 
-template <class D, typename T>
+template <typename T>
+void GradSumsRun(const T* dy, const gn::Upstream<T>& up, const T* x, T* gout, int64_t n, float m,
+                 float za, float zb, double* sum_g, double* sum_gxc) {
+  WithSilu(up.silu, [&](auto kSilu) {
+    GradSumsRunT<decltype(kSilu)::value>(dy, up, x, gout, n, m, za, zb, sum_g, sum_gxc);
+  });
+}
+
+template <bool kSilu, class D, typename T>
 HWY_INLINE void GradSumsStep(D d, const T* HWY_RESTRICT dy, const gn::Upstream<T>& up,
                              int64_t i, const T* HWY_RESTRICT x, T* HWY_RESTRICT gout,
                              const float* m, const float* za, const float* zb, float* acc_g,
                              float* acc_gxc) {
   const auto xc = hn::Sub(LoadF(d, x + i), hn::LoadU(d, m));
-  const auto g = up.silu ? UpstreamGradient(d, dy, up, i, xc, hn::LoadU(d, za), hn::LoadU(d, zb))
-                         : UpstreamGradient(d, dy, up, i, xc, xc, xc);
+  hn::Vec<D> g;
+  if constexpr (kSilu) g = UpstreamGradient<true>(d, dy, up, i, xc, hn::LoadU(d, za), hn::LoadU(d, zb));
+  else g = UpstreamGradient<false>(d, dy, up, i, xc, xc, xc);
   if (gout) StoreF(g, d, gout + i);
   hn::StoreU(hn::Add(hn::LoadU(d, acc_g), g), d, acc_g);
   hn::StoreU(hn::MulAdd(g, xc, hn::LoadU(d, acc_gxc)), d, acc_gxc);
 }
 
-template <typename T>
-void GradSumsRows(const T* HWY_RESTRICT dy, const gn::Upstream<T>& up, const T* HWY_RESTRICT x,
-                  T* HWY_RESTRICT gout, int64_t rows, int64_t width, int64_t stride,
-                  const float* m, const float* za, const float* zb, float* acc_g,
-                  float* acc_gxc) {
+template <bool kSilu, typename T>
+void GradSumsRowsT(const T* HWY_RESTRICT dy, const gn::Upstream<T>& up, const T* HWY_RESTRICT x,
+                   T* HWY_RESTRICT gout, int64_t rows, int64_t width, int64_t stride,
+                   const float* m, const float* za, const float* zb, float* acc_g,
+                   float* acc_gxc) {
   const DF d;
   const D1 d1;
   const int64_t N = int64_t(hn::Lanes(d));
@@ -214,29 +235,41 @@ void GradSumsRows(const T* HWY_RESTRICT dy, const gn::Upstream<T>& up, const T* 
     const int64_t at = row * stride;
     int64_t c = 0;
     for (; c + N <= width; c += N)
-      GradSumsStep(d, dy, up, at + c, x, gout, m + c, za + c, zb + c, acc_g + c, acc_gxc + c);
+      GradSumsStep<kSilu>(d, dy, up, at + c, x, gout, m + c, za + c, zb + c, acc_g + c,
+                          acc_gxc + c);
     for (; c < width; ++c)
-      GradSumsStep(d1, dy, up, at + c, x, gout, m + c, za + c, zb + c, acc_g + c, acc_gxc + c);
+      GradSumsStep<kSilu>(d1, dy, up, at + c, x, gout, m + c, za + c, zb + c, acc_g + c,
+                          acc_gxc + c);
   }
 }
 
-template <bool kStream = false, class D, typename T>
+template <typename T>
+void GradSumsRows(const T* dy, const gn::Upstream<T>& up, const T* x, T* gout, int64_t rows,
+                  int64_t width, int64_t stride, const float* m, const float* za,
+                  const float* zb, float* acc_g, float* acc_gxc) {
+  WithSilu(up.silu, [&](auto kSilu) {
+    GradSumsRowsT<decltype(kSilu)::value>(dy, up, x, gout, rows, width, stride, m, za, zb, acc_g,
+                                          acc_gxc);
+  });
+}
+
+template <bool kSilu, bool kStream = false, class D, typename T>
 HWY_INLINE void DxStep(D d, T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy,
                        const gn::Upstream<T>& up, int64_t i, const T* HWY_RESTRICT x,
                        hn::Vec<D> a, hn::Vec<D> b, hn::Vec<D> m, hn::Vec<D> c, hn::Vec<D> za,
                        hn::Vec<D> zb) {
   const auto xc = hn::Sub(LoadF(d, x + i), m);
-  const auto g = UpstreamGradient(d, dy, up, i, xc, za, zb);
+  const auto g = UpstreamGradient<kSilu>(d, dy, up, i, xc, za, zb);
   StoreOut<kStream>(hn::MulAdd(a, g, hn::MulAdd(b, xc, c)), d, dx + i);
 }
 
 // kStream: dx with non-temporal stores (see ForEachInRun).
-template <bool kStream, typename T>
+template <bool kStream, bool kSilu, typename T>
 void DxRunT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const gn::Upstream<T>& up,
             const T* HWY_RESTRICT x, int64_t n, float a, float b, float m, float c, float za,
             float zb) {
   ForEachInRun<kStream>(dx, n, [&](auto d, int64_t i, auto stream) {
-    DxStep<decltype(stream)::value>(d, dx, dy, up, i, x, hn::Set(d, a), hn::Set(d, b),
+    DxStep<kSilu, decltype(stream)::value>(d, dx, dy, up, i, x, hn::Set(d, a), hn::Set(d, b),
                                     hn::Set(d, m), hn::Set(d, c), hn::Set(d, za), hn::Set(d, zb));
   });
 }
@@ -245,19 +278,21 @@ template <typename T>
 void DxRun(T* dx, const T* dy, const gn::Upstream<T>& up, const T* x, int64_t n, float a,
            float b, float m, float c, float za, float zb, bool stream) {
   WithStream<T>(stream, [&](auto kS) {
-    DxRunT<decltype(kS)::value>(dx, dy, up, x, n, a, b, m, c, za, zb);
+    WithSilu(up.silu, [&](auto kSilu) {
+      DxRunT<decltype(kS)::value, decltype(kSilu)::value>(dx, dy, up, x, n, a, b, m, c, za, zb);
+    });
   });
 }
 
 // kStream: dx with non-temporal stores where its rows allow (see ForEachInRows).
-template <bool kStream, typename T>
+template <bool kStream, bool kSilu, typename T>
 void DxRowsT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const gn::Upstream<T>& up,
              const T* HWY_RESTRICT x, int64_t rows, int64_t channels, const float* a,
              const float* b, const float* m, const float* c, const float* za, const float* zb) {
   ForEachInRows<kStream>(dx, rows, channels, [&](auto d, int64_t o, int64_t k, auto stream) {
-    const auto va = up.silu ? hn::LoadU(d, za + k) : hn::Zero(d);
-    const auto vb = up.silu ? hn::LoadU(d, zb + k) : hn::Zero(d);
-    DxStep<decltype(stream)::value>(d, dx, dy, up, o + k, x, hn::LoadU(d, a + k),
+    const auto va = kSilu ? hn::LoadU(d, za + k) : hn::Zero(d);
+    const auto vb = kSilu ? hn::LoadU(d, zb + k) : hn::Zero(d);
+    DxStep<kSilu, decltype(stream)::value>(d, dx, dy, up, o + k, x, hn::LoadU(d, a + k),
                                     hn::LoadU(d, b + k), hn::LoadU(d, m + k), hn::LoadU(d, c + k),
                                     va, vb);
   });
@@ -268,7 +303,10 @@ void DxRows(T* dx, const T* dy, const gn::Upstream<T>& up, const T* x, int64_t r
             int64_t channels, const float* a, const float* b, const float* m, const float* c,
             const float* za, const float* zb, bool stream) {
   WithStream<T>(stream, [&](auto kS) {
-    DxRowsT<decltype(kS)::value>(dx, dy, up, x, rows, channels, a, b, m, c, za, zb);
+    WithSilu(up.silu, [&](auto kSilu) {
+      DxRowsT<decltype(kS)::value, decltype(kSilu)::value>(dx, dy, up, x, rows, channels, a, b,
+                                                           m, c, za, zb);
+    });
   });
 }
 

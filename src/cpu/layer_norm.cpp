@@ -62,19 +62,28 @@ HWY_INLINE V<D> MaskedGradient(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTR
 }
 
 // g at i through the epilogue with xc = x - m there: relu's mask (kMask), or silu's
-// z = xc * r * w + bias + residual? recomputed (the forward's t is 0 for a float mean).
-template <bool kMask, class D, typename T>
+// z = xc * r * w + bias + residual? recomputed (kSilu; the forward's t is 0 for a float mean).
+// Both decided once per call, outside the loops.
+template <bool kMask, bool kSilu, class D, typename T>
 HWY_INLINE V<D> UpstreamAt(D d, const T* HWY_RESTRICT dy, const Upstream<T>& up, int64_t i,
                            V<D> xc, V<D> r, const float* HWY_RESTRICT w,
                            const float* HWY_RESTRICT bias) {
-  if constexpr (!kMask) {
-    if (up.silu) {
-      auto z = hn::MulAdd(hn::Mul(xc, r), hn::LoadU(d, w + i), hn::LoadU(d, bias + i));
-      if (up.residual) z = hn::Add(z, LoadF(d, up.residual + i));
-      return hn::Mul(LoadF(d, dy + i), SiluDerivative(d, z));
-    }
+  if constexpr (kSilu) {
+    auto z = hn::MulAdd(hn::Mul(xc, r), hn::LoadU(d, w + i), hn::LoadU(d, bias + i));
+    if (up.residual) z = hn::Add(z, LoadF(d, up.residual + i));
+    return hn::Mul(LoadF(d, dy + i), SiluDerivative(d, z));
+  } else {
+    (void)xc, (void)r, (void)w, (void)bias;
+    return MaskedGradient<kMask>(d, dy + i, kMask ? up.mask + i : nullptr);
   }
-  return MaskedGradient<kMask>(d, dy + i, kMask ? up.mask + i : nullptr);
+}
+
+// f(std::bool_constant<mask>, std::bool_constant<silu>) for up's epilogue.
+template <typename T, class F>
+HWY_INLINE void WithUpstream(const Upstream<T>& up, F&& f) {
+  if (up.mask) return f(std::true_type(), std::false_type());
+  if (up.silu) return f(std::false_type(), std::true_type());
+  f(std::false_type(), std::false_type());
 }
 
 // ---- elementwise steps, the same for a full vector and a one-lane tail ----
@@ -115,14 +124,14 @@ void ApplyRun(T* y, const T* x, const T* res, const float* w, const float* b, in
 }
 
 // One step of the backward's first pass: row sums into (sg, sx), column partials in memory.
-template <bool kMask, bool kColumns, class D, typename T>
+template <bool kMask, bool kSilu, bool kColumns, class D, typename T>
 HWY_INLINE void GradStep(D d, const T* HWY_RESTRICT dy, const Upstream<T>& up, int64_t i,
                          const T* HWY_RESTRICT x, const float* HWY_RESTRICT w,
                          const float* HWY_RESTRICT bias, T* HWY_RESTRICT gout,
                          float* HWY_RESTRICT col_g, float* HWY_RESTRICT col_gxhat, V<D> m, V<D> r,
                          V<D>& sg, V<D>& sx) {
   const auto xc = hn::Sub(LoadF(d, x + i), m);
-  const auto g = UpstreamAt<kMask>(d, dy, up, i, xc, r, w, bias);
+  const auto g = UpstreamAt<kMask, kSilu>(d, dy, up, i, xc, r, w, bias);
   if (gout) StoreF(g, d, gout + i);
   w += i;
   col_g = col_g ? col_g + i : col_g;
@@ -136,7 +145,7 @@ HWY_INLINE void GradStep(D d, const T* HWY_RESTRICT dy, const Upstream<T>& up, i
   }
 }
 
-template <bool kMask, bool kColumns, typename T>
+template <bool kMask, bool kSilu, bool kColumns, typename T>
 void GradRunT(const T* HWY_RESTRICT dy, const Upstream<T>& up, const T* HWY_RESTRICT x,
               const float* HWY_RESTRICT w, const float* HWY_RESTRICT bias, T* HWY_RESTRICT gout,
               int64_t n, float m, float r, float* HWY_RESTRICT col_g,
@@ -148,16 +157,16 @@ void GradRunT(const T* HWY_RESTRICT dy, const Upstream<T>& up, const T* HWY_REST
   auto g0 = hn::Zero(d), g1 = hn::Zero(d), x0 = hn::Zero(d), x1 = hn::Zero(d);
   int64_t i = 0;
   for (; i + 2 * N <= n; i += 2 * N) {
-    GradStep<kMask, kColumns>(d, dy, up, i, x, w, bias, gout, col_g, col_gxhat, vm, vr, g0, x0);
-    GradStep<kMask, kColumns>(d, dy, up, i + N, x, w, bias, gout, col_g, col_gxhat, vm, vr, g1,
+    GradStep<kMask, kSilu, kColumns>(d, dy, up, i, x, w, bias, gout, col_g, col_gxhat, vm, vr, g0, x0);
+    GradStep<kMask, kSilu, kColumns>(d, dy, up, i + N, x, w, bias, gout, col_g, col_gxhat, vm, vr, g1,
                               x1);
   }
   for (; i + N <= n; i += N)
-    GradStep<kMask, kColumns>(d, dy, up, i, x, w, bias, gout, col_g, col_gxhat, vm, vr, g0, x0);
+    GradStep<kMask, kSilu, kColumns>(d, dy, up, i, x, w, bias, gout, col_g, col_gxhat, vm, vr, g0, x0);
   auto tg = hn::Zero(d1), tx = hn::Zero(d1);
   const auto vm1 = hn::Set(d1, m), vr1 = hn::Set(d1, r);
   for (; i < n; ++i)
-    GradStep<kMask, kColumns>(d1, dy, up, i, x, w, bias, gout, col_g, col_gxhat, vm1, vr1, tg,
+    GradStep<kMask, kSilu, kColumns>(d1, dy, up, i, x, w, bias, gout, col_g, col_gxhat, vm1, vr1, tg,
                               tx);
   *sum_g = SumLanes(d, hn::Add(g0, g1)) + double(hn::GetLane(tg));
   *sum_gxc = SumLanes(d, hn::Add(x0, x1)) + double(hn::GetLane(tx));
@@ -167,31 +176,30 @@ template <typename T>
 void GradRun(const T* dy, const Upstream<T>& up, const T* x, const float* w, const float* bias,
              T* gout, int64_t n, float m, float r, float* col_g, float* col_gxhat, double* sum_g,
              double* sum_gxc) {
-  if (up.mask)
-    col_g ? GradRunT<true, true>(dy, up, x, w, bias, gout, n, m, r, col_g, col_gxhat, sum_g, sum_gxc)
-          : GradRunT<true, false>(dy, up, x, w, bias, gout, n, m, r, col_g, col_gxhat, sum_g, sum_gxc);
-  else
-    col_g ? GradRunT<false, true>(dy, up, x, w, bias, gout, n, m, r, col_g, col_gxhat, sum_g, sum_gxc)
-          : GradRunT<false, false>(dy, up, x, w, bias, gout, n, m, r, col_g, col_gxhat, sum_g, sum_gxc);
+  WithUpstream(up, [&](auto kMask, auto kSilu) {
+    constexpr bool M = decltype(kMask)::value, U = decltype(kSilu)::value;
+    col_g ? GradRunT<M, U, true>(dy, up, x, w, bias, gout, n, m, r, col_g, col_gxhat, sum_g, sum_gxc)
+          : GradRunT<M, U, false>(dy, up, x, w, bias, gout, n, m, r, col_g, col_gxhat, sum_g, sum_gxc);
+  });
 }
 
-template <bool kMask, bool kStream = false, class D, typename T>
+template <bool kMask, bool kSilu, bool kStream = false, class D, typename T>
 HWY_INLINE void DxStep(D d, T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const Upstream<T>& up,
                        int64_t i, const T* HWY_RESTRICT x, const float* HWY_RESTRICT w,
                        const float* HWY_RESTRICT bias, V<D> a, V<D> b, V<D> m, V<D> c) {
   const auto xc = hn::Sub(LoadF(d, x + i), m);
-  const auto g = UpstreamAt<kMask>(d, dy, up, i, xc, a, w, bias);
+  const auto g = UpstreamAt<kMask, kSilu>(d, dy, up, i, xc, a, w, bias);
   StoreOut<kStream>(hn::MulAdd(hn::Mul(a, hn::LoadU(d, w + i)), g, hn::MulAdd(b, xc, c)), d,
                     dx + i);
 }
 
 // kStream: dx with non-temporal stores (see ForEachInRun).
-template <bool kMask, bool kStream, typename T>
+template <bool kMask, bool kSilu, bool kStream, typename T>
 void DxRunT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const Upstream<T>& up,
             const T* HWY_RESTRICT x, const float* HWY_RESTRICT w,
             const float* HWY_RESTRICT bias, int64_t n, float a, float b, float m, float c) {
   ForEachInRun<kStream>(dx, n, [&](auto d, int64_t i, auto stream) {
-    DxStep<kMask, decltype(stream)::value>(d, dx, dy, up, i, x, w, bias, hn::Set(d, a),
+    DxStep<kMask, kSilu, decltype(stream)::value>(d, dx, dy, up, i, x, w, bias, hn::Set(d, a),
                                            hn::Set(d, b), hn::Set(d, m), hn::Set(d, c));
   });
 }
@@ -200,9 +208,10 @@ template <typename T>
 void DxRun(T* dx, const T* dy, const Upstream<T>& up, const T* x, const float* w,
            const float* bias, int64_t n, float a, float b, float m, float c, bool stream) {
   WithStream<T>(stream, [&](auto kS) {
-    constexpr bool S = decltype(kS)::value;
-    up.mask ? DxRunT<true, S>(dx, dy, up, x, w, bias, n, a, b, m, c)
-            : DxRunT<false, S>(dx, dy, up, x, w, bias, n, a, b, m, c);
+    WithUpstream(up, [&](auto kMask, auto kSilu) {
+      DxRunT<decltype(kMask)::value, decltype(kSilu)::value, decltype(kS)::value>(
+          dx, dy, up, x, w, bias, n, a, b, m, c);
+    });
   });
 }
 
