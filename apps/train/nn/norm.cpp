@@ -93,7 +93,8 @@ const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) 
   layer_->weight = weight.value;
   layer_->bias = bias.value;
   // The layer checks x and the residual and fuses the epilogue into its output pass.
-  layer_->forward(x.view(), {relu_ ? Activation::relu : Activation::none, residual ? residual->view() : TensorView{}}, y_.view());
+  const Activation act = relu_ ? Activation::relu : Activation::none;
+  layer_->forward(x.view(), {act, residual ? residual->view() : TensorView{}}, y_.view());
   had_residual_ = residual != nullptr;
   x_ = &x;
   trained_forward_ = mode == Mode::train;
