@@ -231,30 +231,37 @@ HWY_INLINE hn::Vec<D> Relu(D d, hn::Vec<D> v) {
   return hn::IfThenZeroElse(hn::Lt(v, hn::Zero(d)), v);
 }
 
-// sigmoid(z) = 1 / (1 + e^-z) from t = e^-|z| in (0, 1] (Highway's Exp, 1 ulp; valid for any
-// argument <= 0, so no overflow): 1 / (1 + t) for z >= 0, t / (1 + t) below. A few ulps
-// (the tests hold silu and its derivative to 2e-6 relative of double's, plus 1e-37 absolute).
-// NaN in, NaN out through the z * ... of Silu and SiluDerivative.
+// sigmoid(z) = 1 / (1 + e^-z) and 1 - sigmoid(z), both from t = e^-|z| in (0, 1] (Highway's
+// Exp, 1 ulp; valid for any argument <= 0, so no overflow): 1 / (1 + t) and t / (1 + t), the
+// larger for z >= 0. Neither is a difference, so neither cancels (1 - s computed as a difference
+// would lose the digits of silu' at large z). A few ulps each (the tests hold silu and its
+// derivative to 3e-7 relative of double's). NaN in, NaN out through the z * ... of Silu and
+// SiluDerivative.
 template <class D>
-HWY_INLINE hn::Vec<D> Sigmoid(D d, hn::Vec<D> z) {
+HWY_INLINE void SigmoidAndComplement(D d, hn::Vec<D> z, hn::Vec<D>& s, hn::Vec<D>& one_minus_s) {
   const auto one = hn::Set(d, 1.0f);
   const auto t = hn::Exp(d, hn::Neg(hn::Abs(z)));
-  const auto inv = hn::Div(one, hn::Add(one, t));
-  return hn::IfThenElse(hn::Lt(z, hn::Zero(d)), hn::Mul(t, inv), inv);
+  const auto large = hn::Div(one, hn::Add(one, t));
+  const auto small = hn::Mul(t, large);
+  const auto negative = hn::Lt(z, hn::Zero(d));
+  s = hn::IfThenElse(negative, small, large);
+  one_minus_s = hn::IfThenElse(negative, large, small);
 }
 
 // silu(z) = z * sigmoid(z).
 template <class D>
 HWY_INLINE hn::Vec<D> Silu(D d, hn::Vec<D> z) {
-  return hn::Mul(z, Sigmoid(d, z));
+  hn::Vec<D> s, c;
+  SigmoidAndComplement(d, z, s, c);
+  return hn::Mul(z, s);
 }
 
 // silu'(z) = s * (1 + z * (1 - s)), s = sigmoid(z).
 template <class D>
 HWY_INLINE hn::Vec<D> SiluDerivative(D d, hn::Vec<D> z) {
-  const auto one = hn::Set(d, 1.0f);
-  const auto s = Sigmoid(d, z);
-  return hn::Mul(s, hn::MulAdd(z, hn::Sub(one, s), one));
+  hn::Vec<D> s, c;
+  SigmoidAndComplement(d, z, s, c);
+  return hn::Mul(s, hn::MulAdd(z, c, hn::Set(d, 1.0f)));
 }
 
 // The forward epilogue's activation (kAct: an Activation as int) on z.
