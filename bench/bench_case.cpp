@@ -51,6 +51,7 @@ const char* dtype_name(DType d) {
 std::string Case::op_name() const {
   std::string s = family_name(family);
   if (epilogue == Epilogue::add_relu) s += "+add+relu";
+  if (epilogue == Epilogue::silu) s += "+silu";
   switch (op) {
     case Op::forward: s += family == Family::batch_norm ? ".fwd_train" : ".fwd"; break;
     case Op::forward_inference: s += ".fwd_infer"; break;
@@ -124,6 +125,13 @@ const std::vector<ShapeSet>& shape_sets() {
        Epilogue::add_relu},
       {"resnet50-gn-add-relu", Family::group_norm, 32, {{2, 256, 56, 56}, {2, 1024, 14, 14}}, {0},
        Epilogue::add_relu},
+      // The GroupNorm + SiLU of every Stable Diffusion UNet (and VAE) block, on the shapes of
+      // sd-unet-gn.
+      {"sd-unet-gn-silu", Family::group_norm, 32,
+       {{1, 128, 256, 256}, {1, 256, 128, 128}, {1, 512, 64, 64}, {1, 512, 32, 32},
+        {2, 320, 64, 64}, {2, 640, 32, 32}, {2, 1280, 16, 16}, {2, 1920, 32, 32},
+        {2, 2560, 16, 16}},
+       {2, 6}, Epilogue::silu},
       // Tiny odd shapes: every code path once, in seconds; for the correctness smoke test.
       {"smoke", Family::group_norm, 0, {}, {}},
   };
@@ -164,6 +172,7 @@ void add_smoke_cases(std::vector<Case>& out, DType dtype) {
   add_family_cases(out, "smoke", Family::layer_norm, 1, {37, 123}, dtype);
   add_family_cases(out, "smoke", Family::batch_norm, 1, {3, 10, 5, 7}, dtype, Epilogue::add_relu);
   add_family_cases(out, "smoke", Family::group_norm, 5, {2, 15, 3, 11}, dtype, Epilogue::add_relu);
+  add_family_cases(out, "smoke", Family::group_norm, 5, {2, 15, 3, 11}, dtype, Epilogue::silu);
 }
 
 }  // namespace

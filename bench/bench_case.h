@@ -20,8 +20,10 @@ enum class Op {
 };
 
 // What follows the normalization in the same pass: a ResNet block's end is
-// y = relu(norm(x) + residual), whose backward also writes the residual's gradient.
-enum class Epilogue { none, add_relu };
+// y = relu(norm(x) + residual), whose backward also writes the residual's gradient; a diffusion
+// UNet's or VAE's GroupNorm is followed by y = silu(norm(x)), whose backward recomputes
+// norm(x) from x (no tensor more than the plain op's).
+enum class Epilogue { none, add_relu, silu };
 
 struct Case {
   std::string set;  // the shape set it belongs to, e.g. "resnet50-bn-n32"
@@ -41,7 +43,8 @@ struct Case {
   std::size_t bytes() const { return static_cast<std::size_t>(numel()) * element_size(dtype); }
   // Bytes an ideal kernel moves: forward reads x and writes y (2x), backward reads dy and x and
   // writes dx (3x), forward+backward 5x; with add+relu the forward also reads the residual (3x)
-  // and the backward also reads y and writes the residual's gradient (5x; both: 8x).
+  // and the backward also reads y and writes the residual's gradient (5x; both: 8x); silu moves
+  // what the plain op moves.
   // GB/s are computed from this.
   double traffic_bytes() const;
   std::string op_name() const;      // "bn.fwd_train", "gn.bwd", "bn+add+relu.fwd_train", ...

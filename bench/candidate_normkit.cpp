@@ -186,13 +186,14 @@ class NormkitCandidate final : public Candidate {
   }
 
  private:
-  // y = relu(normalized + residual) for the add+relu cases.
+  // y = relu(normalized + residual) for the add+relu cases, silu(normalized) for the silu ones.
   ForwardEpilogue forward_epilogue() const {
     ForwardEpilogue e;
     if (c_->epilogue == Epilogue::add_relu) {
-      e.relu = true;
+      e.activation = Activation::relu;
       e.residual = view_of(*c_, data_->residual.data());
     }
+    if (c_->epilogue == Epilogue::silu) e.activation = Activation::silu;
     return e;
   }
 
@@ -200,9 +201,13 @@ class NormkitCandidate final : public Candidate {
   BackwardEpilogue backward_epilogue() const {
     BackwardEpilogue e;
     if (c_->epilogue == Epilogue::add_relu) {
-      e.relu = true;
+      e.activation = Activation::relu;
       e.y = view_of(*c_, y_.data());
       e.dresidual = view_of(*c_, dresidual_.data());
+    }
+    if (c_->epilogue == Epilogue::silu) {  // z from x and the forward's bias
+      e.activation = Activation::silu;
+      e.bias = data_->bias;
     }
     return e;
   }

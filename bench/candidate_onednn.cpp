@@ -82,6 +82,7 @@ class OnednnCandidate final : public Candidate {
     if (inference) flags = flags | normalization_flags::use_global_stats;
     const bool bwd = c.op == Op::backward || c.op == Op::forward_backward;
     add_relu_ = c.epilogue == Epilogue::add_relu;
+    if (c.epilogue == Epilogue::silu) return "no fused silu compared";
     if (add_relu_) {
       if (c.family != Family::batch_norm) return "no fused add+relu for this primitive";
       flags = flags | normalization_flags::fuse_norm_add_relu;

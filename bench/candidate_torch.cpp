@@ -43,6 +43,7 @@ class TorchCandidate final : public Candidate {
     weight_ = at::from_blob(const_cast<float*>(data.weight.data()), {params}, f32);
     bias_ = at::from_blob(const_cast<float*>(data.bias.data()), {params}, f32);
     add_relu_ = c.epilogue == Epilogue::add_relu;
+    silu_ = c.epilogue == Epilogue::silu;
     if (add_relu_) residual_ = at::from_blob(data.residual.data(), sizes_, strides_, act);
     if (c.family == Family::batch_norm) {
       // Updated in place by the training forward: own copies.
@@ -122,6 +123,7 @@ class TorchCandidate final : public Candidate {
   }
 
   // With add+relu, as a ResNet block ends in PyTorch (torchvision): out += identity; relu_(out).
+  // With silu, as diffusers' ResnetBlock2D: nn.GroupNorm, then nn.SiLU (not in place).
   at::Tensor forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                      const at::Tensor& residual) {
     at::Tensor y = normalize(x, w, b);
@@ -129,6 +131,7 @@ class TorchCandidate final : public Candidate {
       y.add_(residual);
       y.relu_();
     }
+    if (silu_) y = at::silu(y);
     return y;
   }
 
@@ -161,7 +164,7 @@ class TorchCandidate final : public Candidate {
   std::vector<int64_t> sizes_, strides_;
   at::Tensor x_, dy_, weight_, bias_, running_mean_, running_var_;
   at::Tensor x_grad_, weight_grad_, bias_grad_, graph_y_, y_;
-  bool add_relu_ = false;
+  bool add_relu_ = false, silu_ = false;
   at::Tensor residual_, residual_grad_;
   std::vector<at::Tensor> grads_;
 };

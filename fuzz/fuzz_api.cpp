@@ -237,12 +237,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   Context ctx;
   ctx.backend = in.ConsumeIntegralInRange(0, 3) == 0 ? Backend::reference : Backend::cpu;
   ctx.num_threads = in.ConsumeIntegralInRange(-1, 3);
-  const bool relu = in.ConsumeBool();
+  // 3 is no Activation: the api must refuse it.
+  const auto activation = static_cast<Activation>(in.ConsumeIntegralInRange(0, 3));
 
   const TensorView x = make_x(arena, in);
   const TensorView y = make_like(arena, in, x, true, false);
   const TensorView residual = make_like(arena, in, x, false, true);
-  const ForwardEpilogue epilogue{relu, residual};
+  const ForwardEpilogue epilogue{activation, residual};
   const int64_t n = dim(x, 0), c = dim(x, 1);
 
   switch (op) {

@@ -637,11 +637,11 @@ template <typename F> void without_gil(F&& kernel) {
 // library's epilogue is set for it and what its gradient reads besides dy.
 struct FusedActivation {
   const char* name;
-  bool relu;
+  normkit::Activation activation;
   bool backward_needs_y;  // relu: the forward's output, whose sign is the mask
 };
 constexpr FusedActivation kFusedActivations[] = {
-    {"relu", true, true},
+    {"relu", normkit::Activation::relu, true},
 };
 
 // nullptr for None.
@@ -659,10 +659,10 @@ const FusedActivation* fused_activation(const char* function, const py::object& 
 }
 
 void set_activation(const FusedActivation* activation, normkit::ForwardEpilogue& epilogue) {
-  epilogue.relu = activation && activation->relu;
+  epilogue.activation = activation ? activation->activation : normkit::Activation::none;
 }
 void set_activation(const FusedActivation* activation, normkit::BackwardEpilogue& epilogue) {
-  epilogue.relu = activation && activation->relu;
+  epilogue.activation = activation ? activation->activation : normkit::Activation::none;
 }
 
 // An epilogue tensor is used where it lies, never copied: it must have x's shape and dtype and

@@ -26,7 +26,8 @@ namespace normkit {
 struct BatchNormParams {
   double eps = 1e-5;
   double momentum = 0.1;  // weight of the new batch in the running averages, in [0, 1]
-  // Both forwards: y = relu?(normalized(x) + residual?), in the same pass (epilogue.h).
+  // Both forwards: y = act(normalized(x) + residual?) (act none, relu or silu), in the same
+  // pass (epilogue.h).
   ForwardEpilogue epilogue = {};
 };
 
@@ -73,15 +74,18 @@ void batch_norm_forward_inference(const BatchNormParams& params, const TensorVie
                                   const Context& ctx = {});
 
 // Backward of the training forward: the gradient flows through the batch statistics.
-// With g = relu ? dy * (params.epilogue.y > 0) : dy (the forward's epilogue, epilogue.h), the
-// gradient of the normalization is computed from g.
+// With g = dy * act'(z) (the forward's epilogue, epilogue.h: relu reads params.epilogue.y, the
+// forward's output, required then; silu recomputes z from x, save_mean, save_invstd, weight and
+// params.epilogue.bias and .residual, the forward's own, absent exactly when the forward had
+// none), the gradient of the normalization is computed from g.
 // Reads dy, x, save_mean and save_invstd from the training forward, weight (optional),
-// params.epilogue.y (the forward's output, required with relu).
+// params.epilogue.y (with relu), params.epilogue.residual and .bias (with silu).
 // Overwrites dx, params.epilogue.dresidual (optional) with g, and (does not add to) dweight,
 // dbias (optional, length C).
 // Throws normkit::Error, before writing anything, on a dy or dx unlike x, a vector of length
 // != C, a missing save_mean / save_invstd, epilogue.y missing with relu, an epilogue tensor
-// unlike x, a too-small workspace.
+// unlike x, an epilogue.bias of length != C, an activation not in the enum, a too-small
+// workspace.
 void batch_norm_backward_training(const BatchNormBackwardParams& params, const TensorView& dy,
                                   const TensorView& x, std::span<const float> save_mean,
                                   std::span<const float> save_invstd,
@@ -90,9 +94,10 @@ void batch_norm_backward_training(const BatchNormBackwardParams& params, const T
                                   const Context& ctx = {});
 
 // Backward of the inference forward: the running statistics are constants.
-// Reads dy, x, running_mean, running_var, weight (optional), params.epilogue.y (with relu).
+// Reads dy, x, running_mean, running_var, weight (optional), params.epilogue.y (with relu),
+// params.epilogue.residual and .bias (with silu: z as the inference forward made it).
 // Overwrites dx, params.epilogue.dresidual (optional), dweight, dbias. x is read only when
-// dweight is wanted. Throws as the training backward, and on a bad params.eps.
+// dweight is wanted or with silu. Throws as the training backward, and on a bad params.eps.
 void batch_norm_backward_inference(const BatchNormInferenceBackwardParams& params,
                                    const TensorView& dy, const TensorView& x,
                                    std::span<const float> running_mean,

@@ -15,6 +15,8 @@
 //      running variance with the global count M = N * spatial size).
 //   3. batch_norm_normalize: y = epilogue((x - mean) * invstd * weight + bias) on each piece.
 // Inference needs no steps: it is batch_norm_forward_inference on each piece.
+// The steps' epilogues are none or relu: an epilogue with activation silu is refused (the
+// gradient steps do not rebuild silu's pre-activation yet), forward and backward alike.
 // Backward (training), with g = relu ? dy * (y > 0) : dy (the forward's epilogue):
 //   1. batch_norm_gradient_partials: each piece packs sum g and sum g * (x - mean) per channel.
 //   2. batch_norm_merge_gradients: the global sums (double, C each), and from them dweight =

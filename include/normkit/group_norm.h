@@ -28,7 +28,8 @@ namespace normkit {
 struct GroupNormParams {
   int64_t num_groups = 1;
   double eps = 1e-5;
-  // Fused into the forward's single output pass: y = relu?(normalized + residual?).
+  // Fused into the forward's single output pass: y = act(normalized + residual?), act none, relu or
+  // silu.
   ForwardEpilogue epilogue = {};
 };
 
@@ -44,7 +45,7 @@ std::size_t group_norm_workspace_size(const GroupNormParams& params, const Tenso
 
 // Reads x, weight (length C, optional), bias (length C, optional), params.epilogue.residual
 // (optional, shape/format/dtype of x).
-// Overwrites y (shape, format and dtype of x) with relu?(normalized(x) + residual?), mean and
+// Overwrites y (shape, format and dtype of x) with act(normalized(x) + residual?), mean and
 // rstd (N*G floats each, (n, g) row-major; the statistics of x alone).
 // Throws normkit::Error, before writing anything, on: rank outside 2..5, C % G != 0, G <= 0,
 // weight/bias length != C, y or epilogue.residual shape/format/dtype != x's, mean/rstd length !=
@@ -60,20 +61,24 @@ void group_norm_forward(const GroupNormParams& params, const TensorView& x,
 // epilogue the forward fused (no eps: the saved rstd already holds it).
 struct GroupNormBackwardParams {
   int64_t num_groups = 1;
-  // With relu, g = dy * (epilogue.y > 0) (epilogue.y, the forward's output, required then);
-  // else g = dy. epilogue.dresidual, when given, receives g (the residual's gradient).
+  // The forward's activation (epilogue.h): relu, g = dy * (epilogue.y > 0) (epilogue.y, the
+  // forward's output, required then); silu, g = dy * silu'(z) with z recomputed from x, the
+  // statistics, weight, and epilogue.bias and epilogue.residual: the forward's own bias and
+  // residual, absent exactly when the forward had none (nothing can tell a missing one from an
+  // absent one: pass what the forward got); none, g = dy. epilogue.dresidual, when given, receives
+  // g (the residual's gradient).
   BackwardEpilogue epilogue = {};
 };
 
 // Reads dy, x, mean and rstd saved by group_norm_forward, weight (optional), params.epilogue.y
-// (with relu). The gradient of the normalization is taken with respect to g (above).
-// Overwrites dx (shape/format/dtype of x) and, when given, params.epilogue.dresidual with g;
-// overwrites (does not add to) dweight and dbias (length C each; both optional, and either may
-// be given without the other), in the same pass as the reductions.
-// Throws normkit::Error, before writing anything, on the forward's checks of x, num_groups,
-// weight and the workspace, dy or dx shape/format/dtype != x's, mean/rstd length != N*G,
-// dweight/dbias length != C, epilogue.relu without epilogue.y, and epilogue.y or
-// epilogue.dresidual shape/format/dtype != x's.
+// (with relu), params.epilogue.residual and .bias (with silu). The gradient of the normalization is
+// taken with respect to g (above). Overwrites dx (shape/format/dtype of x) and, when given,
+// params.epilogue.dresidual with g; overwrites (does not add to) dweight and dbias (length C each;
+// both optional, and either may be given without the other), in the same pass as the reductions.
+// Throws normkit::Error, before writing anything, on the forward's checks of x, num_groups, weight
+// and the workspace, dy or dx shape/format/dtype != x's, mean/rstd length != N*G, dweight/dbias
+// length != C, relu without epilogue.y, an epilogue.bias of the wrong length, an activation not in
+// the enum, and epilogue.y or epilogue.dresidual shape/format/dtype != x's.
 void group_norm_backward(const GroupNormBackwardParams& params, const TensorView& dy,
                          const TensorView& x, std::span<const float> mean,
                          std::span<const float> rstd, std::span<const float> weight,

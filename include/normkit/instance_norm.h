@@ -20,7 +20,7 @@ struct InstanceNormParams {
   bool use_input_stats = true;
   double momentum = 0.1;
   double eps = 1e-5;
-  // Fused into the forward's output pass: y = relu?(normalized + residual?).
+  // Fused into the forward's output pass: y = act(normalized + residual?), act none, relu or silu.
   ForwardEpilogue epilogue = {};
 };
 
@@ -34,14 +34,14 @@ struct InstanceNormParams {
 // x, eps and momentum (including a spatial size of 1 with use_input_stats).
 std::size_t instance_norm_workspace_size(const InstanceNormParams& params, const TensorView& x);
 
-// Reads x, weight, bias (length C, optional), running_mean/running_var (length C; optional
-// with use_input_stats, required without). Overwrites y, mean and rstd (N*C each; with
-// use_input_stats = false they receive the running stats broadcast per sample, so backward can
-// treat them as constants). Updates running stats in place when given and use_input_stats.
-// y = relu?(normalized(x) + residual?) with params.epilogue (residual: shape/format/dtype of x).
-// Throws normkit::Error before writing anything (among the rest on a non-empty
-// Context::workspace smaller than instance_norm_workspace_size(params, x)); spatial size 1 with
-// use_input_stats throws "Expected more than 1 spatial element when training".
+// Reads x, weight, bias (length C, optional), running_mean/running_var (length C; optional with
+// use_input_stats, required without). Overwrites y, mean and rstd (N*C each; with use_input_stats =
+// false they receive the running stats broadcast per sample, so backward can treat them as
+// constants). Updates running stats in place when given and use_input_stats. y = act(normalized(x)
+// + residual?) (act none, relu or silu) with params.epilogue (residual: shape/format/dtype of x).
+// Throws normkit::Error before writing anything (among the rest on a non-empty Context::workspace
+// smaller than instance_norm_workspace_size(params, x)); spatial size 1 with use_input_stats throws
+// "Expected more than 1 spatial element when training".
 void instance_norm_forward(const InstanceNormParams& params, const TensorView& x,
                            std::span<const float> weight, std::span<const float> bias,
                            std::span<float> running_mean, std::span<float> running_var,
@@ -55,17 +55,22 @@ struct InstanceNormBackwardParams {
   // As the forward's: with it the gradient flows through the per-instance statistics
   // (group_norm_backward with G = C); without, they are constants.
   bool use_input_stats = true;
-  // With relu, g = dy * (epilogue.y > 0) (epilogue.y, the forward's output, required then);
-  // else g = dy. epilogue.dresidual, when given, receives g.
+  // The forward's activation (epilogue.h): relu, g = dy * (epilogue.y > 0) (epilogue.y, the
+  // forward's output, required then); silu, g = dy * silu'(z) with z recomputed from x, the
+  // statistics, weight, and epilogue.bias and epilogue.residual: the forward's own bias and
+  // residual, absent exactly when the forward had none (nothing can tell a missing one from an
+  // absent one: pass what the forward got); none, g = dy. epilogue.dresidual, when given, receives
+  // g.
   BackwardEpilogue epilogue = {};
 };
 
-// Backward of instance_norm_forward. Reads dy, x, mean, rstd (as written by the forward),
-// weight (optional), params.epilogue.y (with relu). Overwrites dx, dweight and dbias (length C,
-// optional; overwritten, not added to) and, when given, params.epilogue.dresidual with g.
-// Throws normkit::Error before writing anything, on the forward's checks of x and the
-// workspace (spatial size 1 with use_input_stats included), dy or dx unlike x, a vector of the
-// wrong length, epilogue.relu without epilogue.y, and an epilogue tensor unlike x.
+// Backward of instance_norm_forward. Reads dy, x, mean, rstd (as written by the forward), weight
+// (optional), params.epilogue.y (with relu), params.epilogue.residual and .bias (with silu).
+// Overwrites dx, dweight and dbias (length C, optional; overwritten, not added to) and, when given,
+// params.epilogue.dresidual with g. Throws normkit::Error before writing anything, on the forward's
+// checks of x and the workspace (spatial size 1 with use_input_stats included), dy or dx unlike x,
+// a vector of the wrong length, relu without epilogue.y, an epilogue.bias of the wrong length, an
+// activation not in the enum, and an epilogue tensor unlike x.
 void instance_norm_backward(const InstanceNormBackwardParams& params, const TensorView& dy,
                             const TensorView& x, std::span<const float> mean,
                             std::span<const float> rstd, std::span<const float> weight,

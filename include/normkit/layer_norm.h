@@ -26,7 +26,8 @@ namespace normkit {
 struct LayerNormParams {
   int normalized_ndim = 1;  // how many trailing dims are normalized, 1..rank
   double eps = 1e-5;
-  // Forward: y = relu?(normalized(x) + residual?), in the same pass (epilogue.h).
+  // Forward: y = act(normalized(x) + residual?) (act none, relu or silu), in the same pass
+  // (epilogue.h).
   ForwardEpilogue epilogue = {};
 };
 
@@ -51,17 +52,22 @@ void layer_norm_forward(const LayerNormParams& params, const TensorView& x,
 // it fused (no eps: the saved rstd already holds it).
 struct LayerNormBackwardParams {
   int normalized_ndim = 1;  // as the forward's
-  // With relu, g = dy * (epilogue.y > 0) (epilogue.y, the forward's output, required then);
-  // else g = dy. epilogue.dresidual, when given, receives g.
+  // The forward's activation (epilogue.h): relu, g = dy * (epilogue.y > 0) (epilogue.y, the
+  // forward's output, required then); silu, g = dy * silu'(z) with z recomputed from x, the
+  // statistics, weight, and epilogue.bias and epilogue.residual: the forward's own bias and
+  // residual, absent exactly when the forward had none (nothing can tell a missing one from an
+  // absent one: pass what the forward got); none, g = dy. epilogue.dresidual, when given, receives
+  // g.
   BackwardEpilogue epilogue = {};
 };
 
-// Reads dy, x, mean, rstd, weight (optional), params.epilogue.y (with relu). The gradient of
-// the normalization is taken with respect to g (above). Overwrites dx (like x), dweight and
-// dbias (length cols, optional; overwritten, not added to) and, when given,
-// params.epilogue.dresidual with g. Throws normkit::Error before writing anything on the
-// forward's checks of x, normalized_ndim, weight and the workspace, a dy or dx unlike x, a
-// vector of the wrong length, epilogue.relu without epilogue.y, or an epilogue tensor unlike x.
+// Reads dy, x, mean, rstd, weight (optional), params.epilogue.y (with relu),
+// params.epilogue.residual and .bias (with silu). The gradient of the normalization is taken with
+// respect to g (above). Overwrites dx (like x), dweight and dbias (length cols, optional;
+// overwritten, not added to) and, when given, params.epilogue.dresidual with g. Throws
+// normkit::Error before writing anything on the forward's checks of x, normalized_ndim, weight and
+// the workspace, a dy or dx unlike x, a vector of the wrong length, relu without epilogue.y, an
+// epilogue.bias of the wrong length, an activation not in the enum, or an epilogue tensor unlike x.
 void layer_norm_backward(const LayerNormBackwardParams& params, const TensorView& dy,
                          const TensorView& x, std::span<const float> mean,
                          std::span<const float> rstd, std::span<const float> weight,

@@ -72,18 +72,21 @@ class NormLayer {
  public:
   virtual ~NormLayer() = default;
 
-  // forward(x, {}, y): no residual, no ReLU.
+  // forward(x, {}, y): no residual, no activation.
   void forward(const TensorView& x, const TensorView& y) { forward(x, {}, y); }
   // backward(dy, dx, {}): the residual's gradient is not written.
   void backward(const TensorView& dy, const TensorView& dx) { backward(dy, dx, {}); }
 
-  // The forward with the fused epilogue: y = relu?(norm(x) + residual?) in one pass. Reads x and
-  // epilogue.residual (absent, or x's shape, format and dtype); overwrites y. With relu, y is
-  // also kept for the backward (its sign is the ReLU's mask): y must then stay unchanged until
-  // the backward, like x. Throws as forward(x, y), and on a residual unlike x.
+  // The forward with the fused epilogue: y = act(norm(x) + residual?) in one pass (epilogue.h).
+  // Reads x and epilogue.residual (absent, or x's shape, format and dtype); overwrites y. With
+  // relu, y is also kept for the backward (its sign is the ReLU's mask); with silu, the residual
+  // is (the backward recomputes z from x, the statistics, weight, bias and it). What is kept must
+  // stay unchanged until the backward, like x. Throws as forward(x, y), and on a residual
+  // unlike x.
   void forward(const TensorView& x, const ForwardEpilogue& epilogue, const TensorView& y);
   // The backward through the last forward's epilogue (whichever forward overload ran): with
-  // g = relu ? dy * (y > 0) : dy, overwrites dx, weight_grad and bias_grad from g as
+  // g = dy * act'(z) (epilogue.h; silu reads the layer's current bias as the forward's, like its
+  // weight), overwrites dx, weight_grad and bias_grad from g as
   // backward(dy, dx) does, and dresidual (optional: TensorView{} for none; else x's shape and
   // format) with g. Throws as backward(dy, dx) (a backward with no forward before it included),
   // and on a dresidual unlike the last forward's x.
@@ -128,8 +131,9 @@ class NormLayer {
   TensorView saved_x_;  // the input of the last forward; rank 0 before the first
 
  private:
-  bool used_relu_ = false;
-  TensorView saved_y_;  // the last forward's output when it applied a ReLU
+  Activation used_activation_ = Activation::none;
+  TensorView saved_y_;         // the last forward's output when it applied a ReLU
+  TensorView saved_residual_;  // the last forward's residual when it applied a SiLU
 };
 
 // torch.nn.BatchNorm{1,2,3}d. Training mode: normalizes with the batch statistics and, with

@@ -54,7 +54,7 @@ void check_backward(const char* fn, const BackwardEpilogue& epilogue, const Tens
   check_input(fn, x, weight, {});
   check_like(fn, "dy", dy, "x", x);
   check_like(fn, "dx", dx, "x", x);
-  check_backward_epilogue(fn, epilogue, x);
+  check_backward_epilogue(fn, epilogue, x, x.channels(), "C");
   check_length(fn, "dweight", dweight, x.channels(), "C", false);
   check_length(fn, "dbias", dbias, x.channels(), "C", false);
 }

@@ -85,7 +85,7 @@ void group_norm_backward(const GroupNormBackwardParams& params, const TensorView
   check_length(fn, "rstd", rstd, batch_groups, "N * num_groups", true);
   check_length(fn, "dweight", dweight, x.channels(), "C", false);
   check_length(fn, "dbias", dbias, x.channels(), "C", false);
-  check_backward_epilogue(fn, epilogue, x);
+  check_backward_epilogue(fn, epilogue, x, x.channels(), "C");
   const auto plan = detail::group_norm_plan(
       x, params.num_groups, ctx, detail::backward_work(false, epilogue, dweight, dbias));
   const auto workspace = detail::checked_workspace(fn, kWorkspaceQuery, plan.scratch.bytes, ctx);

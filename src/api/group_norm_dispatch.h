@@ -80,7 +80,8 @@ inline cpu::GroupNormBackwardWork backward_work(bool stats_are_constants,
                                                 std::span<float> dweight, std::span<float> dbias) {
   return cpu::GroupNormBackwardWork::of(stats_are_constants, dweight.data() != nullptr,
                                         dbias.data() != nullptr,
-                                        epilogue.dresidual.data != nullptr, epilogue.relu);
+                                        epilogue.dresidual.data != nullptr, epilogue.activation,
+                                        epilogue.residual.data != nullptr);
 }
 
 // The backward on validated arguments (stats_are_constants: the gradient does not flow through

@@ -162,7 +162,7 @@ void instance_norm_backward(const InstanceNormBackwardParams& params, const Tens
   check_length(fn, "rstd", rstd, instances, "N * C", true);
   check_length(fn, "dweight", dweight, x.channels(), "C", false);
   check_length(fn, "dbias", dbias, x.channels(), "C", false);
-  check_backward_epilogue(fn, epilogue, x);
+  check_backward_epilogue(fn, epilogue, x, x.channels(), "C");
   const bool constants = !params.use_input_stats;
   const auto plan = detail::group_norm_plan(
       x, x.channels(), ctx, detail::backward_work(constants, epilogue, dweight, dbias));

@@ -137,14 +137,14 @@ void layer_norm_backward(const LayerNormBackwardParams& params, const TensorView
   check_length(fn, "rstd", rstd, sh.rows, "product of the leading dims", true);
   check_length(fn, "dweight", dweight, sh.cols, "product of the normalized dims", false);
   check_length(fn, "dbias", dbias, sh.cols, "product of the normalized dims", false);
-  check_backward_epilogue(fn, epilogue, x);
+  check_backward_epilogue(fn, epilogue, x, sh.cols, "product of the normalized dims");
   if (ctx.backend == Backend::reference) {
     ref::layer_norm_backward(sh, epilogue, dy, x, ptr(mean), ptr(rstd), ptr(weight), dx,
                              ptr(dweight), ptr(dbias));
     return;
   }
   const CpuCall call = plan_cpu_call(fn, x, sh, ctx);
-  // Without relu the forward's y is not read (the mask is the relu's alone).
+  // Only relu reads the forward's y; only silu its residual and bias.
   visit_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     cpu::layer_norm_backward(call.plan, cpu::BackwardEpilogueOf<T>::from(epilogue),

@@ -2,6 +2,7 @@
 #include "normkit/layers.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <span>
 #include <string>
@@ -99,8 +100,9 @@ void NormLayer::forward(const TensorView& x, const ForwardEpilogue& epilogue,
   check_input("forward", x);
   forward_op(x, epilogue, y);
   saved_x_ = x;
-  used_relu_ = epilogue.relu;
-  saved_y_ = epilogue.relu ? y : TensorView{};
+  used_activation_ = epilogue.activation;
+  saved_y_ = epilogue.activation == Activation::relu ? y : TensorView{};
+  saved_residual_ = epilogue.activation == Activation::silu ? epilogue.residual : TensorView{};
 }
 
 void NormLayer::backward(const TensorView& dy, const TensorView& dx,
@@ -110,7 +112,13 @@ void NormLayer::backward(const TensorView& dy, const TensorView& dx,
     const std::string fn = qualified(name_, "backward");
     detail::check_like(fn.c_str(), "dresidual", dresidual, "the last forward's x", saved_x_);
   }
-  backward_op({.relu = used_relu_, .y = saved_y_, .dresidual = dresidual}, dy, dx);
+  backward_op({.activation = used_activation_,
+               .y = saved_y_,
+               .residual = saved_residual_,
+               .bias = used_activation_ == Activation::silu ? std::span<const float>(bias)
+                                                             : std::span<const float>(),
+               .dresidual = dresidual},
+              dy, dx);
 }
 
 // ---- BatchNorm ----
@@ -188,7 +196,7 @@ void FrozenBatchNorm::forward_op(const TensorView& x, const ForwardEpilogue& epi
 
 void FrozenBatchNorm::backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
                                   const TensorView& dx) {
-  // Without parameter gradients the spans are empty and the op does not read x.
+  // Without parameter gradients the spans are empty and the op reads x only for silu.
   batch_norm_backward_inference({.eps = used_eps_, .epilogue = epilogue}, dy, saved_x_,
                                 running_mean, running_var, weight, dx,
                                 optional_view(weight_grad), optional_view(bias_grad), context);
@@ -307,7 +315,9 @@ void NoNorm::forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
   const float* rp = static_cast<const float*>(epilogue.residual.data);
   const float* b = bias.data();
   float* yp = static_cast<float*>(y.data);
-  const bool relu = epilogue.relu, last = channels_innermost(x);
+  detail::check_activation(fn.c_str(), epilogue.activation);
+  const Activation act = epilogue.activation;
+  const bool last = channels_innermost(x);
   // The same float operations in the same order as a bias add, a residual add and a ReLU.
 #pragma omp parallel for schedule(static) num_threads(threads_of(context))
   for (int64_t r = 0; r < rows; ++r)
@@ -316,7 +326,9 @@ void NoNorm::forward_op(const TensorView& x, const ForwardEpilogue& epilogue,
       const int64_t c = last ? j : (i / S) % C;
       float v = xp[i] + b[c];
       if (rp) v += rp[i];
-      yp[i] = relu ? std::max(v, 0.0f) : v;
+      yp[i] = act == Activation::relu ? std::max(v, 0.0f)
+              : act == Activation::silu ? float(double(v) / (1.0 + std::exp(-double(v))))
+                                        : v;
     }
 }
 
@@ -325,12 +337,24 @@ void NoNorm::backward_op(const BackwardEpilogue& epilogue, const TensorView& dy,
   const int64_t C = num_channels_, S = dy.spatial_size(), total = dy.numel();
   const float* d = static_cast<const float*>(dy.data);
   const float* yp = static_cast<const float*>(epilogue.y.data);
+  const float* xp = static_cast<const float*>(saved_x_.data);
+  const float* rp = static_cast<const float*>(epilogue.residual.data);
+  const bool last_in = channels_innermost(dy);
   float* g = static_cast<float*>(dx.data);  // dx is g itself
   float* dres = static_cast<float*>(epilogue.dresidual.data);
   const int threads = threads_of(context);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t i = 0; i < total; ++i) {
-    g[i] = epilogue.relu ? (yp[i] > 0.0f ? d[i] : 0.0f) : d[i];
+    if (epilogue.activation == Activation::silu) {
+      // z as the forward made it: x + bias + residual?
+      const int64_t c = last_in ? i % C : (i / S) % C;
+      float z = xp[i] + (epilogue.bias.empty() ? 0.0f : epilogue.bias[std::size_t(c)]);
+      if (rp) z += rp[i];
+      const double s = 1.0 / (1.0 + std::exp(-double(z)));
+      g[i] = float(double(d[i]) * s * (1.0 + double(z) * (1.0 - s)));
+    } else {
+      g[i] = epilogue.activation == Activation::relu ? (yp[i] > 0.0f ? d[i] : 0.0f) : d[i];
+    }
     if (dres) dres[i] = g[i];
   }
   // Fixed chunks summed in parallel, then the chunks in order: the same bits for any thread

@@ -75,16 +75,27 @@ void check_length(const char* function, const char* name, std::span<const float>
                        ", expected " + what + " = " + std::to_string(expected));
 }
 
+void check_activation(const char* function, Activation a) {
+  if (a != Activation::none && a != Activation::relu && a != Activation::silu)
+    fail(function, "epilogue.activation must be none, relu or silu, got " +
+                       std::to_string(static_cast<int>(a)));
+}
+
 void check_forward_epilogue(const char* function, const ForwardEpilogue& e, const TensorView& x) {
+  check_activation(function, e.activation);
   if (e.residual.data != nullptr) check_like(function, "epilogue.residual", e.residual, "x", x);
 }
 
-void check_backward_epilogue(const char* function, const BackwardEpilogue& e, const TensorView& x) {
+void check_backward_epilogue(const char* function, const BackwardEpilogue& e, const TensorView& x,
+                             int64_t bias_length, const char* bias_what) {
+  check_activation(function, e.activation);
   bool empty = false;  // by dims, not numel(): the product of the others may overflow
   for (int i = 0; i < x.rank && i < kMaxRank; ++i) empty |= x.shape[i] == 0;
-  if (e.relu && e.y.data == nullptr && !empty)
-    fail(function, "epilogue.y (the forward's output) is required with epilogue.relu");
+  if (e.activation == Activation::relu && e.y.data == nullptr && !empty)
+    fail(function, "epilogue.y (the forward's output) is required with relu");
   if (e.y.data != nullptr) check_like(function, "epilogue.y", e.y, "x", x);
+  if (e.residual.data != nullptr) check_like(function, "epilogue.residual", e.residual, "x", x);
+  check_length(function, "epilogue.bias", e.bias, bias_length, bias_what, false);
   if (e.dresidual.data != nullptr)
     check_like(function, "epilogue.dresidual", e.dresidual, "x", x);
 }

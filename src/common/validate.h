@@ -42,10 +42,17 @@ void check_like(const char* function, const char* name, const TensorView& t, con
 void check_length(const char* function, const char* name, std::span<const float> v,
                   int64_t expected, const char* what, bool required);
 
-// Fused-epilogue tensors: each present one (data != nullptr) must look like x; a backward
-// with relu needs y (its sign is the mask) unless x is empty.
+// One of the enum's values (a cast int may not be).
+void check_activation(const char* function, Activation a);
+
+// Fused-epilogue tensors: the activation is one of the enum's; each present tensor (data !=
+// nullptr) must look like x; a backward with relu needs y (its sign is the mask) unless x is
+// empty; a present epilogue.bias has bias_length values (`bias_what` names that length, e.g.
+// "C"). Nothing can tell a residual or bias the silu backward lacks from one the forward did
+// not have: the header contracts say to pass what the forward got.
 void check_forward_epilogue(const char* function, const ForwardEpilogue& e, const TensorView& x);
-void check_backward_epilogue(const char* function, const BackwardEpilogue& e, const TensorView& x);
+void check_backward_epilogue(const char* function, const BackwardEpilogue& e, const TensorView& x,
+                             int64_t bias_length, const char* bias_what);
 
 void check_eps(const char* function, double eps);
 // num_groups > 0 and dividing `channels` (GroupNorm's rule, for the op and its layer alike);

@@ -10,6 +10,7 @@
 #include "cpu/scratch.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
+#include "cpu/upstream.h"
 #include "cpu/column_sums-inl.h"
 
 #include <algorithm>
@@ -44,30 +45,31 @@ struct RunAccumulators {
   int64_t pending;
 };
 
-// The leaf loops of one SIMD target for activations of type T. `mask` (null: none) is the
-// forward's output y whose sign gates the incoming gradient: g = mask > 0 ? dy : 0. `stream`:
-// the output (y or dx) with non-temporal stores where they apply (float32; see cpu/simd.h).
+// The leaf loops of one SIMD target for activations of type T. `up` makes the incoming gradient
+// g from dy through the epilogue (cpu/upstream.h): relu's mask, or silu's z = x * za + zb + r?
+// recomputed with the forward's coefficients (za, zb: a and b of y = x * a + b). `stream`: the
+// output (y or dx) with non-temporal stores where they apply (float32; see cpu/simd.h).
 template <typename T>
 struct Kernels {
-  // ---- forward: y = relu?(x * a + b + r?) ----
+  // ---- forward: y = act(x * a + b + r?) ----
   // Over a run of n values with one channel's a, b.
-  void (*affine_run)(T* y, const T* x, const T* r, int64_t n, float a, float b, bool relu,
+  void (*affine_run)(T* y, const T* x, const T* r, int64_t n, float a, float b, Activation act,
                      bool stream);
   // Over `rows` channels-last rows of `channels` values, a[c], b[c] per column.
   void (*affine_rows)(T* y, const T* x, const T* r, int64_t rows, int64_t channels,
-                      const float* a, const float* b, bool relu, bool stream);
+                      const float* a, const float* b, Activation act, bool stream);
   // Over a slab of n values with coefficients a[i], b[i] per value (the per-channel ones
   // spread over a block of planes); streams whatever the slab's length when `stream`.
   void (*affine_slab)(T* y, const T* x, const T* r, int64_t n, const float* a, const float* b,
-                      bool relu, bool stream);
+                      Activation act, bool stream);
 
   // ---- backward: dx = g * p + (x - m) * q + r, or g * p when x is null; dres = g (if not
-  // null; never streamed) ----
-  void (*dx_run)(T* dx, T* dres, const T* dy, const T* mask, const T* x, int64_t n, float p,
-                 float q, float r, float m, bool stream);
-  void (*dx_rows)(T* dx, T* dres, const T* dy, const T* mask, const T* x, int64_t rows,
-                  int64_t channels, const float* p, const float* q, const float* r,
-                  const float* m, bool stream);
+  // null; never streamed). silu reads zx (x; null otherwise) for z. ----
+  void (*dx_run)(T* dx, T* dres, const T* dy, const Upstream<T>& up, const T* zx, const T* x,
+                 int64_t n, float p, float q, float r, float m, float za, float zb, bool stream);
+  void (*dx_rows)(T* dx, T* dres, const T* dy, const Upstream<T>& up, const T* zx, const T* x,
+                  int64_t rows, int64_t channels, const float* p, const float* q, const float* r,
+                  const float* m, const float* za, const float* zb, bool stream);
 
   // ---- sums of a run: add to acc, and from acc to `out` in double whenever kChunk values are
   // pending (where depends only on the run lengths) ----
@@ -75,8 +77,8 @@ struct Kernels {
   void (*stat_run_sums)(const T* x, int64_t n, float center, RunAccumulators* acc,
                         PairSums* out);
   // Gradients: g and g * (x - center).
-  void (*grad_run_sums)(const T* x, const T* dy, const T* mask, int64_t n, float center,
-                        RunAccumulators* acc, PairSums* out);
+  void (*grad_run_sums)(const T* x, const T* dy, const Upstream<T>& up, int64_t n, float center,
+                        float za, float zb, RunAccumulators* acc, PairSums* out);
   // Adds what acc holds to out (nothing when no value is pending) and clears it.
   void (*flush_run_sums)(RunAccumulators* acc, PairSums* out);
 
@@ -84,8 +86,9 @@ struct Kernels {
   // k * stride) of `width` columns, overwrites s1[j], s2[j] with column j's float sums ----
   void (*stat_column_sums)(const T* x, int64_t rows, int64_t width, int64_t stride,
                            const float* centers, float* s1, float* s2);
-  void (*grad_column_sums)(const T* x, const T* dy, const T* mask, int64_t rows, int64_t width,
-                           int64_t stride, const float* centers, float* s1, float* s2);
+  void (*grad_column_sums)(const T* x, const T* dy, const Upstream<T>& up, int64_t rows,
+                           int64_t width, int64_t stride, const float* centers, const float* za,
+                           const float* zb, float* s1, float* s2);
 
   // ---- per-channel folds, for channels i < n (every pointer at the first one's) ----
   // From the shifted sums over `count` values and the pivots: overwrites mean, invstd and the
@@ -99,6 +102,10 @@ struct Kernels {
   // From the running statistics: overwrites a, b.
   void (*fold_running)(int64_t n, const float* running_mean, const float* running_var,
                        double eps, const float* weight, const float* bias, float* a, float* b);
+  // From saved mean and invstd (silu's backward: the training forward's a, b up to the
+  // rounding of the saved statistics): overwrites a, b.
+  void (*fold_saved)(int64_t n, const float* mean, const float* invstd, const float* weight,
+                     const float* bias, float* a, float* b);
 };
 
 }  // namespace normkit::cpu::bn
@@ -126,32 +133,46 @@ T* at(T* p, int64_t i) {
 
 // ---- elementwise steps, the same for a full vector and a one-lane tail ----
 
-// y = relu?(x * a + b + residual?)
-template <bool kResidual, bool kRelu, bool kStream = false, class D, typename T>
+// y = act(x * a + b + residual?)
+template <bool kResidual, int kAct, bool kStream = false, class D, typename T>
 HWY_INLINE void ForwardStep(D d, const T* HWY_RESTRICT x, const T* HWY_RESTRICT r,
                             T* HWY_RESTRICT y, V<D> a, V<D> b) {
   auto v = hn::MulAdd(LoadF(d, x), a, b);
   if constexpr (kResidual) v = hn::Add(v, LoadF(d, r));
-  // Not Max(v, 0): a NaN stays a NaN, as in torch's relu.
-  if constexpr (kRelu) v = hn::IfThenZeroElse(hn::Lt(v, hn::Zero(d)), v);
-  StoreOut<kStream>(v, d, y);
+  StoreOut<kStream>(Activate<kAct>(d, v), d, y);
 }
 
 // The gradient the normalization sees: dy, zeroed where the ReLU's output was not positive.
 template <bool kRelu, class D, typename T>
-HWY_INLINE V<D> Upstream(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT y) {
+HWY_INLINE V<D> MaskedGradient(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT y) {
   const auto g = LoadF(d, dy);
   if constexpr (kRelu) return hn::IfThenElseZero(hn::Gt(LoadF(d, y), hn::Zero(d)), g);
   return g;
 }
 
+// silu's g = dy * silu'(z), z = x * za + zb + residual? (ForwardStep's arithmetic).
+template <class D, typename T>
+HWY_INLINE V<D> SiluGradient(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT x,
+                             const T* HWY_RESTRICT residual, V<D> za, V<D> zb) {
+  auto z = hn::MulAdd(LoadF(d, x), za, zb);
+  if (residual) z = hn::Add(z, LoadF(d, residual));
+  return hn::Mul(LoadF(d, dy), SiluDerivative(d, z));
+}
+
 // dx = g * p + (x - m) * q + r (kX), or g * p (no x: the inference backward); dresidual = g.
+// g through kAct (an Activation as int): relu's mask, silu's z (from zx), or dy.
 // kStream: dx (not dresidual, whose alignment may differ) with non-temporal stores.
-template <bool kRelu, bool kDresidual, bool kX, bool kStream = false, class D, typename T>
+template <int kAct, bool kDresidual, bool kX, bool kStream = false, class D, typename T>
 HWY_INLINE void BackwardStep(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT x,
-                             const T* HWY_RESTRICT y, T* HWY_RESTRICT dx, T* HWY_RESTRICT dres,
-                             V<D> p, V<D> q, V<D> r, V<D> m) {
-  const auto g = Upstream<kRelu>(d, dy, y);
+                             const Upstream<T>& up, int64_t i, const T* HWY_RESTRICT zx,
+                             T* HWY_RESTRICT dx, T* HWY_RESTRICT dres, V<D> p, V<D> q, V<D> r,
+                             V<D> m, V<D> za, V<D> zb) {
+  constexpr bool kRelu = kAct == int(Activation::relu);
+  V<D> g;
+  if constexpr (kAct == int(Activation::silu))
+    g = SiluGradient(d, dy, zx + i, up.residual ? up.residual + i : nullptr, za, zb);
+  else
+    g = MaskedGradient<kRelu>(d, dy, kRelu ? up.mask + i : nullptr);
   if constexpr (kDresidual) StoreF(g, d, dres);
   if constexpr (kX)
     StoreOut<kStream>(hn::MulAdd(g, p, hn::MulAdd(hn::Sub(LoadF(d, x), m), q, r)), d, dx);
@@ -161,7 +182,7 @@ HWY_INLINE void BackwardStep(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRIC
 
 // ---- elementwise loops: one run (one channel), a slab, or a block of rows (all channels) ----
 
-template <bool kResidual, bool kRelu, bool kStream, typename T>
+template <bool kResidual, int kRelu, bool kStream, typename T>
 void ForwardRunT(T* y, const T* x, const T* r, int64_t n, float a, float b) {
   ForEachInRun<kStream>(y, n, [&](auto d, int64_t i, auto stream) {
     ForwardStep<kResidual, kRelu, decltype(stream)::value>(d, x + i, at(r, i), y + i,
@@ -170,7 +191,7 @@ void ForwardRunT(T* y, const T* x, const T* r, int64_t n, float a, float b) {
 }
 
 // Each value's arithmetic is ForwardRunT's.
-template <bool kResidual, bool kRelu, bool kStream, typename T>
+template <bool kResidual, int kRelu, bool kStream, typename T>
 void ForwardSlabT(T* y, const T* x, const T* r, int64_t n, const float* a, const float* b) {
   ForEachInRun<kStream, true>(y, n, [&](auto d, int64_t i, auto stream) {
     ForwardStep<kResidual, kRelu, decltype(stream)::value>(
@@ -178,7 +199,7 @@ void ForwardSlabT(T* y, const T* x, const T* r, int64_t n, const float* a, const
   });
 }
 
-template <bool kResidual, bool kRelu, bool kStream, typename T>
+template <bool kResidual, int kRelu, bool kStream, typename T>
 void ForwardRowsT(T* y, const T* x, const T* r, int64_t rows, int64_t C, const float* a,
                   const float* b) {
   ForEachInRows<kStream>(y, rows, C, [&](auto d, int64_t o, int64_t j, auto stream) {
@@ -187,20 +208,21 @@ void ForwardRowsT(T* y, const T* x, const T* r, int64_t rows, int64_t C, const f
   });
 }
 
-// f(std::bool_constant<kResidual>, std::bool_constant<kRelu>, std::bool_constant<kStream>).
+// f(std::bool_constant<kResidual>, std::integral_constant<int, activation>,
+// std::bool_constant<kStream>).
 template <typename T, class F>
-void VisitForward(bool residual, bool relu, bool stream, const F& f) {
+void VisitForward(bool residual, Activation act, bool stream, const F& f) {
   WithStream<T>(stream, [&](auto s) {
-    if (residual && relu) f(std::true_type(), std::true_type(), s);
-    else if (residual) f(std::true_type(), std::false_type(), s);
-    else if (relu) f(std::false_type(), std::true_type(), s);
-    else f(std::false_type(), std::false_type(), s);
+    WithActivation(act, [&](auto a) {
+      if (residual) f(std::true_type(), a, s);
+      else f(std::false_type(), a, s);
+    });
   });
 }
 
 template <typename T>
-void AffineRun(T* y, const T* x, const T* r, int64_t n, float a, float b, bool relu,
-               bool stream) {
+void AffineRun(T* y, const T* x, const T* r, int64_t n, float a, float b,
+               Activation relu, bool stream) {
   VisitForward<T>(r != nullptr, relu, stream, [&](auto kR, auto kU, auto kS) {
     ForwardRunT<kR.value, kU.value, kS.value>(y, x, r, n, a, b);
   });
@@ -208,7 +230,7 @@ void AffineRun(T* y, const T* x, const T* r, int64_t n, float a, float b, bool r
 
 template <typename T>
 void AffineSlab(T* y, const T* x, const T* r, int64_t n, const float* a, const float* b,
-                bool relu, bool stream) {
+                Activation relu, bool stream) {
   VisitForward<T>(r != nullptr, relu, stream, [&](auto kR, auto kU, auto kS) {
     ForwardSlabT<kR.value, kU.value, kS.value>(y, x, r, n, a, b);
   });
@@ -216,64 +238,76 @@ void AffineSlab(T* y, const T* x, const T* r, int64_t n, const float* a, const f
 
 template <typename T>
 void AffineRows(T* y, const T* x, const T* r, int64_t rows, int64_t C, const float* a,
-                const float* b, bool relu, bool stream) {
+                const float* b, Activation relu, bool stream) {
   VisitForward<T>(r != nullptr, relu, stream, [&](auto kR, auto kU, auto kS) {
     ForwardRowsT<kR.value, kU.value, kS.value>(y, x, r, rows, C, a, b);
   });
 }
 
-template <bool kRelu, bool kDresidual, bool kX, bool kStream, typename T>
-void BackwardRunT(T* dx, T* dres, const T* dy, const T* y, const T* x, int64_t n, float p,
-                  float q, float r, float m) {
+template <int kRelu, bool kDresidual, bool kX, bool kStream, typename T>
+void BackwardRunT(T* dx, T* dres, const T* dy, const Upstream<T>& up, const T* zx, const T* x,
+                  int64_t n, float p, float q, float r, float m, float za, float zb) {
   ForEachInRun<kStream>(dx, n, [&](auto d, int64_t i, auto stream) {
     BackwardStep<kRelu, kDresidual, kX, decltype(stream)::value>(
-        d, dy + i, at(x, i), at(y, i), dx + i, at(dres, i), hn::Set(d, p), hn::Set(d, q),
-        hn::Set(d, r), hn::Set(d, m));
+        d, dy + i, at(x, i), up, i, zx, dx + i, at(dres, i), hn::Set(d, p), hn::Set(d, q),
+        hn::Set(d, r), hn::Set(d, m), hn::Set(d, za), hn::Set(d, zb));
   });
 }
 
-template <bool kRelu, bool kDresidual, bool kX, bool kStream, typename T>
-void BackwardRowsT(T* dx, T* dres, const T* dy, const T* y, const T* x, int64_t rows, int64_t C,
-                   const float* p, const float* q, const float* r, const float* m) {
+template <int kRelu, bool kDresidual, bool kX, bool kStream, typename T>
+void BackwardRowsT(T* dx, T* dres, const T* dy, const Upstream<T>& up, const T* zx, const T* x,
+                   int64_t rows, int64_t C, const float* p, const float* q, const float* r,
+                   const float* m, const float* za, const float* zb) {
   ForEachInRows<kStream>(dx, rows, C, [&](auto d, int64_t o, int64_t j, auto stream) {
+    constexpr bool kSilu = kRelu == int(Activation::silu);
+    const auto va = kSilu ? hn::LoadU(d, za + j) : hn::Zero(d);
+    const auto vb = kSilu ? hn::LoadU(d, zb + j) : hn::Zero(d);
     BackwardStep<kRelu, kDresidual, kX, decltype(stream)::value>(
-        d, dy + o + j, at(x, o + j), at(y, o + j), dx + o + j, at(dres, o + j),
-        hn::LoadU(d, p + j), hn::LoadU(d, q + j), hn::LoadU(d, r + j), hn::LoadU(d, m + j));
+        d, dy + o + j, at(x, o + j), up, o + j, zx, dx + o + j, at(dres, o + j),
+        hn::LoadU(d, p + j), hn::LoadU(d, q + j), hn::LoadU(d, r + j), hn::LoadU(d, m + j), va,
+        vb);
   });
 }
 
-// f(kRelu, kDresidual, kX, kStream) as std::bool_constants.
+// f(kAct, kDresidual, kX, kStream): an std::integral_constant<int, activation>, then
+// std::bool_constants.
 template <typename T, class F>
-void VisitBackward(bool relu, bool dres, bool with_x, bool stream, const F& f) {
+void VisitBackward(Activation act, bool dres, bool with_x, bool stream, const F& f) {
   const auto visit_x = [&](auto kU, auto kD) {
     WithStream<T>(stream, [&](auto kS) {
       if (with_x) f(kU, kD, std::true_type(), kS);
       else f(kU, kD, std::false_type(), kS);
     });
   };
-  if (relu && dres) visit_x(std::true_type(), std::true_type());
-  else if (relu) visit_x(std::true_type(), std::false_type());
-  else if (dres) visit_x(std::false_type(), std::true_type());
-  else visit_x(std::false_type(), std::false_type());
+  WithActivation(act, [&](auto kU) {
+    if (dres) visit_x(kU, std::true_type());
+    else visit_x(kU, std::false_type());
+  });
 }
 
 template <typename T>
-void DxRun(T* dx, T* dres, const T* dy, const T* mask, const T* x, int64_t n, float p, float q,
-           float r, float m, bool stream) {
-  VisitBackward<T>(mask != nullptr, dres != nullptr, x != nullptr, stream,
+Activation activation_of(const Upstream<T>& up) {
+  return up.mask ? Activation::relu : up.silu ? Activation::silu : Activation::none;
+}
+
+template <typename T>
+void DxRun(T* dx, T* dres, const T* dy, const Upstream<T>& up, const T* zx, const T* x,
+           int64_t n, float p, float q, float r, float m, float za, float zb, bool stream) {
+  VisitBackward<T>(activation_of(up), dres != nullptr, x != nullptr, stream,
                    [&](auto kU, auto kD, auto kX, auto kS) {
-                     BackwardRunT<kU.value, kD.value, kX.value, kS.value>(dx, dres, dy, mask, x,
-                                                                          n, p, q, r, m);
+                     BackwardRunT<kU.value, kD.value, kX.value, kS.value>(
+                         dx, dres, dy, up, zx, x, n, p, q, r, m, za, zb);
                    });
 }
 
 template <typename T>
-void DxRows(T* dx, T* dres, const T* dy, const T* mask, const T* x, int64_t rows, int64_t C,
-            const float* p, const float* q, const float* r, const float* m, bool stream) {
-  VisitBackward<T>(mask != nullptr, dres != nullptr, x != nullptr, stream,
+void DxRows(T* dx, T* dres, const T* dy, const Upstream<T>& up, const T* zx, const T* x,
+            int64_t rows, int64_t C, const float* p, const float* q, const float* r,
+            const float* m, const float* za, const float* zb, bool stream) {
+  VisitBackward<T>(activation_of(up), dres != nullptr, x != nullptr, stream,
                    [&](auto kU, auto kD, auto kX, auto kS) {
                      BackwardRowsT<kU.value, kD.value, kX.value, kS.value>(
-                         dx, dres, dy, mask, x, rows, C, p, q, r, m);
+                         dx, dres, dy, up, zx, x, rows, C, p, q, r, m, za, zb);
                    });
 }
 
@@ -284,8 +318,22 @@ template <bool kRelu>
 struct GradTerms {
   template <class D, typename T>
   HWY_INLINE static void Step(D d, const T* HWY_RESTRICT x, const T* HWY_RESTRICT dy,
-                              const T* HWY_RESTRICT y, V<D> center, V<D>& s1, V<D>& s2) {
-    const auto g = Upstream<kRelu>(d, dy, y);
+                              const T* HWY_RESTRICT y, V<D> center, V<D>& s1, V<D>& s2, V<D>,
+                              V<D>) {
+    const auto g = MaskedGradient<kRelu>(d, dy, y);
+    s1 = hn::Add(s1, g);
+    s2 = hn::MulAdd(g, hn::Sub(LoadF(d, x), center), s2);
+  }
+};
+
+// The same with silu's g (SiluGradient); the mask argument is the forward's residual (null:
+// none), za and zb the forward's coefficients.
+struct SiluGradTerms {
+  template <class D, typename T>
+  HWY_INLINE static void Step(D d, const T* HWY_RESTRICT x, const T* HWY_RESTRICT dy,
+                              const T* HWY_RESTRICT residual, V<D> center, V<D>& s1, V<D>& s2,
+                              V<D> za, V<D> zb) {
+    const auto g = SiluGradient(d, dy, x, residual, za, zb);
     s1 = hn::Add(s1, g);
     s2 = hn::MulAdd(g, hn::Sub(LoadF(d, x), center), s2);
   }
@@ -313,7 +361,7 @@ void FlushRun(RunRegisters& v, int64_t& pending, PairSums* out) {
 // so both schedules get the same bits.
 template <class Terms, typename T>
 void RunSumsT(const T* x, const T* dy, const T* mask, int64_t n, float center,
-              RunAccumulators* acc, PairSums* out) {
+              RunAccumulators* acc, PairSums* out, float za = 0, float zb = 0) {
   const DF d;
   const D1 d1;
   static_assert(hn::MaxLanes(DF()) <= RunAccumulators::kMaxLanes);
@@ -322,6 +370,8 @@ void RunSumsT(const T* x, const T* dy, const T* mask, int64_t n, float center,
                  hn::LoadU(d, acc->b1), hn::LoadU(d1, &acc->at), hn::LoadU(d1, &acc->bt)};
   const auto vc = hn::Set(d, center);
   const auto vc1 = hn::Set(d1, center);
+  const auto va = hn::Set(d, za), vb = hn::Set(d, zb);
+  const auto va1 = hn::Set(d1, za), vb1 = hn::Set(d1, zb);
   for (int64_t start = 0; start < n; start += kChunk) {
     const int64_t len = std::min(kChunk, n - start);
     const T* xs = x + start;
@@ -329,11 +379,12 @@ void RunSumsT(const T* x, const T* dy, const T* mask, int64_t n, float center,
     const T* w = at(mask, start);
     int64_t i = 0;
     for (; i + 2 * N <= len; i += 2 * N) {
-      Terms::Step(d, xs + i, at(g, i), at(w, i), vc, v.a0, v.b0);
-      Terms::Step(d, xs + i + N, at(g, i + N), at(w, i + N), vc, v.a1, v.b1);
+      Terms::Step(d, xs + i, at(g, i), at(w, i), vc, v.a0, v.b0, va, vb);
+      Terms::Step(d, xs + i + N, at(g, i + N), at(w, i + N), vc, v.a1, v.b1, va, vb);
     }
-    for (; i + N <= len; i += N) Terms::Step(d, xs + i, at(g, i), at(w, i), vc, v.a0, v.b0);
-    for (; i < len; ++i) Terms::Step(d1, xs + i, at(g, i), at(w, i), vc1, v.at, v.bt);
+    for (; i + N <= len; i += N)
+      Terms::Step(d, xs + i, at(g, i), at(w, i), vc, v.a0, v.b0, va, vb);
+    for (; i < len; ++i) Terms::Step(d1, xs + i, at(g, i), at(w, i), vc1, v.at, v.bt, va1, vb1);
     acc->pending += len;
     if (acc->pending >= kChunk) FlushRun(v, acc->pending, out);
   }
@@ -349,10 +400,11 @@ void StatRunSums(const T* x, int64_t n, float center, RunAccumulators* acc, Pair
 }
 
 template <typename T>
-void GradRunSums(const T* x, const T* dy, const T* mask, int64_t n, float center,
-                 RunAccumulators* acc, PairSums* out) {
-  if (mask) RunSumsT<GradTerms<true>>(x, dy, mask, n, center, acc, out);
-  else RunSumsT<GradTerms<false>>(x, dy, mask, n, center, acc, out);
+void GradRunSums(const T* x, const T* dy, const Upstream<T>& up, int64_t n, float center,
+                 float za, float zb, RunAccumulators* acc, PairSums* out) {
+  if (up.silu) RunSumsT<SiluGradTerms>(x, dy, up.residual, n, center, acc, out, za, zb);
+  else if (up.mask) RunSumsT<GradTerms<true>>(x, dy, up.mask, n, center, acc, out);
+  else RunSumsT<GradTerms<false>>(x, dy, up.mask, n, center, acc, out);
 }
 
 void FlushRunSums(RunAccumulators* acc, PairSums* out) {
@@ -368,12 +420,15 @@ void FlushRunSums(RunAccumulators* acc, PairSums* out) {
 
 template <class Terms, typename T>
 void ColumnSumsT(const T* x, const T* dy, const T* mask, int64_t rows, int64_t width,
-                 int64_t stride, const float* centers, float* s1, float* s2) {
-  ColumnSums<Terms>(x, dy, mask, rows, width, stride, centers,
-                    [&](auto d, int64_t j, auto a, auto b) {
-                      hn::StoreU(a, d, s1 + j);
-                      hn::StoreU(b, d, s2 + j);
-                    });
+                 int64_t stride, const float* centers, float* s1, float* s2,
+                 const float* za = nullptr, const float* zb = nullptr) {
+  ColumnSums<Terms>(
+      x, dy, mask, rows, width, stride, centers,
+      [&](auto d, int64_t j, auto a, auto b) {
+        hn::StoreU(a, d, s1 + j);
+        hn::StoreU(b, d, s2 + j);
+      },
+      za, zb);
 }
 
 template <typename T>
@@ -384,10 +439,15 @@ void StatColumnSums(const T* x, int64_t rows, int64_t width, int64_t stride,
 }
 
 template <typename T>
-void GradColumnSums(const T* x, const T* dy, const T* mask, int64_t rows, int64_t width,
-                    int64_t stride, const float* centers, float* s1, float* s2) {
-  if (mask) ColumnSumsT<GradTerms<true>>(x, dy, mask, rows, width, stride, centers, s1, s2);
-  else ColumnSumsT<GradTerms<false>>(x, dy, mask, rows, width, stride, centers, s1, s2);
+void GradColumnSums(const T* x, const T* dy, const Upstream<T>& up, int64_t rows, int64_t width,
+                    int64_t stride, const float* centers, const float* za, const float* zb,
+                    float* s1, float* s2) {
+  if (up.silu)
+    ColumnSumsT<SiluGradTerms>(x, dy, up.residual, rows, width, stride, centers, s1, s2, za, zb);
+  else if (up.mask)
+    ColumnSumsT<GradTerms<true>>(x, dy, up.mask, rows, width, stride, centers, s1, s2);
+  else
+    ColumnSumsT<GradTerms<false>>(x, dy, up.mask, rows, width, stride, centers, s1, s2);
 }
 
 // ---- per-channel folds ----
@@ -420,6 +480,11 @@ void FoldBatch(int64_t n, const PairSums* sums, const float* pivot, double count
   }
 }
 
+void FoldSaved(int64_t n, const float* mean, const float* invstd, const float* weight,
+               const float* bias, float* a, float* b) {
+  for (int64_t c = 0; c < n; ++c) Fold(mean[c], invstd[c], weight, bias, c, a[c], b[c]);
+}
+
 void FoldRunning(int64_t n, const float* running_mean, const float* running_var, double eps,
                  const float* weight, const float* bias, float* a, float* b) {
   for (int64_t c = 0; c < n; ++c)
@@ -434,7 +499,8 @@ const bn::Kernels<T>* KernelTable() {
   static const bn::Kernels<T> k{&AffineRun<T>,     &AffineRows<T>,     &AffineSlab<T>,
                                 &DxRun<T>,         &DxRows<T>,         &StatRunSums<T>,
                                 &GradRunSums<T>,   &FlushRunSums,      &StatColumnSums<T>,
-                                &GradColumnSums<T>, &FoldBatch,        &FoldRunning};
+                                &GradColumnSums<T>, &FoldBatch,        &FoldRunning,
+                                &FoldSaved};
   return &k;
 }
 const bn::Kernels<float>* BatchNormKernelsF32() { return KernelTable<float>(); }
@@ -619,7 +685,7 @@ inline bool by_slabs(const BatchNormShape& sh, bool stream) {
 
 struct Scratch {
   PairSums* partial;    // slots * C
-  float* coefficients;  // 4 * C
+  float* coefficients;  // 6 * C
 };
 
 Scratch carve(const BatchNormPlan& plan, std::span<std::byte> workspace) {
@@ -665,10 +731,12 @@ struct ChannelSums {
   const Kernels<T>& k;
   const BatchNormTiling& p;
   const T* x;
-  const T* dy;    // null: statistics
-  const T* mask;  // with dy: the forward's y, when relu
+  const T* dy;     // null: statistics
+  Upstream<T> up;  // with dy: g through the epilogue
   const float* center;
   int64_t C;
+  const float* za = nullptr;  // silu: the forward's a and b per channel
+  const float* zb = nullptr;
 
   // total[i] += the sums of channel c0 + i over run-form slot s, for the channels [c0, c1)
   // of a block (one channel, in the two-phase schedule), centers[i] its center. Sample by
@@ -687,8 +755,8 @@ struct ChannelSums {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t o = (n * C + c) * p.spatial + begin;
         if (dy)
-          k.grad_run_sums(x + o, dy + o, mask ? mask + o : nullptr, length, centers[c - c0],
-                          &acc[c - c0], &part[c - c0]);
+          k.grad_run_sums(x + o, dy + o, up.at(o), length, centers[c - c0], za ? za[c] : 0.0f,
+                          zb ? zb[c] : 0.0f, &acc[c - c0], &part[c - c0]);
         else
           k.stat_run_sums(x + o, length, centers[c - c0], &acc[c - c0], &part[c - c0]);
       }
@@ -711,9 +779,13 @@ struct ChannelSums {
     }
     const Block b = column_block(p, u);
     const int64_t cps = p.cols_per_channel, width = (b.c1 - b.c0) * cps;
-    float centers[kBlockColumns];
+    float centers[kBlockColumns], cza[kBlockColumns], czb[kBlockColumns];
     for (int64_t c = b.c0; c < b.c1; ++c)
-      for (int64_t j = 0; j < cps; ++j) centers[(c - b.c0) * cps + j] = center[c];
+      for (int64_t j = 0; j < cps; ++j) {
+        centers[(c - b.c0) * cps + j] = center[c];
+        cza[(c - b.c0) * cps + j] = za ? za[c] : 0.0f;
+        czb[(c - b.c0) * cps + j] = zb ? zb[c] : 0.0f;
+      }
     PairSums* acc = partial + b.slot * C;
     for (int64_t c = b.c0; c < b.c1; ++c) acc[c] = {};
     float s1[kBlockColumns], s2[kBlockColumns];
@@ -721,8 +793,8 @@ struct ChannelSums {
       const int64_t rows = std::min(p.block_rows, b.r1 - r);
       const int64_t o = r * p.row_stride + b.c0 * cps;
       if (dy)
-        k.grad_column_sums(x + o, dy + o, mask ? mask + o : nullptr, rows, width, p.row_stride,
-                           centers, s1, s2);
+        k.grad_column_sums(x + o, dy + o, up.at(o), rows, width, p.row_stride, centers, cza, czb,
+                           s1, s2);
       else
         k.stat_column_sums(x + o, rows, width, p.row_stride, centers, s1, s2);
       for (int64_t c = b.c0; c < b.c1; ++c)
@@ -804,7 +876,7 @@ struct BatchNormForward {
   const BatchNormShape& sh;
   const T* x;
   const T* r;  // residual, or null
-  bool relu;
+  Activation relu;
   T* y;
   bool stream = streams<T>(sh.batch * sh.channels * sh.spatial);
 
@@ -871,7 +943,10 @@ struct BatchNormBackward {
   const Kernels<T>& k;
   const BatchNormShape& sh;
   const T* dy;
-  const T* mask;  // the forward's y with relu
+  Upstream<T> up;  // g through the epilogue (relu's mask, silu's z)
+  const T* zx;     // silu: x, for z
+  const float* za;  // silu: the forward's a, b per channel
+  const float* zb;
   const T* x;     // null: the inference backward (dx = g * p)
   const float* weight;
   T* dx;
@@ -899,8 +974,9 @@ struct BatchNormBackward {
     for (int64_t n = 0; n < sh.batch; ++n)
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t o = (n * C + c) * S;
-        k.dx_run(dx + o, dres ? dres + o : nullptr, dy + o, mask ? mask + o : nullptr, x + o, S,
-                 p[c - c0], q[c - c0], r[c - c0], m[c - c0], stream);
+        k.dx_run(dx + o, dres ? dres + o : nullptr, dy + o, up.at(o), zx ? zx + o : nullptr,
+                 x + o, S, p[c - c0], q[c - c0], r[c - c0], m[c - c0], za ? za[c] : 0.0f,
+                 zb ? zb[c] : 0.0f, stream);
       }
   }
 
@@ -912,12 +988,13 @@ struct BatchNormBackward {
     for_each_piece(
         sh, streamed,
         [&](int64_t c, int64_t o, int64_t length) {
-          k.dx_run(dx + o, dres ? dres + o : nullptr, dy + o, mask ? mask + o : nullptr,
-                   xs ? xs + o : nullptr, length, p[c], q[c], r[c], m[c], streamed);
+          k.dx_run(dx + o, dres ? dres + o : nullptr, dy + o, up.at(o), zx ? zx + o : nullptr,
+                   xs ? xs + o : nullptr, length, p[c], q[c], r[c], m[c], za ? za[c] : 0.0f,
+                   zb ? zb[c] : 0.0f, streamed);
         },
         [&](int64_t o, int64_t rows) {
-          k.dx_rows(dx + o, dres ? dres + o : nullptr, dy + o, mask ? mask + o : nullptr,
-                    xs ? xs + o : nullptr, rows, sh.channels, p, q, r, m, streamed);
+          k.dx_rows(dx + o, dres ? dres + o : nullptr, dy + o, up.at(o), zx ? zx + o : nullptr,
+                    xs ? xs + o : nullptr, rows, sh.channels, p, q, r, m, za, zb, streamed);
         });
   }
 };
@@ -934,7 +1011,7 @@ BatchNormPlan plan_batch_norm(const BatchNormShape& shape, int64_t value_bytes,
   plan.tiling = make_tiling(shape);
   ScratchLayout l;
   plan.scratch.partial = l.add<PairSums>(plan.tiling.slots, shape.channels);
-  plan.scratch.coefficients = l.add<float>(4, shape.channels);
+  plan.scratch.coefficients = l.add<float>(6, shape.channels);
   plan.scratch.bytes = l.workspace_bytes();
   return plan;
 }
@@ -955,7 +1032,7 @@ void batch_norm_forward_training(const BatchNormPlan& plan, double eps, double m
   const int num_threads = plan.num_threads;
   const bool parallel = worth_threads(num_threads, sh.batch * C * sh.spatial);
   const double count = double(sh.batch * sh.spatial);
-  const BatchNormForward<T> f{kernels<T>(), sh, x, epilogue.residual, epilogue.relu, y};
+  const BatchNormForward<T> f{kernels<T>(), sh, x, epilogue.residual, epilogue.activation, y};
   auto at = [](float* p, int64_t c) { return p ? p + c : nullptr; };
   auto cat = [](const float* p, int64_t c) { return p ? p + c : nullptr; };
   // Statistics and coefficients of channels [c0, c0 + n) from their sums.
@@ -979,7 +1056,7 @@ void batch_norm_forward_training(const BatchNormPlan& plan, double eps, double m
         pivot[c - c0] = channel_pivot(x, sh, c);
         sums.emplace(c - c0);
       }
-      const ChannelSums<T> s{f.k, plan.tiling, x, nullptr, nullptr, nullptr, C};
+      const ChannelSums<T> s{f.k, plan.tiling, x, nullptr, {}, nullptr, C};
       s.block_sums(c0, c1, pivot, &sums[0]);
       fold(c0, c1 - c0, &sums[0], pivot, a, b);
       f.apply_block(c0, c1, a, b);
@@ -991,7 +1068,7 @@ void batch_norm_forward_training(const BatchNormPlan& plan, double eps, double m
   float* a = scratch.coefficients;
   float* b = a + C;
   float* pivot = b + C;
-  const ChannelSums<T> s{f.k, plan.tiling, x, nullptr, nullptr, pivot, C};
+  const ChannelSums<T> s{f.k, plan.tiling, x, nullptr, {}, pivot, C};
   // One parallel region: pivots, partial sums, per-channel merge and fold, output pass.
 #pragma omp parallel num_threads(num_threads) if (parallel)
   {
@@ -1013,7 +1090,7 @@ void batch_norm_forward_inference(const BatchNormPlan& plan, double eps,
   const BatchNormShape& sh = plan.shape;
   if (empty(sh)) return;
   const int64_t C = sh.channels;
-  const BatchNormForward<T> f{kernels<T>(), sh, x, epilogue.residual, epilogue.relu, y};
+  const BatchNormForward<T> f{kernels<T>(), sh, x, epilogue.residual, epilogue.activation, y};
   const Scratch scratch = carve(plan, workspace);
   float* a = scratch.coefficients;
   float* b = a + C;
@@ -1028,6 +1105,15 @@ void batch_norm_forward_inference(const BatchNormPlan& plan, double eps,
   }
 }
 
+namespace {
+
+template <typename T>
+Upstream<T> upstream_of(const BackwardEpilogueOf<T>& e) {
+  return {e.relu() ? e.y : nullptr, e.silu(), e.silu() ? e.residual : nullptr};
+}
+
+}  // namespace
+
 template <typename T>
 void batch_norm_backward_training(const BatchNormPlan& plan, const BackwardEpilogueOf<T>& epilogue,
                                   const T* dy, const T* x, const float* save_mean,
@@ -1038,12 +1124,18 @@ void batch_norm_backward_training(const BatchNormPlan& plan, const BackwardEpilo
   const int64_t C = sh.channels, count = sh.batch * sh.spatial;
   const int num_threads = plan.num_threads;
   const bool parallel = worth_threads(num_threads, count * C);
-  const T* mask = epilogue.relu ? epilogue.y : nullptr;
-  const BatchNormBackward<T> bw{kernels<T>(), sh,     dy,      mask,    x,
-                                weight,       dx,     epilogue.dresidual, dweight, dbias};
-  const ChannelSums<T> s{bw.k, plan.tiling, x, dy, mask, save_mean, C};
+  const Upstream<T> up = upstream_of(epilogue);
+  const Scratch scratch = carve(plan, workspace);
+  float* za = epilogue.silu() ? scratch.coefficients + 4 * C : nullptr;
+  float* zb = epilogue.silu() ? za + C : nullptr;
+  if (epilogue.silu())
+    kernels<T>().fold_saved(C, save_mean, save_invstd, weight, epilogue.bias, za, zb);
+  const BatchNormBackward<T> bw{kernels<T>(), sh,     dy,      up, epilogue.silu() ? x : nullptr,
+                                za,           zb,     x,       weight,  dx,
+                                epilogue.dresidual, dweight, dbias};
+  const ChannelSums<T> s{bw.k, plan.tiling, x, dy, up, save_mean, C, za, zb};
 
-  const int64_t reread = mask ? 3 : 2;
+  const int64_t reread = up.mask || up.residual ? 3 : 2;
   if (plan_schedule(plan, reread) == Schedule::cached_channels) {
     const int64_t B = block_channels(plan, reread);
     parallel_for(ceil_div(C, B), num_threads, parallel, bw.stream, [&](int64_t block) {
@@ -1060,7 +1152,6 @@ void batch_norm_backward_training(const BatchNormPlan& plan, const BackwardEpilo
     return;
   }
 
-  const Scratch scratch = carve(plan, workspace);
   float* p = scratch.coefficients;
   float* q = p + C;
   float* r = q + C;
@@ -1083,12 +1174,18 @@ void batch_norm_backward_inference(const BatchNormPlan& plan, double eps,
   const BatchNormShape& sh = plan.shape;
   if (empty(sh)) return;
   const int64_t C = sh.channels;
-  const T* mask = epilogue.relu ? epilogue.y : nullptr;
-  const BatchNormBackward<T> bw{kernels<T>(), sh,     dy,      mask,    nullptr,
-                                weight,       dx,     epilogue.dresidual, dweight, dbias};
-  const ChannelSums<T> s{bw.k, plan.tiling, x, dy, mask, running_mean, C};
+  const Upstream<T> up = upstream_of(epilogue);
   const Scratch scratch = carve(plan, workspace);
   float* p = scratch.coefficients;
+  // silu: z with the inference forward's own coefficients (the same bits as its z).
+  float* za = epilogue.silu() ? p + 4 * C : nullptr;
+  float* zb = epilogue.silu() ? za + C : nullptr;
+  if (epilogue.silu())
+    kernels<T>().fold_running(C, running_mean, running_var, eps, weight, epilogue.bias, za, zb);
+  const BatchNormBackward<T> bw{kernels<T>(), sh,     dy,      up, epilogue.silu() ? x : nullptr,
+                                za,           zb,     nullptr, weight,  dx,
+                                epilogue.dresidual, dweight, dbias};
+  const ChannelSums<T> s{bw.k, plan.tiling, x, dy, up, running_mean, C, za, zb};
 #pragma omp parallel num_threads(plan.num_threads) \
     if (worth_threads(plan.num_threads, sh.batch * C * sh.spatial))
   {
@@ -1169,7 +1266,8 @@ inline void leaf_moments(const PairSums& s, float pivot, double count, double& m
 // sums over blocks of kColumnRows rows added in double. dy null: statistics around centers.
 template <typename T>
 void leaf_sums(const Kernels<T>& k, const BatchNormShape& sh, int64_t n, int64_t c0, int64_t c1,
-               const T* x, const T* dy, const T* mask, const float* centers, PairSums* sums) {
+               const T* x, const T* dy, const Upstream<T>& up, const float* centers,
+               PairSums* sums) {
   const int64_t C = sh.channels, S = sh.spatial;
   if (!reads_as_rows(sh)) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -1177,8 +1275,9 @@ void leaf_sums(const Kernels<T>& k, const BatchNormShape& sh, int64_t n, int64_t
       RunAccumulators acc{};
       PairSums& out = sums[c - c0];
       out = {};
-      if (dy) k.grad_run_sums(x + o, dy + o, mask ? mask + o : nullptr, S, centers[c - c0],
-                              &acc, &out);
+      // The steps refuse silu: no z coefficients.
+      if (dy) k.grad_run_sums(x + o, dy + o, up.at(o), S, centers[c - c0], 0.0f, 0.0f, &acc,
+                              &out);
       else k.stat_run_sums(x + o, S, centers[c - c0], &acc, &out);
       k.flush_run_sums(&acc, &out);
     }
@@ -1190,8 +1289,8 @@ void leaf_sums(const Kernels<T>& k, const BatchNormShape& sh, int64_t n, int64_t
   for (int64_t r = 0; r < S; r += kColumnRows) {
     const int64_t rows = std::min(kColumnRows, S - r);
     const int64_t o = (n * S + r) * C + c0;
-    if (dy) k.grad_column_sums(x + o, dy + o, mask ? mask + o : nullptr, rows, width, C, centers,
-                               s1, s2);
+    if (dy) k.grad_column_sums(x + o, dy + o, up.at(o), rows, width, C, centers, nullptr,
+                               nullptr, s1, s2);
     else k.stat_column_sums(x + o, rows, width, C, centers, s1, s2);
     for (int64_t c = 0; c < width; ++c) {
       sums[c].first += s1[c];
@@ -1214,7 +1313,7 @@ void batch_norm_sample_statistics(const BatchNormShape& sh, int num_threads, con
     for (int64_t c = c0; c < c1; ++c)
       pv[c - c0] = reads_as_rows(sh) ? leaf_pivot(x + n * S * C + c, S, C)
                                      : leaf_pivot(x + (n * C + c) * S, S, 1);
-    leaf_sums<T>(k, sh, n, c0, c1, x, nullptr, nullptr, pv, sm);
+    leaf_sums<T>(k, sh, n, c0, c1, x, nullptr, Upstream<T>{}, pv, sm);
     for (int64_t c = c0; c < c1; ++c)
       leaf_moments(sm[c - c0], pv[c - c0], double(S), mean[n * C + c], m2[n * C + c]);
   });
@@ -1232,10 +1331,10 @@ void batch_norm_sample_gradients(const BatchNormShape& sh, int num_threads,
     return;
   }
   const Kernels<T>& k = kernels<T>();
-  const T* mask = epilogue.relu ? epilogue.y : nullptr;
+  const T* mask = epilogue.relu() ? epilogue.y : nullptr;
   for_each_leaf_unit(sh, num_threads, [&](int64_t n, int64_t c0, int64_t c1) {
     PairSums sm[kBlockColumns];
-    leaf_sums<T>(k, sh, n, c0, c1, x, dy, mask, mean + c0, sm);
+    leaf_sums<T>(k, sh, n, c0, c1, x, dy, Upstream<T>{mask}, mean + c0, sm);
     for (int64_t c = c0; c < c1; ++c) {
       sum_g[n * C + c] = sm[c - c0].first;
       sum_g_xmu[n * C + c] = sm[c - c0].second;
@@ -1250,7 +1349,7 @@ void batch_norm_normalize(const BatchNormPlan& plan, const ForwardEpilogueOf<T>&
   const BatchNormShape& sh = plan.shape;
   if (empty(sh)) return;
   const int64_t C = sh.channels;
-  const BatchNormForward<T> f{kernels<T>(), sh, x, epilogue.residual, epilogue.relu, y};
+  const BatchNormForward<T> f{kernels<T>(), sh, x, epilogue.residual, epilogue.activation, y};
   const Scratch scratch = carve(plan, workspace);
   float* a = scratch.coefficients;
   float* b = a + C;
@@ -1272,9 +1371,11 @@ void batch_norm_backward_dx(const BatchNormPlan& plan, const BackwardEpilogueOf<
   const BatchNormShape& sh = plan.shape;
   if (empty(sh)) return;
   const int64_t C = sh.channels;
-  const T* mask = epilogue.relu ? epilogue.y : nullptr;
-  const BatchNormBackward<T> bw{kernels<T>(), sh,     dy,      mask,    x,
-                                weight,       dx,     epilogue.dresidual, nullptr, nullptr};
+  const T* mask = epilogue.relu() ? epilogue.y : nullptr;
+  // The steps take none or relu (the api refuses silu), so g needs no z.
+  const BatchNormBackward<T> bw{kernels<T>(), sh,      dy,      Upstream<T>{mask}, nullptr,
+                                nullptr,      nullptr, x,       weight,            dx,
+                                epilogue.dresidual,    nullptr, nullptr};
   const Scratch scratch = carve(plan, workspace);
   float* p = scratch.coefficients;
   float* q = p + C;

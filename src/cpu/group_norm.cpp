@@ -13,6 +13,7 @@
 #include "cpu/simd.h"
 #include "cpu/column_sums-inl.h"
 #include "cpu/tiling.h"
+#include "cpu/upstream.h"
 
 #include <algorithm>
 #include <cmath>
@@ -25,31 +26,37 @@
 #define NORMKIT_CPU_GROUP_NORM_KERNELS_
 namespace normkit::cpu::gn {
 
-// The leaf loops of one SIMD target for activations of type T. `mask` (null: none) is the
-// forward output y whose sign gates the incoming gradient: g = mask > 0 ? dy : 0.
+// g from dy through the epilogue (cpu/upstream.h); silu's z = (x - m) * za + zb + residual?,
+// with the forward's coefficients za, zb of each channel.
+template <typename T>
+using Upstream = cpu::Upstream<T>;
+
+// The leaf loops of one SIMD target for activations of type T.
 template <typename T>
 struct Kernels {
-  // y[i] = relu?((x[i] - m) * a + b + r?[i]), i < n. `stream`: y with non-temporal stores
+  // y[i] = act((x[i] - m) * a + b + r?[i]), i < n. `stream`: y with non-temporal stores
   // where they apply (float32; see cpu/simd.h).
   void (*affine_run)(T* y, const T* x, const T* r, int64_t n, float m, float a, float b,
-                     bool relu, bool stream);
+                     Activation act, bool stream);
   // The same over a channels-last block of `rows` rows of `channels`, coefficients per column.
   void (*affine_rows)(T* y, const T* x, const T* r, int64_t rows, int64_t channels,
-                      const float* m, const float* a, const float* b, bool relu, bool stream);
+                      const float* m, const float* a, const float* b, Activation act,
+                      bool stream);
   // sum(g) and sum(g * (x - m)) over i < n <= kRunChunk; writes g to gout when not null.
-  void (*grad_sums_run)(const T* dy, const T* mask, const T* x, T* gout, int64_t n, float m,
-                        double* sum_g, double* sum_gxc);
+  void (*grad_sums_run)(const T* dy, const Upstream<T>& up, const T* x, T* gout, int64_t n,
+                        float m, float za, float zb, double* sum_g, double* sum_gxc);
   // Per column c < width of a channels-last block (row r at offset r * stride): adds sum(g) to
   // acc_g[c] and sum(g * (x - m[c])) to acc_gxc[c] (float accumulators: keep rows small);
-  // writes g to gout when not null.
-  void (*grad_sums_rows)(const T* dy, const T* mask, const T* x, T* gout, int64_t rows,
-                         int64_t width, int64_t stride, const float* m, float* acc_g,
-                         float* acc_gxc);
-  // dx[i] = a * g[i] + b * (x[i] - m) + c; g = dy masked as above. `stream` as above.
-  void (*dx_run)(T* dx, const T* dy, const T* mask, const T* x, int64_t n, float a, float b,
-                 float m, float c, bool stream);
-  void (*dx_rows)(T* dx, const T* dy, const T* mask, const T* x, int64_t rows, int64_t channels,
-                  const float* a, const float* b, const float* m, const float* c, bool stream);
+  // writes g to gout when not null. za, zb: per column (read with silu only).
+  void (*grad_sums_rows)(const T* dy, const Upstream<T>& up, const T* x, T* gout, int64_t rows,
+                         int64_t width, int64_t stride, const float* m, const float* za,
+                         const float* zb, float* acc_g, float* acc_gxc);
+  // dx[i] = a * g[i] + b * (x[i] - m) + c; g from dy as above. `stream` as above.
+  void (*dx_run)(T* dx, const T* dy, const Upstream<T>& up, const T* x, int64_t n, float a,
+                 float b, float m, float c, float za, float zb, bool stream);
+  void (*dx_rows)(T* dx, const T* dy, const Upstream<T>& up, const T* x, int64_t rows,
+                  int64_t channels, const float* a, const float* b, const float* m,
+                  const float* c, const float* za, const float* zb, bool stream);
   // Per column c < width <= kColumnBlock of a channels-last block of rows >= 1 rows (row r at
   // offset r * stride): the column's mean[c] and M2 m2[c] (see column_moments below).
   void (*column_moments)(const T* x, int64_t rows, int64_t stride, int64_t width, double* mean,
@@ -75,183 +82,231 @@ HWY_INLINE hn::Vec<D> Gradient(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTR
   return hn::IfThenElseZero(hn::Gt(LoadF(d, mask), hn::Zero(d)), g);
 }
 
-// relu that keeps NaN (as torch): only values below zero become zero.
-template <class D>
-HWY_INLINE hn::Vec<D> Relu(D d, hn::Vec<D> v) {
-  return hn::IfThenZeroElse(hn::Lt(v, hn::Zero(d)), v);
+// g at dy + i from dy and up (gn::Upstream); xc = x - m there. kSilu (up.silu, decided once
+// per call, outside the loops) recomputes the forward's z = xc * za + zb + residual
+// (AffineStep's arithmetic); else relu's mask or none.
+template <bool kSilu, class D, typename T>
+HWY_INLINE hn::Vec<D> UpstreamGradient(D d, const T* HWY_RESTRICT dy, const gn::Upstream<T>& up,
+                                       int64_t i, hn::Vec<D> xc, hn::Vec<D> za, hn::Vec<D> zb) {
+  if constexpr (!kSilu) {
+    (void)xc, (void)za, (void)zb;
+    return Gradient(d, dy + i, up.mask ? up.mask + i : nullptr);
+  } else {
+    auto z = hn::MulAdd(xc, za, zb);
+    if (up.residual) z = hn::Add(z, LoadF(d, up.residual + i));
+    return hn::Mul(LoadF(d, dy + i), SiluDerivative(d, z));
+  }
 }
 
-template <bool kResidual, bool kRelu, bool kStream = false, class D, typename T>
+// f(std::bool_constant<silu>).
+template <class F>
+HWY_INLINE void WithSilu(bool silu, F&& f) {
+  if (silu) return f(std::true_type());
+  f(std::false_type());
+}
+
+template <bool kResidual, int kAct, bool kStream = false, class D, typename T>
 HWY_INLINE void AffineStep(D d, T* HWY_RESTRICT y, const T* HWY_RESTRICT x,
                            const T* HWY_RESTRICT r, hn::Vec<D> m, hn::Vec<D> a, hn::Vec<D> b) {
   auto v = hn::MulAdd(hn::Sub(LoadF(d, x), m), a, b);
   if constexpr (kResidual) v = hn::Add(v, LoadF(d, r));
-  if constexpr (kRelu) v = Relu(d, v);
-  StoreOut<kStream>(v, d, y);
+  StoreOut<kStream>(Activate<kAct>(d, v), d, y);
 }
 
 // kStream: y with non-temporal stores (see ForEachInRun).
-template <bool kResidual, bool kRelu, bool kStream, typename T>
+template <bool kResidual, int kAct, bool kStream, typename T>
 void AffineRunT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRICT r, int64_t n,
                 float m, float a, float b) {
   ForEachInRun<kStream>(y, n, [&](auto d, int64_t i, auto stream) {
-    AffineStep<kResidual, kRelu, decltype(stream)::value>(d, y + i, x + i, kResidual ? r + i : r,
-                                                          hn::Set(d, m), hn::Set(d, a),
-                                                          hn::Set(d, b));
+    AffineStep<kResidual, kAct, decltype(stream)::value>(d, y + i, x + i, kResidual ? r + i : r,
+                                                         hn::Set(d, m), hn::Set(d, a),
+                                                         hn::Set(d, b));
   });
 }
 
 template <typename T>
-void AffineRun(T* y, const T* x, const T* r, int64_t n, float m, float a, float b, bool relu,
-               bool stream) {
+void AffineRun(T* y, const T* x, const T* r, int64_t n, float m, float a, float b,
+               Activation act, bool stream) {
   WithStream<T>(stream, [&](auto kS) {
-    constexpr bool S = decltype(kS)::value;
-    if (r)
-      relu ? AffineRunT<true, true, S>(y, x, r, n, m, a, b)
-           : AffineRunT<true, false, S>(y, x, r, n, m, a, b);
-    else
-      relu ? AffineRunT<false, true, S>(y, x, r, n, m, a, b)
-           : AffineRunT<false, false, S>(y, x, r, n, m, a, b);
+    WithActivation(act, [&](auto kA) {
+      constexpr bool S = decltype(kS)::value;
+      constexpr int A = decltype(kA)::value;
+      r ? AffineRunT<true, A, S>(y, x, r, n, m, a, b) : AffineRunT<false, A, S>(y, x, r, n, m, a, b);
+    });
   });
 }
 
 // kStream: y with non-temporal stores where its rows allow (see ForEachInRows).
-template <bool kResidual, bool kRelu, bool kStream, typename T>
+template <bool kResidual, int kAct, bool kStream, typename T>
 void AffineRowsT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRICT r,
                  int64_t rows, int64_t channels, const float* m, const float* a,
                  const float* b) {
   ForEachInRows<kStream>(y, rows, channels, [&](auto d, int64_t o, int64_t c, auto stream) {
-    AffineStep<kResidual, kRelu, decltype(stream)::value>(d, y + o + c, x + o + c,
-                                                          kResidual ? r + o + c : r,
-                                                          hn::LoadU(d, m + c), hn::LoadU(d, a + c),
-                                                          hn::LoadU(d, b + c));
+    AffineStep<kResidual, kAct, decltype(stream)::value>(d, y + o + c, x + o + c,
+                                                         kResidual ? r + o + c : r,
+                                                         hn::LoadU(d, m + c), hn::LoadU(d, a + c),
+                                                         hn::LoadU(d, b + c));
   });
 }
 
 template <typename T>
 void AffineRows(T* y, const T* x, const T* r, int64_t rows, int64_t channels, const float* m,
-                const float* a, const float* b, bool relu, bool stream) {
+                const float* a, const float* b, Activation act, bool stream) {
   WithStream<T>(stream, [&](auto kS) {
-    constexpr bool S = decltype(kS)::value;
-    if (r)
-      relu ? AffineRowsT<true, true, S>(y, x, r, rows, channels, m, a, b)
-           : AffineRowsT<true, false, S>(y, x, r, rows, channels, m, a, b);
-    else
-      relu ? AffineRowsT<false, true, S>(y, x, r, rows, channels, m, a, b)
-           : AffineRowsT<false, false, S>(y, x, r, rows, channels, m, a, b);
+    WithActivation(act, [&](auto kA) {
+      constexpr bool S = decltype(kS)::value;
+      constexpr int A = decltype(kA)::value;
+      r ? AffineRowsT<true, A, S>(y, x, r, rows, channels, m, a, b)
+        : AffineRowsT<false, A, S>(y, x, r, rows, channels, m, a, b);
+    });
   });
 }
 
-template <typename T>
-void GradSumsRun(const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask, const T* HWY_RESTRICT x,
-                 T* HWY_RESTRICT gout, int64_t n, float m, double* sum_g, double* sum_gxc) {
+template <bool kSilu, typename T>
+void GradSumsRunT(const T* HWY_RESTRICT dy, const gn::Upstream<T>& up, const T* HWY_RESTRICT x,
+                  T* HWY_RESTRICT gout, int64_t n, float m, float za, float zb, double* sum_g,
+                  double* sum_gxc) {
   const DF d;
   const D1 d1;
   const int64_t N = int64_t(hn::Lanes(d));
-  const auto vm = hn::Set(d, m);
+  const auto vm = hn::Set(d, m), va = hn::Set(d, za), vb = hn::Set(d, zb);
   auto g0 = hn::Zero(d), g1 = hn::Zero(d), x0 = hn::Zero(d), x1 = hn::Zero(d);
   int64_t i = 0;
   for (; i + 2 * N <= n; i += 2 * N) {
-    const auto ga = Gradient(d, dy + i, mask ? mask + i : nullptr);
-    const auto gb = Gradient(d, dy + i + N, mask ? mask + i + N : nullptr);
+    const auto xa = hn::Sub(LoadF(d, x + i), vm), xb = hn::Sub(LoadF(d, x + i + N), vm);
+    const auto ga = UpstreamGradient<kSilu>(d, dy, up, i, xa, va, vb);
+    const auto gb = UpstreamGradient<kSilu>(d, dy, up, i + N, xb, va, vb);
     if (gout) StoreF(ga, d, gout + i), StoreF(gb, d, gout + i + N);
     g0 = hn::Add(g0, ga);
     g1 = hn::Add(g1, gb);
-    x0 = hn::MulAdd(ga, hn::Sub(LoadF(d, x + i), vm), x0);
-    x1 = hn::MulAdd(gb, hn::Sub(LoadF(d, x + i + N), vm), x1);
+    x0 = hn::MulAdd(ga, xa, x0);
+    x1 = hn::MulAdd(gb, xb, x1);
   }
   for (; i + N <= n; i += N) {
-    const auto ga = Gradient(d, dy + i, mask ? mask + i : nullptr);
+    const auto xa = hn::Sub(LoadF(d, x + i), vm);
+    const auto ga = UpstreamGradient<kSilu>(d, dy, up, i, xa, va, vb);
     if (gout) StoreF(ga, d, gout + i);
     g0 = hn::Add(g0, ga);
-    x0 = hn::MulAdd(ga, hn::Sub(LoadF(d, x + i), vm), x0);
+    x0 = hn::MulAdd(ga, xa, x0);
   }
   auto tg = hn::Zero(d1), tx = hn::Zero(d1);
   for (; i < n; ++i) {
-    const auto ga = Gradient(d1, dy + i, mask ? mask + i : nullptr);
+    const auto xa = hn::Sub(LoadF(d1, x + i), hn::Set(d1, m));
+    const auto ga = UpstreamGradient<kSilu>(d1, dy, up, i, xa, hn::Set(d1, za), hn::Set(d1, zb));
     if (gout) StoreF(ga, d1, gout + i);
     tg = hn::Add(tg, ga);
-    tx = hn::MulAdd(ga, hn::Sub(LoadF(d1, x + i), hn::Set(d1, m)), tx);
+    tx = hn::MulAdd(ga, xa, tx);
   }
   *sum_g = SumLanes(d, hn::Add(g0, g1)) + hn::GetLane(tg);
   *sum_gxc = SumLanes(d, hn::Add(x0, x1)) + hn::GetLane(tx);
 }
 
-template <class D, typename T>
-HWY_INLINE void GradSumsStep(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask,
-                             const T* HWY_RESTRICT x, T* HWY_RESTRICT gout, const float* m,
-                             float* acc_g, float* acc_gxc) {
-  const auto g = Gradient(d, dy, mask);
-  if (gout) StoreF(g, d, gout);
-  hn::StoreU(hn::Add(hn::LoadU(d, acc_g), g), d, acc_g);
-  hn::StoreU(hn::MulAdd(g, hn::Sub(LoadF(d, x), hn::LoadU(d, m)), hn::LoadU(d, acc_gxc)), d,
-             acc_gxc);
+template <typename T>
+void GradSumsRun(const T* dy, const gn::Upstream<T>& up, const T* x, T* gout, int64_t n, float m,
+                 float za, float zb, double* sum_g, double* sum_gxc) {
+  WithSilu(up.silu, [&](auto kSilu) {
+    GradSumsRunT<decltype(kSilu)::value>(dy, up, x, gout, n, m, za, zb, sum_g, sum_gxc);
+  });
 }
 
-template <typename T>
-void GradSumsRows(const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask, const T* HWY_RESTRICT x,
-                  T* HWY_RESTRICT gout, int64_t rows, int64_t width, int64_t stride,
-                  const float* m, float* acc_g, float* acc_gxc) {
+template <bool kSilu, class D, typename T>
+HWY_INLINE void GradSumsStep(D d, const T* HWY_RESTRICT dy, const gn::Upstream<T>& up,
+                             int64_t i, const T* HWY_RESTRICT x, T* HWY_RESTRICT gout,
+                             const float* m, const float* za, const float* zb, float* acc_g,
+                             float* acc_gxc) {
+  const auto xc = hn::Sub(LoadF(d, x + i), hn::LoadU(d, m));
+  hn::Vec<D> g;
+  if constexpr (kSilu) g = UpstreamGradient<true>(d, dy, up, i, xc, hn::LoadU(d, za), hn::LoadU(d, zb));
+  else g = UpstreamGradient<false>(d, dy, up, i, xc, xc, xc);
+  if (gout) StoreF(g, d, gout + i);
+  hn::StoreU(hn::Add(hn::LoadU(d, acc_g), g), d, acc_g);
+  hn::StoreU(hn::MulAdd(g, xc, hn::LoadU(d, acc_gxc)), d, acc_gxc);
+}
+
+template <bool kSilu, typename T>
+void GradSumsRowsT(const T* HWY_RESTRICT dy, const gn::Upstream<T>& up, const T* HWY_RESTRICT x,
+                   T* HWY_RESTRICT gout, int64_t rows, int64_t width, int64_t stride,
+                   const float* m, const float* za, const float* zb, float* acc_g,
+                   float* acc_gxc) {
   const DF d;
   const D1 d1;
   const int64_t N = int64_t(hn::Lanes(d));
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t at = row * stride;
-    const T* mrow = mask ? mask + at : nullptr;
-    T* grow = gout ? gout + at : nullptr;
     int64_t c = 0;
     for (; c + N <= width; c += N)
-      GradSumsStep(d, dy + at + c, mrow ? mrow + c : nullptr, x + at + c,
-                   grow ? grow + c : nullptr, m + c, acc_g + c, acc_gxc + c);
+      GradSumsStep<kSilu>(d, dy, up, at + c, x, gout, m + c, za + c, zb + c, acc_g + c,
+                          acc_gxc + c);
     for (; c < width; ++c)
-      GradSumsStep(d1, dy + at + c, mrow ? mrow + c : nullptr, x + at + c,
-                   grow ? grow + c : nullptr, m + c, acc_g + c, acc_gxc + c);
+      GradSumsStep<kSilu>(d1, dy, up, at + c, x, gout, m + c, za + c, zb + c, acc_g + c,
+                          acc_gxc + c);
   }
 }
 
-template <bool kStream = false, class D, typename T>
+template <typename T>
+void GradSumsRows(const T* dy, const gn::Upstream<T>& up, const T* x, T* gout, int64_t rows,
+                  int64_t width, int64_t stride, const float* m, const float* za,
+                  const float* zb, float* acc_g, float* acc_gxc) {
+  WithSilu(up.silu, [&](auto kSilu) {
+    GradSumsRowsT<decltype(kSilu)::value>(dy, up, x, gout, rows, width, stride, m, za, zb, acc_g,
+                                          acc_gxc);
+  });
+}
+
+template <bool kSilu, bool kStream = false, class D, typename T>
 HWY_INLINE void DxStep(D d, T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy,
-                       const T* HWY_RESTRICT mask, const T* HWY_RESTRICT x, hn::Vec<D> a,
-                       hn::Vec<D> b, hn::Vec<D> m, hn::Vec<D> c) {
-  const auto g = Gradient(d, dy, mask);
-  StoreOut<kStream>(hn::MulAdd(a, g, hn::MulAdd(b, hn::Sub(LoadF(d, x), m), c)), d, dx);
+                       const gn::Upstream<T>& up, int64_t i, const T* HWY_RESTRICT x,
+                       hn::Vec<D> a, hn::Vec<D> b, hn::Vec<D> m, hn::Vec<D> c, hn::Vec<D> za,
+                       hn::Vec<D> zb) {
+  const auto xc = hn::Sub(LoadF(d, x + i), m);
+  const auto g = UpstreamGradient<kSilu>(d, dy, up, i, xc, za, zb);
+  StoreOut<kStream>(hn::MulAdd(a, g, hn::MulAdd(b, xc, c)), d, dx + i);
 }
 
 // kStream: dx with non-temporal stores (see ForEachInRun).
-template <bool kStream, typename T>
-void DxRunT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask,
-            const T* HWY_RESTRICT x, int64_t n, float a, float b, float m, float c) {
+template <bool kStream, bool kSilu, typename T>
+void DxRunT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const gn::Upstream<T>& up,
+            const T* HWY_RESTRICT x, int64_t n, float a, float b, float m, float c, float za,
+            float zb) {
   ForEachInRun<kStream>(dx, n, [&](auto d, int64_t i, auto stream) {
-    DxStep<decltype(stream)::value>(d, dx + i, dy + i, mask ? mask + i : nullptr, x + i,
-                                    hn::Set(d, a), hn::Set(d, b), hn::Set(d, m), hn::Set(d, c));
+    DxStep<kSilu, decltype(stream)::value>(d, dx, dy, up, i, x, hn::Set(d, a), hn::Set(d, b),
+                                    hn::Set(d, m), hn::Set(d, c), hn::Set(d, za), hn::Set(d, zb));
   });
 }
 
 template <typename T>
-void DxRun(T* dx, const T* dy, const T* mask, const T* x, int64_t n, float a, float b, float m,
-           float c, bool stream) {
+void DxRun(T* dx, const T* dy, const gn::Upstream<T>& up, const T* x, int64_t n, float a,
+           float b, float m, float c, float za, float zb, bool stream) {
   WithStream<T>(stream, [&](auto kS) {
-    DxRunT<decltype(kS)::value>(dx, dy, mask, x, n, a, b, m, c);
+    WithSilu(up.silu, [&](auto kSilu) {
+      DxRunT<decltype(kS)::value, decltype(kSilu)::value>(dx, dy, up, x, n, a, b, m, c, za, zb);
+    });
   });
 }
 
 // kStream: dx with non-temporal stores where its rows allow (see ForEachInRows).
-template <bool kStream, typename T>
-void DxRowsT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask,
+template <bool kStream, bool kSilu, typename T>
+void DxRowsT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const gn::Upstream<T>& up,
              const T* HWY_RESTRICT x, int64_t rows, int64_t channels, const float* a,
-             const float* b, const float* m, const float* c) {
+             const float* b, const float* m, const float* c, const float* za, const float* zb) {
   ForEachInRows<kStream>(dx, rows, channels, [&](auto d, int64_t o, int64_t k, auto stream) {
-    DxStep<decltype(stream)::value>(d, dx + o + k, dy + o + k, mask ? mask + o + k : nullptr,
-                                    x + o + k, hn::LoadU(d, a + k), hn::LoadU(d, b + k),
-                                    hn::LoadU(d, m + k), hn::LoadU(d, c + k));
+    const auto va = kSilu ? hn::LoadU(d, za + k) : hn::Zero(d);
+    const auto vb = kSilu ? hn::LoadU(d, zb + k) : hn::Zero(d);
+    DxStep<kSilu, decltype(stream)::value>(d, dx, dy, up, o + k, x, hn::LoadU(d, a + k),
+                                    hn::LoadU(d, b + k), hn::LoadU(d, m + k), hn::LoadU(d, c + k),
+                                    va, vb);
   });
 }
 
 template <typename T>
-void DxRows(T* dx, const T* dy, const T* mask, const T* x, int64_t rows, int64_t channels,
-            const float* a, const float* b, const float* m, const float* c, bool stream) {
+void DxRows(T* dx, const T* dy, const gn::Upstream<T>& up, const T* x, int64_t rows,
+            int64_t channels, const float* a, const float* b, const float* m, const float* c,
+            const float* za, const float* zb, bool stream) {
   WithStream<T>(stream, [&](auto kS) {
-    DxRowsT<decltype(kS)::value>(dx, dy, mask, x, rows, channels, a, b, m, c);
+    WithSilu(up.silu, [&](auto kSilu) {
+      DxRowsT<decltype(kS)::value, decltype(kSilu)::value>(dx, dy, up, x, rows, channels, a, b,
+                                                           m, c, za, zb);
+    });
   });
 }
 
@@ -399,6 +454,7 @@ GroupNormScratch group_norm_scratch(const GroupNormShape& t) {
   l.partial_dy = s.add<double>(units, per_unit);
   l.partial_xc = s.add<double>(units, per_unit);
   l.backward_coef = s.add<float>(4, NC);
+  l.silu_coef = s.add<float>(2, NC);
   l.channel_mean = s.add<float>(channels_first ? 0 : NC);
   l.bytes = s.workspace_bytes();
   return l;
@@ -423,13 +479,14 @@ struct BackwardScratch {
   double* partial_dy;  // per-unit partials of the two sums
   double* partial_xc;
   float* coef;      // 4*N*C: dx coefficients
+  float* silu_coef;  // 2*N*C: the forward's za, zb (silu)
   float* mean_c;    // N*C (channels-last): each channel's group mean
 };
 BackwardScratch carve_backward(const GroupNormScratch& l, std::span<std::byte> workspace) {
   std::byte* base = scratch_base(workspace, l.bytes);
   return {scratch_part<double>(base, l.sums), scratch_part<double>(base, l.partial_dy),
           scratch_part<double>(base, l.partial_xc), scratch_part<float>(base, l.backward_coef),
-          scratch_part<float>(base, l.channel_mean)};
+          scratch_part<float>(base, l.silu_coef), scratch_part<float>(base, l.channel_mean)};
 }
 
 // ---- statistics ----
@@ -551,7 +608,7 @@ void fold_and_apply(T* y, const T* x, const double* mean, const double* rstd,
       p.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) {
         const int64_t at = row * S + lo;
         k.affine_run(y + at, x + at, r ? r + at : nullptr, hi - lo, m[row], a[row], b[row],
-                     epi.relu, stream);
+                     epi.activation, stream);
       });
     });
   } else {
@@ -561,7 +618,7 @@ void fold_and_apply(T* y, const T* x, const double* mean, const double* rstd,
       const int64_t rows = std::min(S - r0, rb.unit_rows);
       const int64_t at = (n * S + r0) * C;
       k.affine_rows(y + at, x + at, r ? r + at : nullptr, rows, C, m + n * C, a + n * C,
-                    b + n * C, epi.relu, stream);
+                    b + n * C, epi.activation, stream);
     });
   }
 }
@@ -640,7 +697,7 @@ void group_norm_forward(const GroupNormPlan& plan, double eps, const ForwardEpil
         for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
           const Coef f = fold(mu, rs, weight, bias, c);
           const int64_t at = (n * C + c) * S;
-          k.affine_run(y + at, x + at, r ? r + at : nullptr, S, f.m, f.a, f.b, epi.relu, stream);
+          k.affine_run(y + at, x + at, r ? r + at : nullptr, S, f.m, f.a, f.b, epi.activation, stream);
         }
       });
       return;
@@ -662,7 +719,7 @@ void group_norm_forward(const GroupNormPlan& plan, double eps, const ForwardEpil
         float* b = a + N * C;
         fold_sample(mu, rs, weight, bias, t, n, m, a, b);
         const int64_t at = n * S * C;
-        k.affine_rows(y + at, x + at, r ? r + at : nullptr, S, C, m, a, b, epi.relu, stream);
+        k.affine_rows(y + at, x + at, r ? r + at : nullptr, S, C, m, a, b, epi.activation, stream);
       });
       return;
     }
@@ -697,7 +754,7 @@ void group_norm_apply(const GroupNormPlan& plan, const ForwardEpilogueOf<T>& epi
 }
 
 // Per (n, g), over its M = (C/G) * S elements, with g_i = gin_i * w[c] (gin the incoming gradient
-// after the epilogue's mask) and sum_dy[c] = sum_s gin, sum_dy_xc[c] = sum_s gin * (x - mean):
+// after the epilogue: dy masked by relu, or dy * silu'(z)) and sum_dy[c] = sum_s gin, sum_dy_xc[c] = sum_s gin * (x - mean):
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
 //      = (rstd * w[c]) * gin + b * (x - mean) + c0, with
 //   b  = -rstd^3 / M * sum_c w[c] * sum_dy_xc[c]     (through rstd)
@@ -713,10 +770,11 @@ namespace {
 
 using BackwardSchedule = GroupNormBackwardSchedule;
 
-BackwardSchedule plan_backward(const GroupNormShape& t, bool need_sums, bool masked,
+BackwardSchedule plan_backward(const GroupNormShape& t, bool need_sums, bool third_input,
                                int64_t value_bytes, int num_threads) {
   if (t.format == MemoryFormat::channels_last) return BackwardSchedule::channels_last;
-  const int64_t group_bytes = (t.channels / t.groups) * t.spatial * value_bytes * (masked ? 3 : 2);
+  const int64_t group_bytes =
+      (t.channels / t.groups) * t.spatial * value_bytes * (third_input ? 3 : 2);
   const bool enough_groups = t.batch * t.groups >= std::max(num_threads, 1);
   return need_sums && enough_groups && group_bytes <= cached_unit_bytes()
              ? BackwardSchedule::cached_groups
@@ -737,22 +795,26 @@ struct GroupNormBackward {
   const float* weight;
   GroupNormShape t;
   bool stats_are_constants;
-  const T* mask;  // the forward's y with relu: g = dy * (y > 0)
-  T* gout;        // dresidual: receives g
-  bool stream;    // dx with non-temporal stores
+  gn::Upstream<T> up;  // how g is made from dy (relu's mask, or silu's z)
+  const float* bias;   // silu: the forward's bias (null: none)
+  T* gout;             // dresidual: receives g
+  bool stream;         // dx with non-temporal stores
   // derived
   const gn::Kernels<T>& k = kernels<T>();
   int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups, per_group = C / G;
-  // With dresidual written, dx reads g back from it (one stream instead of dy and y; exact, as
-  // g is dy or 0).
-  const T* gin = gout ? gout : dy;
-  const T* gmask = gout ? nullptr : mask;
+  // With dresidual written, dx reads g back from it (one stream instead of dy and y or the
+  // residual) where that is exact: g is dy or 0 (relu, none), or float32 (silu). A 16-bit g
+  // would be a rounding the sums did not see, so silu then recomputes it.
+  bool g_stored = gout && (!up.silu || std::is_same_v<T, float>);
+  const T* gin = g_stored ? gout : dy;
+  gn::Upstream<T> dx_up = g_stored ? gn::Upstream<T>{} : up;
   // scratch
   double* sum_dy;     // per (n, c): sum(g)
   double* sum_dy_xc;  // per (n, c): sum(g * (x - mean))
   double* partial_dy;  // per unit (a channels-first row piece, a channels-last block of rows)
   double* partial_xc;
   float *ca, *cb, *cc, *cm;  // dx = ca * g + cb * (x - cm) + cc, per (n, c)
+  float *za, *zb;            // silu: the forward's z = (x - cm) * za + zb + residual, per (n, c)
   float* mean_c;             // channels-last: the mean of each channel's group
 
   GroupNormBackward(const GroupNormShape& shape, T* dx_, float* dweight_, float* dbias_,
@@ -760,11 +822,22 @@ struct GroupNormBackward {
                     const float* weight_, bool constants, const BackwardEpilogueOf<T>& epi,
                     const BackwardScratch& s)
       : dx(dx_), dweight(dweight_), dbias(dbias_), dy(dy_), x(x_), mean(mean_), rstd(rstd_),
-        weight(weight_), t(shape), stats_are_constants(constants), mask(epi.relu ? epi.y : nullptr),
-        gout(epi.dresidual), stream(streams_output<T>(shape.batch * shape.channels * shape.spatial)),
+        weight(weight_), t(shape), stats_are_constants(constants),
+        up{epi.relu() ? epi.y : nullptr, epi.silu(), epi.silu() ? epi.residual : nullptr},
+        bias(epi.silu() ? epi.bias : nullptr), gout(epi.dresidual),
+        stream(streams_output<T>(shape.batch * shape.channels * shape.spatial)),
         sum_dy(s.sums), sum_dy_xc(s.sums + N * C), partial_dy(s.partial_dy),
         partial_xc(s.partial_xc), ca(s.coef), cb(ca + N * C), cc(cb + N * C),
-        cm(cc + N * C), mean_c(s.mean_c) {}
+        cm(cc + N * C), za(s.silu_coef), zb(za + N * C), mean_c(s.mean_c) {}
+
+  // ---- phase 0 (silu): the forward's coefficients of z for channel i = (n, c) ----
+  // za as the dx coefficient ca (rstd * w), zb the bias: the saved float mean is m itself, so
+  // the forward's fold (m, a, b) is this up to the rounding of rstd.
+  void silu_coefficients(int64_t i) {
+    const int64_t c = i % C;
+    za[i] = float(double(rstd[(i / C) * G + c / per_group]) * (weight ? double(weight[c]) : 1.0));
+    zb[i] = bias ? bias[c] : 0.0f;
+  }
 
   // ---- phase 1: the per-(n, c) sums ----
   // Channels-first: the sums of piece `piece` = [lo, hi) of (n, c) row `row` (also writing
@@ -772,9 +845,9 @@ struct GroupNormBackward {
   void row_piece_sums(const RowPieces& p, int64_t row, int64_t piece, int64_t lo, int64_t hi) {
     const float m = mean[(row / C) * G + (row % C) / per_group];
     const int64_t at = row * S + lo;
-    k.grad_sums_run(dy + at, mask ? mask + at : nullptr, x + at, gout ? gout + at : nullptr,
-                    hi - lo, m, &partial_dy[row * p.stride + piece],
-                    &partial_xc[row * p.stride + piece]);
+    k.grad_sums_run(dy + at, up.at(at), x + at, gout ? gout + at : nullptr, hi - lo, m,
+                    up.silu ? za[row] : 0.0f, up.silu ? zb[row] : 0.0f,
+                    &partial_dy[row * p.stride + piece], &partial_xc[row * p.stride + piece]);
   }
   // A row's sums: its pieces' partials added in piece order.
   void merge_row_sums(const RowPieces& p, int64_t row) {
@@ -801,8 +874,8 @@ struct GroupNormBackward {
         const int64_t at = (n * S + r0) * C + c0;
         std::fill(ag, ag + width, 0.0f);
         std::fill(ax, ax + width, 0.0f);
-        k.grad_sums_rows(dy + at, mask ? mask + at : nullptr, x + at, gout ? gout + at : nullptr,
-                         rows, width, C, mean_c + n * C + c0, ag, ax);
+        k.grad_sums_rows(dy + at, up.at(at), x + at, gout ? gout + at : nullptr, rows, width, C,
+                         mean_c + n * C + c0, za + n * C + c0, zb + n * C + c0, ag, ax);
         for (int64_t c = 0; c < width; ++c) pd[c0 + c] += ag[c], px[c0 + c] += ax[c];
       }
     }
@@ -859,16 +932,15 @@ struct GroupNormBackward {
   // Channels-first: piece [lo, hi) of (n, c) row `row`.
   void row_dx(int64_t row, int64_t lo, int64_t hi) {
     const int64_t at = row * S + lo;
-    k.dx_run(dx + at, gin + at, gmask ? gmask + at : nullptr, x + at, hi - lo, ca[row], cb[row],
-             cm[row], cc[row], stream);
+    k.dx_run(dx + at, gin + at, dx_up.at(at), x + at, hi - lo, ca[row], cb[row], cm[row],
+             cc[row], dx_up.silu ? za[row] : 0.0f, dx_up.silu ? zb[row] : 0.0f, stream);
   }
   // Channels-last: unit u's rows.
   void block_dx(const RowBlocks& rb, int64_t u) {
     const int64_t n = u / rb.units_per_sample, r0 = (u % rb.units_per_sample) * rb.unit_rows;
     const int64_t at = (n * S + r0) * C;
-    k.dx_rows(dx + at, gin + at, gmask ? gmask + at : nullptr, x + at,
-              std::min(S - r0, rb.unit_rows), C, ca + n * C, cb + n * C, cm + n * C, cc + n * C,
-              stream);
+    k.dx_rows(dx + at, gin + at, dx_up.at(at), x + at, std::min(S - r0, rb.unit_rows), C,
+              ca + n * C, cb + n * C, cm + n * C, cc + n * C, za + n * C, zb + n * C, stream);
   }
 };
 
@@ -901,15 +973,18 @@ void group_norm_backward(const GroupNormPlan& plan, bool stats_are_constants,
   const bool parallel = plan.parallel;
   const int64_t N = t.batch, C = t.channels, S = t.spatial, G = t.groups;
   if (N * C * S == 0) return empty_weight_gradients(dweight, dbias, rstd, t);
-  const bool need_sums = GroupNormBackwardWork::of(stats_are_constants, dweight, dbias,
-                                                   epi.dresidual != nullptr, epi.relu)
-                             .sums;
+  const bool need_sums =
+      GroupNormBackwardWork::of(stats_are_constants, dweight, dbias, epi.dresidual != nullptr,
+                                epi.activation, epi.residual != nullptr)
+          .sums;
   const bool weight_grads = dweight || dbias;
   const BackwardSchedule schedule = plan.backward;
   const RowPieces pieces(N * C, S);
   const RowBlocks blocks(S, C);
   GroupNormBackward<T> b(t, dx, dweight, dbias, dy, x, mean, rstd, weight, stats_are_constants,
                          epi, carve_backward(plan.scratch, workspace));
+  if (epi.silu())
+    for (int64_t i = 0; i < N * C; ++i) b.silu_coefficients(i);
 
   switch (schedule) {
     case BackwardSchedule::cached_groups:
@@ -980,7 +1055,8 @@ GroupNormPlan plan_group_norm(const GroupNormShape& shape, int64_t value_bytes, 
   plan.num_threads = num_threads;
   plan.parallel = runs_in_parallel(shape.batch * shape.channels * shape.spatial, num_threads);
   plan.forward = plan_forward(shape, value_bytes, num_threads);
-  plan.backward = plan_backward(shape, backward.sums, backward.masked, value_bytes, num_threads);
+  plan.backward =
+      plan_backward(shape, backward.sums, backward.third_input, value_bytes, num_threads);
   plan.scratch = group_norm_scratch(shape);
   return plan;
 }

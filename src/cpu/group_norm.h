@@ -12,13 +12,16 @@
 //
 // Forward: statistics (channels-first: runs of cpu/moments.h; channels-last: a SIMD pass over
 // columns of a cache-sized block of rows, the same corrected two-pass algorithm, merged with
-// the Moments of cpu/moments.h), then one fused pass y = (x - m) * a + b [+ r] [relu]
+// the Moments of cpu/moments.h), then one fused pass y = act((x - m) * a + b [+ r])
 // with m = float(mean), a = rstd * weight[c], b = bias[c] - (mean - m) * a folded per (n, c).
 // Channels-first groups that fit in the per-core cache are normalized right after their own
 // statistics, so the second read of x comes from cache.
-// Backward: g = relu ? dy * (y > 0) : dy; one pass for both reductions per (n, c), sum(g) and
+// Backward: g = dy * act'(z) (relu: y > 0; silu: z = (x - mean) * rstd * w + bias + r?
+// recomputed in each pass that needs g, from the x it reads anyway, rather than stored: no
+// stream more than relu's); one pass for both reductions per (n, c), sum(g) and
 // sum(g * (x - mean)) (also writing dresidual = g), then one elementwise pass
-// dx = a * g + b * (x - mean) + c with coefficients folded per (n, c). Channels-first groups
+// dx = a * g + b * (x - mean) + c with coefficients folded per (n, c), g read back from
+// dresidual when written (and exact). Channels-first groups
 // whose dy and x fit in the per-core cache get their dx right after their sums, from cache.
 // Leaf loops are Highway SIMD kernels dispatched at run time (src/cpu/simd.h). Float32 outputs
 // (y, dx) of 16 MiB or more are written with non-temporal stores (cpu/simd.h).
@@ -47,7 +50,7 @@ using plan::GroupNormShape;
 struct GroupNormScratch {
   std::size_t groups = 0, pieces = 0, stats = 0, forward_coef = 0;          // forward
   std::size_t sums = 0, partial_dy = 0, partial_xc = 0, backward_coef = 0,  // backward
-      channel_mean = 0;
+      silu_coef = 0, channel_mean = 0;
   // Bytes the three functions below need, any of them, with any epilogue (room to align a
   // caller's workspace included; 0 when N * C * S == 0): group_norm_workspace_size's value.
   std::size_t bytes = 0;
@@ -72,12 +75,14 @@ struct GroupNormBackwardWork {
   // The per-(n, c) sums: needed unless the statistics are constants and none of dweight, dbias
   // and dresidual is wanted.
   bool sums = true;
-  bool masked = false;  // epilogue.relu: the forward's y is read too
+  // A third activation tensor is read besides dy and x: relu's y, or silu's residual.
+  bool third_input = false;
 
   // The one rule, for the api's plan and the kernel alike.
   static GroupNormBackwardWork of(bool stats_are_constants, bool dweight, bool dbias,
-                                  bool dresidual, bool relu) {
-    return {!stats_are_constants || dweight || dbias || dresidual, relu};
+                                  bool dresidual, Activation activation, bool residual) {
+    return {!stats_are_constants || dweight || dbias || dresidual,
+            activation == Activation::relu || (activation == Activation::silu && residual)};
   }
 };
 

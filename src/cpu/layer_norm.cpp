@@ -11,6 +11,7 @@
 #include "cpu/moments.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
+#include "cpu/upstream.h"
 #include "cpu/tiling.h"
 
 #include <algorithm>
@@ -23,23 +24,23 @@
 namespace normkit::cpu::ln {
 
 // The leaf loops of one SIMD target for activations of type T. w and b are in the order the row
-// is stored (already offset to the piece). `mask` (null: none) is the forward output y whose sign
-// gates the incoming gradient: g = mask > 0 ? dy : 0.
+// is stored (already offset to the piece). `up` makes g from dy through the epilogue
+// (cpu/upstream.h); silu recomputes z = (x - m) * r * w[i] + bias[i] + residual?.
 template <typename T>
 struct Kernels {
-  // y[i] = relu?(((x[i] - m) * r + t) * w[i] + b[i] + res?[i]), i < n. `stream`: y with
+  // y[i] = act(((x[i] - m) * r + t) * w[i] + b[i] + res?[i]), i < n. `stream`: y with
   // non-temporal stores where they apply (float32; see cpu/simd.h).
   void (*apply_run)(T* y, const T* x, const T* res, const float* w, const float* b, int64_t n,
-                    float m, float r, float t, bool relu, bool stream);
+                    float m, float r, float t, Activation act, bool stream);
   // Over i < n <= kRunChunk: *sum_g = sum(g * w), *sum_gxc = sum(g * w * (x - m)); writes g to
   // gout when not null; when col_g is not null, adds g to col_g[i] and g * (x - m) * r to
   // col_gxhat[i] (float column partials of dbias and dweight).
-  void (*grad_run)(const T* dy, const T* mask, const T* x, const float* w, T* gout, int64_t n,
-                   float m, float r, float* col_g, float* col_gxhat, double* sum_g,
-                   double* sum_gxc);
-  // dx[i] = a * w[i] * g[i] + b * (x[i] - m) + c. `stream` as above.
-  void (*dx_run)(T* dx, const T* dy, const T* mask, const T* x, const float* w, int64_t n,
-                 float a, float b, float m, float c, bool stream);
+  void (*grad_run)(const T* dy, const Upstream<T>& up, const T* x, const float* w,
+                   const float* bias, T* gout, int64_t n, float m, float r, float* col_g,
+                   float* col_gxhat, double* sum_g, double* sum_gxc);
+  // dx[i] = a * w[i] * g[i] + b * (x[i] - m) + c (a: the row's rstd). `stream` as above.
+  void (*dx_run)(T* dx, const T* dy, const Upstream<T>& up, const T* x, const float* w,
+                 const float* bias, int64_t n, float a, float b, float m, float c, bool stream);
 };
 
 }  // namespace normkit::cpu::ln
@@ -54,27 +55,50 @@ using V = hn::Vec<D>;
 
 // The gradient the normalization sees: dy, zeroed where the ReLU's output was not positive.
 template <bool kMask, class D, typename T>
-HWY_INLINE V<D> Upstream(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask) {
+HWY_INLINE V<D> MaskedGradient(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask) {
   const auto g = LoadF(d, dy);
   if constexpr (!kMask) return g;
   else return hn::IfThenElseZero(hn::Gt(LoadF(d, mask), hn::Zero(d)), g);
 }
 
+// g at i through the epilogue with xc = x - m there: relu's mask (kMask), or silu's
+// z = xc * r * w + bias + residual? recomputed (kSilu; the forward's t is 0 for a float mean).
+// Both decided once per call, outside the loops.
+template <bool kMask, bool kSilu, class D, typename T>
+HWY_INLINE V<D> UpstreamAt(D d, const T* HWY_RESTRICT dy, const Upstream<T>& up, int64_t i,
+                           V<D> xc, V<D> r, const float* HWY_RESTRICT w,
+                           const float* HWY_RESTRICT bias) {
+  if constexpr (kSilu) {
+    auto z = hn::MulAdd(hn::Mul(xc, r), hn::LoadU(d, w + i), hn::LoadU(d, bias + i));
+    if (up.residual) z = hn::Add(z, LoadF(d, up.residual + i));
+    return hn::Mul(LoadF(d, dy + i), SiluDerivative(d, z));
+  } else {
+    (void)xc, (void)r, (void)w, (void)bias;
+    return MaskedGradient<kMask>(d, dy + i, kMask ? up.mask + i : nullptr);
+  }
+}
+
+// f(std::bool_constant<mask>, std::bool_constant<silu>) for up's epilogue.
+template <typename T, class F>
+HWY_INLINE void WithUpstream(const Upstream<T>& up, F&& f) {
+  if (up.mask) return f(std::true_type(), std::false_type());
+  if (up.silu) return f(std::false_type(), std::true_type());
+  f(std::false_type(), std::false_type());
+}
+
 // ---- elementwise steps, the same for a full vector and a one-lane tail ----
 
-template <bool kResidual, bool kRelu, bool kStream = false, class D, typename T>
+template <bool kResidual, int kAct, bool kStream = false, class D, typename T>
 HWY_INLINE void ApplyStep(D d, T* HWY_RESTRICT y, const T* HWY_RESTRICT x,
                           const T* HWY_RESTRICT res, const float* HWY_RESTRICT w,
                           const float* HWY_RESTRICT b, V<D> m, V<D> r, V<D> t) {
   auto v = hn::MulAdd(hn::MulAdd(hn::Sub(LoadF(d, x), m), r, t), hn::LoadU(d, w), hn::LoadU(d, b));
   if constexpr (kResidual) v = hn::Add(v, LoadF(d, res));
-  // Not Max(v, 0): a NaN stays a NaN, as in torch's relu.
-  if constexpr (kRelu) v = hn::IfThenZeroElse(hn::Lt(v, hn::Zero(d)), v);
-  StoreOut<kStream>(v, d, y);
+  StoreOut<kStream>(Activate<kAct>(d, v), d, y);
 }
 
 // kStream: y with non-temporal stores (see ForEachInRun).
-template <bool kResidual, bool kRelu, bool kStream, typename T>
+template <bool kResidual, int kRelu, bool kStream, typename T>
 void ApplyRunT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRICT res,
                const float* HWY_RESTRICT w, const float* HWY_RESTRICT b, int64_t n, float m,
                float r, float t) {
@@ -88,27 +112,30 @@ void ApplyRunT(T* HWY_RESTRICT y, const T* HWY_RESTRICT x, const T* HWY_RESTRICT
 
 template <typename T>
 void ApplyRun(T* y, const T* x, const T* res, const float* w, const float* b, int64_t n, float m,
-              float r, float t, bool relu, bool stream) {
+              float r, float t, Activation act, bool stream) {
   WithStream<T>(stream, [&](auto kS) {
-    constexpr bool S = decltype(kS)::value;
-    if (res)
-      relu ? ApplyRunT<true, true, S>(y, x, res, w, b, n, m, r, t)
-           : ApplyRunT<true, false, S>(y, x, res, w, b, n, m, r, t);
-    else
-      relu ? ApplyRunT<false, true, S>(y, x, res, w, b, n, m, r, t)
-           : ApplyRunT<false, false, S>(y, x, res, w, b, n, m, r, t);
+    WithActivation(act, [&](auto kA) {
+      constexpr bool S = decltype(kS)::value;
+      constexpr int A = decltype(kA)::value;
+      res ? ApplyRunT<true, A, S>(y, x, res, w, b, n, m, r, t)
+          : ApplyRunT<false, A, S>(y, x, res, w, b, n, m, r, t);
+    });
   });
 }
 
 // One step of the backward's first pass: row sums into (sg, sx), column partials in memory.
-template <bool kMask, bool kColumns, class D, typename T>
-HWY_INLINE void GradStep(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask,
+template <bool kMask, bool kSilu, bool kColumns, class D, typename T>
+HWY_INLINE void GradStep(D d, const T* HWY_RESTRICT dy, const Upstream<T>& up, int64_t i,
                          const T* HWY_RESTRICT x, const float* HWY_RESTRICT w,
-                         T* HWY_RESTRICT gout, float* HWY_RESTRICT col_g,
-                         float* HWY_RESTRICT col_gxhat, V<D> m, V<D> r, V<D>& sg, V<D>& sx) {
-  const auto g = Upstream<kMask>(d, dy, mask);
-  if (gout) StoreF(g, d, gout);
-  const auto xc = hn::Sub(LoadF(d, x), m);
+                         const float* HWY_RESTRICT bias, T* HWY_RESTRICT gout,
+                         float* HWY_RESTRICT col_g, float* HWY_RESTRICT col_gxhat, V<D> m, V<D> r,
+                         V<D>& sg, V<D>& sx) {
+  const auto xc = hn::Sub(LoadF(d, x + i), m);
+  const auto g = UpstreamAt<kMask, kSilu>(d, dy, up, i, xc, r, w, bias);
+  if (gout) StoreF(g, d, gout + i);
+  w += i;
+  col_g = col_g ? col_g + i : col_g;
+  col_gxhat = col_gxhat ? col_gxhat + i : col_gxhat;
   const auto gw = hn::Mul(g, hn::LoadU(d, w));
   sg = hn::Add(sg, gw);
   sx = hn::MulAdd(gw, xc, sx);
@@ -118,78 +145,73 @@ HWY_INLINE void GradStep(D d, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT ma
   }
 }
 
-template <bool kMask, bool kColumns, typename T>
-void GradRunT(const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask, const T* HWY_RESTRICT x,
-              const float* HWY_RESTRICT w, T* HWY_RESTRICT gout, int64_t n, float m, float r,
-              float* HWY_RESTRICT col_g, float* HWY_RESTRICT col_gxhat, double* sum_g,
-              double* sum_gxc) {
+template <bool kMask, bool kSilu, bool kColumns, typename T>
+void GradRunT(const T* HWY_RESTRICT dy, const Upstream<T>& up, const T* HWY_RESTRICT x,
+              const float* HWY_RESTRICT w, const float* HWY_RESTRICT bias, T* HWY_RESTRICT gout,
+              int64_t n, float m, float r, float* HWY_RESTRICT col_g,
+              float* HWY_RESTRICT col_gxhat, double* sum_g, double* sum_gxc) {
   const DF d;
   const D1 d1;
   const int64_t N = int64_t(hn::Lanes(d));
   const auto vm = hn::Set(d, m), vr = hn::Set(d, r);
   auto g0 = hn::Zero(d), g1 = hn::Zero(d), x0 = hn::Zero(d), x1 = hn::Zero(d);
-  // Offsets of optional pointers are taken only when they are used.
-  auto at = [](auto* p, int64_t i) { return p ? p + i : p; };
   int64_t i = 0;
   for (; i + 2 * N <= n; i += 2 * N) {
-    GradStep<kMask, kColumns>(d, dy + i, at(mask, i), x + i, w + i, at(gout, i), at(col_g, i),
-                              at(col_gxhat, i), vm, vr, g0, x0);
-    GradStep<kMask, kColumns>(d, dy + i + N, at(mask, i + N), x + i + N, w + i + N,
-                              at(gout, i + N), at(col_g, i + N), at(col_gxhat, i + N), vm, vr,
-                              g1, x1);
+    GradStep<kMask, kSilu, kColumns>(d, dy, up, i, x, w, bias, gout, col_g, col_gxhat, vm, vr, g0, x0);
+    GradStep<kMask, kSilu, kColumns>(d, dy, up, i + N, x, w, bias, gout, col_g, col_gxhat, vm, vr, g1,
+                              x1);
   }
   for (; i + N <= n; i += N)
-    GradStep<kMask, kColumns>(d, dy + i, at(mask, i), x + i, w + i, at(gout, i), at(col_g, i),
-                              at(col_gxhat, i), vm, vr, g0, x0);
+    GradStep<kMask, kSilu, kColumns>(d, dy, up, i, x, w, bias, gout, col_g, col_gxhat, vm, vr, g0, x0);
   auto tg = hn::Zero(d1), tx = hn::Zero(d1);
   const auto vm1 = hn::Set(d1, m), vr1 = hn::Set(d1, r);
   for (; i < n; ++i)
-    GradStep<kMask, kColumns>(d1, dy + i, at(mask, i), x + i, w + i, at(gout, i), at(col_g, i),
-                              at(col_gxhat, i), vm1, vr1, tg, tx);
+    GradStep<kMask, kSilu, kColumns>(d1, dy, up, i, x, w, bias, gout, col_g, col_gxhat, vm1, vr1, tg,
+                              tx);
   *sum_g = SumLanes(d, hn::Add(g0, g1)) + double(hn::GetLane(tg));
   *sum_gxc = SumLanes(d, hn::Add(x0, x1)) + double(hn::GetLane(tx));
 }
 
 template <typename T>
-void GradRun(const T* dy, const T* mask, const T* x, const float* w, T* gout, int64_t n, float m,
-             float r, float* col_g, float* col_gxhat, double* sum_g, double* sum_gxc) {
-  if (mask)
-    col_g ? GradRunT<true, true>(dy, mask, x, w, gout, n, m, r, col_g, col_gxhat, sum_g, sum_gxc)
-          : GradRunT<true, false>(dy, mask, x, w, gout, n, m, r, col_g, col_gxhat, sum_g, sum_gxc);
-  else
-    col_g ? GradRunT<false, true>(dy, mask, x, w, gout, n, m, r, col_g, col_gxhat, sum_g, sum_gxc)
-          : GradRunT<false, false>(dy, mask, x, w, gout, n, m, r, col_g, col_gxhat, sum_g, sum_gxc);
+void GradRun(const T* dy, const Upstream<T>& up, const T* x, const float* w, const float* bias,
+             T* gout, int64_t n, float m, float r, float* col_g, float* col_gxhat, double* sum_g,
+             double* sum_gxc) {
+  WithUpstream(up, [&](auto kMask, auto kSilu) {
+    constexpr bool M = decltype(kMask)::value, U = decltype(kSilu)::value;
+    col_g ? GradRunT<M, U, true>(dy, up, x, w, bias, gout, n, m, r, col_g, col_gxhat, sum_g, sum_gxc)
+          : GradRunT<M, U, false>(dy, up, x, w, bias, gout, n, m, r, col_g, col_gxhat, sum_g, sum_gxc);
+  });
 }
 
-template <bool kMask, bool kStream = false, class D, typename T>
-HWY_INLINE void DxStep(D d, T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy,
-                       const T* HWY_RESTRICT mask, const T* HWY_RESTRICT x,
-                       const float* HWY_RESTRICT w, V<D> a, V<D> b, V<D> m, V<D> c) {
-  const auto g = Upstream<kMask>(d, dy, mask);
-  StoreOut<kStream>(
-      hn::MulAdd(hn::Mul(a, hn::LoadU(d, w)), g, hn::MulAdd(b, hn::Sub(LoadF(d, x), m), c)), d,
-      dx);
+template <bool kMask, bool kSilu, bool kStream = false, class D, typename T>
+HWY_INLINE void DxStep(D d, T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const Upstream<T>& up,
+                       int64_t i, const T* HWY_RESTRICT x, const float* HWY_RESTRICT w,
+                       const float* HWY_RESTRICT bias, V<D> a, V<D> b, V<D> m, V<D> c) {
+  const auto xc = hn::Sub(LoadF(d, x + i), m);
+  const auto g = UpstreamAt<kMask, kSilu>(d, dy, up, i, xc, a, w, bias);
+  StoreOut<kStream>(hn::MulAdd(hn::Mul(a, hn::LoadU(d, w + i)), g, hn::MulAdd(b, xc, c)), d,
+                    dx + i);
 }
 
 // kStream: dx with non-temporal stores (see ForEachInRun).
-template <bool kMask, bool kStream, typename T>
-void DxRunT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const T* HWY_RESTRICT mask,
-            const T* HWY_RESTRICT x, const float* HWY_RESTRICT w, int64_t n, float a, float b,
-            float m, float c) {
+template <bool kMask, bool kSilu, bool kStream, typename T>
+void DxRunT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const Upstream<T>& up,
+            const T* HWY_RESTRICT x, const float* HWY_RESTRICT w,
+            const float* HWY_RESTRICT bias, int64_t n, float a, float b, float m, float c) {
   ForEachInRun<kStream>(dx, n, [&](auto d, int64_t i, auto stream) {
-    DxStep<kMask, decltype(stream)::value>(d, dx + i, dy + i, mask ? mask + i : mask, x + i,
-                                           w + i, hn::Set(d, a), hn::Set(d, b), hn::Set(d, m),
-                                           hn::Set(d, c));
+    DxStep<kMask, kSilu, decltype(stream)::value>(d, dx, dy, up, i, x, w, bias, hn::Set(d, a),
+                                           hn::Set(d, b), hn::Set(d, m), hn::Set(d, c));
   });
 }
 
 template <typename T>
-void DxRun(T* dx, const T* dy, const T* mask, const T* x, const float* w, int64_t n, float a,
-           float b, float m, float c, bool stream) {
+void DxRun(T* dx, const T* dy, const Upstream<T>& up, const T* x, const float* w,
+           const float* bias, int64_t n, float a, float b, float m, float c, bool stream) {
   WithStream<T>(stream, [&](auto kS) {
-    constexpr bool S = decltype(kS)::value;
-    mask ? DxRunT<true, S>(dx, dy, mask, x, w, n, a, b, m, c)
-         : DxRunT<false, S>(dx, dy, mask, x, w, n, a, b, m, c);
+    WithUpstream(up, [&](auto kMask, auto kSilu) {
+      DxRunT<decltype(kMask)::value, decltype(kSilu)::value, decltype(kS)::value>(
+          dx, dy, up, x, w, bias, n, a, b, m, c);
+    });
   });
 }
 
@@ -331,7 +353,7 @@ void layer_norm_forward(const LayerNormPlan& plan, double eps, const ForwardEpil
         const RowCoef f = fold(mo, eps);
         mean[row] = f.m;
         rstd[row] = f.r;
-        k.apply_run(y + at, x + at, res ? res + at : nullptr, w, b, cols, f.m, f.r, f.t, epi.relu,
+        k.apply_run(y + at, x + at, res ? res + at : nullptr, w, b, cols, f.m, f.r, f.t, epi.activation,
                     stream);
       });
       return;
@@ -352,7 +374,7 @@ void layer_norm_forward(const LayerNormPlan& plan, double eps, const ForwardEpil
         rp.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) {
           const int64_t at = row * cols + lo;
           k.apply_run(y + at, x + at, res ? res + at : nullptr, w + lo, b + lo, hi - lo,
-                      mean[row], rstd[row], tail[row], epi.relu, stream);
+                      mean[row], rstd[row], tail[row], epi.activation, stream);
         });
       });
       return;
@@ -392,8 +414,9 @@ struct LayerNormBackward {
   const float* mean;
   const float* rstd;
   const float* w;  // weight in memory order
-  const T* mask;   // the forward's y with relu: g = dy * (y > 0)
-  T* gout;         // dresidual: receives g
+  const float* bias;  // silu: the forward's bias in memory order
+  Upstream<T> up;     // how g is made from dy (relu's mask, or silu's z)
+  T* gout;            // dresidual: receives g
   int64_t rows, cols, pieces;
   bool want_columns;  // dweight or dbias asked for
   bool stream;        // dx with non-temporal stores
@@ -404,10 +427,12 @@ struct LayerNormBackward {
   float* colg;  // per (row block, column): float partials of sum(g), sum(g * xhat)
   float* colx;
   const ln::Kernels<T>& k = kernels<T>();
-  // With dresidual written, dx reads g back from it (one stream instead of dy and y; exact, as g
-  // is dy or 0).
-  const T* gin = gout ? gout : dy;
-  const T* gmask = gout ? nullptr : mask;
+  // With dresidual written, dx reads g back from it (one stream instead of dy and y or the
+  // residual) where that is exact: g is dy or 0 (relu, none), or float32 (silu). A 16-bit g
+  // would be a rounding the sums did not see, so silu then recomputes it.
+  bool g_stored = gout && (!up.silu || std::is_same_v<T, float>);
+  const T* gin = g_stored ? gout : dy;
+  Upstream<T> dx_up = g_stored ? Upstream<T>{} : up;
 
   // ---- phase 1: piece `piece` of `row` in row block rb: its row sums, its column partials ----
   void clear_columns(int64_t rb, int64_t lo, int64_t hi) {
@@ -420,7 +445,7 @@ struct LayerNormBackward {
     const int64_t at = row * cols + lo;
     float* ug = want_columns ? colg + rb * cols + lo : nullptr;
     float* ux = want_columns ? colx + rb * cols + lo : nullptr;
-    k.grad_run(dy + at, mask ? mask + at : nullptr, x + at, w + lo, gout ? gout + at : nullptr,
+    k.grad_run(dy + at, up.at(at), x + at, w + lo, bias ? bias + lo : nullptr, gout ? gout + at : nullptr,
                hi - lo, mean[row], rstd[row], ug, ux, &pg[row * pieces + piece],
                &px[row * pieces + piece]);
   }
@@ -437,7 +462,7 @@ struct LayerNormBackward {
   // ---- phase 3: dx of piece [lo, hi) of a row ----
   void row_dx(int64_t row, int64_t lo, int64_t hi) {
     const int64_t at = row * cols + lo;
-    k.dx_run(dx + at, gin + at, gmask ? gmask + at : nullptr, x + at, w + lo, hi - lo, rstd[row],
+    k.dx_run(dx + at, gin + at, dx_up.at(at), x + at, w + lo, bias ? bias + lo : nullptr, hi - lo, rstd[row],
              cb[row], mean[row], cc[row], stream);
   }
 
@@ -480,7 +505,10 @@ void layer_norm_backward(const LayerNormPlan& plan, const BackwardEpilogueOf<T>&
   float* colg = scratch_part<float>(base, p.columns);
   LayerNormBackward<T> b{dx, dy, x, mean, rstd,
                          memory_order(weight, 1.0f, t, scratch_part<float>(base, p.weight)),
-                         epi.relu ? epi.y : nullptr, epi.dresidual, rows, cols, pieces,
+                         epi.silu() ? memory_order(epi.bias, 0.0f, t, scratch_part<float>(base, p.bias))
+                                    : nullptr,
+                         {epi.relu() ? epi.y : nullptr, epi.silu(), epi.silu() ? epi.residual : nullptr},
+                         epi.dresidual, rows, cols, pieces,
                          dweight || dbias, streams_output<T>(rows * cols), pg,
                          pg + rows * pieces, cb, cb + rows, colg, colg + row_blocks * cols};
 

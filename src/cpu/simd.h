@@ -30,6 +30,7 @@
 #endif
 
 #include <hwy/cache_control.h>
+#include <hwy/contrib/math/math-inl.h>
 #include <hwy/highway.h>
 
 #include <algorithm>
@@ -37,6 +38,7 @@
 #include <type_traits>
 
 #include "common/dtype.h"
+#include "normkit/epilogue.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace normkit::cpu::HWY_NAMESPACE {
@@ -219,6 +221,64 @@ HWY_INLINE void ForEachInRows(T* out, int64_t rows, int64_t channels, const Step
     for (; c + N <= channels; c += N) step(d, o, c, vector_store);
     for (; c < channels; ++c) step(d1, o, c, lane_store);
   }
+}
+
+// ---- the activations of the fused epilogues (normkit/epilogue.h) ----
+
+// relu that keeps NaN (as torch): only values below zero become zero.
+template <class D>
+HWY_INLINE hn::Vec<D> Relu(D d, hn::Vec<D> v) {
+  return hn::IfThenZeroElse(hn::Lt(v, hn::Zero(d)), v);
+}
+
+// sigmoid(z) = 1 / (1 + e^-z) and 1 - sigmoid(z), both from t = e^-|z| in (0, 1] (Highway's
+// Exp, 1 ulp; valid for any argument <= 0, so no overflow): 1 / (1 + t) and t / (1 + t), the
+// larger for z >= 0. Neither is a difference, so neither cancels (1 - s computed as a difference
+// would lose the digits of silu' at large z). A few ulps each (the tests hold silu and its
+// derivative to 3e-7 relative of double's). NaN in, NaN out through the z * ... of Silu and
+// SiluDerivative.
+template <class D>
+HWY_INLINE void SigmoidAndComplement(D d, hn::Vec<D> z, hn::Vec<D>& s, hn::Vec<D>& one_minus_s) {
+  const auto one = hn::Set(d, 1.0f);
+  const auto t = hn::Exp(d, hn::Neg(hn::Abs(z)));
+  const auto large = hn::Div(one, hn::Add(one, t));
+  const auto small = hn::Mul(t, large);
+  const auto negative = hn::Lt(z, hn::Zero(d));
+  s = hn::IfThenElse(negative, small, large);
+  one_minus_s = hn::IfThenElse(negative, large, small);
+}
+
+// silu(z) = z * sigmoid(z).
+template <class D>
+HWY_INLINE hn::Vec<D> Silu(D d, hn::Vec<D> z) {
+  hn::Vec<D> s, c;
+  SigmoidAndComplement(d, z, s, c);
+  return hn::Mul(z, s);
+}
+
+// silu'(z) = s * (1 + z * (1 - s)), s = sigmoid(z).
+template <class D>
+HWY_INLINE hn::Vec<D> SiluDerivative(D d, hn::Vec<D> z) {
+  hn::Vec<D> s, c;
+  SigmoidAndComplement(d, z, s, c);
+  return hn::Mul(s, hn::MulAdd(z, c, hn::Set(d, 1.0f)));
+}
+
+// The forward epilogue's activation (kAct: an Activation as int) on z.
+template <int kAct, class D>
+HWY_INLINE hn::Vec<D> Activate(D d, hn::Vec<D> z) {
+  if constexpr (kAct == int(Activation::relu)) return Relu(d, z);
+  else if constexpr (kAct == int(Activation::silu)) return Silu(d, z);
+  else return z;
+}
+
+// f(std::integral_constant<int, a>) for the activation a: the forward's leaf loops are
+// instantiated per activation.
+template <class F>
+HWY_INLINE void WithActivation(Activation a, F&& f) {
+  if (a == Activation::relu) return f(std::integral_constant<int, int(Activation::relu)>());
+  if (a == Activation::silu) return f(std::integral_constant<int, int(Activation::silu)>());
+  f(std::integral_constant<int, int(Activation::none)>());
 }
 
 // Sum of the lanes of v in double, in lane order: fixed for a target.

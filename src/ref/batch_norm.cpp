@@ -3,6 +3,8 @@
 #include <cmath>
 #include <vector>
 
+#include "ref/activation.h"
+
 namespace normkit::ref {
 namespace {
 
@@ -32,15 +34,21 @@ void store(f16* p, int64_t i, double v) { p[i] = from_float<f16>(static_cast<flo
 template <typename A>
 double finish(const ForwardEpilogueOf<A>& e, int64_t i, double v) {
   if (e.residual) v += load(e.residual, i);
-  if (e.relu) v = v > 0 ? v : 0;
-  return v;
+  return activate(e.activation, v);
 }
 
-// The gradient the normalization sees at element i; also writes dresidual.
+// The gradient the normalization sees at element i of channel c, whose forward normalized with
+// mean, invstd and weight w: silu recomputes z = (x - mean) * invstd * w + bias + residual.
 template <typename A>
-double upstream(const BackwardEpilogueOf<A>& e, const A* dy, int64_t i) {
+double upstream(const BackwardEpilogueOf<A>& e, const A* dy, const A* x, int64_t i, int64_t c,
+                double mean, double invstd, double w) {
   double g = load(dy, i);
-  if (e.relu && !(load(e.y, i) > 0)) g = 0;
+  if (e.relu() && !(load(e.y, i) > 0)) g = 0;
+  if (e.silu()) {
+    double z = (load(x, i) - mean) * invstd * w + (e.bias ? double(e.bias[c]) : 0.0);
+    if (e.residual) z += load(e.residual, i);
+    g *= silu_derivative(z);
+  }
   return g;
 }
 
@@ -101,7 +109,7 @@ void batch_norm_forward_inference(const BatchNormShape& sh, double eps,
   }
 }
 
-// With g the upstream gradient (dy, masked by the ReLU epilogue), xhat = (x - mean) * invstd
+// With g the upstream gradient (dy times the epilogue's activation derivative), xhat = (x - mean) * invstd
 // and M = N * S values per channel:
 //   dbias   = sum(g)
 //   dweight = sum(g * xhat)
@@ -117,22 +125,23 @@ void batch_norm_backward_training(const BatchNormShape& sh, const BackwardEpilog
     double sum_dy = 0, sum_dy_xhat = 0;
     const double mean = count ? static_cast<double>(save_mean[c]) : 0.0;
     const double invstd = count ? static_cast<double>(save_invstd[c]) : 0.0;
+    const double w = at(weight, c, 1.0);
     for (int64_t n = 0; n < sh.batch; ++n)
       for (int64_t s = 0; s < sh.spatial; ++s) {
         const int64_t i = offset(sh, n, c, s);
-        const double g = upstream(epilogue, dy, i);
+        const double g = upstream(epilogue, dy, x, i, c, mean, invstd, w);
         sum_dy += g;
         sum_dy_xhat += g * ((load(x, i) - mean) * invstd);
       }
     if (dbias) dbias[c] = static_cast<P>(sum_dy);
     if (dweight) dweight[c] = static_cast<P>(sum_dy_xhat);
     if (count == 0) continue;
-    const double scale = at(weight, c, 1.0) * invstd;
+    const double scale = w * invstd;
     const double mean_dy = sum_dy / count, mean_dy_xhat = sum_dy_xhat / count;
     for (int64_t n = 0; n < sh.batch; ++n)
       for (int64_t s = 0; s < sh.spatial; ++s) {
         const int64_t i = offset(sh, n, c, s);
-        const double g = upstream(epilogue, dy, i);
+        const double g = upstream(epilogue, dy, x, i, c, mean, invstd, w);
         const double xhat = (load(x, i) - mean) * invstd;
         store(dx, i, scale * (g - mean_dy - xhat * mean_dy_xhat));
         if (epilogue.dresidual) store(epilogue.dresidual, i, g);
@@ -153,7 +162,7 @@ void batch_norm_backward_inference(const BatchNormShape& sh, double eps,
     for (int64_t n = 0; n < sh.batch; ++n)
       for (int64_t s = 0; s < sh.spatial; ++s) {
         const int64_t i = offset(sh, n, c, s);
-        const double g = upstream(epilogue, dy, i);
+        const double g = upstream(epilogue, dy, x, i, c, mean, invstd, at(weight, c, 1.0));
         sum_dy += g;
         sum_dy_xhat += g * ((load(x, i) - mean) * invstd);
         store(dx, i, g * scale);
@@ -213,7 +222,8 @@ void batch_norm_sample_gradients(const BatchNormShape& sh, const BackwardEpilogu
       double sg = 0, sgx = 0;
       for (int64_t s = 0; s < sh.spatial; ++s) {
         const int64_t i = offset(sh, n, c, s);
-        const double g = upstream(epilogue, dy, i);
+        // The steps refuse silu, so g needs no z here.
+        const double g = upstream(epilogue, dy, x, i, c, 0.0, 0.0, 0.0);
         sg += g;
         sgx += g * (load(x, i) - double(mean[c]));
       }
@@ -251,7 +261,7 @@ void batch_norm_backward_dx(const BatchNormShape& sh, const BackwardEpilogueOf<A
     for (int64_t n = 0; n < sh.batch; ++n)
       for (int64_t s = 0; s < sh.spatial; ++s) {
         const int64_t i = offset(sh, n, c, s);
-        const double g = upstream(epilogue, dy, i);
+        const double g = upstream(epilogue, dy, x, i, c, mu, is, at(weight, c, 1.0));
         const double d = load(x, i) - mu;
         store(dx, i, scale * (g - mean_g - d * is * is * mean_gx));
         if (epilogue.dresidual) store(epilogue.dresidual, i, g);

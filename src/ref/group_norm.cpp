@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "common/dtype.h"
+#include "ref/activation.h"
 
 namespace normkit::ref {
 namespace {
@@ -172,8 +173,7 @@ void apply_forward_epilogue(std::vector<double>& y, const ForwardEpilogue& e, in
     const auto r = widen(e.residual, count);
     for (std::size_t i = 0; i < y.size(); ++i) y[i] += r[i];
   }
-  if (e.relu)
-    for (double& v : y) v = v < 0 ? 0.0 : v;  // NaN stays NaN
+  for (double& v : y) v = activate(e.activation, v);
 }
 
 }  // namespace
@@ -215,13 +215,21 @@ void group_norm_backward(const GroupNormShape& t, bool stats_are_constants,
                          const TensorView& dx, float* dweight, float* dbias) {
   const int64_t count = t.batch * t.channels * t.spatial, ng = t.batch * t.groups;
   auto g = widen(dy, count);
-  if (e.relu) {
-    const auto yd = widen(e.y, count);
-    for (std::size_t i = 0; i < g.size(); ++i) g[i] = yd[i] > 0 ? g[i] : 0.0;
-  }
-  narrow(g, e.dresidual);
   const auto xd = widen(x, count), wd = widen_floats(weight, t.channels);
   const auto md = widen_floats(mean, ng), rd = widen_floats(rstd, ng);
+  if (e.activation == Activation::relu) {
+    const auto yd = widen(e.y, count);
+    for (std::size_t i = 0; i < g.size(); ++i) g[i] = yd[i] > 0 ? g[i] : 0.0;
+  } else if (e.activation == Activation::silu) {
+    // z recomputed as the forward made it, from the saved statistics.
+    const auto bd = widen_floats(e.bias.empty() ? nullptr : e.bias.data(), t.channels);
+    std::vector<double> z(xd.size());
+    group_norm_apply<double>(t, xd.data(), md.data(), rd.data(), weight ? wd.data() : nullptr,
+                             e.bias.empty() ? nullptr : bd.data(), z.data());
+    const auto r = widen(e.residual, count);  // zeros when absent
+    for (std::size_t i = 0; i < g.size(); ++i) g[i] *= silu_derivative(z[i] + r[i]);
+  }
+  narrow(g, e.dresidual);
   const auto channels = static_cast<std::size_t>(t.channels);
   std::vector<double> dxd(xd.size()), dwd(channels), dbd(channels);
   group_norm_backward<double>(t, stats_are_constants, g.data(), xd.data(), md.data(), rd.data(),

@@ -4,6 +4,7 @@
 #include <limits>
 #include <vector>
 
+#include "ref/activation.h"
 #include "ref/group_norm.h"  // widen, narrow
 
 namespace normkit::ref {
@@ -109,8 +110,7 @@ void layer_norm_forward(const LayerNormShape& t, double eps, const ForwardEpilog
     const auto r = widen(e.residual, count);
     for (std::size_t i = 0; i < yd.size(); ++i) yd[i] += r[i];
   }
-  if (e.relu)
-    for (double& v : yd) v = v < 0 ? 0.0 : v;  // NaN stays NaN
+  for (double& v : yd) v = activate(e.activation, v);
   narrow(yd, y);
   for (std::size_t i = 0; i < rows; ++i) {
     mean[i] = float(md[i]);
@@ -124,13 +124,25 @@ void layer_norm_backward(const LayerNormShape& t, const BackwardEpilogue& e, con
                          float* dbias) {
   const int64_t count = t.rows * t.cols;
   auto g = widen(dy, count);
-  if (e.relu) {
-    const auto yd = widen(e.y, count);
-    for (std::size_t i = 0; i < g.size(); ++i) g[i] = yd[i] > 0 ? g[i] : 0.0;
-  }
-  narrow(g, e.dresidual);
   const auto xd = widen(x, count), wd = widen_floats(weight, t.cols);
   const auto md = widen_floats(mean, t.rows), rd = widen_floats(rstd, t.rows);
+  if (e.activation == Activation::relu) {
+    const auto yd = widen(e.y, count);
+    for (std::size_t i = 0; i < g.size(); ++i) g[i] = yd[i] > 0 ? g[i] : 0.0;
+  } else if (e.activation == Activation::silu) {
+    // z recomputed as the forward made it, from the saved statistics.
+    const auto r = widen(e.residual, count);  // zeros when absent
+    for (int64_t i = 0; i < t.rows; ++i)
+      for (int64_t j = 0; j < t.cols; ++j) {
+        const int64_t k = layer_norm_logical_index(t, j);
+        const auto at = std::size_t(i * t.cols + j);
+        const double w = weight ? wd[std::size_t(k)] : 1.0;
+        const double b = e.bias.empty() ? 0.0 : double(e.bias[std::size_t(k)]);
+        const double z = (xd[at] - md[std::size_t(i)]) * rd[std::size_t(i)] * w + b + r[at];
+        g[at] *= silu_derivative(z);
+      }
+  }
+  narrow(g, e.dresidual);
   const auto cols = static_cast<std::size_t>(t.cols);
   std::vector<double> dxd(xd.size()), dwd(cols), dbd(cols);
   layer_norm_backward<double>(t, g.data(), xd.data(), md.data(), rd.data(),

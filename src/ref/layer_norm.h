@@ -33,8 +33,9 @@ void layer_norm_backward(const LayerNormShape& shape, const T* dy, const T* x, c
 // normkit/epilogue.h: activations are widened to double, the double kernels above run, the
 // epilogue is applied in double, and results are rounded once to the output dtype. Statistics
 // and weight vectors are float32, as in the public API. Allocates (reference backend).
-//   forward: y = relu?(norm(x) + residual?)
-//   backward: g = relu ? dy * (y > 0) : dy; dresidual = g; dx, dweight, dbias from g.
+//   forward: y = act(norm(x) + residual?)
+//   backward: g = dy * act'(z) (relu: y > 0; silu: z recomputed from x, mean, rstd, weight,
+//   epilogue.bias and epilogue.residual); dresidual = g; dx, dweight, dbias from g.
 void layer_norm_forward(const LayerNormShape& shape, double eps, const ForwardEpilogue& epilogue,
                         const TensorView& x, const float* weight, const float* bias,
                         const TensorView& y, float* mean, float* rstd);

@@ -99,6 +99,26 @@ struct PlacedInputs {
   Placed x, r, dy;
 };
 
+// The activation of the fused epilogue the *_outputs functions run (relu, or silu in the
+// *Silu* tests).
+Activation fused_activation = Activation::relu;
+
+// The backward's epilogue for the fused forward's: relu's mask from y, or silu's residual and
+// bias (its z recomputed); dres (null: none) receives the residual's gradient.
+BackwardEpilogue fused_backward(const Problem& p, PlacedInputs& src, Placed& y, Placed* dres) {
+  BackwardEpilogue e{.activation = fused_activation};
+  if (fused_activation == Activation::relu) e.y = p.view(y.data());
+  if (fused_activation == Activation::silu) e.residual = p.view(src.r.data()), e.bias = p.b;
+  if (dres) e.dresidual = p.view(dres->data());
+  return e;
+}
+
+// Sets fused_activation for the life of a test.
+struct FusedActivation {
+  explicit FusedActivation(Activation a) { fused_activation = a; }
+  ~FusedActivation() { fused_activation = Activation::relu; }
+};
+
 // Every output of one op's calls: activations in memory order, then the vectors.
 using Outputs = std::vector<std::vector<float>>;
 
@@ -129,10 +149,10 @@ Outputs batch_norm_outputs(const Problem& p, int in, int out) {
       db(C);
 
   BatchNormParams training;
-  training.epilogue = {true, p.view(src.r.data())};
+  training.epilogue = {fused_activation, p.view(src.r.data())};
   batch_norm_forward_training(training, p.view(src.x.data()), p.w, p.b, p.view(y.data()), mean,
                               invstd, running_mean, running_var);
-  const BackwardEpilogue backward{true, p.view(y.data()), p.view(dres.data())};
+  const BackwardEpilogue backward = fused_backward(p, src, y, &dres);
   batch_norm_backward_training({.epilogue = backward}, p.view(src.dy.data()),
                                p.view(src.x.data()), mean, invstd, p.w, p.view(dx.data()), dw, db);
   batch_norm_forward_inference(BatchNormParams{}, p.view(src.x.data()), p.w, p.b, running_mean,
@@ -152,9 +172,9 @@ Outputs group_norm_outputs(const Problem& p, int in, int out) {
   std::vector<float> mean(stats), rstd(stats), dw(C), db(C), dw_plain(C);
 
   GroupNormParams fused{p.groups};
-  fused.epilogue = {true, p.view(src.r.data())};
+  fused.epilogue = {fused_activation, p.view(src.r.data())};
   group_norm_forward(fused, p.view(src.x.data()), p.w, p.b, p.view(y.data()), mean, rstd);
-  const BackwardEpilogue backward{true, p.view(y.data()), p.view(dres.data())};
+  const BackwardEpilogue backward = fused_backward(p, src, y, &dres);
   group_norm_backward({p.groups, backward}, p.view(src.dy.data()), p.view(src.x.data()), mean,
                       rstd, p.w, p.view(dx.data()), dw, db);
   const GroupNormParams plain{p.groups};
@@ -179,10 +199,10 @@ Outputs instance_norm_outputs(const Problem& p, int in, int out) {
   // Training with running statistics and the add+ReLU epilogue, its backward, then inference
   // from the updated running statistics (a different output pass).
   InstanceNormParams training;
-  training.epilogue = {true, p.view(src.r.data())};
+  training.epilogue = {fused_activation, p.view(src.r.data())};
   instance_norm_forward(training, p.view(src.x.data()), p.w, p.b, running_mean, running_var,
                         p.view(y.data()), mean, rstd);
-  const BackwardEpilogue backward{true, p.view(y.data()), {}};
+  const BackwardEpilogue backward = fused_backward(p, src, y, nullptr);
   instance_norm_backward({true, backward}, p.view(src.dy.data()), p.view(src.x.data()), mean,
                          rstd, p.w, p.view(dx.data()), dw, db);
   InstanceNormParams eval;
@@ -202,9 +222,9 @@ Outputs layer_norm_outputs(const Problem& p, int in, int out) {
   std::vector<float> mean(rows), rstd(rows), dw(cols), db(cols), db_plain(cols);
 
   LayerNormParams fused{1};
-  fused.epilogue = {true, p.view(src.r.data())};
+  fused.epilogue = {fused_activation, p.view(src.r.data())};
   layer_norm_forward(fused, p.view(src.x.data()), p.w, p.b, p.view(y.data()), mean, rstd);
-  const BackwardEpilogue backward{true, p.view(y.data()), p.view(dres.data())};
+  const BackwardEpilogue backward = fused_backward(p, src, y, &dres);
   layer_norm_backward({1, backward}, p.view(src.dy.data()), p.view(src.x.data()), mean, rstd, p.w,
                       p.view(dx.data()), dw, db);
   const LayerNormParams plain{1};
@@ -256,6 +276,26 @@ TEST(Alignment, LayerNormSameBitsAtAnyOffset) {
       {3, 37}, {50, 1000}, {7, 40001}, {4099, 1031}, {5, 850001}};
   uint64_t seed = 200;
   for (const auto& dims : shapes)
+    expect_same_bits(make_problem(dims, MemoryFormat::channels_first, 0, seed++), "layer_norm",
+                     layer_norm_outputs);
+}
+
+// The silu epilogue (z recomputed in both backward passes from x, the residual and the
+// coefficients) on the shapes above without the largest of each op.
+TEST(Alignment, SiluEpilogueSameBitsAtAnyOffset) {
+  const FusedActivation silu(Activation::silu);
+  uint64_t seed = 400;
+  for (MemoryFormat format : kFormats) {
+    for (const auto& dims : std::vector<std::vector<int64_t>>{{3, 5, 7, 9}, {4, 64, 128, 128}})
+      expect_same_bits(make_problem(dims, format, 1, seed++), "batch_norm", batch_norm_outputs);
+    for (const auto& [dims, groups] : std::vector<std::pair<std::vector<int64_t>, int64_t>>{
+             {{3, 6, 7, 9}, 3}, {{2, 48, 13, 11}, 8}, {{4, 64, 128, 128}, 32}})
+      expect_same_bits(make_problem(dims, format, groups, seed++), "group_norm",
+                       group_norm_outputs);
+    expect_same_bits(make_problem({2, 24, 4, 6, 10}, format, 1, seed++), "instance_norm",
+                     instance_norm_outputs);
+  }
+  for (const auto& dims : std::vector<std::vector<int64_t>>{{3, 37}, {7, 40001}, {4099, 1031}})
     expect_same_bits(make_problem(dims, MemoryFormat::channels_first, 0, seed++), "layer_norm",
                      layer_norm_outputs);
 }

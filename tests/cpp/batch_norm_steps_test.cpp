@@ -144,13 +144,15 @@ Oracle oracle(const SyncCase& k, const SyncInputs& in) {
   const auto x = test::to_double(in.x), dy = test::to_double(in.dy);
   const auto residual = test::to_double(in.residual);
   const auto w = test::to_double(in.weight), b = test::to_double(in.bias);
-  plan::ForwardEpilogueOf<double> fe{k.relu, k.residual ? residual.data() : nullptr};
+  plan::ForwardEpilogueOf<double> fe{k.relu ? Activation::relu : Activation::none, k.residual ? residual.data() : nullptr};
   ref::batch_norm_forward_training<double, double>(
       sh, k.eps, k.momentum, fe, x.data(), w.empty() ? nullptr : w.data(),
       b.empty() ? nullptr : b.data(), o.y.data(), o.mean.data(), o.invstd.data(),
       o.running_mean.empty() ? nullptr : o.running_mean.data(),
       o.running_var.empty() ? nullptr : o.running_var.data());
-  plan::BackwardEpilogueOf<double> be{k.relu, o.y.data(), o.dresidual.data()};
+  plan::BackwardEpilogueOf<double> be{.activation = k.relu ? Activation::relu : Activation::none,
+                                      .y = o.y.data(),
+                                      .dresidual = o.dresidual.data()};
   ref::batch_norm_backward_training<double, double>(
       sh, be, dy.data(), x.data(), o.mean.data(), o.invstd.data(),
       w.empty() ? nullptr : w.data(), o.dx.data(), o.dweight.data(), o.dbias.data());
@@ -199,14 +201,14 @@ TEST(BatchNormSteps, MatchesFloat64ReferenceAndSingleProcess) {
     std::vector<float> y(total), dx(total), mean(C), invstd(C), dw(C), db(C);
     std::vector<float> rm = in.running_mean, rv = in.running_var;
     BatchNormParams p;
-    p.epilogue.relu = k.relu;
+    p.epilogue.activation = k.relu ? Activation::relu : Activation::none;
     if (k.residual) p.epilogue.residual = test::view_of(in.residual, k.shape, k.format);
     const TensorView xv = test::view_of(in.x, k.shape, k.format);
     batch_norm_forward_training(p, xv, test::opt(in.weight), test::opt(in.bias),
                                 test::view_of(y, k.shape, k.format), mean, invstd,
                                 test::opt(rm), test::opt(rv));
     BatchNormBackwardParams bp;
-    bp.epilogue.relu = k.relu;
+    bp.epilogue.activation = k.relu ? Activation::relu : Activation::none;
     if (k.relu) bp.epilogue.y = test::view_of(y, k.shape, k.format);
     batch_norm_backward_training(bp, test::view_of(in.dy, k.shape, k.format), xv, mean, invstd,
                                  test::opt(in.weight), test::view_of(dx, k.shape, k.format), dw,
@@ -515,10 +517,15 @@ TEST(BatchNormSteps, RejectsBadArguments) {
       [&] { batch_norm_gradient_partials({}, 2, p.view(2, 2), p.view(2, 3), p.mean, part); },
       {"dy shape (2, 4, 5) != x shape (3, 4, 5)"});
   BatchNormBackwardParams relu;
-  relu.epilogue.relu = true;
+  relu.epilogue.activation = Activation::relu;
   test::expect_error(
       [&] { batch_norm_gradient_partials(relu, 2, p.view(2, 3), p.view(2, 3), p.mean, part); },
-      {"epilogue.y (the forward's output) is required with epilogue.relu"});
+      {"epilogue.y (the forward's output) is required with relu"});
+  BatchNormBackwardParams silu;
+  silu.epilogue.activation = Activation::silu;
+  test::expect_error(
+      [&] { batch_norm_gradient_partials(silu, 2, p.view(2, 3), p.view(2, 3), p.mean, part); },
+      {"batch_norm_gradient_partials", "silu is not supported by the BatchNorm steps"});
   EXPECT_EQ(part, fresh);
   test::expect_error([] { batch_norm_partials_size(0, 4, 0); },
                      {"channels must be >= 1, got 0"});

@@ -189,7 +189,7 @@ inline SyncResult run_steps(const SyncCase& k, const SyncInputs& in,
                               std::span<float>(r.running_mean), std::span<float>(r.running_var));
   for (const Piece& p : pieces) {
     BatchNormParams piece_params = params;
-    piece_params.epilogue.relu = k.relu;
+    piece_params.epilogue.activation = k.relu ? Activation::relu : Activation::none;
     if (k.residual) piece_params.epilogue.residual = view(residual, p);
     batch_norm_normalize(piece_params, view(x, p), std::span<const float>(in.weight),
                          std::span<const float>(in.bias), r.mean, r.invstd, view(y, p), ctx);
@@ -199,7 +199,7 @@ inline SyncResult run_steps(const SyncCase& k, const SyncInputs& in,
   parts.clear();
   for (const Piece& p : pieces) {
     BatchNormBackwardParams bp;
-    bp.epilogue.relu = k.relu;
+    bp.epilogue.activation = k.relu ? Activation::relu : Activation::none;
     if (k.relu) bp.epilogue.y = view(y, p);
     parts.emplace_back(batch_norm_partials_size(p.offset, p.count, C), double(nan));
     batch_norm_gradient_partials(bp, p.offset, view(dy, p), view(x, p), r.mean, parts.back(),
@@ -213,7 +213,7 @@ inline SyncResult run_steps(const SyncCase& k, const SyncInputs& in,
                              r.dbias);
   for (const Piece& p : pieces) {
     BatchNormBackwardParams bp;
-    bp.epilogue.relu = k.relu;
+    bp.epilogue.activation = k.relu ? Activation::relu : Activation::none;
     if (k.relu) bp.epilogue.y = view(y, p);
     if (k.dresidual) bp.epilogue.dresidual = view(dres, p);
     batch_norm_backward_dx(bp, N, view(dy, p), view(x, p), r.mean, r.invstd,

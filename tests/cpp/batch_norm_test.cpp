@@ -870,11 +870,15 @@ std::vector<float> rounded(const std::vector<float>& v, DType dtype) {
   return decode(encode(v, dtype));
 }
 
+// silu replaces relu when both are set.
 struct Epilogues {
-  bool relu = false, residual = false, dresidual = false;
+  bool relu = false, residual = false, dresidual = false, silu = false;
+  Activation activation() const {
+    return silu ? Activation::silu : relu ? Activation::relu : Activation::none;
+  }
   std::string str() const {
     return std::string("relu ") + (relu ? "1" : "0") + " residual " + (residual ? "1" : "0") +
-           " dresidual " + (dresidual ? "1" : "0");
+           " dresidual " + (dresidual ? "1" : "0") + " silu " + (silu ? "1" : "0");
   }
 };
 
@@ -903,7 +907,7 @@ EpilogueResults run_epilogue(const Config& cfg, const EpilogueData& e, DType dty
   Stored my = encode(e.mask_y, dtype), my_inf = encode(e.mask_y_inf, dtype);
   Stored y = encode(poisoned(total), dtype), y_inf = y, dx = y, dx_inf = y, dres = y, dres_inf = y;
   BatchNormParams params{.eps = cfg.eps, .momentum = cfg.momentum};
-  params.epilogue = {ep.relu, ep.residual ? view(res) : TensorView{}};
+  params.epilogue = {ep.activation(), ep.residual ? view(res) : TensorView{}};
   r.save_mean = poisoned(C);
   r.save_invstd = poisoned(C);
   r.running_mean = d.running_mean;
@@ -915,11 +919,16 @@ EpilogueResults run_epilogue(const Config& cfg, const EpilogueData& e, DType dty
                                d.running_var, view(y_inf), ctx);
   r.dweight = poisoned(C), r.dbias = poisoned(C), r.dweight_inf = poisoned(C),
   r.dbias_inf = poisoned(C);
-  const BackwardEpilogue be{ep.relu, ep.relu ? view(my) : TensorView{},
-                            ep.dresidual ? view(dres) : TensorView{}};
+  // silu recomputes z: it gets the forward's residual and bias.
+  const bool relu = ep.activation() == Activation::relu;
+  const TensorView silu_residual = ep.silu && ep.residual ? view(res) : TensorView{};
+  const std::span<const float> silu_bias = ep.silu ? opt(d.bias) : std::span<const float>();
+  const BackwardEpilogue be{ep.activation(), relu ? view(my) : TensorView{}, silu_residual,
+                            silu_bias, ep.dresidual ? view(dres) : TensorView{}};
   batch_norm_backward_training({.epilogue = be}, view(dy), view(x), r.save_mean, r.save_invstd,
                                opt(d.weight), view(dx), r.dweight, r.dbias, ctx);
-  const BackwardEpilogue be_inf{ep.relu, ep.relu ? view(my_inf) : TensorView{},
+  const BackwardEpilogue be_inf{ep.activation(), relu ? view(my_inf) : TensorView{},
+                                silu_residual, silu_bias,
                                 ep.dresidual ? view(dres_inf) : TensorView{}};
   batch_norm_backward_inference({.eps = params.eps, .epilogue = be_inf}, view(dy), view(x),
                                 d.running_mean, d.running_var, opt(d.weight), view(dx_inf),
@@ -959,6 +968,8 @@ double output_unit(DType dtype) {
 void expect_epilogue_close(const Config& cfg, const EpilogueData& e, const EpilogueResults& got,
                            const EpilogueResults& want, DType dtype, Epilogues ep) {
   const double u = output_unit(dtype), f = 2e-5;
+  // silu scales dy by silu'(z), at most 1.0998 in size.
+  const double act_gain = ep.silu ? 1.1 : 1.0;
   // dx = w * invstd * (g - projections): its terms are of size |g| * |w * invstd|.
   double dx_terms = 0, dx_inf_terms = 0;
   const auto at = physical_offsets(cfg);
@@ -967,7 +978,7 @@ void expect_epilogue_close(const Config& cfg, const EpilogueData& e, const Epilo
     const double rinv = 1 / std::sqrt(double(e.d.running_var[c]) + cfg.eps);
     for (int64_t n = 0; n < cfg.n(); ++n)
       for (int64_t s = 0; s < cfg.s(); ++s) {
-        const double g = std::fabs(e.d.dy[at[(n * cfg.c() + c) * cfg.s() + s]]);
+        const double g = act_gain * std::fabs(e.d.dy[at[(n * cfg.c() + c) * cfg.s() + s]]);
         dx_terms = std::max(dx_terms, g * w * want.save_invstd[c]);
         dx_inf_terms = std::max(dx_inf_terms, g * w * rinv);
       }
@@ -988,12 +999,23 @@ void expect_epilogue_close(const Config& cfg, const EpilogueData& e, const Epilo
                          1e-4 * m * test::max_abs(e.d.dy)));
   EXPECT_TRUE(close_each("dweight_inf", got.dweight_inf, want.dweight_inf, 1e-4,
                          1e-3 * m * test::max_abs(e.d.dy)));
-  if (ep.dresidual) {
+  if (ep.dresidual && !ep.silu) {
     // The masked dy: exact.
     EXPECT_EQ(got.dres, want.dres);
     EXPECT_EQ(got.dres_inf, want.dres_inf);
   }
-  if (ep.relu) {
+  if (ep.dresidual && ep.silu) {
+    // dy * silu'(z): z in float (the forward's arithmetic) against double.
+    const double g = act_gain * test::max_abs(e.d.dy);
+    EXPECT_TRUE(close_each("dres", got.dres, want.dres, u, f * g + 1e-30));
+    EXPECT_TRUE(close_each("dres_inf", got.dres_inf, want.dres_inf, u, f * g + 1e-30));
+  }
+  if (ep.silu) {  // silu(z) >= its minimum, -0.27846, up to the output's rounding
+    const float lowest = float(-0.27847 * (1 + u));
+    for (float v : got.y) ASSERT_GE(v, lowest);
+    for (float v : got.y_inf) ASSERT_GE(v, lowest);
+  }
+  if (ep.activation() == Activation::relu) {
     for (float v : got.y) ASSERT_GE(v, 0.0f);
     for (float v : got.y_inf) ASSERT_GE(v, 0.0f);
   }
@@ -1019,7 +1041,7 @@ TEST(BatchNormCpu, EveryTargetTailDtypeAndEpilogue) {
     std::mt19937_64 rng(77);
     for (std::size_t k = 0; k < configs.size(); ++k) {
       const Config& cfg = configs[k];
-      const Epilogues ep{k % 2 == 1, k % 4 >= 2, k % 3 != 0};
+      const Epilogues ep{k % 3 == 1, k % 4 >= 2, k % 5 != 0, k % 3 == 2};
       for (DType dtype : kDtypes) {
         SCOPED_TRACE(cfg.str() + " " + to_string(dtype) + " " + ep.str());
         const EpilogueData e = make_epilogue_data(cfg, rng, dtype);
@@ -1040,8 +1062,8 @@ TEST(BatchNormCpu, EpiloguesMatchReference) {
   for (int k = 0; k < 160; ++k) {
     Config cfg = random_config(rng);
     cfg.offset = 0, cfg.scale = 1;  // conditioning is the business of the tests above
-    const Epilogues ep{k % 2 == 1, (k / 2) % 2 == 1, (k / 4) % 2 == 1};
-    const DType dtype = kDtypes[(k / 8) % 3];
+    const Epilogues ep{k % 3 == 1, (k / 3) % 2 == 1, (k / 6) % 2 == 1, k % 3 == 2};
+    const DType dtype = kDtypes[(k / 12) % 3];
     SCOPED_TRACE(cfg.str() + " " + to_string(dtype) + " " + ep.str());
     const EpilogueData e = make_epilogue_data(cfg, rng, dtype);
     const auto want = run_epilogue(cfg, e, dtype, ep, {.backend = Backend::reference});
@@ -1071,7 +1093,7 @@ TEST(BatchNormCpu, LargeOutputsMatchReference) {
   for (std::size_t k = 0; k < configs.size(); ++k) {
     const Config& cfg = configs[k];
     ASSERT_GE(cfg.numel() * 4, int64_t(16) << 20);
-    const Epilogues ep{k % 2 == 1, k >= 2, k >= 2};
+    const Epilogues ep{k % 3 == 1, k >= 2, k >= 2, k % 3 == 2};
     SCOPED_TRACE(cfg.str() + " " + ep.str());
     const EpilogueData e = make_epilogue_data(cfg, rng, DType::float32);
     const auto want = run_epilogue(cfg, e, DType::float32, ep, {.backend = Backend::reference});
@@ -1094,7 +1116,7 @@ TEST(BatchNormCpu, LowPrecisionMatchesFloat32OnRoundedInputs) {
     cfg.scale = k % 5 == 0 ? 100 : 1;
     cfg.offset = k % 5 == 0 ? 200 : (k % 3) * cfg.scale;
     const DType dtype = k % 2 ? DType::bfloat16 : DType::float16;
-    const Epilogues ep{k % 3 == 1, k % 4 == 1, k % 5 == 1};
+    const Epilogues ep{k % 3 == 1, k % 4 == 1, k % 5 == 1, k % 3 == 2};
     SCOPED_TRACE(cfg.str() + " " + to_string(dtype) + " " + ep.str());
     const EpilogueData e = make_epilogue_data(cfg, rng, dtype);
     const auto low = run_epilogue(cfg, e, dtype, ep, {.num_threads = 2});
@@ -1121,9 +1143,10 @@ TEST(BatchNormCpu, LowPrecisionAndEpiloguesBitwiseIdenticalForAnyThreadCount) {
       {{1, 2, 300, 301}, MemoryFormat::channels_first},
   };
   for (const Config& cfg : configs)
-    for (DType dtype : kDtypes) {
-      const Epilogues ep{true, dtype != DType::float32, true};
-      SCOPED_TRACE(cfg.str() + " " + to_string(dtype));
+    for (DType dtype : kDtypes)
+    for (bool silu : {false, true}) {
+      const Epilogues ep{!silu, dtype != DType::float32 || silu, true, silu};
+      SCOPED_TRACE(cfg.str() + " " + to_string(dtype) + " " + ep.str());
       const EpilogueData e = make_epilogue_data(cfg, rng, dtype);
       const auto one = run_epilogue(cfg, e, dtype, ep, {.num_threads = 1});
       for (int threads : {2, 3, 4}) {
@@ -1178,24 +1201,73 @@ TEST(BatchNormCpu, CallerWorkspace) {
   }
 }
 
-// Finite differences of the float64 reference through the epilogue y = relu(bn(x) + r): dx,
-// dresidual, dweight and dbias, for both modes and formats, at points whose pre-activations are
-// all away from the ReLU's kink.
+// The vectorized silu and its derivative alone, on every target: an inference forward and
+// backward whose normalization is the identity (running mean 0, running variance 1, eps 0, no
+// weight or bias: z = x * 1 + 0 exactly), so y = silu(x) and dx = dresidual = dy * silu'(x)
+// against double, on x in [-80, 80] (e^-|x| down to 2e-35) and around 0: y within 3e-7
+// relative (a few float ulps) plus 1e-37; dy * silu'(x) within 3e-7 relative plus 1e-7 of the
+// size of its terms, |dy| s (1 + |x| (1 - s)) (silu' cancels to 0 near x = -1.28).
+TEST(BatchNormCpu, SiluIsAccurateOnEveryTarget) {
+  std::vector<float> x;
+  for (int i = -8000; i <= 8000; ++i) x.push_back(float(i) / 100.0f);
+  for (float v : {1e-30f, -1e-30f, 1e-6f, -1e-6f, 0.0f, -0.0f, 88.5f, -88.5f}) x.push_back(v);
+  const auto n = int64_t(x.size());
+  std::vector<float> dy(x.size(), 1.0f);
+  for (std::size_t i = 0; i < dy.size(); i += 2) dy[i] = -0.75f;
+  const std::vector<float> zero(1, 0.0f), one(1, 1.0f);
+  const TensorView xv(x.data(), {1, 1, n}), dyv(dy.data(), {1, 1, n});
+  const auto targets = hwy::SupportedAndGeneratedTargets();
+  for (int64_t target : targets) {
+    hwy::SetSupportedTargetsForTest(target);
+    SCOPED_TRACE(hwy::TargetName(target));
+    std::vector<float> y = poisoned(x.size()), dx = poisoned(x.size()), dres = poisoned(x.size());
+    BatchNormParams params{.eps = 0.0};
+    params.epilogue.activation = Activation::silu;
+    batch_norm_forward_inference(params, xv, {}, {}, zero, one, TensorView(y.data(), {1, 1, n}));
+    batch_norm_backward_inference(
+        {.eps = 0.0,
+         .epilogue = {.activation = Activation::silu,
+                      .dresidual = TensorView(dres.data(), {1, 1, n})}},
+        dyv, xv, zero, one, {}, TensorView(dx.data(), {1, 1, n}), {}, {});
+    int reported = 0;
+    for (std::size_t i = 0; i < x.size() && reported < 5; ++i) {
+      const double z = x[i], s = 1 / (1 + std::exp(-z));
+      const double want_y = z * s, want_g = double(dy[i]) * s * (1 + z * (1 - s));
+      const double g_terms = std::fabs(double(dy[i])) * s * (1 + std::fabs(z) * (1 - s));
+      const bool ok = std::fabs(y[i] - want_y) <= 3e-7 * std::fabs(want_y) + 1e-37 &&
+                      std::fabs(dx[i] - want_g) <= 3e-7 * std::fabs(want_g) + 1e-7 * g_terms + 1e-37 &&
+                      dres[i] == dx[i];
+      if (!ok) {
+        ADD_FAILURE() << "x = " << z << ": y " << y[i] << " vs " << want_y << ", dx " << dx[i]
+                      << " vs " << want_g << ", dresidual " << dres[i];
+        ++reported;
+      }
+    }
+  }
+  hwy::SetSupportedTargetsForTest(0);
+}
+
+// Finite differences of the float64 reference through the epilogue y = act(bn(x) + r), act relu
+// or silu: dx, dresidual, dweight and dbias, for both modes and formats, at points whose
+// pre-activations are all away from the ReLU's kink. silu's backward recomputes z from x, the
+// statistics, weight, bias and r (bias float32, as the api's: the test's are floats).
 TEST(BatchNormReference, EpilogueGradientsMatchFiniteDifferences) {
   std::mt19937_64 rng(53);
   const std::vector<Config> configs = {{{3, 2, 5}, MemoryFormat::channels_first},
                                        {{2, 3, 2, 2}, MemoryFormat::channels_last}};
   for (const Config& cfg : configs)
-    for (bool training : {true, false}) {
-      SCOPED_TRACE(cfg.str() + (training ? " training" : " inference"));
+    for (bool training : {true, false})
+    for (Activation act : {Activation::relu, Activation::silu}) {
+      const bool relu = act == Activation::relu;
+      SCOPED_TRACE(cfg.str() + (training ? " training" : " inference") + (relu ? " relu" : " silu"));
       const auto sh = cfg.ref_shape();
       const auto total = std::size_t(cfg.numel()), C = std::size_t(cfg.c());
       std::normal_distribution<double> nd;
       std::vector<double> x(total), r(total), g(total), w(C), b(C), rm(C), rv(C);
       // y of the forward with the epilogue, and the pre-activation bn(x) + r.
-      auto forward = [&](std::vector<double>& y, bool relu) {
+      auto forward = [&](std::vector<double>& y, Activation a) {
         std::vector<double> mean(C), invstd(C);
-        const plan::ForwardEpilogueOf<double> e{relu, r.data()};
+        const plan::ForwardEpilogueOf<double> e{a, r.data()};
         if (training)
           ref::batch_norm_forward_training<double, double>(sh, cfg.eps, 0.0, e, x.data(),
                                                            w.data(), b.data(), y.data(),
@@ -1212,16 +1284,19 @@ TEST(BatchNormReference, EpilogueGradientsMatchFiniteDifferences) {
         ASSERT_LT(attempt, 1000) << "no point away from the kink";
         for (auto* v : {&x, &r, &g}) for (double& e : *v) e = nd(rng);
         for (std::size_t c = 0; c < C; ++c)
-          w[c] = 1 + 0.5 * nd(rng), b[c] = 0.3 * nd(rng), rm[c] = 0.3 * nd(rng),
+          w[c] = 1 + 0.5 * nd(rng), b[c] = double(float(0.3 * nd(rng))), rm[c] = 0.3 * nd(rng),
           rv[c] = 0.5 + std::fabs(nd(rng));
-        forward(pre, false);
+        forward(pre, Activation::none);
         double closest = INFINITY, positive = 0;
         for (double v : pre) closest = std::min(closest, std::fabs(v)), positive += v > 0;
-        if (closest > 0.05 && positive > 0 && positive < double(total)) break;
+        if (!relu || (closest > 0.05 && positive > 0 && positive < double(total))) break;
       }
-      const auto [mean, invstd] = forward(y, true);
+      const auto [mean, invstd] = forward(y, act);
       std::vector<double> dx(total), dres(total), dw(C), db(C);
-      const plan::BackwardEpilogueOf<double> be{true, y.data(), dres.data()};
+      const std::vector<float> bias_f(b.begin(), b.end());
+      const plan::BackwardEpilogueOf<double> be{act, relu ? y.data() : nullptr,
+                                                relu ? nullptr : r.data(),
+                                                relu ? nullptr : bias_f.data(), dres.data()};
       if (training)
         ref::batch_norm_backward_training<double, double>(sh, be, g.data(), x.data(), mean.data(),
                                                           invstd.data(), w.data(), dx.data(),
@@ -1232,7 +1307,7 @@ TEST(BatchNormReference, EpilogueGradientsMatchFiniteDifferences) {
                                                            dx.data(), dw.data(), db.data());
       auto loss = [&] {
         std::vector<double> out(total);
-        forward(out, true);
+        forward(out, act);
         double l = 0;
         for (std::size_t i = 0; i < total; ++i) l += g[i] * out[i];
         return l;
@@ -1273,19 +1348,42 @@ TEST(BatchNormErrors, Epilogues) {
        },
        {"batch_norm_forward_inference", "epilogue.residual dtype bfloat16 != x dtype float32"}},
       {[](Buffers& m) {
-         batch_norm_backward_training({.epilogue = {.relu = true}},
+         batch_norm_backward_training({.epilogue = {.activation = Activation::relu}},
                                       TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
                                       m.invstd, m.w, TensorView(m.dx.data(), {N, C, H}), m.dw,
                                       m.db);
        },
        {"batch_norm_backward_training", "epilogue.y (the forward's output) is required"}},
       {[](Buffers& m) {
-         batch_norm_backward_training({.epilogue = {.relu = true, .y = m.vy({N, C})}},
+         batch_norm_backward_training({.epilogue = {.activation = Activation::relu, .y = m.vy({N, C})}},
                                       TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean,
                                       m.invstd, m.w, TensorView(m.dx.data(), {N, C, H}), m.dw,
                                       m.db);
        },
        {"epilogue.y shape (2, 3) != x shape (2, 3, 4)"}},
+      {[](Buffers& m) {
+         // silu recomputes z with the forward's bias: one of another length is refused.
+         batch_norm_backward_training(
+             {.epilogue = {.activation = Activation::silu,
+                           .bias = std::span<const float>(m.w).first(2)}},
+             TensorView(m.dy.data(), {N, C, H}), m.vx(), m.mean, m.invstd, m.w,
+             TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
+       },
+       {"batch_norm_backward_training", "epilogue.bias has length 2, expected C = 3"}},
+      {[](Buffers& m) {
+         batch_norm_backward_inference(
+             {.epilogue = {.activation = Activation::silu,
+                           .residual = TensorView(m.y.data(), {N, C, H - 1})}},
+             TensorView(m.dy.data(), {N, C, H}), m.vx(), m.rm, m.rv, m.w,
+             TensorView(m.dx.data(), {N, C, H}), m.dw, m.db);
+       },
+       {"batch_norm_backward_inference", "epilogue.residual shape (2, 3, 3) != x shape (2, 3, 4)"}},
+      {[](Buffers& m) {
+         BatchNormParams p;
+         p.epilogue.activation = static_cast<Activation>(7);
+         train(m, m.vx(), m.vy(), p);
+       },
+       {"batch_norm_forward_training", "epilogue.activation must be none, relu or silu, got 7"}},
       {[](Buffers& m) {
          batch_norm_backward_inference(
              {.epilogue = {.dresidual = TensorView(m.y.data(), DType::float16, {N, C, H})}},

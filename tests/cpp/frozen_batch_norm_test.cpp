@@ -95,7 +95,7 @@ void check_case(std::mt19937_64& rng, const Shape& sh, MemoryFormat format, bool
     return TensorView(v.data(), dtype_of<A>(), rank, sh.dims.data(), format);
   };
   ForwardEpilogue fe;
-  if (epilogue) fe = {.relu = true, .residual = view(residual)};
+  if (epilogue) fe = {.activation = Activation::relu, .residual = view(residual)};
 
   layer.eval();
   layer.forward(view(x), fe, view(y_eval));

@@ -88,9 +88,13 @@ void compare_cpu_to_reference(const Problem<T>& p, int threads, const std::strin
   expect_near_t(got.dx, want.dx, 1.0, 1e-4 * (1 + max_abs_t(want.dx)), what + " dx");
   expect_near_f(got.dw, want.dw, 1e-4, what + " dweight");
   expect_near_f(got.db, want.db, 1e-4, what + " dbias");
-  if (has_residual(p.epi)) {
+  if (has_residual(p.epi) && !has_silu(p.epi)) {
     // dresidual = dy masked: exact.
     expect_near_t(got.dres, want.dres, 0.0, 0.0, what + " dresidual");
+  }
+  if (has_residual(p.epi) && has_silu(p.epi)) {
+    // dy * silu'(z), z recomputed in float (vectorized sigmoid) against double.
+    expect_near_t(got.dres, want.dres, 1.0, 2e-5 * (1 + max_abs_t(p.dy)), what + " dresidual");
   }
 }
 
@@ -160,7 +164,7 @@ TEST(GroupNormSimd, LargeOutputsMatchReference) {
   };
   int k = 0;
   for (const Shape& sh : shapes) {
-    const Epi e = kEpilogues[k++ % 4];
+    const Epi e = kEpilogues[k++ % std::size(kEpilogues)];
     const std::string what = sh.str() + " " + epi_name(e);
     const Problem<float> p = make_problem<float>(sh, e, rng);
     ASSERT_GE(int64_t(p.x.size()) * 4, int64_t(16) << 20) << what;
@@ -257,12 +261,13 @@ TEST(GroupNormSimd, Float16InputsWhoseSquaresOverflowFloat16) {
 }
 
 // Finite differences of the reference with each epilogue, at points away from the ReLU kink:
-// the residual is chosen so every pre-activation is at least 0.3 away from zero.
+// the residual is chosen so every pre-activation is at least 0.3 away from zero. silu's
+// backward recomputes z from x, the statistics, weight, bias and the residual.
 TEST(GroupNormSimd, ReferenceEpilogueGradientsMatchFiniteDifferences) {
   std::mt19937_64 rng(26);
   const Context ref = reference_ctx();
   for (MemoryFormat fmt : {MemoryFormat::channels_first, MemoryFormat::channels_last})
-    for (Epi e : {kRelu, kResidual, kResidualRelu}) {
+    for (Epi e : {kRelu, kResidual, kResidualRelu, kSilu, kResidualSilu}) {
       const Shape sh{2, 4, 2, {5}, fmt};
       Problem<float> p = make_problem<float>(sh, e, rng);
       if (has_residual(e)) {
@@ -391,7 +396,7 @@ TEST(GroupNormWorkspace, TooSmallThrowsBeforeWriting) {
     const Shape sh{2, 6, 3, {5, 7}, fmt};
     const Problem<float> p = make_problem<float>(sh, kResidualRelu, rng);
     GroupNormParams params{sh.G, 1e-5};
-    params.epilogue.relu = true;
+    params.epilogue.activation = Activation::relu;
     params.epilogue.residual = p.view(p.r);
     const std::size_t bytes = group_norm_workspace_size(params, p.view(p.x));
     ASSERT_GT(bytes, 0u);
@@ -407,7 +412,7 @@ TEST(GroupNormWorkspace, TooSmallThrowsBeforeWriting) {
                                  std::to_string(bytes);
       expect_error([&] { group_norm_forward(params, p.view(p.x), p.w, p.b, p.view(y), mean, rstd, ctx); },
                    {"group_norm_forward: " + needle});
-      BackwardEpilogue be{true, p.view(p.x), p.view(dres)};
+      BackwardEpilogue be{.activation = Activation::relu, .y = p.view(p.x), .dresidual = p.view(dres)};
       expect_error([&] {
         group_norm_backward({sh.G, be}, p.view(p.dy), p.view(p.x), m, s, p.w, p.view(dx), dw, db,
                             ctx);
@@ -470,11 +475,19 @@ TEST(GroupNormSimd, EpilogueAndDtypeErrorsWriteNothing) {
 
   std::vector<float> m(4, 0.0f), s(4, 1.0f);
   BackwardEpilogue be;
-  be.relu = true;
+  be.activation = Activation::relu;
   auto backward = [&] {
     group_norm_backward({params.num_groups, be}, xv, xv, m, s, {}, dxv, {}, {});
   };
-  expect_error(backward, {"epilogue.y (the forward's output) is required with epilogue.relu"});
+  expect_error(backward, {"epilogue.y (the forward's output) is required with relu"});
+  // silu: the forward's bias and residual, as long as the forward's.
+  be = {.activation = Activation::silu, .bias = std::span<const float>(m).first(3)};
+  expect_error(backward, {"group_norm_backward", "epilogue.bias has length 3, expected C = 4"});
+  be = {.activation = Activation::silu, .residual = view_of(y, {2, 4, 2})};
+  expect_error(backward, {"epilogue.residual shape (2, 4, 2) != x shape (2, 4, 3)"});
+  be = {.activation = static_cast<Activation>(3)};
+  expect_error(backward, {"epilogue.activation must be none, relu or silu, got 3"});
+  be = {.activation = Activation::relu};
   be.y = view_of(y, {2, 4, 2});
   expect_error(backward, {"epilogue.y shape (2, 4, 2) != x shape (2, 4, 3)"});
   be.y = view_of(r, dims);

@@ -386,8 +386,10 @@ void low_precision_and_epilogues(std::mt19937_64& rng) {
   };
   for (MemoryFormat fmt : {MemoryFormat::channels_first, MemoryFormat::channels_last})
     for (bool use_input_stats : {true, false})
-      for (int epi = 0; epi < 4; ++epi) {
-        const bool relu = epi & 1, residual = epi & 2;
+      for (int epi = 0; epi < 6; ++epi) {
+        // 0: none, 1: relu, 2: residual, 3: relu + residual, 4: silu, 5: silu + residual.
+        const bool silu = epi >= 4, relu = !silu && (epi & 1), residual = (epi & 2) || epi == 5;
+        const Activation act = silu ? Activation::silu : relu ? Activation::relu : Activation::none;
         const std::vector<int64_t> dims{2, 5, 7, 9};
         const std::size_t n = 2 * 5 * 63;
         const auto x = round_all(random_normal(n, rng, 2.0, 1.5));
@@ -399,7 +401,7 @@ void low_precision_and_epilogues(std::mt19937_64& rng) {
         };
         InstanceNormParams params;
         params.use_input_stats = use_input_stats;
-        params.epilogue.relu = relu;
+        params.epilogue.activation = act;
         if (residual) params.epilogue.residual = view(r);
         struct Out {
           std::vector<T> y, dx, dres;
@@ -412,8 +414,10 @@ void low_precision_and_epilogues(std::mt19937_64& rng) {
           instance_norm_forward(params, view(x), w, b, o.rm, o.rv, view(o.y), o.mean, o.rstd, ctx);
           const Out& f = fwd ? *fwd : o;
           BackwardEpilogue be;
-          be.relu = relu;
+          be.activation = act;
           if (relu) be.y = view(f.y);
+          if (silu && residual) be.residual = view(r);
+          if (silu) be.bias = b;
           if (residual) be.dresidual = view(o.dres);
           instance_norm_backward({params.use_input_stats, be}, view(dy), view(x), f.mean, f.rstd,
                                  w, view(o.dx), o.dw, o.db, ctx);
@@ -434,7 +438,8 @@ void low_precision_and_epilogues(std::mt19937_64& rng) {
         };
         near(got.y, want.y, 1e-4, "y");
         near(got.dx, want.dx, 1e-4, "dx");
-        if (residual) near(got.dres, want.dres, 0.0, "dresidual");
+        // dy, or 0 (relu): exact; dy * silu'(z) with z in float: near.
+        if (residual) near(got.dres, want.dres, silu ? 1e-5 : 0.0, "dresidual");
         EXPECT_LE(max_abs_diff(got.mean, want.mean), 1e-5 * (1 + max_abs(want.mean))) << what;
         EXPECT_LE(max_abs_diff(got.rstd, want.rstd), 1e-5 * (1 + max_abs(want.rstd))) << what;
         EXPECT_LE(max_abs_diff(got.dw, want.dw), 1e-4 * (1 + max_abs(want.dw))) << what;
@@ -476,7 +481,7 @@ struct WorkspaceRun {
   InstanceNormParams params() const {
     InstanceNormParams p;
     p.use_input_stats = k.use_input_stats;
-    p.epilogue.relu = k.epilogue;
+    p.epilogue.activation = k.epilogue ? Activation::relu : Activation::none;
     if (k.epilogue) p.epilogue.residual = view(r);
     return p;
   }
@@ -487,7 +492,8 @@ struct WorkspaceRun {
     const InstanceNormParams p = params();
     instance_norm_forward(p, view(x), w, b, o.rm, o.rv, view(o.y), o.mean, o.rstd, ctx);
     BackwardEpilogue be;
-    if (k.epilogue) be = {true, view(o.y), view(o.dres)};
+    if (k.epilogue)
+      be = {.activation = Activation::relu, .y = view(o.y), .dresidual = view(o.dres)};
     instance_norm_backward({p.use_input_stats, be}, view(dy), view(x), o.mean, o.rstd, w,
                            view(o.dx), o.dw, o.db, ctx);
     return o;
@@ -563,7 +569,8 @@ TEST(InstanceNormWorkspace, TooSmallThrowsBeforeWriting) {
       }, {"instance_norm_forward: " + needle});
       const std::vector<float> m(10, 0.0f), s(10, 1.0f);
       expect_error([&] {
-        instance_norm_backward({r.params().use_input_stats, {true, r.view(r.x), r.view(o.dres)}},
+        instance_norm_backward({r.params().use_input_stats,
+                                {.activation = Activation::relu, .y = r.view(r.x), .dresidual = r.view(o.dres)}},
                                r.view(r.dy),
                                r.view(r.x), m, s, r.w, r.view(o.dx), o.dw, o.db, ctx);
       }, {"instance_norm_backward: " + needle});

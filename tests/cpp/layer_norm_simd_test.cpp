@@ -106,7 +106,10 @@ void compare_cpu_to_reference(const Problem<T>& p, int threads, const std::strin
                 what + " dx");
   expect_near_f(got.dw, want.dw, 1e-4 * widen, what + " dweight");
   expect_near_f(got.db, want.db, 1e-4, what + " dbias");
-  if (has_residual(p.epi)) expect_near_t(got.dres, want.dres, 0.0, 0.0, what + " dresidual");
+  // dresidual = dy masked: exact; dy * silu'(z) with z in float: near.
+  if (has_residual(p.epi))
+    expect_near_t(got.dres, want.dres, has_silu(p.epi) ? 1.0 : 0.0,
+                  has_silu(p.epi) ? 2e-5 * widen * (1 + max_abs_t(p.dy)) : 0.0, what + " dresidual");
 }
 
 // Row lengths 1 .. 2 * 16 + 1 (16 float lanes on the widest target): every remainder of every
@@ -180,7 +183,7 @@ TEST(LayerNormSimd, LargeOutputsMatchReference) {
                           first({5000, 7, 121}, 2)};
   int k = 0;
   for (const Shape& sh : shapes) {
-    const Epi e = kEpilogues[k++ % 4];
+    const Epi e = kEpilogues[k++ % std::size(kEpilogues)];
     const std::string what = sh.str() + " " + epi_name(e);
     ASSERT_GE(sh.numel() * 4, int64_t(16) << 20) << what;
     const Problem<float> p = make_problem<float>(sh, e, rng);
@@ -335,12 +338,15 @@ TEST(LayerNormSimd, Float16InputsWhoseSquaresOverflowFloat16) {
 }
 
 // Finite differences of the reference with each epilogue, at points away from the ReLU kink:
-// the residual is chosen so every pre-activation is at least 0.3 away from zero.
+// the residual is chosen so every pre-activation is at least 0.3 away from zero. silu's
+// backward recomputes z from x, the statistics, weight, bias and the residual.
 TEST(LayerNormSimd, ReferenceEpilogueGradientsMatchFiniteDifferences) {
-  std::mt19937_64 rng(58);
+  // silu draws from its own generator: the relu cases keep their points (no kink near them).
+  std::mt19937_64 relu_rng(58), silu_rng(59);
   const Context ref = reference_ctx();
   for (const Shape& sh : {first({3, 7}, 1), last({2, 3, 4})})
-    for (Epi e : {kRelu, kResidual, kResidualRelu}) {
+    for (Epi e : {kRelu, kResidual, kResidualRelu, kSilu, kResidualSilu}) {
+      std::mt19937_64& rng = has_silu(e) ? silu_rng : relu_rng;
       Problem<float> p = make_problem<float>(sh, e, rng);
       if (has_residual(e)) {
         Problem<float> plain = p;
@@ -482,11 +488,15 @@ TEST(LayerNormSimd, EpilogueAndDtypeErrorsWriteNothing) {
 
   std::vector<float> m(2, 0.0f), s(2, 1.0f);
   BackwardEpilogue be;
-  be.relu = true;
+  be.activation = Activation::relu;
   auto backward = [&] {
     layer_norm_backward({params.normalized_ndim, be}, xv, xv, m, s, {}, dxv, {}, {});
   };
-  expect_error(backward, {"layer_norm_backward", "epilogue.y (the forward's output) is required with epilogue.relu"});
+  expect_error(backward, {"layer_norm_backward", "epilogue.y (the forward's output) is required with relu"});
+  be = {.activation = Activation::silu, .bias = std::span<const float>(m)};
+  expect_error(backward, {"layer_norm_backward",
+                          "epilogue.bias has length 2, expected product of the normalized dims = 12"});
+  be = {.activation = Activation::relu};
   be.y = view_of(y, {2, 4, 2});
   expect_error(backward, {"epilogue.y shape (2, 4, 2) != x shape (2, 4, 3)"});
   be.y = view_of(r, dims);

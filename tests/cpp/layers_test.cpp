@@ -298,7 +298,7 @@ TEST(BatchNormLayer, FusedEpilogueIsThePlainLayerThenAddAndRelu) {
       }
       if (!training) fused.eval(), plain.eval();
       std::vector<float> y = poisoned(total), y_plain = poisoned(total);
-      fused.forward(view(x), {.relu = true, .residual = view(r)}, view(y));
+      fused.forward(view(x), {.activation = Activation::relu, .residual = view(r)}, view(y));
       plain.forward(view(x), view(y_plain));
       std::vector<float> want(total), masked(total);
       for (int64_t i = 0; i < total; ++i) {
@@ -564,10 +564,11 @@ TEST(NormLayerEpilogue, IsTheFunctionalEpilogueOfGroupLayerAndInstanceNorm) {
   const int64_t N = 3, C = 6, H = 5, W = 4, total = N * C * H * W;
   std::mt19937_64 rng(31);
   for (auto format : {MemoryFormat::channels_first, MemoryFormat::channels_last})
-    for (bool relu : {false, true})
+    for (Activation act : {Activation::none, Activation::relu, Activation::silu})
       for (bool with_residual : {false, true}) {
+        const bool relu = act == Activation::relu, silu = act == Activation::silu;
         SCOPED_TRACE(std::string(to_string(format)) + (relu ? " relu" : "") +
-                     (with_residual ? " residual" : ""));
+                     (silu ? " silu" : "") + (with_residual ? " residual" : ""));
         const auto x = random_normal(total, rng, 1, 2), r = random_normal(total, rng);
         const auto dy = random_normal(total, rng);
         auto view = [&](const std::vector<float>& v) {
@@ -576,7 +577,7 @@ TEST(NormLayerEpilogue, IsTheFunctionalEpilogueOfGroupLayerAndInstanceNorm) {
         auto maybe = [&](bool on, const std::vector<float>& v) {
           return on ? view(v) : TensorView{};
         };
-        const ForwardEpilogue fe{.relu = relu, .residual = maybe(with_residual, r)};
+        const ForwardEpilogue fe{.activation = act, .residual = maybe(with_residual, r)};
         std::vector<float> y = poisoned(total), dx = poisoned(total), dres = poisoned(total);
         std::vector<float> fy = poisoned(total), fdx = poisoned(total), fdres = poisoned(total);
         std::vector<float> dw = poisoned(C), db = poisoned(C);
@@ -606,7 +607,10 @@ TEST(NormLayerEpilogue, IsTheFunctionalEpilogueOfGroupLayerAndInstanceNorm) {
           const GroupNormParams p{.num_groups = G, .epilogue = fe};
           group_norm_forward(p, view(x), gn->weight, gn->bias, view(fy), mean, rstd);
           group_norm_backward({.num_groups = G,
-                               .epilogue = {.relu = relu, .y = maybe(relu, fy),
+                               .epilogue = {.activation = act, .y = maybe(relu, fy),
+                                            .residual = maybe(silu && with_residual, r),
+                                            .bias = silu ? std::span<const float>(gn->bias)
+                                                         : std::span<const float>(),
                                             .dresidual = maybe(with_residual, fdres)}},
                               view(dy), view(x), mean, rstd, gn->weight, view(fdx), dw, db);
           expect_same(layer);
@@ -632,7 +636,10 @@ TEST(NormLayerEpilogue, IsTheFunctionalEpilogueOfGroupLayerAndInstanceNorm) {
               .use_input_stats = training, .momentum = training ? 0.1 : 0.0, .epilogue = fe};
           instance_norm_forward(p, view(x), in.weight, in.bias, rm, rv, view(fy), mean, rstd);
           instance_norm_backward({.use_input_stats = training,
-                                  .epilogue = {.relu = relu, .y = maybe(relu, fy),
+                                  .epilogue = {.activation = act, .y = maybe(relu, fy),
+                                               .residual = maybe(silu && with_residual, r),
+                                               .bias = silu ? std::span<const float>(in.bias)
+                                                            : std::span<const float>(),
                                                .dresidual = maybe(with_residual, fdres)}},
                                  view(dy), view(x), mean, rstd, in.weight, view(fdx), dw, db);
           expect_same(in);
@@ -653,7 +660,7 @@ TEST(NormLayerEpilogue, BackwardFollowsTheLastForwardsEpilogue) {
   std::vector<float> ya = poisoned(total), yb = poisoned(total);
   std::vector<float> dxa = poisoned(total), dxb = poisoned(total);
   std::vector<float> ga = poisoned(total), gb = poisoned(total);
-  a.forward(xv, {.relu = true}, TensorView(ya.data(), {N, C, S}));
+  a.forward(xv, {.activation = Activation::relu}, TensorView(ya.data(), {N, C, S}));
   a.forward(xv, TensorView(ya.data(), {N, C, S}));
   b.forward(xv, TensorView(yb.data(), {N, C, S}));
   a.backward(dyv, TensorView(dxa.data(), {N, C, S}), TensorView(ga.data(), {N, C, S}));
@@ -697,7 +704,7 @@ TEST(NormLayerEpilogue, RejectsBadArgumentsOnEveryLayer) {
       // A residual unlike x is the op's error; the failed forward keeps nothing.
       expect_error(
           [&] {
-            layer->forward(view(x), {.relu = true, .residual = shaped(short_residual, {N, C, H, W - 1}, format)},
+            layer->forward(view(x), {.activation = Activation::relu, .residual = shaped(short_residual, {N, C, H, W - 1}, format)},
                            view(y));
           },
           {"epilogue.residual shape (2, 4, 3, 4) != x shape (2, 4, 3, 5)"});
@@ -705,7 +712,7 @@ TEST(NormLayerEpilogue, RejectsBadArgumentsOnEveryLayer) {
       expect_error([&] { layer->backward(view(dy), view(dx), view(dres)); },
                    {name + ".backward: called before any forward"});
 
-      layer->forward(view(x), {.relu = true}, view(y));
+      layer->forward(view(x), {.activation = Activation::relu}, view(y));
       // dresidual unlike the forward's x: its shape, then its memory format.
       expect_error(
           [&] { layer->backward(view(dy), view(dx), shaped(dres, {N, C, W, H}, format)); },
@@ -728,17 +735,19 @@ TEST(NormLayerEpilogue, RejectsBadArgumentsOnEveryLayer) {
 
 // ---- NoNorm ----
 
-// y = relu?((x + bias) + residual?) bit for bit (float operations done the obvious way, in that
-// order); backward: dx = dresidual = dy masked by y > 0, bias_grad the per-channel sum of that
-// (checked against a double sum), the same bits for 1 and 3 threads, in both formats.
+// y = act((x + bias) + residual?) bit for bit (float operations done the obvious way, in that
+// order; silu in double, rounded once); backward: dx = dresidual = dy masked by y > 0 (relu) or
+// times silu'(z) (silu, z = x + bias + residual? recomputed), bias_grad the per-channel sum of
+// that (checked against a double sum), the same bits for 1 and 3 threads, in both formats.
 TEST(NoNormLayer, AddsTheBiasWithTheEpilogue) {
   const int64_t N = 3, C = 5, H = 7, W = 11, S = H * W, total = N * C * S;
   std::mt19937_64 rng(41);
   for (auto format : {MemoryFormat::channels_first, MemoryFormat::channels_last})
-    for (bool relu : {false, true})
+    for (Activation act : {Activation::none, Activation::relu, Activation::silu})
       for (bool with_residual : {false, true}) {
+        const bool relu = act == Activation::relu, silu = act == Activation::silu;
         SCOPED_TRACE(std::string(to_string(format)) + (relu ? " relu" : "") +
-                     (with_residual ? " residual" : ""));
+                     (silu ? " silu" : "") + (with_residual ? " residual" : ""));
         const auto x = random_normal(total, rng), r = random_normal(total, rng);
         const auto dy = random_normal(total, rng);
         auto view = [&](const std::vector<float>& v) {
@@ -758,16 +767,19 @@ TEST(NoNormLayer, AddsTheBiasWithTheEpilogue) {
           layer.bias = random_normal(C, bias_rng);
           layer.context.num_threads = threads;
           std::vector<float> y = poisoned(total), dx = poisoned(total), dres = poisoned(total);
-          layer.forward(view(x), {.relu = relu, .residual = with_residual ? view(r) : TensorView{}},
+          layer.forward(view(x), {.activation = act, .residual = with_residual ? view(r) : TensorView{}},
                         view(y));
           layer.backward(view(dy), view(dx), with_residual ? view(dres) : TensorView{});
           std::vector<double> want_db(C, 0.0);
           for (int64_t i = 0; i < total; ++i) {
             float v = x[i] + layer.bias[channel(i)];
             if (with_residual) v = v + r[i];
-            const float want_y = relu && v < 0 ? 0.0f : v;
-            ASSERT_EQ(y[i], want_y) << i;
-            const float g = relu && !(want_y > 0) ? 0.0f : dy[i];
+            const double s = 1.0 / (1.0 + std::exp(-double(v)));
+            const float want_y = relu && v < 0 ? 0.0f : silu ? float(double(v) * s) : v;
+            ASSERT_NEAR(y[i], want_y, 1e-6 * std::fabs(want_y)) << i;
+            const float g = relu && !(want_y > 0) ? 0.0f
+                            : silu ? float(double(dy[i]) * s * (1.0 + double(v) * (1.0 - s)))
+                                   : dy[i];
             ASSERT_EQ(dx[i], g) << i;
             ASSERT_EQ(dres[i], with_residual ? g : test::kPoison) << i;
             want_db[channel(i)] += g;

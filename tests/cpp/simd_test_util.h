@@ -109,16 +109,23 @@ void expect_same_bits(const Result<T>& a, const Result<T>& b, const std::string&
   EXPECT_TRUE(bitwise_equal(a.dres, b.dres)) << what;
 }
 
-// The fused epilogues: none, relu, residual add, residual add then relu.
-enum Epi { kNone, kRelu, kResidual, kResidualRelu };
-inline constexpr Epi kEpilogues[] = {kNone, kRelu, kResidual, kResidualRelu};
+// The fused epilogues: none, relu, residual add, residual add then relu, silu, residual add
+// then silu.
+enum Epi { kNone, kRelu, kResidual, kResidualRelu, kSilu, kResidualSilu };
+inline constexpr Epi kEpilogues[] = {kNone, kRelu, kResidual, kResidualRelu, kSilu, kResidualSilu};
 inline bool has_relu(Epi e) { return e == kRelu || e == kResidualRelu; }
-inline bool has_residual(Epi e) { return e == kResidual || e == kResidualRelu; }
+inline bool has_silu(Epi e) { return e == kSilu || e == kResidualSilu; }
+inline bool has_residual(Epi e) { return e == kResidual || e == kResidualRelu || e == kResidualSilu; }
+inline Activation activation_of(Epi e) {
+  return has_relu(e) ? Activation::relu : has_silu(e) ? Activation::silu : Activation::none;
+}
 inline const char* epi_name(Epi e) {
   switch (e) {
     case kRelu: return "relu";
     case kResidual: return "residual";
     case kResidualRelu: return "residual+relu";
+    case kSilu: return "silu";
+    case kResidualSilu: return "residual+silu";
     default: return "none";
   }
 }
@@ -173,14 +180,19 @@ Result<T> run_forward_backward(const EpilogueProblem<T, Shape>& p, std::size_t s
   o.dw = poisoned(params);
   o.db = poisoned(params);
   ForwardEpilogue fe;
-  fe.relu = has_relu(p.epi);
+  fe.activation = activation_of(p.epi);
   if (has_residual(p.epi)) fe.residual = p.view(p.r);
   forward(fe, o);
 
   const Result<T>& f = forward_in ? *forward_in : o;
   BackwardEpilogue be;
-  be.relu = has_relu(p.epi);
-  if (be.relu) be.y = p.view(f.y);
+  be.activation = activation_of(p.epi);
+  if (has_relu(p.epi)) be.y = p.view(f.y);
+  // silu recomputes z: the forward's residual and bias.
+  if (has_silu(p.epi)) {
+    if (has_residual(p.epi)) be.residual = p.view(p.r);
+    be.bias = p.b;
+  }
   if (has_residual(p.epi)) {
     o.dres = poisoned_as<T>(n);
     be.dresidual = p.view(o.dres);

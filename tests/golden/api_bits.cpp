@@ -119,12 +119,12 @@ void layer_norm_case(Data& data, const Case& k, int normalized_ndim) {
   auto w = data.floats(cols, 1.0), b = data.floats(cols);
   std::vector<float> mean(rows), rstd(rows), dw(cols), db(cols);
   normkit::LayerNormParams p{.normalized_ndim = normalized_ndim, .eps = 1e-5};
-  if (k.epilogue) p.epilogue = {.relu = true, .residual = view(r, k.dims, k.format)};
+  if (k.epilogue) p.epilogue = {.activation = normkit::Activation::relu, .residual = view(r, k.dims, k.format)};
   normkit::layer_norm_forward(p, view(x, k.dims, k.format), w, b, view(y, k.dims, k.format), mean, rstd);
   print(k.name + "/forward", y.data(), y.bytes());
   print(k.name + "/stats", mean.data(), 4 * rows), print(k.name + "/rstd", rstd.data(), 4 * rows);
   normkit::BackwardEpilogue e;
-  if (k.epilogue) e = {.relu = true, .y = view(y, k.dims, k.format), .dresidual = view(dr, k.dims, k.format)};
+  if (k.epilogue) e = {.activation = normkit::Activation::relu, .y = view(y, k.dims, k.format), .dresidual = view(dr, k.dims, k.format)};
   normkit::layer_norm_backward({.normalized_ndim = normalized_ndim, .epilogue = e},
                                view(dy, k.dims, k.format), view(x, k.dims, k.format), mean, rstd, w,
                                view(dx, k.dims, k.format), dw, db);
@@ -144,8 +144,8 @@ void group_norm_case(Data& data, const Case& k, int64_t groups, bool instance) {
   normkit::ForwardEpilogue fe;
   normkit::BackwardEpilogue be;
   if (k.epilogue) {
-    fe = {.relu = true, .residual = view(r, k.dims, k.format)};
-    be = {.relu = true, .y = yv, .dresidual = view(dr, k.dims, k.format)};
+    fe = {.activation = normkit::Activation::relu, .residual = view(r, k.dims, k.format)};
+    be = {.activation = normkit::Activation::relu, .y = yv, .dresidual = view(dr, k.dims, k.format)};
   }
   if (instance) {
     normkit::InstanceNormParams p{.use_input_stats = true, .momentum = 0.3, .eps = 1e-5, .epilogue = fe};
@@ -178,8 +178,8 @@ void batch_norm_case(Data& data, const Case& k) {
   normkit::BatchNormParams p;
   normkit::BackwardEpilogue be;
   if (k.epilogue) {
-    p.epilogue = {.relu = true, .residual = view(r, k.dims, k.format)};
-    be = {.relu = true, .y = yv, .dresidual = view(dr, k.dims, k.format)};
+    p.epilogue = {.activation = normkit::Activation::relu, .residual = view(r, k.dims, k.format)};
+    be = {.activation = normkit::Activation::relu, .y = yv, .dresidual = view(dr, k.dims, k.format)};
   }
   normkit::batch_norm_forward_training(p, xv, w, b, yv, sm, si, rm, rv);
   print(k.name + "/training/forward", y.data(), y.bytes());

@@ -94,13 +94,13 @@ RankResult run_sync(const SyncCase& k, const SyncInputs& in, const Piece& mine) 
   BatchNormParams p;
   p.eps = k.eps;
   p.momentum = k.momentum;
-  p.epilogue.relu = k.relu;
+  p.epilogue.activation = k.relu ? Activation::relu : Activation::none;
   if (k.residual) p.epilogue.residual = view(residual);
   mpi::sync_batch_norm_forward_training(p, view(x), test::opt(in.weight), test::opt(in.bias),
                                         view(y), r.mean, r.invstd, test::opt(r.running_mean),
                                         test::opt(r.running_var), MPI_COMM_WORLD);
   BatchNormBackwardParams bp;
-  bp.epilogue.relu = k.relu;
+  bp.epilogue.activation = k.relu ? Activation::relu : Activation::none;
   if (k.relu) bp.epilogue.y = view(y);
   mpi::sync_batch_norm_backward_training(bp, view(dy), view(x), r.mean, r.invstd,
                                          test::opt(in.weight), view(dx), r.dweight, r.dbias,
@@ -164,14 +164,14 @@ TEST(SyncBatchNormMpi, BitwiseEqualToOnePieceForEverySplit) {
       std::vector<float> y(in.x.size()), dx(in.x.size()), mean(C), invstd(C), dw(C), db(C);
       std::vector<float> rm = in.running_mean, rv = in.running_var;
       BatchNormParams p;
-      p.epilogue.relu = k.relu;
+      p.epilogue.activation = k.relu ? Activation::relu : Activation::none;
       if (k.residual) p.epilogue.residual = test::view_of(in.residual, k.shape, k.format);
       const TensorView xv = test::view_of(in.x, k.shape, k.format);
       batch_norm_forward_training(p, xv, test::opt(in.weight), test::opt(in.bias),
                                   test::view_of(y, k.shape, k.format), mean, invstd,
                                   test::opt(rm), test::opt(rv));
       BatchNormBackwardParams bp;
-      bp.epilogue.relu = k.relu;
+      bp.epilogue.activation = k.relu ? Activation::relu : Activation::none;
       if (k.relu) bp.epilogue.y = test::view_of(y, k.shape, k.format);
       batch_norm_backward_training(bp, test::view_of(in.dy, k.shape, k.format), xv, mean,
                                    invstd, test::opt(in.weight),

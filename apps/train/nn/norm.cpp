@@ -96,6 +96,7 @@ void Norm::set_sync(const SyncBatchNorm& sync) {
 const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) {
   const profile::Scope timed(profile::Phase::norm_forward);
   y_.resize_like(x);
+  const Activation act = relu_ ? Activation::relu : Activation::none;
   // What the backward needs, kept once the forward succeeded.
   auto keep = [&](bool synced) {
     had_residual_ = residual != nullptr;
@@ -121,7 +122,7 @@ const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) 
                                 batch_norm_->running_var);
     ++batch_norm_->num_batches_tracked;
     batch_norm_normalize({.eps = o.eps,
-                          .epilogue = {relu_, residual ? residual->view() : TensorView{}}},
+                          .epilogue = {act, residual ? residual->view() : TensorView{}}},
                          x.view(), weight.value, bias.value, save_mean_, save_invstd_, y_.view());
     keep(true);
     return y_;
@@ -131,7 +132,7 @@ const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) 
   layer_->weight = weight.value;
   layer_->bias = bias.value;
   // The layer checks x and the residual and fuses the epilogue into its output pass.
-  layer_->forward(x.view(), {relu_, residual ? residual->view() : TensorView{}}, y_.view());
+  layer_->forward(x.view(), {act, residual ? residual->view() : TensorView{}}, y_.view());
   keep(false);
   return y_;
 }
@@ -145,8 +146,10 @@ const Tensor& Norm::backward(const Tensor& dy) {
   // pass as its reductions when there is a residual to give it to.
   if (had_residual_) g_.resize_like(*x_);
   if (synced_forward_) {
-    const BackwardEpilogue epilogue{relu_, relu_ ? y_.view() : TensorView{},
-                                    had_residual_ ? g_.view() : TensorView{}};
+    const BackwardEpilogue epilogue{
+        .activation = relu_ ? Activation::relu : Activation::none,
+        .y = relu_ ? y_.view() : TensorView{},
+        .dresidual = had_residual_ ? g_.view() : TensorView{}};
     const int64_t c = x_->c;
     partials_.resize(batch_norm_partials_size(sync_.offset, x_->n, c));
     batch_norm_gradient_partials({.epilogue = epilogue}, sync_.offset, dy.view(), x_->view(),
