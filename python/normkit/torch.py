@@ -8,6 +8,8 @@ model never breaks. `convert(model)` swaps every torch norm layer of a model in 
 `revert(model)` swaps them back. See docs/torch.md.
 """
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -61,10 +63,136 @@ def _param_grads(ctx, dweight, dbias):
             dbias if ctx.needs_input_grad[2] else None)
 
 
+def _register_custom_ops():
+    """normkit's ops as torch.library custom ops (torch >= 2.4's torch.library.custom_op), so
+    that torch.compile keeps them as opaque nodes of its graph: a fake implementation gives each
+    output's shape and strides, mutates_args the running statistics written in place. Older
+    torch (Debian's 1.13) calls the extension directly. Custom ops return no None, so an absent
+    parameter gradient is an empty tensor there and None again in _unwrap_grads."""
+    from typing import List, Optional, Tuple
+    Tensor, OptTensor = torch.Tensor, Optional[torch.Tensor]
+
+    def define(name, mutates_args=()):
+        return torch.library.custom_op("normkit::" + name, mutates_args=mutates_args)
+
+    def float32(x, shape):
+        return x.new_empty(shape, dtype=torch.float32)
+
+    def grads(dx, dweight, dbias):
+        if dweight is None:  # no weight: dbias is None too
+            dweight = dbias = dx.new_empty((0,), dtype=torch.float32)
+        return dx, dweight, dbias
+
+    def fake_grads(dy, weight):
+        shape = (0,) if weight is None else weight.shape
+        return torch.empty_like(dy), float32(dy, shape), float32(dy, shape)
+
+    @define("batch_norm_forward", ("running_mean", "running_var"))
+    def batch_norm_forward(x: Tensor, running_mean: OptTensor, running_var: OptTensor,
+                           weight: OptTensor, bias: OptTensor, training: bool, momentum: float,
+                           eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+        return _normkit.batch_norm_forward(x, running_mean, running_var, weight, bias, training,
+                                           momentum, eps)
+
+    @batch_norm_forward.register_fake
+    def _(x, running_mean, running_var, weight, bias, training, momentum, eps):
+        stats = (x.shape[1],) if training else (0,)
+        return torch.empty_like(x), float32(x, stats), float32(x, stats)
+
+    @define("batch_norm_backward")
+    def batch_norm_backward(dy: Tensor, x: Tensor, weight: OptTensor, save_mean: OptTensor,
+                            save_invstd: OptTensor, training: bool, running_mean: OptTensor,
+                            running_var: OptTensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+        return grads(*_normkit.batch_norm_backward(dy, x, weight, save_mean, save_invstd,
+                                                   training, running_mean, running_var, eps))
+
+    @batch_norm_backward.register_fake
+    def _(dy, x, weight, save_mean, save_invstd, training, running_mean, running_var, eps):
+        return fake_grads(dy, weight)
+
+    @define("instance_norm_forward", ("running_mean", "running_var"))
+    def instance_norm_forward(x: Tensor, running_mean: OptTensor, running_var: OptTensor,
+                              weight: OptTensor, bias: OptTensor, use_input_stats: bool,
+                              momentum: float, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+        return _normkit.instance_norm_forward(x, running_mean, running_var, weight, bias,
+                                              use_input_stats, momentum, eps)
+
+    @instance_norm_forward.register_fake
+    def _(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
+        stats = tuple(x.shape[:2])
+        return torch.empty_like(x), float32(x, stats), float32(x, stats)
+
+    @define("instance_norm_backward")
+    def instance_norm_backward(dy: Tensor, x: Tensor, save_mean: Tensor, save_rstd: Tensor,
+                               weight: OptTensor,
+                               use_input_stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        return grads(*_normkit.instance_norm_backward(dy, x, save_mean, save_rstd, weight,
+                                                      use_input_stats))
+
+    @instance_norm_backward.register_fake
+    def _(dy, x, save_mean, save_rstd, weight, use_input_stats):
+        return fake_grads(dy, weight)
+
+    @define("group_norm_forward")
+    def group_norm_forward(x: Tensor, num_groups: int, weight: OptTensor, bias: OptTensor,
+                           eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+        return _normkit.group_norm_forward(x, num_groups, weight, bias, eps)
+
+    @group_norm_forward.register_fake
+    def _(x, num_groups, weight, bias, eps):
+        stats = (x.shape[0], num_groups)
+        return torch.empty_like(x), float32(x, stats), float32(x, stats)
+
+    @define("group_norm_backward")
+    def group_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, num_groups: int,
+                            weight: OptTensor) -> Tuple[Tensor, Tensor, Tensor]:
+        return grads(*_normkit.group_norm_backward(dy, x, mean, rstd, num_groups, weight))
+
+    @group_norm_backward.register_fake
+    def _(dy, x, mean, rstd, num_groups, weight):
+        return fake_grads(dy, weight)
+
+    @define("layer_norm_forward")
+    def layer_norm_forward(x: Tensor, normalized_shape: List[int], weight: OptTensor,
+                           bias: OptTensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+        return _normkit.layer_norm_forward(x, normalized_shape, weight, bias, eps)
+
+    @layer_norm_forward.register_fake
+    def _(x, normalized_shape, weight, bias, eps):
+        k = len(normalized_shape)
+        stats = tuple(x.shape[:x.dim() - k]) + (1,) * k
+        return torch.empty_like(x), float32(x, stats), float32(x, stats)
+
+    @define("layer_norm_backward")
+    def layer_norm_backward(dy: Tensor, x: Tensor, normalized_shape: List[int], mean: Tensor,
+                            rstd: Tensor, weight: OptTensor) -> Tuple[Tensor, Tensor, Tensor]:
+        return grads(*_normkit.layer_norm_backward(dy, x, normalized_shape, mean, rstd, weight))
+
+    @layer_norm_backward.register_fake
+    def _(dy, x, normalized_shape, mean, rstd, weight):
+        return fake_grads(dy, weight)
+
+    # The CustomOpDef objects are callable: the same calls as torch.ops.normkit.NAME.
+    return types.SimpleNamespace(**{name: op for name, op in locals().items()
+                                    if name.endswith(("_forward", "_backward"))})
+
+
+# The ops the autograd functions call: the custom ops where torch has them, else the extension
+# itself (same names, same positional arguments).
+CUSTOM_OPS = hasattr(torch, "library") and hasattr(torch.library, "custom_op")
+_ops = _register_custom_ops() if CUSTOM_OPS else _normkit
+
+
+def _unwrap_grads(dx, dweight, dbias):
+    if dweight is not None and dweight.numel() == 0:
+        return dx, None, None
+    return dx, dweight, dbias
+
+
 class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
-        y, save_mean, save_invstd = _normkit.batch_norm_forward(
+        y, save_mean, save_invstd = _ops.batch_norm_forward(
             x, running_mean, running_var, weight, bias, training, momentum, eps)
         ctx.training, ctx.eps = training, eps
         if not training:
@@ -80,18 +208,18 @@ class _BatchNormFunction(torch.autograd.Function):
         x, weight, saved_a, saved_b = ctx.saved_tensors
         dy = _laid_out_as(dy, x)
         if ctx.training:
-            dx, dweight, dbias = _normkit.batch_norm_backward(
-                dy, x, weight, saved_a, saved_b, True)
+            dx, dweight, dbias = _unwrap_grads(*_ops.batch_norm_backward(
+                dy, x, weight, saved_a, saved_b, True, None, None, ctx.eps))
         else:
-            dx, dweight, dbias = _normkit.batch_norm_backward(
-                dy, x, weight, None, None, False, saved_a, saved_b, ctx.eps)
+            dx, dweight, dbias = _unwrap_grads(*_ops.batch_norm_backward(
+                dy, x, weight, None, None, False, saved_a, saved_b, ctx.eps))
         return (dx, *_param_grads(ctx, dweight, dbias), None, None, None, None, None)
 
 
 class _InstanceNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps):
-        y, save_mean, save_rstd = _normkit.instance_norm_forward(
+        y, save_mean, save_rstd = _ops.instance_norm_forward(
             x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
         # Without input statistics, save_* are the running statistics per sample: constants.
         ctx.use_input_stats = use_input_stats
@@ -102,15 +230,15 @@ class _InstanceNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, weight, save_mean, save_rstd = ctx.saved_tensors
-        dx, dweight, dbias = _normkit.instance_norm_backward(
-            _laid_out_as(dy, x), x, save_mean, save_rstd, weight, ctx.use_input_stats)
+        dx, dweight, dbias = _unwrap_grads(*_ops.instance_norm_backward(
+            _laid_out_as(dy, x), x, save_mean, save_rstd, weight, ctx.use_input_stats))
         return (dx, *_param_grads(ctx, dweight, dbias), None, None, None, None, None)
 
 
 class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps):
-        y, mean, rstd = _normkit.group_norm_forward(x, num_groups, weight, bias, eps)
+        y, mean, rstd = _ops.group_norm_forward(x, num_groups, weight, bias, eps)
         ctx.num_groups = num_groups
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
@@ -119,15 +247,15 @@ class _GroupNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = _normkit.group_norm_backward(
-            _laid_out_as(dy, x), x, mean, rstd, ctx.num_groups, weight)
+        dx, dweight, dbias = _unwrap_grads(*_ops.group_norm_backward(
+            _laid_out_as(dy, x), x, mean, rstd, ctx.num_groups, weight))
         return (dx, *_param_grads(ctx, dweight, dbias), None, None)
 
 
 class _LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, normalized_shape, eps):
-        y, mean, rstd = _normkit.layer_norm_forward(x, normalized_shape, weight, bias, eps)
+        y, mean, rstd = _ops.layer_norm_forward(x, normalized_shape, weight, bias, eps)
         ctx.normalized_shape = normalized_shape
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
@@ -136,8 +264,8 @@ class _LayerNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = _normkit.layer_norm_backward(
-            _laid_out_as(dy, x), x, ctx.normalized_shape, mean, rstd, weight)
+        dx, dweight, dbias = _unwrap_grads(*_ops.layer_norm_backward(
+            _laid_out_as(dy, x), x, ctx.normalized_shape, mean, rstd, weight))
         return (dx, *_param_grads(ctx, dweight, dbias), None, None)
 
 
@@ -174,7 +302,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     # Channels-first, as torch's CPU kernel: normkit reads channels-last only when the
     # normalized dims are all but the first, and torch's output is contiguous either way.
     return _LayerNormFunction.apply(x.contiguous(), weight, bias,
-                                    tuple(int(d) for d in normalized_shape), float(eps))
+                                    [int(d) for d in normalized_shape], float(eps))
 
 
 # Modules: torch's classes, with the forward above.

@@ -3,6 +3,7 @@ memory formats, the float64 fallback, gradcheck of the autograd functions, bfloa
 converted torchvision ResNet-18."""
 
 import copy
+import inspect
 import subprocess
 import sys
 
@@ -335,3 +336,62 @@ def test_resnet18(memory_format):
 def test_import_normkit_does_not_import_torch():
     code = "import sys, normkit; assert 'torch' not in sys.modules; import normkit.torch"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class RecordingCustomOp:
+    """Stands in for torch >= 2.4's CustomOpDef: runs the op, and checks that the registered
+    fake implementation gives every output's shape, strides and dtype."""
+
+    def __init__(self, function):
+        self.function, self.fake, self.calls = function, None, 0
+
+    def register_fake(self, fake):
+        self.fake = fake
+        return fake
+
+    def __call__(self, *args):
+        outputs = self.function(*args)
+        expected = self.fake(*args)
+        assert len(outputs) == len(expected)
+        for out, fake in zip(outputs, expected):
+            assert isinstance(out, torch.Tensor)  # custom ops return no None
+            assert (out.shape, out.dtype) == (fake.shape, fake.dtype)
+            assert out.numel() <= 1 or out.stride() == fake.stride()
+        self.calls += 1
+        return outputs
+
+
+def test_custom_op_registration(monkeypatch):
+    """The torch.library branch (torch >= 2.4) on this torch, through a stand-in custom_op:
+    the ops' signatures, their fake implementations, and the autograd functions over them."""
+    assert nt.CUSTOM_OPS == hasattr(torch.library, "custom_op")
+    if not nt.CUSTOM_OPS:
+        assert nt._ops is nt._normkit
+    registered = {}
+
+    def custom_op(name, mutates_args):
+        def define(function):
+            signature = inspect.signature(function)
+            assert signature.return_annotation is not inspect.Signature.empty, name
+            assert all(p.annotation is not inspect.Parameter.empty
+                       for p in signature.parameters.values()), name
+            assert set(mutates_args) <= set(signature.parameters), name
+            registered[name] = RecordingCustomOp(function)
+            return registered[name]
+        return define
+
+    monkeypatch.setattr(torch.library, "custom_op", custom_op, raising=False)
+    monkeypatch.setattr(nt, "_ops", nt._register_custom_ops())
+    assert sorted(registered) == sorted(
+        f"normkit::{op}_norm_{d}" for op in ("batch", "group", "instance", "layer")
+        for d in ("forward", "backward"))
+    torch.manual_seed(10)
+    for case in CASES:
+        for fmt in FORMATS:
+            for training in (True, False):
+                reference, ours = pair(case)
+                reference.train(training)
+                ours.train(training)
+                x = in_format(torch.randn(case[3], dtype=torch.float32), fmt)
+                compare(reference, ours, x, torch.randn(case[3], dtype=torch.float32), 1e-5)
+    assert all(op.calls > 0 for op in registered.values())
