@@ -36,6 +36,17 @@ def _normkit_can_run(x, *tensors):
     return not (torch.jit.is_scripting() or torch.jit.is_tracing())
 
 
+def _per_channel(x, *tensors):
+    """Whether x has channels and every tensor given holds one value per channel. Arguments
+    torch would refuse go to torch, so that a wrong call raises torch's own error."""
+    return x.dim() >= 2 and x.shape[1] > 0 and all(
+        t is None or (t.dim() == 1 and t.numel() == x.shape[1]) for t in tensors)
+
+
+def _values_per_channel(x):
+    return x.numel() // x.shape[1]
+
+
 def _dense(x):
     """x itself when normkit can read it in place (channels-first or channels-last), else a
     channels-first copy, as torch's kernels make one."""
@@ -274,7 +285,9 @@ class _LayerNormFunction(torch.autograd.Function):
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5):
     if not (_normkit_can_run(x, running_mean, running_var, weight, bias)
-            and 2 <= x.dim() <= _MAX_RANK and (training or running_mean is not None)):
+            and 2 <= x.dim() <= _MAX_RANK and (training or running_mean is not None)
+            and _per_channel(x, running_mean, running_var, weight, bias)
+            and not (training and _values_per_channel(x) == 1)):
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     return _BatchNormFunction.apply(_dense(x), weight, bias, running_mean, running_var,
                                     bool(training), float(momentum), float(eps))
@@ -283,7 +296,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
 def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                   use_input_stats=True, momentum=0.1, eps=1e-5):
     if not (_normkit_can_run(x, running_mean, running_var, weight, bias)
-            and 3 <= x.dim() <= _MAX_RANK and momentum is not None):
+            and 3 <= x.dim() <= _MAX_RANK and momentum is not None
+            and _per_channel(x, running_mean, running_var, weight, bias)
+            and not (use_input_stats and x.shape[0] > 0
+                     and _values_per_channel(x) == x.shape[0])):
         return F.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats,
                                momentum, eps)
     return _InstanceNormFunction.apply(_dense(x), weight, bias, running_mean, running_var,
@@ -291,13 +307,21 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
-    if not (_normkit_can_run(x, weight, bias) and 2 <= x.dim() <= _MAX_RANK):
+    if not (_normkit_can_run(x, weight, bias) and 2 <= x.dim() <= _MAX_RANK
+            and _per_channel(x, weight, bias) and num_groups > 0
+            and x.shape[1] % num_groups == 0):
         return F.group_norm(x, num_groups, weight, bias, eps)
     return _GroupNormFunction.apply(_dense(x), weight, bias, int(num_groups), float(eps))
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
-    if not (_normkit_can_run(x, weight, bias) and x.dim() >= 1):
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(normalized_shape)
+    k = len(normalized_shape)
+    if not (_normkit_can_run(x, weight, bias) and 1 <= k <= x.dim()
+            and tuple(x.shape[x.dim() - k:]) == normalized_shape
+            and all(t is None or tuple(t.shape) == normalized_shape for t in (weight, bias))):
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     # Channels-first, as torch's CPU kernel: normkit reads channels-last only when the
     # normalized dims are all but the first, and torch's output is contiguous either way.

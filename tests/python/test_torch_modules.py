@@ -395,3 +395,21 @@ def test_custom_op_registration(monkeypatch):
                 x = in_format(torch.randn(case[3], dtype=torch.float32), fmt)
                 compare(reference, ours, x, torch.randn(case[3], dtype=torch.float32), 1e-5)
     assert all(op.calls > 0 for op in registered.values())
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: torch.nn.BatchNorm2d(4), (1, 4, 1, 1)),         # one value per channel in training
+    (lambda: torch.nn.BatchNorm2d(4), (2, 3, 5, 5)),         # channels != num_features
+    (lambda: torch.nn.InstanceNorm2d(4), (2, 4, 1, 1)),      # one value per instance
+    (lambda: torch.nn.GroupNorm(2, 4), (2, 6, 5)),           # channels != num_channels
+    (lambda: torch.nn.LayerNorm(6), (2, 4, 5)),              # normalized_shape != trailing dims
+], ids=["bn-one-value", "bn-channels", "in-one-value", "gn-channels", "ln-shape"])
+def test_invalid_calls_raise_torchs_errors(make, shape):
+    reference = make().float()
+    ours = nt.convert(copy.deepcopy(reference))
+    x = torch.randn(shape, dtype=torch.float32)
+    with pytest.raises((RuntimeError, ValueError)) as expected:
+        reference(x)
+    with pytest.raises(type(expected.value)) as actual:
+        ours(x)
+    assert str(actual.value) == str(expected.value)
