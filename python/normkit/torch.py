@@ -30,7 +30,8 @@ def _normkit_can_run(x, *tensors):
     if x.device.type != "cpu" or x.dtype not in _ACTIVATION_DTYPES or x.layout != torch.strided:
         return False
     for t in tensors:
-        if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32):
+        if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32
+                              or not t.is_contiguous()):  # read in place, never copied
             return False
     # Tracing and scripting record torch's ops, not ours.
     return not (torch.jit.is_scripting() or torch.jit.is_tracing())

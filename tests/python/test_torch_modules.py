@@ -156,7 +156,7 @@ def test_float64_falls_back_to_torch(case):
     reference, ours = pair(case)
     try:
         expected = reference(x)
-    except RuntimeError as error:
+    except RuntimeError:
         with pytest.raises(RuntimeError):
             ours(x)
     else:
@@ -413,3 +413,15 @@ def test_invalid_calls_raise_torchs_errors(make, shape):
     with pytest.raises(type(expected.value)) as actual:
         ours(x)
     assert str(actual.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("case", CASES[::2], ids=case_id)
+def test_other_devices_fall_back_to_torch(case):
+    """No GPU here: the meta device stands for CUDA and the rest, a device normkit does not
+    reach; torch's forward runs there (torch's autograd node, torch's shapes)."""
+    name, args, kwargs, shape = case
+    module = getattr(nt, name)(*args, **kwargs, dtype=torch.float32).to("meta")
+    x = torch.empty(shape, dtype=torch.float32, device="meta", requires_grad=True)
+    y = module(x)
+    assert y.device.type == "meta" and y.shape == x.shape
+    assert type(y.grad_fn).__name__ not in NORMKIT_BACKWARDS
