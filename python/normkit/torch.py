@@ -298,6 +298,7 @@ def instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None
                   use_input_stats=True, momentum=0.1, eps=1e-5):
     if not (_normkit_can_run(x, running_mean, running_var, weight, bias)
             and 3 <= x.dim() <= _MAX_RANK and momentum is not None
+            and (use_input_stats or running_mean is not None)
             and _per_channel(x, running_mean, running_var, weight, bias)
             and not (use_input_stats and x.shape[0] > 0
                      and _values_per_channel(x) == x.shape[0])):
