@@ -16,6 +16,7 @@ if [[ ${1:-all} != experiment ]]; then
     libgtest-dev libgmock-dev libbenchmark-dev
     python3-venv  # pip install . into a virtual environment (scripts/test-pip-package.sh)
     pybind11-dev libdlpack-dev python3-dev python3-numpy python3-pytest python3-torch
+    python3-torchvision  # the converted ResNet-18 of normkit.torch's tests
     # the normkit_mpi component (synchronized BatchNorm), its tests under mpirun and its
     # Python module over mpi4py communicators
     openmpi-bin libopenmpi-dev python3-mpi4py
