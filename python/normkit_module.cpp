@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <numeric>
@@ -639,9 +640,12 @@ struct FusedActivation {
   const char* name;
   normkit::Activation activation;
   bool backward_needs_y;  // relu: the forward's output, whose sign is the mask
+  // silu: z is recomputed from x, so the forward's residual and bias are read again.
+  bool backward_needs_forward_inputs;
 };
 constexpr FusedActivation kFusedActivations[] = {
-    {"relu", normkit::Activation::relu, true},
+    {"relu", normkit::Activation::relu, true, false},
+    {"silu", normkit::Activation::silu, false, true},
 };
 
 // nullptr for None.
@@ -713,24 +717,64 @@ FusedForward forward_epilogue(const char* function, const py::object& activation
 }
 
 // What a backward undoes: the forward's `activation`, `y` (the forward's output, required when
-// the activation's gradient reads it), and whether the residual's gradient is wanted.
+// the activation's gradient reads it), the forward's `residual` and `bias` (required when the
+// activation's gradient recomputes z), and whether the residual's gradient is wanted.
 struct BackwardEpilogueArgs {
   py::object activation;
   OptionalArray y;
   bool residual_grad = false;
+  // Ellipsis (the default) is "not given", None "the forward had none": the library cannot
+  // tell a forgotten residual or bias from an absent one, so silu asks for both explicitly.
+  py::object residual = py::ellipsis();
+  py::object bias = py::ellipsis();
 };
+
+// Converts the forward's bias as the op's forward does (length C, or normalized_shape).
+using BiasInput = std::function<VectorIn(const OptionalArray&)>;
 
 struct FusedBackward {
   normkit::BackwardEpilogue epilogue;
   py::object y;                         // keeps y's memory alive
+  py::object residual;                  // keeps the residual's memory alive
+  VectorIn bias;                        // keeps the bias's memory alive
   std::optional<py::object> dresidual;  // a new tensor, with residual_grad
 };
 
+// A forward input a backward reads again (residual, bias): required with an activation whose
+// gradient recomputes z, refused (unless None) with one that does not.
+OptionalArray forward_input_again(const char* function, const char* name, const py::object& obj,
+                                  const FusedActivation* activation,
+                                  const py::object& activation_arg) {
+  const bool needed = activation && activation->backward_needs_forward_inputs;
+  const bool given = !obj.is(py::ellipsis());
+  if (needed && !given)
+    value_error(function, std::string(name) + " (the forward's " + name + ", or None if it had " +
+                              "none) is required with activation='" + activation->name + "'");
+  if (!needed && given && !obj.is_none())
+    value_error(function, std::string(name) + " is not read with activation=" +
+                              py::repr(activation_arg).cast<std::string>() +
+                              ": pass the forward's activation with it");
+  if (!given || obj.is_none()) return std::nullopt;
+  return obj;
+}
+
 FusedBackward backward_epilogue(const char* function, const BackwardEpilogueArgs& args,
-                                const Activation& x, const TensorView& x_view) {
+                                const Activation& x, const TensorView& x_view,
+                                const BiasInput& bias_input) {
   FusedBackward fused;
   const FusedActivation* activation = fused_activation(function, args.activation);
   set_activation(activation, fused.epilogue);
+  const OptionalArray residual =
+      forward_input_again(function, "residual", args.residual, activation, args.activation);
+  const OptionalArray bias =
+      forward_input_again(function, "bias", args.bias, activation, args.activation);
+  if (residual) {
+    const EpilogueTensor r = exactly_like_x(function, "residual", *residual, x, x_view);
+    fused.epilogue.residual = r.view;
+    fused.residual = r.owner;
+  }
+  fused.bias = bias_input(bias);
+  fused.epilogue.bias = fused.bias.span;
   if (activation && activation->backward_needs_y && !args.y)
     value_error(function, std::string("y (the forward's output) is required with activation='") +
                               activation->name + "'");
@@ -806,7 +850,9 @@ py::tuple group_norm_backward_impl(const py::object& dy_in, const py::object& x_
   const Activation x = activation_input(function, "x", x_in);
   const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
   const VectorIn weight = vector_input(function, "weight", weight_in);
-  const FusedBackward fused = backward_epilogue(function, fused_args, x, x.view);
+  const FusedBackward fused = backward_epilogue(
+      function, fused_args, x, x.view,
+      [&](const OptionalArray& b) { return vector_input(function, "bias", b); });
   const Shape stats_shape{batch_of(x.view), num_groups};
   const bool accepted = groups_accepted(num_groups, x.view);
   // The op sees the statistics flattened: their (N, num_groups) shape is checked here, once
@@ -884,7 +930,9 @@ py::tuple batch_norm_backward_impl(const py::object& dy_in, const py::object& x_
   const Activation x = activation_input(function, "x", x_in);
   const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
   const VectorIn weight = vector_input(function, "weight", weight_in);
-  const FusedBackward fused = backward_epilogue(function, fused_args, x, x.view);
+  const FusedBackward fused = backward_epilogue(
+      function, fused_args, x, x.view,
+      [&](const OptionalArray& b) { return vector_input(function, "bias", b); });
   const Activation dx = activation_output(x);
   VectorOut dweight, dbias;
   if (weight.present()) {
@@ -962,7 +1010,9 @@ py::tuple instance_norm_backward_impl(const py::object& dy_in, const py::object&
   const Activation x = activation_input(function, "x", x_in);
   const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
   const VectorIn weight = vector_input(function, "weight", weight_in);
-  const FusedBackward fused = backward_epilogue(function, fused_args, x, x.view);
+  const FusedBackward fused = backward_epilogue(
+      function, fused_args, x, x.view,
+      [&](const OptionalArray& b) { return vector_input(function, "bias", b); });
   const Shape stats_shape = instance_stats_shape(x.view);
   bool accepted = true;
   try {
@@ -1157,7 +1207,9 @@ py::tuple layer_norm_backward_impl(const py::object& dy_in, const py::object& x_
   const VectorIn rstd = saved_stat(function, "rstd", rstd_in, stats_shape,
                                    "x's leading dims then 1s", true);
   const VectorIn weight = layer_norm_param(function, "weight", weight_in, p.normalized);
-  const FusedBackward fused = backward_epilogue(function, fused_args, p.x, p.x.view);
+  const FusedBackward fused = backward_epilogue(
+      function, fused_args, p.x, p.x.view,
+      [&](const OptionalArray& b) { return layer_norm_param(function, "bias", b, p.normalized); });
   const Output dx = new_output(p.x.tensor, p.x.view.dtype, p.shape, p.x.view.format);
   const TensorView dx_view = p.like_x(dx.data);
   const TensorView dy_view = p.like_x(dy.tensor.data);
@@ -1183,18 +1235,24 @@ py::tuple layer_norm_backward_impl(const py::object& dy_in, const py::object& x_
   py::kw_only(), py::arg("activation") = py::none(), py::arg("residual") = py::none()
 #define BACKWARD_EPILOGUE_ARGS                                                    \
   py::kw_only(), py::arg("activation") = py::none(), py::arg("y") = py::none(), \
-      py::arg("residual_grad") = false
+      py::arg("residual_grad") = false, py::arg("residual") = py::ellipsis(),         \
+      py::arg("bias") = py::ellipsis()
 #define FORWARD_EPILOGUE_DOC                                                                     \
-  "\n\nKeyword-only, fused into the same pass over memory: activation (None or 'relu') and\n"   \
-  "residual (None, or an array exactly like x: its shape and dtype, laid out in the memory\n"     \
-  "format x is computed in; it is never copied). The result is\n"                               \
+  "\n\nKeyword-only, fused into the same pass over memory: activation (None, 'relu' or\n"      \
+  "'silu': z * sigmoid(z)) and residual (None, or an array exactly like x: its shape and\n"       \
+  "dtype, laid out in the memory format x is computed in; it is never copied). The result is\n"  \
   "activation(normalized + residual)."
 #define BACKWARD_EPILOGUE_DOC                                                                    \
   "\n\nKeyword-only, for a forward that fused an epilogue: activation as passed to the\n"       \
   "forward; y, the forward's output (exactly like x), required with 'relu', whose mask y > 0\n"  \
-  "it reads; residual_grad=True also returns the residual's gradient, a new tensor like x, as\n"  \
-  "a fourth element: (dx, dweight, dbias, dresidual). The gradient of the normalization is\n"    \
-  "then taken with respect to g = dy * (y > 0) for 'relu', else dy, and dresidual = g."
+  "it reads; residual and bias, the forward's own (None where it had none), both required with\n" \
+  "'silu', whose gradient recomputes z = normalized + residual from x, the statistics, weight,\n" \
+  "bias and residual (silu is not invertible from y); passing y, or a residual or bias other\n"  \
+  "than None, with an activation that does not read it is an error. residual_grad=True also\n"  \
+  "returns the residual's gradient, a new tensor like x, as a fourth element: (dx, dweight,\n"   \
+  "dbias, dresidual). The gradient of the normalization is then taken with respect to\n"        \
+  "g = dy * act'(z): dy * (y > 0) for 'relu', dy * s * (1 + z * (1 - s)) with s = sigmoid(z)\n"  \
+  "for 'silu', dy without activation; and dresidual = g."
 
 PYBIND11_MODULE(_normkit, m) {
   m.doc() =
@@ -1279,9 +1337,10 @@ arrays of shape (N, num_groups), as torch.native_group_norm returns them.)doc"
   m.def("group_norm_backward",
         [](const py::object& dy, const py::object& x, const py::object& mean,
            const py::object& rstd, int64_t num_groups, const OptionalArray& weight,
-           const py::object& activation, const OptionalArray& y, bool residual_grad) {
+           const py::object& activation, const OptionalArray& y, bool residual_grad,
+           const py::object& residual, const py::object& bias) {
           return group_norm_backward_impl(dy, x, mean, rstd, num_groups, weight,
-                                          {activation, y, residual_grad});
+                                          {activation, y, residual_grad, residual, bias});
         },
         py::arg("dy"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("num_groups"),
         py::arg("weight") = py::none(), BACKWARD_EPILOGUE_ARGS,
@@ -1340,10 +1399,11 @@ arrays, as torch.native_batch_norm (the backward then reads the running statisti
         [](const py::object& dy, const py::object& x, const OptionalArray& weight,
            const OptionalArray& save_mean, const OptionalArray& save_invstd, bool training,
            const OptionalArray& running_mean, const OptionalArray& running_var, double eps,
-           const py::object& activation, const OptionalArray& y, bool residual_grad) {
+           const py::object& activation, const OptionalArray& y, bool residual_grad,
+           const py::object& residual, const py::object& bias) {
           return batch_norm_backward_impl(dy, x, weight, save_mean, save_invstd, training,
                                           running_mean, running_var, eps,
-                                          {activation, y, residual_grad});
+                                          {activation, y, residual_grad, residual, bias});
         },
         py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("save_mean"),
         py::arg("save_invstd"), py::arg("training") = true,
@@ -1411,10 +1471,11 @@ repeated for each sample.)doc"
         [](const py::object& dy, const py::object& x, const OptionalArray& save_mean,
            const OptionalArray& save_rstd, const OptionalArray& weight, bool use_input_stats,
            const OptionalArray& running_mean, const OptionalArray& running_var, double eps,
-           const py::object& activation, const OptionalArray& y, bool residual_grad) {
+           const py::object& activation, const OptionalArray& y, bool residual_grad,
+           const py::object& residual, const py::object& bias) {
           return instance_norm_backward_impl(dy, x, save_mean, save_rstd, weight,
                                              use_input_stats, running_mean, running_var, eps,
-                                             {activation, y, residual_grad});
+                                             {activation, y, residual_grad, residual, bias});
         },
         py::arg("dy"), py::arg("x"), py::arg("save_mean"), py::arg("save_rstd"),
         py::arg("weight") = py::none(), py::arg("use_input_stats") = true,
@@ -1473,9 +1534,10 @@ normalized_shape (4, 5): (2, 3, 1, 1)), as torch.native_layer_norm returns them.
   m.def("layer_norm_backward",
         [](const py::object& dy, const py::object& x, const py::object& normalized_shape,
            const py::object& mean, const py::object& rstd, const OptionalArray& weight,
-           const py::object& activation, const OptionalArray& y, bool residual_grad) {
+           const py::object& activation, const OptionalArray& y, bool residual_grad,
+           const py::object& residual, const py::object& bias) {
           return layer_norm_backward_impl(dy, x, normalized_shape, mean, rstd, weight,
-                                          {activation, y, residual_grad});
+                                          {activation, y, residual_grad, residual, bias});
         },
         py::arg("dy"), py::arg("x"), py::arg("normalized_shape"), py::arg("mean"),
         py::arg("rstd"), py::arg("weight") = py::none(), BACKWARD_EPILOGUE_ARGS,
