@@ -1245,10 +1245,11 @@ py::tuple layer_norm_backward_impl(const py::object& dy_in, const py::object& x_
 #define BACKWARD_EPILOGUE_DOC                                                                    \
   "\n\nKeyword-only, for a forward that fused an epilogue: activation as passed to the\n"       \
   "forward; y, the forward's output (exactly like x), required with 'relu', whose mask y > 0\n"  \
-  "it reads; residual and bias, the forward's own (None where it had none), both required with\n" \
-  "'silu', whose gradient recomputes z = normalized + residual from x, the statistics, weight,\n" \
-  "bias and residual (silu is not invertible from y); passing y, or a residual or bias other\n"  \
-  "than None, with an activation that does not read it is an error. residual_grad=True also\n"  \
+  "it reads; residual and bias, the forward's own (None where it had none; the default,\n"     \
+  "Ellipsis, is 'not given'), both required with 'silu', whose gradient recomputes\n"         \
+  "z = normalized + residual from x, the statistics, weight, bias and residual (silu is not\n"  \
+  "invertible from y); passing y, or a residual or bias other than None, with an activation\n" \
+  "that does not read it is an error. residual_grad=True also\n"  \
   "returns the residual's gradient, a new tensor like x, as a fourth element: (dx, dweight,\n"   \
   "dbias, dresidual). The gradient of the normalization is then taken with respect to\n"        \
   "g = dy * act'(z): dy * (y > 0) for 'relu', dy * s * (1 + z * (1 - s)) with s = sigmoid(z)\n"  \
