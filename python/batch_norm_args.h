@@ -1,7 +1,7 @@
 #pragma once
-// BatchNorm's Python arguments, converted and checked once for batch_norm_forward /
-// batch_norm_backward (normkit._normkit) and their synchronized versions (normkit._mpi): the
-// same rules and messages, under the calling function's name.
+// BatchNorm's Python arguments for the synchronized batch_norm_forward / batch_norm_backward
+// (normkit._mpi), converted and checked by array_args.h as normkit._normkit converts its own:
+// the same rules and messages, under the calling function's name.
 #include "array_args.h"
 
 namespace normkit::python {
@@ -9,13 +9,13 @@ namespace normkit::python {
 // A training or inference forward: the inputs, and new y, save_mean, save_invstd.
 struct BatchNormForwardArgs {
   Activation x;
-  std::span<float> running_mean, running_var;
+  RunningStat running_mean, running_var;
   VectorIn weight, bias;
   Activation y;
   VectorOut save_mean, save_invstd;  // length C when training, else empty
 };
 
-inline BatchNormForwardArgs batch_norm_forward_args(const char* function, const py::array& x_in,
+inline BatchNormForwardArgs batch_norm_forward_args(const char* function, const py::object& x_in,
                                                     const OptionalArray& running_mean_in,
                                                     const OptionalArray& running_var_in,
                                                     const OptionalArray& weight_in,
@@ -30,14 +30,14 @@ inline BatchNormForwardArgs batch_norm_forward_args(const char* function, const 
   a.y = activation_output(a.x);
   // As torch: inference saves no statistics; its backward reads the running ones.
   const Shape stats{training ? channels_of(a.x.view) : 0};
-  a.save_mean = vector_output(stats);
-  a.save_invstd = vector_output(stats);
+  a.save_mean = vector_output(a.x.tensor, stats);
+  a.save_invstd = vector_output(a.x.tensor, stats);
   return a;
 }
 
 // An empty batch has no statistics and the kernels write none; give them a defined value.
 inline void define_empty_statistics(BatchNormForwardArgs& a) {
-  if (a.x.array.size() != 0) return;
+  if (a.x.tensor.size() != 0) return;
   std::fill(a.save_mean.span.begin(), a.save_mean.span.end(), 0.0f);
   std::fill(a.save_invstd.span.begin(), a.save_invstd.span.end(), 0.0f);
 }
@@ -52,8 +52,8 @@ struct BatchNormBackwardArgs {
 
 // The part both backwards share: dy follows x's memory format.
 inline BatchNormBackwardArgs batch_norm_backward_args(const char* function,
-                                                      const py::array& dy_in,
-                                                      const py::array& x_in,
+                                                      const py::object& dy_in,
+                                                      const py::object& x_in,
                                                       const OptionalArray& weight_in) {
   BatchNormBackwardArgs a;
   a.x = activation_input(function, "x", x_in);
@@ -61,8 +61,8 @@ inline BatchNormBackwardArgs batch_norm_backward_args(const char* function,
   a.weight = vector_input(function, "weight", weight_in);
   a.dx = activation_output(a.x);
   if (a.weight.present()) {
-    a.dweight = vector_output({channels_of(a.x.view)});
-    a.dbias = vector_output({channels_of(a.x.view)});
+    a.dweight = vector_output(a.x.tensor, {channels_of(a.x.view)});
+    a.dbias = vector_output(a.x.tensor, {channels_of(a.x.view)});
   }
   return a;
 }

@@ -46,7 +46,7 @@ auto collectively_checked(MPI_Comm comm, const Convert& convert) -> decltype(con
   }
 }
 
-py::tuple forward(const py::array& x, const OptionalArray& running_mean,
+py::tuple forward(const py::object& x, const OptionalArray& running_mean,
                   const OptionalArray& running_var, const OptionalArray& weight,
                   const OptionalArray& bias, double momentum, double eps,
                   const py::object& comm_in) {
@@ -63,13 +63,13 @@ py::tuple forward(const py::array& x, const OptionalArray& running_mean,
   without_gil([&] {
     normkit::mpi::sync_batch_norm_forward_training(params, a.x.view, a.weight.span, a.bias.span,
                                                    a.y.view, a.save_mean.span,
-                                                   a.save_invstd.span, a.running_mean,
-                                                   a.running_var, comm);
+                                                   a.save_invstd.span, a.running_mean.span,
+                                                   a.running_var.span, comm);
   });
-  return py::make_tuple(a.y.array, a.save_mean.array, a.save_invstd.array);
+  return py::make_tuple(a.y.tensor.value, a.save_mean.value, a.save_invstd.value);
 }
 
-py::tuple backward(const py::array& dy, const py::array& x, const OptionalArray& weight,
+py::tuple backward(const py::object& dy, const py::object& x, const OptionalArray& weight,
                    const OptionalArray& save_mean, const OptionalArray& save_invstd,
                    const py::object& comm_in) {
   const char* function = "sync_batch_norm_backward";
@@ -85,7 +85,7 @@ py::tuple backward(const py::array& dy, const py::array& x, const OptionalArray&
                                                     a.dx.view, a.dweight.span, a.dbias.span,
                                                     comm);
   });
-  return py::make_tuple(a.dx.array, or_none(a.dweight), or_none(a.dbias));
+  return py::make_tuple(a.dx.tensor.value, or_none(a.dweight), or_none(a.dbias));
 }
 
 }  // namespace

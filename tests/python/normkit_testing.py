@@ -228,7 +228,8 @@ def laid_out_like(out, values):
     return a
 
 
-EPILOGUES = [(None, False), ("relu", False), (None, True), ("relu", True)]
+EPILOGUES = [(None, False), ("relu", False), ("silu", False),
+             (None, True), ("relu", True), ("silu", True)]
 
 
 def check_fused_epilogue(rng, x, weight, bias, forward, backward, reference, tol, what):
@@ -238,7 +239,8 @@ def check_fused_epilogue(rng, x, weight, bias, forward, backward, reference, tol
     **epilogue) -> (dx, dweight, dbias[, dresidual]); reference(x64, w64, b64) -> the float64
     torch tensor of the plain normalization. The reference's epilogue is applied in torch, and
     its gradients come from autograd with relu's mask taken from the module's y (a value within
-    rounding of 0 may fall either side)."""
+    rounding of 0 may fall either side); silu's come from autograd through torch's silu, and
+    its backward is given the forward's residual and bias (None where it had none)."""
     plain = forward(x, weight, bias)[0]
     residual = laid_out_like(plain, rng.standard_normal(x.shape))
     dy = rng.standard_normal(x.shape).astype(np.float32)
@@ -254,24 +256,53 @@ def check_fused_epilogue(rng, x, weight, bias, forward, backward, reference, tol
         pre = reference(x64, w64, b64)
         if with_residual:
             pre = pre + r64
-        y_ref = torch.relu(pre) if activation == "relu" else pre
+        if activation == "relu":
+            y_ref = torch.relu(pre)
+        elif activation == "silu":
+            y_ref = torch.nn.functional.silu(pre)
+        else:
+            y_ref = pre
         assert_close(y, n64(y_ref), tol, "y " + case, 1.0)
 
+        kw = {}
+        if activation == "silu":
+            kw = dict(residual=res, bias=bias)
         grads = backward(dy, x, saved, weight, activation=activation,
-                         y=y if activation == "relu" else None, residual_grad=with_residual)
+                         y=y if activation == "relu" else None, residual_grad=with_residual,
+                         **kw)
         assert len(grads) == (4 if with_residual else 3), case
-        g = dy.astype(np.float64) * (y > 0) if activation == "relu" else dy
+        if activation == "relu":
+            g = dy.astype(np.float64) * (y > 0)
+        elif activation == "silu":
+            pre_leaf = pre.detach().requires_grad_()
+            torch.nn.functional.silu(pre_leaf).backward(t64(dy))
+            g = n64(pre_leaf.grad)
+        else:
+            g = dy
         pre.backward(t64(g))
         dx, dweight, dbias = grads[:3]
         assert_close(dx, n64(x64.grad), 20 * tol, "dx " + case, float(np.max(np.abs(g))))
+        # silu's z is recomputed in the backward: also against torch-free slopes, where dx is not
+        # mostly cancellation (tiny groups: float32 rounding of g's terms, checked above).
+        if activation == "silu" and np.linalg.norm(dx) >= 0.1 * np.linalg.norm(g):
+            def forward64(x_values, w64=w64, b64=b64, r64=r64, with_residual=with_residual):
+                with torch.no_grad():
+                    z = reference(torch.from_numpy(x_values), w64, b64)
+                    return n64(torch.nn.functional.silu(z + r64 if with_residual else z))
+            finite_difference_check(forward64, x, dy, dx, 20 * tol, "dx " + case, rng=rng)
         assert dx.strides == plain.strides, case
         if weight is not None:
-            assert_close(dweight, n64(w64.grad), 20 * tol, "dweight " + case)
-            assert_close(dbias, n64(b64.grad), 20 * tol, "dbias " + case)
+            # A one-value group has x_hat ~ 0: dweight is then float64 rounding against 0.
+            g_max = float(np.max(np.abs(g), initial=0.0))
+            assert_close(dweight, n64(w64.grad), 20 * tol, "dweight " + case, g_max)
+            assert_close(dbias, n64(b64.grad), 20 * tol, "dbias " + case, g_max)
         if with_residual:
             dresidual = grads[3]
             assert dresidual.strides == plain.strides, case
-            assert np.array_equal(dresidual, g.astype(np.float32)), "dresidual " + case
+            if activation == "silu":  # z is recomputed in float32: g within rounding
+                assert_close(dresidual, g, 20 * tol, "dresidual " + case, 1.0)
+            else:
+                assert np.array_equal(dresidual, g.astype(np.float32)), "dresidual " + case
 
 
 def check_epilogue_errors(x, forward, backward):
@@ -280,7 +311,7 @@ def check_epilogue_errors(x, forward, backward):
     y, *saved = forward(x)
     dy = np.ones_like(y)
     for bad, exception, fragments in [
-            ("gelu", ValueError, ("activation", "None", "'relu'", "'gelu'")),
+            ("gelu", ValueError, ("activation", "None", "'relu'", "'silu'", "'gelu'")),
             ("ReLU", ValueError, ("activation", "'relu'", "'ReLU'")),
             (1, TypeError, ("activation", "'relu'", "1"))]:
         with raises(exception, *fragments):
@@ -308,3 +339,28 @@ def check_epilogue_errors(x, forward, backward):
         backward(dy, x, saved, activation="relu", y=other)
     with raises(ValueError, "y", "shape"):
         backward(dy, x, saved, activation="relu", y=wrong_shape)
+    # silu recomputes z from the forward's residual and bias: a forgotten one would be
+    # indistinguishable from an absent one, so both must be passed (None: the forward had none).
+    with raises(ValueError, "residual", "required", "silu", "None"):
+        backward(dy, x, saved, activation="silu", bias=None)
+    with raises(ValueError, "bias", "required", "silu", "None"):
+        backward(dy, x, saved, activation="silu", residual=None)
+    with raises(ValueError, "y", "activation='silu'"):
+        backward(dy, x, saved, activation="silu", residual=None, bias=None, y=y)
+    for activation in [None, "relu"]:
+        extra = dict(y=y) if activation == "relu" else {}
+        with raises(ValueError, "residual", "not read", f"activation={activation!r}"):
+            backward(dy, x, saved, activation=activation, residual=y, **extra)
+        with raises(ValueError, "bias", "not read", f"activation={activation!r}"):
+            backward(dy, x, saved, activation=activation, bias=np.zeros(1, np.float32), **extra)
+        # None states the forward had none: harmless without silu.
+        backward(dy, x, saved, activation=activation, residual=None, bias=None, **extra)
+    with raises(ValueError, "residual", "shape"):
+        backward(dy, x, saved, activation="silu", residual=wrong_shape, bias=None)
+    with raises(ValueError, "bias"):
+        backward(dy, x, saved, activation="silu", residual=None, bias=np.zeros(1, np.float32))
+    with raises(ValueError, "residual", "laid out as x"):
+        backward(dy, x, saved, activation="silu", residual=other, bias=None)
+    with raises(TypeError, "residual", "dtype"):
+        backward(dy, x, saved, activation="silu", residual=np.zeros_like(y, dtype=np.float16),
+                 bias=None)

@@ -61,6 +61,9 @@ def run(op, x, dy, w, b, **epilogue):
     back = {k: v for k, v in epilogue.items() if k in ("activation", "residual_grad")}
     if epilogue.get("activation") == "relu":
         back["y"] = y
+    if epilogue.get("activation") == "silu":  # z is recomputed from the forward's inputs
+        back["residual"] = epilogue.get("residual")
+        back["bias"] = b
     grads = backward(dy, x, saved, w, **back)
     return list(out) + list(grads)
 
@@ -78,7 +81,8 @@ def test_torch_in_torch_out_bitwise_as_numpy(rng, op, fmt, dtype):
     x = torch_input(rng, dtype, fmt)
     dy = torch_input(rng, dtype, fmt, offset=0.0)
     w, b = params(rng, op, x)
-    for epilogue in [{}, {"activation": "relu", "residual_grad": True}]:
+    for epilogue in [{}, {"activation": "relu", "residual_grad": True},
+                     {"activation": "silu", "residual_grad": True}]:
         if epilogue:
             epilogue["residual"] = torch_input(rng, dtype, fmt, offset=0.0)
         from_torch = run(op, x, dy, w, b, **epilogue)
@@ -98,13 +102,17 @@ def test_torch_in_torch_out_bitwise_as_numpy(rng, op, fmt, dtype):
             assert out.stride() == x.stride(), (op, out.stride(), x.stride())
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_float32_against_torch_float64(rng, op, fmt):
+def test_float32_against_torch_float64(rng, op, fmt, activation, with_residual):
     x = torch_input(rng, "float32", fmt)
     dy = torch_input(rng, "float32", fmt, offset=0.0)
     w, b = params(rng, op, x)
-    y, *_, dx, dw, db = run(op, x, dy, w, b)
+    epilogue = {"activation": activation, "residual_grad": with_residual}
+    if with_residual:
+        epilogue["residual"] = torch_input(rng, "float32", fmt, offset=0.0)
     x64 = x.double().requires_grad_()
     w64, b64 = w.double().requires_grad_(), b.double().requires_grad_()
     F = torch.nn.functional
@@ -112,24 +120,36 @@ def test_float32_against_torch_float64(rng, op, fmt):
            "batch_norm": lambda: F.batch_norm(x64, None, None, w64, b64, True),
            "instance_norm": lambda: F.instance_norm(x64, None, None, w64, b64),
            "layer_norm": lambda: F.layer_norm(x64, layer_norm_shape(x), w64, b64)}[op]()
+    outputs = run(op, x, dy, w, b, **epilogue)
+    y, dx, dw, db = outputs[0], outputs[3], outputs[4], outputs[5]
+    if with_residual:
+        r64 = epilogue["residual"].double().requires_grad_()
+        ref = ref + r64
+    if activation == "silu":
+        ref = F.silu(ref)
     ref.backward(dy.double())
-    for got, want, tol in [(y, ref, 1e-5), (dx, x64.grad, 1e-4), (dw, w64.grad, 1e-4),
-                           (db, b64.grad, 1e-4)]:
+    checks = [(y, ref, 1e-5), (dx, x64.grad, 1e-4), (dw, w64.grad, 1e-4), (db, b64.grad, 1e-4)]
+    if with_residual:
+        checks.append((outputs[6], r64.grad, 1e-4))
+    for got, want, tol in checks:
         error = (got.double() - want.detach()).abs().max().item()
-        assert error <= tol * want.abs().max().item(), (op, error)
+        assert error <= tol * want.abs().max().item(), (op, activation, with_residual, error)
 
 
+@pytest.mark.parametrize("activation", ["relu", "silu"])
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_bfloat16_matches_the_float32_path(rng, op, fmt):
+def test_bfloat16_matches_the_float32_path(rng, op, fmt, activation):
     """bfloat16 (no NumPy dtype: DLPack only) is computed in float32 inside: its results are the
     float32 path's on the same values, rounded once to bfloat16 (8 significant bits)."""
     x = torch_input(rng, "bfloat16", fmt)
     dy = torch_input(rng, "bfloat16", fmt, offset=0.0)
     w, b = params(rng, op, x)
-    half = run(op, x, dy, w, b, activation="relu", residual=torch.zeros_like(x))
-    single = run(op, x.float(), dy.float(), w, b, activation="relu",
-                 residual=torch.zeros_like(x, dtype=torch.float32))
+    residual = torch_input(rng, "bfloat16", fmt, offset=0.0)
+    half = run(op, x, dy, w, b, activation=activation, residual=residual,
+               residual_grad=True)
+    single = run(op, x.float(), dy.float(), w, b, activation=activation,
+                 residual=residual.float(), residual_grad=True)
     for i, (h, s) in enumerate(zip(half, single)):
         if h is None:
             continue

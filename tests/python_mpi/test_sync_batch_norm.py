@@ -156,3 +156,51 @@ def test_import_normkit_does_not_load_mpi():
         if k.startswith(("OMPI_", "PMIX_")):
             del env[k]
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_torch_tensors_as_batch_norm_forward_takes_them(memory_format):
+    """The arguments are converted by the code batch_norm_forward uses: torch tensors are read
+    where they lie and answered with torch tensors of x's dtype and strides; the float32 bits
+    are the NumPy path's, and bfloat16 (DLPack only) is that path on the same values, rounded."""
+    rng = np.random.default_rng([7, RANK])
+    x32 = torch.from_numpy(rng.standard_normal((3, 4, 5, 2)) * 2 + 1).float()
+    dy32 = torch.from_numpy(rng.standard_normal((3, 4, 5, 2))).float()
+    x32, dy32 = (t.bfloat16().float().contiguous(memory_format=memory_format)
+                 for t in (x32, dy32))  # values bfloat16 holds exactly
+    w = torch.from_numpy(rng.standard_normal(4)).float()
+    b = torch.from_numpy(rng.standard_normal(4)).float()
+    w, b = COMM.bcast((w, b))
+
+    def run(x, dy, w, b):
+        y, mean, invstd = normkit.mpi.sync_batch_norm_forward(x, None, None, w, b, 0.1, 1e-5,
+                                                              COMM)
+        return [y, mean, invstd] + list(normkit.mpi.sync_batch_norm_backward(dy, x, w, mean,
+                                                                             invstd, COMM))
+
+    got = run(x32, dy32, w, b)
+    want = run(x32.numpy(), dy32.numpy(), w.numpy(), b.numpy())
+    for i, (t, n) in enumerate(zip(got, want)):
+        assert isinstance(t, torch.Tensor) and np.array_equal(t.numpy(), n), i
+    for out in (got[0], got[3]):
+        assert out.dtype == torch.float32 and out.stride() == x32.stride()
+
+    half = run(x32.bfloat16(), dy32.bfloat16(), w, b)
+    for i in (0, 3):  # y, dx: bfloat16 in x's strides, the float32 results rounded once
+        assert half[i].dtype == torch.bfloat16 and half[i].stride() == x32.stride()
+        bound = 2.0 ** -8 * got[i].abs() + 1e-6
+        assert bool(((half[i].float() - got[i]).abs() <= bound).all()), i
+    for i in (1, 2, 4, 5):  # statistics and parameter gradients: float32 of the same values
+        assert half[i].dtype == torch.float32 and torch.equal(half[i], got[i]), i
+
+
+def test_errors_are_batch_norm_forwards():
+    x = torch.ones(3, 4, 5, dtype=torch.float64)
+    messages = []
+    for f in (lambda: normkit.batch_norm_forward(x, None, None, None, None, True),
+              lambda: normkit.mpi.sync_batch_norm_forward(x, None, None, None, None, 0.1, 1e-5,
+                                                          MPI.COMM_SELF)):
+        with pytest.raises(TypeError) as e:
+            f()
+        messages.append(str(e.value).split(": ", 1)[1])
+    assert messages[0] == messages[1]
