@@ -197,28 +197,13 @@ TEST(BatchNormSteps, MatchesFloat64ReferenceAndSingleProcess) {
     // Single-process batch_norm on the same float32 batch (its own tiling: within tolerance).
     if (k.dtype != DType::float32) continue;
     const SyncResult r = run_steps(k, in, pieces, {}, test::cpu_ctx(2));
-    const std::size_t total = in.x.size(), C = std::size_t(k.c());
-    std::vector<float> y(total), dx(total), mean(C), invstd(C), dw(C), db(C);
-    std::vector<float> rm = in.running_mean, rv = in.running_var;
-    BatchNormParams p;
-    p.epilogue.activation = k.relu ? Activation::relu : Activation::none;
-    if (k.residual) p.epilogue.residual = test::view_of(in.residual, k.shape, k.format);
-    const TensorView xv = test::view_of(in.x, k.shape, k.format);
-    batch_norm_forward_training(p, xv, test::opt(in.weight), test::opt(in.bias),
-                                test::view_of(y, k.shape, k.format), mean, invstd,
-                                test::opt(rm), test::opt(rv));
-    BatchNormBackwardParams bp;
-    bp.epilogue.activation = k.relu ? Activation::relu : Activation::none;
-    if (k.relu) bp.epilogue.y = test::view_of(y, k.shape, k.format);
-    batch_norm_backward_training(bp, test::view_of(in.dy, k.shape, k.format), xv, mean, invstd,
-                                 test::opt(in.weight), test::view_of(dx, k.shape, k.format), dw,
-                                 db);
-    EXPECT_LT(relative_error(r.mean, test::to_double(mean), 1.0), 1e-6);
-    EXPECT_LT(relative_error(r.invstd, test::to_double(invstd)), 1e-6);
-    EXPECT_LT(relative_error(r.y, test::to_double(y), 1.0), 3e-5);
-    EXPECT_LT(relative_error(r.dx, test::to_double(dx), 1.0), 3e-4);
-    EXPECT_LT(relative_error(r.dweight, test::to_double(dw), std::sqrt(M)), 1e-5);
-    EXPECT_LT(relative_error(r.dbias, test::to_double(db), std::sqrt(M)), 1e-5);
+    const test::SingleProcessResult one = test::single_process_batch_norm(k, in);
+    EXPECT_LT(relative_error(r.mean, test::to_double(one.mean), 1.0), 1e-6);
+    EXPECT_LT(relative_error(r.invstd, test::to_double(one.invstd)), 1e-6);
+    EXPECT_LT(relative_error(r.y, test::to_double(one.y), 1.0), 3e-5);
+    EXPECT_LT(relative_error(r.dx, test::to_double(one.dx), 1.0), 3e-4);
+    EXPECT_LT(relative_error(r.dweight, test::to_double(one.dweight), std::sqrt(M)), 1e-5);
+    EXPECT_LT(relative_error(r.dbias, test::to_double(one.dbias), std::sqrt(M)), 1e-5);
   }
 }
 

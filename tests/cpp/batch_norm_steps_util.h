@@ -10,8 +10,10 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "normkit/batch_norm.h"
 #include "normkit/batch_norm_steps.h"
 #include "normkit/context.h"
+#include "op_test_harness.h"
 #include "test_util.h"
 
 namespace normkit::test {
@@ -223,6 +225,33 @@ inline SyncResult run_steps(const SyncCase& k, const SyncInputs& in,
   r.y = y.values();
   r.dx = dx.values();
   if (k.dresidual) r.dresidual = dres.values();
+  return r;
+}
+
+// Single-process batch_norm_forward_training and batch_norm_backward_training on the whole
+// float32 batch (its own tiling, so the steps agree with it within tolerance, not bitwise).
+struct SingleProcessResult {
+  std::vector<float> y, dx, mean, invstd, dweight, dbias, running_mean, running_var;
+};
+inline SingleProcessResult single_process_batch_norm(const SyncCase& k, const SyncInputs& in) {
+  const std::size_t total = in.x.size(), C = std::size_t(k.c());
+  SingleProcessResult r{std::vector<float>(total), std::vector<float>(total),
+                        std::vector<float>(C),     std::vector<float>(C),
+                        std::vector<float>(C),     std::vector<float>(C),
+                        in.running_mean,           in.running_var};
+  BatchNormParams p;
+  p.epilogue.activation = k.relu ? Activation::relu : Activation::none;
+  if (k.residual) p.epilogue.residual = view_of(in.residual, k.shape, k.format);
+  const TensorView xv = view_of(in.x, k.shape, k.format);
+  batch_norm_forward_training(p, xv, opt(in.weight), opt(in.bias),
+                              view_of(r.y, k.shape, k.format), r.mean, r.invstd,
+                              opt(r.running_mean), opt(r.running_var));
+  BatchNormBackwardParams bp;
+  bp.epilogue.activation = p.epilogue.activation;
+  if (k.relu) bp.epilogue.y = view_of(r.y, k.shape, k.format);
+  batch_norm_backward_training(bp, view_of(in.dy, k.shape, k.format), xv, r.mean, r.invstd,
+                               opt(in.weight), view_of(r.dx, k.shape, k.format), r.dweight,
+                               r.dbias);
   return r;
 }
 
