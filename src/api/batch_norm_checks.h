@@ -49,6 +49,14 @@ inline void fail_one_value_per_channel(const char* fn, const std::string& what) 
   fail(fn, "Expected more than 1 value per channel when training, got " + what);
 }
 
+// The BatchNorm steps (and the sync calls built on them) fuse none or relu: silu's backward
+// needs z, which the gradient steps do not rebuild yet, so its forward is refused too rather
+// than offered without a backward.
+inline void check_steps_activation(const char* fn, Activation activation) {
+  if (activation == Activation::silu)
+    fail(fn, "epilogue.activation silu is not supported by the BatchNorm steps (none or relu)");
+}
+
 // The plan of a call (cpu/batch_norm.h), built once, and the caller's workspace checked
 // against it.
 struct Planned {

@@ -35,13 +35,6 @@ void check_piece(const char* fn, int64_t offset, int64_t count) {
                  " exceeds 2^53, the largest sample index packed partials hold exactly");
 }
 
-// The steps fuse none or relu; silu's backward needs z, which the gradient steps do not
-// rebuild yet, so its forward is refused too rather than offered without a backward.
-void refuse_silu(const char* fn, Activation activation) {
-  if (activation == Activation::silu)
-    fail(fn, "epilogue.activation silu is not supported by the BatchNorm steps (none or relu)");
-}
-
 // x as a piece: an activation tensor with at least one channel.
 void check_piece_input(const char* fn, int64_t offset, const TensorView& x) {
   detail::check_tensor(fn, "x", x, 2, detail::kActivationDTypes);
@@ -190,7 +183,7 @@ void batch_norm_normalize(const BatchNormParams& params, const TensorView& x,
   detail::check_batch_norm_input(fn, x, weight, bias);
   detail::check_like(fn, "y", y, "x", x);
   detail::check_forward_epilogue(fn, params.epilogue, x);
-  refuse_silu(fn, params.epilogue.activation);
+  detail::check_steps_activation(fn, params.epilogue.activation);
   check_length(fn, "mean", mean, x.channels(), "C", true);
   check_length(fn, "invstd", invstd, x.channels(), "C", true);
   const detail::Planned call = detail::plan_call(fn, x, ctx);
@@ -217,7 +210,7 @@ void batch_norm_gradient_partials(const BatchNormBackwardParams& params, int64_t
   check_piece_input(fn, offset, x);
   detail::check_like(fn, "dy", dy, "x", x);
   detail::check_backward_epilogue(fn, params.epilogue, x, x.channels(), "C");
-  refuse_silu(fn, params.epilogue.activation);
+  detail::check_steps_activation(fn, params.epilogue.activation);
   check_length(fn, "save_mean", save_mean, x.channels(), "C", true);
   check_partials_size(fn, offset, x, partials);
   Leaves leaves = leaves_for(fn, x, ctx);
@@ -284,7 +277,7 @@ void batch_norm_backward_dx(const BatchNormBackwardParams& params, int64_t globa
   detail::check_like(fn, "dy", dy, "x", x);
   detail::check_like(fn, "dx", dx, "x", x);
   detail::check_backward_epilogue(fn, params.epilogue, x, x.channels(), "C");
-  refuse_silu(fn, params.epilogue.activation);
+  detail::check_steps_activation(fn, params.epilogue.activation);
   check_length(fn, "save_mean", save_mean, x.channels(), "C", true);
   check_length(fn, "save_invstd", save_invstd, x.channels(), "C", true);
   if (x.channels() > 0) {

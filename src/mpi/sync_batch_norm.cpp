@@ -178,8 +178,7 @@ void sync_batch_norm_forward_training(const BatchNormParams& params, const Tenso
     if (x.channels() < 1) fail(fn, "x must have at least one channel, got shape " + shape_string(x));
     detail::check_like(fn, "y", y, "x", x);
     detail::check_forward_epilogue(fn, params.epilogue, x);
-    if (params.epilogue.activation == Activation::silu)
-      fail(fn, "epilogue.activation silu is not supported by the BatchNorm steps (none or relu)");
+    detail::check_steps_activation(fn, params.epilogue.activation);
     detail::check_length(fn, "save_mean", save_mean, x.channels(), "C", true);
     detail::check_length(fn, "save_invstd", save_invstd, x.channels(), "C", true);
     detail::check_running_stats(fn, x.channels(), running_mean, running_var, false);
@@ -230,8 +229,7 @@ void sync_batch_norm_backward_training(const BatchNormBackwardParams& params,
     detail::check_like(fn, "dy", dy, "x", x);
     detail::check_like(fn, "dx", dx, "x", x);
     detail::check_backward_epilogue(fn, params.epilogue, x, x.channels(), "C");
-    if (params.epilogue.activation == Activation::silu)
-      fail(fn, "epilogue.activation silu is not supported by the BatchNorm steps (none or relu)");
+    detail::check_steps_activation(fn, params.epilogue.activation);
     detail::check_length(fn, "dweight", dweight, x.channels(), "C", false);
     detail::check_length(fn, "dbias", dbias, x.channels(), "C", false);
     detail::check_length(fn, "save_mean", save_mean, x.channels(), "C", true);
