@@ -34,6 +34,8 @@ REQUIRED_COLUMNS = ("norm", "batch", "test_error")
 # BatchNorm evaluated other ways than with its running statistics: dashed beside its line.
 EXTRA_EVALUATIONS = {"test_error_batch_stats": "batch statistics",
                      "test_error_precise": "precise statistics"}
+LINE_STYLES = {"test_error": "-", "test_error_batch_stats": "--",
+               "test_error_precise": (0, (6, 2, 1, 2))}  # dash-dot
 X_AXES = {  # the columns a test-error figure can run along, in order of preference
     "batch": ("images per device N", "test_error_vs_batch"),
     "groups": ("GroupNorm groups G", "test_error_vs_groups"),
@@ -142,7 +144,8 @@ def make_run(fields, where):
 def read_results(folder):
     path = Path(folder) / "results.csv"
     if not path.is_file():
-        raise PlotError(f"{path}: not found; is {folder} the --out folder of a normkit-train sweep?")
+        raise PlotError(f"{path}: not found; is {folder} the --out folder of a "
+                        "normkit-train sweep?")
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     if not rows:
@@ -157,7 +160,8 @@ def read_results(folder):
         if not cells:
             continue
         if len(cells) != len(header):
-            raise PlotError(f"{path}:{line_no}: {len(cells)} cells, expected {len(header)} as in the header")
+            raise PlotError(f"{path}:{line_no}: {len(cells)} cells, expected {len(header)} "
+                            "as in the header")
         runs.append(make_run(dict(zip(header, cells)), f"{path}:{line_no}"))
     if not runs:
         raise PlotError(f"{path}: no runs (only the header)")
@@ -184,7 +188,8 @@ def read_loss_curves(folder):
             per_epoch = metrics.get("steps_per_epoch") or steps[-1] / run.config["epochs"]
             curves.append((run, [s / per_epoch for s in steps], losses))
         elif history.get("epoch") and history.get("train_loss"):
-            curves.append((run, [float(e) for e in history["epoch"]], as_float(history["train_loss"])))
+            epochs = [float(e) for e in history["epoch"]]
+            curves.append((run, epochs, as_float(history["train_loss"])))
     return curves
 
 
@@ -242,8 +247,10 @@ def test_error_series(runs, x):
                 continue
             arm = ", ".join([norm_label(first["norm"], None if x == "groups" else first["groups"])]
                             + setting(members[0], shown))
-            s = ErrorSeries(arm, measure, arm if measure == "test_error" else f"{arm}, {EXTRA_EVALUATIONS[measure]}")
-            finite = lambda rs: [r.values[measure] for r in rs if math.isfinite(r.values.get(measure, math.nan))]
+            s = ErrorSeries(arm, measure, arm if measure == "test_error"
+                            else f"{arm}, {EXTRA_EVALUATIONS[measure]}")
+            finite = lambda rs: [v for v in (r.values.get(measure, math.nan) for r in rs)
+                                 if math.isfinite(v)]
             for xv in sorted({r.config[x] for r in members}, key=lambda v: (v is None, v)):
                 at = [r for r in members if r.config[x] == xv]
                 s.x.append(xv)
@@ -256,33 +263,38 @@ def test_error_series(runs, x):
     return series
 
 
+def curve_order(config):
+    """Panels BN, SyncBN, GN, LN, IN, none, then others; in a panel N from large to small."""
+    norms = list(NORM_LABELS)
+    rank = norms.index(config["norm"]) if config["norm"] in norms else len(norms)
+    return (rank, config["norm"], *((-v if k == "batch" else v) if v is not None else -math.inf
+                                    for k, v in config.items() if k != "norm"))
+
+
 def loss_series(curves):
     """Per norm (a panel), the lines over epochs: per setting the mean over seeds, band min..max."""
-    norms = list(NORM_LABELS)
-    order = lambda c: (norms.index(c[0].config["norm"]) if c[0].config["norm"] in norms else len(norms),
-                       c[0].config["norm"],
-                       *((-v if k == "batch" else v) if v is not None else -math.inf
-                         for k, v in c[0].config.items() if k != "norm"))
-    curves = sorted(curves, key=order)  # panels BN, SyncBN, GN, ...; N from large to small
+    curves = sorted(curves, key=lambda c: curve_order(c[0].config))
     panels = {}
     for norm in dict.fromkeys(r.config["norm"] for r, _, _ in curves):
         in_panel = [c for c in curves if c[0].config["norm"] == norm]
-        shown = ["batch"] + varying([r for r, _, _ in in_panel], ("groups", "devices", "epochs", "lr_base"))
+        shown = ["batch"] + varying([r for r, _, _ in in_panel],
+                                    ("groups", "devices", "epochs", "lr_base"))
+        settings = {}  # configuration -> its seeds' (run, epochs, losses)
+        for c in in_panel:
+            settings.setdefault(tuple(c[0].config.values()), []).append(c)
         lines = []
-        for key in groups_of([r for r, _, _ in in_panel], leave_out=()):
-            members = [(e, y) for r, e, y in in_panel if tuple(r.config.values()) == key]
-            seeds = [r for r, _, _ in in_panel if tuple(r.config.values()) == key]
+        for members in settings.values():
             # Seeds of one setting take the same steps; plot the epochs all of them reached.
-            common = sorted(set.intersection(*(set(e) for e, _ in members)))
-            at = [[dict(zip(e, y))[t] for e, y in members] for t in common]
+            common = sorted(set.intersection(*(set(e) for _, e, _ in members)))
+            at = [[dict(zip(e, y))[t] for _, e, y in members] for t in common]
             finite = lambda v: [y for y in v if math.isfinite(y)]
             lines.append(LossSeries(
-                ", ".join(setting(seeds[0], shown)), common,
+                ", ".join(setting(members[0][0], shown)), common,
                 # Where any seed's loss is not finite the mean is left out: the line stops.
                 [statistics.fmean(v) if len(finite(v)) == len(v) else math.nan for v in at],
                 [min(finite(v), default=math.nan) for v in at],
                 [max(finite(v), default=math.nan) for v in at],
-                len(members), sum(1 for _, y in members if not all(map(math.isfinite, y)))))
+                len(members), sum(1 for _, _, y in members if not all(map(math.isfinite, y)))))
         panels[norm_label(norm, None)] = lines
     return panels
 
@@ -311,7 +323,8 @@ def seeds_caption(series):
     counts = sorted({n for s in series if s.measure == "test_error" for n in s.n if n})
     if counts == [1]:
         return "one seed per point"
-    n = f"n = {counts[0]}" if len(counts) == 1 else f"n = {counts[0]}–{counts[-1]} (shown where it differs)"
+    n = (f"n = {counts[0]}" if len(counts) == 1
+         else f"n = {counts[0]}–{counts[-1]} (shown where it differs)")
     return f"mean over seeds ± sample standard deviation, {n} seeds; dots: single seeds"
 
 
@@ -323,15 +336,17 @@ def draw_test_error(series, x, folder):
     placed = [s for s in series if not s.level]
     for s in series:
         colour, extra = colours[s.arm], s.measure != "test_error"
-        if s.level:  # no x value (IN along G): its mean as a level across the figure
+        if s.level:  # no x value (IN along G): its mean as a level across the figure, ± sd
             ax.axhline(s.mean[0], color=colour, linestyle=":", label=f"{s.label} (level)")
+            if s.n[0] > 1:
+                ax.axhspan(s.mean[0] - s.std[0], s.mean[0] + s.std[0], color=colour, alpha=0.1,
+                           linewidth=0)
             continue
-        style = dict(color=colour, marker="o", markersize=5, capsize=3,
-                     markerfacecolor="white" if extra else colour,
-                     linestyle="none" if s.markers_only else ("--" if s.measure == "test_error_batch_stats"
-                                                            else (0, (6, 2, 1, 2)) if extra else "-"))
-        bars = None if all(math.isnan(d) for d in s.std) else [0 if math.isnan(d) else d for d in s.std]
-        ax.errorbar(s.x, s.mean, yerr=bars, label=s.label, **style)
+        bars = [0 if math.isnan(d) else d for d in s.std]
+        ax.errorbar(s.x, s.mean, yerr=bars if any(bars) else None, label=s.label, color=colour,
+                    marker="o", markersize=5, capsize=3,
+                    markerfacecolor="white" if extra else colour,
+                    linestyle="none" if s.markers_only else LINE_STYLES[s.measure])
         for xv, values, bad in zip(s.x, s.seeds, s.diverged):
             if len(values) > 1:
                 ax.scatter([xv] * len(values), values, color=colour, alpha=0.25, s=12, linewidths=0)
@@ -341,7 +356,8 @@ def draw_test_error(series, x, folder):
                             color=colour, fontsize=7)
         if len(counts) > 1 and not extra:
             for xv, m, n in zip(s.x, s.mean, s.n):
-                ax.annotate(f"n={n}", (xv, m), textcoords="offset points", xytext=(4, -10), fontsize=7)
+                ax.annotate(f"n={n}", (xv, m), textcoords="offset points", xytext=(4, -10),
+                            fontsize=7)
     axis_label, stem = X_AXES[x]
     ticks = distinct(v for s in placed for v in s.x)
     ax.set_xscale("log", base=10 if x == "lr_base" else 2)
@@ -353,7 +369,8 @@ def draw_test_error(series, x, folder):
     ax.set_ylabel("test error (%)")
     ax.set_title(f"Test error vs {axis_label}\n({seeds_caption(series)})", fontsize=9)
     if any(any(s.diverged) for s in series):
-        ax.scatter([], [], color="grey", marker="x", label="diverged run (training loss not finite)")
+        ax.scatter([], [], color="grey", marker="x",
+                   label="diverged run (training loss not finite)")
     ax.grid(True, alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     order = sorted(range(len(labels)), key=lambda i: labels[i].startswith("diverged run"))
@@ -367,16 +384,19 @@ def draw_loss_curves(panels, folder):
     plt = pyplot()
     from matplotlib.ticker import FormatStrFormatter
     colours = {}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels) + 1, 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels) + 1, 3.6), sharey=True,
+                             squeeze=False)
     several = any(line.seeds > 1 for lines in panels.values() for line in lines)
     for ax, (title, lines) in zip(axes[0], panels.items()):
         for line in lines:
             colour = colours.setdefault(line.label, f"C{len(colours)}")
             shown = [(e, m) for e, m in zip(line.epochs, line.mean) if math.isfinite(m) and m > 0]
-            label = line.label + (f" ({line.diverged} of {line.seeds} diverged)" if line.diverged else "")
+            label = line.label + (f" ({line.diverged} of {line.seeds} diverged)"
+                                  if line.diverged else "")
             ax.plot(line.epochs, line.mean, color=colour, label=label, linewidth=1)
             if line.seeds > 1:
-                ax.fill_between(line.epochs, line.low, line.high, color=colour, alpha=0.2, linewidth=0)
+                ax.fill_between(line.epochs, line.low, line.high, color=colour, alpha=0.2,
+                                linewidth=0)
             if line.diverged and shown:  # where the loss stopped being a number
                 ax.plot(*shown[-1], marker="x", color=colour, markersize=7)
         ax.set_yscale("log")
@@ -387,7 +407,8 @@ def draw_loss_curves(panels, folder):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("training loss")
-    fig.suptitle("Training loss" + (" (mean over seeds; band: min–max)" if several else ""), fontsize=10)
+    fig.suptitle("Training loss" + (" (mean over seeds; band: min–max)" if several else ""),
+                 fontsize=10)
     written = save(fig, folder, "loss_curves")
     plt.close(fig)
     return written
@@ -398,18 +419,18 @@ def main(argv):
         print("usage: " + __doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
     folder = argv[1]
-    try:
+    try:  # every file is read before the first figure is written
         runs = read_results(folder)
-        x = x_column(runs)
-        written = draw_test_error(test_error_series(runs, x), x, folder)
         curves = read_loss_curves(folder)
-        if curves:
-            written += draw_loss_curves(loss_series(curves), folder)
-        else:
-            print(f"plot_sweep.py: no loss curves: {folder}/runs/ has no metrics JSON", file=sys.stderr)
     except PlotError as e:
         print(f"plot_sweep.py: {e}", file=sys.stderr)
         return 1
+    x = x_column(runs)
+    written = draw_test_error(test_error_series(runs, x), x, folder)
+    if curves:
+        written += draw_loss_curves(loss_series(curves), folder)
+    else:
+        print(f"plot_sweep.py: no loss curves: {folder}/runs/ has no metrics JSON", file=sys.stderr)
     print("wrote " + ", ".join(written))
     return 0
 

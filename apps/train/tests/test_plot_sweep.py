@@ -69,7 +69,8 @@ def make_row(rng, norm, batch, seed, devices=1, lr_base=0.1, groups=None, epochs
 
 def make_curve(rng, row, points=8):
     total = TRAIN_IMAGES // (row["batch"] * row["devices"]) * row["epochs"]
-    return [k * total // points for k in range(1, points + 1)], list(np.round(rng.uniform(0.3, 2.3, points), 4))
+    steps = [k * total // points for k in range(1, points + 1)]
+    return steps, list(np.round(rng.uniform(0.3, 2.3, points), 4))
 
 
 def expected(rows, measure="test_error", **where):
@@ -149,7 +150,8 @@ def test_several_seeds_give_mean_and_sample_sd_per_point(seeds_sweep):
     sync = find(series, "SyncBN")  # one N: markers
     values, mean, sd = expected(rows, norm="syncbn")
     assert sync.x == [2] and sync.markers_only
-    assert (sync.mean[0], sync.std[0]) == (pytest.approx(mean, rel=1e-12), pytest.approx(sd, rel=1e-12))
+    assert sync.mean[0] == pytest.approx(mean, rel=1e-12)
+    assert sync.std[0] == pytest.approx(sd, rel=1e-12)
 
 
 def test_several_seeds_give_loss_bands(seeds_sweep):
@@ -197,6 +199,24 @@ def test_one_seed_has_no_error_bars(rng, tmp_path):
     check_figures(folder, ("test_error_vs_batch", "loss_curves"))
     text = svg_text(folder / "test_error_vs_batch.svg")
     assert "one seed per point" in text and "standard deviation" not in text
+
+
+def test_uneven_seed_counts_are_shown_and_figures_repeat_exactly(rng, tmp_path):
+    # Three seeds at N = 2, two at N = 8 (a sweep stopped early): n per point, stated.
+    rows = [make_row(rng, "gn", 2, seed) for seed in (1, 2, 3)]
+    rows += [make_row(rng, "gn", 8, seed) for seed in (1, 2)]
+    folder = write_sweep(tmp_path / "uneven", rows, curves=[make_curve(rng, r) for r in rows])
+    (s,) = plot_sweep.test_error_series(plot_sweep.read_results(folder), "batch")
+    assert s.n == [3, 2]
+    assert s.std == pytest.approx([expected(rows, batch=b)[2] for b in (2, 8)], rel=1e-12)
+    assert "n = 2–3" in plot_sweep.seeds_caption([s])
+    pytest.importorskip("matplotlib")
+    assert run_script(folder).returncode == 0
+    assert "n=2" in svg_text(folder / "test_error_vs_batch.svg")
+    first = {p.name: p.read_bytes() for p in folder.glob("*.[ps][nv]g")}
+    assert len(first) == 4
+    assert run_script(folder).returncode == 0
+    assert {p.name: p.read_bytes() for p in folder.glob("*.[ps][nv]g")} == first
 
 
 def test_missing_columns_and_empty_cells(rng, tmp_path):
@@ -267,7 +287,8 @@ def test_groups_grid_runs_along_groups_with_other_norms_as_levels(rng, tmp_path)
     series = plot_sweep.test_error_series(runs, "groups")
     gn, level = find(series, "GN"), find(series, "IN")
     assert gn.x == [1, 4, 16]
-    assert gn.mean == pytest.approx([expected(rows, norm="gn", groups=g)[1] for g in gn.x], rel=1e-12)
+    want = [expected(rows, norm="gn", groups=g)[1] for g in gn.x]
+    assert gn.mean == pytest.approx(want, rel=1e-12)
     assert level.level and level.mean[0] == pytest.approx(expected(rows, norm="in")[1], rel=1e-12)
     pytest.importorskip("matplotlib")
     assert run_script(folder).returncode == 0
@@ -279,10 +300,12 @@ def test_groups_grid_runs_along_groups_with_other_norms_as_levels(rng, tmp_path)
     ("", "results.csv: empty"),
     ("norm,batch\nbn,2\n", "line 1 lacks the column(s) test_error"),
     ("norm,batch,test_error\nbn,2\n", "results.csv:2: 2 cells, expected 3"),
-    ("norm,batch,test_error\nbn,2,12\nbn,2,twelve\n", "results.csv:3: test_error is 'twelve', not a number"),
+    ("norm,batch,test_error\nbn,2,12\nbn,2,twelve\n",
+     "results.csv:3: test_error is 'twelve', not a number"),
     ("norm,batch,test_error\nbn,2.5,12\n", "results.csv:2: batch is '2.5', not a whole number"),
     ("norm,batch,test_error\nbn,,12\n", "results.csv:2: batch is '', not a positive whole number"),
     ("norm,batch,test_error\n", "results.csv: no runs"),
+    ("norm,batch,test_error\n,2,12\n", "results.csv:2: the norm is empty"),
 ])
 def test_broken_results_csv_is_named(tmp_path, capsys, content, needle):
     if content is not None:
@@ -293,12 +316,18 @@ def test_broken_results_csv_is_named(tmp_path, capsys, content, needle):
     assert not list(tmp_path.glob("*.png"))
 
 
-def test_broken_metrics_json_is_named(rng, tmp_path):
+@pytest.mark.parametrize("content,needle", [
+    ('{"norm": "bn", "batch": ', "bn_b2.json: not a metrics JSON file"),
+    ('[1, 2]', "bn_b2.json: not a normkit-train metrics file"),
+    ('{"norm": "bn", "batch": 0}', "bn_b2.json: batch is 0, not a positive whole number"),
+])
+def test_broken_metrics_json_is_named(rng, tmp_path, capsys, content, needle):
     folder = write_sweep(tmp_path / "j", [make_row(rng, "bn", 2, 1)])
     (folder / "runs").mkdir()
-    (folder / "runs" / "bn_b2.json").write_text('{"norm": "bn", "batch": ')
-    with pytest.raises(plot_sweep.PlotError, match="bn_b2.json: not a metrics JSON file"):
-        plot_sweep.read_loss_curves(folder)
+    (folder / "runs" / "bn_b2.json").write_text(content)
+    assert plot_sweep.main(["plot_sweep.py", str(folder)]) == 1
+    assert needle in capsys.readouterr().err
+    assert not list(folder.glob("*.png"))  # nothing drawn from a folder that cannot all be read
 
 
 def test_usage_without_a_folder():
