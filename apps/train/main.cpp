@@ -14,7 +14,6 @@
 
 #include "dist.h"
 #include "io/io_error.h"
-#include "io/plot.h"
 #include "io/progress.h"
 #include "io/results.h"
 #include "nn/parallel.h"
@@ -278,7 +277,8 @@ int main(int argc, char** argv) {
   std::vector<std::string> norms{"bn", "gn"};
   std::vector<int> batches{32, 16, 8, 4, 2};
   std::string out_dir;
-  CLI::App* sweep = app.add_subcommand("sweep", "train every (norm, batch) pair; write a table and a plot");
+  CLI::App* sweep = app.add_subcommand(
+      "sweep", "train every (norm, batch) pair; write the tables and every run's metrics");
   sweep->add_option("--norms", norms, "norms to compare")
       ->delimiter(',')->capture_default_str()->check(CLI::IsMember({"bn", "gn", "ln", "in", "none"}));
   sweep->add_option("--batches", batches, "batch sizes")
@@ -286,7 +286,10 @@ int main(int argc, char** argv) {
   add_common(sweep, sweep_opts);
   sweep->add_flag("--sync-bn", sweep_opts.sync_bn,
                   "also train every BN point with statistics over all devices (SyncBN rows)");
-  sweep->add_option("--out", out_dir, "output folder (results.csv, results.md, the plot)")->required();
+  sweep->add_option("--out", out_dir,
+                    "output folder (results.csv, results.md, runs/; scripts/plot_sweep.py draws "
+                    "the figures from it)")
+      ->required();
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   int jobs = cores;
   sweep->add_option("--jobs", jobs,
@@ -391,13 +394,6 @@ int main(int argc, char** argv) {
         // Written after every run, so an interrupted sweep keeps what it finished.
         nt::write_results_csv(out_dir + "/results.csv", results);
         nt::write_results_markdown(out_dir + "/results.md", results, notes);
-        if (batches.size() > 1)
-          nt::write_line_plot_svg(out_dir + "/test_error_vs_batch.svg",
-                                  nt::batch_size_plot(results, "Fashion-MNIST test error vs batch size"));
-        if (several_groups)
-          nt::write_line_plot_svg(out_dir + "/test_error_vs_groups.svg",
-                                  nt::groups_plot(results, "Fashion-MNIST test error vs GroupNorm groups"));
-        nt::write_line_plot_svg(out_dir + "/loss_curves.svg", nt::loss_curve_plot(results));
       };
       // runs/<norm>[_g<G>][_lr<L>]_b<batch>: the group count and lr only when the sweep varies them.
       auto run_file = [&](const nt::TrainConfig& cfg, const char* ext) {
@@ -436,9 +432,9 @@ int main(int argc, char** argv) {
           record(i, r);
         });
       }
-      std::printf("wrote %s/results.csv, %s/results.md, %s%s%s/loss_curves.svg\n", out_dir.c_str(),
-                  out_dir.c_str(), batches.size() > 1 ? (out_dir + "/test_error_vs_batch.svg, ").c_str() : "",
-                  several_groups ? (out_dir + "/test_error_vs_groups.svg, ").c_str() : "", out_dir.c_str());
+      std::printf("wrote %s/results.csv, %s/results.md and %s/runs/\n"
+                  "figures: /usr/bin/python3 scripts/plot_sweep.py %s\n",
+                  out_dir.c_str(), out_dir.c_str(), out_dir.c_str(), out_dir.c_str());
     }
   } catch (const normkit::Error& e) {
     return fail(2, e.what());

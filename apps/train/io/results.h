@@ -1,14 +1,12 @@
 #pragma once
 // What a run and a sweep leave behind: results.csv (one row per run), results.md (tables like
-// the GroupNorm paper's: test error by normalization and batch size), per-run metrics JSON
-// (--metrics-out), and the plot specs for the batch-size figure and loss curves.
+// the GroupNorm paper's: test error by normalization and batch size) and per-run metrics JSON
+// (--metrics-out). scripts/plot_sweep.py draws the figures from these files.
 #include <cstdint>
 #include <limits>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include "io/plot.h"
 
 namespace normkit::train {
 
@@ -93,22 +91,5 @@ void write_metrics_json(const std::string& path, const RunResult& run);
 // Reads a file written by write_metrics_json. Throws IoError naming the path when it is missing,
 // not JSON, or lacks a field or has one of the wrong type.
 RunResult read_metrics_json(const std::string& path);
-
-// ---- plots ----------------------------------------------------------------------------------
-// The paper's Figure 1 for `runs`: test error (%) against batch size on a reversed log2 axis
-// (largest batch on the left), one line per row of the results table (means over seeds), and a
-// dashed "<norm>, batch statistics" line where those results exist.
-PlotSpec batch_size_plot(const std::vector<RunResult>& runs,
-                         const std::string& title = "Test error vs batch size");
-// The GroupNorm paper's group-count ablation: test error (%) against GN's number of groups G on
-// a log2 axis (means over seeds), one line per (lr_base, batch) setting of the runs, and each
-// other norm of the runs (e.g. IN, G = C in every layer) as a dashed level across the G range.
-PlotSpec groups_plot(const std::vector<RunResult>& runs,
-                     const std::string& title = "Test error vs GroupNorm groups");
-// Training loss on a log y axis, one series per run named "<norm_label>, batch <b>, lr <lr>":
-// against step (loss_curve_*) when every run has a curve, otherwise against epoch (history).
-// Non-finite losses (divergence) break the line.
-PlotSpec loss_curve_plot(const std::vector<RunResult>& runs,
-                         const std::string& title = "Training loss");
 
 }  // namespace normkit::train

@@ -1,6 +1,6 @@
-// Sweep outputs: results.csv, results.md, metrics JSON and the plot specs built from runs. The
-// expected cells are computed here from the runs (means, sample standard deviations) and the
-// files are parsed back independently of the writers.
+// Sweep outputs: results.csv, results.md and metrics JSON. The expected cells are computed here
+// from the runs (means, sample standard deviations) and the files are parsed back independently
+// of the writers.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -306,29 +306,6 @@ TEST(Results, RowsNameTheBaseLearningRateOnlyWhenTheRunsUseSeveral) {
   // One base lr: plain norm labels, as in the batch-size sweep.
   runs.resize(4);
   EXPECT_EQ(markdown_table(results_markdown(runs), "## Test error (%) by batch size")[1][0], "BN");
-  const PlotSpec p = batch_size_plot(runs);
-  EXPECT_EQ(p.series[0].name, "BN");
-}
-
-TEST(Results, GroupsPlotHasGnOverGroupsAndOtherNormsAsLevels) {
-  std::mt19937 rng(7);
-  std::vector<RunResult> runs;
-  for (int g : {16, 1, 4, 2, 8}) runs.push_back(make_run("gn", g, 32, 1, rng));
-  runs.push_back(make_run("gn", 4, 32, 2, rng));  // a second seed at G = 4
-  runs.push_back(make_run("in", 0, 32, 1, rng));
-  const PlotSpec p = groups_plot(runs);
-  EXPECT_EQ(p.x_scale, AxisScale::log2);
-  EXPECT_EQ(p.x_ticks, (std::vector<double>{1, 2, 4, 8, 16}));
-  ASSERT_EQ(p.series.size(), 2u);
-  EXPECT_EQ(p.series[0].name, "GN");
-  EXPECT_EQ(p.series[0].x, p.x_ticks);
-  EXPECT_DOUBLE_EQ(p.series[0].y[0], runs[1].test_error);  // G = 1
-  EXPECT_DOUBLE_EQ(p.series[0].y[2], (runs[2].test_error + runs[5].test_error) / 2);  // G = 4
-  EXPECT_EQ(p.series[1].name, "IN");
-  EXPECT_TRUE(p.series[1].dashed);
-  EXPECT_EQ(p.series[1].x, (std::vector<double>{1, 16}));
-  EXPECT_EQ(p.series[1].y, (std::vector<double>{runs[6].test_error, runs[6].test_error}));
-  EXPECT_FALSE(render_line_plot_svg(p).empty());
 }
 
 TEST_F(ResultsFileTest, MetricsJsonHasTheSummaryAndHistory) {
@@ -419,50 +396,6 @@ TEST(Results, TableRowsTellBatchNormPerDeviceFromSyncBN) {
   EXPECT_NE(md.find("| GN (G=8) |"), std::string::npos) << md;
   // lr base from the global batch: one base, so no "lr base" in the labels.
   EXPECT_EQ(md.find("lr base"), std::string::npos) << md;
-}
-
-TEST(Results, BatchSizePlotFollowsTheTable) {
-  const auto runs = sweep();
-  const PlotSpec spec = batch_size_plot(runs);
-  EXPECT_EQ(spec.x_scale, AxisScale::log2);
-  EXPECT_TRUE(spec.x_reversed);
-  EXPECT_EQ(spec.x_ticks, (std::vector<double>{32, 8, 2}));
-  ASSERT_EQ(spec.series.size(), 3u);
-  EXPECT_EQ(spec.series[0].name, "BN");
-  EXPECT_EQ(spec.series[1].name, "GN (G=8)");
-  EXPECT_EQ(spec.series[2].name, "BN, batch statistics");
-  EXPECT_TRUE(spec.series[2].dashed);
-  EXPECT_EQ(spec.series[2].style, spec.series[0].style) << "dashed BN shares BN's colour";
-  EXPECT_NE(spec.series[1].style, spec.series[0].style);
-  EXPECT_FALSE(spec.series[0].dashed);
-  EXPECT_EQ(spec.series[1].x, (std::vector<double>{32, 2}));  // no GN run at batch 8
-  // The BN point at batch 2 is the mean of its two seeds.
-  double sum = 0;
-  for (const auto& r : runs) {
-    if (r.norm == "bn" && r.batch == 2) sum += r.test_error;
-  }
-  EXPECT_DOUBLE_EQ(spec.series[0].y[2], sum / 2);
-  EXPECT_NO_THROW(render_line_plot_svg(spec));
-}
-
-TEST(Results, LossCurvePlotUsesStepsOnlyWhenEveryRunHasThem) {
-  std::mt19937 rng(1);
-  auto a = make_run("bn", 0, 32, 1, rng);
-  auto b = make_run("none", 0, 32, 1, rng);
-  a.loss_curve_step = {10, 20};
-  a.loss_curve_loss = {2.0, 1.0};
-  PlotSpec spec = loss_curve_plot({a, b});
-  EXPECT_EQ(spec.x_label, "epoch");
-  EXPECT_EQ(spec.series[1].x, (std::vector<double>{1, 2, 3}));
-  EXPECT_EQ(spec.series[1].y[2], b.history[2].train_loss);
-  EXPECT_EQ(spec.series[1].name, "none, batch 32, lr 0.1");
-  b.loss_curve_step = {10};
-  b.loss_curve_loss = {std::nan("")};
-  spec = loss_curve_plot({a, b});
-  EXPECT_EQ(spec.x_label, "step");
-  EXPECT_EQ(spec.y_scale, AxisScale::log10);
-  EXPECT_EQ(spec.series[0].y, (std::vector<double>{2.0, 1.0}));
-  EXPECT_NO_THROW(render_line_plot_svg(spec));
 }
 
 TEST_F(ResultsFileTest, WritersNameAnUnwritablePath) {
