@@ -261,7 +261,11 @@ void share_with_replicas(std::vector<std::unique_ptr<Model>>& replicas) {
 // Each split's images of `classes` alone, in file order, then the first `limit` of them.
 void keep_classes(Dataset& d, const std::vector<int>& classes, int64_t limit, const char* split) {
   std::vector<bool> wanted(256, false);
-  for (int c : classes) wanted[static_cast<size_t>(c)] = true;
+  for (int c : classes) {
+    if (c < 0 || c > 255)
+      throw Error("--classes " + join(classes) + ": each class must be a label in [0, 255]");
+    wanted[static_cast<size_t>(c)] = true;
+  }
   const int64_t image = d.image_size();
   int64_t kept = 0;
   for (int64_t i = 0; i < d.count && (limit < 0 || kept < limit); ++i) {

@@ -295,6 +295,7 @@ TEST(Classes, KeepTheirImagesInFileOrderThenTheLimits) {
   EXPECT_NEAR(d.test.images[9], (33.0 / 255 - mean) / std::sqrt(var), 1e-5);
   // A class with no training image, a bad class, a class named twice.
   expect_error([&] { load_data(dir, -1, -1, {5}); }, "--classes 5: no training image");
+  expect_error([&] { load_data(dir, -1, -1, {0, -1}); }, "--classes 0,-1: each class must be a label");
   TrainConfig c = study_config(NormKind::batch, 1, 2, "");
   c.classes = {0, 256};
   expect_error([&] { validate(c); }, "--classes 0,256: each class must be a label in [0, 255]");
