@@ -22,8 +22,13 @@ using json = nlohmann::json;
 
 constexpr const char* kCsvHeader =
     "norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,test_error_batch_stats,"
+    "images_per_s,seconds,devices,sync_bn,train_error_eval,train_loss_eval";
+constexpr size_t kCsvColumns = 16;
+// The header before the train/test gap's two columns, still read.
+constexpr const char* kCsvHeaderBeforeGap =
+    "norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,test_error_batch_stats,"
     "images_per_s,seconds,devices,sync_bn";
-constexpr size_t kCsvColumns = 14;
+constexpr size_t kCsvColumnsBeforeGap = 14;
 
 std::string fmt(const char* format, double v) {
   char buf[64];
@@ -231,6 +236,7 @@ std::vector<double> read_array(const json& obj, const std::string& path, const s
 
 std::string norm_label(const std::string& norm, int groups) {
   if (norm == "none") return "none";
+  if (norm == "frozen") return "frozen BN";
   std::string upper = norm;
   for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
   if (norm == "gn" && groups > 0) upper += " (G=" + std::to_string(groups) + ")";
@@ -256,7 +262,9 @@ std::string results_csv(const std::vector<RunResult>& runs) {
         cell(r.images_per_s),
         cell(r.seconds),
         std::to_string(r.devices),
-        r.sync_bn ? "1" : "0"};
+        r.sync_bn ? "1" : "0",
+        cell(r.train_error_eval),
+        cell(r.train_loss_eval)};
     for (size_t i = 0; i < cells.size(); ++i) {
       if (i > 0) out += ',';
       out += cells[i];
@@ -274,7 +282,9 @@ std::vector<RunResult> read_results_csv(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw IoError(path + ": cannot open (" + std::strerror(errno) + ")");
   std::string line;
-  if (!std::getline(in, line) || line != kCsvHeader) {
+  const bool got_header = static_cast<bool>(std::getline(in, line));
+  const size_t columns = line == kCsvHeaderBeforeGap ? kCsvColumnsBeforeGap : kCsvColumns;
+  if (!got_header || (line != kCsvHeader && line != kCsvHeaderBeforeGap)) {
     throw IoError(path + ": line 1 is not the results.csv header \"" + std::string(kCsvHeader) +
                   "\"; was the file written by normkit-train?");
   }
@@ -283,9 +293,9 @@ std::vector<RunResult> read_results_csv(const std::string& path) {
     if (line.empty()) continue;
     const auto cells = csv_split(line);
     const std::string where = path + ":" + std::to_string(line_no) + ": ";
-    if (cells.size() != kCsvColumns) {
+    if (cells.size() != columns) {
       throw IoError(where + std::to_string(cells.size()) + " cells, expected " +
-                    std::to_string(kCsvColumns));
+                    std::to_string(columns));
     }
     auto number = [&](size_t i) {
       if (cells[i].empty()) return kNoValue;
@@ -320,6 +330,10 @@ std::vector<RunResult> read_results_csv(const std::string& path) {
     r.seconds = number(11);
     r.devices = static_cast<int>(integer(12));
     r.sync_bn = integer(13) != 0;
+    if (columns == kCsvColumns) {
+      r.train_error_eval = number(14);
+      r.train_loss_eval = number(15);
+    }
     runs.push_back(std::move(r));
   }
   return runs;
@@ -373,6 +387,23 @@ std::string results_markdown(const std::vector<RunResult>& runs, const std::stri
 
   out += "\n## Training speed (images/s)\n\n";
   out += table(runs, "norm", rows_of([](const RunResult& r) { return r.images_per_s; }, false), "%.0f");
+
+  std::vector<TableRow> gap_rows;
+  for (const auto& k : keys) {
+    const bool has = std::any_of(runs.begin(), runs.end(), [&](const RunResult& r) {
+      return key_of(r) == k && std::isfinite(r.train_error_eval);
+    });
+    if (!has) continue;
+    const std::string label = row_label(k, keys);
+    gap_rows.push_back({label + ", training images", k, [](const RunResult& r) { return r.train_error_eval; }});
+    gap_rows.push_back({label + ", test images", k, [](const RunResult& r) { return r.test_error; }});
+  }
+  if (!gap_rows.empty()) {
+    out += "\n## Train/test gap: error (%) evaluated at the end\n\n";
+    out += "The first training images (--eval-train-images) and the test images, both evaluated "
+           "by the final model as at test time.\n\n";
+    out += table(runs, "evaluated on", gap_rows, "%.2f");
+  }
   return out;
 }
 
@@ -430,6 +461,16 @@ std::string metrics_json(const RunResult& r) {
     j["devices"] = r.devices;
     j["sync_bn"] = r.sync_bn;
   }
+  // Likewise each study option only when not its default.
+  const RunResult defaults;
+  if (r.init_scale != defaults.init_scale) j["init_scale"] = r.init_scale;
+  if (r.dropout != defaults.dropout) j["dropout"] = r.dropout;
+  if (r.weight_decay != defaults.weight_decay) j["weight_decay"] = r.weight_decay;
+  if (r.eval_train_images != 0) j["eval_train_images"] = r.eval_train_images;
+  if (!r.classes.empty()) j["classes"] = r.classes;
+  if (!r.init_from.empty()) j["init_from"] = r.init_from;
+  if (std::isfinite(r.train_error_eval)) j["train_error_eval"] = r.train_error_eval;
+  if (std::isfinite(r.train_loss_eval)) j["train_loss_eval"] = r.train_loss_eval;
   return j.dump(2) + "\n";
 }
 
@@ -482,6 +523,25 @@ RunResult read_metrics_json(const std::string& path) {
   if (const auto b = j.find("sync_bn"); b != j.end()) {
     if (!b->is_boolean()) throw IoError(path + ": metrics JSON field \"sync_bn\" is not true or false");
     r.sync_bn = b->get<bool>();
+  }
+  for (const auto& [key, field] : {std::pair{"init_scale", &RunResult::init_scale},
+                                   {"dropout", &RunResult::dropout},
+                                   {"weight_decay", &RunResult::weight_decay},
+                                   {"train_error_eval", &RunResult::train_error_eval},
+                                   {"train_loss_eval", &RunResult::train_loss_eval}})
+    if (j.contains(key)) r.*field = read_number(j, path, key);
+  if (j.contains("eval_train_images"))
+    r.eval_train_images = static_cast<int64_t>(whole("eval_train_images"));
+  if (const auto c = j.find("classes"); c != j.end()) {
+    for (double v : read_array(j, path, "classes")) {
+      if (!(v >= 0 && v <= 255) || v != std::floor(v))
+        throw IoError(path + ": metrics JSON array \"classes\" holds a non-label");
+      r.classes.push_back(static_cast<int>(v));
+    }
+  }
+  if (const auto f = j.find("init_from"); f != j.end()) {
+    if (!f->is_string()) throw IoError(path + ": metrics JSON field \"init_from\" is not a string");
+    r.init_from = f->get<std::string>();
   }
 
   if (const auto h = j.find("history"); h != j.end()) {

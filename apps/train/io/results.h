@@ -26,7 +26,7 @@ struct EpochRecord {
 };
 
 struct RunResult {
-  std::string norm;         // "bn", "gn", "ln", "in" or "none"
+  std::string norm;         // "bn", "gn", "ln", "in", "none" or "frozen"
   int groups = 0;           // GN's number of groups; 0 for the other norms
   int batch = 0;            // images per step and device
   int devices = 1;          // logical devices per step (each `batch` images)
@@ -46,14 +46,23 @@ struct RunResult {
   // Optional finer training-loss curve (e.g. running mean every k steps) for loss plots.
   std::vector<int64_t> loss_curve_step;
   std::vector<double> loss_curve_loss;
+  // The studies' options (trainer.h; these defaults are the batch-size experiment's) and the
+  // train/test gap: percent error and mean loss of the first eval_train_images training images
+  // evaluated like the test images at the end (NaN when not measured).
+  double init_scale = 1, dropout = 0, weight_decay = 1e-4;
+  int64_t eval_train_images = 0;
+  std::vector<int> classes;  // the labels trained and tested on; empty: all
+  std::string init_from;     // the checkpoint the run started from; empty: none
+  double train_error_eval = kNoValue, train_loss_eval = kNoValue;
 };
 
-// "BN", "GN (G=8)", "LN", "IN", "none"; another norm name is shown upper-case.
+// "BN", "GN (G=8)", "LN", "IN", "none", "frozen BN"; another norm name is shown upper-case.
 std::string norm_label(const std::string& norm, int groups);
 
 // ---- results.csv ----------------------------------------------------------------------------
 // Header: norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,
-//         test_error_batch_stats,images_per_s,seconds,devices,sync_bn (0 or 1)
+//         test_error_batch_stats,images_per_s,seconds,devices,sync_bn (0 or 1),
+//         train_error_eval,train_loss_eval
 // then one row per run, in order. Numbers have 6 significant digits (seed exactly); NaN and an
 // absent test_error_batch_stats are empty cells; groups is empty when 0. Pure.
 std::string results_csv(const std::vector<RunResult>& runs);
@@ -61,7 +70,8 @@ std::string results_csv(const std::vector<RunResult>& runs);
 void write_results_csv(const std::string& path, const std::vector<RunResult>& runs);
 // Reads a file written by write_results_csv (history and loss curves are not in it). Throws
 // IoError naming the path and line for a missing file, a different header, a wrong cell count or
-// a cell that is not a number.
+// a cell that is not a number. A file with the header before train_error_eval and
+// train_loss_eval is read too (they are then NaN).
 std::vector<RunResult> read_results_csv(const std::string& path);
 
 // ---- results.md -----------------------------------------------------------------------------
@@ -69,8 +79,9 @@ std::vector<RunResult> read_results_csv(const std::string& path);
 // appearance; with ", lr base L" added when the runs use more than one lr_base = lr * 32 / batch)
 // and columns = batch sizes (largest first), (2) when any run has batch-statistics results, a
 // table comparing BN's test error with running vs batch statistics, (3) the last epoch's
-// training loss, where a non-finite loss shows as "diverged", (4) training images/s, all in the
-// same layout. A cell with several runs (seeds) shows "mean ± sd (n=k)"; a missing cell shows
+// training loss, where a non-finite loss shows as "diverged", (4) training images/s, (5) when any
+// run has train_error_eval, the train/test gap: error on the training images evaluated like the
+// test images beside the test error, all in the same layout. A cell with several runs (seeds) shows "mean ± sd (n=k)"; a missing cell shows
 // "—". `notes`, if not empty, is a paragraph under the title. Pure.
 std::string results_markdown(const std::vector<RunResult>& runs, const std::string& notes = {});
 // Writes results_markdown(runs, notes) to `path`. Throws IoError naming the path.
@@ -83,7 +94,10 @@ void write_results_markdown(const std::string& path, const std::vector<RunResult
 // "history": {"epoch": [...], "lr": [...], "train_loss": [...], "train_error": [...],
 // "test_loss": [...], "test_error": [...], "test_error_batch_stats": [...], "seconds": [...],
 // "images_per_s": [...]} (one entry per epoch), "loss_curve": {"step": [...], "loss": [...]},
-// and, unless the run had one device without sync_bn, "devices" and "sync_bn" (true/false).
+// and, unless the run had one device without sync_bn, "devices" and "sync_bn" (true/false); then
+// each study option that differs from its default: "init_scale", "dropout", "weight_decay",
+// "eval_train_images", "classes" (array), "init_from" (string); and, when measured,
+// "train_error_eval" and "train_loss_eval". A default run's file is what it was before them.
 // Pure; throws normkit::Error when loss_curve_step and loss_curve_loss differ in length.
 std::string metrics_json(const RunResult& run);
 // Writes metrics_json(run) to `path`. Throws IoError naming the path.

@@ -131,6 +131,7 @@ TEST(Results, NormLabels) {
   EXPECT_EQ(norm_label("ln", 0), "LN");
   EXPECT_EQ(norm_label("in", 0), "IN");
   EXPECT_EQ(norm_label("none", 0), "none");
+  EXPECT_EQ(norm_label("frozen", 0), "frozen BN");
 }
 
 TEST(Results, CsvHasOneRowPerRunWithEveryField) {
@@ -143,11 +144,14 @@ TEST(Results, CsvHasOneRowPerRunWithEveryField) {
   ASSERT_EQ(lines.size(), runs.size() + 1);
   EXPECT_EQ(lines[0],
             "norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,"
-            "test_error_batch_stats,images_per_s,seconds,devices,sync_bn");
+            "test_error_batch_stats,images_per_s,seconds,devices,sync_bn,train_error_eval,"
+            "train_loss_eval");
   for (size_t i = 0; i < runs.size(); ++i) {
     const RunResult& r = runs[i];
     const auto c = split(lines[i + 1], ',');
-    ASSERT_EQ(c.size(), 14u) << lines[i + 1];
+    ASSERT_EQ(c.size(), 16u) << lines[i + 1];
+    EXPECT_EQ(c[14], "");  // not measured
+    EXPECT_EQ(c[15], "");
     EXPECT_EQ(c[12], std::to_string(r.devices));
     EXPECT_EQ(c[13], r.sync_bn ? "1" : "0");
     EXPECT_EQ(c[0], r.norm);
@@ -408,6 +412,83 @@ TEST_F(ResultsFileTest, WritersNameAnUnwritablePath) {
   }
   EXPECT_THROW(write_results_csv((dir_ / "no" / "r.csv").string(), sweep()), IoError);
   EXPECT_THROW(write_metrics_json((dir_ / "no" / "m.json").string(), sweep()[0]), IoError);
+}
+
+}  // namespace
+
+namespace {
+
+TEST_F(ResultsFileTest, TheTrainTestGapIsInTheCsvTheJsonAndTheMarkdown) {
+  auto runs = sweep();
+  runs[0].train_error_eval = 1.25;
+  runs[0].train_loss_eval = 0.0625;
+  runs[0].eval_train_images = 1000;
+  const fs::path p = dir_ / "results.csv";
+  write_results_csv(p.string(), runs);
+  const auto back = read_results_csv(p.string());
+  EXPECT_EQ(back[0].train_error_eval, 1.25);
+  EXPECT_EQ(back[0].train_loss_eval, 0.0625);
+  EXPECT_TRUE(std::isnan(back[1].train_error_eval));
+  // A file from before the two columns still reads.
+  std::string old = results_csv({runs[1]});
+  std::string header = old.substr(0, old.find('\n'));
+  header = header.substr(0, header.size() - std::string(",train_error_eval,train_loss_eval").size());
+  std::string row = old.substr(old.find('\n') + 1);
+  row = row.substr(0, row.size() - 3) + "\n";  // the two empty cells
+  std::ofstream(dir_ / "old.csv") << header << "\n" << row;
+  const auto old_back = read_results_csv((dir_ / "old.csv").string());
+  ASSERT_EQ(old_back.size(), 1u);
+  EXPECT_EQ(old_back[0].batch, runs[1].batch);
+  EXPECT_TRUE(std::isnan(old_back[0].train_error_eval));
+
+  const std::string md = results_markdown(runs);
+  const auto table = markdown_table(md, "## Train/test gap: error (%) evaluated at the end");
+  ASSERT_EQ(table.size(), 3u);  // the header and the measured run's row pair
+  EXPECT_EQ(table[1][0], norm_label(runs[0].norm, runs[0].groups) + ", training images");
+  EXPECT_EQ(table[2][0], norm_label(runs[0].norm, runs[0].groups) + ", test images");
+  EXPECT_EQ(results_markdown(sweep()).find("Train/test gap"), std::string::npos);
+}
+
+TEST_F(ResultsFileTest, MetricsJsonHasTheStudyOptionsOnlyWhenSet) {
+  std::mt19937 rng(3);
+  RunResult r = make_run("frozen", 0, 2, 7, rng);
+  const json plain = json::parse(metrics_json(r));
+  for (const char* key : {"init_scale", "dropout", "weight_decay", "eval_train_images", "classes",
+                          "init_from", "train_error_eval", "train_loss_eval"})
+    EXPECT_FALSE(plain.contains(key)) << key;
+  r.init_scale = 0.1;
+  r.dropout = 0.5;
+  r.weight_decay = 0;
+  r.eval_train_images = 512;
+  r.classes = {5, 6, 9};
+  r.init_from = "pre, \"trained\".safetensors";
+  r.train_error_eval = 3.5;
+  r.train_loss_eval = 0.125;
+  const fs::path p = dir_ / "study.json";
+  write_metrics_json(p.string(), r);
+  const json j = json::parse(std::ifstream(p));
+  EXPECT_EQ(j["init_scale"], 0.1);
+  EXPECT_EQ(j["dropout"], 0.5);
+  EXPECT_EQ(j["weight_decay"], 0);
+  EXPECT_EQ(j["eval_train_images"], 512);
+  EXPECT_EQ(j["classes"], (json{5, 6, 9}));
+  EXPECT_EQ(j["init_from"], r.init_from);
+  EXPECT_EQ(j["train_error_eval"], 3.5);
+  const RunResult back = read_metrics_json(p.string());
+  EXPECT_EQ(back.init_scale, r.init_scale);
+  EXPECT_EQ(back.dropout, r.dropout);
+  EXPECT_EQ(back.weight_decay, r.weight_decay);
+  EXPECT_EQ(back.eval_train_images, r.eval_train_images);
+  EXPECT_EQ(back.classes, r.classes);
+  EXPECT_EQ(back.init_from, r.init_from);
+  EXPECT_EQ(back.train_error_eval, r.train_error_eval);
+  EXPECT_EQ(back.train_loss_eval, r.train_loss_eval);
+  std::ofstream(dir_ / "bad.json") << json({{"norm", "bn"}, {"groups", 0}, {"batch", 2}, {"epochs", 1},
+                                            {"seed", 1}, {"lr", 0.1}, {"train_loss", 1}, {"test_loss", 1},
+                                            {"test_error", 1}, {"test_error_batch_stats", nullptr},
+                                            {"images_per_s", 1}, {"seconds", 1}, {"classes", {1.5}}})
+                                           .dump();
+  EXPECT_THROW(read_metrics_json((dir_ / "bad.json").string()), IoError);
 }
 
 }  // namespace

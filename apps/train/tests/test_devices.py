@@ -70,9 +70,13 @@ def checkpoint_without_timing(path):
 
 
 @needs_mpi
-@pytest.mark.parametrize("norm", ["bn", "gn", "syncbn"])
+@pytest.mark.parametrize("norm", ["bn", "gn", "syncbn", "bn-studies"])
 def test_processes_give_the_same_bits(data_dir, tmp_path, norm):
     extra = ["--norm", "bn", "--sync-bn"] if norm == "syncbn" else ["--norm", norm, "--groups", "2"]
+    if norm == "bn-studies":
+        # Dropout's masks follow the image's place in the epoch, not the device or the process.
+        extra = ["--norm", "bn", "--dropout", "0.3", "--init-scale", "2", "--weight-decay", "0.001",
+                 "--eval-train-images", "20", "--classes", "1,3,4,5,6,7,8,9"]
     results = {}
     for processes, threads in ((1, 1), (2, 1), (4, 1), (2, 2)):
         tag = f"p{processes}t{threads}"
@@ -86,7 +90,11 @@ def test_processes_give_the_same_bits(data_dir, tmp_path, norm):
                         checkpoint_without_timing(tmp_path / f"{tag}.safetensors"))
     m1, (meta1, t1) = results["p1t1"]
     assert m1["devices"] == 4 and m1["sync_bn"] == (norm == "syncbn")
-    assert len(m1["loss_curve"]["loss"]) == 6
+    if norm == "bn-studies":
+        assert (m1["dropout"], m1["eval_train_images"], meta1["dropout"]) == (0.3, 20, "0.29999999999999999")
+        assert m1["train_error_eval"] is not None
+    else:
+        assert len(m1["loss_curve"]["loss"]) == 6
     for tag, (m, (meta, t)) in results.items():
         assert m == m1, tag
         assert meta == meta1, tag
@@ -96,9 +104,11 @@ def test_processes_give_the_same_bits(data_dir, tmp_path, norm):
 
 
 @needs_mpi
-def test_a_checkpoint_of_two_processes_resumes_in_one(data_dir, tmp_path):
+@pytest.mark.parametrize("studies", [False, True])
+def test_a_checkpoint_of_two_processes_resumes_in_one(data_dir, tmp_path, studies):
     # Stopped inside the second epoch by 2 processes, resumed by 1.
-    common = [*small(data_dir, "--norm", "bn", epochs=2), "--devices", 4, "--threads", 1]
+    more = ["--dropout", "0.5", "--init-scale", "0.5"] if studies else []
+    common = [*small(data_dir, "--norm", "bn", *more, epochs=2), "--devices", 4, "--threads", 1]
     r = train(1, *common, "--metrics-out", tmp_path / "whole.json",
               "--checkpoint", tmp_path / "whole.safetensors")
     assert r.returncode == 0, r.stderr
