@@ -650,8 +650,8 @@ py::tuple layer_norm_backward_impl(const py::object& dy_in, const py::object& x_
 // rms_norm: layer_norm's problem (normalized_shape, folding, formats), without mean and bias
 
 // eps=None is the dtype's machine epsilon, torch's rule (torch.finfo(x.dtype).eps).
-double rms_norm_eps(const py::object& eps, normkit::DType dtype) {
-  if (!eps.is_none()) return eps.cast<double>();
+double rms_norm_eps(std::optional<double> eps, normkit::DType dtype) {
+  if (eps) return *eps;
   switch (dtype) {
     case normkit::DType::bfloat16: return 0.0078125;     // 2^-7
     case normkit::DType::float16: return 0.0009765625;   // 2^-10
@@ -661,7 +661,7 @@ double rms_norm_eps(const py::object& eps, normkit::DType dtype) {
 
 py::tuple rms_norm_forward_impl(const char* function, const py::object& x_in,
                                 const py::object& normalized_shape_in,
-                                const OptionalArray& weight_in, const py::object& eps_in,
+                                const OptionalArray& weight_in, std::optional<double> eps_in,
                                 const py::object& activation, const OptionalArray& residual,
                                 const OptionalArray& residual_in) {
   const LayerNormProblem p = layer_norm_problem(function, x_in, normalized_shape_in);
@@ -1051,7 +1051,7 @@ dbias (float32, of shape normalized_shape) are None when weight is None.)doc"
   m.def(
       "rms_norm",
       [](const py::object& x, const py::object& normalized_shape, const OptionalArray& weight,
-         const py::object& eps, const py::object& activation, const OptionalArray& residual) {
+         std::optional<double> eps, const py::object& activation, const OptionalArray& residual) {
         return rms_norm_forward_impl("rms_norm", x, normalized_shape, weight, eps, activation,
                                      residual, std::nullopt)[0]
             .cast<py::object>();
@@ -1069,7 +1069,7 @@ a new tensor of x's dtype, in x's format as layer_norm's.)doc"
   m.def(
       "rms_norm_forward",
       [](const py::object& x, const py::object& normalized_shape, const OptionalArray& weight,
-         const py::object& eps, const py::object& activation, const OptionalArray& residual,
+         std::optional<double> eps, const py::object& activation, const OptionalArray& residual,
          const OptionalArray& residual_in) {
         return rms_norm_forward_impl("rms_norm_forward", x, normalized_shape, weight, eps,
                                      activation, residual, residual_in);
