@@ -35,6 +35,7 @@ const char* family_name(Family f) {
     case Family::group_norm: return "gn";
     case Family::layer_norm: return "ln";
     case Family::instance_norm: return "in";
+    case Family::rms_norm: return "rms";
   }
   return "?";
 }
@@ -72,7 +73,7 @@ std::string Case::shape_name() const {
 }
 
 std::string Case::format_name() const {
-  if (family == Family::layer_norm) return "rows";
+  if (rows()) return "rows";
   static const char* first[] = {"", "", "nc", "ncw", "nchw", "ncdhw"};
   static const char* last[] = {"", "", "nc", "nwc", "nhwc", "ndhwc"};
   const std::size_t r = shape.size();
@@ -117,6 +118,10 @@ const std::vector<ShapeSet>& shape_sets() {
       {"unet3d-in", Family::instance_norm, 1,
        {{2, 32, 16, 112, 112}, {2, 256, 4, 14, 14}}, {1}},
       {"transformer-ln", Family::layer_norm, 1, {{4096, 768}, {8192, 1024}, {2048, 4096}}, {0}},
+      // The RMSNorm of LLaMA-like decoders: (tokens, hidden) of a 7B (4096) and a 13B (5120)
+      // model, a BERT-sized one, and an odd size for the loop tails.
+      {"rms-norm", Family::rms_norm, 1, {{2048, 4096}, {512, 5120}, {4096, 768}, {1001, 3001}},
+       {0}},
       {"detection-gn", Family::group_norm, 32, {{2, 256, 200, 304}, {2, 256, 100, 152}}, {1}},
       // The end of a ResNet-50 bottleneck block, relu(norm(x) + identity), with BatchNorm at
       // N = 32 and 2 and with GroupNorm (G = 32, the paper's ResNet-50 GN) at N = 2.
@@ -144,8 +149,8 @@ void add_family_cases(std::vector<Case>& out, const std::string& set, Family fam
   std::vector<Op> ops = {Op::forward, Op::backward, Op::forward_backward};
   if (family == Family::batch_norm) ops.insert(ops.begin() + 1, Op::forward_inference);
   std::vector<MemoryFormat> formats = {MemoryFormat::channels_first};
-  // Layer norm rows and rank-2 tensors have one layout only.
-  if (family != Family::layer_norm && shape.size() > 2)
+  // Layer and RMS norm rows and rank-2 tensors have one layout only.
+  if (family != Family::layer_norm && family != Family::rms_norm && shape.size() > 2)
     formats.push_back(MemoryFormat::channels_last);
   for (MemoryFormat format : formats)
     for (Op op : ops) {
@@ -170,6 +175,7 @@ void add_smoke_cases(std::vector<Case>& out, DType dtype) {
   add_family_cases(out, "smoke", Family::group_norm, 2, {1, 6, 29}, dtype);
   add_family_cases(out, "smoke", Family::instance_norm, 1, {2, 7, 3, 9, 5}, dtype);
   add_family_cases(out, "smoke", Family::layer_norm, 1, {37, 123}, dtype);
+  add_family_cases(out, "smoke", Family::rms_norm, 1, {37, 123}, dtype);
   add_family_cases(out, "smoke", Family::batch_norm, 1, {3, 10, 5, 7}, dtype, Epilogue::add_relu);
   add_family_cases(out, "smoke", Family::group_norm, 5, {2, 15, 3, 11}, dtype, Epilogue::add_relu);
   add_family_cases(out, "smoke", Family::group_norm, 5, {2, 15, 3, 11}, dtype, Epilogue::silu);

@@ -10,7 +10,7 @@
 
 namespace normkit::bench {
 
-enum class Family { batch_norm, group_norm, layer_norm, instance_norm };
+enum class Family { batch_norm, group_norm, layer_norm, instance_norm, rms_norm };
 
 enum class Op {
   forward,            // training-mode forward (batch statistics); the only forward of GN, LN, IN
@@ -30,7 +30,8 @@ struct Case {
   Family family = Family::group_norm;
   Op op = Op::forward;
   Epilogue epilogue = Epilogue::none;
-  // (N, C, *spatial); for layer norm (rows, cols) with the last dim normalized.
+  // (N, C, *spatial); for layer and RMS norm (rows, cols) with the last dim normalized.
+  bool rows() const { return family == Family::layer_norm || family == Family::rms_norm; }
   std::vector<int64_t> shape;
   int64_t groups = 1;  // group norm only
   MemoryFormat format = MemoryFormat::channels_first;

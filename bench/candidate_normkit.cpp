@@ -11,6 +11,7 @@
 #include "normkit/group_norm.h"
 #include "normkit/instance_norm.h"
 #include "normkit/layer_norm.h"
+#include "normkit/rms_norm.h"
 
 namespace normkit::bench {
 namespace {
@@ -35,6 +36,13 @@ GroupNormParams group_norm_params(int64_t groups) {
 
 LayerNormParams layer_norm_params() {
   LayerNormParams p;
+  p.normalized_ndim = 1;
+  p.eps = kEps;
+  return p;
+}
+
+RmsNormParams rms_norm_params() {
+  RmsNormParams p;
   p.normalized_ndim = 1;
   p.eps = kEps;
   return p;
@@ -105,7 +113,8 @@ class NormkitCandidate final : public Candidate {
     switch (c.family) {
       case Family::batch_norm: stats = c.channels(); break;
       case Family::group_norm: stats = c.batch() * c.groups; break;
-      case Family::layer_norm: stats = c.batch(); break;  // rows
+      case Family::layer_norm:
+      case Family::rms_norm: stats = c.batch(); break;  // rows
       case Family::instance_norm: stats = c.batch() * c.channels(); break;
     }
     mean_.assign(stats, 0.f);
@@ -123,6 +132,7 @@ class NormkitCandidate final : public Candidate {
         scratch = group_norm_workspace_size(group_norm_params(c.groups), x_);
         break;
       case Family::layer_norm: scratch = layer_norm_workspace_size(layer_norm_params(), x_); break;
+      case Family::rms_norm: scratch = rms_norm_workspace_size(rms_norm_params(), x_); break;
       case Family::instance_norm:
         scratch = instance_norm_workspace_size(instance_norm_params(), x_);
         break;
@@ -160,7 +170,7 @@ class NormkitCandidate final : public Candidate {
     if (fwd) {
       out.add("y", y_.data(), c_->dtype, c_->numel());
       if (c_->op != Op::forward_inference) {
-        out.add("mean", mean_);
+        if (c_->family != Family::rms_norm) out.add("mean", mean_);  // RMSNorm has none
         out.add("rstd", rstd_);
         if (c_->family == Family::batch_norm) {
           out.add("running_mean", running_mean_);
@@ -171,7 +181,7 @@ class NormkitCandidate final : public Candidate {
     if (bwd) {
       out.add("dx", dx_.data(), c_->dtype, c_->numel());
       out.add("dweight", dweight_);
-      out.add("dbias", dbias_);
+      if (c_->family != Family::rms_norm) out.add("dbias", dbias_);
       if (c_->epilogue == Epilogue::add_relu)
         out.add("dresidual", dresidual_.data(), c_->dtype, c_->numel());
     }
@@ -232,6 +242,12 @@ class NormkitCandidate final : public Candidate {
       case Family::layer_norm:
         layer_norm_forward(layer_norm_params(), x_, w, b, y, mean_, rstd_, ctx_);
         break;
+      case Family::rms_norm: {
+        RmsNormParams p = rms_norm_params();
+        p.epilogue = forward_epilogue();
+        rms_norm_forward(p, x_, w, y, rstd_, ctx_);
+        break;
+      }
       case Family::instance_norm:
         instance_norm_forward(instance_norm_params(), x_, w, b, {}, {}, y, mean_, rstd_, ctx_);
         break;
@@ -264,6 +280,13 @@ class NormkitCandidate final : public Candidate {
         LayerNormBackwardParams p;
         p.normalized_ndim = layer_norm_params().normalized_ndim;
         layer_norm_backward(p, dy_, x_, mean_, rstd_, w, dx, dweight_, dbias_, ctx_);
+        break;
+      }
+      case Family::rms_norm: {
+        RmsNormBackwardParams p;
+        p.epilogue = backward_epilogue();
+        p.epilogue.bias = {};  // no bias: silu's z is recomputed without one
+        rms_norm_backward(p, dy_, x_, rstd_, w, dx, dweight_, ctx_);
         break;
       }
       case Family::instance_norm: {

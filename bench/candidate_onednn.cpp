@@ -87,6 +87,8 @@ class OnednnCandidate final : public Candidate {
       if (c.family != Family::batch_norm) return "no fused add+relu for this primitive";
       flags = flags | normalization_flags::fuse_norm_add_relu;
     }
+    // Not compared: normkit-bench does not build oneDNN's RMS variant of layer_normalization.
+    if (c.family == Family::rms_norm) return "no RMS norm compared";
     memory::desc workspace_md;
 
     try {
@@ -121,6 +123,7 @@ class OnednnCandidate final : public Candidate {
           }
           break;
         }
+        case Family::rms_norm: break;  // refused above
         case Family::layer_norm: {
           dnnl::layer_normalization_forward::primitive_desc pd(eng, fwd_kind, md, md, kEps,
                                                                flags);

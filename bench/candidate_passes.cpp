@@ -170,7 +170,8 @@ namespace {
 int64_t reduction_unit(const Case& c) {
   const bool last = c.format == MemoryFormat::channels_last;
   switch (c.family) {
-    case Family::layer_norm: return c.shape.back();
+    case Family::layer_norm:
+    case Family::rms_norm: return c.shape.back();
     case Family::group_norm:
       return (last ? c.channels() : c.channels() / c.groups) * c.spatial_size();
     case Family::instance_norm: return (last ? c.channels() : 1) * c.spatial_size();

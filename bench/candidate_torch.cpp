@@ -44,6 +44,7 @@ class TorchCandidate final : public Candidate {
     bias_ = at::from_blob(const_cast<float*>(data.bias.data()), {params}, f32);
     add_relu_ = c.epilogue == Epilogue::add_relu;
     silu_ = c.epilogue == Epilogue::silu;
+    rms_ = c.family == Family::rms_norm;
     if (add_relu_) residual_ = at::from_blob(data.residual.data(), sizes_, strides_, act);
     if (c.family == Family::batch_norm) {
       // Updated in place by the training forward: own copies.
@@ -100,11 +101,13 @@ class TorchCandidate final : public Candidate {
     if (c_->op == Op::backward || c_->op == Op::forward_backward) {
       out.add("dx", in_case_layout(grads_[0]).data_ptr<float>(), DType::float32, c_->numel());
       const at::Tensor dw = grads_[1].contiguous().to(at::kFloat);
-      const at::Tensor db = grads_[2].contiguous().to(at::kFloat);
       out.add("dweight", dw.data_ptr<float>(), DType::float32, dw.numel());
-      out.add("dbias", db.data_ptr<float>(), DType::float32, db.numel());
+      if (!rms_) {  // RMSNorm has no bias
+        const at::Tensor db = grads_[2].contiguous().to(at::kFloat);
+        out.add("dbias", db.data_ptr<float>(), DType::float32, db.numel());
+      }
       if (add_relu_)
-        out.add("dresidual", in_case_layout(grads_[3]).data_ptr<float>(), DType::float32,
+        out.add("dresidual", in_case_layout(grads_.back()).data_ptr<float>(), DType::float32,
                 c_->numel());
     }
   }
@@ -118,8 +121,10 @@ class TorchCandidate final : public Candidate {
 
  private:
   std::vector<at::Tensor> grad_inputs() const {
-    if (add_relu_) return {x_grad_, weight_grad_, bias_grad_, residual_grad_};
-    return {x_grad_, weight_grad_, bias_grad_};
+    std::vector<at::Tensor> in = {x_grad_, weight_grad_};
+    if (!rms_) in.push_back(bias_grad_);
+    if (add_relu_) in.push_back(residual_grad_);
+    return in;
   }
 
   // With add+relu, as a ResNet block ends in PyTorch (torchvision): out += identity; relu_(out).
@@ -145,6 +150,13 @@ class TorchCandidate final : public Candidate {
         return at::group_norm(x, c_->groups, w, b, kEps, false);
       case Family::layer_norm:
         return at::layer_norm(x, {c_->shape.back()}, w, b, kEps, false);
+      case Family::rms_norm: {
+        // torch has no RMSNorm kernel here: the composition LLaMA-style models write, the
+        // statistic in float32 for 16-bit x.
+        const at::Tensor xf = x.to(at::kFloat);
+        const at::Tensor r = at::rsqrt(xf.pow(2).mean({-1}, /*keepdim=*/true) + kEps);
+        return (xf * r * w).to(x.scalar_type());
+      }
       case Family::instance_norm:
         return at::instance_norm(x, w, b, {}, {}, /*use_input_stats=*/true, kMomentum, kEps,
                                  false);
@@ -164,7 +176,7 @@ class TorchCandidate final : public Candidate {
   std::vector<int64_t> sizes_, strides_;
   at::Tensor x_, dy_, weight_, bias_, running_mean_, running_var_;
   at::Tensor x_grad_, weight_grad_, bias_grad_, graph_y_, y_;
-  bool add_relu_ = false, silu_ = false;
+  bool add_relu_ = false, silu_ = false, rms_ = false;
   at::Tensor residual_, residual_grad_;
   std::vector<at::Tensor> grads_;
 };

@@ -78,7 +78,7 @@ CaseData::CaseData(const Case& c) : x(c.bytes()), dy(c.bytes()) {
     residual = Buffer(c.bytes());
     fill_uniform(residual.data(), c.dtype, c.numel(), -1.0f, 1.0f, 7);
   }
-  const int64_t params = c.family == Family::layer_norm ? c.shape.back() : c.channels();
+  const int64_t params = c.rows() ? c.shape.back() : c.channels();
   weight.resize(params);
   bias.resize(params);
   fill_uniform(weight, 0.5f, 1.5f, 3);

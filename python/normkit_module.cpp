@@ -37,6 +37,7 @@
 #include "normkit/group_norm.h"
 #include "normkit/instance_norm.h"
 #include "normkit/layer_norm.h"
+#include "normkit/rms_norm.h"
 #include "normkit/tensor.h"
 
 namespace py = pybind11;
@@ -645,6 +646,91 @@ py::tuple layer_norm_backward_impl(const py::object& dy_in, const py::object& x_
   return backward_result(dx.value, or_none(dweight), or_none(dbias), fused);
 }
 
+// ---------------------------------------------------------------------------------------------
+// rms_norm: layer_norm's problem (normalized_shape, folding, formats), without mean and bias
+
+// eps=None is the dtype's machine epsilon, torch's rule (torch.finfo(x.dtype).eps).
+double rms_norm_eps(std::optional<double> eps, normkit::DType dtype) {
+  if (eps) return *eps;
+  switch (dtype) {
+    case normkit::DType::bfloat16: return 0.0078125;     // 2^-7
+    case normkit::DType::float16: return 0.0009765625;   // 2^-10
+    default: return 1.1920928955078125e-07;              // 2^-23
+  }
+}
+
+py::tuple rms_norm_forward_impl(const char* function, const py::object& x_in,
+                                const py::object& normalized_shape_in,
+                                const OptionalArray& weight_in, std::optional<double> eps_in,
+                                const py::object& activation, const OptionalArray& residual,
+                                const OptionalArray& residual_in) {
+  const LayerNormProblem p = layer_norm_problem(function, x_in, normalized_shape_in);
+  const VectorIn weight = layer_norm_param(function, "weight", weight_in, p.normalized);
+  const FusedForward fused = forward_epilogue(function, activation, residual, p.x, p.x.view);
+  normkit::RmsNormParams params;
+  params.normalized_ndim = p.kernel_normalized_ndim;
+  params.eps = rms_norm_eps(eps_in, p.x.view.dtype);
+  params.epilogue = fused.epilogue;
+  py::object residual_in_owner;
+  std::optional<Output> sum;
+  if (residual_in) {
+    const EpilogueTensor r = exactly_like_x(function, "residual_in", *residual_in, p.x, p.x.view);
+    residual_in_owner = r.owner;
+    params.residual_in = r.view;
+    sum.emplace(new_output(p.x.tensor, p.x.view.dtype, p.shape, p.x.view.format));
+    params.sum_out = p.like_x(sum->data);
+  }
+  const Output y = new_output(p.x.tensor, p.x.view.dtype, p.shape, p.x.view.format);
+  const TensorView y_view = p.like_x(y.data);
+  const VectorOut rstd = vector_output(p.x.tensor, p.stats_shape());
+  without_gil([&] { normkit::rms_norm_forward(params, p.x.view, weight.span, y_view, rstd.span); });
+  if (sum) return py::make_tuple(y.value, rstd.value, sum->value);
+  return py::make_tuple(y.value, rstd.value);
+}
+
+py::tuple rms_norm_backward_impl(const py::object& dy_in, const py::object& x_in,
+                                 const py::object& normalized_shape_in, const py::object& rstd_in,
+                                 const OptionalArray& weight_in, const OptionalArray& dsum_out_in,
+                                 const BackwardEpilogueArgs& fused_args) {
+  const char* function = "rms_norm_backward";
+  const LayerNormProblem p = layer_norm_problem(function, x_in, normalized_shape_in);
+  const Activation dy = activation_input(function, "dy", dy_in, p.x.view.format);
+  if (dy.tensor.shape != p.shape)
+    value_error(function, "dy has shape " + shape_string(dy.tensor.shape) +
+                              ", expected x's shape " + shape_string(p.shape));
+  if (dy.view.dtype != p.x.view.dtype)
+    type_error(function, "dy has dtype " + dy.tensor.dtype_name() + ", expected x's dtype " +
+                             p.x.tensor.dtype_name());
+  const VectorIn rstd = saved_stat(function, "rstd", rstd_in, p.stats_shape(),
+                                   "x's leading dims then 1s", true);
+  const VectorIn weight = layer_norm_param(function, "weight", weight_in, p.normalized);
+  // No bias to recompute silu's z with: None stands for it.
+  BackwardEpilogueArgs args = fused_args;
+  args.bias = py::none();
+  const FusedBackward fused =
+      backward_epilogue(function, args, p.x, p.x.view, [](const OptionalArray&) { return VectorIn{}; });
+  normkit::RmsNormBackwardParams params;
+  params.normalized_ndim = p.kernel_normalized_ndim;
+  params.epilogue = fused.epilogue;
+  py::object dsum_owner;
+  if (dsum_out_in) {
+    const EpilogueTensor d = exactly_like_x(function, "dsum_out", *dsum_out_in, p.x, p.x.view);
+    dsum_owner = d.owner;
+    params.dsum_out = d.view;
+  }
+  const Output dx = new_output(p.x.tensor, p.x.view.dtype, p.shape, p.x.view.format);
+  const TensorView dx_view = p.like_x(dx.data);
+  const TensorView dy_view = p.like_x(dy.tensor.data);
+  VectorOut dweight;
+  if (weight.present()) dweight = vector_output(p.x.tensor, p.normalized);
+  without_gil([&] {
+    normkit::rms_norm_backward(params, dy_view, p.x.view, rstd.span, weight.span, dx_view,
+                               dweight.span);
+  });
+  if (fused.dresidual) return py::make_tuple(dx.value, or_none(dweight), *fused.dresidual);
+  return py::make_tuple(dx.value, or_none(dweight));
+}
+
 }  // namespace
 
 // Keyword-only arguments of every forward and backward: the fused epilogue (epilogue.h).
@@ -961,6 +1047,70 @@ weight as passed to / returned by layer_norm_forward.
 Returns (dx, dweight, dbias): dx has x's shape, dtype and the memory format y had; dweight and
 dbias (float32, of shape normalized_shape) are None when weight is None.)doc"
       BACKWARD_EPILOGUE_DOC);
+
+  m.def(
+      "rms_norm",
+      [](const py::object& x, const py::object& normalized_shape, const OptionalArray& weight,
+         std::optional<double> eps, const py::object& activation, const OptionalArray& residual) {
+        return rms_norm_forward_impl("rms_norm", x, normalized_shape, weight, eps, activation,
+                                     residual, std::nullopt)[0]
+            .cast<py::object>();
+      },
+      py::arg("x"), py::arg("normalized_shape"), py::arg("weight") = py::none(),
+      py::arg("eps") = py::none(), FORWARD_EPILOGUE_ARGS,
+      R"doc(Root-mean-square normalization (torch.nn.functional.rms_norm).
+
+x: a tensor of any rank whose trailing dims equal normalized_shape (an int or a sequence of
+ints). Each slice over those dims is divided by sqrt(mean(x^2) + eps), then multiplied by weight
+(optional, float32, of shape normalized_shape). eps=None is torch.finfo(x.dtype).eps. Returns y,
+a new tensor of x's dtype, in x's format as layer_norm's.)doc"
+      FORWARD_EPILOGUE_DOC);
+
+  m.def(
+      "rms_norm_forward",
+      [](const py::object& x, const py::object& normalized_shape, const OptionalArray& weight,
+         std::optional<double> eps, const py::object& activation, const OptionalArray& residual,
+         const OptionalArray& residual_in) {
+        return rms_norm_forward_impl("rms_norm_forward", x, normalized_shape, weight, eps,
+                                     activation, residual, residual_in);
+      },
+      py::arg("x"), py::arg("normalized_shape"), py::arg("weight") = py::none(),
+      py::arg("eps") = py::none(), FORWARD_EPILOGUE_ARGS, py::arg("residual_in") = py::none(),
+      R"doc(rms_norm that also returns the statistics its backward needs.
+
+Returns (y, rstd): y as rms_norm's; rstd = 1 / sqrt(mean(x^2) + eps), float32, of x's leading
+dims followed by a 1 for each normalized dim (as layer_norm_forward's).
+
+residual_in (keyword-only; None, or an array exactly like x): the residual add of pre-norm
+transformers fused in front: h = x + residual_in (rounded to x's dtype) is normalized, and
+returned as a third element, (y, rstd, h), for the next block's residual. Pass h as the
+backward's x.)doc"
+      FORWARD_EPILOGUE_DOC);
+
+  m.def("rms_norm_backward",
+        [](const py::object& dy, const py::object& x, const py::object& normalized_shape,
+           const py::object& rstd, const OptionalArray& weight, const OptionalArray& dsum_out,
+           const py::object& activation, const OptionalArray& y, bool residual_grad,
+           const py::object& residual) {
+          return rms_norm_backward_impl(dy, x, normalized_shape, rstd, weight, dsum_out,
+                                        {activation, y, residual_grad, residual, py::none()});
+        },
+        py::arg("dy"), py::arg("x"), py::arg("normalized_shape"), py::arg("rstd"),
+        py::arg("weight") = py::none(), py::kw_only(), py::arg("dsum_out") = py::none(),
+        py::arg("activation") = py::none(), py::arg("y") = py::none(),
+        py::arg("residual_grad") = false, py::arg("residual") = py::ellipsis(),
+        R"doc(Gradients of rms_norm.
+
+dy: the gradient with respect to y (x's shape and dtype; any strides). x (what the forward
+normalized: its h with residual_in), normalized_shape, rstd and weight as passed to / returned
+by rms_norm_forward.
+dsum_out (keyword-only; None, or an array exactly like x): with residual_in, the gradient
+arriving at h from the next block; then dh = d(norm) + dsum_out, which is the gradient of both
+x and residual_in.
+Returns (dx, dweight): dx has x's shape, dtype and the memory format y had; dweight (float32, of
+shape normalized_shape) is None when weight is None. activation, y, residual and
+residual_grad as layer_norm_backward's (there is no bias: silu recomputes z without one);
+residual_grad=True returns (dx, dweight, dresidual).)doc");
 
   m.def("set_num_threads", &normkit::set_num_threads, py::arg("n"),
         R"doc(Sets the number of threads every later call uses (n >= 1). Results do not depend

@@ -8,5 +8,6 @@
 #include "normkit/group_norm.h"
 #include "normkit/instance_norm.h"
 #include "normkit/layer_norm.h"
+#include "normkit/rms_norm.h"
 #include "normkit/layers.h"
 #include "normkit/tensor.h"

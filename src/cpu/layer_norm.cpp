@@ -1,4 +1,5 @@
-// LayerNorm CPU kernels: threading, scratch and folding below (HWY_ONCE section), SIMD leaf loops
+// LayerNorm and RMSNorm (LayerNorm without the mean: m = 0, no bias, no term through the mean)
+// CPU kernels, one set for both: threading, scratch and folding below (HWY_ONCE section), SIMD leaf loops
 // per Highway target above it.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "cpu/layer_norm.cpp"
@@ -38,9 +39,13 @@ struct Kernels {
   void (*grad_run)(const T* dy, const Upstream<T>& up, const T* x, const float* w,
                    const float* bias, T* gout, int64_t n, float m, float r, float* col_g,
                    float* col_gxhat, double* sum_g, double* sum_gxc);
-  // dx[i] = a * w[i] * g[i] + b * (x[i] - m) + c (a: the row's rstd). `stream` as above.
+  // dx[i] = a * w[i] * g[i] + b * (x[i] - m) + c + add?[i] (a: the row's rstd; add: RMSNorm's
+  // dsum_out, null for none). `stream` as above.
   void (*dx_run)(T* dx, const T* dy, const Upstream<T>& up, const T* x, const float* w,
-                 const float* bias, int64_t n, float a, float b, float m, float c, bool stream);
+                 const float* bias, int64_t n, float a, float b, float m, float c, const T* add,
+                 bool stream);
+  // out[i] = a[i] + b[i], summed in float and rounded once (RMSNorm's fused residual add).
+  void (*add_run)(T* out, const T* a, const T* b, int64_t n);
 };
 
 }  // namespace normkit::cpu::ln
@@ -183,41 +188,57 @@ void GradRun(const T* dy, const Upstream<T>& up, const T* x, const float* w, con
   });
 }
 
-template <bool kMask, bool kSilu, bool kStream = false, class D, typename T>
-HWY_INLINE void DxStep(D d, T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const Upstream<T>& up,
-                       int64_t i, const T* HWY_RESTRICT x, const float* HWY_RESTRICT w,
-                       const float* HWY_RESTRICT bias, V<D> a, V<D> b, V<D> m, V<D> c) {
+// kAdd: dx and dsum_out (`add`) summed in float, rounded once. Without it, LayerNorm's bits.
+template <bool kMask, bool kSilu, bool kAdd, bool kStream = false, class D, typename T>
+HWY_INLINE void DxStep(D d, T* dx, const T* HWY_RESTRICT dy, const Upstream<T>& up, int64_t i,
+                       const T* HWY_RESTRICT x, const float* HWY_RESTRICT w,
+                       const float* HWY_RESTRICT bias, const T* add, V<D> a, V<D> b, V<D> m,
+                       V<D> c) {
   const auto xc = hn::Sub(LoadF(d, x + i), m);
   const auto g = UpstreamAt<kMask, kSilu>(d, dy, up, i, xc, a, w, bias);
-  StoreOut<kStream>(hn::MulAdd(hn::Mul(a, hn::LoadU(d, w + i)), g, hn::MulAdd(b, xc, c)), d,
-                    dx + i);
+  auto v = hn::MulAdd(hn::Mul(a, hn::LoadU(d, w + i)), g, hn::MulAdd(b, xc, c));
+  if constexpr (kAdd) v = hn::Add(v, LoadF(d, add + i));
+  StoreOut<kStream>(v, d, dx + i);
 }
 
-// kStream: dx with non-temporal stores (see ForEachInRun).
-template <bool kMask, bool kSilu, bool kStream, typename T>
-void DxRunT(T* HWY_RESTRICT dx, const T* HWY_RESTRICT dy, const Upstream<T>& up,
-            const T* HWY_RESTRICT x, const float* HWY_RESTRICT w,
-            const float* HWY_RESTRICT bias, int64_t n, float a, float b, float m, float c) {
+// kStream: dx with non-temporal stores (see ForEachInRun). dx may be add's memory (each lane
+// reads add before it writes dx), so neither is restrict.
+template <bool kMask, bool kSilu, bool kAdd, bool kStream, typename T>
+void DxRunT(T* dx, const T* HWY_RESTRICT dy, const Upstream<T>& up, const T* HWY_RESTRICT x,
+            const float* HWY_RESTRICT w, const float* HWY_RESTRICT bias, int64_t n, float a,
+            float b, float m, float c, const T* add) {
   ForEachInRun<kStream>(dx, n, [&](auto d, int64_t i, auto stream) {
-    DxStep<kMask, kSilu, decltype(stream)::value>(d, dx, dy, up, i, x, w, bias, hn::Set(d, a),
-                                           hn::Set(d, b), hn::Set(d, m), hn::Set(d, c));
+    DxStep<kMask, kSilu, kAdd, decltype(stream)::value>(d, dx, dy, up, i, x, w, bias, add,
+                                                        hn::Set(d, a), hn::Set(d, b),
+                                                        hn::Set(d, m), hn::Set(d, c));
   });
 }
 
 template <typename T>
 void DxRun(T* dx, const T* dy, const Upstream<T>& up, const T* x, const float* w,
-           const float* bias, int64_t n, float a, float b, float m, float c, bool stream) {
+           const float* bias, int64_t n, float a, float b, float m, float c, const T* add,
+           bool stream) {
   WithStream<T>(stream, [&](auto kS) {
     WithUpstream(up, [&](auto kMask, auto kSilu) {
-      DxRunT<decltype(kMask)::value, decltype(kSilu)::value, decltype(kS)::value>(
-          dx, dy, up, x, w, bias, n, a, b, m, c);
+      constexpr bool M = decltype(kMask)::value, U = decltype(kSilu)::value,
+                     S = decltype(kS)::value;
+      add ? DxRunT<M, U, true, S>(dx, dy, up, x, w, bias, n, a, b, m, c, add)
+          : DxRunT<M, U, false, S>(dx, dy, up, x, w, bias, n, a, b, m, c, add);
     });
+  });
+}
+
+// out may be the memory of a or b (each lane reads both before it writes).
+template <typename T>
+void AddRun(T* out, const T* a, const T* b, int64_t n) {
+  ForEachInRun<false>(out, n, [&](auto d, int64_t i, auto) {
+    StoreF(hn::Add(LoadF(d, a + i), LoadF(d, b + i)), d, out + i);
   });
 }
 
 template <typename T>
 const ln::Kernels<T>* KernelTable() {
-  static const ln::Kernels<T> k{&ApplyRun<T>, &GradRun<T>, &DxRun<T>};
+  static const ln::Kernels<T> k{&ApplyRun<T>, &GradRun<T>, &DxRun<T>, &AddRun<T>};
   return &k;
 }
 
@@ -303,6 +324,15 @@ inline RowCoef fold(const Moments& mo, double eps) {
   const float mf = float(mo.mean);  // 0 for an empty row
   return {mf, float(r), float(-(mo.mean - double(mf)) * r)};
 }
+// RMSNorm: no mean to take off, and mean(x^2) = var + mean^2, a sum of two non-negative terms,
+// so the moments LayerNorm already computes give it without cancellation (and without the
+// overflow of a float x^2).
+inline RowCoef fold_rms(const Moments& mo, double eps) {
+  return {0.0f, float(1.0 / std::sqrt(mo.variance() + mo.mean * mo.mean + eps)), 0.0f};
+}
+inline RowCoef fold(const Moments& mo, double eps, bool centered) {
+  return centered ? fold(mo, eps) : fold_rms(mo, eps);
+}
 
 }  // namespace
 
@@ -322,18 +352,24 @@ ForwardSchedule plan_forward(const LayerNormShape& t, int64_t value_bytes) {
 
 }  // namespace
 
+// Both ops: `centered` is LayerNorm; without it (RMSNorm) the mean is 0, bias null and mean not
+// written (null).
 template <typename T>
-void layer_norm_forward(const LayerNormPlan& plan, double eps, const ForwardEpilogueOf<T>& epi,
-                        const T* x, const float* weight, const float* bias, T* y, float* mean,
-                        float* rstd, std::span<std::byte> workspace) {
+void norm_forward(const LayerNormPlan& plan, double eps, bool centered,
+                  const ForwardEpilogueOf<T>& epi, const T* x, const float* weight,
+                  const float* bias, T* y, float* mean, float* rstd,
+                  std::span<std::byte> workspace) {
   const LayerNormShape& t = plan.shape;
   const int num_threads = plan.num_threads;
   const bool parallel = plan.parallel;
   const int64_t rows = t.rows, cols = t.cols;
   if (rows <= 0) return;
   if (cols <= 0) {  // empty rows: mean 0 and rstd NaN, as torch
-    const RowCoef f = fold(Moments{}, eps);
-    for (int64_t i = 0; i < rows; ++i) mean[i] = f.m, rstd[i] = f.r;
+    const RowCoef f = fold(Moments{}, eps, centered);
+    for (int64_t i = 0; i < rows; ++i) {
+      if (mean) mean[i] = f.m;
+      rstd[i] = f.r;
+    }
     return;
   }
   const LayerNormScratch& p = plan.scratch;
@@ -350,8 +386,8 @@ void layer_norm_forward(const LayerNormPlan& plan, double eps, const ForwardEpil
       for_each_run_moments(x, rows, cols, cached_unit_bytes(), num_threads, parallel, stream,
                            [&](int64_t row, const Moments& mo) {
         const int64_t at = row * cols;
-        const RowCoef f = fold(mo, eps);
-        mean[row] = f.m;
+        const RowCoef f = fold(mo, eps, centered);
+        if (mean) mean[row] = f.m;
         rstd[row] = f.r;
         k.apply_run(y + at, x + at, res ? res + at : nullptr, w, b, cols, f.m, f.r, f.t, epi.activation,
                     stream);
@@ -364,8 +400,8 @@ void layer_norm_forward(const LayerNormPlan& plan, double eps, const ForwardEpil
                    scratch_part<Moments>(base, p.piece_moments));
       float* tail = scratch_part<float>(base, p.tail);
       for (int64_t row = 0; row < rows; ++row) {
-        const RowCoef f = fold(mo[row], eps);
-        mean[row] = f.m;
+        const RowCoef f = fold(mo[row], eps, centered);
+        if (mean) mean[row] = f.m;
         rstd[row] = f.r;
         tail[row] = f.t;
       }
@@ -374,7 +410,7 @@ void layer_norm_forward(const LayerNormPlan& plan, double eps, const ForwardEpil
         rp.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) {
           const int64_t at = row * cols + lo;
           k.apply_run(y + at, x + at, res ? res + at : nullptr, w + lo, b + lo, hi - lo,
-                      mean[row], rstd[row], tail[row], epi.activation, stream);
+                      mean ? mean[row] : 0.0f, rstd[row], tail[row], epi.activation, stream);
         });
       });
       return;
@@ -426,7 +462,10 @@ struct LayerNormBackward {
   float* cc;
   float* colg;  // per (row block, column): float partials of sum(g), sum(g * xhat)
   float* colx;
+  const T* dsum = nullptr;  // RMSNorm's dsum_out, added to dx (null: none)
   const ln::Kernels<T>& k = kernels<T>();
+  // RMSNorm (mean null): the mean is 0.
+  float mean_of(int64_t row) const { return mean ? mean[row] : 0.0f; }
   // With dresidual written, dx reads g back from it (one stream instead of dy and y or the
   // residual) where that is exact: g is dy or 0 (relu, none), or float32 (silu). A 16-bit g
   // would be a rounding the sums did not see, so silu then recomputes it.
@@ -446,7 +485,7 @@ struct LayerNormBackward {
     float* ug = want_columns ? colg + rb * cols + lo : nullptr;
     float* ux = want_columns ? colx + rb * cols + lo : nullptr;
     k.grad_run(dy + at, up.at(at), x + at, w + lo, bias ? bias + lo : nullptr, gout ? gout + at : nullptr,
-               hi - lo, mean[row], rstd[row], ug, ux, &pg[row * pieces + piece],
+               hi - lo, mean_of(row), rstd[row], ug, ux, &pg[row * pieces + piece],
                &px[row * pieces + piece]);
   }
 
@@ -456,14 +495,14 @@ struct LayerNormBackward {
     for (int64_t q = 0; q < pieces; ++q) sg += pg[row * pieces + q], sx += px[row * pieces + q];
     const double r = rstd[row];
     cb[row] = float(-r * r * r * sx / double(cols));
-    cc[row] = float(-r * sg / double(cols));
+    cc[row] = mean ? float(-r * sg / double(cols)) : 0.0f;  // no mean, no term through it
   }
 
   // ---- phase 3: dx of piece [lo, hi) of a row ----
   void row_dx(int64_t row, int64_t lo, int64_t hi) {
     const int64_t at = row * cols + lo;
     k.dx_run(dx + at, gin + at, dx_up.at(at), x + at, w + lo, bias ? bias + lo : nullptr, hi - lo, rstd[row],
-             cb[row], mean[row], cc[row], stream);
+             cb[row], mean_of(row), cc[row], dsum ? dsum + at : nullptr, stream);
   }
 
   // ---- phase 4: column j's dweight and dbias, the row blocks' partials added in order ----
@@ -482,10 +521,12 @@ struct LayerNormBackward {
 
 }  // namespace
 
+// Both ops: RMSNorm passes mean and dbias null, and its dsum_out as dsum (else null).
 template <typename T>
-void layer_norm_backward(const LayerNormPlan& plan, const BackwardEpilogueOf<T>& epi, const T* dy,
-                         const T* x, const float* mean, const float* rstd, const float* weight,
-                         T* dx, float* dweight, float* dbias, std::span<std::byte> workspace) {
+void norm_backward(const LayerNormPlan& plan, const BackwardEpilogueOf<T>& epi, const T* dy,
+                   const T* x, const float* mean, const float* rstd, const float* weight,
+                   const T* dsum, T* dx, float* dweight, float* dbias,
+                   std::span<std::byte> workspace) {
   const LayerNormShape& t = plan.shape;
   const int num_threads = plan.num_threads;
   const bool parallel = plan.parallel;
@@ -511,6 +552,7 @@ void layer_norm_backward(const LayerNormPlan& plan, const BackwardEpilogueOf<T>&
                          epi.dresidual, rows, cols, pieces,
                          dweight || dbias, streams_output<T>(rows * cols), pg,
                          pg + rows * pieces, cb, cb + rows, colg, colg + row_blocks * cols};
+  b.dsum = dsum;
 
   switch (plan.backward) {
     case BackwardSchedule::cached_row_blocks:
@@ -546,6 +588,49 @@ void layer_norm_backward(const LayerNormPlan& plan, const BackwardEpilogueOf<T>&
   for (int64_t j = 0; j < cols; ++j) b.column_gradients(t, row_blocks, dweight, dbias, j);
 }
 
+template <typename T>
+void layer_norm_forward(const LayerNormPlan& plan, double eps, const ForwardEpilogueOf<T>& epi,
+                        const T* x, const float* weight, const float* bias, T* y, float* mean,
+                        float* rstd, std::span<std::byte> workspace) {
+  norm_forward(plan, eps, true, epi, x, weight, bias, y, mean, rstd, workspace);
+}
+
+template <typename T>
+void layer_norm_backward(const LayerNormPlan& plan, const BackwardEpilogueOf<T>& epi, const T* dy,
+                         const T* x, const float* mean, const float* rstd, const float* weight,
+                         T* dx, float* dweight, float* dbias, std::span<std::byte> workspace) {
+  norm_backward(plan, epi, dy, x, mean, rstd, weight, static_cast<const T*>(nullptr), dx,
+                dweight, dbias, workspace);
+}
+
+template <typename T>
+void rms_norm_forward(const LayerNormPlan& plan, double eps, const ForwardEpilogueOf<T>& epi,
+                      const T* x, const float* weight, const T* residual_in, T* y, float* rstd,
+                      T* sum_out, std::span<std::byte> workspace) {
+  const LayerNormShape& t = plan.shape;
+  if (residual_in && t.rows > 0 && t.cols > 0) {
+    // h first, in its own pass: the statistics and y must see h rounded as sum_out holds it.
+    const auto& k = kernels<T>();
+    const RowPieces rp(t.rows, t.cols);
+    parallel_for(rp.units, plan.num_threads, plan.parallel, false, [&](int64_t u) {
+      rp.for_unit(u, [&](int64_t row, int64_t, int64_t lo, int64_t hi) {
+        const int64_t at = row * t.cols + lo;
+        k.add_run(sum_out + at, x + at, residual_in + at, hi - lo);
+      });
+    });
+    x = sum_out;
+  }
+  norm_forward(plan, eps, false, epi, x, weight, nullptr, y, nullptr, rstd, workspace);
+}
+
+template <typename T>
+void rms_norm_backward(const LayerNormPlan& plan, const BackwardEpilogueOf<T>& epi, const T* dy,
+                       const T* x, const float* rstd, const float* weight, const T* dsum_out,
+                       T* dx, float* dweight, std::span<std::byte> workspace) {
+  norm_backward(plan, epi, dy, x, nullptr, rstd, weight, dsum_out, dx, dweight, nullptr,
+                workspace);
+}
+
 LayerNormPlan plan_layer_norm(const LayerNormShape& shape, int64_t value_bytes, int num_threads) {
   LayerNormPlan plan;
   plan.shape = shape;
@@ -563,7 +648,13 @@ LayerNormPlan plan_layer_norm(const LayerNormShape& shape, int64_t value_bytes, 
                                       std::span<std::byte>);                                    \
   template void layer_norm_backward<T>(const LayerNormPlan&, const BackwardEpilogueOf<T>&,      \
                                        const T*, const T*, const float*, const float*,          \
-                                       const float*, T*, float*, float*, std::span<std::byte>);
+                                       const float*, T*, float*, float*, std::span<std::byte>); \
+  template void rms_norm_forward<T>(const LayerNormPlan&, double, const ForwardEpilogueOf<T>&,   \
+                                    const T*, const float*, const T*, T*, float*, T*,           \
+                                    std::span<std::byte>);                                      \
+  template void rms_norm_backward<T>(const LayerNormPlan&, const BackwardEpilogueOf<T>&,        \
+                                     const T*, const T*, const float*, const float*, const T*,  \
+                                     T*, float*, std::span<std::byte>);
 NORMKIT_LAYER_NORM_INSTANTIATE(float)
 NORMKIT_LAYER_NORM_INSTANTIATE(bf16)
 NORMKIT_LAYER_NORM_INSTANTIATE(f16)

@@ -96,4 +96,19 @@ void layer_norm_backward(const LayerNormPlan& plan, const BackwardEpilogueOf<T>&
                          const float* weight, T* dx, float* dweight, float* dbias,
                          std::span<std::byte> workspace);
 
+// RMSNorm on the same plan (plan_layer_norm), kernels and schedules, with the mean 0 (see
+// normkit/rms_norm.h). With residual_in (else null), first sum_out = x + residual_in (may be the
+// memory of either), then sum_out is normalized. Overwrites y, rstd and sum_out.
+template <typename T>
+void rms_norm_forward(const LayerNormPlan& plan, double eps, const ForwardEpilogueOf<T>& epilogue,
+                      const T* x, const float* weight, const T* residual_in, T* y, float* rstd,
+                      T* sum_out, std::span<std::byte> workspace);
+
+// dx = d(norm) + dsum_out (null: none; may be dx's memory). Overwrites dx, dweight (not null) and
+// epilogue.dresidual.
+template <typename T>
+void rms_norm_backward(const LayerNormPlan& plan, const BackwardEpilogueOf<T>& epilogue,
+                       const T* dy, const T* x, const float* rstd, const float* weight,
+                       const T* dsum_out, T* dx, float* dweight, std::span<std::byte> workspace);
+
 }  // namespace normkit::cpu
