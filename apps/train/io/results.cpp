@@ -204,7 +204,7 @@ std::string table(const std::vector<RunResult>& runs, const std::string& corner,
 // Every run, one row each, in order: the table behind the means of the tables above.
 std::string every_run_table(const std::vector<RunResult>& runs, const std::vector<RowKey>& keys) {
   std::string out = "\n## Every run\n\n";
-  out += "| norm | batch | seed | test error (%) | batch statistics (%) | precise statistics (%) | "
+  out += "| norm | batch | seed | test error (%) | with batch stats (%) | with precise stats (%) | "
          "train loss | images/s |\n|---|---:|---:|---:|---:|---:|---:|---:|\n";
   auto value = [](double v, const char* format) { return std::isnan(v) ? std::string("—") : fmt(format, v); };
   for (const RunResult& r : runs) {
