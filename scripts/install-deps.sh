@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs normkit's dependencies from Debian's packages.
 #   bash scripts/install-deps.sh              # everything: build, tests, Python module, benchmark, training
-#   bash scripts/install-deps.sh experiment   # only what the main job needs: the library and normkit-train
+#   bash scripts/install-deps.sh experiment   # only what the main job needs: the library,
+#                                             # normkit-train and matplotlib for its figures
 # Idempotent: packages already present are left as they are.
 set -euo pipefail
 
@@ -10,6 +11,7 @@ packages=(
   libhwy-dev libopenblas-dev zlib1g-dev
   libcli11-dev nlohmann-json3-dev
   dataset-fashion-mnist
+  python3-matplotlib  # the sweep's figures (scripts/plot_sweep.py)
 )
 if [[ ${1:-all} != experiment ]]; then
   packages+=(

@@ -2,8 +2,8 @@
 # The main job: the GroupNorm paper's batch-size experiment at small scale. Trains the residual CNN
 # of normkit-train on Fashion-MNIST with BatchNorm and GroupNorm at batch sizes 32, 16, 8, 4 and 2
 # (the same epochs for every batch size, lr = 0.1 * batch / 32) and writes the table and the
-# figure. On a fresh Debian 12 machine with 2 cores it installs what it needs, builds and trains
-# in under 20 minutes.
+# figures (scripts/plot_sweep.py). On a fresh Debian 12 machine with 2 cores it installs what it
+# needs, builds and trains in under 20 minutes.
 #
 #   bash scripts/run-experiment.sh [OUT_DIR]      # default OUT_DIR: runs/sweep
 #
@@ -41,9 +41,11 @@ done
 echo "== sweep -> $out"
 ./build/bin/normkit-train sweep "${args[@]}" --out "$out" "$@"
 done=$(date +%s)
+echo "== figures"
+/usr/bin/python3 scripts/plot_sweep.py "$out"
 
 echo
 echo "table:  $out/results.md (and $out/results.csv)"
-echo "figure: $out/test_error_vs_batch.svg (test error vs batch size), $out/loss_curves.svg"
+echo "figure: $out/test_error_vs_batch.png (test error vs batch size), $out/loss_curves.png; SVG beside them"
 echo "runs:   $out/runs/ (metrics JSON and log of every run)"
 echo "time:   $((built - start)) s setup and build, $((done - built)) s training"

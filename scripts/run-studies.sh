@@ -6,7 +6,8 @@
 #      at batch 32;
 #   3. InstanceNorm at batch 2, beside the main job's BN and GN at batch 2.
 # Each is one `normkit-train sweep` (a grid of norms x groups x base learning rates x batch sizes),
-# writing results.md, results.csv, the figures and every run's metrics into its folder.
+# writing results.md, results.csv and every run's metrics into its folder, then
+# scripts/plot_sweep.py draws its figures there.
 #
 #   bash scripts/run-studies.sh [OUT_DIR]      # default OUT_DIR: runs/studies
 #
@@ -24,10 +25,13 @@ cmake --build build -j "$(nproc)" --target normkit-train
 echo "== learning rate: BN vs none -> $out/learning-rate"
 ./build/bin/normkit-train sweep --norms bn,none --lr-base 0.02,0.1,0.5,2 --batches 32 --epochs 1 \
   --out "$out/learning-rate"
+/usr/bin/python3 scripts/plot_sweep.py "$out/learning-rate"
 
 echo "== GroupNorm groups -> $out/groups"
 ./build/bin/normkit-train sweep --norms gn,in --groups 1,2,4,8,16 --batches 32 --epochs 2 \
   --out "$out/groups"
+/usr/bin/python3 scripts/plot_sweep.py "$out/groups"
 
 echo "== InstanceNorm at batch 2 -> $out/instance-norm-batch-2"
 ./build/bin/normkit-train sweep --norms in --batches 2 --epochs 2 --out "$out/instance-norm-batch-2"
+/usr/bin/python3 scripts/plot_sweep.py "$out/instance-norm-batch-2"

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <exception>
 #include <filesystem>
@@ -17,7 +18,6 @@
 
 #include "dist.h"
 #include "io/io_error.h"
-#include "io/plot.h"
 #include "io/progress.h"
 #include "io/results.h"
 #include "nn/parallel.h"
@@ -126,6 +126,51 @@ void add_common(CLI::App* app, Common& c) {
   app->add_option("--precise-bn-batch", c.precise_bn_batch,
                   "BN: images per train-mode batch of the precise statistics")
       ->capture_default_str()->check(kPositive);  // >= 2 checked by the trainer
+}
+
+// run's options for the studies of the papers' other claims (trainer.h); each default is the
+// batch-size experiment's run.
+struct Study {
+  double init_scale = 1, dropout = 0, weight_decay = 1e-4;
+  int64_t eval_train_images = 0;
+  std::vector<int> classes;
+  std::string init_from;
+};
+
+void add_study_options(CLI::App* app, Study& s) {
+  app->add_option("--init-scale", s.init_scale,
+                  "every convolution's and the classifier's initial weight times S (the "
+                  "init-sensitivity study)")
+      ->capture_default_str()->check(kPositive);
+  app->add_option("--dropout", s.dropout,
+                  "dropout probability on the pooled features before the classifier, in training "
+                  "only; in [0, 1)")
+      ->capture_default_str();  // checked by the trainer
+  app->add_option("--weight-decay", s.weight_decay, "SGD's weight decay, on every parameter")
+      ->capture_default_str()->check(kNonNegative);
+  app->add_option("--eval-train-images", s.eval_train_images,
+                  "at the end, evaluate the first M training images like the test images "
+                  "(train_error_eval, train_loss_eval); 0: off")
+      ->capture_default_str()->check(kNonNegative);
+  app->add_option("--classes", s.classes,
+                  "train and test on images of these labels alone, e.g. 0,1,2,3,4 (default: all); "
+                  "--limit-train/--limit-test count the kept images, in file order; the "
+                  "classifier keeps an output per label")
+      ->delimiter(',');  // checked by the trainer
+  app->add_option("--init-from", s.init_from,
+                  "start from another run's checkpoint: its weights and BN running statistics "
+                  "(same --widths, --blocks-per-stage, norm family), a new classifier, a fresh "
+                  "optimizer; with --norm frozen its BN layers are frozen. Not with --resume")
+      ->check(CLI::ExistingFile);
+}
+
+void apply_study(const Study& s, nt::TrainConfig& t) {
+  t.model.init_scale = s.init_scale;
+  t.model.dropout = s.dropout;
+  t.weight_decay = s.weight_decay;
+  t.eval_train_images = s.eval_train_images;
+  t.classes = s.classes;
+  t.init_from = s.init_from;
 }
 
 bool same_file(const std::string& a, const std::string& b) {
@@ -337,6 +382,10 @@ std::string summary(const nt::TrainOutcome& o) {
   if (r.test_error_precise)
     n += std::snprintf(line + n, sizeof line - n, " (precise statistics: %.2f%%)",
                        *r.test_error_precise);
+  if (std::isfinite(r.train_error_eval))
+    n += std::snprintf(line + n, sizeof line - n, "; %lld training images: error %.2f%%, loss %.4f",
+                       static_cast<long long>(r.eval_train_images), r.train_error_eval,
+                       r.train_loss_eval);
   std::snprintf(line + n, sizeof line - n, "; %.0f images/s, %.1f s", r.images_per_s, r.seconds);
   return line;
 }
@@ -376,8 +425,10 @@ int main(int argc, char** argv) {
   std::string metrics_out, checkpoint, resume;
   int64_t checkpoint_every = 0, stop_after = -1, warmup_steps = 0;
   CLI::App* run = app.add_subcommand("run", "train and evaluate one model");
-  run->add_option("--norm", norm, "bn, gn, ln, in or none")
-      ->capture_default_str()->check(CLI::IsMember({"bn", "gn", "ln", "in", "none"}));
+  run->add_option("--norm", norm,
+                  "bn, gn, ln, in, none, or frozen: --init-from's BN layers as fixed affine maps "
+                  "(FrozenBatchNorm), not trained")
+      ->capture_default_str()->check(CLI::IsMember({"bn", "gn", "ln", "in", "none", "frozen"}));
   run->add_option("--batch", batch, "images per batch")->capture_default_str()->check(kPositive);
   add_common(run, run_opts);
   run->add_option("--metrics-out", metrics_out, "write the run's metrics as JSON to FILE");
@@ -390,13 +441,16 @@ int main(int argc, char** argv) {
       ->check(kNonNegative);
   run->add_flag("--sync-bn", run_opts.sync_bn,
                 "BatchNorm statistics over all devices of a step (SyncBN) instead of per device");
+  Study study;
+  add_study_options(run, study);
 
   Common sweep_opts;
   std::vector<std::string> norms{"bn", "gn"};
   std::vector<int> batches{32, 16, 8, 4, 2};
   std::vector<uint64_t> seeds;
   std::string out_dir;
-  CLI::App* sweep = app.add_subcommand("sweep", "train every (norm, batch) pair; write a table and a plot");
+  CLI::App* sweep = app.add_subcommand(
+      "sweep", "train every (norm, batch) pair; write the tables and every run's metrics");
   sweep->add_option("--norms", norms,
                     "norms to compare: bn, gn, ln, in, none, and syncbn (BN with statistics over "
                     "all devices; --devices >= 2); NAME@B1+B2 trains that arm at those of --batches "
@@ -411,7 +465,10 @@ int main(int argc, char** argv) {
       ->delimiter(',');
   sweep->add_flag("--sync-bn", sweep_opts.sync_bn,
                   "also train every BN point with statistics over all devices (SyncBN rows)");
-  sweep->add_option("--out", out_dir, "output folder (results.csv, results.md, the plot)")->required();
+  sweep->add_option("--out", out_dir,
+                    "output folder (results.csv, results.md, summary.csv, runs/; scripts/plot_sweep.py draws "
+                    "the figures from it)")
+      ->required();
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   int jobs = cores;
   sweep->add_option("--jobs", jobs,
@@ -447,6 +504,7 @@ int main(int argc, char** argv) {
       cfg.stop_after_steps = stop_after;
       cfg.resume_path = resume;
       cfg.warmup_steps = warmup_steps;
+      apply_study(study, cfg);
       // Pre-flight: every option and output before the data is read; the batch against the data
       // and the memory estimate in train_run, before the model is built.
       nt::validate(cfg);
@@ -455,10 +513,13 @@ int main(int argc, char** argv) {
       if (same_file(metrics_out, checkpoint))
         throw normkit::Error("--metrics-out and --checkpoint name the same file " + checkpoint +
                              "; give them different names");
+      if (same_file(metrics_out, study.init_from) || same_file(checkpoint, study.init_from))
+        throw normkit::Error("--init-from " + study.init_from +
+                             " would be overwritten by --metrics-out or --checkpoint; give them other names");
       if (same_file(metrics_out, resume))
         throw normkit::Error("--metrics-out " + metrics_out +
                              " would overwrite the --resume checkpoint; give it another name");
-      const nt::Data data = nt::load_data(cfg.data_dir, cfg.limit_train, cfg.limit_test);
+      const nt::Data data = nt::load_data(cfg.data_dir, cfg.limit_train, cfg.limit_test, cfg.classes);
       nt::ProgressBar bar = make_progress(run_opts.quiet || !lead);
       const nt::TrainOutcome o = nt::train_run(cfg, data, &bar, label_of(cfg));
       if (!lead) {
@@ -539,13 +600,6 @@ int main(int argc, char** argv) {
         nt::write_results_csv(out_dir + "/results.csv", results);
         nt::write_results_markdown(out_dir + "/results.md", results, notes);
         nt::write_summary_csv(out_dir + "/summary.csv", results);
-        if (batches.size() > 1)
-          nt::write_line_plot_svg(out_dir + "/test_error_vs_batch.svg",
-                                  nt::batch_size_plot(results, "Fashion-MNIST test error vs batch size"));
-        if (several_groups)
-          nt::write_line_plot_svg(out_dir + "/test_error_vs_groups.svg",
-                                  nt::groups_plot(results, "Fashion-MNIST test error vs GroupNorm groups"));
-        nt::write_line_plot_svg(out_dir + "/loss_curves.svg", nt::loss_curve_plot(results));
       };
       // runs/<norm>[_g<G>][_lr<L>]_b<batch>[_s<seed>]: the group count, lr and seed only when
       // the sweep varies them.
@@ -603,9 +657,9 @@ int main(int argc, char** argv) {
           record(i, r);
         });
       }
-      std::printf("wrote %s/results.csv, %s/results.md, %s%s%s/loss_curves.svg\n", out_dir.c_str(),
-                  out_dir.c_str(), batches.size() > 1 ? (out_dir + "/test_error_vs_batch.svg, ").c_str() : "",
-                  several_groups ? (out_dir + "/test_error_vs_groups.svg, ").c_str() : "", out_dir.c_str());
+      std::printf("wrote %s/results.csv, %s/results.md, %s/summary.csv and %s/runs/\n"
+                  "figures: /usr/bin/python3 scripts/plot_sweep.py %s\n",
+                  out_dir.c_str(), out_dir.c_str(), out_dir.c_str(), out_dir.c_str(), out_dir.c_str());
     }
   } catch (const normkit::Error& e) {
     return fail(2, e.what());

@@ -70,7 +70,12 @@ std::vector<std::pair<std::string, std::pair<std::string, std::string>>> run_ide
           {"sync_bn", {c.sync_bn ? "1" : "0", "--sync-bn"}},
           {"crop_pad", {std::to_string(c.crop_pad), "--crop-pad"}},
           {"hflip", {c.hflip ? "1" : "0", "--hflip"}},
-          {"lr_warmup", {fmt(c.lr_warmup), "--warmup"}}};
+          {"lr_warmup", {fmt(c.lr_warmup), "--warmup"}},
+          {"init_scale", {fmt(c.model.init_scale), "--init-scale"}},
+          {"dropout", {fmt(c.model.dropout), "--dropout"}},
+          {"weight_decay", {fmt(c.weight_decay), "--weight-decay"}},
+          {"eval_train_images", {std::to_string(c.eval_train_images), "--eval-train-images"}},
+          {"classes", {c.classes.empty() ? "all" : join(c.classes), "--classes"}}};
 }
 
 // Identity keys a checkpoint carries only when they differ from these values, so that a
@@ -79,8 +84,17 @@ const char* identity_default(const std::string& key) {
   if (key == "devices") return "1";
   if (key == "sync_bn") return "0";
   if (key == "crop_pad" || key == "hflip" || key == "lr_warmup") return "0";
+  if (key == "init_scale") return "1";
+  if (key == "dropout") return "0";
+  if (key == "weight_decay") return "0.0001";  // fmt(1e-4)
+  if (key == "eval_train_images") return "0";
+  if (key == "classes") return "all";
   return nullptr;
 }
+
+// The checkpoint a fine-tuning run started from: informational, for the metrics, and not part
+// of the identity (a resumed run does not repeat --init-from).
+constexpr const char* kInitFromKey = "init_from";
 
 // The loop's position and running statistics: everything besides the model and the optimizer
 // that a resumed run needs to continue bit for bit.
@@ -136,11 +150,12 @@ void save_checkpoint(const std::string& path, const TrainConfig& config, int64_t
     const char* fallback = identity_default(key);
     if (fallback == nullptr || value.first != fallback) meta[key] = value.first;
   }
+  if (!config.init_from.empty()) meta[kInitFromKey] = config.init_from;
   save_safetensors(path, t, meta, Checksum::crc32);
 }
 
 void load_checkpoint(const std::string& path, const TrainConfig& config, int64_t train_images,
-                     Model& model, LoopState& s) {
+                     Model& model, LoopState& s, std::string* init_from = nullptr) {
   const std::string keep =
       "; this run did not start. Resume from an intact copy, or start over without --resume";
   SafetensorsFile f;
@@ -231,6 +246,41 @@ void load_checkpoint(const std::string& path, const TrainConfig& config, int64_t
   }
   for (size_t i = 0; i < bufs.size(); ++i) *bufs[i].values = std::move(buffers[i]);
   s = std::move(r);
+  if (init_from && f.metadata.count(kInitFromKey)) *init_from = f.metadata.at(kInitFromKey);
+}
+
+// BN and frozen BN are one family: the same tensors under the same names.
+std::string norm_family(const std::string& norm) { return norm == "frozen" ? "bn" : norm; }
+
+// Device 0's buffers to the other replicas of this process, then every parameter value to every
+// replica and process.
+void share_with_replicas(std::vector<std::unique_ptr<Model>>& replicas) {
+  for (size_t d = 1; d < replicas.size(); ++d) {
+    const std::vector<Buffer> from = replicas[0]->buffers(), to = replicas[d]->buffers();
+    for (size_t i = 0; i < from.size(); ++i) *to[i].values = *from[i].values;
+  }
+  broadcast_values(replicas);
+}
+
+// Each split's images of `classes` alone, in file order, then the first `limit` of them.
+void keep_classes(Dataset& d, const std::vector<int>& classes, int64_t limit, const char* split) {
+  std::vector<bool> wanted(256, false);
+  for (int c : classes) {
+    if (c < 0 || c > 255)
+      throw Error("--classes " + join(classes) + ": each class must be a label in [0, 255]");
+    wanted[static_cast<size_t>(c)] = true;
+  }
+  const int64_t image = d.image_size();
+  int64_t kept = 0;
+  for (int64_t i = 0; i < d.count && (limit < 0 || kept < limit); ++i) {
+    if (!wanted[d.labels[static_cast<size_t>(i)]]) continue;
+    std::copy_n(d.images.data() + i * image, image, d.images.data() + kept * image);
+    d.labels[static_cast<size_t>(kept++)] = d.labels[static_cast<size_t>(i)];
+  }
+  if (kept == 0) throw Error("--classes " + join(classes) + ": no " + split + " image has one of these labels");
+  d.count = kept;
+  d.images.resize(static_cast<size_t>(kept * image));
+  d.labels.resize(static_cast<size_t>(kept));
 }
 
 void standardize(std::vector<float>& v, float mean, float stddev) {
@@ -258,6 +308,24 @@ ProfileLevel profile_requested() {
   const char* v = std::getenv("NORMKIT_TRAIN_PROFILE");
   if (v == nullptr || *v == '\0' || std::string(v) == "0") return ProfileLevel::off;
   return std::string(v) == "cpu" ? ProfileLevel::cpu : ProfileLevel::phases;
+}
+
+// The data a run with classes and eval_train_images needs: the images of those classes alone
+// (load_data's), and at least eval_train_images training images.
+void check_study_data(const TrainConfig& c, const Data& data, int64_t train_count,
+                      int64_t test_count) {
+  if (c.eval_train_images > train_count)
+    throw Error("--eval-train-images " + std::to_string(c.eval_train_images) + ": the run has " +
+                std::to_string(train_count) + " training images; choose at most that many");
+  if (c.classes.empty()) return;
+  std::vector<bool> wanted(256, false);
+  for (int k : c.classes) wanted[static_cast<size_t>(k)] = true;
+  for (const auto& [split, count] : {std::pair{&data.train, train_count}, {&data.test, test_count}})
+    for (int64_t i = 0; i < count; ++i)
+      if (!wanted[split->labels[static_cast<size_t>(i)]])
+        throw Error("--classes " + join(c.classes) + ": the data holds an image of label " +
+                    std::to_string(split->labels[static_cast<size_t>(i)]) +
+                    "; load it with load_data(..., classes)");
 }
 
 }  // namespace
@@ -304,15 +372,43 @@ void validate(const TrainConfig& c) {
         "must be >= 2 (an unbiased variance needs two images)");
   for (double f : c.lr_decay_at)
     if (!(f > 0 && f < 1)) bad("--lr-decay-at", fmt(f), "each fraction must be in (0, 1)");
+  if (!(c.model.init_scale > 0) || !std::isfinite(c.model.init_scale))
+    bad("--init-scale", fmt(c.model.init_scale), "must be a positive number");
+  if (!(c.model.dropout >= 0 && c.model.dropout < 1))
+    bad("--dropout", fmt(c.model.dropout), "must be in [0, 1)");
+  if (!(c.weight_decay >= 0) || !std::isfinite(c.weight_decay))
+    bad("--weight-decay", fmt(c.weight_decay), "must be zero or a positive number");
+  if (c.eval_train_images < 0)
+    bad("--eval-train-images", std::to_string(c.eval_train_images), "must be >= 0 (0: off)");
+  for (size_t i = 0; i < c.classes.size(); ++i) {
+    if (c.classes[i] < 0 || c.classes[i] > 255)
+      bad("--classes", join(c.classes), "each class must be a label in [0, 255]");
+    if (std::count(c.classes.begin(), c.classes.begin() + static_cast<std::ptrdiff_t>(i), c.classes[i]))
+      bad("--classes", join(c.classes), "names class " + std::to_string(c.classes[i]) + " twice");
+  }
+  if (!c.init_from.empty() && !c.resume_path.empty())
+    bad("--init-from", c.init_from,
+        "starts a new run from another run's weights, --resume continues a run; give one of them "
+        "(a fine-tuning run resumes with --resume alone)");
+  if (c.model.norm == NormKind::frozen && c.init_from.empty() && c.resume_path.empty())
+    bad("--norm", "frozen",
+        "freezes a trained BatchNorm's statistics and affine; give --init-from a --norm bn "
+        "checkpoint (or --resume a frozen run)");
   // Before check_config, which builds normkit's layers for every width.
   check_fits_in_memory(c, 0, 0, 0);
   check_config(c.model);
 }
 
-Data load_data(const std::string& dir, int64_t limit_train, int64_t limit_test) {
+Data load_data(const std::string& dir, int64_t limit_train, int64_t limit_test,
+               const std::vector<int>& classes) {
   Data d;
-  d.train = load_mnist(dir, "train", limit_train);
-  d.test = load_mnist(dir, "t10k", limit_test);
+  // With classes, the limits count the kept images.
+  d.train = load_mnist(dir, "train", classes.empty() ? limit_train : -1);
+  d.test = load_mnist(dir, "t10k", classes.empty() ? limit_test : -1);
+  if (!classes.empty()) {
+    keep_classes(d.train, classes, limit_train, "training");
+    keep_classes(d.test, classes, limit_test, "test");
+  }
   if (d.train.rows != d.test.rows || d.train.cols != d.test.cols)
     throw IoError("the training and test images in " + dir + " differ in size");
   double s = 0, ss = 0;
@@ -333,6 +429,12 @@ std::vector<int64_t> epoch_permutation(uint64_t seed, int epoch, int64_t count) 
   Rng rng(splitmix64(seed ^ splitmix64(static_cast<uint64_t>(epoch) + 1)));
   rng.shuffle(perm);
   return perm;
+}
+
+uint64_t image_key(uint64_t seed, int epoch, int64_t position) {
+  // Salted apart from epoch_permutation's stream.
+  const uint64_t run = splitmix64(seed ^ 0x6A09E667F3BCC909ull);
+  return splitmix64(splitmix64(run ^ static_cast<uint64_t>(epoch)) ^ static_cast<uint64_t>(position));
 }
 
 int64_t global_batch(const TrainConfig& c) { return int64_t{c.devices} * c.batch; }
@@ -388,8 +490,11 @@ void precise_statistics(Model& model, const Dataset& data, int64_t count, int ba
   model.set_cumulative_average(true);
   Tensor x;
   x.resize(n, data.rows, data.cols, data.channels);
+  // Dropout comes after every norm layer, so its masks do not touch the statistics; any keys do.
+  const std::vector<uint64_t> keys(static_cast<size_t>(n), 0);
   for (int64_t b = 0; b < batches; ++b) {
     std::copy_n(data.images.data() + b * n * image, n * image, x.data.data());
+    model.set_dropout_keys(keys);
     model.forward(x, Mode::train);
   }
   model.set_cumulative_average(false);
@@ -411,6 +516,60 @@ Evaluation evaluate(Model& model, const Dataset& data, int64_t count, int batch,
   return {loss_sum / count, 100.0 * (1.0 - static_cast<double>(correct) / count)};
 }
 
+// A parameter's values come from the checkpoint's parameter or buffer of that name (frozen BN's
+// weight and bias are buffers), a buffer's likewise.
+void init_from_checkpoint(const std::string& path, const TrainConfig& config, Model& model) {
+  const std::string where = "cannot start from --init-from " + path + ": ";
+  SafetensorsFile f;
+  try {
+    f = load_safetensors(path);
+  } catch (const IoError& e) {
+    throw IoError("cannot start from --init-from: " + std::string(e.what()));
+  }
+  auto meta = [&](const std::string& key) {
+    const auto it = f.metadata.find(key);
+    const char* fallback = identity_default(key);
+    if (it == f.metadata.end()) return std::string(fallback ? fallback : "(absent)");
+    return it->second;
+  };
+  if (meta("format") != kCheckpointFormat)
+    throw IoError(where + "it is not a checkpoint of this normkit-train (format '" + meta("format") +
+                  "', expected '" + kCheckpointFormat + "')");
+  if (!f.checksum_verified)
+    throw IoError(where + "it carries no checksum, so damage cannot be ruled out");
+  const std::string norm = to_string(config.model.norm);
+  if (config.model.norm == NormKind::frozen && norm_family(meta("norm")) != "bn")
+    throw IoError(where + "--norm frozen freezes a BatchNorm checkpoint's layers, and it has norm = " +
+                  meta("norm") + "; start from a --norm bn checkpoint");
+  for (const auto& [key, value] : run_identity(config, 0)) {
+    if (key != "norm" && key != "groups" && key != "widths" && key != "blocks_per_stage") continue;
+    const bool same = key == "norm" ? norm_family(meta(key)) == norm_family(value.first)
+                                    : meta(key) == value.first;
+    if (!same)
+      throw IoError(where + "its model has " + key + " = " + meta(key) + ", this run has " + key +
+                    " = " + value.first + " (" + value.second + "); the model shape and norm "
+                    "family must match");
+  }
+  auto read = [&](const std::string& name, std::vector<float>& into) {
+    const std::string as_param = "param/" + name, as_buffer = "buffer/" + name;
+    get_f32_into(f, f.tensors.count(as_param) ? as_param : as_buffer, into);
+  };
+  // Read everything first, then assign.
+  const std::vector<Param*> params = model.params();
+  const std::vector<Buffer> bufs = model.buffers();
+  std::vector<std::vector<float>> values(params.size()), buffers(bufs.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    values[i] = params[i]->value;
+    if (params[i]->name.rfind("fc.", 0) != 0) read(params[i]->name, values[i]);
+  }
+  for (size_t i = 0; i < bufs.size(); ++i) {
+    buffers[i].resize(bufs[i].values->size());
+    read(bufs[i].name, buffers[i]);
+  }
+  for (size_t i = 0; i < params.size(); ++i) params[i]->value = std::move(values[i]);
+  for (size_t i = 0; i < bufs.size(); ++i) *bufs[i].values = std::move(buffers[i]);
+}
+
 TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar* progress,
                        const std::string& label) {
   validate(config);
@@ -421,6 +580,7 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
   const int64_t test_count =
       config.limit_test < 0 ? data.test.count : std::min(config.limit_test, data.test.count);
   check_fits_data(config, data);
+  check_study_data(config, data, train_count, test_count);
   check_fits_in_memory(config, train.rows, train.cols, test_count);
   // This process's devices: the rank-th run of devices / processes consecutive ones.
   const bool lead = dist::rank() == 0;
@@ -450,16 +610,22 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
   // itself is intact: the temporary replaces it only once complete).
   if (lead && !config.checkpoint_path.empty()) remove_stale_temporaries(config.checkpoint_path);
   LoopState s;
+  std::string init_from = config.init_from;  // of this run, or of the run it resumes
   if (!config.resume_path.empty()) {
-    load_checkpoint(config.resume_path, cfg, train_count, model, s);
+    load_checkpoint(config.resume_path, cfg, train_count, model, s, &init_from);
     for (size_t d = 1; d < replicas.size(); ++d) {
       const std::vector<Buffer> from = model.buffers(), to = replicas[d]->buffers();
       for (size_t i = 0; i < from.size(); ++i) *to[i].values = *from[i].values;
     }
     broadcast_values(replicas);
   } else {
+    if (!config.init_from.empty()) {
+      init_from_checkpoint(config.init_from, cfg, model);
+      share_with_replicas(replicas);
+    }
     s.permutation = epoch_permutation(config.seed, 0, train_count);
   }
+  cfg.init_from = init_from;  // carried into this run's checkpoints
 
   TrainOutcome out;
   RunResult& res = out.run;
@@ -479,6 +645,12 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
   res.crop_pad = config.crop_pad;
   res.hflip = config.hflip;
   res.lr_warmup = config.lr_warmup;
+  res.init_scale = config.model.init_scale;
+  res.dropout = config.model.dropout;
+  res.weight_decay = config.weight_decay;
+  res.eval_train_images = config.eval_train_images;
+  res.classes = config.classes;
+  res.init_from = init_from;
   out.train_images = train_count;
   out.test_images = test_count;
   out.steps = total_steps;
@@ -495,6 +667,7 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
   struct Device {
     Tensor x;
     std::vector<uint8_t> labels;
+    std::vector<uint64_t> dropout_keys;
     SoftmaxCrossEntropy ce;
     double loss = 0;
   };
@@ -507,7 +680,7 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
   const bool augmented = config.crop_pad > 0 || config.hflip;
   // The standardized value of a zero pixel, computed as load_data standardizes.
   const float background = (0.0f - data.mean) * (1.0f / data.stddev);
-  const SgdConfig sgd{};
+  const SgdConfig sgd{.weight_decay = config.weight_decay};
   using clock = std::chrono::steady_clock;
   const auto t_start = clock::now();
   auto t_epoch = t_start, t_measure = t_start;
@@ -551,6 +724,14 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
         }
       }
       Model& m = *replicas[static_cast<size_t>(d)];
+      if (config.model.dropout > 0) {
+        // Keyed by the image's position in the epoch's permutation, not by device or batch.
+        const int64_t first = s.step * batch + (group.first() + d) * int64_t{config.batch};
+        dv.dropout_keys.resize(static_cast<size_t>(config.batch));
+        for (int i = 0; i < config.batch; ++i)
+          dv.dropout_keys[static_cast<size_t>(i)] = image_key(config.seed, s.epoch, first + i);
+        m.set_dropout_keys(dv.dropout_keys);
+      }
       const Tensor& logits = m.forward(dv.x, Mode::train);
       {
         const profile::Scope timed(profile::Phase::head);
@@ -693,6 +874,13 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
       for (size_t i = 0; i < bufs.size(); ++i) *bufs[i].values = kept[i];
       if (config.sync_bn)
         model.set_sync({group.exchange(0), group.first() * int64_t{config.batch}, batch});
+    }
+    if (config.eval_train_images > 0) {
+      // The train/test gap: training images through the evaluation's model and mode.
+      const Evaluation t =
+          evaluate(model, train, config.eval_train_images, config.eval_batch, Mode::eval);
+      res.train_loss_eval = t.loss;
+      res.train_error_eval = t.error;
     }
     out.eval_seconds = seconds_since(t_eval);
     if (!res.history.empty()) {

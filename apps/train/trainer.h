@@ -46,6 +46,22 @@
 // every BN layer's statistics are recomputed with the final weights (precise_statistics) and
 // the test set is evaluated with them (test_error_precise). The running statistics the run
 // trained, which the checkpoint holds, are left as they were.
+//
+// Studies of the papers' other claims (each option's default is the run above, bit for bit):
+// model.init_scale multiplies every initial convolution and classifier weight; model.dropout
+// drops pooled features in training, the mask of an image a function of (seed, epoch, the
+// image's position in the epoch's permutation) alone (image_key), so runs stay the same bits
+// for any devices, processes, threads and resumption; weight_decay is SGD's on every parameter;
+// eval_train_images evaluates the first M training images in eval mode at the end (the
+// train/test gap: train_error_eval, train_loss_eval). Fine-tuning on a shifted task: `classes`
+// keeps the images of those labels alone (load_data filters first, then takes the first
+// limit_train / limit_test of what is left; the permutation is over those), the classifier keeps
+// its outputs for every label; init_from starts from another run's checkpoint (any batch,
+// devices, lr or classes, but the same widths, blocks and norm family) with its weights and
+// running statistics, except the classifier, which starts from this run's own initialization
+// (the new task's head), and a fresh optimizer; with norm frozen every BN layer of that
+// checkpoint becomes a FrozenBatchNorm (nn/norm.h), nothing of it trained. init_from starts a
+// run; resume_path continues one (a fine-tuning run resumes with resume_path alone).
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -83,11 +99,19 @@ struct TrainConfig {
   double lr_warmup = 0;                 // fraction of all steps of linear lr warm-up; 0: off
   int64_t precise_bn_images = 10000;    // BN: first M training images for precise statistics
   int precise_bn_batch = 200;           // images per train-mode forward of precise statistics
+  // The studies (see above); init_scale and dropout are model.init_scale and model.dropout.
+  double weight_decay = 1e-4;           // SGD's, on every parameter
+  int64_t eval_train_images = 0;        // at the end, evaluate the first M training images; 0: off
+  std::vector<int> classes;             // train and test on these labels alone; empty: all
+  std::string init_from;                // start from this checkpoint's weights, a new head
 };
 
 // Throws normkit::Error naming the option on an invalid value or combination (devices < 1, a
-// device count the process count does not divide, sync_bn without BatchNorm, crop_pad < 0,
-// lr_warmup outside [0, 1), precise_bn_images < 0, precise_bn_batch < 2), a group count
+// device count the process count does not divide, sync_bn without BatchNorm, init_scale not
+// positive, dropout outside [0, 1), weight_decay < 0, eval_train_images < 0, a class outside
+// [0, 255] or given twice, init_from with resume_path, frozen without init_from or resume_path,
+// crop_pad < 0, lr_warmup outside [0, 1), precise_bn_images < 0 or 1, precise_bn_batch < 2),
+// a group count
 // normkit's layers reject, or a model whose parameters and optimizer state alone exceed the
 // available memory (preflight.h). Allocates nothing large.
 void validate(const TrainConfig& config);
@@ -109,21 +133,40 @@ struct Data {
 };
 
 // Loads train and t10k from config.data_dir (IoError naming the file and the fix when missing).
-Data load_data(const std::string& dir, int64_t limit_train, int64_t limit_test);
+// With `classes`, each split keeps the images of those labels alone, in file order, and then the
+// first limit_train / limit_test of them; the standardization is that of the kept training
+// images; num_classes stays the files' (the classifier's outputs). Throws normkit::Error naming
+// --classes when a class has no training image.
+Data load_data(const std::string& dir, int64_t limit_train, int64_t limit_test,
+               const std::vector<int>& classes = {});
 
 // Runs one training as configured (resuming when resume_path is set) and evaluates it.
 // `data` must hold at least the configured limits. Reports each step to `progress` when given.
 // Before it builds the model, throws normkit::Error on bad options, a batch larger than the
 // training images, or a run whose estimated memory exceeds what is available (preflight.h), and
-// IoError on an unreadable, damaged (checksum), unchecksummed or mismatched checkpoint.
+// IoError on an unreadable, damaged (checksum), unchecksummed or mismatched checkpoint (to
+// resume from, or to start from with init_from: another model shape or norm family is refused,
+// naming it). With classes, `data` must come from load_data with those classes (normkit::Error
+// otherwise).
 // Checkpoints carry a CRC-32 and replace the previous one atomically (io/safetensors.h).
 TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar* progress = nullptr,
                        const std::string& label = {});
+
+// init_from: overwrites every parameter and buffer of `model` (built from config.model) but the
+// classifier's (fc.weight, fc.bias: the new task's head, left as they are) with the values in
+// the normkit-train checkpoint at `path`; momentum is not read. Throws IoError naming the file
+// when it is unreadable, damaged or not a checkpoint, and naming the option when its widths,
+// blocks per stage, groups (gn) or norm family (bn and frozen are one) differ from config's,
+// or, with norm frozen, when it is not a BatchNorm checkpoint; leaves `model` untouched then.
+void init_from_checkpoint(const std::string& path, const TrainConfig& config, Model& model);
 
 // The order in which epoch `epoch` visits `count` training images: a function of (seed, epoch)
 // alone. Step s of the epoch takes entries [s * B, (s + 1) * B), B = global_batch(config), and
 // device d the d-th `batch` of them.
 std::vector<int64_t> epoch_permutation(uint64_t seed, int epoch, int64_t count);
+
+// The key of the dropout mask of the image at `position` of epoch `epoch`'s permutation.
+uint64_t image_key(uint64_t seed, int epoch, int64_t position);
 
 // Images per step over all devices: devices * batch.
 int64_t global_batch(const TrainConfig& config);

@@ -22,8 +22,16 @@ using json = nlohmann::json;
 
 constexpr const char* kCsvHeader =
     "norm,groups,devices,batch,epochs,lr,seed,train_loss,test_loss,test_error,"
-    "test_error_batch_stats,test_error_precise,images_per_s,seconds,sync_bn";
-constexpr size_t kCsvColumns = 15;
+    "test_error_batch_stats,test_error_precise,images_per_s,seconds,sync_bn,train_error_eval,"
+    "train_loss_eval";
+// Earlier headers, still read (by column name): before precise statistics (devices at the end,
+// SyncBN runs named bn), and before the train/test gap's two columns.
+constexpr const char* kCsvHeaderBeforePrecise =
+    "norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,test_error_batch_stats,"
+    "images_per_s,seconds,devices,sync_bn,train_error_eval,train_loss_eval";
+constexpr const char* kCsvHeaderBeforeGap =
+    "norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,test_error_batch_stats,"
+    "images_per_s,seconds,devices,sync_bn";
 
 std::string fmt(const char* format, double v) {
   char buf[64];
@@ -255,6 +263,7 @@ std::vector<double> read_array(const json& obj, const std::string& path, const s
 
 std::string norm_label(const std::string& norm, int groups) {
   if (norm == "none") return "none";
+  if (norm == "frozen") return "frozen BN";
   std::string upper = norm;
   for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
   if (norm == "gn" && groups > 0) upper += " (G=" + std::to_string(groups) + ")";
@@ -281,7 +290,9 @@ std::string results_csv(const std::vector<RunResult>& runs) {
         cell(precise_of(r)),
         cell(r.images_per_s),
         cell(r.seconds),
-        r.sync_bn ? "1" : "0"};
+        r.sync_bn ? "1" : "0",
+        cell(r.train_error_eval),
+        cell(r.train_loss_eval)};
     for (size_t i = 0; i < cells.size(); ++i) {
       if (i > 0) out += ',';
       out += cells[i];
@@ -299,54 +310,70 @@ std::vector<RunResult> read_results_csv(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw IoError(path + ": cannot open (" + std::strerror(errno) + ")");
   std::string line;
-  if (!std::getline(in, line) || line != kCsvHeader) {
+  const bool got_header = static_cast<bool>(std::getline(in, line));
+  if (!got_header || (line != kCsvHeader && line != kCsvHeaderBeforePrecise && line != kCsvHeaderBeforeGap)) {
     throw IoError(path + ": line 1 is not the results.csv header \"" + std::string(kCsvHeader) +
                   "\"; was the file written by normkit-train?");
   }
+  // Cells by column name: the headers differ in order and in the columns they have.
+  const std::vector<std::string> names = csv_split(line);
+  const size_t columns = names.size();
   std::vector<RunResult> runs;
   for (int line_no = 2; std::getline(in, line); ++line_no) {
     if (line.empty()) continue;
     const auto cells = csv_split(line);
     const std::string where = path + ":" + std::to_string(line_no) + ": ";
-    if (cells.size() != kCsvColumns) {
+    if (cells.size() != columns) {
       throw IoError(where + std::to_string(cells.size()) + " cells, expected " +
-                    std::to_string(kCsvColumns));
+                    std::to_string(columns));
     }
-    auto number = [&](size_t i) {
-      if (cells[i].empty()) return kNoValue;
+    // The cell's index, or columns when this header lacks the column (an empty cell).
+    auto index_of = [&](const char* name) {
+      return static_cast<size_t>(std::find(names.begin(), names.end(), name) - names.begin());
+    };
+    static const std::string empty;
+    auto cell_of = [&](const char* name) -> const std::string& {
+      const size_t i = index_of(name);
+      return i < columns ? cells[i] : empty;
+    };
+    auto number = [&](const char* name) {
+      const std::string& c = cell_of(name);
+      if (c.empty()) return kNoValue;
       char* end = nullptr;
-      const double v = std::strtod(cells[i].c_str(), &end);
-      if (end != cells[i].c_str() + cells[i].size()) {
-        throw IoError(where + "cell " + std::to_string(i + 1) + " \"" + cells[i] +
+      const double v = std::strtod(c.c_str(), &end);
+      if (end != c.c_str() + c.size()) {
+        throw IoError(where + "cell " + std::to_string(index_of(name) + 1) + " \"" + c +
                       "\" is not a number");
       }
       return v;
     };
-    auto integer = [&](size_t i) -> uint64_t {
-      const std::string& c = cells[i];
+    auto integer = [&](const char* name) -> uint64_t {
+      const std::string& c = cell_of(name);
       if (c.empty()) return 0;
       if (!std::all_of(c.begin(), c.end(), [](char ch) { return std::isdigit(static_cast<unsigned char>(ch)); })) {
-        throw IoError(where + "cell " + std::to_string(i + 1) + " \"" + c + "\" is not a whole number");
+        throw IoError(where + "cell " + std::to_string(index_of(name) + 1) + " \"" + c + "\" is not a whole number");
       }
       return std::stoull(c);
     };
     RunResult r;
     // SyncBN is BatchNorm with statistics over all devices.
     r.norm = cells[0] == "syncbn" ? "bn" : cells[0];
-    r.groups = static_cast<int>(integer(1));
-    r.devices = static_cast<int>(integer(2));
-    r.batch = static_cast<int>(integer(3));
-    r.epochs = static_cast<int>(integer(4));
-    r.lr = number(5);
-    r.seed = integer(6);
-    r.train_loss = number(7);
-    r.test_loss = number(8);
-    r.test_error = number(9);
-    if (!cells[10].empty()) r.test_error_batch_stats = number(10);
-    if (!cells[11].empty()) r.test_error_precise = number(11);
-    r.images_per_s = number(12);
-    r.seconds = number(13);
-    r.sync_bn = integer(14) != 0 || cells[0] == "syncbn";
+    r.groups = static_cast<int>(integer("groups"));
+    r.devices = static_cast<int>(integer("devices"));
+    r.batch = static_cast<int>(integer("batch"));
+    r.epochs = static_cast<int>(integer("epochs"));
+    r.lr = number("lr");
+    r.seed = integer("seed");
+    r.train_loss = number("train_loss");
+    r.test_loss = number("test_loss");
+    r.test_error = number("test_error");
+    if (!cell_of("test_error_batch_stats").empty()) r.test_error_batch_stats = number("test_error_batch_stats");
+    if (!cell_of("test_error_precise").empty()) r.test_error_precise = number("test_error_precise");
+    r.images_per_s = number("images_per_s");
+    r.seconds = number("seconds");
+    r.sync_bn = integer("sync_bn") != 0 || cells[0] == "syncbn";
+    r.train_error_eval = number("train_error_eval");
+    r.train_loss_eval = number("train_loss_eval");
     runs.push_back(std::move(r));
   }
   return runs;
@@ -408,6 +435,23 @@ std::string results_markdown(const std::vector<RunResult>& runs, const std::stri
 
   out += "\n## Training speed (images/s)\n\n";
   out += table(runs, "norm", rows_of([](const RunResult& r) { return r.images_per_s; }, false), "%.0f");
+
+  std::vector<TableRow> gap_rows;
+  for (const auto& k : keys) {
+    const bool has = std::any_of(runs.begin(), runs.end(), [&](const RunResult& r) {
+      return key_of(r) == k && std::isfinite(r.train_error_eval);
+    });
+    if (!has) continue;
+    const std::string label = row_label(k, keys);
+    gap_rows.push_back({label + ", training images", k, [](const RunResult& r) { return r.train_error_eval; }});
+    gap_rows.push_back({label + ", test images", k, [](const RunResult& r) { return r.test_error; }});
+  }
+  if (!gap_rows.empty()) {
+    out += "\n## Train/test gap: error (%) evaluated at the end\n\n";
+    out += "The first training images (--eval-train-images) and the test images, both evaluated "
+           "by the final model as at test time.\n\n";
+    out += table(runs, "evaluated on", gap_rows, "%.2f");
+  }
   if (repeated) out += every_run_table(runs, keys);
   return out;
 }
@@ -515,6 +559,16 @@ std::string metrics_json(const RunResult& r) {
   if (r.crop_pad != 0) j["crop_pad"] = r.crop_pad;
   if (r.hflip) j["hflip"] = true;
   if (r.lr_warmup != 0) j["lr_warmup"] = r.lr_warmup;
+  // Likewise each study option only when not its default.
+  const RunResult defaults;
+  if (r.init_scale != defaults.init_scale) j["init_scale"] = r.init_scale;
+  if (r.dropout != defaults.dropout) j["dropout"] = r.dropout;
+  if (r.weight_decay != defaults.weight_decay) j["weight_decay"] = r.weight_decay;
+  if (r.eval_train_images != 0) j["eval_train_images"] = r.eval_train_images;
+  if (!r.classes.empty()) j["classes"] = r.classes;
+  if (!r.init_from.empty()) j["init_from"] = r.init_from;
+  if (std::isfinite(r.train_error_eval)) j["train_error_eval"] = r.train_error_eval;
+  if (std::isfinite(r.train_loss_eval)) j["train_loss_eval"] = r.train_loss_eval;
   return j.dump(2) + "\n";
 }
 
@@ -582,6 +636,25 @@ RunResult read_metrics_json(const std::string& path) {
     if (!b->is_boolean()) throw IoError(path + ": metrics JSON field \"sync_bn\" is not true or false");
     r.sync_bn = b->get<bool>();
   }
+  for (const auto& [key, field] : {std::pair{"init_scale", &RunResult::init_scale},
+                                   {"dropout", &RunResult::dropout},
+                                   {"weight_decay", &RunResult::weight_decay},
+                                   {"train_error_eval", &RunResult::train_error_eval},
+                                   {"train_loss_eval", &RunResult::train_loss_eval}})
+    if (j.contains(key)) r.*field = read_number(j, path, key);
+  if (j.contains("eval_train_images"))
+    r.eval_train_images = static_cast<int64_t>(whole("eval_train_images"));
+  if (const auto c = j.find("classes"); c != j.end()) {
+    for (double v : read_array(j, path, "classes")) {
+      if (!(v >= 0 && v <= 255) || v != std::floor(v))
+        throw IoError(path + ": metrics JSON array \"classes\" holds a non-label");
+      r.classes.push_back(static_cast<int>(v));
+    }
+  }
+  if (const auto f = j.find("init_from"); f != j.end()) {
+    if (!f->is_string()) throw IoError(path + ": metrics JSON field \"init_from\" is not a string");
+    r.init_from = f->get<std::string>();
+  }
 
   if (const auto h = j.find("history"); h != j.end()) {
     if (!h->is_object()) throw IoError(path + ": metrics JSON \"history\" is not an object");
@@ -619,136 +692,6 @@ RunResult read_metrics_json(const std::string& path) {
     for (double s : steps) r.loss_curve_step.push_back(static_cast<int64_t>(s));
   }
   return r;
-}
-
-// ---- plots ------------------------------------------------------------------------------------
-
-PlotSpec batch_size_plot(const std::vector<RunResult>& runs, const std::string& title) {
-  PlotSpec spec;
-  spec.title = title;
-  spec.x_label = "batch size (images per step)";
-  spec.y_label = "test error (%)";
-  spec.x_scale = AxisScale::log2;
-  spec.x_reversed = true;
-  const std::vector<int> batches = batch_columns(runs);
-  for (int b : batches) {
-    if (b > 0) spec.x_ticks.push_back(b);
-  }
-  const std::vector<RowKey> keys = row_keys(runs);
-  auto add = [&](const RowKey& k, const std::string& name, bool dashed, int style,
-                 const std::function<double(const RunResult&)>& field) {
-    PlotSeries s{name, {}, {}, dashed, style};
-    for (int b : batches) {
-      const auto v = cell_values(runs, k, b, field).finite;
-      if (v.empty() || b <= 0) continue;
-      s.x.push_back(b);
-      s.y.push_back(mean_of(v));
-    }
-    spec.series.push_back(std::move(s));
-  };
-  for (size_t i = 0; i < keys.size(); ++i) {
-    add(keys[i], row_label(keys[i], keys), false, static_cast<int>(i),
-        [](const RunResult& r) { return r.test_error; });
-  }
-  // Batch-statistics lines are dashed in the colour of their norm's solid line.
-  for (size_t i = 0; i < keys.size(); ++i) {
-    const bool has = std::any_of(runs.begin(), runs.end(), [&](const RunResult& r) {
-      return key_of(r) == keys[i] && r.test_error_batch_stats.has_value();
-    });
-    if (has) {
-      add(keys[i], row_label(keys[i], keys) + ", batch statistics", true,
-          static_cast<int>(i), batch_stats_of);
-    }
-  }
-  return spec;
-}
-
-PlotSpec groups_plot(const std::vector<RunResult>& runs, const std::string& title) {
-  PlotSpec spec;
-  spec.title = title;
-  spec.x_label = "GroupNorm groups G";
-  spec.y_label = "test error (%)";
-  spec.x_scale = AxisScale::log2;
-  std::vector<int> groups;
-  for (const auto& r : runs)
-    if (r.norm == "gn" && r.groups > 0) groups.push_back(r.groups);
-  std::sort(groups.begin(), groups.end());
-  groups.erase(std::unique(groups.begin(), groups.end()), groups.end());
-  for (int g : groups) spec.x_ticks.push_back(g);
-
-  // One line per (base lr, batch) over the group counts; other norms as dashed levels across.
-  std::vector<std::pair<double, int>> settings;
-  for (const auto& r : runs) {
-    const std::pair<double, int> s{lr_base_of(r), r.batch};
-    if (std::find(settings.begin(), settings.end(), s) == settings.end()) settings.push_back(s);
-  }
-  const bool several = settings.size() > 1;
-  auto suffix = [&](const std::pair<double, int>& s) {
-    return several ? ", lr base " + fmt("%g", s.first) + ", batch " + std::to_string(s.second) : std::string();
-  };
-  auto values = [&](const std::string& norm, int g, const std::pair<double, int>& s) {
-    std::vector<double> v;
-    for (const auto& r : runs)
-      if (r.norm == norm && (norm != "gn" || r.groups == g) && r.batch == s.second &&
-          (lr_base_of(r) == s.first) && std::isfinite(r.test_error))
-        v.push_back(r.test_error);
-    return v;
-  };
-  int style = 0;
-  for (const auto& s : settings) {
-    PlotSeries line{"GN" + suffix(s), {}, {}, false, style++};
-    for (int g : groups) {
-      const auto v = values("gn", g, s);
-      if (v.empty()) continue;
-      line.x.push_back(g);
-      line.y.push_back(mean_of(v));
-    }
-    if (!line.x.empty()) spec.series.push_back(std::move(line));
-  }
-  std::vector<std::string> others;
-  for (const auto& r : runs)
-    if (r.norm != "gn" && std::find(others.begin(), others.end(), r.norm) == others.end())
-      others.push_back(r.norm);
-  for (const auto& norm : others) {
-    for (const auto& s : settings) {
-      const auto v = values(norm, 0, s);
-      if (v.empty() || groups.empty()) continue;
-      const double level = mean_of(v);
-      spec.series.push_back({norm_label(norm, 0) + suffix(s),
-                             {double(groups.front()), double(groups.back())}, {level, level}, true,
-                             style++});
-    }
-  }
-  return spec;
-}
-
-PlotSpec loss_curve_plot(const std::vector<RunResult>& runs, const std::string& title) {
-  PlotSpec spec;
-  spec.title = title;
-  spec.y_label = "training loss";
-  spec.y_scale = AxisScale::log10;
-  const bool by_step = !runs.empty() && std::all_of(runs.begin(), runs.end(), [](const RunResult& r) {
-    return !r.loss_curve_step.empty() && r.loss_curve_step.size() == r.loss_curve_loss.size();
-  });
-  spec.x_label = by_step ? "step" : "epoch";
-  for (const auto& r : runs) {
-    PlotSeries s{norm_label(r.norm, r.groups) + ", batch " + std::to_string(r.batch) + ", lr " +
-                     fmt("%g", r.lr),
-                 {}, {}};
-    if (by_step) {
-      for (size_t i = 0; i < r.loss_curve_step.size(); ++i) {
-        s.x.push_back(static_cast<double>(r.loss_curve_step[i]));
-        s.y.push_back(r.loss_curve_loss[i]);
-      }
-    } else {
-      for (const auto& e : r.history) {
-        s.x.push_back(e.epoch);
-        s.y.push_back(e.train_loss);
-      }
-    }
-    spec.series.push_back(std::move(s));
-  }
-  return spec;
 }
 
 }  // namespace normkit::train

@@ -1,14 +1,12 @@
 #pragma once
 // What a run and a sweep leave behind: results.csv (one row per run), results.md (tables like
-// the GroupNorm paper's: test error by normalization and batch size), per-run metrics JSON
-// (--metrics-out), and the plot specs for the batch-size figure and loss curves.
+// the GroupNorm paper's: test error by normalization and batch size) and per-run metrics JSON
+// (--metrics-out). scripts/plot_sweep.py draws the figures from these files.
 #include <cstdint>
 #include <limits>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include "io/plot.h"
 
 namespace normkit::train {
 
@@ -28,7 +26,7 @@ struct EpochRecord {
 };
 
 struct RunResult {
-  std::string norm;         // "bn", "gn", "ln", "in" or "none"
+  std::string norm;         // "bn", "gn", "ln", "in", "none" or "frozen"
   int groups = 0;           // GN's number of groups; 0 for the other norms
   int batch = 0;            // images per step and device
   int devices = 1;          // logical devices per step (each `batch` images)
@@ -54,23 +52,35 @@ struct RunResult {
   // Optional finer training-loss curve (e.g. running mean every k steps) for loss plots.
   std::vector<int64_t> loss_curve_step;
   std::vector<double> loss_curve_loss;
+  // The studies' options (trainer.h; these defaults are the batch-size experiment's) and the
+  // train/test gap: percent error and mean loss of the first eval_train_images training images
+  // evaluated like the test images at the end (NaN when not measured).
+  double init_scale = 1, dropout = 0, weight_decay = 1e-4;
+  int64_t eval_train_images = 0;
+  std::vector<int> classes;  // the labels trained and tested on; empty: all
+  std::string init_from;     // the checkpoint the run started from; empty: none
+  double train_error_eval = kNoValue, train_loss_eval = kNoValue;
 };
 
-// "BN", "GN (G=8)", "LN", "IN", "none"; another norm name is shown upper-case.
+// "BN", "GN (G=8)", "LN", "IN", "none", "frozen BN"; another norm name is shown upper-case.
 std::string norm_label(const std::string& norm, int groups);
 
 // ---- results.csv ----------------------------------------------------------------------------
 // Header: norm,groups,devices,batch,epochs,lr,seed,train_loss,test_loss,test_error,
-//         test_error_batch_stats,test_error_precise,images_per_s,seconds,sync_bn (0 or 1)
+//         test_error_batch_stats,test_error_precise,images_per_s,seconds,sync_bn (0 or 1),
+//         train_error_eval,train_loss_eval
 // then one row per run, in order; norm is "syncbn" for BN runs with sync_bn (read back as bn
-// with sync_bn). An absent test_error_precise is an empty cell. Numbers have 6 significant digits (seed exactly); NaN and an
+// with sync_bn). An absent test_error_precise is an empty cell. Numbers have 6 significant
+// digits (seed exactly); NaN and an
 // absent test_error_batch_stats are empty cells; groups is empty when 0. Pure.
 std::string results_csv(const std::vector<RunResult>& runs);
 // Writes results_csv(runs) to `path` (replacing it whole). Throws IoError naming the path.
 void write_results_csv(const std::string& path, const std::vector<RunResult>& runs);
 // Reads a file written by write_results_csv (history and loss curves are not in it). Throws
 // IoError naming the path and line for a missing file, a different header, a wrong cell count or
-// a cell that is not a number.
+// a cell that is not a number. Files with the earlier headers (before test_error_precise, and
+// before train_error_eval and train_loss_eval) are read too, by column name (the missing values
+// are then absent or NaN).
 std::vector<RunResult> read_results_csv(const std::string& path);
 
 // ---- results.md -----------------------------------------------------------------------------
@@ -78,12 +88,15 @@ std::vector<RunResult> read_results_csv(const std::string& path);
 // appearance; with ", lr base L" added when the runs use more than one lr_base = lr * 32 / batch)
 // and columns = batch sizes (largest first), (2) when any run has batch-statistics results, a
 // table comparing BN's test error with running vs batch statistics, (3) the last epoch's
-// training loss, where a non-finite loss shows as "diverged", (4) training images/s, all in the
-// same layout. A cell with several runs (seeds) shows "mean ± sd (n=k)", sd the sample standard
-// deviation, and the first table's caption says so; a missing cell shows "—". The runs with
-// precise BN statistics add a "precise statistics" row to table (2). When some cell has several
-// runs, (5) lists every run (label, batch, seed, errors, loss, images/s). `notes`, if not empty, is a paragraph under the title. Pure.
+// training loss, where a non-finite loss shows as "diverged", (4) training images/s, (5) when any
+// run has train_error_eval, the train/test gap: error on the training images evaluated like the
+// test images beside the test error, all in the same layout. A cell with several runs (seeds)
+// shows "mean ± sd (n=k)", sd the sample standard deviation, and the first table's caption says
+// so; a missing cell shows "—". The runs with precise BN statistics add a "precise statistics"
+// row to table (2). When some cell has several runs, (6) lists every run (label, batch, seed,
+// errors, loss, images/s). `notes`, if not empty, is a paragraph under the title. Pure.
 std::string results_markdown(const std::vector<RunResult>& runs, const std::string& notes = {});
+
 // ---- summary.csv ----------------------------------------------------------------------------
 // One row per cell (a row of the tables at one batch size: the runs that differ in seed alone),
 // in table order: norm ("syncbn" for SyncBN),groups,devices,batch,lr,n (runs), then for each of
@@ -104,8 +117,11 @@ void write_results_markdown(const std::string& path, const std::vector<RunResult
 // "history": {"epoch": [...], "lr": [...], "train_loss": [...], "train_error": [...],
 // "test_loss": [...], "test_error": [...], "test_error_batch_stats": [...], "seconds": [...],
 // "images_per_s": [...]} (one entry per epoch), "loss_curve": {"step": [...], "loss": [...]},
-// and, unless the run had one device without sync_bn, "devices" and "sync_bn" (true/false);
-// "crop_pad", "hflip" and "lr_warmup" when not 0 / false.
+// and, unless the run had one device without sync_bn, "devices" and "sync_bn" (true/false); then
+// each study option that differs from its default: "init_scale", "dropout", "weight_decay",
+// "eval_train_images", "classes" (array), "init_from" (string); and, when measured,
+// "train_error_eval" and "train_loss_eval"; "crop_pad", "hflip" and "lr_warmup" when not 0 /
+// false. A default run's file is what it was before them.
 // Pure; throws normkit::Error when loss_curve_step and loss_curve_loss differ in length.
 std::string metrics_json(const RunResult& run);
 // Writes metrics_json(run) to `path`. Throws IoError naming the path.
@@ -113,22 +129,5 @@ void write_metrics_json(const std::string& path, const RunResult& run);
 // Reads a file written by write_metrics_json. Throws IoError naming the path when it is missing,
 // not JSON, or lacks a field or has one of the wrong type.
 RunResult read_metrics_json(const std::string& path);
-
-// ---- plots ----------------------------------------------------------------------------------
-// The paper's Figure 1 for `runs`: test error (%) against batch size on a reversed log2 axis
-// (largest batch on the left), one line per row of the results table (means over seeds), and a
-// dashed "<norm>, batch statistics" line where those results exist.
-PlotSpec batch_size_plot(const std::vector<RunResult>& runs,
-                         const std::string& title = "Test error vs batch size");
-// The GroupNorm paper's group-count ablation: test error (%) against GN's number of groups G on
-// a log2 axis (means over seeds), one line per (lr_base, batch) setting of the runs, and each
-// other norm of the runs (e.g. IN, G = C in every layer) as a dashed level across the G range.
-PlotSpec groups_plot(const std::vector<RunResult>& runs,
-                     const std::string& title = "Test error vs GroupNorm groups");
-// Training loss on a log y axis, one series per run named "<norm_label>, batch <b>, lr <lr>":
-// against step (loss_curve_*) when every run has a curve, otherwise against epoch (history).
-// Non-finite losses (divergence) break the line.
-PlotSpec loss_curve_plot(const std::vector<RunResult>& runs,
-                         const std::string& title = "Training loss");
 
 }  // namespace normkit::train

@@ -25,6 +25,12 @@ void ResidualBlock::init(Rng& rng) {
   if (shortcut_conv_) shortcut_conv_->init(rng);
 }
 
+std::vector<Param*> ResidualBlock::conv_weights() {
+  std::vector<Param*> out{&conv1_.weight, &conv2_.weight};
+  if (shortcut_conv_) out.push_back(&shortcut_conv_->weight);
+  return out;
+}
+
 const Tensor& ResidualBlock::forward(const Tensor& x, Mode mode) {
   x_ = &x;
   const Tensor& skip =

@@ -25,6 +25,7 @@ class ResidualBlock {
   const Tensor& backward(const Tensor& dy);
 
   std::vector<Param*> params();
+  std::vector<Param*> conv_weights();  // conv1's, conv2's and the shortcut's, if any
   std::vector<Buffer> buffers();
   void set_sync(const SyncBatchNorm& sync);  // every norm of the block (Norm::set_sync)
   void set_cumulative_average(bool on);      // every norm of the block (Norm::set_cumulative_average)

@@ -88,6 +88,46 @@ const Tensor& Linear::backward(const Tensor& dy) {
   return dx_;
 }
 
+namespace {
+uint64_t mix(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+}  // namespace
+
+Dropout::Dropout(double p) : p_(p), scale_(static_cast<float>(1.0 / (1.0 - p))) {
+  if (!(p >= 0 && p < 1)) throw Error("Dropout: p = " + std::to_string(p) + " must be in [0, 1)");
+}
+
+bool Dropout::keeps(uint64_t sample_key, int64_t feature) const {
+  const uint64_t bits = mix(sample_key ^ mix(static_cast<uint64_t>(feature) + 1));
+  return static_cast<double>(bits >> 11) * 0x1.0p-53 >= p_;
+}
+
+const Tensor& Dropout::forward(const Tensor& x, const std::vector<uint64_t>& sample_keys) {
+  if (static_cast<int64_t>(sample_keys.size()) != x.n)
+    throw Error("Dropout: " + std::to_string(sample_keys.size()) + " sample keys for " +
+                std::to_string(x.n) + " samples");
+  y_.resize_like(x);
+  mask_.resize_like(x);
+  const int64_t features = x.h * x.w * x.c;
+  for (int64_t n = 0; n < x.n; ++n)
+    for (int64_t j = 0; j < features; ++j) {
+      const int64_t i = n * features + j;
+      mask_.data[i] = keeps(sample_keys[n], j) ? scale_ : 0.0f;
+      y_.data[i] = x.data[i] * mask_.data[i];
+    }
+  return y_;
+}
+
+const Tensor& Dropout::backward(const Tensor& dy) {
+  dx_.resize_like(dy);
+  for (size_t i = 0; i < dy.data.size(); ++i) dx_.data[i] = dy.data[i] * mask_.data[i];
+  return dx_;
+}
+
 double SoftmaxCrossEntropy::forward(const Tensor& logits, const uint8_t* labels) {
   const int64_t n = logits.n, k = logits.h * logits.w * logits.c;
   dlogits_.resize_like(logits);

@@ -1,6 +1,6 @@
 #pragma once
-// The small layers of the model's head: global average pooling, a fully connected layer and the
-// softmax cross-entropy loss.
+// The small layers of the model's head: global average pooling, dropout, a fully connected layer
+// and the softmax cross-entropy loss.
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -39,6 +39,29 @@ class Linear {
   int in_, out_;
   const Tensor* x_ = nullptr;
   Tensor y_, dx_;
+};
+
+// Inverted dropout on (N, 1, 1, C) features in training: each feature kept with probability
+// 1 - p and then scaled by 1 / (1 - p), else zeroed. Sample n's mask is a function of
+// sample_keys[n] alone (feature j kept iff uniform(key, j) >= p, a counter-based hash), so it
+// does not depend on the batch the sample is in, its position there, the device or the thread.
+class Dropout {
+ public:
+  // Throws normkit::Error unless 0 <= p < 1.
+  explicit Dropout(double p);
+  // Reads x and one key per sample (throws normkit::Error naming both counts otherwise).
+  // Returns the dropped-out x, owned here.
+  const Tensor& forward(const Tensor& x, const std::vector<uint64_t>& sample_keys);
+  // Reads dy (shape of the last forward's x). Returns dx = dy * mask / (1 - p), owned here.
+  const Tensor& backward(const Tensor& dy);
+  // Whether feature `feature` of the sample with this key is kept.
+  bool keeps(uint64_t sample_key, int64_t feature) const;
+  double p() const { return p_; }
+
+ private:
+  double p_;
+  float scale_;
+  Tensor y_, dx_, mask_;  // mask_: the last forward's 0 or 1 / (1 - p) per feature
 };
 
 // Mean over the batch of -log softmax(logits)[label].

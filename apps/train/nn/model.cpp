@@ -15,6 +15,10 @@ const ModelConfig& checked(const ModelConfig& c) {
   if (c.blocks_per_stage < 1)
     throw Error("model: blocks per stage must be >= 1, got " + std::to_string(c.blocks_per_stage));
   if (c.classes < 1 || c.in_channels < 1) throw Error("model: classes and in_channels must be >= 1");
+  if (!(c.init_scale > 0) || !std::isfinite(c.init_scale))
+    throw Error("model: init scale " + std::to_string(c.init_scale) + " must be a positive number");
+  if (!(c.dropout >= 0 && c.dropout < 1))
+    throw Error("model: dropout " + std::to_string(c.dropout) + " must be in [0, 1)");
   return c;
 }
 }  // namespace
@@ -107,6 +111,7 @@ Model::Model(const ModelConfig& config)
       stem_conv_("stem.conv", config.in_channels, config.widths[0], 3, 1),
       stem_norm_("stem.norm", config.norm, config.widths[0], config.groups, false, config.relu),
       fc_("fc", config.widths.back(), config.classes) {
+  if (config.dropout > 0) dropout_ = std::make_unique<Dropout>(config.dropout);
   int in = config.widths[0];
   for (size_t s = 0; s < config.widths.size(); ++s)
     for (int b = 0; b < config.blocks_per_stage; ++b) {
@@ -118,17 +123,30 @@ Model::Model(const ModelConfig& config)
     }
 }
 
+namespace {
+void scale(std::vector<float>& v, double s) {
+  for (float& e : v) e = static_cast<float>(e * s);
+}
+}  // namespace
+
 void Model::init(uint64_t seed) {
   Rng rng(seed);
   stem_conv_.init(rng);
   for (auto& b : blocks_) b->init(rng);
   fc_.init(rng);
+  if (config_.init_scale == 1) return;
+  scale(stem_conv_.weight.value, config_.init_scale);
+  for (auto& b : blocks_)
+    for (Param* w : b->conv_weights()) scale(w->value, config_.init_scale);
+  scale(fc_.weight.value, config_.init_scale);
 }
 
 const Tensor& Model::forward(const Tensor& images, Mode mode) {
   const Tensor* h = &stem_norm_.forward(stem_conv_.forward(images), mode);
   for (auto& b : blocks_) h = &b->forward(*h, mode);
   const profile::Scope timed(profile::Phase::head);
+  dropped_out_ = dropout_ && mode == Mode::train;
+  if (dropped_out_) return fc_.forward(dropout_->forward(pool_.forward(*h), dropout_keys_));
   return fc_.forward(pool_.forward(*h));
 }
 
@@ -136,7 +154,8 @@ void Model::backward(const Tensor& dlogits) {
   const Tensor* g;
   {
     const profile::Scope timed(profile::Phase::head);
-    g = &pool_.backward(fc_.backward(dlogits));
+    g = dropped_out_ ? &pool_.backward(dropout_->backward(fc_.backward(dlogits)))
+                     : &pool_.backward(fc_.backward(dlogits));
   }
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) g = &(*it)->backward(*g);
   stem_conv_.backward(stem_norm_.backward(*g), false);

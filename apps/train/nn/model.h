@@ -1,6 +1,7 @@
 #pragma once
 // The residual CNN: stem conv 3x3 + norm + ReLU, stages of basic blocks (the first block of every
-// stage after the first has stride 2), global average pooling, a linear classifier.
+// stage after the first has stride 2), global average pooling, dropout in training (when
+// dropout > 0), a linear classifier.
 // Default (widths 16, 32, 64, one block per stage): about 0.08 M parameters.
 #include <memory>
 #include <string>
@@ -19,6 +20,8 @@ struct ModelConfig {
   int in_channels = 1;
   int classes = 10;
   bool relu = true;  // false: identity activations, a smooth network for gradient checks
+  double init_scale = 1;  // every convolution's and the linear layer's initial weight times this
+  double dropout = 0;     // dropout probability on the pooled features in training; 0: none
 };
 
 // Throws normkit::Error on what Model's constructor rejects (its own options, and a norm that
@@ -44,17 +47,22 @@ MemoryEstimate estimate_memory(const ModelConfig& config, int64_t batch, int64_t
 
 class Model {
  public:
-  // Throws normkit::Error on an empty width list, a width < 1, blocks_per_stage < 1, or a group
-  // count that does not divide a width (gn).
+  // Throws normkit::Error on an empty width list, a width < 1, blocks_per_stage < 1, a group
+  // count that does not divide a width (gn), init_scale not positive, or dropout outside [0, 1).
   explicit Model(const ModelConfig& config);
 
-  // He init for convolutions, PyTorch's default for the linear layer; norms start at gamma 1,
-  // beta 0, except the last norm of each residual branch (gamma 0). Deterministic in seed.
+  // He init for convolutions, PyTorch's default for the linear layer (its weight and bias), each
+  // weight then times init_scale (skipped at 1: the same bits as without it); norms start at
+  // gamma 1, beta 0, except the last norm of each residual branch (gamma 0). Deterministic in seed.
   void init(uint64_t seed);
 
   // Reads images (N, H, W, in_channels), which must stay unchanged until backward. Returns the
-  // logits (N, 1, 1, classes), owned here.
+  // logits (N, 1, 1, classes), owned here. With dropout > 0, a Mode::train forward uses the keys
+  // of the last set_dropout_keys (one per image, Dropout in layers.h; throws normkit::Error when
+  // their count is not N).
   const Tensor& forward(const Tensor& images, Mode mode);
+  // The dropout masks' keys of the next training forward's images, in batch order.
+  void set_dropout_keys(std::vector<uint64_t> keys) { dropout_keys_ = std::move(keys); }
   // Reads the gradient of the loss with respect to the logits. Overwrites every parameter's grad.
   void backward(const Tensor& dlogits);
 
@@ -75,6 +83,9 @@ class Model {
   Norm stem_norm_;
   std::vector<std::unique_ptr<ResidualBlock>> blocks_;
   GlobalAvgPool pool_;
+  std::unique_ptr<Dropout> dropout_;  // null when config.dropout is 0
+  std::vector<uint64_t> dropout_keys_;
+  bool dropped_out_ = false;  // the last forward went through dropout_
   Linear fc_;
 };
 

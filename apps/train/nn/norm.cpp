@@ -14,7 +14,8 @@ NormKind parse_norm_kind(const std::string& s) {
   if (s == "ln") return NormKind::layer;
   if (s == "in") return NormKind::instance;
   if (s == "none") return NormKind::none;
-  throw Error("unknown norm '" + s + "': expected one of bn, gn, ln, in, none");
+  if (s == "frozen") return NormKind::frozen;
+  throw Error("unknown norm '" + s + "': expected one of bn, gn, ln, in, none, frozen");
 }
 
 const char* to_string(NormKind kind) {
@@ -24,6 +25,7 @@ const char* to_string(NormKind kind) {
     case NormKind::layer: return "ln";
     case NormKind::instance: return "in";
     case NormKind::none: return "none";
+    case NormKind::frozen: return "frozen";
   }
   return "?";
 }
@@ -45,6 +47,7 @@ std::unique_ptr<NormLayer> make_norm_layer(const std::string& name, NormKind kin
     case NormKind::instance:
       return std::make_unique<InstanceNorm>(channels, InstanceNormOptions{.affine = true});
     case NormKind::none: return std::make_unique<NoNorm>(channels);
+    case NormKind::frozen: return std::make_unique<FrozenBatchNorm>(channels);  // eps 1e-5
   }
   return nullptr;
 }
@@ -54,7 +57,8 @@ Norm::Norm(const std::string& name, NormKind kind, int channels, int groups, boo
     : weight(name + ".weight", kind == NormKind::none ? 0 : channels),
       bias(name + ".bias", channels), kind_(kind), relu_(relu),
       layer_(make_norm_layer(name, kind, channels, groups)),
-      batch_norm_(dynamic_cast<BatchNorm*>(layer_.get())) {
+      batch_norm_(dynamic_cast<BatchNorm*>(layer_.get())),
+      frozen_(dynamic_cast<FrozenBatchNorm*>(layer_.get())) {
   switch (kind) {
     case NormKind::group: groups_ = groups; break;
     case NormKind::layer: groups_ = 1; break;
@@ -66,22 +70,31 @@ Norm::Norm(const std::string& name, NormKind kind, int channels, int groups, boo
 
 std::vector<Param*> Norm::params() {
   if (kind_ == NormKind::none) return {&bias};
+  if (frozen_) return {};
   return {&weight, &bias};
 }
 
 const std::vector<float>& Norm::running_mean() const {
   static const std::vector<float> none;
+  if (frozen_) return frozen_->running_mean;
   return batch_norm_ ? batch_norm_->running_mean : none;
 }
 
 const std::vector<float>& Norm::running_var() const {
   static const std::vector<float> none;
+  if (frozen_) return frozen_->running_var;
   return batch_norm_ ? batch_norm_->running_var : none;
 }
 
 std::vector<Buffer> Norm::buffers() {
-  if (!batch_norm_) return {};
   const std::string base = bias.name.substr(0, bias.name.size() - 4);  // keep "<layer>."
+  // BN's names, so that a BN checkpoint's tensors load into the frozen layer by name.
+  if (frozen_)
+    return {{weight.name, &weight.value},
+            {bias.name, &bias.value},
+            {base + "running_mean", &frozen_->running_mean},
+            {base + "running_var", &frozen_->running_var}};
+  if (!batch_norm_) return {};
   return {{base + "running_mean", &batch_norm_->running_mean},
           {base + "running_var", &batch_norm_->running_var}};
 }

@@ -7,6 +7,11 @@
 //   gn: normkit::GroupNorm with `groups` groups; ln: normkit::LayerNorm (the paper's, over
 //       C, H, W); in: normkit::InstanceNorm (instance statistics in every mode)
 //   none: normkit::NoNorm, no normalization, a learned per-channel bias only
+//   frozen: normkit::FrozenBatchNorm (eps 1e-5, BN's), a trained BN's running statistics and
+//       gamma, beta as a fixed per-channel affine in every mode (as torchvision's
+//       FrozenBatchNorm2d when detection fine-tunes at one or two images per device). Nothing
+//       of it is trained: params() is empty, and gamma, beta and the statistics are buffers,
+//       loaded from a BN checkpoint (trainer.h's init_from) and saved in the run's checkpoints.
 // Each kind has a per-channel affine (weight = gamma, bias = beta); `none` has the bias only.
 // The ResNet epilogue is part of the layer: y = relu?(norm(x) + residual?), and backward gives
 // both dx and the residual's gradient g = relu ? dy * (y > 0) : dy.
@@ -22,9 +27,9 @@
 
 namespace normkit::train {
 
-enum class NormKind { batch, group, layer, instance, none };
+enum class NormKind { batch, group, layer, instance, none, frozen };
 
-// "bn", "gn", "ln", "in", "none" <-> NormKind. parse throws normkit::Error on anything else.
+// "bn", "gn", "ln", "in", "none", "frozen" <-> NormKind. parse throws normkit::Error on anything else.
 NormKind parse_norm_kind(const std::string& s);
 const char* to_string(NormKind kind);
 
@@ -82,8 +87,10 @@ class Norm {
   // gives the layer back its momentum and batch count.
   void set_cumulative_average(bool on);
 
-  std::vector<Param*> params();
-  std::vector<Buffer> buffers();  // BN's running_mean and running_var; nothing for the others
+  std::vector<Param*> params();  // empty for frozen
+  // BN's running_mean and running_var; frozen's weight, bias, running_mean and running_var;
+  // nothing for the others.
+  std::vector<Buffer> buffers();
   const Tensor& output() const { return y_; }  // the last forward's output (for inspection)
 
   // The optimizer's and the checkpoint's copy of the affine parameters; the layer reads them at
@@ -99,6 +106,7 @@ class Norm {
   bool relu_;
   std::unique_ptr<NormLayer> layer_;
   BatchNorm* batch_norm_ = nullptr;  // layer_ as BN, for its running statistics and eval mode
+  FrozenBatchNorm* frozen_ = nullptr;  // layer_ as frozen BN, for its statistics
   bool trained_forward_ = false;
   SyncBatchNorm sync_;
   bool synced_forward_ = false;  // the last forward went through sync_

@@ -1,6 +1,6 @@
-// Sweep outputs: results.csv, results.md, metrics JSON and the plot specs built from runs. The
-// expected cells are computed here from the runs (means, sample standard deviations) and the
-// files are parsed back independently of the writers.
+// Sweep outputs: results.csv, results.md and metrics JSON. The expected cells are computed here
+// from the runs (means, sample standard deviations) and the files are parsed back independently
+// of the writers.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -131,6 +131,7 @@ TEST(Results, NormLabels) {
   EXPECT_EQ(norm_label("ln", 0), "LN");
   EXPECT_EQ(norm_label("in", 0), "IN");
   EXPECT_EQ(norm_label("none", 0), "none");
+  EXPECT_EQ(norm_label("frozen", 0), "frozen BN");
 }
 
 TEST(Results, CsvHasOneRowPerRunWithEveryField) {
@@ -144,11 +145,14 @@ TEST(Results, CsvHasOneRowPerRunWithEveryField) {
   ASSERT_EQ(lines.size(), runs.size() + 1);
   EXPECT_EQ(lines[0],
             "norm,groups,devices,batch,epochs,lr,seed,train_loss,test_loss,test_error,"
-            "test_error_batch_stats,test_error_precise,images_per_s,seconds,sync_bn");
+            "test_error_batch_stats,test_error_precise,images_per_s,seconds,sync_bn,"
+            "train_error_eval,train_loss_eval");
   for (size_t i = 0; i < runs.size(); ++i) {
     const RunResult& r = runs[i];
     const auto c = split(lines[i + 1], ',');
-    ASSERT_EQ(c.size(), 15u) << lines[i + 1];
+    ASSERT_EQ(c.size(), 17u) << lines[i + 1];
+    EXPECT_EQ(c[15], "");  // not measured
+    EXPECT_EQ(c[16], "");
     EXPECT_EQ(c[2], std::to_string(r.devices));
     EXPECT_EQ(c[14], r.sync_bn ? "1" : "0");
     EXPECT_EQ(c[0], r.sync_bn ? "syncbn" : r.norm);
@@ -310,29 +314,6 @@ TEST(Results, RowsNameTheBaseLearningRateOnlyWhenTheRunsUseSeveral) {
   // One base lr: plain norm labels, as in the batch-size sweep.
   runs.resize(4);
   EXPECT_EQ(markdown_table(results_markdown(runs), "## Test error (%) by batch size")[1][0], "BN");
-  const PlotSpec p = batch_size_plot(runs);
-  EXPECT_EQ(p.series[0].name, "BN");
-}
-
-TEST(Results, GroupsPlotHasGnOverGroupsAndOtherNormsAsLevels) {
-  std::mt19937 rng(7);
-  std::vector<RunResult> runs;
-  for (int g : {16, 1, 4, 2, 8}) runs.push_back(make_run("gn", g, 32, 1, rng));
-  runs.push_back(make_run("gn", 4, 32, 2, rng));  // a second seed at G = 4
-  runs.push_back(make_run("in", 0, 32, 1, rng));
-  const PlotSpec p = groups_plot(runs);
-  EXPECT_EQ(p.x_scale, AxisScale::log2);
-  EXPECT_EQ(p.x_ticks, (std::vector<double>{1, 2, 4, 8, 16}));
-  ASSERT_EQ(p.series.size(), 2u);
-  EXPECT_EQ(p.series[0].name, "GN");
-  EXPECT_EQ(p.series[0].x, p.x_ticks);
-  EXPECT_DOUBLE_EQ(p.series[0].y[0], runs[1].test_error);  // G = 1
-  EXPECT_DOUBLE_EQ(p.series[0].y[2], (runs[2].test_error + runs[5].test_error) / 2);  // G = 4
-  EXPECT_EQ(p.series[1].name, "IN");
-  EXPECT_TRUE(p.series[1].dashed);
-  EXPECT_EQ(p.series[1].x, (std::vector<double>{1, 16}));
-  EXPECT_EQ(p.series[1].y, (std::vector<double>{runs[6].test_error, runs[6].test_error}));
-  EXPECT_FALSE(render_line_plot_svg(p).empty());
 }
 
 TEST_F(ResultsFileTest, MetricsJsonHasTheSummaryAndHistory) {
@@ -425,50 +406,6 @@ TEST(Results, TableRowsTellBatchNormPerDeviceFromSyncBN) {
   EXPECT_EQ(md.find("lr base"), std::string::npos) << md;
 }
 
-TEST(Results, BatchSizePlotFollowsTheTable) {
-  const auto runs = sweep();
-  const PlotSpec spec = batch_size_plot(runs);
-  EXPECT_EQ(spec.x_scale, AxisScale::log2);
-  EXPECT_TRUE(spec.x_reversed);
-  EXPECT_EQ(spec.x_ticks, (std::vector<double>{32, 8, 2}));
-  ASSERT_EQ(spec.series.size(), 3u);
-  EXPECT_EQ(spec.series[0].name, "BN");
-  EXPECT_EQ(spec.series[1].name, "GN (G=8)");
-  EXPECT_EQ(spec.series[2].name, "BN, batch statistics");
-  EXPECT_TRUE(spec.series[2].dashed);
-  EXPECT_EQ(spec.series[2].style, spec.series[0].style) << "dashed BN shares BN's colour";
-  EXPECT_NE(spec.series[1].style, spec.series[0].style);
-  EXPECT_FALSE(spec.series[0].dashed);
-  EXPECT_EQ(spec.series[1].x, (std::vector<double>{32, 2}));  // no GN run at batch 8
-  // The BN point at batch 2 is the mean of its two seeds.
-  double sum = 0;
-  for (const auto& r : runs) {
-    if (r.norm == "bn" && r.batch == 2) sum += r.test_error;
-  }
-  EXPECT_DOUBLE_EQ(spec.series[0].y[2], sum / 2);
-  EXPECT_NO_THROW(render_line_plot_svg(spec));
-}
-
-TEST(Results, LossCurvePlotUsesStepsOnlyWhenEveryRunHasThem) {
-  std::mt19937 rng(1);
-  auto a = make_run("bn", 0, 32, 1, rng);
-  auto b = make_run("none", 0, 32, 1, rng);
-  a.loss_curve_step = {10, 20};
-  a.loss_curve_loss = {2.0, 1.0};
-  PlotSpec spec = loss_curve_plot({a, b});
-  EXPECT_EQ(spec.x_label, "epoch");
-  EXPECT_EQ(spec.series[1].x, (std::vector<double>{1, 2, 3}));
-  EXPECT_EQ(spec.series[1].y[2], b.history[2].train_loss);
-  EXPECT_EQ(spec.series[1].name, "none, batch 32, lr 0.1");
-  b.loss_curve_step = {10};
-  b.loss_curve_loss = {std::nan("")};
-  spec = loss_curve_plot({a, b});
-  EXPECT_EQ(spec.x_label, "step");
-  EXPECT_EQ(spec.y_scale, AxisScale::log10);
-  EXPECT_EQ(spec.series[0].y, (std::vector<double>{2.0, 1.0}));
-  EXPECT_NO_THROW(render_line_plot_svg(spec));
-}
-
 TEST_F(ResultsFileTest, WritersNameAnUnwritablePath) {
   const std::string p = (dir_ / "no" / "results.md").string();
   try {
@@ -479,6 +416,98 @@ TEST_F(ResultsFileTest, WritersNameAnUnwritablePath) {
   }
   EXPECT_THROW(write_results_csv((dir_ / "no" / "r.csv").string(), sweep()), IoError);
   EXPECT_THROW(write_metrics_json((dir_ / "no" / "m.json").string(), sweep()[0]), IoError);
+}
+
+}  // namespace
+
+namespace {
+
+TEST_F(ResultsFileTest, TheTrainTestGapIsInTheCsvTheJsonAndTheMarkdown) {
+  auto runs = sweep();
+  runs[0].train_error_eval = 1.25;
+  runs[0].train_loss_eval = 0.0625;
+  runs[0].eval_train_images = 1000;
+  const fs::path p = dir_ / "results.csv";
+  write_results_csv(p.string(), runs);
+  const auto back = read_results_csv(p.string());
+  EXPECT_EQ(back[0].train_error_eval, 1.25);
+  EXPECT_EQ(back[0].train_loss_eval, 0.0625);
+  EXPECT_TRUE(std::isnan(back[1].train_error_eval));
+  // Files from before the two columns, and from before test_error_precise, still read (by
+  // column name: devices moved, SyncBN runs were named bn).
+  std::ofstream(dir_ / "old.csv")
+      << "norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,test_error_batch_stats,"
+         "images_per_s,seconds,devices,sync_bn\n"
+      << "bn,,8,3,0.05,7,0.5,0.6,9.5,10.5,1000,12,2,1\n";
+  const auto old_back = read_results_csv((dir_ / "old.csv").string());
+  ASSERT_EQ(old_back.size(), 1u);
+  EXPECT_EQ(old_back[0].norm, "bn");
+  EXPECT_TRUE(old_back[0].sync_bn);
+  EXPECT_EQ(old_back[0].devices, 2);
+  EXPECT_EQ(old_back[0].batch, 8);
+  EXPECT_EQ(old_back[0].seed, 7u);
+  EXPECT_EQ(old_back[0].test_error_batch_stats, 10.5);
+  EXPECT_FALSE(old_back[0].test_error_precise.has_value());
+  EXPECT_TRUE(std::isnan(old_back[0].train_error_eval));
+  std::ofstream(dir_ / "gap.csv")
+      << "norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,test_error_batch_stats,"
+         "images_per_s,seconds,devices,sync_bn,train_error_eval,train_loss_eval\n"
+      << "gn,4,2,3,0.00625,1,0.5,0.6,9.5,,1000,12,1,0,3.5,0.25\n";
+  const auto gap_back = read_results_csv((dir_ / "gap.csv").string());
+  ASSERT_EQ(gap_back.size(), 1u);
+  EXPECT_EQ(gap_back[0].groups, 4);
+  EXPECT_EQ(gap_back[0].devices, 1);
+  EXPECT_EQ(gap_back[0].train_error_eval, 3.5);
+  EXPECT_FALSE(gap_back[0].test_error_batch_stats.has_value());
+
+  const std::string md = results_markdown(runs);
+  const auto table = markdown_table(md, "## Train/test gap: error (%) evaluated at the end");
+  ASSERT_EQ(table.size(), 3u);  // the header and the measured run's row pair
+  EXPECT_EQ(table[1][0], norm_label(runs[0].norm, runs[0].groups) + ", training images");
+  EXPECT_EQ(table[2][0], norm_label(runs[0].norm, runs[0].groups) + ", test images");
+  EXPECT_EQ(results_markdown(sweep()).find("Train/test gap"), std::string::npos);
+}
+
+TEST_F(ResultsFileTest, MetricsJsonHasTheStudyOptionsOnlyWhenSet) {
+  std::mt19937 rng(3);
+  RunResult r = make_run("frozen", 0, 2, 7, rng);
+  const json plain = json::parse(metrics_json(r));
+  for (const char* key : {"init_scale", "dropout", "weight_decay", "eval_train_images", "classes",
+                          "init_from", "train_error_eval", "train_loss_eval"})
+    EXPECT_FALSE(plain.contains(key)) << key;
+  r.init_scale = 0.1;
+  r.dropout = 0.5;
+  r.weight_decay = 0;
+  r.eval_train_images = 512;
+  r.classes = {5, 6, 9};
+  r.init_from = "pre, \"trained\".safetensors";
+  r.train_error_eval = 3.5;
+  r.train_loss_eval = 0.125;
+  const fs::path p = dir_ / "study.json";
+  write_metrics_json(p.string(), r);
+  const json j = json::parse(std::ifstream(p));
+  EXPECT_EQ(j["init_scale"], 0.1);
+  EXPECT_EQ(j["dropout"], 0.5);
+  EXPECT_EQ(j["weight_decay"], 0);
+  EXPECT_EQ(j["eval_train_images"], 512);
+  EXPECT_EQ(j["classes"], (json{5, 6, 9}));
+  EXPECT_EQ(j["init_from"], r.init_from);
+  EXPECT_EQ(j["train_error_eval"], 3.5);
+  const RunResult back = read_metrics_json(p.string());
+  EXPECT_EQ(back.init_scale, r.init_scale);
+  EXPECT_EQ(back.dropout, r.dropout);
+  EXPECT_EQ(back.weight_decay, r.weight_decay);
+  EXPECT_EQ(back.eval_train_images, r.eval_train_images);
+  EXPECT_EQ(back.classes, r.classes);
+  EXPECT_EQ(back.init_from, r.init_from);
+  EXPECT_EQ(back.train_error_eval, r.train_error_eval);
+  EXPECT_EQ(back.train_loss_eval, r.train_loss_eval);
+  std::ofstream(dir_ / "bad.json") << json({{"norm", "bn"}, {"groups", 0}, {"batch", 2}, {"epochs", 1},
+                                            {"seed", 1}, {"lr", 0.1}, {"train_loss", 1}, {"test_loss", 1},
+                                            {"test_error", 1}, {"test_error_batch_stats", nullptr},
+                                            {"images_per_s", 1}, {"seconds", 1}, {"classes", {1.5}}})
+                                           .dump();
+  EXPECT_THROW(read_metrics_json((dir_ / "bad.json").string()), IoError);
 }
 
 }  // namespace

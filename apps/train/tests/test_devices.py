@@ -70,12 +70,16 @@ def checkpoint_without_timing(path):
 
 
 @needs_mpi
-@pytest.mark.parametrize("norm", ["bn", "gn", "syncbn", "bn-augmented", "syncbn-augmented"])
+@pytest.mark.parametrize("norm", ["bn", "gn", "syncbn", "bn-studies", "bn-augmented", "syncbn-augmented"])
 def test_processes_give_the_same_bits(data_dir, tmp_path, norm):
     # Augmentation and warm-up drawn per position of the permutation: the same for any split.
     augment = ["--crop-pad", "2", "--hflip", "--warmup", "0.3"] if norm.endswith("-augmented") else []
     norm = norm.removesuffix("-augmented")
     extra = ["--norm", "bn", "--sync-bn"] if norm == "syncbn" else ["--norm", norm, "--groups", "2"]
+    if norm == "bn-studies":
+        # Dropout's masks follow the image's place in the epoch, not the device or the process.
+        extra = ["--norm", "bn", "--dropout", "0.3", "--init-scale", "2", "--weight-decay", "0.001",
+                 "--eval-train-images", "20", "--classes", "1,3,4,5,6,7,8,9"]
     extra += augment
     results = {}
     for processes, threads in ((1, 1), (2, 1), (4, 1), (2, 2)):
@@ -95,7 +99,11 @@ def test_processes_give_the_same_bits(data_dir, tmp_path, norm):
         assert (meta1["crop_pad"], meta1["hflip"]) == ("2", "1")
     if norm != "gn":
         assert m1["test_error_precise"] is not None
-    assert len(m1["loss_curve"]["loss"]) == 6
+    if norm == "bn-studies":
+        assert (m1["dropout"], m1["eval_train_images"], meta1["dropout"]) == (0.3, 20, "0.29999999999999999")
+        assert m1["train_error_eval"] is not None
+    else:
+        assert len(m1["loss_curve"]["loss"]) == 6
     for tag, (m, (meta, t)) in results.items():
         assert m == m1, tag
         assert meta == meta1, tag
@@ -105,10 +113,11 @@ def test_processes_give_the_same_bits(data_dir, tmp_path, norm):
 
 
 @needs_mpi
-@pytest.mark.parametrize("augment", [[], ["--crop-pad", "1", "--hflip", "--warmup", "0.4"]])
-def test_a_checkpoint_of_two_processes_resumes_in_one(data_dir, tmp_path, augment):
+@pytest.mark.parametrize("more", [[], ["--dropout", "0.5", "--init-scale", "0.5"],
+                                  ["--crop-pad", "1", "--hflip", "--warmup", "0.4"]])
+def test_a_checkpoint_of_two_processes_resumes_in_one(data_dir, tmp_path, more):
     # Stopped inside the second epoch by 2 processes, resumed by 1.
-    common = [*small(data_dir, "--norm", "bn", *augment, epochs=2), "--devices", 4, "--threads", 1]
+    common = [*small(data_dir, "--norm", "bn", *more, epochs=2), "--devices", 4, "--threads", 1]
     r = train(1, *common, "--metrics-out", tmp_path / "whole.json",
               "--checkpoint", tmp_path / "whole.safetensors")
     assert r.returncode == 0, r.stderr
