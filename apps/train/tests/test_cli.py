@@ -212,7 +212,8 @@ def test_sweep_over_seeds_reports_each_run_and_the_time_left(data_dir, tmp_path)
         header = f.readline().strip()
         rows = list(csv.DictReader(open(out / "results.csv")))
     assert header == ("norm,groups,devices,batch,epochs,lr,seed,train_loss,test_loss,test_error,"
-                      "test_error_batch_stats,test_error_precise,images_per_s,seconds,sync_bn")
+                      "test_error_batch_stats,test_error_precise,images_per_s,seconds,sync_bn,"
+                      "train_error_eval,train_loss_eval")
     assert sorted((row["norm"], row["seed"]) for row in rows) == \
         sorted((n, s) for n in ("bn", "gn") for s in ("1", "2", "3"))
     for s in (1, 2, 3):
