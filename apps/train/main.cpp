@@ -2,7 +2,10 @@
 // normkit's normalization layers, one run or a sweep over norms and batch sizes.
 #include <CLI/CLI.hpp>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <exception>
@@ -68,6 +71,11 @@ struct Common {
   bool quiet = false;
   int devices = 1;
   bool sync_bn = false;
+  int crop_pad = 0;
+  bool hflip = false;
+  double lr_warmup = 0;
+  int64_t precise_bn_images = 10000;
+  int precise_bn_batch = 200;
 };
 
 void add_common(CLI::App* app, Common& c) {
@@ -102,6 +110,22 @@ void add_common(CLI::App* app, Common& c) {
                   "logical devices per step, each training on --batch images of its own (the "
                   "paper's GPUs); under mpirun -np P, P must divide it")
       ->capture_default_str();  // checked by the trainer, with the process count
+  app->add_option("--crop-pad", c.crop_pad,
+                  "augment training images: pad by P pixels per side with the background (a "
+                  "standardized zero pixel) and take a random window of the image's size; 0: off")
+      ->capture_default_str()->check(kNonNegative);
+  app->add_flag("--hflip", c.hflip, "augment training images: flip left-right with probability 1/2");
+  app->add_option("--warmup", c.lr_warmup,
+                  "fraction of all steps over which the lr rises linearly from --lr-base to the "
+                  "scaled lr (Goyal et al. 2017; nothing to do at a global batch <= 32); 0: off")
+      ->capture_default_str()->check(kNonNegative);  // < 1 checked by the trainer
+  app->add_option("--precise-bn-images", c.precise_bn_images,
+                  "BN: after training, recompute the statistics with the final weights over the "
+                  "first M training images and report test_error_precise; 0: off")
+      ->capture_default_str()->check(kNonNegative);
+  app->add_option("--precise-bn-batch", c.precise_bn_batch,
+                  "BN: images per train-mode batch of the precise statistics")
+      ->capture_default_str()->check(kPositive);  // >= 2 checked by the trainer
 }
 
 // run's options for the studies of the papers' other claims (trainer.h); each default is the
@@ -182,6 +206,11 @@ std::vector<std::string> common_args(const Common& c, int threads) {
   if (c.limit_train > 0) a.insert(a.end(), {"--limit-train", std::to_string(c.limit_train)});
   if (c.limit_test > 0) a.insert(a.end(), {"--limit-test", std::to_string(c.limit_test)});
   a.insert(a.end(), {"--devices", std::to_string(c.devices)});
+  if (c.crop_pad > 0) a.insert(a.end(), {"--crop-pad", std::to_string(c.crop_pad)});
+  if (c.hflip) a.push_back("--hflip");
+  if (c.lr_warmup > 0) a.insert(a.end(), {"--warmup", number(c.lr_warmup)});
+  a.insert(a.end(), {"--precise-bn-images", std::to_string(c.precise_bn_images),
+                     "--precise-bn-batch", std::to_string(c.precise_bn_batch)});
   return a;
 }
 
@@ -204,12 +233,19 @@ nt::TrainConfig make_config(const Common& c, const std::string& norm, int batch,
   t.limit_test = c.limit_test;
   t.eval_batch = c.eval_batch;
   t.data_dir = c.data;
+  t.crop_pad = c.crop_pad;
+  t.hflip = c.hflip;
+  t.lr_warmup = c.lr_warmup;
+  t.precise_bn_images = c.precise_bn_images;
+  t.precise_bn_batch = c.precise_bn_batch;
   return t;
 }
 
 // The paragraph under the title of results.md: what was trained, how long, on what.
-std::string sweep_notes(const Common& c, const nt::Data& data, int jobs) {
-  std::string widths, lrs;
+std::string sweep_notes(const Common& c, const nt::Data& data, int jobs,
+                        const std::vector<uint64_t>& seeds) {
+  std::string widths, lrs, seed_list;
+  for (uint64_t s : seeds) seed_list += (seed_list.empty() ? "" : ", ") + std::to_string(s);
   for (int w : c.widths) {
     if (!widths.empty()) widths += '-';
     widths += std::to_string(w);
@@ -230,13 +266,78 @@ std::string sweep_notes(const Common& c, const nt::Data& data, int jobs) {
                 "Residual CNN (stem %d, widths %s, %d block(s) per stage), %d epoch(s) over %lld "
                 "Fashion-MNIST training images, tested on %lld; %sSGD momentum 0.9, weight decay "
                 "1e-4, lr %s x %sbatch / 32, divided by 10 at the listed fractions of the steps; "
-                "seed %llu; %d thread(s) per run, %d run(s) at a time; %s.",
+                "%s %s; %d thread(s) per run, %d run(s) at a time; %s.",
                 c.widths[0], widths.c_str(), c.blocks_per_stage, c.epochs,
                 static_cast<long long>(data.train.count), static_cast<long long>(data.test.count),
                 devices.c_str(), lrs.c_str(), c.devices > 1 ? "devices x " : "",
-                static_cast<unsigned long long>(c.seed), c.threads, jobs,
+                seeds.size() > 1 ? "seeds" : "seed", seed_list.c_str(), c.threads, jobs,
                 nt::blas_description().c_str());
-  return text;
+  std::string out = text;
+  if (c.crop_pad > 0 || c.hflip)
+    out += " Training images augmented:" +
+           (c.crop_pad > 0 ? " random crop with " + std::to_string(c.crop_pad) + " pixel(s) of padding" : std::string()) +
+           (c.crop_pad > 0 && c.hflip ? "," : "") + (c.hflip ? " random horizontal flip" : "") + ".";
+  if (c.lr_warmup > 0) out += " Linear lr warm-up over the first " + number_short(c.lr_warmup) + " of the steps.";
+  if (c.precise_bn_images > 0)
+    out += " BN's precise statistics over the first " + std::to_string(c.precise_bn_images) +
+           " training images in batches of " + std::to_string(c.precise_bn_batch) + ".";
+  return out;
+}
+
+// An entry of sweep's --norms: NAME or NAME@B1+B2+..., NAME one of bn, gn, ln, in, none and
+// syncbn (BatchNorm with statistics over all devices of a step), the batches restricting the
+// arm to those of --batches (empty: all of them).
+struct NormArm {
+  std::string norm;
+  bool sync_bn = false;
+  std::vector<int> batches;
+};
+
+std::vector<NormArm> parse_norm_arms(const std::vector<std::string>& entries,
+                                     const std::vector<int>& batches, int devices) {
+  std::vector<NormArm> arms;
+  for (const std::string& entry : entries) {
+    auto bad = [&](const std::string& why) {
+      throw normkit::Error("--norms entry '" + entry + "': " + why);
+    };
+    NormArm arm;
+    const size_t at = entry.find('@');
+    arm.norm = entry.substr(0, at);
+    if (arm.norm == "syncbn") {
+      arm.norm = "bn";
+      arm.sync_bn = true;
+      if (devices < 2)
+        bad("SyncBN synchronizes BatchNorm across devices and needs --devices >= 2 (this sweep "
+            "has --devices " + std::to_string(devices) + ")");
+    } else if (arm.norm != "bn" && arm.norm != "gn" && arm.norm != "ln" && arm.norm != "in" &&
+               arm.norm != "none") {
+      bad("the norm must be bn, gn, ln, in, none or syncbn");
+    }
+    if (at != std::string::npos) {
+      const std::string list = entry.substr(at + 1);
+      size_t start = 0;
+      while (true) {
+        const size_t plus = list.find('+', start);
+        const std::string b = list.substr(start, plus == std::string::npos ? std::string::npos : plus - start);
+        size_t used = 0;
+        int value = 0;
+        try {
+          value = std::stoi(b, &used);
+        } catch (const std::exception&) {
+          used = 0;
+        }
+        if (b.empty() || used != b.size() || value < 1)
+          bad("'" + b + "' is not a batch size (write NAME@B or NAME@B1+B2, e.g. syncbn@2+8)");
+        if (std::find(batches.begin(), batches.end(), value) == batches.end())
+          bad("batch " + b + " is not one of --batches");
+        arm.batches.push_back(value);
+        if (plus == std::string::npos) break;
+        start = plus + 1;
+      }
+    }
+    arms.push_back(arm);
+  }
+  return arms;
 }
 
 nt::ProgressBar make_progress(bool quiet) {
@@ -254,6 +355,19 @@ std::string label_of(const nt::TrainConfig& c) {
          "b=" + std::to_string(c.batch) + lr;
 }
 
+// The sweep's label of a run: label_of and, when the sweep has several seeds, the seed.
+std::vector<uint64_t> g_sweep_seeds;
+std::string sweep_label(const nt::TrainConfig& c) {
+  return label_of(c) + (g_sweep_seeds.size() > 1 ? " seed=" + std::to_string(c.seed) : std::string());
+}
+
+// The training images a run processes (all its steps), the sweep's measure of its work.
+double run_images(const nt::TrainConfig& c, const nt::Data& data) {
+  const int64_t count = c.limit_train < 0 ? data.train.count : std::min(c.limit_train, data.train.count);
+  const int64_t batch = nt::global_batch(c);
+  return static_cast<double>(count / batch * batch) * c.epochs;
+}
+
 std::string summary(const nt::TrainOutcome& o) {
   const nt::RunResult& r = o.run;
   char line[512];
@@ -265,6 +379,9 @@ std::string summary(const nt::TrainOutcome& o) {
   if (r.test_error_batch_stats)
     n += std::snprintf(line + n, sizeof line - n, " (batch statistics: %.2f%%)",
                        *r.test_error_batch_stats);
+  if (r.test_error_precise)
+    n += std::snprintf(line + n, sizeof line - n, " (precise statistics: %.2f%%)",
+                       *r.test_error_precise);
   if (std::isfinite(r.train_error_eval))
     n += std::snprintf(line + n, sizeof line - n, "; %lld training images: error %.2f%%, loss %.4f",
                        static_cast<long long>(r.eval_train_images), r.train_error_eval,
@@ -330,18 +447,26 @@ int main(int argc, char** argv) {
   Common sweep_opts;
   std::vector<std::string> norms{"bn", "gn"};
   std::vector<int> batches{32, 16, 8, 4, 2};
+  std::vector<uint64_t> seeds;
   std::string out_dir;
   CLI::App* sweep = app.add_subcommand(
       "sweep", "train every (norm, batch) pair; write the tables and every run's metrics");
-  sweep->add_option("--norms", norms, "norms to compare")
-      ->delimiter(',')->capture_default_str()->check(CLI::IsMember({"bn", "gn", "ln", "in", "none"}));
+  sweep->add_option("--norms", norms,
+                    "norms to compare: bn, gn, ln, in, none, and syncbn (BN with statistics over "
+                    "all devices; --devices >= 2); NAME@B1+B2 trains that arm at those of --batches "
+                    "only, e.g. bn,gn,syncbn@2+8")
+      ->delimiter(',')->capture_default_str();  // checked by parse_norm_arms
   sweep->add_option("--batches", batches, "batch sizes")
       ->delimiter(',')->capture_default_str()->check(kPositive);
   add_common(sweep, sweep_opts);
+  sweep->add_option("--seeds", seeds,
+                    "seeds, e.g. 1,2,3: every grid point is trained once per seed; the tables show "
+                    "mean ± sample std over seeds (--seed S means --seeds S)")
+      ->delimiter(',');
   sweep->add_flag("--sync-bn", sweep_opts.sync_bn,
                   "also train every BN point with statistics over all devices (SyncBN rows)");
   sweep->add_option("--out", out_dir,
-                    "output folder (results.csv, results.md, runs/; scripts/plot_sweep.py draws "
+                    "output folder (results.csv, results.md, summary.csv, runs/; scripts/plot_sweep.py draws "
                     "the figures from it)")
       ->required();
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -407,20 +532,42 @@ int main(int argc, char** argv) {
       }
       if (lead && !metrics_out.empty()) nt::write_metrics_json(metrics_out, o.run);
     } else if (*sweep) {
-      // The grid: norm, then GN's group count, then base lr, then batch size.
+      // The grid: norm, then GN's group count, then base lr, then batch size, then seed.
+      if (sweep->count("--seeds") && sweep->count("--seed"))
+        throw normkit::Error("sweep takes --seeds or --seed, not both (--seed S means --seeds S)");
+      if (seeds.empty()) seeds = {sweep_opts.seed};
+      g_sweep_seeds = seeds;
+      const std::vector<NormArm> arms = parse_norm_arms(norms, batches, sweep_opts.devices);
       std::vector<nt::TrainConfig> configs;
-      for (const std::string& n : norms) {
+      auto same_run = [](const nt::TrainConfig& a, const nt::TrainConfig& b) {
+        return a.model.norm == b.model.norm && a.sync_bn == b.sync_bn && a.model.groups == b.model.groups &&
+               a.lr_base == b.lr_base && a.batch == b.batch && a.seed == b.seed;
+      };
+      for (const NormArm& arm : arms) {
+        const std::string& n = arm.norm;
         const std::vector<int> group_values = n == "gn" ? sweep_opts.groups : std::vector<int>{sweep_opts.groups[0]};
         for (int g : group_values)
           for (double lr : sweep_opts.lr_base)
-            for (int b : batches)
-              // BN's points once per device, and once synchronized with --sync-bn.
+            for (int b : batches) {
+              if (!arm.batches.empty() && std::find(arm.batches.begin(), arm.batches.end(), b) == arm.batches.end())
+                continue;
+              // BN's points once per device, and once synchronized with --sync-bn; a syncbn arm
+              // synchronized only.
               for (bool sync : {false, true}) {
-                if (sync && !(sweep_opts.sync_bn && n == "bn")) continue;
-                configs.push_back(make_config(sweep_opts, n, b, g, lr));
-                configs.back().sync_bn = sync;
-                nt::validate(configs.back());
+                if (arm.sync_bn ? !sync : sync && !(sweep_opts.sync_bn && n == "bn")) continue;
+                for (uint64_t seed : seeds) {
+                  nt::TrainConfig cfg = make_config(sweep_opts, n, b, g, lr);
+                  cfg.sync_bn = sync;
+                  cfg.seed = seed;
+                  // bn with --sync-bn beside a syncbn arm: each run once.
+                  if (std::any_of(configs.begin(), configs.end(),
+                                  [&](const nt::TrainConfig& o) { return same_run(o, cfg); }))
+                    continue;
+                  nt::validate(cfg);
+                  configs.push_back(cfg);
+                }
               }
+            }
       }
       const bool several_groups =
           sweep_opts.groups.size() > 1 && std::find(norms.begin(), norms.end(), "gn") != norms.end();
@@ -442,7 +589,7 @@ int main(int argc, char** argv) {
       }
       std::filesystem::create_directories(out_dir + "/runs");
       nt::check_output_file("--out", out_dir + "/runs/probe");
-      const std::string notes = sweep_notes(sweep_opts, data, jobs);
+      const std::string notes = sweep_notes(sweep_opts, data, jobs, seeds);
       std::vector<std::optional<nt::RunResult>> slots(configs.size());
       auto record = [&](size_t i, const nt::RunResult& r) {
         slots[i] = r;
@@ -452,19 +599,36 @@ int main(int argc, char** argv) {
         // Written after every run, so an interrupted sweep keeps what it finished.
         nt::write_results_csv(out_dir + "/results.csv", results);
         nt::write_results_markdown(out_dir + "/results.md", results, notes);
+        nt::write_summary_csv(out_dir + "/summary.csv", results);
       };
-      // runs/<norm>[_g<G>][_lr<L>]_b<batch>: the group count and lr only when the sweep varies them.
+      // runs/<norm>[_g<G>][_lr<L>]_b<batch>[_s<seed>]: the group count, lr and seed only when
+      // the sweep varies them.
       auto run_file = [&](const nt::TrainConfig& cfg, const char* ext) {
         std::string name = cfg.sync_bn ? "syncbn" : nt::to_string(cfg.model.norm);
         if (several_groups && cfg.model.norm == nt::NormKind::group) name += "_g" + std::to_string(cfg.model.groups);
         if (sweep_opts.lr_base.size() > 1) name += "_lr" + number_short(cfg.lr_base);
-        return out_dir + "/runs/" + name + "_b" + std::to_string(cfg.batch) + ext;
+        name += "_b" + std::to_string(cfg.batch);
+        if (seeds.size() > 1) name += "_s" + std::to_string(cfg.seed);
+        return out_dir + "/runs/" + name + ext;
       };
       if (jobs == 1) {
         nt::ProgressBar bar = make_progress(sweep_opts.quiet);
+        std::vector<double> images;
+        for (const nt::TrainConfig& cfg : configs) images.push_back(run_images(cfg, data));
+        const auto t0 = std::chrono::steady_clock::now();
+        double images_done = 0;
         for (size_t i = 0; i < configs.size(); ++i) {
-          const nt::TrainOutcome o = nt::train_run(configs[i], data, &bar, label_of(configs[i]));
+          const nt::TrainOutcome o = nt::train_run(configs[i], data, &bar, sweep_label(configs[i]));
           bar.message(summary(o));
+          images_done += images[i];
+          if (!::isatty(STDERR_FILENO)) {
+            const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            double total = 0;
+            for (double v : images) total += v;
+            std::fprintf(stderr, "%s\n", nt::sweep_finished_line(i + 1, configs.size(), sweep_label(configs[i]),
+                                                                 o.run.test_error, elapsed,
+                                                                 nt::sweep_seconds_left(elapsed, images_done, total)).c_str());
+          }
           nt::write_metrics_json(run_file(configs[i], ".json"), o.run);
           record(i, o.run);
         }
@@ -472,14 +636,17 @@ int main(int argc, char** argv) {
         std::vector<nt::SweepJob> list;
         for (const nt::TrainConfig& cfg : configs) {
           nt::SweepJob job;
-          job.label = label_of(cfg);
+          job.label = sweep_label(cfg);
           job.metrics_path = run_file(cfg, ".json");
           job.log_path = run_file(cfg, ".log");
           job.args = {"run", "--norm", nt::to_string(cfg.model.norm), "--batch", std::to_string(cfg.batch),
                       "--groups", std::to_string(cfg.model.groups), "--lr-base", number(cfg.lr_base),
                       "--metrics-out", job.metrics_path};
           if (cfg.sync_bn) job.args.push_back("--sync-bn");
-          for (const std::string& a : common_args(sweep_opts, sweep_opts.threads)) job.args.push_back(a);
+          Common own = sweep_opts;
+          own.seed = cfg.seed;
+          for (const std::string& a : common_args(own, sweep_opts.threads)) job.args.push_back(a);
+          job.images = run_images(cfg, data);
           list.push_back(job);
         }
         nt::run_sweep_jobs(list, jobs, [&](size_t i, const nt::RunResult& r) {
@@ -490,9 +657,9 @@ int main(int argc, char** argv) {
           record(i, r);
         });
       }
-      std::printf("wrote %s/results.csv, %s/results.md and %s/runs/\n"
+      std::printf("wrote %s/results.csv, %s/results.md, %s/summary.csv and %s/runs/\n"
                   "figures: /usr/bin/python3 scripts/plot_sweep.py %s\n",
-                  out_dir.c_str(), out_dir.c_str(), out_dir.c_str(), out_dir.c_str());
+                  out_dir.c_str(), out_dir.c_str(), out_dir.c_str(), out_dir.c_str(), out_dir.c_str());
     }
   } catch (const normkit::Error& e) {
     return fail(2, e.what());

@@ -5,8 +5,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <limits>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -58,6 +61,24 @@ std::string progress_of(const std::string& log) {
          std::to_string(100 * step / steps) + "%";
 }
 
+// The fraction of its run a child has done, from the last progress line of its log.
+double progress_fraction(const std::string& log) {
+  std::ifstream in(log);
+  std::string line, last;
+  while (std::getline(in, line))
+    if (line.find("epoch ") != std::string::npos) last = line;
+  int epoch = 0, epochs = 0, used = 0;
+  long long step = 0, steps = 0;
+  const size_t e = last.find("epoch ");
+  if (e == std::string::npos ||
+      std::sscanf(last.c_str() + e, "epoch %d/%d%n", &epoch, &epochs, &used) != 2 || epochs <= 0 || epoch < 1)
+    return 0;
+  double within = 0;
+  if (std::sscanf(last.c_str() + e + used, "%*[^0-9]%lld/%lld", &step, &steps) == 2 && steps > 0)
+    within = std::min(1.0, static_cast<double>(step) / static_cast<double>(steps));
+  return std::min(1.0, (epoch - 1 + within) / epochs);
+}
+
 }  // namespace
 
 void run_sweep_jobs(const std::vector<SweepJob>& list, int jobs,
@@ -66,11 +87,17 @@ void run_sweep_jobs(const std::vector<SweepJob>& list, int jobs,
   const auto t0 = std::chrono::steady_clock::now();
   std::map<pid_t, size_t> running;
   size_t next = 0, finished = 0;
+  double images_total = 0, images_finished = 0;
+  for (const SweepJob& job : list) images_total += job.images;
+  auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   auto status = [&] {
     if (!tty) return;
+    double done_images = images_finished;
+    for (const auto& [pid, i] : running) done_images += list[i].images * progress_fraction(list[i].log_path);
+    const double left = sweep_seconds_left(elapsed(), done_images, images_total);
     std::string s = "sweep " + std::to_string(finished) + "/" + std::to_string(list.size()) +
-                    " done, " +
-                    format_duration(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+                    " done, " + format_duration(elapsed()) +
+                    (std::isnan(left) ? std::string() : ", about " + format_duration(left) + " left");
     for (const auto& [pid, i] : running) s += " | " + list[i].label + " " + progress_of(list[i].log_path);
     std::fprintf(stderr, "\r%-110.110s", s.c_str());
   };
@@ -100,7 +127,13 @@ void run_sweep_jobs(const std::vector<SweepJob>& list, int jobs,
       for (size_t k = 0; k < running.size(); ++k) ::wait(nullptr);
       throw IoError("sweep: the run " + list[i].label + " failed; see " + list[i].log_path);
     }
-    done(i, read_metrics_json(list[i].metrics_path));
+    const RunResult result = read_metrics_json(list[i].metrics_path);
+    images_finished += list[i].images;
+    if (!tty)
+      std::fprintf(stderr, "%s\n",
+                   sweep_finished_line(finished, list.size(), list[i].label, result.test_error, elapsed(),
+                                       sweep_seconds_left(elapsed(), images_finished, images_total)).c_str());
+    done(i, result);
   }
   clear();
 }

@@ -16,11 +16,13 @@ struct SweepJob {
   std::vector<std::string> args;  // the arguments after the program name ("run", "--norm", ...)
   std::string metrics_path;       // the run's --metrics-out file
   std::string log_path;           // its stdout and stderr
+  double images = 1;              // training images the run processes: its share of the work
 };
 
 // Starts the jobs in order, at most `jobs` at once, and calls done(index, result) as each one
 // finishes (in finishing order). On a terminal, keeps a status line of the running jobs on
-// stderr. Throws IoError naming the job and its log when a child cannot be started or fails.
+// stderr with the estimated time left (io/progress.h's sweep_seconds_left, the running jobs counted by the
+// progress in their logs); otherwise writes sweep_finished_line for each finished run. Throws IoError naming the job and its log when a child cannot be started or fails.
 void run_sweep_jobs(const std::vector<SweepJob>& jobs_list, int jobs,
                     const std::function<void(size_t, const RunResult&)>& done);
 

@@ -68,6 +68,9 @@ std::vector<std::pair<std::string, std::pair<std::string, std::string>>> run_ide
           {"train_images", {std::to_string(train_images), "--limit-train"}},
           {"devices", {std::to_string(c.devices), "--devices"}},
           {"sync_bn", {c.sync_bn ? "1" : "0", "--sync-bn"}},
+          {"crop_pad", {std::to_string(c.crop_pad), "--crop-pad"}},
+          {"hflip", {c.hflip ? "1" : "0", "--hflip"}},
+          {"lr_warmup", {fmt(c.lr_warmup), "--warmup"}},
           {"init_scale", {fmt(c.model.init_scale), "--init-scale"}},
           {"dropout", {fmt(c.model.dropout), "--dropout"}},
           {"weight_decay", {fmt(c.weight_decay), "--weight-decay"}},
@@ -80,6 +83,7 @@ std::vector<std::pair<std::string, std::pair<std::string, std::string>>> run_ide
 const char* identity_default(const std::string& key) {
   if (key == "devices") return "1";
   if (key == "sync_bn") return "0";
+  if (key == "crop_pad" || key == "hflip" || key == "lr_warmup") return "0";
   if (key == "init_scale") return "1";
   if (key == "dropout") return "0";
   if (key == "weight_decay") return "0.0001";  // fmt(1e-4)
@@ -356,6 +360,16 @@ void validate(const TrainConfig& c) {
   if (c.stop_after_steps >= 0 && c.checkpoint_path.empty())
     bad("--stop-after-steps", std::to_string(c.stop_after_steps), "needs --checkpoint FILE");
   if (c.warmup_steps < 0) bad("--warmup-steps", std::to_string(c.warmup_steps), "must be >= 0");
+  if (c.crop_pad < 0) bad("--crop-pad", std::to_string(c.crop_pad), "must be >= 0 (0: no crop)");
+  if (!(c.lr_warmup >= 0 && c.lr_warmup < 1))
+    bad("--warmup", fmt(c.lr_warmup), "must be a fraction of all steps in [0, 1) (0: no warm-up)");
+  if (c.precise_bn_images < 0)
+    bad("--precise-bn-images", std::to_string(c.precise_bn_images), "must be >= 0 (0: off)");
+  if (c.precise_bn_images == 1)
+    bad("--precise-bn-images", "1", "must be >= 2 (an unbiased variance needs two images) or 0 (off)");
+  if (c.precise_bn_batch < 2)
+    bad("--precise-bn-batch", std::to_string(c.precise_bn_batch),
+        "must be >= 2 (an unbiased variance needs two images)");
   for (double f : c.lr_decay_at)
     if (!(f > 0 && f < 1)) bad("--lr-decay-at", fmt(f), "each fraction must be in (0, 1)");
   if (!(c.model.init_scale > 0) || !std::isfinite(c.model.init_scale))
@@ -427,9 +441,63 @@ int64_t global_batch(const TrainConfig& c) { return int64_t{c.devices} * c.batch
 
 double learning_rate(const TrainConfig& c, int64_t step, int64_t total_steps) {
   double lr = c.lr_base * static_cast<double>(global_batch(c)) / 32.0;
+  const double warmup_steps = c.lr_warmup * static_cast<double>(total_steps);
+  if (c.lr_warmup > 0 && global_batch(c) > 32 && static_cast<double>(step) < warmup_steps)
+    lr = c.lr_base + (lr - c.lr_base) * (static_cast<double>(step) / warmup_steps);
   for (double f : c.lr_decay_at)
     if (static_cast<double>(step) >= f * static_cast<double>(total_steps)) lr *= 0.1;
   return lr;
+}
+
+void augment_image(const float* image, int64_t rows, int64_t cols, int64_t channels, int crop_pad,
+                   bool hflip, float background, uint64_t seed, int epoch, int64_t position,
+                   float* out) {
+  const int64_t row_size = cols * channels;
+  if (crop_pad == 0 && !hflip) {
+    std::copy_n(image, rows * row_size, out);
+    return;
+  }
+  // A stream of its own per image, apart from the permutation's (another constant mixed in).
+  Rng rng(splitmix64(splitmix64(seed ^ 0x6A09E667F3BCC909ull) ^
+                     splitmix64((static_cast<uint64_t>(epoch) << 40) ^ static_cast<uint64_t>(position))));
+  const int64_t span = 2 * int64_t{crop_pad} + 1;
+  // The window's top-left corner in the padded image, minus the padding: -P..P.
+  const int64_t dy = crop_pad > 0 ? static_cast<int64_t>(rng.below(static_cast<uint64_t>(span))) - crop_pad : 0;
+  const int64_t dx = crop_pad > 0 ? static_cast<int64_t>(rng.below(static_cast<uint64_t>(span))) - crop_pad : 0;
+  const bool flip = hflip && rng.uniform() < 0.5;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t sr = r + dy;
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t sc = (flip ? cols - 1 - c : c) + dx;
+      float* o = out + r * row_size + c * channels;
+      if (sr < 0 || sr >= rows || sc < 0 || sc >= cols) {
+        std::fill_n(o, channels, background);
+      } else {
+        std::copy_n(image + sr * row_size + sc * channels, channels, o);
+      }
+    }
+  }
+}
+
+void precise_statistics(Model& model, const Dataset& data, int64_t count, int batch) {
+  if (count < 2 || batch < 2)
+    throw Error("precise_statistics: count " + std::to_string(count) + " and batch " +
+                std::to_string(batch) + " must be >= 2 (an unbiased variance needs two images)");
+  const int64_t n = std::min<int64_t>(batch, count);
+  const int64_t batches = count / n;
+  const int64_t image = data.image_size();
+  model.set_sync({});
+  model.set_cumulative_average(true);
+  Tensor x;
+  x.resize(n, data.rows, data.cols, data.channels);
+  // Dropout comes after every norm layer, so its masks do not touch the statistics; any keys do.
+  const std::vector<uint64_t> keys(static_cast<size_t>(n), 0);
+  for (int64_t b = 0; b < batches; ++b) {
+    std::copy_n(data.images.data() + b * n * image, n * image, x.data.data());
+    model.set_dropout_keys(keys);
+    model.forward(x, Mode::train);
+  }
+  model.set_cumulative_average(false);
 }
 
 Evaluation evaluate(Model& model, const Dataset& data, int64_t count, int batch, Mode mode) {
@@ -567,8 +635,16 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
   res.devices = config.devices;
   res.sync_bn = config.sync_bn;
   res.epochs = config.epochs;
-  res.lr = learning_rate(config, 0, total_steps);
+  {
+    // The scaled rate the run trains at, also with a warm-up that starts lower.
+    TrainConfig peak = config;
+    peak.lr_warmup = 0;
+    res.lr = learning_rate(peak, 0, total_steps);
+  }
   res.seed = config.seed;
+  res.crop_pad = config.crop_pad;
+  res.hflip = config.hflip;
+  res.lr_warmup = config.lr_warmup;
   res.init_scale = config.model.init_scale;
   res.dropout = config.model.dropout;
   res.weight_decay = config.weight_decay;
@@ -601,6 +677,9 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
     dv.labels.resize(static_cast<size_t>(config.batch));
   }
   std::vector<float> gradient_send, gradient_receive;
+  const bool augmented = config.crop_pad > 0 || config.hflip;
+  // The standardized value of a zero pixel, computed as load_data standardizes.
+  const float background = (0.0f - data.mean) * (1.0f / data.stddev);
   const SgdConfig sgd{.weight_decay = config.weight_decay};
   using clock = std::chrono::steady_clock;
   const auto t_start = clock::now();
@@ -633,7 +712,14 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
         const profile::Scope timed(profile::Phase::batch);
         const int64_t* idx = step_images + (group.first() + d) * int64_t{config.batch};
         for (int i = 0; i < config.batch; ++i) {
-          std::copy_n(train.images.data() + idx[i] * image, image, dv.x.data.data() + i * image);
+          if (augmented) {
+            const int64_t position = s.step * batch + (group.first() + d) * int64_t{config.batch} + i;
+            augment_image(train.images.data() + idx[i] * image, train.rows, train.cols, train.channels,
+                          config.crop_pad, config.hflip, background, config.seed, s.epoch, position,
+                          dv.x.data.data() + i * image);
+          } else {
+            std::copy_n(train.images.data() + idx[i] * image, image, dv.x.data.data() + i * image);
+          }
           dv.labels[i] = train.labels[idx[i]];
         }
       }
@@ -775,6 +861,20 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
       res.test_error_batch_stats =
           evaluate(model, data.test, test_count, config.sync_bn ? static_cast<int>(batch) : config.batch,
                    Mode::eval_batch_stats).error;
+    if (cfg.model.norm == NormKind::batch && std::min(config.precise_bn_images, train_count) >= 2) {
+      // On copies of device 0's running statistics, given back afterwards: the checkpoint's and
+      // the model's stay the trained ones.
+      const std::vector<Buffer> bufs = model.buffers();
+      std::vector<std::vector<float>> kept;
+      for (const Buffer& b : bufs) kept.push_back(*b.values);
+      precise_statistics(model, train, std::min(config.precise_bn_images, train_count),
+                         config.precise_bn_batch);
+      res.test_error_precise =
+          evaluate(model, data.test, test_count, config.eval_batch, Mode::eval).error;
+      for (size_t i = 0; i < bufs.size(); ++i) *bufs[i].values = kept[i];
+      if (config.sync_bn)
+        model.set_sync({group.exchange(0), group.first() * int64_t{config.batch}, batch});
+    }
     if (config.eval_train_images > 0) {
       // The train/test gap: training images through the evaluation's model and mode.
       const Evaluation t =

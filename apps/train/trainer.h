@@ -32,6 +32,21 @@
 // in the same order: losses, errors, curves and checkpoints are bitwise the same for any P (and
 // any thread count). Process 0 alone shows progress, evaluates and writes checkpoints.
 //
+// Augmentation (crop_pad, hflip; off by default): each training image of a step is, before the
+// device sees it, zero-padded by crop_pad pixels per side and cropped back to its size at a
+// random offset, then flipped left-right with probability 1/2 (augment_image). The draw is a
+// function of (seed, epoch, the image's position in the epoch's permutation) alone, so the bits
+// stay independent of devices, processes, threads and resuming. Test images are never augmented.
+//
+// Learning-rate warm-up (lr_warmup = F > 0): over the first F of all steps the rate rises
+// linearly from lr_base to lr_base * B / 32 (Goyal et al. 2017, gradual warm-up); where B <= 32
+// there is nothing to warm up. The decays of lr_decay_at apply on top, as without warm-up.
+//
+// Precise BN statistics (precise_bn_images > 0, BN runs; Wu & Johnson 2021): after training,
+// every BN layer's statistics are recomputed with the final weights (precise_statistics) and
+// the test set is evaluated with them (test_error_precise). The running statistics the run
+// trained, which the checkpoint holds, are left as they were.
+//
 // Studies of the papers' other claims (each option's default is the run above, bit for bit):
 // model.init_scale multiplies every initial convolution and classifier weight; model.dropout
 // drops pooled features in training, the mask of an image a function of (seed, epoch, the
@@ -79,6 +94,11 @@ struct TrainConfig {
   int64_t stop_after_steps = -1;        // stop (after checkpointing) at this global step
   int curve_points = 200;               // train-loss curve resolution over the whole run
   int64_t warmup_steps = 0;             // steps left out of the images/s measurement
+  int crop_pad = 0;                     // random crop of the image padded by this much; 0: off
+  bool hflip = false;                   // random left-right flip with probability 1/2
+  double lr_warmup = 0;                 // fraction of all steps of linear lr warm-up; 0: off
+  int64_t precise_bn_images = 10000;    // BN: first M training images for precise statistics
+  int precise_bn_batch = 200;           // images per train-mode forward of precise statistics
   // The studies (see above); init_scale and dropout are model.init_scale and model.dropout.
   double weight_decay = 1e-4;           // SGD's, on every parameter
   int64_t eval_train_images = 0;        // at the end, evaluate the first M training images; 0: off
@@ -89,7 +109,8 @@ struct TrainConfig {
 // Throws normkit::Error naming the option on an invalid value or combination (devices < 1, a
 // device count the process count does not divide, sync_bn without BatchNorm, init_scale not
 // positive, dropout outside [0, 1), weight_decay < 0, eval_train_images < 0, a class outside
-// [0, 255] or given twice, init_from with resume_path, frozen without init_from or resume_path),
+// [0, 255] or given twice, init_from with resume_path, frozen without init_from or resume_path,
+// crop_pad < 0, lr_warmup outside [0, 1), precise_bn_images < 0 or 1, precise_bn_batch < 2),
 // a group count
 // normkit's layers reject, or a model whose parameters and optimizer state alone exceed the
 // available memory (preflight.h). Allocates nothing large.
@@ -150,8 +171,31 @@ uint64_t image_key(uint64_t seed, int epoch, int64_t position);
 // Images per step over all devices: devices * batch.
 int64_t global_batch(const TrainConfig& config);
 
-// The learning rate at global step `step` of `total_steps`.
+// The learning rate at global step `step` of `total_steps`: lr_base * B / 32 (B the global
+// batch), during the warm-up (step < lr_warmup * total_steps, B > 32) lr_base + (lr_base * B / 32
+// - lr_base) * step / (lr_warmup * total_steps) instead, then divided by 10 for each fraction f
+// of lr_decay_at with step >= f * total_steps.
 double learning_rate(const TrainConfig& config, int64_t step, int64_t total_steps);
+
+// Writes to `out` (rows * cols * channels floats, NHWC; may not alias `image`) training image
+// `image` as augmented for position `position` of epoch `epoch`'s permutation: a copy when
+// crop_pad = 0 and !hflip; else the image padded with `background` by crop_pad pixels on each
+// side, the rows x cols window at offsets (dy, dx) in [0, 2 * crop_pad] drawn uniformly, then,
+// with hflip, mirrored left-right with probability 1/2. The draws are a function of (seed, epoch,
+// position) alone. The trainer pads with the standardized value of a zero pixel, the images'
+// background, so the padding looks like the border the images already have.
+void augment_image(const float* image, int64_t rows, int64_t cols, int64_t channels, int crop_pad,
+                   bool hflip, float background, uint64_t seed, int epoch, int64_t position,
+                   float* out);
+
+// Precise BN statistics: overwrites every BN layer's running mean and variance with the
+// equal-weight average, over the train-mode forwards of consecutive batches of `batch` of the
+// first `count` images of `data` (count / batch full batches; one batch of `count` when count <
+// batch), of each batch's mean and unbiased variance, the layer's inputs computed with the
+// model's current weights. Reads nothing else of the running statistics; changes nothing but
+// them (the layers' momentum is left as it was). Takes the model off SyncBN (set_sync) for the
+// forwards: the caller restores it. Throws normkit::Error when count < 2 or batch < 2.
+void precise_statistics(Model& model, const Dataset& data, int64_t count, int batch);
 
 // Evaluates on `images` in batches of `batch` images in the given mode. Returns mean loss and
 // error percent.

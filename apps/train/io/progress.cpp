@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
+#include <limits>
 
 #include "normkit/error.h"
 
@@ -190,6 +191,37 @@ void ProgressBar::draw(bool final_line) {
   if (final_line) *out_ << "\n";
   out_->flush();
   bar_shown_ = !final_line;
+}
+
+double sweep_seconds_left(double elapsed_seconds, double images_done, double images_total) {
+  if (images_done >= images_total) return 0;
+  if (!(images_done > 0)) return std::numeric_limits<double>::quiet_NaN();
+  return elapsed_seconds * (images_total - images_done) / images_done;
+}
+
+std::string sweep_finished_line(size_t k, size_t n, const std::string& label, double test_error,
+                                double elapsed_seconds, double seconds_left) {
+  char error[32];
+  std::snprintf(error, sizeof error, "%.2f%%", test_error);
+  std::string line = "[";
+  line += std::to_string(k);
+  line += '/';
+  line += std::to_string(n);
+  line += "] ";
+  line += label;
+  line += ": test error ";
+  line += error;
+  line += ", elapsed ";
+  line += format_duration(elapsed_seconds);
+  line += ", ";
+  if (std::isnan(seconds_left)) {
+    line += "time left unknown";
+  } else {
+    line += "about ";
+    line += format_duration(seconds_left);
+    line += " left";
+  }
+  return line;
 }
 
 }  // namespace normkit::train

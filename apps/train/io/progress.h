@@ -88,4 +88,16 @@ class ProgressBar {
   bool bar_shown_ = false;
 };
 
+// ---- a sweep's progress (sweep.h) ---------------------------------------------------------
+// The time a sweep has left, from the work done so far: elapsed * (total - done) / done, work
+// counted in training images (runs differ in size: epochs, and the images their steps use).
+// NaN when nothing is done yet (no rate to go by); 0 when done >= total. Pure.
+double sweep_seconds_left(double elapsed_seconds, double images_done, double images_total);
+
+// The line a sweep writes when its k-th of n runs finished and stderr is not a terminal:
+// "[k/n] label: test error 12.34%, elapsed 1:05, about 2:10 left" ("time left unknown" for
+// a NaN estimate). Pure.
+std::string sweep_finished_line(size_t k, size_t n, const std::string& label, double test_error,
+                                double elapsed_seconds, double seconds_left);
+
 }  // namespace normkit::train

@@ -21,14 +21,17 @@ namespace {
 using json = nlohmann::json;
 
 constexpr const char* kCsvHeader =
+    "norm,groups,devices,batch,epochs,lr,seed,train_loss,test_loss,test_error,"
+    "test_error_batch_stats,test_error_precise,images_per_s,seconds,sync_bn,train_error_eval,"
+    "train_loss_eval";
+// Earlier headers, still read (by column name): before precise statistics (devices at the end,
+// SyncBN runs named bn), and before the train/test gap's two columns.
+constexpr const char* kCsvHeaderBeforePrecise =
     "norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,test_error_batch_stats,"
     "images_per_s,seconds,devices,sync_bn,train_error_eval,train_loss_eval";
-constexpr size_t kCsvColumns = 16;
-// The header before the train/test gap's two columns, still read.
 constexpr const char* kCsvHeaderBeforeGap =
     "norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,test_error_batch_stats,"
     "images_per_s,seconds,devices,sync_bn";
-constexpr size_t kCsvColumnsBeforeGap = 14;
 
 std::string fmt(const char* format, double v) {
   char buf[64];
@@ -174,6 +177,7 @@ std::string table_cell(const CellValues& v, const char* format, bool show_diverg
 }
 
 double batch_stats_of(const RunResult& r) { return r.test_error_batch_stats.value_or(kNoValue); }
+double precise_of(const RunResult& r) { return r.test_error_precise.value_or(kNoValue); }
 
 // A Markdown table: one row per (label, field) pair, one column per batch size.
 struct TableRow {
@@ -201,6 +205,29 @@ std::string table(const std::vector<RunResult>& runs, const std::string& corner,
       out += " |";
     }
     out += "\n";
+  }
+  return out;
+}
+
+// Every run, one row each, in order: the table behind the means of the tables above.
+std::string every_run_table(const std::vector<RunResult>& runs, const std::vector<RowKey>& keys) {
+  std::string out = "\n## Every run\n\n";
+  out += "| norm | batch | seed | test error (%) | with batch stats (%) | with precise stats (%) | "
+         "train loss | images/s |\n|---|---:|---:|---:|---:|---:|---:|---:|\n";
+  auto value = [](double v, const char* format) { return std::isnan(v) ? std::string("—") : fmt(format, v); };
+  for (const RunResult& r : runs) {
+    const std::string cells[] = {
+        row_label(key_of(r), keys), std::to_string(r.batch), std::to_string(r.seed),
+        value(r.test_error, "%.2f"), value(batch_stats_of(r), "%.2f"), value(precise_of(r), "%.2f"),
+        std::isfinite(r.train_loss) ? fmt("%.4f", r.train_loss) : std::string("diverged"),
+        value(r.images_per_s, "%.0f")};
+    out += '|';
+    for (const std::string& c : cells) {
+      out += ' ';
+      out += c;
+      out += " |";
+    }
+    out += '\n';
   }
   return out;
 }
@@ -249,8 +276,9 @@ std::string results_csv(const std::vector<RunResult>& runs) {
   std::string out = std::string(kCsvHeader) + "\n";
   for (const auto& r : runs) {
     const std::vector<std::string> cells = {
-        csv_quote(r.norm),
+        csv_quote(r.sync_bn ? std::string("syncbn") : r.norm),
         r.groups > 0 ? std::to_string(r.groups) : "",
+        std::to_string(r.devices),
         std::to_string(r.batch),
         std::to_string(r.epochs),
         cell(r.lr),
@@ -259,9 +287,9 @@ std::string results_csv(const std::vector<RunResult>& runs) {
         cell(r.test_loss),
         cell(r.test_error),
         cell(batch_stats_of(r)),
+        cell(precise_of(r)),
         cell(r.images_per_s),
         cell(r.seconds),
-        std::to_string(r.devices),
         r.sync_bn ? "1" : "0",
         cell(r.train_error_eval),
         cell(r.train_loss_eval)};
@@ -283,11 +311,13 @@ std::vector<RunResult> read_results_csv(const std::string& path) {
   if (!in) throw IoError(path + ": cannot open (" + std::strerror(errno) + ")");
   std::string line;
   const bool got_header = static_cast<bool>(std::getline(in, line));
-  const size_t columns = line == kCsvHeaderBeforeGap ? kCsvColumnsBeforeGap : kCsvColumns;
-  if (!got_header || (line != kCsvHeader && line != kCsvHeaderBeforeGap)) {
+  if (!got_header || (line != kCsvHeader && line != kCsvHeaderBeforePrecise && line != kCsvHeaderBeforeGap)) {
     throw IoError(path + ": line 1 is not the results.csv header \"" + std::string(kCsvHeader) +
                   "\"; was the file written by normkit-train?");
   }
+  // Cells by column name: the headers differ in order and in the columns they have.
+  const std::vector<std::string> names = csv_split(line);
+  const size_t columns = names.size();
   std::vector<RunResult> runs;
   for (int line_no = 2; std::getline(in, line); ++line_no) {
     if (line.empty()) continue;
@@ -297,43 +327,53 @@ std::vector<RunResult> read_results_csv(const std::string& path) {
       throw IoError(where + std::to_string(cells.size()) + " cells, expected " +
                     std::to_string(columns));
     }
-    auto number = [&](size_t i) {
-      if (cells[i].empty()) return kNoValue;
+    // The cell's index, or columns when this header lacks the column (an empty cell).
+    auto index_of = [&](const char* name) {
+      return static_cast<size_t>(std::find(names.begin(), names.end(), name) - names.begin());
+    };
+    static const std::string empty;
+    auto cell_of = [&](const char* name) -> const std::string& {
+      const size_t i = index_of(name);
+      return i < columns ? cells[i] : empty;
+    };
+    auto number = [&](const char* name) {
+      const std::string& c = cell_of(name);
+      if (c.empty()) return kNoValue;
       char* end = nullptr;
-      const double v = std::strtod(cells[i].c_str(), &end);
-      if (end != cells[i].c_str() + cells[i].size()) {
-        throw IoError(where + "cell " + std::to_string(i + 1) + " \"" + cells[i] +
+      const double v = std::strtod(c.c_str(), &end);
+      if (end != c.c_str() + c.size()) {
+        throw IoError(where + "cell " + std::to_string(index_of(name) + 1) + " \"" + c +
                       "\" is not a number");
       }
       return v;
     };
-    auto integer = [&](size_t i) -> uint64_t {
-      const std::string& c = cells[i];
+    auto integer = [&](const char* name) -> uint64_t {
+      const std::string& c = cell_of(name);
       if (c.empty()) return 0;
       if (!std::all_of(c.begin(), c.end(), [](char ch) { return std::isdigit(static_cast<unsigned char>(ch)); })) {
-        throw IoError(where + "cell " + std::to_string(i + 1) + " \"" + c + "\" is not a whole number");
+        throw IoError(where + "cell " + std::to_string(index_of(name) + 1) + " \"" + c + "\" is not a whole number");
       }
       return std::stoull(c);
     };
     RunResult r;
-    r.norm = cells[0];
-    r.groups = static_cast<int>(integer(1));
-    r.batch = static_cast<int>(integer(2));
-    r.epochs = static_cast<int>(integer(3));
-    r.lr = number(4);
-    r.seed = integer(5);
-    r.train_loss = number(6);
-    r.test_loss = number(7);
-    r.test_error = number(8);
-    if (!cells[9].empty()) r.test_error_batch_stats = number(9);
-    r.images_per_s = number(10);
-    r.seconds = number(11);
-    r.devices = static_cast<int>(integer(12));
-    r.sync_bn = integer(13) != 0;
-    if (columns == kCsvColumns) {
-      r.train_error_eval = number(14);
-      r.train_loss_eval = number(15);
-    }
+    // SyncBN is BatchNorm with statistics over all devices.
+    r.norm = cells[0] == "syncbn" ? "bn" : cells[0];
+    r.groups = static_cast<int>(integer("groups"));
+    r.devices = static_cast<int>(integer("devices"));
+    r.batch = static_cast<int>(integer("batch"));
+    r.epochs = static_cast<int>(integer("epochs"));
+    r.lr = number("lr");
+    r.seed = integer("seed");
+    r.train_loss = number("train_loss");
+    r.test_loss = number("test_loss");
+    r.test_error = number("test_error");
+    if (!cell_of("test_error_batch_stats").empty()) r.test_error_batch_stats = number("test_error_batch_stats");
+    if (!cell_of("test_error_precise").empty()) r.test_error_precise = number("test_error_precise");
+    r.images_per_s = number("images_per_s");
+    r.seconds = number("seconds");
+    r.sync_bn = integer("sync_bn") != 0 || cells[0] == "syncbn";
+    r.train_error_eval = number("train_error_eval");
+    r.train_loss_eval = number("train_loss_eval");
     runs.push_back(std::move(r));
   }
   return runs;
@@ -360,7 +400,9 @@ std::string results_markdown(const std::vector<RunResult>& runs, const std::stri
 
   out += "## Test error (%) by batch size\n\n";
   out += table(runs, "norm", rows_of([](const RunResult& r) { return r.test_error; }, false), "%.2f");
-  if (repeated) out += "\nCells with several runs show mean ± sample standard deviation (n runs).\n";
+  if (repeated)
+    out += "\nCells with several runs show the mean ± sample std over n seeds (n runs, one per "
+           "seed; every run is in the last table).\n";
 
   std::vector<TableRow> stats_rows;
   for (const auto& k : keys) {
@@ -371,12 +413,18 @@ std::string results_markdown(const std::vector<RunResult>& runs, const std::stri
     const std::string label = row_label(k, keys);
     stats_rows.push_back({label + ", running statistics", k, [](const RunResult& r) { return r.test_error; }});
     stats_rows.push_back({label + ", batch statistics", k, batch_stats_of});
+    const bool precise = std::any_of(runs.begin(), runs.end(), [&](const RunResult& r) {
+      return key_of(r) == k && r.test_error_precise.has_value();
+    });
+    if (precise) stats_rows.push_back({label + ", precise statistics", k, precise_of});
   }
   if (!stats_rows.empty()) {
     out += "\n## Test error (%) with running vs batch statistics at test time\n\n";
     out += "Running statistics are the averages gathered in training (the usual inference mode); "
            "batch statistics normalize each test batch (of the training batch size) by its own "
-           "mean and variance, as in training.\n\n";
+           "mean and variance, as in training; precise statistics (where computed) are recomputed "
+           "after training with the final weights, the equal-weight average over batches of "
+           "training images of each batch's mean and variance.\n\n";
     out += table(runs, "evaluated with", stats_rows, "%.2f");
   }
 
@@ -404,7 +452,52 @@ std::string results_markdown(const std::vector<RunResult>& runs, const std::stri
            "by the final model as at test time.\n\n";
     out += table(runs, "evaluated on", gap_rows, "%.2f");
   }
+  if (repeated) out += every_run_table(runs, keys);
   return out;
+}
+
+std::string summary_csv(const std::vector<RunResult>& runs) {
+  const char* errors[] = {"test_error", "test_error_batch_stats", "test_error_precise"};
+  std::string out = "norm,groups,devices,batch,lr,n";
+  for (const char* e : errors)
+    for (const char* s : {"mean", "std", "min", "max"}) out += std::string(",") + e + "_" + s;
+  out += "\n";
+  const std::function<double(const RunResult&)> fields[] = {
+      [](const RunResult& r) { return r.test_error; }, batch_stats_of, precise_of};
+  for (const RowKey& k : row_keys(runs)) {
+    for (int b : batch_columns(runs)) {
+      const auto first = std::find_if(runs.begin(), runs.end(),
+                                      [&](const RunResult& r) { return key_of(r) == k && r.batch == b; });
+      if (first == runs.end()) continue;
+      const size_t n = static_cast<size_t>(std::count_if(
+          runs.begin(), runs.end(), [&](const RunResult& r) { return key_of(r) == k && r.batch == b; }));
+      for (const std::string& c : {csv_quote(k.sync_bn ? std::string("syncbn") : k.norm),
+                                   k.groups > 0 ? std::to_string(k.groups) : std::string(),
+                                   std::to_string(k.devices), std::to_string(b), cell(first->lr)}) {
+        out += c;
+        out += ',';
+      }
+      out += std::to_string(n);
+      for (const auto& field : fields) {
+        const std::vector<double> v = cell_values(runs, k, b, field).finite;
+        const double mean = v.empty() ? kNoValue : mean_of(v);
+        double ss = 0;
+        for (double x : v) ss += (x - mean) * (x - mean);
+        const double sd = v.size() > 1 ? std::sqrt(ss / static_cast<double>(v.size() - 1)) : kNoValue;
+        for (double x : {mean, sd, v.empty() ? kNoValue : *std::min_element(v.begin(), v.end()),
+                         v.empty() ? kNoValue : *std::max_element(v.begin(), v.end())}) {
+          out += ',';
+          out += cell(x);
+        }
+      }
+      out += "\n";
+    }
+  }
+  return out;
+}
+
+void write_summary_csv(const std::string& path, const std::vector<RunResult>& runs) {
+  write_text_file(path, summary_csv(runs));
 }
 
 void write_results_markdown(const std::string& path, const std::vector<RunResult>& runs,
@@ -451,6 +544,8 @@ std::string metrics_json(const RunResult& r) {
   j["test_loss"] = number_or_null(r.test_loss);
   j["test_error"] = number_or_null(r.test_error);
   j["test_error_batch_stats"] = number_or_null(batch_stats_of(r));
+  // The newer fields only where they say something, so other runs' files stay as they were.
+  if (r.test_error_precise) j["test_error_precise"] = number_or_null(*r.test_error_precise);
   j["images_per_s"] = number_or_null(r.images_per_s);
   j["seconds"] = number_or_null(r.seconds);
   j["history"] = history;
@@ -461,6 +556,9 @@ std::string metrics_json(const RunResult& r) {
     j["devices"] = r.devices;
     j["sync_bn"] = r.sync_bn;
   }
+  if (r.crop_pad != 0) j["crop_pad"] = r.crop_pad;
+  if (r.hflip) j["hflip"] = true;
+  if (r.lr_warmup != 0) j["lr_warmup"] = r.lr_warmup;
   // Likewise each study option only when not its default.
   const RunResult defaults;
   if (r.init_scale != defaults.init_scale) j["init_scale"] = r.init_scale;
@@ -515,6 +613,20 @@ RunResult read_metrics_json(const std::string& path) {
   if (std::isfinite(batch_stats)) r.test_error_batch_stats = batch_stats;
   r.images_per_s = read_number(j, path, "images_per_s");
   r.seconds = read_number(j, path, "seconds");
+  if (j.contains("test_error_precise")) {
+    const double precise = read_number(j, path, "test_error_precise");
+    if (std::isfinite(precise)) r.test_error_precise = precise;
+  }
+  if (const auto p = j.find("crop_pad"); p != j.end()) {
+    if (!p->is_number_unsigned())
+      throw IoError(path + ": metrics JSON field \"crop_pad\" is not a whole number");
+    r.crop_pad = static_cast<int>(p->get<uint64_t>());
+  }
+  if (const auto h = j.find("hflip"); h != j.end()) {
+    if (!h->is_boolean()) throw IoError(path + ": metrics JSON field \"hflip\" is not true or false");
+    r.hflip = h->get<bool>();
+  }
+  if (j.contains("lr_warmup")) r.lr_warmup = read_number(j, path, "lr_warmup");
   if (const auto d = j.find("devices"); d != j.end()) {
     if (!d->is_number_unsigned() || d->get<uint64_t>() < 1)
       throw IoError(path + ": metrics JSON field \"devices\" is not a positive whole number");

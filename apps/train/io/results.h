@@ -40,6 +40,12 @@ struct RunResult {
   // Percent, final model with BN normalizing by the test batch's own statistics (test batches of
   // the training batch size); absent for norms without running statistics.
   std::optional<double> test_error_batch_stats;
+  // Percent, final model with BN's precise statistics (recomputed after training with the final
+  // weights over training images); absent when not computed.
+  std::optional<double> test_error_precise;
+  int crop_pad = 0;         // training augmentation: random crop of the padded image; 0: off
+  bool hflip = false;       // training augmentation: random left-right flip
+  double lr_warmup = 0;     // fraction of all steps of linear lr warm-up; 0: off
   double images_per_s = kNoValue; // training throughput over the run
   double seconds = kNoValue;      // wall time of the run
   std::vector<EpochRecord> history;
@@ -60,18 +66,21 @@ struct RunResult {
 std::string norm_label(const std::string& norm, int groups);
 
 // ---- results.csv ----------------------------------------------------------------------------
-// Header: norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,
-//         test_error_batch_stats,images_per_s,seconds,devices,sync_bn (0 or 1),
+// Header: norm,groups,devices,batch,epochs,lr,seed,train_loss,test_loss,test_error,
+//         test_error_batch_stats,test_error_precise,images_per_s,seconds,sync_bn (0 or 1),
 //         train_error_eval,train_loss_eval
-// then one row per run, in order. Numbers have 6 significant digits (seed exactly); NaN and an
+// then one row per run, in order; norm is "syncbn" for BN runs with sync_bn (read back as bn
+// with sync_bn). An absent test_error_precise is an empty cell. Numbers have 6 significant
+// digits (seed exactly); NaN and an
 // absent test_error_batch_stats are empty cells; groups is empty when 0. Pure.
 std::string results_csv(const std::vector<RunResult>& runs);
 // Writes results_csv(runs) to `path` (replacing it whole). Throws IoError naming the path.
 void write_results_csv(const std::string& path, const std::vector<RunResult>& runs);
 // Reads a file written by write_results_csv (history and loss curves are not in it). Throws
 // IoError naming the path and line for a missing file, a different header, a wrong cell count or
-// a cell that is not a number. A file with the header before train_error_eval and
-// train_loss_eval is read too (they are then NaN).
+// a cell that is not a number. Files with the earlier headers (before test_error_precise, and
+// before train_error_eval and train_loss_eval) are read too, by column name (the missing values
+// are then absent or NaN).
 std::vector<RunResult> read_results_csv(const std::string& path);
 
 // ---- results.md -----------------------------------------------------------------------------
@@ -81,23 +90,38 @@ std::vector<RunResult> read_results_csv(const std::string& path);
 // table comparing BN's test error with running vs batch statistics, (3) the last epoch's
 // training loss, where a non-finite loss shows as "diverged", (4) training images/s, (5) when any
 // run has train_error_eval, the train/test gap: error on the training images evaluated like the
-// test images beside the test error, all in the same layout. A cell with several runs (seeds) shows "mean ± sd (n=k)"; a missing cell shows
-// "—". `notes`, if not empty, is a paragraph under the title. Pure.
+// test images beside the test error, all in the same layout. A cell with several runs (seeds)
+// shows "mean ± sd (n=k)", sd the sample standard deviation, and the first table's caption says
+// so; a missing cell shows "—". The runs with precise BN statistics add a "precise statistics"
+// row to table (2). When some cell has several runs, (6) lists every run (label, batch, seed,
+// errors, loss, images/s). `notes`, if not empty, is a paragraph under the title. Pure.
 std::string results_markdown(const std::vector<RunResult>& runs, const std::string& notes = {});
+
+// ---- summary.csv ----------------------------------------------------------------------------
+// One row per cell (a row of the tables at one batch size: the runs that differ in seed alone),
+// in table order: norm ("syncbn" for SyncBN),groups,devices,batch,lr,n (runs), then for each of
+// test_error, test_error_batch_stats, test_error_precise: _mean,_std (sample, n - 1; empty
+// below two values),_min,_max over the cell's finite values (empty when none). Pure.
+std::string summary_csv(const std::vector<RunResult>& runs);
+// Writes summary_csv(runs) to `path`. Throws IoError naming the path.
+void write_summary_csv(const std::string& path, const std::vector<RunResult>& runs);
+
 // Writes results_markdown(runs, notes) to `path`. Throws IoError naming the path.
 void write_results_markdown(const std::string& path, const std::vector<RunResult>& runs,
                             const std::string& notes = {});
 
 // ---- metrics JSON (--metrics-out) -----------------------------------------------------------
 // One object: norm, groups, batch, epochs, lr, seed, train_loss, test_loss, test_error,
-// test_error_batch_stats, images_per_s, seconds (numbers; NaN and absent as null), then
+// test_error_batch_stats, [test_error_precise, when computed,] images_per_s, seconds (numbers;
+// NaN and absent as null), then
 // "history": {"epoch": [...], "lr": [...], "train_loss": [...], "train_error": [...],
 // "test_loss": [...], "test_error": [...], "test_error_batch_stats": [...], "seconds": [...],
 // "images_per_s": [...]} (one entry per epoch), "loss_curve": {"step": [...], "loss": [...]},
 // and, unless the run had one device without sync_bn, "devices" and "sync_bn" (true/false); then
 // each study option that differs from its default: "init_scale", "dropout", "weight_decay",
 // "eval_train_images", "classes" (array), "init_from" (string); and, when measured,
-// "train_error_eval" and "train_loss_eval". A default run's file is what it was before them.
+// "train_error_eval" and "train_loss_eval"; "crop_pad", "hflip" and "lr_warmup" when not 0 /
+// false. A default run's file is what it was before them.
 // Pure; throws normkit::Error when loss_curve_step and loss_curve_loss differ in length.
 std::string metrics_json(const RunResult& run);
 // Writes metrics_json(run) to `path`. Throws IoError naming the path.

@@ -83,4 +83,10 @@ void ResidualBlock::set_sync(const SyncBatchNorm& sync) {
   if (shortcut_norm_) shortcut_norm_->set_sync(sync);
 }
 
+void ResidualBlock::set_cumulative_average(bool on) {
+  norm1_.set_cumulative_average(on);
+  norm2_.set_cumulative_average(on);
+  if (shortcut_norm_) shortcut_norm_->set_cumulative_average(on);
+}
+
 }  // namespace normkit::train

@@ -28,6 +28,7 @@ class ResidualBlock {
   std::vector<Param*> conv_weights();  // conv1's, conv2's and the shortcut's, if any
   std::vector<Buffer> buffers();
   void set_sync(const SyncBatchNorm& sync);  // every norm of the block (Norm::set_sync)
+  void set_cumulative_average(bool on);      // every norm of the block (Norm::set_cumulative_average)
   // The outputs of the block's ReLUs in the last forward (tests check which side of each kink
   // a finite difference stays on).
   void relu_outputs(std::vector<const Tensor*>& out) const;

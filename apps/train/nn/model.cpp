@@ -184,6 +184,11 @@ void Model::set_sync(const SyncBatchNorm& sync) {
   for (auto& b : blocks_) b->set_sync(sync);
 }
 
+void Model::set_cumulative_average(bool on) {
+  stem_norm_.set_cumulative_average(on);
+  for (auto& b : blocks_) b->set_cumulative_average(on);
+}
+
 std::vector<const Tensor*> Model::relu_outputs() const {
   std::vector<const Tensor*> out{&stem_norm_.output()};
   for (const auto& b : blocks_) b->relu_outputs(out);

@@ -71,6 +71,8 @@ class Model {
   // Synchronizes every BatchNorm of the model across logical devices (Norm::set_sync); a
   // default SyncBatchNorm returns them to the device's own statistics.
   void set_sync(const SyncBatchNorm& sync);
+  // Every BatchNorm of the model (Norm::set_cumulative_average); nothing for the other norms.
+  void set_cumulative_average(bool on);
   int64_t parameter_count();
   std::vector<const Tensor*> relu_outputs() const;  // of the last forward, for inspection
   const ModelConfig& config() const { return config_; }

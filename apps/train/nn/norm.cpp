@@ -106,6 +106,20 @@ void Norm::set_sync(const SyncBatchNorm& sync) {
   weight.grad_summed_over_devices = bias.grad_summed_over_devices = sync.exchange != nullptr;
 }
 
+void Norm::set_cumulative_average(bool on) {
+  if (!batch_norm_ || on == cumulative_) return;
+  cumulative_ = on;
+  if (on) {
+    kept_momentum_ = batch_norm_->options.momentum;
+    kept_batches_tracked_ = batch_norm_->num_batches_tracked;
+    batch_norm_->options.momentum = std::nullopt;
+    batch_norm_->num_batches_tracked = 0;
+  } else {
+    batch_norm_->options.momentum = kept_momentum_;
+    batch_norm_->num_batches_tracked = kept_batches_tracked_;
+  }
+}
+
 const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) {
   const profile::Scope timed(profile::Phase::norm_forward);
   y_.resize_like(x);

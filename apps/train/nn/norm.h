@@ -16,6 +16,7 @@
 // The ResNet epilogue is part of the layer: y = relu?(norm(x) + residual?), and backward gives
 // both dx and the residual's gradient g = relu ? dy * (y > 0) : dy.
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -80,6 +81,11 @@ class Norm {
   // the statistics of the global batch through sync.exchange; weight.grad and bias.grad are
   // then the global sums, the same on every device.
   void set_sync(const SyncBatchNorm& sync);
+  // BN only (nothing for the other kinds): on restarts the running statistics as a cumulative
+  // average, training forward k = 1, 2, ... weighing its batch's statistics 1 / k, so that after
+  // k forwards they are the equal-weight average of the k batches' (precise statistics); off
+  // gives the layer back its momentum and batch count.
+  void set_cumulative_average(bool on);
 
   std::vector<Param*> params();  // empty for frozen
   // BN's running_mean and running_var; frozen's weight, bias, running_mean and running_var;
@@ -104,6 +110,9 @@ class Norm {
   bool trained_forward_ = false;
   SyncBatchNorm sync_;
   bool synced_forward_ = false;  // the last forward went through sync_
+  std::optional<double> kept_momentum_;  // while set_cumulative_average(true)
+  int64_t kept_batches_tracked_ = 0;
+  bool cumulative_ = false;
   std::vector<double> partials_, sum_g_, sum_g_xmu_;
   std::vector<float> save_mean_, save_invstd_;
   const Tensor* x_ = nullptr;

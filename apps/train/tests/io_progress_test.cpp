@@ -181,3 +181,24 @@ TEST(Progress, InteractiveModeRedrawsInPlaceAtMostTenTimesASecond) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(SweepProgress, TimeLeftScalesTheElapsedTimeByTheImagesLeft) {
+  // 100 s for 1000 of 4000 images: 300 s for the other 3000.
+  EXPECT_DOUBLE_EQ(sweep_seconds_left(100, 1000, 4000), 300);
+  // Runs differ in size: a small run done says little, a large one much.
+  EXPECT_DOUBLE_EQ(sweep_seconds_left(10, 100, 10100), 1000);
+  EXPECT_DOUBLE_EQ(sweep_seconds_left(50, 10000, 10100), 0.5);
+  EXPECT_TRUE(std::isnan(sweep_seconds_left(5, 0, 100)));
+  EXPECT_EQ(sweep_seconds_left(42, 100, 100), 0);
+}
+
+TEST(SweepProgress, FinishedRunLine) {
+  EXPECT_EQ(sweep_finished_line(3, 12, "gn G=8 b=2 lr=0.1 seed=2", 9.876, 65, 130),
+            "[3/12] gn G=8 b=2 lr=0.1 seed=2: test error 9.88%, elapsed 1:05, about 2:10 left");
+  EXPECT_EQ(sweep_finished_line(1, 2, "bn b=4 lr=0.1", 50, 3, std::nan("")),
+            "[1/2] bn b=4 lr=0.1: test error 50.00%, elapsed 0:03, time left unknown");
+}
+
+}  // namespace

@@ -139,31 +139,33 @@ TEST(Results, CsvHasOneRowPerRunWithEveryField) {
   runs[0].seconds = kNoValue;
   runs[1].devices = 8;
   runs[1].sync_bn = true;
+  runs[2].test_error_precise = 12.5;
   const std::string csv = results_csv(runs);
   const auto lines = lines_of(csv);
   ASSERT_EQ(lines.size(), runs.size() + 1);
   EXPECT_EQ(lines[0],
-            "norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,"
-            "test_error_batch_stats,images_per_s,seconds,devices,sync_bn,train_error_eval,"
-            "train_loss_eval");
+            "norm,groups,devices,batch,epochs,lr,seed,train_loss,test_loss,test_error,"
+            "test_error_batch_stats,test_error_precise,images_per_s,seconds,sync_bn,"
+            "train_error_eval,train_loss_eval");
   for (size_t i = 0; i < runs.size(); ++i) {
     const RunResult& r = runs[i];
     const auto c = split(lines[i + 1], ',');
-    ASSERT_EQ(c.size(), 16u) << lines[i + 1];
-    EXPECT_EQ(c[14], "");  // not measured
-    EXPECT_EQ(c[15], "");
-    EXPECT_EQ(c[12], std::to_string(r.devices));
-    EXPECT_EQ(c[13], r.sync_bn ? "1" : "0");
-    EXPECT_EQ(c[0], r.norm);
+    ASSERT_EQ(c.size(), 17u) << lines[i + 1];
+    EXPECT_EQ(c[15], "");  // not measured
+    EXPECT_EQ(c[16], "");
+    EXPECT_EQ(c[2], std::to_string(r.devices));
+    EXPECT_EQ(c[14], r.sync_bn ? "1" : "0");
+    EXPECT_EQ(c[0], r.sync_bn ? "syncbn" : r.norm);
     EXPECT_EQ(c[1], r.groups ? std::to_string(r.groups) : "");
-    EXPECT_EQ(c[2], std::to_string(r.batch));
-    EXPECT_EQ(c[3], "3");
-    EXPECT_EQ(c[5], std::to_string(r.seed));
+    EXPECT_EQ(c[3], std::to_string(r.batch));
+    EXPECT_EQ(c[4], "3");
+    EXPECT_EQ(c[6], std::to_string(r.seed));
     const double values[] = {r.lr, 0, r.train_loss, r.test_loss, r.test_error,
-                             r.test_error_batch_stats.value_or(kNoValue), r.images_per_s, r.seconds};
-    for (size_t k = 4; k < 12; ++k) {
-      if (k == 5) continue;
-      const double want = values[k - 4];
+                             r.test_error_batch_stats.value_or(kNoValue),
+                             r.test_error_precise.value_or(kNoValue), r.images_per_s, r.seconds};
+    for (size_t k = 5; k < 14; ++k) {
+      if (k == 6) continue;
+      const double want = values[k - 5];
       if (std::isnan(want)) {
         EXPECT_EQ(c[k], "") << "row " << i << " column " << k;
       } else {
@@ -179,6 +181,7 @@ TEST_F(ResultsFileTest, CsvReadsBackWhatItWrote) {
   runs[2].seed = 18446744073709551615ull;
   runs[2].devices = 4;
   runs[2].sync_bn = true;
+  runs[3].test_error_precise = 7.25;
   const fs::path p = dir_ / "results.csv";
   write_results_csv(p.string(), runs);
   const auto back = read_results_csv(p.string());
@@ -193,6 +196,7 @@ TEST_F(ResultsFileTest, CsvReadsBackWhatItWrote) {
     EXPECT_NEAR(back[i].test_error, runs[i].test_error, 1e-4);
     EXPECT_NEAR(back[i].lr, runs[i].lr, 1e-8);
     EXPECT_EQ(back[i].test_error_batch_stats.has_value(), runs[i].test_error_batch_stats.has_value());
+    EXPECT_EQ(back[i].test_error_precise, runs[i].test_error_precise);
     EXPECT_TRUE(back[i].history.empty());
   }
   std::ofstream(dir_ / "bad1.csv") << "a,b\n";
@@ -239,7 +243,7 @@ TEST(Results, MarkdownTablesLikeThePaper) {
   EXPECT_EQ(t[1][3], fmt2(mean) + " ± " + fmt2(sd) + " (n=2)");
   EXPECT_EQ(t[2][1], fmt2(runs_at("gn", 32)[0]->test_error));
   EXPECT_EQ(t[2][2], "—");
-  EXPECT_NE(md.find("mean ± sample standard deviation"), std::string::npos);
+  EXPECT_NE(md.find("mean ± sample std over n seeds"), std::string::npos);
 
   const auto s = markdown_table(md, "## Test error (%) with running vs batch statistics at test time");
   ASSERT_EQ(s.size(), 3u);
@@ -429,17 +433,32 @@ TEST_F(ResultsFileTest, TheTrainTestGapIsInTheCsvTheJsonAndTheMarkdown) {
   EXPECT_EQ(back[0].train_error_eval, 1.25);
   EXPECT_EQ(back[0].train_loss_eval, 0.0625);
   EXPECT_TRUE(std::isnan(back[1].train_error_eval));
-  // A file from before the two columns still reads.
-  std::string old = results_csv({runs[1]});
-  std::string header = old.substr(0, old.find('\n'));
-  header = header.substr(0, header.size() - std::string(",train_error_eval,train_loss_eval").size());
-  std::string row = old.substr(old.find('\n') + 1);
-  row = row.substr(0, row.size() - 3) + "\n";  // the two empty cells
-  std::ofstream(dir_ / "old.csv") << header << "\n" << row;
+  // Files from before the two columns, and from before test_error_precise, still read (by
+  // column name: devices moved, SyncBN runs were named bn).
+  std::ofstream(dir_ / "old.csv")
+      << "norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,test_error_batch_stats,"
+         "images_per_s,seconds,devices,sync_bn\n"
+      << "bn,,8,3,0.05,7,0.5,0.6,9.5,10.5,1000,12,2,1\n";
   const auto old_back = read_results_csv((dir_ / "old.csv").string());
   ASSERT_EQ(old_back.size(), 1u);
-  EXPECT_EQ(old_back[0].batch, runs[1].batch);
+  EXPECT_EQ(old_back[0].norm, "bn");
+  EXPECT_TRUE(old_back[0].sync_bn);
+  EXPECT_EQ(old_back[0].devices, 2);
+  EXPECT_EQ(old_back[0].batch, 8);
+  EXPECT_EQ(old_back[0].seed, 7u);
+  EXPECT_EQ(old_back[0].test_error_batch_stats, 10.5);
+  EXPECT_FALSE(old_back[0].test_error_precise.has_value());
   EXPECT_TRUE(std::isnan(old_back[0].train_error_eval));
+  std::ofstream(dir_ / "gap.csv")
+      << "norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,test_error_batch_stats,"
+         "images_per_s,seconds,devices,sync_bn,train_error_eval,train_loss_eval\n"
+      << "gn,4,2,3,0.00625,1,0.5,0.6,9.5,,1000,12,1,0,3.5,0.25\n";
+  const auto gap_back = read_results_csv((dir_ / "gap.csv").string());
+  ASSERT_EQ(gap_back.size(), 1u);
+  EXPECT_EQ(gap_back[0].groups, 4);
+  EXPECT_EQ(gap_back[0].devices, 1);
+  EXPECT_EQ(gap_back[0].train_error_eval, 3.5);
+  EXPECT_FALSE(gap_back[0].test_error_batch_stats.has_value());
 
   const std::string md = results_markdown(runs);
   const auto table = markdown_table(md, "## Train/test gap: error (%) evaluated at the end");
@@ -489,6 +508,154 @@ TEST_F(ResultsFileTest, MetricsJsonHasTheStudyOptionsOnlyWhenSet) {
                                             {"images_per_s", 1}, {"seconds", 1}, {"classes", {1.5}}})
                                            .dump();
   EXPECT_THROW(read_metrics_json((dir_ / "bad.json").string()), IoError);
+}
+
+}  // namespace
+
+namespace {
+
+// Three seeds of BN and SyncBN (2 devices) at batches 4 and 2, GN at batch 4; one BN run
+// without precise statistics.
+std::vector<RunResult> seeded_sweep() {
+  std::mt19937 rng(21);
+  std::uniform_real_distribution<double> u(0, 1);
+  std::vector<RunResult> runs;
+  for (const char* arm : {"bn", "syncbn", "gn"})
+    for (int b : {4, 2}) {
+      if (std::string(arm) == "gn" && b == 2) continue;
+      for (uint64_t seed : {1, 2, 3}) {
+        RunResult r = make_run(std::string(arm) == "syncbn" ? "bn" : arm, std::string(arm) == "gn" ? 2 : 0, b, seed, rng);
+        r.devices = 2;
+        r.lr = 0.1 * 2 * b / 32;
+        r.sync_bn = std::string(arm) == "syncbn";
+        if (r.norm == "bn") r.test_error_precise = 5 + 10 * u(rng);
+        runs.push_back(r);
+      }
+    }
+  runs[1].test_error_precise.reset();
+  return runs;
+}
+
+struct Moments {
+  size_t n = 0;
+  double mean = 0, sd = 0, min = 0, max = 0;
+};
+Moments moments(const std::vector<double>& v) {
+  Moments m;
+  m.n = v.size();
+  if (v.empty()) return m;
+  for (double x : v) m.mean += x / static_cast<double>(v.size());
+  double ss = 0;
+  for (double x : v) ss += (x - m.mean) * (x - m.mean);
+  m.sd = v.size() > 1 ? std::sqrt(ss / static_cast<double>(v.size() - 1)) : std::nan("");
+  m.min = *std::min_element(v.begin(), v.end());
+  m.max = *std::max_element(v.begin(), v.end());
+  return m;
+}
+
+TEST(Results, SeedsShowMeanAndSampleStdPerCellAndEveryRun) {
+  const auto runs = seeded_sweep();
+  const std::string md = results_markdown(runs);
+  const auto t = markdown_table(md, "## Test error (%) by batch size");
+  ASSERT_EQ(t.size(), 4u);  // header, BN (per device), SyncBN, GN
+  EXPECT_EQ(t[1][0], "BN (per device)");
+  EXPECT_EQ(t[2][0], "SyncBN");
+  const Moments bn4 = moments({runs[0].test_error, runs[1].test_error, runs[2].test_error});
+  EXPECT_EQ(t[1][1], fmt2(bn4.mean) + " ± " + fmt2(bn4.sd) + " (n=3)");
+  const Moments sync2 = moments({runs[9].test_error, runs[10].test_error, runs[11].test_error});
+  EXPECT_EQ(t[2][2], fmt2(sync2.mean) + " ± " + fmt2(sync2.sd) + " (n=3)");
+  EXPECT_NE(md.find("± sample std over n seeds"), std::string::npos);
+  // The precise statistics row averages the runs that have them.
+  const auto s = markdown_table(md, "## Test error (%) with running vs batch statistics at test time");
+  ASSERT_EQ(s.size(), 7u);
+  EXPECT_EQ(s[3][0], "BN (per device), precise statistics");
+  const Moments p = moments({*runs[0].test_error_precise, *runs[2].test_error_precise});
+  EXPECT_EQ(s[3][1], fmt2(p.mean) + " ± " + fmt2(p.sd) + " (n=2)");
+  // Every run, in order, with its seed.
+  const auto every = markdown_table(md, "## Every run");
+  ASSERT_EQ(every.size(), runs.size() + 1);
+  for (size_t i = 0; i < runs.size(); ++i) {
+    EXPECT_EQ(every[i + 1][2], std::to_string(runs[i].seed));
+    EXPECT_EQ(every[i + 1][3], fmt2(runs[i].test_error));
+    EXPECT_EQ(every[i + 1][5], runs[i].test_error_precise ? fmt2(*runs[i].test_error_precise) : "—");
+  }
+  // One seed: plain values and no list of runs.
+  std::vector<RunResult> one;
+  for (const auto& r : runs)
+    if (r.seed == 1) one.push_back(r);
+  const std::string md1 = results_markdown(one);
+  EXPECT_EQ(md1.find("## Every run"), std::string::npos);
+  EXPECT_EQ(md1.find("sample std"), std::string::npos);
+  EXPECT_EQ(markdown_table(md1, "## Test error (%) by batch size")[1][1], fmt2(runs[0].test_error));
+}
+
+TEST(Results, SummaryCsvHasOneRowPerCellWithTheMomentsOfEachError) {
+  const auto runs = seeded_sweep();
+  const auto lines = lines_of(summary_csv(runs));
+  std::string header = "norm,groups,devices,batch,lr,n";
+  for (const char* e : {"test_error", "test_error_batch_stats", "test_error_precise"})
+    for (const char* s : {"mean", "std", "min", "max"}) header += std::string(",") + e + "_" + s;
+  ASSERT_EQ(lines.size(), 6u);  // header and 5 cells
+  EXPECT_EQ(lines[0], header);
+  const std::vector<std::string> cells[] = {{"bn", "", "2", "4"}, {"bn", "", "2", "2"},
+                                            {"syncbn", "", "2", "4"}, {"syncbn", "", "2", "2"},
+                                            {"gn", "2", "2", "4"}};
+  for (size_t row = 0; row < 5; ++row) {
+    const auto c = split(lines[row + 1], ',');
+    ASSERT_EQ(c.size(), 18u) << lines[row + 1];
+    for (size_t k = 0; k < 4; ++k) EXPECT_EQ(c[k], cells[row][k]) << row;
+    EXPECT_EQ(c[5], "3");
+    const std::vector<RunResult> cell(runs.begin() + 3 * row, runs.begin() + 3 * row + 3);
+    const std::function<std::optional<double>(const RunResult&)> fields[] = {
+        [](const RunResult& r) { return std::optional<double>(r.test_error); },
+        [](const RunResult& r) { return r.test_error_batch_stats; },
+        [](const RunResult& r) { return r.test_error_precise; }};
+    for (size_t f = 0; f < 3; ++f) {
+      std::vector<double> v;
+      for (const auto& r : cell)
+        if (fields[f](r)) v.push_back(*fields[f](r));
+      const Moments m = moments(v);
+      const double want[] = {m.mean, m.sd, m.min, m.max};
+      for (size_t k = 0; k < 4; ++k) {
+        const std::string& got = c[6 + 4 * f + k];
+        if (v.empty() || std::isnan(want[k])) {
+          EXPECT_EQ(got, "") << row << " " << f << " " << k;
+        } else {
+          EXPECT_NEAR(std::stod(got), want[k], 5e-6 * std::abs(want[k])) << row << " " << f << " " << k;
+        }
+      }
+    }
+  }
+}
+
+TEST_F(ResultsFileTest, MetricsJsonCarriesPreciseStatisticsAugmentationAndWarmUp) {
+  std::mt19937 rng(10);
+  RunResult plain = make_run("bn", 0, 8, 1, rng);
+  const json j0 = json::parse(metrics_json(plain));
+  for (const char* key : {"test_error_precise", "crop_pad", "hflip", "lr_warmup"})
+    EXPECT_FALSE(j0.contains(key)) << key;
+  RunResult r = plain;
+  r.test_error_precise = 9.75;
+  r.crop_pad = 4;
+  r.hflip = true;
+  r.lr_warmup = 0.05;
+  const json j = json::parse(metrics_json(r));
+  EXPECT_EQ(j["test_error_precise"].get<double>(), 9.75);
+  EXPECT_EQ(j["crop_pad"].get<int>(), 4);
+  EXPECT_EQ(j["hflip"].get<bool>(), true);
+  EXPECT_EQ(j["lr_warmup"].get<double>(), 0.05);
+  const fs::path p = dir_ / "m.json";
+  write_metrics_json(p.string(), r);
+  const RunResult back = read_metrics_json(p.string());
+  EXPECT_EQ(back.test_error_precise, r.test_error_precise);
+  EXPECT_EQ(back.crop_pad, 4);
+  EXPECT_TRUE(back.hflip);
+  EXPECT_EQ(back.lr_warmup, 0.05);
+  write_metrics_json(p.string(), plain);
+  const RunResult back0 = read_metrics_json(p.string());
+  EXPECT_FALSE(back0.test_error_precise.has_value());
+  EXPECT_EQ(back0.crop_pad, 0);
+  EXPECT_FALSE(back0.hflip);
 }
 
 }  // namespace

@@ -159,3 +159,92 @@ def test_run_names_a_group_count_below_one(data_dir):
     r = train("run", "--norm", "gn", "--groups", "0", "--data", data_dir, *SMALL)
     assert r.returncode != 0
     assert "--groups 0 is refused" in r.stderr and "num_groups must be > 0, got 0" in r.stderr
+
+
+def test_run_records_augmentation_warm_up_and_precise_statistics(data_dir, tmp_path):
+    r = train("run", "--norm", "bn", "--batch", "4", "--data", data_dir, "--crop-pad", "3", "--hflip",
+              "--warmup", "0.25", "--precise-bn-images", "40", "--precise-bn-batch", "8",
+              "--metrics-out", tmp_path / "m.json", *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert "precise statistics:" in r.stdout  # the end-of-run summary
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert (m["crop_pad"], m["hflip"], m["lr_warmup"]) == (3, True, 0.25)
+    assert 0 <= m["test_error_precise"] <= 100
+    assert m["lr"] == pytest.approx(0.1 * 4 / 32)  # the scaled rate, warm-up or not
+    # Without the options: none of their fields; BN computes precise statistics by default.
+    r = train("run", "--norm", "bn", "--batch", "4", "--data", data_dir,
+              "--metrics-out", tmp_path / "plain.json", *SMALL)
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    assert not {"crop_pad", "hflip", "lr_warmup"} & plain.keys()
+    assert plain["test_error_precise"] is not None
+    r = train("run", "--norm", "bn", "--batch", "4", "--data", data_dir, "--precise-bn-images", "0",
+              "--metrics-out", tmp_path / "off.json", *SMALL)
+    assert "test_error_precise" not in json.loads((tmp_path / "off.json").read_text())
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--warmup", "1.5"], "--warmup 1.5: must be a fraction of all steps in [0, 1)"),
+    (["--precise-bn-batch", "1"], "--precise-bn-batch 1: must be >= 2"),
+    (["--crop-pad", "-1"], "--crop-pad: must be zero or positive, got '-1'"),
+])
+def test_run_refuses_bad_protocol_options(data_dir, args, needle):
+    r = train("run", "--norm", "bn", "--data", data_dir, *SMALL, *args)
+    assert r.returncode != 0, r.stderr
+    assert needle in r.stderr, r.stderr
+
+
+def test_help_describes_the_protocol_options():
+    for sub, options in (("run", ("--crop-pad", "--hflip", "--warmup", "--precise-bn-images",
+                                  "--precise-bn-batch")),
+                         ("sweep", ("--seeds", "syncbn", "--crop-pad", "--warmup"))):
+        r = train(sub, "--help")
+        assert r.returncode == 0
+        for o in options:
+            assert o in r.stdout, (sub, o)
+
+
+def test_sweep_over_seeds_reports_each_run_and_the_time_left(data_dir, tmp_path):
+    out = tmp_path / "seeds"
+    r = train("sweep", "--norms", "bn,gn", "--groups", "2", "--batches", "8", "--seeds", "1,2,3",
+              "--data", data_dir, "--out", out, "--jobs", "2", *SMALL)
+    assert r.returncode == 0, r.stderr
+    with open(out / "results.csv") as f:
+        header = f.readline().strip()
+        rows = list(csv.DictReader(open(out / "results.csv")))
+    assert header == ("norm,groups,devices,batch,epochs,lr,seed,train_loss,test_loss,test_error,"
+                      "test_error_batch_stats,test_error_precise,images_per_s,seconds,sync_bn,"
+                      "train_error_eval,train_loss_eval")
+    assert sorted((row["norm"], row["seed"]) for row in rows) == \
+        sorted((n, s) for n in ("bn", "gn") for s in ("1", "2", "3"))
+    for s in (1, 2, 3):
+        assert json.loads((out / "runs" / f"gn_b8_s{s}.json").read_text())["seed"] == s
+    # Not a terminal: one line per finished run, k of n, with an estimate of the time left.
+    lines = [line for line in r.stderr.splitlines() if line.startswith("[")]
+    assert len(lines) == 6, r.stderr
+    assert sorted(int(line[1:line.index("/")]) for line in lines) == list(range(1, 7))
+    assert all("/6] " in line and ": test error " in line and "elapsed" in line for line in lines)
+    assert lines[-1].endswith("about 0:00 left"), lines[-1]
+    # summary.csv: a row per cell with the moments over the three seeds.
+    summary = list(csv.DictReader(open(out / "summary.csv")))
+    assert [(s["norm"], s["n"]) for s in summary] == [("bn", "3"), ("gn", "3")]
+    for s in summary:
+        errors = [float(row["test_error"]) for row in rows if row["norm"] == s["norm"]]
+        assert float(s["test_error_mean"]) == pytest.approx(np.mean(errors), rel=1e-5)
+        assert float(s["test_error_std"]) == pytest.approx(np.std(errors, ddof=1), rel=1e-5, abs=1e-4)
+        assert float(s["test_error_min"]) == pytest.approx(min(errors), rel=1e-5)
+        assert float(s["test_error_max"]) == pytest.approx(max(errors), rel=1e-5)
+    md = (out / "results.md").read_text()
+    assert "± sample std over n seeds" in md and "(n=3)" in md and "## Every run" in md
+    assert "seeds 1, 2, 3" in md
+
+
+def test_sweep_seed_means_one_seed_and_not_with_seeds(data_dir, tmp_path):
+    out = tmp_path / "one"
+    r = train("sweep", "--norms", "gn", "--groups", "2", "--batches", "8", "--seed", "7",
+              "--data", data_dir, "--out", out, "--jobs", "1", *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "runs" / "gn_b8.json").read_text())["seed"] == 7
+    assert "[1/1] gn G=2 b=8 lr=0.1: test error" in r.stderr
+    r = train("sweep", "--norms", "gn", "--groups", "2", "--batches", "8", "--seed", "7", "--seeds", "1,2",
+              "--data", data_dir, "--out", tmp_path / "both", *SMALL)
+    assert r.returncode == 2 and "--seeds or --seed, not both" in r.stderr

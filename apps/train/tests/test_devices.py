@@ -70,13 +70,17 @@ def checkpoint_without_timing(path):
 
 
 @needs_mpi
-@pytest.mark.parametrize("norm", ["bn", "gn", "syncbn", "bn-studies"])
+@pytest.mark.parametrize("norm", ["bn", "gn", "syncbn", "bn-studies", "bn-augmented", "syncbn-augmented"])
 def test_processes_give_the_same_bits(data_dir, tmp_path, norm):
+    # Augmentation and warm-up drawn per position of the permutation: the same for any split.
+    augment = ["--crop-pad", "2", "--hflip", "--warmup", "0.3"] if norm.endswith("-augmented") else []
+    norm = norm.removesuffix("-augmented")
     extra = ["--norm", "bn", "--sync-bn"] if norm == "syncbn" else ["--norm", norm, "--groups", "2"]
     if norm == "bn-studies":
         # Dropout's masks follow the image's place in the epoch, not the device or the process.
         extra = ["--norm", "bn", "--dropout", "0.3", "--init-scale", "2", "--weight-decay", "0.001",
                  "--eval-train-images", "20", "--classes", "1,3,4,5,6,7,8,9"]
+    extra += augment
     results = {}
     for processes, threads in ((1, 1), (2, 1), (4, 1), (2, 2)):
         tag = f"p{processes}t{threads}"
@@ -90,6 +94,11 @@ def test_processes_give_the_same_bits(data_dir, tmp_path, norm):
                         checkpoint_without_timing(tmp_path / f"{tag}.safetensors"))
     m1, (meta1, t1) = results["p1t1"]
     assert m1["devices"] == 4 and m1["sync_bn"] == (norm == "syncbn")
+    if augment:
+        assert (m1["crop_pad"], m1["hflip"], m1["lr_warmup"]) == (2, True, 0.3)
+        assert (meta1["crop_pad"], meta1["hflip"]) == ("2", "1")
+    if norm != "gn":
+        assert m1["test_error_precise"] is not None
     if norm == "bn-studies":
         assert (m1["dropout"], m1["eval_train_images"], meta1["dropout"]) == (0.3, 20, "0.29999999999999999")
         assert m1["train_error_eval"] is not None
@@ -104,10 +113,10 @@ def test_processes_give_the_same_bits(data_dir, tmp_path, norm):
 
 
 @needs_mpi
-@pytest.mark.parametrize("studies", [False, True])
-def test_a_checkpoint_of_two_processes_resumes_in_one(data_dir, tmp_path, studies):
+@pytest.mark.parametrize("more", [[], ["--dropout", "0.5", "--init-scale", "0.5"],
+                                  ["--crop-pad", "1", "--hflip", "--warmup", "0.4"]])
+def test_a_checkpoint_of_two_processes_resumes_in_one(data_dir, tmp_path, more):
     # Stopped inside the second epoch by 2 processes, resumed by 1.
-    more = ["--dropout", "0.5", "--init-scale", "0.5"] if studies else []
     common = [*small(data_dir, "--norm", "bn", *more, epochs=2), "--devices", 4, "--threads", 1]
     r = train(1, *common, "--metrics-out", tmp_path / "whole.json",
               "--checkpoint", tmp_path / "whole.safetensors")
@@ -197,7 +206,7 @@ def test_sweep_records_devices_and_sync_bn(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(out / "results.csv")))
     got = sorted((row["norm"], row["devices"], row["sync_bn"]) for row in rows)
-    want = sorted([("bn", "2", "0"), ("bn", "2", "1"), ("gn", "2", "0")])
+    want = sorted([("bn", "2", "0"), ("syncbn", "2", "1"), ("gn", "2", "0")])
     assert got == want
     for row in rows:  # lr = 0.1 * devices * batch / 32
         assert float(row["lr"]) == pytest.approx(0.1 * 2 * 3 / 32)
@@ -207,3 +216,48 @@ def test_sweep_records_devices_and_sync_bn(data_dir, tmp_path):
     assert "| BN (per device) |" in md
     assert "| SyncBN |" in md
     assert json.loads((out / "runs" / "syncbn_b3.json").read_text())["sync_bn"] is True
+
+
+def test_sweep_arms_syncbn_at_some_batches_over_seeds(data_dir, tmp_path):
+    out = tmp_path / "arms"
+    r = train(1, "sweep", "--norms", "bn,gn@3,syncbn@2", "--groups", "2", "--batches", "3,2",
+              "--devices", "2", "--seeds", "4,5", "--epochs", "1", "--widths", "4,8", "--threads", "1",
+              "--jobs", "2", "--quiet", "--data", data_dir, "--out", out)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    got = sorted((row["norm"], row["batch"], row["seed"], row["sync_bn"]) for row in rows)
+    want = sorted([("bn", b, s, "0") for b in ("3", "2") for s in ("4", "5")] +
+                  [("gn", "3", s, "0") for s in ("4", "5")] + [("syncbn", "2", s, "1") for s in ("4", "5")])
+    assert got == want
+    for row in rows:
+        assert row["devices"] == "2"
+        assert (row["test_error_precise"] != "") == (row["norm"] != "gn"), row
+    # File names and labels carry the seed.
+    assert json.loads((out / "runs" / "syncbn_b2_s5.json").read_text())["sync_bn"] is True
+    assert "syncbn 2xb=2 lr=0.1 seed=5" in r.stderr
+    summary = list(csv.DictReader(open(out / "summary.csv")))
+    assert [(s["norm"], s["batch"], s["n"]) for s in summary] == \
+        [("bn", "3", "2"), ("bn", "2", "2"), ("gn", "3", "2"), ("syncbn", "2", "2")]
+    md = (out / "results.md").read_text()
+    assert "| SyncBN | — |" in md
+    assert "## Every run" in md
+
+
+@pytest.mark.parametrize("norms, words", [
+    ("bn,syncbn@4", "--norms entry 'syncbn@4': batch 4 is not one of --batches"),
+    ("bn,gn@", "--norms entry 'gn@': '' is not a batch size"),
+    ("bn,bogus", "--norms entry 'bogus': the norm must be"),
+])
+def test_bad_sweep_arms_are_refused_by_entry(data_dir, tmp_path, norms, words):
+    r = train(1, "sweep", "--norms", norms, "--batches", "3,2", "--devices", "2", "--data", data_dir,
+              "--out", tmp_path / "s", "--quiet")
+    assert r.returncode == 2, r.stderr
+    assert words in r.stderr, r.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_syncbn_arm_needs_several_devices(data_dir, tmp_path):
+    r = train(1, "sweep", "--norms", "syncbn", "--batches", "3", "--data", data_dir,
+              "--out", tmp_path / "s", "--quiet")
+    assert r.returncode == 2
+    assert "--norms entry 'syncbn'" in r.stderr and "--devices >= 2" in r.stderr, r.stderr
