@@ -481,11 +481,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return (dx, *_param_grads(ctx, dweight, dbias), None, None, None, None, None)
 
 
-def _reject_collectively(mpi, comm, message):
-    # The other ranks are on their way into the collective: they raise there, naming this rank.
-    mpi.reject_call(message, comm)
-
-
 def sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, comm):
     """Training BatchNorm over the global batch formed by every rank's x (collective over comm,
     an mpi4py communicator): normkit.mpi.sync_batch_norm_forward with autograd, whose backward
@@ -533,7 +528,9 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             message = (f"SyncBatchNorm: input has {input.shape[1]} channels (shape "
                        f"{tuple(input.shape)}), expected num_features = {self.num_features}")
         if message is not None:
-            _reject_collectively(_load_mpi()[1], self.comm, message)
+            # The other ranks are on their way into the collective: they raise there, naming
+            # this rank, instead of waiting for it.
+            _load_mpi()[1].reject_call(message, self.comm)
 
     def forward(self, input):
         if not self.training:
