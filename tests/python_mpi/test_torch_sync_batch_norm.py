@@ -23,6 +23,16 @@ COMM = MPI.COMM_WORLD
 RANK, SIZE = COMM.rank, COMM.size
 
 
+@pytest.fixture(autouse=True)
+def float32_by_default():
+    """Layers made as a float32 model makes them (test_sync_batch_norm.py, in the same session,
+    sets float64 as the default dtype)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(previous)
+
+
 def piece(n, how="uneven"):
     """This rank's [lo, hi) of a global batch of n: weights 1, 3, 2, ... by rank, or one rank
     (the middle one) without samples."""
