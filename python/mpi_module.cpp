@@ -119,6 +119,18 @@ sums over the GLOBAL batch, the same on every rank (torch.nn.SyncBatchNorm retur
 for DistributedDataParallel to all-reduce: do not all-reduce these again); None without weight.)doc");
 
   m.def(
+      "reject_call",
+      [](const std::string& message, const py::object& comm_in) {
+        const MPI_Comm comm = comm_of("reject_call", comm_in);
+        normkit::mpi::reject_call(message, comm);
+      },
+      py::arg("message"), py::arg("comm"),
+      R"doc(For wrappers that check arguments of their own before a sync_batch_norm_forward or
+_backward call (normkit.torch.SyncBatchNorm does): stands in for that call on a rank whose
+arguments were rejected. Collective like the call it replaces: the other ranks' calls raise
+ValueError naming this rank and message, and this one raises ValueError(message).)doc");
+
+  m.def(
       "_set_output_poison", [](bool enabled) { g_poison_outputs = enabled; },
       py::arg("enabled"), "Testing aid: fill every output array with NaN before the call.");
 }

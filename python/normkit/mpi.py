@@ -10,6 +10,7 @@ the same for any number of ranks. Importing this module loads MPI (through mpi4p
 `normkit` alone does not.
 """
 
-from ._mpi import _set_output_poison, sync_batch_norm_backward, sync_batch_norm_forward
+from ._mpi import (_set_output_poison, reject_call, sync_batch_norm_backward,
+                   sync_batch_norm_forward)
 
-__all__ = ["sync_batch_norm_forward", "sync_batch_norm_backward"]
+__all__ = ["sync_batch_norm_forward", "sync_batch_norm_backward", "reject_call"]

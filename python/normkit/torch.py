@@ -5,9 +5,14 @@ so construction, parameters, buffers, state_dict keys and train/eval are torch's
 forward differs. It runs normkit's ops through one torch.autograd.Function per op, and falls
 back to torch's forward for what normkit does not compute (see _normkit_can_run), so a converted
 model never breaks. `convert(model)` swaps every torch norm layer of a model in place,
-`revert(model)` swaps them back. See docs/torch.md.
+`revert(model)` swaps them back. SyncBatchNorm is torch's SyncBatchNorm over normkit.mpi (an
+mpi4py communicator instead of a process group; MPI is loaded when one is constructed, not on
+import). FrozenBatchNorm2d is torchvision.ops.FrozenBatchNorm2d on normkit's inference
+BatchNorm, and `freeze_batch_norm(model)` puts it in place of a model's BatchNorm2d layers.
+See docs/torch.md.
 """
 
+import copy
 import types
 
 import torch
@@ -18,7 +23,8 @@ from . import _normkit
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "LayerNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "convert", "revert",
-           "batch_norm", "group_norm", "layer_norm", "instance_norm"]
+           "batch_norm", "group_norm", "layer_norm", "instance_norm", "SyncBatchNorm",
+           "sync_batch_norm", "FrozenBatchNorm2d", "frozen_batch_norm", "freeze_batch_norm"]
 
 # What normkit computes: these activation dtypes, float32 parameters and statistics, CPU
 # memory, (N, C) plus 0 to 3 spatial dims.
@@ -427,3 +433,221 @@ def convert(model):
 def revert(model):
     """Undoes `convert`: normkit's norm modules become torch's again. Returns the model."""
     return _swap(model, _TO_TORCH)
+
+
+# SyncBatchNorm over normkit.mpi. mpi4py and normkit._mpi are imported by the first
+# constructor, never by `import normkit.torch`, so that a program without MPI does not start it.
+
+def _load_mpi():
+    """(mpi4py.MPI, normkit.mpi), or an ImportError that says what is missing."""
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise ImportError("normkit.torch.SyncBatchNorm needs mpi4py (Debian: python3-mpi4py, "
+                          "or pip install mpi4py), which is not importable: " + str(e)) from e
+    try:
+        from . import mpi
+    except ImportError as e:
+        raise ImportError("normkit.torch.SyncBatchNorm needs normkit.mpi, which this build of "
+                          "normkit does not have (it is built when CMake finds MPI and mpi4py): "
+                          + str(e)) from e
+    return MPI, mpi
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, comm):
+        mpi = _load_mpi()[1]
+        y, save_mean, save_invstd = mpi.sync_batch_norm_forward(
+            x, running_mean, running_var, weight, bias, momentum, eps, comm)
+        ctx.comm = comm
+        ctx.save_for_backward(x, weight, save_mean, save_invstd)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, save_mean, save_invstd = ctx.saved_tensors
+        mpi = _load_mpi()[1]
+        dx, dweight, dbias = mpi.sync_batch_norm_backward(
+            _laid_out_as(dy, x), x, weight, save_mean, save_invstd, ctx.comm)
+        if dweight is not None:
+            # normkit returns the sums over the global batch, the same on every rank. Each rank
+            # gets 1/P of them, so that the usual DDP averaging (all-reduce, divide by P) leaves
+            # them where it leaves every other parameter: at the mean over ranks of each rank's
+            # loss gradient (docs/torch.md, "The gradient rule").
+            size = ctx.comm.Get_size()
+            dweight, dbias = dweight / size, dbias / size
+        return (dx, *_param_grads(ctx, dweight, dbias), None, None, None, None, None)
+
+
+def sync_batch_norm(x, running_mean, running_var, weight, bias, momentum, eps, comm):
+    """Training BatchNorm over the global batch formed by every rank's x (collective over comm,
+    an mpi4py communicator): normkit.mpi.sync_batch_norm_forward with autograd, whose backward
+    is collective too. weight and bias receive 1/comm.size of the global gradient sums."""
+    return _SyncBatchNormFunction.apply(_dense(x), weight, bias, running_mean, running_var,
+                                        float(momentum), float(eps), comm)
+
+
+class SyncBatchNorm(torch.nn.SyncBatchNorm):
+    """torch.nn.SyncBatchNorm over MPI: statistics of the batch formed by all ranks of `comm` (an
+    mpi4py communicator; None is MPI.COMM_WORLD) in rank order, bitwise the same for any number
+    of ranks and any split. `comm` takes process_group's place; `process_group` stays None.
+    Training forward and backward are collective: every rank of comm calls them. The gradients
+    of weight and bias are the global sums divided by comm's size on every rank (see
+    docs/torch.md). Eval mode is BatchNorm with the running statistics, on each rank alone."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, comm=None, device=None, dtype=None):
+        MPI = _load_mpi()[0]
+        if comm is None:
+            comm = MPI.COMM_WORLD
+        elif not isinstance(comm, MPI.Comm):
+            raise TypeError("SyncBatchNorm: comm must be an mpi4py communicator "
+                            f"(mpi4py.MPI.Comm) or None, got {type(comm).__name__}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, None,
+                         device, dtype)
+        self.comm = comm
+
+    def __deepcopy__(self, memo):
+        # A communicator is a handle on the same group of processes, not data (and mpi4py's
+        # cannot be pickled): a copy of the layer shares it.
+        memo.setdefault(id(self.comm), self.comm)
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        for key, value in self.__dict__.items():
+            copied.__dict__[key] = copy.deepcopy(value, memo)
+        return copied
+
+    def _check_input_collectively(self, input):
+        message = None
+        if input.dim() < 2:
+            message = (f"SyncBatchNorm: expected at least 2D input (N, C, ...), got "
+                       f"{input.dim()}D input of shape {tuple(input.shape)}")
+        elif input.shape[1] != self.num_features:
+            message = (f"SyncBatchNorm: input has {input.shape[1]} channels (shape "
+                       f"{tuple(input.shape)}), expected num_features = {self.num_features}")
+        if message is not None:
+            # The other ranks are on their way into the collective: they raise there, naming
+            # this rank, instead of waiting for it.
+            _load_mpi()[1].reject_call(message, self.comm)
+
+    def forward(self, input):
+        if not self.training:
+            # No exchange: the running statistics, or (without them) each rank's own batch, as
+            # torch's SyncBatchNorm in eval.
+            self._check_input_dim(input)
+            use_batch_stats = self.running_mean is None and self.running_var is None
+            return batch_norm(input, self.running_mean, self.running_var, self.weight,
+                              self.bias, use_batch_stats, 0.0, self.eps)
+        self._check_input_collectively(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        counted = self.track_running_stats and self.num_batches_tracked is not None
+        if counted and self.momentum is None:  # cumulative moving average
+            factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
+        running = self.track_running_stats
+        y = sync_batch_norm(input, self.running_mean if running else None,
+                            self.running_var if running else None, self.weight, self.bias,
+                            factor, self.eps, self.comm)
+        # Counted once the call succeeded: an input rejected on any rank changes nothing.
+        if counted:
+            self.num_batches_tracked.add_(1)
+        return y
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, comm=None):
+        """torch.nn.SyncBatchNorm.convert_sync_batchnorm with an mpi4py communicator: every
+        BatchNorm*d (any torch _BatchNorm) of module becomes a new normkit SyncBatchNorm sharing
+        its parameters and buffers. Returns the module, or the new layer if module is one."""
+        output = module
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            output = cls(module.num_features, module.eps, module.momentum, module.affine,
+                         module.track_running_stats, comm)
+            if module.affine:
+                with torch.no_grad():
+                    output.weight = module.weight
+                    output.bias = module.bias
+            output.running_mean = module.running_mean
+            output.running_var = module.running_var
+            output.num_batches_tracked = module.num_batches_tracked
+            output.train(module.training)
+            if hasattr(module, "qconfig"):
+                output.qconfig = module.qconfig
+        for name, child in module.named_children():
+            output.add_module(name, cls.convert_sync_batchnorm(child, comm))
+        return output
+
+
+# FrozenBatchNorm2d: BatchNorm with fixed statistics and affine parameters, on normkit's
+# inference BatchNorm (C++: the FrozenBatchNorm layer).
+
+def frozen_batch_norm(x, weight, bias, running_mean, running_var, eps=1e-5):
+    """y = x * a + b per channel, a = weight / sqrt(running_var + eps), b = bias - running_mean
+    * a, as torchvision.ops.FrozenBatchNorm2d; x of shape (N, C, ...). normkit's inference
+    BatchNorm where it runs, torchvision's arithmetic otherwise (float64, other devices, ...)."""
+    if (_normkit_can_run(x, weight, bias, running_mean, running_var)
+            and 2 <= x.dim() <= _MAX_RANK and _per_channel(x, weight, bias, running_mean,
+                                                          running_var)):
+        return _BatchNormFunction.apply(_dense(x), weight, bias, running_mean, running_var,
+                                        False, 0.0, float(eps))
+    shape = (1, -1) + (1,) * max(x.dim() - 2, 0)
+    scale = weight.reshape(shape) * (running_var.reshape(shape) + eps).rsqrt()
+    return x * scale + (bias.reshape(shape) - running_mean.reshape(shape) * scale)
+
+
+class FrozenBatchNorm2d(torch.nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d on normkit: buffers weight, bias, running_mean and
+    running_var (no parameters, nothing updated, train and eval the same), eps; its state_dict
+    is torchvision's, and a BatchNorm2d state_dict loads into it (num_batches_tracked is
+    dropped, as torchvision does). Autograd gives the input's gradient."""
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def forward(self, x):
+        return frozen_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                 self.eps)
+
+    def __repr__(self):
+        return f"{self.__class__.__name__}({self.weight.shape[0]}, eps={self.eps})"
+
+
+def freeze_batch_norm(model, prefix=""):
+    """Replaces every BatchNorm2d and SyncBatchNorm of model (torch's, normkit's, and their
+    subclasses; the model itself included) by a FrozenBatchNorm2d holding copies of its weight,
+    bias, running statistics and eps, as detectron2's convert_frozen_batchnorm. Returns the
+    model, or the new layer when model is one. Parameters of replaced layers leave the model:
+    make the optimizer after this call. Raises ValueError for a layer without running
+    statistics (track_running_stats=False), which has nothing to freeze."""
+    if isinstance(model, (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm)):
+        if model.running_mean is None or model.running_var is None:
+            raise ValueError(f"freeze_batch_norm: {prefix or 'the model'} "
+                             f"({type(model).__name__}) has no running statistics "
+                             "(track_running_stats=False), so there is nothing to freeze")
+        frozen = FrozenBatchNorm2d(model.num_features, model.eps)
+        with torch.no_grad():
+            frozen.running_mean = model.running_mean.detach().clone()
+            frozen.running_var = model.running_var.detach().clone()
+            if model.affine:
+                frozen.weight = model.weight.detach().clone()
+                frozen.bias = model.bias.detach().clone()
+            else:
+                frozen.to(device=model.running_mean.device)
+        frozen.train(model.training)
+        return frozen
+    for name, child in model.named_children():
+        new_child = freeze_batch_norm(child, prefix + "." + name if prefix else name)
+        if new_child is not child:
+            model.add_module(name, new_child)
+    return model
