@@ -18,7 +18,6 @@ namespace {
 namespace row_norm = detail::row_norm;
 using detail::check_length;
 using detail::fail;
-using row_norm::check_like_any_rank;
 using row_norm::ptr;
 
 constexpr const char* kWorkspaceQuery = "weight_standardization_workspace_size(w, eps)";
@@ -32,6 +31,14 @@ plan::LayerNormShape check_weight(const char* fn, const TensorView& w, double ep
   sh.rows = w.shape[0];
   sh.cols = row_norm::product(fn, w, 1, w.rank);
   return sh;
+}
+
+// `t` has w's shape, dtype and memory format, and memory when w has elements.
+void check_like_w(const char* fn, const char* name, const TensorView& t, const TensorView& w,
+                  int64_t count) {
+  detail::check_like(fn, name, t, "w", w);
+  if (count > 0 && t.data == nullptr)
+    fail(fn, std::string(name) + " has a null data pointer for shape " + shape_string(t));
 }
 
 row_norm::CpuCall plan_cpu_call(const char* fn, const TensorView& w,
@@ -55,7 +62,7 @@ void weight_standardization_forward(const TensorView& w, double eps, const Tenso
                                     const Context& ctx) {
   const char* fn = "weight_standardization_forward";
   const auto sh = check_weight(fn, w, eps);
-  check_like_any_rank(fn, "w_hat", w_hat, w, sh.rows * sh.cols);
+  check_like_w(fn, "w_hat", w_hat, w, sh.rows * sh.cols);
   check_length(fn, "mean", mean, sh.rows, "C_out", true);
   check_length(fn, "rstd", rstd, sh.rows, "C_out", true);
   if (ctx.backend == Backend::reference) {
@@ -79,8 +86,8 @@ void weight_standardization_backward(const TensorView& dw_hat, const TensorView&
                                      const TensorView& dw, const Context& ctx) {
   const char* fn = "weight_standardization_backward";
   const auto sh = check_weight(fn, w, 0.0);
-  check_like_any_rank(fn, "dw_hat", dw_hat, w, sh.rows * sh.cols);
-  check_like_any_rank(fn, "dw", dw, w, sh.rows * sh.cols);
+  check_like_w(fn, "dw_hat", dw_hat, w, sh.rows * sh.cols);
+  check_like_w(fn, "dw", dw, w, sh.rows * sh.cols);
   check_length(fn, "mean", mean, sh.rows, "C_out", true);
   check_length(fn, "rstd", rstd, sh.rows, "C_out", true);
   if (ctx.backend == Backend::reference) {
