@@ -4,10 +4,11 @@
 // (float, bf16 or f16) and float32 statistics, weights and sums.
 //
 // A position's C values lie `spatial` apart, so the kernels work on blocks of kPositionBlock
-// neighbouring positions of one sample and run every loop across the block: each step over c
-// reads a contiguous run of the block, and the per-position sums are lanes of plain loops the
-// compiler vectorizes. Per position: mean, then the centered sum of squares (two passes over the
-// block, the second from cache), then y. Blocks depend on the shape only and each position's
+// neighbouring positions of one sample with the positions as SIMD lanes (Highway, dispatched at
+// run time; one-lane tails): each step over c reads a contiguous run of the block, and each
+// position's sums are its own lane. Per position: mean, then the centered sum of squares (two
+// passes over the block, the second from cache), then y. Results may differ between SIMD
+// targets (the dweight/dbias lane sums), never between thread counts. Blocks depend on the shape only and each position's
 // result is computed by one thread in a fixed order; dweight and dbias are summed per channel by
 // one thread each, in a fixed order: bitwise identical results for any thread count.
 #include <cstdint>
