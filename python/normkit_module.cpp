@@ -37,6 +37,8 @@
 #include "normkit/group_norm.h"
 #include "normkit/instance_norm.h"
 #include "normkit/layer_norm.h"
+#include "normkit/layer_norm2d.h"
+#include "normkit/weight_standardization.h"
 #include "normkit/rms_norm.h"
 #include "normkit/tensor.h"
 
@@ -731,6 +733,90 @@ py::tuple rms_norm_backward_impl(const py::object& dy_in, const py::object& x_in
   return py::make_tuple(dx.value, or_none(dweight));
 }
 
+// ---------------------------------------------------------------------------------------------
+// layer_norm2d, weight_standardization
+
+// layer_norm2d's statistics: one per (n, position), shape (N, *spatial).
+Shape positions_shape(const Tensor& x) {
+  Shape s = x.shape;
+  if (s.size() >= 2) s.erase(s.begin() + 1);
+  return s;
+}
+
+py::tuple layer_norm2d_forward_impl(const char* function, const py::object& x_in,
+                                    const OptionalArray& weight_in, const OptionalArray& bias_in,
+                                    double eps) {
+  const Activation x = activation_input(function, "x", x_in);
+  const VectorIn weight = vector_input(function, "weight", weight_in);
+  const VectorIn bias = vector_input(function, "bias", bias_in);
+  const Activation y = activation_output(x);
+  const VectorOut mean = vector_output(x.tensor, positions_shape(x.tensor));
+  const VectorOut rstd = vector_output(x.tensor, positions_shape(x.tensor));
+  without_gil([&] {
+    normkit::layer_norm2d_forward(x.view, eps, weight.span, bias.span, y.view, mean.span,
+                                  rstd.span);
+  });
+  return py::make_tuple(y.tensor.value, mean.value, rstd.value);
+}
+
+py::tuple layer_norm2d_backward_impl(const py::object& dy_in, const py::object& x_in,
+                                     const py::object& mean_in, const py::object& rstd_in,
+                                     const OptionalArray& weight_in) {
+  const char* function = "layer_norm2d_backward";
+  const Activation x = activation_input(function, "x", x_in);
+  const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
+  if (dy.view.dtype != x.view.dtype)
+    type_error(function, "dy has dtype " + dy.tensor.dtype_name() + ", expected x's dtype " +
+                             x.tensor.dtype_name());
+  const Shape stats_shape = positions_shape(x.tensor);
+  const VectorIn mean = saved_stat(function, "mean", mean_in, stats_shape, "(N, *spatial)", true);
+  const VectorIn rstd = saved_stat(function, "rstd", rstd_in, stats_shape, "(N, *spatial)", true);
+  const VectorIn weight = vector_input(function, "weight", weight_in);
+  const Activation dx = activation_output(x);
+  VectorOut dweight, dbias;
+  if (weight.present()) {
+    dweight = vector_output(x.tensor, {channels_of(x.view)});
+    dbias = vector_output(x.tensor, {channels_of(x.view)});
+  }
+  without_gil([&] {
+    normkit::layer_norm2d_backward(dy.view, x.view, mean.span, rstd.span, weight.span, dx.view,
+                                   dweight.span, dbias.span);
+  });
+  return py::make_tuple(dx.tensor.value, or_none(dweight), or_none(dbias));
+}
+
+py::tuple weight_standardization_forward_impl(const char* function, const py::object& w_in,
+                                              double eps) {
+  const Activation w = activation_input(function, "w", w_in);
+  const Activation w_hat = activation_output(w);
+  const Shape stats_shape{w.tensor.shape.empty() ? 0 : w.tensor.shape[0]};
+  const VectorOut mean = vector_output(w.tensor, stats_shape);
+  const VectorOut rstd = vector_output(w.tensor, stats_shape);
+  without_gil([&] {
+    normkit::weight_standardization_forward(w.view, eps, w_hat.view, mean.span, rstd.span);
+  });
+  return py::make_tuple(w_hat.tensor.value, mean.value, rstd.value);
+}
+
+py::object weight_standardization_backward_impl(const py::object& dw_hat_in, const py::object& w_in,
+                                                const py::object& mean_in,
+                                                const py::object& rstd_in) {
+  const char* function = "weight_standardization_backward";
+  const Activation w = activation_input(function, "w", w_in);
+  const Activation dw_hat = activation_input(function, "dw_hat", dw_hat_in, w.view.format);
+  if (dw_hat.view.dtype != w.view.dtype)
+    type_error(function, "dw_hat has dtype " + dw_hat.tensor.dtype_name() +
+                             ", expected w's dtype " + w.tensor.dtype_name());
+  const Shape stats_shape{w.tensor.shape.empty() ? 0 : w.tensor.shape[0]};
+  const VectorIn mean = saved_stat(function, "mean", mean_in, stats_shape, "(C_out,)", true);
+  const VectorIn rstd = saved_stat(function, "rstd", rstd_in, stats_shape, "(C_out,)", true);
+  const Activation dw = activation_output(w);
+  without_gil([&] {
+    normkit::weight_standardization_backward(dw_hat.view, w.view, mean.span, rstd.span, dw.view);
+  });
+  return dw.tensor.value;
+}
+
 }  // namespace
 
 // Keyword-only arguments of every forward and backward: the fused epilogue (epilogue.h).
@@ -1047,6 +1133,71 @@ weight as passed to / returned by layer_norm_forward.
 Returns (dx, dweight, dbias): dx has x's shape, dtype and the memory format y had; dweight and
 dbias (float32, of shape normalized_shape) are None when weight is None.)doc"
       BACKWARD_EPILOGUE_DOC);
+
+  m.def(
+      "layer_norm2d",
+      [](const py::object& x, const OptionalArray& weight, const OptionalArray& bias, double eps) {
+        return layer_norm2d_forward_impl("layer_norm2d", x, weight, bias, eps)[0]
+            .cast<py::object>();
+      },
+      py::arg("x"), py::arg("weight") = py::none(), py::arg("bias") = py::none(),
+      py::arg("eps") = 1e-6,
+      R"doc(Layer normalization over the channels of x (N, C, *spatial) (ConvNeXt's LayerNorm2d).
+
+For every sample and spatial position, the C values are normalized with their mean and biased
+variance, then multiplied by weight and shifted by bias (optional, float32, length C): torch's
+x.permute(0, 2, 3, 1) -> layer_norm over C -> permute back, without the permutes. x may be
+float32, bfloat16 or float16, in either memory format (kept). Returns y.)doc");
+
+  m.def(
+      "layer_norm2d_forward",
+      [](const py::object& x, const OptionalArray& weight, const OptionalArray& bias, double eps) {
+        return layer_norm2d_forward_impl("layer_norm2d_forward", x, weight, bias, eps);
+      },
+      py::arg("x"), py::arg("weight") = py::none(), py::arg("bias") = py::none(),
+      py::arg("eps") = 1e-6,
+      R"doc(layer_norm2d that also returns the statistics its backward needs.
+
+Returns (y, mean, rstd): y as layer_norm2d's; mean and rstd = 1 / sqrt(biased var + eps), float32
+arrays of shape (N, *spatial), one per sample and position.)doc");
+
+  m.def("layer_norm2d_backward", &layer_norm2d_backward_impl, py::arg("dy"), py::arg("x"),
+        py::arg("mean"), py::arg("rstd"), py::arg("weight") = py::none(),
+        R"doc(Gradients of layer_norm2d.
+
+dy: the gradient with respect to y (x's shape and dtype; any strides). mean and rstd as
+layer_norm2d_forward returned them, weight as passed to it.
+Returns (dx, dweight, dbias): dx has x's shape, dtype and memory format; dweight and dbias
+(float32, length C) are None when weight is None.)doc");
+
+  m.def(
+      "weight_standardization",
+      [](const py::object& w, double eps) {
+        return weight_standardization_forward_impl("weight_standardization", w, eps)[0]
+            .cast<py::object>();
+      },
+      py::arg("w"), py::arg("eps") = 1e-5,
+      R"doc(Weight Standardization (Qiao et al. 2019; timm's StdConv2d) of a conv weight.
+
+w: (C_out, C_in, *kernel dims), rank 2 to 5, float32, bfloat16 or float16, either memory format.
+Each output channel's values are standardized with their mean and biased variance:
+w_hat = (w - mean) / sqrt(var + eps). Returns w_hat (w's shape, dtype and format).)doc");
+
+  m.def(
+      "weight_standardization_forward",
+      [](const py::object& w, double eps) {
+        return weight_standardization_forward_impl("weight_standardization_forward", w, eps);
+      },
+      py::arg("w"), py::arg("eps") = 1e-5,
+      R"doc(weight_standardization that also returns the statistics its backward needs.
+
+Returns (w_hat, mean, rstd): mean and rstd = 1 / sqrt(biased var + eps), float32, shape (C_out,).)doc");
+
+  m.def("weight_standardization_backward", &weight_standardization_backward_impl,
+        py::arg("dw_hat"), py::arg("w"), py::arg("mean"), py::arg("rstd"),
+        R"doc(Gradient of weight_standardization: dw from dw_hat (the gradient with respect to
+w_hat; w's shape and dtype, any strides), w, and the mean and rstd weight_standardization_forward
+returned. Returns dw (w's shape, dtype and format).)doc");
 
   m.def(
       "rms_norm",

@@ -8,6 +8,8 @@
 #include "normkit/group_norm.h"
 #include "normkit/instance_norm.h"
 #include "normkit/layer_norm.h"
+#include "normkit/layer_norm2d.h"
 #include "normkit/rms_norm.h"
 #include "normkit/layers.h"
 #include "normkit/tensor.h"
+#include "normkit/weight_standardization.h"
