@@ -176,6 +176,8 @@ const Tensor& Norm::backward(const Tensor& dy) {
     const BackwardEpilogue epilogue{
         .activation = relu_ ? Activation::relu : Activation::none,
         .y = relu_ ? y_.view() : TensorView{},
+        .residual = {},
+        .bias = {},
         .dresidual = had_residual_ ? g_.view() : TensorView{}};
     const int64_t c = x_->c;
     partials_.resize(batch_norm_partials_size(sync_.offset, x_->n, c));
