@@ -42,41 +42,46 @@ pid_t spawn(const SweepJob& job) {
   return pid;
 }
 
-// The last progress line a child wrote, reduced to "epoch a/b, p%" (empty if none yet).
-std::string progress_of(const std::string& log) {
+// Where a child is, from the last progress line of its log: "... | epoch 2/3 [===>   ]
+// 4123/10000 | ..." (no bar in a log), the two a/b pairs; zeros where there is none yet.
+struct ChildProgress {
+  int epoch = 0, epochs = 0;
+  long long step = 0, steps = 0;
+};
+
+ChildProgress progress_in(const std::string& log) {
   std::ifstream in(log);
   std::string line, last;
   while (std::getline(in, line))
     if (line.find("epoch ") != std::string::npos) last = line;
-  // "... | epoch 2/3 [===>   ]  4123/10000 | ..." (no bar in a log): the two a/b pairs.
-  int epoch = 0, epochs = 0, used = 0;
-  long long step = 0, steps = 0;
+  ChildProgress p;
+  int used = 0;
   const size_t e = last.find("epoch ");
   if (e == std::string::npos ||
-      std::sscanf(last.c_str() + e, "epoch %d/%d%n", &epoch, &epochs, &used) != 2)
+      std::sscanf(last.c_str() + e, "epoch %d/%d%n", &p.epoch, &p.epochs, &used) != 2 || p.epochs <= 0)
     return {};
-  if (std::sscanf(last.c_str() + e + used, "%*[^0-9]%lld/%lld", &step, &steps) != 2 || steps <= 0)
-    return "epoch " + std::to_string(epoch) + "/" + std::to_string(epochs);
-  return "epoch " + std::to_string(epoch) + "/" + std::to_string(epochs) + " " +
-         std::to_string(100 * step / steps) + "%";
+  if (std::sscanf(last.c_str() + e + used, "%*[^0-9]%lld/%lld", &p.step, &p.steps) != 2 || p.steps <= 0)
+    p.step = p.steps = 0;
+  return p;
 }
 
-// The fraction of its run a child has done, from the last progress line of its log.
-double progress_fraction(const std::string& log) {
-  std::ifstream in(log);
-  std::string line, last;
-  while (std::getline(in, line))
-    if (line.find("epoch ") != std::string::npos) last = line;
-  int epoch = 0, epochs = 0, used = 0;
-  long long step = 0, steps = 0;
-  const size_t e = last.find("epoch ");
-  if (e == std::string::npos ||
-      std::sscanf(last.c_str() + e, "epoch %d/%d%n", &epoch, &epochs, &used) != 2 || epochs <= 0 || epoch < 1)
-    return 0;
-  double within = 0;
-  if (std::sscanf(last.c_str() + e + used, "%*[^0-9]%lld/%lld", &step, &steps) == 2 && steps > 0)
-    within = std::min(1.0, static_cast<double>(step) / static_cast<double>(steps));
-  return std::min(1.0, (epoch - 1 + within) / epochs);
+// "epoch a/b, p%" for the status line (empty if no progress yet).
+std::string progress_text(const ChildProgress& p) {
+  if (p.epochs <= 0) return {};
+  char s[64];
+  if (p.steps > 0)
+    std::snprintf(s, sizeof s, "epoch %d/%d %lld%%", p.epoch, p.epochs, 100 * p.step / p.steps);
+  else
+    std::snprintf(s, sizeof s, "epoch %d/%d", p.epoch, p.epochs);
+  return s;
+}
+
+// The fraction of its run a child has done.
+double progress_fraction(const ChildProgress& p) {
+  if (p.epochs <= 0 || p.epoch < 1) return 0;
+  const double within =
+      p.steps > 0 ? std::min(1.0, static_cast<double>(p.step) / static_cast<double>(p.steps)) : 0.0;
+  return std::min(1.0, (p.epoch - 1 + within) / p.epochs);
 }
 
 }  // namespace
@@ -90,15 +95,20 @@ void run_sweep_jobs(const std::vector<SweepJob>& list, int jobs,
   double images_total = 0, images_finished = 0;
   for (const SweepJob& job : list) images_total += job.images;
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
+  // Images trained so far: the finished runs' and the running ones' shares (from their logs), so
+  // that runs finishing together do not make the estimate jump.
+  auto images_done = [&] {
+    double done = images_finished;
+    for (const auto& [pid, i] : running) done += list[i].images * progress_fraction(progress_in(list[i].log_path));
+    return done;
+  };
   auto status = [&] {
     if (!tty) return;
-    double done_images = images_finished;
-    for (const auto& [pid, i] : running) done_images += list[i].images * progress_fraction(list[i].log_path);
-    const double left = sweep_seconds_left(elapsed(), done_images, images_total);
+    const double left = sweep_seconds_left(elapsed(), images_done(), images_total);
     std::string s = "sweep " + std::to_string(finished) + "/" + std::to_string(list.size()) +
                     " done, " + format_duration(elapsed()) +
                     (std::isnan(left) ? std::string() : ", about " + format_duration(left) + " left");
-    for (const auto& [pid, i] : running) s += " | " + list[i].label + " " + progress_of(list[i].log_path);
+    for (const auto& [pid, i] : running) s += " | " + list[i].label + " " + progress_text(progress_in(list[i].log_path));
     std::fprintf(stderr, "\r%-110.110s", s.c_str());
   };
   auto clear = [&] {
@@ -132,7 +142,7 @@ void run_sweep_jobs(const std::vector<SweepJob>& list, int jobs,
     if (!tty)
       std::fprintf(stderr, "%s\n",
                    sweep_finished_line(finished, list.size(), list[i].label, result.test_error, elapsed(),
-                                       sweep_seconds_left(elapsed(), images_finished, images_total)).c_str());
+                                       sweep_seconds_left(elapsed(), images_done(), images_total)).c_str());
     done(i, result);
   }
   clear();
