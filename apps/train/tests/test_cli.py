@@ -196,7 +196,9 @@ def test_run_refuses_bad_protocol_options(data_dir, args, needle):
 def test_help_describes_the_protocol_options():
     for sub, options in (("run", ("--crop-pad", "--hflip", "--warmup", "--precise-bn-images",
                                   "--precise-bn-batch")),
-                         ("sweep", ("--seeds", "syncbn", "--crop-pad", "--warmup"))):
+                         ("sweep", ("--seeds", "syncbn", "--crop-pad", "--warmup", "--init-scale",
+                                    "--dropout", "--weight-decay", "--eval-train-images",
+                                    "--classes"))):
         r = train(sub, "--help")
         assert r.returncode == 0
         for o in options:
