@@ -27,8 +27,11 @@ from pathlib import Path
 
 # The columns that say what a run trained; every other column of results.csv is a measurement.
 # `lr` is per run (base * devices * N / 32), so runs are grouped by the base rate instead, and
-# seeds are the repetitions a point averages over.
-CONFIGURATION = ("norm", "groups", "devices", "epochs", "lr_base", "batch")
+# seeds are the repetitions a point averages over. The studies' options are configuration too;
+# files without their columns hold runs at their defaults.
+CONFIGURATION = ("norm", "groups", "devices", "epochs", "lr_base", "init_scale", "dropout",
+                 "weight_decay", "batch")
+STUDY_DEFAULTS = {"init_scale": 1.0, "dropout": 0.0, "weight_decay": 1e-4}
 INTEGER_COLUMNS = ("groups", "batch", "devices", "epochs", "seed", "sync_bn")
 REQUIRED_COLUMNS = ("norm", "batch", "test_error")
 # BatchNorm evaluated other ways than with its running statistics: dashed beside its line.
@@ -40,6 +43,7 @@ X_AXES = {  # the columns a test-error figure can run along, in order of prefere
     "batch": ("images per device N", "test_error_vs_batch"),
     "groups": ("GroupNorm groups G", "test_error_vs_groups"),
     "lr_base": ("base learning rate (lr at 32 images per step)", "test_error_vs_lr"),
+    "init_scale": ("initial weights times S", "test_error_vs_init_scale"),
 }
 
 
@@ -116,7 +120,8 @@ def make_run(fields, where):
     norm = str(fields.get("norm") or "").strip()
     if not norm:
         raise PlotError(f"{where}: the norm is empty")
-    known = {k: number(fields.get(k), where, k) for k in INTEGER_COLUMNS + ("lr",)}
+    known = {k: number(fields.get(k), where, k)
+             for k in INTEGER_COLUMNS + ("lr",) + tuple(STUDY_DEFAULTS)}
     if fields.get("sync_bn") is True or known["sync_bn"] == 1:
         norm = "syncbn" if norm == "bn" else norm  # older files: sync_bn = 1 beside norm bn
     positive = lambda k: int(known[k]) if known[k] > 0 else None  # NaN > 0 is False
@@ -127,6 +132,9 @@ def make_run(fields, where):
     config = {"norm": norm, "groups": positive("groups"), "devices": devices,
               "epochs": positive("epochs"), "batch": batch,
               "lr_base": None if math.isnan(lr) else significant(lr * 32 / (batch * devices))}
+    for k, default in STUDY_DEFAULTS.items():
+        config[k] = default if math.isnan(known[k]) else significant(known[k])
+    config = {k: config[k] for k in CONFIGURATION}
     # Measurements: the known ones must be numbers; a column added later that is not is skipped.
     values = {}
     for k, v in fields.items():
@@ -216,7 +224,10 @@ def norm_label(norm, groups):
 
 
 SETTING_TEXT = {"groups": "G={}", "devices": "{} devices", "epochs": "{} epochs",
-                "lr_base": "lr base {:g}", "batch": "N={}"}
+                "lr_base": "lr base {:g}", "init_scale": "init x{:g}", "dropout": "dropout {:g}",
+                "weight_decay": "wd {:g}", "batch": "N={}"}
+# The configuration columns other than the norm and G that name a line when they vary.
+SETTINGS = ("devices", "epochs", "lr_base", "init_scale", "dropout", "weight_decay", "batch")
 
 
 def varying(runs, columns):
@@ -237,7 +248,7 @@ def groups_of(runs, leave_out):
 
 def test_error_series(runs, x):
     """The test-error figure's lines: per arm its test error, then BN's other evaluations."""
-    shown = varying(runs, [c for c in ("devices", "epochs", "lr_base", "batch") if c != x])
+    shown = varying(runs, [c for c in SETTINGS if c != x])
     arms = groups_of(runs, leave_out=(x,)).values()
     series = []
     for measure in ("test_error", *EXTRA_EVALUATIONS):
@@ -278,7 +289,7 @@ def loss_series(curves):
     for norm in dict.fromkeys(r.config["norm"] for r, _, _ in curves):
         in_panel = [c for c in curves if c[0].config["norm"] == norm]
         shown = ["batch"] + varying([r for r, _, _ in in_panel],
-                                    ("groups", "devices", "epochs", "lr_base"))
+                                    ("groups",) + tuple(c for c in SETTINGS if c != "batch"))
         settings = {}  # configuration -> its seeds' (run, epochs, losses)
         for c in in_panel:
             settings.setdefault(tuple(c[0].config.values()), []).append(c)
@@ -360,7 +371,7 @@ def draw_test_error(series, x, folder):
                             fontsize=7)
     axis_label, stem = X_AXES[x]
     ticks = distinct(v for s in placed for v in s.x)
-    ax.set_xscale("log", base=10 if x == "lr_base" else 2)
+    ax.set_xscale("log", base=10 if x in ("lr_base", "init_scale") else 2)
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()
     if x == "batch":

@@ -164,6 +164,32 @@ void add_study_options(CLI::App* app, Study& s) {
       ->check(CLI::ExistingFile);
 }
 
+// sweep's study options: the first three are grid axes (lists), the other two go to every run.
+struct SweepStudy {
+  std::vector<double> init_scale{1}, dropout{0}, weight_decay{1e-4};
+  int64_t eval_train_images = 0;
+  std::vector<int> classes;
+};
+
+void add_sweep_study_options(CLI::App* app, SweepStudy& s) {
+  app->add_option("--init-scale", s.init_scale,
+                  "every convolution's and the classifier's initial weight times S; a list, e.g. "
+                  "0.1,1,10, trains each")
+      ->delimiter(',')->capture_default_str()->check(kPositive);
+  app->add_option("--dropout", s.dropout,
+                  "dropout probability before the classifier, in [0, 1); a list trains each")
+      ->delimiter(',')->capture_default_str();  // checked by the trainer
+  app->add_option("--weight-decay", s.weight_decay, "SGD's weight decay; a list trains each")
+      ->delimiter(',')->capture_default_str()->check(kNonNegative);
+  app->add_option("--eval-train-images", s.eval_train_images,
+                  "every run: at the end, evaluate the first M training images like the test "
+                  "images (the train/test gap table); 0: off")
+      ->capture_default_str()->check(kNonNegative);
+  app->add_option("--classes", s.classes,
+                  "every run: train and test on images of these labels alone, e.g. 0,1,2,3,4")
+      ->delimiter(',');  // checked by the trainer
+}
+
 void apply_study(const Study& s, nt::TrainConfig& t) {
   t.model.init_scale = s.init_scale;
   t.model.dropout = s.dropout;
@@ -241,8 +267,14 @@ nt::TrainConfig make_config(const Common& c, const std::string& norm, int batch,
   return t;
 }
 
+std::string list_of(const std::vector<double>& values, const char* separator) {
+  std::string out;
+  for (double v : values) out += (out.empty() ? "" : separator) + number_short(v);
+  return out;
+}
+
 // The paragraph under the title of results.md: what was trained, how long, on what.
-std::string sweep_notes(const Common& c, const nt::Data& data, int jobs,
+std::string sweep_notes(const Common& c, const SweepStudy& study, const nt::Data& data, int jobs,
                         const std::vector<uint64_t>& seeds) {
   std::string widths, lrs, seed_list;
   for (uint64_t s : seeds) seed_list += (seed_list.empty() ? "" : ", ") + std::to_string(s);
@@ -265,11 +297,13 @@ std::string sweep_notes(const Common& c, const nt::Data& data, int jobs,
   std::snprintf(text, sizeof text,
                 "Residual CNN (stem %d, widths %s, %d block(s) per stage), %d epoch(s) over %lld "
                 "Fashion-MNIST training images, tested on %lld; %sSGD momentum 0.9, weight decay "
-                "1e-4, lr %s x %sbatch / 32, divided by 10 at the listed fractions of the steps; "
+                "%s, lr %s x %sbatch / 32, divided by 10 at the listed fractions of the steps; "
                 "%s %s; %d thread(s) per run, %d run(s) at a time; %s.",
                 c.widths[0], widths.c_str(), c.blocks_per_stage, c.epochs,
                 static_cast<long long>(data.train.count), static_cast<long long>(data.test.count),
-                devices.c_str(), lrs.c_str(), c.devices > 1 ? "devices x " : "",
+                devices.c_str(),
+                study.weight_decay == std::vector<double>{1e-4} ? "1e-4" : list_of(study.weight_decay, " or ").c_str(),
+                lrs.c_str(), c.devices > 1 ? "devices x " : "",
                 seeds.size() > 1 ? "seeds" : "seed", seed_list.c_str(), c.threads, jobs,
                 nt::blas_description().c_str());
   std::string out = text;
@@ -281,6 +315,18 @@ std::string sweep_notes(const Common& c, const nt::Data& data, int jobs,
   if (c.precise_bn_images > 0)
     out += " BN's precise statistics over the first " + std::to_string(c.precise_bn_images) +
            " training images in batches of " + std::to_string(c.precise_bn_batch) + ".";
+  if (study.init_scale != std::vector<double>{1})
+    out += " Initial weights times " + list_of(study.init_scale, " or ") + ".";
+  if (study.dropout != std::vector<double>{0})
+    out += " Dropout " + list_of(study.dropout, " or ") + " before the classifier.";
+  if (study.eval_train_images > 0)
+    out += " The first " + std::to_string(study.eval_train_images) +
+           " training images evaluated at the end like the test images.";
+  if (!study.classes.empty()) {
+    std::string labels;
+    for (int k : study.classes) labels += (labels.empty() ? "" : ",") + std::to_string(k);
+    out += " Classes " + labels + " only.";
+  }
   return out;
 }
 
@@ -355,10 +401,16 @@ std::string label_of(const nt::TrainConfig& c) {
          "b=" + std::to_string(c.batch) + lr;
 }
 
-// The sweep's label of a run: label_of and, when the sweep has several seeds, the seed.
+// The sweep's label of a run: label_of and, when the sweep has several of them, the study
+// options' values and the seed.
 std::vector<uint64_t> g_sweep_seeds;
+SweepStudy g_sweep_study;
 std::string sweep_label(const nt::TrainConfig& c) {
-  return label_of(c) + (g_sweep_seeds.size() > 1 ? " seed=" + std::to_string(c.seed) : std::string());
+  std::string label = label_of(c);
+  if (g_sweep_study.init_scale.size() > 1) label += " init=" + number_short(c.model.init_scale);
+  if (g_sweep_study.dropout.size() > 1) label += " dropout=" + number_short(c.model.dropout);
+  if (g_sweep_study.weight_decay.size() > 1) label += " wd=" + number_short(c.weight_decay);
+  return label + (g_sweep_seeds.size() > 1 ? " seed=" + std::to_string(c.seed) : std::string());
 }
 
 // The training images a run processes (all its steps), the sweep's measure of its work.
@@ -459,6 +511,8 @@ int main(int argc, char** argv) {
   sweep->add_option("--batches", batches, "batch sizes")
       ->delimiter(',')->capture_default_str()->check(kPositive);
   add_common(sweep, sweep_opts);
+  SweepStudy sweep_study;
+  add_sweep_study_options(sweep, sweep_study);
   sweep->add_option("--seeds", seeds,
                     "seeds, e.g. 1,2,3: every grid point is trained once per seed; the tables show "
                     "mean ± sample std over seeds (--seed S means --seeds S)")
@@ -537,37 +591,54 @@ int main(int argc, char** argv) {
         throw normkit::Error("sweep takes --seeds or --seed, not both (--seed S means --seeds S)");
       if (seeds.empty()) seeds = {sweep_opts.seed};
       g_sweep_seeds = seeds;
+      g_sweep_study = sweep_study;
       const std::vector<NormArm> arms = parse_norm_arms(norms, batches, sweep_opts.devices);
       std::vector<nt::TrainConfig> configs;
       auto same_run = [](const nt::TrainConfig& a, const nt::TrainConfig& b) {
         return a.model.norm == b.model.norm && a.sync_bn == b.sync_bn && a.model.groups == b.model.groups &&
-               a.lr_base == b.lr_base && a.batch == b.batch && a.seed == b.seed;
+               a.lr_base == b.lr_base && a.batch == b.batch && a.seed == b.seed &&
+               a.model.init_scale == b.model.init_scale && a.model.dropout == b.model.dropout &&
+               a.weight_decay == b.weight_decay;
       };
+      // The study options' axes between the base lr and the batch size.
+      struct StudyPoint {
+        double init_scale, dropout, weight_decay;
+      };
+      std::vector<StudyPoint> study_points;
+      for (double scale : sweep_study.init_scale)
+        for (double dropout : sweep_study.dropout)
+          for (double decay : sweep_study.weight_decay) study_points.push_back({scale, dropout, decay});
       for (const NormArm& arm : arms) {
         const std::string& n = arm.norm;
         const std::vector<int> group_values = n == "gn" ? sweep_opts.groups : std::vector<int>{sweep_opts.groups[0]};
         for (int g : group_values)
           for (double lr : sweep_opts.lr_base)
-            for (int b : batches) {
-              if (!arm.batches.empty() && std::find(arm.batches.begin(), arm.batches.end(), b) == arm.batches.end())
-                continue;
-              // BN's points once per device, and once synchronized with --sync-bn; a syncbn arm
-              // synchronized only.
-              for (bool sync : {false, true}) {
-                if (arm.sync_bn ? !sync : sync && !(sweep_opts.sync_bn && n == "bn")) continue;
-                for (uint64_t seed : seeds) {
-                  nt::TrainConfig cfg = make_config(sweep_opts, n, b, g, lr);
-                  cfg.sync_bn = sync;
-                  cfg.seed = seed;
-                  // bn with --sync-bn beside a syncbn arm: each run once.
-                  if (std::any_of(configs.begin(), configs.end(),
-                                  [&](const nt::TrainConfig& o) { return same_run(o, cfg); }))
-                    continue;
-                  nt::validate(cfg);
-                  configs.push_back(cfg);
+            for (const StudyPoint& point : study_points)
+              for (int b : batches) {
+                if (!arm.batches.empty() && std::find(arm.batches.begin(), arm.batches.end(), b) == arm.batches.end())
+                  continue;
+                // BN's points once per device, and once synchronized with --sync-bn; a syncbn arm
+                // synchronized only.
+                for (bool sync : {false, true}) {
+                  if (arm.sync_bn ? !sync : sync && !(sweep_opts.sync_bn && n == "bn")) continue;
+                  for (uint64_t seed : seeds) {
+                    nt::TrainConfig cfg = make_config(sweep_opts, n, b, g, lr);
+                    cfg.sync_bn = sync;
+                    cfg.seed = seed;
+                    cfg.model.init_scale = point.init_scale;
+                    cfg.model.dropout = point.dropout;
+                    cfg.weight_decay = point.weight_decay;
+                    cfg.eval_train_images = sweep_study.eval_train_images;
+                    cfg.classes = sweep_study.classes;
+                    // bn with --sync-bn beside a syncbn arm: each run once.
+                    if (std::any_of(configs.begin(), configs.end(),
+                                    [&](const nt::TrainConfig& o) { return same_run(o, cfg); }))
+                      continue;
+                    nt::validate(cfg);
+                    configs.push_back(cfg);
+                  }
                 }
               }
-            }
       }
       const bool several_groups =
           sweep_opts.groups.size() > 1 && std::find(norms.begin(), norms.end(), "gn") != norms.end();
@@ -575,7 +646,8 @@ int main(int argc, char** argv) {
       for (nt::TrainConfig& cfg : configs) cfg.threads = sweep_opts.threads;
       // Pre-flight: every run of the grid is checked before the first one starts.
       nt::check_output_folder("--out", out_dir);
-      const nt::Data data = nt::load_data(sweep_opts.data, sweep_opts.limit_train, sweep_opts.limit_test);
+      const nt::Data data =
+          nt::load_data(sweep_opts.data, sweep_opts.limit_train, sweep_opts.limit_test, sweep_study.classes);
       {
         const int at_once = static_cast<int>(std::min<size_t>(static_cast<size_t>(jobs), configs.size()));
         // Runs in processes of their own each read the data again.
@@ -589,7 +661,7 @@ int main(int argc, char** argv) {
       }
       std::filesystem::create_directories(out_dir + "/runs");
       nt::check_output_file("--out", out_dir + "/runs/probe");
-      const std::string notes = sweep_notes(sweep_opts, data, jobs, seeds);
+      const std::string notes = sweep_notes(sweep_opts, sweep_study, data, jobs, seeds);
       std::vector<std::optional<nt::RunResult>> slots(configs.size());
       auto record = [&](size_t i, const nt::RunResult& r) {
         slots[i] = r;
@@ -601,12 +673,15 @@ int main(int argc, char** argv) {
         nt::write_results_markdown(out_dir + "/results.md", results, notes);
         nt::write_summary_csv(out_dir + "/summary.csv", results);
       };
-      // runs/<norm>[_g<G>][_lr<L>]_b<batch>[_s<seed>]: the group count, lr and seed only when
-      // the sweep varies them.
+      // runs/<norm>[_g<G>][_lr<L>][_init<S>][_dropout<P>][_wd<W>]_b<batch>[_s<seed>]: the group
+      // count, lr, study options and seed only when the sweep varies them.
       auto run_file = [&](const nt::TrainConfig& cfg, const char* ext) {
         std::string name = cfg.sync_bn ? "syncbn" : nt::to_string(cfg.model.norm);
         if (several_groups && cfg.model.norm == nt::NormKind::group) name += "_g" + std::to_string(cfg.model.groups);
         if (sweep_opts.lr_base.size() > 1) name += "_lr" + number_short(cfg.lr_base);
+        if (sweep_study.init_scale.size() > 1) name += "_init" + number_short(cfg.model.init_scale);
+        if (sweep_study.dropout.size() > 1) name += "_dropout" + number_short(cfg.model.dropout);
+        if (sweep_study.weight_decay.size() > 1) name += "_wd" + number_short(cfg.weight_decay);
         name += "_b" + std::to_string(cfg.batch);
         if (seeds.size() > 1) name += "_s" + std::to_string(cfg.seed);
         return out_dir + "/runs/" + name + ext;
@@ -646,6 +721,21 @@ int main(int argc, char** argv) {
           Common own = sweep_opts;
           own.seed = cfg.seed;
           for (const std::string& a : common_args(own, sweep_opts.threads)) job.args.push_back(a);
+          // The study options only where set, so other sweeps start their runs as before.
+          const nt::TrainConfig defaults;
+          if (cfg.model.init_scale != defaults.model.init_scale)
+            job.args.insert(job.args.end(), {"--init-scale", number(cfg.model.init_scale)});
+          if (cfg.model.dropout != defaults.model.dropout)
+            job.args.insert(job.args.end(), {"--dropout", number(cfg.model.dropout)});
+          if (cfg.weight_decay != defaults.weight_decay)
+            job.args.insert(job.args.end(), {"--weight-decay", number(cfg.weight_decay)});
+          if (cfg.eval_train_images > 0)
+            job.args.insert(job.args.end(), {"--eval-train-images", std::to_string(cfg.eval_train_images)});
+          if (!cfg.classes.empty()) {
+            std::string labels;
+            for (int k : cfg.classes) labels += (labels.empty() ? "" : ",") + std::to_string(k);
+            job.args.insert(job.args.end(), {"--classes", labels});
+          }
           job.images = run_images(cfg, data);
           list.push_back(job);
         }

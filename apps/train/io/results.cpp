@@ -32,6 +32,9 @@ constexpr const char* kCsvHeaderBeforePrecise =
 constexpr const char* kCsvHeaderBeforeGap =
     "norm,groups,batch,epochs,lr,seed,train_loss,test_loss,test_error,test_error_batch_stats,"
     "images_per_s,seconds,devices,sync_bn";
+// Appended to the header (and summary.csv's) only when some run's study option differs from its
+// default, so the files of sweeps without them stay what they were.
+constexpr const char* kStudyColumns = ",init_scale,dropout,weight_decay";
 
 std::string fmt(const char* format, double v) {
   char buf[64];
@@ -82,21 +85,43 @@ double lr_base_of(const RunResult& r) {
                      nullptr);
 }
 
-// A row of the tables: one normalization configuration at one base learning rate.
+bool same_number(double a, double b) { return a == b || (std::isnan(a) && std::isnan(b)); }
+
+bool has_study_options(const RunResult& r) {
+  const RunResult defaults;
+  return !same_number(r.init_scale, defaults.init_scale) || !same_number(r.dropout, defaults.dropout) ||
+         !same_number(r.weight_decay, defaults.weight_decay);
+}
+
+bool any_study_options(const std::vector<RunResult>& runs) {
+  return std::any_of(runs.begin(), runs.end(), has_study_options);
+}
+
+void append_study_cells(std::string& out, double init_scale, double dropout, double weight_decay) {
+  for (double v : {init_scale, dropout, weight_decay}) {
+    out += ',';
+    out += cell(v);
+  }
+}
+
+// A row of the tables: one normalization configuration at one base learning rate and one
+// setting of the studies' options.
 struct RowKey {
   std::string norm;
   int groups;
   double lr_base;
   int devices;
   bool sync_bn;
+  double init_scale, dropout, weight_decay;
   bool operator==(const RowKey& o) const {
     return norm == o.norm && groups == o.groups && devices == o.devices && sync_bn == o.sync_bn &&
-           (lr_base == o.lr_base || (std::isnan(lr_base) && std::isnan(o.lr_base)));
+           same_number(lr_base, o.lr_base) && same_number(init_scale, o.init_scale) &&
+           same_number(dropout, o.dropout) && same_number(weight_decay, o.weight_decay);
   }
 };
 
 RowKey key_of(const RunResult& r) {
-  return {r.norm, r.groups, lr_base_of(r), r.devices, r.sync_bn};
+  return {r.norm, r.groups, lr_base_of(r), r.devices, r.sync_bn, r.init_scale, r.dropout, r.weight_decay};
 }
 
 std::vector<RowKey> row_keys(const std::vector<RunResult>& runs) {
@@ -119,6 +144,13 @@ std::string row_label(const RowKey& k, const std::vector<RowKey>& keys) {
   if (k.norm == "bn" && !k.sync_bn && k.devices > 1) label += " (per device)";
   if (several_devices) label += ", " + std::to_string(k.devices) + " device(s)";
   if (several_lr) label += ", lr base " + fmt("%g", k.lr_base);
+  auto several = [&](double RowKey::*field) {
+    return std::any_of(keys.begin(), keys.end(),
+                       [&](const RowKey& o) { return !same_number(o.*field, keys[0].*field); });
+  };
+  if (several(&RowKey::init_scale)) label += ", init scale " + fmt("%g", k.init_scale);
+  if (several(&RowKey::dropout)) label += ", dropout " + fmt("%g", k.dropout);
+  if (several(&RowKey::weight_decay)) label += ", weight decay " + fmt("%g", k.weight_decay);
   return label;
 }
 
@@ -273,7 +305,8 @@ std::string norm_label(const std::string& norm, int groups) {
 // ---- CSV --------------------------------------------------------------------------------------
 
 std::string results_csv(const std::vector<RunResult>& runs) {
-  std::string out = std::string(kCsvHeader) + "\n";
+  const bool study = any_study_options(runs);
+  std::string out = std::string(kCsvHeader) + (study ? kStudyColumns : "") + "\n";
   for (const auto& r : runs) {
     const std::vector<std::string> cells = {
         csv_quote(r.sync_bn ? std::string("syncbn") : r.norm),
@@ -297,6 +330,7 @@ std::string results_csv(const std::vector<RunResult>& runs) {
       if (i > 0) out += ',';
       out += cells[i];
     }
+    if (study) append_study_cells(out, r.init_scale, r.dropout, r.weight_decay);
     out += "\n";
   }
   return out;
@@ -311,7 +345,8 @@ std::vector<RunResult> read_results_csv(const std::string& path) {
   if (!in) throw IoError(path + ": cannot open (" + std::strerror(errno) + ")");
   std::string line;
   const bool got_header = static_cast<bool>(std::getline(in, line));
-  if (!got_header || (line != kCsvHeader && line != kCsvHeaderBeforePrecise && line != kCsvHeaderBeforeGap)) {
+  if (!got_header || (line != kCsvHeader && line != std::string(kCsvHeader) + kStudyColumns &&
+                      line != kCsvHeaderBeforePrecise && line != kCsvHeaderBeforeGap)) {
     throw IoError(path + ": line 1 is not the results.csv header \"" + std::string(kCsvHeader) +
                   "\"; was the file written by normkit-train?");
   }
@@ -374,6 +409,11 @@ std::vector<RunResult> read_results_csv(const std::string& path) {
     r.sync_bn = integer("sync_bn") != 0 || cells[0] == "syncbn";
     r.train_error_eval = number("train_error_eval");
     r.train_loss_eval = number("train_loss_eval");
+    // The studies' options: their defaults where the header lacks them.
+    for (auto [name, field] : {std::pair{"init_scale", &RunResult::init_scale},
+                               std::pair{"dropout", &RunResult::dropout},
+                               std::pair{"weight_decay", &RunResult::weight_decay}})
+      if (!cell_of(name).empty()) r.*field = number(name);
     runs.push_back(std::move(r));
   }
   return runs;
@@ -458,9 +498,11 @@ std::string results_markdown(const std::vector<RunResult>& runs, const std::stri
 
 std::string summary_csv(const std::vector<RunResult>& runs) {
   const char* errors[] = {"test_error", "test_error_batch_stats", "test_error_precise"};
+  const bool study = any_study_options(runs);
   std::string out = "norm,groups,devices,batch,lr,n";
   for (const char* e : errors)
     for (const char* s : {"mean", "std", "min", "max"}) out += std::string(",") + e + "_" + s;
+  if (study) out += kStudyColumns;
   out += "\n";
   const std::function<double(const RunResult&)> fields[] = {
       [](const RunResult& r) { return r.test_error; }, batch_stats_of, precise_of};
@@ -490,6 +532,7 @@ std::string summary_csv(const std::vector<RunResult>& runs) {
           out += cell(x);
         }
       }
+      if (study) append_study_cells(out, k.init_scale, k.dropout, k.weight_decay);
       out += "\n";
     }
   }

@@ -69,6 +69,8 @@ std::string norm_label(const std::string& norm, int groups);
 // Header: norm,groups,devices,batch,epochs,lr,seed,train_loss,test_loss,test_error,
 //         test_error_batch_stats,test_error_precise,images_per_s,seconds,sync_bn (0 or 1),
 //         train_error_eval,train_loss_eval
+// and, only when some run's init_scale, dropout or weight_decay differs from its default (1, 0,
+// 1e-4), the three columns init_scale,dropout,weight_decay at the end;
 // then one row per run, in order; norm is "syncbn" for BN runs with sync_bn (read back as bn
 // with sync_bn). An absent test_error_precise is an empty cell. Numbers have 6 significant
 // digits (seed exactly); NaN and an
@@ -80,12 +82,13 @@ void write_results_csv(const std::string& path, const std::vector<RunResult>& ru
 // IoError naming the path and line for a missing file, a different header, a wrong cell count or
 // a cell that is not a number. Files with the earlier headers (before test_error_precise, and
 // before train_error_eval and train_loss_eval) are read too, by column name (the missing values
-// are then absent or NaN).
+// are then absent or NaN; missing study options are their defaults).
 std::vector<RunResult> read_results_csv(const std::string& path);
 
 // ---- results.md -----------------------------------------------------------------------------
 // Markdown with, for `runs`: (1) test error (%) with rows = norm (norm_label, in order of first
-// appearance; with ", lr base L" added when the runs use more than one lr_base = lr * 32 / batch)
+// appearance; with ", lr base L" added when the runs use more than one lr_base = lr * 32 / batch,
+// and ", init scale S", ", dropout P", ", weight decay W" when they use more than one of those)
 // and columns = batch sizes (largest first), (2) when any run has batch-statistics results, a
 // table comparing BN's test error with running vs batch statistics, (3) the last epoch's
 // training loss, where a non-finite loss shows as "diverged", (4) training images/s, (5) when any
@@ -101,7 +104,9 @@ std::string results_markdown(const std::vector<RunResult>& runs, const std::stri
 // One row per cell (a row of the tables at one batch size: the runs that differ in seed alone),
 // in table order: norm ("syncbn" for SyncBN),groups,devices,batch,lr,n (runs), then for each of
 // test_error, test_error_batch_stats, test_error_precise: _mean,_std (sample, n - 1; empty
-// below two values),_min,_max over the cell's finite values (empty when none). Pure.
+// below two values),_min,_max over the cell's finite values (empty when none); then, as in
+// results.csv, init_scale,dropout,weight_decay when some run differs from their defaults (a cell
+// holds the runs of one value of each). Pure.
 std::string summary_csv(const std::vector<RunResult>& runs);
 // Writes summary_csv(runs) to `path`. Throws IoError naming the path.
 void write_summary_csv(const std::string& path, const std::vector<RunResult>& runs);

@@ -628,6 +628,95 @@ TEST(Results, SummaryCsvHasOneRowPerCellWithTheMomentsOfEachError) {
   }
 }
 
+// The studies' options as sweep axes: three columns at the end of results.csv and summary.csv
+// (the other columns where they were), rows of the tables per value, read back by name; runs at
+// the defaults leave both files as they were.
+TEST_F(ResultsFileTest, StudyOptionsAddColumnsAtTheEndAndSplitTheRows) {
+  std::mt19937 rng(29);
+  std::vector<RunResult> runs;
+  const double scales[] = {0.3, 3};
+  const double dropouts[] = {0, 0.5};
+  for (double scale : scales)
+    for (double dropout : dropouts)
+      for (uint64_t seed : {1, 2, 3}) {
+        RunResult r = make_run("bn", 0, 32, seed, rng);
+        r.init_scale = scale;
+        r.dropout = dropout;
+        r.weight_decay = 0;
+        runs.push_back(r);
+      }
+  const std::string old_header =
+      "norm,groups,devices,batch,epochs,lr,seed,train_loss,test_loss,test_error,"
+      "test_error_batch_stats,test_error_precise,images_per_s,seconds,sync_bn,"
+      "train_error_eval,train_loss_eval";
+  const auto lines = lines_of(results_csv(runs));
+  ASSERT_EQ(lines.size(), runs.size() + 1);
+  EXPECT_EQ(lines[0], old_header + ",init_scale,dropout,weight_decay");
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const auto c = split(lines[i + 1], ',');
+    ASSERT_EQ(c.size(), 20u) << lines[i + 1];
+    EXPECT_EQ(c[6], std::to_string(runs[i].seed));  // the earlier columns stay in place
+    EXPECT_EQ(std::stod(c[17]), runs[i].init_scale);
+    EXPECT_EQ(std::stod(c[18]), runs[i].dropout);
+    EXPECT_EQ(std::stod(c[19]), 0.0);
+  }
+  const fs::path p = dir_ / "results.csv";
+  write_results_csv(p.string(), runs);
+  const auto back = read_results_csv(p.string());
+  ASSERT_EQ(back.size(), runs.size());
+  for (size_t i = 0; i < runs.size(); ++i) {
+    EXPECT_EQ(back[i].init_scale, runs[i].init_scale) << i;
+    EXPECT_EQ(back[i].dropout, runs[i].dropout) << i;
+    EXPECT_EQ(back[i].weight_decay, 0.0) << i;
+  }
+  // An older file has the defaults.
+  std::ofstream(dir_ / "old.csv") << results_csv({make_run("gn", 4, 8, 1, rng)});
+  const auto old = read_results_csv((dir_ / "old.csv").string());
+  ASSERT_EQ(old.size(), 1u);
+  EXPECT_EQ(old[0].init_scale, 1.0);
+  EXPECT_EQ(old[0].dropout, 0.0);
+  EXPECT_EQ(old[0].weight_decay, 1e-4);
+
+  // Four rows of three seeds each, named by the options that vary (not the weight decay).
+  const auto table = markdown_table(results_markdown(runs), "## Test error (%) by batch size");
+  ASSERT_EQ(table.size(), 5u);
+  size_t row = 1;
+  for (double scale : scales)
+    for (double dropout : dropouts) {
+      char want[96];
+      std::snprintf(want, sizeof want, "BN, init scale %g, dropout %g", scale, dropout);
+      EXPECT_EQ(table[row][0], want);
+      std::vector<double> v;
+      for (const RunResult& r : runs)
+        if (r.init_scale == scale && r.dropout == dropout) v.push_back(r.test_error);
+      const Moments m = moments(v);
+      char cell[96];
+      std::snprintf(cell, sizeof cell, "%.2f ± %.2f (n=3)", m.mean, m.sd);
+      EXPECT_EQ(table[row][1], cell);
+      ++row;
+    }
+
+  const auto summary = lines_of(summary_csv(runs));
+  ASSERT_EQ(summary.size(), 5u);
+  EXPECT_EQ(summary[0].substr(summary[0].size() - 32), ",init_scale,dropout,weight_decay");
+  row = 1;
+  for (double scale : scales)
+    for (double dropout : dropouts) {
+      const auto c = split(summary[row++], ',');
+      ASSERT_EQ(c.size(), 21u);
+      EXPECT_EQ(c[5], "3");
+      EXPECT_EQ(std::stod(c[18]), scale);
+      EXPECT_EQ(std::stod(c[19]), dropout);
+      EXPECT_EQ(std::stod(c[20]), 0.0);
+    }
+
+  // At the defaults: no new columns, no new words.
+  const auto plain = sweep();
+  EXPECT_EQ(lines_of(results_csv(plain))[0], old_header);
+  EXPECT_EQ(split(lines_of(summary_csv(plain))[0], ',').size(), 18u);
+  EXPECT_EQ(results_markdown(plain).find("init scale"), std::string::npos);
+}
+
 TEST_F(ResultsFileTest, MetricsJsonCarriesPreciseStatisticsAugmentationAndWarmUp) {
   std::mt19937 rng(10);
   RunResult plain = make_run("bn", 0, 8, 1, rng);

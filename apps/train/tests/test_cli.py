@@ -196,7 +196,9 @@ def test_run_refuses_bad_protocol_options(data_dir, args, needle):
 def test_help_describes_the_protocol_options():
     for sub, options in (("run", ("--crop-pad", "--hflip", "--warmup", "--precise-bn-images",
                                   "--precise-bn-batch")),
-                         ("sweep", ("--seeds", "syncbn", "--crop-pad", "--warmup"))):
+                         ("sweep", ("--seeds", "syncbn", "--crop-pad", "--warmup", "--init-scale",
+                                    "--dropout", "--weight-decay", "--eval-train-images",
+                                    "--classes"))):
         r = train(sub, "--help")
         assert r.returncode == 0
         for o in options:
@@ -248,3 +250,85 @@ def test_sweep_seed_means_one_seed_and_not_with_seeds(data_dir, tmp_path):
     r = train("sweep", "--norms", "gn", "--groups", "2", "--batches", "8", "--seed", "7", "--seeds", "1,2",
               "--data", data_dir, "--out", tmp_path / "both", *SMALL)
     assert r.returncode == 2 and "--seeds or --seed, not both" in r.stderr
+
+
+def test_sweep_takes_the_study_options_as_axes(data_dir, tmp_path):
+    out = tmp_path / "study"
+    study = ["--classes", "0,1,2,3,4", "--eval-train-images", "16", "--weight-decay", "0"]
+    r = train("sweep", "--norms", "bn,none", "--batches", "8", "--init-scale", "0.5,2",
+              "--dropout", "0,0.5", "--seeds", "1,2", *study, "--data", data_dir, "--out", out,
+              "--jobs", "2", *SMALL)
+    assert r.returncode == 0, r.stderr
+    with open(out / "results.csv") as f:
+        header = f.readline().strip()
+    # The three columns at the end: the earlier ones keep their places.
+    assert header == ("norm,groups,devices,batch,epochs,lr,seed,train_loss,test_loss,test_error,"
+                      "test_error_batch_stats,test_error_precise,images_per_s,seconds,sync_bn,"
+                      "train_error_eval,train_loss_eval,init_scale,dropout,weight_decay")
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    grid = [(n, s, p, seed) for n in ("bn", "none") for s in ("0.5", "2") for p in ("0", "0.5")
+            for seed in ("1", "2")]
+    assert sorted((r["norm"], r["init_scale"], r["dropout"], r["seed"]) for r in rows) == sorted(grid)
+    assert all(r["weight_decay"] == "0" and r["train_error_eval"] != "" for r in rows)
+    # Each run's file is named for its point and records the options; the plain ones go to every run.
+    for n, s, p, seed in grid:
+        m = json.loads((out / "runs" / f"{n}_init{s}_dropout{p}_b8_s{seed}.json").read_text())
+        assert (m["init_scale"], m.get("dropout", 0), m["weight_decay"]) == (float(s), float(p), 0)
+        assert m["classes"] == [0, 1, 2, 3, 4] and m["eval_train_images"] == 16
+    # The tables and summary.csv: a row per (norm, init scale, dropout), the mean over two seeds.
+    md = (out / "results.md").read_text()
+    assert "| BN, init scale 0.5, dropout 0.5 |" in md and "| none, init scale 2, dropout 0 |" in md
+    assert "weight decay 0," in md and "Classes 0,1,2,3,4 only." in md
+    assert "## Train/test gap" in md
+    summary = list(csv.DictReader(open(out / "summary.csv")))
+    assert len(summary) == 8 and all(s["n"] == "2" for s in summary)
+    for s in summary:
+        errors = [float(r["test_error"]) for r in rows
+                  if (r["norm"], r["init_scale"], r["dropout"]) == (s["norm"], s["init_scale"], s["dropout"])]
+        assert float(s["test_error_mean"]) == pytest.approx(np.mean(errors), rel=1e-5)
+    # A point of the grid trained alone, by `run` and by a sweep in this process, gives the same bits.
+    swept = json.loads((out / "runs" / "bn_init2_dropout0.5_b8_s2.json").read_text())
+    point = ["--init-scale", "2", "--dropout", "0.5", "--seed", "2", *study]
+    r = train("run", "--norm", "bn", "--batch", "8", *point, "--data", data_dir,
+              "--metrics-out", tmp_path / "alone.json", *SMALL)
+    assert r.returncode == 0, r.stderr
+    r = train("sweep", "--norms", "bn", "--batches", "8", *point, "--data", data_dir,
+              "--out", tmp_path / "inline", "--jobs", "1", *SMALL)
+    assert r.returncode == 0, r.stderr
+    for other in (json.loads((tmp_path / "alone.json").read_text()),
+                  json.loads((tmp_path / "inline" / "runs" / "bn_b8.json").read_text())):
+        for key in ("train_loss", "test_loss", "test_error", "train_error_eval", "lr"):
+            assert other[key] == swept[key], key
+    # plot_sweep.py draws the init-scale axis.
+    pytest.importorskip("matplotlib")
+    r = subprocess.run([sys.executable, str(PLOT_SWEEP), str(out)], capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert (out / "test_error_vs_init_scale.png").exists()
+
+
+def test_sweep_without_study_options_starts_its_runs_as_before(data_dir, tmp_path):
+    out = tmp_path / "plain"
+    r = train("sweep", "--norms", "bn", "--batches", "8", "--data", data_dir, "--out", out,
+              "--jobs", "2", *SMALL)
+    assert r.returncode == 0, r.stderr
+    log = (out / "runs" / "bn_b8.log").read_text()
+    md = (out / "results.md").read_text()
+    assert "init scale" not in md and "Initial weights" not in md and "Dropout" not in md
+    m = json.loads((out / "runs" / "bn_b8.json").read_text())
+    for key in ("init_scale", "dropout", "weight_decay", "eval_train_images", "classes"):
+        assert key not in m, (key, log)
+    assert "weight decay 1e-4," in md
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--init-scale", "1,0"], "--init-scale"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--dropout", "0,1"], "dropout"),
+    (["--classes", "0,0"], "--classes"),
+])
+def test_sweep_refuses_bad_study_options_by_name(data_dir, tmp_path, args, needle):
+    r = train("sweep", "--norms", "bn", "--batches", "8", *args, "--data", data_dir,
+              "--out", tmp_path / "bad", *SMALL)
+    assert r.returncode != 0 and needle in r.stderr, r.stderr
+    assert not (tmp_path / "bad" / "results.csv").exists()

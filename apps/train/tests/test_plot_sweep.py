@@ -295,6 +295,49 @@ def test_groups_grid_runs_along_groups_with_other_norms_as_levels(rng, tmp_path)
     check_figures(folder, ("test_error_vs_groups",))
 
 
+STUDY_HEADER = HEADER + ["init_scale", "dropout", "weight_decay"]
+
+
+def test_init_scale_grid_runs_along_the_scale(rng, tmp_path):
+    rows = [dict(make_row(rng, norm, 32, seed), init_scale=scale, dropout=0, weight_decay=0.0001)
+            for norm in ("bn", "none") for scale in (10, 0.1, 1) for seed in (1, 2, 3)]
+    folder = write_sweep(tmp_path / "init", rows, header=STUDY_HEADER)
+    runs = plot_sweep.read_results(folder)
+    assert plot_sweep.x_column(runs) == "init_scale"
+    series = plot_sweep.test_error_series(runs, "init_scale")
+    for norm, label in (("bn", "BN"), ("none", "none")):
+        s = find(series, label)
+        assert s.x == [0.1, 1, 10]
+        assert s.mean == pytest.approx([expected(rows, norm=norm, init_scale=x)[1] for x in s.x], rel=1e-12)
+        assert s.std == pytest.approx([expected(rows, norm=norm, init_scale=x)[2] for x in s.x], rel=1e-9)
+    pytest.importorskip("matplotlib")
+    assert run_script(folder).returncode == 0
+    check_figures(folder, ("test_error_vs_init_scale",))
+
+
+def test_dropout_and_weight_decay_make_lines_of_their_own(rng, tmp_path):
+    rows = [dict(make_row(rng, "bn", 32, seed), init_scale=1, dropout=p, weight_decay=w)
+            for p in (0, 0.5) for w in (0, 0.0005) for seed in (1, 2)]
+    # Metrics files leave out options at their defaults: those runs are still dropout 0.
+    curves = [make_curve(rng, r) for r in rows]
+    folder = write_sweep(tmp_path / "reg", rows, header=STUDY_HEADER, curves=curves)
+    for path in (folder / "runs").glob("*.json"):
+        m = json.loads(path.read_text())
+        if m["dropout"] == 0:
+            del m["dropout"]
+        path.write_text(json.dumps(m))
+    runs = plot_sweep.read_results(folder)
+    series = plot_sweep.test_error_series(runs, plot_sweep.x_column(runs))
+    for p in (0, 0.5):
+        for w in (0, 0.0005):
+            s = find(series, f"BN, dropout {p:g}, wd {w:g}")
+            assert s.mean == pytest.approx([expected(rows, dropout=p, weight_decay=w)[1]], rel=1e-12)
+    panels = plot_sweep.loss_series(plot_sweep.read_loss_curves(folder))
+    assert sorted(line.label for line in panels["BN"]) == sorted(
+        f"N=32, dropout {p:g}, wd {w:g}" for p in (0, 0.5) for w in (0, 0.0005))
+    assert all(line.seeds == 2 for line in panels["BN"])
+
+
 @pytest.mark.parametrize("content,needle", [
     (None, "results.csv: not found"),
     ("", "results.csv: empty"),
