@@ -5,6 +5,7 @@
 #include "normkit/context.h"
 #include "normkit/error.h"
 #include "normkit/fold_batch_norm.h"
+#include "normkit/frn.h"
 #include "normkit/group_norm.h"
 #include "normkit/instance_norm.h"
 #include "normkit/layer_norm.h"
