@@ -4,6 +4,7 @@
 #include "normkit/batch_norm_steps.h"
 #include "normkit/context.h"
 #include "normkit/error.h"
+#include "normkit/evonorm.h"
 #include "normkit/fold_batch_norm.h"
 #include "normkit/frn.h"
 #include "normkit/group_norm.h"
