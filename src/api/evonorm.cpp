@@ -39,8 +39,8 @@ int64_t check_evonorm_input(const char* fn, int64_t groups, const TensorView& x,
 }
 
 std::size_t scratch_bytes(const TensorView& x, int64_t groups) {
-  return detail::has_zero_dim(x) ? 0
-                                 : cpu::evonorm_s0_scratch_bytes(detail::group_norm_shape(x, groups));
+  if (detail::has_zero_dim(x)) return 0;
+  return cpu::evonorm_s0_scratch_bytes(detail::group_norm_shape(x, groups));
 }
 
 }  // namespace

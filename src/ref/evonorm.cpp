@@ -24,7 +24,8 @@ void evonorm_s0_forward(const plan::GroupNormShape& t, double eps, const TensorV
   const int64_t count = t.batch * t.channels * t.spatial, G = t.groups;
   const std::vector<double> xd = widen(x, count);
   // GroupNorm's statistics in double (its y is not needed).
-  std::vector<double> unused(static_cast<std::size_t>(count)), mu(static_cast<std::size_t>(t.batch * G)), rs(mu);
+  std::vector<double> unused(static_cast<std::size_t>(count));
+  std::vector<double> mu(static_cast<std::size_t>(t.batch * G)), rs(mu);
   group_norm_forward<double>(t, eps, xd.data(), nullptr, nullptr, unused.data(), mu.data(),
                              rs.data());
   std::vector<double> yd(static_cast<std::size_t>(count));

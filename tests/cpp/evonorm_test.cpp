@@ -309,12 +309,14 @@ TEST(EvoNorm, ErrorsNameTheArgumentAndWriteNothing) {
       "mean");
   for (float e : y) EXPECT_EQ(e, kPoison);
   for (float e : mean) EXPECT_EQ(e, kPoison);
-  expect_error([&] { evonorm_s0_backward(2, xv, xv, mean, rstd, w, w, dxv, w3.empty() ? dv : std::span<float>(dv).first(3), {}, {}); },
+  const std::span<float> dv3 = std::span<float>(dv).first(3), mean2 = std::span<float>(mean).first(2);
+  expect_error([&] { evonorm_s0_backward(2, xv, xv, mean, rstd, w, w, dxv, dv3, {}, {}); },
                "evonorm_s0_backward: dv");
   const std::vector<int64_t> other{2, 4, 1, 3};
-  expect_error([&] { evonorm_s0_backward(2, view_of(y, other), xv, mean, rstd, w, w, dxv, dv, {}, {}); },
+  const auto dy_other = view_of(y, other);
+  expect_error([&] { evonorm_s0_backward(2, dy_other, xv, mean, rstd, w, w, dxv, dv, {}, {}); },
                "dy");
-  expect_error([&] { evonorm_s0_backward(2, xv, xv, std::span<float>(mean).first(2), rstd, w, w, dxv, dv, {}, {}); },
+  expect_error([&] { evonorm_s0_backward(2, xv, xv, mean2, rstd, w, w, dxv, dv, {}, {}); },
                "mean");
   for (float e : dx) EXPECT_EQ(e, kPoison);
   for (float e : dv) EXPECT_EQ(e, kPoison);
