@@ -34,6 +34,8 @@
 #include "normkit/context.h"
 #include "normkit/error.h"
 #include "normkit/fold_batch_norm.h"
+#include "normkit/evonorm.h"
+#include "normkit/frn.h"
 #include "normkit/group_norm.h"
 #include "normkit/instance_norm.h"
 #include "normkit/layer_norm.h"
@@ -817,6 +819,119 @@ py::object weight_standardization_backward_impl(const py::object& dw_hat_in, con
   return dw.tensor.value;
 }
 
+// ---------------------------------------------------------------------------------------------
+// frn
+
+// The (N, C) statistics of an frn call, once the library accepts x (else none: the op reports
+// the problem in its own words).
+Shape frn_stats_shape(const TensorView& x) {
+  try {
+    normkit::frn_workspace_size(x);
+  } catch (const normkit::Error&) {
+    return {0};
+  }
+  return {batch_of(x), channels_of(x)};
+}
+
+py::tuple frn_forward_impl(const char* function, const py::object& x_in,
+                           const py::object& weight_in, const py::object& bias_in,
+                           const py::object& tau_in, double eps) {
+  const Activation x = activation_input(function, "x", x_in);
+  const VectorIn weight = vector_input(function, "weight", weight_in);
+  const VectorIn bias = vector_input(function, "bias", bias_in);
+  const VectorIn tau = vector_input(function, "tau", tau_in);
+  const Activation y = activation_output(x);
+  const VectorOut rstd = vector_output(x.tensor, frn_stats_shape(x.view));
+  without_gil([&] {
+    normkit::frn_forward(eps, x.view, weight.span, bias.span, tau.span, y.view, rstd.span);
+  });
+  return py::make_tuple(y.tensor.value, rstd.value);
+}
+
+py::tuple frn_backward_impl(const py::object& dy_in, const py::object& x_in,
+                            const py::object& rstd_in, const py::object& weight_in,
+                            const py::object& bias_in, const py::object& tau_in) {
+  const char* function = "frn_backward";
+  const Activation x = activation_input(function, "x", x_in);
+  const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
+  if (dy.view.dtype != x.view.dtype)
+    type_error(function, "dy has dtype " + dy.tensor.dtype_name() + ", expected x's dtype " +
+                             x.tensor.dtype_name());
+  const Shape stats_shape = frn_stats_shape(x.view);
+  const VectorIn rstd = saved_stat(function, "rstd", rstd_in, stats_shape, "(N, C)",
+                                   stats_shape.size() == 2);
+  const VectorIn weight = vector_input(function, "weight", weight_in);
+  const VectorIn bias = vector_input(function, "bias", bias_in);
+  const VectorIn tau = vector_input(function, "tau", tau_in);
+  const Activation dx = activation_output(x);
+  const Shape channels{channels_of(x.view)};
+  const VectorOut dweight = vector_output(x.tensor, channels);
+  const VectorOut dbias = vector_output(x.tensor, channels);
+  const VectorOut dtau = vector_output(x.tensor, channels);
+  without_gil([&] {
+    normkit::frn_backward(dy.view, x.view, rstd.span, weight.span, bias.span, tau.span, dx.view,
+                          dweight.span, dbias.span, dtau.span);
+  });
+  return py::make_tuple(dx.tensor.value, dweight.value, dbias.value, dtau.value);
+}
+
+// ---------------------------------------------------------------------------------------------
+// evonorm_s0
+
+// The (N, num_groups) statistics of an evonorm_s0 call, once the library accepts x and
+// num_groups (else none: the op reports the problem in its own words).
+Shape evonorm_stats_shape(int64_t num_groups, const TensorView& x) {
+  return {batch_of(x), groups_accepted(num_groups, x) ? num_groups : 0};
+}
+
+py::tuple evonorm_s0_forward_impl(const char* function, const py::object& x_in,
+                                  const py::object& v_in, const py::object& weight_in,
+                                  const py::object& bias_in, int64_t num_groups, double eps) {
+  const Activation x = activation_input(function, "x", x_in);
+  const VectorIn v = vector_input(function, "v", v_in);
+  const VectorIn weight = vector_input(function, "weight", weight_in);
+  const VectorIn bias = vector_input(function, "bias", bias_in);
+  const Activation y = activation_output(x);
+  const Shape stats_shape = evonorm_stats_shape(num_groups, x.view);
+  const VectorOut mean = vector_output(x.tensor, stats_shape);
+  const VectorOut rstd = vector_output(x.tensor, stats_shape);
+  without_gil([&] {
+    normkit::evonorm_s0_forward({num_groups, eps}, x.view, v.span, weight.span, bias.span, y.view,
+                                mean.span, rstd.span);
+  });
+  return py::make_tuple(y.tensor.value, mean.value, rstd.value);
+}
+
+py::tuple evonorm_s0_backward_impl(const py::object& dy_in, const py::object& x_in,
+                                   const py::object& mean_in, const py::object& rstd_in,
+                                   const py::object& v_in, const py::object& weight_in,
+                                   int64_t num_groups) {
+  const char* function = "evonorm_s0_backward";
+  const Activation x = activation_input(function, "x", x_in);
+  const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
+  if (dy.view.dtype != x.view.dtype)
+    type_error(function, "dy has dtype " + dy.tensor.dtype_name() + ", expected x's dtype " +
+                             x.tensor.dtype_name());
+  const bool accepted = groups_accepted(num_groups, x.view);
+  const Shape stats_shape{batch_of(x.view), num_groups};
+  const VectorIn mean =
+      saved_stat(function, "mean", mean_in, stats_shape, "(N, num_groups)", accepted);
+  const VectorIn rstd =
+      saved_stat(function, "rstd", rstd_in, stats_shape, "(N, num_groups)", accepted);
+  const VectorIn v = vector_input(function, "v", v_in);
+  const VectorIn weight = vector_input(function, "weight", weight_in);
+  const Activation dx = activation_output(x);
+  const Shape channels{channels_of(x.view)};
+  const VectorOut dv = vector_output(x.tensor, channels);
+  const VectorOut dweight = vector_output(x.tensor, channels);
+  const VectorOut dbias = vector_output(x.tensor, channels);
+  without_gil([&] {
+    normkit::evonorm_s0_backward(num_groups, dy.view, x.view, mean.span, rstd.span, v.span,
+                                 weight.span, dx.view, dv.span, dweight.span, dbias.span);
+  });
+  return py::make_tuple(dx.tensor.value, dv.value, dweight.value, dbias.value);
+}
+
 }  // namespace
 
 // Keyword-only arguments of every forward and backward: the fused epilogue (epilogue.h).
@@ -1198,6 +1313,81 @@ Returns (w_hat, mean, rstd): mean and rstd = 1 / sqrt(biased var + eps), float32
         R"doc(Gradient of weight_standardization: dw from dw_hat (the gradient with respect to
 w_hat; w's shape and dtype, any strides), w, and the mean and rstd weight_standardization_forward
 returned. Returns dw (w's shape, dtype and format).)doc");
+
+  m.def(
+      "evonorm_s0",
+      [](const py::object& x, const py::object& v, const py::object& weight,
+         const py::object& bias, int64_t groups, double eps) {
+        return evonorm_s0_forward_impl("evonorm_s0", x, v, weight, bias, groups, eps)[0]
+            .cast<py::object>();
+      },
+      py::arg("x"), py::arg("v"), py::arg("weight"), py::arg("bias"), py::arg("groups"),
+      py::arg("eps") = 1e-5,
+      R"doc(EvoNorm-S0 (Liu et al. 2020).
+
+x: (N, C, *spatial), 0-3 spatial dims, float32, bfloat16 or float16, either memory format; C
+must be divisible by groups. v, weight, bias: float32, length C (all required).
+y = x * sigmoid(v[c] * x) / sqrt(var + eps) * weight[c] + bias[c], var the biased variance of
+x over the sample's group (its C/groups channels and all positions), as group_norm's.
+Returns y, a new tensor in x's memory format.)doc");
+
+  m.def(
+      "evonorm_s0_forward",
+      [](const py::object& x, const py::object& v, const py::object& weight,
+         const py::object& bias, int64_t groups, double eps) {
+        return evonorm_s0_forward_impl("evonorm_s0_forward", x, v, weight, bias, groups, eps);
+      },
+      py::arg("x"), py::arg("v"), py::arg("weight"), py::arg("bias"), py::arg("groups"),
+      py::arg("eps") = 1e-5,
+      R"doc(evonorm_s0 that also returns the statistics its backward needs.
+
+Returns (y, mean, rstd): y as evonorm_s0's; mean and rstd = 1 / sqrt(var + eps) of each group,
+float32 of shape (N, groups), as group_norm_forward returns them.)doc");
+
+  m.def("evonorm_s0_backward", &evonorm_s0_backward_impl, py::arg("dy"), py::arg("x"),
+        py::arg("mean"), py::arg("rstd"), py::arg("v"), py::arg("weight"), py::arg("groups"),
+        R"doc(Gradients of evonorm_s0 (through the group statistics too).
+
+dy: the gradient with respect to y (x's shape and dtype; any strides). mean and rstd as
+evonorm_s0_forward returned them; v, weight and groups as passed to it.
+Returns (dx, dv, dweight, dbias): dx has x's shape, dtype and memory format; the others are
+float32 of length C.)doc");
+
+  m.def(
+      "frn",
+      [](const py::object& x, const py::object& weight, const py::object& bias,
+         const py::object& tau, double eps) {
+        return frn_forward_impl("frn", x, weight, bias, tau, eps)[0].cast<py::object>();
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("tau"), py::arg("eps") = 1e-6,
+      R"doc(Filter Response Normalization with a Thresholded Linear Unit (Singh & Krishnan 2020).
+
+x: (N, C, *spatial), 0-3 spatial dims, float32, bfloat16 or float16, either memory format.
+weight, bias, tau: float32, length C (all required). For each sample and channel:
+nu2 = mean of x^2 over the spatial positions, then y = max(x / sqrt(nu2 + eps) * weight[c] +
+bias[c], tau[c]). The learned-eps variant: pass eps = |eps_learned| + eps_min (its gradient is
+not provided). Returns y, a new tensor in x's memory format.)doc");
+
+  m.def(
+      "frn_forward",
+      [](const py::object& x, const py::object& weight, const py::object& bias,
+         const py::object& tau, double eps) {
+        return frn_forward_impl("frn_forward", x, weight, bias, tau, eps);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("tau"), py::arg("eps") = 1e-6,
+      R"doc(frn that also returns the statistic its backward needs.
+
+Returns (y, rstd): y as frn's; rstd = 1 / sqrt(nu2 + eps), float32 of shape (N, C).)doc");
+
+  m.def("frn_backward", &frn_backward_impl, py::arg("dy"), py::arg("x"), py::arg("rstd"),
+        py::arg("weight"), py::arg("bias"), py::arg("tau"),
+        R"doc(Gradients of frn.
+
+dy: the gradient with respect to y (x's shape and dtype; any strides). rstd as frn_forward
+returned it; weight, bias and tau as passed to it (the backward recomputes where the max took
+tau). The TLU's gradient goes to tau exactly where x / sqrt(nu2 + eps) * weight + bias < tau;
+ties go to x's side. Returns (dx, dweight, dbias, dtau): dx has x's shape, dtype and memory
+format; the others are float32 of length C.)doc");
 
   m.def(
       "rms_norm",

@@ -740,6 +740,29 @@ void group_norm_forward(const GroupNormPlan& plan, double eps, const ForwardEpil
 }
 
 template <typename T>
+void group_norm_statistics(const GroupNormPlan& plan, double eps, const T* x, float* mean,
+                           float* rstd, float* variance, std::span<std::byte> workspace) {
+  const GroupNormShape& t = plan.shape;
+  const int64_t N = t.batch, G = t.groups;
+  if (N == 0) return;
+  double mu, rs;
+  if (t.channels * t.spatial == 0) {  // empty groups: mean 0, rstd NaN
+    for (int64_t i = 0; i < N * G; ++i)
+      finish_stats(Moments{}, eps, &mu, &rs, mean + i, rstd + i, variance ? variance + i : nullptr);
+    return;
+  }
+  // The two-phase schedule's statistics: every schedule's, bitwise.
+  const ForwardScratch s = carve_forward(plan.scratch, workspace);
+  if (t.format == MemoryFormat::channels_first)
+    runs_moments(x, N * G, (t.channels / G) * t.spatial, s.groups,
+                 plan.parallel ? plan.num_threads : 1, s.pieces);
+  else
+    channels_last_group_moments(x, t, s.groups, s.pieces, plan.num_threads, plan.parallel);
+  for (int64_t i = 0; i < N * G; ++i)
+    finish_stats(s.groups[i], eps, &mu, &rs, mean + i, rstd + i, variance ? variance + i : nullptr);
+}
+
+template <typename T>
 void group_norm_apply(const GroupNormPlan& plan, const ForwardEpilogueOf<T>& epi, const T* x,
                       const float* mean, const float* rstd, const float* weight,
                       const float* bias, T* y, std::span<std::byte> workspace) {
@@ -1065,6 +1088,8 @@ GroupNormPlan plan_group_norm(const GroupNormShape& shape, int64_t value_bytes, 
   template void group_norm_forward<T>(const GroupNormPlan&, double, const ForwardEpilogueOf<T>&, \
                                       const T*, const float*, const float*, T*, float*, float*,  \
                                       float*, std::span<std::byte>);                             \
+  template void group_norm_statistics<T>(const GroupNormPlan&, double, const T*, float*, float*, \
+                                         float*, std::span<std::byte>);                         \
   template void group_norm_apply<T>(const GroupNormPlan&, const ForwardEpilogueOf<T>&, const T*, \
                                     const float*, const float*, const float*, const float*, T*,  \
                                     std::span<std::byte>);                                       \

@@ -110,6 +110,13 @@ void group_norm_forward(const GroupNormPlan& plan, double eps,
                         const float* bias, T* y, float* mean, float* rstd, float* variance,
                         std::span<std::byte> workspace);
 
+// The forward's statistics alone, for ops that normalize by GroupNorm's groups but write their
+// own output (EvoNorm-S0): overwrites mean and rstd (N*G) with the values group_norm_forward
+// writes, bitwise, and, when not null, variance (N*G, biased).
+template <typename T>
+void group_norm_statistics(const GroupNormPlan& plan, double eps, const T* x, float* mean,
+                           float* rstd, float* variance, std::span<std::byte> workspace);
+
 // Overwrites y = (x - mean) * rstd * weight + bias (then the epilogue) with the given
 // per-(n, g) mean and rstd.
 template <typename T>
