@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The studies of the papers' other claims (docs/studies.md), beside the main job's batch-size
-# sweep, each with seeds 1, 2, 3 and in a folder of its own under OUT_DIR:
+# sweep, each with seeds 1, 2, 3 and in a folder of its own under OUT_DIR,
+# in this order (the fine-tuning study first: detection's reason for frozen BN):
+#   finetune/        pretrain BN and GN at batch 32 on classes 0-4 (2 epochs), fine-tune at
+#                    batch 2 on classes 5-9 with BN, frozen BN and GN (2 epochs)
 #   init/            BN vs none over initial weight scales 0.1 ... 10 (batch 32, 1 epoch)
 #   regularization/  BN vs none, with and without dropout 0.5 and weight decay 5e-4, with the
 #                    train/test gap on 10,000 training images (batch 32, 2 epochs)
-#   finetune/        pretrain BN and GN at batch 32 on classes 0-4 (2 epochs), fine-tune at
-#                    batch 2 on classes 5-9 with BN, frozen BN and GN (2 epochs)
 #   learning-rate/   BN vs none over base learning rates 0.02 ... 2 (batch 32, 1 epoch)
 #   groups/          GroupNorm's G = 1 (LayerNorm) ... 16 and InstanceNorm (batch 32, 2 epochs)
 #   instance-norm-batch-2/  InstanceNorm at batch 2 (2 epochs), beside the main job's BN and GN
@@ -79,12 +80,12 @@ sweep() {  # sweep NAME ARGS...: one sweep into $out/NAME, then its figures
   /usr/bin/python3 scripts/plot_sweep.py "$out/$name"
 }
 
-sweep init --norms bn,none --init-scale 0.1,0.3,1,3,10 --batches 32 --epochs "$short"
-sweep regularization --norms bn,none --dropout 0,0.5 --weight-decay 0,5e-4 --batches 32 \
-  --eval-train-images "$eval_train" --epochs "$long"
 echo "== finetune -> $out/finetune"
 /usr/bin/python3 scripts/finetune_study.py --out "$out/finetune" --seeds "$seeds" --jobs 2 \
   --pretrain-epochs "$long" --finetune-epochs "$long" --train "$train" -- "${limits[@]}" "${data[@]}"
+sweep init --norms bn,none --init-scale 0.1,0.3,1,3,10 --batches 32 --epochs "$short"
+sweep regularization --norms bn,none --dropout 0,0.5 --weight-decay 0,5e-4 --batches 32 \
+  --eval-train-images "$eval_train" --epochs "$long"
 sweep learning-rate --norms bn,none --lr-base 0.02,0.1,0.5,2 --batches 32 --epochs "$short"
 sweep groups --norms gn,in --groups 1,2,4,8,16 --batches 32 --epochs "$long"
 sweep instance-norm-batch-2 --norms in --batches 2 --epochs "$long"
