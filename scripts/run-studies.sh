@@ -4,9 +4,11 @@
 # in this order (the fine-tuning study first: detection's reason for frozen BN):
 #   finetune/        pretrain BN and GN at batch 32 on classes 0-4 (2 epochs), fine-tune at
 #                    batch 2 on classes 5-9 with BN, frozen BN and GN (2 epochs)
-#   init/            BN vs none over initial weight scales 0.1 ... 10 (batch 32, 1 epoch)
+#   init/            BN vs none over initial weight scales 0.1 ... 10 (batch 32, 1 epoch);
+#                    init-lr0.02/: none again at lr 0.02
 #   regularization/  BN vs none, with and without dropout 0.5 and weight decay 5e-4, with the
-#                    train/test gap on 10,000 training images (batch 32, 2 epochs)
+#                    train/test gap on 10,000 training images (batch 32, 2 epochs);
+#                    regularization-lr0.02/: none again at lr 0.02
 #   learning-rate/   BN vs none over base learning rates 0.02 ... 2 (batch 32, 1 epoch)
 #   groups/          GroupNorm's G = 1 (LayerNorm) ... 16 and InstanceNorm (batch 32, 2 epochs)
 #   instance-norm-batch-2/  InstanceNorm at batch 2 (2 epochs), beside the main job's BN and GN
@@ -51,8 +53,8 @@ else
 fi
 n_seeds=$(tr ',' '\n' <<<"$seeds" | wc -l)
 # Training images of each study: runs x epochs x images per epoch.
-images_init=$((2 * 5 * n_seeds * short * train_images))
-images_regularization=$((2 * 2 * 2 * n_seeds * long * train_images))
+images_init=$((3 * 5 * n_seeds * short * train_images))
+images_regularization=$((3 * 2 * 2 * n_seeds * long * train_images))
 images_finetune=$((n_seeds * (2 + 3) * long * half_images))
 images_lr=$((2 * 4 * n_seeds * short * train_images))
 images_groups=$(((5 + 1) * n_seeds * long * train_images))
@@ -84,8 +86,13 @@ echo "== finetune -> $out/finetune"
 /usr/bin/python3 scripts/finetune_study.py --out "$out/finetune" --seeds "$seeds" --jobs 2 \
   --pretrain-epochs "$long" --finetune-epochs "$long" --train "$train" -- "${limits[@]}" "${data[@]}"
 sweep init --norms bn,none --init-scale 0.1,0.3,1,3,10 --batches 32 --epochs "$short"
+# The plain network trains only at small rates (the learning-rate study): at lr 0.1 it fails at
+# every init scale and regularization, so it is also run at 0.02, the rate where it trains.
+sweep init-lr0.02 --norms none --init-scale 0.1,0.3,1,3,10 --lr-base 0.02 --batches 32 --epochs "$short"
 sweep regularization --norms bn,none --dropout 0,0.5 --weight-decay 0,5e-4 --batches 32 \
   --eval-train-images "$eval_train" --epochs "$long"
+sweep regularization-lr0.02 --norms none --dropout 0,0.5 --weight-decay 0,5e-4 --lr-base 0.02 \
+  --batches 32 --eval-train-images "$eval_train" --epochs "$long"
 sweep learning-rate --norms bn,none --lr-base 0.02,0.1,0.5,2 --batches 32 --epochs "$short"
 sweep groups --norms gn,in --groups 1,2,4,8,16 --batches 32 --epochs "$long"
 sweep instance-norm-batch-2 --norms in --batches 2 --epochs "$long"

@@ -96,7 +96,8 @@ def test_run_studies_quick_runs_every_study(data_dir, tmp_path):
                         str(data_dir)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert r.stdout.startswith("== estimated time: ")
-    figures = {"init": "test_error_vs_init_scale", "regularization": "test_error_vs_batch",
+    figures = {"init": "test_error_vs_init_scale", "init-lr0.02": "test_error_vs_init_scale",
+               "regularization": "test_error_vs_batch", "regularization-lr0.02": "test_error_vs_batch",
                "learning-rate": "test_error_vs_lr", "groups": "test_error_vs_groups",
                "instance-norm-batch-2": "test_error_vs_batch"}
     for study, figure in figures.items():
@@ -109,6 +110,8 @@ def test_run_studies_quick_runs_every_study(data_dir, tmp_path):
     assert sorted((row["norm"], float(row["dropout"]), float(row["weight_decay"])) for row in regularization) == \
         sorted((n, p, w) for n in ("bn", "none") for p in (0, 0.5) for w in (0, 5e-4))
     assert all(row["train_error_eval"] != "" for row in regularization)
+    assert {(row["norm"], float(row["lr"])) for row in runs("init-lr0.02")} == {("none", 0.02)}
+    assert len(runs("init-lr0.02")) == 5 and len(runs("regularization-lr0.02")) == 4
     assert len(runs("learning-rate")) == 8 and len(runs("groups")) == 6
     assert [row["norm"] for row in runs("instance-norm-batch-2")] == ["in"]
     assert len(list(csv.DictReader(open(out / "finetune" / "results.csv")))) == 5
