@@ -215,12 +215,14 @@ def x_column(runs):
     return "batch"
 
 
-NORM_LABELS = {"bn": "BN", "syncbn": "SyncBN", "gn": "GN", "ln": "LN", "in": "IN", "none": "none"}
+NORM_LABELS = {"bn": "BN", "syncbn": "SyncBN", "gn": "GN", "ln": "LN", "in": "IN", "none": "none",
+               "gn+ws": "GN+WS", "frn": "FRN", "evonorm": "EvoNorm-S0"}
+GROUPED_NORMS = ("gn", "gn+ws", "evonorm")  # the norms that take --groups, as normkit-train's labels
 
 
 def norm_label(norm, groups):
     label = NORM_LABELS.get(norm, norm.upper())
-    return f"{label} (G={groups})" if norm == "gn" and groups else label
+    return f"{label} (G={groups})" if norm in GROUPED_NORMS and groups else label
 
 
 SETTING_TEXT = {"groups": "G={}", "devices": "{} devices", "epochs": "{} epochs",

@@ -330,7 +330,8 @@ std::string sweep_notes(const Common& c, const SweepStudy& study, const nt::Data
   return out;
 }
 
-// An entry of sweep's --norms: NAME or NAME@B1+B2+..., NAME one of bn, gn, ln, in, none and
+// An entry of sweep's --norms: NAME or NAME@B1+B2+..., NAME one of bn, gn, ln, in, none, gn+ws,
+// frn, evonorm and
 // syncbn (BatchNorm with statistics over all devices of a step), the batches restricting the
 // arm to those of --batches (empty: all of them).
 struct NormArm {
@@ -356,8 +357,9 @@ std::vector<NormArm> parse_norm_arms(const std::vector<std::string>& entries,
         bad("SyncBN synchronizes BatchNorm across devices and needs --devices >= 2 (this sweep "
             "has --devices " + std::to_string(devices) + ")");
     } else if (arm.norm != "bn" && arm.norm != "gn" && arm.norm != "ln" && arm.norm != "in" &&
-               arm.norm != "none") {
-      bad("the norm must be bn, gn, ln, in, none or syncbn");
+               arm.norm != "none" && arm.norm != "gn+ws" && arm.norm != "frn" &&
+               arm.norm != "evonorm") {
+      bad("the norm must be bn, gn, ln, in, none, gn+ws, frn, evonorm or syncbn");
     }
     if (at != std::string::npos) {
       const std::string list = entry.substr(at + 1);
@@ -394,7 +396,7 @@ nt::ProgressBar make_progress(bool quiet) {
 
 std::string label_of(const nt::TrainConfig& c) {
   std::string label = c.sync_bn ? "syncbn" : nt::to_string(c.model.norm);
-  if (c.model.norm == nt::NormKind::group) label += " G=" + std::to_string(c.model.groups);
+  if (nt::uses_groups(c.model.norm)) label += " G=" + std::to_string(c.model.groups);
   char lr[32];
   std::snprintf(lr, sizeof lr, " lr=%g", c.lr_base);
   return label + (c.devices > 1 ? " " + std::to_string(c.devices) + "x" : std::string(" ")) +
@@ -478,9 +480,15 @@ int main(int argc, char** argv) {
   int64_t checkpoint_every = 0, stop_after = -1, warmup_steps = 0;
   CLI::App* run = app.add_subcommand("run", "train and evaluate one model");
   run->add_option("--norm", norm,
-                  "bn, gn, ln, in, none, or frozen: --init-from's BN layers as fixed affine maps "
-                  "(FrozenBatchNorm), not trained")
-      ->capture_default_str()->check(CLI::IsMember({"bn", "gn", "ln", "in", "none", "frozen"}));
+                  "bn, gn, ln, in, none, frozen: --init-from's BN layers as fixed affine maps "
+                  "(FrozenBatchNorm), not trained; gn+ws: gn with Weight Standardization of every "
+                  "conv; frn: Filter Response Normalization + TLU in place of norm + ReLU, FRN "
+                  "without the TLU before each residual add and on the shortcut (the add's ReLU "
+                  "stays); evonorm: EvoNorm-S0 with --groups in place of norm + ReLU, and "
+                  "x / group_std * gamma + beta before each residual add and on the shortcut")
+      ->capture_default_str()
+      ->check(CLI::IsMember(
+          {"bn", "gn", "ln", "in", "none", "frozen", "gn+ws", "frn", "evonorm"}));
   run->add_option("--batch", batch, "images per batch")->capture_default_str()->check(kPositive);
   add_common(run, run_opts);
   run->add_option("--metrics-out", metrics_out, "write the run's metrics as JSON to FILE");
@@ -504,7 +512,8 @@ int main(int argc, char** argv) {
   CLI::App* sweep = app.add_subcommand(
       "sweep", "train every (norm, batch) pair; write the tables and every run's metrics");
   sweep->add_option("--norms", norms,
-                    "norms to compare: bn, gn, ln, in, none, and syncbn (BN with statistics over "
+                    "norms to compare: bn, gn, ln, in, none, gn+ws, frn, evonorm (as run's "
+                    "--norm), and syncbn (BN with statistics over "
                     "all devices; --devices >= 2); NAME@B1+B2 trains that arm at those of --batches "
                     "only, e.g. bn,gn,syncbn@2+8")
       ->delimiter(',')->capture_default_str();  // checked by parse_norm_arms
@@ -610,7 +619,8 @@ int main(int argc, char** argv) {
           for (double decay : sweep_study.weight_decay) study_points.push_back({scale, dropout, decay});
       for (const NormArm& arm : arms) {
         const std::string& n = arm.norm;
-        const std::vector<int> group_values = n == "gn" ? sweep_opts.groups : std::vector<int>{sweep_opts.groups[0]};
+        const bool grouped = n == "gn" || n == "gn+ws" || n == "evonorm";
+        const std::vector<int> group_values = grouped ? sweep_opts.groups : std::vector<int>{sweep_opts.groups[0]};
         for (int g : group_values)
           for (double lr : sweep_opts.lr_base)
             for (const StudyPoint& point : study_points)
@@ -641,7 +651,9 @@ int main(int argc, char** argv) {
               }
       }
       const bool several_groups =
-          sweep_opts.groups.size() > 1 && std::find(norms.begin(), norms.end(), "gn") != norms.end();
+          sweep_opts.groups.size() > 1 && std::any_of(configs.begin(), configs.end(), [](const nt::TrainConfig& c) {
+            return nt::uses_groups(c.model.norm);
+          });
       if (!sweep->count("--threads")) sweep_opts.threads = std::max(1, cores / jobs);
       for (nt::TrainConfig& cfg : configs) cfg.threads = sweep_opts.threads;
       // Pre-flight: every run of the grid is checked before the first one starts.
@@ -677,7 +689,7 @@ int main(int argc, char** argv) {
       // count, lr, study options and seed only when the sweep varies them.
       auto run_file = [&](const nt::TrainConfig& cfg, const char* ext) {
         std::string name = cfg.sync_bn ? "syncbn" : nt::to_string(cfg.model.norm);
-        if (several_groups && cfg.model.norm == nt::NormKind::group) name += "_g" + std::to_string(cfg.model.groups);
+        if (several_groups && nt::uses_groups(cfg.model.norm)) name += "_g" + std::to_string(cfg.model.groups);
         if (sweep_opts.lr_base.size() > 1) name += "_lr" + number_short(cfg.lr_base);
         if (sweep_study.init_scale.size() > 1) name += "_init" + number_short(cfg.model.init_scale);
         if (sweep_study.dropout.size() > 1) name += "_dropout" + number_short(cfg.model.dropout);

@@ -57,7 +57,7 @@ template <typename T> std::string join(const std::vector<T>& v) {
 std::vector<std::pair<std::string, std::pair<std::string, std::string>>> run_identity(
     const TrainConfig& c, int64_t train_images) {
   return {{"norm", {to_string(c.model.norm), "--norm"}},
-          {"groups", {c.model.norm == NormKind::group ? std::to_string(c.model.groups) : "-", "--groups"}},
+          {"groups", {uses_groups(c.model.norm) ? std::to_string(c.model.groups) : "-", "--groups"}},
           {"widths", {join(c.model.widths), "--widths"}},
           {"blocks_per_stage", {std::to_string(c.model.blocks_per_stage), "--blocks-per-stage"}},
           {"batch", {std::to_string(c.batch), "--batch"}},
@@ -630,7 +630,7 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
   TrainOutcome out;
   RunResult& res = out.run;
   res.norm = to_string(cfg.model.norm);
-  res.groups = cfg.model.norm == NormKind::group ? cfg.model.groups : 0;
+  res.groups = uses_groups(cfg.model.norm) ? cfg.model.groups : 0;
   res.batch = config.batch;
   res.devices = config.devices;
   res.sync_bn = config.sync_bn;

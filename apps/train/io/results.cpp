@@ -296,9 +296,10 @@ std::vector<double> read_array(const json& obj, const std::string& path, const s
 std::string norm_label(const std::string& norm, int groups) {
   if (norm == "none") return "none";
   if (norm == "frozen") return "frozen BN";
-  std::string upper = norm;
-  for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
-  if (norm == "gn" && groups > 0) upper += " (G=" + std::to_string(groups) + ")";
+  std::string upper = norm == "evonorm" ? "EvoNorm-S0" : norm;
+  if (norm != "evonorm")
+    for (char& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  if ((norm == "gn" || norm == "gn+ws" || norm == "evonorm") && groups > 0) upper += " (G=" + std::to_string(groups) + ")";
   return upper;
 }
 

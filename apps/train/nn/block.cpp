@@ -10,12 +10,15 @@ ResidualBlock::ResidualBlock(const std::string& name, int in_channels, int out_c
       conv2_(name + ".conv2", out_channels, out_channels, 3, 1),
       norm1_(name + ".norm1", kind, out_channels, groups, false, relu),
       // The block's sum and final ReLU are norm2's epilogue.
-      norm2_(name + ".norm2", kind, out_channels, groups, true, relu) {
+      norm2_(name + ".norm2", kind, out_channels, groups, true, relu, true) {
+  conv1_.set_standardize(standardizes_weights(kind));
+  conv2_.set_standardize(standardizes_weights(kind));
   if (stride != 1 || in_channels != out_channels) {
     shortcut_conv_ =
         std::make_unique<Conv2d>(name + ".shortcut.conv", in_channels, out_channels, 1, stride);
     shortcut_norm_ = std::make_unique<Norm>(name + ".shortcut.norm", kind, out_channels, groups,
                                             false, false);
+    shortcut_conv_->set_standardize(standardizes_weights(kind));
   }
 }
 

@@ -10,6 +10,7 @@
 #include "nn/parallel.h"
 #include "nn/profile.h"
 #include "normkit/error.h"
+#include "normkit/weight_standardization.h"
 
 namespace normkit::train {
 
@@ -64,9 +65,19 @@ const Tensor& Conv2d::forward(const Tensor& x) {
   // faster with B untransposed.
   {
     const profile::Scope timed_transpose(profile::Phase::conv_other);
+    if (standardize_) {
+      // Each output channel's row of k_ values standardized (its order does not matter).
+      ws_weight_.resize(weight.size());
+      ws_mean_.resize(static_cast<size_t>(out_));
+      ws_rstd_.resize(static_cast<size_t>(out_));
+      weight_standardization_forward(TensorView(weight.value.data(), {out_, k_}), kWsEps,
+                                     TensorView(ws_weight_.data(), {out_, k_}), ws_mean_,
+                                     ws_rstd_);
+    }
+    const float* w = used_weight();
     weight_t_.resize(weight.size());
     for (int64_t co = 0; co < out_; ++co)
-      for (int64_t k = 0; k < k_; ++k) weight_t_[k * out_ + co] = weight.value[co * k_ + k];
+      for (int64_t k = 0; k < k_; ++k) weight_t_[k * out_ + co] = w[co * k_ + k];
   }
   if (shifted()) {
     forward_shifted(x, t);
@@ -121,6 +132,7 @@ const Tensor& Conv2d::backward(const Tensor& dy, bool need_dx, const Tensor* add
   if (shifted()) {
     backward_shifted(dy, need_dx, add_to, slots, t);
     add_slot_dweights(slots);
+    standardize_backward();
     return dx_;
   }
   for (int i = 0; i < t; ++i) {
@@ -152,12 +164,12 @@ const Tensor& Conv2d::backward(const Tensor& dy, bool need_dx, const Tensor* add
         if (!need_dx) continue;
         if (direct) {  // dx rows are the col rows: accumulate straight into them
           const profile::Scope timed(profile::Phase::gemm_dx);
-          gemm_serial(false, false, m, k_, out_, g, out_, weight.value.data(), k_, 1.0f,
+          gemm_serial(false, false, m, k_, out_, g, out_, used_weight(), k_, 1.0f,
                       dxn + p * k_, k_);
         } else {
           {
             const profile::Scope timed(profile::Phase::gemm_dx);
-            gemm_serial(false, false, m, k_, out_, g, out_, weight.value.data(), k_, 0.0f,
+            gemm_serial(false, false, m, k_, out_, g, out_, used_weight(), k_, 0.0f,
                         s.dcol.data(), k_);
           }
           const profile::Scope timed(profile::Phase::col2im);
@@ -167,7 +179,19 @@ const Tensor& Conv2d::backward(const Tensor& dy, bool need_dx, const Tensor* add
     }
   });
   add_slot_dweights(slots);
+  standardize_backward();
   return dx_;
+}
+
+void Conv2d::standardize_backward() {
+  if (!standardize_) return;
+  // weight.grad holds the gradient of the standardized weight; through WS's backward to the
+  // raw one.
+  const profile::Scope timed(profile::Phase::conv_other);
+  ws_dweight_ = weight.grad;
+  weight_standardization_backward(TensorView(ws_dweight_.data(), {out_, k_}),
+                                  TensorView(weight.value.data(), {out_, k_}), ws_mean_, ws_rstd_,
+                                  TensorView(weight.grad.data(), {out_, k_}));
 }
 
 float* Conv2d::slot_dweight(int64_t slot, bool empty) {
@@ -265,7 +289,7 @@ void Conv2d::backward_shifted(const Tensor& dy, bool need_dx, const Tensor* add_
         const profile::Scope timed(profile::Phase::gemm_dx);
         for (int64_t tap = 0; tap < taps; ++tap)
           gemm_serial(false, false, grid, in_, out_, dyp + tap_shift(taps - 1 - tap, wp) * out_,
-                      out_, weight.value.data() + tap * in_, k_, tap == 0 ? 0.0f : 1.0f, dx_grid,
+                      out_, used_weight() + tap * in_, k_, tap == 0 ? 0.0f : 1.0f, dx_grid,
                       in_);
       }
       const profile::Scope timed(profile::Phase::col2im);

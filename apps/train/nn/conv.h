@@ -38,6 +38,17 @@ class Conv2d {
   // gradient).
   const Tensor& backward(const Tensor& dy, bool need_dx = true, const Tensor* add_to = nullptr);
 
+  // On: Weight Standardization (Qiao et al. 2019, normkit/weight_standardization.h, eps 1e-5):
+  // forward convolves with each output channel's weights standardized over the rest, and
+  // backward runs through WS's backward, so weight (the raw values) stays the parameter and
+  // weight.grad its gradient.
+  void set_standardize(bool on) { standardize_ = on; }
+  bool standardize() const { return standardize_; }
+  // The weights the convolution applies: the standardized ones of the last forward, or weight.
+  const float* used_weight() const {
+    return standardize_ ? ws_weight_.data() : weight.value.data();
+  }
+
   int in_channels() const { return in_; }
   int out_channels() const { return out_; }
   int64_t out_size(int64_t in_size) const { return (in_size + 2 * pad_ - kernel_) / stride_ + 1; }
@@ -79,6 +90,11 @@ class Conv2d {
   // and the slot's weight-gradient accumulator.
   template <class Body>
   void for_each_slot(int64_t images, int64_t slots, int threads, const Body& body);
+
+  void standardize_backward();
+  static constexpr double kWsEps = 1e-5;
+  bool standardize_ = false;
+  std::vector<float> ws_weight_, ws_mean_, ws_rstd_, ws_dweight_;
 
   int in_, out_, kernel_, stride_, pad_;
   int64_t k_;  // kernel * kernel * in_channels: the GEMM's inner dimension

@@ -111,6 +111,7 @@ Model::Model(const ModelConfig& config)
       stem_conv_("stem.conv", config.in_channels, config.widths[0], 3, 1),
       stem_norm_("stem.norm", config.norm, config.widths[0], config.groups, false, config.relu),
       fc_("fc", config.widths.back(), config.classes) {
+  stem_conv_.set_standardize(standardizes_weights(config.norm));
   if (config.dropout > 0) dropout_ = std::make_unique<Dropout>(config.dropout);
   int in = config.widths[0];
   for (size_t s = 0; s < config.widths.size(); ++s)

@@ -14,7 +14,7 @@ namespace normkit::train {
 
 struct ModelConfig {
   NormKind norm = NormKind::batch;
-  int groups = 8;                    // GroupNorm's group count (gn only)
+  int groups = 8;                    // the group count of gn, gn+ws and evonorm
   std::vector<int> widths{16, 32, 64};
   int blocks_per_stage = 1;
   int in_channels = 1;

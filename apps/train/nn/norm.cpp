@@ -1,10 +1,13 @@
 #include "nn/norm.h"
 
 #include <algorithm>
+#include <limits>
 
 #include "nn/profile.h"
 #include "normkit/batch_norm_steps.h"
 #include "normkit/error.h"
+#include "normkit/evonorm.h"
+#include "normkit/frn.h"
 
 namespace normkit::train {
 
@@ -15,7 +18,11 @@ NormKind parse_norm_kind(const std::string& s) {
   if (s == "in") return NormKind::instance;
   if (s == "none") return NormKind::none;
   if (s == "frozen") return NormKind::frozen;
-  throw Error("unknown norm '" + s + "': expected one of bn, gn, ln, in, none, frozen");
+  if (s == "gn+ws") return NormKind::group_ws;
+  if (s == "frn") return NormKind::frn;
+  if (s == "evonorm") return NormKind::evonorm;
+  throw Error("unknown norm '" + s +
+              "': expected one of bn, gn, ln, in, none, frozen, gn+ws, frn, evonorm");
 }
 
 const char* to_string(NormKind kind) {
@@ -26,17 +33,37 @@ const char* to_string(NormKind kind) {
     case NormKind::instance: return "in";
     case NormKind::none: return "none";
     case NormKind::frozen: return "frozen";
+    case NormKind::group_ws: return "gn+ws";
+    case NormKind::frn: return "frn";
+    case NormKind::evonorm: return "evonorm";
   }
   return "?";
 }
+
+bool uses_groups(NormKind kind) {
+  return kind == NormKind::group || kind == NormKind::group_ws || kind == NormKind::evonorm;
+}
+
+bool standardizes_weights(NormKind kind) { return kind == NormKind::group_ws; }
+
+namespace {
+// FRN's fixed eps (the paper's value for layers with more than one spatial position).
+constexpr double kFrnEps = 1e-6;
+constexpr double kEvoNormEps = 1e-5;
+}  // namespace
 
 std::unique_ptr<NormLayer> make_norm_layer(const std::string& name, NormKind kind, int channels,
                                            int groups) {
   switch (kind) {
     case NormKind::batch: return std::make_unique<BatchNorm>(channels);  // momentum 0.1, eps 1e-5
     case NormKind::group:
+    case NormKind::group_ws:
+    case NormKind::evonorm:
       try {
-        return std::make_unique<GroupNorm>(groups, channels);
+        auto layer = std::make_unique<GroupNorm>(groups, channels);
+        // EvoNorm-S0 runs on normkit's functions; the layer only checked the group count.
+        if (kind == NormKind::evonorm) return nullptr;
+        return layer;
       } catch (const Error& e) {
         // The layer's reason, with what the user can change.
         throw Error("--groups " + std::to_string(groups) + " is refused for the " +
@@ -48,29 +75,39 @@ std::unique_ptr<NormLayer> make_norm_layer(const std::string& name, NormKind kin
       return std::make_unique<InstanceNorm>(channels, InstanceNormOptions{.affine = true});
     case NormKind::none: return std::make_unique<NoNorm>(channels);
     case NormKind::frozen: return std::make_unique<FrozenBatchNorm>(channels);  // eps 1e-5
+    case NormKind::frn: return nullptr;  // normkit's functions, in Norm
   }
   return nullptr;
 }
 
 Norm::Norm(const std::string& name, NormKind kind, int channels, int groups, bool zero_gamma,
-           bool relu)
+           bool relu, bool residual)
     : weight(name + ".weight", kind == NormKind::none ? 0 : channels),
-      bias(name + ".bias", channels), kind_(kind), relu_(relu),
+      bias(name + ".bias", channels),
+      extra((kind == NormKind::frn || kind == NormKind::evonorm) && relu && !residual
+                ? Param(name + (kind == NormKind::frn ? ".tau" : ".v"), channels)
+                : Param()),
+      kind_(kind), relu_(relu), fused_nonlinearity_(extra.size() > 0),
       layer_(make_norm_layer(name, kind, channels, groups)),
       batch_norm_(dynamic_cast<BatchNorm*>(layer_.get())),
       frozen_(dynamic_cast<FrozenBatchNorm*>(layer_.get())) {
   switch (kind) {
-    case NormKind::group: groups_ = groups; break;
+    case NormKind::group:
+    case NormKind::group_ws:
+    case NormKind::evonorm: groups_ = groups; break;
     case NormKind::layer: groups_ = 1; break;
     case NormKind::instance: groups_ = channels; break;
     default: groups_ = 0;
   }
   std::fill(weight.value.begin(), weight.value.end(), zero_gamma ? 0.0f : 1.0f);
+  // tau starts at 0 (the TLU starts as a ReLU), v at 1 (the papers' and timm's choices).
+  if (kind == NormKind::evonorm) std::fill(extra.value.begin(), extra.value.end(), 1.0f);
 }
 
 std::vector<Param*> Norm::params() {
   if (kind_ == NormKind::none) return {&bias};
   if (frozen_) return {};
+  if (fused_nonlinearity_) return {&weight, &bias, &extra};
   return {&weight, &bias};
 }
 
@@ -154,6 +191,11 @@ const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) 
     keep(true);
     return y_;
   }
+  if (!layer_) {
+    function_forward(x, residual);
+    keep(false);
+    return y_;
+  }
   layer_->train(mode == Mode::train);
   if (batch_norm_) batch_norm_->options.eval_batch_stats = mode == Mode::eval_batch_stats;
   layer_->weight = weight.value;
@@ -172,6 +214,7 @@ const Tensor& Norm::backward(const Tensor& dy) {
   // g = relu ? dy * (y > 0) : dy is the residual's gradient; the layer writes it in the same
   // pass as its reductions when there is a residual to give it to.
   if (had_residual_) g_.resize_like(*x_);
+  if (!layer_) return function_backward(dy);
   if (synced_forward_) {
     const BackwardEpilogue epilogue{
         .activation = relu_ ? Activation::relu : Activation::none,
@@ -197,6 +240,77 @@ const Tensor& Norm::backward(const Tensor& dy) {
   layer_->backward(dy.view(), dx_.view(), had_residual_ ? g_.view() : TensorView{});
   std::copy(layer_->weight_grad.begin(), layer_->weight_grad.end(), weight.grad.begin());
   std::copy(layer_->bias_grad.begin(), layer_->bias_grad.end(), bias.grad.begin());
+  return dx_;
+}
+
+const Tensor& Norm::function_forward(const Tensor& x, const Tensor* residual) {
+  if (residual && !residual->same_shape(x))
+    throw Error("Norm " + bias.name + ": the residual's shape does not match the input's");
+  const size_t c = static_cast<size_t>(x.c), n = static_cast<size_t>(x.n);
+  // With a residual the op writes z_, and y = relu?(z + residual) follows.
+  Tensor& out = residual ? z_ : y_;
+  out.resize_like(x);
+  if (kind_ == NormKind::frn) {
+    op_rstd_.resize(n * c);
+    // Without the TLU: tau = -inf, so max(z, tau) = z and tau gets no gradient.
+    if (!fused_nonlinearity_) op_tau_.assign(c, -std::numeric_limits<float>::infinity());
+    frn_forward(kFrnEps, x.view(), weight.value, bias.value,
+                fused_nonlinearity_ ? extra.value : op_tau_, out.view(), op_rstd_);
+  } else {
+    const size_t g = static_cast<size_t>(groups_);
+    op_mean_.resize(n * g);
+    op_rstd_.resize(n * g);
+    if (!fused_nonlinearity_) {
+      // x * sigmoid(0) * rstd * (2 gamma) = x / std * gamma, exactly: the factors are powers of 2.
+      op_v_.assign(c, 0.0f);
+      op_weight_.resize(c);
+      for (size_t i = 0; i < c; ++i) op_weight_[i] = 2.0f * weight.value[i];
+    }
+    evonorm_s0_forward({.num_groups = groups_, .eps = kEvoNormEps}, x.view(),
+                       fused_nonlinearity_ ? extra.value : op_v_,
+                       fused_nonlinearity_ ? weight.value : op_weight_, bias.value, out.view(),
+                       op_mean_, op_rstd_);
+  }
+  if (residual) {
+    const float* z = z_.ptr();
+    const float* r = residual->ptr();
+    float* y = y_.ptr();
+    for (int64_t i = 0; i < x.numel(); ++i) {
+      const float s = z[i] + r[i];
+      y[i] = relu_ ? std::max(s, 0.0f) : s;
+    }
+  }
+  return y_;
+}
+
+const Tensor& Norm::function_backward(const Tensor& dy) {
+  if (!dy.same_shape(*x_))
+    throw Error("Norm " + bias.name + ": backward dy shape does not match the forward input");
+  const Tensor* d = &dy;
+  if (had_residual_) {
+    // The sum's gradient, masked by the ReLU: the residual's and the op's output's.
+    const float* y = y_.ptr();
+    const float* dyp = dy.ptr();
+    float* g = g_.ptr();
+    for (int64_t i = 0; i < dy.numel(); ++i) g[i] = !relu_ || y[i] > 0 ? dyp[i] : 0.0f;
+    d = &g_;
+  }
+  if (kind_ == NormKind::frn) {
+    frn_backward(d->view(), x_->view(), op_rstd_, weight.value, bias.value,
+                 fused_nonlinearity_ ? extra.value : op_tau_, dx_.view(), weight.grad, bias.grad,
+                 fused_nonlinearity_ ? std::span<float>(extra.grad) : std::span<float>());
+    return dx_;
+  }
+  if (fused_nonlinearity_) {
+    evonorm_s0_backward(groups_, d->view(), x_->view(), op_mean_, op_rstd_, extra.value,
+                        weight.value, dx_.view(), extra.grad, weight.grad, bias.grad);
+    return dx_;
+  }
+  op_dweight_.resize(weight.size());
+  evonorm_s0_backward(groups_, d->view(), x_->view(), op_mean_, op_rstd_, op_v_, op_weight_,
+                      dx_.view(), {}, op_dweight_, bias.grad);
+  // The op's weight is 2 gamma.
+  for (size_t i = 0; i < weight.size(); ++i) weight.grad[i] = 2.0f * op_dweight_[i];
   return dx_;
 }
 

@@ -12,6 +12,17 @@
 //       FrozenBatchNorm2d when detection fine-tunes at one or two images per device). Nothing
 //       of it is trained: params() is empty, and gamma, beta and the statistics are buffers,
 //       loaded from a BN checkpoint (trainer.h's init_from) and saved in the run's checkpoints.
+//   gn+ws: gn's normkit::GroupNorm; the convolutions standardize their weights (conv.h)
+//   frn: normkit's frn_forward/frn_backward (eps 1e-6, fixed), Filter Response Normalization;
+//       with the TLU y = max(z, tau) (tau learned, "<layer>.tau") where the norm is followed by
+//       a ReLU and no residual, else without it (tau = -inf, as the FRN paper's last norm of
+//       a block before the add)
+//   evonorm: normkit's evonorm_s0_forward/backward with `groups` groups, eps 1e-5, v learned
+//       ("<layer>.v", starting at 1) where the norm is followed by a ReLU and no residual; else
+//       the variant without the nonlinearity, x / group_std * gamma + beta, as the same op with
+//       v = 0 (sigmoid(0) = 1/2) and weight 2 * gamma, exact
+// For frn and evonorm with a residual, the nonlinearity-free variant comes first, then the sum
+// and the block's ReLU: y = relu(norm(x) + residual).
 // Each kind has a per-channel affine (weight = gamma, bias = beta); `none` has the bias only.
 // The ResNet epilogue is part of the layer: y = relu?(norm(x) + residual?), and backward gives
 // both dx and the residual's gradient g = relu ? dy * (y > 0) : dy.
@@ -27,11 +38,15 @@
 
 namespace normkit::train {
 
-enum class NormKind { batch, group, layer, instance, none, frozen };
+enum class NormKind { batch, group, layer, instance, none, frozen, group_ws, frn, evonorm };
 
-// "bn", "gn", "ln", "in", "none", "frozen" <-> NormKind. parse throws normkit::Error on anything else.
+// "bn", "gn", "ln", "in", "none", "frozen", "gn+ws", "frn", "evonorm" <-> NormKind. parse throws normkit::Error on anything else.
 NormKind parse_norm_kind(const std::string& s);
 const char* to_string(NormKind kind);
+// Whether the kind cuts channels into --groups groups (gn, gn+ws, evonorm).
+bool uses_groups(NormKind kind);
+// Whether the convolutions before the norms standardize their weights (gn+ws).
+bool standardizes_weights(NormKind kind);
 
 enum class Mode {
   train,             // batch statistics; BN updates its running statistics
@@ -39,7 +54,8 @@ enum class Mode {
   eval_batch_stats,  // BN normalizes with each evaluation batch's own statistics
 };
 
-// normkit's layer for `kind` on `channels` channels. Throws the layer's
+// normkit's layer for `kind` on `channels` channels (null for frn and evonorm, which the Norm
+// runs on normkit's functions; evonorm's group count is checked as gn's). Throws the layer's
 // normkit::Error, prefixed with `name` and the --groups option when it rejects gn's group count.
 std::unique_ptr<NormLayer> make_norm_layer(const std::string& name, NormKind kind, int channels,
                                            int groups);
@@ -62,9 +78,10 @@ struct SyncBatchNorm {
 class Norm {
  public:
   // Throws as make_norm_layer. zero_gamma: weight starts at 0 (the last norm of a residual
-  // branch), else 1.
+  // branch), else 1. residual: forwards add a residual before the ReLU (frn and evonorm then
+  // use their variant without the nonlinearity).
   Norm(const std::string& name, NormKind kind, int channels, int groups, bool zero_gamma,
-       bool relu);
+       bool relu, bool residual = false);
 
   // Reads x (N, H, W, C) and residual (optional, shape of x), which must stay unchanged until
   // backward. Returns y = relu?(norm(x) + residual?), owned here.
@@ -96,6 +113,9 @@ class Norm {
   // The optimizer's and the checkpoint's copy of the affine parameters; the layer reads them at
   // each forward and its gradients land in weight.grad and bias.grad.
   Param weight, bias;
+  // frn's tau or evonorm's v where the kind's nonlinearity is used (in params() then); else
+  // empty.
+  Param extra;
   // BN's running statistics (the layer's own); empty for the other kinds.
   const std::vector<float>& running_mean() const;
   const std::vector<float>& running_var() const;
@@ -104,6 +124,7 @@ class Norm {
   NormKind kind_;
   int groups_;  // the group count of gn, ln (1) and in (C); 0 for the others
   bool relu_;
+  bool fused_nonlinearity_ = false;  // frn's TLU or evonorm's sigmoid gate
   std::unique_ptr<NormLayer> layer_;
   BatchNorm* batch_norm_ = nullptr;  // layer_ as BN, for its running statistics and eval mode
   FrozenBatchNorm* frozen_ = nullptr;  // layer_ as frozen BN, for its statistics
@@ -115,6 +136,12 @@ class Norm {
   bool cumulative_ = false;
   std::vector<double> partials_, sum_g_, sum_g_xmu_;
   std::vector<float> save_mean_, save_invstd_;
+  // frn and evonorm: the op's saved statistics, constant operands, and the pre-sum output and
+  // its gradient when a residual is added after the op.
+  std::vector<float> op_mean_, op_rstd_, op_tau_, op_v_, op_weight_, op_dweight_;
+  Tensor z_, dz_;
+  const Tensor& function_forward(const Tensor& x, const Tensor* residual);
+  const Tensor& function_backward(const Tensor& dy);
   const Tensor* x_ = nullptr;
   bool had_residual_ = false;
   Tensor y_, dx_, g_;

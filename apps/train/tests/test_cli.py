@@ -332,3 +332,47 @@ def test_sweep_refuses_bad_study_options_by_name(data_dir, tmp_path, args, needl
               "--out", tmp_path / "bad", *SMALL)
     assert r.returncode != 0 and needle in r.stderr, r.stderr
     assert not (tmp_path / "bad" / "results.csv").exists()
+
+
+def test_sweep_trains_the_newer_arms_on_two_devices(data_dir, tmp_path):
+    out = tmp_path / "arms"
+    r = train("sweep", "--norms", "gn+ws,frn,evonorm", "--groups", "2", "--batches", "4",
+              "--devices", "2", "--data", data_dir, "--out", out, *SMALL)
+    assert r.returncode == 0, r.stderr
+    with open(out / "results.csv") as f:
+        rows = {row["norm"]: row for row in csv.DictReader(f)}
+    assert sorted(rows) == ["evonorm", "frn", "gn+ws"]
+    assert (rows["gn+ws"]["groups"], rows["frn"]["groups"], rows["evonorm"]["groups"]) == ("2", "", "2")
+    for norm in rows:
+        assert rows[norm]["devices"] == "2"
+        m = json.loads((out / "runs" / f"{norm}_b4.json").read_text())
+        assert m["norm"] == norm
+        assert np.isfinite(m["train_loss"])
+    md = (out / "results.md").read_text()
+    for label in ("| GN+WS (G=2)", "| FRN", "| EvoNorm-S0 (G=2)"):
+        assert label in md
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["sweep", "--norms", "frn,gnws", "--batches", "8"], "the norm must be bn, gn, ln, in, none, gn+ws, frn, evonorm"),
+    (["run", "--norm", "evonorm", "--groups", "3"], "--groups 3 is refused for the 4 channels of stem.norm"),
+    (["run", "--norm", "gn+ws", "--groups", "3"], "--groups 3 is refused for the 4 channels of stem.norm"),
+    (["run", "--norm", "frn", "--sync-bn"], "--sync-bn"),
+    (["run", "--norm", "ws"], "--norm: ws not in {bn,gn,ln,in,none,frozen,gn+ws,frn,evonorm}"),
+])
+def test_the_newer_arms_refuse_bad_options(data_dir, tmp_path, args, needle):
+    r = train(*args, "--data", data_dir, "--out" if args[0] == "sweep" else "--quiet",
+              *([tmp_path / "o"] if args[0] == "sweep" else []), "--epochs", "1",
+              "--widths", "4,4,4", "--threads", "1")
+    assert r.returncode != 0, r.stderr
+    assert needle in r.stderr, r.stderr
+    assert r.stdout == "" or "Error" not in r.stdout
+
+
+def test_run_help_says_where_frn_and_evonorm_drop_their_nonlinearity():
+    r = train("run", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for needle in ("gn+ws", "FRN without the TLU before each residual add",
+                   "x / group_std * gamma + beta"):
+        assert needle in text

@@ -92,6 +92,11 @@ TEST_P(DeviceStepTest, IsTheDevicesMeanGradientSummedInDeviceOrder) {
 INSTANTIATE_TEST_SUITE_P(Devices, DeviceStepTest,
                          ::testing::Combine(::testing::Values(NormKind::batch, NormKind::group),
                                             ::testing::Values(1, 2, 3)));
+// The newer arms have no batch statistics: per-replica parameters as gn's, nothing exchanged.
+INSTANTIATE_TEST_SUITE_P(Arms, DeviceStepTest,
+                         ::testing::Combine(::testing::Values(NormKind::group_ws, NormKind::frn,
+                                                              NormKind::evonorm),
+                                            ::testing::Values(2, 3)));
 
 // The first step's loss and device 0's running statistics after it.
 struct FirstStep {
@@ -112,7 +117,8 @@ FirstStep first_step(TrainConfig c, const Data& data, const std::string& tag) {
 
 TEST(Devices, PerDeviceBatchNormIsNotOneBigBatchButGroupNormIs) {
   const Data data = tiny_data();
-  for (NormKind kind : {NormKind::batch, NormKind::group}) {
+  for (NormKind kind : {NormKind::batch, NormKind::group, NormKind::group_ws, NormKind::frn,
+                        NormKind::evonorm}) {
     const std::string tag = to_string(kind);
     const FirstStep four = first_step(devices_config(kind, 4, 2, ""), data, tag + "_4x2");
     const FirstStep one = first_step(devices_config(kind, 1, 8, ""), data, tag + "_1x8");

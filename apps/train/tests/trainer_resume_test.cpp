@@ -89,6 +89,37 @@ INSTANTIATE_TEST_SUITE_P(Stops, ResumeTest,
                          ::testing::Combine(::testing::Values(NormKind::batch, NormKind::group),
                                             ::testing::Values(int64_t{7}, int64_t{12}, int64_t{35})));
 
+// The newer arms: tau, v and the raw weights of standardized convolutions resume too.
+INSTANTIATE_TEST_SUITE_P(Arms, ResumeTest,
+                         ::testing::Combine(::testing::Values(NormKind::group_ws, NormKind::frn,
+                                                              NormKind::evonorm),
+                                            ::testing::Values(int64_t{7}, int64_t{12})));
+
+TEST(Trainer, CheckpointsHoldTheArmsOwnParameters) {
+  const Data data = tiny_data();
+  for (NormKind kind : {NormKind::frn, NormKind::evonorm}) {
+    const std::string path = temp_path(std::string("arm_") + to_string(kind) + ".safetensors");
+    train_run(tiny_config(kind, path), data);
+    const TensorMap state = state_of(path);
+    const std::string extra = kind == NormKind::frn ? ".tau" : ".v";
+    // The TLU (the gate) after stem.norm and each block's norm1, none where a sum follows.
+    EXPECT_TRUE(state.count("param/stem.norm" + extra)) << path;
+    EXPECT_TRUE(state.count("param/stage1.block1.norm1" + extra)) << path;
+    EXPECT_TRUE(state.count("momentum/stage1.block1.norm1" + extra)) << path;
+    EXPECT_FALSE(state.count("param/stage1.block1.norm2" + extra)) << path;
+    EXPECT_FALSE(state.count("param/stage2.block1.shortcut.norm" + extra)) << path;
+    // A checkpoint of one arm starts a run of the same arm, not of another norm family.
+    TrainConfig next = tiny_config(kind, "");
+    next.init_from = path;
+    next.epochs = 1;
+    EXPECT_TRUE(train_run(next, data).finished);
+    TrainConfig other = tiny_config(kind == NormKind::frn ? NormKind::evonorm : NormKind::frn, "");
+    other.init_from = path;
+    EXPECT_THROW(train_run(other, data), IoError);
+    std::filesystem::remove(path);
+  }
+}
+
 TEST(Trainer, SameSeedSameRunOtherSeedOtherRun) {
   const Data data = tiny_data();
   const std::string p1 = temp_path("seed_a.safetensors"), p2 = temp_path("seed_b.safetensors"),
