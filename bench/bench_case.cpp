@@ -36,6 +36,7 @@ const char* family_name(Family f) {
     case Family::layer_norm: return "ln";
     case Family::instance_norm: return "in";
     case Family::rms_norm: return "rms";
+    case Family::batch_renorm: return "brn";
   }
   return "?";
 }
@@ -54,7 +55,9 @@ std::string Case::op_name() const {
   if (epilogue == Epilogue::add_relu) s += "+add+relu";
   if (epilogue == Epilogue::silu) s += "+silu";
   switch (op) {
-    case Op::forward: s += family == Family::batch_norm ? ".fwd_train" : ".fwd"; break;
+    case Op::forward:
+      s += family == Family::batch_norm || family == Family::batch_renorm ? ".fwd_train" : ".fwd";
+      break;
     case Op::forward_inference: s += ".fwd_infer"; break;
     case Op::backward: s += ".bwd"; break;
     case Op::forward_backward: s += ".fwd+bwd"; break;
@@ -122,6 +125,9 @@ const std::vector<ShapeSet>& shape_sets() {
       // model, a BERT-sized one, and an odd size for the loop tails.
       {"rms-norm", Family::rms_norm, 1, {{2048, 4096}, {512, 5120}, {4096, 768}, {1001, 3001}},
        {0}},
+      // Batch Renorm (Ioffe 2017) on ResNet-50's BatchNorm shapes at N = 32; BatchNorm's own
+      // cases on the same shapes run beside it as the anchor: it should cost what BN costs.
+      {"batch-renorm", Family::batch_renorm, 1, resnet50(32), {3, 8}},
       {"detection-gn", Family::group_norm, 32, {{2, 256, 200, 304}, {2, 256, 100, 152}}, {1}},
       // The end of a ResNet-50 bottleneck block, relu(norm(x) + identity), with BatchNorm at
       // N = 32 and 2 and with GroupNorm (G = 32, the paper's ResNet-50 GN) at N = 2.
@@ -170,6 +176,7 @@ void add_family_cases(std::vector<Case>& out, const std::string& set, Family fam
 void add_smoke_cases(std::vector<Case>& out, DType dtype) {
   add_family_cases(out, "smoke", Family::batch_norm, 1, {3, 5, 7, 9}, dtype);
   add_family_cases(out, "smoke", Family::batch_norm, 1, {4, 19}, dtype);
+  add_family_cases(out, "smoke", Family::batch_renorm, 1, {3, 5, 7, 9}, dtype);
   add_family_cases(out, "smoke", Family::group_norm, 3, {2, 6, 11, 13}, dtype);
   add_family_cases(out, "smoke", Family::group_norm, 4, {3, 20, 3, 5, 7}, dtype);
   add_family_cases(out, "smoke", Family::group_norm, 2, {1, 6, 29}, dtype);
@@ -212,9 +219,12 @@ std::vector<Case> make_cases(const std::vector<std::string>& sets, const std::ve
       for (std::size_t i = 0; i < set->shapes.size(); ++i) {
         bool keep = !quick;
         for (std::size_t q : set->quick) keep = keep || q == i;
-        if (keep)
-          add_family_cases(out, set->name, set->family, set->groups, set->shapes[i], dtype,
+        if (!keep) continue;
+        if (set->family == Family::batch_renorm)
+          add_family_cases(out, set->name, Family::batch_norm, 1, set->shapes[i], dtype,
                            set->epilogue);
+        add_family_cases(out, set->name, set->family, set->groups, set->shapes[i], dtype,
+                         set->epilogue);
       }
     }
   }

@@ -10,11 +10,11 @@
 
 namespace normkit::bench {
 
-enum class Family { batch_norm, group_norm, layer_norm, instance_norm, rms_norm };
+enum class Family { batch_norm, group_norm, layer_norm, instance_norm, rms_norm, batch_renorm };
 
 enum class Op {
   forward,            // training-mode forward (batch statistics); the only forward of GN, LN, IN
-  forward_inference,  // batch norm with running statistics
+  forward_inference,  // batch norm with running statistics (also batch renorm's inference)
   backward,           // backward of the training forward
   forward_backward,   // training forward, then its backward
 };

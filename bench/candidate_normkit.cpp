@@ -12,6 +12,7 @@
 #include "normkit/instance_norm.h"
 #include "normkit/layer_norm.h"
 #include "normkit/rms_norm.h"
+#include "normkit/batch_renorm.h"
 
 namespace normkit::bench {
 namespace {
@@ -111,7 +112,8 @@ class NormkitCandidate final : public Candidate {
     }
     int64_t stats = 0;
     switch (c.family) {
-      case Family::batch_norm: stats = c.channels(); break;
+      case Family::batch_norm:
+      case Family::batch_renorm: stats = c.channels(); break;
       case Family::group_norm: stats = c.batch() * c.groups; break;
       case Family::layer_norm:
       case Family::rms_norm: stats = c.batch(); break;  // rows
@@ -119,6 +121,8 @@ class NormkitCandidate final : public Candidate {
     }
     mean_.assign(stats, 0.f);
     rstd_.assign(stats, 0.f);
+    r_.assign(c.family == Family::batch_renorm ? stats : 0, 0.f);
+    d_.assign(r_.size(), 0.f);
     dweight_.assign(data.weight.size(), 0.f);
     dbias_.assign(data.bias.size(), 0.f);
     running_mean_ = data.running_mean;
@@ -127,7 +131,8 @@ class NormkitCandidate final : public Candidate {
     ctx_.workspace = {};
     std::size_t scratch = 0;
     switch (c.family) {
-      case Family::batch_norm: scratch = batch_norm_workspace_size(x_); break;
+      case Family::batch_norm:
+      case Family::batch_renorm: scratch = batch_norm_workspace_size(x_); break;
       case Family::group_norm:
         scratch = group_norm_workspace_size(group_norm_params(c.groups), x_);
         break;
@@ -172,7 +177,11 @@ class NormkitCandidate final : public Candidate {
       if (c_->op != Op::forward_inference) {
         if (c_->family != Family::rms_norm) out.add("mean", mean_);  // RMSNorm has none
         out.add("rstd", rstd_);
-        if (c_->family == Family::batch_norm) {
+        if (c_->family == Family::batch_renorm) {
+          out.add("r", r_);
+          out.add("d", d_);
+        }
+        if (c_->family == Family::batch_norm || c_->family == Family::batch_renorm) {
           out.add("running_mean", running_mean_);
           out.add("running_var", running_var_);
         }
@@ -248,6 +257,13 @@ class NormkitCandidate final : public Candidate {
         rms_norm_forward(p, x_, w, y, rstd_, ctx_);
         break;
       }
+      case Family::batch_renorm: {
+        BatchRenormParams p;
+        p.epilogue = forward_epilogue();
+        batch_renorm_forward_training(p, x_, w, b, y, mean_, rstd_, r_, d_, running_mean_,
+                                      running_var_, ctx_);
+        break;
+      }
       case Family::instance_norm:
         instance_norm_forward(instance_norm_params(), x_, w, b, {}, {}, y, mean_, rstd_, ctx_);
         break;
@@ -268,6 +284,10 @@ class NormkitCandidate final : public Candidate {
       case Family::batch_norm:
         batch_norm_backward_training({.epilogue = backward_epilogue()}, dy_, x_, mean_, rstd_, w,
                                      dx, dweight_, dbias_, ctx_);
+        break;
+      case Family::batch_renorm:
+        batch_renorm_backward_training({.epilogue = backward_epilogue()}, dy_, x_, mean_, rstd_,
+                                       r_, d_, w, dx, dweight_, dbias_, ctx_);
         break;
       case Family::group_norm: {
         GroupNormBackwardParams p;
@@ -303,7 +323,7 @@ class NormkitCandidate final : public Candidate {
   const CaseData* data_ = nullptr;
   TensorView x_, dy_;
   Buffer y_, dx_, dresidual_, workspace_;
-  std::vector<float> mean_, rstd_, running_mean_, running_var_, dweight_, dbias_;
+  std::vector<float> mean_, rstd_, r_, d_, running_mean_, running_var_, dweight_, dbias_;
 };
 
 }  // namespace

@@ -89,6 +89,7 @@ class OnednnCandidate final : public Candidate {
     }
     // Not compared: normkit-bench does not build oneDNN's RMS variant of layer_normalization.
     if (c.family == Family::rms_norm) return "no RMS norm compared";
+    if (c.family == Family::batch_renorm) return "no Batch Renorm in oneDNN";
     memory::desc workspace_md;
 
     try {
@@ -123,7 +124,8 @@ class OnednnCandidate final : public Candidate {
           }
           break;
         }
-        case Family::rms_norm: break;  // refused above
+        case Family::rms_norm:
+        case Family::batch_renorm: break;  // refused above
         case Family::layer_norm: {
           dnnl::layer_normalization_forward::primitive_desc pd(eng, fwd_kind, md, md, kEps,
                                                                flags);

@@ -175,7 +175,8 @@ int64_t reduction_unit(const Case& c) {
     case Family::group_norm:
       return (last ? c.channels() : c.channels() / c.groups) * c.spatial_size();
     case Family::instance_norm: return (last ? c.channels() : 1) * c.spatial_size();
-    case Family::batch_norm: return c.numel();
+    case Family::batch_norm:
+    case Family::batch_renorm: return c.numel();
   }
   return c.numel();
 }

@@ -31,6 +31,8 @@ class TorchCandidate final : public Candidate {
   std::string name() const override { return "torch"; }
 
   std::string prepare(const Case& c, const CaseData& data) override {
+    // ATen has no Batch Renorm kernel; its composition is timed by bench/torch_batch_renorm.py.
+    if (c.family == Family::batch_renorm) return "no Batch Renorm kernel in ATen";
     c_ = &c;
     sizes_ = c.shape;
     strides_ = strides_of(c);
@@ -157,6 +159,7 @@ class TorchCandidate final : public Candidate {
         const at::Tensor r = at::rsqrt(xf.pow(2).mean({-1}, /*keepdim=*/true) + kEps);
         return (xf * r * w).to(x.scalar_type());
       }
+      case Family::batch_renorm: break;  // refused in prepare
       case Family::instance_norm:
         return at::instance_norm(x, w, b, {}, {}, /*use_input_stats=*/true, kMomentum, kEps,
                                  false);

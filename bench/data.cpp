@@ -83,7 +83,7 @@ CaseData::CaseData(const Case& c) : x(c.bytes()), dy(c.bytes()) {
   bias.resize(params);
   fill_uniform(weight, 0.5f, 1.5f, 3);
   fill_uniform(bias, -0.5f, 0.5f, 4);
-  if (c.family == Family::batch_norm) {
+  if (c.family == Family::batch_norm || c.family == Family::batch_renorm) {
     running_mean.resize(params);
     running_var.resize(params);
     fill_uniform(running_mean, 0.0f, 1.0f, 5);

@@ -31,6 +31,7 @@
 
 #include "array_args.h"
 #include "normkit/batch_norm.h"
+#include "normkit/batch_renorm.h"
 #include "normkit/context.h"
 #include "normkit/error.h"
 #include "normkit/fold_batch_norm.h"
@@ -385,6 +386,92 @@ py::tuple batch_norm_backward_impl(const py::object& dy_in, const py::object& x_
                                              dweight.span, dbias.span);
     });
   }
+  return backward_result(dx.tensor.value, or_none(dweight), or_none(dbias), fused);
+}
+
+// ---------------------------------------------------------------------------------------------
+// batch_renorm: training is BatchNorm corrected by r and d (saved for the backward); inference is
+// batch_norm's with the running statistics.
+
+py::tuple batch_renorm_forward_impl(const char* function, const py::object& x_in,
+                                    const OptionalArray& running_mean_in,
+                                    const OptionalArray& running_var_in,
+                                    const OptionalArray& weight_in, const OptionalArray& bias_in,
+                                    bool training, double momentum, double eps, double r_max,
+                                    double d_max, const py::object& activation,
+                                    const OptionalArray& residual) {
+  const Activation x = activation_input(function, "x", x_in);
+  const RunningStat running_mean =
+      running_stat(function, "running_mean", running_mean_in, training);
+  const RunningStat running_var =
+      running_stat(function, "running_var", running_var_in, training);
+  const VectorIn weight = vector_input(function, "weight", weight_in);
+  const VectorIn bias = vector_input(function, "bias", bias_in);
+  const FusedForward fused = forward_epilogue(function, activation, residual, x, x.view);
+  const Activation y = activation_output(x);
+  const Shape stats{training ? channels_of(x.view) : 0};
+  const VectorOut saved[4] = {vector_output(x.tensor, stats), vector_output(x.tensor, stats),
+                              vector_output(x.tensor, stats), vector_output(x.tensor, stats)};
+  if (training) {
+    normkit::BatchRenormParams params;
+    params.eps = eps, params.momentum = momentum, params.r_max = r_max, params.d_max = d_max;
+    params.epilogue = fused.epilogue;
+    without_gil([&] {
+      normkit::batch_renorm_forward_training(params, x.view, weight.span, bias.span, y.view,
+                                             saved[0].span, saved[1].span, saved[2].span,
+                                             saved[3].span, running_mean.span, running_var.span);
+    });
+    // An empty batch has no statistics and the kernel writes none; give them a defined value.
+    if (x.tensor.size() == 0)
+      for (const VectorOut& v : saved) std::fill(v.span.begin(), v.span.end(), 0.0f);
+  } else {
+    const normkit::BatchNormParams params{eps, momentum, fused.epilogue};
+    without_gil([&] {
+      normkit::batch_norm_forward_inference(params, x.view, weight.span, bias.span,
+                                            running_mean.span, running_var.span, y.view);
+    });
+  }
+  return py::make_tuple(y.tensor.value, saved[0].value, saved[1].value, saved[2].value,
+                        saved[3].value);
+}
+
+py::tuple batch_renorm_backward_impl(const py::object& dy_in, const py::object& x_in,
+                                     const OptionalArray& weight_in,
+                                     const OptionalArray& save_mean_in,
+                                     const OptionalArray& save_invstd_in,
+                                     const OptionalArray& save_r_in,
+                                     const OptionalArray& save_d_in, bool training,
+                                     const OptionalArray& running_mean_in,
+                                     const OptionalArray& running_var_in, double eps,
+                                     const BackwardEpilogueArgs& fused_args) {
+  const char* function = "batch_renorm_backward";
+  if (!training)
+    return batch_norm_backward_impl(dy_in, x_in, weight_in, save_mean_in, save_invstd_in, false,
+                                    running_mean_in, running_var_in, eps, fused_args);
+  const Activation x = activation_input(function, "x", x_in);
+  const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
+  const VectorIn weight = vector_input(function, "weight", weight_in);
+  const FusedBackward fused = backward_epilogue(
+      function, fused_args, x, x.view,
+      [&](const OptionalArray& b) { return vector_input(function, "bias", b); });
+  const Activation dx = activation_output(x);
+  VectorOut dweight, dbias;
+  if (weight.present()) {
+    dweight = vector_output(x.tensor, {channels_of(x.view)});
+    dbias = vector_output(x.tensor, {channels_of(x.view)});
+  }
+  if (!save_mean_in || !save_invstd_in || !save_r_in || !save_d_in)
+    value_error(function, "save_mean, save_invstd, save_r and save_d (from batch_renorm_forward "
+                          "with training=True) are required when training=True");
+  const VectorIn save_mean = vector_input(function, "save_mean", save_mean_in);
+  const VectorIn save_invstd = vector_input(function, "save_invstd", save_invstd_in);
+  const VectorIn save_r = vector_input(function, "save_r", save_r_in);
+  const VectorIn save_d = vector_input(function, "save_d", save_d_in);
+  without_gil([&] {
+    normkit::batch_renorm_backward_training({fused.epilogue}, dy.view, x.view, save_mean.span,
+                                            save_invstd.span, save_r.span, save_d.span,
+                                            weight.span, dx.view, dweight.span, dbias.span);
+  });
   return backward_result(dx.tensor.value, or_none(dweight), or_none(dbias), fused);
 }
 
@@ -1116,6 +1203,76 @@ training=False: the statistics are constants; running_mean, running_var (length 
 those of the forward, and save_mean / save_invstd are not read.
 Returns (dx, dweight, dbias): dx has x's shape and memory format; dweight and dbias (float32,
 length C) are None when weight is None.)doc"
+      BACKWARD_EPILOGUE_DOC);
+
+  m.def("batch_renorm", [](const py::object& x, const OptionalArray& running_mean,
+                           const OptionalArray& running_var, const OptionalArray& weight,
+                           const OptionalArray& bias, bool training, double momentum, double eps,
+                           double r_max, double d_max, const py::object& activation,
+                           const OptionalArray& residual) {
+        return batch_renorm_forward_impl("batch_renorm", x, running_mean, running_var, weight,
+                                         bias, training, momentum, eps, r_max, d_max, activation,
+                                         residual)[0]
+            .cast<py::object>();
+      },
+      py::arg("x"), py::arg("running_mean"), py::arg("running_var"),
+      py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("training") = false,
+      py::arg("momentum") = 0.01, py::arg("eps") = 1e-5, py::arg("r_max") = 3.0,
+      py::arg("d_max") = 5.0, FORWARD_EPILOGUE_ARGS,
+      R"doc(Batch renormalization (Ioffe 2017).
+
+x: (N, C, *spatial). running_mean, running_var: float32, length C, required.
+training=True: per channel, with the batch mean and sigma = sqrt(biased var + eps) and
+sigma_run = sqrt(running_var + eps) (before the update),
+    r = clip(sigma / sigma_run, 1 / r_max, r_max)
+    d = clip((mean - running_mean) / sigma_run, -d_max, d_max)
+    y = weight * ((x - mean) / sigma * r + d) + bias
+then the running statistics are updated in place as batch_norm's (momentum, unbiased variance).
+r_max = 1 and d_max = 0 give batch_norm. training=False: batch_norm's inference.
+Returns y, a new tensor in x's memory format.)doc"
+      FORWARD_EPILOGUE_DOC);
+
+  m.def("batch_renorm_forward", [](const py::object& x, const OptionalArray& running_mean,
+                                   const OptionalArray& running_var, const OptionalArray& weight,
+                                   const OptionalArray& bias, bool training, double momentum,
+                                   double eps, double r_max, double d_max,
+                                   const py::object& activation, const OptionalArray& residual) {
+        return batch_renorm_forward_impl("batch_renorm_forward", x, running_mean, running_var,
+                                         weight, bias, training, momentum, eps, r_max, d_max,
+                                         activation, residual);
+      },
+      py::arg("x"), py::arg("running_mean"), py::arg("running_var"),
+      py::arg("weight") = py::none(), py::arg("bias") = py::none(), py::arg("training") = false,
+      py::arg("momentum") = 0.01, py::arg("eps") = 1e-5, py::arg("r_max") = 3.0,
+      py::arg("d_max") = 5.0, FORWARD_EPILOGUE_ARGS,
+      R"doc(batch_renorm that also returns what its backward needs.
+
+Returns (y, save_mean, save_invstd, save_r, save_d), the last four float32 of length C when
+training (zeros for an empty batch), empty arrays in inference.)doc"
+      FORWARD_EPILOGUE_DOC);
+
+  m.def("batch_renorm_backward",
+        [](const py::object& dy, const py::object& x, const OptionalArray& weight,
+           const OptionalArray& save_mean, const OptionalArray& save_invstd,
+           const OptionalArray& save_r, const OptionalArray& save_d, bool training,
+           const OptionalArray& running_mean, const OptionalArray& running_var, double eps,
+           const py::object& activation, const OptionalArray& y, bool residual_grad,
+           const py::object& residual, const py::object& bias) {
+          return batch_renorm_backward_impl(dy, x, weight, save_mean, save_invstd, save_r,
+                                            save_d, training, running_mean, running_var, eps,
+                                            {activation, y, residual_grad, residual, bias});
+        },
+        py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("save_mean"),
+        py::arg("save_invstd"), py::arg("save_r"), py::arg("save_d"),
+        py::arg("training") = true, py::arg("running_mean") = py::none(),
+        py::arg("running_var") = py::none(), py::arg("eps") = 1e-5, BACKWARD_EPILOGUE_ARGS,
+        R"doc(Gradients of batch_renorm.
+
+training=True: r and d (save_r, save_d from batch_renorm_forward) are constants:
+dx is batch_norm's training dx with the weight weight * r, dweight = sum dy * (xhat * r + d),
+dbias = sum dy. training=False: batch_norm_backward's inference gradients (running_mean,
+running_var and eps of the forward; the saved arrays are not read).
+Returns (dx, dweight, dbias); dweight and dbias are None when weight is None.)doc"
       BACKWARD_EPILOGUE_DOC);
 
   m.def(

@@ -2,6 +2,7 @@
 // Everything normkit offers, in one include.
 #include "normkit/batch_norm.h"
 #include "normkit/batch_norm_steps.h"
+#include "normkit/batch_renorm.h"
 #include "normkit/context.h"
 #include "normkit/error.h"
 #include "normkit/evonorm.h"

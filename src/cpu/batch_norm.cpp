@@ -1082,6 +1082,34 @@ void batch_norm_forward_training(const BatchNormPlan& plan, double eps, double m
 }
 
 template <typename T>
+void batch_norm_statistics(const BatchNormPlan& plan, double eps, double momentum, const T* x,
+                           float* save_mean, float* save_invstd, float* running_mean,
+                           float* running_var, std::span<std::byte> workspace) {
+  const BatchNormShape& sh = plan.shape;
+  if (empty(sh)) return;
+  const int64_t C = sh.channels;
+  const double count = double(sh.batch * sh.spatial);
+  const Kernels<T>& k = kernels<T>();
+  auto at = [](float* p, int64_t c) { return p ? p + c : nullptr; };
+  // The two-phase schedule's sums: both schedules sum the same pieces in the same order.
+  const Scratch scratch = carve(plan, workspace);
+  float* a = scratch.coefficients;
+  float* b = a + C;
+  float* pivot = b + C;
+  const ChannelSums<T> s{k, plan.tiling, x, nullptr, {}, pivot, C};
+#pragma omp parallel num_threads(plan.num_threads) \
+    if (worth_threads(plan.num_threads, sh.batch * C * sh.spatial))
+  {
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < C; ++c) pivot[c] = channel_pivot(x, sh, c);
+    s.reduce(scratch.partial, [&](int64_t c, const PairSums& sums) {
+      k.fold_batch(1, &sums, pivot + c, count, eps, momentum, nullptr, nullptr, save_mean + c,
+                   save_invstd + c, at(running_mean, c), at(running_var, c), a + c, b + c);
+    });
+  }
+}
+
+template <typename T>
 void batch_norm_forward_inference(const BatchNormPlan& plan, double eps,
                                   const ForwardEpilogueOf<T>& epilogue, const T* x,
                                   const float* weight, const float* bias,
@@ -1205,6 +1233,8 @@ void batch_norm_backward_inference(const BatchNormPlan& plan, double eps,
   template void batch_norm_forward_training<T>(                                                 \
       const BatchNormPlan&, double, double, const ForwardEpilogueOf<T>&, const T*, const float*, \
       const float*, T*, float*, float*, float*, float*, std::span<std::byte>);                  \
+  template void batch_norm_statistics<T>(const BatchNormPlan&, double, double, const T*, float*, \
+                                         float*, float*, float*, std::span<std::byte>);         \
   template void batch_norm_forward_inference<T>(                                                \
       const BatchNormPlan&, double, const ForwardEpilogueOf<T>&, const T*, const float*,        \
       const float*, const float*, const float*, T*, std::span<std::byte>);                      \

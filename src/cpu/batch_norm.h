@@ -97,6 +97,15 @@ void batch_norm_forward_training(const BatchNormPlan& plan, double eps, double m
                                  float* save_invstd, float* running_mean, float* running_var,
                                  std::span<std::byte> workspace);
 
+// The training forward's statistics alone, no elementwise pass: the same sums in the same order,
+// so save_mean and save_invstd are bitwise those of batch_norm_forward_training. Overwrites
+// save_mean and save_invstd; updates running_mean and running_var (both or neither null).
+// For ops that normalize with an affine of their own from these statistics (Batch Renorm).
+template <typename T>
+void batch_norm_statistics(const BatchNormPlan& plan, double eps, double momentum, const T* x,
+                           float* save_mean, float* save_invstd, float* running_mean,
+                           float* running_var, std::span<std::byte> workspace);
+
 // One streaming pass with a, b folded from the running statistics. Overwrites y.
 template <typename T>
 void batch_norm_forward_inference(const BatchNormPlan& plan, double eps,
