@@ -37,6 +37,10 @@ const char* family_name(Family f) {
     case Family::instance_norm: return "in";
     case Family::rms_norm: return "rms";
     case Family::batch_renorm: return "brn";
+    case Family::layer_norm2d: return "ln2d";
+    case Family::weight_std: return "ws";
+    case Family::frn: return "frn";
+    case Family::evonorm_s0: return "evo";
   }
   return "?";
 }
@@ -71,7 +75,8 @@ std::string Case::shape_name() const {
     if (i) s += 'x';
     s += std::to_string(shape[i]);
   }
-  if (family == Family::group_norm) s += "/g" + std::to_string(groups);
+  if (family == Family::group_norm || family == Family::evonorm_s0)
+    s += "/g" + std::to_string(groups);
   return s;
 }
 
@@ -128,6 +133,21 @@ const std::vector<ShapeSet>& shape_sets() {
       // Batch Renorm (Ioffe 2017) on ResNet-50's BatchNorm shapes at N = 32; BatchNorm's own
       // cases on the same shapes run beside it as the anchor: it should cost what BN costs.
       {"batch-renorm", Family::batch_renorm, 1, resnet50(32), {3, 8}},
+      // ConvNeXt's LayerNorm2d (over C): its four stages at batch 32 (ConvNeXt-T widths).
+      {"layer-norm2d", Family::layer_norm2d, 1,
+       {{32, 96, 56, 56}, {32, 192, 28, 28}, {32, 384, 14, 14}, {32, 768, 7, 7}}, {1}},
+      // Weight Standardization of ResNet-50's distinct conv weights (C_out, C_in, kh, kw), as
+      // bench/layer_norm2d_ws.py lists them.
+      {"weight-std", Family::weight_std, 1,
+       {{64, 3, 7, 7}, {64, 64, 1, 1}, {64, 64, 3, 3}, {256, 64, 1, 1}, {128, 256, 1, 1},
+        {128, 128, 3, 3}, {512, 128, 1, 1}, {256, 512, 1, 1}, {256, 256, 3, 3},
+        {1024, 256, 1, 1}, {512, 1024, 1, 1}, {512, 512, 3, 3}, {2048, 512, 1, 1},
+        {512, 2048, 1, 1}, {2048, 1024, 1, 1}},
+       {2, 11}},
+      // FRN + TLU and EvoNorm-S0 (G = 32, the paper's) in place of ResNet-50's BatchNorms, as
+      // both papers train them: every activation size class at batch 32.
+      {"frn", Family::frn, 1, resnet50(32), {3, 8}},
+      {"evonorm-s0", Family::evonorm_s0, 32, resnet50(32), {3, 8}},
       {"detection-gn", Family::group_norm, 32, {{2, 256, 200, 304}, {2, 256, 100, 152}}, {1}},
       // The end of a ResNet-50 bottleneck block, relu(norm(x) + identity), with BatchNorm at
       // N = 32 and 2 and with GroupNorm (G = 32, the paper's ResNet-50 GN) at N = 2.
@@ -183,6 +203,10 @@ void add_smoke_cases(std::vector<Case>& out, DType dtype) {
   add_family_cases(out, "smoke", Family::instance_norm, 1, {2, 7, 3, 9, 5}, dtype);
   add_family_cases(out, "smoke", Family::layer_norm, 1, {37, 123}, dtype);
   add_family_cases(out, "smoke", Family::rms_norm, 1, {37, 123}, dtype);
+  add_family_cases(out, "smoke", Family::layer_norm2d, 1, {3, 21, 5, 7}, dtype);
+  add_family_cases(out, "smoke", Family::weight_std, 1, {19, 7, 3, 3}, dtype);
+  add_family_cases(out, "smoke", Family::frn, 1, {3, 11, 5, 7}, dtype);
+  add_family_cases(out, "smoke", Family::evonorm_s0, 4, {2, 20, 3, 5}, dtype);
   add_family_cases(out, "smoke", Family::batch_norm, 1, {3, 10, 5, 7}, dtype, Epilogue::add_relu);
   add_family_cases(out, "smoke", Family::group_norm, 5, {2, 15, 3, 11}, dtype, Epilogue::add_relu);
   add_family_cases(out, "smoke", Family::group_norm, 5, {2, 15, 3, 11}, dtype, Epilogue::silu);

@@ -10,7 +10,18 @@
 
 namespace normkit::bench {
 
-enum class Family { batch_norm, group_norm, layer_norm, instance_norm, rms_norm, batch_renorm };
+enum class Family {
+  batch_norm,
+  group_norm,
+  layer_norm,
+  instance_norm,
+  rms_norm,
+  layer_norm2d,   // over C of (N, C, *spatial), ConvNeXt's LayerNorm2d
+  weight_std,     // a conv weight (C_out, C_in, *kernel) standardized per output channel
+  frn,            // Filter Response Normalization with TLU
+  evonorm_s0,     // EvoNorm-S0, with `groups` groups
+  batch_renorm,   // Batch Renormalization (Ioffe 2017)
+};
 
 enum class Op {
   forward,            // training-mode forward (batch statistics); the only forward of GN, LN, IN
@@ -33,7 +44,7 @@ struct Case {
   // (N, C, *spatial); for layer and RMS norm (rows, cols) with the last dim normalized.
   bool rows() const { return family == Family::layer_norm || family == Family::rms_norm; }
   std::vector<int64_t> shape;
-  int64_t groups = 1;  // group norm only
+  int64_t groups = 1;  // group norm and EvoNorm-S0 only
   MemoryFormat format = MemoryFormat::channels_first;
   DType dtype = DType::float32;
 

@@ -8,17 +8,23 @@
 #include "candidate.h"
 #include "normkit/batch_norm.h"
 #include "normkit/epilogue.h"
+#include "normkit/evonorm.h"
+#include "normkit/frn.h"
 #include "normkit/group_norm.h"
 #include "normkit/instance_norm.h"
 #include "normkit/layer_norm.h"
+#include "normkit/layer_norm2d.h"
 #include "normkit/rms_norm.h"
 #include "normkit/batch_renorm.h"
+#include "normkit/weight_standardization.h"
 
 namespace normkit::bench {
 namespace {
 
 constexpr double kEps = 1e-5;
 constexpr double kMomentum = 0.1;
+constexpr double kLayerNorm2dEps = 1e-6;  // ConvNeXt's
+constexpr double kFrnEps = 1e-6;          // the FRN paper's fixed eps
 
 // Parameters by assignment, so fields the headers add later keep their defaults.
 BatchNormParams batch_norm_params() {
@@ -45,6 +51,13 @@ LayerNormParams layer_norm_params() {
 RmsNormParams rms_norm_params() {
   RmsNormParams p;
   p.normalized_ndim = 1;
+  p.eps = kEps;
+  return p;
+}
+
+EvoNormS0Params evonorm_s0_params(int64_t groups) {
+  EvoNormS0Params p;
+  p.num_groups = groups;
   p.eps = kEps;
   return p;
 }
@@ -118,6 +131,10 @@ class NormkitCandidate final : public Candidate {
       case Family::layer_norm:
       case Family::rms_norm: stats = c.batch(); break;  // rows
       case Family::instance_norm: stats = c.batch() * c.channels(); break;
+      case Family::layer_norm2d: stats = c.batch() * c.spatial_size(); break;  // positions
+      case Family::weight_std: stats = c.batch(); break;                       // C_out
+      case Family::frn: stats = c.batch() * c.channels(); break;
+      case Family::evonorm_s0: stats = c.batch() * c.groups; break;
     }
     mean_.assign(stats, 0.f);
     rstd_.assign(stats, 0.f);
@@ -125,6 +142,7 @@ class NormkitCandidate final : public Candidate {
     d_.assign(r_.size(), 0.f);
     dweight_.assign(data.weight.size(), 0.f);
     dbias_.assign(data.bias.size(), 0.f);
+    dextra_.assign(data.extra.size(), 0.f);
     running_mean_ = data.running_mean;
     running_var_ = data.running_var;
     // Scratch memory given by the caller, so no call allocates.
@@ -140,6 +158,12 @@ class NormkitCandidate final : public Candidate {
       case Family::rms_norm: scratch = rms_norm_workspace_size(rms_norm_params(), x_); break;
       case Family::instance_norm:
         scratch = instance_norm_workspace_size(instance_norm_params(), x_);
+        break;
+      case Family::layer_norm2d: scratch = layer_norm2d_workspace_size(x_, kLayerNorm2dEps); break;
+      case Family::weight_std: scratch = weight_standardization_workspace_size(x_, kEps); break;
+      case Family::frn: scratch = frn_workspace_size(x_); break;
+      case Family::evonorm_s0:
+        scratch = evonorm_s0_workspace_size(evonorm_s0_params(c.groups), x_);
         break;
     }
     if (scratch > 0) {
@@ -175,7 +199,8 @@ class NormkitCandidate final : public Candidate {
     if (fwd) {
       out.add("y", y_.data(), c_->dtype, c_->numel());
       if (c_->op != Op::forward_inference) {
-        if (c_->family != Family::rms_norm) out.add("mean", mean_);  // RMSNorm has none
+        // RMSNorm and FRN have none
+        if (c_->family != Family::rms_norm && c_->family != Family::frn) out.add("mean", mean_);
         out.add("rstd", rstd_);
         if (c_->family == Family::batch_renorm) {
           out.add("r", r_);
@@ -189,8 +214,12 @@ class NormkitCandidate final : public Candidate {
     }
     if (bwd) {
       out.add("dx", dx_.data(), c_->dtype, c_->numel());
-      out.add("dweight", dweight_);
-      if (c_->family != Family::rms_norm) out.add("dbias", dbias_);
+      if (c_->family != Family::weight_std) {  // no parameters
+        out.add("dweight", dweight_);
+        if (c_->family != Family::rms_norm) out.add("dbias", dbias_);
+      }
+      if (c_->family == Family::frn) out.add("dtau", dextra_);
+      if (c_->family == Family::evonorm_s0) out.add("dv", dextra_);
       if (c_->epilogue == Epilogue::add_relu)
         out.add("dresidual", dresidual_.data(), c_->dtype, c_->numel());
     }
@@ -267,6 +296,15 @@ class NormkitCandidate final : public Candidate {
       case Family::instance_norm:
         instance_norm_forward(instance_norm_params(), x_, w, b, {}, {}, y, mean_, rstd_, ctx_);
         break;
+      case Family::layer_norm2d:
+        layer_norm2d_forward(x_, kLayerNorm2dEps, w, b, y, mean_, rstd_, ctx_);
+        break;
+      case Family::weight_std: weight_standardization_forward(x_, kEps, y, mean_, rstd_, ctx_); break;
+      case Family::frn: frn_forward(kFrnEps, x_, w, b, data_->extra, y, rstd_, ctx_); break;
+      case Family::evonorm_s0:
+        evonorm_s0_forward(evonorm_s0_params(c_->groups), x_, data_->extra, w, b, y, mean_, rstd_,
+                           ctx_);
+        break;
     }
   }
 
@@ -315,6 +353,20 @@ class NormkitCandidate final : public Candidate {
         instance_norm_backward(p, dy_, x_, mean_, rstd_, w, dx, dweight_, dbias_, ctx_);
         break;
       }
+      case Family::layer_norm2d:
+        layer_norm2d_backward(dy_, x_, mean_, rstd_, w, dx, dweight_, dbias_, ctx_);
+        break;
+      case Family::weight_std:
+        weight_standardization_backward(dy_, x_, mean_, rstd_, dx, ctx_);  // dy as dw_hat
+        break;
+      case Family::frn:
+        frn_backward(dy_, x_, rstd_, w, data_->bias, data_->extra, dx, dweight_, dbias_, dextra_,
+                     ctx_);
+        break;
+      case Family::evonorm_s0:
+        evonorm_s0_backward(c_->groups, dy_, x_, mean_, rstd_, data_->extra, w, dx, dextra_,
+                            dweight_, dbias_, ctx_);
+        break;
     }
   }
 
@@ -324,6 +376,7 @@ class NormkitCandidate final : public Candidate {
   TensorView x_, dy_;
   Buffer y_, dx_, dresidual_, workspace_;
   std::vector<float> mean_, rstd_, r_, d_, running_mean_, running_var_, dweight_, dbias_;
+  std::vector<float> dextra_;  // FRN's dtau, EvoNorm-S0's dv
 };
 
 }  // namespace

@@ -90,6 +90,10 @@ class OnednnCandidate final : public Candidate {
     // Not compared: normkit-bench does not build oneDNN's RMS variant of layer_normalization.
     if (c.family == Family::rms_norm) return "no RMS norm compared";
     if (c.family == Family::batch_renorm) return "no Batch Renorm in oneDNN";
+    // No primitive for these; torch's compositions are timed by the Python scripts instead.
+    if (c.family == Family::layer_norm2d || c.family == Family::weight_std ||
+        c.family == Family::frn || c.family == Family::evonorm_s0)
+      return "no primitive for this op";
     memory::desc workspace_md;
 
     try {
@@ -125,7 +129,11 @@ class OnednnCandidate final : public Candidate {
           break;
         }
         case Family::rms_norm:
-        case Family::batch_renorm: break;  // refused above
+        case Family::batch_renorm:
+        case Family::layer_norm2d:
+        case Family::weight_std:
+        case Family::frn:
+        case Family::evonorm_s0: break;  // refused above
         case Family::layer_norm: {
           dnnl::layer_normalization_forward::primitive_desc pd(eng, fwd_kind, md, md, kEps,
                                                                flags);

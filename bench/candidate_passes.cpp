@@ -177,6 +177,12 @@ int64_t reduction_unit(const Case& c) {
     case Family::instance_norm: return (last ? c.channels() : 1) * c.spatial_size();
     case Family::batch_norm:
     case Family::batch_renorm: return c.numel();
+    // A sample's plane, vectorized across positions; channels-last: a position's C values.
+    case Family::layer_norm2d: return last ? c.channels() : c.channels() * c.spatial_size();
+    case Family::weight_std: return c.numel() / c.batch();  // an output channel's values
+    case Family::frn: return (last ? c.channels() : 1) * c.spatial_size();
+    case Family::evonorm_s0:
+      return (last ? c.channels() : c.channels() / c.groups) * c.spatial_size();
   }
   return c.numel();
 }

@@ -33,6 +33,11 @@ class TorchCandidate final : public Candidate {
   std::string prepare(const Case& c, const CaseData& data) override {
     // ATen has no Batch Renorm kernel; its composition is timed by bench/torch_batch_renorm.py.
     if (c.family == Family::batch_renorm) return "no Batch Renorm kernel in ATen";
+    // torch has no kernel for these: its compositions are timed by bench/layer_norm2d_ws.py and
+    // bench/torch_frn_evonorm.py.
+    if (c.family == Family::layer_norm2d || c.family == Family::weight_std ||
+        c.family == Family::frn || c.family == Family::evonorm_s0)
+      return "composition only (bench/*.py)";
     c_ = &c;
     sizes_ = c.shape;
     strides_ = strides_of(c);
@@ -163,6 +168,10 @@ class TorchCandidate final : public Candidate {
       case Family::instance_norm:
         return at::instance_norm(x, w, b, {}, {}, /*use_input_stats=*/true, kMomentum, kEps,
                                  false);
+      case Family::layer_norm2d:
+      case Family::weight_std:
+      case Family::frn:
+      case Family::evonorm_s0: break;  // refused in prepare
     }
     return {};
   }

@@ -42,6 +42,7 @@ struct CaseData {
   Buffer residual;                                // with Epilogue::add_relu
   std::vector<float> weight, bias;                // C (layer norm: cols)
   std::vector<float> running_mean, running_var;   // batch norm only: C
+  std::vector<float> extra;  // C: FRN's tau, EvoNorm-S0's v; empty for the others
 
   explicit CaseData(const Case& c);
 };
@@ -77,10 +78,11 @@ struct CheckResult {
 
 // Compares every output the candidate has in common with the reference.
 // A NaN anywhere, or an error above `tolerance`, fails. With `relu_masked` (the case ends in a
-// ReLU), dx and dresidual may differ in a few elements, at most 1e-5 of them: where the
-// pre-activation is within rounding of 0, two correct implementations can disagree on the mask.
-// Each such element also moves its channel's dweight and dbias sums by one term, so those are
-// held to 50x the tolerance (one flipped term of a few thousand).
+// ReLU, or in FRN's TLU), dx and dresidual may differ in a few elements, at most 1e-5 of them:
+// where the pre-activation is within rounding of the kink (0, or tau), two correct
+// implementations can disagree on the mask. Each such element also moves its channel's dweight,
+// dbias (and dtau) sums by one term, so those are held to 50x the tolerance (one flipped term of
+// a few thousand).
 CheckResult compare(const Outputs& candidate, const Outputs& reference, double tolerance,
                     bool relu_masked = false);
 

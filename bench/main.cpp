@@ -280,7 +280,8 @@ int main(int argc, char** argv) {
         if (!nb::is_yardstick(cr.name)) {
           if (ref_status.empty()) {
             cr.check = nb::compare(got, truth, tolerance_for(c.dtype),
-                                   /*relu_masked=*/c.epilogue == nb::Epilogue::add_relu);
+                                   /*relu_masked=*/c.epilogue == nb::Epilogue::add_relu ||
+                                       c.family == nb::Family::frn);
             cr.checked = cr.check.compared;
             if (cr.check.kink_flips > 0)
               cr.note += (cr.note.empty() ? "" : "; ") + std::to_string(cr.check.kink_flips) +

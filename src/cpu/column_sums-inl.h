@@ -1,5 +1,5 @@
-// The one column-sums kernel of the CPU ops: two sums per column of a block of rows, vectorized
-// across columns. BatchNorm's per-channel statistics and gradient sums over rows (channels-last
+// The column-sums kernels of the CPU ops: two sums per column of a block of rows, vectorized
+// across columns (and three, for FRN's and EvoNorm-S0's gradient sums). BatchNorm's per-channel statistics and gradient sums over rows (channels-last
 // data, or channels-first data with short planes) and GroupNorm's channels-last statistics run
 // it; they differ only in the per-element terms and in where a column's float sums go.
 //
@@ -92,6 +92,38 @@ HWY_INLINE void ColumnSums(const T* HWY_RESTRICT x, const T* HWY_RESTRICT dy,
   }
   for (; j + N <= width; j += N) columns(d, j);
   for (; j < width; ++j) columns(d1, j);
+}
+
+// Three sums per column of `width` columns over `rows` rows (row r at offset r * stride), for
+// the gradient sums of FRN and EvoNorm-S0 over channels-last data: per block of `block_rows`
+// rows, each column's float sums start at zero and are added in row order, then added in double
+// to sums[k * width + j] (k < 3). make_step(dd, j) loads column j's coefficients and returns
+// step(o, s0, s1, s2), which adds the terms of the element at offset o. Columns go one vector,
+// then one lane, at a time: a column's arithmetic is the same in every lane and in the tail.
+template <class MakeStep>
+HWY_INLINE void ThreeColumnSums(int64_t rows, int64_t width, int64_t stride, int64_t block_rows,
+                                double* HWY_RESTRICT sums, const MakeStep& make_step) {
+  const DF d;
+  const D1 d1;
+  const int64_t N = int64_t(hn::Lanes(d));
+  auto columns = [&](auto dd, int64_t j, int64_t r0, int64_t block) {
+    const auto step = make_step(dd, j);
+    auto s0 = hn::Zero(dd), s1 = s0, s2 = s0;
+    for (int64_t r = r0; r < r0 + block; ++r) step(r * stride + j, s0, s1, s2);
+    HWY_ALIGN float buf[3][hn::MaxLanes(DF())];
+    hn::StoreU(s0, dd, buf[0]);
+    hn::StoreU(s1, dd, buf[1]);
+    hn::StoreU(s2, dd, buf[2]);
+    for (int k = 0; k < 3; ++k)
+      for (size_t l = 0; l < hn::Lanes(dd); ++l)
+        sums[k * width + j + int64_t(l)] += double(buf[k][l]);
+  };
+  for (int64_t r0 = 0; r0 < rows; r0 += block_rows) {
+    const int64_t block = rows - r0 < block_rows ? rows - r0 : block_rows;
+    int64_t j = 0;
+    for (; j + N <= width; j += N) columns(d, j, r0, block);
+    for (; j < width; ++j) columns(d1, j, r0, block);
+  }
 }
 
 }  // namespace normkit::cpu::HWY_NAMESPACE

@@ -10,6 +10,7 @@
 #include "cpu/parallel.h"
 #include "cpu/scratch.h"
 #include "cpu/simd.h"
+#include "cpu/column_sums-inl.h"  // ThreeColumnSums
 
 #include <algorithm>
 #include <cmath>
@@ -127,28 +128,12 @@ void EvoGradSumsRun(const T* HWY_RESTRICT dy, const T* HWY_RESTRICT x, int64_t n
 template <typename T>
 void EvoGradSumsRows(const T* HWY_RESTRICT dy, const T* HWY_RESTRICT x, int64_t rows,
                      int64_t width, int64_t stride, const float* v, double* sums) {
-  const DF d;
-  const D1 d1;
-  const int64_t N = int64_t(hn::Lanes(d));
-  auto columns = [&](auto dd, int64_t j, int64_t r0, int64_t block) {
+  ThreeColumnSums(rows, width, stride, evo::kSumRows, sums, [&](auto dd, int64_t j) {
     const auto vv = hn::LoadU(dd, v + j);
-    auto s0 = hn::Zero(dd), s1 = s0, s2 = s0;
-    for (int64_t r = r0; r < r0 + block; ++r)
-      EvoGradStep(dd, dy + r * stride + j, x + r * stride + j, vv, s0, s1, s2);
-    HWY_ALIGN float buf[3][hn::MaxLanes(DF())];
-    hn::StoreU(s0, dd, buf[0]);
-    hn::StoreU(s1, dd, buf[1]);
-    hn::StoreU(s2, dd, buf[2]);
-    for (int k = 0; k < 3; ++k)
-      for (size_t l = 0; l < hn::Lanes(dd); ++l)
-        sums[k * width + j + int64_t(l)] += double(buf[k][l]);
-  };
-  for (int64_t r0 = 0; r0 < rows; r0 += evo::kSumRows) {
-    const int64_t block = std::min(evo::kSumRows, rows - r0);
-    int64_t j = 0;
-    for (; j + N <= width; j += N) columns(d, j, r0, block);
-    for (; j < width; ++j) columns(d1, j, r0, block);
-  }
+    return [=](int64_t o, auto& s0, auto& s1, auto& s2) {
+      EvoGradStep(dd, dy + o, x + o, vv, s0, s1, s2);
+    };
+  });
 }
 
 template <class D, typename T>

@@ -158,28 +158,12 @@ template <typename T>
 void FrnGradSumsRows(const T* HWY_RESTRICT dy, const T* HWY_RESTRICT x, int64_t rows,
                      int64_t width, int64_t stride, const float* a, const float* b,
                      const float* t, double* sums) {
-  const DF d;
-  const D1 d1;
-  const int64_t N = int64_t(hn::Lanes(d));
-  auto columns = [&](auto dd, int64_t j, int64_t r0, int64_t block) {
+  ThreeColumnSums(rows, width, stride, frn::kSumRows, sums, [&](auto dd, int64_t j) {
     const auto va = hn::LoadU(dd, a + j), vb = hn::LoadU(dd, b + j), vt = hn::LoadU(dd, t + j);
-    auto sg = hn::Zero(dd), sgx = sg, st = sg;
-    for (int64_t r = r0; r < r0 + block; ++r)
-      FrnGradStep(dd, dy + r * stride + j, x + r * stride + j, va, vb, vt, sg, sgx, st);
-    HWY_ALIGN float buf[3][hn::MaxLanes(DF())];
-    hn::StoreU(sg, dd, buf[0]);
-    hn::StoreU(sgx, dd, buf[1]);
-    hn::StoreU(st, dd, buf[2]);
-    for (int k = 0; k < 3; ++k)
-      for (size_t l = 0; l < hn::Lanes(dd); ++l)
-        sums[k * width + j + int64_t(l)] += double(buf[k][l]);
-  };
-  for (int64_t r0 = 0; r0 < rows; r0 += frn::kSumRows) {
-    const int64_t block = std::min(frn::kSumRows, rows - r0);
-    int64_t j = 0;
-    for (; j + N <= width; j += N) columns(d, j, r0, block);
-    for (; j < width; ++j) columns(d1, j, r0, block);
-  }
+    return [=](int64_t o, auto& sg, auto& sgx, auto& st) {
+      FrnGradStep(dd, dy + o, x + o, va, vb, vt, sg, sgx, st);
+    };
+  });
 }
 
 template <class D, typename T>
