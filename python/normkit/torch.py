@@ -98,7 +98,8 @@ def _register_custom_ops():
 
     def grads(dx, dweight, dbias):
         if dweight is None:  # no weight: dbias is None too
-            dweight = dbias = dx.new_empty((0,), dtype=torch.float32)
+            # Two tensors: a custom op's outputs may not alias one another.
+            dweight, dbias = (dx.new_empty((0,), dtype=torch.float32) for _ in range(2))
         return dx, dweight, dbias
 
     def fake_grads(dy, weight):

@@ -425,3 +425,76 @@ def test_other_devices_fall_back_to_torch(case):
     y = module(x)
     assert y.device.type == "meta" and y.shape == x.shape
     assert type(y.grad_fn).__name__ not in NORMKIT_BACKWARDS
+
+
+def compile_model(memory_format):
+    """A small model with every converted norm class torch.compile should keep: BatchNorm2d,
+    GroupNorm, InstanceNorm2d (with running statistics, mutated in place) and LayerNorm."""
+    torch.manual_seed(11)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 12, 3), torch.nn.GroupNorm(4, 12), torch.nn.SiLU(),
+        torch.nn.InstanceNorm2d(12, affine=True, track_running_stats=True),
+        torch.nn.LayerNorm(7)).float().to(memory_format=memory_format)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return nt.convert(model)
+
+
+@pytest.mark.skipif(not (nt.CUSTOM_OPS and hasattr(torch, "compile")),
+                    reason="normkit's custom ops need torch.library.custom_op (torch >= 2.4)")
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["channels_first", "channels_last"])
+def test_torch_compile_keeps_normkit_ops(memory_format):
+    """torch.compile (fullgraph: a graph break raises) with AOTAutograd, no code generation:
+    normkit's ops are opaque nodes of the forward and backward graphs, and the compiled model's
+    outputs, gradients and running statistics are the eager model's, in train and eval."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    seen = {"forward": set(), "backward": set()}
+
+    def recorder(kind):
+        def compiler(graph_module, example_inputs):
+            for node in graph_module.graph.nodes:
+                if node.op != "call_function":
+                    continue
+                target = node.target
+                # An op that mutates an input (the running statistics) comes wrapped by
+                # functionalization: auto_functionalized(op, ...).
+                if "auto_functionalized" in str(target) and node.args:
+                    target = node.args[0]
+                seen[kind].add(str(target))
+            return make_boxed_func(graph_module.forward)
+        return compiler
+
+    backend = aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
+    eager = compile_model(memory_format)
+    compiled_copy = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_copy, backend=backend, fullgraph=True)
+    x = torch.randn(3, 3, 9, 9, dtype=torch.float32).contiguous(memory_format=memory_format)
+    dy = torch.randn(3, 12, 7, 7, dtype=torch.float32)
+    for step in range(2):
+        results = []
+        for model in (eager, compiled):
+            out, dx, grads = run(model, x, dy)
+            results.append((out, dx, grads))
+        (y0, dx0, grads0), (y1, dx1, grads1) = results
+        assert_close(y1, y0, 1e-5, f"step {step}: y")
+        assert_close(dx1, dx0, 1e-5, f"step {step}: dx")
+        for (name, _), g0, g1 in zip(eager.named_parameters(), grads0, grads1):
+            assert_close(g1, g0, 1e-4, f"step {step}: gradient of {name}")
+    for (name, b0), b1 in zip(eager.named_buffers(), compiled_copy.buffers()):
+        assert torch.allclose(b1, b0, rtol=1e-5, atol=1e-6), name
+    forward_ops = {f"normkit.{op}_norm_forward.default" for op in
+                   ("batch", "group", "instance", "layer")}
+    backward_ops = {f"normkit.{op}_norm_backward.default" for op in
+                    ("batch", "group", "instance", "layer")}
+    assert forward_ops <= seen["forward"], sorted(seen["forward"])
+    assert backward_ops <= seen["backward"], sorted(seen["backward"])
+
+    eager.eval()
+    compiled_copy.eval()
+    with torch.no_grad():
+        assert_close(compiled(x), eager(x), 1e-5, "eval output")
