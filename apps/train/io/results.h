@@ -60,9 +60,14 @@ struct RunResult {
   std::vector<int> classes;  // the labels trained and tested on; empty: all
   std::string init_from;     // the checkpoint the run started from; empty: none
   double train_error_eval = kNoValue, train_loss_eval = kNoValue;
+  // brn's options (trainer.h's renorm_*); absent for the other norms.
+  struct Renorm {
+    double r_max = 3, d_max = 5, warmup = 0.25;
+  };
+  std::optional<Renorm> renorm;
 };
 
-// "BN", "GN (G=8)", "LN", "IN", "none", "frozen BN"; another norm name is shown upper-case.
+// "BN", "BRN", "GN (G=8)", "LN", "IN", "none", "frozen BN"; another norm name is shown upper-case.
 std::string norm_label(const std::string& norm, int groups);
 
 // ---- results.csv ----------------------------------------------------------------------------
