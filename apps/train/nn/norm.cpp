@@ -1,6 +1,7 @@
 #include "nn/norm.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <limits>
 
 #include "nn/profile.h"
@@ -166,10 +167,15 @@ void Norm::set_cumulative_average(bool on) {
 }
 
 void Norm::set_renorm_limits(double r_max, double d_max) {
+  auto text = [](double v) {
+    char b[32];
+    std::snprintf(b, sizeof b, "%g", v);
+    return std::string(b);
+  };
   if (!(r_max >= 1))
-    throw Error("Norm " + bias.name + ": r_max " + std::to_string(r_max) + " must be >= 1");
+    throw Error("Norm " + bias.name + ": r_max " + text(r_max) + " must be >= 1");
   if (!(d_max >= 0))
-    throw Error("Norm " + bias.name + ": d_max " + std::to_string(d_max) + " must be >= 0");
+    throw Error("Norm " + bias.name + ": d_max " + text(d_max) + " must be >= 0");
   r_max_ = r_max;
   d_max_ = d_max;
 }
