@@ -42,7 +42,10 @@
 // linearly from lr_base to lr_base * B / 32 (Goyal et al. 2017, gradual warm-up); where B <= 32
 // there is nothing to warm up. The decays of lr_decay_at apply on top, as without warm-up.
 //
-// Precise BN statistics (precise_bn_images > 0, BN runs; Wu & Johnson 2021): after training,
+// Batch Renormalization (norm brn): each step's r_max and d_max are renorm_limits at the global
+// step, set on every replica before its forward; evaluation is BN's.
+//
+// Precise BN statistics (precise_bn_images > 0, bn and brn runs; Wu & Johnson 2021): after training,
 // every BN layer's statistics are recomputed with the final weights (precise_statistics) and
 // the test set is evaluated with them (test_error_precise). The running statistics the run
 // trained, which the checkpoint holds, are left as they were.

@@ -131,7 +131,8 @@ void write_results_markdown(const std::string& path, const std::vector<RunResult
 // each study option that differs from its default: "init_scale", "dropout", "weight_decay",
 // "eval_train_images", "classes" (array), "init_from" (string); and, when measured,
 // "train_error_eval" and "train_loss_eval"; "crop_pad", "hflip" and "lr_warmup" when not 0 /
-// false. A default run's file is what it was before them.
+// false; "renorm_r_max", "renorm_d_max" and "renorm_warmup" for brn runs. A default run's file
+// is what it was before them.
 // Pure; throws normkit::Error when loss_curve_step and loss_curve_loss differ in length.
 std::string metrics_json(const RunResult& run);
 // Writes metrics_json(run) to `path`. Throws IoError naming the path.
