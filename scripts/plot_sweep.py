@@ -216,7 +216,7 @@ def x_column(runs):
 
 
 NORM_LABELS = {"bn": "BN", "syncbn": "SyncBN", "gn": "GN", "ln": "LN", "in": "IN", "none": "none",
-               "gn+ws": "GN+WS", "frn": "FRN", "evonorm": "EvoNorm-S0"}
+               "gn+ws": "GN+WS", "frn": "FRN", "evonorm": "EvoNorm-S0", "brn": "BRN"}
 GROUPED_NORMS = ("gn", "gn+ws", "evonorm")  # the norms that take --groups, as normkit-train's labels
 
 

@@ -76,6 +76,7 @@ struct Common {
   double lr_warmup = 0;
   int64_t precise_bn_images = 10000;
   int precise_bn_batch = 200;
+  double renorm_r_max = 3, renorm_d_max = 5, renorm_warmup = 0.25;
 };
 
 void add_common(CLI::App* app, Common& c) {
@@ -126,6 +127,19 @@ void add_common(CLI::App* app, Common& c) {
   app->add_option("--precise-bn-batch", c.precise_bn_batch,
                   "BN: images per train-mode batch of the precise statistics")
       ->capture_default_str()->check(kPositive);  // >= 2 checked by the trainer
+  // brn: checked by the trainer (>= 1, >= 0, [0, 1], and brn only), naming the value.
+  app->add_option("--renorm-r-max", c.renorm_r_max,
+                  "brn: r is clipped to [1/r_max, r_max] (the paper's 3); with bn's running-average "
+                  "momentum 0.1, where the paper's r and d come from those running averages")
+      ->capture_default_str();
+  app->add_option("--renorm-d-max", c.renorm_d_max,
+                  "brn: d is clipped to [-d_max, d_max] (the paper's 5)")->capture_default_str();
+  app->add_option("--renorm-warmup", c.renorm_warmup,
+                  "brn: fraction of all steps over which r_max grows linearly from 1 and d_max "
+                  "from 0 to their values (Ioffe 2017 relaxes them gradually; a quarter of the run "
+                  "lets the running averages settle, which momentum 0.1 does in a few tens of "
+                  "steps, before they correct the batch); 0: the full limits from the first step")
+      ->capture_default_str();
 }
 
 // run's options for the studies of the papers' other claims (trainer.h); each default is the
@@ -264,6 +278,12 @@ nt::TrainConfig make_config(const Common& c, const std::string& norm, int batch,
   t.lr_warmup = c.lr_warmup;
   t.precise_bn_images = c.precise_bn_images;
   t.precise_bn_batch = c.precise_bn_batch;
+  // The renorm options are brn's; the other norms keep the defaults (validate refuses others).
+  if (t.model.norm == nt::NormKind::batch_renorm) {
+    t.renorm_r_max = c.renorm_r_max;
+    t.renorm_d_max = c.renorm_d_max;
+    t.renorm_warmup = c.renorm_warmup;
+  }
   return t;
 }
 
@@ -312,6 +332,12 @@ std::string sweep_notes(const Common& c, const SweepStudy& study, const nt::Data
            (c.crop_pad > 0 ? " random crop with " + std::to_string(c.crop_pad) + " pixel(s) of padding" : std::string()) +
            (c.crop_pad > 0 && c.hflip ? "," : "") + (c.hflip ? " random horizontal flip" : "") + ".";
   if (c.lr_warmup > 0) out += " Linear lr warm-up over the first " + number_short(c.lr_warmup) + " of the steps.";
+  const Common defaults;
+  if (c.renorm_r_max != defaults.renorm_r_max || c.renorm_d_max != defaults.renorm_d_max ||
+      c.renorm_warmup != defaults.renorm_warmup)
+    out += " BRN with r_max " + number_short(c.renorm_r_max) + ", d_max " +
+           number_short(c.renorm_d_max) + ", reached after " + number_short(c.renorm_warmup) +
+           " of the steps.";
   if (c.precise_bn_images > 0)
     out += " BN's precise statistics over the first " + std::to_string(c.precise_bn_images) +
            " training images in batches of " + std::to_string(c.precise_bn_batch) + ".";
@@ -331,7 +357,7 @@ std::string sweep_notes(const Common& c, const SweepStudy& study, const nt::Data
 }
 
 // An entry of sweep's --norms: NAME or NAME@B1+B2+..., NAME one of bn, gn, ln, in, none, gn+ws,
-// frn, evonorm and
+// frn, evonorm, brn and
 // syncbn (BatchNorm with statistics over all devices of a step), the batches restricting the
 // arm to those of --batches (empty: all of them).
 struct NormArm {
@@ -358,8 +384,8 @@ std::vector<NormArm> parse_norm_arms(const std::vector<std::string>& entries,
             "has --devices " + std::to_string(devices) + ")");
     } else if (arm.norm != "bn" && arm.norm != "gn" && arm.norm != "ln" && arm.norm != "in" &&
                arm.norm != "none" && arm.norm != "gn+ws" && arm.norm != "frn" &&
-               arm.norm != "evonorm") {
-      bad("the norm must be bn, gn, ln, in, none, gn+ws, frn, evonorm or syncbn");
+               arm.norm != "evonorm" && arm.norm != "brn") {
+      bad("the norm must be bn, gn, ln, in, none, gn+ws, frn, evonorm, brn or syncbn");
     }
     if (at != std::string::npos) {
       const std::string list = entry.substr(at + 1);
@@ -485,10 +511,12 @@ int main(int argc, char** argv) {
                   "conv; frn: Filter Response Normalization + TLU in place of norm + ReLU, FRN "
                   "without the TLU before each residual add and on the shortcut (the add's ReLU "
                   "stays); evonorm: EvoNorm-S0 with --groups in place of norm + ReLU, and "
-                  "x / group_std * gamma + beta before each residual add and on the shortcut")
+                  "x / group_std * gamma + beta before each residual add and on the shortcut; "
+                  "brn: Batch Renormalization, bn with r, d against the running statistics in "
+                  "training (--renorm-*)")
       ->capture_default_str()
       ->check(CLI::IsMember(
-          {"bn", "gn", "ln", "in", "none", "frozen", "gn+ws", "frn", "evonorm"}));
+          {"bn", "gn", "ln", "in", "none", "frozen", "gn+ws", "frn", "evonorm", "brn"}));
   run->add_option("--batch", batch, "images per batch")->capture_default_str()->check(kPositive);
   add_common(run, run_opts);
   run->add_option("--metrics-out", metrics_out, "write the run's metrics as JSON to FILE");
@@ -512,7 +540,7 @@ int main(int argc, char** argv) {
   CLI::App* sweep = app.add_subcommand(
       "sweep", "train every (norm, batch) pair; write the tables and every run's metrics");
   sweep->add_option("--norms", norms,
-                    "norms to compare: bn, gn, ln, in, none, gn+ws, frn, evonorm (as run's "
+                    "norms to compare: bn, gn, ln, in, none, gn+ws, frn, evonorm, brn (as run's "
                     "--norm), and syncbn (BN with statistics over "
                     "all devices; --devices >= 2); NAME@B1+B2 trains that arm at those of --batches "
                     "only, e.g. bn,gn,syncbn@2+8")
@@ -560,6 +588,10 @@ int main(int argc, char** argv) {
           throw normkit::Error(std::string("run takes one ") + name + " value, got " + std::to_string(n) +
                                " (a list of values is for sweep)");
       }
+      for (const char* name : {"--renorm-r-max", "--renorm-d-max", "--renorm-warmup"})
+        if (run->count(name) && norm != "brn")
+          throw normkit::Error(std::string(name) + " " + run->get_option(name)->as<std::string>() +
+                               " with --norm " + norm + ": the renorm options are for --norm brn only");
       nt::TrainConfig cfg = make_config(run_opts, norm, batch, run_opts.groups[0], run_opts.lr_base[0]);
       cfg.sync_bn = run_opts.sync_bn;
       cfg.checkpoint_path = checkpoint;
@@ -602,6 +634,11 @@ int main(int argc, char** argv) {
       g_sweep_seeds = seeds;
       g_sweep_study = sweep_study;
       const std::vector<NormArm> arms = parse_norm_arms(norms, batches, sweep_opts.devices);
+      const bool has_brn = std::any_of(arms.begin(), arms.end(), [](const NormArm& a) { return a.norm == "brn"; });
+      for (const char* name : {"--renorm-r-max", "--renorm-d-max", "--renorm-warmup"})
+        if (sweep->count(name) && !has_brn)
+          throw normkit::Error(std::string(name) + " " + sweep->get_option(name)->as<std::string>() +
+                               " without a brn arm in --norms: the renorm options are for brn only");
       std::vector<nt::TrainConfig> configs;
       auto same_run = [](const nt::TrainConfig& a, const nt::TrainConfig& b) {
         return a.model.norm == b.model.norm && a.sync_bn == b.sync_bn && a.model.groups == b.model.groups &&
@@ -721,6 +758,7 @@ int main(int argc, char** argv) {
         }
       } else {
         std::vector<nt::SweepJob> list;
+        const nt::TrainConfig defaults_renorm;
         for (const nt::TrainConfig& cfg : configs) {
           nt::SweepJob job;
           job.label = sweep_label(cfg);
@@ -730,6 +768,13 @@ int main(int argc, char** argv) {
                       "--groups", std::to_string(cfg.model.groups), "--lr-base", number(cfg.lr_base),
                       "--metrics-out", job.metrics_path};
           if (cfg.sync_bn) job.args.push_back("--sync-bn");
+          // brn's own options, where they are not the defaults (the other norms take none).
+          if (cfg.renorm_r_max != defaults_renorm.renorm_r_max)
+            job.args.insert(job.args.end(), {"--renorm-r-max", number(cfg.renorm_r_max)});
+          if (cfg.renorm_d_max != defaults_renorm.renorm_d_max)
+            job.args.insert(job.args.end(), {"--renorm-d-max", number(cfg.renorm_d_max)});
+          if (cfg.renorm_warmup != defaults_renorm.renorm_warmup)
+            job.args.insert(job.args.end(), {"--renorm-warmup", number(cfg.renorm_warmup)});
           Common own = sweep_opts;
           own.seed = cfg.seed;
           for (const std::string& a : common_args(own, sweep_opts.threads)) job.args.push_back(a);

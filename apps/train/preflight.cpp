@@ -146,7 +146,7 @@ MemoryEstimate estimate_run_memory(const TrainConfig& config, int64_t rows, int6
     eval_n = std::max<int64_t>(eval_n, std::min<int64_t>(global_batch(config), std::max<int64_t>(test_images, 1)));
   MemoryEstimate e = estimate_memory(config.model, config.batch, eval_n, rows, cols, config.threads);
   // Precise BN statistics: train-mode forwards of precise_bn_batch images on device 0.
-  if (rows > 0 && config.model.norm == NormKind::batch && config.precise_bn_images > 0) {
+  if (rows > 0 && has_batch_statistics(config.model.norm) && config.precise_bn_images > 0) {
     const int64_t n = std::min<int64_t>(config.precise_bn_batch, config.precise_bn_images);
     const MemoryEstimate p = estimate_memory(config.model, n, n, rows, cols, config.threads);
     e.activations = std::max(e.activations, p.activations);

@@ -56,6 +56,7 @@ template <typename T> std::string join(const std::vector<T>& v) {
 // or the schedule. Key -> (value, the option that sets it).
 std::vector<std::pair<std::string, std::pair<std::string, std::string>>> run_identity(
     const TrainConfig& c, int64_t train_images) {
+  const bool brn = c.model.norm == NormKind::batch_renorm;
   return {{"norm", {to_string(c.model.norm), "--norm"}},
           {"groups", {uses_groups(c.model.norm) ? std::to_string(c.model.groups) : "-", "--groups"}},
           {"widths", {join(c.model.widths), "--widths"}},
@@ -75,7 +76,10 @@ std::vector<std::pair<std::string, std::pair<std::string, std::string>>> run_ide
           {"dropout", {fmt(c.model.dropout), "--dropout"}},
           {"weight_decay", {fmt(c.weight_decay), "--weight-decay"}},
           {"eval_train_images", {std::to_string(c.eval_train_images), "--eval-train-images"}},
-          {"classes", {c.classes.empty() ? "all" : join(c.classes), "--classes"}}};
+          {"classes", {c.classes.empty() ? "all" : join(c.classes), "--classes"}},
+          {"renorm_r_max", {brn ? fmt(c.renorm_r_max) : "-", "--renorm-r-max"}},
+          {"renorm_d_max", {brn ? fmt(c.renorm_d_max) : "-", "--renorm-d-max"}},
+          {"renorm_warmup", {brn ? fmt(c.renorm_warmup) : "-", "--renorm-warmup"}}};
 }
 
 // Identity keys a checkpoint carries only when they differ from these values, so that a
@@ -89,6 +93,7 @@ const char* identity_default(const std::string& key) {
   if (key == "weight_decay") return "0.0001";  // fmt(1e-4)
   if (key == "eval_train_images") return "0";
   if (key == "classes") return "all";
+  if (key.rfind("renorm_", 0) == 0) return "-";  // the norms other than brn
   return nullptr;
 }
 
@@ -343,6 +348,10 @@ void validate(const TrainConfig& c) {
             " processes this run was started as (mpirun -np " + std::to_string(dist::size()) +
             "); choose --devices a multiple of " + std::to_string(dist::size()) +
             ", or start as many processes as divide it");
+  if (c.sync_bn && c.model.norm == NormKind::batch_renorm)
+    bad("--sync-bn", "with --norm brn",
+        "is not supported: Batch Renorm measures each device's batch against the running "
+        "statistics; use --norm bn for SyncBN, or drop --sync-bn");
   if (c.sync_bn && c.model.norm != NormKind::batch)
     bad("--sync-bn", "with --norm " + std::string(to_string(c.model.norm)),
         "synchronizes BatchNorm only; use --norm bn, or drop --sync-bn");
@@ -370,6 +379,22 @@ void validate(const TrainConfig& c) {
   if (c.precise_bn_batch < 2)
     bad("--precise-bn-batch", std::to_string(c.precise_bn_batch),
         "must be >= 2 (an unbiased variance needs two images)");
+  if (!(c.renorm_r_max >= 1) || !std::isfinite(c.renorm_r_max))
+    bad("--renorm-r-max", fmt(c.renorm_r_max), "must be a number >= 1 (1: r = 1, no scale correction)");
+  if (!(c.renorm_d_max >= 0) || !std::isfinite(c.renorm_d_max))
+    bad("--renorm-d-max", fmt(c.renorm_d_max), "must be a number >= 0 (0: d = 0, no shift correction)");
+  if (!(c.renorm_warmup >= 0 && c.renorm_warmup <= 1))
+    bad("--renorm-warmup", fmt(c.renorm_warmup), "must be a fraction of all steps in [0, 1] (0: no warm-up)");
+  if (c.model.norm != NormKind::batch_renorm) {
+    const TrainConfig defaults;
+    const std::string with = "with --norm " + std::string(to_string(c.model.norm));
+    if (c.renorm_r_max != defaults.renorm_r_max)
+      bad("--renorm-r-max " + fmt(c.renorm_r_max), with, "is for --norm brn only");
+    if (c.renorm_d_max != defaults.renorm_d_max)
+      bad("--renorm-d-max " + fmt(c.renorm_d_max), with, "is for --norm brn only");
+    if (c.renorm_warmup != defaults.renorm_warmup)
+      bad("--renorm-warmup " + fmt(c.renorm_warmup), with, "is for --norm brn only");
+  }
   for (double f : c.lr_decay_at)
     if (!(f > 0 && f < 1)) bad("--lr-decay-at", fmt(f), "each fraction must be in (0, 1)");
   if (!(c.model.init_scale > 0) || !std::isfinite(c.model.init_scale))
@@ -438,6 +463,13 @@ uint64_t image_key(uint64_t seed, int epoch, int64_t position) {
 }
 
 int64_t global_batch(const TrainConfig& c) { return int64_t{c.devices} * c.batch; }
+
+std::pair<double, double> renorm_limits(const TrainConfig& c, int64_t step, int64_t total_steps) {
+  const double warmup_steps = c.renorm_warmup * static_cast<double>(total_steps);
+  if (!(static_cast<double>(step) < warmup_steps)) return {c.renorm_r_max, c.renorm_d_max};
+  const double f = static_cast<double>(step) / warmup_steps;
+  return {1.0 + (c.renorm_r_max - 1.0) * f, c.renorm_d_max * f};
+}
 
 double learning_rate(const TrainConfig& c, int64_t step, int64_t total_steps) {
   double lr = c.lr_base * static_cast<double>(global_batch(c)) / 32.0;
@@ -651,6 +683,8 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
   res.eval_train_images = config.eval_train_images;
   res.classes = config.classes;
   res.init_from = init_from;
+  if (cfg.model.norm == NormKind::batch_renorm)
+    res.renorm = {config.renorm_r_max, config.renorm_d_max, config.renorm_warmup};
   out.train_images = train_count;
   out.test_images = test_count;
   out.steps = total_steps;
@@ -705,6 +739,10 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
       if (progress) progress->begin_epoch(s.epoch + 1, config.epochs, steps_per_epoch, label);
     }
     const double lr = learning_rate(config, s.global_step, total_steps);
+    if (config.model.norm == NormKind::batch_renorm) {
+      const auto [r_max, d_max] = renorm_limits(config, s.global_step, total_steps);
+      for (auto& replica : replicas) replica->set_renorm_limits(r_max, d_max);
+    }
     const int64_t* step_images = s.permutation.data() + s.step * batch;
     group.run(config.sync_bn, [&](int d) {
       Device& dv = devices[static_cast<size_t>(d)];
@@ -857,11 +895,11 @@ TrainOutcome train_run(const TrainConfig& config, const Data& data, ProgressBar*
     const Evaluation e = evaluate(model, data.test, test_count, config.eval_batch, Mode::eval);
     res.test_loss = e.loss;
     res.test_error = e.error;
-    if (cfg.model.norm == NormKind::batch && config.eval_batch_stats)
+    if (has_batch_statistics(cfg.model.norm) && config.eval_batch_stats)
       res.test_error_batch_stats =
           evaluate(model, data.test, test_count, config.sync_bn ? static_cast<int>(batch) : config.batch,
                    Mode::eval_batch_stats).error;
-    if (cfg.model.norm == NormKind::batch && std::min(config.precise_bn_images, train_count) >= 2) {
+    if (has_batch_statistics(cfg.model.norm) && std::min(config.precise_bn_images, train_count) >= 2) {
       // On copies of device 0's running statistics, given back afterwards: the checkpoint's and
       // the model's stay the trained ones.
       const std::vector<Buffer> bufs = model.buffers();

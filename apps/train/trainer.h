@@ -42,7 +42,10 @@
 // linearly from lr_base to lr_base * B / 32 (Goyal et al. 2017, gradual warm-up); where B <= 32
 // there is nothing to warm up. The decays of lr_decay_at apply on top, as without warm-up.
 //
-// Precise BN statistics (precise_bn_images > 0, BN runs; Wu & Johnson 2021): after training,
+// Batch Renormalization (norm brn): each step's r_max and d_max are renorm_limits at the global
+// step, set on every replica before its forward; evaluation is BN's.
+//
+// Precise BN statistics (precise_bn_images > 0, bn and brn runs; Wu & Johnson 2021): after training,
 // every BN layer's statistics are recomputed with the final weights (precise_statistics) and
 // the test set is evaluated with them (test_error_precise). The running statistics the run
 // trained, which the checkpoint holds, are left as they were.
@@ -64,6 +67,7 @@
 // run; resume_path continues one (a fine-tuning run resumes with resume_path alone).
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "io/idx.h"
@@ -104,9 +108,15 @@ struct TrainConfig {
   int64_t eval_train_images = 0;        // at the end, evaluate the first M training images; 0: off
   std::vector<int> classes;             // train and test on these labels alone; empty: all
   std::string init_from;                // start from this checkpoint's weights, a new head
+  // brn (Batch Renormalization) only; see renorm_limits.
+  double renorm_r_max = 3;              // r's final clipping limit, >= 1
+  double renorm_d_max = 5;              // d's final clipping limit, >= 0
+  double renorm_warmup = 0.25;          // fraction of all steps over which the limits grow
 };
 
-// Throws normkit::Error naming the option on an invalid value or combination (devices < 1, a
+// Throws normkit::Error naming the option on an invalid value or combination (brn's
+// renorm_r_max < 1, renorm_d_max < 0, renorm_warmup outside [0, 1], or any of them off its
+// default with a norm other than brn, sync_bn with brn; devices < 1, a
 // device count the process count does not divide, sync_bn without BatchNorm, init_scale not
 // positive, dropout outside [0, 1), weight_decay < 0, eval_train_images < 0, a class outside
 // [0, 255] or given twice, init_from with resume_path, frozen without init_from or resume_path,
@@ -167,6 +177,14 @@ std::vector<int64_t> epoch_permutation(uint64_t seed, int epoch, int64_t count);
 
 // The key of the dropout mask of the image at `position` of epoch `epoch`'s permutation.
 uint64_t image_key(uint64_t seed, int epoch, int64_t position);
+
+// brn's clipping limits (r_max, d_max) at global step `step` of `total_steps` (Ioffe 2017
+// relaxes them gradually from plain BatchNorm): with W = renorm_warmup * total_steps and
+// step < W, r_max = 1 + (renorm_r_max - 1) * step / W and d_max = renorm_d_max * step / W; from
+// step W on (and always when W = 0) renorm_r_max and renorm_d_max. A function of the global step
+// alone, so a resumed run sees the same limits.
+std::pair<double, double> renorm_limits(const TrainConfig& config, int64_t step,
+                                        int64_t total_steps);
 
 // Images per step over all devices: devices * batch.
 int64_t global_batch(const TrainConfig& config);

@@ -141,7 +141,7 @@ std::string row_label(const RowKey& k, const std::vector<RowKey>& keys) {
   const bool several_devices = std::any_of(keys.begin(), keys.end(),
                                           [&](const RowKey& o) { return o.devices != keys[0].devices; });
   std::string label = k.sync_bn ? "SyncBN" : norm_label(k.norm, k.groups);
-  if (k.norm == "bn" && !k.sync_bn && k.devices > 1) label += " (per device)";
+  if ((k.norm == "bn" || k.norm == "brn") && !k.sync_bn && k.devices > 1) label += " (per device)";
   if (several_devices) label += ", " + std::to_string(k.devices) + " device(s)";
   if (several_lr) label += ", lr base " + fmt("%g", k.lr_base);
   auto several = [&](double RowKey::*field) {
@@ -603,6 +603,11 @@ std::string metrics_json(const RunResult& r) {
   if (r.crop_pad != 0) j["crop_pad"] = r.crop_pad;
   if (r.hflip) j["hflip"] = true;
   if (r.lr_warmup != 0) j["lr_warmup"] = r.lr_warmup;
+  if (r.renorm) {
+    j["renorm_r_max"] = r.renorm->r_max;
+    j["renorm_d_max"] = r.renorm->d_max;
+    j["renorm_warmup"] = r.renorm->warmup;
+  }
   // Likewise each study option only when not its default.
   const RunResult defaults;
   if (r.init_scale != defaults.init_scale) j["init_scale"] = r.init_scale;
@@ -671,6 +676,10 @@ RunResult read_metrics_json(const std::string& path) {
     r.hflip = h->get<bool>();
   }
   if (j.contains("lr_warmup")) r.lr_warmup = read_number(j, path, "lr_warmup");
+  if (j.contains("renorm_r_max"))
+    r.renorm = RunResult::Renorm{read_number(j, path, "renorm_r_max"),
+                                 read_number(j, path, "renorm_d_max"),
+                                 read_number(j, path, "renorm_warmup")};
   if (const auto d = j.find("devices"); d != j.end()) {
     if (!d->is_number_unsigned() || d->get<uint64_t>() < 1)
       throw IoError(path + ": metrics JSON field \"devices\" is not a positive whole number");

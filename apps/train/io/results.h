@@ -60,9 +60,14 @@ struct RunResult {
   std::vector<int> classes;  // the labels trained and tested on; empty: all
   std::string init_from;     // the checkpoint the run started from; empty: none
   double train_error_eval = kNoValue, train_loss_eval = kNoValue;
+  // brn's options (trainer.h's renorm_*); absent for the other norms.
+  struct Renorm {
+    double r_max = 3, d_max = 5, warmup = 0.25;
+  };
+  std::optional<Renorm> renorm;
 };
 
-// "BN", "GN (G=8)", "LN", "IN", "none", "frozen BN"; another norm name is shown upper-case.
+// "BN", "BRN", "GN (G=8)", "LN", "IN", "none", "frozen BN"; another norm name is shown upper-case.
 std::string norm_label(const std::string& norm, int groups);
 
 // ---- results.csv ----------------------------------------------------------------------------
@@ -126,7 +131,8 @@ void write_results_markdown(const std::string& path, const std::vector<RunResult
 // each study option that differs from its default: "init_scale", "dropout", "weight_decay",
 // "eval_train_images", "classes" (array), "init_from" (string); and, when measured,
 // "train_error_eval" and "train_loss_eval"; "crop_pad", "hflip" and "lr_warmup" when not 0 /
-// false. A default run's file is what it was before them.
+// false; "renorm_r_max", "renorm_d_max" and "renorm_warmup" for brn runs. A default run's file
+// is what it was before them.
 // Pure; throws normkit::Error when loss_curve_step and loss_curve_loss differ in length.
 std::string metrics_json(const RunResult& run);
 // Writes metrics_json(run) to `path`. Throws IoError naming the path.

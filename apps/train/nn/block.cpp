@@ -86,6 +86,12 @@ void ResidualBlock::set_sync(const SyncBatchNorm& sync) {
   if (shortcut_norm_) shortcut_norm_->set_sync(sync);
 }
 
+void ResidualBlock::set_renorm_limits(double r_max, double d_max) {
+  norm1_.set_renorm_limits(r_max, d_max);
+  norm2_.set_renorm_limits(r_max, d_max);
+  if (shortcut_norm_) shortcut_norm_->set_renorm_limits(r_max, d_max);
+}
+
 void ResidualBlock::set_cumulative_average(bool on) {
   norm1_.set_cumulative_average(on);
   norm2_.set_cumulative_average(on);

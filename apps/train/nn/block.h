@@ -29,6 +29,7 @@ class ResidualBlock {
   std::vector<Buffer> buffers();
   void set_sync(const SyncBatchNorm& sync);  // every norm of the block (Norm::set_sync)
   void set_cumulative_average(bool on);      // every norm of the block (Norm::set_cumulative_average)
+  void set_renorm_limits(double r_max, double d_max);  // every norm (Norm::set_renorm_limits)
   // The outputs of the block's ReLUs in the last forward (tests check which side of each kink
   // a finite difference stays on).
   void relu_outputs(std::vector<const Tensor*>& out) const;

@@ -185,6 +185,11 @@ void Model::set_sync(const SyncBatchNorm& sync) {
   for (auto& b : blocks_) b->set_sync(sync);
 }
 
+void Model::set_renorm_limits(double r_max, double d_max) {
+  stem_norm_.set_renorm_limits(r_max, d_max);
+  for (auto& b : blocks_) b->set_renorm_limits(r_max, d_max);
+}
+
 void Model::set_cumulative_average(bool on) {
   stem_norm_.set_cumulative_average(on);
   for (auto& b : blocks_) b->set_cumulative_average(on);

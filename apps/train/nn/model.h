@@ -73,6 +73,9 @@ class Model {
   void set_sync(const SyncBatchNorm& sync);
   // Every BatchNorm of the model (Norm::set_cumulative_average); nothing for the other norms.
   void set_cumulative_average(bool on);
+  // Every norm of the model (Norm::set_renorm_limits: brn's clipping limits; nothing for the
+  // other norms).
+  void set_renorm_limits(double r_max, double d_max);
   int64_t parameter_count();
   std::vector<const Tensor*> relu_outputs() const;  // of the last forward, for inspection
   const ModelConfig& config() const { return config_; }

@@ -1,10 +1,12 @@
 #include "nn/norm.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <limits>
 
 #include "nn/profile.h"
 #include "normkit/batch_norm_steps.h"
+#include "normkit/batch_renorm.h"
 #include "normkit/error.h"
 #include "normkit/evonorm.h"
 #include "normkit/frn.h"
@@ -21,8 +23,9 @@ NormKind parse_norm_kind(const std::string& s) {
   if (s == "gn+ws") return NormKind::group_ws;
   if (s == "frn") return NormKind::frn;
   if (s == "evonorm") return NormKind::evonorm;
+  if (s == "brn") return NormKind::batch_renorm;
   throw Error("unknown norm '" + s +
-              "': expected one of bn, gn, ln, in, none, frozen, gn+ws, frn, evonorm");
+              "': expected one of bn, gn, ln, in, none, frozen, gn+ws, frn, evonorm, brn");
 }
 
 const char* to_string(NormKind kind) {
@@ -36,6 +39,7 @@ const char* to_string(NormKind kind) {
     case NormKind::group_ws: return "gn+ws";
     case NormKind::frn: return "frn";
     case NormKind::evonorm: return "evonorm";
+    case NormKind::batch_renorm: return "brn";
   }
   return "?";
 }
@@ -46,6 +50,10 @@ bool uses_groups(NormKind kind) {
 
 bool standardizes_weights(NormKind kind) { return kind == NormKind::group_ws; }
 
+bool has_batch_statistics(NormKind kind) {
+  return kind == NormKind::batch || kind == NormKind::batch_renorm;
+}
+
 namespace {
 // FRN's fixed eps (the paper's value for layers with more than one spatial position).
 constexpr double kFrnEps = 1e-6;
@@ -55,7 +63,8 @@ constexpr double kEvoNormEps = 1e-5;
 std::unique_ptr<NormLayer> make_norm_layer(const std::string& name, NormKind kind, int channels,
                                            int groups) {
   switch (kind) {
-    case NormKind::batch: return std::make_unique<BatchNorm>(channels);  // momentum 0.1, eps 1e-5
+    case NormKind::batch:
+    case NormKind::batch_renorm: return std::make_unique<BatchNorm>(channels);  // momentum 0.1, eps 1e-5
     case NormKind::group:
     case NormKind::group_ws:
     case NormKind::evonorm:
@@ -137,7 +146,7 @@ std::vector<Buffer> Norm::buffers() {
 }
 
 void Norm::set_sync(const SyncBatchNorm& sync) {
-  if (!batch_norm_ && sync.exchange)
+  if ((!batch_norm_ || kind_ == NormKind::batch_renorm) && sync.exchange)
     throw Error("Norm " + bias.name + ": only BatchNorm synchronizes across devices");
   sync_ = sync;
   weight.grad_summed_over_devices = bias.grad_summed_over_devices = sync.exchange != nullptr;
@@ -157,6 +166,20 @@ void Norm::set_cumulative_average(bool on) {
   }
 }
 
+void Norm::set_renorm_limits(double r_max, double d_max) {
+  auto text = [](double v) {
+    char b[32];
+    std::snprintf(b, sizeof b, "%g", v);
+    return std::string(b);
+  };
+  if (!(r_max >= 1))
+    throw Error("Norm " + bias.name + ": r_max " + text(r_max) + " must be >= 1");
+  if (!(d_max >= 0))
+    throw Error("Norm " + bias.name + ": d_max " + text(d_max) + " must be >= 0");
+  r_max_ = r_max;
+  d_max_ = d_max;
+}
+
 const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) {
   const profile::Scope timed(profile::Phase::norm_forward);
   y_.resize_like(x);
@@ -167,6 +190,7 @@ const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) 
     x_ = &x;
     trained_forward_ = mode == Mode::train;
     synced_forward_ = synced;
+    renorm_forward_ = false;
   };
   if (mode == Mode::train && sync_.exchange != nullptr) {
     // The library's steps: this device's partial statistics, every device's merged over the
@@ -196,6 +220,13 @@ const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) 
     keep(false);
     return y_;
   }
+  // brn in training (but not while precise statistics are gathered: those are bn's forwards).
+  if (kind_ == NormKind::batch_renorm && mode == Mode::train && !cumulative_) {
+    renorm_training_forward(x, residual);
+    keep(false);
+    renorm_forward_ = true;
+    return y_;
+  }
   layer_->train(mode == Mode::train);
   if (batch_norm_) batch_norm_->options.eval_batch_stats = mode == Mode::eval_batch_stats;
   layer_->weight = weight.value;
@@ -215,6 +246,18 @@ const Tensor& Norm::backward(const Tensor& dy) {
   // pass as its reductions when there is a residual to give it to.
   if (had_residual_) g_.resize_like(*x_);
   if (!layer_) return function_backward(dy);
+  if (renorm_forward_) {
+    const BackwardEpilogue epilogue{
+        .activation = relu_ ? Activation::relu : Activation::none,
+        .y = relu_ ? y_.view() : TensorView{},
+        .residual = {},
+        .bias = {},
+        .dresidual = had_residual_ ? g_.view() : TensorView{}};
+    batch_renorm_backward_training({.epilogue = epilogue}, dy.view(), x_->view(), save_mean_,
+                                   save_invstd_, save_r_, save_d_, weight.value, dx_.view(),
+                                   weight.grad, bias.grad);
+    return dx_;
+  }
   if (synced_forward_) {
     const BackwardEpilogue epilogue{
         .activation = relu_ ? Activation::relu : Activation::none,
@@ -241,6 +284,28 @@ const Tensor& Norm::backward(const Tensor& dy) {
   std::copy(layer_->weight_grad.begin(), layer_->weight_grad.end(), weight.grad.begin());
   std::copy(layer_->bias_grad.begin(), layer_->bias_grad.end(), bias.grad.begin());
   return dx_;
+}
+
+void Norm::renorm_training_forward(const Tensor& x, const Tensor* residual) {
+  const size_t c = static_cast<size_t>(x.c);
+  save_mean_.resize(c);
+  save_invstd_.resize(c);
+  save_r_.resize(c);
+  save_d_.resize(c);
+  const BatchNormOptions& o = batch_norm_->options;
+  // The layer's momentum (bn's 0.1): r and d measure the batch against these running averages.
+  const double momentum =
+      o.momentum ? *o.momentum : 1.0 / static_cast<double>(batch_norm_->num_batches_tracked + 1);
+  batch_renorm_forward_training(
+      {.eps = o.eps,
+       .momentum = momentum,
+       .r_max = r_max_,
+       .d_max = d_max_,
+       .epilogue = {relu_ ? Activation::relu : Activation::none,
+                    residual ? residual->view() : TensorView{}}},
+      x.view(), weight.value, bias.value, y_.view(), save_mean_, save_invstd_, save_r_, save_d_,
+      batch_norm_->running_mean, batch_norm_->running_var);
+  ++batch_norm_->num_batches_tracked;
 }
 
 const Tensor& Norm::function_forward(const Tensor& x, const Tensor* residual) {

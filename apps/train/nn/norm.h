@@ -4,6 +4,10 @@
 // epilogue, behind the trainer's interface:
 //   bn: normkit::BatchNorm (batch statistics in training; running statistics, or optionally the
 //       batch's, at evaluation), momentum 0.1, eps 1e-5
+//   brn: Batch Renormalization (Ioffe 2017): bn's layer, running statistics and evaluation, but
+//       training forwards and backwards through normkit's batch_renorm_forward_training /
+//       batch_renorm_backward_training, with bn's momentum 0.1 and eps 1e-5 and the clipping
+//       limits of set_renorm_limits (r_max 3, d_max 5 until set)
 //   gn: normkit::GroupNorm with `groups` groups; ln: normkit::LayerNorm (the paper's, over
 //       C, H, W); in: normkit::InstanceNorm (instance statistics in every mode)
 //   none: normkit::NoNorm, no normalization, a learned per-channel bias only
@@ -38,15 +42,18 @@
 
 namespace normkit::train {
 
-enum class NormKind { batch, group, layer, instance, none, frozen, group_ws, frn, evonorm };
+enum class NormKind { batch, group, layer, instance, none, frozen, group_ws, frn, evonorm, batch_renorm };
 
-// "bn", "gn", "ln", "in", "none", "frozen", "gn+ws", "frn", "evonorm" <-> NormKind. parse throws normkit::Error on anything else.
+// "bn", "gn", "ln", "in", "none", "frozen", "gn+ws", "frn", "evonorm", "brn" <-> NormKind. parse throws normkit::Error on anything else.
 NormKind parse_norm_kind(const std::string& s);
 const char* to_string(NormKind kind);
 // Whether the kind cuts channels into --groups groups (gn, gn+ws, evonorm).
 bool uses_groups(NormKind kind);
 // Whether the convolutions before the norms standardize their weights (gn+ws).
 bool standardizes_weights(NormKind kind);
+// Whether the kind trains on batch statistics and keeps running statistics for evaluation
+// (bn, brn): evaluation with batch statistics and precise statistics apply to it.
+bool has_batch_statistics(NormKind kind);
 
 enum class Mode {
   train,             // batch statistics; BN updates its running statistics
@@ -102,7 +109,13 @@ class Norm {
   // average, training forward k = 1, 2, ... weighing its batch's statistics 1 / k, so that after
   // k forwards they are the equal-weight average of the k batches' (precise statistics); off
   // gives the layer back its momentum and batch count.
+  // While on, brn's training forwards are bn's (r = 1, d = 0): precise statistics are the
+  // statistics of the network as BatchNorm normalizes it in training.
   void set_cumulative_average(bool on);
+  // brn only (nothing for the other kinds): r is clipped to [1 / r_max, r_max] and d to
+  // [-d_max, d_max] from the next training forward on. Throws normkit::Error on r_max < 1 or
+  // d_max < 0 (or NaN), naming the value.
+  void set_renorm_limits(double r_max, double d_max);
 
   std::vector<Param*> params();  // empty for frozen
   // BN's running_mean and running_var; frozen's weight, bias, running_mean and running_var;
@@ -136,11 +149,17 @@ class Norm {
   bool cumulative_ = false;
   std::vector<double> partials_, sum_g_, sum_g_xmu_;
   std::vector<float> save_mean_, save_invstd_;
+  // brn: the clipping limits, and r and d of the last training forward (renorm_forward_ when
+  // that forward went through batch_renorm_forward_training).
+  double r_max_ = 3.0, d_max_ = 5.0;
+  std::vector<float> save_r_, save_d_;
+  bool renorm_forward_ = false;
   // frn and evonorm: the op's saved statistics, constant operands, and the pre-sum output and
   // its gradient when a residual is added after the op.
   std::vector<float> op_mean_, op_rstd_, op_tau_, op_v_, op_weight_, op_dweight_;
   Tensor z_, dz_;
   const Tensor& function_forward(const Tensor& x, const Tensor* residual);
+  void renorm_training_forward(const Tensor& x, const Tensor* residual);
   const Tensor& function_backward(const Tensor& dy);
   const Tensor* x_ = nullptr;
   bool had_residual_ = false;

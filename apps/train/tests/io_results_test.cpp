@@ -132,6 +132,28 @@ TEST(Results, NormLabels) {
   EXPECT_EQ(norm_label("in", 0), "IN");
   EXPECT_EQ(norm_label("none", 0), "none");
   EXPECT_EQ(norm_label("frozen", 0), "frozen BN");
+  EXPECT_EQ(norm_label("brn", 0), "BRN");
+}
+
+TEST_F(ResultsFileTest, MetricsJsonHasBrnsOptionsForBrnAlone) {
+  std::mt19937 rng(4);
+  RunResult r = make_run("brn", 0, 2, 3, rng);
+  EXPECT_FALSE(json::parse(metrics_json(r)).contains("renorm_r_max"));
+  r.renorm = RunResult::Renorm{2.5, 0.75, 0.125};
+  const fs::path p = dir_ / "brn.json";
+  write_metrics_json(p.string(), r);
+  const json j = json::parse(std::ifstream(p));
+  EXPECT_EQ(j["renorm_r_max"], 2.5);
+  EXPECT_EQ(j["renorm_d_max"], 0.75);
+  EXPECT_EQ(j["renorm_warmup"], 0.125);
+  const RunResult back = read_metrics_json(p.string());
+  ASSERT_TRUE(back.renorm.has_value());
+  EXPECT_EQ(back.renorm->r_max, 2.5);
+  EXPECT_EQ(back.renorm->d_max, 0.75);
+  EXPECT_EQ(back.renorm->warmup, 0.125);
+  // Per device, as BN.
+  r.devices = 4;
+  EXPECT_NE(results_markdown({r}).find("| BRN (per device) |"), std::string::npos);
 }
 
 TEST(Results, CsvHasOneRowPerRunWithEveryField) {

@@ -5,7 +5,9 @@
 // training run per arm whose loss falls.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "nn/conv.h"
 #include "nn/norm.h"
@@ -282,18 +284,211 @@ TEST_P(ArmTrainingTest, TinyRunLossFalls) {
   ASSERT_TRUE(o.finished);
   ASSERT_EQ(o.run.history.size(), 3u);
   EXPECT_EQ(o.run.norm, to_string(GetParam()));
-  EXPECT_EQ(o.run.groups, GetParam() == NormKind::frn ? 0 : 2);
+  EXPECT_EQ(o.run.groups, uses_groups(GetParam()) ? 2 : 0);
   EXPECT_TRUE(std::isfinite(o.run.history.back().train_loss));
   EXPECT_LT(o.run.history.back().train_loss, o.run.history.front().train_loss);
 }
 
 INSTANTIATE_TEST_SUITE_P(Arms, ArmTrainingTest,
-                         ::testing::Values(NormKind::group_ws, NormKind::frn, NormKind::evonorm),
+                         ::testing::Values(NormKind::group_ws, NormKind::frn, NormKind::evonorm,
+                                           NormKind::batch_renorm),
                          [](const auto& info) {
                            return std::string(info.param == NormKind::group_ws
                                                   ? "gn_ws"
                                                   : to_string(info.param));
                          });
+
+
+// ---- brn: Batch Renormalization -------------------------------------------------------------
+
+// A bn and a brn Norm with the same random affine and running statistics.
+struct BnPair {
+  Norm bn, brn;
+};
+BnPair make_pair(bool relu, bool residual, std::mt19937_64& rng) {
+  BnPair p{Norm("n", NormKind::batch, kChannels, 0, false, relu, residual),
+           Norm("n", NormKind::batch_renorm, kChannels, 0, false, relu, residual)};
+  p.bn.weight.value = p.brn.weight.value = random_vector(kChannels, rng, 1.0, 0.5);
+  p.bn.bias.value = p.brn.bias.value = random_vector(kChannels, rng, 0.5);
+  const std::vector<float> mean = random_vector(kChannels, rng, 1.0);
+  std::vector<float> var = random_vector(kChannels, rng, 0.5);
+  for (float& v : var) v = 0.3f + v * v;
+  for (Norm* n : {&p.bn, &p.brn}) {
+    *n->buffers()[0].values = mean;
+    *n->buffers()[1].values = var;
+  }
+  return p;
+}
+
+class BrnTest : public ::testing::TestWithParam<std::tuple<bool, bool>> {
+ protected:
+  void SetUp() override { set_threads(1); }
+};
+
+TEST_P(BrnTest, UnitLimitsAreBatchNormForwardAndBackward) {
+  const auto [relu, residual] = GetParam();
+  std::mt19937_64 rng(40);
+  BnPair p = make_pair(relu, residual, rng);
+  p.brn.set_renorm_limits(1.0, 0.0);
+  const Tensor x = random_tensor(3, 5, 3, kChannels, rng, 2.0, 0.5);
+  const Tensor r = random_tensor(3, 5, 3, kChannels, rng);
+  const Tensor dy = random_tensor(3, 5, 3, kChannels, rng);
+  const Tensor* res = residual ? &r : nullptr;
+  const Tensor& yb = p.bn.forward(x, Mode::train, res);
+  const Tensor& yr = p.brn.forward(x, Mode::train, res);
+  for (int64_t i = 0; i < x.numel(); ++i) ASSERT_NEAR(yr.data[i], yb.data[i], 2e-6) << i;
+  // The running statistics: bn's update (momentum 0.1, unbiased variance), bit for bit.
+  EXPECT_EQ(p.brn.running_mean(), p.bn.running_mean());
+  EXPECT_EQ(p.brn.running_var(), p.bn.running_var());
+  const Tensor& db = p.bn.backward(dy);
+  const Tensor& dr = p.brn.backward(dy);
+  for (int64_t i = 0; i < x.numel(); ++i) ASSERT_NEAR(dr.data[i], db.data[i], 2e-5) << i;
+  for (int j = 0; j < kChannels; ++j) {
+    EXPECT_NEAR(p.brn.weight.grad[j], p.bn.weight.grad[j], 2e-4) << j;
+    EXPECT_NEAR(p.brn.bias.grad[j], p.bn.bias.grad[j], 2e-4) << j;
+  }
+  if (residual)
+    for (int64_t i = 0; i < x.numel(); ++i)
+      ASSERT_EQ(p.brn.residual_grad().data[i], p.bn.residual_grad().data[i]) << i;
+  // Evaluation is bn's with the running statistics, bit for bit.
+  const Tensor& eb = p.bn.forward(x, Mode::eval, res);
+  const std::vector<float> eval_bn = eb.data;
+  EXPECT_EQ(p.brn.forward(x, Mode::eval, res).data, eval_bn);
+}
+
+// r and d clipped for some channels and not for others, against the paper's formula in double:
+// y = relu?(w (xhat r + d) + b + residual?), dx = w r invstd (g - mean g - xhat mean(g xhat)),
+// dw = sum g (xhat r + d), db = sum g, g = dy masked by the ReLU.
+TEST_P(BrnTest, ActiveRenormMatchesTheFormulaInDouble) {
+  const auto [relu, residual] = GetParam();
+  std::mt19937_64 rng(41);
+  BnPair p = make_pair(relu, residual, rng);
+  Norm& norm = p.brn;
+  const double r_max = 1.4, d_max = 1.2;
+  norm.set_renorm_limits(r_max, d_max);
+  const Tensor x = random_tensor(4, 3, 5, kChannels, rng, 1.5, 0.3);
+  const Tensor rt = random_tensor(4, 3, 5, kChannels, rng);
+  const Tensor dy = random_tensor(4, 3, 5, kChannels, rng);
+  const Tensor* res = residual ? &rt : nullptr;
+  const std::vector<float> rm = norm.running_mean(), rv = norm.running_var();
+  const std::vector<float> y = norm.forward(x, Mode::train, res).data;
+  const Tensor& dx = norm.backward(dy);
+  const int64_t m = x.n * x.h * x.w, c = kChannels;
+  int clipped_r = 0, clipped_d = 0;
+  for (int64_t j = 0; j < c; ++j) {
+    double s = 0;
+    for (int64_t i = 0; i < m; ++i) s += x.data[i * c + j];
+    const double mean = s / m;
+    double var = 0;
+    for (int64_t i = 0; i < m; ++i) var += (x.data[i * c + j] - mean) * (x.data[i * c + j] - mean);
+    const double unbiased = var / (m - 1);
+    var /= m;
+    const double sigma = std::sqrt(var + 1e-5), sigma_run = std::sqrt(rv[j] + 1e-5);
+    const double r = std::clamp(sigma / sigma_run, 1 / r_max, r_max);
+    const double d = std::clamp((mean - rm[j]) / sigma_run, -d_max, d_max);
+    clipped_r += r == r_max || r == 1 / r_max;
+    clipped_d += std::fabs(d) == d_max;
+    const double w = norm.weight.value[j], b = norm.bias.value[j];
+    std::vector<double> g(static_cast<size_t>(m)), xhat(static_cast<size_t>(m));
+    double sg = 0, sgx = 0, dw = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      xhat[i] = (x.data[i * c + j] - mean) / sigma;
+      double o = w * (xhat[i] * r + d) + b + (res ? rt.data[i * c + j] : 0.0);
+      if (relu) o = std::max(o, 0.0);
+      ASSERT_NEAR(y[i * c + j], o, 2e-5 * (1 + std::fabs(o))) << "channel " << j;
+      g[i] = !relu || o > 0 ? dy.data[i * c + j] : 0.0;
+      sg += g[i], sgx += g[i] * xhat[i], dw += g[i] * (xhat[i] * r + d);
+    }
+    EXPECT_NEAR(norm.bias.grad[j], sg, 1e-4 * (1 + std::fabs(sg)));
+    EXPECT_NEAR(norm.weight.grad[j], dw, 1e-4 * (1 + std::fabs(dw)));
+    for (int64_t i = 0; i < m; ++i) {
+      const double want = w * r / sigma * (g[i] - sg / m - xhat[i] * sgx / m);
+      ASSERT_NEAR(dx.data[i * c + j], want, 1e-4 * (1 + std::fabs(want))) << "channel " << j;
+    }
+    // The running statistics move towards the batch's by bn's momentum 0.1.
+    EXPECT_NEAR(norm.running_mean()[j], 0.9 * rm[j] + 0.1 * mean, 1e-5);
+    EXPECT_NEAR(norm.running_var()[j], 0.9 * rv[j] + 0.1 * unbiased, 1e-5);
+  }
+  // The case exercises both sides of each clip.
+  EXPECT_GT(clipped_r, 0);
+  EXPECT_LT(clipped_r, c);
+  EXPECT_GT(clipped_d, 0);
+  EXPECT_LT(clipped_d, c);
+}
+
+INSTANTIATE_TEST_SUITE_P(Epilogues, BrnTest,
+                         ::testing::Combine(::testing::Bool(), ::testing::Bool()));
+
+TEST(Brn, RefusesBadLimitsAndSyncNamingTheValue) {
+  Norm norm("n", NormKind::batch_renorm, kChannels, 0, false, true);
+  auto message = [&](double r_max, double d_max) -> std::string {
+    try {
+      norm.set_renorm_limits(r_max, d_max);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  EXPECT_NE(message(0.5, 1).find("r_max 0.5"), std::string::npos) << message(0.5, 1);
+  EXPECT_NE(message(2, -1).find("d_max -1"), std::string::npos) << message(2, -1);
+  EXPECT_NE(message(NAN, 1).find("r_max nan"), std::string::npos) << message(NAN, 1);
+  EXPECT_EQ(message(1, 0), "");
+  // Only BatchNorm synchronizes.
+  struct Nobody : DeviceExchange {
+    std::span<const double> exchange(std::span<const double> mine) override { return mine; }
+  } nobody;
+  EXPECT_THROW(norm.set_sync({&nobody, 0, 4}), Error);
+  EXPECT_EQ(norm.buffers().size(), 2u);
+  EXPECT_EQ(norm.buffers()[0].name, "n.running_mean");
+  EXPECT_EQ(norm.buffers()[1].name, "n.running_var");
+}
+
+TEST(Brn, WarmupRelaxesTheLimitsLinearlyOnTheGlobalStep) {
+  TrainConfig c;
+  c.model.norm = NormKind::batch_renorm;
+  c.renorm_r_max = 3, c.renorm_d_max = 5, c.renorm_warmup = 0.25;
+  // 400 steps: the limits reach theirs at step 100.
+  auto at = [&](int64_t step) { return renorm_limits(c, step, 400); };
+  EXPECT_EQ(at(0), std::make_pair(1.0, 0.0));
+  EXPECT_DOUBLE_EQ(at(25).first, 1.5);
+  EXPECT_DOUBLE_EQ(at(25).second, 1.25);
+  EXPECT_DOUBLE_EQ(at(50).first, 2.0);
+  EXPECT_DOUBLE_EQ(at(50).second, 2.5);
+  EXPECT_DOUBLE_EQ(at(99).first, 1 + 2 * 0.99);
+  EXPECT_EQ(at(100), std::make_pair(3.0, 5.0));
+  EXPECT_EQ(at(399), std::make_pair(3.0, 5.0));
+  c.renorm_warmup = 0;
+  EXPECT_EQ(at(0), std::make_pair(3.0, 5.0));
+  c.renorm_warmup = 1;
+  EXPECT_DOUBLE_EQ(at(200).first, 2.0);
+  EXPECT_DOUBLE_EQ(at(200).second, 2.5);
+}
+
+TEST(Brn, ValidateNamesTheOptionAndValue) {
+  auto message = [](const TrainConfig& c) -> std::string {
+    try {
+      validate(c);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  TrainConfig c;
+  c.model.norm = NormKind::batch_renorm;
+  EXPECT_EQ(message(c), "");
+  c.renorm_r_max = 0.9;
+  EXPECT_NE(message(c).find("--renorm-r-max 0.9"), std::string::npos) << message(c);
+  c.renorm_r_max = 3, c.renorm_d_max = -0.5;
+  EXPECT_NE(message(c).find("--renorm-d-max -0.5"), std::string::npos) << message(c);
+  c.renorm_d_max = 5, c.renorm_warmup = 1.5;
+  EXPECT_NE(message(c).find("--renorm-warmup 1.5"), std::string::npos) << message(c);
+  c.renorm_warmup = 0.25, c.sync_bn = true, c.devices = 2;
+  EXPECT_NE(message(c).find("--sync-bn with --norm brn"), std::string::npos) << message(c);
+  TrainConfig g;
+  g.model.norm = NormKind::group;
+  g.renorm_d_max = 2;
+  EXPECT_NE(message(g).find("--renorm-d-max 2 with --norm gn"), std::string::npos) << message(g);
+}
 
 }  // namespace
 }  // namespace normkit::train::test

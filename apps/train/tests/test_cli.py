@@ -358,7 +358,7 @@ def test_sweep_trains_the_newer_arms_on_two_devices(data_dir, tmp_path):
     (["run", "--norm", "evonorm", "--groups", "3"], "--groups 3 is refused for the 4 channels of stem.norm"),
     (["run", "--norm", "gn+ws", "--groups", "3"], "--groups 3 is refused for the 4 channels of stem.norm"),
     (["run", "--norm", "frn", "--sync-bn"], "--sync-bn"),
-    (["run", "--norm", "ws"], "--norm: ws not in {bn,gn,ln,in,none,frozen,gn+ws,frn,evonorm}"),
+    (["run", "--norm", "ws"], "--norm: ws not in {bn,gn,ln,in,none,frozen,gn+ws,frn,evonorm,brn}"),
 ])
 def test_the_newer_arms_refuse_bad_options(data_dir, tmp_path, args, needle):
     r = train(*args, "--data", data_dir, "--out" if args[0] == "sweep" else "--quiet",
@@ -375,4 +375,53 @@ def test_run_help_says_where_frn_and_evonorm_drop_their_nonlinearity():
     text = " ".join(r.stdout.split())
     for needle in ("gn+ws", "FRN without the TLU before each residual add",
                    "x / group_std * gamma + beta"):
+        assert needle in text
+
+
+def test_sweep_trains_brn_on_two_devices_with_its_options(data_dir, tmp_path):
+    out = tmp_path / "brn"
+    r = train("sweep", "--norms", "bn,brn", "--batches", "4", "--devices", "2",
+              "--renorm-r-max", "2", "--renorm-warmup", "0.5",
+              "--data", data_dir, "--out", out, *SMALL)
+    assert r.returncode == 0, r.stderr
+    with open(out / "results.csv") as f:
+        rows = {row["norm"]: row for row in csv.DictReader(f)}
+    assert sorted(rows) == ["bn", "brn"]
+    assert rows["brn"]["devices"] == "2" and rows["brn"]["groups"] == ""
+    m = json.loads((out / "runs" / "brn_b4.json").read_text())
+    assert m["norm"] == "brn" and np.isfinite(m["train_loss"])
+    assert (m["renorm_r_max"], m["renorm_d_max"], m["renorm_warmup"]) == (2, 5, 0.5)
+    # Evaluated as bn is: with running statistics, with batch statistics and precise statistics.
+    assert np.isfinite(m["test_error_batch_stats"]) and "test_error_precise" in m
+    # bn's run takes none of brn's options.
+    assert not {"renorm_r_max", "renorm_d_max", "renorm_warmup"} & json.loads(
+        (out / "runs" / "bn_b4.json").read_text()).keys()
+    md = (out / "results.md").read_text()
+    assert "| BRN (per device)" in md and "| BN (per device)" in md
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "--norm", "brn", "--renorm-r-max", "0.5"], "--renorm-r-max 0.5: must be a number >= 1"),
+    (["run", "--norm", "brn", "--renorm-d-max", "-1"], "--renorm-d-max -1: must be a number >= 0"),
+    (["run", "--norm", "brn", "--renorm-warmup", "1.5"], "--renorm-warmup 1.5: must be a fraction"),
+    (["run", "--norm", "brn", "--renorm-warmup", "-0.25"], "--renorm-warmup -0.25: must be a fraction"),
+    (["run", "--norm", "bn", "--renorm-r-max", "3"], "--renorm-r-max 3 with --norm bn"),
+    (["run", "--norm", "brn", "--sync-bn", "--devices", "2"], "--sync-bn with --norm brn"),
+    (["sweep", "--norms", "bn,gn", "--batches", "8", "--renorm-d-max", "2"],
+     "--renorm-d-max 2 without a brn arm"),
+])
+def test_brn_refuses_bad_options_by_name(data_dir, tmp_path, args, needle):
+    r = train(*args, "--data", data_dir, "--out" if args[0] == "sweep" else "--quiet",
+              *([tmp_path / "o"] if args[0] == "sweep" else []), "--epochs", "1",
+              "--widths", "4,4,4", "--threads", "1")
+    assert r.returncode != 0, r.stderr
+    assert needle in r.stderr, r.stderr
+
+
+def test_run_help_names_brn_momentum_and_warmup():
+    r = train("run", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for needle in ("brn: Batch Renormalization", "--renorm-r-max", "momentum 0.1",
+                   "--renorm-warmup", "Ioffe 2017"):
         assert needle in text

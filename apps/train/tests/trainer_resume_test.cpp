@@ -92,7 +92,8 @@ INSTANTIATE_TEST_SUITE_P(Stops, ResumeTest,
 // The newer arms: tau, v and the raw weights of standardized convolutions resume too.
 INSTANTIATE_TEST_SUITE_P(Arms, ResumeTest,
                          ::testing::Combine(::testing::Values(NormKind::group_ws, NormKind::frn,
-                                                              NormKind::evonorm),
+                                                              NormKind::evonorm,
+                                                              NormKind::batch_renorm),
                                             ::testing::Values(int64_t{7}, int64_t{12})));
 
 TEST(Trainer, CheckpointsHoldTheArmsOwnParameters) {
@@ -118,6 +119,43 @@ TEST(Trainer, CheckpointsHoldTheArmsOwnParameters) {
     EXPECT_THROW(train_run(other, data), IoError);
     std::filesystem::remove(path);
   }
+}
+
+// brn: bn's running statistics under bn's names; the renorm options are the run's identity, so
+// a resume with other limits or warm-up is refused by name. (Stops 7 of 36 steps is within the
+// default warm-up's 9: the resume above continues the limits' ramp from the global step.)
+TEST(Trainer, BrnCheckpointsHoldBnStatisticsAndItsOptions) {
+  const Data data = tiny_data();
+  const std::string path = temp_path("brn_identity.safetensors");
+  TrainConfig first = tiny_config(NormKind::batch_renorm, path);
+  first.stop_after_steps = 5;
+  EXPECT_FALSE(train_run(first, data).finished);
+  const TensorMap state = state_of(path);
+  EXPECT_TRUE(state.count("buffer/stem.norm.running_mean")) << path;
+  EXPECT_TRUE(state.count("buffer/stage1.block1.norm2.running_var")) << path;
+  const auto& meta = load_safetensors(path).metadata;
+  EXPECT_EQ(meta.at("renorm_r_max"), "3");
+  EXPECT_EQ(meta.at("renorm_warmup"), "0.25");
+  for (int which = 0; which < 3; ++which) {
+    TrainConfig other = tiny_config(NormKind::batch_renorm, "");
+    other.resume_path = path;
+    const char* option = which == 0 ? "--renorm-r-max" : which == 1 ? "--renorm-d-max" : "--renorm-warmup";
+    (which == 0 ? other.renorm_r_max : which == 1 ? other.renorm_d_max : other.renorm_warmup) = which == 2 ? 0.5 : 2;
+    try {
+      train_run(other, data);
+      ADD_FAILURE() << option << " was not refused";
+    } catch (const IoError& e) {
+      EXPECT_NE(std::string(e.what()).find(option), std::string::npos) << e.what();
+    }
+  }
+  // A bn checkpoint carries none of them: its bytes are what they were.
+  const std::string bn = temp_path("bn_identity.safetensors");
+  TrainConfig plain = tiny_config(NormKind::batch, bn);
+  plain.stop_after_steps = 5;
+  train_run(plain, data);
+  EXPECT_FALSE(load_safetensors(bn).metadata.count("renorm_r_max"));
+  std::filesystem::remove(path);
+  std::filesystem::remove(bn);
 }
 
 TEST(Trainer, SameSeedSameRunOtherSeedOtherRun) {
