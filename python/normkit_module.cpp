@@ -920,6 +920,25 @@ Shape frn_stats_shape(const TensorView& x) {
   return {batch_of(x), channels_of(x)};
 }
 
+// The learned-eps variant's parameter: one finite number per layer, since the op takes one eps
+// (a per-channel array is refused by name).
+std::optional<double> learned_eps_input(const char* function, const py::object& v) {
+  if (v.is_none()) return std::nullopt;
+  const std::string got = py::repr(v).cast<std::string>();
+  if (py::isinstance<py::bool_>(v) || py::hasattr(v, "__len__") || !py::hasattr(v, "__float__"))
+    type_error(function, "learned_eps must be a float (the op takes one eps per layer, not one "
+                         "per channel), got " + got);
+  const double e = py::float_(v).cast<double>();
+  if (!std::isfinite(e)) value_error(function, "learned_eps must be finite, got " + got);
+  return e;
+}
+
+// eps, plus |learned_eps| when the learned-eps variant is asked for.
+double effective_eps(const char* function, double eps, const py::object& learned_eps) {
+  const std::optional<double> learned = learned_eps_input(function, learned_eps);
+  return learned ? eps + std::abs(*learned) : eps;
+}
+
 py::tuple frn_forward_impl(const char* function, const py::object& x_in,
                            const py::object& weight_in, const py::object& bias_in,
                            const py::object& tau_in, double eps) {
@@ -937,8 +956,10 @@ py::tuple frn_forward_impl(const char* function, const py::object& x_in,
 
 py::tuple frn_backward_impl(const py::object& dy_in, const py::object& x_in,
                             const py::object& rstd_in, const py::object& weight_in,
-                            const py::object& bias_in, const py::object& tau_in) {
+                            const py::object& bias_in, const py::object& tau_in,
+                            const py::object& learned_eps_in) {
   const char* function = "frn_backward";
+  const std::optional<double> learned_eps = learned_eps_input(function, learned_eps_in);
   const Activation x = activation_input(function, "x", x_in);
   const Activation dy = activation_input(function, "dy", dy_in, x.view.format);
   if (dy.view.dtype != x.view.dtype)
@@ -955,11 +976,18 @@ py::tuple frn_backward_impl(const py::object& dy_in, const py::object& x_in,
   const VectorOut dweight = vector_output(x.tensor, channels);
   const VectorOut dbias = vector_output(x.tensor, channels);
   const VectorOut dtau = vector_output(x.tensor, channels);
+  std::vector<float> deps(learned_eps ? static_cast<std::size_t>(channels[0]) : 0);
   without_gil([&] {
     normkit::frn_backward(dy.view, x.view, rstd.span, weight.span, bias.span, tau.span, dx.view,
-                          dweight.span, dbias.span, dtau.span);
+                          dweight.span, dbias.span, dtau.span, deps);
   });
-  return py::make_tuple(dx.tensor.value, dweight.value, dbias.value, dtau.value);
+  if (!learned_eps) return py::make_tuple(dx.tensor.value, dweight.value, dbias.value, dtau.value);
+  // eps = eps_min + |learned_eps| for every channel: d learned_eps = sign * sum over c of deps
+  // (sign 0 at 0, as torch's abs).
+  double sum = 0;
+  for (float v : deps) sum += v;
+  const double sign = double(*learned_eps > 0) - double(*learned_eps < 0);
+  return py::make_tuple(dx.tensor.value, dweight.value, dbias.value, dtau.value, sign * sum);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1513,38 +1541,47 @@ float32 of length C.)doc");
   m.def(
       "frn",
       [](const py::object& x, const py::object& weight, const py::object& bias,
-         const py::object& tau, double eps) {
-        return frn_forward_impl("frn", x, weight, bias, tau, eps)[0].cast<py::object>();
+         const py::object& tau, double eps, const py::object& learned_eps) {
+        return frn_forward_impl("frn", x, weight, bias, tau,
+                                effective_eps("frn", eps, learned_eps))[0]
+            .cast<py::object>();
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("tau"), py::arg("eps") = 1e-6,
+      py::arg("learned_eps") = py::none(),
       R"doc(Filter Response Normalization with a Thresholded Linear Unit (Singh & Krishnan 2020).
 
 x: (N, C, *spatial), 0-3 spatial dims, float32, bfloat16 or float16, either memory format.
 weight, bias, tau: float32, length C (all required). For each sample and channel:
 nu2 = mean of x^2 over the spatial positions, then y = max(x / sqrt(nu2 + eps) * weight[c] +
-bias[c], tau[c]). The learned-eps variant: pass eps = |eps_learned| + eps_min (its gradient is
-not provided). Returns y, a new tensor in x's memory format.)doc");
+bias[c], tau[c]). The learned-eps variant: learned_eps, a float (one per layer), makes the eps
+used eps + |learned_eps| (eps then plays eps_min); frn_backward returns its gradient. Returns y,
+a new tensor in x's memory format.)doc");
 
   m.def(
       "frn_forward",
       [](const py::object& x, const py::object& weight, const py::object& bias,
-         const py::object& tau, double eps) {
-        return frn_forward_impl("frn_forward", x, weight, bias, tau, eps);
+         const py::object& tau, double eps, const py::object& learned_eps) {
+        return frn_forward_impl("frn_forward", x, weight, bias, tau,
+                                effective_eps("frn_forward", eps, learned_eps));
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("tau"), py::arg("eps") = 1e-6,
+      py::arg("learned_eps") = py::none(),
       R"doc(frn that also returns the statistic its backward needs.
 
-Returns (y, rstd): y as frn's; rstd = 1 / sqrt(nu2 + eps), float32 of shape (N, C).)doc");
+Returns (y, rstd): y as frn's; rstd = 1 / sqrt(nu2 + eps), float32 of shape (N, C), eps the one
+used (eps + |learned_eps| when learned_eps is given).)doc");
 
   m.def("frn_backward", &frn_backward_impl, py::arg("dy"), py::arg("x"), py::arg("rstd"),
-        py::arg("weight"), py::arg("bias"), py::arg("tau"),
+        py::arg("weight"), py::arg("bias"), py::arg("tau"), py::arg("learned_eps") = py::none(),
         R"doc(Gradients of frn.
 
 dy: the gradient with respect to y (x's shape and dtype; any strides). rstd as frn_forward
 returned it; weight, bias and tau as passed to it (the backward recomputes where the max took
 tau). The TLU's gradient goes to tau exactly where x / sqrt(nu2 + eps) * weight + bias < tau;
 ties go to x's side. Returns (dx, dweight, dbias, dtau): dx has x's shape, dtype and memory
-format; the others are float32 of length C.)doc");
+format; the others are float32 of length C. With learned_eps (the float the forward got), also
+d learned_eps = sign(learned_eps) * (the sum over channels of the gradient in eps), a float, at
+the end: (dx, dweight, dbias, dtau, dlearned_eps).)doc");
 
   m.def(
       "rms_norm",

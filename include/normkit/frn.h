@@ -10,7 +10,8 @@
 // bitwise identical for any thread count.
 //
 // eps is a value. The paper's learned-eps variant enters as eps = |eps_learned| + eps_min: pass
-// that sum; its gradient (deps) is not provided.
+// that sum; frn_backward's deps gives the loss's gradient in eps per channel, and
+// d eps_learned = sign(eps_learned) * deps (summed over c for one eps_learned per layer).
 #include <cstddef>
 #include <span>
 
@@ -43,11 +44,22 @@ void frn_forward(double eps, const TensorView& x, std::span<const float> weight,
 // its S spatial positions (xhat = x * rstd):
 //   dx = weight[c] * rstd * (g - xhat * mean(g * xhat))
 //   dweight[c] = sum over n, s of g * xhat,  dbias[c] = sum of g,  dtau[c] = sum of dy - g
+//   deps[c] = -weight[c] / 2 * sum over n of rstd^2 * sum over s of g * xhat
+// (the gradient in the eps the forward used, per channel; a per-layer scalar eps's gradient is
+// the sum of deps over c).
 // Reads dy, x, rstd (as written by the forward), weight, bias, tau (length C, required).
-// Overwrites dx (like x) and dweight, dbias, dtau (length C each, optional; overwritten, not
-// added to). Throws normkit::Error, before writing anything, on the forward's checks of x, the
-// vectors and the workspace, dy or dx shape/format/dtype != x's, rstd length != N * C, and
-// dweight/dbias/dtau length != C.
+// Overwrites dx (like x) and dweight, dbias, dtau, deps (length C each, optional; overwritten,
+// not added to). Throws normkit::Error, before writing anything, on the forward's checks of x,
+// the vectors and the workspace, dy or dx shape/format/dtype != x's, rstd length != N * C, and
+// dweight/dbias/dtau/deps length != C.
+void frn_backward(const TensorView& dy, const TensorView& x, std::span<const float> rstd,
+                  std::span<const float> weight, std::span<const float> bias,
+                  std::span<const float> tau, const TensorView& dx, std::span<float> dweight,
+                  std::span<float> dbias, std::span<float> dtau, std::span<float> deps,
+                  const Context& ctx = {});
+
+// The same without deps (as the call above with deps empty); callers that pass a Context
+// positionally keep compiling.
 void frn_backward(const TensorView& dy, const TensorView& x, std::span<const float> rstd,
                   std::span<const float> weight, std::span<const float> bias,
                   std::span<const float> tau, const TensorView& dx, std::span<float> dweight,

@@ -82,7 +82,8 @@ void frn_forward(double eps, const TensorView& x, std::span<const float> weight,
 void frn_backward(const TensorView& dy, const TensorView& x, std::span<const float> rstd,
                   std::span<const float> weight, std::span<const float> bias,
                   std::span<const float> tau, const TensorView& dx, std::span<float> dweight,
-                  std::span<float> dbias, std::span<float> dtau, const Context& ctx) {
+                  std::span<float> dbias, std::span<float> dtau, std::span<float> deps,
+                  const Context& ctx) {
   const char* fn = "frn_backward";
   const int64_t instances = check_frn_input(fn, x, weight, bias, tau, true);
   check_like(fn, "dy", dy, "x", x);
@@ -91,24 +92,32 @@ void frn_backward(const TensorView& dy, const TensorView& x, std::span<const flo
   check_length(fn, "dweight", dweight, x.channels(), "C", false);
   check_length(fn, "dbias", dbias, x.channels(), "C", false);
   check_length(fn, "dtau", dtau, x.channels(), "C", false);
+  check_length(fn, "deps", deps, x.channels(), "C", false);
   const auto workspace = detail::checked_workspace(fn, kWorkspaceQuery, scratch_bytes(x), ctx);
   // No element: the parameter gradients are sums of nothing.
   if (detail::has_zero_dim(x)) {
-    for (auto v : {dweight, dbias, dtau}) std::fill(v.begin(), v.end(), 0.0f);
+    for (auto v : {dweight, dbias, dtau, deps}) std::fill(v.begin(), v.end(), 0.0f);
     return;
   }
   const auto shape = frn_shape(x);
   if (ctx.backend == Backend::reference) {
     ref::frn_backward(shape, dy, x, rstd.data(), weight.data(), bias.data(), tau.data(), dx,
-                      dweight.data(), dbias.data(), dtau.data());
+                      dweight.data(), dbias.data(), dtau.data(), deps.data());
     return;
   }
   visit_dtype(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     cpu::frn_backward(shape, dy.as<const T>(), x.as<const T>(), rstd.data(), weight.data(),
                       bias.data(), tau.data(), dx.as<T>(), dweight.data(), dbias.data(),
-                      dtau.data(), detail::thread_count(ctx), workspace);
+                      dtau.data(), deps.data(), detail::thread_count(ctx), workspace);
   });
+}
+
+void frn_backward(const TensorView& dy, const TensorView& x, std::span<const float> rstd,
+                  std::span<const float> weight, std::span<const float> bias,
+                  std::span<const float> tau, const TensorView& dx, std::span<float> dweight,
+                  std::span<float> dbias, std::span<float> dtau, const Context& ctx) {
+  frn_backward(dy, x, rstd, weight, bias, tau, dx, dweight, dbias, dtau, {}, ctx);
 }
 
 }  // namespace normkit

@@ -302,7 +302,7 @@ void frn_forward(const plan::GroupNormShape& t, double eps, const T* x, const fl
 template <typename T>
 void frn_backward(const plan::GroupNormShape& t, const T* dy, const T* x, const float* rstd,
                   const float* weight, const float* bias, const float* tau, T* dx,
-                  float* dweight, float* dbias, float* dtau, int num_threads,
+                  float* dweight, float* dbias, float* dtau, float* deps, int num_threads,
                   std::span<std::byte> workspace) {
   const auto& k = kernels<T>();
   const int64_t N = t.batch, C = t.channels, S = t.spatial;
@@ -337,19 +337,23 @@ void frn_backward(const plan::GroupNormShape& t, const T* dy, const T* x, const 
       k.dx_rows(dx + o, dy + o, x + o, S, width, C, a, bias + c0, tau + c0, ga, gb);
     });
   }
-  if (!dweight && !dbias && !dtau) return;
-  // Over n in order: the same bits for any thread count.
+  if (!dweight && !dbias && !dtau && !deps) return;
+  // Over n in order: the same bits for any thread count. d rstd / d eps = -rstd^3 / 2, so
+  // deps[c] = -w/2 * sum over n of rstd^3 * sum(g * x), from the sums dx already used.
   for (int64_t c = 0; c < C; ++c) {
-    double g = 0, gx = 0, rest = 0;
+    double g = 0, gx = 0, rest = 0, cubed = 0;
     for (int64_t n = 0; n < N; ++n) {
       const double* s = sums + 3 * (n * C + c);
+      const double r = rstd[n * C + c];
       g += s[0];
-      gx += s[1] * double(rstd[n * C + c]);
+      gx += s[1] * r;
       rest += s[2];
+      cubed += s[1] * (r * r * r);
     }
     if (dweight) dweight[c] = float(gx);
     if (dbias) dbias[c] = float(g);
     if (dtau) dtau[c] = float(rest);
+    if (deps) deps[c] = float(-0.5 * double(weight[c]) * cubed);
   }
 }
 
@@ -358,7 +362,7 @@ void frn_backward(const plan::GroupNormShape& t, const T* dy, const T* x, const 
                                const float*, const float*, T*, float*, int);                   \
   template void frn_backward<T>(const plan::GroupNormShape&, const T*, const T*, const float*, \
                                 const float*, const float*, const float*, T*, float*, float*,  \
-                                float*, int, std::span<std::byte>);
+                                float*, float*, int, std::span<std::byte>);
 NORMKIT_FRN_INSTANTIATE(float)
 NORMKIT_FRN_INSTANTIATE(bf16)
 NORMKIT_FRN_INSTANTIATE(f16)

@@ -28,11 +28,11 @@ template <typename T>
 void frn_forward(const plan::GroupNormShape& shape, double eps, const T* x, const float* weight,
                  const float* bias, const float* tau, T* y, float* rstd, int num_threads);
 
-// Overwrites dx and (when not null) dweight, dbias, dtau.
+// Overwrites dx and (when not null) dweight, dbias, dtau, deps.
 template <typename T>
 void frn_backward(const plan::GroupNormShape& shape, const T* dy, const T* x, const float* rstd,
                   const float* weight, const float* bias, const float* tau, T* dx,
-                  float* dweight, float* dbias, float* dtau, int num_threads,
+                  float* dweight, float* dbias, float* dtau, float* deps, int num_threads,
                   std::span<std::byte> workspace);
 
 }  // namespace normkit::cpu

@@ -42,11 +42,11 @@ void frn_forward(const plan::GroupNormShape& t, double eps, const TensorView& x,
 
 void frn_backward(const plan::GroupNormShape& t, const TensorView& dy, const TensorView& x,
                   const float* rstd, const float* weight, const float* bias, const float* tau,
-                  const TensorView& dx, float* dweight, float* dbias, float* dtau) {
+                  const TensorView& dx, float* dweight, float* dbias, float* dtau, float* deps) {
   const int64_t count = t.batch * t.channels * t.spatial;
   const std::vector<double> xd = widen(x, count), dyd = widen(dy, count);
   std::vector<double> dxd(std::size_t(count), 0.0);
-  std::vector<double> dw(std::size_t(t.channels), 0.0), db(dw), dt(dw);
+  std::vector<double> dw(std::size_t(t.channels), 0.0), db(dw), dt(dw), de(dw);
   for (int64_t n = 0; n < t.batch; ++n)
     for (int64_t c = 0; c < t.channels; ++c) {
       const double r = rstd[n * t.channels + c], w = weight[c];
@@ -66,6 +66,8 @@ void frn_backward(const plan::GroupNormShape& t, const TensorView& dy, const Ten
       }
       db[c] += sum_g;
       dw[c] += sum_gx * r;
+      // d rstd / d eps = -rstd^3 / 2, and z depends on eps only through rstd.
+      de[c] += -0.5 * w * r * r * r * sum_gx;
       // d rstd / d x_s = -rstd^3 x_s / S: dx = w r g - x w r^3 sum(g x) / S.
       const double b = -w * r * r * r * sum_gx / double(t.spatial);
       for (int64_t s = 0; s < t.spatial; ++s) {
@@ -78,6 +80,7 @@ void frn_backward(const plan::GroupNormShape& t, const TensorView& dy, const Ten
     if (dweight) dweight[c] = float(dw[c]);
     if (dbias) dbias[c] = float(db[c]);
     if (dtau) dtau[c] = float(dt[c]);
+    if (deps) deps[c] = float(de[c]);
   }
 }
 

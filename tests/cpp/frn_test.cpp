@@ -1,7 +1,7 @@
-// FRN + TLU: a direct float64 computation (logical layout) against finite differences; the
-// reference against it; the optimized backend against the reference for every SIMD target,
-// dtype, memory format and thread count (bitwise across thread counts), with poison-filled
-// outputs; zero-size inputs, the workspace contract and every argument error.
+// FRN + TLU: a direct float64 computation (logical layout) against finite differences in x, the
+// vectors and eps; the reference against it; the optimized backend against the reference for
+// every SIMD target, dtype, memory format and thread count (bitwise across thread counts), with
+// poison-filled outputs; zero-size inputs, the workspace contract and every argument error.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -52,13 +52,13 @@ struct Oracle {
     for (std::size_t i = 0; i < y.size(); ++i) l += dy[i] * y[i];
     return l;
   }
-  // The backward written from the header's formulas: dx, dweight, dbias, dtau.
+  // The backward written from the header's formulas: dx, dweight, dbias, dtau, deps.
   struct Grads {
-    std::vector<double> dx, dw, db, dt;
+    std::vector<double> dx, dw, db, dt, de;
   };
   Grads backward(const std::vector<double>& dy) const {
-    Grads g{std::vector<double>(x.size()), std::vector<double>(std::size_t(C)),
-            std::vector<double>(std::size_t(C)), std::vector<double>(std::size_t(C))};
+    const std::vector<double> zeros(static_cast<std::size_t>(C));
+    Grads g{std::vector<double>(x.size()), zeros, zeros, zeros, zeros};
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0; c < C; ++c) {
         const double rr = r(n, c);
@@ -76,6 +76,7 @@ struct Oracle {
         }
         for (int64_t s = 0; s < S; ++s)
           g.dx[(n * C + c) * S + s] = w[c] * rr * (gg[s] - xhat[s] * mean_gx);
+        g.de[c] += -0.5 * w[c] * rr * rr * mean_gx * double(S);
       }
     return g;
   }
@@ -106,6 +107,48 @@ TEST(FrnOracle, BackwardMatchesFiniteDifferences) {
       EXPECT_NEAR(g.dt[c], central_difference(loss, o.t[c], h), 1e-6) << "dtau " << c;
     }
   }
+}
+
+// deps per channel against central differences in eps moved for that channel alone (its part of
+// the loss, with its own copy of eps), and their sum against eps moved for the whole layer; TLU
+// active and inactive.
+TEST(FrnOracle, DepsMatchesFiniteDifferencesInEps) {
+  std::mt19937_64 rng(13);
+  for (bool tlu : {true, false})
+    for (auto [N, C, S] :
+         {std::tuple<int64_t, int64_t, int64_t>{2, 3, 7}, {1, 5, 1}, {3, 2, 13}}) {
+      SCOPED_TRACE(std::to_string(N) + " " + std::to_string(C) + " " + std::to_string(S) +
+                   (tlu ? " tlu" : " no tlu"));
+      // eps large enough to move rstd visibly.
+      Oracle o = make_oracle(N, C, S, rng, 0.05);
+      if (!tlu) o.t.assign(o.t.size(), -1e300);
+      const auto dy = to_double(random_normal(o.x.size(), rng));
+      const auto g = o.backward(dy);
+      if (tlu) {
+        double to_tau = 0;
+        for (double v : g.dt) to_tau += std::abs(v);
+        EXPECT_GT(to_tau, 0.0) << "the TLU takes some elements";
+      }
+      Oracle moved = o;
+      double total = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const auto channel_loss = [&] {
+          const auto y = moved.forward();
+          double l = 0;
+          for (int64_t n = 0; n < N; ++n)
+            for (int64_t s = 0; s < S; ++s) {
+              const int64_t i = (n * C + c) * S + s;
+              l += dy[i] * y[i];
+            }
+          return l;
+        };
+        const double fd = central_difference(channel_loss, moved.eps, 1e-7);
+        EXPECT_NEAR(g.de[c], fd, 1e-6 * std::max(1.0, std::abs(fd))) << "deps " << c;
+        total += g.de[c];
+      }
+      const double fd_layer = central_difference([&] { return moved.loss(dy); }, moved.eps, 1e-7);
+      EXPECT_NEAR(total, fd_layer, 1e-6 * std::max(1.0, std::abs(fd_layer))) << "sum of deps";
+    }
 }
 
 // One problem in a memory format: inputs of T and float vectors, stored in that format.
@@ -144,18 +187,24 @@ Problem<T> make_problem(std::vector<int64_t> dims, MemoryFormat format, std::mt1
 template <typename T>
 struct Out {
   std::vector<T> y, dx;
-  std::vector<float> rstd, dw, db, dt;
+  std::vector<float> rstd, dw, db, dt, de;
 };
 
-// Every output poison-filled, then forward and backward.
+// Every output poison-filled, then forward and backward (with deps, then without: the other
+// outputs must not change a bit).
 template <typename T>
 Out<T> run(const Problem<T>& p, const Context& ctx) {
   const std::size_t n = p.x.size(), nc = std::size_t(p.o.N * p.o.C), C = std::size_t(p.o.C);
   Out<T> o{poisoned_as<T>(n), poisoned_as<T>(n), poisoned(nc), poisoned(C), poisoned(C),
-           poisoned(C)};
+           poisoned(C), poisoned(C)};
   frn_forward(p.o.eps, p.view(p.x), p.w, p.b, p.t, p.view(o.y), o.rstd, ctx);
   frn_backward(p.view(p.dy), p.view(p.x), o.rstd, p.w, p.b, p.t, p.view(o.dx), o.dw, o.db, o.dt,
-               ctx);
+               o.de, ctx);
+  auto dx = poisoned_as<T>(n), dw = poisoned(C), db = poisoned(C), dt = poisoned(C);
+  frn_backward(p.view(p.dy), p.view(p.x), o.rstd, p.w, p.b, p.t, p.view(dx), dw, db, dt, ctx);
+  EXPECT_TRUE(bitwise_equal(dx, o.dx) && bitwise_equal(dw, o.dw) && bitwise_equal(db, o.db) &&
+              bitwise_equal(dt, o.dt))
+      << "deps changes other outputs";
   return o;
 }
 
@@ -179,6 +228,7 @@ void check_against_oracle(const Problem<T>& p, const Out<T>& o, double tol, cons
   EXPECT_LE(relative_error(o.dw, g.dw, 1.0), tol) << what << " dweight";
   EXPECT_LE(relative_error(o.db, g.db, 1.0), tol) << what << " dbias";
   EXPECT_LE(relative_error(o.dt, g.dt, 1.0), tol) << what << " dtau";
+  EXPECT_LE(relative_error(o.de, g.de, 1.0), tol) << what << " deps";
   for (int64_t n = 0; n < p.o.N; ++n)
     for (int64_t c = 0; c < p.o.C; ++c)
       EXPECT_NEAR(o.rstd[n * p.o.C + c], p.o.r(n, c), 1e-6 * p.o.r(n, c)) << what << " rstd";
@@ -207,6 +257,7 @@ void cpu_matches_reference(double tol) {
         const auto one = run(p, Context{Backend::cpu, 1});
         check_against_oracle(p, one, tol, "cpu");
         expect_near_t(one.y, want.y, 4, 1e-6, "y vs reference");
+        EXPECT_LE(relative_error(one.de, to_double(want.de), 1.0), tol) << "deps vs reference";
         // Bitwise the same for any thread count.
         for (int threads : {2, 3}) {
           const auto many = run(p, Context{Backend::cpu, threads});
@@ -216,6 +267,7 @@ void cpu_matches_reference(double tol) {
           EXPECT_TRUE(bitwise_equal(many.dw, one.dw)) << threads << " threads";
           EXPECT_TRUE(bitwise_equal(many.db, one.db)) << threads << " threads";
           EXPECT_TRUE(bitwise_equal(many.dt, one.dt)) << threads << " threads";
+          EXPECT_TRUE(bitwise_equal(many.de, one.de)) << threads << " threads";
         }
       }
   });
@@ -254,13 +306,14 @@ TEST(Frn, EmptySpatialGivesNanRstdAndZeroGradients) {
   const std::vector<int64_t> dims{2, 3, 0};
   const std::vector<float> none, w{1, 1, 1};
   for (auto backend : {Backend::reference, Backend::cpu}) {
-    auto rstd = poisoned(6), dw = poisoned(3), db = poisoned(3), dt = poisoned(3);
+    auto rstd = poisoned(6), dw = poisoned(3), db = poisoned(3), dt = poisoned(3),
+         de = poisoned(3);
     const Context ctx{backend};
     frn_forward(1e-6, view_of(none, dims), w, w, w, view_of(none, dims), rstd, ctx);
     for (float r : rstd) EXPECT_TRUE(std::isnan(r));
     frn_backward(view_of(none, dims), view_of(none, dims), rstd, w, w, w, view_of(none, dims), dw,
-                 db, dt, ctx);
-    for (const auto* v : {&dw, &db, &dt})
+                 db, dt, de, ctx);
+    for (const auto* v : {&dw, &db, &dt, &de})
       for (float e : *v) EXPECT_EQ(e, 0.0f);
   }
 }
@@ -310,8 +363,13 @@ TEST(Frn, ErrorsNameTheArgumentAndWriteNothing) {
   const std::span<float> dw2 = std::span<float>(dw).first(2), dw1 = dw2.first(1);
   expect_error([&] { frn_backward(xv, xv, rstd, w, w, w, dxv, dw2, {}, {}); }, "dweight");
   expect_error([&] { frn_backward(xv, xv, rstd, w, w, w, dxv, dw, {}, dw1); }, "dtau");
+  auto de = poisoned(4);
+  expect_error([&] { frn_backward(xv, xv, rstd, w, w, w, dxv, dw, {}, {}, de); },
+               "frn_backward: deps has length 4, expected C = 3");
+  expect_error([&] { frn_backward(xv, xv, rstd, w, w, w, dxv, dw, {}, {}, dw1); }, "deps");
   for (float e : dx) EXPECT_EQ(e, kPoison);
   for (float e : dw) EXPECT_EQ(e, kPoison);
+  for (float e : de) EXPECT_EQ(e, kPoison);
 }
 
 }  // namespace

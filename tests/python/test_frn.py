@@ -148,3 +148,80 @@ def test_errors_name_the_argument():
         normkit.frn_backward(x, x, rstd[:, :2], v, v, v)
     with raises(ValueError, "frn_backward", "dy"):
         normkit.frn_backward(np.ones((2, 3, 5), np.float32), x, rstd, v, v, v)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", [(2, 3, 7, 5), (3, 5, 1, 1), (1, 7, 29), (4, 3),
+                                   (2, 1, 3, 5, 2)])
+@pytest.mark.parametrize("learned", [0.03, -0.2])
+def test_learned_eps_matches_torch_autograd(rng, shape, fmt, learned):
+    """eps = eps_min + |learned_eps|, composed in torch float64: autograd gives d learned_eps."""
+    x, weight, bias, tau = inputs(rng, shape)
+    x = in_format(x, fmt)
+    eps_min = 1e-3
+    y, rstd = normkit.frn_forward(x, weight, bias, tau, eps=eps_min, learned_eps=learned)
+    # The same as passing the sum as eps, bit for bit.
+    y_sum, rstd_sum = normkit.frn_forward(x, weight, bias, tau, eps=eps_min + abs(learned))
+    assert np.array_equal(y, y_sum) and np.array_equal(rstd, rstd_sum)
+    assert np.array_equal(normkit.frn(x, weight, bias, tau, eps_min, learned_eps=learned), y)
+
+    dy = in_format(rng.standard_normal(shape), fmt)
+    grads = normkit.frn_backward(dy, x, rstd, weight, bias, tau, learned_eps=learned)
+    assert len(grads) == 5 and isinstance(grads[4], float)
+    # The other gradients are the bits of the call without learned_eps.
+    for got, want in zip(grads[:4], normkit.frn_backward(dy, x, rstd, weight, bias, tau)):
+        assert np.array_equal(got, want)
+
+    leaves = [t64(v) for v in (x, weight, bias, tau)]
+    learned_t = torch.tensor(learned, dtype=torch.float64, requires_grad=True)
+    out = frn_torch(*leaves, eps_min + learned_t.abs())
+    out.backward(t64(dy))
+    want = float(learned_t.grad)
+    # The size of the summed terms: w / 2 * rstd^3 * |dy x| over every element.
+    axes = tuple(range(2, len(shape)))
+    r = 1 / np.sqrt((np.asarray(x, np.float64) ** 2).mean(axis=axes) + eps_min + abs(learned)) \
+        if axes else 1 / np.sqrt(np.asarray(x, np.float64) ** 2 + eps_min + abs(learned))
+    dyx = np.abs(np.asarray(dy, np.float64) * np.asarray(x, np.float64))
+    dyx = dyx.sum(axis=axes) if axes else dyx
+    terms = float((0.5 * np.abs(weight) * r ** 3 * dyx).sum())
+    assert abs(grads[4] - want) <= 1e-5 * max(abs(want), terms), (grads[4], want)
+    assert np.sign(grads[4]) == np.sign(want) or abs(want) < 1e-5 * terms
+
+
+def test_learned_eps_tlu_inactive_and_zero(rng):
+    """No element below tau: d learned_eps is all of the normalization's; learned_eps = 0: the
+    gradient of |.| at 0 is 0, as torch's."""
+    x, weight, bias, _ = inputs(rng, (2, 4, 5, 3))
+    tau = np.full(4, -1e30, np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    for fmt in FORMATS:
+        xf = in_format(x, fmt)
+        for learned in (0.05, 0.0):
+            _, rstd = normkit.frn_forward(xf, weight, bias, tau, eps=1e-4, learned_eps=learned)
+            *grads, d_learned = normkit.frn_backward(dy, xf, rstd, weight, bias, tau,
+                                                    learned_eps=learned)
+            assert np.array_equal(grads[3], np.zeros(4, np.float32))
+            learned_t = torch.tensor(learned, dtype=torch.float64, requires_grad=True)
+            out = frn_torch(*(t64(v) for v in (xf, weight, bias, tau)), 1e-4 + learned_t.abs())
+            out.backward(t64(dy))
+            want = float(learned_t.grad)
+            if learned == 0.0:
+                assert d_learned == 0.0 and want == 0.0
+            else:
+                assert abs(d_learned - want) <= 1e-5 * abs(want) + 1e-6, (d_learned, want)
+
+
+def test_learned_eps_errors_name_it():
+    x = np.ones((2, 3, 4), np.float32)
+    v = np.ones(3, np.float32)
+    _, rstd = normkit.frn_forward(x, v, v, v)
+    for f, call in (("frn", lambda le: normkit.frn(x, v, v, v, learned_eps=le)),
+                    ("frn_forward", lambda le: normkit.frn_forward(x, v, v, v, learned_eps=le)),
+                    ("frn_backward",
+                     lambda le: normkit.frn_backward(x, x, rstd, v, v, v, learned_eps=le))):
+        with raises(TypeError, f, "learned_eps", "one eps per layer"):
+            call(np.full(3, 0.1, np.float32))
+        with raises(TypeError, f, "learned_eps"):
+            call("0.1")
+        with raises(ValueError, f, "learned_eps", "nan"):
+            call(float("nan"))
