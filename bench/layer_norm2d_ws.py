@@ -14,13 +14,13 @@ Ops: fwd (inference mode), bwd (torch: autograd's backward of a kept graph; norm
     /usr/bin/python3 bench/layer_norm2d_ws.py --threads 2 [--reps 7] [--quick]
 """
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import normkit
+
+from py_timing import median_ms  # bench/py_timing.py, beside this script
 
 LN2D_SHAPES = [(32, 96, 56, 56), (32, 192, 28, 28), (32, 384, 14, 14), (32, 768, 7, 7)]
 WS_SHAPES = [(64, 3, 7, 7), (64, 64, 1, 1), (64, 64, 3, 3), (256, 64, 1, 1), (128, 256, 1, 1),
@@ -28,17 +28,6 @@ WS_SHAPES = [(64, 3, 7, 7), (64, 64, 1, 1), (64, 64, 3, 3), (256, 64, 1, 1), (12
              (1024, 256, 1, 1), (512, 1024, 1, 1), (512, 512, 3, 3), (2048, 512, 1, 1),
              (512, 2048, 1, 1), (2048, 1024, 1, 1)]
 LN_EPS, WS_EPS = 1e-6, 1e-5
-
-
-def median_ms(fn, reps):
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def ln2d_torch(x, w, b):
@@ -81,7 +70,7 @@ def main():
 
     def report(impl, op, shape, fmt, fn):
         name = "x".join(map(str, shape))
-        print(f"{impl},{op},{name},{fmt},{median_ms(fn, args.reps):.3f}", flush=True)
+        print(f"{impl},{op},{name},{fmt},{median_ms(fn, args.reps, warmup=2):.3f}", flush=True)
 
     for shape in LN2D_SHAPES[:1] if args.quick else LN2D_SHAPES:
         for fmt, memory_format in (("nchw", torch.contiguous_format),

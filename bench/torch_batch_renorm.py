@@ -10,27 +10,16 @@ printed in ms, one CSV row per case.
     python3 bench/torch_batch_renorm.py --threads 2 [--reps 21] [--quick] [--channels-last]
 """
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+
+from py_timing import median_ms  # bench/py_timing.py, beside this script
 
 # bench/bench_case.cpp, resnet50(32); --quick keeps its quick shapes (indices 3 and 8).
 SHAPES = [(32, c, h, h) for c, h in ((64, 112), (64, 56), (256, 56), (128, 28), (512, 28),
                                      (256, 14), (1024, 14), (512, 7), (2048, 7))]
 EPS, MOMENTUM, R_MAX, D_MAX = 1e-5, 0.01, 3.0, 5.0
-
-
-def median_ms(fn, reps):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def batch_renorm(x, rm, rv, w, b):

@@ -14,10 +14,10 @@ calls, then `--reps` timed ones; the median in ms, one CSV row per case.
     /usr/bin/python3 bench/torch_frn_evonorm.py --threads 2 [--reps 7] [--quick]
 """
 import argparse
-import statistics
-import time
 
 import torch
+
+from py_timing import median_ms  # bench/py_timing.py, beside this script
 
 # bench/bench_case.cpp, frn and evonorm-s0: ResNet-50's activation sizes at batch 32; --quick
 # keeps the same two as normkit-bench's --quick.
@@ -26,17 +26,6 @@ RESNET50 = [(64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (10
 SHAPES = [(32, c, s, s) for c, s in RESNET50]
 QUICK = [3, 8]
 FRN_EPS, EVO_EPS, GROUPS = 1e-6, 1e-5, 32
-
-
-def median_ms(fn, reps):
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def frn(x, w, b, tau):
@@ -102,7 +91,7 @@ def main():
                 # normkit-bench's shape names: EvoNorm-S0's with its groups
                 label = f"{name}/g{GROUPS}" if family == "evo" else name
                 for op, fn in zip(ops, torch_ops(forward, inputs, dy)):
-                    print(f"torch,{op},{label},{fmt},{median_ms(fn, args.reps):.3f}", flush=True)
+                    print(f"torch,{op},{label},{fmt},{median_ms(fn, args.reps, warmup=2):.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,28 +10,17 @@ median is printed in ms, one CSV row per case.
     python3 bench/torch_group_norm_silu.py --threads 2 [--reps 21] [--quick]
 """
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+
+from py_timing import median_ms  # bench/py_timing.py, beside this script
 
 # bench/bench_case.cpp, sd-unet-gn-silu (G = 32); --quick keeps the indices 2 and 6.
 SHAPES = [(1, 128, 256, 256), (1, 256, 128, 128), (1, 512, 64, 64), (1, 512, 32, 32),
           (2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1920, 32, 32),
           (2, 2560, 16, 16)]
 GROUPS, EPS = 32, 1e-5
-
-
-def median_ms(fn, reps):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main():

@@ -11,26 +11,15 @@ is printed in ms, one CSV row per case.
     python3 bench/torch_rms_norm.py --threads 2 [--reps 21] [--quick]
 """
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from py_timing import median_ms  # bench/py_timing.py, beside this script
+
 # bench/bench_case.cpp, rms-norm; --quick keeps the first.
 SHAPES = [(2048, 4096), (512, 5120), (4096, 768), (1001, 3001)]
 EPS = 1e-5
-
-
-def median_ms(fn, reps):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def composed(x, w):
