@@ -5,6 +5,7 @@
 
 #include "common/dtype.h"
 #include "ref/activation.h"
+#include "ref/element_access.h"
 
 namespace normkit::ref {
 namespace {
@@ -13,24 +14,10 @@ using plan::BackwardEpilogueOf;
 using plan::BatchNormShape;
 using plan::ForwardEpilogueOf;
 
-int64_t offset(const BatchNormShape& sh, int64_t n, int64_t c, int64_t s) {
-  return sh.format == MemoryFormat::channels_first ? (n * sh.channels + c) * sh.spatial + s
-                                                   : (n * sh.spatial + s) * sh.channels + c;
-}
-
-template <typename T>
-double at(const T* v, int64_t i, double absent) {
-  return v ? static_cast<double>(v[i]) : absent;
-}
-
-double load(const float* p, int64_t i) { return p[i]; }
-double load(const double* p, int64_t i) { return p[i]; }
-double load(const bf16* p, int64_t i) { return to_float(p[i]); }
-double load(const f16* p, int64_t i) { return to_float(p[i]); }
-void store(float* p, int64_t i, double v) { p[i] = static_cast<float>(v); }
-void store(double* p, int64_t i, double v) { p[i] = v; }
-void store(bf16* p, int64_t i, double v) { p[i] = from_float<bf16>(static_cast<float>(v)); }
-void store(f16* p, int64_t i, double v) { p[i] = from_float<f16>(static_cast<float>(v)); }
+using access::at;
+using access::load;
+using access::offset;
+using access::store;
 
 }  // namespace
 

@@ -237,6 +237,16 @@ const Tensor& Norm::forward(const Tensor& x, Mode mode, const Tensor* residual) 
   return y_;
 }
 
+// The backward epilogue of the BN-family training forwards here: through the fused ReLU (from
+// y), and the residual's gradient g_ when the forward had a residual.
+BackwardEpilogue Norm::relu_residual_epilogue() {
+  return {.activation = relu_ ? Activation::relu : Activation::none,
+          .y = relu_ ? y_.view() : TensorView{},
+          .residual = {},
+          .bias = {},
+          .dresidual = had_residual_ ? g_.view() : TensorView{}};
+}
+
 const Tensor& Norm::backward(const Tensor& dy) {
   const profile::Scope timed(profile::Phase::norm_backward);
   if (!trained_forward_)
@@ -247,24 +257,14 @@ const Tensor& Norm::backward(const Tensor& dy) {
   if (had_residual_) g_.resize_like(*x_);
   if (!layer_) return function_backward(dy);
   if (renorm_forward_) {
-    const BackwardEpilogue epilogue{
-        .activation = relu_ ? Activation::relu : Activation::none,
-        .y = relu_ ? y_.view() : TensorView{},
-        .residual = {},
-        .bias = {},
-        .dresidual = had_residual_ ? g_.view() : TensorView{}};
+    const BackwardEpilogue epilogue = relu_residual_epilogue();
     batch_renorm_backward_training({.epilogue = epilogue}, dy.view(), x_->view(), save_mean_,
                                    save_invstd_, save_r_, save_d_, weight.value, dx_.view(),
                                    weight.grad, bias.grad);
     return dx_;
   }
   if (synced_forward_) {
-    const BackwardEpilogue epilogue{
-        .activation = relu_ ? Activation::relu : Activation::none,
-        .y = relu_ ? y_.view() : TensorView{},
-        .residual = {},
-        .bias = {},
-        .dresidual = had_residual_ ? g_.view() : TensorView{}};
+    const BackwardEpilogue epilogue = relu_residual_epilogue();
     const int64_t c = x_->c;
     partials_.resize(batch_norm_partials_size(sync_.offset, x_->n, c));
     batch_norm_gradient_partials({.epilogue = epilogue}, sync_.offset, dy.view(), x_->view(),

@@ -160,6 +160,7 @@ class Norm {
   Tensor z_, dz_;
   const Tensor& function_forward(const Tensor& x, const Tensor* residual);
   void renorm_training_forward(const Tensor& x, const Tensor* residual);
+  BackwardEpilogue relu_residual_epilogue();
   const Tensor& function_backward(const Tensor& dy);
   const Tensor* x_ = nullptr;
   bool had_residual_ = false;
