@@ -200,7 +200,8 @@ Out<T> run(const Problem<T>& p, const Context& ctx) {
   frn_forward(p.o.eps, p.view(p.x), p.w, p.b, p.t, p.view(o.y), o.rstd, ctx);
   frn_backward(p.view(p.dy), p.view(p.x), o.rstd, p.w, p.b, p.t, p.view(o.dx), o.dw, o.db, o.dt,
                o.de, ctx);
-  auto dx = poisoned_as<T>(n), dw = poisoned(C), db = poisoned(C), dt = poisoned(C);
+  auto dx = poisoned_as<T>(n);
+  auto dw = poisoned(C), db = poisoned(C), dt = poisoned(C);
   frn_backward(p.view(p.dy), p.view(p.x), o.rstd, p.w, p.b, p.t, p.view(dx), dw, db, dt, ctx);
   EXPECT_TRUE(bitwise_equal(dx, o.dx) && bitwise_equal(dw, o.dw) && bitwise_equal(db, o.db) &&
               bitwise_equal(dt, o.dt))
