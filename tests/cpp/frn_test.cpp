@@ -115,8 +115,10 @@ TEST(FrnOracle, BackwardMatchesFiniteDifferences) {
 TEST(FrnOracle, DepsMatchesFiniteDifferencesInEps) {
   std::mt19937_64 rng(13);
   for (bool tlu : {true, false})
-    for (auto [N, C, S] :
+    for (auto shape :
          {std::tuple<int64_t, int64_t, int64_t>{2, 3, 7}, {1, 5, 1}, {3, 2, 13}}) {
+      // Plain variables, not a structured binding: the lambdas below capture them.
+      const int64_t N = std::get<0>(shape), C = std::get<1>(shape), S = std::get<2>(shape);
       SCOPED_TRACE(std::to_string(N) + " " + std::to_string(C) + " " + std::to_string(S) +
                    (tlu ? " tlu" : " no tlu"));
       // eps large enough to move rstd visibly.
