@@ -6,23 +6,20 @@ Medians of 7 timings; 2 threads. Run from outside the checkout so the installed 
 
     cd /tmp && OMP_NUM_THREADS=2 PYTHON bench/torch_layer_overhead.py
 """
-import statistics
-import time
-
 import torch
 
 import normkit.torch as nt
 from normkit import _normkit
+from py_timing import median_ms  # bench/py_timing.py, beside this script
 
 
-def median_us(call, number, repeat=7):
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+def median_us(call, number, repeats=7):
+    """Per call: the median of `repeats` timings of `number` calls each (tiny calls are far
+    below the timer's resolution one at a time)."""
+    def calls():
         for _ in range(number):
             call()
-        times.append((time.perf_counter() - start) / number * 1e6)
-    return statistics.median(times)
+    return median_ms(calls, repeats, warmup=1) * 1e3 / number
 
 
 def main():
@@ -41,7 +38,6 @@ def main():
     if nt.CUSTOM_OPS:
         calls["custom op"] = nt._ops.batch_norm_forward
     for name, op in calls.items():
-        op(x, rm, rv, w, b, True, 0.1, 1e-5)  # the first call registers and warms up
         us = median_us(lambda: op(x, rm, rv, w, b, True, 0.1, 1e-5), 5000)
         print(f"batch_norm_forward 2x4x1x1 via {name}: {us:.1f} us per call")
 
