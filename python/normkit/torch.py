@@ -196,10 +196,25 @@ def _register_custom_ops():
                                     if name.endswith(("_forward", "_backward"))})
 
 
-# The ops the autograd functions call: the custom ops where torch has them, else the extension
-# itself (same names, same positional arguments).
+# The ops torch.compile sees: the custom ops where torch has them, else the extension itself
+# (same names, same positional arguments).
 CUSTOM_OPS = hasattr(torch, "library") and hasattr(torch.library, "custom_op")
 _ops = _register_custom_ops() if CUSTOM_OPS else _normkit
+
+
+def _compiling():
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
+
+
+def _ops_for(x):
+    """The op table for a call on x: in eager mode on a plain tensor, the extension itself; a
+    custom op's dispatch costs about 12 us a call more (docs/torch.md), a few ms a training step
+    of a ResNet-50. While torch.compile traces, or on a tensor subclass (the fake and functional
+    tensors of tracing), the custom ops, which tracing keeps as opaque nodes."""
+    if _ops is _normkit or (type(x) is torch.Tensor and not _compiling()):
+        return _normkit
+    return _ops
 
 
 def _unwrap_grads(dx, dweight, dbias):
@@ -211,7 +226,7 @@ def _unwrap_grads(dx, dweight, dbias):
 class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
-        y, save_mean, save_invstd = _ops.batch_norm_forward(
+        y, save_mean, save_invstd = _ops_for(x).batch_norm_forward(
             x, running_mean, running_var, weight, bias, training, momentum, eps)
         ctx.training, ctx.eps = training, eps
         if not training:
@@ -227,10 +242,10 @@ class _BatchNormFunction(torch.autograd.Function):
         x, weight, saved_a, saved_b = ctx.saved_tensors
         dy = _laid_out_as(dy, x)
         if ctx.training:
-            dx, dweight, dbias = _unwrap_grads(*_ops.batch_norm_backward(
+            dx, dweight, dbias = _unwrap_grads(*_ops_for(x).batch_norm_backward(
                 dy, x, weight, saved_a, saved_b, True, None, None, ctx.eps))
         else:
-            dx, dweight, dbias = _unwrap_grads(*_ops.batch_norm_backward(
+            dx, dweight, dbias = _unwrap_grads(*_ops_for(x).batch_norm_backward(
                 dy, x, weight, None, None, False, saved_a, saved_b, ctx.eps))
         return (dx, *_param_grads(ctx, dweight, dbias), None, None, None, None, None)
 
@@ -238,7 +253,7 @@ class _BatchNormFunction(torch.autograd.Function):
 class _InstanceNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps):
-        y, save_mean, save_rstd = _ops.instance_norm_forward(
+        y, save_mean, save_rstd = _ops_for(x).instance_norm_forward(
             x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
         # Without input statistics, save_* are the running statistics per sample: constants.
         ctx.use_input_stats = use_input_stats
@@ -249,7 +264,7 @@ class _InstanceNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, weight, save_mean, save_rstd = ctx.saved_tensors
-        dx, dweight, dbias = _unwrap_grads(*_ops.instance_norm_backward(
+        dx, dweight, dbias = _unwrap_grads(*_ops_for(x).instance_norm_backward(
             _laid_out_as(dy, x), x, save_mean, save_rstd, weight, ctx.use_input_stats))
         return (dx, *_param_grads(ctx, dweight, dbias), None, None, None, None, None)
 
@@ -257,7 +272,7 @@ class _InstanceNormFunction(torch.autograd.Function):
 class _GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups, eps):
-        y, mean, rstd = _ops.group_norm_forward(x, num_groups, weight, bias, eps)
+        y, mean, rstd = _ops_for(x).group_norm_forward(x, num_groups, weight, bias, eps)
         ctx.num_groups = num_groups
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
@@ -266,7 +281,7 @@ class _GroupNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = _unwrap_grads(*_ops.group_norm_backward(
+        dx, dweight, dbias = _unwrap_grads(*_ops_for(x).group_norm_backward(
             _laid_out_as(dy, x), x, mean, rstd, ctx.num_groups, weight))
         return (dx, *_param_grads(ctx, dweight, dbias), None, None)
 
@@ -274,7 +289,7 @@ class _GroupNormFunction(torch.autograd.Function):
 class _LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, normalized_shape, eps):
-        y, mean, rstd = _ops.layer_norm_forward(x, normalized_shape, weight, bias, eps)
+        y, mean, rstd = _ops_for(x).layer_norm_forward(x, normalized_shape, weight, bias, eps)
         ctx.normalized_shape = normalized_shape
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
@@ -283,7 +298,7 @@ class _LayerNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = _unwrap_grads(*_ops.layer_norm_backward(
+        dx, dweight, dbias = _unwrap_grads(*_ops_for(x).layer_norm_backward(
             _laid_out_as(dy, x), x, ctx.normalized_shape, mean, rstd, weight))
         return (dx, *_param_grads(ctx, dweight, dbias), None, None)
 

@@ -382,6 +382,7 @@ def test_custom_op_registration(monkeypatch):
 
     monkeypatch.setattr(torch.library, "custom_op", custom_op, raising=False)
     monkeypatch.setattr(nt, "_ops", nt._register_custom_ops())
+    monkeypatch.setattr(nt, "_compiling", lambda: True)  # as while torch.compile traces
     assert sorted(registered) == sorted(
         f"normkit::{op}_norm_{d}" for op in ("batch", "group", "instance", "layer")
         for d in ("forward", "backward"))
@@ -395,6 +396,21 @@ def test_custom_op_registration(monkeypatch):
                 x = in_format(torch.randn(case[3], dtype=torch.float32), fmt)
                 compare(reference, ours, x, torch.randn(case[3], dtype=torch.float32), 1e-5)
     assert all(op.calls > 0 for op in registered.values())
+
+
+def test_eager_calls_skip_the_custom_ops(monkeypatch):
+    """Outside tracing, on plain tensors, the autograd functions call the extension directly:
+    with the custom-op table made unusable, every converted module still runs forward and
+    backward (and matches torch)."""
+    class Unusable:
+        def __getattr__(self, name):
+            raise AssertionError(f"custom op {name} called in eager mode")
+    monkeypatch.setattr(nt, "_ops", Unusable())
+    torch.manual_seed(12)
+    for case in CASES:
+        reference, ours = pair(case)
+        x = torch.randn(case[3], dtype=torch.float32)
+        compare(reference, ours, x, torch.randn(case[3], dtype=torch.float32), 1e-5)
 
 
 @pytest.mark.parametrize("make,shape", [
