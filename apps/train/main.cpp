@@ -20,6 +20,7 @@
 #include "io/io_error.h"
 #include "io/progress.h"
 #include "io/results.h"
+#include "io/text_file.h"
 #include "nn/parallel.h"
 #include "normkit/error.h"
 #include "preflight.h"
@@ -560,6 +561,11 @@ int main(int argc, char** argv) {
                     "output folder (results.csv, results.md, summary.csv, runs/; scripts/plot_sweep.py draws "
                     "the figures from it)")
       ->required();
+  bool resume_sweep = false;
+  sweep->add_flag("--resume", resume_sweep,
+                  "keep the runs an earlier sweep into the same --out finished with the same "
+                  "arguments (runs/NAME.json beside runs/NAME.args, written after it): they are "
+                  "read, not trained again; the others are trained");
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   int jobs = cores;
   sweep->add_option("--jobs", jobs,
@@ -735,73 +741,108 @@ int main(int argc, char** argv) {
         if (seeds.size() > 1) name += "_s" + std::to_string(cfg.seed);
         return out_dir + "/runs/" + name + ext;
       };
+      // A run's arguments as a `normkit-train run` command line, less --metrics-out: how the
+      // run is started (jobs > 1), and what runs/NAME.args holds once it finished (--resume).
+      const nt::TrainConfig defaults;
+      auto run_args = [&](const nt::TrainConfig& cfg) {
+        std::vector<std::string> a = {"run", "--norm", nt::to_string(cfg.model.norm), "--batch",
+                                      std::to_string(cfg.batch), "--groups",
+                                      std::to_string(cfg.model.groups), "--lr-base", number(cfg.lr_base)};
+        if (cfg.sync_bn) a.push_back("--sync-bn");
+        // brn's own options, where they are not the defaults (the other norms take none).
+        if (cfg.renorm_r_max != defaults.renorm_r_max)
+          a.insert(a.end(), {"--renorm-r-max", number(cfg.renorm_r_max)});
+        if (cfg.renorm_d_max != defaults.renorm_d_max)
+          a.insert(a.end(), {"--renorm-d-max", number(cfg.renorm_d_max)});
+        if (cfg.renorm_warmup != defaults.renorm_warmup)
+          a.insert(a.end(), {"--renorm-warmup", number(cfg.renorm_warmup)});
+        Common own = sweep_opts;
+        own.seed = cfg.seed;
+        for (const std::string& o : common_args(own, sweep_opts.threads)) a.push_back(o);
+        // The study options only where set, so other sweeps start their runs as before.
+        if (cfg.model.init_scale != defaults.model.init_scale)
+          a.insert(a.end(), {"--init-scale", number(cfg.model.init_scale)});
+        if (cfg.model.dropout != defaults.model.dropout)
+          a.insert(a.end(), {"--dropout", number(cfg.model.dropout)});
+        if (cfg.weight_decay != defaults.weight_decay)
+          a.insert(a.end(), {"--weight-decay", number(cfg.weight_decay)});
+        if (cfg.eval_train_images > 0)
+          a.insert(a.end(), {"--eval-train-images", std::to_string(cfg.eval_train_images)});
+        if (!cfg.classes.empty()) {
+          std::string labels;
+          for (int k : cfg.classes) labels += (labels.empty() ? "" : ",") + std::to_string(k);
+          a.insert(a.end(), {"--classes", labels});
+        }
+        return a;
+      };
+      auto args_text = [&](const nt::TrainConfig& cfg) {
+        std::string text;
+        for (const std::string& a : run_args(cfg)) text += a + "\n";
+        return text;
+      };
+      // Plan: with --resume, read the runs an earlier sweep finished with these arguments; train
+      // the others, each one's .args removed first so that it names a finished run only.
+      std::vector<size_t> to_train;
+      for (size_t i = 0; i < configs.size(); ++i) {
+        const std::string args_path = run_file(configs[i], ".args");
+        if (resume_sweep && std::filesystem::exists(args_path) &&
+            nt::read_text_file(args_path) == args_text(configs[i])) {
+          nt::TrainOutcome o;
+          o.run = nt::read_metrics_json(run_file(configs[i], ".json"));
+          std::printf("%s (finished by an earlier sweep: %s)\n", summary(o).c_str(),
+                      run_file(configs[i], ".json").c_str());
+          record(i, o.run);
+          continue;
+        }
+        std::filesystem::remove(args_path);
+        to_train.push_back(i);
+      }
+      std::fflush(stdout);
+      auto finished = [&](size_t i, const nt::RunResult& r) {
+        nt::write_text_file(run_file(configs[i], ".args"), args_text(configs[i]));
+        record(i, r);
+      };
       if (jobs == 1) {
         nt::ProgressBar bar = make_progress(sweep_opts.quiet);
         std::vector<double> images;
-        for (const nt::TrainConfig& cfg : configs) images.push_back(run_images(cfg, data));
+        for (size_t i : to_train) images.push_back(run_images(configs[i], data));
         const auto t0 = std::chrono::steady_clock::now();
         double images_done = 0;
-        for (size_t i = 0; i < configs.size(); ++i) {
+        for (size_t k = 0; k < to_train.size(); ++k) {
+          const size_t i = to_train[k];
           const nt::TrainOutcome o = nt::train_run(configs[i], data, &bar, sweep_label(configs[i]));
           bar.message(summary(o));
-          images_done += images[i];
+          images_done += images[k];
           if (!::isatty(STDERR_FILENO)) {
             const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             double total = 0;
             for (double v : images) total += v;
-            std::fprintf(stderr, "%s\n", nt::sweep_finished_line(i + 1, configs.size(), sweep_label(configs[i]),
+            std::fprintf(stderr, "%s\n", nt::sweep_finished_line(k + 1, to_train.size(), sweep_label(configs[i]),
                                                                  o.run.test_error, elapsed,
                                                                  nt::sweep_seconds_left(elapsed, images_done, total)).c_str());
           }
           nt::write_metrics_json(run_file(configs[i], ".json"), o.run);
-          record(i, o.run);
+          finished(i, o.run);
         }
       } else {
         std::vector<nt::SweepJob> list;
-        const nt::TrainConfig defaults_renorm;
-        for (const nt::TrainConfig& cfg : configs) {
+        for (size_t i : to_train) {
+          const nt::TrainConfig& cfg = configs[i];
           nt::SweepJob job;
           job.label = sweep_label(cfg);
           job.metrics_path = run_file(cfg, ".json");
           job.log_path = run_file(cfg, ".log");
-          job.args = {"run", "--norm", nt::to_string(cfg.model.norm), "--batch", std::to_string(cfg.batch),
-                      "--groups", std::to_string(cfg.model.groups), "--lr-base", number(cfg.lr_base),
-                      "--metrics-out", job.metrics_path};
-          if (cfg.sync_bn) job.args.push_back("--sync-bn");
-          // brn's own options, where they are not the defaults (the other norms take none).
-          if (cfg.renorm_r_max != defaults_renorm.renorm_r_max)
-            job.args.insert(job.args.end(), {"--renorm-r-max", number(cfg.renorm_r_max)});
-          if (cfg.renorm_d_max != defaults_renorm.renorm_d_max)
-            job.args.insert(job.args.end(), {"--renorm-d-max", number(cfg.renorm_d_max)});
-          if (cfg.renorm_warmup != defaults_renorm.renorm_warmup)
-            job.args.insert(job.args.end(), {"--renorm-warmup", number(cfg.renorm_warmup)});
-          Common own = sweep_opts;
-          own.seed = cfg.seed;
-          for (const std::string& a : common_args(own, sweep_opts.threads)) job.args.push_back(a);
-          // The study options only where set, so other sweeps start their runs as before.
-          const nt::TrainConfig defaults;
-          if (cfg.model.init_scale != defaults.model.init_scale)
-            job.args.insert(job.args.end(), {"--init-scale", number(cfg.model.init_scale)});
-          if (cfg.model.dropout != defaults.model.dropout)
-            job.args.insert(job.args.end(), {"--dropout", number(cfg.model.dropout)});
-          if (cfg.weight_decay != defaults.weight_decay)
-            job.args.insert(job.args.end(), {"--weight-decay", number(cfg.weight_decay)});
-          if (cfg.eval_train_images > 0)
-            job.args.insert(job.args.end(), {"--eval-train-images", std::to_string(cfg.eval_train_images)});
-          if (!cfg.classes.empty()) {
-            std::string labels;
-            for (int k : cfg.classes) labels += (labels.empty() ? "" : ",") + std::to_string(k);
-            job.args.insert(job.args.end(), {"--classes", labels});
-          }
+          job.args = run_args(cfg);
+          job.args.insert(job.args.end(), {"--metrics-out", job.metrics_path});
           job.images = run_images(cfg, data);
           list.push_back(job);
         }
-        nt::run_sweep_jobs(list, jobs, [&](size_t i, const nt::RunResult& r) {
+        nt::run_sweep_jobs(list, jobs, [&](size_t k, const nt::RunResult& r) {
           nt::TrainOutcome o;
           o.run = r;
           std::printf("%s\n", summary(o).c_str());
           std::fflush(stdout);
-          record(i, r);
+          finished(to_train[k], r);
         });
       }
       std::printf("wrote %s/results.csv, %s/results.md, %s/summary.csv and %s/runs/\n"

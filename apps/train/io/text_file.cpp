@@ -5,6 +5,8 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 
 #include "io/io_error.h"
 
@@ -31,6 +33,15 @@ void write_text_file(const std::string& path, const std::string& text) {
     std::remove(tmp.c_str());
     throw IoError(path + ": cannot replace it (" + std::strerror(e) + ")");
   }
+}
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw IoError(path + ": cannot open (" + std::strerror(errno) + ")");
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (in.bad()) throw IoError(path + ": reading failed (" + std::strerror(errno) + ")");
+  return text.str();
 }
 
 }  // namespace normkit::train

@@ -71,6 +71,47 @@ def test_sweep_trains_every_point_of_the_grid(data_dir, tmp_path):
     assert not (out / "test_error_vs_batch.png").exists()
 
 
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_sweep_resume_keeps_finished_runs_and_trains_the_rest(data_dir, tmp_path, jobs):
+    out = tmp_path / "resume"
+    grid = ["--norms", "bn,gn", "--groups", "2", "--data", data_dir, "--out", out, "--jobs", jobs,
+            *SMALL]
+    r = train("sweep", "--batches", "8", *grid)
+    assert r.returncode == 0, r.stderr
+    runs = out / "runs"
+
+    def metrics(name):  # the losses and errors, without the timings
+        m = json.loads((runs / f"{name}.json").read_text())
+        m["history"] = {k: v for k, v in m["history"].items() if k not in ("seconds", "images_per_s")}
+        return {k: v for k, v in m.items() if k not in ("seconds", "images_per_s")}
+    first = metrics("gn_b8")
+    args = (runs / "bn_b8.args").read_text().splitlines()
+    assert args[:3] == ["run", "--norm", "bn"] and "--metrics-out" not in args
+    # An interrupted sweep: GN's run had not finished (no .args), and a new batch size is asked.
+    (runs / "gn_b8.args").unlink()
+    (runs / "gn_b8.json").write_text("{}")  # a leftover that must not be read
+    for stale in runs.glob("*.json"):
+        os.utime(stale, (1, 1))
+    r = train("sweep", "--batches", "8,4", "--resume", *grid)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("finished by an earlier sweep") == 1, r.stdout
+    assert "bn_b8.json" in r.stdout
+    assert (runs / "bn_b8.json").stat().st_mtime == 1  # read, not written
+    assert metrics("gn_b8") == first  # trained again, to the same result
+    for name in ("bn_b4", "gn_b4", "gn_b8"):
+        assert (runs / f"{name}.args").exists()
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((row["norm"], row["batch"]) for row in rows) == [
+        ("bn", "4"), ("bn", "8"), ("gn", "4"), ("gn", "8")]
+    # Other arguments (here the epochs) make every run a new one: nothing is kept.
+    r = train("sweep", "--batches", "8", "--resume", *grid[:-len(SMALL)], "--epochs", "2",
+              *SMALL[2:])
+    assert r.returncode == 0, r.stderr
+    assert "finished by an earlier sweep" not in r.stdout
+    assert json.loads((runs / "bn_b8.json").read_text())["epochs"] == 2
+
+
 def test_single_run_matches_the_same_point_of_a_sweep(data_dir, tmp_path):
     out = tmp_path / "one"
     r = train("sweep", "--norms", "gn", "--groups", "2", "--lr-base", "0.4", "--batches", "8",
