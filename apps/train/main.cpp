@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <new>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -780,19 +781,40 @@ int main(int argc, char** argv) {
         for (const std::string& a : run_args(cfg)) text += a + "\n";
         return text;
       };
+      // What --resume compares: the arguments less --threads, which changes no bit of a run
+      // (so a sweep may be resumed with another --jobs).
+      auto fingerprint = [](const std::string& text) {
+        std::istringstream in(text);
+        std::string line, kept;
+        while (std::getline(in, line)) {
+          if (line == "--threads") {
+            std::getline(in, line);
+            continue;
+          }
+          kept += line + "\n";
+        }
+        return kept;
+      };
       // Plan: with --resume, read the runs an earlier sweep finished with these arguments; train
-      // the others, each one's .args removed first so that it names a finished run only.
+      // the others, the .args of each removed before the first starts, so that an .args always
+      // names a finished run.
       std::vector<size_t> to_train;
       for (size_t i = 0; i < configs.size(); ++i) {
         const std::string args_path = run_file(configs[i], ".args");
+        const std::string metrics_path = run_file(configs[i], ".json");
         if (resume_sweep && std::filesystem::exists(args_path) &&
-            nt::read_text_file(args_path) == args_text(configs[i])) {
-          nt::TrainOutcome o;
-          o.run = nt::read_metrics_json(run_file(configs[i], ".json"));
-          std::printf("%s (finished by an earlier sweep: %s)\n", summary(o).c_str(),
-                      run_file(configs[i], ".json").c_str());
-          record(i, o.run);
-          continue;
+            fingerprint(nt::read_text_file(args_path)) == fingerprint(args_text(configs[i]))) {
+          try {
+            nt::TrainOutcome o;
+            o.run = nt::read_metrics_json(metrics_path);
+            std::printf("%s (finished by an earlier sweep: %s)\n", summary(o).c_str(),
+                        metrics_path.c_str());
+            record(i, o.run);
+            continue;
+          } catch (const nt::IoError& e) {
+            std::printf("%s marks a finished run, but its metrics cannot be read (%s): training it "
+                        "again\n", args_path.c_str(), e.what());
+          }
         }
         std::filesystem::remove(args_path);
         to_train.push_back(i);

@@ -207,12 +207,19 @@ def _compiling():
     return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
 
 
+def _dispatch_modes():
+    stack = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return stack is not None and stack() > 0
+
+
 def _ops_for(x):
     """The op table for a call on x: in eager mode on a plain tensor, the extension itself; a
     custom op's dispatch costs about 12 us a call more (docs/torch.md), a few ms a training step
-    of a ResNet-50. While torch.compile traces, or on a tensor subclass (the fake and functional
-    tensors of tracing), the custom ops, which tracing keeps as opaque nodes."""
-    if _ops is _normkit or (type(x) is torch.Tensor and not _compiling()):
+    of a ResNet-50. While torch.compile traces, on a tensor subclass (the fake and functional
+    tensors of tracing) or under a dispatch mode (make_fx, FlopCounterMode), the custom ops,
+    which these see as opaque nodes."""
+    if _ops is _normkit or (type(x) is torch.Tensor and not _compiling()
+                            and not _dispatch_modes()):
         return _normkit
     return _ops
 

@@ -352,8 +352,8 @@ void ShiftedColumnSums(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, in
 // ShiftedColumnSums's s1 (float sums over kSumRows rows, added in double) but walked in row
 // order: this pass reads the block from memory, and whole rows in order are what the hardware
 // prefetchers stream; the column kernel's stripes of a few vectors per row stall on the loads
-// (on a 2-core AMD EPYC, the 2x256x100x152 forward went from 1.5-1.7x to 1.3x its passes over
-// memory with this pass alone changed).
+// (on a 2-core AMD EPYC, the 2x256x100x152 forward went from 1.5-1.7x to 1.2-1.3x its passes
+// over memory with this pass alone changed).
 template <typename T>
 void PivotColumnSums(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, int64_t width,
                      const float* HWY_RESTRICT center, double* HWY_RESTRICT s1) {
@@ -379,8 +379,8 @@ void PivotColumnSums(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, int6
   }
 }
 
-// Per column of a channels-last block, two passes while the block is in cache: the sum of
-// x - p around a pivot p (the column's first value: the terms are at the scale of the spread,
+// Per column of a channels-last block, two passes (the first from memory, the second while the
+// block is in cache): the sum of x - p around a pivot p (the column's first value: the terms are at the scale of the spread,
 // not of the offset) gives a float mean m; the second pass sums d = x - m and d^2, so
 // mean = m + sum(d) / n and M2 = sum(d^2) - sum(d)^2 / n (the corrected two-pass algorithm).
 template <typename T>

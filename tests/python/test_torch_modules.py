@@ -408,9 +408,34 @@ def test_eager_calls_skip_the_custom_ops(monkeypatch):
     monkeypatch.setattr(nt, "_ops", Unusable())
     torch.manual_seed(12)
     for case in CASES:
-        reference, ours = pair(case)
-        x = torch.randn(case[3], dtype=torch.float32)
-        compare(reference, ours, x, torch.randn(case[3], dtype=torch.float32), 1e-5)
+        for fmt in FORMATS:
+            for training in (True, False):
+                reference, ours = pair(case)
+                reference.train(training)
+                ours.train(training)
+                x = in_format(torch.randn(case[3], dtype=torch.float32), fmt)
+                compare(reference, ours, x, torch.randn(case[3], dtype=torch.float32), 1e-5)
+
+
+@pytest.mark.skipif(not nt.CUSTOM_OPS, reason="custom ops need torch.library.custom_op")
+def test_dispatch_modes_see_the_custom_ops():
+    """Under a dispatch mode (what make_fx and FlopCounterMode use) the modules call the custom
+    ops, so the mode sees normkit's ops instead of a result out of nowhere."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+    model = nt.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.GroupNorm(1, 3)))
+    model = model.float()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float32, requires_grad=True)
+    with Record():
+        model(x).sum().backward()
+    for op in ("batch", "group"):
+        for d in ("forward", "backward"):
+            assert f"normkit.{op}_norm_{d}.default" in seen, sorted(seen)
 
 
 @pytest.mark.parametrize("make,shape", [

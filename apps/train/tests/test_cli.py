@@ -104,6 +104,17 @@ def test_sweep_resume_keeps_finished_runs_and_trains_the_rest(data_dir, tmp_path
         rows = list(csv.DictReader(f))
     assert sorted((row["norm"], row["batch"]) for row in rows) == [
         ("bn", "4"), ("bn", "8"), ("gn", "4"), ("gn", "8")]
+    # A matching .args beside metrics that cannot be read: that run is trained again. The thread
+    # count is not compared (it changes no bit of a run).
+    (runs / "bn_b4.json").write_text("{")
+    two_threads = [*grid[:-len(SMALL)], "--epochs", "1", "--widths", "4,4,4", "--threads", "2",
+                   "--quiet"]
+    r = train("sweep", "--batches", "8,4", "--resume", *two_threads)
+    assert r.returncode == 0, r.stderr
+    assert "bn_b4.args marks a finished run, but its metrics cannot be read" in r.stdout, r.stdout
+    assert r.stdout.count("finished by an earlier sweep") == 3, r.stdout
+    assert json.loads((runs / "bn_b4.json").read_text())["batch"] == 4
+    assert "2" == (runs / "bn_b4.args").read_text().split("--threads\n")[1].splitlines()[0]
     # Other arguments (here the epochs) make every run a new one: nothing is kept.
     r = train("sweep", "--batches", "8", "--resume", *grid[:-len(SMALL)], "--epochs", "2",
               *SMALL[2:])
