@@ -380,9 +380,10 @@ void PivotColumnSums(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, int6
 }
 
 // Per column of a channels-last block, two passes (the first from memory, the second while the
-// block is in cache): the sum of x - p around a pivot p (the column's first value: the terms are at the scale of the spread,
-// not of the offset) gives a float mean m; the second pass sums d = x - m and d^2, so
-// mean = m + sum(d) / n and M2 = sum(d^2) - sum(d)^2 / n (the corrected two-pass algorithm).
+// block is in cache): the sum of x - p around a pivot p (the column's first value: the terms are
+// at the scale of the spread, not of the offset) gives a float mean m; the second pass sums
+// d = x - m and d^2, so mean = m + sum(d) / n and M2 = sum(d^2) - sum(d)^2 / n (the corrected
+// two-pass algorithm).
 template <typename T>
 void ColumnMoments(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, int64_t width,
                    double* HWY_RESTRICT mean, double* HWY_RESTRICT m2) {

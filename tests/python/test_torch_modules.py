@@ -361,6 +361,18 @@ class RecordingCustomOp:
         return outputs
 
 
+def compare_every_case_format_and_mode():
+    """Every module against torch's in float32, both memory formats, training and eval."""
+    for case in CASES:
+        for fmt in FORMATS:
+            for training in (True, False):
+                reference, ours = pair(case)
+                reference.train(training)
+                ours.train(training)
+                x = in_format(torch.randn(case[3], dtype=torch.float32), fmt)
+                compare(reference, ours, x, torch.randn(case[3], dtype=torch.float32), 1e-5)
+
+
 def test_custom_op_registration(monkeypatch):
     """The torch.library branch (torch >= 2.4) on this torch, through a stand-in custom_op:
     the ops' signatures, their fake implementations, and the autograd functions over them."""
@@ -387,14 +399,7 @@ def test_custom_op_registration(monkeypatch):
         f"normkit::{op}_norm_{d}" for op in ("batch", "group", "instance", "layer")
         for d in ("forward", "backward"))
     torch.manual_seed(10)
-    for case in CASES:
-        for fmt in FORMATS:
-            for training in (True, False):
-                reference, ours = pair(case)
-                reference.train(training)
-                ours.train(training)
-                x = in_format(torch.randn(case[3], dtype=torch.float32), fmt)
-                compare(reference, ours, x, torch.randn(case[3], dtype=torch.float32), 1e-5)
+    compare_every_case_format_and_mode()
     assert all(op.calls > 0 for op in registered.values())
 
 
@@ -407,14 +412,7 @@ def test_eager_calls_skip_the_custom_ops(monkeypatch):
             raise AssertionError(f"custom op {name} called in eager mode")
     monkeypatch.setattr(nt, "_ops", Unusable())
     torch.manual_seed(12)
-    for case in CASES:
-        for fmt in FORMATS:
-            for training in (True, False):
-                reference, ours = pair(case)
-                reference.train(training)
-                ours.train(training)
-                x = in_format(torch.randn(case[3], dtype=torch.float32), fmt)
-                compare(reference, ours, x, torch.randn(case[3], dtype=torch.float32), 1e-5)
+    compare_every_case_format_and_mode()
 
 
 @pytest.mark.skipif(not nt.CUSTOM_OPS, reason="custom ops need torch.library.custom_op")
