@@ -12,7 +12,7 @@
 #
 # Any further arguments go to `normkit-train sweep` and override the defaults below, e.g.
 #   bash scripts/run-experiment.sh runs/quick --epochs 1 --limit-train 10000 --seeds 1
-# or the paper's whole grid with a longer budget (about 4 hours on 2 cores), in pieces if need
+# or the paper's whole grid with a longer budget (about 3.5 hours on 2 cores), in pieces if need
 # be: --resume keeps the runs an interrupted sweep into the same folder finished, so the same
 # command started again trains only the rest:
 #   bash scripts/run-experiment.sh runs/full --norms bn,gn,syncbn --batches 32,16,8,4,2 --epochs 8 --resume
