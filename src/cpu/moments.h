@@ -77,15 +77,13 @@ void run_pair_moments(const T* a, const T* b, int64_t n, Moments* out);
 
 // Over the threads as parallel_for (cpu/parallel.h; `stream`: f writes with non-temporal
 // stores), calls f(i, m) for each of `runs` contiguous runs of `length` values (run i at
-// x + i * length), m being run_moments of run i, bitwise. Runs of at least a chunk go two at a
-// time through run_pair_moments when there are two per thread and both runs fit `cache_bytes`
-// together, so that f's second read of a run still finds it in cache. Shorter runs (LayerNorm's
-// rows, small InstanceNorm planes) go one at a time: paired, a 4096x768 LayerNorm forward took
-// 1.4-2x as long on the AMD EPYC of docs/benchmarks.md, and no short-run shape gained.
+// x + i * length), m being run_moments of run i, bitwise. Runs go two at a time through
+// run_pair_moments when there are two per thread and both runs fit `cache_bytes` together, so
+// that f's second read of a run still finds it in cache.
 template <typename T, class F>
 void for_each_run_moments(const T* x, int64_t runs, int64_t length, int64_t cache_bytes,
                           int num_threads, bool parallel, bool stream, const F& f) {
-  const int64_t per = length >= kRunChunk && runs >= 2 * int64_t(std::max(num_threads, 1)) &&
+  const int64_t per = runs >= 2 * int64_t(std::max(num_threads, 1)) &&
                               2 * length * int64_t(sizeof(T)) <= cache_bytes
                           ? 2
                           : 1;
