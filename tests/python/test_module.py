@@ -199,3 +199,18 @@ def test_a_call_runs_no_python_code(rng, kind):
     finally:
         sys.setprofile(None)
     assert entered == []
+
+
+def test_numpy_2_refused_with_a_pybind11_that_predates_it():
+    # The extension reports the pybind11 it was built with; the import check refuses NumPy 2 with
+    # a pybind11 older than 2.12 (which reads NumPy 2's arrays with NumPy 1's layout), by name.
+    major, minor = normkit._normkit._pybind11_version
+    assert (major, minor) >= (2, 6)
+    with pytest.raises(ImportError, match=r"pybind11 2\.10.*NumPy 2\.0\.1.*2\.12"):
+        normkit._check_numpy_support((2, 10), "2.0.1")
+    with pytest.raises(ImportError, match=r"pybind11 2\.11"):
+        normkit._check_numpy_support((2, 11), "2.4.6")
+    normkit._check_numpy_support((2, 12), "2.0.1")
+    normkit._check_numpy_support((3, 0), "2.4.6")
+    normkit._check_numpy_support((2, 10), "1.24.2")
+    normkit._check_numpy_support((2, 10), "1.26.4")
