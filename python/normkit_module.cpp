@@ -1093,10 +1093,10 @@ PYBIND11_MODULE(_normkit, m) {
       "TypeError; nothing is written then. docs/python.md is the reference.";
 #ifdef NORMKIT_VERSION
   m.attr("__version__") = NORMKIT_VERSION;
+#endif
   // The pybind11 the module was built with: before 2.12 it reads NumPy 2's arrays with NumPy 1's
   // layout, so normkit/__init__.py refuses that pairing at import (see _check_numpy_support).
   m.attr("_pybind11_version") = py::make_tuple(PYBIND11_VERSION_MAJOR, PYBIND11_VERSION_MINOR);
-#endif
 
   register_error_translator();
 

@@ -28,6 +28,6 @@ def _check_numpy_support(pybind11_version, numpy_version):
 try:
     import numpy as _numpy
 except ImportError:  # arrays can then only come through DLPack
-    _numpy = None
-if _numpy is not None:
+    pass
+else:
     _check_numpy_support(_normkit._pybind11_version, _numpy.__version__)
