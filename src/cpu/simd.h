@@ -281,14 +281,25 @@ HWY_INLINE void WithActivation(Activation a, F&& f) {
   f(std::integral_constant<int, int(Activation::none)>());
 }
 
-// Sum of the lanes of v in double, in lane order: fixed for a target.
+// Sum of the lanes of v in double, in an order fixed for a target: the two halves promoted
+// and added, then Highway's SumOfLanes tree. A float converts to double exactly, so the sum is
+// exact (and any order gives the same bits) whenever the lanes' exponents lie within 2^25 of
+// each other; the tree keeps the dependent adds to log2(lanes) rather than one per lane.
 template <class D>
 HWY_INLINE double SumLanes(D d, hn::Vec<D> v) {
-  HWY_ALIGN float buf[hn::MaxLanes(d)];
-  hn::Store(v, d, buf);
-  double s = 0;
-  for (size_t i = 0; i < hn::Lanes(d); ++i) s += double(buf[i]);
-  return s;
+  if constexpr (hn::MaxLanes(d) == 1) {
+    return double(hn::GetLane(v));
+  } else {
+#if HWY_TARGET == HWY_SCALAR
+    return double(hn::GetLane(v));
+#else
+    const hn::Repartition<double, D> dd;
+    const hn::Half<D> dh;
+    const auto halves =
+        hn::Add(hn::PromoteTo(dd, hn::LowerHalf(dh, v)), hn::PromoteTo(dd, hn::UpperHalf(dh, v)));
+    return hn::GetLane(hn::SumOfLanes(dd, halves));
+#endif
+  }
 }
 
 }  // namespace normkit::cpu::HWY_NAMESPACE
