@@ -79,11 +79,20 @@ void run_pair_moments(const T* a, const T* b, int64_t n, Moments* out);
 // stores), calls f(i, m) for each of `runs` contiguous runs of `length` values (run i at
 // x + i * length), m being run_moments of run i, bitwise. Runs go two at a time through
 // run_pair_moments when there are two per thread and both runs fit `cache_bytes` together, so
-// that f's second read of a run still finds it in cache.
+// that f's second read of a run still finds it in cache; except runs of kAloneMinLength values
+// up to a chunk, which go one at a time (see below).
+//
+// Pairs overlap two runs' dependent sums and reductions: short runs are bound by those (FRN's
+// 14x14 planes: 1.15x slower alone) and multi-chunk runs gain too, but LayerNorm's rows of
+// 768-1024 values took 1.2-1.4x as long paired on the 2-core AMD EPYC of docs/benchmarks.md
+// (normkit-bench, two threads, interleaved builds).
+inline constexpr int64_t kAloneMinLength = 512;
+
 template <typename T, class F>
 void for_each_run_moments(const T* x, int64_t runs, int64_t length, int64_t cache_bytes,
                           int num_threads, bool parallel, bool stream, const F& f) {
-  const int64_t per = runs >= 2 * int64_t(std::max(num_threads, 1)) &&
+  const bool alone = length >= kAloneMinLength && length < kRunChunk;
+  const int64_t per = !alone && runs >= 2 * int64_t(std::max(num_threads, 1)) &&
                               2 * length * int64_t(sizeof(T)) <= cache_bytes
                           ? 2
                           : 1;
