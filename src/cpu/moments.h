@@ -83,7 +83,7 @@ void run_pair_moments(const T* a, const T* b, int64_t n, Moments* out);
 // up to a chunk, which go one at a time (see below).
 //
 // Pairs overlap two runs' dependent sums and reductions: short runs are bound by those (FRN's
-// 14x14 planes: 1.15x slower alone) and multi-chunk runs gain too, but LayerNorm's rows of
+// 14x14 planes: 1.18x slower alone) and multi-chunk runs gain too, but LayerNorm's rows of
 // 768-1024 values took 1.2-1.4x as long paired on the 2-core AMD EPYC of docs/benchmarks.md
 // (normkit-bench, two threads, interleaved builds).
 inline constexpr int64_t kAloneMinLength = 512;
