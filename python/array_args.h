@@ -426,20 +426,18 @@ inline Output new_output(const Tensor& kind, DType dtype, const Shape& shape, Me
     if (__builtin_mul_overflow(count, d, &count))
       throw py::value_error("shape " + shape_string(shape) + " has more elements than int64 holds");
   if (kind.producer == Producer::numpy) {
+    // NumPy's own allocations are 16-byte aligned, and the kernels stream a large channels-last
+    // output only where every row starts on a vector boundary (cpu/simd.h): the output is a view
+    // from the first 64-byte boundary of a NumPy byte buffer 63 bytes longer (its base).
     const py::dtype dt = dtype == DType::float32 ? py::dtype::of<float>() : py::dtype("e");
-    py::array a;
-    if (format == MemoryFormat::channels_first) {
-      a = py::array(dt, shape);
-    } else {
-      // Allocate in memory order, then view it in logical order.
-      const std::vector<int> order = dim_order(rank, format);
-      Shape memory_shape(rank);
-      for (int i = 0; i < rank; ++i) memory_shape[i] = shape[order[i]];
-      py::array storage(dt, memory_shape);
-      Shape strides(rank);
-      for (int i = 0; i < rank; ++i) strides[order[i]] = storage.strides(i);
-      a = py::array(dt, shape, strides, storage.data(), storage);
-    }
+    const py::ssize_t itemsize = type.bits / 8;
+    py::ssize_t bytes = 0;
+    if (__builtin_mul_overflow(count, itemsize, &bytes) || bytes > PTRDIFF_MAX - 63)
+      throw py::value_error("shape " + shape_string(shape) + " has more bytes than int64 holds");
+    py::array_t<std::uint8_t> buffer(bytes + 63);
+    std::uint8_t* start = buffer.mutable_data();
+    std::uint8_t* aligned = start + (64 - reinterpret_cast<std::uintptr_t>(start) % 64) % 64;
+    py::array a(dt, shape, dense_strides(shape, format, itemsize), aligned, buffer);
     out = {a, a.mutable_data()};
   } else {
     const py::ssize_t itemsize = type.bits / 8;

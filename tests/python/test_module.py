@@ -65,6 +65,31 @@ def test_unaligned_and_readonly_inputs(rng):
     assert np.array_equal(normkit.group_norm(x, 2, weight), normkit.group_norm(x, 2, weight.copy()))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_numpy_outputs_are_64_byte_aligned(rng, channels_last, dtype):
+    """NumPy allocates with 16-byte alignment; normkit's NumPy outputs start on a 64-byte boundary
+    (the kernels stream large channels-last outputs only from aligned rows), are writeable
+    and dense, and keep their buffer alive after the call."""
+    x = rng.standard_normal((2, 16, 5, 3)).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    if channels_last:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        dy = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    y, mean, rstd = normkit.group_norm_forward(x, 4)
+    dx, _, _ = normkit.group_norm_backward(dy, x, mean, rstd, 4)
+    y_ln = normkit.layer_norm(x, (3,))
+    for name, out in [("y", y), ("dx", dx), ("layer_norm", y_ln)]:
+        assert out.ctypes.data % 64 == 0, f"{name} at {out.ctypes.data % 64} bytes past 64"
+        assert out.flags.writeable and out.dtype == dtype, name
+    assert y.strides == x.strides and dx.strides == x.strides
+    expected = normkit.group_norm(x.copy(order="K"), 4)
+    del dx, y_ln
+    assert np.array_equal(y, expected)  # still valid with the other outputs freed
+    y[...] = 0
+    assert not y.any()
+
+
 def test_outputs_are_new_arrays(rng):
     x = rng.standard_normal((2, 4, 3)).astype(np.float32)
     y, mean, rstd = normkit.group_norm_forward(x, 2)
