@@ -425,14 +425,16 @@ inline Output new_output(const Tensor& kind, DType dtype, const Shape& shape, Me
   for (py::ssize_t d : shape)
     if (__builtin_mul_overflow(count, d, &count))
       throw py::value_error("shape " + shape_string(shape) + " has more elements than int64 holds");
+  const py::ssize_t itemsize = type.bits / 8;
+  py::ssize_t bytes = 0;
+  if (__builtin_mul_overflow(count, itemsize, &bytes))
+    throw py::value_error("shape " + shape_string(shape) + " has more bytes than int64 holds");
   if (kind.producer == Producer::numpy) {
     // NumPy's own allocations are 16-byte aligned, and the kernels stream a large channels-last
     // output only where every row starts on a vector boundary (cpu/simd.h): the output is a view
     // from the first 64-byte boundary of a NumPy byte buffer 63 bytes longer (its base).
     const py::dtype dt = dtype == DType::float32 ? py::dtype::of<float>() : py::dtype("e");
-    const py::ssize_t itemsize = type.bits / 8;
-    py::ssize_t bytes = 0;
-    if (__builtin_mul_overflow(count, itemsize, &bytes) || bytes > PTRDIFF_MAX - 63)
+    if (bytes > PTRDIFF_MAX - 63)
       throw py::value_error("shape " + shape_string(shape) + " has more bytes than int64 holds");
     py::array_t<std::uint8_t> buffer(bytes + 63);
     std::uint8_t* start = buffer.mutable_data();
@@ -440,12 +442,9 @@ inline Output new_output(const Tensor& kind, DType dtype, const Shape& shape, Me
     py::array a(dt, shape, dense_strides(shape, format, itemsize), aligned, buffer);
     out = {a, a.mutable_data()};
   } else {
-    const py::ssize_t itemsize = type.bits / 8;
-    py::ssize_t bytes = 0;
-    if (__builtin_mul_overflow(count, itemsize, &bytes))
-      throw py::value_error("shape " + shape_string(shape) + " has more bytes than int64 holds");
-    // 64-byte aligned, as NumPy's and torch's own allocations are at least (aligned_alloc wants
-    // a multiple of the alignment, and an empty tensor still a pointer of its own).
+    // 64-byte aligned, as torch's own allocations are at least and the NumPy outputs above are
+    // (aligned_alloc wants a multiple of the alignment, and an empty tensor still a pointer of
+    // its own).
     const std::size_t rounded = (static_cast<std::size_t>(bytes) + 63) / 64 * 64;
     void* memory = std::aligned_alloc(64, std::max<std::size_t>(rounded, 64));
     if (!memory) {
@@ -465,7 +464,7 @@ inline Output new_output(const Tensor& kind, DType dtype, const Shape& shape, Me
       out = {py::cast(DLPackTensor{s}), memory};
     }
   }
-  if (g_poison_outputs) poison(out.data, count, type.bits / 8);
+  if (g_poison_outputs) poison(out.data, count, itemsize);
   return out;
 }
 
