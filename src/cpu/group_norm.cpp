@@ -565,6 +565,28 @@ inline Moments equal_count_moments(const double* mean, const double* m2, int64_t
   return {count * double(k), mu, total};
 }
 
+// equal_count_moments of the groups g < groups of k consecutive sets each (group g's sets at
+// mean + g * k, m2 + g * k) into out[g], bitwise: the same operations in the same order per
+// group, the groups side by side so that their dependent sums overlap.
+inline void equal_count_moments_of_groups(const double* mean, const double* m2, int64_t groups,
+                                          int64_t k, double count, Moments* out) {
+  if (k == 1) {
+    for (int64_t g = 0; g < groups; ++g) out[g] = {count, mean[g], m2[g]};
+    return;
+  }
+  double mu[kColumnBlock], total[kColumnBlock];
+  for (int64_t g = 0; g < groups; ++g) mu[g] = 0, total[g] = 0;
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t g = 0; g < groups; ++g) mu[g] += mean[g * k + i];
+  for (int64_t g = 0; g < groups; ++g) mu[g] /= double(k);
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t g = 0; g < groups; ++g) {
+      const double d = mean[g * k + i] - mu[g];
+      total[g] += m2[g * k + i] + count * d * d;
+    }
+  for (int64_t g = 0; g < groups; ++g) out[g] = {count * double(k), mu[g], total[g]};
+}
+
 // Channels-last statistics. Per unit (a range of rows of one sample, small enough to stay in
 // the per-core cache) and per block of up to kColumnBlock channels, the SIMD kernel
 // column_moments gives each channel's mean and M2 (two passes over the block, the second from
@@ -585,11 +607,23 @@ void unit_group_moments(const gn::Kernels<T>& k, const T* x, const GroupNormShap
   for (int64_t c0 = 0; c0 < C; c0 += kColumnBlock) {
     const int64_t width = std::min(kColumnBlock, C - c0);
     k.column_moments(base + c0, rows, C, width, mean, m2);
-    for (int64_t c = c0; c < c0 + width;) {  // the block's part of each group
-      const int64_t g = c / per_group, end = std::min(c0 + width, (g + 1) * per_group);
+    // The block's part of each group: the groups wholly inside it side by side (written over
+    // their still empty moments: merge(empty, m) is m), the ones it cuts one by one.
+    const int64_t c1 = c0 + width;
+    const int64_t g_first = (c0 + per_group - 1) / per_group, g_end = c1 / per_group;
+    int64_t c = c0;
+    auto part = [&](int64_t end) {
+      const int64_t g = c / per_group;
       gm[g] = merge(gm[g], equal_count_moments(mean + (c - c0), m2 + (c - c0), end - c, count));
       c = end;
+    };
+    if (c < g_first * per_group) part(std::min(c1, g_first * per_group));
+    if (g_end > g_first) {
+      equal_count_moments_of_groups(mean + (c - c0), m2 + (c - c0), g_end - g_first, per_group,
+                                    count, gm + g_first);
+      c = g_end * per_group;
     }
+    if (c < c1) part(c1);
   }
 }
 
