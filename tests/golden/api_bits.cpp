@@ -242,5 +242,15 @@ int main() {
   }
   layer_norm_case(data, {"layer_norm/f32/cf/(4,1100000)/streamed/relu+residual", DType::float32,
                          {4, 1100000}, cf, true}, 1);
+  // Channels-last groups cut by the 256-channel column blocks of the statistics: 10 channels per
+  // group, and 512 (a group over two blocks). Last, so the inputs above stay as recorded.
+  for (DType dtype : {DType::float32, DType::bfloat16})
+    for (bool epi : {false, true})
+      for (const auto& [dims, g] : std::vector<std::pair<std::vector<int64_t>, int64_t>>{
+               {{2, 320, 9, 11}, 32}, {{1, 1024, 5, 7}, 2}})
+        group_norm_case(data, {std::string("group_norm/") + dtype_name(dtype) + "/cl/" +
+                                   shape_name(dims) + "/G" + std::to_string(g) +
+                                   (epi ? "/relu+residual" : ""),
+                               dtype, dims, cl, epi}, g, false);
   return 0;
 }
