@@ -348,16 +348,16 @@ void ShiftedColumnSums(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, in
   }
 }
 
-// Adds to s1[j0 + i] the sums of x - center over the rows of the K vectors of columns from j0:
-// per kSumRows rows, K float accumulators held in registers through a walk of the rows in
-// order, then added in double.
-template <int K, typename T>
-HWY_INLINE void PivotStripe(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, int64_t j0,
-                            const float* HWY_RESTRICT center, double* HWY_RESTRICT s1) {
-  const DF d;
+// Adds to s1[j0 + i] the sums of x - center over the rows of the K vectors (of d) of columns
+// from j0: per kSumRows rows, K float accumulators held in registers through a walk of the rows
+// in order, then added in double.
+template <int K, class D, typename T>
+HWY_INLINE void PivotStripe(D d, const T* HWY_RESTRICT x, int64_t rows, int64_t stride,
+                            int64_t j0, const float* HWY_RESTRICT center,
+                            double* HWY_RESTRICT s1) {
   const int64_t N = int64_t(hn::Lanes(d));
   for (int64_t r0 = 0; r0 < rows; r0 += gn::kSumRows) {
-    hn::Vec<DF> acc[K];
+    hn::Vec<D> acc[K];
     for (int k = 0; k < K; ++k) acc[k] = hn::Zero(d);
     const int64_t r1 = std::min(r0 + gn::kSumRows, rows);
     for (int64_t r = r0; r < r1; ++r) {
@@ -388,20 +388,13 @@ void PivotColumnSums(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, int6
   int64_t j = 0;
 #if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
   // 16 accumulators and 16 centers fill AVX-512's 32 registers; other targets have 16 or fewer.
-  for (; j + 16 * N <= width; j += 16 * N) PivotStripe<16>(x, rows, stride, j, center, s1);
+  for (; j + 16 * N <= width; j += 16 * N) PivotStripe<16>(d, x, rows, stride, j, center, s1);
 #endif
-  for (; j + 8 * N <= width; j += 8 * N) PivotStripe<8>(x, rows, stride, j, center, s1);
-  if (j + 4 * N <= width) PivotStripe<4>(x, rows, stride, j, center, s1), j += 4 * N;
-  if (j + 2 * N <= width) PivotStripe<2>(x, rows, stride, j, center, s1), j += 2 * N;
-  if (j + N <= width) PivotStripe<1>(x, rows, stride, j, center, s1), j += N;
-  for (; j < width; ++j) {  // the last lanes, one column at a time
-    for (int64_t r0 = 0; r0 < rows; r0 += gn::kSumRows) {
-      auto acc = hn::Zero(d1);
-      for (int64_t r = r0; r < std::min(r0 + gn::kSumRows, rows); ++r)
-        acc = hn::Add(acc, hn::Sub(LoadF(d1, x + r * stride + j), hn::LoadU(d1, center + j)));
-      AddToDouble(d1, acc, s1 + j);
-    }
-  }
+  for (; j + 8 * N <= width; j += 8 * N) PivotStripe<8>(d, x, rows, stride, j, center, s1);
+  if (j + 4 * N <= width) PivotStripe<4>(d, x, rows, stride, j, center, s1), j += 4 * N;
+  if (j + 2 * N <= width) PivotStripe<2>(d, x, rows, stride, j, center, s1), j += 2 * N;
+  if (j + N <= width) PivotStripe<1>(d, x, rows, stride, j, center, s1), j += N;
+  for (; j < width; ++j) PivotStripe<1>(d1, x, rows, stride, j, center, s1);  // the last lanes
 }
 
 // Per column of a channels-last block, two passes (the first from memory, the second while the
@@ -548,28 +541,13 @@ BackwardScratch carve_backward(const GroupNormScratch& l, std::span<std::byte> w
 
 // ---- statistics ----
 
-// Moments of k sets of `count` values each, from their means and M2s: the mean of the means,
+// Moments of each of `groups` groups of k sets of `count` values each (group g's sets at
+// mean + g * k, m2 + g * k) into out[g], from the sets' means and M2s: the mean of the means,
 // and M2 = sum(m2) + count * sum((mean - overall mean)^2) (exact for equal counts; no division
-// per set, unlike a chain of merges).
-inline Moments equal_count_moments(const double* mean, const double* m2, int64_t k,
-                                   double count) {
-  if (k == 1) return {count, mean[0], m2[0]};
-  double sum = 0;
-  for (int64_t i = 0; i < k; ++i) sum += mean[i];
-  const double mu = sum / double(k);
-  double total = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    const double d = mean[i] - mu;
-    total += m2[i] + count * d * d;
-  }
-  return {count * double(k), mu, total};
-}
-
-// equal_count_moments of the groups g < groups of k consecutive sets each (group g's sets at
-// mean + g * k, m2 + g * k) into out[g], bitwise: the same operations in the same order per
-// group, the groups side by side so that their dependent sums overlap.
-inline void equal_count_moments_of_groups(const double* mean, const double* m2, int64_t groups,
-                                          int64_t k, double count, Moments* out) {
+// per set, unlike a chain of merges). The groups go side by side so that their dependent sums
+// overlap; each group's operations and their order are the same whatever `groups` is.
+inline void equal_count_moments(const double* mean, const double* m2, int64_t groups, int64_t k,
+                                double count, Moments* out) {
   if (k == 1) {
     for (int64_t g = 0; g < groups; ++g) out[g] = {count, mean[g], m2[g]};
     return;
@@ -614,13 +592,15 @@ void unit_group_moments(const gn::Kernels<T>& k, const T* x, const GroupNormShap
     int64_t c = c0;
     auto part = [&](int64_t end) {
       const int64_t g = c / per_group;
-      gm[g] = merge(gm[g], equal_count_moments(mean + (c - c0), m2 + (c - c0), end - c, count));
+      Moments m;
+      equal_count_moments(mean + (c - c0), m2 + (c - c0), 1, end - c, count, &m);
+      gm[g] = merge(gm[g], m);
       c = end;
     };
     if (c < g_first * per_group) part(std::min(c1, g_first * per_group));
     if (g_end > g_first) {
-      equal_count_moments_of_groups(mean + (c - c0), m2 + (c - c0), g_end - g_first, per_group,
-                                    count, gm + g_first);
+      equal_count_moments(mean + (c - c0), m2 + (c - c0), g_end - g_first, per_group, count,
+                          gm + g_first);
       c = g_end * per_group;
     }
     if (c < c1) part(c1);
