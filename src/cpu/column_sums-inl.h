@@ -1,7 +1,8 @@
 // The column-sums kernels of the CPU ops: two sums per column of a block of rows, vectorized
-// across columns (and three, for FRN's and EvoNorm-S0's gradient sums). BatchNorm's per-channel statistics and gradient sums over rows (channels-last
-// data, or channels-first data with short planes) and GroupNorm's channels-last statistics run
-// it; they differ only in the per-element terms and in where a column's float sums go.
+// across columns (and three, for FRN's and EvoNorm-S0's gradient sums). BatchNorm's per-channel
+// statistics and gradient sums over rows (channels-last data, or channels-first data with short
+// planes) run it; they differ only in the per-element terms and in where a column's float sums
+// go.
 //
 // Include after cpu/simd.h from a .cpp compiled per target by Highway's foreach_target (this
 // header has per-target include guards).

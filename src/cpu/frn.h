@@ -7,7 +7,7 @@
 // the Moments kernels of InstanceNorm (cpu/moments.h), nu2 = var + mean^2 as RMSNorm takes it (two
 // non-negative terms: no cancellation, no float overflow of x^2), and the run is written right
 // after its statistics, from cache. Channels-last: units of (n, block of up to 256 channels) sum
-// x^2 per column with the column-sums kernel of BatchNorm and GroupNorm (cpu/column_sums-inl.h)
+// x^2 per column with BatchNorm's column-sums kernel (cpu/column_sums-inl.h)
 // over blocks of rows, then write their block. Backward: per unit, sum(g), sum(g * x) and
 // sum(dy - g) in one pass, then dx = A * g + B * x with A, B per (n, c); the parameter gradients
 // are the per-(n, c) sums (kept in scratch) added over n in order. Every unit writes only its

@@ -11,7 +11,6 @@
 #include "cpu/moments.h"
 #include "cpu/parallel.h"
 #include "cpu/simd.h"
-#include "cpu/column_sums-inl.h"
 #include "cpu/tiling.h"
 #include "cpu/upstream.h"
 
@@ -68,6 +67,11 @@ constexpr int64_t kColumnBlock = 256;
 // Rows whose shifted sums accumulate in float before they are added in double: few enough that
 // the float rounding stays near 1e-6 relative.
 constexpr int64_t kSumRows = 16;
+// The channels-last statistics' pivot of a column: the mean of its first kPivotRows values. The
+// one pass around it is kept where (mean - pivot)^2 <= kPivotSpread * variance; other columns
+// get a second pass (see ColumnMoments).
+constexpr int64_t kPivotRows = 8;
+constexpr double kPivotSpread = 2.0;
 
 }  // namespace normkit::cpu::gn
 #endif
@@ -329,99 +333,138 @@ HWY_INLINE void AddToDouble(D d, hn::Vec<D> v, double* HWY_RESTRICT s) {
   }
 }
 
-// s1[j] = sum(x - center[j]), s2[j] = sum((x - center[j])^2) over the rows of column j < width:
-// float sums of the shared column kernel (cpu/column_sums-inl.h) over kSumRows rows at a time,
-// added in double.
-template <typename T>
-void ShiftedColumnSums(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, int64_t width,
-                       const float* HWY_RESTRICT center, double* HWY_RESTRICT s1,
-                       double* HWY_RESTRICT s2) {
-  std::fill(s1, s1 + width, 0.0);
-  std::fill(s2, s2 + width, 0.0);
-  const T* none = nullptr;
-  for (int64_t r0 = 0; r0 < rows; r0 += gn::kSumRows) {
-    ColumnSums<ShiftedTerms>(x + r0 * stride, none, none, std::min(gn::kSumRows, rows - r0), width,
-                             stride, center, [&](auto d, int64_t j, auto a, auto b) {
-                               AddToDouble(d, a, s1 + j);
-                               AddToDouble(d, b, s2 + j);
-                             });
-  }
-}
-
-// Adds to s1[j0 + i] the sums of x - center over the rows of the K vectors (of d) of columns
-// from j0: per kSumRows rows, K float accumulators held in registers through a walk of the rows
-// in order, then added in double.
+// Adds to s1[j0 + i] and s2[j0 + i] the sums of x - center and (x - center)^2 over the rows of
+// the K vectors (of d) of columns from j0: per kSumRows rows, 2K float accumulators held in
+// registers through a walk of the rows in order, then added in double. The arithmetic of a
+// column is the same in every lane, in the tail and in any stripe. Rows in order, in pieces of
+// 8 vectors: this pass reads the block from memory, and long pieces of rows in order are what
+// the hardware prefetchers stream (the shared column kernel's stripes of a few vectors per row
+// stall on the loads).
 template <int K, class D, typename T>
 HWY_INLINE void PivotStripe(D d, const T* HWY_RESTRICT x, int64_t rows, int64_t stride,
                             int64_t j0, const float* HWY_RESTRICT center,
-                            double* HWY_RESTRICT s1) {
+                            double* HWY_RESTRICT s1, double* HWY_RESTRICT s2) {
   const int64_t N = int64_t(hn::Lanes(d));
+  hn::Vec<D> c[K];
+  for (int k = 0; k < K; ++k) c[k] = hn::LoadU(d, center + j0 + k * N);
   for (int64_t r0 = 0; r0 < rows; r0 += gn::kSumRows) {
-    hn::Vec<D> acc[K];
-    for (int k = 0; k < K; ++k) acc[k] = hn::Zero(d);
+    hn::Vec<D> a[K], b[K];
+    for (int k = 0; k < K; ++k) a[k] = hn::Zero(d), b[k] = hn::Zero(d);
     const int64_t r1 = std::min(r0 + gn::kSumRows, rows);
     for (int64_t r = r0; r < r1; ++r) {
       const T* row = x + r * stride + j0;
-      for (int k = 0; k < K; ++k)
-        acc[k] = hn::Add(acc[k], hn::Sub(LoadF(d, row + k * N), hn::LoadU(d, center + j0 + k * N)));
+      for (int k = 0; k < K; ++k) {
+        const auto v = hn::Sub(LoadF(d, row + k * N), c[k]);
+        a[k] = hn::Add(a[k], v);
+        b[k] = hn::MulAdd(v, v, b[k]);
+      }
     }
-    for (int k = 0; k < K; ++k) AddToDouble(d, acc[k], s1 + j0 + k * N);
+    for (int k = 0; k < K; ++k) {
+      AddToDouble(d, a[k], s1 + j0 + k * N);
+      AddToDouble(d, b[k], s2 + j0 + k * N);
+    }
   }
 }
 
-// s1[j] = sum(x - center[j]) over the rows of column j < width, the same bits as
-// ShiftedColumnSums's s1 (float sums over kSumRows rows, added in double) but walked in row
-// order: this pass reads the block from memory, and whole rows in order are what the hardware
-// prefetchers stream; the column kernel's stripes of a few vectors per row stall on the loads
-// (on a 2-core AMD EPYC, the 2x256x100x152 forward went from 1.5-1.7x to 1.2-1.3x its passes
-// over memory with this pass alone changed). Up to 16 vectors of a row (a whole kColumnBlock
-// with 512-bit vectors) are summed in registers: accumulators kept in memory cost a load and a
-// store per vector, which bounded the pass on the load and store ports (1x512x64x64 forward,
-// 2 threads: 0.34 -> 0.32 ms).
+// s1[j] = sum(x - center[j]), s2[j] = sum((x - center[j])^2) over the rows of column j < width.
 template <typename T>
 void PivotColumnSums(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, int64_t width,
-                     const float* HWY_RESTRICT center, double* HWY_RESTRICT s1) {
+                     const float* HWY_RESTRICT center, double* HWY_RESTRICT s1,
+                     double* HWY_RESTRICT s2) {
   const DF d;
   const D1 d1;
   const int64_t N = int64_t(hn::Lanes(d));
   std::fill(s1, s1 + width, 0.0);
+  std::fill(s2, s2 + width, 0.0);
   int64_t j = 0;
 #if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
-  // 16 accumulators and 16 centers fill AVX-512's 32 registers; other targets have 16 or fewer.
-  for (; j + 16 * N <= width; j += 16 * N) PivotStripe<16>(d, x, rows, stride, j, center, s1);
+  // 8 centers and 16 accumulators: 24 of AVX-512's 32 registers; other targets have 16.
+  for (; j + 8 * N <= width; j += 8 * N) PivotStripe<8>(d, x, rows, stride, j, center, s1, s2);
 #endif
-  for (; j + 8 * N <= width; j += 8 * N) PivotStripe<8>(d, x, rows, stride, j, center, s1);
-  if (j + 4 * N <= width) PivotStripe<4>(d, x, rows, stride, j, center, s1), j += 4 * N;
-  if (j + 2 * N <= width) PivotStripe<2>(d, x, rows, stride, j, center, s1), j += 2 * N;
-  if (j + N <= width) PivotStripe<1>(d, x, rows, stride, j, center, s1), j += N;
-  for (; j < width; ++j) PivotStripe<1>(d1, x, rows, stride, j, center, s1);  // the last lanes
+  for (; j + 4 * N <= width; j += 4 * N) PivotStripe<4>(d, x, rows, stride, j, center, s1, s2);
+  for (; j + N <= width; j += N) PivotStripe<1>(d, x, rows, stride, j, center, s1, s2);
+  for (; j < width; ++j) PivotStripe<1>(d1, x, rows, stride, j, center, s1, s2);
 }
 
-// Per column of a channels-last block, two passes (the first from memory, the second while the
-// block is in cache): the sum of x - p around a pivot p (the column's first value: the terms are
-// at the scale of the spread, not of the offset) gives a float mean m; the second pass sums
-// d = x - m and d^2, so mean = m + sum(d) / n and M2 = sum(d^2) - sum(d)^2 / n (the corrected
-// two-pass algorithm).
+// center[j] = the mean of the first min(rows, kPivotRows) values of column j < width, in float
+// (the sum of x / n in row order, which cannot overflow): near the column's mean, at the scale of
+// its values.
 template <typename T>
-void ColumnMoments(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, int64_t width,
-                   double* HWY_RESTRICT mean, double* HWY_RESTRICT m2) {
+void ColumnPivots(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, int64_t width,
+                  float* HWY_RESTRICT center) {
   const DF d;
   const D1 d1;
   const int64_t N = int64_t(hn::Lanes(d));
+  const int64_t n = std::min(rows, gn::kPivotRows);
+  const float inv = 1.0f / float(n);
+  auto pivots = [&](auto dd, int64_t j) {
+    const auto vinv = hn::Set(dd, inv);
+    auto sum = hn::Mul(LoadF(dd, x + j), vinv);
+    for (int64_t r = 1; r < n; ++r) sum = hn::MulAdd(LoadF(dd, x + r * stride + j), vinv, sum);
+    hn::StoreU(sum, dd, center + j);
+  };
+  int64_t j = 0;
+  for (; j + N <= width; j += N) pivots(d, j);
+  for (; j < width; ++j) pivots(d1, j);
+}
+
+// ColumnMoments's columns far from their pivots (s1, s2: their one-pass sums; mean: their
+// one-pass means) again, from cache, a vector of columns at a time, around their float means:
+// overwrites their mean and m2.
+template <typename T>
+HWY_NOINLINE void FarColumns(const T* HWY_RESTRICT x, int64_t rows, int64_t stride,
+                             int64_t width, const double* HWY_RESTRICT s1,
+                             const double* HWY_RESTRICT s2, double* HWY_RESTRICT mean,
+                             double* HWY_RESTRICT m2) {
+  const int64_t N = int64_t(hn::Lanes(DF()));
+  const double count = double(rows);
+  auto far = [&](int64_t j) {
+    return !(s1[j] * s1[j] <= gn::kPivotSpread * count * (s2[j] - s1[j] * s1[j] / count));
+  };
+  float c[gn::kColumnBlock];
+  double t1[gn::kColumnBlock], t2[gn::kColumnBlock];
+  for (int64_t j0 = 0; j0 < width; j0 += N) {
+    const int64_t w = std::min(N, width - j0);
+    bool any = false;
+    for (int64_t j = j0; j < j0 + w; ++j) any |= far(j);
+    if (!any) continue;
+    for (int64_t j = j0; j < j0 + w; ++j) c[j] = float(mean[j]);
+    PivotColumnSums(x + j0, rows, stride, w, c + j0, t1 + j0, t2 + j0);
+    for (int64_t j = j0; j < j0 + w; ++j) {
+      if (!far(j)) continue;
+      const double v = t2[j] - t1[j] * t1[j] / count;
+      m2[j] = v < 0 ? 0.0 : v;  // NaN passes through
+      mean[j] = double(c[j]) + t1[j] / count;
+    }
+  }
+}
+
+// Per column of a channels-last block: one pass from memory sums d = x - p and d^2 around a
+// pivot p near the column's mean (ColumnPivots), so mean = p + sum(d) / n and
+// M2 = sum(d^2) - sum(d)^2 / n. The rounding of that M2 grows with 1 + (mean - p)^2 / variance
+// (the sums of d^2 hold n * (mean - p)^2 besides M2), so a column whose mean lies further from
+// its pivot than kPivotSpread allows (first values that are outliers, a drift, NaN or an
+// infinity) gets a second pass while the block is in cache, around float(mean) (the corrected
+// two-pass algorithm): every column's M2 is as accurate as one centred within sqrt(kPivotSpread)
+// standard deviations of its mean, whatever the offset. A column's result depends on its own
+// values only.
+template <typename T>
+void ColumnMoments(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, int64_t width,
+                   double* HWY_RESTRICT mean, double* HWY_RESTRICT m2) {
   float center[gn::kColumnBlock] = {};  // zeroed for -Wmaybe-uninitialized; [0, width) is set
   double s1[gn::kColumnBlock], s2[gn::kColumnBlock];
-  int64_t j = 0;
-  for (; j + N <= width; j += N) hn::StoreU(LoadF(d, x + j), d, center + j);
-  for (; j < width; ++j) hn::StoreU(LoadF(d1, x + j), d1, center + j);
+  ColumnPivots(x, rows, stride, width, center);
+  PivotColumnSums(x, rows, stride, width, center, s1, s2);
+  // Every column's one-pass result, and whether any is far: branch-free, so vectorized.
   const double count = double(rows);
-  PivotColumnSums(x, rows, stride, width, center, s1);
-  for (j = 0; j < width; ++j) center[j] = float(double(center[j]) + s1[j] / count);
-  ShiftedColumnSums(x, rows, stride, width, center, s1, s2);
-  for (j = 0; j < width; ++j) {
+  int any_far = 0;
+  for (int64_t j = 0; j < width; ++j) {
     const double v = s2[j] - s1[j] * s1[j] / count;
-    m2[j] = v < 0 ? 0.0 : v;  // below 0 by rounding only; NaN passes through
+    any_far |= !(s1[j] * s1[j] <= gn::kPivotSpread * count * v);  // NaN: far
+    m2[j] = v < 0 ? 0.0 : v;  // below 0 by rounding only
     mean[j] = double(center[j]) + s1[j] / count;
   }
+  if (any_far) FarColumns(x, rows, stride, width, s1, s2, mean, m2);
 }
 
 template <typename T>

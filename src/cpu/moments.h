@@ -5,7 +5,8 @@
 // column statistics with these Moments. BatchNorm's statistics, and the column sums of
 // channels-last data, are shifted sums of the same kind (sum of x - pivot and of its square,
 // the pivot near the mean) summed per channel by their own kernels: cpu/column_sums-inl.h for
-// columns, BatchNorm's run sums for its runs.
+// BatchNorm's columns, BatchNorm's run sums for its runs, cpu/group_norm.cpp's ColumnMoments
+// for GroupNorm's columns.
 //
 // Why this shape:
 // - Never E[x^2] - E[x]^2: that cancels catastrophically when |mean| >> std. Each chunk is
