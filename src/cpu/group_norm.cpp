@@ -376,14 +376,25 @@ void PivotColumnSums(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, int6
   const int64_t N = int64_t(hn::Lanes(d));
   std::fill(s1, s1 + width, 0.0);
   std::fill(s2, s2 + width, 0.0);
-  int64_t j = 0;
+  // kSumRows rows at a time across the whole width: the stripes of a few kilobytes of rows
+  // follow each other through the same lines, which stay close to the core.
+  for (int64_t r0 = 0; r0 < rows; r0 += gn::kSumRows) {
+    const T* xr = x + r0 * stride;
+    const int64_t n = std::min(gn::kSumRows, rows - r0);
+    int64_t j = 0;
 #if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
-  // 8 centers and 16 accumulators: 24 of AVX-512's 32 registers; other targets have 16.
-  for (; j + 8 * N <= width; j += 8 * N) PivotStripe<8>(d, x, rows, stride, j, center, s1, s2);
+    // 16 vectors, a whole kColumnBlock: the longest pieces of rows, in order, are what the
+    // prefetchers stream from memory (2x256x200x304: 0.92x the two-pass time with 16, 1.12x
+    // with 8). Its 32 accumulators fill AVX-512's registers; the centers come from L1.
+    for (; j + 16 * N <= width; j += 16 * N)
+      PivotStripe<16>(d, xr, n, stride, j, center, s1, s2);
+    // 8 centers and 16 accumulators: 24 of the 32 registers; other targets have 16.
+    for (; j + 8 * N <= width; j += 8 * N) PivotStripe<8>(d, xr, n, stride, j, center, s1, s2);
 #endif
-  for (; j + 4 * N <= width; j += 4 * N) PivotStripe<4>(d, x, rows, stride, j, center, s1, s2);
-  for (; j + N <= width; j += N) PivotStripe<1>(d, x, rows, stride, j, center, s1, s2);
-  for (; j < width; ++j) PivotStripe<1>(d1, x, rows, stride, j, center, s1, s2);
+    for (; j + 4 * N <= width; j += 4 * N) PivotStripe<4>(d, xr, n, stride, j, center, s1, s2);
+    for (; j + N <= width; j += N) PivotStripe<1>(d, xr, n, stride, j, center, s1, s2);
+    for (; j < width; ++j) PivotStripe<1>(d1, xr, n, stride, j, center, s1, s2);
+  }
 }
 
 // center[j] = the mean of the first min(rows, kPivotRows) values of column j < width, in float
