@@ -57,7 +57,7 @@ struct Kernels {
                   int64_t channels, const float* a, const float* b, const float* m,
                   const float* c, const float* za, const float* zb, bool stream);
   // Per column c < width <= kColumnBlock of a channels-last block of rows >= 1 rows (row r at
-  // offset r * stride): the column's mean[c] and M2 m2[c] (see column_moments below).
+  // offset r * stride): the column's mean[c] and M2 m2[c] (see ColumnMoments below).
   void (*column_moments)(const T* x, int64_t rows, int64_t stride, int64_t width, double* mean,
                          double* m2);
 };
@@ -621,9 +621,10 @@ inline void equal_count_moments(const double* mean, const double* m2, int64_t gr
 
 // Channels-last statistics. Per unit (a range of rows of one sample, small enough to stay in
 // the per-core cache) and per block of up to kColumnBlock channels, the SIMD kernel
-// column_moments gives each channel's mean and M2 (two passes over the block, the second from
-// cache). Channels join their group in channel order, then the units of (n, g) merge in order:
-// fixed by the shape, whatever the threads.
+// column_moments gives each channel's mean and M2 (one pass over the block around a pivot; a
+// second, from cache, for the channels whose pivot is far from their mean: ColumnMoments).
+// Channels join their group in channel order, then the units of (n, g) merge in order: fixed by
+// the shape, whatever the threads.
 
 // The G group moments of unit u into gm.
 template <typename T>
