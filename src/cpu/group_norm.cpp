@@ -337,7 +337,7 @@ HWY_INLINE void AddToDouble(D d, hn::Vec<D> v, double* HWY_RESTRICT s) {
 // the K vectors (of d) of columns from j0: per kSumRows rows, 2K float accumulators held in
 // registers through a walk of the rows in order, then added in double. The arithmetic of a
 // column is the same in every lane, in the tail and in any stripe. Rows in order, in pieces of
-// 8 vectors: this pass reads the block from memory, and long pieces of rows in order are what
+// up to 16 vectors: this pass reads the block from memory, and long pieces of rows in order are what
 // the hardware prefetchers stream (the shared column kernel's stripes of a few vectors per row
 // stall on the loads).
 template <int K, class D, typename T>
@@ -419,6 +419,21 @@ void ColumnPivots(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, int64_t
   for (; j < width; ++j) pivots(d1, j);
 }
 
+// Whether a column's one-pass sums s1 = sum(x - p), s2 = sum((x - p)^2) of `count` values are
+// kept: (mean - p)^2 <= kPivotSpread * variance, i.e. s1^2 <= kPivotSpread * count * M2. False
+// for NaN.
+inline bool NearPivot(double s1, double s2, double count) {
+  return s1 * s1 <= gn::kPivotSpread * count * (s2 - s1 * s1 / count);
+}
+
+// A column's mean and M2 from its sums s1, s2 of `count` values around c.
+inline void FinishColumn(double s1, double s2, double count, float c, double* HWY_RESTRICT mean,
+                         double* HWY_RESTRICT m2) {
+  const double v = s2 - s1 * s1 / count;
+  *m2 = v < 0 ? 0.0 : v;  // below 0 by rounding only; NaN passes through
+  *mean = double(c) + s1 / count;
+}
+
 // ColumnMoments's columns far from their pivots (s1, s2: their one-pass sums; mean: their
 // one-pass means) again, from cache, a vector of columns at a time, around their float means:
 // overwrites their mean and m2.
@@ -429,9 +444,7 @@ HWY_NOINLINE void FarColumns(const T* HWY_RESTRICT x, int64_t rows, int64_t stri
                              double* HWY_RESTRICT m2) {
   const int64_t N = int64_t(hn::Lanes(DF()));
   const double count = double(rows);
-  auto far = [&](int64_t j) {
-    return !(s1[j] * s1[j] <= gn::kPivotSpread * count * (s2[j] - s1[j] * s1[j] / count));
-  };
+  auto far = [&](int64_t j) { return !NearPivot(s1[j], s2[j], count); };
   float c[gn::kColumnBlock];
   double t1[gn::kColumnBlock], t2[gn::kColumnBlock];
   for (int64_t j0 = 0; j0 < width; j0 += N) {
@@ -441,12 +454,8 @@ HWY_NOINLINE void FarColumns(const T* HWY_RESTRICT x, int64_t rows, int64_t stri
     if (!any) continue;
     for (int64_t j = j0; j < j0 + w; ++j) c[j] = float(mean[j]);
     PivotColumnSums(x + j0, rows, stride, w, c + j0, t1 + j0, t2 + j0);
-    for (int64_t j = j0; j < j0 + w; ++j) {
-      if (!far(j)) continue;
-      const double v = t2[j] - t1[j] * t1[j] / count;
-      m2[j] = v < 0 ? 0.0 : v;  // NaN passes through
-      mean[j] = double(c[j]) + t1[j] / count;
-    }
+    for (int64_t j = j0; j < j0 + w; ++j)
+      if (far(j)) FinishColumn(t1[j], t2[j], count, c[j], mean + j, m2 + j);
   }
 }
 
@@ -470,10 +479,8 @@ void ColumnMoments(const T* HWY_RESTRICT x, int64_t rows, int64_t stride, int64_
   const double count = double(rows);
   int any_far = 0;
   for (int64_t j = 0; j < width; ++j) {
-    const double v = s2[j] - s1[j] * s1[j] / count;
-    any_far |= !(s1[j] * s1[j] <= gn::kPivotSpread * count * v);  // NaN: far
-    m2[j] = v < 0 ? 0.0 : v;  // below 0 by rounding only
-    mean[j] = double(center[j]) + s1[j] / count;
+    any_far |= !NearPivot(s1[j], s2[j], count);
+    FinishColumn(s1[j], s2[j], count, center[j], mean + j, m2 + j);
   }
   if (any_far) FarColumns(x, rows, stride, width, s1, s2, mean, m2);
 }
