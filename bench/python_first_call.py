@@ -17,17 +17,14 @@ import torch
 import torch.nn.functional as F
 
 import normkit
+from python_bench import make_inputs  # bench/python_bench.py, beside this script
 
 
 def main():
     torch.set_num_threads(2)
     normkit.set_num_threads(2)
-    rng = np.random.default_rng(0)
-    x = torch.from_numpy(rng.uniform(-1.2, 2.2, size=(1, 512, 64, 64)).astype(np.float32))
-    x = x.contiguous(memory_format=torch.channels_last)
-    w = rng.uniform(0.5, 1.5, 512).astype(np.float32)
-    b = rng.uniform(-0.5, 0.5, 512).astype(np.float32)
-    xn, tw, tb = x.numpy(), torch.from_numpy(w), torch.from_numpy(b)
+    xn, _, w, b = make_inputs((1, 512, 64, 64), True, np.random.default_rng(0))
+    x, tw, tb = (torch.from_numpy(a) for a in (xn, w, b))
     calls = {"normkit": lambda: normkit.group_norm(xn, 32, w, b),
              "torch": lambda: F.group_norm(x, 32, tw, tb)}
     other = {"normkit": "torch", "torch": "normkit"}
