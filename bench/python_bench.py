@@ -3,11 +3,13 @@
 same threads and the same bytes.
 
 Each case is checked first (normkit's output against torch's, relative to max |torch|), then the
-candidates are timed interleaved: every repetition runs each once, in a rotating order, and the
-median is reported. The yardstick `copy` is numpy.copy of the input (one thread, a new array:
-the least any function returning a new array of that size must do).
+candidates are timed interleaved: every repetition times a sample of each (as many calls as take
+--sample-ms at its warm speed), in a rotating order, and the median per call is reported. The
+yardstick `copy` is numpy.copy of the input (one thread, a new array: the least any function
+returning a new array of that size must do).
 
-    PYTHONPATH=build/python python3 bench/python_bench.py [--threads 1,2] [--quick] [--csv FILE]
+    PYTHONPATH=build/python python3 bench/python_bench.py [--threads 1,2] [--quick] [--sample-ms 2]
+        [--csv FILE]
 
 Any Python with NumPy, torch and normkit's module works: Debian's /usr/bin/python3 (torch 1.13)
 or the venv of scripts/setup-anchors.sh (torch 2.x), which sees the system's site-packages.
@@ -154,13 +156,26 @@ def max_error(ours, theirs):
     return worst
 
 
-def measure(funcs, reps, min_sample=2e-3, budget=1.0):
-    """Median seconds per call of each function, interleaved in a rotating order."""
-    calls, rep_time = [], 0.0
-    for f in funcs:
+def warm_call_time(f):
+    """Seconds one call of f takes when it follows calls of f: the median of three timed calls
+    after an untimed one. A call after other work can take 2-4x that here (its data fell out of
+    the shared L3 meanwhile; bench/python_first_call.py), so one call, timed alone, would size
+    samples of a few calls, each led by such a slow one."""
+    f()
+    times = []
+    for _ in range(3):
         t0 = time.perf_counter()
         f()
-        t = time.perf_counter() - t0
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(funcs, reps, min_sample=2e-3, budget=1.0):
+    """Median seconds per call of each function, interleaved in a rotating order: a sample is
+    as many calls as take about min_sample seconds at the function's warm speed."""
+    calls, rep_time = [], 0.0
+    for f in funcs:
+        t = warm_call_time(f)
         calls.append(max(1, math.ceil(min_sample / max(t, 1e-9))))
         rep_time += calls[-1] * t
     reps = max(5, min(reps, int(budget / max(rep_time, 1e-9))))
@@ -182,6 +197,8 @@ def main():
     ap.add_argument("--build-dir", default=os.path.join(here, "..", "build"),
                     help="normkit's build folder (its python/ holds the module)")
     ap.add_argument("--reps", type=int, default=21)
+    ap.add_argument("--sample-ms", type=float, default=2.0,
+                    help="least time of one sample of a candidate's calls")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--csv")
     args = ap.parse_args()
@@ -211,7 +228,7 @@ def main():
             ok = err <= 1e-3
             failed += not ok
             copy = lambda: np.copy(x)  # noqa: E731
-            tc, tn, tt = measure([copy, n, tf], args.reps)
+            tc, tn, tt = measure([copy, n, tf], args.reps, args.sample_ms * 1e-3)
             speedups.append(tt / tn)
             fmt = "nhwc" if cl else "nchw" if len(shape) > 2 else "rows"
             mb = x.nbytes / 1e6
