@@ -158,9 +158,9 @@ def max_error(ours, theirs):
 
 def warm_call_time(f):
     """Seconds one call of f takes when it follows calls of f: the median of three timed calls
-    after an untimed one. A call after other work can take 2-4x that here (its data fell out of
-    the shared L3 meanwhile; bench/python_first_call.py), so one call, timed alone, would size
-    samples of a few calls, each led by such a slow one."""
+    after an untimed one. A call after other work can take several times that here
+    (bench/python_first_call.py), so one call, timed alone, would size samples too short, each
+    led by such a slow call."""
     f()
     times = []
     for _ in range(3):
@@ -202,6 +202,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--csv")
     args = ap.parse_args()
+    if not args.sample_ms > 0:
+        ap.error(f"--sample-ms must be positive, got {args.sample_ms}")
 
     import torch
 
