@@ -337,9 +337,9 @@ HWY_INLINE void AddToDouble(D d, hn::Vec<D> v, double* HWY_RESTRICT s) {
 // the K vectors (of d) of columns from j0: per kSumRows rows, 2K float accumulators held in
 // registers through a walk of the rows in order, then added in double. The arithmetic of a
 // column is the same in every lane, in the tail and in any stripe. Rows in order, in pieces of
-// up to 16 vectors: this pass reads the block from memory, and long pieces of rows in order are what
-// the hardware prefetchers stream (the shared column kernel's stripes of a few vectors per row
-// stall on the loads).
+// up to 16 vectors: this pass reads the block from memory, and long pieces of rows in order are
+// what the hardware prefetchers stream (the shared column kernel's stripes of a few vectors per
+// row stall on the loads).
 template <int K, class D, typename T>
 HWY_INLINE void PivotStripe(D d, const T* HWY_RESTRICT x, int64_t rows, int64_t stride,
                             int64_t j0, const float* HWY_RESTRICT center,
